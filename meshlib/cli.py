@@ -1,0 +1,208 @@
+"""The `meshlib` command: check policy like `istioctl analyze`, explain routing decisions.
+
+meshlib check mesh.yaml policies/
+meshlib routes mesh.yaml --host reviews --header end-user=jason --output json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from meshlib.config import MeshConfig
+from meshlib.errors import ConfigError
+from meshlib.policy.analysis import analyze
+from meshlib.policy.loader import load_paths
+from meshlib.policy.matching import RequestAttributes
+from meshlib.policy.snapshot import RouteDecision, Snapshot
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args))
+    except ConfigError as exc:
+        print(f"meshlib: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `meshlib check ... | head`
+        return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meshlib", description="Istio policy for Python services, inside the process."
+    )
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    check = commands.add_parser(
+        "check",
+        help="validate policy files and how they fit together (like istioctl analyze)",
+        description="Report every error and warning, one per line. Exit 1 if there is an error.",
+    )
+    check.add_argument("paths", nargs="+", metavar="PATH", help="policy file or folder")
+    check.add_argument(
+        "--namespace", default="default", help="namespace of resources that set none"
+    )
+    check.set_defaults(run=_check)
+
+    routes = commands.add_parser(
+        "routes",
+        help="show which VirtualService route a request matches and the policy that applies",
+    )
+    routes.add_argument("paths", nargs="+", metavar="PATH", help="policy file or folder")
+    routes.add_argument("--host", required=True, help="request host, e.g. reviews or reviews:9080")
+    routes.add_argument("--path", default="/", help="request path, may include ?query (default /)")
+    routes.add_argument("--method", default="GET", help="request method (default GET)")
+    routes.add_argument("--scheme", default="http", choices=("http", "https"))
+    routes.add_argument(
+        "--header", action="append", default=[], metavar="K=V", help="request header (repeatable)"
+    )
+    routes.add_argument(
+        "--source-labels", default="", metavar="k=v,...", help="labels of the calling workload"
+    )
+    routes.add_argument("--namespace", default="default", help="namespace of the calling workload")
+    routes.add_argument("--output", "-o", choices=("text", "json"), default="text")
+    routes.set_defaults(run=_routes)
+    return parser
+
+
+def _check(args: argparse.Namespace) -> int:
+    result = load_paths(args.paths, default_namespace=args.namespace)
+    findings = [*result.diagnostics, *analyze(result.resources)]
+    findings.sort(key=lambda d: (d.file or "", d.line or 0))
+    for diagnostic in findings:
+        print(diagnostic)
+    errors = sum(d.severity == "error" for d in findings)
+    warnings = len(findings) - errors
+    print(
+        f"{len(result.resources)} resources checked: {errors} error(s), {warnings} warning(s)",
+        file=sys.stderr,
+    )
+    return 1 if errors else 0
+
+
+def _routes(args: argparse.Namespace) -> int:
+    labels = {}
+    for item in filter(None, args.source_labels.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--source-labels: expected k=v pairs, got {item!r}")
+        labels[key.strip()] = value.strip()
+    headers = {}
+    for item in args.header:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--header: expected K=V, got {item!r}")
+        headers[key.strip().lower()] = value
+    config = MeshConfig.create(namespace=args.namespace, labels=labels)
+    result = load_paths(args.paths, default_namespace=args.namespace)
+    if result.errors:
+        for diagnostic in result.errors:
+            print(diagnostic, file=sys.stderr)
+        return 1
+    snapshot = Snapshot.build(result.resources, config)
+    path, _, query = args.path.partition("?")
+    request = RequestAttributes(
+        args.method.upper(),
+        args.host,
+        path or "/",
+        scheme=args.scheme,
+        query=query,
+        headers=headers,
+    )
+    explained = explain(snapshot, snapshot.route(request))
+    if args.output == "json":
+        print(json.dumps(explained, indent=2))
+    else:
+        print(_as_text(explained))
+    return 0
+
+
+def explain(snapshot: Snapshot, decision: RouteDecision) -> dict[str, Any]:
+    """A routing decision as the `meshlib routes --output json` contract describes it."""
+    route = decision.route
+    out: dict[str, Any] = {
+        "host": decision.host,
+        "virtualService": decision.virtual_service,
+        "route": None,
+        "destinations": [],
+        "timeout": None,
+        "retries": None,
+        "fault": None,
+        "mirror": None,
+        "headers": None,
+    }
+    if decision.passthrough:
+        out["passthrough"] = True
+    if route is None:
+        return out
+    if route.virtual_service:
+        out["route"] = {"index": route.index, "name": route.name}
+    total = route.total_weight or 1
+    for dest in route.destinations:
+        port = dest.port if dest.port is not None else decision.port
+        service = snapshot.service(dest.host)
+        service_port = service.port(port) if service else None
+        if service_port is not None:
+            port = service_port.number
+        entry: dict[str, Any] = {
+            "host": dest.host,
+            "subset": dest.subset,
+            "port": port,
+            "weight": round(dest.weight * 100 / total, 4),
+            "endpoints": [str(e) for e in snapshot.endpoints(dest.host, dest.subset, port)],
+        }
+        if dest.subset is not None and not snapshot.has_subset(dest.host, dest.subset):
+            entry["error"] = "subset not defined by any DestinationRule (503, no cluster)"
+        out["destinations"].append(entry)
+    out.update(route.to_dict())
+    return out
+
+
+def _as_text(explained: dict[str, Any]) -> str:
+    lines = [f"host:            {explained['host']}"]
+    if explained.get("passthrough"):
+        lines.append("route:           none: the mesh does not know this host (passthrough)")
+        return "\n".join(lines)
+    lines.append(f"virtualService:  {explained['virtualService'] or '(none: default route)'}")
+    route = explained["route"]
+    if explained["virtualService"] and route is None and not explained["destinations"]:
+        lines.append("route:           no route matches: 404 NR")
+        return "\n".join(lines)
+    if route is not None:
+        lines.append(
+            f"route:           http[{route['index']}]"
+            + (f" {route['name']}" if route["name"] else "")
+        )
+    if explained["destinations"]:
+        lines.append("destinations:")
+    for dest in explained["destinations"]:
+        subset = f" subset {dest['subset']}" if dest["subset"] else ""
+        port = f" port {dest['port']}" if dest["port"] else ""
+        endpoints = ", ".join(dest["endpoints"]) or "no endpoints"
+        lines.append(f"  {dest['weight']:>6g}%  {dest['host']}{subset}{port} -> {endpoints}")
+        if "error" in dest:
+            lines.append(f"          ! {dest['error']}")
+    for key in (
+        "timeout",
+        "retries",
+        "fault",
+        "mirror",
+        "headers",
+        "rewrite",
+        "redirect",
+        "directResponse",
+    ):
+        value = explained.get(key)
+        if value is not None:
+            text = value if isinstance(value, str) else json.dumps(value)
+            lines.append(f"{key + ':':<16} {text}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

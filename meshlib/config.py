@@ -1,0 +1,213 @@
+"""MeshConfig: who this workload is, where its policy comes from, what it propagates.
+
+Built from keyword arguments, from `MESHLIB_*` environment variables, and from the names a
+Kubernetes Deployment usually sets through the Downward API (`POD_NAMESPACE`, `POD_NAME`,
+`SERVICE_ACCOUNT`). Keyword arguments win over the environment. A bad value raises
+`ConfigError` naming the argument or variable it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from meshlib.errors import ConfigError
+
+DEFAULT_METRICS_PORT = 15020
+
+# Kubernetes names: a DNS-1123 label for namespaces, a label value for app/version.
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_LABEL_KEY = re.compile(
+    r"([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+)
+_LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
+# A Deployment's pod is named <deployment>-<replicaset hash>-<5 char suffix>.
+_POD_OF_DEPLOYMENT = re.compile(r"(?P<workload>.+)-[a-z0-9]{6,10}-[a-z0-9]{5}")
+
+_ENV = {
+    "service": "MESHLIB_SERVICE",
+    "version": "MESHLIB_VERSION",
+    "namespace": "MESHLIB_NAMESPACE",
+    "workload": "MESHLIB_WORKLOAD",
+    "labels": "MESHLIB_LABELS",
+    "service_account": "MESHLIB_SERVICE_ACCOUNT",
+    "trust_domain": "MESHLIB_TRUST_DOMAIN",
+    "cluster": "MESHLIB_CLUSTER",
+    "cluster_domain": "MESHLIB_CLUSTER_DOMAIN",
+    "root_namespace": "MESHLIB_ROOT_NAMESPACE",
+    "policy": "MESHLIB_POLICY",
+    "propagate_headers": "MESHLIB_PROPAGATE_HEADERS",
+    "metrics_port": "MESHLIB_METRICS_PORT",
+}
+# Downward API names a Deployment commonly sets, read when the MESHLIB_* one is absent.
+_DOWNWARD = {
+    "namespace": "POD_NAMESPACE",
+    "service_account": "SERVICE_ACCOUNT",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class MeshConfig:
+    """This workload's identity and settings.
+
+    >>> MeshConfig(service="reviews", version="v2", namespace="bookinfo").labels["version"]
+    'v2'
+
+    `service` and `version` are also the workload's `app` and `version` labels, the ones
+    DestinationRule subsets and `sourceLabels` matches select on.
+    """
+
+    service: str | None = None
+    version: str | None = None
+    namespace: str = "default"
+    workload: str | None = None
+    labels: Mapping[str, str] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
+    service_account: str = "default"
+    trust_domain: str = "cluster.local"
+    cluster: str = "Kubernetes"
+    cluster_domain: str = "cluster.local"
+    root_namespace: str = "istio-system"
+    policy: str | None = None
+    propagate_headers: tuple[str, ...] = ()
+    metrics_port: int | None = DEFAULT_METRICS_PORT
+
+    def __post_init__(self) -> None:
+        labels = dict(self.labels)
+        if self.service:
+            labels.setdefault("app", self.service)
+        if self.version:
+            labels.setdefault("version", self.version)
+        object.__setattr__(self, "labels", MappingProxyType(labels))
+        object.__setattr__(
+            self, "propagate_headers", tuple(h.lower() for h in self.propagate_headers)
+        )
+        if self.workload is None and self.service:
+            object.__setattr__(self, "workload", self.service)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> MeshConfig:
+        """Read `MESHLIB_*` (and Downward API) variables; keyword arguments take precedence."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name, var in _ENV.items():
+            raw = env.get(var)
+            if raw is None and name in _DOWNWARD:
+                var, raw = _DOWNWARD[name], env.get(_DOWNWARD[name])
+            if raw is None or raw == "":
+                continue
+            values[name] = _parse_env(name, var, raw)
+        if "workload" not in values and env.get("POD_NAME"):
+            match = _POD_OF_DEPLOYMENT.fullmatch(env["POD_NAME"])
+            values["workload"] = match["workload"] if match else env["POD_NAME"]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.create(**values)
+
+    @classmethod
+    def create(cls, **kwargs: Any) -> MeshConfig:
+        """Build a MeshConfig from keyword arguments, checking each value."""
+        unknown = set(kwargs) - set(_ENV)
+        if unknown:
+            allowed = ", ".join(sorted(_ENV))
+            raise ConfigError(
+                f"unknown MeshConfig argument(s) {sorted(unknown)} (allowed: {allowed})"
+            )
+        for name, value in kwargs.items():
+            _check(name, value, f"{name}={value!r}")
+        if isinstance(kwargs.get("propagate_headers"), str):
+            kwargs["propagate_headers"] = _split_list(kwargs["propagate_headers"])
+        return cls(**kwargs)
+
+    @property
+    def canonical_service(self) -> str:
+        """Istio's canonical service: the canonical-name label, else app, else the workload."""
+        for key in ("service.istio.io/canonical-name", "app.kubernetes.io/name", "app"):
+            if self.labels.get(key):
+                return self.labels[key]
+        return self.workload or "unknown"
+
+    @property
+    def canonical_revision(self) -> str:
+        """Istio's canonical revision: the canonical-revision label, else version, else latest."""
+        for key in ("service.istio.io/canonical-revision", "app.kubernetes.io/version", "version"):
+            if self.labels.get(key):
+                return self.labels[key]
+        return "latest"
+
+    @property
+    def principal(self) -> str:
+        """This workload's SPIFFE identity."""
+        return f"spiffe://{self.trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
+
+
+def _split_list(raw: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def _parse_env(name: str, var: str, raw: str) -> Any:
+    where = f"{var}={raw!r}"
+    value: Any = raw
+    if name == "labels":
+        pairs: dict[str, str] = {}
+        for item in _split_list(raw):
+            key, sep, val = item.partition("=")
+            if not sep:
+                raise ConfigError(
+                    f"{where}: expected comma-separated key=value pairs, got {item!r}"
+                )
+            pairs[key.strip()] = val.strip()
+        value = pairs
+    elif name == "propagate_headers":
+        value = _split_list(raw)
+    elif name == "metrics_port":
+        if raw.lower() in ("off", "none", "disabled"):
+            return None
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{where}: must be a port number 0-65535, or 'off'") from None
+    _check(name, value, where)
+    return value
+
+
+def _check(name: str, value: Any, where: str) -> None:
+    """Raise ConfigError when `value` is not acceptable for MeshConfig field `name`."""
+    if name == "metrics_port":
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535
+        ):
+            raise ConfigError(
+                f"{where}: must be a port number 0-65535 (0 picks a free port), or None"
+            )
+    elif name == "labels":
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: must be a mapping of label names to values")
+        for key, val in value.items():
+            if not isinstance(key, str) or not _LABEL_KEY.fullmatch(key):
+                raise ConfigError(f"{where}: {key!r} is not a valid Kubernetes label name")
+            if not isinstance(val, str) or not _LABEL_VALUE.fullmatch(val):
+                raise ConfigError(f"{where}: {val!r} is not a valid value for label {key!r}")
+    elif name == "propagate_headers":
+        items: Iterable[Any] = _split_list(value) if isinstance(value, str) else value
+        for header in items:
+            if not isinstance(header, str) or not _HEADER_NAME.fullmatch(header.lower()):
+                raise ConfigError(f"{where}: {header!r} is not a valid HTTP header name")
+    elif name in ("namespace", "root_namespace"):
+        if not isinstance(value, str) or not _DNS_LABEL.fullmatch(value):
+            raise ConfigError(
+                f"{where}: must be a Kubernetes namespace name (lowercase letters, digits, '-')"
+            )
+    elif name in ("service", "version"):
+        if value is not None and (
+            not isinstance(value, str) or not value or not _LABEL_VALUE.fullmatch(value)
+        ):
+            raise ConfigError(
+                f"{where}: must be a valid Kubernetes label value, e.g. 'reviews' or 'v2'"
+            )
+    elif value is not None and not isinstance(value, str):
+        raise ConfigError(f"{where}: must be a string")

@@ -1,0 +1,1 @@
+"""Istio policy: typed immutable resources, loading with precise errors, the compiled Snapshot."""

@@ -1,0 +1,208 @@
+"""Cross-resource analysis, in the spirit of `istioctl analyze`.
+
+Each resource can be valid on its own and still not fit the others: a route naming a subset
+no DestinationRule defines, a delegate that does not exist, two resources with one name. These
+findings never block serving — resources arrive in any order, and at run time such a route
+answers as Envoy would — but `meshlib check` reports them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from meshlib.errors import Diagnostic, Severity
+from meshlib.policy.destination_rule import DestinationRule
+from meshlib.policy.hosts import to_fqdn, wildcard_matches
+from meshlib.policy.resources import Resource
+from meshlib.policy.service_entry import ServiceEntry
+from meshlib.policy.snapshot import latest_definitions, oldest_first
+from meshlib.policy.virtual_service import Destination, VirtualService
+
+
+def analyze(
+    resources: Iterable[Resource[Any]], *, cluster_domain: str = "cluster.local"
+) -> list[Diagnostic]:
+    """Findings about how the resources fit together, errors and warnings."""
+    return list(_Analyzer(tuple(resources), cluster_domain).run())
+
+
+class _Analyzer:
+    def __init__(self, resources: tuple[Resource[Any], ...], domain: str) -> None:
+        self.all_definitions = resources
+        resources = latest_definitions(resources)
+        self.resources = resources
+        self.domain = domain
+        self.virtual_services: list[Resource[VirtualService]] = [
+            r for r in resources if r.kind == "VirtualService"
+        ]
+        self.rules: list[Resource[DestinationRule]] = [
+            r for r in resources if r.kind == "DestinationRule"
+        ]
+        entries: list[Resource[ServiceEntry]] = [r for r in resources if r.kind == "ServiceEntry"]
+        self.service_hosts = {h.lower() for r in entries for h in r.spec.hosts}
+        self.subsets: dict[str, set[str]] = {}
+        for rule in self.rules:
+            host = self.fqdn(rule.spec.host, rule.namespace)
+            self.subsets.setdefault(host, set()).update(s.name for s in rule.spec.subsets)
+
+    def fqdn(self, host: str, namespace: str) -> str:
+        return to_fqdn(host, namespace, self.domain)
+
+    def run(self) -> Iterator[Diagnostic]:
+        yield from self.duplicates()
+        yield from self.virtual_service_findings()
+        yield from self.conflicting_rules()
+
+    def duplicates(self) -> Iterator[Diagnostic]:
+        seen: dict[tuple[str, str, str], Resource[Any]] = {}
+        for resource in self.all_definitions:
+            first = seen.get(resource.key)
+            if first is not None:
+                yield _finding(
+                    "warning",
+                    resource,
+                    None,
+                    f"duplicate resource: also defined at {first.origin}; this later definition"
+                    " replaces it, as with kubectl apply",
+                )
+            seen[resource.key] = resource
+
+    def virtual_service_findings(self) -> Iterator[Diagnostic]:
+        delegates = {(r.namespace, r.name) for r in self.virtual_services if not r.spec.hosts}
+        owners: dict[str, Resource[VirtualService]] = {}
+        for resource in oldest_first(self.virtual_services):
+            spec = resource.spec
+            if spec.hosts and not spec.applies_to_mesh:
+                yield _finding(
+                    "warning",
+                    resource,
+                    "spec.gateways",
+                    "applies only to gateways (not 'mesh'); meshlib, like a sidecar, ignores it",
+                )
+                continue
+            for index, host in enumerate(spec.hosts):
+                fqdn = self.fqdn(host, resource.namespace)
+                owner = owners.setdefault(fqdn, resource)
+                if owner is not resource:
+                    yield _finding(
+                        "warning",
+                        resource,
+                        f"spec.hosts[{index}]",
+                        f"host {fqdn} is also claimed by VirtualService {owner.namespace}/"
+                        f"{owner.name}, which is older and wins",
+                    )
+            catch_all_seen = False
+            for index, http in enumerate(spec.http):
+                where = f"spec.http[{index}]"
+                if catch_all_seen:
+                    yield _finding(
+                        "warning",
+                        resource,
+                        where,
+                        "unreachable: an earlier route matches every request",
+                    )
+                if not http.match:
+                    catch_all_seen = True
+                if http.delegate is not None:
+                    key = (http.delegate.namespace or resource.namespace, http.delegate.name)
+                    if key not in delegates:
+                        yield _finding(
+                            "error",
+                            resource,
+                            f"{where}.delegate",
+                            f"delegate VirtualService {key[0]}/{key[1]} not found"
+                            " (or it has hosts)",
+                        )
+                for d_index, dest in enumerate(http.route):
+                    yield from self.destination(
+                        resource, f"{where}.route[{d_index}].destination", dest.destination
+                    )
+                if http.mirror is not None:
+                    yield from self.destination(resource, f"{where}.mirror", http.mirror)
+                for m_index, mirror in enumerate(http.mirrors):
+                    yield from self.destination(
+                        resource, f"{where}.mirrors[{m_index}].destination", mirror.destination
+                    )
+
+    def destination(
+        self, resource: Resource[Any], where: str, dest: Destination
+    ) -> Iterator[Diagnostic]:
+        host = self.fqdn(dest.host, resource.namespace)
+        if dest.subset is not None:
+            subsets = self.subsets.get(host)
+            if subsets is None:
+                subsets = next(
+                    (s for pattern, s in self.subsets.items() if wildcard_matches(pattern, host)),
+                    None,
+                )
+            if not subsets or dest.subset not in subsets:
+                yield _finding(
+                    "error",
+                    resource,
+                    f"{where}.subset",
+                    f"subset {dest.subset!r} of host {host} is not defined by any DestinationRule;"
+                    " requests routed here get 503 (no cluster)",
+                )
+        known = host in self.service_hosts or any(
+            wildcard_matches(p, host) for p in self.service_hosts if p.startswith("*")
+        )
+        if not known:
+            yield _finding(
+                "warning",
+                resource,
+                f"{where}.host",
+                f"host {host} has no ServiceEntry or service in this policy; meshlib will send"
+                " requests to that name directly",
+            )
+
+    def conflicting_rules(self) -> Iterator[Diagnostic]:
+        by_scope: dict[tuple[str, str], list[Resource[DestinationRule]]] = {}
+        for rule in oldest_first(self.rules):
+            if rule.spec.workload_selector is not None:
+                continue
+            by_scope.setdefault(
+                (rule.namespace, self.fqdn(rule.spec.host, rule.namespace)), []
+            ).append(rule)
+        for (_, host), rules in by_scope.items():
+            names = {(r.namespace, r.name) for r in rules}
+            if len(names) < 2:
+                continue
+            first = rules[0]
+            subset_owner: dict[str, Resource[DestinationRule]] = {}
+            for rule in rules:
+                for subset in rule.spec.subsets:
+                    other = subset_owner.setdefault(subset.name, rule)
+                    if other.name != rule.name:
+                        yield _finding(
+                            "warning",
+                            rule,
+                            "spec.subsets",
+                            f"subset {subset.name!r} of {host} is also defined by DestinationRule"
+                            f" {other.namespace}/{other.name}; the older definition wins",
+                        )
+                if (
+                    rule is not first
+                    and rule.spec.traffic_policy is not None
+                    and rule.name != first.name
+                ):
+                    yield _finding(
+                        "warning",
+                        rule,
+                        "spec.trafficPolicy",
+                        f"conflicts with DestinationRule {first.namespace}/{first.name} for {host}:"
+                        " rules for one host merge and only the oldest trafficPolicy applies",
+                    )
+
+
+def _finding(
+    severity: Severity, resource: Resource[Any], field: str | None, message: str
+) -> Diagnostic:
+    return Diagnostic(
+        severity,
+        message,
+        resource.origin.file,
+        resource.origin.line,
+        str(resource),
+        field,
+    )

@@ -1,0 +1,188 @@
+"""Value types shared by several Istio resources: durations, percentages, string matches."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from meshlib.policy._schema import INVALID, Path, Sink, describe, spec_field
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNIT_SECONDS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+MILLISECOND = 0.001
+
+
+@dataclass(frozen=True, slots=True)
+class Duration:
+    """A duration written the Go/protobuf way: `1.5s`, `300ms`, `1m`, `1h30m`."""
+
+    seconds: float
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+    @classmethod
+    def of(cls, text: str) -> Duration:
+        """Parse `text`; raise ValueError when it is not a duration."""
+        if text == "0":
+            return cls(0.0, text)
+        total = 0.0
+        pos = 0
+        while pos < len(text):
+            match = _DURATION_PART.match(text, pos)
+            if match is None:
+                raise ValueError(f"invalid duration {text!r} (expected e.g. 1.5s, 300ms, 1m)")
+            total += float(match[1]) * _UNIT_SECONDS[match[2]]
+            pos = match.end()
+        if not text:
+            raise ValueError("invalid duration '' (expected e.g. 1.5s, 300ms, 1m)")
+        return cls(total, text)
+
+    @classmethod
+    def parse_policy(cls, value: Any, path: Path, sink: Sink) -> Any:
+        if not isinstance(value, str):
+            sink.error(path, f"must be a duration string such as 1.5s, not {describe(value)}")
+            return INVALID
+        try:
+            return cls.of(value)
+        except ValueError as exc:
+            sink.error(path, str(exc))
+            return INVALID
+
+
+@dataclass(frozen=True, slots=True)
+class Percent:
+    """Istio's `Percent`: `{value: 0..100}`, fractions allowed."""
+
+    value: float = spec_field(0.0, ge=0, le=100)
+
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        if 0 < self.value < 0.0001:
+            sink.error((*path, "value"), "must be 0 or in the range 0.0001..100")
+
+    @property
+    def fraction(self) -> float:
+        return self.value / 100.0
+
+
+@dataclass(frozen=True, slots=True)
+class StringMatch:
+    """One of `exact`, `prefix`, `regex` (full match, RE2 syntax); `{}` means "present"."""
+
+    exact: str | None = None
+    prefix: str | None = None
+    regex: str | None = None
+
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        given = [k for k in ("exact", "prefix", "regex") if getattr(self, k) is not None]
+        if len(given) > 1:
+            sink.error(
+                path, f"only one of exact, prefix, regex may be set (got {', '.join(given)})"
+            )
+        if self.prefix == "":
+            sink.error((*path, "prefix"), "a prefix match must not be empty")
+        if self.regex is not None:
+            if self.regex == "":
+                sink.error((*path, "regex"), "a regex match must not be empty")
+            elif len(self.regex) > 1024:
+                sink.error((*path, "regex"), "regex is too large (at most 1024 characters)")
+            else:
+                check_regex(self.regex, (*path, "regex"), sink)
+
+    def describe(self) -> str:
+        for kind in ("exact", "prefix", "regex"):
+            value = getattr(self, kind)
+            if value is not None:
+                return f"{kind} {value!r}"
+        return "present"
+
+    def as_dict(self) -> dict[str, str]:
+        return {k: v for k in ("exact", "prefix", "regex") if (v := getattr(self, k)) is not None}
+
+
+def check_regex(pattern: str, path: Path, sink: Sink) -> bool:
+    """Report a regex that does not compile. Istio regexes are RE2; Python's `re` is close."""
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        sink.error(path, f"invalid regex {pattern!r}: {exc}")
+        return False
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class PortSelector:
+    number: int = spec_field(required=True, ge=1, le=65535)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadSelector:
+    """Selects workloads by labels; `matchLabels` is the security API's spelling."""
+
+    labels: Mapping[str, str] = spec_field({})
+
+
+@dataclass(frozen=True, slots=True)
+class MatchLabelsSelector:
+    match_labels: Mapping[str, str] = spec_field({})
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyTargetReference:
+    group: str | None = None
+    kind: str | None = None
+    name: str | None = None
+    namespace: str | None = None
+
+
+_DNS_LABEL = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?")
+_WILDCARD_FIRST_LABEL = re.compile(r"\*|(\*|\*-)?[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?")
+
+
+def is_dns_label(value: str) -> bool:
+    return _DNS_LABEL.fullmatch(value) is not None
+
+
+def is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def check_host(host: str, path: Path, sink: Sink, *, allow_star: bool = True) -> None:
+    """Report a host that is not a DNS name, `*.suffix` wildcard, or (if allowed) `*`."""
+    if host == "*":
+        if not allow_star:
+            sink.error(path, "the wildcard host '*' is not allowed here")
+        return
+    if is_ip(host):
+        return
+    name = host[:-1] if host.endswith(".") else host
+    first, *rest = name.split(".")
+    if (
+        not name
+        or len(name) > 255
+        or not _WILDCARD_FIRST_LABEL.fullmatch(first)
+        or not all(_DNS_LABEL.fullmatch(label) for label in rest)
+        or (rest and rest[-1].isdigit())
+    ):
+        sink.error(path, f"invalid host {host!r} (a DNS name, optionally with a '*.' prefix)")
+
+
+def check_port(number: int, path: Path, sink: Sink) -> None:
+    if not 1 <= number <= 65535:
+        sink.error(path, f"invalid port {number} (allowed: 1-65535)")

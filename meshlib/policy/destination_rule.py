@@ -1,0 +1,299 @@
+"""DestinationRule: what happens to traffic for a host once routing has chosen it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any, Literal
+
+from meshlib.policy._schema import Path, Sink, spec_field
+from meshlib.policy.common import (
+    MILLISECOND,
+    Duration,
+    Percent,
+    PortSelector,
+    WorkloadSelector,
+    check_host,
+)
+
+LBSimple = Literal[
+    "UNSPECIFIED", "LEAST_CONN", "RANDOM", "PASSTHROUGH", "ROUND_ROBIN", "LEAST_REQUEST"
+]
+
+_LOCALITY = "localities do not exist in library mode"
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPCookie:
+    name: str = spec_field(required=True)
+    path: str | None = None
+    ttl: Duration | None = spec_field(ge=0)
+    attributes: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RingHash:
+    minimum_ring_size: int | None = spec_field(ge=0, le=8_388_608)
+
+
+@dataclass(frozen=True, slots=True)
+class MagLev:
+    table_size: int | None = spec_field(ge=1)
+
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        size = self.table_size
+        if size is not None and (size >= 5_000_011 or not _is_prime(size)):
+            sink.error((*path, "tableSize"), f"must be a prime number below 5000011 (got {size})")
+
+
+def _is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    return all(n % d for d in range(2, int(n**0.5) + 1))
+
+
+@dataclass(frozen=True, slots=True)
+class ConsistentHashLB:
+    http_header_name: str | None = None
+    http_cookie: HTTPCookie | None = None
+    use_source_ip: bool | None = None
+    http_query_parameter_name: str | None = None
+    ring_hash: RingHash | None = None
+    maglev: MagLev | None = None
+    minimum_ring_size: int | None = spec_field(ge=0)  # deprecated; ringHash.minimumRingSize
+
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        keys = [
+            k
+            for k in (
+                "http_header_name",
+                "http_cookie",
+                "use_source_ip",
+                "http_query_parameter_name",
+            )
+            if getattr(self, k) not in (None, False)
+        ]
+        if len(keys) != 1:
+            sink.error(
+                path,
+                "exactly one hash key is required: httpHeaderName, httpCookie, useSourceIp"
+                " or httpQueryParameterName",
+            )
+        if self.ring_hash is not None and self.maglev is not None:
+            sink.error(path, "only one of ringHash and maglev may be set")
+        if self.minimum_ring_size is not None and (self.ring_hash or self.maglev):
+            sink.error((*path, "minimumRingSize"), "cannot be combined with ringHash or maglev")
+
+
+@dataclass(frozen=True, slots=True)
+class WarmupConfiguration:
+    duration: Duration = spec_field(required=True, ge=MILLISECOND)
+    minimum_percent: float | None = spec_field(ge=0, le=100)
+    aggression: float | None = spec_field(ge=1)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadBalancerSettings:
+    simple: LBSimple | None = None
+    consistent_hash: ConsistentHashLB | None = None
+    locality_lb_setting: Any = spec_field(ignored=_LOCALITY)
+    warmup_duration_secs: Duration | None = None
+    warmup: WarmupConfiguration | None = None
+
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        if self.simple is not None and self.consistent_hash is not None:
+            sink.error(path, "only one of simple and consistentHash may be set")
+        if self.warmup is not None and self.warmup_duration_secs is not None:
+            sink.error(path, "only one of warmup and warmupDurationSecs may be set")
+
+    @property
+    def algorithm(self) -> str:
+        """The effective simple algorithm: LEAST_REQUEST unless stated (Istio >= 1.14)."""
+        if self.consistent_hash is not None:
+            return "CONSISTENT_HASH"
+        if self.simple in (None, "UNSPECIFIED", "LEAST_CONN"):
+            return "LEAST_REQUEST"
+        return self.simple
+
+
+@dataclass(frozen=True, slots=True)
+class TcpKeepalive:
+    probes: int | None = spec_field(ge=0)
+    time: Duration | None = spec_field(ge=MILLISECOND)
+    interval: Duration | None = spec_field(ge=MILLISECOND)
+
+
+@dataclass(frozen=True, slots=True)
+class TCPSettings:
+    max_connections: int | None = spec_field(ge=0)
+    connect_timeout: Duration | None = spec_field(ge=MILLISECOND)
+    tcp_keepalive: TcpKeepalive | None = None
+    max_connection_duration: Duration | None = spec_field(ge=MILLISECOND)
+    idle_timeout: Duration | None = spec_field(ge=0)
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPSettings:
+    http1_max_pending_requests: int | None = spec_field(ge=0)
+    http2_max_requests: int | None = spec_field(ge=0)
+    max_requests_per_connection: int | None = spec_field(ge=0)
+    max_retries: int | None = spec_field(ge=0)
+    idle_timeout: Duration | None = spec_field(ge=MILLISECOND)
+    h2_upgrade_policy: Literal["DEFAULT", "DO_NOT_UPGRADE", "UPGRADE"] | None = None
+    use_client_protocol: bool | None = None
+    max_concurrent_streams: int | None = spec_field(ge=0)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionPoolSettings:
+    tcp: TCPSettings | None = None
+    http: HTTPSettings | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierDetection:
+    split_external_local_origin_errors: bool | None = None
+    consecutive_local_origin_failures: int | None = spec_field(ge=0)
+    consecutive_gateway_errors: int | None = spec_field(ge=0)
+    consecutive_5xx_errors: int | None = spec_field(ge=0)
+    interval: Duration | None = spec_field(ge=MILLISECOND)
+    base_ejection_time: Duration | None = spec_field(ge=MILLISECOND)
+    max_ejection_percent: int | None = spec_field(ge=0, le=100)
+    min_health_percent: int | None = spec_field(ge=0, le=100)
+    consecutive_errors: int | None = spec_field(ge=0)  # deprecated: gateway errors
+
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        if self.consecutive_local_origin_failures and not self.split_external_local_origin_errors:
+            sink.error(
+                (*path, "consecutiveLocalOriginFailures"),
+                "needs splitExternalLocalOriginErrors: true",
+            )
+
+
+TLSMode = Literal["DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL"]
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTLSSettings:
+    mode: TLSMode | None = None
+    client_certificate: str | None = None
+    private_key: str | None = None
+    ca_certificates: str | None = None
+    credential_name: str | None = None
+    subject_alt_names: tuple[str, ...] = ()
+    sni: str | None = None
+    insecure_skip_verify: bool | None = None
+    ca_crl: str | None = None
+
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        if self.mode == "ISTIO_MUTUAL":
+            for f in fields(self):
+                if f.name != "mode" and getattr(self, f.name) not in (None, ()):
+                    sink.error(path, "ISTIO_MUTUAL takes no other TLS settings")
+                    break
+        if self.mode == "MUTUAL" and self.credential_name is None:
+            if not self.client_certificate:
+                sink.error((*path, "clientCertificate"), "is required for MUTUAL")
+            if not self.private_key:
+                sink.error((*path, "privateKey"), "is required for MUTUAL")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryBudget:
+    percent: Percent | None = None
+    min_retry_concurrency: int | None = spec_field(ge=0)
+
+
+@dataclass(frozen=True, slots=True)
+class PortTrafficPolicy:
+    port: PortSelector | None = None
+    load_balancer: LoadBalancerSettings | None = None
+    connection_pool: ConnectionPoolSettings | None = None
+    outlier_detection: OutlierDetection | None = None
+    tls: ClientTLSSettings | None = None
+
+
+# The blocks a subset or port-level policy replaces wholesale (ISTIO.md §2.2).
+POLICY_BLOCKS = ("load_balancer", "connection_pool", "outlier_detection", "tls")
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficPolicy:
+    load_balancer: LoadBalancerSettings | None = None
+    connection_pool: ConnectionPoolSettings | None = None
+    outlier_detection: OutlierDetection | None = None
+    tls: ClientTLSSettings | None = None
+    port_level_settings: tuple[PortTrafficPolicy, ...] = ()
+    tunnel: Any = spec_field(ignored="tunnelling needs a proxy")
+    proxy_protocol: Any = spec_field(ignored="PROXY protocol needs a proxy")
+    retry_budget: RetryBudget | None = None
+
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        seen: set[int] = set()
+        for index, port_policy in enumerate(self.port_level_settings):
+            where = (*path, "portLevelSettings", index, "port")
+            if port_policy.port is None:
+                sink.error(where, "is required")
+            elif port_policy.port.number in seen:
+                sink.error(where, f"duplicate port {port_policy.port.number}")
+            else:
+                seen.add(port_policy.port.number)
+
+    def for_port(self, port: int | None) -> TrafficPolicy:
+        """The policy for `port`: a port-level entry replaces all four blocks, unset ones too."""
+        if port is not None:
+            for entry in self.port_level_settings:
+                if entry.port is not None and entry.port.number == port:
+                    return replace(
+                        self, **{block: getattr(entry, block) for block in POLICY_BLOCKS}
+                    )
+        return self
+
+    def overlay(self, subset_policy: TrafficPolicy | None, port: int | None) -> TrafficPolicy:
+        """This (parent) policy with a subset's policy applied, as pilot merges them."""
+        base = self.for_port(port)
+        if subset_policy is None:
+            return base
+        if port is not None and any(
+            e.port is not None and e.port.number == port for e in subset_policy.port_level_settings
+        ):
+            return subset_policy.for_port(port)
+        changes: dict[str, Any] = {
+            block: getattr(subset_policy, block)
+            for block in (*POLICY_BLOCKS, "retry_budget")
+            if getattr(subset_policy, block) is not None
+        }
+        return replace(base, **changes) if changes else base
+
+
+@dataclass(frozen=True, slots=True)
+class Subset:
+    name: str = spec_field(required=True)
+    labels: Mapping[str, str] = spec_field({})
+    traffic_policy: TrafficPolicy | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationRule:
+    host: str = spec_field(required=True)
+    traffic_policy: TrafficPolicy | None = None
+    subsets: tuple[Subset, ...] = ()
+    export_to: tuple[str, ...] = ()
+    workload_selector: WorkloadSelector | None = None
+
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        check_host(self.host, (*path, "host"), sink, allow_star=False)
+        names: set[str] = set()
+        for index, subset in enumerate(self.subsets):
+            if subset.name in names:
+                sink.error((*path, "subsets", index, "name"), f"duplicate subset {subset.name!r}")
+            names.add(subset.name)
+        for index, namespace in enumerate(self.export_to):
+            if namespace == "~":
+                sink.error((*path, "exportTo", index), "'~' (export to none) is not allowed")
+
+    def subset(self, name: str) -> Subset | None:
+        for subset in self.subsets:
+            if subset.name == name:
+                return subset
+        return None

@@ -1,0 +1,241 @@
+"""Load Istio policy from YAML text, files and folders, reporting every problem at once.
+
+    result = load_paths(["mesh.yaml", "policies/"])
+    result.raise_for_errors()   # PolicyError listing every error, one line each
+    result.resources            # the valid resources, in file order
+
+A resource with errors is left out; its neighbours still load, so `meshlib check` can list
+everything wrong in one run. Serving code never uses a result that has errors
+(see `sources.file`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path as FsPath
+from typing import Any
+
+from meshlib.errors import Diagnostic, PolicyError, Severity
+from meshlib.policy._schema import INVALID, Path, convert, format_path
+from meshlib.policy._yaml import Document, YAMLProblem, read_documents
+from meshlib.policy.resources import IGNORED_KINDS, KINDS, ObjectMeta, Origin, Resource
+
+POLICY_SUFFIXES = (".yaml", ".yml", ".json")
+_TOP_LEVEL = frozenset({"apiVersion", "kind", "metadata", "spec", "status"})
+
+
+@dataclass(frozen=True, slots=True)
+class LoadResult:
+    """Valid resources plus every diagnostic found while loading."""
+
+    resources: tuple[Resource[Any], ...] = ()
+    diagnostics: tuple[Diagnostic, ...] = ()
+
+    @property
+    def errors(self) -> tuple[Diagnostic, ...]:
+        return tuple(d for d in self.diagnostics if d.severity == "error")
+
+    @property
+    def warnings(self) -> tuple[Diagnostic, ...]:
+        return tuple(d for d in self.diagnostics if d.severity == "warning")
+
+    def raise_for_errors(self) -> None:
+        if self.errors:
+            raise PolicyError(self.errors)
+
+
+@dataclass(slots=True)
+class _Collector:
+    """Diagnostics for one document, with line numbers looked up on demand."""
+
+    file: str | None
+    document: Document | None
+    prefix: Path = ()
+    resource: str | None = None
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+
+    def error(self, path: Path, message: str) -> None:
+        self._add("error", path, message)
+
+    def warning(self, path: Path, message: str) -> None:
+        self._add("warning", path, message)
+
+    def _add(self, severity: Severity, path: Path, message: str) -> None:
+        line = self.document.line_of((*self.prefix, *path)) if self.document else None
+        self.diagnostics.append(
+            Diagnostic(severity, message, self.file, line, self.resource, format_path(path) or None)
+        )
+
+    @property
+    def failed(self) -> bool:
+        return any(d.severity == "error" for d in self.diagnostics)
+
+
+def policy_files(path: str | os.PathLike[str]) -> list[FsPath]:
+    """The policy files under `path`: itself if a file, else *.yaml/*.yml/*.json in the tree.
+
+    Hidden entries are skipped, so a Kubernetes ConfigMap mount (whose `..data` and
+    `..<timestamp>` entries are hidden) yields each file once.
+    """
+    root = FsPath(path)
+    if not root.is_dir():
+        return [root]
+    found: list[FsPath] = []
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found.extend(
+            FsPath(folder, name)
+            for name in sorted(files)
+            if not name.startswith(".") and name.endswith(POLICY_SUFFIXES)
+        )
+    return found
+
+
+def load_paths(
+    paths: Iterable[str | os.PathLike[str]], *, default_namespace: str = "default"
+) -> LoadResult:
+    """Load every policy file in `paths` (files or folders)."""
+    resources: list[Resource[Any]] = []
+    diagnostics: list[Diagnostic] = []
+    for path in paths:
+        for file in policy_files(path):
+            try:
+                text = file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+                diagnostics.append(Diagnostic("error", f"cannot read policy: {reason}", str(file)))
+                continue
+            result = load_text(
+                text, str(file), default_namespace=default_namespace, start=len(resources)
+            )
+            resources.extend(result.resources)
+            diagnostics.extend(result.diagnostics)
+    return LoadResult(tuple(resources), tuple(diagnostics))
+
+
+def load_text(
+    text: str,
+    file: str | None = None,
+    *,
+    default_namespace: str = "default",
+    start: int = 0,
+) -> LoadResult:
+    """Load the YAML (or JSON) documents in `text`; `file` is used in messages only."""
+    resources: list[Resource[Any]] = []
+    diagnostics: list[Diagnostic] = []
+    try:
+        for document in read_documents(text):
+            for collector, resource in _resources_in(document, file, default_namespace):
+                diagnostics.extend(collector.diagnostics)
+                if resource is not None:
+                    resources.append(_with_order(resource, start + len(resources)))
+    except YAMLProblem as problem:
+        diagnostics.append(Diagnostic("error", problem.message, file, problem.line))
+    return LoadResult(tuple(resources), tuple(diagnostics))
+
+
+def load_objects(
+    objects: Iterable[Any], origin: str, *, default_namespace: str = "default"
+) -> LoadResult:
+    """Load already-decoded objects (e.g. from the Kubernetes API)."""
+    resources: list[Resource[Any]] = []
+    diagnostics: list[Diagnostic] = []
+    for obj in objects:
+        document = Document(obj, None, 0)
+        for collector, resource in _resources_in(document, origin, default_namespace):
+            diagnostics.extend(collector.diagnostics)
+            if resource is not None:
+                resources.append(_with_order(resource, len(resources)))
+    return LoadResult(tuple(resources), tuple(diagnostics))
+
+
+def _with_order(resource: Resource[Any], order: int) -> Resource[Any]:
+    return Resource(
+        resource.kind,
+        resource.api_version,
+        resource.name,
+        resource.namespace,
+        resource.spec,
+        resource.labels,
+        resource.creation_timestamp,
+        resource.origin,
+        order,
+    )
+
+
+def _resources_in(
+    document: Document, file: str | None, default_namespace: str
+) -> Iterator[tuple[_Collector, Resource[Any] | None]]:
+    data = document.data
+    if isinstance(data, dict) and data.get("kind") == "List" and "items" in data:
+        items = data["items"]
+        if not isinstance(items, list):
+            collector = _Collector(file, document)
+            collector.error(("items",), "must be a list of resources")
+            yield collector, None
+            return
+        for index, item in enumerate(items):
+            collector = _Collector(file, document, prefix=("items", index))
+            yield collector, _resource(item, collector, default_namespace)
+        return
+    collector = _Collector(file, document)
+    yield collector, _resource(data, collector, default_namespace)
+
+
+def _resource(data: Any, sink: _Collector, default_namespace: str) -> Resource[Any] | None:
+    if not isinstance(data, dict):
+        sink.error((), "expected a Kubernetes object with apiVersion, kind, metadata and spec")
+        return None
+    api_version, kind = data.get("apiVersion"), data.get("kind")
+    if not isinstance(api_version, str) or not isinstance(kind, str):
+        sink.error((), "apiVersion and kind are required strings")
+        return None
+    group, _, version = api_version.rpartition("/")
+    meta = data.get("metadata")
+    name = meta.get("name") if isinstance(meta, dict) else None
+    namespace = (meta.get("namespace") if isinstance(meta, dict) else None) or default_namespace
+    sink.resource = f"{kind} {namespace}/{name}" if name else kind
+    spec_type = KINDS.get(kind)
+    if spec_type is None or group != spec_type.group:
+        if kind in IGNORED_KINDS and group.endswith(".istio.io"):
+            sink.warning((), f"ignored: {IGNORED_KINDS[kind]}")
+        elif group.endswith(".istio.io"):
+            sink.warning((), f"ignored: meshlib does not know the Istio kind {api_version} {kind}")
+        else:
+            sink.warning((), f"ignored: not an Istio resource ({api_version} {kind})")
+        return None
+    if version not in spec_type.versions:
+        served = ", ".join(f"{group}/{v}" for v in spec_type.versions)
+        sink.error(("apiVersion",), f"{api_version} is not served (served: {served})")
+    for key in data:
+        if key not in _TOP_LEVEL:
+            sink.error((str(key),), "unknown field (allowed: apiVersion, kind, metadata, spec)")
+    metadata = convert(ObjectMeta, meta if meta is not None else {}, ("metadata",), sink)
+    raw_spec = data.get("spec")
+    spec = convert(spec_type.spec_type, {} if raw_spec is None else raw_spec, ("spec",), sink)
+    if sink.failed or metadata is INVALID or spec is INVALID:
+        return None
+    created = metadata.creation_timestamp
+    return Resource(
+        kind=kind,
+        api_version=api_version,
+        name=metadata.name,
+        namespace=namespace,
+        spec=spec,
+        labels=metadata.labels,
+        creation_timestamp=None if created is None else str(created),
+        origin=Origin(sink.file, sink.document.line_of(()) if sink.document else None),
+    )
+
+
+def load(
+    paths: Sequence[str | os.PathLike[str]] | str, *, default_namespace: str = "default"
+) -> tuple[Resource[Any], ...]:
+    """Load policy and raise PolicyError listing every error; return the resources."""
+    result = load_paths(
+        [paths] if isinstance(paths, str) else paths, default_namespace=default_namespace
+    )
+    result.raise_for_errors()
+    return result.resources

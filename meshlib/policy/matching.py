@@ -1,0 +1,183 @@
+"""Compiled request matchers for VirtualService routes.
+
+A route's `match` blocks compile once, at Snapshot build time, into `RouteMatcher` objects:
+plain checks over a `RequestAttributes`, with regexes precompiled, case folding done ahead of
+time and `sourceLabels` / `sourceNamespace` / `gateways` already decided for this workload.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+from urllib.parse import parse_qsl
+
+from meshlib.policy.common import StringMatch
+from meshlib.policy.virtual_service import HTTPMatchRequest
+
+# Keys the Istio API reserves in `headers`: they are matched as fields, not headers.
+_PSEUDO_KEYS = frozenset({"uri", "scheme", "method", "authority"})
+
+
+class RequestAttributes:
+    """What routing looks at in a request. Header names must be lowercase.
+
+    `headers` maps a name to its value (repeated headers joined with ","), as Envoy sees them.
+    """
+
+    __slots__ = ("_query", "authority", "headers", "method", "path", "port", "query", "scheme")
+
+    def __init__(
+        self,
+        method: str,
+        authority: str,
+        path: str = "/",
+        *,
+        scheme: str = "http",
+        query: str = "",
+        headers: Mapping[str, str] | None = None,
+        port: int | None = None,
+    ) -> None:
+        self.method = method
+        self.scheme = scheme
+        self.authority = authority
+        self.path = path
+        self.query = query
+        self.headers: Mapping[str, str] = headers if headers is not None else {}
+        self.port = port
+        self._query: dict[str, str] | None = None
+
+    def query_param(self, name: str) -> str | None:
+        """The first value of a query parameter (`?key` gives ""), parsed once per request."""
+        if self._query is None:
+            self._query = {}
+            for key, value in parse_qsl(self.query, keep_blank_values=True):
+                self._query.setdefault(key, value)
+        return self._query.get(name)
+
+
+Check = Callable[[RequestAttributes], bool]
+StringCheck = Callable[[str], bool]
+
+
+def compile_string_match(match: StringMatch, *, ignore_case: bool = False) -> StringCheck | None:
+    """A predicate for one StringMatch; None means "present" (any value)."""
+    if match.exact is not None:
+        exact = match.exact.lower() if ignore_case else match.exact
+        if ignore_case:
+            return lambda value: value.lower() == exact
+        return exact.__eq__
+    if match.prefix is not None:
+        prefix = match.prefix.lower() if ignore_case else match.prefix
+        if ignore_case:
+            return lambda value: value.lower().startswith(prefix)
+        return lambda value: value.startswith(prefix)
+    if match.regex is not None:
+        # Envoy's safe_regex matches the whole value; ignoreUriCase does not apply to regex.
+        return _fullmatch(re.compile(match.regex))
+    return None
+
+
+def _fullmatch(pattern: re.Pattern[str]) -> StringCheck:
+    return lambda value: pattern.fullmatch(value) is not None
+
+
+class RouteMatcher:
+    """One compiled `match` block: every check must pass (AND)."""
+
+    __slots__ = ("checks", "name")
+
+    def __init__(self, checks: tuple[Check, ...], name: str | None = None) -> None:
+        self.checks = checks
+        self.name = name
+
+    def __call__(self, request: RequestAttributes) -> bool:
+        for check in self.checks:
+            if not check(request):
+                return False
+        return True
+
+    def __and__(self, other: RouteMatcher) -> RouteMatcher:
+        """A block matching when both do: how a delegate's match narrows its root's."""
+        name = ".".join(n for n in (self.name, other.name) if n) or None
+        return RouteMatcher(self.checks + other.checks, name)
+
+
+def compile_match(block: HTTPMatchRequest) -> RouteMatcher:
+    """Compile one HTTPMatchRequest (its source/gateway fields are decided elsewhere)."""
+    checks: list[Check] = []
+    if block.uri is not None:
+        uri = compile_string_match(block.uri, ignore_case=block.ignore_uri_case)
+        if uri is not None:
+            checks.append(_on_path(uri))
+    for field, attribute in (
+        ("scheme", "scheme"),
+        ("method", "method"),
+        ("authority", "authority"),
+    ):
+        string_match = getattr(block, field)
+        if string_match is not None:
+            predicate = compile_string_match(string_match)
+            if predicate is not None:
+                checks.append(_on_attribute(attribute, predicate))
+    for name, string_match in block.headers.items():
+        if name in _PSEUDO_KEYS:
+            continue
+        checks.append(_header_check(name.lower(), compile_string_match(string_match)))
+    for name, string_match in block.without_headers.items():
+        checks.append(_without_header_check(name.lower(), string_match))
+    for name, string_match in block.query_params.items():
+        checks.append(_query_check(name, compile_string_match(string_match)))
+    if block.port is not None:
+        port = block.port
+        checks.append(lambda request: request.port == port)
+    return RouteMatcher(tuple(checks), block.name)
+
+
+def applies_to_workload(block: HTTPMatchRequest, labels: Mapping[str, str], namespace: str) -> bool:
+    """Whether a block can match for this workload: its source and gateway fields."""
+    if block.gateways and "mesh" not in block.gateways:
+        return False
+    if block.source_namespace is not None and block.source_namespace != namespace:
+        return False
+    return all(labels.get(key) == value for key, value in block.source_labels.items())
+
+
+def _on_path(predicate: StringCheck) -> Check:
+    return lambda request: predicate(request.path)
+
+
+def _on_attribute(attribute: str, predicate: StringCheck) -> Check:
+    def check(request: RequestAttributes) -> bool:
+        value: Any = getattr(request, attribute)
+        return predicate(value)
+
+    return check
+
+
+def _header_check(name: str, predicate: StringCheck | None) -> Check:
+    if predicate is None:
+        return lambda request: name in request.headers
+
+    def check(request: RequestAttributes) -> bool:
+        value = request.headers.get(name)
+        return value is not None and predicate(value)
+
+    return check
+
+
+def _without_header_check(name: str, string_match: StringMatch) -> Check:
+    # Istio inverts the match and treats a missing header as "", so requests lacking the
+    # header pass unless the match accepts the empty string; `{}` inverted means "absent".
+    predicate = None if string_match.regex == "*" else compile_string_match(string_match)
+    if predicate is None:
+        return lambda request: name not in request.headers
+    return lambda request: not predicate(request.headers.get(name, ""))
+
+
+def _query_check(name: str, predicate: StringCheck | None) -> Check:
+    def check(request: RequestAttributes) -> bool:
+        value = request.query_param(name)
+        return value is not None and (predicate is None or predicate(value))
+
+    return check

@@ -1,0 +1,186 @@
+"""PeerAuthentication and AuthorizationPolicy (security.istio.io v1 / v1beta1)."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Literal
+
+from meshlib.policy._schema import Path, Sink, spec_field
+from meshlib.policy.common import MatchLabelsSelector, PolicyTargetReference
+
+MtlsMode = Literal["UNSET", "DISABLE", "PERMISSIVE", "STRICT"]
+
+
+@dataclass(frozen=True, slots=True)
+class PeerMtls:
+    mode: MtlsMode | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PeerAuthentication:
+    selector: MatchLabelsSelector | None = None
+    mtls: PeerMtls | None = None
+    port_level_mtls: Mapping[int, PeerMtls] = spec_field({})
+
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        if self.port_level_mtls and (self.selector is None or not self.selector.match_labels):
+            sink.error(
+                (*path, "portLevelMtls"),
+                "mesh- or namespace-wide peer authentication cannot have port level mTLS",
+            )
+        for port in self.port_level_mtls:
+            if not 1 <= port <= 65535:
+                sink.error((*path, "portLevelMtls", str(port)), "port must be in 1..65535")
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    principals: tuple[str, ...] = ()
+    not_principals: tuple[str, ...] = ()
+    request_principals: tuple[str, ...] = ()
+    not_request_principals: tuple[str, ...] = ()
+    namespaces: tuple[str, ...] = ()
+    not_namespaces: tuple[str, ...] = ()
+    service_accounts: tuple[str, ...] = ()
+    not_service_accounts: tuple[str, ...] = ()
+    ip_blocks: tuple[str, ...] = ()
+    not_ip_blocks: tuple[str, ...] = ()
+    remote_ip_blocks: tuple[str, ...] = ()
+    not_remote_ip_blocks: tuple[str, ...] = ()
+
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        _check_lists(self, path, sink)
+        for name in ("ip_blocks", "not_ip_blocks", "remote_ip_blocks", "not_remote_ip_blocks"):
+            for index, block in enumerate(getattr(self, name)):
+                try:
+                    ipaddress.ip_network(block, strict=False)
+                except ValueError:
+                    sink.error((*path, _camel(name), index), f"bad IP address or CIDR {block!r}")
+        if (self.service_accounts or self.not_service_accounts) and (
+            self.principals or self.not_principals or self.namespaces or self.not_namespaces
+        ):
+            sink.error(path, "serviceAccounts cannot be combined with principals or namespaces")
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    hosts: tuple[str, ...] = ()
+    not_hosts: tuple[str, ...] = ()
+    ports: tuple[str, ...] = ()
+    not_ports: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()
+    not_methods: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+    not_paths: tuple[str, ...] = ()
+
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        _check_lists(self, path, sink)
+        for name in ("ports", "not_ports"):
+            for index, port in enumerate(getattr(self, name)):
+                if not port.isdigit() or int(port) > 65535:
+                    sink.error((*path, _camel(name), index), f"bad port {port!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class RuleFrom:
+    source: Source = spec_field(required=True)
+
+
+@dataclass(frozen=True, slots=True)
+class RuleTo:
+    operation: Operation = spec_field(required=True)
+
+
+_CONDITION_KEYS = frozenset(
+    {
+        "source.ip",
+        "remote.ip",
+        "source.namespace",
+        "source.principal",
+        "request.auth.principal",
+        "request.auth.audiences",
+        "request.auth.presenter",
+        "destination.ip",
+        "destination.port",
+        "connection.sni",
+    }
+)
+_BRACKETED_KEY = re.compile(
+    r"(request\.headers|request\.auth\.claims|experimental\.envoy\.filters\.[\w.]+)\[.+\]"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    key: str = spec_field(required=True)
+    values: tuple[str, ...] = ()
+    not_values: tuple[str, ...] = ()
+
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        if not self.values and not self.not_values:
+            sink.error(path, f"at least one of values or notValues is required for {self.key!r}")
+        if self.key not in _CONDITION_KEYS and not _BRACKETED_KEY.fullmatch(self.key):
+            sink.error((*path, "key"), f"unknown attribute {self.key!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    from_: tuple[RuleFrom, ...] | None = spec_field(key="from")
+    to: tuple[RuleTo, ...] | None = None
+    when: tuple[Condition, ...] = ()
+
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        if self.from_ == ():
+            sink.error((*path, "from"), "must not be empty")
+        if self.to == ():
+            sink.error((*path, "to"), "must not be empty")
+
+
+@dataclass(frozen=True, slots=True)
+class ExtensionProvider:
+    name: str = spec_field(required=True)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorizationPolicy:
+    selector: MatchLabelsSelector | None = None
+    target_ref: PolicyTargetReference | None = None
+    target_refs: tuple[PolicyTargetReference, ...] = ()
+    action: Literal["ALLOW", "DENY", "AUDIT", "CUSTOM"] | None = None
+    provider: ExtensionProvider | None = None
+    rules: tuple[Rule, ...] | None = None
+
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        chosen = [n for n in ("selector", "target_ref", "target_refs") if getattr(self, n)]
+        if len(chosen) > 1:
+            sink.error(path, "only one of selector, targetRef and targetRefs may be set")
+        action = self.action or "ALLOW"
+        if action == "CUSTOM":
+            if self.provider is None:
+                sink.error((*path, "provider"), "is required for action CUSTOM")
+            if self.rules is None:
+                sink.error(path, "a CUSTOM action without rules is meaningless")
+        elif self.provider is not None:
+            sink.error((*path, "provider"), "is only allowed with action CUSTOM")
+        if action == "DENY" and self.rules is None:
+            sink.error(path, "a DENY action without rules is meaningless")
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(p.title() for p in rest)
+
+
+def _check_lists(obj: Source | Operation, path: Path, sink: Sink) -> None:
+    given = False
+    for f in fields(obj):
+        values = getattr(obj, f.name)
+        given = given or bool(values)
+        for index, value in enumerate(values):
+            if value == "":
+                sink.error((*path, _camel(f.name), index), "empty value not allowed")
+    if not given:
+        sink.error(path, "must not be empty")

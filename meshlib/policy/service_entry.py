@@ -1,0 +1,144 @@
+"""ServiceEntry and WorkloadEntry: the services and endpoints meshlib knows outside Kubernetes."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from meshlib.policy._schema import Path, Sink, spec_field
+from meshlib.policy.common import WorkloadSelector, check_host, is_dns_label, is_ip
+
+PROTOCOLS = frozenset(
+    [
+        "HTTP",
+        "HTTP2",
+        "HTTPS",
+        "TCP",
+        "TLS",
+        "UDP",
+        "GRPC",
+        "GRPC-WEB",
+        "MONGO",
+        "REDIS",
+        "MYSQL",
+        "HTTP_PROXY",
+    ]
+)
+HTTP_PROTOCOLS = frozenset({"HTTP", "HTTP2", "GRPC", "GRPC-WEB", "HTTP_PROXY"})
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadEntry:
+    """An endpoint: a standalone WorkloadEntry resource or one of `ServiceEntry.endpoints`."""
+
+    address: str | None = None
+    ports: Mapping[str, int] = spec_field({})
+    labels: Mapping[str, str] = spec_field({})
+    network: str | None = None
+    locality: str | None = None
+    weight: int | None = spec_field(ge=0)
+    service_account: str | None = None
+
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        if not self.address:
+            if not self.network:
+                sink.error((*path, "address"), "is required")
+        elif self.address.startswith("unix://"):
+            if self.ports:
+                sink.error((*path, "ports"), "a unix endpoint must not include ports")
+        elif not is_ip(self.address):
+            check_host(self.address, (*path, "address"), sink, allow_star=False)
+        for name, number in self.ports.items():
+            if not 1 <= number <= 65535:
+                sink.error((*path, "ports", name), f"invalid port {number} (allowed: 1-65535)")
+
+    def port_for(self, port: ServicePort) -> int:
+        """The endpoint port serving `port`: by name in `ports`, else targetPort, else number."""
+        if port.name and port.name in self.ports:
+            return self.ports[port.name]
+        return port.target_port or port.number
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePort:
+    number: int = spec_field(required=True, ge=1, le=65535)
+    protocol: str | None = None
+    name: str | None = None
+    target_port: int | None = spec_field(ge=1, le=65535)
+
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        if self.protocol and self.protocol.upper() not in PROTOCOLS:
+            allowed = ", ".join(sorted(PROTOCOLS))
+            sink.error((*path, "protocol"), f"unsupported protocol {self.protocol!r} ({allowed})")
+        if self.name is not None and not is_dns_label(self.name):
+            sink.error((*path, "name"), f"invalid port name {self.name!r}")
+
+    @property
+    def is_http(self) -> bool:
+        return (self.protocol or "").upper() in HTTP_PROTOCOLS | {"HTTPS", "TLS"}
+
+
+Resolution = Literal["NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN", "DYNAMIC_DNS"]
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceEntry:
+    hosts: tuple[str, ...] = ()
+    addresses: tuple[str, ...] = ()
+    ports: tuple[ServicePort, ...] = ()
+    location: Literal["MESH_EXTERNAL", "MESH_INTERNAL"] | None = None
+    resolution: Resolution | None = None
+    endpoints: tuple[WorkloadEntry, ...] = ()
+    workload_selector: WorkloadSelector | None = None
+    export_to: tuple[str, ...] = ()
+    subject_alt_names: tuple[str, ...] = ()
+
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        if not self.hosts:
+            sink.error((*path, "hosts"), "a service entry needs at least one host")
+        for index, host in enumerate(self.hosts):
+            check_host(host, (*path, "hosts", index), sink, allow_star=False)
+        for index, address in enumerate(self.addresses):
+            try:
+                ipaddress.ip_network(address, strict=False)
+            except ValueError:
+                sink.error((*path, "addresses", index), f"{address!r} is not an IP or CIDR")
+        names: set[str] = set()
+        numbers: set[int] = set()
+        for index, port in enumerate(self.ports):
+            if port.name in names:
+                sink.error(
+                    (*path, "ports", index, "name"), f"port name {port.name!r} already defined"
+                )
+            if port.number in numbers:
+                sink.error((*path, "ports", index, "number"), f"port {port.number} already defined")
+            if port.name:
+                names.add(port.name)
+            numbers.add(port.number)
+        if self.endpoints and self.workload_selector is not None:
+            sink.error(path, "only one of workloadSelector and endpoints may be set")
+        resolution = self.resolution or "NONE"
+        if resolution == "NONE" and self.endpoints:
+            sink.error((*path, "endpoints"), "no endpoints may be given for resolution NONE")
+        for index, endpoint in enumerate(self.endpoints):
+            where = (*path, "endpoints", index)
+            address = endpoint.address or ""
+            if resolution == "STATIC" and not (is_ip(address) or address.startswith("unix://")):
+                sink.error(
+                    (*where, "address"), f"{address!r} is not an IP address (resolution STATIC)"
+                )
+            for name in endpoint.ports:
+                if name not in names:
+                    sink.error((*where, "ports", name), "port is not defined by the service entry")
+        if resolution in ("DNS", "DNS_ROUND_ROBIN") and not self.endpoints:
+            for index, host in enumerate(self.hosts):
+                if "*" in host:
+                    sink.error(
+                        (*path, "hosts", index),
+                        "hosts must be FQDNs when no endpoints are given"
+                        f" for resolution {resolution}",
+                    )
+        if resolution == "DNS_ROUND_ROBIN" and len(self.endpoints) > 1:
+            sink.error((*path, "endpoints"), "DNS_ROUND_ROBIN takes at most one endpoint")

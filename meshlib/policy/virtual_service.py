@@ -1,0 +1,472 @@
+"""VirtualService (networking.istio.io v1 / v1beta1 / v1alpha3): how requests to a host route."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import builtins
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from meshlib.policy._schema import Path, Sink, spec_field
+from meshlib.policy.common import (
+    MILLISECOND,
+    Duration,
+    Percent,
+    PortSelector,
+    StringMatch,
+    check_host,
+    check_regex,
+    is_dns_label,
+)
+
+RETRY_ON_HTTP = frozenset(
+    {
+        "5xx",
+        "gateway-error",
+        "reset",
+        "reset-before-request",
+        "connect-failure",
+        "envoy-ratelimited",
+        "retriable-4xx",
+        "refused-stream",
+        "retriable-status-codes",
+        "retriable-headers",
+        "http3-post-connect-failure",
+    }
+)
+RETRY_ON_GRPC = frozenset(
+    {"cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable"}
+)
+HTTP_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
+_HEADER_NAME = re.compile(r"[-_A-Za-z0-9]+")
+# Status codes Istio accepts in retryOn: those Go's http.StatusText knows.
+KNOWN_STATUS_CODES = frozenset(
+    [
+        *range(100, 104),
+        *range(200, 209),
+        226,
+        *range(300, 306),
+        307,
+        308,
+        *range(400, 419),
+        *(421, 422, 423, 424, 425, 426, 428, 429, 431, 451),
+        *range(500, 509),
+        510,
+        511,
+    ]
+)
+GRPC_STATUS_NAMES = frozenset(
+    [
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    ]
+)
+_PSEUDO_OR_HOST = ("host", ":authority")
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderOperations:
+    set: Mapping[str, str] = spec_field({})
+    add: Mapping[str, str] = spec_field({})
+    remove: tuple[str, ...] = ()
+
+    def check(self, path: Path, sink: Sink, *, request: bool) -> None:
+        """Istio's rules: no pseudo-headers; `host`/`:authority` only set or added on requests."""
+        for op in ("set", "add", "remove"):
+            names = getattr(self, op)
+            for index, name in enumerate(names):
+                where = (*path, op, name if op != "remove" else index)
+                lower = name.lower()
+                if not name:
+                    sink.error(where, "header name must not be empty")
+                elif request and op != "remove" and lower in _PSEUDO_OR_HOST:
+                    continue  # an authority rewrite
+                elif lower == "host":
+                    sink.error(where, f"invalid header {name!r}: cannot set Host header")
+                elif name.startswith(":"):
+                    sink.error(where, f"invalid header {name!r}: header cannot have ':' prefix")
+        for op in ("set", "add"):
+            for name, value in getattr(self, op).items():
+                if any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in value):
+                    sink.error(
+                        (*path, op, name), "header value must not contain control characters"
+                    )
+
+
+@dataclass(frozen=True, slots=True)
+class Headers:
+    request: HeaderOperations | None = None
+    response: HeaderOperations | None = None
+
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        if self.request is not None:
+            self.request.check((*path, "request"), sink, request=True)
+        if self.response is not None:
+            self.response.check((*path, "response"), sink, request=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    host: str = spec_field(required=True)
+    subset: str | None = None
+    port: PortSelector | None = None
+
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        if self.host == "*":
+            sink.error((*path, "host"), "invalid destination host *")
+        else:
+            check_host(self.host, (*path, "host"), sink)
+        if self.subset is not None and not is_dns_label(self.subset):
+            sink.error((*path, "subset"), f"invalid subset name {self.subset!r} (a DNS label)")
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPRouteDestination:
+    destination: Destination = spec_field(required=True)
+    weight: int = spec_field(0, ge=0)
+    headers: Headers | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPMatchRequest:
+    name: str | None = None
+    uri: StringMatch | None = None
+    scheme: StringMatch | None = None
+    method: StringMatch | None = None
+    authority: StringMatch | None = None
+    headers: Mapping[str, StringMatch] = spec_field({})
+    port: int | None = spec_field(ge=1, le=65535)
+    source_labels: Mapping[str, str] = spec_field({})
+    gateways: tuple[str, ...] = ()
+    query_params: Mapping[str, StringMatch] = spec_field({})
+    ignore_uri_case: bool = False
+    without_headers: Mapping[str, StringMatch] = spec_field({})
+    source_namespace: str | None = None
+    stat_prefix: str | None = None
+
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        for field in ("headers", "without_headers"):
+            key = "headers" if field == "headers" else "withoutHeaders"
+            for name in getattr(self, field):
+                if name.lower().startswith("@request.auth.claims"):
+                    sink.error(
+                        (*path, key, name),
+                        "JWT claim based routing is only supported for gateways",
+                    )
+                elif not _HEADER_NAME.fullmatch(name):
+                    sink.error((*path, key, name), f"invalid header name {name!r}")
+        if self.source_namespace is not None and not is_dns_label(self.source_namespace):
+            sink.error((*path, "sourceNamespace"), f"invalid namespace {self.source_namespace!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPRetry:
+    attempts: int = spec_field(0, ge=0)
+    per_try_timeout: Duration | None = spec_field(ge=MILLISECOND)
+    retry_on: str | None = None
+    retry_remote_localities: bool | None = spec_field(
+        ignored="localities do not exist in library mode"
+    )
+    retry_ignore_previous_hosts: bool | None = None
+    backoff: Duration | None = spec_field(ge=MILLISECOND)
+
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        if self.attempts == 0 and (self.per_try_timeout or self.retry_on):
+            sink.error(path, "retry settings are given but attempts is 0 (retries disabled)")
+        if self.retry_on is None:
+            return
+        for token in self.retry_on.split(","):  # Istio does not trim spaces
+            if token in RETRY_ON_HTTP or token in RETRY_ON_GRPC:
+                continue
+            if token.isdigit() and int(token) in KNOWN_STATUS_CODES:
+                continue
+            allowed = ", ".join(sorted(RETRY_ON_HTTP | RETRY_ON_GRPC))
+            sink.error(
+                (*path, "retryOn"),
+                f"{token!r} is not a valid retryOn policy (allowed, comma-separated without"
+                f" spaces: an HTTP status code, {allowed})",
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class Delay:
+    fixed_delay: Duration | None = spec_field(ge=MILLISECOND)
+    exponential_delay: Duration | None = None
+    percentage: Percent | None = None
+    percent: int | None = spec_field(ge=0, le=100)  # deprecated integer form
+
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        if self.fixed_delay is None:
+            sink.error((*path, "fixedDelay"), "is required")
+        if self.exponential_delay is not None:
+            sink.error((*path, "exponentialDelay"), "is not supported by Istio (use fixedDelay)")
+
+    @property
+    def fraction(self) -> float:
+        """Share of requests delayed: `percentage`, else the deprecated `percent`, else 0."""
+        if self.percentage is not None:
+            return self.percentage.fraction
+        return (self.percent or 0) / 100.0
+
+
+@dataclass(frozen=True, slots=True)
+class Abort:
+    http_status: int | None = None
+    grpc_status: str | None = None
+    http2_error: str | None = None
+    percentage: Percent | None = None
+
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        given = [f for f in ("http_status", "grpc_status", "http2_error") if getattr(self, f)]
+        if not given:
+            sink.error((*path, "httpStatus"), "is required (or grpcStatus)")
+        if len(given) > 1:
+            sink.error(path, "only one of httpStatus, grpcStatus, http2Error may be set")
+        if self.http_status is not None and not 200 <= self.http_status <= 600:
+            sink.error((*path, "httpStatus"), f"HTTP status {self.http_status} is not in 200-599")
+        if self.grpc_status is not None and self.grpc_status not in GRPC_STATUS_NAMES:
+            allowed = ", ".join(sorted(GRPC_STATUS_NAMES))
+            sink.error((*path, "grpcStatus"), f"unknown gRPC status (allowed: {allowed})")
+        if self.http2_error is not None:
+            sink.error((*path, "http2Error"), "HTTP/2 abort fault injection is not supported")
+
+    @property
+    def fraction(self) -> float:
+        return self.percentage.fraction if self.percentage is not None else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPFaultInjection:
+    delay: Delay | None = None
+    abort: Abort | None = None
+
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        if self.delay is None and self.abort is None:
+            sink.error(path, "a fault needs a delay, an abort, or both")
+
+
+@dataclass(frozen=True, slots=True)
+class RegexRewrite:
+    match: str = spec_field(required=True)
+    rewrite: str = spec_field(required=True)
+
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        check_regex(self.match, (*path, "match"), sink)
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPRewrite:
+    uri: str | None = None
+    authority: str | None = None
+    uri_regex_rewrite: RegexRewrite | None = None
+
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        if self.uri is not None and self.uri_regex_rewrite is not None:
+            sink.error(path, "only one of uri and uriRegexRewrite may be set")
+        if self.uri is None and self.authority is None and self.uri_regex_rewrite is None:
+            sink.error(path, "a rewrite needs uri, uriRegexRewrite or authority")
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPRedirect:
+    uri: str | None = None
+    authority: str | None = None
+    port: int | None = spec_field(ge=1, le=65535)
+    derive_port: Literal["FROM_PROTOCOL_DEFAULT", "FROM_REQUEST_PORT"] | None = None
+    scheme: str | None = None
+    redirect_code: int | None = None
+
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        targets = (self.uri, self.authority, self.port, self.derive_port, self.scheme)
+        if all(target is None for target in targets):
+            sink.error(path, "a redirect needs uri, authority, port, derivePort or scheme")
+        if self.port is not None and self.derive_port is not None:
+            sink.error(path, "only one of port and derivePort may be set")
+        if self.redirect_code and not 300 <= self.redirect_code <= 399:
+            sink.error(
+                (*path, "redirectCode"), f"{self.redirect_code} is not a redirect code (3xx)"
+            )
+        if self.scheme not in (None, "", "http", "https"):
+            sink.error((*path, "scheme"), "must be http or https")
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPBody:
+    string: str | None = None
+    bytes: str | None = None  # base64, as protobuf JSON writes bytes
+
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        if self.string is not None and self.bytes is not None:
+            sink.error(path, "only one of string and bytes may be set")
+        if self.bytes is not None:
+            try:
+                base64.b64decode(self.bytes, validate=True)
+            except (binascii.Error, ValueError):
+                sink.error((*path, "bytes"), "must be base64")
+
+    def content(self) -> builtins.bytes:
+        if self.bytes is not None:
+            return base64.b64decode(self.bytes)
+        return (self.string or "").encode()
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPDirectResponse:
+    status: int = spec_field(required=True, ge=200, le=600)
+    body: HTTPBody | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CorsPolicy:
+    allow_origins: tuple[StringMatch, ...] = ()
+    allow_origin: tuple[str, ...] = ()  # deprecated exact-match form
+    allow_methods: tuple[str, ...] = ()
+    allow_headers: tuple[str, ...] = ()
+    expose_headers: tuple[str, ...] = ()
+    max_age: Duration | None = None
+    allow_credentials: bool | None = None
+    unmatched_preflights: Literal["UNSPECIFIED", "FORWARD", "IGNORE"] | None = None
+
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        for index, method in enumerate(self.allow_methods):
+            if method not in HTTP_METHODS:
+                allowed = ", ".join(sorted(HTTP_METHODS))
+                sink.error(
+                    (*path, "allowMethods", index),
+                    f"invalid method {method!r} (allowed: {allowed})",
+                )
+        if self.max_age is not None and self.max_age.seconds % 1:
+            sink.error((*path, "maxAge"), "must be a whole number of seconds")
+
+
+@dataclass(frozen=True, slots=True)
+class Delegate:
+    name: str = spec_field(required=True)
+    namespace: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPMirrorPolicy:
+    destination: Destination = spec_field(required=True)
+    percentage: Percent | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPRoute:
+    name: str | None = None
+    match: tuple[HTTPMatchRequest, ...] = ()
+    route: tuple[HTTPRouteDestination, ...] = ()
+    redirect: HTTPRedirect | None = None
+    direct_response: HTTPDirectResponse | None = None
+    delegate: Delegate | None = None
+    rewrite: HTTPRewrite | None = None
+    timeout: Duration | None = spec_field(ge=0)
+    retries: HTTPRetry | None = None
+    fault: HTTPFaultInjection | None = None
+    mirror: Destination | None = None
+    mirrors: tuple[HTTPMirrorPolicy, ...] = ()
+    mirror_percentage: Percent | None = None
+    mirror_percent: int | None = spec_field(ge=0, le=100)  # deprecated integer form
+    cors_policy: CorsPolicy | None = None
+    headers: Headers | None = None
+
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        actions = [
+            k
+            for k in ("route", "redirect", "direct_response", "delegate")
+            if getattr(self, k) not in (None, ())
+        ]
+        if not actions:
+            sink.error(path, "a route needs one of route, redirect, directResponse or delegate")
+        elif len(actions) > 1:
+            names = ", ".join(_KEYS[a] for a in actions)
+            sink.error(path, f"only one of route, redirect, directResponse, delegate ({names})")
+        local_answer = self.redirect is not None or self.direct_response is not None
+        if local_answer and self.rewrite is not None:
+            sink.error((*path, "rewrite"), "cannot be combined with redirect or directResponse")
+        if local_answer and self.fault is not None:
+            sink.error((*path, "fault"), "cannot be combined with redirect or directResponse")
+        if len(self.route) > 1 and sum(d.weight for d in self.route) <= 0:
+            sink.error(
+                (*path, "route"), "total weight must be > 0 when there are several destinations"
+            )
+        if self.mirror is not None and self.mirrors:
+            sink.error((*path, "mirrors"), "only one of mirror and mirrors may be set")
+        if self.mirror_percentage is not None and self.mirror is None:
+            sink.error((*path, "mirrorPercentage"), "needs mirror")
+        if self.delegate is not None:
+            for name in (
+                "rewrite",
+                "timeout",
+                "retries",
+                "fault",
+                "mirror",
+                "cors_policy",
+                "headers",
+            ):
+                if getattr(self, name) is not None:
+                    sink.error((*path, _KEYS.get(name, name)), "cannot be combined with delegate")
+
+
+_KEYS = {
+    "direct_response": "directResponse",
+    "cors_policy": "corsPolicy",
+    "route": "route",
+    "redirect": "redirect",
+    "delegate": "delegate",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualService:
+    hosts: tuple[str, ...] = ()
+    gateways: tuple[str, ...] = ()
+    http: tuple[HTTPRoute, ...] = ()
+    tls: tuple[Any, ...] = spec_field(
+        (), ignored="TLS (SNI) routes need a proxy; meshlib routes HTTP"
+    )
+    tcp: tuple[Any, ...] = spec_field((), ignored="TCP routes need a proxy; meshlib routes HTTP")
+    export_to: tuple[str, ...] = ()
+
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        for index, host in enumerate(self.hosts):
+            check_host(host, (*path, "hosts", index), sink)
+        if "*" in self.hosts and self.applies_to_mesh:
+            sink.error((*path, "hosts"), "the wildcard host '*' is not allowed for the mesh")
+        if len(set(self.hosts)) != len(self.hosts):
+            sink.error((*path, "hosts"), "duplicate host")
+        for index, namespace in enumerate(self.export_to):
+            if namespace == "~":
+                sink.error((*path, "exportTo", index), "'~' (export to none) is not allowed")
+        if not self.hosts:  # a delegate VirtualService
+            for index, route in enumerate(self.http):
+                if route.delegate is not None:
+                    sink.error(
+                        (*path, "http", index, "delegate"),
+                        "a delegate VirtualService cannot delegate again",
+                    )
+
+    @property
+    def applies_to_mesh(self) -> bool:
+        """Istio applies a VirtualService to sidecars when `gateways` is empty or has `mesh`."""
+        return not self.gateways or "mesh" in self.gateways
