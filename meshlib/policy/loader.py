@@ -127,6 +127,8 @@ def load_text(
     diagnostics: list[Diagnostic] = []
     try:
         for document in read_documents(text):
+            if document.data is None:
+                continue  # an empty document, e.g. after a trailing ---
             for collector, resource in _resources_in(document, file, default_namespace):
                 diagnostics.extend(collector.diagnostics)
                 if resource is not None:

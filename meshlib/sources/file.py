@@ -27,6 +27,7 @@ from meshlib.sources.base import SnapshotPublisher
 logger = logging.getLogger("meshlib.policy")
 
 Fingerprint = tuple[tuple[str, int, int, int], ...]
+_MAX_REREADS = 5
 
 
 class FileSource(SnapshotPublisher):
@@ -71,19 +72,34 @@ class FileSource(SnapshotPublisher):
         return Snapshot.build(result.resources, self.config)
 
     def reload(self) -> bool:
-        """Rebuild if the files changed; True if a new Snapshot was published."""
+        """Rebuild if the files changed; True if a new Snapshot was published.
+
+        The files are stat-ed before and after reading. If they changed while being read
+        (an update landing between two files of a folder, say), the read is thrown away and
+        done again, so a Snapshot never mixes two versions of the files.
+        """
         fingerprint = self._stat()
         if fingerprint == self._fingerprint:
             return False
-        self._fingerprint = fingerprint  # taken before reading: a later write shows as a change
-        try:
-            snapshot = self._build()
-        except PolicyError as error:
-            self.reject(error, self._origin)
-            return False
-        self.publish(snapshot)
-        logger.info("policy generation %d loaded from %s", snapshot.generation, self._origin)
-        return True
+        for _ in range(_MAX_REREADS):
+            try:
+                snapshot: Snapshot | None = self._build()
+                error = None
+            except PolicyError as exc:
+                snapshot, error = None, exc
+            after = self._stat()
+            if after != fingerprint:
+                fingerprint = after  # changed under us: read again
+                continue
+            self._fingerprint = fingerprint
+            if snapshot is None:
+                assert error is not None
+                self.reject(error, self._origin)
+                return False
+            self.publish(snapshot)
+            logger.info("policy generation %d loaded from %s", snapshot.generation, self._origin)
+            return True
+        return False  # still changing; the next poll tries again
 
     @property
     def _origin(self) -> str:

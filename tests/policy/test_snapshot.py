@@ -1,0 +1,583 @@
+"""Snapshot: host resolution, route matching, merged traffic policy and endpoints."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from meshlib.config import MeshConfig
+from meshlib.policy.loader import load_text
+from meshlib.policy.matching import RequestAttributes
+from meshlib.policy.snapshot import Snapshot
+
+REVIEWS = "reviews.default.svc.cluster.local"
+
+SERVICES = """
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: reviews, namespace: default}
+spec:
+  hosts: [reviews.default.svc.cluster.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{number: 9080, name: http, protocol: HTTP}]
+  endpoints:
+  - {address: 10.0.0.1, labels: {app: reviews, version: v1}}
+  - {address: 10.0.0.2, labels: {app: reviews, version: v2}, ports: {http: 19084}}
+  - {address: 10.0.0.3, labels: {app: reviews, version: v3}, weight: 5}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: default}
+spec:
+  host: reviews
+  trafficPolicy:
+    loadBalancer: {simple: ROUND_ROBIN}
+    connectionPool: {tcp: {maxConnections: 10}}
+    outlierDetection: {consecutive5xxErrors: 3}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+  - name: v2
+    labels: {version: v2}
+    trafficPolicy:
+      connectionPool: {http: {http2MaxRequests: 5}}
+  - name: v3
+    labels: {version: v3}
+"""
+
+
+def build(yaml_text: str, config: MeshConfig | None = None, *, services: bool = True) -> Snapshot:
+    """Load `yaml_text` (plus the reviews service) and compile it."""
+    text = (SERVICES + "\n---\n" if services else "") + textwrap.dedent(yaml_text)
+    result = load_text(text, "test.yaml")
+    assert result.errors == (), [str(e) for e in result.errors]
+    return Snapshot.build(result.resources, config or MeshConfig())
+
+
+def request(authority: str = "reviews", path: str = "/", **kwargs: object) -> RequestAttributes:
+    return RequestAttributes(kwargs.pop("method", "GET"), authority, path, **kwargs)  # type: ignore[arg-type]
+
+
+def vs(http: str, *, namespace: str = "default", host: str = "reviews", extra: str = "") -> str:
+    body = textwrap.indent(textwrap.dedent(http).strip(), "  ")
+    return (
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\n"
+        f"metadata: {{name: r-{abs(hash(http)) % 10000}, namespace: {namespace}}}\n"
+        f"spec:\n  hosts: [{host}]\n{extra}  http:\n{body}\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "authority",
+    [
+        "reviews",
+        "reviews:9080",
+        "reviews.default",
+        "reviews.default.svc",
+        REVIEWS,
+        f"{REVIEWS}:9080",
+        "REVIEWS",
+    ],
+)
+def test_short_names_and_ports_resolve_to_the_fqdn(authority: str) -> None:
+    """A client in the namespace may use the short forms, with or without a port."""
+    snapshot = build(vs("- route: [{destination: {host: reviews, subset: v2}}]"))
+    decision = snapshot.route(request(authority))
+    assert decision.host == REVIEWS
+    assert decision.virtual_service is not None
+    assert decision.route is not None and decision.route.destinations[0].subset == "v2"
+
+
+def test_short_name_from_another_namespace_is_not_this_service() -> None:
+    """From namespace `other`, plain `reviews` means reviews.other, not reviews.default."""
+    snapshot = build(vs("- route: [{destination: {host: reviews}}]"), MeshConfig(namespace="other"))
+    assert snapshot.route(request("reviews")).passthrough
+    assert snapshot.route(request("reviews.default")).host == REVIEWS
+
+
+def test_destination_hosts_expand_with_the_resource_namespace() -> None:
+    """A short destination host in a VirtualService of namespace `shop` means *.shop.svc."""
+    snapshot = build(
+        vs(
+            "- route: [{destination: {host: ratings}}]",
+            namespace="shop",
+            host="reviews.default.svc.cluster.local",
+        )
+    )
+    route = snapshot.route(request()).route
+    assert route is not None and route.destinations[0].host == "ratings.shop.svc.cluster.local"
+
+
+def test_unknown_host_passes_through() -> None:
+    """A host no resource mentions goes out untouched (PassthroughCluster)."""
+    decision = build("").route(request("example.com:8080"))
+    assert decision.passthrough and decision.route is None
+    assert (decision.host, decision.port) == ("example.com", 8080)
+
+
+def test_known_service_without_virtual_service_gets_the_default_route() -> None:
+    """A service with no VirtualService is routed to itself with Istio's default retries."""
+    decision = build("").route(request())
+    assert decision.virtual_service is None and not decision.passthrough
+    assert decision.route is not None
+    assert [d.host for d in decision.route.destinations] == [REVIEWS]
+    assert decision.route.retries is not None and decision.route.retries.is_default
+
+
+def test_no_matching_route_is_reported_as_such() -> None:
+    """With a VirtualService but no matching route, the decision has no route (404 NR)."""
+    snapshot = build(
+        vs("- match: [{uri: {prefix: /api}}]\n  route: [{destination: {host: reviews}}]")
+    )
+    decision = snapshot.route(request(path="/other"))
+    assert decision.virtual_service == "default/" + decision.virtual_service.split("/")[1]
+    assert decision.route is None and not decision.passthrough
+
+
+MATCHES = [
+    ("uri: {exact: /a}", {"path": "/a"}, {"path": "/a/"}),
+    ("uri: {prefix: /api}", {"path": "/apiv2"}, {"path": "/ap"}),
+    ("uri: {regex: '/r/[0-9]+'}", {"path": "/r/12"}, {"path": "/r/12x"}),
+    ("uri: {exact: /A}\n    ignoreUriCase: true", {"path": "/a"}, {"path": "/b"}),
+    ("uri: {prefix: /API}\n    ignoreUriCase: true", {"path": "/api/x"}, {"path": "/x"}),
+    ("uri: {regex: '/A'}\n    ignoreUriCase: true", {"path": "/A"}, {"path": "/a"}),
+    ("method: {exact: POST}", {"method": "POST"}, {"method": "GET"}),
+    ("scheme: {exact: https}", {"scheme": "https"}, {"scheme": "http"}),
+    ("authority: {exact: 'reviews:9080'}", {"authority": "reviews:9080"}, {"authority": "reviews"}),
+    (
+        "headers: {end-user: {exact: jason}}",
+        {"headers": {"end-user": "jason"}},
+        {"headers": {"end-user": "Jason"}},
+    ),
+    ("headers: {x-canary: {}}", {"headers": {"x-canary": ""}}, {"headers": {}}),
+    (
+        "headers: {cookie: {regex: '.*user=jason.*'}}",
+        {"headers": {"cookie": "a=1; user=jason"}},
+        {"headers": {}},
+    ),
+    ("withoutHeaders: {x-debug: {exact: '1'}}", {"headers": {}}, {"headers": {"x-debug": "1"}}),
+    ("withoutHeaders: {x-debug: {}}", {"headers": {"x-other": "1"}}, {"headers": {"x-debug": "0"}}),
+    ("queryParams: {v: {exact: '2'}}", {"query": "a=1&v=2"}, {"query": "v=3"}),
+    ("queryParams: {debug: {exact: ''}}", {"query": "debug"}, {"query": "x=1"}),
+    ("queryParams: {id: {regex: '\\d+'}}", {"query": "id=123"}, {"query": "id=a123"}),
+    ("port: 9080", {"authority": "reviews:9080"}, {"authority": "reviews:80"}),
+]
+
+
+@pytest.mark.parametrize(
+    ("match", "hit", "miss"),
+    MATCHES,
+    ids=[m[0].split(":")[0] + str(i) for i, m in enumerate(MATCHES)],
+)
+def test_match_fields(match: str, hit: dict[str, object], miss: dict[str, object]) -> None:
+    """Each match field accepts the request it describes and rejects the other."""
+    snapshot = build(vs(f"- match:\n  - {match}\n  route: [{{destination: {{host: reviews}}}}]"))
+    assert snapshot.route(request(**{"authority": "reviews", **hit})).route is not None  # type: ignore[arg-type]
+    assert snapshot.route(request(**{"authority": "reviews", **miss})).route is None  # type: ignore[arg-type]
+
+
+def test_match_blocks_or_and_fields_and() -> None:
+    """Blocks are ORed; the fields inside a block are ANDed."""
+    snapshot = build(
+        vs(
+            """
+            - match:
+              - {uri: {prefix: /a}, method: {exact: GET}}
+              - {headers: {x: {exact: '1'}}}
+              route: [{destination: {host: reviews}}]
+            """
+        )
+    )
+    assert snapshot.route(request(path="/a")).route is not None
+    assert snapshot.route(request(path="/a", method="POST")).route is None
+    assert snapshot.route(request(path="/b", method="POST", headers={"x": "1"})).route is not None
+
+
+def test_first_matching_route_wins() -> None:
+    """Routes are tried in order."""
+    snapshot = build(
+        vs(
+            """
+            - match: [{uri: {prefix: /}}]
+              route: [{destination: {host: reviews, subset: v1}}]
+            - match: [{uri: {prefix: /special}}]
+              route: [{destination: {host: reviews, subset: v2}}]
+            """
+        )
+    )
+    route = snapshot.route(request(path="/special")).route
+    assert route is not None and route.index == 0
+
+
+def test_source_labels_and_namespace_are_decided_for_this_workload() -> None:
+    """sourceLabels/sourceNamespace select the rules that apply to the calling workload."""
+    text = vs(
+        """
+        - match: [{sourceLabels: {app: productpage}, sourceNamespace: default}]
+          route: [{destination: {host: reviews, subset: v2}}]
+        - route: [{destination: {host: reviews, subset: v1}}]
+        """
+    )
+    productpage = build(text, MeshConfig(service="productpage"))
+    other = build(text, MeshConfig(service="frontend"))
+    other_ns = build(text, MeshConfig(service="productpage", namespace="shop"))
+    assert productpage.route(request()).route.destinations[0].subset == "v2"  # type: ignore[union-attr]
+    assert other.route(request()).route.destinations[0].subset == "v1"  # type: ignore[union-attr]
+    assert other_ns.route(request("reviews.default")).route.destinations[0].subset == "v1"  # type: ignore[union-attr]
+
+
+def test_match_gateways_without_mesh_drop_the_block() -> None:
+    """A match block bound to gateways only does not apply to a sidecar."""
+    snapshot = build(
+        vs(
+            """
+            - match: [{gateways: [my-gateway], uri: {prefix: /}}]
+              route: [{destination: {host: reviews, subset: v2}}]
+            - route: [{destination: {host: reviews, subset: v1}}]
+            """
+        )
+    )
+    assert snapshot.route(request()).route.destinations[0].subset == "v1"  # type: ignore[union-attr]
+
+
+def test_relative_weights_and_zero_weight() -> None:
+    """Weights are relative (1:3 is 25/75); a zero-weight destination is dropped."""
+    snapshot = build(
+        vs(
+            """
+            - route:
+              - {destination: {host: reviews, subset: v1}, weight: 1}
+              - {destination: {host: reviews, subset: v2}, weight: 3}
+              - {destination: {host: reviews, subset: v3}, weight: 0}
+            """
+        )
+    )
+    route = snapshot.route(request()).route
+    assert route is not None
+    assert [(d.subset, d.weight) for d in route.destinations] == [("v1", 1), ("v2", 3)]
+    assert route.total_weight == 4
+
+
+def test_retry_defaults_and_disable() -> None:
+    """No retries -> Istio's default; attempts 0 -> none; attempts without retryOn -> default conditions."""
+    snapshot = build(
+        vs(
+            """
+            - match: [{uri: {prefix: /none}}]
+              route: [{destination: {host: reviews}}]
+            - match: [{uri: {prefix: /off}}]
+              retries: {attempts: 0}
+              route: [{destination: {host: reviews}}]
+            - match: [{uri: {prefix: /three}}]
+              retries: {attempts: 3, perTryTimeout: 2s}
+              route: [{destination: {host: reviews}}]
+            - retries: {attempts: 1, retryOn: '5xx,503'}
+              route: [{destination: {host: reviews}}]
+            """
+        )
+    )
+    default = snapshot.route(request(path="/none")).route.retries  # type: ignore[union-attr]
+    assert default is not None and default.attempts == 2 and default.is_default
+    assert default.retry_on >= {"connect-failure", "refused-stream", "unavailable", "cancelled"}
+    assert snapshot.route(request(path="/off")).route.retries is None  # type: ignore[union-attr]
+    three = snapshot.route(request(path="/three")).route.retries  # type: ignore[union-attr]
+    assert three is not None and three.attempts == 3 and three.per_try_timeout == 2.0
+    assert "connect-failure" in three.retry_on
+    codes = snapshot.route(request(path="/x")).route.retries  # type: ignore[union-attr]
+    assert codes is not None and codes.retriable_status_codes == {503}
+    assert "retriable-status-codes" in codes.retry_on and "5xx" in codes.retry_on
+
+
+def test_mirror_percentages() -> None:
+    """mirror defaults to 100%, mirrorPercentage 0 turns it off, mirrors carry their own."""
+    snapshot = build(
+        vs(
+            """
+            - match: [{uri: {prefix: /a}}]
+              route: [{destination: {host: reviews}}]
+              mirror: {host: reviews, subset: v3}
+            - match: [{uri: {prefix: /b}}]
+              route: [{destination: {host: reviews}}]
+              mirror: {host: reviews}
+              mirrorPercentage: {value: 0}
+            - route: [{destination: {host: reviews}}]
+              mirrors:
+              - {destination: {host: reviews, subset: v2}, percentage: {value: 25}}
+              - {destination: {host: reviews, subset: v3}}
+            """
+        )
+    )
+    a = snapshot.route(request(path="/a")).route
+    assert a is not None and [(m.subset, m.fraction) for m in a.mirrors] == [("v3", 1.0)]
+    assert snapshot.route(request(path="/b")).route.mirrors == ()  # type: ignore[union-attr]
+    c = snapshot.route(request(path="/c")).route
+    assert c is not None and [(m.subset, m.fraction) for m in c.mirrors] == [
+        ("v2", 0.25),
+        ("v3", 1.0),
+    ]
+
+
+def test_subset_policy_replaces_whole_blocks() -> None:
+    """A subset's connectionPool replaces the parent's block; other blocks are inherited."""
+    snapshot = build("")
+    v1 = snapshot.traffic_policy(REVIEWS, "v1", 9080)
+    v2 = snapshot.traffic_policy(REVIEWS, "v2", 9080)
+    assert v1.connection_pool is not None and v1.connection_pool.tcp is not None
+    assert v2.connection_pool is not None and v2.connection_pool.tcp is None  # replaced, not merged
+    assert v2.connection_pool.http is not None and v2.connection_pool.http.http2_max_requests == 5
+    assert v2.outlier_detection == v1.outlier_detection  # inherited
+    assert v2.load_balancer is not None and v2.load_balancer.algorithm == "ROUND_ROBIN"
+
+
+def test_port_level_settings_replace_the_policy_for_that_port() -> None:
+    """For the listed port, the port-level entry is the whole policy; unset blocks are unset."""
+    snapshot = build(
+        """
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: api}
+        spec:
+          host: api.example.com
+          trafficPolicy:
+            loadBalancer: {simple: RANDOM}
+            outlierDetection: {consecutive5xxErrors: 7}
+            portLevelSettings:
+            - port: {number: 443}
+              tls: {mode: SIMPLE}
+        """,
+        services=False,
+    )
+    p443 = snapshot.traffic_policy("api.example.com", None, 443)
+    p80 = snapshot.traffic_policy("api.example.com", None, 80)
+    assert p443.tls is not None and p443.load_balancer is None and p443.outlier_detection is None
+    assert p80.load_balancer is not None and p80.load_balancer.algorithm == "RANDOM"
+
+
+def test_default_load_balancer_is_least_request() -> None:
+    """With no DestinationRule the algorithm is LEAST_REQUEST (Istio >= 1.14); LEAST_CONN is its alias."""
+    snapshot = build(
+        """
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: api}
+        spec: {host: api.example.com, trafficPolicy: {loadBalancer: {simple: LEAST_CONN}}}
+        """,
+        services=False,
+    )
+    policy = snapshot.traffic_policy("api.example.com", None, None)
+    assert policy.load_balancer is not None and policy.load_balancer.algorithm == "LEAST_REQUEST"
+    assert snapshot.traffic_policy("other.example.com", None, None).load_balancer is None
+
+
+def test_destination_rule_precedence_client_namespace_first() -> None:
+    """A DestinationRule in the client's namespace wins over one in the service's namespace."""
+    text = """
+    apiVersion: networking.istio.io/v1
+    kind: DestinationRule
+    metadata: {name: from-service-ns, namespace: default}
+    spec: {host: reviews, trafficPolicy: {loadBalancer: {simple: RANDOM}}}
+    ---
+    apiVersion: networking.istio.io/v1
+    kind: DestinationRule
+    metadata: {name: from-client-ns, namespace: shop}
+    spec: {host: reviews.default.svc.cluster.local, trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}}
+    """
+    shop = build(text, MeshConfig(namespace="shop"), services=False)
+    other = build(text, MeshConfig(namespace="web"), services=False)
+    assert shop.traffic_policy(REVIEWS, None, None).load_balancer.algorithm == "ROUND_ROBIN"  # type: ignore[union-attr]
+    assert other.traffic_policy(REVIEWS, None, None).load_balancer.algorithm == "RANDOM"  # type: ignore[union-attr]
+
+
+def test_destination_rules_for_one_host_merge() -> None:
+    """Two rules for one host: subsets concatenate and the older trafficPolicy wins."""
+    text = """
+    apiVersion: networking.istio.io/v1
+    kind: DestinationRule
+    metadata: {name: a, creationTimestamp: '2024-01-01T00:00:00Z'}
+    spec: {host: reviews, trafficPolicy: {loadBalancer: {simple: RANDOM}}, subsets: [{name: v1, labels: {version: v1}}]}
+    ---
+    apiVersion: networking.istio.io/v1
+    kind: DestinationRule
+    metadata: {name: b, creationTimestamp: '2023-01-01T00:00:00Z'}
+    spec: {host: reviews, trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}, subsets: [{name: v2, labels: {version: v2}}]}
+    """
+    snapshot = build(text, services=False)
+    policy = snapshot.destination_policy(REVIEWS)
+    assert policy is not None and set(policy.subsets) == {"v1", "v2"}
+    assert policy.rules == ("default/b", "default/a")
+    assert snapshot.traffic_policy(REVIEWS, None, None).load_balancer.algorithm == "ROUND_ROBIN"  # type: ignore[union-attr]
+
+
+def test_endpoints_per_subset_and_port() -> None:
+    """Subsets select endpoints by label; ports come from the endpoint's port map or the service."""
+    snapshot = build("")
+    assert [str(e) for e in snapshot.endpoints(REVIEWS, None, 9080)] == [
+        "10.0.0.1:9080",
+        "10.0.0.2:19084",
+        "10.0.0.3:9080",
+    ]
+    assert [str(e) for e in snapshot.endpoints(REVIEWS, "v2", 9080)] == ["10.0.0.2:19084"]
+    assert snapshot.endpoints(REVIEWS, "v3", None)[0].weight == 5
+    assert snapshot.endpoints(REVIEWS, "v9", 9080) == ()
+    assert snapshot.endpoints(REVIEWS, None, 1234) == ()
+
+
+def test_workload_entries_selected_by_service_entry() -> None:
+    """A ServiceEntry workloadSelector picks WorkloadEntries in its namespace by labels."""
+    snapshot = build(
+        """
+        apiVersion: networking.istio.io/v1
+        kind: ServiceEntry
+        metadata: {name: vm}
+        spec:
+          hosts: [vm.example.internal]
+          location: MESH_INTERNAL
+          resolution: STATIC
+          ports: [{number: 8080, name: http}]
+          workloadSelector: {labels: {app: vm}}
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: WorkloadEntry
+        metadata: {name: vm-1}
+        spec: {address: 10.1.1.1, labels: {app: vm}}
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: WorkloadEntry
+        metadata: {name: vm-other-ns, namespace: elsewhere}
+        spec: {address: 10.1.1.2, labels: {app: vm}}
+        """,
+        services=False,
+    )
+    assert [str(e) for e in snapshot.endpoints("vm.example.internal", None, 8080)] == [
+        "10.1.1.1:8080"
+    ]
+
+
+def test_delegate_routes_narrow_the_root_match() -> None:
+    """A delegate VirtualService's routes apply only where the root route matches."""
+    snapshot = build(
+        """
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {name: root}
+        spec:
+          hosts: [reviews]
+          http:
+          - match: [{uri: {prefix: /reviews}}]
+            delegate: {name: child}
+          - route: [{destination: {host: reviews, subset: v1}}]
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {name: child}
+        spec:
+          http:
+          - match: [{headers: {end-user: {exact: jason}}}]
+            route: [{destination: {host: reviews, subset: v2}}]
+          - route: [{destination: {host: reviews, subset: v3}}]
+        """
+    )
+    jason = snapshot.route(request(path="/reviews/1", headers={"end-user": "jason"})).route
+    anyone = snapshot.route(request(path="/reviews/1")).route
+    outside = snapshot.route(request(path="/other", headers={"end-user": "jason"})).route
+    assert jason is not None and jason.destinations[0].subset == "v2"
+    assert jason.virtual_service == "default/child"
+    assert anyone is not None and anyone.destinations[0].subset == "v3"
+    assert outside is not None and outside.destinations[0].subset == "v1"
+
+
+def test_export_to_dot_hides_from_other_namespaces() -> None:
+    """exportTo: ['.'] keeps a VirtualService to its own namespace."""
+    text = vs("- route: [{destination: {host: reviews, subset: v2}}]", extra="  exportTo: ['.']\n")
+    assert build(text).route(request()).virtual_service is not None
+    assert (
+        build(text, MeshConfig(namespace="shop")).route(request("reviews.default")).virtual_service
+        is None
+    )
+
+
+def test_wildcard_virtual_service_host() -> None:
+    """A `*.example.com` VirtualService serves its subdomains; exact hosts win over it."""
+    snapshot = build(
+        """
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {name: wild}
+        spec:
+          hosts: ['*.example.com']
+          http: [{route: [{destination: {host: a.example.com}}]}]
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {name: exact}
+        spec:
+          hosts: [b.example.com]
+          http: [{route: [{destination: {host: b.example.com}}]}]
+        """,
+        services=False,
+    )
+    assert snapshot.route(request("x.y.example.com")).virtual_service == "default/wild"
+    assert snapshot.route(request("b.example.com")).virtual_service == "default/exact"
+    assert snapshot.route(request("example.org")).passthrough
+
+
+def test_oldest_virtual_service_wins_a_host() -> None:
+    """Two VirtualServices for one host: the older one is served."""
+    text = """
+    apiVersion: networking.istio.io/v1
+    kind: VirtualService
+    metadata: {name: newer, creationTimestamp: '2025-01-01T00:00:00Z'}
+    spec: {hosts: [reviews], http: [{route: [{destination: {host: reviews, subset: v2}}]}]}
+    ---
+    apiVersion: networking.istio.io/v1
+    kind: VirtualService
+    metadata: {name: older, creationTimestamp: '2020-01-01T00:00:00Z'}
+    spec: {hosts: [reviews], http: [{route: [{destination: {host: reviews, subset: v1}}]}]}
+    """
+    assert build(text).route(request()).virtual_service == "default/older"
+
+
+def test_duplicate_definition_replaces_earlier() -> None:
+    """The same kind/namespace/name twice: the later definition is served, as kubectl apply does."""
+    text = """
+    apiVersion: networking.istio.io/v1
+    kind: VirtualService
+    metadata: {name: reviews}
+    spec: {hosts: [reviews], http: [{route: [{destination: {host: reviews, subset: v1}}]}]}
+    ---
+    apiVersion: networking.istio.io/v1
+    kind: VirtualService
+    metadata: {name: reviews}
+    spec: {hosts: [reviews], http: [{route: [{destination: {host: reviews, subset: v2}}]}]}
+    """
+    assert build(text).route(request()).route.destinations[0].subset == "v2"  # type: ignore[union-attr]
+
+
+def test_dns_service_entry_without_endpoints_targets_the_host() -> None:
+    """resolution DNS with no endpoints sends traffic to the host name itself."""
+    snapshot = build(
+        """
+        apiVersion: networking.istio.io/v1
+        kind: ServiceEntry
+        metadata: {name: ext}
+        spec:
+          hosts: [api.example.com]
+          resolution: DNS
+          ports: [{number: 443, name: https, protocol: HTTPS}]
+        """,
+        services=False,
+    )
+    assert [str(e) for e in snapshot.endpoints("api.example.com", None, 443)] == [
+        "api.example.com:443"
+    ]
+    assert [str(e) for e in snapshot.endpoints("api.example.com", None, None)] == [
+        "api.example.com:443"
+    ]
+
+
+def test_snapshot_generations_increase() -> None:
+    """Each build gets a larger generation number."""
+    first, second = build(""), build("")
+    assert second.generation > first.generation

@@ -1,0 +1,116 @@
+"""MeshConfig from keyword arguments and from the environment."""
+
+from __future__ import annotations
+
+import pytest
+
+from meshlib import ConfigError, MeshConfig
+
+
+def test_keyword_arguments_set_identity_and_labels() -> None:
+    """service and version become the app and version labels, and the workload name."""
+    config = MeshConfig.create(service="reviews", version="v2", namespace="bookinfo")
+    assert config.labels == {"app": "reviews", "version": "v2"}
+    assert config.workload == "reviews"
+    assert config.canonical_service == "reviews"
+    assert config.canonical_revision == "v2"
+    assert config.principal == "spiffe://cluster.local/ns/bookinfo/sa/default"
+
+
+def test_environment_variables() -> None:
+    """Every MESHLIB_* variable is read and parsed."""
+    env = {
+        "MESHLIB_SERVICE": "ratings",
+        "MESHLIB_VERSION": "v1",
+        "MESHLIB_NAMESPACE": "shop",
+        "MESHLIB_LABELS": "team=web, tier=backend",
+        "MESHLIB_SERVICE_ACCOUNT": "ratings-sa",
+        "MESHLIB_TRUST_DOMAIN": "example.org",
+        "MESHLIB_CLUSTER": "east",
+        "MESHLIB_POLICY": "/etc/mesh",
+        "MESHLIB_PROPAGATE_HEADERS": "End-User,x-user-group",
+        "MESHLIB_METRICS_PORT": "9102",
+    }
+    config = MeshConfig.from_env(env)
+    assert config.service == "ratings"
+    assert config.namespace == "shop"
+    assert config.labels == {"team": "web", "tier": "backend", "app": "ratings", "version": "v1"}
+    assert config.service_account == "ratings-sa"
+    assert config.principal == "spiffe://example.org/ns/shop/sa/ratings-sa"
+    assert config.cluster == "east"
+    assert config.policy == "/etc/mesh"
+    assert config.propagate_headers == ("end-user", "x-user-group")
+    assert config.metrics_port == 9102
+
+
+def test_downward_api_names() -> None:
+    """POD_NAMESPACE, SERVICE_ACCOUNT and POD_NAME fill in what MESHLIB_* leaves out."""
+    env = {
+        "POD_NAMESPACE": "bookinfo",
+        "SERVICE_ACCOUNT": "bookinfo-reviews",
+        "POD_NAME": "reviews-v2-7d8f9c6b5d-x2x7q",
+    }
+    config = MeshConfig.from_env(env)
+    assert config.namespace == "bookinfo"
+    assert config.service_account == "bookinfo-reviews"
+    assert config.workload == "reviews-v2"
+
+
+def test_meshlib_variables_win_over_downward_api() -> None:
+    """MESHLIB_NAMESPACE takes precedence over POD_NAMESPACE."""
+    config = MeshConfig.from_env({"MESHLIB_NAMESPACE": "a", "POD_NAMESPACE": "b"})
+    assert config.namespace == "a"
+
+
+def test_keyword_arguments_win_over_environment() -> None:
+    """Arguments to from_env override the environment."""
+    config = MeshConfig.from_env({"MESHLIB_SERVICE": "a"}, service="b")
+    assert config.service == "b"
+
+
+def test_metrics_port_off() -> None:
+    """MESHLIB_METRICS_PORT=off disables the metrics port."""
+    assert MeshConfig.from_env({"MESHLIB_METRICS_PORT": "off"}).metrics_port is None
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        pytest.param({"MESHLIB_METRICS_PORT": "abc"}, "MESHLIB_METRICS_PORT='abc'", id="port-text"),
+        pytest.param(
+            {"MESHLIB_METRICS_PORT": "70000"}, "MESHLIB_METRICS_PORT='70000'", id="port-range"
+        ),
+        pytest.param({"MESHLIB_NAMESPACE": "Bad_NS"}, "MESHLIB_NAMESPACE='Bad_NS'", id="namespace"),
+        pytest.param(
+            {"POD_NAMESPACE": "Bad_NS"}, "POD_NAMESPACE='Bad_NS'", id="downward-namespace"
+        ),
+        pytest.param({"MESHLIB_LABELS": "novalue"}, "MESHLIB_LABELS='novalue'", id="labels-format"),
+        pytest.param({"MESHLIB_LABELS": "a=b c"}, "MESHLIB_LABELS='a=b c'", id="labels-value"),
+        pytest.param(
+            {"MESHLIB_PROPAGATE_HEADERS": "ok,bad header"}, "MESHLIB_PROPAGATE_HEADERS", id="header"
+        ),
+        pytest.param({"MESHLIB_SERVICE": "no spaces"}, "MESHLIB_SERVICE='no spaces'", id="service"),
+    ],
+)
+def test_bad_environment_value_names_the_variable(env: dict[str, str], message: str) -> None:
+    """A bad value raises ConfigError (a ValueError) naming the variable and its value."""
+    with pytest.raises(ConfigError, match=message) as info:
+        MeshConfig.from_env(env)
+    assert isinstance(info.value, ValueError)
+
+
+def test_bad_keyword_argument_is_named() -> None:
+    """A bad keyword argument raises ConfigError naming it; unknown ones list what is allowed."""
+    with pytest.raises(ConfigError, match="metrics_port=-1"):
+        MeshConfig.create(metrics_port=-1)
+    with pytest.raises(ConfigError, match=r"allowed: .*service"):
+        MeshConfig.create(servce="x")
+
+
+def test_config_is_immutable() -> None:
+    """MeshConfig cannot be changed after creation."""
+    config = MeshConfig.create(service="a")
+    with pytest.raises(AttributeError):
+        config.service = "b"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        config.labels["x"] = "y"  # type: ignore[index]
