@@ -24,6 +24,7 @@ except AttributeError:  # pragma: no cover - depends on how PyYAML was built
 MAX_VALUES_PER_DOCUMENT = 1_000_000
 
 _constructor = yaml.constructor.SafeConstructor()
+_STR = "tag:yaml.org,2002:str"
 
 
 class YAMLProblem(Exception):
@@ -98,6 +99,8 @@ class _Builder:
         if self.count > MAX_VALUES_PER_DOCUMENT:
             raise _problem(node, "document too large (alias expansion?)")
         if isinstance(node, yaml.ScalarNode):
+            if node.tag == _STR:  # the common case, without the constructor's overhead
+                return node.value
             constructor = _constructor.yaml_constructors.get(node.tag)
             if constructor is None:
                 raise _problem(node, f"unsupported YAML tag {node.tag}")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from meshlib.policy.common import is_ip
-
 
 def to_fqdn(host: str, namespace: str, cluster_domain: str = "cluster.local") -> str:
     """Expand a short name with the namespace of the resource that names it.
@@ -12,8 +10,8 @@ def to_fqdn(host: str, namespace: str, cluster_domain: str = "cluster.local") ->
     wildcard and an IP are left as they are.
     """
     host = host.lower()
-    if "." in host or host.startswith("*") or is_ip(host):
-        return host
+    if "." in host or ":" in host or host.startswith("*"):
+        return host  # already qualified, a wildcard, or an IP address (IPv4 has dots)
     return f"{host}.{namespace}.svc.{cluster_domain}"
 
 

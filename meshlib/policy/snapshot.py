@@ -528,11 +528,12 @@ class _Builder:
                 to_fqdn(resource.spec.host, resource.namespace, self.domain), []
             ).append(resource)
         hosts = hosts | set(by_host)
+        wildcards = [(p, rs) for p, rs in _by_specificity(by_host) if p.startswith("*")]
         policies: dict[str, DestinationPolicy] = {}
         for host in hosts:
-            candidates = by_host.get(host) or [
-                r for pattern, rs in by_host.items() if wildcard_matches(pattern, host) for r in rs
-            ]
+            candidates = by_host.get(host) or next(
+                (rs for pattern, rs in wildcards if wildcard_matches(pattern, host)), []
+            )
             if not candidates:
                 continue
             service_ns = self._namespace_of(host)
