@@ -152,8 +152,8 @@ class _Analyzer:
                 "warning",
                 resource,
                 f"{where}.host",
-                f"host {host} has no ServiceEntry or service in this policy; meshlib will send"
-                " requests to that name directly",
+                f"host {host} is not in the registry (no ServiceEntry in this policy): a"
+                " sidecar has no cluster for it and answers 503",
             )
 
     def conflicting_rules(self) -> Iterator[Diagnostic]:
@@ -168,7 +168,7 @@ class _Analyzer:
             names = {(r.namespace, r.name) for r in rules}
             if len(names) < 2:
                 continue
-            first = rules[0]
+            first = next((r for r in rules if r.spec.traffic_policy is not None), None)
             subset_owner: dict[str, Resource[DestinationRule]] = {}
             for rule in rules:
                 for subset in rule.spec.subsets:
@@ -181,11 +181,7 @@ class _Analyzer:
                             f"subset {subset.name!r} of {host} is also defined by DestinationRule"
                             f" {other.namespace}/{other.name}; the older definition wins",
                         )
-                if (
-                    rule is not first
-                    and rule.spec.traffic_policy is not None
-                    and rule.name != first.name
-                ):
+                if first is not None and rule is not first and rule.spec.traffic_policy is not None:
                     yield _finding(
                         "warning",
                         rule,

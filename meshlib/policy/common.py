@@ -93,7 +93,7 @@ class StringMatch:
             )
         if self.prefix == "":
             sink.error((*path, "prefix"), "a prefix match must not be empty")
-        if self.regex is not None:
+        if self.regex is not None and self.regex != "*":  # "*" means "present", as {}
             if self.regex == "":
                 sink.error((*path, "regex"), "a regex match must not be empty")
             elif len(self.regex) > 1024:

@@ -97,6 +97,7 @@ class LoadBalancerSettings:
     simple: LBSimple | None = None
     consistent_hash: ConsistentHashLB | None = None
     locality_lb_setting: Any = spec_field(ignored=_LOCALITY)
+    zone_aware_lb_setting: Any = spec_field(ignored=_LOCALITY)
     warmup_duration_secs: Duration | None = None
     warmup: WarmupConfiguration | None = None
 
@@ -142,6 +143,7 @@ class HTTPSettings:
     h2_upgrade_policy: Literal["DEFAULT", "DO_NOT_UPGRADE", "UPGRADE"] | None = None
     use_client_protocol: bool | None = None
     max_concurrent_streams: int | None = spec_field(ge=0)
+    http2_keep_alive: Any = spec_field(ignored="HTTP/2 keepalive pings are left to the client")
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +163,7 @@ class OutlierDetection:
     max_ejection_percent: int | None = spec_field(ge=0, le=100)
     min_health_percent: int | None = spec_field(ge=0, le=100)
     consecutive_errors: int | None = spec_field(ge=0)  # deprecated: gateway errors
+    outlier_detection_http_error_codes: tuple[int, ...] = ()
 
     def validate_policy(self, path: Path, sink: Sink) -> None:
         if self.consecutive_local_origin_failures and not self.split_external_local_origin_errors:
@@ -202,6 +205,7 @@ class ClientTLSSettings:
 class RetryBudget:
     percent: Percent | None = None
     min_retry_concurrency: int | None = spec_field(ge=0)
+    budget_interval: Duration | None = spec_field(ge=MILLISECOND)
 
 
 @dataclass(frozen=True, slots=True)

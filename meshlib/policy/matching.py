@@ -72,7 +72,7 @@ def compile_string_match(match: StringMatch, *, ignore_case: bool = False) -> St
         if ignore_case:
             return lambda value: value.lower().startswith(prefix)
         return lambda value: value.startswith(prefix)
-    if match.regex is not None:
+    if match.regex is not None and match.regex != "*":  # Istio reads regex "*" as "present"
         # Envoy's safe_regex matches the whole value; ignoreUriCase does not apply to regex.
         return _fullmatch(re.compile(match.regex))
     return None
@@ -169,7 +169,7 @@ def _header_check(name: str, predicate: StringCheck | None) -> Check:
 def _without_header_check(name: str, string_match: StringMatch) -> Check:
     # Istio inverts the match and treats a missing header as "", so requests lacking the
     # header pass unless the match accepts the empty string; `{}` inverted means "absent".
-    predicate = None if string_match.regex == "*" else compile_string_match(string_match)
+    predicate = compile_string_match(string_match)
     if predicate is None:
         return lambda request: name not in request.headers
     return lambda request: not predicate(request.headers.get(name, ""))

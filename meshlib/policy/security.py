@@ -6,12 +6,25 @@ import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Literal
+from typing import Any, Literal
 
-from meshlib.policy._schema import Path, Sink, spec_field
+from meshlib.policy._schema import INVALID, Path, Sink, describe, spec_field
 from meshlib.policy.common import MatchLabelsSelector, PolicyTargetReference
 
 MtlsMode = Literal["UNSET", "DISABLE", "PERMISSIVE", "STRICT"]
+
+
+class PortNumber(int):
+    """A port written as a map key: an integer in YAML, a string in JSON and the K8s API."""
+
+    @classmethod
+    def parse_policy(cls, value: Any, path: Path, sink: Sink) -> Any:
+        if isinstance(value, str) and value.isdigit():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return cls(value)
+        sink.error(path, f"must be a port number, not {describe(value)}")
+        return INVALID
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,7 +36,7 @@ class PeerMtls:
 class PeerAuthentication:
     selector: MatchLabelsSelector | None = None
     mtls: PeerMtls | None = None
-    port_level_mtls: Mapping[int, PeerMtls] = spec_field({})
+    port_level_mtls: Mapping[PortNumber, PeerMtls] = spec_field({})
 
     def validate_policy(self, path: Path, sink: Sink) -> None:
         if self.port_level_mtls and (self.selector is None or not self.selector.match_labels):
@@ -50,6 +63,8 @@ class Source:
     not_ip_blocks: tuple[str, ...] = ()
     remote_ip_blocks: tuple[str, ...] = ()
     not_remote_ip_blocks: tuple[str, ...] = ()
+    trust_domains: tuple[str, ...] = ()
+    not_trust_domains: tuple[str, ...] = ()
 
     def validate_policy(self, path: Path, sink: Sink) -> None:
         _check_lists(self, path, sink)

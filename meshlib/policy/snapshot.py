@@ -542,7 +542,7 @@ class _Builder:
                 if chosen:
                     break
             else:
-                chosen = candidates[:1]
+                chosen = candidates  # exported from elsewhere: merged, oldest first
             policies[host] = _merge(host, chosen)
         return policies
 

@@ -243,7 +243,7 @@ class Abort:
         if len(given) > 1:
             sink.error(path, "only one of httpStatus, grpcStatus, http2Error may be set")
         if self.http_status is not None and not 200 <= self.http_status <= 600:
-            sink.error((*path, "httpStatus"), f"HTTP status {self.http_status} is not in 200-599")
+            sink.error((*path, "httpStatus"), f"HTTP status {self.http_status} is not in 200-600")
         if self.grpc_status is not None and self.grpc_status not in GRPC_STATUS_NAMES:
             allowed = ", ".join(sorted(GRPC_STATUS_NAMES))
             sink.error((*path, "grpcStatus"), f"unknown gRPC status (allowed: {allowed})")

@@ -1,0 +1,226 @@
+"""The `meshlib` command line, run as a user runs it: the installed console script."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BOOKINFO
+
+MESHLIB = shutil.which("meshlib", path=str(Path(sys.executable).parent)) or "meshlib"
+NETWORKING = BOOKINFO / "networking"
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([MESHLIB, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_check_valid_policy_exits_zero() -> None:
+    """Valid policy: exit 0, a summary on stderr."""
+    result = run(
+        "check",
+        str(NETWORKING / "destination-rule-all.yaml"),
+        str(NETWORKING / "virtual-service-all-v1.yaml"),
+        str(BOOKINFO / "services.yaml"),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 error(s)" in result.stderr
+
+
+def test_check_reports_every_error_in_the_documented_format(tmp_path: Path) -> None:
+    """Every error is one line FILE:LINE: error: KIND NS/NAME: FIELD: message; exit 1."""
+    bad = tmp_path / "mesh.yaml"
+    bad.write_text(
+        """\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: reviews
+spec:
+  hosts: [reviews]
+  http:
+  - route:
+    - destination: {host: reviews, subset: v1}
+      weight: 50
+    - destination: {host: reviews, subset: v2}
+      weight: -5
+    timeout: soon
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: shop}
+spec:
+  host: reviews
+  trafficPolicy:
+    outlierDetection: {maxEjectionPercent: 150}
+"""
+    )
+    result = run("check", str(bad))
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert (
+        f"{bad}:12: error: VirtualService default/reviews: spec.http[0].route[1].weight: must be >= 0"
+        in lines
+    )
+    assert any(
+        line.startswith(
+            f"{bad}:13: error: VirtualService default/reviews: spec.http[0].timeout: invalid duration 'soon'"
+        )
+        for line in lines
+    )
+    assert (
+        f"{bad}:21: error: DestinationRule shop/reviews: spec.trafficPolicy.outlierDetection.maxEjectionPercent: must be <= 100"
+        in lines
+    )
+    assert "3 error(s)" in result.stderr
+
+
+def test_check_reports_cross_resource_findings(tmp_path: Path) -> None:
+    """A route to a subset no DestinationRule defines is reported, and check fails."""
+    result = run(
+        "check",
+        str(NETWORKING / "virtual-service-reviews-90-10.yaml"),
+        str(BOOKINFO / "services.yaml"),
+    )
+    assert result.returncode == 1
+    assert (
+        "spec.http[0].route[0].destination.subset: subset 'v1' of host reviews.default.svc.cluster.local is not defined by any DestinationRule"
+        in result.stdout
+    )
+
+
+def test_check_warns_about_ignored_kinds() -> None:
+    """Gateways load with a warning naming what is ignored; the exit code stays 0."""
+    result = run(
+        "check", str(NETWORKING / "bookinfo-gateway.yaml"), str(BOOKINFO / "services.yaml")
+    )
+    assert result.returncode == 0
+    assert "warning: Gateway default/bookinfo-gateway: ignored: gateways configure" in result.stdout
+
+
+def test_check_unreadable_yaml(tmp_path: Path) -> None:
+    """A YAML syntax error names the file and line."""
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("apiVersion: v1\nkind: [unclosed\n")
+    result = run("check", str(bad))
+    assert result.returncode == 1
+    assert result.stdout.startswith(f"{bad}:3: error: invalid YAML")
+
+
+def test_routes_json_contract() -> None:
+    """`routes --output json` prints exactly the documented keys."""
+    result = run(
+        "routes",
+        str(NETWORKING / "destination-rule-all.yaml"),
+        str(NETWORKING / "virtual-service-reviews-test-v2.yaml"),
+        str(BOOKINFO / "services.yaml"),
+        "--host",
+        "reviews:9080",
+        "--header",
+        "end-user=jason",
+        "--output",
+        "json",
+    )
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    for key in (
+        "host",
+        "virtualService",
+        "route",
+        "destinations",
+        "timeout",
+        "retries",
+        "fault",
+        "mirror",
+        "headers",
+    ):
+        assert key in out
+    assert out["route"] == {"index": 0, "name": None}
+    assert out["destinations"] == [
+        {
+            "host": "reviews.default.svc.cluster.local",
+            "subset": "v2",
+            "port": 9080,
+            "weight": 100.0,
+            "endpoints": ["127.0.0.1:19084"],
+        }
+    ]
+
+
+def test_routes_text_output() -> None:
+    """The text form names the VirtualService, the route and each share."""
+    result = run(
+        "routes",
+        str(NETWORKING / "destination-rule-all.yaml"),
+        str(NETWORKING / "virtual-service-reviews-90-10.yaml"),
+        str(BOOKINFO / "services.yaml"),
+        "--host",
+        "reviews",
+    )
+    assert result.returncode == 0
+    assert "virtualService:  default/reviews" in result.stdout
+    assert (
+        "90%  reviews.default.svc.cluster.local subset v1 port 9080 -> 127.0.0.1:19083"
+        in result.stdout
+    )
+    assert (
+        "10%  reviews.default.svc.cluster.local subset v2 port 9080 -> 127.0.0.1:19084"
+        in result.stdout
+    )
+
+
+def test_routes_source_labels_select_rules(tmp_path: Path) -> None:
+    """--source-labels and --namespace describe the calling workload."""
+    policy = tmp_path / "vs.yaml"
+    policy.write_text(
+        """\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews.default.svc.cluster.local]
+  http:
+  - match: [{sourceLabels: {app: productpage}}]
+    route: [{destination: {host: reviews.default.svc.cluster.local, subset: v2}}]
+  - route: [{destination: {host: reviews.default.svc.cluster.local, subset: v1}}]
+"""
+    )
+    common = ["routes", str(policy), "--host", "reviews.default", "-o", "json"]
+    product = json.loads(
+        run(*common, "--source-labels", "app=productpage", "--namespace", "web").stdout
+    )
+    other = json.loads(run(*common, "--source-labels", "app=other").stdout)
+    assert product["destinations"][0]["subset"] == "v2"
+    assert other["destinations"][0]["subset"] == "v1"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        pytest.param(["--header", "novalue"], "--header: expected K=V", id="header"),
+        pytest.param(["--source-labels", "x"], "--source-labels: expected k=v", id="labels"),
+        pytest.param(["--namespace", "Bad_NS"], "namespace='Bad_NS'", id="namespace"),
+    ],
+)
+def test_routes_bad_arguments(args: list[str], message: str) -> None:
+    """Bad arguments give a one-line error and exit 2, never a traceback."""
+    result = run("routes", str(BOOKINFO / "services.yaml"), "--host", "reviews", *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_routes_refuses_invalid_policy(tmp_path: Path) -> None:
+    """routes on invalid policy prints the errors and exits 1."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: x}\nspec: {hosts: 3}\n"
+    )
+    result = run("routes", str(bad), "--host", "x")
+    assert result.returncode == 1
+    assert "spec.hosts: must be a list" in result.stderr
