@@ -67,22 +67,30 @@ class Document:
         return line
 
 
-def read_documents(text: str) -> Iterator[Document]:
-    """Yield each document in `text`; raise YAMLProblem at the first unreadable one."""
+def read_documents(text: str) -> Iterator[Document | YAMLProblem]:
+    """Yield each document in `text`, or the problem that makes it unreadable.
+
+    A document with a bad value (a duplicate key, say) is one problem and the next document
+    is still read; a syntax error ends the stream, as nothing after it can be trusted.
+    """
     loader = _Loader(text)
     try:
         while loader.check_node():
             node = loader.get_node()
             if node is None:
                 continue
-            data = _Builder().build(node)
+            try:
+                data = _Builder().build(node)
+            except YAMLProblem as bad_document:
+                yield bad_document
+                continue
             yield Document(data=data, node=node, line=node.start_mark.line + 1)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         problem = exc.problem or exc.context or "invalid YAML"
-        raise YAMLProblem(f"invalid YAML: {problem}", mark.line + 1 if mark else None) from None
+        yield YAMLProblem(f"invalid YAML: {problem}", mark.line + 1 if mark else None)
     except yaml.YAMLError as exc:
-        raise YAMLProblem(f"invalid YAML: {exc}", None) from None
+        yield YAMLProblem(f"invalid YAML: {exc}", None)
     finally:
         loader.dispose()
 

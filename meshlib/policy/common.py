@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshlib.policy._schema import INVALID, Path, Sink, describe, spec_field
+from meshlib.policy.regex import RegexError, compile_re2
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _UNIT_SECONDS = {
@@ -91,8 +92,6 @@ class StringMatch:
             sink.error(
                 path, f"only one of exact, prefix, regex may be set (got {', '.join(given)})"
             )
-        if self.prefix == "":
-            sink.error((*path, "prefix"), "a prefix match must not be empty")
         if self.regex is not None and self.regex != "*":  # "*" means "present", as {}
             if self.regex == "":
                 sink.error((*path, "regex"), "a regex match must not be empty")
@@ -113,11 +112,11 @@ class StringMatch:
 
 
 def check_regex(pattern: str, path: Path, sink: Sink) -> bool:
-    """Report a regex that does not compile. Istio regexes are RE2; Python's `re` is close."""
+    """Report a regex Istio would reject or meshlib cannot match as RE2 does."""
     try:
-        re.compile(pattern)
-    except re.error as exc:
-        sink.error(path, f"invalid regex {pattern!r}: {exc}")
+        compile_re2(pattern)
+    except RegexError as exc:
+        sink.error(path, str(exc))
         return False
     return True
 

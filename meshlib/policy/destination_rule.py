@@ -145,11 +145,19 @@ class HTTPSettings:
     max_concurrent_streams: int | None = spec_field(ge=0)
     http2_keep_alive: Any = spec_field(ignored="HTTP/2 keepalive pings are left to the client")
 
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        if self.h2_upgrade_policy == "UPGRADE" and self.use_client_protocol:
+            sink.error(path, "useClientProtocol must not be true when h2UpgradePolicy is UPGRADE")
+
 
 @dataclass(frozen=True, slots=True)
 class ConnectionPoolSettings:
     tcp: TCPSettings | None = None
     http: HTTPSettings | None = None
+
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        if self.tcp is None and self.http is None:
+            sink.error(path, "a connection pool needs tcp or http settings")
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +200,9 @@ class ClientTLSSettings:
         if self.mode == "ISTIO_MUTUAL":
             for f in fields(self):
                 if f.name != "mode" and getattr(self, f.name) not in (None, ()):
-                    sink.error(path, "ISTIO_MUTUAL takes no other TLS settings")
+                    sink.warning(
+                        path, "ISTIO_MUTUAL uses Istio certificates; other TLS settings are ignored"
+                    )
                     break
         if self.mode == "MUTUAL" and self.credential_name is None:
             if not self.client_certificate:
@@ -233,6 +243,8 @@ class TrafficPolicy:
     retry_budget: RetryBudget | None = None
 
     def validate_policy(self, path: Path, sink: Sink) -> None:
+        if all(getattr(self, f.name) in (None, ()) for f in fields(self)):
+            sink.error(path, "a traffic policy needs at least one field")
         seen: set[int] = set()
         for index, port_policy in enumerate(self.port_level_settings):
             where = (*path, "portLevelSettings", index, "port")
@@ -286,7 +298,7 @@ class DestinationRule:
     workload_selector: WorkloadSelector | None = None
 
     def validate_policy(self, path: Path, sink: Sink) -> None:
-        check_host(self.host, (*path, "host"), sink, allow_star=False)
+        check_host(self.host, (*path, "host"), sink)
         names: set[str] = set()
         for index, subset in enumerate(self.subsets):
             if subset.name in names:

@@ -11,6 +11,7 @@ everything wrong in one run. Serving code never uses a result that has errors
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -125,16 +126,16 @@ def load_text(
     """Load the YAML (or JSON) documents in `text`; `file` is used in messages only."""
     resources: list[Resource[Any]] = []
     diagnostics: list[Diagnostic] = []
-    try:
-        for document in read_documents(text):
-            if document.data is None:
-                continue  # an empty document, e.g. after a trailing ---
-            for collector, resource in _resources_in(document, file, default_namespace):
-                diagnostics.extend(collector.diagnostics)
-                if resource is not None:
-                    resources.append(_with_order(resource, start + len(resources)))
-    except YAMLProblem as problem:
-        diagnostics.append(Diagnostic("error", problem.message, file, problem.line))
+    for document in read_documents(text):
+        if isinstance(document, YAMLProblem):
+            diagnostics.append(Diagnostic("error", document.message, file, document.line))
+            continue
+        if document.data is None:
+            continue  # an empty document, e.g. after a trailing ---
+        for collector, resource in _resources_in(document, file, default_namespace):
+            diagnostics.extend(collector.diagnostics)
+            if resource is not None:
+                resources.append(_with_order(resource, start + len(resources)))
     return LoadResult(tuple(resources), tuple(diagnostics))
 
 
@@ -200,7 +201,14 @@ def _resource(data: Any, sink: _Collector, default_namespace: str) -> Resource[A
     namespace = (meta.get("namespace") if isinstance(meta, dict) else None) or default_namespace
     sink.resource = f"{kind} {namespace}/{name}" if name else kind
     spec_type = KINDS.get(kind)
-    if spec_type is None or group != spec_type.group:
+    if spec_type is not None and group != spec_type.group:
+        sink.error(
+            ("apiVersion",),
+            f"{kind} belongs to {spec_type.group}, not {group or 'the core group'}"
+            f" (use {spec_type.group}/{spec_type.versions[0]})",
+        )
+        return None
+    if spec_type is None:
         if kind in IGNORED_KINDS and group.endswith(".istio.io"):
             sink.warning((), f"ignored: {IGNORED_KINDS[kind]}")
         elif group.endswith(".istio.io"):
@@ -211,11 +219,15 @@ def _resource(data: Any, sink: _Collector, default_namespace: str) -> Resource[A
     if version not in spec_type.versions:
         served = ", ".join(f"{group}/{v}" for v in spec_type.versions)
         sink.error(("apiVersion",), f"{api_version} is not served (served: {served})")
-    for key in data:
-        if key not in _TOP_LEVEL:
-            sink.error((str(key),), "unknown field (allowed: apiVersion, kind, metadata, spec)")
+    unknown = [key for key in data if key not in _TOP_LEVEL]
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), sorted(_TOP_LEVEL), n=1)
+        hint = f'did you mean "{close[0]}"? ' if close else ""
+        sink.error((str(key),), f"unknown field ({hint}allowed: apiVersion, kind, metadata, spec)")
     metadata = convert(ObjectMeta, meta if meta is not None else {}, ("metadata",), sink)
     raw_spec = data.get("spec")
+    if raw_spec is None and unknown:
+        return None  # a misspelt spec: checking an empty one would only add noise
     spec = convert(spec_type.spec_type, {} if raw_spec is None else raw_spec, ("spec",), sink)
     if sink.failed or metadata is INVALID or spec is INVALID:
         return None

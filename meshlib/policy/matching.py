@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from meshlib.policy.common import StringMatch
+from meshlib.policy.regex import compile_re2
 from meshlib.policy.virtual_service import HTTPMatchRequest
 
 # Keys the Istio API reserves in `headers`: they are matched as fields, not headers.
@@ -74,7 +75,7 @@ def compile_string_match(match: StringMatch, *, ignore_case: bool = False) -> St
         return lambda value: value.startswith(prefix)
     if match.regex is not None and match.regex != "*":  # Istio reads regex "*" as "present"
         # Envoy's safe_regex matches the whole value; ignoreUriCase does not apply to regex.
-        return _fullmatch(re.compile(match.regex))
+        return _fullmatch(compile_re2(match.regex))
     return None
 
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
-from meshlib.policy._schema import INVALID, Path, Sink, describe, spec_field
+from meshlib.policy._schema import EMPTY_MAP, INVALID, Path, Sink, describe, spec_field
 from meshlib.policy.common import MatchLabelsSelector, PolicyTargetReference
 
 MtlsMode = Literal["UNSET", "DISABLE", "PERMISSIVE", "STRICT"]
@@ -39,6 +39,8 @@ class PeerAuthentication:
     port_level_mtls: Mapping[PortNumber, PeerMtls] = spec_field({})
 
     def validate_policy(self, path: Path, sink: Sink) -> None:
+        if self.port_level_mtls is not EMPTY_MAP and not self.port_level_mtls:
+            sink.error((*path, "portLevelMtls"), "if given, must have at least one port")
         if self.port_level_mtls and (self.selector is None or not self.selector.match_labels):
             sink.error(
                 (*path, "portLevelMtls"),
@@ -115,6 +117,7 @@ _CONDITION_KEYS = frozenset(
         "remote.ip",
         "source.namespace",
         "source.principal",
+        "source.serviceAccount",
         "request.auth.principal",
         "request.auth.audiences",
         "request.auth.presenter",
@@ -139,6 +142,16 @@ class Condition:
             sink.error(path, f"at least one of values or notValues is required for {self.key!r}")
         if self.key not in _CONDITION_KEYS and not _BRACKETED_KEY.fullmatch(self.key):
             sink.error((*path, "key"), f"unknown attribute {self.key!r}")
+        for field in ("values", "not_values"):
+            for index, value in enumerate(getattr(self, field)):
+                where = (*path, _camel(field), index)
+                if self.key in ("source.ip", "remote.ip", "destination.ip"):
+                    try:
+                        ipaddress.ip_network(value, strict=False)
+                    except ValueError:
+                        sink.error(where, f"bad IP address or CIDR {value!r}")
+                elif self.key == "destination.port" and (not value.isdigit() or int(value) > 65535):
+                    sink.error(where, f"bad port {value!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,10 +191,37 @@ class AuthorizationPolicy:
                 sink.error((*path, "provider"), "is required for action CUSTOM")
             if self.rules is None:
                 sink.error(path, "a CUSTOM action without rules is meaningless")
+            for r_index, rule in enumerate(self.rules or ()):
+                _check_custom_rule(rule, (*path, "rules", r_index), sink)
         elif self.provider is not None:
             sink.error((*path, "provider"), "is only allowed with action CUSTOM")
         if action == "DENY" and self.rules is None:
             sink.error(path, "a DENY action without rules is meaningless")
+
+
+_CUSTOM_UNSUPPORTED_SOURCES = (
+    "namespaces",
+    "not_namespaces",
+    "principals",
+    "not_principals",
+    "request_principals",
+    "not_request_principals",
+)
+
+
+def _check_custom_rule(rule: Rule, path: Path, sink: Sink) -> None:
+    """Istio's CUSTOM action cannot use identity attributes (the provider sees none)."""
+    for f_index, rule_from in enumerate(rule.from_ or ()):
+        for name in _CUSTOM_UNSUPPORTED_SOURCES:
+            if getattr(rule_from.source, name):
+                where = (*path, "from", f_index, "source", _camel(name))
+                sink.error(where, "is not supported with action CUSTOM")
+    for c_index, condition in enumerate(rule.when):
+        key = condition.key
+        if key in ("source.namespace", "source.principal") or key.startswith("request.auth."):
+            sink.error(
+                (*path, "when", c_index, "key"), f"{key} is not supported with action CUSTOM"
+            )
 
 
 def _camel(name: str) -> str:

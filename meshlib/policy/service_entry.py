@@ -72,7 +72,9 @@ class ServicePort:
         if self.protocol and self.protocol.upper() not in PROTOCOLS:
             allowed = ", ".join(sorted(PROTOCOLS))
             sink.error((*path, "protocol"), f"unsupported protocol {self.protocol!r} ({allowed})")
-        if self.name is not None and not is_dns_label(self.name):
+        if not self.name:
+            sink.error((*path, "name"), "is required (a DNS label such as http)")
+        elif not is_dns_label(self.name):
             sink.error((*path, "name"), f"invalid port name {self.name!r}")
 
     @property
@@ -120,6 +122,15 @@ class ServiceEntry:
         if self.endpoints and self.workload_selector is not None:
             sink.error(path, "only one of workloadSelector and endpoints may be set")
         resolution = self.resolution or "NONE"
+        if resolution not in ("NONE", "STATIC"):
+            for index, address in enumerate(self.addresses):
+                if "/" in address:
+                    sink.error(
+                        (*path, "addresses", index),
+                        "CIDR addresses are allowed only for resolution NONE or STATIC",
+                    )
+            if len(self.hosts) > 1 and any(not p.is_http for p in self.ports):
+                sink.error(path, "multiple hosts provided with non-HTTP, non-TLS ports")
         if resolution == "NONE" and self.endpoints:
             sink.error((*path, "endpoints"), "no endpoints may be given for resolution NONE")
         for index, endpoint in enumerate(self.endpoints):

@@ -421,7 +421,7 @@ class _Builder:
             if child is None:
                 continue  # reported by analysis; Envoy would have no route for these requests
             for child_index, child_http in enumerate(child.spec.http):
-                inner = self._route(child, child_index, child_http)
+                inner = self._route(child, child_index, _inherit(child_http, http))
                 if inner is None:
                     continue
                 yield _narrowed(inner, compiled)
@@ -577,6 +577,26 @@ def _merge(host: str, rules: list[Resource[DestinationRule]]) -> DestinationPoli
         traffic_policy=traffic_policy,
         subsets=MappingProxyType(subsets),
     )
+
+
+_INHERITED = ("timeout", "retries", "fault", "cors_policy", "headers", "rewrite")
+
+
+def _inherit(child: HTTPRoute, root: HTTPRoute) -> HTTPRoute:
+    """A delegate's route takes the root route's policies it does not set (pilot merge)."""
+    changes: dict[str, Any] = {
+        name: getattr(root, name)
+        for name in _INHERITED
+        if getattr(child, name) is None and getattr(root, name) is not None
+    }
+    if child.mirror is None and not child.mirrors and (root.mirror is not None or root.mirrors):
+        changes.update(
+            mirror=root.mirror,
+            mirrors=root.mirrors,
+            mirror_percentage=root.mirror_percentage,
+            mirror_percent=root.mirror_percent,
+        )
+    return replace(child, **changes) if changes else child
 
 
 def _narrowed(inner: CompiledRoute, root: CompiledRoute) -> CompiledRoute:

@@ -30,6 +30,10 @@ class WorkloadModeSelector:
 class LiteralTag:
     value: str = spec_field(required=True)
 
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        if not self.value:
+            sink.error((*path, "value"), "must not be empty")
+
 
 @dataclass(frozen=True, slots=True)
 class EnvironmentTag:

@@ -168,13 +168,25 @@ class HTTPMatchRequest:
         for field in ("headers", "without_headers"):
             key = "headers" if field == "headers" else "withoutHeaders"
             for name in getattr(self, field):
-                if name.lower().startswith("@request.auth.claims"):
-                    sink.error(
-                        (*path, key, name),
-                        "JWT claim based routing is only supported for gateways",
-                    )
-                elif not _HEADER_NAME.fullmatch(name):
+                claim = name.lower().startswith("@request.auth.claims")
+                if not claim and not _HEADER_NAME.fullmatch(name):
                     sink.error((*path, key, name), f"invalid header name {name!r}")
+        for field in ("uri", "scheme", "method", "authority"):
+            string_match = getattr(self, field)
+            if string_match is None:
+                continue
+            if string_match.regex == "*":
+                sink.error((*path, field, "regex"), "'*' is not a regex (use {} for any value)")
+            if field != "uri" and string_match.prefix == "":
+                sink.error((*path, field, "prefix"), "a prefix match must not be empty")
+        for key, matches in (("headers", self.headers), ("queryParams", self.query_params)):
+            for name, string_match in matches.items():
+                if string_match.regex == "*":
+                    sink.error(
+                        (*path, key, name, "regex"), "'*' is not a regex (use {} for presence)"
+                    )
+                if string_match.prefix == "":
+                    sink.error((*path, key, name, "prefix"), "a prefix match must not be empty")
         if self.source_namespace is not None and not is_dns_label(self.source_namespace):
             sink.error((*path, "sourceNamespace"), f"invalid namespace {self.source_namespace!r}")
 
@@ -191,7 +203,9 @@ class HTTPRetry:
     backoff: Duration | None = spec_field(ge=MILLISECOND)
 
     def validate_policy(self, path: Path, sink: Sink) -> None:
-        if self.attempts == 0 and (self.per_try_timeout or self.retry_on):
+        if self.attempts == 0 and (
+            self.per_try_timeout or self.retry_on or self.retry_remote_localities is not None
+        ):
             sink.error(path, "retry settings are given but attempts is 0 (retries disabled)")
         if self.retry_on is None:
             return
@@ -380,7 +394,7 @@ class HTTPRoute:
     direct_response: HTTPDirectResponse | None = None
     delegate: Delegate | None = None
     rewrite: HTTPRewrite | None = None
-    timeout: Duration | None = spec_field(ge=0)
+    timeout: Duration | None = spec_field(ge=MILLISECOND)
     retries: HTTPRetry | None = None
     fault: HTTPFaultInjection | None = None
     mirror: Destination | None = None
@@ -414,18 +428,12 @@ class HTTPRoute:
             sink.error((*path, "mirrors"), "only one of mirror and mirrors may be set")
         if self.mirror_percentage is not None and self.mirror is None:
             sink.error((*path, "mirrorPercentage"), "needs mirror")
-        if self.delegate is not None:
-            for name in (
-                "rewrite",
-                "timeout",
-                "retries",
-                "fault",
-                "mirror",
-                "cors_policy",
-                "headers",
-            ):
-                if getattr(self, name) is not None:
-                    sink.error((*path, _KEYS.get(name, name)), "cannot be combined with delegate")
+        authorities = [self.rewrite.authority] if self.rewrite and self.rewrite.authority else []
+        if self.headers is not None and self.headers.request is not None:
+            for op in (self.headers.request.set, self.headers.request.add):
+                authorities += [v for k, v in op.items() if k.lower() in _PSEUDO_OR_HOST]
+        if len(authorities) > 1:
+            sink.error(path, f"the authority is set more than once ({', '.join(authorities)})")
 
 
 _KEYS = {
@@ -458,6 +466,21 @@ class VirtualService:
         for index, namespace in enumerate(self.export_to):
             if namespace == "~":
                 sink.error((*path, "exportTo", index), "'~' (export to none) is not allowed")
+        if not self.http and not self.tcp and not self.tls:
+            sink.error(path, "http, tcp or tls must be provided")
+        if self.applies_to_mesh:
+            for index, route in enumerate(self.http):
+                for m_index, block in enumerate(route.match):
+                    for key, names in (
+                        ("headers", block.headers),
+                        ("withoutHeaders", block.without_headers),
+                    ):
+                        for name in names:
+                            if name.lower().startswith("@request.auth.claims"):
+                                sink.error(
+                                    (*path, "http", index, "match", m_index, key, name),
+                                    "JWT claim based routing is only supported for gateways",
+                                )
         if not self.hosts:  # a delegate VirtualService
             for index, route in enumerate(self.http):
                 if route.delegate is not None:
