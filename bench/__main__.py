@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from bench import policy
+from bench import async_client, policy
 
-BENCHMARKS = {"policy": policy.main}
+BENCHMARKS = {"policy": policy.main, "async_client": async_client.main}
 
 
 def main(argv: list[str]) -> int:

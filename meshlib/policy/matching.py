@@ -86,11 +86,14 @@ def _fullmatch(pattern: re.Pattern[str]) -> StringCheck:
 class RouteMatcher:
     """One compiled `match` block: every check must pass (AND)."""
 
-    __slots__ = ("checks", "name")
+    __slots__ = ("checks", "name", "uri")
 
-    def __init__(self, checks: tuple[Check, ...], name: str | None = None) -> None:
+    def __init__(
+        self, checks: tuple[Check, ...], name: str | None = None, uri: StringMatch | None = None
+    ) -> None:
         self.checks = checks
         self.name = name
+        self.uri = uri  # kept for `rewrite.uri`, which replaces what the uri match matched
 
     def __call__(self, request: RequestAttributes) -> bool:
         for check in self.checks:
@@ -101,7 +104,7 @@ class RouteMatcher:
     def __and__(self, other: RouteMatcher) -> RouteMatcher:
         """A block matching when both do: how a delegate's match narrows its root's."""
         name = ".".join(n for n in (self.name, other.name) if n) or None
-        return RouteMatcher(self.checks + other.checks, name)
+        return RouteMatcher(self.checks + other.checks, name, other.uri or self.uri)
 
 
 def compile_match(block: HTTPMatchRequest) -> RouteMatcher:
@@ -132,7 +135,10 @@ def compile_match(block: HTTPMatchRequest) -> RouteMatcher:
     if block.port is not None:
         port = block.port
         checks.append(lambda request: request.port == port)
-    return RouteMatcher(tuple(checks), block.name)
+    return RouteMatcher(tuple(checks), block.name, block.uri)
+
+
+CATCH_ALL = RouteMatcher(())  # what a route without `match` matches with
 
 
 def applies_to_workload(block: HTTPMatchRequest, labels: Mapping[str, str], namespace: str) -> bool:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshlib.policy.common import Duration
-from meshlib.policy.matching import RequestAttributes, RouteMatcher
+from meshlib.policy.matching import CATCH_ALL, RequestAttributes, RouteMatcher
 from meshlib.policy.virtual_service import (
     RETRY_ON_GRPC,
     CorsPolicy,
@@ -127,13 +127,17 @@ class CompiledRoute:
     direct_response: HTTPDirectResponse | None
     cors_policy: CorsPolicy | None
 
-    def matches(self, request: RequestAttributes) -> bool:
+    def match(self, request: RequestAttributes) -> RouteMatcher | None:
+        """The match block `request` satisfies (CATCH_ALL without blocks), or None."""
         if not self.matchers:
-            return True
+            return CATCH_ALL
         for matcher in self.matchers:
             if matcher(request):
-                return True
-        return False
+                return matcher
+        return None
+
+    def matches(self, request: RequestAttributes) -> bool:
+        return self.match(request) is not None
 
     def to_dict(self) -> dict[str, Any]:
         """The policy part of `meshlib routes --output json` (a stable contract)."""

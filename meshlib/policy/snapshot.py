@@ -20,7 +20,12 @@ from typing import Any
 from meshlib.config import MeshConfig
 from meshlib.policy.destination_rule import DestinationRule, Subset, TrafficPolicy
 from meshlib.policy.hosts import short_forms, strip_port, to_fqdn, wildcard_matches
-from meshlib.policy.matching import RequestAttributes, applies_to_workload, compile_match
+from meshlib.policy.matching import (
+    RequestAttributes,
+    RouteMatcher,
+    applies_to_workload,
+    compile_match,
+)
 from meshlib.policy.resources import Resource
 from meshlib.policy.routes import CompiledRoute, Mirror, RetryPolicy, RouteDestination
 from meshlib.policy.security import AuthorizationPolicy, PeerAuthentication
@@ -107,6 +112,7 @@ class RouteDecision:
     virtual_service: str | None
     route: CompiledRoute | None
     passthrough: bool = False
+    matched: RouteMatcher | None = None  # the match block that selected `route`
 
 
 class Snapshot:
@@ -189,8 +195,9 @@ class Snapshot:
         vhost = self.virtual_host(host)
         if vhost is not None:
             for route in vhost.routes:
-                if route.matches(request):
-                    return RouteDecision(host, port, vhost.name, route)
+                matched = route.match(request)
+                if matched is not None:
+                    return RouteDecision(host, port, vhost.name, route, matched=matched)
             return RouteDecision(host, port, vhost.name, None)
         default = self._default_routes.get(host)
         if default is None and self.service(host) is not None:

@@ -1,0 +1,1 @@
+"""Meshed HTTP clients."""

@@ -1,0 +1,292 @@
+"""An httpx transport over aiohttp: httpx's API, aiohttp's connection pool.
+
+Why: httpx's default async transport (httpcore 1.0.x) collapses under concurrency
+(encode/httpx#3215). Measured by `python -m bench async_client` on a 2-core machine: stock
+`httpx.AsyncClient` drops from ~1,700 req/s with one task to ~550 with 64, while the same
+client over this transport does several thousand. Two causes in httpcore 1.0.9:
+
+- `AsyncConnectionPool._assign_requests_to_connections` runs on every request start and every
+  response close and is quadratic in the pool's connections (its keep-alive count builds a list
+  of all connections once per idle connection) and linear in connections for each queued request,
+  plus a `poll()` syscall per idle connection per pass (`has_expired`). At 64 tasks this
+  bookkeeping is most of the CPU; keeping more connections alive makes it slower, not faster.
+- Every pool primitive it creates calls `current_async_library()`, which retries
+  `import sniffio` (no longer installed with anyio 4.x): a failed import, i.e. a `sys.path`
+  scan, several times per request.
+
+aiohttp's connector keeps idle connections in per-host deques and waiters in a queue: O(1) per
+request. This module adapts it to `httpx.AsyncBaseTransport`, so users keep `httpx.AsyncClient`
+(auth, redirects, cookies, event hooks, decoding stay httpx's; aiohttp only moves bytes):
+
+- the request goes out with exactly httpx's headers (aiohttp's own User-Agent, Accept,
+  Accept-Encoding and Content-Type defaults are skipped) and body (bytes, or streamed
+  from the request's async byte stream with chunked transfer encoding);
+- the response comes back with its raw header list (repeated fields and case kept), undecoded
+  bytes (`auto_decompress=False`; httpx decodes), streamed, and the connection returns to
+  the pool when httpx closes the response;
+- aiohttp errors become the matching httpx exceptions (`raise ... from exc`);
+- `request.extensions["timeout"]` (httpx.Timeout) maps to `aiohttp.ClientTimeout`: connect ->
+  `sock_connect`, read -> `sock_read`, pool + connect -> `connect` (aiohttp's bound on waiting
+  for a pooled connection plus opening it). aiohttp has no write timeout: `write` is ignored.
+
+One aiohttp session per transport, created on first use inside the running event loop and
+recreated if the transport is used from another loop; `aclose()` closes it. Only HTTP/1.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import aiohttp
+import httpx
+from yarl import URL
+
+__all__ = ["AiohttpTransport"]
+
+# aiohttp adds these when a request lacks them; httpx already sent what it means to send.
+_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding")
+_BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
+_NO_TIMEOUT = aiohttp.ClientTimeout(total=None)
+_READ_CHUNK = 65_536
+_TIMEOUT_CACHE_SIZE = 64
+
+
+class AiohttpTransport(httpx.AsyncBaseTransport):
+    """`httpx.AsyncClient(transport=AiohttpTransport())`: httpx's API over aiohttp's pool.
+
+    `verify` is passed to aiohttp as its `ssl` argument: True verifies with the default
+    context, False does not verify, an `ssl.SSLContext` is used as is. `max_connections`
+    bounds the pool (None: unbounded), `max_connections_per_host` each host (None: only the
+    total bound); a request beyond them waits up to its pool timeout. `keepalive_expiry`
+    closes connections idle for longer (None: kept until the server closes them).
+    """
+
+    def __init__(
+        self,
+        *,
+        verify: ssl.SSLContext | bool = True,
+        max_connections: int | None = 100,
+        max_connections_per_host: int | None = None,
+        keepalive_expiry: float | None = 5.0,
+    ) -> None:
+        for name, value in (
+            ("max_connections", max_connections),
+            ("max_connections_per_host", max_connections_per_host),
+        ):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {value}")
+        self._verify = verify
+        self._max_connections = max_connections
+        self._max_connections_per_host = max_connections_per_host
+        self._keepalive_expiry = keepalive_expiry
+        self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timeouts: dict[tuple[float | None, float | None, float | None], aiohttp.ClientTimeout]
+        self._timeouts = {}
+        self._in_flight = 0  # requests holding or waiting for a connection
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        scheme = request.url.scheme
+        if scheme not in ("http", "https"):
+            raise httpx.UnsupportedProtocol(
+                f"Request URL has an unsupported protocol {scheme + '://'!r}.", request=request
+            )
+        session = self._session
+        if session is None or self._loop is not asyncio.get_running_loop() or session.closed:
+            session = await self._new_session()
+        headers = request.headers.multi_items()
+        try:
+            data: Any = request.content or None
+        except httpx.RequestNotRead:
+            data = _iter_request_body(request)
+            # aiohttp frames a body of unknown size itself and refuses a preset header.
+            headers = [
+                (k, v)
+                for k, v in headers
+                if not (k.lower() == "transfer-encoding" and v.lower() == "chunked")
+            ]
+        queued = self._max_connections is not None and self._in_flight >= self._max_connections
+        self._in_flight += 1
+        try:
+            response = await session.request(
+                request.method,
+                URL(str(request.url), encoded=True),
+                headers=headers,
+                data=data,
+                skip_auto_headers=_skip_auto_headers(request, data is not None),
+                allow_redirects=False,
+                timeout=self._client_timeout(request.extensions.get("timeout")),
+            )
+        except BaseException as exc:
+            self._in_flight -= 1
+            if isinstance(exc, aiohttp.ClientError | asyncio.TimeoutError):
+                raise _map_error(exc, request, queued=queued, reading=False) from exc
+            raise
+        stream: httpx.AsyncByteStream
+        if response.content.is_eof():
+            # The whole body came with the headers (the common small response): hand it over
+            # as bytes and give the connection back now, without a streaming round trip.
+            self._in_flight -= 1
+            try:
+                body = response.content.read_nowait()
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                response.close()
+                raise _map_error(exc, request, queued=False, reading=True) from exc
+            response.release()
+            stream = httpx.ByteStream(body)
+        else:
+            stream = _ResponseStream(self, response, request)
+        return httpx.Response(
+            response.status,
+            headers=response.raw_headers,
+            stream=stream,
+            extensions={
+                "http_version": _http_version(response.version),
+                "reason_phrase": (response.reason or "").encode("latin-1", "replace"),
+            },
+        )
+
+    async def aclose(self) -> None:
+        session, loop = self._session, self._loop
+        self._session = self._loop = None
+        if session is not None and loop is not None:
+            await _close_session(session, loop)
+
+    async def _new_session(self) -> aiohttp.ClientSession:
+        """A session for the running loop, closing the one made for another loop, if any."""
+        loop = asyncio.get_running_loop()
+        session = self._session
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                ssl=self._verify,
+                limit=self._max_connections or 0,
+                limit_per_host=self._max_connections_per_host or 0,
+                keepalive_timeout=self._keepalive_expiry,
+            ),
+            cookie_jar=aiohttp.DummyCookieJar(),  # httpx keeps the cookies
+            auto_decompress=False,  # httpx decodes Content-Encoding
+            timeout=_NO_TIMEOUT,
+            trust_env=False,  # proxies and .netrc are httpx's business
+            requote_redirect_url=False,
+            max_line_size=65_536,  # h11's limit is on the whole header block: 64 KiB
+            max_field_size=65_536,
+        )
+        old_loop, self._loop = self._loop, loop
+        if session is not None and old_loop is not None:
+            await _close_session(session, old_loop)
+        return self._session
+
+    def _client_timeout(self, timeout: Mapping[str, float | None] | None) -> aiohttp.ClientTimeout:
+        if not timeout:
+            return _NO_TIMEOUT
+        connect, read, pool = timeout.get("connect"), timeout.get("read"), timeout.get("pool")
+        key = (connect, read, pool)
+        cached = self._timeouts.get(key)
+        if cached is None:
+            if len(self._timeouts) >= _TIMEOUT_CACHE_SIZE:
+                self._timeouts.clear()
+            cached = self._timeouts[key] = aiohttp.ClientTimeout(
+                total=None,
+                connect=None if connect is None or pool is None else connect + pool,
+                sock_connect=connect,
+                sock_read=read,
+            )
+        return cached
+
+
+class _ResponseStream(httpx.AsyncByteStream):
+    """The body of an aiohttp response, as httpx reads it; releases the connection on aclose."""
+
+    def __init__(
+        self, transport: AiohttpTransport, response: aiohttp.ClientResponse, request: httpx.Request
+    ) -> None:
+        self._transport = transport
+        self._response = response
+        self._request = request
+        self._closed = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        content = self._response.content
+        try:
+            while chunk := await content.readany():
+                yield chunk
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise _map_error(exc, self._request, queued=False, reading=True) from exc
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._transport._in_flight -= 1
+        response = self._response
+        if response.content.at_eof():
+            response.release()  # fully read: the connection goes back to the pool
+        else:
+            response.close()  # unread bytes on the wire: the connection cannot be reused
+
+
+def _skip_auto_headers(request: httpx.Request, has_body: bool) -> list[str] | None:
+    """The aiohttp default headers to suppress: those httpx left out of `request`.
+
+    None (aiohttp's fast path) when httpx sent them all, as `httpx.AsyncClient` does by default.
+    """
+    headers = request.headers
+    skip = [name for name in _AUTO_HEADERS if name not in headers]
+    if "Content-Type" not in headers and (has_body or request.method in _BODY_METHODS):
+        skip.append("Content-Type")  # aiohttp would add application/octet-stream
+    return skip or None
+
+
+def _http_version(version: aiohttp.HttpVersion | None) -> bytes:
+    if version is None:
+        return b"HTTP/1.1"
+    return b"HTTP/%d.%d" % (version.major, version.minor)
+
+
+async def _iter_request_body(request: httpx.Request) -> AsyncIterator[bytes]:
+    stream = request.stream
+    if not isinstance(stream, httpx.AsyncByteStream):
+        raise RuntimeError("AiohttpTransport needs an async request stream (httpx.AsyncClient)")
+    async for chunk in stream:
+        yield chunk
+
+
+def _map_error(
+    exc: BaseException, request: httpx.Request, *, queued: bool, reading: bool
+) -> httpx.TransportError:
+    """The httpx exception for an aiohttp (or asyncio timeout) error."""
+    message = str(exc) or type(exc).__name__
+    error: type[httpx.TransportError]
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        # aiohttp's connect phase covers both waiting for a pool slot and opening a socket.
+        error = httpx.PoolTimeout if queued else httpx.ConnectTimeout
+    elif isinstance(exc, asyncio.TimeoutError):
+        error = httpx.ReadTimeout  # sock_read: no bytes from the server in time
+    elif isinstance(exc, aiohttp.ClientConnectorError):
+        error = httpx.ConnectError  # refused, DNS, TLS handshake or certificate
+    elif isinstance(exc, aiohttp.ServerDisconnectedError):
+        error = httpx.RemoteProtocolError  # closed without (the rest of) a response
+    elif isinstance(exc, aiohttp.ClientPayloadError | aiohttp.ClientResponseError):
+        error = httpx.RemoteProtocolError  # malformed or truncated HTTP message
+    elif isinstance(exc, aiohttp.ClientOSError):
+        error = httpx.ReadError if reading else httpx.WriteError
+    elif isinstance(exc, aiohttp.ClientConnectionError):
+        error = httpx.NetworkError
+    else:
+        error = httpx.TransportError
+    return error(message, request=request)
+
+
+async def _close_session(session: aiohttp.ClientSession, loop: asyncio.AbstractEventLoop) -> None:
+    """Close `session`, which belongs to `loop`, from whatever loop is running now."""
+    if loop is asyncio.get_running_loop() or loop.is_closed():
+        # On a closed loop aiohttp only marks the session closed: its sockets went with the loop.
+        await session.close()
+    elif loop.is_running():  # another thread's loop: close it there
+        future = asyncio.run_coroutine_threadsafe(session.close(), loop)
+        await asyncio.wrap_future(future)
+    else:  # a loop that is neither running nor closed cannot be driven from here
+        session.detach()

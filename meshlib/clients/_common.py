@@ -1,0 +1,57 @@
+"""What the httpx and requests adapters share: turning plans and answers into HTTP terms."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Iterable, Mapping
+
+from meshlib.dataplane.outcome import FLAGS_HEADER, LocalReply, join_flags
+from meshlib.dataplane.routing import HeaderEdits, RoutePlan
+from meshlib.mesh import Mesh
+from meshlib.policy.routes import Mirror
+from meshlib.policy.snapshot import Endpoint
+
+RESPONSE_FLAGS = "response_flags"  # httpx: response.extensions key with Envoy's flags
+UPSTREAM_HOST = "upstream_host"  # httpx: response.extensions key, "addr:port" that answered
+
+
+def upstream_netloc(endpoint: Endpoint) -> str:
+    address = f"[{endpoint.address}]" if ":" in endpoint.address else endpoint.address
+    return f"{address}:{endpoint.port}"
+
+
+def edited_headers(
+    headers: Iterable[tuple[str, str]], edits: HeaderEdits, extra: Mapping[str, str]
+) -> list[tuple[str, str]]:
+    """Request or response headers with a route's set/add/remove applied."""
+    drop = set(edits.set) | set(edits.remove) | set(extra)
+    out = [(k, v) for k, v in headers if k.lower() not in drop]
+    out.extend(edits.set.items())
+    out.extend(edits.add)
+    out.extend(extra.items())
+    removed = set(edits.remove)
+    return [(k, v) for k, v in out if k.lower() not in removed] if removed else out
+
+
+def reply_headers(
+    reply: LocalReply, flags: list[str], plan: RoutePlan | None
+) -> list[tuple[str, str]]:
+    headers = [("content-type", reply.content_type), ("content-length", str(len(reply.body)))]
+    headers.extend(reply.headers.items())
+    headers.append((FLAGS_HEADER, join_flags(flags)))
+    if plan is not None and plan.response_headers:
+        headers = edited_headers(headers, plan.response_headers, {})
+    return headers
+
+
+# Mirrors are fire-and-forget: a few threads send them, off the request's path.
+MIRROR_POOL = concurrent.futures.ThreadPoolExecutor(
+    max_workers=4, thread_name_prefix="meshlib-mirror"
+)
+
+
+def mirror_endpoint(mesh: Mesh, plan: RoutePlan, mirror: Mirror) -> Endpoint | None:
+    """Where a mirrored copy goes: an endpoint of the mirror's cluster, balanced as usual."""
+    port = mirror.port if mirror.port is not None else (plan.cluster[2] if plan.cluster else None)
+    cluster = mesh.cluster((mirror.host, mirror.subset, port))
+    return cluster.balancer.pick(cluster.endpoints, lambda e: True, None)

@@ -1,0 +1,348 @@
+"""Meshed httpx: `MeshTransport` / `AsyncMeshTransport` wrap any httpx transport, and
+`Client` / `AsyncClient` are real httpx clients that use them.
+
+    client = meshlib.Client()                  # an httpx.Client; requests routed by policy
+    client.get("http://reviews:9080/reviews/1")
+    transport = meshlib.MeshTransport(httpx.HTTPTransport(retries=0), mesh=my_mesh)
+
+Hosts the mesh does not know go through untouched. For the others the transport routes,
+balances, retries and times out as the route says and answers locally where a sidecar would
+(503 UO/UH/UF, 504 UT, 404 NR, fault aborts); the Envoy response flags are in
+`response.extensions["response_flags"]` and, on local answers, in the
+`x-meshlib-response-flags` header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import httpx
+
+from meshlib.clients._common import (
+    MIRROR_POOL,
+    RESPONSE_FLAGS,
+    UPSTREAM_HOST,
+    edited_headers,
+    mirror_endpoint,
+    reply_headers,
+    upstream_netloc,
+)
+from meshlib.clients._guard import passthrough_inside
+from meshlib.dataplane.balancer import hash_key
+from meshlib.dataplane.exchange import Attempt, Exchange
+from meshlib.dataplane.outcome import Flag, LocalReply
+from meshlib.dataplane.retry import (
+    CONNECT_FAILURE,
+    PER_TRY_TIMEOUT,
+    RESET,
+    AttemptResult,
+    run_attempts,
+    run_attempts_async,
+)
+from meshlib.dataplane.routing import RoutePlan
+from meshlib.mesh import Mesh, default_mesh
+from meshlib.policy.matching import RequestAttributes
+from meshlib.policy.routes import Mirror
+
+_MESHED = "meshlib.meshed"  # marks transports meshlib made, so nothing is meshed twice
+MIRROR_GRACE = 1.0  # seconds aclose() waits for mirrored copies still in flight
+
+
+def request_attributes(request: httpx.Request) -> RequestAttributes:
+    url = request.url
+    headers: dict[str, str] = {}
+    for name, value in request.headers.multi_items():
+        name = name.lower()
+        headers[name] = f"{headers[name]},{value}" if name in headers else value
+    authority = headers.get("host") or url.netloc.decode("ascii")
+    return RequestAttributes(
+        request.method,
+        authority,
+        url.path,
+        scheme=url.scheme,
+        query=url.query.decode("ascii", "replace"),
+        headers=headers,
+        port=url.port,
+    )
+
+
+def _replayable(request: httpx.Request) -> bool:
+    return isinstance(request.stream, httpx.ByteStream)
+
+
+def _classify(exc: httpx.TransportError) -> str:
+    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+        return CONNECT_FAILURE
+    if isinstance(exc, httpx.TimeoutException):
+        return PER_TRY_TIMEOUT
+    return RESET
+
+
+class _MeshTransportBase:
+    """Everything MeshTransport and AsyncMeshTransport share: no I/O here."""
+
+    _mesh: Mesh | None
+
+    @property
+    def mesh(self) -> Mesh:
+        return self._mesh if self._mesh is not None else default_mesh()
+
+    def _upstream(self, request: httpx.Request, plan: RoutePlan, attempt: Attempt) -> httpx.Request:
+        url = request.url.copy_with(
+            scheme=plan.scheme, netloc=upstream_netloc(attempt.endpoint).encode(), path=plan.path
+        )
+        extra = {"host": plan.authority, "x-envoy-attempt-count": str(attempt.number)}
+        headers = edited_headers(request.headers.multi_items(), plan.request_headers, extra)
+        extensions = dict(request.extensions)
+        if attempt.timeout is not None:
+            extensions["timeout"] = dict.fromkeys(
+                ("connect", "read", "write", "pool"), attempt.timeout
+            )
+        return httpx.Request(
+            request.method, url, headers=headers, stream=request.stream, extensions=extensions
+        )
+
+    @staticmethod
+    def _result(response: httpx.Response) -> AttemptResult:
+        return AttemptResult(
+            status=response.status_code,
+            grpc_status=response.headers.get("grpc-status"),
+            response=response,
+        )
+
+    @staticmethod
+    def _local(
+        reply: LocalReply, request: httpx.Request, flags: list[str], plan: RoutePlan | None
+    ) -> httpx.Response:
+        if reply.flag is not None and reply.flag not in flags:
+            flags = [*flags, reply.flag]
+        response = httpx.Response(
+            reply.status,
+            headers=reply_headers(reply, flags, plan),
+            content=reply.body,
+            request=request,
+            extensions={RESPONSE_FLAGS: flags},
+        )
+        return response
+
+    @staticmethod
+    def _finish(
+        response: httpx.Response, plan: RoutePlan, exchange: Exchange, flags: list[str]
+    ) -> httpx.Response:
+        if plan.response_headers:
+            edited = edited_headers(response.headers.multi_items(), plan.response_headers, {})
+            response.headers = httpx.Headers(edited)
+        response.extensions = {
+            **response.extensions,
+            RESPONSE_FLAGS: flags,
+            UPSTREAM_HOST: exchange.upstream_host,
+        }
+        return response
+
+    def _mirror_request(
+        self, request: httpx.Request, plan: RoutePlan, mirror: Mirror
+    ) -> httpx.Request | None:
+        endpoint = mirror_endpoint(self.mesh, plan, mirror)
+        if endpoint is None:
+            return None
+        url = request.url.copy_with(netloc=upstream_netloc(endpoint).encode(), path=plan.path)
+        extra = {"host": plan.authority}
+        headers = edited_headers(request.headers.multi_items(), plan.request_headers, extra)
+        return httpx.Request(request.method, url, headers=headers, stream=request.stream)
+
+    def _prepare(self, request: httpx.Request) -> tuple[Mesh, RoutePlan, RequestAttributes]:
+        mesh = self.mesh
+        attributes = request_attributes(request)
+        return mesh, mesh.plan(attributes), attributes
+
+
+class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
+    """An httpx transport that applies the mesh's policy, over any inner transport."""
+
+    def __init__(
+        self,
+        transport: httpx.BaseTransport | None = None,
+        *,
+        mesh: Mesh | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._inner = transport if transport is not None else httpx.HTTPTransport(**kwargs)
+        self._mesh = mesh
+        setattr(self, _MESHED, True)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        mesh, plan, attributes = self._prepare(request)
+        if plan.passthrough:
+            with passthrough_inside():
+                return self._inner.handle_request(request)
+        flags: list[str] = []
+        if plan.reply is not None:
+            return self._local(plan.reply, request, flags, plan)
+        if plan.fault_delay is not None:
+            time.sleep(plan.fault_delay)
+            flags.append(Flag.DELAY_INJECTED)
+        if plan.fault_abort is not None:
+            return self._local(plan.fault_abort, request, flags, plan)
+        replayable = _replayable(request)
+        for mirror in plan.mirrors if replayable else ():
+            copy = self._mirror_request(request, plan, mirror)
+            if copy is not None:
+                MIRROR_POOL.submit(self._send_mirror, copy)
+        exchange = mesh.exchange(plan, replayable=replayable)
+        exchange.hash_key = hash_key(exchange.cluster.policy.load_balancer, attributes, None)
+
+        def send(attempt: Attempt) -> AttemptResult:
+            try:
+                with passthrough_inside():
+                    response = self._inner.handle_request(self._upstream(request, plan, attempt))
+            except httpx.TransportError as exc:
+                return AttemptResult(failure=_classify(exc), error=exc)
+            return self._result(response)
+
+        result = run_attempts(exchange, send, _close)
+        flags += exchange.response_flags(result)
+        reply = exchange.final_reply(result)
+        if reply is not None:
+            return self._local(reply, request, flags, plan)
+        return self._finish(result.response, plan, exchange, flags)
+
+    def _send_mirror(self, request: httpx.Request) -> None:
+        try:
+            with passthrough_inside():
+                response = self._inner.handle_request(request)
+                response.read()
+            response.close()
+        except Exception:  # a mirror never affects anything: its failures are dropped
+            pass
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+def _close(response: Any) -> None:
+    if response is not None:
+        response.read()
+        response.close()
+
+
+async def _aclose(response: Any) -> None:
+    if response is not None:
+        await response.aread()
+        await response.aclose()
+
+
+class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
+    """The asyncio twin of MeshTransport. Its default inner transport keeps throughput
+    under concurrency (see `meshlib.clients._aiohttp`)."""
+
+    def __init__(
+        self,
+        transport: httpx.AsyncBaseTransport | None = None,
+        *,
+        mesh: Mesh | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._inner = transport if transport is not None else _default_async_transport(**kwargs)
+        self._mesh = mesh
+        self._mirrors: set[asyncio.Task[None]] = set()
+        setattr(self, _MESHED, True)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        mesh, plan, attributes = self._prepare(request)
+        if plan.passthrough:
+            with passthrough_inside():
+                return await self._inner.handle_async_request(request)
+        flags: list[str] = []
+        if plan.reply is not None:
+            return self._local(plan.reply, request, flags, plan)
+        if plan.fault_delay is not None:
+            await asyncio.sleep(plan.fault_delay)
+            flags.append(Flag.DELAY_INJECTED)
+        if plan.fault_abort is not None:
+            return self._local(plan.fault_abort, request, flags, plan)
+        replayable = _replayable(request)
+        for mirror in plan.mirrors if replayable else ():
+            copy = self._mirror_request(request, plan, mirror)
+            if copy is not None:
+                task = asyncio.get_running_loop().create_task(self._send_mirror(copy))
+                self._mirrors.add(task)
+                task.add_done_callback(self._mirrors.discard)
+        exchange = mesh.exchange(plan, replayable=replayable)
+        exchange.hash_key = hash_key(exchange.cluster.policy.load_balancer, attributes, None)
+
+        async def send(attempt: Attempt) -> AttemptResult:
+            try:
+                with passthrough_inside():
+                    response = await self._inner.handle_async_request(
+                        self._upstream(request, plan, attempt)
+                    )
+            except httpx.TransportError as exc:
+                return AttemptResult(failure=_classify(exc), error=exc)
+            return self._result(response)
+
+        result = await run_attempts_async(exchange, send, _aclose)
+        flags += exchange.response_flags(result)
+        reply = exchange.final_reply(result)
+        if reply is not None:
+            return self._local(reply, request, flags, plan)
+        return self._finish(result.response, plan, exchange, flags)
+
+    async def _send_mirror(self, request: httpx.Request) -> None:
+        try:
+            with passthrough_inside():
+                response = await self._inner.handle_async_request(request)
+                await response.aread()
+            await response.aclose()
+        except Exception:  # a mirror never affects anything: its failures are dropped
+            pass
+
+    async def aclose(self) -> None:
+        if self._mirrors:  # let mirrors in flight finish briefly, then drop them
+            _, pending = await asyncio.wait(list(self._mirrors), timeout=MIRROR_GRACE)
+            for task in pending:
+                task.cancel()
+        await self._inner.aclose()
+
+
+def _default_async_transport(**kwargs: Any) -> httpx.AsyncBaseTransport:
+    try:
+        from meshlib.clients._aiohttp import AiohttpTransport
+    except ImportError:  # pragma: no cover - aiohttp is a dependency
+        return httpx.AsyncHTTPTransport(**kwargs)
+    return AiohttpTransport(**kwargs)
+
+
+class Client(httpx.Client):
+    """An `httpx.Client` whose requests go through the mesh.
+
+    Every httpx feature still works; `transport=` (or `mounts=`) are wrapped, not replaced.
+    """
+
+    def __init__(self, *args: Any, mesh: Mesh | None = None, **kwargs: Any) -> None:
+        transport = kwargs.pop("transport", None)
+        if transport is None:
+            transport = httpx.HTTPTransport(
+                verify=kwargs.get("verify", True),
+                cert=kwargs.get("cert"),
+                http1=kwargs.get("http1", True),
+                http2=kwargs.get("http2", False),
+                limits=kwargs.get("limits", httpx.Limits()),
+                trust_env=kwargs.get("trust_env", True),
+            )
+        if not getattr(transport, _MESHED, False):
+            transport = MeshTransport(transport, mesh=mesh)
+        super().__init__(*args, transport=transport, **kwargs)
+
+
+class AsyncClient(httpx.AsyncClient):
+    """An `httpx.AsyncClient` whose requests go through the mesh."""
+
+    def __init__(self, *args: Any, mesh: Mesh | None = None, **kwargs: Any) -> None:
+        transport = kwargs.pop("transport", None)
+        if transport is None:
+            transport = _default_async_transport()
+        if not getattr(transport, _MESHED, False):
+            transport = AsyncMeshTransport(transport, mesh=mesh)
+        super().__init__(*args, transport=transport, **kwargs)

@@ -1,0 +1,228 @@
+"""Meshed requests: `MeshAdapter` carries out the mesh's plan; `Session` mounts it.
+
+    session = meshlib.Session()            # a requests.Session, meshed
+    session.get("http://reviews:9080/reviews/1")
+
+Envoy response flags are on `response.response_flags`, and on local answers also in the
+`x-meshlib-response-flags` header.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http
+import io
+import time
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+from requests.structures import CaseInsensitiveDict
+
+from meshlib.clients._common import (
+    MIRROR_POOL,
+    edited_headers,
+    mirror_endpoint,
+    reply_headers,
+    upstream_netloc,
+)
+from meshlib.clients._guard import passthrough_inside
+from meshlib.dataplane.balancer import hash_key
+from meshlib.dataplane.exchange import Attempt
+from meshlib.dataplane.outcome import Flag, LocalReply
+from meshlib.dataplane.retry import (
+    CONNECT_FAILURE,
+    PER_TRY_TIMEOUT,
+    RESET,
+    AttemptResult,
+    run_attempts,
+)
+from meshlib.dataplane.routing import RoutePlan
+from meshlib.mesh import Mesh, default_mesh
+from meshlib.policy.matching import RequestAttributes
+from meshlib.policy.snapshot import Endpoint
+
+
+def request_attributes(request: requests.PreparedRequest) -> RequestAttributes:
+    parts = urlsplit(request.url or "")
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    authority = headers.get("host") or parts.netloc
+    return RequestAttributes(
+        request.method or "GET",
+        authority,
+        parts.path or "/",
+        scheme=parts.scheme,
+        query=parts.query,
+        headers=headers,
+        port=parts.port,
+    )
+
+
+def _replayable(request: requests.PreparedRequest) -> bool:
+    return request.body is None or isinstance(request.body, (bytes, str))
+
+
+def _classify(exc: requests.RequestException) -> str:
+    if isinstance(exc, requests.ConnectTimeout):
+        return CONNECT_FAILURE
+    if isinstance(exc, requests.Timeout):
+        return PER_TRY_TIMEOUT
+    reason = exc.args[0] if exc.args else None
+    text = f"{type(reason).__name__} {reason}"
+    if "NewConnectionError" in text or "NameResolutionError" in text or "Failed to resolve" in text:
+        return CONNECT_FAILURE
+    return RESET
+
+
+class MeshAdapter(HTTPAdapter):
+    """A requests transport adapter that applies the mesh's policy."""
+
+    def __init__(
+        self, *, mesh: Mesh | None = None, inner: HTTPAdapter | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        self._mesh = mesh
+        self._inner = inner  # an adapter to send through instead of this one's own pool
+
+    def _send_upstream(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+        with passthrough_inside():
+            if self._inner is not None:
+                return self._inner.send(request, **kwargs)
+            return super().send(request, **kwargs)
+
+    @property
+    def mesh(self) -> Mesh:
+        return self._mesh if self._mesh is not None else default_mesh()
+
+    def send(
+        self,
+        request: requests.PreparedRequest,
+        stream: bool = False,
+        timeout: Any = None,
+        verify: Any = True,
+        cert: Any = None,
+        proxies: Mapping[str, str] | None = None,
+    ) -> requests.Response:
+        mesh = self.mesh
+        attributes = request_attributes(request)
+        plan = mesh.plan(attributes)
+        options: dict[str, Any] = {
+            "stream": stream,
+            "verify": verify,
+            "cert": cert,
+            "proxies": proxies,
+        }
+        if plan.passthrough:
+            return self._send_upstream(request, timeout=timeout, **options)
+        flags: list[str] = []
+        if plan.reply is not None:
+            return self._local(plan.reply, request, flags, plan)
+        if plan.fault_delay is not None:
+            time.sleep(plan.fault_delay)
+            flags.append(Flag.DELAY_INJECTED)
+        if plan.fault_abort is not None:
+            return self._local(plan.fault_abort, request, flags, plan)
+        replayable = _replayable(request)
+        for mirror in plan.mirrors if replayable else ():
+            target = mirror_endpoint(mesh, plan, mirror)
+            if target is not None:
+                copy = self._upstream(request, plan, None, target)
+                MIRROR_POOL.submit(self._send_mirror, copy, timeout, options)
+        exchange = mesh.exchange(plan, replayable=replayable)
+        exchange.hash_key = hash_key(exchange.cluster.policy.load_balancer, attributes, None)
+
+        def send(attempt: Attempt) -> AttemptResult:
+            upstream = self._upstream(request, plan, attempt)
+            try_timeout = attempt.timeout if attempt.timeout is not None else timeout
+            try:
+                response = self._send_upstream(upstream, timeout=try_timeout, **options)
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                return AttemptResult(failure=_classify(exc), error=exc)
+            return AttemptResult(
+                status=response.status_code,
+                grpc_status=response.headers.get("grpc-status"),
+                response=response,
+            )
+
+        result = run_attempts(exchange, send, _close)
+        flags += exchange.response_flags(result)
+        reply = exchange.final_reply(result)
+        if reply is not None:
+            return self._local(reply, request, flags, plan)
+        response: requests.Response = result.response
+        if plan.response_headers:
+            response.headers = CaseInsensitiveDict(
+                edited_headers(response.headers.items(), plan.response_headers, {})
+            )
+        response.response_flags = flags  # type: ignore[attr-defined]
+        response.upstream_host = exchange.upstream_host  # type: ignore[attr-defined]
+        return response
+
+    def _send_mirror(
+        self, request: requests.PreparedRequest, timeout: Any, options: dict[str, Any]
+    ) -> None:
+        with contextlib.suppress(Exception):  # a mirror's failure never affects anything
+            self._send_upstream(request, timeout=timeout, **options).close()
+
+    @staticmethod
+    def _upstream(
+        request: requests.PreparedRequest,
+        plan: RoutePlan,
+        attempt: Attempt | None,
+        endpoint: Endpoint | None = None,
+    ) -> requests.PreparedRequest:
+        parts = urlsplit(request.url or "")
+        upstream = request.copy()
+        target = endpoint if attempt is None else attempt.endpoint
+        assert target is not None
+        upstream.url = urlunsplit(
+            (plan.scheme, upstream_netloc(target), plan.path, parts.query, parts.fragment)
+        )
+        extra = {"host": plan.authority}
+        if attempt is not None:
+            extra["x-envoy-attempt-count"] = str(attempt.number)
+        upstream.headers = CaseInsensitiveDict(
+            edited_headers(request.headers.items(), plan.request_headers, extra)
+        )
+        return upstream
+
+    def _local(
+        self,
+        reply: LocalReply,
+        request: requests.PreparedRequest,
+        flags: list[str],
+        plan: RoutePlan | None,
+    ) -> requests.Response:
+        if reply.flag is not None and reply.flag not in flags:
+            flags = [*flags, reply.flag]
+        response = requests.Response()
+        response.status_code = reply.status
+        try:
+            response.reason = http.HTTPStatus(reply.status).phrase
+        except ValueError:
+            response.reason = ""
+        response.headers = CaseInsensitiveDict(reply_headers(reply, flags, plan))
+        response.raw = io.BytesIO(reply.body)
+        response._content = reply.body
+        response.url = request.url or ""
+        response.request = request
+        response.connection = self
+        response.response_flags = flags  # type: ignore[attr-defined]
+        return response
+
+
+def _close(response: Any) -> None:
+    if response is not None:
+        response.close()
+
+
+class Session(requests.Session):
+    """A `requests.Session` whose requests go through the mesh."""
+
+    def __init__(self, *, mesh: Mesh | None = None) -> None:
+        super().__init__()
+        adapter = MeshAdapter(mesh=mesh)
+        self.mount("http://", adapter)
+        self.mount("https://", adapter)

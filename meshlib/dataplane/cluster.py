@@ -1,0 +1,79 @@
+"""Runtime state of one destination cluster (host, subset, port) for one Mesh.
+
+Policy lives in the immutable Snapshot; what changes per request lives here: the balancer's
+position, requests in flight, outlier (ejection) state, connection-pool counters. A new
+Snapshot refreshes a cluster's endpoints and settings, and keeps the state of endpoints that
+persist, as Envoy keeps host health across config updates.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from typing import Any
+
+from meshlib.dataplane.balancer import Balancer, InFlight, make_balancer
+from meshlib.dataplane.limits import ClusterLimits
+from meshlib.dataplane.outlier import OutlierDetector
+from meshlib.dataplane.routing import ClusterKey
+from meshlib.policy.destination_rule import TrafficPolicy
+from meshlib.policy.snapshot import Endpoint, Snapshot
+
+
+class ClusterState:
+    """Endpoints, balancer, outlier detector and limits of one cluster."""
+
+    def __init__(self, key: ClusterKey, snapshot: Snapshot, rng: random.Random) -> None:
+        self.key = key
+        self.rng = rng
+        self.in_flight = InFlight()
+        self.generation = -1
+        self.endpoints: tuple[Endpoint, ...] = ()
+        self.policy = TrafficPolicy()
+        self.balancer: Balancer = make_balancer(None, self.in_flight, rng)
+        self.outlier = OutlierDetector(None)
+        self.limits = ClusterLimits(None, None)
+        self._lb_settings: Any = None
+        self._lock = threading.Lock()
+        self.refresh(snapshot)
+
+    def refresh(self, snapshot: Snapshot) -> None:
+        """Take endpoints and settings from `snapshot` if it is newer than the last one."""
+        if snapshot.generation == self.generation:
+            return
+        with self._lock:
+            if snapshot.generation == self.generation:
+                return
+            host, subset, port = self.key
+            policy = snapshot.traffic_policy(host, subset, port)
+            self.endpoints = snapshot.endpoints(host, subset, port)
+            if policy.load_balancer != self._lb_settings:
+                self.balancer = make_balancer(policy.load_balancer, self.in_flight, self.rng)
+                self._lb_settings = policy.load_balancer
+            self.outlier.update(policy.outlier_detection)
+            self.limits.update(policy.connection_pool, policy.retry_budget)
+            self.policy = policy
+            self.generation = snapshot.generation
+
+
+class Clusters:
+    """ClusterState per key, created on first use and refreshed on Snapshot changes."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self._clusters: dict[ClusterKey, ClusterState] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: ClusterKey, snapshot: Snapshot) -> ClusterState:
+        state = self._clusters.get(key)
+        if state is None:
+            with self._lock:
+                state = self._clusters.get(key)
+                if state is None:
+                    state = self._clusters[key] = ClusterState(key, snapshot, self.rng)
+        elif state.generation != snapshot.generation:
+            state.refresh(snapshot)
+        return state
+
+    def __iter__(self) -> Any:
+        return iter(list(self._clusters.values()))

@@ -1,0 +1,197 @@
+"""One outbound request's journey through its attempts, without I/O.
+
+An adapter asks `start_attempt()` where to send the next try (or gets a local answer),
+sends it, and reports back with `finish_attempt()`. `should_retry()` is tenacity's retry
+predicate; it counts attempts, watches the deadline and the retry budget, and records the
+response flags that telemetry and access logs report.
+
+    exchange = Exchange(plan, cluster, rng, replayable=True)
+    for attempt in tenacity.Retrying(**retrying_kwargs(exchange, close_previous)):
+        ...   # start_attempt -> send -> finish_attempt
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from meshlib.dataplane import outcome
+from meshlib.dataplane.cluster import ClusterState
+from meshlib.dataplane.deadline import Deadline
+from meshlib.dataplane.outcome import Flag, LocalReply
+from meshlib.dataplane.retry import (
+    CONNECT_FAILURE,
+    PER_TRY_TIMEOUT,
+    AttemptResult,
+    is_retriable,
+)
+from meshlib.dataplane.routing import RoutePlan
+from meshlib.policy.routes import RetryPolicy
+from meshlib.policy.snapshot import Endpoint
+
+
+@dataclass(slots=True)
+class Attempt:
+    """Where and how to send one try."""
+
+    number: int  # 1 for the first try
+    endpoint: Endpoint
+    timeout: float | None  # seconds for this try (per-try timeout clamped by the deadline)
+    per_try_limited: bool  # True when the per-try timeout, not the deadline, set `timeout`
+    retry_slot: bool  # holds a retry-budget slot until it finishes
+
+
+class Exchange:
+    """The state of one request across its attempts."""
+
+    def __init__(
+        self,
+        plan: RoutePlan,
+        cluster: ClusterState,
+        rng: random.Random,
+        *,
+        replayable: bool,
+        deadline: Deadline | None = None,
+    ) -> None:
+        self.plan = plan
+        self.cluster = cluster
+        self.rng = rng
+        self.replayable = replayable
+        self.retries: RetryPolicy | None = plan.retries
+        self.deadline = deadline if deadline is not None else Deadline.after(plan.timeout)
+        self.flags: list[str] = []
+        self.tried: list[str] = []
+        self.attempts = 0
+        self._retry_slot = False
+        self.upstream_host: str | None = None
+        self.hash_key: str | None = None  # consistent-hash key, set by the adapter
+
+    # -- one attempt -------------------------------------------------------------------
+
+    def start_attempt(self) -> Attempt | LocalReply:
+        """Choose the endpoint and timeout for the next try, or answer locally."""
+        if self.deadline.expired:
+            return self._timed_out()
+        cluster = self.cluster
+        endpoints = cluster.endpoints
+        total = len(endpoints)
+        avoid = self._avoid()
+        outlier = cluster.outlier
+        endpoint = cluster.balancer.pick(
+            endpoints,
+            lambda e: str(e) not in avoid and outlier.available(str(e), total),
+            self.hash_key,
+        )
+        while endpoint is not None and not outlier.admit(str(endpoint), total):
+            avoid.add(str(endpoint))  # lost a half-open trial race: choose again
+            endpoint = cluster.balancer.pick(
+                endpoints,
+                lambda e: str(e) not in avoid and outlier.available(str(e), total),
+                self.hash_key,
+            )
+        if endpoint is None:
+            self._release_retry_slot()
+            return outcome.no_healthy_upstream()
+        if not cluster.limits.try_acquire_request():
+            self._release_retry_slot()
+            return outcome.overflow()
+        key = str(endpoint)
+        cluster.in_flight.start(key)
+        self.attempts += 1
+        self.tried.append(key)
+        self.upstream_host = key
+        per_try = self.retries.per_try_timeout if self.retries is not None else None
+        timeout = self.deadline.clamp(per_try)
+        slot, self._retry_slot = self._retry_slot, False
+        return Attempt(
+            self.attempts,
+            endpoint,
+            timeout,
+            per_try is not None and timeout == per_try,
+            slot,
+        )
+
+    def _avoid(self) -> set[str]:
+        """Endpoints a retry should not pick again (retryIgnorePreviousHosts, the default)."""
+        if not self.tried or (
+            self.retries is not None and not self.retries.retry_ignore_previous_hosts
+        ):
+            return set()
+        avoid = set(self.tried)
+        if len(avoid) >= len(self.cluster.endpoints):
+            return set()  # every endpoint was tried: any may be tried again
+        return avoid
+
+    def finish_attempt(self, attempt: Attempt, result: AttemptResult) -> AttemptResult:
+        """Record how a try ended (outlier detection, counters) and turn failures into answers."""
+        cluster = self.cluster
+        key = str(attempt.endpoint)
+        cluster.in_flight.finish(key)
+        cluster.limits.release_request()
+        if attempt.retry_slot:
+            cluster.limits.release_retry()
+        result.endpoint = key
+        total = len(cluster.endpoints)
+        if result.failure is not None:
+            cluster.outlier.record(
+                key, status=None, local_origin_failure=True, total_endpoints=total
+            )
+            if result.failure == PER_TRY_TIMEOUT and not attempt.per_try_limited:
+                return AttemptResult(reply=self._timed_out(), endpoint=key, error=result.error)
+        elif result.status is not None:
+            cluster.outlier.record(key, status=result.status, total_endpoints=total)
+        return result
+
+    # -- the retry decision (tenacity's predicate) ------------------------------------
+
+    def should_retry(self, result: AttemptResult) -> bool:
+        policy = self.retries
+        if policy is None or not is_retriable(policy, result):
+            return False
+        if not self.replayable:
+            return False  # the body cannot be sent again
+        if self.attempts > policy.attempts:
+            self.flags.append(Flag.RETRY_LIMIT_EXCEEDED)
+            return False
+        if self.deadline.expired:
+            return False
+        allowed, _reason = self.cluster.limits.try_acquire_retry()
+        if not allowed:
+            self.flags.append(Flag.RETRY_LIMIT_EXCEEDED)  # budget or maxRetries spent
+            return False
+        self._retry_slot = True
+        return True
+
+    def clamp_wait(self, seconds: float) -> float:
+        left = self.deadline.remaining()
+        return seconds if left is None else min(seconds, left)
+
+    def _release_retry_slot(self) -> None:
+        if self._retry_slot:
+            self.cluster.limits.release_retry()
+            self._retry_slot = False
+
+    def _timed_out(self) -> LocalReply:
+        self._release_retry_slot()
+        return outcome.timeout()
+
+    # -- the final answer ---------------------------------------------------------------
+
+    def final_reply(self, result: AttemptResult) -> LocalReply | None:
+        """The local answer for a final result without a response (Envoy's 503/504)."""
+        if result.reply is not None:
+            return result.reply
+        if result.failure == CONNECT_FAILURE:
+            return outcome.connect_failure()
+        if result.failure == PER_TRY_TIMEOUT:
+            return outcome.timeout()
+        if result.failure is not None:
+            return outcome.upstream_reset()
+        return None
+
+    def response_flags(self, result: AttemptResult) -> list[str]:
+        flags = list(self.flags)
+        reply = self.final_reply(result)
+        if reply is not None and reply.flag is not None:
+            flags.append(reply.flag)
+        return flags

@@ -1,0 +1,103 @@
+"""Answers a sidecar gives without the upstream, and Envoy's response flags.
+
+When Envoy answers a request itself — no route, overflow, no healthy host, timeout, a fault
+abort — it sends a fixed status and body and records a response flag (`%RESPONSE_FLAGS%`,
+metric label `response_flags`). meshlib does the same, so an app and its dashboards see what
+they would see behind a sidecar.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+FLAGS_HEADER = "x-meshlib-response-flags"  # where the app can read the flags of an answer
+NO_FLAGS = "-"
+
+
+class Flag:
+    """Envoy's short response flags (ISTIO.md §3.6) that meshlib sets."""
+
+    NO_HEALTHY_UPSTREAM = "UH"
+    UPSTREAM_CONNECTION_FAILURE = "UF"
+    UPSTREAM_OVERFLOW = "UO"
+    NO_ROUTE = "NR"
+    RETRY_LIMIT_EXCEEDED = "URX"
+    NO_CLUSTER = "NC"
+    UPSTREAM_TIMEOUT = "UT"
+    UPSTREAM_REMOTE_RESET = "UR"
+    DELAY_INJECTED = "DI"
+    FAULT_INJECTED = "FI"
+    DNS_FAILURE = "DF"
+
+
+def join_flags(flags: list[str] | tuple[str, ...]) -> str:
+    """Several flags joined as Envoy prints them; `-` for none."""
+    return ",".join(dict.fromkeys(flags)) if flags else NO_FLAGS
+
+
+@dataclass(frozen=True, slots=True)
+class LocalReply:
+    """A response meshlib writes itself, as Envoy would."""
+
+    status: int
+    body: bytes
+    flag: str | None = None
+    headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def content_type(self) -> str:
+        return "text/plain"
+
+
+_OVERFLOW_BODY = (
+    b"upstream connect error or disconnect/reset before headers. reset reason: overflow"
+)
+
+
+def no_route() -> LocalReply:
+    return LocalReply(404, b"", Flag.NO_ROUTE)
+
+
+def no_cluster() -> LocalReply:
+    return LocalReply(503, b"", Flag.NO_CLUSTER)
+
+
+def no_healthy_upstream() -> LocalReply:
+    return LocalReply(503, b"no healthy upstream", Flag.NO_HEALTHY_UPSTREAM)
+
+
+def overflow() -> LocalReply:
+    return LocalReply(
+        503,
+        _OVERFLOW_BODY,
+        Flag.UPSTREAM_OVERFLOW,
+        MappingProxyType({"x-envoy-overloaded": "true"}),
+    )
+
+
+def connect_failure(reason: str = "connection failure") -> LocalReply:
+    body = f"upstream connect error or disconnect/reset before headers. reset reason: {reason}"
+    return LocalReply(503, body.encode(), Flag.UPSTREAM_CONNECTION_FAILURE)
+
+
+def upstream_reset(reason: str = "remote reset") -> LocalReply:
+    body = f"upstream connect error or disconnect/reset before headers. reset reason: {reason}"
+    return LocalReply(503, body.encode(), Flag.UPSTREAM_REMOTE_RESET)
+
+
+def timeout() -> LocalReply:
+    return LocalReply(504, b"upstream request timeout", Flag.UPSTREAM_TIMEOUT)
+
+
+def fault_abort(status: int) -> LocalReply:
+    return LocalReply(status, b"fault filter abort", Flag.FAULT_INJECTED)
+
+
+def redirect(location: str, status: int) -> LocalReply:
+    return LocalReply(status, b"", None, MappingProxyType({"location": location}))
+
+
+def direct(status: int, body: bytes) -> LocalReply:
+    return LocalReply(status, body)

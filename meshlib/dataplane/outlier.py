@@ -1,0 +1,478 @@
+"""Passive health (outlier detection) for the endpoints of one cluster, as Envoy does it for Istio.
+
+Each endpoint has a `pybreaker.CircuitBreaker` that holds its state (closed = in the pool,
+open = ejected, half-open = one trial request allowed). The breakers are driven only through
+`open()`, `half_open()` and `close()`; `call()` is never used because it holds the breaker's
+lock for the whole request. meshlib keeps its own counters and clock, so no lock is held while a
+request is in flight: `admit()` and `record()` take one small lock for bookkeeping only.
+
+Rules (ISTIO.md §2.5, §3.4; Envoy `outlier_detection_impl.cc`; pilot's translation):
+
+- No `outlierDetection` -> no ejection at all.
+- `consecutive5xxErrors`: unset -> 5, 0 disables. With `outlierDetectionHttpErrorCodes`, only
+  those codes count for it instead of 500-599.
+- `consecutiveGatewayErrors` (502/503/504): unset or 0 -> disabled. The deprecated
+  `consecutiveErrors` > 0 (when `consecutiveGatewayErrors` is unset) sets the gateway threshold
+  and, unless `consecutive5xxErrors` is set, turns the 5xx rule off (pilot does the same).
+- A 5xx that is not a gateway error resets the gateway counter, a gateway error outside the
+  configured error codes resets the 5xx counter, any other status resets both (Envoy).
+- Local-origin failures (connect failure, reset, timeout): not split -> count as a 5xx and as a
+  gateway error; split -> only `consecutiveLocalOriginFailures` (unset or 0 -> 5), and any
+  response resets that counter. `status=None` without the local-origin flag counts as a 503
+  (5xx and gateway error, whatever the error codes).
+- Ejection time = base (30 s) x k, capped at max(300 s, base); k grows on each ejection while
+  k x base < cap + base (Envoy's rule, so k stops at cap/base + 1) and drops by one at each
+  `interval` sweep (10 s) that finds the endpoint back in the pool for at least one interval.
+  The sweep runs lazily on calls, from the injected clock.
+- `maxEjectionPercent` (unset or 0 -> 10): an ejection happens when
+  (ejected + 1) / total_endpoints <= max%, or when nothing is ejected yet (at least one).
+  Endpoints in half-open count as ejected.
+- After its ejection time an endpoint stays open until `admit()` asks for it: the first caller
+  moves it to half-open and gets the single trial. The trial's outcome decides: an error that an
+  enabled rule would count re-ejects with k + 1 (no max% check, the endpoint is already
+  ejected); anything else closes it with counters reset. A trial never reported is given up after
+  `baseEjectionTime` and the next caller gets a new one.
+- Results reported for an open endpoint (requests that started before the ejection) are
+  ignored; in half-open the first result reported is taken as the trial's.
+- `minHealthPercent` (Istio default 0 = panic off): when > 0 and the healthy share
+  (100 x (total - ejected) / total) is below it, `admit()` says yes to every endpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import pybreaker
+
+from meshlib.policy.common import Duration
+from meshlib.policy.destination_rule import OutlierDetection
+
+__all__ = ["CLOSED", "HALF_OPEN", "OPEN", "OutlierDetector"]
+
+CLOSED: str = pybreaker.STATE_CLOSED  # "closed"
+OPEN: str = pybreaker.STATE_OPEN  # "open"
+HALF_OPEN: str = pybreaker.STATE_HALF_OPEN  # "half-open"
+
+_GATEWAY_CODES = frozenset((502, 503, 504))
+_DEFAULT_5XX = 5
+_DEFAULT_LOCAL_ORIGIN = 5
+_DEFAULT_INTERVAL = 10.0
+_DEFAULT_BASE_EJECTION = 30.0
+_DEFAULT_MAX_EJECTION_TIME = 300.0
+_DEFAULT_MAX_EJECTION_PERCENT = 10
+
+_log = logging.getLogger(__name__)
+
+StateListener = Callable[[str, str, str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Config:
+    """The effective thresholds, with Istio's and Envoy's defaults applied."""
+
+    consecutive_5xx: int
+    consecutive_gateway: int
+    consecutive_local_origin: int  # 0 unless split
+    split: bool
+    error_codes: frozenset[int]
+    interval: float
+    base_ejection: float
+    max_ejection: float
+    max_ejection_percent: int
+    min_health_percent: int
+
+    @classmethod
+    def of(cls, s: OutlierDetection) -> _Config:
+        deprecated = s.consecutive_errors or 0
+        if s.consecutive_5xx_errors is not None:
+            c5xx = s.consecutive_5xx_errors
+        else:
+            c5xx = 0 if deprecated > 0 else _DEFAULT_5XX
+        if s.consecutive_gateway_errors is not None:
+            gateway = s.consecutive_gateway_errors
+        else:
+            gateway = deprecated
+        split = bool(s.split_external_local_origin_errors)
+        local = (s.consecutive_local_origin_failures or _DEFAULT_LOCAL_ORIGIN) if split else 0
+        interval = _seconds(s.interval, _DEFAULT_INTERVAL)
+        base = _seconds(s.base_ejection_time, _DEFAULT_BASE_EJECTION)
+        return cls(
+            consecutive_5xx=c5xx,
+            consecutive_gateway=gateway,
+            consecutive_local_origin=local,
+            split=split,
+            error_codes=frozenset(s.outlier_detection_http_error_codes),
+            interval=interval,
+            base_ejection=base,
+            max_ejection=max(_DEFAULT_MAX_EJECTION_TIME, base),
+            max_ejection_percent=s.max_ejection_percent or _DEFAULT_MAX_EJECTION_PERCENT,
+            min_health_percent=s.min_health_percent or 0,
+        )
+
+    def ejection_time(self, k: int) -> float:
+        return min(self.base_ejection * max(k, 1), self.max_ejection)
+
+
+def _seconds(duration: Duration | None, default: float) -> float:
+    if duration is None:
+        return default
+    seconds = float(duration.seconds)
+    return seconds if seconds > 0 else default
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """How one result feeds the counters."""
+
+    is_5xx: bool  # counts for consecutive5xxErrors
+    is_gateway: bool  # counts for consecutiveGatewayErrors
+    is_local: bool  # counts for consecutiveLocalOriginFailures (split only)
+    connected: bool  # a response arrived: resets the local-origin counter
+
+    def is_failure(self, cfg: _Config) -> bool:
+        """Would an enabled rule count this result as an error?"""
+        return (
+            (cfg.consecutive_5xx > 0 and self.is_5xx)
+            or (cfg.consecutive_gateway > 0 and self.is_gateway)
+            or (cfg.consecutive_local_origin > 0 and self.is_local)
+        )
+
+
+def _classify(cfg: _Config, status: int | None, local_origin_failure: bool) -> _Outcome:
+    if local_origin_failure:
+        if cfg.split:
+            return _Outcome(False, False, True, False)
+        return _Outcome(True, True, False, False)
+    if status is None:  # no response, not a local-origin failure: what Envoy answers, a 503
+        return _Outcome(True, True, False, False)
+    is_5xx = status in cfg.error_codes if cfg.error_codes else 500 <= status <= 599
+    return _Outcome(is_5xx, status in _GATEWAY_CODES, False, True)
+
+
+class _Endpoint:
+    __slots__ = (
+        "breaker",
+        "consecutive_5xx",
+        "consecutive_gateway",
+        "consecutive_local",
+        "ejected_at",
+        "k",
+        "trial_at",
+        "unejected_at",
+    )
+
+    def __init__(self, breaker: pybreaker.CircuitBreaker) -> None:
+        self.breaker = breaker
+        self.consecutive_5xx = 0
+        self.consecutive_gateway = 0
+        self.consecutive_local = 0
+        self.k = 0
+        self.ejected_at = 0.0
+        self.trial_at = 0.0
+        self.unejected_at: float | None = None
+
+    @property
+    def state(self) -> str:
+        return self.breaker.current_state
+
+    def reset_counters(self) -> None:
+        self.consecutive_5xx = 0
+        self.consecutive_gateway = 0
+        self.consecutive_local = 0
+
+
+class _Relay(pybreaker.CircuitBreakerListener):
+    """Queues the breakers' state changes, to be delivered once the detector's lock is released.
+
+    Only `state_change` is used: the other hooks fire from `call()`, which meshlib never uses.
+    """
+
+    def __init__(self, sink: Callable[[str, str, str], None]) -> None:
+        self._sink = sink
+
+    def state_change(
+        self,
+        cb: pybreaker.CircuitBreaker,
+        old_state: pybreaker.CircuitBreakerState | None,
+        new_state: pybreaker.CircuitBreakerState,
+    ) -> None:
+        old = CLOSED if old_state is None else old_state.name
+        if old != new_state.name:
+            self._sink(cb.name or "", old, new_state.name)
+
+
+class OutlierDetector:
+    """Outlier detection for one cluster (destination host/subset/port) of one client."""
+
+    def __init__(
+        self,
+        settings: OutlierDetection | None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._config = None if settings is None else _Config.of(settings)
+        self._endpoints: dict[str, _Endpoint] = {}
+        self._ejected: set[str] = set()
+        self._listeners: list[StateListener] = []
+        self._events: list[tuple[str, str, str]] = []
+        self._relay = _Relay(self._queue_event)
+        self._sweep_origin = clock()
+        self._sweeps_done = 0
+        self._ejections_overflow = 0
+
+    # -- policy -------------------------------------------------------------------------------
+
+    def update(self, settings: OutlierDetection | None) -> None:
+        """Apply new settings; endpoint state (ejections, k, counters) is kept."""
+        config = None if settings is None else _Config.of(settings)
+        with self._lock:
+            now = self._clock()
+            old = self._config
+            if old is not None:
+                self._sweep(now, old)
+            if config is None or old is None or config.interval != old.interval:
+                self._sweep_origin = now
+                self._sweeps_done = 0
+            self._config = config
+
+    # -- the request path ---------------------------------------------------------------------
+
+    def admit(self, key: str, total_endpoints: int) -> bool:
+        """May a request go to endpoint `key` now? Grants a single trial after an ejection."""
+        if self._config is None:
+            return True
+        endpoint = self._endpoints.get(key)
+        if endpoint is None or endpoint.state == CLOSED:
+            return True  # lock-free fast path for healthy endpoints
+        with self._lock:
+            cfg = self._config
+            if cfg is None:
+                return True
+            now = self._clock()
+            self._sweep(now, cfg)
+            allowed = self._admit(key, endpoint, now, cfg, total_endpoints)
+            events = self._take_events()
+        self._emit(events)
+        return allowed
+
+    def available(self, key: str, total_endpoints: int) -> bool:
+        """Could `admit()` say yes now? Read-only (never takes the trial): a balancer's filter.
+
+        True for closed endpoints, in panic, for open ones whose ejection time is over (the
+        trial is there to take) and for half-open ones whose trial was given up.
+        """
+        cfg = self._config
+        if cfg is None:
+            return True
+        endpoint = self._endpoints.get(key)
+        if endpoint is None or endpoint.state == CLOSED:
+            return True
+        with self._lock:
+            now = self._clock()
+            state = endpoint.state
+            if state == CLOSED or self._panic(cfg, total_endpoints):
+                return True
+            if state == OPEN:
+                return now - endpoint.ejected_at >= cfg.ejection_time(endpoint.k)
+            return now - endpoint.trial_at >= cfg.base_ejection
+
+    def record(
+        self,
+        key: str,
+        *,
+        status: int | None,
+        local_origin_failure: bool = False,
+        total_endpoints: int,
+    ) -> None:
+        """Report the result of a request to `key`: a status, or None when no response came."""
+        if self._config is None:
+            return
+        with self._lock:
+            cfg = self._config
+            if cfg is None:
+                return
+            now = self._clock()
+            self._sweep(now, cfg)
+            outcome = _classify(cfg, status, local_origin_failure)
+            endpoint = self._endpoints.get(key)
+            if endpoint is None:
+                if not outcome.is_failure(cfg):
+                    return  # nothing to reset on an endpoint without state
+                endpoint = self._new_endpoint(key)
+            state = endpoint.state
+            if state == HALF_OPEN:
+                if outcome.is_failure(cfg):
+                    self._eject(key, endpoint, now, cfg)
+                else:
+                    self._restore(key, endpoint, now)
+            elif state == CLOSED:
+                self._count(key, endpoint, outcome, now, cfg, total_endpoints)
+            # OPEN: a request that started before the ejection; ignored.
+            events = self._take_events()
+        self._emit(events)
+
+    # -- inspection ---------------------------------------------------------------------------
+
+    def ejected(self) -> frozenset[str]:
+        """Endpoints out of the pool: open (ejected) or half-open (waiting for a trial)."""
+        with self._lock:
+            return frozenset(self._ejected)
+
+    def state(self, key: str) -> str:
+        """The breaker's state: closed, open or half-open; unknown endpoints are closed."""
+        endpoint = self._endpoints.get(key)
+        return CLOSED if endpoint is None else endpoint.state
+
+    def ejection_count(self, key: str) -> int:
+        """k: the ejection multiplier (times ejected in a row, decayed by healthy sweeps)."""
+        with self._lock:
+            cfg = self._config
+            if cfg is not None:
+                self._sweep(self._clock(), cfg)
+            endpoint = self._endpoints.get(key)
+            return 0 if endpoint is None else endpoint.k
+
+    @property
+    def ejections_overflow(self) -> int:
+        """Ejections refused by maxEjectionPercent (Envoy's `ejections_overflow`)."""
+        return self._ejections_overflow
+
+    def listen(self, callback: StateListener) -> None:
+        """Call `callback(key, old_state, new_state)` on every state change (outside the lock)."""
+        with self._lock:
+            self._listeners.append(callback)
+
+    def retain(self, keys: Iterable[str]) -> None:
+        """Forget endpoints that left the cluster (so they stop counting as ejected)."""
+        keep = set(keys)
+        with self._lock:
+            for key in [k for k in self._endpoints if k not in keep]:
+                del self._endpoints[key]
+                self._ejected.discard(key)
+
+    # -- internals (called with the lock held) ------------------------------------------------
+
+    def _admit(self, key: str, ep: _Endpoint, now: float, cfg: _Config, total: int) -> bool:
+        state = ep.state
+        if state == CLOSED:
+            return True
+        if self._panic(cfg, total):
+            return True
+        if state == OPEN:
+            if now - ep.ejected_at < cfg.ejection_time(ep.k):
+                return False
+            ep.trial_at = now
+            ep.breaker.half_open()
+            return True
+        if now - ep.trial_at < cfg.base_ejection:
+            return False  # the trial is still out
+        ep.trial_at = now  # the trial was never reported: grant a new one
+        return True
+
+    def _panic(self, cfg: _Config, total: int) -> bool:
+        if cfg.min_health_percent <= 0 or total <= 0:
+            return False
+        healthy = max(total - len(self._ejected), 0)
+        return 100.0 * healthy / total < cfg.min_health_percent
+
+    def _count(
+        self, key: str, ep: _Endpoint, outcome: _Outcome, now: float, cfg: _Config, total: int
+    ) -> None:
+        if outcome.connected:
+            ep.consecutive_local = 0
+        if outcome.is_5xx or outcome.is_gateway:
+            ep.consecutive_gateway = ep.consecutive_gateway + 1 if outcome.is_gateway else 0
+            ep.consecutive_5xx = ep.consecutive_5xx + 1 if outcome.is_5xx else 0
+        elif outcome.is_local:
+            ep.consecutive_local += 1
+        else:
+            ep.consecutive_5xx = 0
+            ep.consecutive_gateway = 0
+        hit_5xx = 0 < cfg.consecutive_5xx <= ep.consecutive_5xx
+        hit_gateway = 0 < cfg.consecutive_gateway <= ep.consecutive_gateway
+        hit_local = 0 < cfg.consecutive_local_origin <= ep.consecutive_local
+        if not (hit_5xx or hit_gateway or hit_local):
+            return
+        if self._may_eject(cfg, total):
+            self._eject(key, ep, now, cfg)
+            return
+        self._ejections_overflow += 1
+        # Envoy resets the counter that fired, so it takes a full run of errors to try again.
+        if hit_5xx:
+            ep.consecutive_5xx = 0
+        if hit_gateway:
+            ep.consecutive_gateway = 0
+        if hit_local:
+            ep.consecutive_local = 0
+
+    def _may_eject(self, cfg: _Config, total: int) -> bool:
+        ejected = len(self._ejected)
+        if ejected == 0:
+            return True
+        return 100.0 * (ejected + 1) / max(total, 1) <= cfg.max_ejection_percent
+
+    def _eject(self, key: str, ep: _Endpoint, now: float, cfg: _Config) -> None:
+        if ep.k * cfg.base_ejection < cfg.max_ejection + cfg.base_ejection:
+            ep.k += 1
+        ep.ejected_at = now
+        ep.reset_counters()
+        self._ejected.add(key)
+        ep.breaker.open()
+
+    def _restore(self, key: str, ep: _Endpoint, now: float) -> None:
+        ep.reset_counters()
+        ep.unejected_at = now
+        self._ejected.discard(key)
+        ep.breaker.close()
+
+    def _sweep(self, now: float, cfg: _Config) -> None:
+        """Run the interval sweeps due by `now`: k - 1 per sweep for endpoints back in the pool."""
+        interval = cfg.interval
+        due = int((now - self._sweep_origin) // interval)
+        done = self._sweeps_done
+        if due <= done:
+            return
+        self._sweeps_done = due
+        for ep in self._endpoints.values():
+            if ep.k == 0 or ep.unejected_at is None or ep.state != CLOSED:
+                continue
+            # Sweep j runs at origin + j * interval; it counts once the endpoint has been back
+            # for at least one interval.
+            first = math.ceil((ep.unejected_at + interval - self._sweep_origin) / interval - 1e-9)
+            sweeps = due - max(done + 1, first) + 1
+            if sweeps > 0:
+                ep.k = max(ep.k - sweeps, 0)
+
+    def _new_endpoint(self, key: str) -> _Endpoint:
+        breaker = pybreaker.CircuitBreaker(name=key, listeners=[self._relay])
+        endpoint = _Endpoint(breaker)
+        self._endpoints[key] = endpoint
+        return endpoint
+
+    def _queue_event(self, key: str, old: str, new: str) -> None:
+        self._events.append((key, old, new))
+
+    def _take_events(self) -> list[tuple[str, str, str]]:
+        if not self._events:
+            return []
+        events = self._events
+        self._events = []
+        return events
+
+    def _emit(self, events: list[tuple[str, str, str]]) -> None:
+        if not events:
+            return
+        listeners = tuple(self._listeners)
+        for key, old, new in events:
+            for callback in listeners:
+                try:
+                    callback(key, old, new)
+                except Exception:
+                    _log.exception("outlier state listener failed for %s", key)

@@ -1,0 +1,149 @@
+"""Retry decisions as Envoy makes them, and the tenacity policy that runs them.
+
+`AttemptResult` describes how one attempt ended; `is_retriable` says whether the route's
+`retryOn` conditions cover it; `EnvoyBackoff` waits as Envoy does (fully jittered exponential,
+25 ms base, 250 ms cap). `retrying_kwargs` builds the arguments for a tenacity `Retrying` or
+`AsyncRetrying` — one policy, run under both. A fresh tenacity object is made per request:
+a shared `AsyncRetrying` mixes up attempt counts between concurrent requests.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import tenacity
+
+from meshlib.dataplane.outcome import LocalReply
+from meshlib.policy.routes import RetryPolicy
+
+if TYPE_CHECKING:
+    from meshlib.dataplane.exchange import Attempt, Exchange
+
+# How an attempt ended without an upstream response.
+CONNECT_FAILURE = "connect-failure"
+RESET = "reset"
+PER_TRY_TIMEOUT = "per-try-timeout"
+REFUSED_STREAM = "refused-stream"
+
+_GRPC_RETRY_CODES = {
+    "cancelled": "1",
+    "deadline-exceeded": "4",
+    "resource-exhausted": "8",
+    "internal": "13",
+    "unavailable": "14",
+}
+
+
+@dataclass(slots=True)
+class AttemptResult:
+    """One attempt's outcome: an upstream response, a failure, or a local answer."""
+
+    status: int | None = None  # upstream HTTP status
+    failure: str | None = None  # CONNECT_FAILURE, RESET, PER_TRY_TIMEOUT, REFUSED_STREAM
+    reply: LocalReply | None = None  # meshlib answered instead (UO, UH, UT, ...)
+    grpc_status: str | None = None
+    response: Any = None  # the adapter's response object, to return or to close
+    error: BaseException | None = None  # the transport error behind `failure`
+    endpoint: str | None = None
+
+
+def is_retriable(policy: RetryPolicy, result: AttemptResult) -> bool:
+    """Whether `retryOn` covers this outcome (ISTIO.md §3.2)."""
+    if result.reply is not None:
+        return False  # local answers (overflow, no healthy host, timeout) are final
+    on = policy.retry_on
+    failure = result.failure
+    if failure is not None:
+        if failure == CONNECT_FAILURE:
+            return bool(on & {"connect-failure", "5xx", "gateway-error", "reset"})
+        if failure == REFUSED_STREAM:
+            return bool(on & {"refused-stream", "5xx", "reset"})
+        return bool(on & {"5xx", "gateway-error", "reset"})  # reset or per-try timeout
+    status = result.status or 0
+    if status >= 500 and "5xx" in on:
+        return True
+    if status in (502, 503, 504) and "gateway-error" in on:
+        return True
+    if status == 409 and "retriable-4xx" in on:
+        return True
+    if status in policy.retriable_status_codes:
+        return True
+    if result.grpc_status is not None:
+        for condition in policy.grpc_conditions:
+            if _GRPC_RETRY_CODES[condition] == result.grpc_status:
+                return True
+    return False
+
+
+class EnvoyBackoff(tenacity.wait.wait_base):
+    """Retry n waits uniformly in [0, (2^n - 1) x base), capped at 10 x base."""
+
+    def __init__(self, base: float, rng: random.Random, clamp: Callable[[float], float]) -> None:
+        self.base = base
+        self.cap = 10 * base
+        self.rng = rng
+        self.clamp = clamp  # never sleep past the route deadline
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        retry = retry_state.attempt_number  # the retry about to happen is retry number n
+        ceiling = min(self.cap, (2**retry - 1) * self.base)
+        return self.clamp(self.rng.uniform(0, ceiling))
+
+
+def retrying_kwargs(exchange: Exchange, before_sleep: Callable[..., Any]) -> dict[str, Any]:
+    """Arguments for `tenacity.Retrying(**kw)` / `AsyncRetrying(**kw)` for one request."""
+    policy = exchange.retries
+    base = policy.backoff if policy is not None else 0.025
+    return {
+        "retry": tenacity.retry_if_result(exchange.should_retry),
+        "stop": tenacity.stop_never,  # should_retry counts attempts, deadline and budget
+        "wait": EnvoyBackoff(base, exchange.rng, exchange.clamp_wait),
+        "before_sleep": before_sleep,
+        "reraise": True,
+    }
+
+
+def run_attempts(
+    exchange: Exchange,
+    send: Callable[[Attempt], AttemptResult],
+    discard: Callable[[Any], None],
+) -> AttemptResult:
+    """Try, retry and back off as the route says; the final attempt's result."""
+
+    def attempt() -> AttemptResult:
+        setup = exchange.start_attempt()
+        if isinstance(setup, LocalReply):
+            return AttemptResult(reply=setup)
+        return exchange.finish_attempt(setup, send(setup))
+
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        if state.outcome is not None and not state.outcome.failed:
+            discard(state.outcome.result().response)  # a retried response is never returned
+
+    result: AttemptResult = tenacity.Retrying(**retrying_kwargs(exchange, before_sleep))(attempt)
+    return result
+
+
+async def run_attempts_async(
+    exchange: Exchange,
+    send: Callable[[Attempt], Awaitable[AttemptResult]],
+    discard: Callable[[Any], Awaitable[None]],
+) -> AttemptResult:
+    """`run_attempts` for asyncio, on a fresh AsyncRetrying per request."""
+
+    async def attempt() -> AttemptResult:
+        setup = exchange.start_attempt()
+        if isinstance(setup, LocalReply):
+            return AttemptResult(reply=setup)
+        return exchange.finish_attempt(setup, await send(setup))
+
+    async def before_sleep(state: tenacity.RetryCallState) -> None:
+        if state.outcome is not None and not state.outcome.failed:
+            await discard(state.outcome.result().response)
+
+    retrying = tenacity.AsyncRetrying(**retrying_kwargs(exchange, before_sleep))
+    result: AttemptResult = await retrying(attempt)
+    return result

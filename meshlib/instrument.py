@@ -1,0 +1,93 @@
+"""Mesh every httpx and requests client in the process, with one call.
+
+    meshlib.instrument()     # idempotent; existing and future clients are meshed
+    meshlib.uninstrument()   # back to stock behaviour
+
+wrapt wraps the methods where httpx and requests hand a request to the network —
+`httpx.HTTPTransport.handle_request`, `httpx.AsyncHTTPTransport.handle_async_request`,
+`requests.adapters.HTTPAdapter.send` — so clients created before the call are meshed too,
+and each client keeps its own connection pool, TLS and proxy settings. A meshlib client is
+never meshed twice: meshlib's own transports mark the requests they send.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import httpx
+import requests.adapters
+import wrapt
+
+from meshlib.clients._guard import inside_meshlib
+from meshlib.clients.httpx import AsyncMeshTransport, MeshTransport
+from meshlib.clients.requests import MeshAdapter
+from meshlib.mesh import Mesh
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {"mesh": None, "patched": False}
+_FACADE = "_meshlib_facade"
+
+_TARGETS = (
+    (httpx.HTTPTransport, "handle_request"),
+    (httpx.AsyncHTTPTransport, "handle_async_request"),
+    (requests.adapters.HTTPAdapter, "send"),
+)
+
+
+def _facade(instance: Any, make: Any) -> Any:
+    facade = instance.__dict__.get(_FACADE)
+    if facade is None:
+        facade = instance.__dict__[_FACADE] = make()
+    return facade
+
+
+def _httpx_sync(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    if inside_meshlib():
+        return wrapped(*args, **kwargs)
+    facade = _facade(instance, lambda: MeshTransport(instance, mesh=_state["mesh"]))
+    return facade.handle_request(*args, **kwargs)
+
+
+async def _httpx_async(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    if inside_meshlib():
+        return await wrapped(*args, **kwargs)
+    facade = _facade(instance, lambda: AsyncMeshTransport(instance, mesh=_state["mesh"]))
+    return await facade.handle_async_request(*args, **kwargs)
+
+
+def _requests_send(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    if inside_meshlib() or isinstance(instance, MeshAdapter):
+        return wrapped(*args, **kwargs)
+    facade = _facade(instance, lambda: MeshAdapter(mesh=_state["mesh"], inner=instance))
+    return facade.send(*args, **kwargs)
+
+
+_WRAPPERS = (_httpx_sync, _httpx_async, _requests_send)
+
+
+def instrument(mesh: Mesh | None = None) -> None:
+    """Mesh every httpx and requests client (idempotent). `mesh` defaults to the default Mesh."""
+    with _lock:
+        _state["mesh"] = mesh
+        if _state["patched"]:
+            return
+        for (owner, name), wrapper in zip(_TARGETS, _WRAPPERS, strict=True):
+            wrapt.wrap_function_wrapper(owner, name, wrapper)
+        _state["patched"] = True
+
+
+def uninstrument() -> None:
+    """Undo `instrument()`; clients send requests as stock httpx and requests do."""
+    with _lock:
+        if not _state["patched"]:
+            return
+        for owner, name in _TARGETS:
+            method = owner.__dict__[name]
+            setattr(owner, name, getattr(method, "__wrapped__", method))
+        _state["patched"] = False
+        _state["mesh"] = None
+
+
+def is_instrumented() -> bool:
+    return bool(_state["patched"])

@@ -1,0 +1,138 @@
+"""Mesh: this workload's view of the mesh — config, current policy, runtime state.
+
+The one-line APIs (`meshlib.Client()`, `meshlib.instrument()`, the middleware) use the
+process-wide default Mesh, set with `meshlib.configure(...)` or built from `MESHLIB_*`
+variables on first use. Tests and processes that need two meshes create `Mesh(...)` objects
+and pass them explicitly.
+
+    mesh = meshlib.configure(policy="mesh.yaml", service="productpage", version="v1")
+    client = meshlib.Client()              # uses that mesh
+    other = Mesh(MeshConfig(service="x"), policy=snapshot)   # a second, explicit one
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from meshlib.config import MeshConfig
+from meshlib.dataplane.cluster import Clusters, ClusterState
+from meshlib.dataplane.deadline import Deadline
+from meshlib.dataplane.exchange import Exchange
+from meshlib.dataplane.routing import ClusterKey, RoutePlan, plan_route
+from meshlib.policy.matching import RequestAttributes
+from meshlib.policy.snapshot import Snapshot
+from meshlib.sources.base import PolicySource, SnapshotPublisher
+from meshlib.sources.file import FileSource
+
+PolicyArg = (
+    str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Snapshot | PolicySource | None
+)
+
+
+class _StaticSource(SnapshotPublisher):
+    """A fixed Snapshot (for tests and for code that builds policy itself)."""
+
+    def start(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class Mesh:
+    """Holds the MeshConfig, the current Snapshot (from its source) and the runtime state."""
+
+    def __init__(
+        self,
+        config: MeshConfig | None = None,
+        *,
+        policy: PolicyArg = None,
+        rng: random.Random | None = None,
+        watch: bool = True,
+    ) -> None:
+        self.config = config if config is not None else MeshConfig.from_env()
+        self.rng = rng if rng is not None else random.Random()
+        self.source = self._source(policy if policy is not None else self.config.policy)
+        if watch:
+            self.source.start()
+        self.clusters = Clusters(self.rng)
+
+    def _source(self, policy: PolicyArg) -> PolicySource:
+        if policy is None:
+            return _StaticSource(Snapshot.empty(self.config))
+        if isinstance(policy, Snapshot):
+            return _StaticSource(policy)
+        if isinstance(policy, (str, os.PathLike, Sequence)):
+            return FileSource(policy, self.config)
+        return policy
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self.source.snapshot
+
+    def plan(self, request: RequestAttributes) -> RoutePlan:
+        """Route `request` with the current policy."""
+        return plan_route(self.source.snapshot, request, self.rng)
+
+    def cluster(self, key: ClusterKey, snapshot: Snapshot | None = None) -> ClusterState:
+        return self.clusters.get(key, snapshot or self.source.snapshot)
+
+    def exchange(
+        self, plan: RoutePlan, *, replayable: bool, snapshot: Snapshot | None = None
+    ) -> Exchange:
+        """The per-request state for carrying out `plan`."""
+        assert plan.cluster is not None
+        cluster = self.cluster(plan.cluster, snapshot)
+        return Exchange(
+            plan, cluster, self.rng, replayable=replayable, deadline=Deadline.after(plan.timeout)
+        )
+
+    def close(self) -> None:
+        self.source.close()
+
+    def __enter__(self) -> Mesh:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+_default: Mesh | None = None
+_default_lock = threading.Lock()
+
+
+def configure(policy: PolicyArg = None, *, mesh: Mesh | None = None, **config: Any) -> Mesh:
+    """Set the process-wide default Mesh from keyword arguments (and `MESHLIB_*` variables).
+
+    `meshlib.configure(policy="mesh.yaml", service="reviews", version="v2")`
+    """
+    global _default
+    new = mesh if mesh is not None else Mesh(MeshConfig.from_env(**config), policy=policy)
+    with _default_lock:
+        old, _default = _default, new
+    if old is not None and old is not new:
+        old.close()
+    return new
+
+
+def default_mesh() -> Mesh:
+    """The process-wide Mesh, built from the environment on first use."""
+    global _default
+    if _default is None:
+        with _default_lock:
+            if _default is None:
+                _default = Mesh(MeshConfig.from_env())
+    return _default
+
+
+def reset() -> None:
+    """Forget the default Mesh (tests use this between cases)."""
+    global _default
+    with _default_lock:
+        old, _default = _default, None
+    if old is not None:
+        old.close()

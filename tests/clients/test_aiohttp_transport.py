@@ -1,0 +1,373 @@
+"""AiohttpTransport: httpx.AsyncClient over aiohttp against a real uvicorn server on 127.0.0.1.
+
+The server runs in a thread (`uvicorn.Server` on a socket bound to port 0); every test drives
+its client with `asyncio.run` and closes it, so no session, connector or socket outlives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from meshlib.clients._aiohttp import AiohttpTransport
+
+uvicorn = pytest.importorskip("uvicorn")
+
+BIG = bytes(range(256)) * 1024  # 256 KiB: more than one read, so the streaming path
+
+
+async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    assert scope["type"] == "http"
+    body = b""
+    chunks = 0
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        chunks += 1
+        if not message.get("more_body"):
+            break
+    path = scope["path"]
+    headers: list[tuple[bytes, bytes]] = []
+    if path == "/echo":
+        payload = {
+            "method": scope["method"],
+            "query": scope["query_string"].decode(),
+            "headers": [[k.decode(), v.decode()] for k, v in scope["headers"]],
+            "body": body.decode("latin-1"),
+        }
+        out = json.dumps(payload).encode()
+        headers.append((b"content-type", b"application/json"))
+    elif path == "/cookies":
+        out = b"two cookies"
+        headers += [(b"set-cookie", b"a=1; Path=/"), (b"set-cookie", b"b=2; Path=/")]
+        headers += [(b"x-multi", b"one"), (b"x-multi", b"two")]
+    elif path == "/gzip":
+        out = gzip.compress(b"compressed " * 100)
+        headers.append((b"content-encoding", b"gzip"))
+    elif path == "/big":
+        out = BIG
+    elif path == "/stream":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for i in range(5):
+            await send({"type": "http.response.body", "body": b"%d" % i * 1000, "more_body": True})
+            await asyncio.sleep(0.01)
+        await send({"type": "http.response.body", "body": b""})
+        return
+    elif path == "/slow":
+        await asyncio.sleep(float(scope["query_string"].decode() or "1"))
+        out = b"late"
+    elif path == "/close":
+        out = b"bye"
+        headers.append((b"connection", b"close"))
+    else:
+        out = b"ok"
+    headers.append((b"content-length", b"%d" % len(out)))
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": out})
+
+
+@pytest.fixture(scope="module")
+def base_url() -> Iterator[str]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app, lifespan="off", log_level="warning", access_log=False, ws="none",
+        timeout_graceful_shutdown=2,
+    )  # fmt: skip
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive(), "uvicorn exited during startup"
+        assert time.monotonic() < deadline, "uvicorn did not start in 10 s"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def client(**kwargs: Any) -> httpx.AsyncClient:
+    transport = AiohttpTransport(**kwargs.pop("transport_options", {}))
+    return httpx.AsyncClient(transport=transport, **kwargs)
+
+
+def header_values(echo: dict[str, Any], name: str) -> list[str]:
+    return [v for k, v in echo["headers"] if k == name]
+
+
+def test_get_round_trip_sends_exactly_httpx_headers(base_url: str) -> None:
+    async def main() -> httpx.Response:
+        async with client() as c:
+            return await c.get(f"{base_url}/echo?x=1&y=%2F", headers={"X-Trace": "abc"})
+
+    response = asyncio.run(main())
+    assert response.status_code == 200
+    assert response.http_version == "HTTP/1.1"
+    assert response.reason_phrase == "OK"
+    echo = response.json()
+    assert echo["method"] == "GET"
+    assert echo["query"] == "x=1&y=%2F"
+    assert echo["body"] == ""
+    names = [k for k, _ in echo["headers"]]
+    # httpx's defaults, not aiohttp's: one of each, and no Content-Length on a bodiless GET.
+    assert header_values(echo, "user-agent") == [f"python-httpx/{httpx.__version__}"]
+    assert header_values(echo, "accept") == ["*/*"]
+    assert header_values(echo, "accept-encoding") == response.request.headers.get_list(
+        "accept-encoding"
+    )
+    assert header_values(echo, "host") == [base_url.removeprefix("http://")]
+    assert header_values(echo, "x-trace") == ["abc"]
+    assert "content-length" not in names
+    assert "content-type" not in names
+
+
+def test_removed_httpx_default_headers_are_not_replaced_by_aiohttp(base_url: str) -> None:
+    async def main() -> dict[str, Any]:
+        async with client() as c:
+            request = c.build_request("POST", f"{base_url}/echo", content=b"x")
+            for name in ("User-Agent", "Accept", "Accept-Encoding"):
+                del request.headers[name]
+            response = await c.send(request)
+            return dict(response.json())
+
+    names = {k for k, _ in asyncio.run(main())["headers"]}
+    assert not names & {"user-agent", "accept", "accept-encoding", "content-type"}
+
+
+def test_post_bytes_round_trip(base_url: str) -> None:
+    payload = bytes(range(256)) * 40
+
+    async def main() -> dict[str, Any]:
+        async with client() as c:
+            response = await c.post(
+                f"{base_url}/echo", content=payload, headers={"Content-Type": "application/x-raw"}
+            )
+            return dict(response.json())
+
+    echo = asyncio.run(main())
+    assert echo["method"] == "POST"
+    assert echo["body"].encode("latin-1") == payload
+    assert header_values(echo, "content-length") == [str(len(payload))]
+    assert header_values(echo, "content-type") == ["application/x-raw"]
+
+
+def test_post_json_and_empty_body(base_url: str) -> None:
+    async def main() -> tuple[dict[str, Any], dict[str, Any]]:
+        async with client() as c:
+            a = await c.post(f"{base_url}/echo", json={"k": [1, 2]})
+            b = await c.post(f"{base_url}/echo")
+            return a.json(), b.json()
+
+    with_json, empty = asyncio.run(main())
+    assert json.loads(with_json["body"]) == {"k": [1, 2]}
+    assert header_values(with_json, "content-type") == ["application/json"]
+    assert empty["body"] == ""
+    assert header_values(empty, "content-length") == ["0"]
+    assert header_values(empty, "content-type") == []
+
+
+def test_streaming_request_body(base_url: str) -> None:
+    async def body() -> AsyncIterator[bytes]:
+        for i in range(5):
+            yield b"chunk-%d;" % i
+            await asyncio.sleep(0)
+
+    async def main() -> dict[str, Any]:
+        async with client() as c:
+            response = await c.put(f"{base_url}/echo", content=body())
+            return dict(response.json())
+
+    echo = asyncio.run(main())
+    assert echo["method"] == "PUT"
+    assert echo["body"] == "".join(f"chunk-{i};" for i in range(5))
+    assert header_values(echo, "transfer-encoding") == ["chunked"]
+    assert header_values(echo, "content-length") == []
+
+
+def test_repeated_response_headers_are_preserved(base_url: str) -> None:
+    async def main() -> tuple[httpx.Response, dict[str, str]]:
+        async with client() as c:
+            response = await c.get(f"{base_url}/cookies")
+            return response, dict(c.cookies)
+
+    response, jar = asyncio.run(main())
+    assert response.headers.get_list("set-cookie") == ["a=1; Path=/", "b=2; Path=/"]
+    assert response.headers.get_list("x-multi") == ["one", "two"]
+    assert response.text == "two cookies"
+    assert jar == {"a": "1", "b": "2"}  # httpx's cookie handling saw both
+
+
+def test_content_encoding_is_decoded_once_by_httpx(base_url: str) -> None:
+    async def main() -> tuple[bytes, str]:
+        async with client() as c:
+            async with c.stream("GET", f"{base_url}/gzip") as response:
+                raw = b"".join([chunk async for chunk in response.aiter_raw()])
+            decoded = (await c.get(f"{base_url}/gzip")).text
+            return raw, decoded
+
+    raw, decoded = asyncio.run(main())
+    assert gzip.decompress(raw) == b"compressed " * 100  # aiohttp left the bytes alone
+    assert decoded == "compressed " * 100
+
+
+def test_response_streaming(base_url: str) -> None:
+    async def main() -> tuple[list[bytes], bytes, bytes]:
+        async with client() as c:
+            async with c.stream("GET", f"{base_url}/stream") as response:
+                assert response.status_code == 200
+                chunks = [chunk async for chunk in response.aiter_raw()]
+            async with c.stream("GET", f"{base_url}/big") as response:
+                big = b"".join([chunk async for chunk in response.aiter_bytes()])
+            # The connection went back to the pool in a usable state.
+            again = (await c.get(f"{base_url}/big")).content
+            return chunks, big, again
+
+    chunks, big, again = asyncio.run(main())
+    assert b"".join(chunks) == b"".join(b"%d" % i * 1000 for i in range(5))
+    assert len(chunks) > 1
+    assert big == BIG
+    assert again == BIG
+
+
+def test_response_closed_before_the_end_drops_the_connection(base_url: str) -> None:
+    async def main() -> bytes:
+        async with client() as c:
+            async with c.stream("GET", f"{base_url}/big") as response:
+                async for _ in response.aiter_raw():
+                    break  # the rest of the body is never read
+            return (await c.get(f"{base_url}/big")).content
+
+    assert asyncio.run(main()) == BIG
+
+
+def test_connection_refused_is_connect_error() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens here once the socket is closed
+
+    async def main() -> None:
+        async with client() as c:
+            await c.get(f"http://127.0.0.1:{port}/")
+
+    with pytest.raises(httpx.ConnectError) as info:
+        asyncio.run(main())
+    assert info.value.request.url.port == port
+    assert info.value.__cause__ is not None
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        pytest.param(b"", id="closed-without-response"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort", id="truncated-body"),
+        pytest.param(b"NOT HTTP AT ALL\r\n\r\n", id="garbage"),
+    ],
+)
+def test_broken_server_replies_are_remote_protocol_errors(reply: bytes) -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(reply)
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+
+    async def main() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server, client() as c:
+            await c.get(f"http://127.0.0.1:{port}/")
+
+    with pytest.raises(httpx.RemoteProtocolError) as info:
+        asyncio.run(main())
+    assert info.value.__cause__ is not None
+
+
+def test_read_timeout(base_url: str) -> None:
+    async def main() -> None:
+        async with client(timeout=httpx.Timeout(5.0, read=0.2)) as c:
+            await c.get(f"{base_url}/slow?1")
+
+    started = time.monotonic()
+    with pytest.raises(httpx.ReadTimeout):
+        asyncio.run(main())
+    assert time.monotonic() - started < 0.9
+
+
+def test_per_request_timeout_overrides_the_client_default(base_url: str) -> None:
+    async def main() -> tuple[bytes, Exception]:
+        async with client(timeout=0.1) as c:
+            ok = await c.get(f"{base_url}/slow?0.3", timeout=2.0)
+            with pytest.raises(httpx.ReadTimeout) as info:
+                await c.get(f"{base_url}/slow?0.3")
+            return ok.content, info.value
+
+    content, error = asyncio.run(main())
+    assert content == b"late"
+    assert isinstance(error, httpx.TimeoutException)
+
+
+def test_pool_timeout_when_every_connection_is_busy(base_url: str) -> None:
+    async def main() -> None:
+        options = {"max_connections": 1}
+        async with client(transport_options=options) as c:
+            busy = asyncio.create_task(c.get(f"{base_url}/slow?0.5"))
+            await asyncio.sleep(0.1)  # let it take the only connection
+            try:
+                with pytest.raises(httpx.PoolTimeout):
+                    await c.get(f"{base_url}/", timeout=httpx.Timeout(5.0, pool=0.1, connect=0.1))
+            finally:
+                assert (await busy).content == b"late"
+
+    asyncio.run(main())
+
+
+def test_200_concurrent_requests(base_url: str) -> None:
+    async def main() -> list[httpx.Response]:
+        async with client() as c:  # 100 connections: half the requests queue for one
+            return await asyncio.gather(*(c.get(f"{base_url}/echo?{i}") for i in range(200)))
+
+    responses = asyncio.run(main())
+    assert [r.status_code for r in responses] == [200] * 200
+    assert [r.json()["query"] for r in responses] == [str(i) for i in range(200)]
+
+
+def test_unsupported_scheme() -> None:
+    async def main() -> None:
+        async with client() as c:
+            await c.get("ftp://127.0.0.1/")
+
+    with pytest.raises(httpx.UnsupportedProtocol):
+        asyncio.run(main())
+
+
+def test_transport_survives_a_new_event_loop(base_url: str) -> None:
+    transport = AiohttpTransport()
+
+    async def once(close: bool) -> bytes:
+        c = httpx.AsyncClient(transport=transport)
+        response = await c.get(f"{base_url}/close")  # no pooled socket left behind
+        if close:
+            await c.aclose()
+        return response.content
+
+    assert asyncio.run(once(close=False)) == b"bye"
+    assert asyncio.run(once(close=True)) == b"bye"  # a fresh session in the new loop
+
+
+def test_rejects_a_bad_limit() -> None:
+    with pytest.raises(ValueError, match="max_connections"):
+        AiohttpTransport(max_connections=0)

@@ -1,0 +1,610 @@
+"""Outlier detection: Envoy's consecutive-error ejection on pybreaker's state machine."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pybreaker
+import pytest
+
+from meshlib.dataplane.outlier import CLOSED, HALF_OPEN, OPEN, OutlierDetector
+from meshlib.policy.common import Duration
+from meshlib.policy.destination_rule import OutlierDetection
+
+JOIN = 5.0  # seconds a thread may take before a test calls it stuck
+
+
+class FakeClock:
+    """Monotonic seconds under the test's control."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def od(**fields: Any) -> OutlierDetection:
+    for name in ("interval", "base_ejection_time"):
+        if isinstance(fields.get(name), str):
+            fields[name] = Duration.of(fields[name])
+    return OutlierDetection(**fields)
+
+
+def detector(settings: OutlierDetection | None = None) -> tuple[OutlierDetector, FakeClock]:
+    clock = FakeClock()
+    return OutlierDetector(od() if settings is None else settings, clock=clock), clock
+
+
+def report(
+    det: OutlierDetector,
+    key: str,
+    times: int,
+    status: int | None = 500,
+    *,
+    local: bool = False,
+    total: int = 10,
+) -> None:
+    for _ in range(times):
+        det.record(key, status=status, local_origin_failure=local, total_endpoints=total)
+
+
+def eject(det: OutlierDetector, key: str, total: int = 10) -> None:
+    """Five 500s: enough for the default consecutive5xxErrors."""
+    report(det, key, 5, total=total)
+
+
+# -- which errors count ---------------------------------------------------------------------
+
+
+def test_default_is_five_consecutive_5xx() -> None:
+    """With outlierDetection present but consecutive5xxErrors unset, the fifth 5xx in a row ejects."""
+    det, _ = detector()
+    report(det, "a", 4)
+    assert det.state("a") == CLOSED
+    assert det.admit("a", 10)
+    report(det, "a", 1)
+    assert det.state("a") == OPEN
+    assert det.ejected() == {"a"}
+    assert not det.admit("a", 10)
+
+
+@pytest.mark.parametrize("threshold", [1, 3, 7])
+def test_ejection_after_exactly_n_consecutive_5xx(threshold: int) -> None:
+    """consecutive5xxErrors N ejects at the Nth consecutive 5xx, not before."""
+    det, _ = detector(od(consecutive_5xx_errors=threshold))
+    report(det, "a", threshold - 1, status=503)
+    assert det.state("a") == CLOSED
+    report(det, "a", 1, status=503)
+    assert det.state("a") == OPEN
+    assert det.ejection_count("a") == 1
+
+
+def test_success_resets_the_count() -> None:
+    """A non-error status between errors starts the consecutive count again."""
+    det, _ = detector()
+    report(det, "a", 4)
+    report(det, "a", 1, status=404)  # 4xx is a success for outlier detection
+    report(det, "a", 4)
+    assert det.state("a") == CLOSED
+    report(det, "a", 1)
+    assert det.state("a") == OPEN
+
+
+def test_zero_disables_consecutive_5xx() -> None:
+    """consecutive5xxErrors 0 turns the 5xx rule off."""
+    det, _ = detector(od(consecutive_5xx_errors=0))
+    report(det, "a", 50)
+    assert det.state("a") == CLOSED
+    assert det.ejected() == frozenset()
+
+
+def test_gateway_errors_count_502_503_504_only() -> None:
+    """consecutiveGatewayErrors counts 502/503/504; another 5xx resets its count."""
+    det, _ = detector(od(consecutive_5xx_errors=0, consecutive_gateway_errors=3))
+    report(det, "a", 10, status=500)
+    report(det, "a", 2, status=502)
+    report(det, "a", 1, status=500)  # a 5xx but not a gateway error: the run is broken
+    report(det, "a", 2, status=504)
+    assert det.state("a") == CLOSED
+    report(det, "a", 1, status=503)
+    assert det.state("a") == OPEN
+
+
+def test_gateway_errors_also_count_as_5xx() -> None:
+    """A gateway error feeds both counters: the lower threshold wins."""
+    det, _ = detector(od(consecutive_5xx_errors=2, consecutive_gateway_errors=5))
+    report(det, "a", 2, status=502)
+    assert det.state("a") == OPEN
+
+
+def test_deprecated_consecutive_errors_means_gateway_errors() -> None:
+    """consecutiveErrors (deprecated) sets the gateway threshold and turns the 5xx rule off, as pilot does."""
+    det, _ = detector(od(consecutive_errors=2))
+    report(det, "a", 20, status=500)
+    assert det.state("a") == CLOSED
+    report(det, "a", 2, status=503)
+    assert det.state("a") == OPEN
+
+
+def test_http_error_codes_replace_5xx() -> None:
+    """With outlierDetectionHttpErrorCodes only the listed codes count for consecutive5xxErrors."""
+    det, _ = detector(od(consecutive_5xx_errors=3, outlier_detection_http_error_codes=(429, 500)))
+    report(det, "a", 10, status=501)
+    assert det.state("a") == CLOSED
+    report(det, "a", 2, status=429)
+    report(det, "a", 1, status=500)
+    assert det.state("a") == OPEN
+
+
+def test_local_origin_failures_count_as_5xx_when_not_split() -> None:
+    """Not split: connect failures, resets and timeouts count as 5xx errors."""
+    det, _ = detector()
+    report(det, "a", 5, status=None, local=True)
+    assert det.state("a") == OPEN
+
+
+def test_local_origin_failures_count_as_gateway_errors_when_not_split() -> None:
+    """Not split: a local-origin failure is also a gateway error."""
+    det, _ = detector(od(consecutive_5xx_errors=0, consecutive_gateway_errors=2))
+    report(det, "a", 2, status=None, local=True)
+    assert det.state("a") == OPEN
+
+
+def test_split_local_origin_failures_have_their_own_counter() -> None:
+    """Split: local-origin failures feed only consecutiveLocalOriginFailures (default 5)."""
+    det, _ = detector(od(split_external_local_origin_errors=True, consecutive_5xx_errors=2))
+    report(det, "a", 4, status=None, local=True)
+    assert det.state("a") == CLOSED  # the 5xx threshold of 2 does not see them
+    report(det, "a", 1, status=None, local=True)
+    assert det.state("a") == OPEN
+
+
+def test_split_local_origin_threshold_and_reset_by_a_response() -> None:
+    """Split: consecutiveLocalOriginFailures applies, and any response (even a 5xx) resets it."""
+    det, _ = detector(
+        od(split_external_local_origin_errors=True, consecutive_local_origin_failures=3)
+    )
+    report(det, "a", 2, status=None, local=True)
+    report(det, "a", 1, status=500)  # the connection worked
+    report(det, "a", 2, status=None, local=True)
+    assert det.state("a") == CLOSED
+    report(det, "a", 1, status=None, local=True)
+    assert det.state("a") == OPEN
+
+
+def test_split_5xx_still_counted_separately() -> None:
+    """Split: external 5xx responses keep feeding consecutive5xxErrors."""
+    det, _ = detector(od(split_external_local_origin_errors=True, consecutive_5xx_errors=2))
+    report(det, "a", 1, status=500)
+    report(det, "a", 1, status=None, local=True)  # does not break the 5xx run
+    report(det, "a", 1, status=500)
+    assert det.state("a") == OPEN
+
+
+def test_no_response_without_local_flag_counts_as_503() -> None:
+    """status None without the local-origin flag counts like a 503 (5xx and gateway error)."""
+    det, _ = detector(od(consecutive_5xx_errors=0, consecutive_gateway_errors=2))
+    report(det, "a", 2, status=None)
+    assert det.state("a") == OPEN
+
+
+# -- ejection time, trials and k ------------------------------------------------------------
+
+
+def test_ejection_time_grows_with_k_and_is_capped() -> None:
+    """Ejection lasts base x k, capped at 300 s; k stops growing once base x k passes the cap."""
+    det, clock = detector(od(base_ejection_time="30s"))
+    eject(det, "a")
+    for k in range(1, 14):
+        assert det.ejection_count("a") == min(k, 11)
+        duration = min(30.0 * k, 300.0)
+        clock.advance(duration - 0.5)
+        assert not det.admit("a", 10)
+        clock.advance(0.5)
+        assert det.admit("a", 10)  # the trial
+        report(det, "a", 1)  # ... fails: ejected again
+        assert det.state("a") == OPEN
+
+
+def test_ejection_cap_is_base_when_base_exceeds_300s() -> None:
+    """The cap is max(300 s, baseEjectionTime)."""
+    det, clock = detector(od(base_ejection_time="400s"))
+    eject(det, "a")
+    clock.advance(400)
+    assert det.admit("a", 10)
+    report(det, "a", 1)  # k = 2, but the time stays 400 s
+    clock.advance(399)
+    assert not det.admit("a", 10)
+    clock.advance(1)
+    assert det.admit("a", 10)
+
+
+def test_readmission_by_a_single_half_open_trial() -> None:
+    """After the ejection time one caller gets the trial; others are refused until it reports."""
+    det, clock = detector()
+    eject(det, "a")
+    clock.advance(30)
+    assert det.state("a") == OPEN  # nothing happens until someone asks
+    assert det.admit("a", 10)
+    assert det.state("a") == HALF_OPEN
+    assert not det.admit("a", 10)
+    assert not det.admit("a", 10)
+    assert det.ejected() == {"a"}
+
+
+def test_trial_success_closes() -> None:
+    """A successful trial brings the endpoint back with its counters reset."""
+    det, clock = detector()
+    eject(det, "a")
+    clock.advance(30)
+    assert det.admit("a", 10)
+    report(det, "a", 1, status=200)
+    assert det.state("a") == CLOSED
+    assert det.ejected() == frozenset()
+    assert all(det.admit("a", 10) for _ in range(3))
+    report(det, "a", 4)
+    assert det.state("a") == CLOSED  # a fresh run of five is needed
+
+
+def test_trial_failure_reejects_for_longer() -> None:
+    """A failed trial ejects again at once with k + 1, so the next ejection lasts twice as long."""
+    det, clock = detector()
+    eject(det, "a")
+    clock.advance(30)
+    assert det.admit("a", 10)
+    report(det, "a", 1, status=503)
+    assert det.state("a") == OPEN
+    assert det.ejection_count("a") == 2
+    clock.advance(59)
+    assert not det.admit("a", 10)
+    clock.advance(1)
+    assert det.admit("a", 10)
+
+
+def test_trial_outcome_judged_by_enabled_rules() -> None:
+    """A trial answered by an error no enabled rule counts (500 with only gateway errors) closes."""
+    det, clock = detector(od(consecutive_5xx_errors=0, consecutive_gateway_errors=1))
+    report(det, "a", 1, status=502)
+    clock.advance(30)
+    assert det.admit("a", 10)
+    report(det, "a", 1, status=500)
+    assert det.state("a") == CLOSED
+
+
+def test_lost_trial_is_given_up_after_base_ejection_time() -> None:
+    """A trial never reported does not block the endpoint forever: a new one after baseEjectionTime."""
+    det, clock = detector()
+    eject(det, "a")
+    clock.advance(30)
+    assert det.admit("a", 10)
+    clock.advance(29)
+    assert not det.admit("a", 10)
+    clock.advance(1)
+    assert det.admit("a", 10)
+    assert det.state("a") == HALF_OPEN
+
+
+def test_results_for_an_ejected_endpoint_are_ignored() -> None:
+    """Late results of requests sent before the ejection do not change an open endpoint."""
+    det, clock = detector()
+    eject(det, "a")
+    report(det, "a", 3, status=200)
+    report(det, "a", 10)
+    assert det.state("a") == OPEN
+    assert det.ejection_count("a") == 1
+    clock.advance(30)
+    assert det.admit("a", 10)
+
+
+def test_interval_sweep_decrements_k() -> None:
+    """k drops by one at each interval sweep that finds the endpoint back for a full interval."""
+    det, clock = detector(od(interval="10s"))  # sweeps at 1010, 1020, ... (created at 1000)
+    eject(det, "a")  # t=1000, k=1
+    clock.advance(30)
+    assert det.admit("a", 10)
+    report(det, "a", 1)  # t=1030, k=2
+    clock.advance(60)
+    assert det.admit("a", 10)
+    report(det, "a", 1, status=200)  # back at t=1090 with k=2
+    clock.advance(9.5)
+    assert det.ejection_count("a") == 2  # the sweep at 1090 came before the return
+    clock.advance(0.5)
+    assert det.ejection_count("a") == 1  # sweep at 1100: back for 10 s
+    clock.advance(10)
+    assert det.ejection_count("a") == 0
+    eject(det, "a")
+    assert det.ejection_count("a") == 1  # the next ejection is base x 1 again
+    clock.advance(29)
+    assert not det.admit("a", 10)
+    clock.advance(1)
+    assert det.admit("a", 10)
+
+
+def test_k_does_not_decay_while_ejected() -> None:
+    """Sweeps leave k alone while the endpoint is still out of the pool."""
+    det, clock = detector(od(interval="1s"))
+    eject(det, "a")
+    clock.advance(30)
+    assert det.admit("a", 10)
+    report(det, "a", 1)  # k = 2
+    clock.advance(3600)
+    assert det.ejection_count("a") == 2
+
+
+def test_long_idle_period_decays_k_in_one_step() -> None:
+    """An hour of sweeps is applied at once, without looping per sweep."""
+    det, clock = detector(od(interval="1ms", base_ejection_time="1s"))
+    eject(det, "a")
+    for _ in range(4):
+        clock.advance(300)
+        assert det.admit("a", 10)
+        report(det, "a", 1)
+    clock.advance(300)
+    assert det.admit("a", 10)
+    report(det, "a", 1, status=200)
+    assert det.ejection_count("a") == 5
+    clock.advance(3600)
+    assert det.ejection_count("a") == 0
+
+
+# -- how many may be ejected ----------------------------------------------------------------
+
+
+def test_max_ejection_percent_default_ten_of_ten_endpoints() -> None:
+    """At the default 10% only one of ten endpoints is ejected; the others stay in."""
+    det, _ = detector()
+    for i in range(10):
+        eject(det, f"e{i}", total=10)
+    assert det.ejected() == {"e0"}
+    assert det.ejections_overflow == 9
+    assert all(det.admit(f"e{i}", 10) for i in range(1, 10))
+
+
+def test_max_ejection_percent_fifty() -> None:
+    """At 50% five of ten endpoints are ejected."""
+    det, _ = detector(od(max_ejection_percent=50))
+    for i in range(10):
+        eject(det, f"e{i}", total=10)
+    assert det.ejected() == {f"e{i}" for i in range(5)}
+
+
+def test_at_least_one_endpoint_may_be_ejected() -> None:
+    """Even when one endpoint is more than maxEjectionPercent of the cluster, one may go."""
+    det, _ = detector(od(max_ejection_percent=10))
+    eject(det, "a", total=3)
+    eject(det, "b", total=3)
+    assert det.ejected() == {"a"}
+
+
+def test_refused_ejection_needs_a_new_run_of_errors() -> None:
+    """When maxEjectionPercent refuses an ejection the counter restarts, as in Envoy."""
+    det, clock = detector()
+    eject(det, "a")
+    eject(det, "b")
+    assert det.state("b") == CLOSED
+    clock.advance(30)
+    assert det.admit("a", 10)
+    report(det, "a", 1, status=200)  # a is back: room for one ejection
+    report(det, "b", 4)
+    assert det.state("b") == CLOSED
+    report(det, "b", 1)
+    assert det.state("b") == OPEN
+
+
+def test_all_ejected_admits_nobody() -> None:
+    """With panic off (Istio's default) and every endpoint ejected, admit() refuses all (503 UH)."""
+    det, _ = detector(od(max_ejection_percent=100))
+    for key in ("a", "b", "c"):
+        eject(det, key, total=3)
+    assert det.ejected() == {"a", "b", "c"}
+    assert not any(det.admit(key, 3) for key in ("a", "b", "c"))
+    assert not any(det.available(key, 3) for key in ("a", "b", "c"))
+
+
+def test_panic_admits_everything_below_min_health() -> None:
+    """minHealthPercent > 0: once the healthy share falls below it, every endpoint is admitted."""
+    det, _ = detector(od(max_ejection_percent=100, min_health_percent=50))
+    keys = ["a", "b", "c", "d"]
+    eject(det, "a", total=4)
+    eject(det, "b", total=4)
+    assert not det.admit("a", 4)  # 50% healthy is not below 50%
+    eject(det, "c", total=4)
+    assert all(det.admit(key, 4) for key in keys)  # 25% healthy: panic
+    assert det.state("a") == OPEN  # panic routes around ejection, it does not undo it
+
+
+def test_settings_none_never_ejects() -> None:
+    """Without an outlierDetection block nothing is ever ejected."""
+    det = OutlierDetector(None, clock=FakeClock())
+    report(det, "a", 100, status=None, local=True)
+    report(det, "a", 100, status=503)
+    assert det.admit("a", 1)
+    assert det.state("a") == CLOSED
+    assert det.ejected() == frozenset()
+
+
+def test_update_keeps_endpoint_state() -> None:
+    """New settings keep ejections; removing the block stops ejection; restoring it finds the state."""
+    det, clock = detector()
+    eject(det, "a")
+    det.update(od(consecutive_5xx_errors=2))
+    assert det.state("a") == OPEN
+    assert not det.admit("a", 10)
+    det.update(None)
+    assert det.admit("a", 10)
+    report(det, "b", 10)
+    det.update(od(consecutive_5xx_errors=2))
+    assert det.state("b") == CLOSED
+    assert not det.admit("a", 10)
+    clock.advance(30)
+    assert det.admit("a", 10)
+
+
+def test_retain_forgets_departed_endpoints() -> None:
+    """Endpoints that left the cluster no longer count as ejected."""
+    det, _ = detector()
+    eject(det, "a")
+    det.retain(["b", "c"])
+    assert det.ejected() == frozenset()
+    eject(det, "b")
+    assert det.ejected() == {"b"}
+
+
+def test_available_is_read_only() -> None:
+    """available() tells the balancer whether admit() could succeed without taking the trial."""
+    det, clock = detector()
+    eject(det, "a")
+    assert not det.available("a", 10)
+    clock.advance(30)
+    assert det.available("a", 10)
+    assert det.available("a", 10)
+    assert det.state("a") == OPEN
+    assert det.admit("a", 10)
+    assert not det.available("a", 10)
+
+
+# -- listeners and pybreaker ------------------------------------------------------------------
+
+
+def test_listeners_see_every_transition() -> None:
+    """listen() reports (key, old, new) for ejection, trial and return."""
+    det, clock = detector()
+    seen: list[tuple[str, str, str]] = []
+    det.listen(lambda key, old, new: seen.append((key, old, new)))
+    eject(det, "a")
+    clock.advance(30)
+    det.admit("a", 10)
+    report(det, "a", 1)
+    clock.advance(60)
+    det.admit("a", 10)
+    report(det, "a", 1, status=200)
+    assert seen == [
+        ("a", CLOSED, OPEN),
+        ("a", OPEN, HALF_OPEN),
+        ("a", HALF_OPEN, OPEN),
+        ("a", OPEN, HALF_OPEN),
+        ("a", HALF_OPEN, CLOSED),
+    ]
+
+
+def test_listener_runs_outside_the_lock() -> None:
+    """A listener may call back into the detector without deadlocking, and a failing one is contained."""
+    det, _ = detector()
+    snapshots: list[frozenset[str]] = []
+    det.listen(lambda key, old, new: snapshots.append(det.ejected()))
+
+    def broken(key: str, old: str, new: str) -> None:
+        raise RuntimeError("metrics backend down")
+
+    det.listen(broken)
+    done = threading.Event()
+
+    def run() -> None:
+        eject(det, "a")
+        done.set()
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    assert done.wait(JOIN)
+    assert snapshots == [frozenset({"a"})]
+
+
+def test_breaker_call_is_never_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The detector drives pybreaker by open/half_open/close only, never call() (it would serialize requests)."""
+
+    def forbidden(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("CircuitBreaker.call must not be used")
+
+    monkeypatch.setattr(pybreaker.CircuitBreaker, "call", forbidden)
+    det, clock = detector()
+    eject(det, "a")
+    clock.advance(30)
+    assert det.admit("a", 10)
+    report(det, "a", 1, status=200)
+    assert det.state("a") == CLOSED
+
+
+# -- concurrency ----------------------------------------------------------------------------
+
+
+def test_exactly_one_thread_gets_the_trial() -> None:
+    """16 threads calling admit() on an endpoint due for its trial at the same moment: one True."""
+    det, clock = detector()
+    eject(det, "a")
+    clock.advance(30)
+    barrier = threading.Barrier(16)
+    results: list[bool] = []
+    results_lock = threading.Lock()
+
+    def contender() -> None:
+        barrier.wait(JOIN)
+        allowed = det.admit("a", 10)
+        with results_lock:
+            results.append(allowed)
+
+    threads = [threading.Thread(target=contender, daemon=True) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(JOIN)
+    assert len(results) == 16
+    assert results.count(True) == 1
+    assert det.state("a") == HALF_OPEN
+
+
+def test_no_lock_is_held_while_a_request_is_in_flight() -> None:
+    """While one thread is inside a request (between admit and record) others admit and record freely."""
+    det, clock = detector(od(max_ejection_percent=100))
+    eject(det, "trial")
+    clock.advance(30)
+    inside = threading.Event()
+    release = threading.Event()
+
+    def slow_request() -> None:
+        assert det.admit("trial", 10)  # holds the half-open trial
+        assert det.admit("healthy", 10)
+        inside.set()
+        release.wait(JOIN)  # the request is "on the wire"
+        det.record("trial", status=200, total_endpoints=10)
+        det.record("healthy", status=200, total_endpoints=10)
+
+    slow = threading.Thread(target=slow_request, daemon=True)
+    slow.start()
+    assert inside.wait(JOIN)
+
+    barrier = threading.Barrier(8)
+    finished = threading.Event()
+    count = 0
+    count_lock = threading.Lock()
+
+    def other(n: int) -> None:
+        nonlocal count
+        barrier.wait(JOIN)
+        key = f"other{n}"
+        assert det.admit(key, 10)
+        report(det, key, 5)  # ejects: breaker transitions and listeners run too
+        assert not det.admit(key, 10)
+        assert not det.admit("trial", 10)  # refused at once, not blocked
+        det.record("healthy", status=200, total_endpoints=10)
+        with count_lock:
+            count += 1
+            if count == 8:
+                finished.set()
+
+    others = [threading.Thread(target=other, args=(n,), daemon=True) for n in range(8)]
+    for thread in others:
+        thread.start()
+    assert finished.wait(JOIN), "other endpoints were blocked by the request in flight"
+    assert slow.is_alive()  # the slow request was still inside the whole time
+    assert det.state("trial") == HALF_OPEN
+    release.set()
+    slow.join(JOIN)
+    for thread in others:
+        thread.join(JOIN)
+    assert det.state("trial") == CLOSED
+    assert det.ejected() == {f"other{n}" for n in range(8)}

@@ -1,0 +1,281 @@
+"""RoutePlan decisions without I/O: weights, local answers, rewrites, headers, faults, mirrors."""
+
+from __future__ import annotations
+
+import random
+import textwrap
+from collections import Counter
+
+import pytest
+
+from meshlib.config import MeshConfig
+from meshlib.dataplane.routing import RoutePlan, plan_route
+from meshlib.policy.loader import load_text
+from meshlib.policy.matching import RequestAttributes
+from meshlib.policy.snapshot import Snapshot
+
+SERVICES = """
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: reviews}
+spec:
+  hosts: [reviews.default.svc.cluster.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{number: 9080, name: http, protocol: HTTP}]
+  endpoints:
+  - {address: 10.0.0.1, labels: {version: v1}}
+  - {address: 10.0.0.2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews}
+spec:
+  host: reviews
+  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+---
+"""
+
+
+def snapshot_for(http: str) -> Snapshot:
+    text = SERVICES + (
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews}\n"
+        "spec:\n  hosts: [reviews]\n  http:\n"
+        + textwrap.indent(textwrap.dedent(http).strip("\n"), "  ")
+    )
+    result = load_text(text, "routing.yaml")
+    assert result.errors == (), [str(e) for e in result.errors]
+    return Snapshot.build(result.resources, MeshConfig())
+
+
+def plan(snapshot: Snapshot, path: str = "/", seed: int = 1, **kwargs: object) -> RoutePlan:
+    request = RequestAttributes(
+        kwargs.pop("method", "GET"), kwargs.pop("authority", "reviews:9080"), path, **kwargs
+    )  # type: ignore[arg-type]
+    return plan_route(snapshot, request, random.Random(seed))
+
+
+def test_weighted_split_over_ten_thousand_requests() -> None:
+    """A 90/10 split over 10,000 decisions lands within ±1.5 points (binomial sd is 0.3)."""
+    snapshot = snapshot_for(
+        """
+        - route:
+          - {destination: {host: reviews, subset: v1}, weight: 90}
+          - {destination: {host: reviews, subset: v2}, weight: 10}
+        """
+    )
+    rng = random.Random(42)
+    counts = Counter(
+        plan_route(snapshot, RequestAttributes("GET", "reviews"), rng).cluster[1]  # type: ignore[index]
+        for _ in range(10_000)
+    )
+    assert abs(counts["v2"] / 100 - 10) <= 1.5, counts
+
+
+def test_relative_weights() -> None:
+    """Weights 1 and 3 split 25/75 (within ±1.5 points over 10,000)."""
+    snapshot = snapshot_for(
+        """
+        - route:
+          - {destination: {host: reviews, subset: v1}, weight: 1}
+          - {destination: {host: reviews, subset: v2}, weight: 3}
+        """
+    )
+    rng = random.Random(3)
+    v1 = sum(
+        plan_route(snapshot, RequestAttributes("GET", "reviews"), rng).cluster[1] == "v1"
+        for _ in range(10_000)
+    )  # type: ignore[index]
+    assert abs(v1 / 100 - 25) <= 1.5
+
+
+def test_cluster_port_and_retry_defaults() -> None:
+    """The plan names the cluster with the service port and carries Istio's default retries."""
+    p = plan(snapshot_for("- route: [{destination: {host: reviews, subset: v2}}]"))
+    assert p.cluster == ("reviews.default.svc.cluster.local", "v2", 9080)
+    assert p.retries is not None and p.retries.attempts == 2 and p.retries.is_default
+    assert p.timeout is None and p.reply is None
+
+
+@pytest.mark.parametrize(
+    ("redirect", "request_kwargs", "location", "status"),
+    [
+        pytest.param(
+            "{uri: /new}", {}, "http://reviews:9080/new?a=1", 301, id="uri-keeps-port-and-query"
+        ),
+        pytest.param(
+            "{uri: /new, redirectCode: 308}", {}, "http://reviews:9080/new?a=1", 308, id="code"
+        ),
+        pytest.param(
+            "{authority: other.example, scheme: https}",
+            {},
+            "https://other.example/old?a=1",
+            301,
+            id="authority-scheme",
+        ),
+        pytest.param(
+            "{port: 8443, scheme: https}", {}, "https://reviews:8443/old?a=1", 301, id="port"
+        ),
+        pytest.param(
+            "{scheme: https, port: 443}",
+            {},
+            "https://reviews/old?a=1",
+            301,
+            id="default-port-dropped",
+        ),
+        pytest.param(
+            "{uri: /x, derivePort: FROM_REQUEST_PORT}",
+            {},
+            "http://reviews:9080/x?a=1",
+            301,
+            id="derive",
+        ),
+    ],
+)
+def test_redirects(
+    redirect: str, request_kwargs: dict[str, object], location: str, status: int
+) -> None:
+    """Redirects are answered locally with the Location Envoy builds."""
+    p = plan(snapshot_for(f"- redirect: {redirect}"), "/old", query="a=1", **request_kwargs)
+    assert p.reply is not None and p.reply.status == status
+    assert p.reply.headers["location"] == location
+
+
+def test_direct_response() -> None:
+    """directResponse answers with its status and body."""
+    p = plan(snapshot_for("- directResponse: {status: 418, body: {string: teapot}}"))
+    assert p.reply is not None and (p.reply.status, p.reply.body) == (418, b"teapot")
+
+
+@pytest.mark.parametrize(
+    ("match", "rewrite", "path", "expected"),
+    [
+        pytest.param(
+            "uri: {prefix: /api/v1}", "uri: /v2", "/api/v1/items", "/v2/items", id="prefix"
+        ),
+        pytest.param("uri: {exact: /a}", "uri: /b", "/a", "/b", id="exact"),
+        pytest.param(
+            "headers: {x: {exact: '1'}}", "uri: /base", "/items", "/baseitems", id="no-uri-match"
+        ),
+        pytest.param(
+            "uri: {prefix: /}",
+            "uriRegexRewrite: {match: '^/svc/([^/]+)/(.*)$', rewrite: '/\\2/\\1'}",
+            "/svc/a/b/c",
+            "/b/c/a",
+            id="regex",
+        ),
+    ],
+)
+def test_uri_rewrites(match: str, rewrite: str, path: str, expected: str) -> None:
+    """rewrite.uri replaces what the uri match matched; uriRegexRewrite substitutes."""
+    snapshot = snapshot_for(
+        f"- match: [{{{match}}}]\n  rewrite: {{{rewrite}}}\n  route: [{{destination: {{host: reviews}}}}]"
+    )
+    p = plan(snapshot, path, headers={"x": "1"})
+    assert p.path == expected
+    assert p.original_path == path
+    assert p.request_headers.set["x-envoy-original-path"] == path
+
+
+def test_authority_rewrite_and_header_edits() -> None:
+    """rewrite.authority sets the Host; route ops come before destination ops."""
+    snapshot = snapshot_for(
+        """
+        - rewrite: {authority: reviews.internal}
+          headers:
+            request: {set: {x-a: route}, add: {x-b: one}, remove: [x-c]}
+            response: {set: {x-r: route}}
+          route:
+          - destination: {host: reviews}
+            headers:
+              request: {set: {x-a: destination}}
+              response: {remove: [x-r]}
+        """
+    )
+    p = plan(snapshot)
+    assert p.authority == "reviews.internal"
+    assert p.request_headers.set == {"x-a": "destination"}
+    assert p.request_headers.add == [("x-b", "one")]
+    assert p.request_headers.remove == ["x-c"]
+    assert p.response_headers.set == {"x-r": "route"} and p.response_headers.remove == ["x-r"]
+
+
+def test_faults_are_decided_independently_at_their_percentages() -> None:
+    """Delay 30% and abort 20% are each decided per request, independently (±1.5 points over 10,000)."""
+    snapshot = snapshot_for(
+        """
+        - route: [{destination: {host: reviews}}]
+          fault:
+            delay: {fixedDelay: 1s, percentage: {value: 30}}
+            abort: {httpStatus: 503, percentage: {value: 20}}
+        """
+    )
+    rng = random.Random(9)
+    plans = [plan_route(snapshot, RequestAttributes("GET", "reviews"), rng) for _ in range(10_000)]
+    delayed = sum(p.fault_delay == 1.0 for p in plans)
+    aborted = sum(p.fault_abort is not None for p in plans)
+    both = sum(p.fault_delay is not None and p.fault_abort is not None for p in plans)
+    assert abs(delayed / 100 - 30) <= 1.5
+    assert abs(aborted / 100 - 20) <= 1.5
+    assert abs(both / 100 - 6) <= 1.5  # independent: 0.3 x 0.2
+    abort = next(p.fault_abort for p in plans if p.fault_abort is not None)
+    assert abort is not None and (abort.status, abort.body, abort.flag) == (
+        503,
+        b"fault filter abort",
+        "FI",
+    )
+
+
+def test_fault_without_percentage_never_fires() -> None:
+    """A fault without percentage faults no request (the proto's and pilot's default)."""
+    snapshot = snapshot_for(
+        "- route: [{destination: {host: reviews}}]\n  fault: {abort: {httpStatus: 500}}"
+    )
+    assert all(plan(snapshot, seed=s).fault_abort is None for s in range(200))
+
+
+def test_mirror_percentage() -> None:
+    """A 25% mirror copies about a quarter of requests (±1.5 points over 10,000)."""
+    snapshot = snapshot_for(
+        "- route: [{destination: {host: reviews, subset: v1}}]\n  mirror: {host: reviews, subset: v2}\n  mirrorPercentage: {value: 25}"
+    )
+    rng = random.Random(5)
+    mirrored = sum(
+        bool(plan_route(snapshot, RequestAttributes("GET", "reviews"), rng).mirrors)
+        for _ in range(10_000)
+    )
+    assert abs(mirrored / 100 - 25) <= 1.5
+
+
+@pytest.mark.parametrize(
+    ("http", "path", "status", "flag"),
+    [
+        pytest.param(
+            "- match: [{uri: {prefix: /a}}]\n  route: [{destination: {host: reviews}}]",
+            "/b",
+            404,
+            "NR",
+            id="no-route",
+        ),
+        pytest.param(
+            "- route: [{destination: {host: reviews, subset: v9}}]",
+            "/",
+            503,
+            "NC",
+            id="missing-subset",
+        ),
+        pytest.param(
+            "- route: [{destination: {host: ratings}}]", "/", 503, "NC", id="unknown-host"
+        ),
+    ],
+)
+def test_local_answers(http: str, path: str, status: int, flag: str) -> None:
+    """What Envoy would answer itself: 404 NR without a route, 503 NC without a cluster."""
+    p = plan(snapshot_for(http), path)
+    assert p.reply is not None and (p.reply.status, p.reply.flag) == (status, flag)
+
+
+def test_unknown_host_passes_through() -> None:
+    """A host the mesh does not know is passed through untouched."""
+    p = plan(snapshot_for("- route: [{destination: {host: reviews}}]"), authority="example.com")
+    assert p.passthrough and p.reply is None and p.cluster is None

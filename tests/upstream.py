@@ -1,0 +1,159 @@
+"""Real upstream servers for tests: uvicorn on 127.0.0.1, an OS-assigned port, in a thread.
+
+Each `Upstream` answers every request with JSON describing what it received (its name,
+method, path, query, headers) and can be told to fail a share of requests, to answer with a
+given status, or to delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+@dataclass
+class Behaviour:
+    """How an upstream answers; tests change it while the server runs."""
+
+    fail_every: float = 0.0  # share of requests answered with `fail_status`, spread evenly
+    fail_status: int = 503
+    status: int = 200
+    delay: float = 0.0
+    received: int = 0
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def next_status(self) -> int:
+        with self.lock:
+            n = self.received
+            self.received += 1
+        if self.fail_every and int((n + 1) * self.fail_every) > int(n * self.fail_every):
+            return self.fail_status
+        return self.status
+
+
+class Upstream:
+    """A uvicorn server in a daemon thread. Use as a context manager or call start()/stop()."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.behaviour = Behaviour()
+        config = uvicorn.Config(
+            self.app,
+            host="127.0.0.1",
+            port=0,
+            log_level="warning",
+            lifespan="off",
+            interface="asgi3",
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name=f"upstream-{name}", daemon=True)
+        self.port = 0
+
+    def start(self) -> Upstream:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:  # poll readiness
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"upstream {self.name} did not start")
+            time.sleep(0.005)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+    def __enter__(self) -> Upstream:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        assert scope["type"] == "http"
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        behaviour = self.behaviour
+        status = behaviour.next_status()
+        if behaviour.delay:
+            await asyncio.sleep(behaviour.delay)
+        record = {
+            "name": self.name,
+            "method": scope["method"],
+            "path": scope["path"],
+            "query": scope["query_string"].decode(),
+            "headers": {k.decode(): v.decode() for k, v in scope["headers"]},
+            "body": body.decode("utf-8", "replace"),
+        }
+        with behaviour.lock:
+            behaviour.requests.append(record)
+        payload = json.dumps(record).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"x-upstream", self.name.encode()),
+                    (b"content-length", str(len(payload)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})
+
+
+def service_entry(
+    host: str, port: int, upstreams: dict[str, Upstream], *, namespace: str = "default"
+) -> str:
+    """A ServiceEntry for `host` whose endpoints are the upstreams, labelled version=<key>."""
+    endpoints = "\n".join(
+        f"  - {{address: 127.0.0.1, ports: {{http: {u.port}}}, labels: {{app: {host.split('.')[0]}, version: {v}}}}}"
+        for v, u in upstreams.items()
+    )
+    return f"""\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: {host.split(".")[0]}, namespace: {namespace}}}
+spec:
+  hosts: [{host}]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: {port}, name: http, protocol: HTTP}}]
+  endpoints:
+{endpoints}
+"""
+
+
+def subsets_rule(host: str, versions: list[str], traffic_policy: str = "") -> str:
+    subsets = "\n".join(f"  - {{name: {v}, labels: {{version: {v}}}}}" for v in versions)
+    policy = f"  trafficPolicy:\n{traffic_policy}" if traffic_policy else ""
+    return f"""\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: {host.split(".")[0]}}}
+spec:
+  host: {host}
+{policy}
+  subsets:
+{subsets}
+"""
