@@ -1,9 +1,9 @@
 """An httpx transport over aiohttp: httpx's API, aiohttp's connection pool.
 
 Why: httpx's default async transport (httpcore 1.0.x) collapses under concurrency
-(encode/httpx#3215). Measured by `python -m bench async_client` on a 2-core machine: stock
-`httpx.AsyncClient` drops from ~1,700 req/s with one task to ~550 with 64, while the same
-client over this transport does several thousand. Two causes in httpcore 1.0.9:
+(encode/httpx#3215). Measured by `python -m bench async_client` (uvicorn on loopback, same
+2 cores): stock `httpx.AsyncClient` drops from ~1,700 req/s with one task to ~550 with 64; over
+this transport it does ~3,500 and ~5,000 (8-10x). Two causes in httpcore 1.0.9:
 
 - `AsyncConnectionPool._assign_requests_to_connections` runs on every request start and every
   response close and is quadratic in the pool's connections (its keep-alive count builds a list
@@ -18,19 +18,26 @@ aiohttp's connector keeps idle connections in per-host deques and waiters in a q
 request. This module adapts it to `httpx.AsyncBaseTransport`, so users keep `httpx.AsyncClient`
 (auth, redirects, cookies, event hooks, decoding stay httpx's; aiohttp only moves bytes):
 
-- the request goes out with exactly httpx's headers (aiohttp's own User-Agent, Accept,
-  Accept-Encoding and Content-Type defaults are skipped) and body (bytes, or streamed
+- the request goes out with exactly httpx's headers (aiohttp never adds its own User-Agent,
+  Accept, Accept-Encoding or Content-Type where httpx left one out) and body (bytes, or streamed
   from the request's async byte stream with chunked transfer encoding);
 - the response comes back with its raw header list (repeated fields and case kept), undecoded
   bytes (`auto_decompress=False`; httpx decodes), streamed, and the connection returns to
-  the pool when httpx closes the response;
+  the pool when httpx closes the response (a body that came whole with the headers is handed
+  over as bytes and its connection released at once);
 - aiohttp errors become the matching httpx exceptions (`raise ... from exc`);
 - `request.extensions["timeout"]` (httpx.Timeout) maps to `aiohttp.ClientTimeout`: connect ->
   `sock_connect`, read -> `sock_read`, pool + connect -> `connect` (aiohttp's bound on waiting
   for a pooled connection plus opening it). aiohttp has no write timeout: `write` is ignored.
 
+Differences from httpx's own transport: HTTP/1.1 only; a bodiless request whose method is not
+GET/HEAD/OPTIONS/TRACE (e.g. DELETE) carries `Content-Length: 0`, which aiohttp always adds;
+aiohttp times pool wait and connect as one phase, so its connect timeout becomes
+`httpx.PoolTimeout` when the transport's in-flight count says the request had to queue for a
+connection, else `httpx.ConnectTimeout`.
+
 One aiohttp session per transport, created on first use inside the running event loop and
-recreated if the transport is used from another loop; `aclose()` closes it. Only HTTP/1.1.
+recreated if the transport is used from another loop; `aclose()` closes it.
 """
 
 from __future__ import annotations
