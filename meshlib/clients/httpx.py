@@ -32,7 +32,7 @@ from meshlib.clients._common import (
 from meshlib.clients._guard import passthrough_inside
 from meshlib.dataplane.balancer import hash_key
 from meshlib.dataplane.exchange import Attempt, Exchange
-from meshlib.dataplane.outcome import Flag, LocalReply
+from meshlib.dataplane.outcome import Flag, LocalReply, ordered
 from meshlib.dataplane.retry import (
     CONNECT_FAILURE,
     PER_TRY_TIMEOUT,
@@ -116,8 +116,8 @@ class _MeshTransportBase:
     def _local(
         reply: LocalReply, request: httpx.Request, flags: list[str], plan: RoutePlan | None
     ) -> httpx.Response:
-        if reply.flag is not None and reply.flag not in flags:
-            flags = [*flags, reply.flag]
+        if reply.flag is not None:
+            flags = ordered([*flags, reply.flag])
         response = httpx.Response(
             reply.status,
             headers=reply_headers(reply, flags, plan),
@@ -202,7 +202,7 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
             return self._result(response)
 
         result = run_attempts(exchange, send, _close)
-        flags += exchange.response_flags(result)
+        flags = ordered(flags + exchange.response_flags(result))
         reply = exchange.final_reply(result)
         if reply is not None:
             return self._local(reply, request, flags, plan)
@@ -283,7 +283,7 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
             return self._result(response)
 
         result = await run_attempts_async(exchange, send, _aclose)
-        flags += exchange.response_flags(result)
+        flags = ordered(flags + exchange.response_flags(result))
         reply = exchange.final_reply(result)
         if reply is not None:
             return self._local(reply, request, flags, plan)
@@ -306,12 +306,23 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
         await self._inner.aclose()
 
 
-def _default_async_transport(**kwargs: Any) -> httpx.AsyncBaseTransport:
-    try:
-        from meshlib.clients._aiohttp import AiohttpTransport
-    except ImportError:  # pragma: no cover - aiohttp is a dependency
-        return httpx.AsyncHTTPTransport(**kwargs)
-    return AiohttpTransport(**kwargs)
+def _default_async_transport(
+    *, verify: Any = True, limits: httpx.Limits | None = None, http2: bool = False, **kwargs: Any
+) -> httpx.AsyncBaseTransport:
+    """aiohttp underneath (it keeps throughput under concurrency), unless HTTP/2 or an option
+    only httpx's own transport understands is asked for."""
+    if http2 or kwargs:
+        return httpx.AsyncHTTPTransport(
+            verify=verify, limits=limits or httpx.Limits(), http2=http2, **kwargs
+        )
+    from meshlib.clients._aiohttp import AiohttpTransport
+
+    limits = limits or httpx.Limits()
+    return AiohttpTransport(
+        verify=verify,
+        max_connections=limits.max_connections,
+        keepalive_expiry=limits.keepalive_expiry,
+    )
 
 
 class Client(httpx.Client):
@@ -342,7 +353,11 @@ class AsyncClient(httpx.AsyncClient):
     def __init__(self, *args: Any, mesh: Mesh | None = None, **kwargs: Any) -> None:
         transport = kwargs.pop("transport", None)
         if transport is None:
-            transport = _default_async_transport()
+            transport = _default_async_transport(
+                verify=kwargs.get("verify", True),
+                limits=kwargs.get("limits"),
+                http2=kwargs.get("http2", False),
+            )
         if not getattr(transport, _MESHED, False):
             transport = AsyncMeshTransport(transport, mesh=mesh)
         super().__init__(*args, transport=transport, **kwargs)

@@ -31,7 +31,7 @@ from meshlib.clients._common import (
 from meshlib.clients._guard import passthrough_inside
 from meshlib.dataplane.balancer import hash_key
 from meshlib.dataplane.exchange import Attempt
-from meshlib.dataplane.outcome import Flag, LocalReply
+from meshlib.dataplane.outcome import Flag, LocalReply, ordered
 from meshlib.dataplane.retry import (
     CONNECT_FAILURE,
     PER_TRY_TIMEOUT,
@@ -147,7 +147,7 @@ class MeshAdapter(HTTPAdapter):
             )
 
         result = run_attempts(exchange, send, _close)
-        flags += exchange.response_flags(result)
+        flags = ordered(flags + exchange.response_flags(result))
         reply = exchange.final_reply(result)
         if reply is not None:
             return self._local(reply, request, flags, plan)
@@ -195,8 +195,8 @@ class MeshAdapter(HTTPAdapter):
         flags: list[str],
         plan: RoutePlan | None,
     ) -> requests.Response:
-        if reply.flag is not None and reply.flag not in flags:
-            flags = [*flags, reply.flag]
+        if reply.flag is not None:
+            flags = ordered([*flags, reply.flag])
         response = requests.Response()
         response.status_code = reply.status
         try:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from meshlib.dataplane import outcome
 from meshlib.dataplane.cluster import ClusterState
 from meshlib.dataplane.deadline import Deadline
-from meshlib.dataplane.outcome import Flag, LocalReply
+from meshlib.dataplane.outcome import Flag, LocalReply, ordered
 from meshlib.dataplane.retry import (
     CONNECT_FAILURE,
     PER_TRY_TIMEOUT,
@@ -194,4 +194,4 @@ class Exchange:
         reply = self.final_reply(result)
         if reply is not None and reply.flag is not None:
             flags.append(reply.flag)
-        return flags
+        return ordered(flags)

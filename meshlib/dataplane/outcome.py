@@ -32,9 +32,48 @@ class Flag:
     DNS_FAILURE = "DF"
 
 
+# The order Envoy prints flags in (its ResponseFlag enum order), e.g. "UF,URX".
+ENVOY_ORDER = [
+    "LH",
+    "UH",
+    "UT",
+    "LR",
+    "UR",
+    "UF",
+    "UC",
+    "UO",
+    "NR",
+    "DI",
+    "FI",
+    "RL",
+    "UAEX",
+    "RLSE",
+    "DC",
+    "URX",
+    "SI",
+    "IH",
+    "DPE",
+    "UMSDR",
+    "RFCF",
+    "NFCF",
+    "DT",
+    "UPE",
+    "NC",
+    "OM",
+    "DF",
+    "DO",
+]
+_RANK = {flag: rank for rank, flag in enumerate(ENVOY_ORDER)}
+
+
+def ordered(flags: list[str]) -> list[str]:
+    """Flags without repeats, in Envoy's order."""
+    return sorted(dict.fromkeys(flags), key=lambda f: _RANK.get(f, len(_RANK)))
+
+
 def join_flags(flags: list[str] | tuple[str, ...]) -> str:
     """Several flags joined as Envoy prints them; `-` for none."""
-    return ",".join(dict.fromkeys(flags)) if flags else NO_FLAGS
+    return ",".join(ordered(list(flags))) if flags else NO_FLAGS
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,107 @@
+"""Network failures give Envoy's answers for mesh hosts and the libraries' own errors otherwise."""
+
+from __future__ import annotations
+
+import socket
+
+import httpx
+import pytest
+import requests
+
+import meshlib
+from tests.e2e.conftest import URL, Caller, MeshFactory, virtual_service
+from tests.upstream import Upstream
+
+
+def closed_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Dead:
+    """Stands in for an Upstream whose port refuses connections."""
+
+    def __init__(self) -> None:
+        self.port = closed_port()
+
+
+def test_refused_endpoints_give_503_uf(make_mesh: MeshFactory, client_kind: str) -> None:
+    """Every endpoint refusing connections: default retries, then 503 "UF,URX" (Envoy's answer)."""
+    dead = {"v1": Dead(), "v2": Dead(), "v3": Dead()}
+    mesh = make_mesh(endpoints=dead)  # type: ignore[arg-type]
+    result = Caller(client_kind, mesh).one()
+    assert result.status == 503
+    assert result.flags == ["UF", "URX"]
+    assert "reset reason: connection failure" in result.body
+
+
+def test_connect_failure_is_retried_on_another_endpoint(
+    make_mesh: MeshFactory, upstreams: dict[str, Upstream], client_kind: str
+) -> None:
+    """With one endpoint refusing, Istio's default policy retries elsewhere: every request succeeds."""
+    mesh = make_mesh(
+        virtual_service("- route: [{destination: {host: reviews}}]\n"),
+        endpoints={"v1": Dead(), "v2": upstreams["v2"]},  # type: ignore[dict-item]
+    )
+    results = Caller(client_kind, mesh).many(20, concurrency=1)
+    assert all(r.status == 200 and r.upstream == "v2" for r in results)
+
+
+def test_passthrough_errors_are_the_libraries_own(make_mesh: MeshFactory) -> None:
+    """Hosts outside the mesh fail as stock httpx and requests fail: their own exceptions."""
+    mesh = make_mesh()
+    url = f"http://127.0.0.1:{closed_port()}/"
+    with meshlib.Client(mesh=mesh) as client:
+        with pytest.raises(httpx.ConnectError):
+            client.get(url)
+        with pytest.raises(httpx.ConnectError):
+            client.get("http://no-such-host.invalid/")
+        with pytest.raises(httpx.UnsupportedProtocol):
+            client.get("ftp://example.com/")
+    with meshlib.Session(mesh=mesh) as session:
+        with pytest.raises(requests.ConnectionError):
+            session.get(url, timeout=5)
+        with pytest.raises(requests.exceptions.InvalidSchema):
+            session.get("ftp://example.com/")
+
+
+def test_non_replayable_body_is_not_retried(
+    make_mesh: MeshFactory, upstreams: dict[str, Upstream]
+) -> None:
+    """A streaming request body cannot be sent twice: no retry, the 503 comes back as is."""
+    for server in upstreams.values():
+        server.behaviour.fail_every = 1.0
+    mesh = make_mesh(
+        virtual_service(
+            "- route: [{destination: {host: reviews}}]\n  retries: {attempts: 3, retryOn: 5xx}\n"
+        )
+    )
+
+    def body() -> object:
+        yield b"part-1,"
+        yield b"part-2"
+
+    with meshlib.Client(mesh=mesh) as client:
+        response = client.post(URL + "/upload", content=body())
+    assert response.status_code == 503
+    assert sum(s.behaviour.received for s in upstreams.values()) == 1
+    sent = next(r for s in upstreams.values() for r in s.behaviour.requests)
+    assert sent["body"] == "part-1,part-2"
+
+
+def test_replayable_body_is_sent_again_on_retry(
+    make_mesh: MeshFactory, upstreams: dict[str, Upstream]
+) -> None:
+    """A bytes body is replayed whole on each retry."""
+    upstreams["v1"].behaviour.fail_every = 1.0
+    mesh = make_mesh(
+        virtual_service(
+            "- route: [{destination: {host: reviews, subset: v1}}]\n  retries: {attempts: 2, retryOn: 5xx}\n"
+        )
+    )
+    with meshlib.Client(mesh=mesh) as client:
+        response = client.post(URL + "/upload", content=b"payload")
+    assert response.status_code == 503
+    assert [r["body"] for r in upstreams["v1"].behaviour.requests] == ["payload"] * 3
