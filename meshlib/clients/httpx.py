@@ -15,6 +15,7 @@ balances, retries and times out as the route says and answers locally where a si
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import Any
 
@@ -48,6 +49,20 @@ from meshlib.policy.routes import Mirror
 
 _MESHED = "meshlib.meshed"  # marks transports meshlib made, so nothing is meshed twice
 MIRROR_GRACE = 1.0  # seconds aclose() waits for mirrored copies still in flight
+
+
+_PHASES = ("connect", "read", "write", "pool")
+
+
+@functools.lru_cache(maxsize=4096)
+def _url(scheme: str, netloc: str, target: bytes) -> httpx.URL:
+    """Upstream URLs, cached: parsing a URL costs more than the rest of the mesh's work."""
+    return httpx.URL(f"{scheme}://{netloc}{target.decode('ascii')}")
+
+
+def _with_query(path: str, url: httpx.URL) -> bytes:
+    quoted = httpx.URL(path=path).raw_path
+    return quoted + b"?" + url.query if url.query else quoted
 
 
 def request_attributes(request: httpx.Request) -> RequestAttributes:
@@ -90,18 +105,20 @@ class _MeshTransportBase:
         return self._mesh if self._mesh is not None else default_mesh()
 
     def _upstream(self, request: httpx.Request, plan: RoutePlan, attempt: Attempt) -> httpx.Request:
-        url = request.url.copy_with(
-            scheme=plan.scheme, netloc=upstream_netloc(attempt.endpoint).encode(), path=plan.path
-        )
+        url = request.url
+        target = url.raw_path if plan.original_path is None else _with_query(plan.path, url)
+        netloc = upstream_netloc(attempt.endpoint)
         extra = {"host": plan.authority, "x-envoy-attempt-count": str(attempt.number)}
         headers = edited_headers(request.headers.multi_items(), plan.request_headers, extra)
-        extensions = dict(request.extensions)
+        extensions = request.extensions
         if attempt.timeout is not None:
-            extensions["timeout"] = dict.fromkeys(
-                ("connect", "read", "write", "pool"), attempt.timeout
-            )
+            extensions = {**extensions, "timeout": dict.fromkeys(_PHASES, attempt.timeout)}
         return httpx.Request(
-            request.method, url, headers=headers, stream=request.stream, extensions=extensions
+            request.method,
+            _url(plan.scheme, netloc, target),
+            headers=headers,
+            stream=request.stream,
+            extensions=extensions,
         )
 
     @staticmethod

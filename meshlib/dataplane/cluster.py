@@ -51,6 +51,7 @@ class ClusterState:
                 self.balancer = make_balancer(policy.load_balancer, self.in_flight, self.rng)
                 self._lb_settings = policy.load_balancer
             self.outlier.update(policy.outlier_detection)
+            self.outlier.retain(str(e) for e in self.endpoints)  # forget endpoints that left
             self.limits.update(policy.connection_pool, policy.retry_budget)
             self.policy = policy
             self.generation = snapshot.generation

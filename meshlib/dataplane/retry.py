@@ -93,12 +93,16 @@ class EnvoyBackoff(tenacity.wait.wait_base):
         return self.clamp(self.rng.uniform(0, ceiling))
 
 
-def retrying_kwargs(exchange: Exchange, before_sleep: Callable[..., Any]) -> dict[str, Any]:
+def retrying_kwargs(
+    exchange: Exchange,
+    before_sleep: Callable[..., Any],
+    should_retry: Callable[[AttemptResult], bool] | None = None,
+) -> dict[str, Any]:
     """Arguments for `tenacity.Retrying(**kw)` / `AsyncRetrying(**kw)` for one request."""
     policy = exchange.retries
     base = policy.backoff if policy is not None else 0.025
     return {
-        "retry": tenacity.retry_if_result(exchange.should_retry),
+        "retry": tenacity.retry_if_result(should_retry or exchange.should_retry),
         "stop": tenacity.stop_never,  # should_retry counts attempts, deadline and budget
         "wait": EnvoyBackoff(base, exchange.rng, exchange.clamp_wait),
         "before_sleep": before_sleep,
@@ -111,19 +115,26 @@ def run_attempts(
     send: Callable[[Attempt], AttemptResult],
     discard: Callable[[Any], None],
 ) -> AttemptResult:
-    """Try, retry and back off as the route says; the final attempt's result."""
+    """Try, retry and back off as the route says; the final attempt's result.
+
+    The first try runs directly: most requests need no retry and skip tenacity's machinery.
+    When it must be retried, a fresh tenacity `Retrying` takes over, starting from that
+    result, so the back-off, the sleeps and the loop are tenacity's.
+    """
+    first = _attempt(exchange, send)
+    if not exchange.should_retry(first):
+        return first
+    replay = _Replay(exchange, first)
 
     def attempt() -> AttemptResult:
-        setup = exchange.start_attempt()
-        if isinstance(setup, LocalReply):
-            return AttemptResult(reply=setup)
-        return exchange.finish_attempt(setup, send(setup))
+        return replay.take() or _attempt(exchange, send)
 
     def before_sleep(state: tenacity.RetryCallState) -> None:
         if state.outcome is not None and not state.outcome.failed:
             discard(state.outcome.result().response)  # a retried response is never returned
 
-    result: AttemptResult = tenacity.Retrying(**retrying_kwargs(exchange, before_sleep))(attempt)
+    retrying = tenacity.Retrying(**retrying_kwargs(exchange, before_sleep, replay.should_retry))
+    result: AttemptResult = retrying(attempt)
     return result
 
 
@@ -133,17 +144,53 @@ async def run_attempts_async(
     discard: Callable[[Any], Awaitable[None]],
 ) -> AttemptResult:
     """`run_attempts` for asyncio, on a fresh AsyncRetrying per request."""
+    first = await _attempt_async(exchange, send)
+    if not exchange.should_retry(first):
+        return first
+    replay = _Replay(exchange, first)
 
     async def attempt() -> AttemptResult:
-        setup = exchange.start_attempt()
-        if isinstance(setup, LocalReply):
-            return AttemptResult(reply=setup)
-        return exchange.finish_attempt(setup, await send(setup))
+        return replay.take() or await _attempt_async(exchange, send)
 
     async def before_sleep(state: tenacity.RetryCallState) -> None:
         if state.outcome is not None and not state.outcome.failed:
             await discard(state.outcome.result().response)
 
-    retrying = tenacity.AsyncRetrying(**retrying_kwargs(exchange, before_sleep))
-    result: AttemptResult = await retrying(attempt)
+    kwargs = retrying_kwargs(exchange, before_sleep, replay.should_retry)
+    result: AttemptResult = await tenacity.AsyncRetrying(**kwargs)(attempt)
     return result
+
+
+class _Replay:
+    """Hands tenacity the first try's result, already judged retriable, as its attempt 1."""
+
+    def __init__(self, exchange: Exchange, first: AttemptResult) -> None:
+        self.exchange = exchange
+        self.first: AttemptResult | None = first
+        self.judged: AttemptResult | None = first
+
+    def take(self) -> AttemptResult | None:
+        first, self.first = self.first, None
+        return first
+
+    def should_retry(self, result: AttemptResult) -> bool:
+        if result is self.judged:
+            self.judged = None
+            return True  # decided, and a retry slot taken, before tenacity started
+        return self.exchange.should_retry(result)
+
+
+def _attempt(exchange: Exchange, send: Callable[[Attempt], AttemptResult]) -> AttemptResult:
+    setup = exchange.start_attempt()
+    if isinstance(setup, LocalReply):
+        return AttemptResult(reply=setup)
+    return exchange.finish_attempt(setup, send(setup))
+
+
+async def _attempt_async(
+    exchange: Exchange, send: Callable[[Attempt], Awaitable[AttemptResult]]
+) -> AttemptResult:
+    setup = exchange.start_attempt()
+    if isinstance(setup, LocalReply):
+        return AttemptResult(reply=setup)
+    return exchange.finish_attempt(setup, await send(setup))
