@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import sys
 
-from bench import async_client, policy
+from bench import async_client, dataplane, policy
 
-BENCHMARKS = {"policy": policy.main, "async_client": async_client.main}
+BENCHMARKS = {
+    "policy": policy.main,
+    "async_client": async_client.main,
+    "dataplane": dataplane.main,
+}
 
 
 def main(argv: list[str]) -> int:

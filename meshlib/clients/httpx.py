@@ -15,7 +15,6 @@ balances, retries and times out as the route says and answers locally where a si
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from typing import Any
 
@@ -46,23 +45,36 @@ from meshlib.dataplane.routing import RoutePlan
 from meshlib.mesh import Mesh, default_mesh
 from meshlib.policy.matching import RequestAttributes
 from meshlib.policy.routes import Mirror
+from meshlib.policy.snapshot import Endpoint
 
 _MESHED = "meshlib.meshed"  # marks transports meshlib made, so nothing is meshed twice
 MIRROR_GRACE = 1.0  # seconds aclose() waits for mirrored copies still in flight
 
 
-_PHASES = ("connect", "read", "write", "pool")
+def _smaller(a: float | None, b: float | None) -> float | None:
+    return b if a is None else (a if b is None else min(a, b))
 
 
-@functools.lru_cache(maxsize=4096)
-def _url(scheme: str, netloc: str, target: bytes) -> httpx.URL:
-    """Upstream URLs, cached: parsing a URL costs more than the rest of the mesh's work."""
-    return httpx.URL(f"{scheme}://{netloc}{target.decode('ascii')}")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-def _with_query(path: str, url: httpx.URL) -> bytes:
-    quoted = httpx.URL(path=path).raw_path
-    return quoted + b"?" + url.query if url.query else quoted
+def _upstream_url(url: httpx.URL, scheme: str, endpoint: Endpoint, path: str | None) -> httpx.URL:
+    """`url` sent to `endpoint` (and `path`, if rewritten), without re-parsing the URL.
+
+    Parsing a URL costs more than all the mesh's other work per request, so the parsed
+    form httpx keeps (`URL._uri_reference`, a NamedTuple) is copied with a new host and port.
+    Should a future httpx change that, the public (slower) way is used.
+    """
+    port: int | None = endpoint.port
+    if _DEFAULT_PORTS.get(scheme) == port:
+        port = None
+    reference = getattr(url, "_uri_reference", None)
+    if reference is None or path is not None:
+        netloc = upstream_netloc(endpoint).encode()
+        return url.copy_with(scheme=scheme, netloc=netloc, **({"path": path} if path else {}))
+    new = httpx.URL.__new__(httpx.URL)
+    new._uri_reference = reference._replace(scheme=scheme, host=endpoint.address, port=port)
+    return new
 
 
 def request_attributes(request: httpx.Request) -> RequestAttributes:
@@ -87,12 +99,15 @@ def _replayable(request: httpx.Request) -> bool:
     return isinstance(request.stream, httpx.ByteStream)
 
 
-def _classify(exc: httpx.TransportError) -> str:
+def _failed(exc: httpx.TransportError, request: httpx.Request, attempt: Attempt) -> AttemptResult:
+    """How a transport error ends an attempt, in Envoy's terms."""
     if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
-        return CONNECT_FAILURE
+        return AttemptResult(failure=CONNECT_FAILURE, error=exc)
     if isinstance(exc, httpx.TimeoutException):
-        return PER_TRY_TIMEOUT
-    return RESET
+        caller = (request.extensions.get("timeout") or {}).get("read")
+        mesh_owned = attempt.timeouts(caller)[2]
+        return AttemptResult(failure=PER_TRY_TIMEOUT, error=exc, client_timeout=not mesh_owned)
+    return AttemptResult(failure=RESET, error=exc)
 
 
 class _MeshTransportBase:
@@ -105,28 +120,40 @@ class _MeshTransportBase:
         return self._mesh if self._mesh is not None else default_mesh()
 
     def _upstream(self, request: httpx.Request, plan: RoutePlan, attempt: Attempt) -> httpx.Request:
-        url = request.url
-        target = url.raw_path if plan.original_path is None else _with_query(plan.path, url)
-        netloc = upstream_netloc(attempt.endpoint)
-        extra = {"host": plan.authority, "x-envoy-attempt-count": str(attempt.number)}
-        headers = edited_headers(request.headers.multi_items(), plan.request_headers, extra)
-        extensions = request.extensions
-        if attempt.timeout is not None:
-            extensions = {**extensions, "timeout": dict.fromkeys(_PHASES, attempt.timeout)}
+        """The request as sent to `attempt.endpoint`, with the route's header edits."""
+        path = None if plan.original_path is None else plan.path
+        edits = plan.request_headers
+        if edits:
+            extra = {"host": plan.authority, "x-envoy-attempt-count": str(attempt.number)}
+            headers = httpx.Headers(edited_headers(request.headers.multi_items(), edits, extra))
+        else:
+            headers = request.headers.copy()
+            headers["host"] = plan.authority
+            headers["x-envoy-attempt-count"] = str(attempt.number)
+        caller = request.extensions.get("timeout") or {}
+        connect, read, _ = attempt.timeouts(caller.get("read"))
+        timeout = {
+            "connect": connect,
+            "read": read,
+            "write": _smaller(caller.get("write"), attempt.timeout),
+            "pool": caller.get("pool"),
+        }
         return httpx.Request(
             request.method,
-            _url(plan.scheme, netloc, target),
+            _upstream_url(request.url, plan.scheme, attempt.endpoint, path),
             headers=headers,
             stream=request.stream,
-            extensions=extensions,
+            extensions={**request.extensions, "timeout": timeout},
         )
 
     @staticmethod
     def _result(response: httpx.Response) -> AttemptResult:
+        headers = response.headers
         return AttemptResult(
             status=response.status_code,
-            grpc_status=response.headers.get("grpc-status"),
+            grpc_status=headers.get("grpc-status"),
             response=response,
+            rate_limited="x-envoy-ratelimited" in headers,
         )
 
     @staticmethod
@@ -215,10 +242,12 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
                 with passthrough_inside():
                     response = self._inner.handle_request(self._upstream(request, plan, attempt))
             except httpx.TransportError as exc:
-                return AttemptResult(failure=_classify(exc), error=exc)
+                return _failed(exc, request, attempt)
             return self._result(response)
 
         result = run_attempts(exchange, send, _close)
+        if result.client_timeout and result.error is not None:
+            raise result.error  # the caller's own timeout: its exception, as without the mesh
         flags = ordered(flags + exchange.response_flags(result))
         reply = exchange.final_reply(result)
         if reply is not None:
@@ -296,10 +325,12 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
                         self._upstream(request, plan, attempt)
                     )
             except httpx.TransportError as exc:
-                return AttemptResult(failure=_classify(exc), error=exc)
+                return _failed(exc, request, attempt)
             return self._result(response)
 
         result = await run_attempts_async(exchange, send, _aclose)
+        if result.client_timeout and result.error is not None:
+            raise result.error  # the caller's own timeout: its exception, as without the mesh
         flags = ordered(flags + exchange.response_flags(result))
         reply = exchange.final_reply(result)
         if reply is not None:
@@ -361,7 +392,12 @@ class Client(httpx.Client):
             )
         if not getattr(transport, _MESHED, False):
             transport = MeshTransport(transport, mesh=mesh)
-        super().__init__(*args, transport=transport, **kwargs)
+        mounts = kwargs.pop("mounts", None) or {}
+        mounts = {
+            pattern: t if t is None or getattr(t, _MESHED, False) else MeshTransport(t, mesh=mesh)
+            for pattern, t in mounts.items()
+        }
+        super().__init__(*args, transport=transport, mounts=mounts, **kwargs)
 
 
 class AsyncClient(httpx.AsyncClient):
@@ -377,4 +413,11 @@ class AsyncClient(httpx.AsyncClient):
             )
         if not getattr(transport, _MESHED, False):
             transport = AsyncMeshTransport(transport, mesh=mesh)
-        super().__init__(*args, transport=transport, **kwargs)
+        mounts = kwargs.pop("mounts", None) or {}
+        mounts = {
+            pattern: t
+            if t is None or getattr(t, _MESHED, False)
+            else AsyncMeshTransport(t, mesh=mesh)
+            for pattern, t in mounts.items()
+        }
+        super().__init__(*args, transport=transport, mounts=mounts, **kwargs)

@@ -133,20 +133,29 @@ class MeshAdapter(HTTPAdapter):
         exchange = mesh.exchange(plan, replayable=replayable)
         exchange.hash_key = hash_key(exchange.cluster.policy.load_balancer, attributes, None)
 
+        caller_connect, caller_read = timeout if isinstance(timeout, tuple) else (timeout, timeout)
+
         def send(attempt: Attempt) -> AttemptResult:
             upstream = self._upstream(request, plan, attempt)
-            try_timeout = attempt.timeout if attempt.timeout is not None else timeout
+            connect, read, mesh_owned = attempt.timeouts(caller_read)
+            if caller_connect is not None:
+                connect = min(connect or caller_connect, caller_connect)
             try:
-                response = self._send_upstream(upstream, timeout=try_timeout, **options)
+                response = self._send_upstream(upstream, timeout=(connect, read), **options)
             except (requests.ConnectionError, requests.Timeout) as exc:
-                return AttemptResult(failure=_classify(exc), error=exc)
+                failure = _classify(exc)
+                client_timeout = failure == PER_TRY_TIMEOUT and not mesh_owned
+                return AttemptResult(failure=failure, error=exc, client_timeout=client_timeout)
             return AttemptResult(
                 status=response.status_code,
                 grpc_status=response.headers.get("grpc-status"),
                 response=response,
+                rate_limited="x-envoy-ratelimited" in response.headers,
             )
 
         result = run_attempts(exchange, send, _close)
+        if result.client_timeout and result.error is not None:
+            raise result.error  # the caller's own timeout: its exception, as without the mesh
         flags = ordered(flags + exchange.response_flags(result))
         reply = exchange.final_reply(result)
         if reply is not None:

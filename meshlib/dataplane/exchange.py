@@ -29,6 +29,8 @@ from meshlib.dataplane.routing import RoutePlan
 from meshlib.policy.routes import RetryPolicy
 from meshlib.policy.snapshot import Endpoint
 
+DEFAULT_CONNECT_TIMEOUT = 10.0  # Istio's MeshConfig connectTimeout
+
 
 @dataclass(slots=True)
 class Attempt:
@@ -39,6 +41,15 @@ class Attempt:
     timeout: float | None  # seconds for this try (per-try timeout clamped by the deadline)
     per_try_limited: bool  # True when the per-try timeout, not the deadline, set `timeout`
     retry_slot: bool  # holds a retry-budget slot until it finishes
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT  # DestinationRule tcp.connectTimeout
+
+    def timeouts(self, caller: float | None) -> tuple[float | None, float | None, bool]:
+        """(connect, read) timeouts with the caller's own, and whether the mesh's is the
+        binding one (then expiry is the mesh's answer, 504; else the caller's exception)."""
+        mesh = self.timeout
+        read = mesh if caller is None else (caller if mesh is None else min(mesh, caller))
+        connect = self.connect_timeout if caller is None else min(self.connect_timeout, caller)
+        return connect, read, mesh is not None and (caller is None or mesh <= caller)
 
 
 class Exchange:
@@ -73,22 +84,9 @@ class Exchange:
         if self.deadline.expired:
             return self._timed_out()
         cluster = self.cluster
-        endpoints = cluster.endpoints
-        total = len(endpoints)
-        avoid = self._avoid()
-        outlier = cluster.outlier
-        endpoint = cluster.balancer.pick(
-            endpoints,
-            lambda e: str(e) not in avoid and outlier.available(str(e), total),
-            self.hash_key,
-        )
-        while endpoint is not None and not outlier.admit(str(endpoint), total):
-            avoid.add(str(endpoint))  # lost a half-open trial race: choose again
-            endpoint = cluster.balancer.pick(
-                endpoints,
-                lambda e: str(e) not in avoid and outlier.available(str(e), total),
-                self.hash_key,
-            )
+        endpoint = self._choose(self._avoid())
+        if endpoint is None and self.tried:
+            endpoint = self._choose(set())  # only tried hosts are left: Envoy takes one again
         if endpoint is None:
             self._release_retry_slot()
             return outcome.no_healthy_upstream()
@@ -103,24 +101,47 @@ class Exchange:
         per_try = self.retries.per_try_timeout if self.retries is not None else None
         timeout = self.deadline.clamp(per_try)
         slot, self._retry_slot = self._retry_slot, False
+        tcp = cluster.policy.connection_pool.tcp if cluster.policy.connection_pool else None
+        connect = tcp.connect_timeout.seconds if tcp and tcp.connect_timeout else None
         return Attempt(
             self.attempts,
             endpoint,
             timeout,
             per_try is not None and timeout == per_try,
             slot,
+            connect or DEFAULT_CONNECT_TIMEOUT,
         )
 
+    def _choose(self, avoid: set[str]) -> Endpoint | None:
+        """A usable endpoint not in `avoid`, taking the half-open trial if it is one."""
+        cluster = self.cluster
+        endpoints = cluster.endpoints
+        total = len(endpoints)
+        outlier = cluster.outlier
+
+        def usable(e: Endpoint) -> bool:
+            key = str(e)
+            return key not in avoid and outlier.available(key, total)
+
+        endpoint = cluster.balancer.pick(endpoints, usable, self.hash_key)
+        while endpoint is not None and not outlier.admit(str(endpoint), total):
+            avoid.add(str(endpoint))  # lost a half-open trial race: choose again
+            endpoint = cluster.balancer.pick(endpoints, usable, self.hash_key)
+        return endpoint
+
     def _avoid(self) -> set[str]:
-        """Endpoints a retry should not pick again (retryIgnorePreviousHosts, the default)."""
+        """Endpoints a retry should not pick again (retryIgnorePreviousHosts, the default).
+
+        Istio leaves this out under consistent hashing, where the hash decides the host.
+        """
         if not self.tried or (
             self.retries is not None and not self.retries.retry_ignore_previous_hosts
         ):
             return set()
-        avoid = set(self.tried)
-        if len(avoid) >= len(self.cluster.endpoints):
-            return set()  # every endpoint was tried: any may be tried again
-        return avoid
+        balancer = self.cluster.policy.load_balancer
+        if balancer is not None and balancer.consistent_hash is not None:
+            return set()
+        return set(self.tried)
 
     def finish_attempt(self, attempt: Attempt, result: AttemptResult) -> AttemptResult:
         """Record how a try ended (outlier detection, counters) and turn failures into answers."""
@@ -136,7 +157,11 @@ class Exchange:
             cluster.outlier.record(
                 key, status=None, local_origin_failure=True, total_endpoints=total
             )
-            if result.failure == PER_TRY_TIMEOUT and not attempt.per_try_limited:
+            if (
+                result.failure == PER_TRY_TIMEOUT
+                and not attempt.per_try_limited
+                and not result.client_timeout
+            ):
                 return AttemptResult(reply=self._timed_out(), endpoint=key, error=result.error)
         elif result.status is not None:
             cluster.outlier.record(key, status=result.status, total_endpoints=total)

@@ -48,17 +48,21 @@ class AttemptResult:
     response: Any = None  # the adapter's response object, to return or to close
     error: BaseException | None = None  # the transport error behind `failure`
     endpoint: str | None = None
+    rate_limited: bool = False  # the response carries x-envoy-ratelimited
+    client_timeout: bool = False  # the caller's own timeout fired, not the mesh's
 
 
 def is_retriable(policy: RetryPolicy, result: AttemptResult) -> bool:
     """Whether `retryOn` covers this outcome (ISTIO.md §3.2)."""
-    if result.reply is not None:
-        return False  # local answers (overflow, no healthy host, timeout) are final
+    if result.reply is not None or result.client_timeout:
+        return False  # local answers and the caller's own timeout are final
     on = policy.retry_on
     failure = result.failure
     if failure is not None:
-        if failure == CONNECT_FAILURE:
-            return bool(on & {"connect-failure", "5xx", "gateway-error", "reset"})
+        if failure == CONNECT_FAILURE:  # nothing was sent: safe even for reset-before-request
+            return bool(
+                on & {"connect-failure", "5xx", "gateway-error", "reset", "reset-before-request"}
+            )
         if failure == REFUSED_STREAM:
             return bool(on & {"refused-stream", "5xx", "reset"})
         return bool(on & {"5xx", "gateway-error", "reset"})  # reset or per-try timeout
@@ -70,6 +74,8 @@ def is_retriable(policy: RetryPolicy, result: AttemptResult) -> bool:
     if status == 409 and "retriable-4xx" in on:
         return True
     if status in policy.retriable_status_codes:
+        return True
+    if result.rate_limited and "envoy-ratelimited" in on:
         return True
     if result.grpc_status is not None:
         for condition in policy.grpc_conditions:

@@ -1,0 +1,182 @@
+"""MeshTransport decisions that need no network: the inner transport is an httpx.MockTransport."""
+
+from __future__ import annotations
+
+import random
+import textwrap
+from collections import Counter
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+import meshlib
+from meshlib.config import MeshConfig
+from meshlib.mesh import Mesh
+from meshlib.policy.loader import load_text
+from meshlib.policy.snapshot import Snapshot
+
+SERVICE = """
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api}
+spec:
+  hosts: [api.internal]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  endpoints:
+  - {address: 10.0.0.1}
+  - {address: 10.0.0.2}
+  - {address: 10.0.0.3}
+"""
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+def client(extra: str, handler: Handler, **kwargs: object) -> httpx.Client:
+    result = load_text(SERVICE + "---\n" + textwrap.dedent(extra), "t.yaml")
+    result.raise_for_errors()
+    config = MeshConfig()
+    mesh = Mesh(config, policy=Snapshot.build(result.resources, config), rng=random.Random(1))
+    return meshlib.Client(transport=httpx.MockTransport(handler), mesh=mesh, **kwargs)  # type: ignore[arg-type]
+
+
+def vs(http: str) -> str:
+    return (
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: api}\n"
+        "spec:\n  hosts: [api.internal]\n  http:\n"
+        + textwrap.indent(textwrap.dedent(http).strip(), "  ")
+        + "\n"
+    )
+
+
+def test_callers_own_timeout_raises_its_exception() -> None:
+    """When the caller's timeout (1 s) is shorter than the route's (10 s), expiry is its exception."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.extensions["timeout"]["read"] == 1.0
+        raise httpx.ReadTimeout("slow", request=request)
+
+    with (
+        client(
+            vs("- route: [{destination: {host: api.internal}}]\n  timeout: 10s"),
+            handler,
+            timeout=1.0,
+        ) as c,
+        pytest.raises(httpx.ReadTimeout),
+    ):
+        c.get("http://api.internal/")
+
+
+def test_mesh_per_try_timeout_is_the_mesh_answer() -> None:
+    """When the route's per-try timeout is the shorter one, expiry is retried, then 504 UT."""
+    calls = Counter[str]()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls[request.url.host] += 1
+        assert request.extensions["timeout"]["read"] == 0.1
+        raise httpx.ReadTimeout("slow", request=request)
+
+    policy = vs(
+        "- route: [{destination: {host: api.internal}}]\n  retries: {attempts: 2, perTryTimeout: 100ms, retryOn: 5xx}"
+    )
+    with client(policy, handler, timeout=5.0) as c:
+        response = c.get("http://api.internal/")
+    assert response.status_code == 504
+    assert response.extensions["response_flags"] == ["UT", "URX"]
+    assert sum(calls.values()) == 3 and len(calls) == 3  # three tries, three different hosts
+
+
+def test_retry_goes_back_to_a_tried_host_when_it_is_the_only_one_left() -> None:
+    """With the other endpoints ejected, a retry may reuse the host already tried (as Envoy does)."""
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.host)
+        return httpx.Response(503 if len(seen) == 1 else 200)
+
+    policy = vs(
+        "- route: [{destination: {host: api.internal}}]\n  retries: {attempts: 3, retryOn: 5xx}"
+    ) + (
+        "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: api}\n"
+        "spec:\n  host: api.internal\n  trafficPolicy:\n"
+        "    outlierDetection: {consecutive5xxErrors: 2, baseEjectionTime: 60s, maxEjectionPercent: 100}\n"
+    )
+    with client(policy, handler) as c:
+        mesh = c._transport._mesh  # type: ignore[attr-defined]
+        outlier = mesh.cluster(("api.internal", None, 80)).outlier
+        for key in ("10.0.0.2:80", "10.0.0.3:80"):  # eject the other two endpoints
+            for _ in range(2):
+                outlier.record(key, status=503, total_endpoints=3)
+        assert outlier.ejected() == {"10.0.0.2:80", "10.0.0.3:80"}
+        response = c.get("http://api.internal/")
+    assert response.status_code == 200
+    assert seen == ["10.0.0.1", "10.0.0.1"]
+
+
+def test_consistent_hash_retries_stay_on_the_hashed_host() -> None:
+    """Under consistent hashing Istio drops the previous-hosts rule: retries reach the same host."""
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.host)
+        return httpx.Response(503)
+
+    policy = vs(
+        "- route: [{destination: {host: api.internal}}]\n  retries: {attempts: 2, retryOn: 5xx}"
+    ) + (
+        "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: api}\n"
+        "spec:\n  host: api.internal\n  trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x-user}}}\n"
+    )
+    with client(policy, handler) as c:
+        c.get("http://api.internal/", headers={"x-user": "ann"})
+    assert len(seen) == 3 and len(set(seen)) == 1
+
+
+def test_envoy_ratelimited_is_retriable() -> None:
+    """retryOn envoy-ratelimited retries responses carrying x-envoy-ratelimited."""
+    answers = iter(
+        [httpx.Response(429, headers={"x-envoy-ratelimited": "true"}), httpx.Response(200)]
+    )
+    policy = vs(
+        "- route: [{destination: {host: api.internal}}]\n  retries: {attempts: 1, retryOn: envoy-ratelimited}"
+    )
+    with client(policy, lambda request: next(answers)) as c:
+        assert c.get("http://api.internal/").status_code == 200
+
+
+def test_mounts_are_meshed() -> None:
+    """Transports given as `mounts=` go through the mesh too."""
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.host)
+        return httpx.Response(200)
+
+    policy = vs("- route: [{destination: {host: api.internal}}]")
+    result = load_text(SERVICE + "---\n" + policy)
+    config = MeshConfig()
+    mesh = Mesh(config, policy=Snapshot.build(result.resources, config))
+    with meshlib.Client(mesh=mesh, mounts={"http://": httpx.MockTransport(handler)}) as c:
+        assert c.get("http://api.internal/").status_code == 200
+    assert seen and seen[0].startswith("10.0.0.")
+
+
+def test_connect_timeout_from_destination_rule() -> None:
+    """tcp.connectTimeout becomes the attempt's connect timeout (Istio's default is 10 s)."""
+    timeouts: list[float] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        timeouts.append(request.extensions["timeout"]["connect"])
+        return httpx.Response(200)
+
+    policy = vs("- route: [{destination: {host: api.internal}}]") + (
+        "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: api}\n"
+        "spec:\n  host: api.internal\n  trafficPolicy: {connectionPool: {tcp: {connectTimeout: 250ms}}}\n"
+    )
+    with client(policy, handler, timeout=30.0) as c:
+        c.get("http://api.internal/")
+    with client(vs("- route: [{destination: {host: api.internal}}]"), handler, timeout=30.0) as c:
+        c.get("http://api.internal/")
+    assert timeouts == [0.25, 10.0]
