@@ -43,7 +43,7 @@ from meshlib.dataplane.retry import (
 )
 from meshlib.dataplane.routing import RoutePlan
 from meshlib.mesh import Mesh, default_mesh
-from meshlib.policy.matching import RequestAttributes
+from meshlib.policy.matching import LazyHeaders, RequestAttributes
 from meshlib.policy.routes import Mirror
 from meshlib.policy.snapshot import Endpoint
 
@@ -79,18 +79,14 @@ def _upstream_url(url: httpx.URL, scheme: str, endpoint: Endpoint, path: str | N
 
 def request_attributes(request: httpx.Request) -> RequestAttributes:
     url = request.url
-    headers: dict[str, str] = {}
-    for name, value in request.headers.multi_items():
-        name = name.lower()
-        headers[name] = f"{headers[name]},{value}" if name in headers else value
-    authority = headers.get("host") or url.netloc.decode("ascii")
+    headers = request.headers
     return RequestAttributes(
         request.method,
-        authority,
+        headers.get("host") or url.netloc.decode("ascii"),
         url.path,
         scheme=url.scheme,
         query=url.query.decode("ascii", "replace"),
-        headers=headers,
+        headers=LazyHeaders(headers.multi_items),  # httpx keeps names lowercase already
         port=url.port,
     )
 
@@ -248,7 +244,8 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         result = run_attempts(exchange, send, _close)
         if result.client_timeout and result.error is not None:
             raise result.error  # the caller's own timeout: its exception, as without the mesh
-        flags = ordered(flags + exchange.response_flags(result))
+        if exchange.flags or result.reply is not None or result.failure is not None:
+            flags = ordered(flags + exchange.response_flags(result))
         reply = exchange.final_reply(result)
         if reply is not None:
             return self._local(reply, request, flags, plan)
@@ -331,7 +328,8 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
         result = await run_attempts_async(exchange, send, _aclose)
         if result.client_timeout and result.error is not None:
             raise result.error  # the caller's own timeout: its exception, as without the mesh
-        flags = ordered(flags + exchange.response_flags(result))
+        if exchange.flags or result.reply is not None or result.failure is not None:
+            flags = ordered(flags + exchange.response_flags(result))
         reply = exchange.final_reply(result)
         if reply is not None:
             return self._local(reply, request, flags, plan)

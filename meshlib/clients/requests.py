@@ -41,13 +41,13 @@ from meshlib.dataplane.retry import (
 )
 from meshlib.dataplane.routing import RoutePlan
 from meshlib.mesh import Mesh, default_mesh
-from meshlib.policy.matching import RequestAttributes
+from meshlib.policy.matching import LazyHeaders, RequestAttributes
 from meshlib.policy.snapshot import Endpoint
 
 
 def request_attributes(request: requests.PreparedRequest) -> RequestAttributes:
     parts = urlsplit(request.url or "")
-    headers = {k.lower(): v for k, v in request.headers.items()}
+    headers = request.headers
     authority = headers.get("host") or parts.netloc
     return RequestAttributes(
         request.method or "GET",
@@ -55,7 +55,7 @@ def request_attributes(request: requests.PreparedRequest) -> RequestAttributes:
         parts.path or "/",
         scheme=parts.scheme,
         query=parts.query,
-        headers=headers,
+        headers=LazyHeaders(lambda: ((k.lower(), v) for k, v in headers.items())),
         port=parts.port,
     )
 

@@ -8,7 +8,7 @@ time and `sourceLabels` / `sourceNamespace` / `gateways` already decided for thi
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -55,6 +55,37 @@ class RequestAttributes:
             for key, value in parse_qsl(self.query, keep_blank_values=True):
                 self._query.setdefault(key, value)
         return self._query.get(name)
+
+
+class LazyHeaders(Mapping[str, str]):
+    """Request headers as routing reads them, built only if a route looks at them.
+
+    `pairs` yields (lowercase name, value); repeated headers are joined with "," as Envoy
+    joins them.
+    """
+
+    __slots__ = ("_headers", "_pairs")
+
+    def __init__(self, pairs: Callable[[], Iterable[tuple[str, str]]]) -> None:
+        self._pairs = pairs
+        self._headers: dict[str, str] | None = None
+
+    def _built(self) -> dict[str, str]:
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = {}
+            for name, value in self._pairs():
+                headers[name] = f"{headers[name]},{value}" if name in headers else value
+        return headers
+
+    def __getitem__(self, name: str) -> str:
+        return self._built()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._built())
+
+    def __len__(self) -> int:
+        return len(self._built())
 
 
 Check = Callable[[RequestAttributes], bool]
