@@ -192,6 +192,32 @@ class _MeshTransportBase:
         headers = edited_headers(request.headers.multi_items(), plan.request_headers, extra)
         return httpx.Request(request.method, url, headers=headers, stream=request.stream)
 
+    @staticmethod
+    def _exchange(
+        mesh: Mesh, plan: RoutePlan, attributes: RequestAttributes, replayable: bool
+    ) -> Exchange:
+        exchange = mesh.exchange(plan, replayable=replayable)
+        exchange.hash_key = hash_key(exchange.cluster.policy.load_balancer, attributes, None)
+        return exchange
+
+    def _respond(
+        self,
+        request: httpx.Request,
+        plan: RoutePlan,
+        exchange: Exchange,
+        result: AttemptResult,
+        flags: list[str],
+    ) -> httpx.Response:
+        """The response for the final attempt: upstream's, or the answer Envoy would give."""
+        if result.client_timeout and result.error is not None:
+            raise result.error  # the caller's own timeout: its exception, as without the mesh
+        if exchange.flags or result.reply is not None or result.failure is not None:
+            flags = ordered(flags + exchange.response_flags(result))
+        reply = exchange.final_reply(result)
+        if reply is not None:
+            return self._local(reply, request, flags, plan)
+        return self._finish(result.response, plan, exchange, flags)
+
     def _prepare(self, request: httpx.Request) -> tuple[Mesh, RoutePlan, RequestAttributes]:
         mesh = self.mesh
         attributes = request_attributes(request)
@@ -230,8 +256,7 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
             copy = self._mirror_request(request, plan, mirror)
             if copy is not None:
                 MIRROR_POOL.submit(self._send_mirror, copy)
-        exchange = mesh.exchange(plan, replayable=replayable)
-        exchange.hash_key = hash_key(exchange.cluster.policy.load_balancer, attributes, None)
+        exchange = self._exchange(mesh, plan, attributes, replayable)
 
         def send(attempt: Attempt) -> AttemptResult:
             try:
@@ -242,14 +267,7 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
             return self._result(response)
 
         result = run_attempts(exchange, send, _close)
-        if result.client_timeout and result.error is not None:
-            raise result.error  # the caller's own timeout: its exception, as without the mesh
-        if exchange.flags or result.reply is not None or result.failure is not None:
-            flags = ordered(flags + exchange.response_flags(result))
-        reply = exchange.final_reply(result)
-        if reply is not None:
-            return self._local(reply, request, flags, plan)
-        return self._finish(result.response, plan, exchange, flags)
+        return self._respond(request, plan, exchange, result, flags)
 
     def _send_mirror(self, request: httpx.Request) -> None:
         try:
@@ -312,8 +330,7 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
                 task = asyncio.get_running_loop().create_task(self._send_mirror(copy))
                 self._mirrors.add(task)
                 task.add_done_callback(self._mirrors.discard)
-        exchange = mesh.exchange(plan, replayable=replayable)
-        exchange.hash_key = hash_key(exchange.cluster.policy.load_balancer, attributes, None)
+        exchange = self._exchange(mesh, plan, attributes, replayable)
 
         async def send(attempt: Attempt) -> AttemptResult:
             try:
@@ -326,14 +343,7 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
             return self._result(response)
 
         result = await run_attempts_async(exchange, send, _aclose)
-        if result.client_timeout and result.error is not None:
-            raise result.error  # the caller's own timeout: its exception, as without the mesh
-        if exchange.flags or result.reply is not None or result.failure is not None:
-            flags = ordered(flags + exchange.response_flags(result))
-        reply = exchange.final_reply(result)
-        if reply is not None:
-            return self._local(reply, request, flags, plan)
-        return self._finish(result.response, plan, exchange, flags)
+        return self._respond(request, plan, exchange, result, flags)
 
     async def _send_mirror(self, request: httpx.Request) -> None:
         try:
