@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import sys
 
-from bench import async_client, dataplane, policy
+from bench import async_client, dataplane, metrics, policy
 
 BENCHMARKS = {
     "policy": policy.main,
     "async_client": async_client.main,
     "dataplane": dataplane.main,
+    "metrics": metrics.main,
 }
 
 

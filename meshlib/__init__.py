@@ -9,6 +9,7 @@ meshlib.instrument()                # or: mesh every httpx/requests client in th
 """
 
 from meshlib._version import __version__
+from meshlib.asgi import MeshMiddleware
 from meshlib.clients.httpx import AsyncClient, AsyncMeshTransport, Client, MeshTransport
 from meshlib.clients.requests import MeshAdapter, Session
 from meshlib.config import MeshConfig
@@ -16,6 +17,7 @@ from meshlib.dataplane.deadline import remaining as remaining_deadline
 from meshlib.errors import ConfigError, Diagnostic, MeshError, PolicyError
 from meshlib.instrument import instrument, uninstrument
 from meshlib.mesh import Mesh, configure, default_mesh
+from meshlib.wsgi import MeshWSGIMiddleware
 
 __all__ = [
     "AsyncClient",
@@ -27,7 +29,9 @@ __all__ = [
     "MeshAdapter",
     "MeshConfig",
     "MeshError",
+    "MeshMiddleware",
     "MeshTransport",
+    "MeshWSGIMiddleware",
     "PolicyError",
     "Session",
     "__version__",

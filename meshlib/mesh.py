@@ -16,7 +16,7 @@ import os
 import random
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshlib.config import MeshConfig
 from meshlib.dataplane.cluster import Clusters, ClusterState
@@ -27,6 +27,11 @@ from meshlib.policy.matching import RequestAttributes
 from meshlib.policy.snapshot import Snapshot
 from meshlib.sources.base import PolicySource, SnapshotPublisher
 from meshlib.sources.file import FileSource
+from meshlib.telemetry.propagation import Propagator
+from meshlib.telemetry.tracing import Tracing
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 PolicyArg = (
     str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Snapshot | PolicySource | None
@@ -53,13 +58,18 @@ class Mesh:
         policy: PolicyArg = None,
         rng: random.Random | None = None,
         watch: bool = True,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.config = config if config is not None else MeshConfig.from_env()
         self.rng = rng if rng is not None else random.Random()
         self.source = self._source(policy if policy is not None else self.config.policy)
+        self.clusters = Clusters(self.rng)
+        self.propagator = Propagator(self.config.propagate_headers)
+        self.tracing = Tracing(self.config, tracer_provider=tracer_provider)
+        self.tracing.apply(self.source.snapshot)
+        self.source.subscribe(self.tracing.apply)  # sampling follows Telemetry changes
         if watch:
             self.source.start()
-        self.clusters = Clusters(self.rng)
 
     def _source(self, policy: PolicyArg) -> PolicySource:
         if policy is None:
@@ -93,6 +103,7 @@ class Mesh:
 
     def close(self) -> None:
         self.source.close()
+        self.tracing.shutdown()
 
     def __enter__(self) -> Mesh:
         return self

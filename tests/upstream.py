@@ -157,3 +157,28 @@ spec:
   subsets:
 {subsets}
 """
+
+
+class AsgiServer:
+    """Any ASGI app served by uvicorn in a daemon thread on 127.0.0.1, an OS-assigned port."""
+
+    def __init__(self, app: Any, name: str = "asgi") -> None:
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="auto")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name=f"server-{name}", daemon=True)
+        self.port = 0
+        self.name = name
+
+    def start(self) -> AsgiServer:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"server {self.name} did not start")
+            time.sleep(0.005)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

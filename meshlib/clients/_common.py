@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager
+from typing import Any
 
+from meshlib.dataplane.exchange import Attempt
 from meshlib.dataplane.outcome import FLAGS_HEADER, LocalReply, join_flags
+from meshlib.dataplane.retry import AttemptResult
 from meshlib.dataplane.routing import HeaderEdits, RoutePlan
 from meshlib.mesh import Mesh
 from meshlib.policy.routes import Mirror
@@ -55,3 +60,37 @@ def mirror_endpoint(mesh: Mesh, plan: RoutePlan, mirror: Mirror) -> Endpoint | N
     port = mirror.port if mirror.port is not None else (plan.cluster[2] if plan.cluster else None)
     cluster = mesh.cluster((mirror.host, mirror.subset, port))
     return cluster.balancer.pick(cluster.endpoints, lambda e: True, None)
+
+
+_NO_SPAN: AbstractContextManager[Any] = contextlib.nullcontext(None)
+
+
+def cluster_name(plan: RoutePlan | None) -> str:
+    """Envoy's cluster name: `outbound|9080|v1|reviews.default.svc.cluster.local`."""
+    if plan is None or plan.cluster is None:
+        return "PassthroughCluster"
+    host, subset, port = plan.cluster
+    return f"outbound|{port or ''}|{subset or ''}|{host}"
+
+
+def client_span(
+    mesh: Mesh, method: str, url: object, plan: RoutePlan | None, attempt: Attempt | None
+) -> AbstractContextManager[Any]:
+    """The CLIENT span of one attempt (current while it runs), or nothing if tracing is off."""
+    tracing = mesh.tracing
+    if not tracing.enabled:
+        return _NO_SPAN
+    return tracing.client_span(
+        method,
+        str(url),
+        attempt=attempt.number if attempt is not None else 1,
+        cluster=cluster_name(plan),
+        subset=plan.cluster[1] if plan is not None and plan.cluster else None,
+        upstream=str(attempt.endpoint) if attempt is not None else None,
+    )
+
+
+def end_client_span(mesh: Mesh, span: Any, result: AttemptResult) -> None:
+    if span is not None:
+        flags = result.reply.flag if result.reply is not None else None
+        mesh.tracing.finish_client(span, result.status, flags, upstream=result.endpoint)

@@ -15,7 +15,9 @@ balances, retries and times out as the route says and answers locally where a si
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import httpx
@@ -24,7 +26,9 @@ from meshlib.clients._common import (
     MIRROR_POOL,
     RESPONSE_FLAGS,
     UPSTREAM_HOST,
+    client_span,
     edited_headers,
+    end_client_span,
     mirror_endpoint,
     reply_headers,
     upstream_netloc,
@@ -46,6 +50,7 @@ from meshlib.mesh import Mesh, default_mesh
 from meshlib.policy.matching import LazyHeaders, RequestAttributes
 from meshlib.policy.routes import Mirror
 from meshlib.policy.snapshot import Endpoint
+from meshlib.telemetry import propagation
 
 _MESHED = "meshlib.meshed"  # marks transports meshlib made, so nothing is meshed twice
 MIRROR_GRACE = 1.0  # seconds aclose() waits for mirrored copies still in flight
@@ -77,18 +82,44 @@ def _upstream_url(url: httpx.URL, scheme: str, endpoint: Endpoint, path: str | N
     return new
 
 
+def _propagating(mesh: Mesh, request: httpx.Request) -> httpx.Request:
+    """A passthrough request with the trace context and propagated headers added."""
+    propagated = mesh.propagator.outbound(request.headers.__contains__)
+    if not propagated:
+        return request
+    headers = request.headers.copy()
+    for name, value in propagated:
+        headers[name] = value
+    request.headers = headers
+    return request
+
+
 def request_attributes(request: httpx.Request) -> RequestAttributes:
+    """What routing sees: the request, plus the headers the served request propagates.
+
+    Behind a sidecar the app copies `end-user` & co. itself, so routing sees them; meshlib
+    adds them for the app, so routing must see them too.
+    """
     url = request.url
     headers = request.headers
+    inbound = propagation.current.get()
+    pairs: Callable[[], Iterable[tuple[str, str]]] = headers.multi_items  # lowercase names
+    if inbound is not None and inbound.headers:
+        carried = [(n, v) for n, v in inbound.headers if n not in headers]
+        pairs = functools.partial(_joined, headers, carried)
     return RequestAttributes(
         request.method,
         headers.get("host") or url.netloc.decode("ascii"),
         url.path,
         scheme=url.scheme,
         query=url.query.decode("ascii", "replace"),
-        headers=LazyHeaders(headers.multi_items),  # httpx keeps names lowercase already
+        headers=LazyHeaders(pairs),
         port=url.port,
     )
+
+
+def _joined(headers: httpx.Headers, carried: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [*headers.multi_items(), *carried]
 
 
 def _replayable(request: httpx.Request) -> bool:
@@ -115,15 +146,24 @@ class _MeshTransportBase:
     def mesh(self) -> Mesh:
         return self._mesh if self._mesh is not None else default_mesh()
 
-    def _upstream(self, request: httpx.Request, plan: RoutePlan, attempt: Attempt) -> httpx.Request:
-        """The request as sent to `attempt.endpoint`, with the route's header edits."""
+    def _upstream(
+        self, mesh: Mesh, request: httpx.Request, plan: RoutePlan, attempt: Attempt
+    ) -> httpx.Request:
+        """The request as sent to `attempt.endpoint`: route header edits, trace context and
+        the caller's propagated headers, the Host the route says, per-try timeouts."""
         path = None if plan.original_path is None else plan.path
         edits = plan.request_headers
+        original = request.headers
+        propagated = mesh.propagator.outbound(original.__contains__)
         if edits:
-            extra = {"host": plan.authority, "x-envoy-attempt-count": str(attempt.number)}
-            headers = httpx.Headers(edited_headers(request.headers.multi_items(), edits, extra))
+            extra = dict(propagated)
+            extra["host"] = plan.authority
+            extra["x-envoy-attempt-count"] = str(attempt.number)
+            headers = httpx.Headers(edited_headers(original.multi_items(), edits, extra))
         else:
-            headers = request.headers.copy()
+            headers = original.copy()
+            for name, value in propagated:
+                headers[name] = value
             headers["host"] = plan.authority
             headers["x-envoy-attempt-count"] = str(attempt.number)
         caller = request.extensions.get("timeout") or {}
@@ -241,8 +281,11 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         mesh, plan, attributes = self._prepare(request)
         if plan.passthrough:
-            with passthrough_inside():
-                return self._inner.handle_request(request)
+            with client_span(mesh, request.method, request.url, None, None) as span:
+                with passthrough_inside():
+                    response = self._inner.handle_request(_propagating(mesh, request))
+                end_client_span(mesh, span, self._result(response))
+                return response
         flags: list[str] = []
         if plan.reply is not None:
             return self._local(plan.reply, request, flags, plan)
@@ -259,12 +302,18 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         exchange = self._exchange(mesh, plan, attributes, replayable)
 
         def send(attempt: Attempt) -> AttemptResult:
-            try:
-                with passthrough_inside():
-                    response = self._inner.handle_request(self._upstream(request, plan, attempt))
-            except httpx.TransportError as exc:
-                return _failed(exc, request, attempt)
-            return self._result(response)
+            with client_span(mesh, request.method, request.url, plan, attempt) as span:
+                try:
+                    with passthrough_inside():
+                        response = self._inner.handle_request(
+                            self._upstream(mesh, request, plan, attempt)
+                        )
+                except httpx.TransportError as exc:
+                    result = _failed(exc, request, attempt)
+                else:
+                    result = self._result(response)
+                end_client_span(mesh, span, result)
+                return result
 
         result = run_attempts(exchange, send, _close)
         return self._respond(request, plan, exchange, result, flags)
@@ -313,8 +362,11 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         mesh, plan, attributes = self._prepare(request)
         if plan.passthrough:
-            with passthrough_inside():
-                return await self._inner.handle_async_request(request)
+            with client_span(mesh, request.method, request.url, None, None) as span:
+                with passthrough_inside():
+                    response = await self._inner.handle_async_request(_propagating(mesh, request))
+                end_client_span(mesh, span, self._result(response))
+                return response
         flags: list[str] = []
         if plan.reply is not None:
             return self._local(plan.reply, request, flags, plan)
@@ -333,14 +385,18 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
         exchange = self._exchange(mesh, plan, attributes, replayable)
 
         async def send(attempt: Attempt) -> AttemptResult:
-            try:
-                with passthrough_inside():
-                    response = await self._inner.handle_async_request(
-                        self._upstream(request, plan, attempt)
-                    )
-            except httpx.TransportError as exc:
-                return _failed(exc, request, attempt)
-            return self._result(response)
+            with client_span(mesh, request.method, request.url, plan, attempt) as span:
+                try:
+                    with passthrough_inside():
+                        response = await self._inner.handle_async_request(
+                            self._upstream(mesh, request, plan, attempt)
+                        )
+                except httpx.TransportError as exc:
+                    result = _failed(exc, request, attempt)
+                else:
+                    result = self._result(response)
+                end_client_span(mesh, span, result)
+                return result
 
         result = await run_attempts_async(exchange, send, _aclose)
         return self._respond(request, plan, exchange, result, flags)

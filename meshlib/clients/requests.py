@@ -23,7 +23,9 @@ from requests.structures import CaseInsensitiveDict
 
 from meshlib.clients._common import (
     MIRROR_POOL,
+    client_span,
     edited_headers,
+    end_client_span,
     mirror_endpoint,
     reply_headers,
     upstream_netloc,
@@ -43,19 +45,23 @@ from meshlib.dataplane.routing import RoutePlan
 from meshlib.mesh import Mesh, default_mesh
 from meshlib.policy.matching import LazyHeaders, RequestAttributes
 from meshlib.policy.snapshot import Endpoint
+from meshlib.telemetry import propagation
 
 
 def request_attributes(request: requests.PreparedRequest) -> RequestAttributes:
+    """What routing sees: the request, plus the headers the served request propagates."""
     parts = urlsplit(request.url or "")
     headers = request.headers
     authority = headers.get("host") or parts.netloc
+    inbound = propagation.current.get()
+    carried = [(n, v) for n, v in inbound.headers if n not in headers] if inbound else []
     return RequestAttributes(
         request.method or "GET",
         authority,
         parts.path or "/",
         scheme=parts.scheme,
         query=parts.query,
-        headers=LazyHeaders(lambda: ((k.lower(), v) for k, v in headers.items())),
+        headers=LazyHeaders(lambda: [*((k.lower(), v) for k, v in headers.items()), *carried]),
         port=parts.port,
     )
 
@@ -115,7 +121,11 @@ class MeshAdapter(HTTPAdapter):
             "proxies": proxies,
         }
         if plan.passthrough:
-            return self._send_upstream(request, timeout=timeout, **options)
+            with client_span(mesh, request.method or "GET", request.url, None, None) as span:
+                _add_headers(request, mesh.propagator.outbound(_has(request)))
+                response = self._send_upstream(request, timeout=timeout, **options)
+                end_client_span(mesh, span, AttemptResult(status=response.status_code))
+                return response
         flags: list[str] = []
         if plan.reply is not None:
             return self._local(plan.reply, request, flags, plan)
@@ -133,25 +143,11 @@ class MeshAdapter(HTTPAdapter):
         exchange = mesh.exchange(plan, replayable=replayable)
         exchange.hash_key = hash_key(exchange.cluster.policy.load_balancer, attributes, None)
 
-        caller_connect, caller_read = timeout if isinstance(timeout, tuple) else (timeout, timeout)
-
         def send(attempt: Attempt) -> AttemptResult:
-            upstream = self._upstream(request, plan, attempt)
-            connect, read, mesh_owned = attempt.timeouts(caller_read)
-            if caller_connect is not None:
-                connect = min(connect or caller_connect, caller_connect)
-            try:
-                response = self._send_upstream(upstream, timeout=(connect, read), **options)
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                failure = _classify(exc)
-                client_timeout = failure == PER_TRY_TIMEOUT and not mesh_owned
-                return AttemptResult(failure=failure, error=exc, client_timeout=client_timeout)
-            return AttemptResult(
-                status=response.status_code,
-                grpc_status=response.headers.get("grpc-status"),
-                response=response,
-                rate_limited="x-envoy-ratelimited" in response.headers,
-            )
+            with client_span(mesh, request.method or "GET", request.url, plan, attempt) as span:
+                result = self._attempt(mesh, request, plan, attempt, options, timeout)
+                end_client_span(mesh, span, result)
+                return result
 
         result = run_attempts(exchange, send, _close)
         if result.client_timeout and result.error is not None:
@@ -160,20 +156,48 @@ class MeshAdapter(HTTPAdapter):
         reply = exchange.final_reply(result)
         if reply is not None:
             return self._local(reply, request, flags, plan)
-        response: requests.Response = result.response
+        final: requests.Response = result.response
         if plan.response_headers:
-            response.headers = CaseInsensitiveDict(
-                edited_headers(response.headers.items(), plan.response_headers, {})
+            final.headers = CaseInsensitiveDict(
+                edited_headers(final.headers.items(), plan.response_headers, {})
             )
-        response.response_flags = flags  # type: ignore[attr-defined]
-        response.upstream_host = exchange.upstream_host  # type: ignore[attr-defined]
-        return response
+        final.response_flags = flags  # type: ignore[attr-defined]
+        final.upstream_host = exchange.upstream_host  # type: ignore[attr-defined]
+        return final
 
     def _send_mirror(
         self, request: requests.PreparedRequest, timeout: Any, options: dict[str, Any]
     ) -> None:
         with contextlib.suppress(Exception):  # a mirror's failure never affects anything
             self._send_upstream(request, timeout=timeout, **options).close()
+
+    def _attempt(
+        self,
+        mesh: Mesh,
+        request: requests.PreparedRequest,
+        plan: RoutePlan,
+        attempt: Attempt,
+        options: dict[str, Any],
+        timeout: Any,
+    ) -> AttemptResult:
+        caller_connect, caller_read = timeout if isinstance(timeout, tuple) else (timeout, timeout)
+        upstream = self._upstream(request, plan, attempt)
+        _add_headers(upstream, mesh.propagator.outbound(_has(request)))
+        connect, read, mesh_owned = attempt.timeouts(caller_read)
+        if caller_connect is not None:
+            connect = min(connect or caller_connect, caller_connect)
+        try:
+            response = self._send_upstream(upstream, timeout=(connect, read), **options)
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            failure = _classify(exc)
+            client_timeout = failure == PER_TRY_TIMEOUT and not mesh_owned
+            return AttemptResult(failure=failure, error=exc, client_timeout=client_timeout)
+        return AttemptResult(
+            status=response.status_code,
+            grpc_status=response.headers.get("grpc-status"),
+            response=response,
+            rate_limited="x-envoy-ratelimited" in response.headers,
+        )
 
     @staticmethod
     def _upstream(
@@ -220,6 +244,16 @@ class MeshAdapter(HTTPAdapter):
         response.connection = self
         response.response_flags = flags  # type: ignore[attr-defined]
         return response
+
+
+def _has(request: requests.PreparedRequest) -> Any:
+    headers = request.headers
+    return lambda name: name in headers
+
+
+def _add_headers(request: requests.PreparedRequest, headers: list[tuple[str, str]]) -> None:
+    for name, value in headers:
+        request.headers[name] = value
 
 
 def _close(response: Any) -> None:

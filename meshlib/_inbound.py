@@ -1,0 +1,53 @@
+"""What the ASGI and WSGI middleware share: one served request, from headers to the end.
+
+`InboundExchange` extracts the caller's context (trace, x-request-id, propagated headers,
+deadline), makes it current and opens the SERVER span, so meshed clients called while the
+request is served send it all on with no app code; `end()` closes the span and restores the
+previous context. The adapters only translate their framework's request and response.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from contextvars import Token
+from typing import Any
+
+from meshlib.mesh import Mesh
+from meshlib.telemetry.propagation import InboundContext
+
+GetAll = Callable[[str], list[str]]
+
+
+class InboundExchange:
+    """One request served by this workload."""
+
+    __slots__ = ("_scope", "_span", "_token", "context", "mesh", "status")
+
+    def __init__(self, mesh: Mesh, get_all: GetAll) -> None:
+        self.mesh = mesh
+        self.status = 0
+        self.context: InboundContext = mesh.propagator.extract(get_all)
+        self._token: Token[InboundContext | None] | None = None
+        self._scope: AbstractContextManager[Any] | None = None
+        self._span: Any = None
+
+    def begin(self, method: str, path: str, *, scheme: str, host: str) -> None:
+        """Make the caller's context current and open this request's SERVER span."""
+        self._token = self.mesh.propagator.activate(self.context)
+        tracing = self.mesh.tracing
+        if tracing.enabled:
+            self._scope = tracing.server_span(
+                method, path, scheme=scheme, host=host, context=self.context.otel_context
+            )
+            self._span = self._scope.__enter__()
+
+    def end(self, error: BaseException | None = None) -> None:
+        """Close the span with the response status and restore the previous context."""
+        scope, self._scope = self._scope, None
+        if scope is not None:
+            self.mesh.tracing.finish_server(self._span, self.status or 500)
+            scope.__exit__(type(error) if error else None, error, None)
+        token, self._token = self._token, None
+        if token is not None:
+            self.mesh.propagator.deactivate(token)

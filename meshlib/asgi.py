@@ -1,0 +1,62 @@
+"""`MeshMiddleware`: the mesh's inbound side for ASGI apps (Starlette, FastAPI, ...).
+
+    app.add_middleware(meshlib.MeshMiddleware)            # Starlette / FastAPI
+    app = meshlib.MeshMiddleware(app, mesh=my_mesh)       # any ASGI app
+
+A pure ASGI middleware — not `BaseHTTPMiddleware`, which runs the app in another task and
+loses contextvars. Lifespan and websocket scopes pass through untouched; responses stream
+as the app sends them; an app exception is re-raised after the request is accounted for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from meshlib._inbound import InboundExchange
+from meshlib.mesh import Mesh, default_mesh
+from meshlib.telemetry import threads
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class MeshMiddleware:
+    """Serve `app` inside the mesh: the caller's context is current while it runs."""
+
+    def __init__(self, app: ASGIApp, mesh: Mesh | None = None) -> None:
+        self.app = app
+        self._mesh = mesh
+        threads.install()  # context follows work into thread pools and threads
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        mesh = self._mesh if self._mesh is not None else default_mesh()
+        raw_headers: list[tuple[bytes, bytes]] = scope.get("headers", [])
+
+        def get_all(name: str) -> list[str]:
+            key = name.encode("latin-1")
+            return [v.decode("latin-1") for k, v in raw_headers if k.lower() == key]
+
+        exchange = InboundExchange(mesh, get_all)
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                exchange.status = message["status"]
+            await send(message)
+
+        host = next((v.decode("latin-1") for k, v in raw_headers if k.lower() == b"host"), "")
+        method, path = scope.get("method", "GET"), scope.get("path", "/")
+        exchange.begin(method, path, scheme=scope.get("scheme", "http"), host=host)
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except Exception as exc:
+            exchange.status = exchange.status or 500  # what the server will answer
+            exchange.end(exc)
+            raise
+        exchange.end()

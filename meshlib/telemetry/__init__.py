@@ -1,0 +1,1 @@
+"""Telemetry: propagation, tracing, metrics, access logs."""

@@ -1,0 +1,1040 @@
+"""Istio's standard request metrics and meshlib's own, cheap to record and cheap to scrape.
+
+`IstioMetrics` keeps the four series families a sidecar exports (ISTIO.md §7):
+`istio_requests_total`, `istio_request_duration_milliseconds`, `istio_request_bytes` and
+`istio_response_bytes`, with Istio's 25 labels in Istio's order and Envoy's default buckets,
+so Kiali, the Istio dashboards and the queries users already have work unchanged. The
+middleware records `reporter="destination"`, meshed clients `reporter="source"` (answers
+meshlib synthesized included, with their response flags); the peer's labels come from
+metadata exchange (`meshlib.telemetry.peer`), else Istio's "unknown".
+
+Recording is a dict lookup and four observations under one small lock: the labelled series is
+cached per tuple of raw arguments, and label values are worked out (and bounded) only on the
+first record of a tuple. The values live in meshlib's own storage, which `render()` turns into
+Prometheus text directly — prometheus-client's `generate_latest` formats every sample through
+generic code and takes 0.7-1.1 s for 2,000 series of this shape; `render` about 30 ms
+(`python -m bench metrics`). The series are still a prometheus-client collector
+in a `CollectorRegistry`, so `generate_latest`, `registry.get_sample_value()` and any other
+prometheus-client consumer see them.
+
+Multiprocess servers (gunicorn, uvicorn with --workers): when prometheus-client runs in
+multiprocess mode (`PROMETHEUS_MULTIPROC_DIR` set before it is imported), the series are
+prometheus-client `Counter`/`Histogram` objects, whose values live in the per-process mmap
+files of that directory, and every exposition helper here (`serve_metrics`,
+`metrics_wsgi_app`, `metrics_asgi_app`, `exposed_registry`) shows the merged view of all
+workers through `MultiProcessMetrics`. That collector indexes each file once and afterwards
+only re-reads values at known offsets, instead of decoding every key on every scrape as
+prometheus-client's `MultiProcessCollector` does (about 1.2 s per worker for 2,000 series);
+metrics other than Istio's still go through prometheus-client's own merge, so gauge modes and
+user metrics behave exactly as documented there. As with any prometheus-client multiprocess
+setup, empty the directory when the server starts and call
+`prometheus_client.multiprocess.mark_process_dead(pid)` from gunicorn's `child_exit` hook.
+
+Cardinality: every label value is checked and length-capped (no raw path, no header copied
+verbatim), and `max_series` caps the label sets; past it, new peers are recorded as the unknown
+peer, and what still does not fit is counted in `meshlib_metric_series_dropped_total`.
+
+Principals: Istio fills `*_principal` from certificates only. meshlib also takes them from
+MeshConfig (the local side) and from the peer's exchanged metadata when there is no mTLS;
+`connection_security_policy="mutual_tls"` tells when the peer's identity was verified.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import glob
+import json
+import logging
+import mmap
+import os
+import re
+import socket
+import struct
+import threading
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from itertools import accumulate
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import values as _prometheus_values
+from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString as _float_to_go_string
+
+from meshlib.config import DEFAULT_METRICS_PORT, MeshConfig
+from meshlib.telemetry.peer import UNKNOWN_PEER, PeerIdentity
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
+
+__all__ = [
+    "CONTENT_TYPE",
+    "DURATION_BUCKETS",
+    "REQUEST_LABELS",
+    "IstioMetrics",
+    "MetricsServer",
+    "MultiProcessMetrics",
+    "OperationalMetrics",
+    "cluster_name",
+    "exposed_registry",
+    "metrics_asgi_app",
+    "metrics_wsgi_app",
+    "multiprocess_dir",
+    "render",
+    "serve_metrics",
+]
+
+_log = logging.getLogger("meshlib.telemetry")
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+METRICS_PATHS = ("/metrics", "/stats/prometheus")
+
+# ISTIO.md §7.2, in the order Istio emits them.
+REQUEST_LABELS: tuple[str, ...] = (
+    "reporter",
+    "source_workload",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "source_version",
+    "source_cluster",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_version",
+    "destination_service",
+    "destination_canonical_service",
+    "destination_canonical_revision",
+    "destination_service_name",
+    "destination_service_namespace",
+    "destination_cluster",
+    "request_protocol",
+    "response_code",
+    "grpc_response_status",
+    "response_flags",
+    "connection_security_policy",
+)
+# Envoy's default histogram buckets (ISTIO.md §7.1), for all three histograms; +Inf follows.
+DURATION_BUCKETS: tuple[float, ...] = (
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+    30000.0, 60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+)  # fmt: skip
+# prometheus-client's number format (Go's): "+Inf", "1.8e+06"; typed for mypy.
+_go_float = cast(Callable[[float], str], _float_to_go_string)
+_BUCKET_COUNT = len(DURATION_BUCKETS) + 1
+_LE = (*(_go_float(b) for b in DURATION_BUCKETS), "+Inf")
+_LE_INDEX = {le: i for i, le in enumerate(_LE)}
+
+_REQUESTS = "istio_requests"  # prometheus-client's family name; samples are `..._total`
+_HISTOGRAMS = ("istio_request_duration_milliseconds", "istio_request_bytes", "istio_response_bytes")
+_HELP = {
+    _REQUESTS: "Requests, counted by the destination (reporter=destination) or the source.",
+    _HISTOGRAMS[0]: "Request duration in milliseconds, request start to response complete.",
+    _HISTOGRAMS[1]: "Request size in bytes.",
+    _HISTOGRAMS[2]: "Response size in bytes.",
+}
+_ISTIO_FAMILIES = frozenset((_REQUESTS, *_HISTOGRAMS))
+
+Reporter = Literal["source", "destination"]
+_PrometheusMetrics = tuple[Counter, Histogram, Histogram, Histogram]
+SecurityPolicy = Literal["unknown", "none", "mutual_tls"]
+
+_REPORTERS = frozenset(("source", "destination"))
+_SECURITY_POLICIES = frozenset(("unknown", "none", "mutual_tls"))
+_FLAGS = re.compile(r"-|[A-Z]{1,8}(?:,[A-Z]{1,8}){0,15}")
+_PROTOCOL = re.compile(r"[a-z0-9]{1,16}")
+_GRPC_STATUS = re.compile(r"[0-9]{1,2}")
+_MAX_VALUE = 253  # a DNS name's length: longer label values are cut
+_PEER_FIELDS = tuple(PeerIdentity.__dataclass_fields__)
+DEFAULT_MAX_SERIES = 2000  # label sets: 8,000 series, a scrape of ~120 MB
+
+# Set while `render` collects, so that collectors of meshlib hand over text, not samples.
+_fast_render: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "meshlib_fast_render", default=False
+)
+
+
+def cluster_name(host: str, subset: str | None, port: int | None) -> str:
+    """Envoy's name for an outbound cluster, the `cluster` label of meshlib's own metrics.
+
+    >>> cluster_name("reviews.default.svc.cluster.local", "v1", 9080)
+    'outbound|9080|v1|reviews.default.svc.cluster.local'
+    """
+    return f"outbound|{port or ''}|{subset or ''}|{host}"
+
+
+def multiprocess_dir() -> str | None:
+    """The directory of prometheus-client's multiprocess mode, or None when it is off.
+
+    prometheus-client decides once, when it is first imported; a `PROMETHEUS_MULTIPROC_DIR`
+    set later has no effect, so the decision it made is what counts here.
+    """
+    if not getattr(_prometheus_values.ValueClass, "_multiprocess", False):
+        return None
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+
+
+# -- label values ----------------------------------------------------------------------------
+
+
+def _escape(value: str) -> str:
+    if "\\" in value or '"' in value or "\n" in value:
+        return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    return value
+
+
+def _label_text(names: Sequence[str], values: Sequence[str]) -> str:
+    return ",".join([f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True)])
+
+
+def _bounded(value: object, default: str) -> str:
+    if not isinstance(value, str) or not value:
+        return default
+    return value[:_MAX_VALUE]
+
+
+def _checked(value: object, pattern: re.Pattern[str], default: str) -> str:
+    if isinstance(value, str) and pattern.fullmatch(value):
+        return value
+    return default
+
+
+# -- series ----------------------------------------------------------------------------------
+
+# A snapshot of one label set: (label text, label names, label values, requests or None,
+# then for each histogram (bucket counts, not cumulative, +Inf last; sum) or None).
+_Hist = tuple[Sequence[float], float]
+_Row = tuple[str, Sequence[str], Sequence[str], float | None, tuple[_Hist | None, ...]]
+
+
+class _Series:
+    """The values of one label set, in meshlib's storage (single-process mode)."""
+
+    __slots__ = (
+        "duration",
+        "duration_sum",
+        "lock",
+        "request_bytes",
+        "request_bytes_sum",
+        "requests",
+        "response_bytes",
+        "response_bytes_sum",
+        "text",
+        "values",
+    )
+
+    def __init__(self, values: tuple[str, ...]) -> None:
+        self.values = values
+        self.text = _label_text(REQUEST_LABELS, values)
+        self.lock = threading.Lock()
+        self.requests = 0
+        self.duration = [0] * _BUCKET_COUNT
+        self.duration_sum = 0.0
+        self.request_bytes = [0] * _BUCKET_COUNT
+        self.request_bytes_sum = 0.0
+        self.response_bytes = [0] * _BUCKET_COUNT
+        self.response_bytes_sum = 0.0
+
+    def observe(self, duration_ms: float, request_bytes: int, response_bytes: int) -> None:
+        i = bisect_left(DURATION_BUCKETS, duration_ms)
+        j = bisect_left(DURATION_BUCKETS, request_bytes)
+        k = bisect_left(DURATION_BUCKETS, response_bytes)
+        with self.lock:
+            self.requests += 1
+            self.duration[i] += 1
+            self.duration_sum += duration_ms
+            self.request_bytes[j] += 1
+            self.request_bytes_sum += request_bytes
+            self.response_bytes[k] += 1
+            self.response_bytes_sum += response_bytes
+
+    def row(self) -> _Row:
+        with self.lock:
+            return (
+                self.text,
+                REQUEST_LABELS,
+                self.values,
+                self.requests,
+                (
+                    (self.duration[:], self.duration_sum),
+                    (self.request_bytes[:], self.request_bytes_sum),
+                    (self.response_bytes[:], self.response_bytes_sum),
+                ),
+            )
+
+
+class _MultiProcessSeries:
+    """One label set as prometheus-client children, whose values live in the mmap files."""
+
+    __slots__ = ("counter", "duration", "request_bytes", "response_bytes")
+
+    def __init__(self, values: tuple[str, ...], metrics: _PrometheusMetrics) -> None:
+        counter, duration, request_bytes, response_bytes = metrics
+        self.counter = counter.labels(*values)
+        self.duration = duration.labels(*values)
+        self.request_bytes = request_bytes.labels(*values)
+        self.response_bytes = response_bytes.labels(*values)
+
+    def observe(self, duration_ms: float, request_bytes: int, response_bytes: int) -> None:
+        self.counter.inc()
+        self.duration.observe(duration_ms)
+        self.request_bytes.observe(request_bytes)
+        self.response_bytes.observe(response_bytes)
+
+
+class IstioMetrics:
+    """Istio's standard HTTP metrics for one workload.
+
+    `config` is the local side of every report (default `MeshConfig()`); `registry` defaults
+    to prometheus-client's REGISTRY. At most `max_series` label sets are kept (see the module
+    docstring). `multiprocess` defaults to prometheus-client's own mode.
+
+    >>> metrics = IstioMetrics(CollectorRegistry(), MeshConfig(service="reviews"))
+    >>> metrics.record("destination", UNKNOWN_PEER, response_code=200, duration_ms=3.2,
+    ...     destination_service="reviews.default.svc.cluster.local",
+    ...     destination_service_name="reviews", destination_service_namespace="default",
+    ...     request_bytes=120, response_bytes=2048)
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        config: MeshConfig | None = None,
+        *,
+        max_series: int = DEFAULT_MAX_SERIES,
+        multiprocess: bool | None = None,
+    ) -> None:
+        self.config = config = config or MeshConfig()
+        self.registry = registry = REGISTRY if registry is None else registry
+        self.max_series = max_series
+        self.multiprocess = multiprocess_dir() is not None if multiprocess is None else multiprocess
+        labels = config.labels
+        # Local side: app/version are empty when the label is missing (ISTIO.md unclear pt. 7).
+        self.local = PeerIdentity(
+            workload=_bounded(config.workload, "unknown"),
+            namespace=config.namespace,
+            app=labels.get("app", "")[:_MAX_VALUE],
+            version=labels.get("version", "")[:_MAX_VALUE],
+            canonical_service=_bounded(config.canonical_service, "unknown"),
+            canonical_revision=_bounded(config.canonical_revision, "latest"),
+            principal=config.principal[: 2 * _MAX_VALUE],
+            cluster=_bounded(config.cluster, "unknown"),
+        )
+        self._lock = threading.Lock()
+        self._cache: dict[tuple[Any, ...], _Series | _MultiProcessSeries] = {}
+        self._series: dict[tuple[str, ...], _Series | _MultiProcessSeries] = {}
+        self._warned = False
+        self._dropped = Counter(
+            "meshlib_metric_series_dropped",
+            "Records not counted because Istio metrics reached max_series label sets.",
+            registry=self.registry,
+        )
+        self._metrics: _PrometheusMetrics | None = None
+        if self.multiprocess:
+            duration, request_bytes, response_bytes = (
+                Histogram(
+                    name, _HELP[name], REQUEST_LABELS, buckets=DURATION_BUCKETS, registry=registry
+                )
+                for name in _HISTOGRAMS
+            )
+            requests = Counter(_REQUESTS, _HELP[_REQUESTS], REQUEST_LABELS, registry=registry)
+            self._metrics = (requests, duration, request_bytes, response_bytes)
+        else:
+            self.registry.register(self)
+
+    # -- the hot path ---------------------------------------------------------------------------
+
+    def record(
+        self,
+        reporter: Reporter,
+        peer: PeerIdentity,
+        *,
+        destination_service: str,
+        destination_service_name: str,
+        destination_service_namespace: str,
+        request_protocol: str = "http",
+        response_code: int,
+        response_flags: str = "-",
+        grpc_response_status: str = "",
+        connection_security_policy: SecurityPolicy = "unknown",
+        duration_ms: float,
+        request_bytes: int,
+        response_bytes: int,
+    ) -> None:
+        """Count one request, from this workload's side (`reporter`), `peer` being the other.
+
+        For `reporter="source"` this workload is the source and `peer` the destination; for
+        `"destination"` the reverse. An answer meshlib synthesized (503 UO, 504 UT, a fault's
+        abort...) is recorded like any other, with its `response_flags` and, when no upstream
+        answered, `UNKNOWN_PEER`. Values out of range (negative sizes, NaN durations) are
+        recorded as 0.
+        """
+        key = (
+            reporter,
+            peer.workload,
+            peer.namespace,
+            peer.app,
+            peer.version,
+            peer.canonical_service,
+            peer.canonical_revision,
+            peer.principal,
+            peer.cluster,
+            destination_service,
+            destination_service_name,
+            destination_service_namespace,
+            request_protocol,
+            response_code,
+            grpc_response_status,
+            response_flags,
+            connection_security_policy,
+        )
+        series = self._cache.get(key)
+        if series is None:
+            series = self._lookup(key, peer)
+            if series is None:
+                return
+        if not duration_ms >= 0.0:
+            duration_ms = 0.0
+        if request_bytes < 0:
+            request_bytes = 0
+        if response_bytes < 0:
+            response_bytes = 0
+        series.observe(duration_ms, request_bytes, response_bytes)
+
+    def _lookup(
+        self, key: tuple[Any, ...], peer: PeerIdentity
+    ) -> _Series | _MultiProcessSeries | None:
+        with self._lock:
+            series = self._cache.get(key)
+            if series is not None:
+                return series
+            values = self._label_values(key, peer)
+            series = self._series.get(values)
+            if series is None and len(self._series) >= self.max_series:
+                # Full: fold a new peer into the unknown one rather than lose the request.
+                values = self._label_values(key, UNKNOWN_PEER)
+                series = self._series.get(values)
+                if series is None:
+                    self._dropped.inc()
+                    if not self._warned:
+                        self._warned = True
+                        _log.warning(
+                            "Istio metrics reached %d label sets; further ones are dropped",
+                            self.max_series,
+                        )
+                    return None
+            if series is None:
+                if self._metrics is not None:
+                    series = _MultiProcessSeries(values, self._metrics)
+                else:
+                    series = _Series(values)
+                self._series[values] = series
+            if len(self._cache) >= 4 * self.max_series:
+                self._cache.clear()  # many raw spellings of the same label sets
+            self._cache[key] = series
+            return series
+
+    def _label_values(self, key: tuple[Any, ...], peer: PeerIdentity) -> tuple[str, ...]:
+        reporter = key[0]
+        if reporter not in _REPORTERS:
+            raise ValueError(f"reporter must be 'source' or 'destination', not {reporter!r}")
+        (service, service_name, service_namespace, protocol, code, grpc, flags, policy) = key[9:]
+        remote = PeerIdentity(
+            *(_bounded(getattr(peer, f), getattr(UNKNOWN_PEER, f)) for f in _PEER_FIELDS)
+        )
+        src, dst = (self.local, remote) if reporter == "source" else (remote, self.local)
+        if not isinstance(service_namespace, str) or service_namespace in ("", "unknown"):
+            service_namespace = dst.namespace  # Istio's fallback: the destination's namespace
+        code_text = str(code) if isinstance(code, int) and 0 <= code <= 999 else "0"
+        return (
+            reporter,
+            src.workload,
+            src.canonical_service,
+            src.canonical_revision,
+            src.namespace,
+            src.principal,
+            src.app,
+            src.version,
+            src.cluster,
+            dst.workload,
+            dst.namespace,
+            dst.principal,
+            dst.app,
+            dst.version,
+            _bounded(service, "unknown"),
+            dst.canonical_service,
+            dst.canonical_revision,
+            _bounded(service_name, "unknown"),
+            _bounded(service_namespace, "unknown"),
+            dst.cluster,
+            _checked(protocol, _PROTOCOL, "unknown"),
+            code_text,
+            _checked(grpc, _GRPC_STATUS, ""),
+            _checked(flags, _FLAGS, "-"),
+            policy if policy in _SECURITY_POLICIES else "unknown",
+        )
+
+    # -- prometheus-client collector ------------------------------------------------------------
+
+    def describe(self) -> Iterator[Metric]:
+        """The families this collector exports, so the registry can refuse duplicates."""
+        yield Metric(_REQUESTS, _HELP[_REQUESTS], "counter")
+        for name in _HISTOGRAMS:
+            yield Metric(name, _HELP[name], "histogram")
+
+    def collect(self) -> Iterator[Metric]:
+        """The four families: as text when `render` asks, else as prometheus-client samples."""
+        with self._lock:
+            series = list(self._series.values())
+        rows = [s.row() for s in series if isinstance(s, _Series)]
+        if _fast_render.get():
+            yield _Rendered(_render_rows(rows))
+        else:
+            yield from _families(rows)
+
+    def unregister(self) -> None:
+        """Take these metrics out of their registry (their values are kept)."""
+        if self._metrics is None:
+            self.registry.unregister(self)
+        else:
+            for metric in self._metrics:
+                self.registry.unregister(metric)
+        self.registry.unregister(self._dropped)
+
+
+# -- exposition ------------------------------------------------------------------------------
+
+
+class _Rendered(Metric):
+    """Families already turned into exposition text; what meshlib's collectors give `render`."""
+
+    def __init__(self, chunks: list[str]) -> None:
+        super().__init__("meshlib_rendered", "", "untyped")
+        self.chunks = chunks
+
+
+def _render_rows(rows: Sequence[_Row]) -> list[str]:
+    out = [f"# HELP {_REQUESTS}_total {_HELP[_REQUESTS]}\n# TYPE {_REQUESTS}_total counter\n"]
+    head = f"{_REQUESTS}_total{{"
+    out += [f"{head}{row[0]}}} {_number(row[3])}\n" for row in rows if row[3] is not None]
+    for index, name in enumerate(_HISTOGRAMS):
+        out.append(f"# HELP {name} {_HELP[name]}\n# TYPE {name} histogram\n")
+        bucket, count, total = f"{name}_bucket{{", f"{name}_count{{", f"{name}_sum{{"
+        les = [f',le="{le}"}} ' for le in _LE]
+        for text, _, _, _, hists in rows:
+            hist = hists[index]
+            if hist is None:
+                continue
+            cumulative = list(accumulate(hist[0]))
+            out += [
+                f"{bucket}{text}{le}{_number(n)}\n" for le, n in zip(les, cumulative, strict=True)
+            ]
+            out.append(
+                f"{count}{text}}} {_number(cumulative[-1])}\n{total}{text}}} {_go_float(hist[1])}\n"
+            )
+    return out
+
+
+def _number(value: float) -> str:
+    if type(value) is int:
+        return str(value)
+    return _go_float(value)
+
+
+def _families(rows: Sequence[_Row]) -> Iterator[Metric]:
+    requests = Metric(_REQUESTS, _HELP[_REQUESTS], "counter")
+    for _, names, values, count, _ in rows:
+        if count is not None:
+            labels = dict(zip(names, values, strict=True))
+            requests.samples.append(Sample(f"{_REQUESTS}_total", labels, float(count)))
+    yield requests
+    for index, name in enumerate(_HISTOGRAMS):
+        family = Metric(name, _HELP[name], "histogram")
+        samples = family.samples
+        for _, names, values, _, hists in rows:
+            hist = hists[index]
+            if hist is None:
+                continue
+            labels = dict(zip(names, values, strict=True))
+            cumulative = list(accumulate(hist[0]))
+            for le, n in zip(_LE, cumulative, strict=True):
+                samples.append(Sample(f"{name}_bucket", {**labels, "le": le}, float(n)))
+            samples.append(Sample(f"{name}_count", labels, float(cumulative[-1])))
+            samples.append(Sample(f"{name}_sum", labels, float(hist[1])))
+        yield family
+
+
+class _Families:
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+def render(registry: Collector | None = None) -> bytes:
+    """The Prometheus text format (0.0.4) of everything in `registry` (default: REGISTRY).
+
+    meshlib's collectors hand over ready text; other families go through prometheus-client's
+    `generate_latest`, so the output is what it would print, only faster.
+    """
+    source = REGISTRY if registry is None else registry
+    out: list[str] = []
+    others: list[Metric] = []
+    token = _fast_render.set(True)
+    try:
+        for family in source.collect():
+            if isinstance(family, _Rendered):
+                if others:
+                    out.append(generate_latest(_Families(others)).decode())
+                    others = []
+                out += family.chunks
+            else:
+                others.append(family)
+    finally:
+        _fast_render.reset(token)
+    if others:
+        out.append(generate_latest(_Families(others)).decode())
+    return "".join(out).encode()
+
+
+# -- multiprocess ----------------------------------------------------------------------------
+
+_INT = struct.Struct("i")
+_DOUBLE = struct.Struct("d")
+_TWO_DOUBLES = struct.Struct("dd")
+# sample name -> (histogram index, or -1 for the requests counter; slot in its values)
+_ISTIO_SLOT_OF = {f"{_REQUESTS}_total": (-1, 0)}
+for _index, _name in enumerate(_HISTOGRAMS):
+    _ISTIO_SLOT_OF[f"{_name}_sum"] = (_index, _BUCKET_COUNT)
+    _ISTIO_SLOT_OF[f"{_name}_bucket"] = (_index, 0)  # bucket index from `le`
+
+
+_LabelSet = tuple[tuple[str, str], ...]
+
+
+class _FileIndex:
+    """What one mmap file holds, parsed once: entries are only ever appended to these files."""
+
+    __slots__ = ("identity", "istio", "others", "parsed")
+
+    def __init__(self, identity: tuple[int, int]) -> None:
+        self.identity = identity
+        self.parsed = 8  # offset of the first entry
+        # (offset of the value, label set id, histogram index or -1 for requests, bucket slot)
+        self.istio: list[tuple[int, int, int, int]] = []
+        # (offset of the value, family name, sample name, labels, help)
+        self.others: list[tuple[int, str, str, _LabelSet, str]] = []
+
+
+class MultiProcessMetrics:
+    """The merged metrics of every process writing to a multiprocess directory.
+
+    A drop-in for prometheus-client's `MultiProcessCollector` (same families and values) that
+    parses each file's keys once and later only reads the values at their known offsets. Use
+    through `exposed_registry()`, or register it in a registry of its own.
+    """
+
+    def __init__(self, path: str | None = None, registry: CollectorRegistry | None = None) -> None:
+        path = path or multiprocess_dir() or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not path or not os.path.isdir(path):
+            raise ValueError("PROMETHEUS_MULTIPROC_DIR is not set or not a directory")
+        self.path = path
+        self._files: dict[str, _FileIndex] = {}
+        # Istio label sets, numbered: the files of all workers share them.
+        self._ids: dict[_LabelSet, int] = {}
+        self._labels: list[tuple[str, Sequence[str], Sequence[str]]] = []
+        self._lock = threading.Lock()
+        if registry is not None:
+            registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        """Istio's families (as text when `render` asks), then every other merged family."""
+        rows, others = self._read()
+        if not rows:
+            pass  # like MultiProcessCollector: no family without samples
+        elif _fast_render.get():
+            yield _Rendered(_render_rows(rows))
+        else:
+            yield from _families(rows)
+        yield from _merge(others, self.path)
+
+    def _read(self) -> tuple[list[_Row], dict[str, Metric]]:
+        acc: dict[int, list[Any]] = {}
+        others: dict[str, Metric] = {}
+        with self._lock:
+            seen = set()
+            for path in sorted(glob.glob(os.path.join(self.path, "*.db"))):
+                seen.add(path)
+                try:
+                    self._read_file(path, acc, others)
+                except (OSError, ValueError):
+                    continue  # removed meanwhile (live gauges of a dead process), or empty
+            for gone in set(self._files) - seen:
+                del self._files[gone]
+            rows = [self._row(key, values) for key, values in acc.items()]
+        return rows, others
+
+    def _read_file(self, path: str, acc: dict[int, list[Any]], others: dict[str, Metric]) -> None:
+        parts = os.path.basename(path)[:-3].split("_")
+        typ = parts[0]
+        with open(path, "rb") as f:
+            stat = os.fstat(f.fileno())
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                index = self._files.get(path)
+                identity = (stat.st_dev, stat.st_ino)
+                used = min(_INT.unpack_from(data, 0)[0], len(data))
+                if index is None or index.identity != identity or used < index.parsed:
+                    index = self._files[path] = _FileIndex(identity)
+                self._index(index, data, used, typ)
+                unpack = _DOUBLE.unpack_from
+                for offset, key, hist, slot in index.istio:
+                    values = acc.get(key)
+                    if values is None:
+                        values = acc[key] = [None, None, None, None]
+                    if hist < 0:
+                        values[0] = (values[0] or 0.0) + unpack(data, offset)[0]
+                    else:
+                        buckets = values[hist + 1]
+                        if buckets is None:
+                            buckets = values[hist + 1] = [0.0] * (_BUCKET_COUNT + 1)
+                        buckets[slot] += unpack(data, offset)[0]
+                for offset, family, name, labels, help_text in index.others:
+                    value, timestamp = _TWO_DOUBLES.unpack_from(data, offset)
+                    metric = others.get(family)
+                    if metric is None:
+                        metric = others[family] = Metric(family, help_text, typ)
+                    # The shapes prometheus-client's MultiProcessCollector merges.
+                    if typ == "gauge":
+                        metric._multiprocess_mode = parts[1]  # type: ignore[attr-defined]
+                        labels = (*labels, ("pid", parts[2]))
+                        metric.samples.append(Sample(name, labels, value, timestamp))  # type: ignore[arg-type]
+                    else:
+                        metric.samples.append(Sample(name, labels, value))  # type: ignore[arg-type]
+
+    def _index(self, index: _FileIndex, data: mmap.mmap, used: int, typ: str) -> None:
+        pos = index.parsed
+        while pos + 4 <= used:
+            length = _INT.unpack_from(data, pos)[0]
+            value_at = pos + 4 + length + (8 - (length + 4) % 8)
+            if length <= 0 or value_at + 16 > used:
+                break  # an entry still being appended
+            family, name, labels, help_text = json.loads(data[pos + 4 : pos + 4 + length])
+            pos = value_at + 16
+            slot = _ISTIO_SLOT_OF.get(name) if family in _ISTIO_FAMILIES else None
+            if slot is not None and typ in ("counter", "histogram"):
+                hist, where = slot
+                if hist >= 0 and where == 0:  # a bucket: the slot is its `le`
+                    where = _LE_INDEX.get(labels.pop("le", None), -1)
+                if where >= 0:
+                    index.istio.append((value_at, self._id(labels), hist, where))
+                    continue
+            index.others.append((value_at, family, name, tuple(sorted(labels.items())), help_text))
+        index.parsed = pos
+
+    def _id(self, labels: dict[str, str]) -> int:
+        key = tuple(sorted(labels.items()))
+        found = self._ids.get(key)
+        if found is None:
+            names = REQUEST_LABELS if set(labels) == set(REQUEST_LABELS) else tuple(labels)
+            values = tuple(labels[n] for n in names)
+            found = self._ids[key] = len(self._labels)
+            self._labels.append((_label_text(names, values), names, values))
+        return found
+
+    def _row(self, key: int, values: list[Any]) -> _Row:
+        hists: list[_Hist | None] = []
+        for buckets in values[1:]:
+            hists.append(None if buckets is None else (buckets[:_BUCKET_COUNT], buckets[-1]))
+        return (*self._labels[key], values[0], tuple(hists))
+
+
+def _merge(metrics: dict[str, Metric], path: str) -> Iterable[Metric]:
+    """prometheus-client's own merge of the families meshlib does not read itself."""
+    if not metrics:
+        return []
+    merge: Callable[[dict[str, Metric], bool], Iterable[Metric]] | None = getattr(
+        MultiProcessCollector, "_accumulate_metrics", None
+    )
+    if merge is not None:
+        return merge(metrics, True)
+    # A prometheus-client without that helper: its public merge, minus Istio's families.
+    collector: Any = MultiProcessCollector(None, path)  # type: ignore[no-untyped-call]
+    return [m for m in collector.collect() if m.name not in _ISTIO_FAMILIES]
+
+
+_exposed: dict[str, CollectorRegistry] = {}
+_exposed_lock = threading.Lock()
+
+
+def exposed_registry(registry: CollectorRegistry | None = None) -> CollectorRegistry:
+    """What to scrape: `registry` (default REGISTRY), or in multiprocess mode every worker.
+
+    In multiprocess mode the result is one registry per directory holding a
+    `MultiProcessMetrics`: the values of all processes, the ones in `registry` included.
+    """
+    path = multiprocess_dir()
+    if path is None:
+        return REGISTRY if registry is None else registry
+    with _exposed_lock:
+        found = _exposed.get(path)
+        if found is None:
+            found = _exposed[path] = CollectorRegistry()
+            MultiProcessMetrics(path, registry=found)
+        return found
+
+
+# -- serving ---------------------------------------------------------------------------------
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class MetricsServer:
+    """A small threaded HTTP server answering `/metrics` and `/stats/prometheus`.
+
+    Closing it (`close()`, calling it, or leaving its `with` block) stops the server.
+    """
+
+    def __init__(self, server: ThreadingHTTPServer, thread: threading.Thread) -> None:
+        self._server = server
+        self._thread = thread
+        self.host: str = server.server_address[0]  # type: ignore[assignment]
+        self.port: int = server.server_address[1]
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    def __call__(self) -> None:
+        self.close()
+
+    def __enter__(self) -> MetricsServer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def serve_metrics(
+    port: int = DEFAULT_METRICS_PORT,
+    registry: CollectorRegistry | None = None,
+    *,
+    host: str = "0.0.0.0",
+) -> MetricsServer:
+    """Serve `exposed_registry(registry)` on `host:port` (0 picks a free port), like Istio's 15020.
+
+    Under a multi-worker server only one process can hold the port: start it from the master
+    (gunicorn's `when_ready` hook) in multiprocess mode, or mount `metrics_wsgi_app` /
+    `metrics_asgi_app` in the app, which every worker answers with the merged view.
+    """
+    source = exposed_registry(registry)
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            self._answer(body=True)
+
+        def do_HEAD(self) -> None:
+            self._answer(body=False)
+
+        def _answer(self, body: bool) -> None:
+            if self.path.partition("?")[0] not in METRICS_PATHS:
+                payload, status, kind = b"not found\n", 404, "text/plain; charset=utf-8"
+            else:
+                payload, status, kind = render(source), 200, CONTENT_TYPE
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            if body:
+                self.wfile.write(payload)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # scrapes every few seconds would flood stderr
+
+    server = (_Server6 if ":" in host else _Server)((host, port), Handler)
+    thread = threading.Thread(
+        target=server.serve_forever, name="meshlib-metrics", kwargs={"poll_interval": 0.2}
+    )
+    thread.daemon = True
+    thread.start()
+    return MetricsServer(server, thread)
+
+
+WSGIStartResponse = Callable[..., Any]
+ASGIReceive = Callable[[], Any]
+ASGISend = Callable[[dict[str, Any]], Any]
+
+
+def metrics_wsgi_app(
+    registry: CollectorRegistry | None = None,
+) -> Callable[[dict[str, Any], WSGIStartResponse], list[bytes]]:
+    """A WSGI app answering GET (any path: mount it where you like) with the metrics."""
+    source = exposed_registry(registry)
+
+    def app(environ: dict[str, Any], start_response: WSGIStartResponse) -> list[bytes]:
+        method = environ.get("REQUEST_METHOD", "GET")
+        if method not in ("GET", "HEAD"):
+            start_response("405 Method Not Allowed", [("Allow", "GET, HEAD")])
+            return [b""]
+        payload = render(source)
+        headers = [("Content-Type", CONTENT_TYPE), ("Content-Length", str(len(payload)))]
+        start_response("200 OK", headers)
+        return [b"" if method == "HEAD" else payload]
+
+    return app
+
+
+def metrics_asgi_app(
+    registry: CollectorRegistry | None = None,
+) -> Callable[[dict[str, Any], ASGIReceive, ASGISend], Any]:
+    """An ASGI app answering GET (any path: mount it where you like) with the metrics.
+
+    Rendering runs on the event loop, as prometheus-client's own ASGI app does: a few
+    milliseconds per scrape for a typical workload.
+    """
+    source = exposed_registry(registry)
+
+    async def app(scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        method = scope.get("method", "GET")
+        if method not in ("GET", "HEAD"):
+            status, payload = 405, b""
+            headers = [(b"allow", b"GET, HEAD"), (b"content-length", b"0")]
+        else:
+            status, payload = 200, render(source)
+            headers = [
+                (b"content-type", CONTENT_TYPE.encode()),
+                (b"content-length", str(len(payload)).encode()),
+            ]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": b"" if method == "HEAD" else payload})
+
+    return app
+
+
+# -- meshlib's own metrics -------------------------------------------------------------------
+
+_EJECTED_STATES = frozenset(("open", "half-open"))
+_MAX_CLUSTER = 512
+
+
+class OperationalMetrics:
+    """meshlib's own health: policy reloads, ejections, overflows, retry budgets.
+
+    The methods are hooks for the wiring, e.g.
+    `source.subscribe(lambda s: ops.policy_loaded(s.generation))`,
+    `source.on_error(ops.policy_rejected)` and
+    `detector.listen(functools.partial(ops.ejection, cluster_name(host, subset, port)))`.
+    `cluster` labels are Envoy cluster names (`cluster_name`), one per configured cluster.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        registry = REGISTRY if registry is None else registry
+        self.registry = registry
+        self._generation = Gauge(
+            "meshlib_policy_generation",
+            "Generation of the policy Snapshot being served.",
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self._reload_errors = Counter(
+            "meshlib_policy_reload_errors",
+            "New policy rejected; the last good Snapshot kept serving.",
+            registry=registry,
+        )
+        self._ejections = Counter(
+            "meshlib_outlier_ejections",
+            "Endpoints ejected by outlier detection (re-ejections after a failed trial too).",
+            ["cluster"],
+            registry=registry,
+        )
+        self._ejected = Gauge(
+            "meshlib_endpoints_ejected",
+            "Endpoints currently out of the load-balancing pool (ejected or on trial).",
+            ["cluster"],
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self._retry_budget = Counter(
+            "meshlib_retry_budget_exhausted",
+            "Retries not attempted: the retry budget or maxRetries was used up (Envoy's "
+            "upstream_rq_retry_overflow).",
+            ["cluster"],
+            registry=registry,
+        )
+        self._overflow = Counter(
+            "meshlib_upstream_overflow",
+            "Requests refused by connection-pool limits (response flag UO).",
+            ["cluster"],
+            registry=registry,
+        )
+        self._lock = threading.Lock()
+        self._ejected_keys: dict[str, set[str]] = {}
+
+    def policy_loaded(self, snapshot_generation: int) -> None:
+        """A new Snapshot is being served."""
+        self._generation.set(snapshot_generation)
+
+    def policy_rejected(self, error: object = None) -> None:
+        """New policy was invalid (an `on_error` listener: takes the PolicyError)."""
+        self._reload_errors.inc()
+
+    def ejection(self, cluster: str, key: str, old: str, new: str) -> None:
+        """An outlier-detection state change of endpoint `key` (pybreaker state names)."""
+        cluster = cluster[:_MAX_CLUSTER]
+        with self._lock:
+            keys = self._ejected_keys.setdefault(cluster, set())
+            if new in _EJECTED_STATES:
+                keys.add(key)
+            else:
+                keys.discard(key)
+            self._ejected.labels(cluster).set(len(keys))
+        if new == "open" and old != "open":
+            self._ejections.labels(cluster).inc()
+
+    def endpoints_retained(self, cluster: str, keys: Iterable[str]) -> None:
+        """Forget ejected endpoints of `cluster` that left it (a new Snapshot removed them)."""
+        cluster = cluster[:_MAX_CLUSTER]
+        with self._lock:
+            ejected = self._ejected_keys.get(cluster)
+            if ejected is not None:
+                ejected.intersection_update(keys)
+                self._ejected.labels(cluster).set(len(ejected))
+
+    def retry_budget_exhausted(self, cluster: str) -> None:
+        """A retry was refused by the retry budget or maxRetries."""
+        self._retry_budget.labels(cluster[:_MAX_CLUSTER]).inc()
+
+    def upstream_overflow(self, cluster: str) -> None:
+        """A request was refused by the cluster's connection-pool limits (UO)."""
+        self._overflow.labels(cluster[:_MAX_CLUSTER]).inc()

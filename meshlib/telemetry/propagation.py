@@ -1,0 +1,452 @@
+"""Context propagation: what an inbound request carries on to the calls made while serving it.
+
+With a sidecar, the app still has to copy trace headers from its inbound request to its
+outbound ones (Istio's documented duty). meshlib does it for the app:
+
+1. The inbound middleware calls `Propagator.extract(get_all)` once per request: trace
+   context and baggage through the OpenTelemetry propagators (W3C `traceparent`/`tracestate`,
+   W3C `baggage`, B3 multi-header and single `b3`), `x-request-id` (kept when sane, else a new
+   UUIDv4 — Envoy generates one at the first hop), the app headers named in
+   `MeshConfig.propagate_headers` (e.g. `end-user`, so header routing holds down the whole
+   call chain), and the caller's remaining time budget (`x-envoy-expected-rq-timeout-ms`, or
+   `grpc-timeout`) as an absolute deadline.
+2. It then calls `Propagator.activate(inbound)`: the `InboundContext` goes into the
+   `current` ContextVar, its OpenTelemetry context is attached (so spans started while serving
+   the request are its children), and its deadline goes into
+   `meshlib.dataplane.deadline.inbound_deadline` (which clamps every outbound timeout).
+3. Each meshed client calls `Propagator.outbound(has)` for the headers to add to the request
+   it is about to send.
+
+Everything lives in `contextvars`, so it follows the request into tasks it spawns, into
+`asyncio.to_thread` and Starlette's threadpool, and — with `meshlib.telemetry.threads` — into
+`ThreadPoolExecutor`, `loop.run_in_executor` and `threading.Thread`.
+
+Rules chosen (what a user of Istio would expect):
+
+- **Formats injected.** W3C trace context is always sent (it is OpenTelemetry's and Istio's
+  current default), and `baggage` whenever the context holds baggage. B3 multi-header is
+  added when the inbound request carried any `x-b3-*` header, single `b3` when it carried
+  `b3`: a service answers its callers' dialect to its callees, as Envoy does. The formats
+  sent always can be changed with `Propagator(always=...)` (names as in `OTEL_PROPAGATORS`:
+  `tracecontext`, `baggage`, `b3multi`, `b3`), e.g. `always=("tracecontext", "b3multi")` for
+  a mesh whose sidecars run the Zipkin tracer.
+- **Which trace wins.** When an inbound request carries both W3C and B3 ids, a valid
+  `traceparent` wins (the W3C propagator runs last in the composite): meshlib never rewrites
+  a valid incoming `traceparent` trace id.
+- **An outer span stays.** `activate` attaches the extracted context only when no valid span
+  is current: when OpenTelemetry's own ASGI/WSGI instrumentation runs outside meshlib, its
+  SERVER span (already a child of the caller) stays current, and so does a span the
+  tracing module started before activation.
+- **What is injected** is the *current* OpenTelemetry context at the time of the call: the
+  caller's span when no tracer runs (headers pass through unchanged), the client span when
+  the tracing module started one. No trace is invented without a tracer; a request with no
+  or malformed trace headers starts a new trace at the tracing module's root span. A B3
+  sampling decision without ids (`b3: 0`, `x-b3-sampled: 0`) is passed on as such.
+- **The app wins.** A header the app set itself is never overridden: a trace format is
+  skipped whole when the app set any of its headers (`traceparent`/`tracestate`, any
+  `x-b3-*`, `b3`, `baggage`); likewise `x-request-id`, each propagated app header and
+  `x-envoy-expected-rq-timeout-ms` (a tighter budget set by the data plane stays).
+- **Deadline.** `x-envoy-expected-rq-timeout-ms` is an integer of milliseconds, `grpc-timeout`
+  gRPC's `1*8DIGIT unit`; when both arrive the smaller wins, and 0 means no deadline (Envoy
+  reads a zero timeout as infinite). Outbound, the remaining time is sent in whole
+  milliseconds, at least 1 (0 would read as "no deadline").
+- **Malformed input is ignored, never raised:** an invalid `traceparent`/`b3` leaves the
+  context empty (a new trace starts), an invalid `x-request-id` (empty, over 128 characters,
+  anything but visible ASCII) is replaced by a new UUIDv4, an invalid timeout means no
+  deadline, and an app header value holding CR, LF or NUL is dropped. Repeated values of an
+  app header are joined with ", " ("; " for `cookie`), so each name is sent once.
+- Names in `propagate_headers` that a format already handles (trace, request-id and timeout
+  headers) are ignored there.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar, Token
+from dataclasses import dataclass
+from typing import TypeVar
+
+from opentelemetry import context as otel_context_api
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.context import Context
+from opentelemetry.propagators.b3 import B3MultiFormat, B3SingleFormat
+from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.propagators.textmap import Getter, TextMapPropagator, default_setter
+from opentelemetry.trace import get_current_span
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from meshlib.dataplane.deadline import inbound_deadline
+
+__all__ = [
+    "B3_MULTI",
+    "B3_SINGLE",
+    "BAGGAGE",
+    "TRACECONTEXT",
+    "InboundContext",
+    "Propagator",
+    "current",
+]
+
+logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+# Format names, as OpenTelemetry's OTEL_PROPAGATORS spells them.
+TRACECONTEXT = "tracecontext"
+BAGGAGE = "baggage"
+B3_MULTI = "b3multi"
+B3_SINGLE = "b3"
+_FORMATS = frozenset((TRACECONTEXT, BAGGAGE, B3_MULTI, B3_SINGLE))
+
+REQUEST_ID = "x-request-id"
+EXPECTED_TIMEOUT = "x-envoy-expected-rq-timeout-ms"
+GRPC_TIMEOUT = "grpc-timeout"
+
+_W3C_FIELDS = ("traceparent", "tracestate")
+_B3_MULTI_FIELDS = ("x-b3-traceid", "x-b3-spanid", "x-b3-sampled", "x-b3-flags")
+_B3_MULTI_ALL = (*_B3_MULTI_FIELDS, "x-b3-parentspanid")
+# The headers the OpenTelemetry propagators read; looked up once per inbound request.
+_TRACE_FIELDS = (*_W3C_FIELDS, "baggage", "b3", *_B3_MULTI_FIELDS)
+_RESERVED = frozenset(
+    (*_TRACE_FIELDS, "x-b3-parentspanid", REQUEST_ID, EXPECTED_TIMEOUT, GRPC_TIMEOUT)
+)
+
+_SANE_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+_EXPECTED_MS = re.compile(r"[ \t]*([0-9]{1,12})[ \t]*")
+_GRPC_TIMEOUT = re.compile(r"[ \t]*([0-9]{1,8})([HMSmun])[ \t]*")
+_GRPC_UNIT = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+_B3_YES = frozenset(("1", "true", "True", "d"))
+_B3_NO = frozenset(("0", "false", "False"))
+
+_EMPTY_CONTEXT = Context()
+_NO_FORMATS: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class InboundContext:
+    """What the request being served carries on to the outbound calls made for it."""
+
+    request_id: str
+    """`x-request-id`: the incoming one, or a new UUIDv4 when absent or invalid."""
+    headers: tuple[tuple[str, str], ...]
+    """The `MeshConfig.propagate_headers` present inbound, lowercase names, one entry each."""
+    otel_context: Context
+    """The extracted trace context and baggage (empty when none or malformed)."""
+    deadline: float | None
+    """Absolute `time.monotonic()` by which the caller wants an answer, if it said."""
+    sampled: bool | None
+    """The caller's sampling decision, None when it made none (or deferred it)."""
+    formats: frozenset[str] = _NO_FORMATS
+    """The trace formats the inbound request used (`tracecontext`, `b3multi`, `b3`)."""
+
+
+current: ContextVar[InboundContext | None] = ContextVar("meshlib_inbound_context", default=None)
+"""The InboundContext of the request being served in this context, if any."""
+
+
+class _Undo:
+    """What one `activate` replaced besides `current` (kept in the context it changed)."""
+
+    __slots__ = ("current", "deadline", "otel", "previous")
+
+    def __init__(
+        self,
+        current_token: Token[InboundContext | None],
+        otel_token: Token[Context] | None,
+        deadline_token: Token[float | None],
+        previous: _Undo | None,
+    ) -> None:
+        self.current = current_token
+        self.otel = otel_token
+        self.deadline = deadline_token
+        self.previous = previous
+
+
+_undo: ContextVar[_Undo | None] = ContextVar("meshlib_propagation_undo", default=None)
+
+
+class _ListGetter(Getter[Mapping[str, list[str]]]):
+    """Reads the per-request carrier: header name -> the values received (no copies)."""
+
+    def get(self, carrier: Mapping[str, list[str]], key: str) -> list[str] | None:
+        return carrier.get(key)
+
+    def keys(self, carrier: Mapping[str, list[str]]) -> list[str]:
+        return list(carrier)
+
+
+_GETTER = _ListGetter()
+
+
+class Propagator:
+    """Extracts an InboundContext from request headers; gives outbound calls their headers.
+
+    Build one per Mesh (it is immutable and thread-safe) and share it between the middleware
+    and the clients.
+    """
+
+    __slots__ = ("_always", "_app_headers", "_composite", "_injectors")
+
+    def __init__(
+        self,
+        propagate_headers: Sequence[str] = (),
+        *,
+        always: Iterable[str] = (TRACECONTEXT, BAGGAGE),
+    ) -> None:
+        names: list[str] = []
+        for name in propagate_headers:
+            low = name.strip().lower()
+            if low and low not in _RESERVED and low not in names:
+                names.append(low)
+        self._app_headers = tuple(names)
+        self._always = frozenset(always)
+        unknown = self._always - _FORMATS
+        if unknown:
+            raise ValueError(
+                f"unknown propagation format(s) {sorted(unknown)} (known: {sorted(_FORMATS)})"
+            )
+        w3c = TraceContextTextMapPropagator()
+        baggage = W3CBaggagePropagator()
+        b3_multi = B3MultiFormat()
+        b3_single = B3SingleFormat()
+        # Later propagators override earlier ones: B3 first, so a valid traceparent wins.
+        self._composite = CompositePropagator([b3_multi, b3_single, w3c, baggage])
+        # (format, propagator, the headers it writes, needs a valid span to write anything)
+        self._injectors: tuple[tuple[str, TextMapPropagator, tuple[str, ...], bool], ...] = (
+            (TRACECONTEXT, w3c, _W3C_FIELDS, True),
+            (BAGGAGE, baggage, ("baggage",), False),
+            (B3_MULTI, b3_multi, _B3_MULTI_ALL, True),
+            (B3_SINGLE, b3_single, ("b3",), True),
+        )
+
+    @property
+    def propagate_headers(self) -> tuple[str, ...]:
+        """The app headers carried on (lowercase, without the ones a format handles)."""
+        return self._app_headers
+
+    # -- inbound ------------------------------------------------------------------------
+
+    def extract(self, get_all: Callable[[str], list[str]]) -> InboundContext:
+        """Read the inbound request's propagation headers; never raises.
+
+        `get_all(name)` returns the values of the header `name` (given lowercase), [] when
+        absent.
+        """
+        try:
+            return self._extract(get_all)
+        except Exception:  # a bug here must never fail the request being served
+            logger.warning("meshlib: could not read propagation headers", exc_info=True)
+            return InboundContext(str(uuid.uuid4()), (), _EMPTY_CONTEXT, None, None)
+
+    def _extract(self, get_all: Callable[[str], list[str]]) -> InboundContext:
+        carrier: dict[str, list[str]] = {}
+        for name in _TRACE_FIELDS:
+            values = get_all(name)
+            # Trace ids are ASCII; B3's `\d` would otherwise take other scripts' digits.
+            if values and values[0].isascii():
+                carrier[name] = values
+
+        formats = _NO_FORMATS
+        sampled: bool | None = None
+        otel_context = _EMPTY_CONTEXT
+        if carrier:
+            otel_context = self._composite.extract(carrier, Context(), getter=_GETTER)
+            formats = _formats_of(carrier)
+            sampled = _sampled(carrier, otel_context)
+
+        ids = get_all(REQUEST_ID)
+        request_id = ids[0].strip(" \t") if ids else ""
+        if _SANE_REQUEST_ID.fullmatch(request_id) is None:
+            request_id = str(uuid.uuid4())
+
+        headers: tuple[tuple[str, str], ...] = ()
+        if self._app_headers:
+            found = []
+            for name in self._app_headers:
+                values = get_all(name)
+                if values:
+                    value = _join(name, values)
+                    if value is not None:
+                        found.append((name, value))
+            headers = tuple(found)
+
+        return InboundContext(
+            request_id=request_id,
+            headers=headers,
+            otel_context=otel_context,
+            deadline=_deadline(get_all),
+            sampled=sampled,
+            formats=formats,
+        )
+
+    # -- activation ---------------------------------------------------------------------
+
+    def activate(self, inbound: InboundContext) -> Token[InboundContext | None]:
+        """Make `inbound` the request being served in this context (until `deactivate`).
+
+        Sets `current` and `inbound_deadline`, and attaches the extracted OpenTelemetry
+        context unless a valid span is current already (see the module rules). The token
+        returned is `current`'s; `deactivate(token)` undoes all of it.
+        """
+        token = current.set(inbound)
+        otel_token = None
+        if not get_current_span().get_span_context().is_valid:
+            otel_token = otel_context_api.attach(inbound.otel_context)
+        deadline_token = inbound_deadline.set(inbound.deadline)
+        _undo.set(_Undo(token, otel_token, deadline_token, _undo.get()))
+        return token
+
+    def deactivate(self, token: Token[InboundContext | None]) -> None:
+        """Undo `activate` (innermost first), in the context that activated; never raises."""
+        undo = _undo.get()
+        if undo is not None and undo.current is token:
+            _reset(inbound_deadline, undo.deadline)
+            if undo.otel is not None:
+                otel_context_api.detach(undo.otel)  # logs, never raises
+            _undo.set(undo.previous)
+        else:
+            logger.debug("meshlib: deactivate() out of order or in another context")
+        _reset(current, token)
+
+    @contextmanager
+    def activated(self, inbound: InboundContext) -> Iterator[InboundContext]:
+        """`with propagator.activated(inbound):` — activate for the block."""
+        token = self.activate(inbound)
+        try:
+            yield inbound
+        finally:
+            self.deactivate(token)
+
+    # -- outbound -----------------------------------------------------------------------
+
+    def outbound(self, has: Callable[[str], bool]) -> list[tuple[str, str]]:
+        """Headers to add to an outbound request sent now; never raises.
+
+        `has(name)` tells whether the request already carries header `name` (lowercase):
+        those are left as the app set them.
+        """
+        try:
+            return self._outbound(has)
+        except Exception:  # a bug here must never fail the app's call
+            logger.warning("meshlib: could not compute propagation headers", exc_info=True)
+            return []
+
+    def _outbound(self, has: Callable[[str], bool]) -> list[tuple[str, str]]:
+        inbound = current.get()
+        always = self._always
+        used = _NO_FORMATS if inbound is None else inbound.formats
+        ctx = otel_context_api.get_current()
+        valid = get_current_span(ctx).get_span_context().is_valid
+
+        carrier: dict[str, str] = {}
+        for fmt, propagator, fields, needs_span in self._injectors:
+            if (fmt not in always and fmt not in used) or (needs_span and not valid):
+                continue
+            if _any_set(has, fields):
+                continue
+            propagator.inject(carrier, ctx, setter=default_setter)
+
+        if not valid and inbound is not None and inbound.sampled is not None:
+            # A sampling decision without ids (`b3: 0`): pass the decision on.
+            flag = "1" if inbound.sampled else "0"
+            b3_multi = B3_MULTI in always or B3_MULTI in used
+            if b3_multi and not _any_set(has, _B3_MULTI_ALL):
+                carrier["x-b3-sampled"] = flag
+            if (B3_SINGLE in always or B3_SINGLE in used) and not has("b3"):
+                carrier["b3"] = flag
+
+        out = list(carrier.items())
+        if not has(REQUEST_ID):
+            out.append((REQUEST_ID, str(uuid.uuid4()) if inbound is None else inbound.request_id))
+        if inbound is not None:
+            for name, value in inbound.headers:
+                if not has(name):
+                    out.append((name, value))
+        at = inbound_deadline.get()
+        if at is not None and not has(EXPECTED_TIMEOUT):
+            left_ms = int((at - time.monotonic()) * 1000.0)
+            out.append((EXPECTED_TIMEOUT, str(left_ms if left_ms > 1 else 1)))
+        return out
+
+
+def _reset(var: ContextVar[_T], token: Token[_T]) -> None:
+    try:
+        var.reset(token)
+    except (ValueError, RuntimeError):  # made in another context, or already used
+        logger.debug("meshlib: %s token not reset", var.name, exc_info=True)
+
+
+def _any_set(has: Callable[[str], bool], names: tuple[str, ...]) -> bool:
+    for name in names:
+        if has(name):
+            return True
+    return False
+
+
+def _formats_of(carrier: Mapping[str, list[str]]) -> frozenset[str]:
+    found = []
+    if "traceparent" in carrier:
+        found.append(TRACECONTEXT)
+    if "b3" in carrier:
+        found.append(B3_SINGLE)
+    for name in _B3_MULTI_FIELDS:
+        if name in carrier:
+            found.append(B3_MULTI)
+            break
+    return frozenset(found) if found else _NO_FORMATS
+
+
+def _sampled(carrier: Mapping[str, list[str]], ctx: Context) -> bool | None:
+    """The caller's decision: a valid traceparent's flag, else B3's explicit one, else None."""
+    span_context = get_current_span(ctx).get_span_context()
+    if span_context.is_valid:
+        parent = carrier.get("traceparent")
+        if parent is not None and f"{span_context.trace_id:032x}" in parent[0]:
+            return span_context.trace_flags.sampled
+    single = carrier.get("b3")
+    if single is not None:
+        fields = single[0].strip().split("-")
+        flag = fields[0] if len(fields) == 1 else fields[2] if len(fields) > 2 else ""
+        return True if flag in ("1", "d") else False if flag == "0" else None
+    flags = carrier.get("x-b3-flags")
+    if flags is not None and flags[0].strip() == "1":
+        return True
+    value = carrier.get("x-b3-sampled")
+    if value is not None:
+        flag = value[0].strip()
+        return True if flag in _B3_YES else False if flag in _B3_NO else None
+    return None
+
+
+def _deadline(get_all: Callable[[str], list[str]]) -> float | None:
+    """The caller's budget as an absolute monotonic time; the smaller of the two headers."""
+    budget: float | None = None
+    values = get_all(EXPECTED_TIMEOUT)
+    if values:
+        match = _EXPECTED_MS.fullmatch(values[0])
+        if match is not None:
+            ms = int(match[1])
+            if ms > 0:
+                budget = ms / 1000.0
+    values = get_all(GRPC_TIMEOUT)
+    if values:
+        match = _GRPC_TIMEOUT.fullmatch(values[0])
+        if match is not None:
+            seconds = int(match[1]) * _GRPC_UNIT[match[2]]
+            if seconds > 0 and (budget is None or seconds < budget):
+                budget = seconds
+    return None if budget is None else time.monotonic() + budget
+
+
+def _join(name: str, values: list[str]) -> str | None:
+    """One header value from the values received; None when unsafe to send on."""
+    kept = [v for v in values if "\r" not in v and "\n" not in v and "\x00" not in v]
+    if not kept:
+        return None
+    if len(kept) == 1:
+        return kept[0]
+    return ("; " if name == "cookie" else ", ").join(kept)

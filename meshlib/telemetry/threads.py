@@ -1,0 +1,126 @@
+"""Make the request context follow work into other threads.
+
+The request being served travels in `contextvars` (`meshlib.telemetry.propagation.current`,
+the OpenTelemetry context, `meshlib.dataplane.deadline.inbound_deadline`). Where Python
+copies the context, it follows on its own:
+
+- asyncio tasks copy the context at creation (`asyncio.create_task`, `gather`, TaskGroup);
+- `asyncio.to_thread` copies it explicitly, and so does Starlette's threadpool
+  (`run_in_threadpool` is `anyio.to_thread.run_sync`, which runs the call in a copy).
+
+Where it does not, it is lost — the call runs in the worker thread's own context, with no
+inbound request, so trace, x-request-id, `end-user` and the deadline are not sent on:
+
+- `concurrent.futures.ThreadPoolExecutor.submit` (and `map`, which calls it) hands the
+  callable to a long-lived worker thread as is: the pool does not copy contextvars. This
+  also covers `loop.run_in_executor`, which calls `executor.submit` with no copy (asyncio's
+  default executor is a ThreadPoolExecutor).
+- `threading.Thread` starts in an empty context (before Python 3.14's
+  `thread_inherit_context`).
+
+`install()` fixes both with wrapt: `ThreadPoolExecutor.submit` runs each callable in a copy
+of the submitter's context (`contextvars.copy_context().run`), and `threading.Thread.start`
+captures a copy of the starter's context and runs the thread's `run()` inside it. Each unit
+of work gets its own copy: what it sets does not leak back, as with asyncio tasks.
+
+Caveat: a thread started while a request is served keeps that request's context for its whole
+life. The pool's own worker threads are exempt (each task brings its context), but a
+long-lived worker that some library starts lazily inside a request would keep sending that
+request's headers and deadline; start such a thread with `contextvars.Context().run(t.start)`
+to give it an empty context. A thread given an explicit `context=` (Python 3.14) keeps it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import concurrent.futures.thread
+import contextvars
+import threading
+from typing import Any
+
+import wrapt
+
+__all__ = ["install", "is_installed", "uninstall"]
+
+_lock = threading.Lock()
+_state = {"active": False}
+# The pool's worker loop: its threads take each task's context from `submit`, not `start`.
+_POOL_WORKER = getattr(concurrent.futures.thread, "_worker", None)
+
+
+def _submit(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    if not _state["active"] or not args:
+        return wrapped(*args, **kwargs)
+    return wrapped(contextvars.copy_context().run, *args, **kwargs)
+
+
+def _start(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    if (
+        not _state["active"]
+        or getattr(instance, "_context", None) is not None  # 3.14: an explicit context=
+        or (_POOL_WORKER is not None and getattr(instance, "_target", None) is _POOL_WORKER)
+        or not hasattr(instance, "__dict__")
+    ):
+        return wrapped(*args, **kwargs)
+    context = contextvars.copy_context()
+    own = instance.__dict__.get("run")  # an instance-level run(), rare
+    run = instance.run
+
+    def run_in_context() -> None:
+        try:
+            context.run(run)
+        finally:  # drop the captured context with the thread's work, not with the object
+            _restore_run(instance, own)
+
+    instance.run = run_in_context
+    try:
+        return wrapped(*args, **kwargs)
+    except BaseException:
+        _restore_run(instance, own)
+        raise
+
+
+def _restore_run(instance: Any, own: Any) -> None:
+    if own is None:
+        instance.__dict__.pop("run", None)
+    else:
+        instance.run = own
+
+
+_TARGETS = (
+    (concurrent.futures.ThreadPoolExecutor, "submit", _submit),
+    (threading.Thread, "start", _start),
+)
+
+
+def _ours_in_chain(owner: type, name: str, wrapper: Any) -> bool:
+    method = owner.__dict__.get(name)
+    while method is not None:
+        if isinstance(method, wrapt.FunctionWrapper) and method._self_wrapper is wrapper:
+            return True
+        method = getattr(method, "__wrapped__", None)
+    return False
+
+
+def install() -> None:
+    """Make contextvars follow work into threads and thread pools (idempotent)."""
+    with _lock:
+        for owner, name, wrapper in _TARGETS:
+            if not _ours_in_chain(owner, name, wrapper):
+                wrapt.wrap_function_wrapper(owner, name, wrapper)
+        _state["active"] = True
+
+
+def uninstall() -> None:
+    """Undo `install()` (idempotent). A wrapper another library put over ours stays in place,
+    and ours then passes calls through untouched."""
+    with _lock:
+        _state["active"] = False
+        for owner, name, wrapper in _TARGETS:
+            method = owner.__dict__.get(name)
+            if isinstance(method, wrapt.FunctionWrapper) and method._self_wrapper is wrapper:
+                setattr(owner, name, method.__wrapped__)
+
+
+def is_installed() -> bool:
+    return _state["active"]

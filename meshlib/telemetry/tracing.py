@@ -1,0 +1,694 @@
+"""Tracing: an OpenTelemetry SERVER span per served request, a CLIENT span per outbound attempt.
+
+    tracing = Tracing(config)                       # exporter: MESHLIB_TRACES_EXPORTER or "none"
+    tracing.set_sampling(sampling_percentage(snapshot, config))   # on every Snapshot swap
+    with tracing.server_span("GET", "/productpage", scheme="http", host="pp:9080",
+                             context=inbound_otel_context) as span:
+        with tracing.client_span("GET", "http://reviews:9080/reviews/1", attempt=1,
+                                 cluster="outbound|9080|v2|reviews.default.svc.cluster.local",
+                                 subset="v2", upstream="10.0.0.7:9080") as attempt:
+            ...
+            tracing.finish_client(attempt, 200, "-")
+        tracing.finish_server(span, 200)
+
+Rules (what a user of Istio and of OpenTelemetry would expect; see also the README table):
+
+- **Which TracerProvider.** An explicit `tracer_provider` argument wins; else a real provider
+  the app installed globally (`opentelemetry.trace.set_tracer_provider`, anything but the API's
+  proxy / no-op provider) is used as it is — its sampler, processors and exporters; meshlib
+  never replaces or changes the global provider. Only when there is none does meshlib build
+  its own SDK provider (resource `service.name` = canonical service, `service.version`,
+  `k8s.namespace.name`), and never installs it globally. The choice is made once, in
+  `Tracing.__init__`: configure the app's OpenTelemetry before meshlib.
+- **Exporter** (`exporter=` or `MESHLIB_TRACES_EXPORTER`): `otlp` (OTLP/HTTP, the `otlp` extra;
+  Jaeger and the OpenTelemetry Collector take it; endpoint from the standard
+  `OTEL_EXPORTER_OTLP_*` variables) with a BatchSpanProcessor, `console` with a
+  SimpleSpanProcessor, `none` (default). With `none` and no app provider, tracing is off: no
+  spans are made and the inbound trace context passes through unchanged (what a proxy without
+  a tracer does), which keeps downstream spans attached to the caller's span.
+- **Sampling** (own provider only): ParentBased — a request with an inbound sampled parent is
+  sampled, one with an unsampled parent is not, whatever the percentage; root traces are
+  sampled at Telemetry `randomSamplingPercentage` (default 1%, Istio's PILOT_TRACE_SAMPLING),
+  changed live by `set_sampling`. An app provider keeps its own sampler.
+- **No double spans** with opentelemetry-instrumentation. SERVER: if a recording SERVER span
+  is already current (instrumentation-asgi/wsgi outside meshlib), meshlib makes none and
+  annotates that one with its `meshlib.*` attributes only; instrumentation running *inside*
+  meshlib sees meshlib's current span and makes an INTERNAL span (its own rule). CLIENT: if a
+  recording CLIENT span is current (instrumentation-httpx/requests outside meshlib's attempt
+  loop), meshlib annotates it (`meshlib.*`, resend count of the latest attempt) instead of
+  nesting; while meshlib's own CLIENT span is current it sets OpenTelemetry's
+  "suppress HTTP instrumentation" context key, so instrumented transports *under* meshlib skip
+  theirs. Spans meshlib did not make are never ended or given a status by meshlib.
+- **Cost.** When a span is not sampled it is the SDK's non-recording span and no attribute is
+  built (`is_recording()` is checked first). With meshlib's ParentBased sampler, a request whose
+  inbound parent is unsampled gets no span at all (the caller's context is made current and
+  passes through unchanged), nor do attempts under an unsampled span: the sampler would drop
+  them, and nothing about them is ever exported.
+- Span names: SERVER `"<METHOD> <route or path>"` (query dropped, path cut at 128
+  characters); CLIENT `"<METHOD> <host[:port]>"` (the URL's authority, low cardinality, as
+  Istio names client spans by host). Status ERROR for 5xx and for attempts with no response
+  (Envoy's rule; 4xx are not errors), with `error.type`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from contextvars import Token
+from types import TracebackType
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.context import _SUPPRESS_HTTP_INSTRUMENTATION_KEY, Context
+from opentelemetry.sdk.resources import Resource as OtelResource
+from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SimpleSpanProcessor,
+    SpanExporter,
+)
+from opentelemetry.sdk.trace.sampling import Decision, ParentBased, Sampler, SamplingResult
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, TraceState
+from opentelemetry.trace import TracerProvider as ApiTracerProvider
+from opentelemetry.util.types import Attributes
+
+from meshlib._version import __version__
+from meshlib.config import MeshConfig
+from meshlib.errors import ConfigError
+from meshlib.policy.hosts import strip_port
+from meshlib.policy.resources import Resource
+from meshlib.policy.snapshot import Snapshot, oldest_first
+from meshlib.policy.telemetry import Telemetry
+from meshlib.policy.telemetry import Tracing as TracingSpec
+
+__all__ = [
+    "DEFAULT_SAMPLING_PERCENTAGE",
+    "ENV_EXPORTER",
+    "EXPORTERS",
+    "TRACER_NAME",
+    "MeshSampler",
+    "RatioSampler",
+    "Tracing",
+    "build_tracer_provider",
+    "effective_tracing",
+    "sampling_percentage",
+]
+
+log = logging.getLogger(__name__)
+
+ENV_EXPORTER = "MESHLIB_TRACES_EXPORTER"
+EXPORTERS = ("otlp", "console", "none")
+DEFAULT_SAMPLING_PERCENTAGE = 1.0  # Istio's PILOT_TRACE_SAMPLING default
+TRACER_NAME = "meshlib"
+MAX_NAME_PATH = 128
+
+_OTLP_MODULE = "opentelemetry.exporter.otlp.proto.http.trace_exporter"
+_KNOWN_METHODS = frozenset(
+    {"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE", "QUERY"}
+)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_NO_FLAGS = "-"
+_SERVER = SpanKind.SERVER
+_CLIENT = SpanKind.CLIENT
+
+
+# -- which sampling percentage applies (Telemetry precedence) --------------------------------
+
+
+def effective_tracing(snapshot: Snapshot, config: MeshConfig) -> TracingSpec:
+    """This workload's `tracing[0]`, merged mesh -> namespace -> workload, field by field.
+
+    Mesh level: the first (oldest) selector-less Telemetry in the root namespace; namespace
+    level: the first selector-less one in `config.namespace`; workload level: every Telemetry in
+    `config.namespace` whose `selector.matchLabels` all match `config.labels`, oldest first.
+    A level without `tracing` inherits; a field left unset inherits; `customTags` replace the
+    parent's map entirely. Telemetry with `targetRef(s)` (gateways, waypoints) is ignored.
+    """
+    namespace, root = config.namespace, config.root_namespace
+    ordered: list[Resource[Telemetry]] = oldest_first(snapshot.telemetries)
+    levels: list[Telemetry] = []
+    mesh = _namespace_wide(ordered, root)
+    if mesh is not None:
+        levels.append(mesh)
+    if namespace != root:
+        local = _namespace_wide(ordered, namespace)
+        if local is not None:
+            levels.append(local)
+    for resource in ordered:
+        spec = resource.spec
+        if resource.namespace != namespace or _targeted(spec) or spec.selector is None:
+            continue
+        wanted = spec.selector.match_labels
+        if wanted and all(config.labels.get(k) == v for k, v in wanted.items()):
+            levels.append(spec)
+    merged = TracingSpec()
+    for level in levels:
+        if level.tracing:
+            merged = _overlay(merged, level.tracing[0])
+    return merged
+
+
+def sampling_percentage(snapshot: Snapshot, config: MeshConfig) -> float:
+    """Telemetry `randomSamplingPercentage` for this workload (0-100), default 1.0."""
+    value = effective_tracing(snapshot, config).random_sampling_percentage
+    return DEFAULT_SAMPLING_PERCENTAGE if value is None else float(value)
+
+
+def _targeted(spec: Telemetry) -> bool:
+    return spec.target_ref is not None or bool(spec.target_refs)
+
+
+def _namespace_wide(ordered: list[Resource[Telemetry]], namespace: str) -> Telemetry | None:
+    for resource in ordered:
+        spec = resource.spec
+        wide = spec.selector is None or not spec.selector.match_labels
+        if resource.namespace == namespace and wide and not _targeted(spec):
+            return spec
+    return None
+
+
+def _overlay(parent: TracingSpec, child: TracingSpec) -> TracingSpec:
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(child):
+        value = getattr(child, f.name)
+        if value is None or (isinstance(value, (tuple, Mapping)) and not value):
+            continue
+        changes[f.name] = value
+    return dataclasses.replace(parent, **changes) if changes else parent
+
+
+# -- sampler ----------------------------------------------------------------------------------
+
+_TRACE_ID_LIMIT = (1 << 64) - 1
+_SAMPLE = SamplingResult(Decision.RECORD_AND_SAMPLE)
+_DROP = SamplingResult(Decision.DROP)
+
+
+class RatioSampler(Sampler):
+    """TraceIdRatioBased with a ratio that can change at run time (one attribute write).
+
+    Same decision as the SDK's: sampled when the trace id's low 64 bits are below
+    `ratio * 2**64`, so every service with the same ratio agrees on a trace.
+    """
+
+    def __init__(self, ratio: float) -> None:
+        self._ratio = 0.0
+        self._bound = 0
+        self.ratio = ratio
+
+    @property
+    def ratio(self) -> float:
+        return self._ratio
+
+    @ratio.setter
+    def ratio(self, ratio: float) -> None:
+        if math.isnan(ratio) or not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"sampling ratio must be between 0 and 1, got {ratio!r}")
+        self._ratio = ratio
+        self._bound = round(ratio * (_TRACE_ID_LIMIT + 1))
+
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        trace_state: TraceState | None = None,
+    ) -> SamplingResult:
+        return _SAMPLE if trace_id & _TRACE_ID_LIMIT < self._bound else _DROP
+
+    def get_description(self) -> str:
+        return f"MeshRatio{{{self._ratio}}}"
+
+
+class MeshSampler(ParentBased):
+    """ParentBased(RatioSampler): follow the parent's decision; roots at `percentage`."""
+
+    def __init__(self, percentage: float = DEFAULT_SAMPLING_PERCENTAGE) -> None:
+        self.root = RatioSampler(_ratio(percentage))
+        self._percentage = float(percentage)
+        super().__init__(self.root)
+
+    @property
+    def percentage(self) -> float:
+        return self._percentage
+
+    @percentage.setter
+    def percentage(self, percentage: float) -> None:
+        self.root.ratio = _ratio(percentage)
+        self._percentage = float(percentage)
+
+
+def _ratio(percentage: float) -> float:
+    if math.isnan(percentage) or not 0.0 <= percentage <= 100.0:
+        raise ValueError(f"sampling percentage must be between 0 and 100, got {percentage!r}")
+    return percentage / 100.0
+
+
+# -- provider ---------------------------------------------------------------------------------
+
+
+def build_tracer_provider(
+    config: MeshConfig,
+    exporter: SpanExporter | None,
+    *,
+    sampler: Sampler | None = None,
+    batch: bool = True,
+) -> SdkTracerProvider:
+    """meshlib's own SDK provider: workload resource, MeshSampler, one processor for `exporter`.
+
+    Not installed globally. `batch=False` exports each span as it ends (console, tests).
+    """
+    resource = OtelResource.create(
+        {
+            "service.name": config.canonical_service,
+            "service.version": config.canonical_revision,
+            "k8s.namespace.name": config.namespace,
+        }
+    )
+    provider = SdkTracerProvider(sampler=sampler or MeshSampler(), resource=resource)
+    if exporter is not None:
+        processor = BatchSpanProcessor(exporter) if batch else SimpleSpanProcessor(exporter)
+        provider.add_span_processor(processor)
+    return provider
+
+
+def _exporter_name(exporter: str | None) -> str:
+    if exporter is None:
+        raw, where = os.environ.get(ENV_EXPORTER, ""), ENV_EXPORTER
+    else:
+        raw, where = exporter, "exporter"
+    name = raw.strip().lower() or "none"
+    if name not in EXPORTERS:
+        raise ConfigError(
+            f"{where}={raw!r}: unknown traces exporter (choose one of {', '.join(EXPORTERS)})"
+        )
+    return name
+
+
+def _make_exporter(name: str) -> SpanExporter:
+    if name == "console":
+        return ConsoleSpanExporter()
+    try:
+        module = importlib.import_module(_OTLP_MODULE)
+    except ImportError:
+        raise ConfigError(
+            "traces exporter 'otlp' needs the OTLP exporter, which is not installed: "
+            "pip install 'meshlib-istio[otlp]' (opentelemetry-exporter-otlp-proto-http)"
+        ) from None
+    exporter: SpanExporter = module.OTLPSpanExporter()
+    return exporter
+
+
+def _app_provider() -> ApiTracerProvider | None:
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
+        return None
+    return provider
+
+
+# -- spans ------------------------------------------------------------------------------------
+
+
+class Tracing:
+    """Makes meshlib's spans on the right TracerProvider (see the module docstring for rules)."""
+
+    def __init__(
+        self,
+        config: MeshConfig,
+        *,
+        exporter: str | None = None,
+        tracer_provider: ApiTracerProvider | None = None,
+    ) -> None:
+        self.config = config
+        self.exporter = _exporter_name(exporter)
+        self._percentage = DEFAULT_SAMPLING_PERCENTAGE
+        self._sampler: MeshSampler | None = None
+        self._owned: SdkTracerProvider | None = None
+        provider = tracer_provider if tracer_provider is not None else _app_provider()
+        if provider is not None:
+            sampler = getattr(provider, "sampler", None)
+            if isinstance(sampler, MeshSampler):
+                self._sampler = sampler
+                self._percentage = sampler.percentage
+            if self.exporter != "none":
+                log.info(
+                    "meshlib traces go to the app's TracerProvider; exporter %r not used",
+                    self.exporter,
+                )
+        elif self.exporter != "none":
+            self._sampler = MeshSampler(self._percentage)
+            provider = self._owned = build_tracer_provider(
+                config,
+                _make_exporter(self.exporter),
+                sampler=self._sampler,
+                batch=self.exporter == "otlp",
+            )
+        self.provider: ApiTracerProvider | None = provider
+        self._tracer = provider.get_tracer(TRACER_NAME, __version__) if provider else None
+
+    @property
+    def enabled(self) -> bool:
+        """Whether meshlib makes spans at all (False: exporter none and no app provider)."""
+        return self._tracer is not None
+
+    @property
+    def owns_provider(self) -> bool:
+        return self._owned is not None
+
+    @property
+    def sampling(self) -> float:
+        """The root-trace sampling percentage last set (applied only with a MeshSampler)."""
+        return self._percentage
+
+    def set_sampling(self, percentage: float) -> None:
+        """Sample this percentage (0-100) of root traces from now on; parents still decide."""
+        _ratio(percentage)  # refuses values outside 0-100 before anything changes
+        self._percentage = float(percentage)
+        if self._sampler is not None:
+            self._sampler.percentage = percentage
+
+    def apply(self, snapshot: Snapshot) -> None:
+        """Take the sampling percentage a new Snapshot's Telemetry gives this workload."""
+        self.set_sampling(sampling_percentage(snapshot, self.config))
+
+    def server_span(
+        self,
+        method: str,
+        path: str,
+        *,
+        scheme: str,
+        host: str,
+        context: Context | None,
+        route: str | None = None,
+    ) -> AbstractContextManager[Span]:
+        """A SERVER span for one served request, current inside the `with` block.
+
+        `context` is the inbound context extracted from the request's headers (its span is
+        the remote parent); `route` (e.g. `/reviews/{id}`) names the span when known.
+        """
+        return _ServerScope(self, method, path, scheme, host, context, route)
+
+    def finish_server(
+        self, span: Span, status: int, flags: str | Iterable[str] | None = None
+    ) -> None:
+        """Record the response status (ERROR for 5xx) and meshlib's response flags."""
+        if not span.is_recording():
+            return
+        attributes: dict[str, str | int] = {}
+        flag_text = _flags(flags)
+        if flag_text is not None:
+            attributes["meshlib.response_flags"] = flag_text
+        if _owned(span):
+            attributes["http.response.status_code"] = status
+            if status >= 500:
+                attributes["error.type"] = str(status)
+                span.set_status(Status(StatusCode.ERROR))
+        span.set_attributes(attributes)
+
+    def client_span(
+        self,
+        method: str,
+        url: str,
+        *,
+        attempt: int,
+        cluster: str | None,
+        subset: str | None,
+        upstream: str | None,
+    ) -> AbstractContextManager[Span]:
+        """A CLIENT span for one outbound attempt (attempt 1, 2, ...), current while it runs."""
+        return _ClientScope(self, method, url, attempt, cluster, subset, upstream)
+
+    def finish_client(
+        self,
+        span: Span,
+        status: int | None,
+        flags: str | Iterable[str] | None = None,
+        *,
+        upstream: str | None = None,
+    ) -> None:
+        """Record the attempt's status (None: no response) and Envoy response flags.
+
+        ERROR for 5xx and for attempts without a response (local failures: UF, UT, UO ...).
+        """
+        if not span.is_recording():
+            return
+        attributes: dict[str, str | int] = {}
+        flag_text = _flags(flags)
+        if flag_text is not None:
+            attributes["meshlib.response_flags"] = flag_text
+        if _owned(span):
+            if upstream:
+                _peer(attributes, upstream)
+            if status:
+                attributes["http.response.status_code"] = status
+            if not status or status >= 500:
+                attributes["error.type"] = str(status) if status else (flag_text or "_OTHER")
+                span.set_status(Status(StatusCode.ERROR))
+        span.set_attributes(attributes)
+
+    def shutdown(self) -> None:
+        """Flush and stop meshlib's own provider; an app's provider is left alone."""
+        owned, self._owned = self._owned, None
+        if owned is not None:
+            self._tracer = None
+            owned.shutdown()
+
+
+class _Scope:
+    """Enters a span: makes it current, and on exit ends it if meshlib made it."""
+
+    __slots__ = ("_token", "owned", "span", "tracing")
+
+    def __init__(self, tracing: Tracing) -> None:
+        self.tracing = tracing
+        self.span: Span = trace.INVALID_SPAN
+        self.owned = False
+        self._token: Token[Context] | None = None
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Span:
+        self._start()
+        return self.span
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        token = self._token
+        if token is not None:
+            self._token = None
+            otel_context.detach(token)
+        if self.owned:
+            span = self.span
+            if exc is not None and isinstance(exc, Exception) and span.is_recording():
+                span.record_exception(exc)
+                span.set_attribute("error.type", type(exc).__qualname__)
+                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            span.end()
+
+
+class _ServerScope(_Scope):
+    __slots__ = ("context", "host", "method", "path", "route", "scheme")
+
+    def __init__(
+        self,
+        tracing: Tracing,
+        method: str,
+        path: str,
+        scheme: str,
+        host: str,
+        context: Context | None,
+        route: str | None,
+    ) -> None:
+        super().__init__(tracing)
+        self.method = method
+        self.path = path
+        self.scheme = scheme
+        self.host = host
+        self.context = context
+        self.route = route
+
+    def _start(self) -> None:
+        current = trace.get_current_span()
+        if current.is_recording():
+            if getattr(current, "kind", None) is _SERVER:
+                self.span = current  # the app's instrumentation made it: no second one
+                return
+            parent = None  # an app span is current: ours is its child
+        else:
+            parent = self.context
+        tracer = self.tracing._tracer
+        if tracer is None:
+            self.span = current
+            return
+        if self.tracing._sampler is not None and parent is not None:
+            remote = trace.get_current_span(parent)
+            if _unsampled(remote):  # ParentBased drops it: pass the caller's context through
+                self.span = remote
+                self._token = otel_context.attach(parent)
+                return
+        path = self.path.partition("?")[0]
+        method = _method(self.method)
+        target = self.route or path
+        if len(target) > MAX_NAME_PATH:
+            target = target[:MAX_NAME_PATH]
+        name = f"{'HTTP' if method == '_OTHER' else method} {target}"
+        span = tracer.start_span(name, parent, kind=_SERVER)
+        if span.is_recording():
+            host, port = strip_port(self.host)
+            attributes: dict[str, str | int] = {
+                "http.request.method": method,
+                "url.path": path,
+                "url.scheme": self.scheme,
+                "server.address": host,
+            }
+            if method == "_OTHER":
+                attributes["http.request.method_original"] = self.method
+            if port is not None:
+                attributes["server.port"] = port
+            if self.route:
+                attributes["http.route"] = self.route
+            span.set_attributes(attributes)
+        self.span = span
+        self.owned = True
+        self._token = otel_context.attach(trace.set_span_in_context(span, parent))
+
+
+class _ClientScope(_Scope):
+    __slots__ = ("attempt", "cluster", "method", "subset", "upstream", "url")
+
+    def __init__(
+        self,
+        tracing: Tracing,
+        method: str,
+        url: str,
+        attempt: int,
+        cluster: str | None,
+        subset: str | None,
+        upstream: str | None,
+    ) -> None:
+        super().__init__(tracing)
+        self.method = method
+        self.url = url
+        self.attempt = attempt
+        self.cluster = cluster
+        self.subset = subset
+        self.upstream = upstream
+
+    def _start(self) -> None:
+        current = trace.get_current_span()
+        if current.is_recording() and getattr(current, "kind", None) is _CLIENT:
+            self.span = current  # the app's instrumentation made it: annotate, do not nest
+            mesh: dict[str, str | int] = {}
+            self._mesh_attributes(mesh)
+            current.set_attributes(mesh)
+            return
+        tracer = self.tracing._tracer
+        if tracer is None or (self.tracing._sampler is not None and _unsampled(current)):
+            self.span = current  # off, or ParentBased would drop it: nothing to make
+            return
+        scheme, authority, userinfo = _split_url(self.url)
+        method = _method(self.method)
+        name = "HTTP" if method == "_OTHER" else method
+        if authority:
+            name = f"{name} {authority}"
+        span = tracer.start_span(name, None, kind=_CLIENT)
+        if span.is_recording():
+            host, port = strip_port(authority)
+            if port is None:
+                port = _DEFAULT_PORTS.get(scheme)
+            url = self.url
+            if userinfo:
+                url = url.replace(userinfo + "@", "", 1)
+            attributes: dict[str, str | int] = {
+                "http.request.method": method,
+                "url.full": url,
+                "server.address": host,
+            }
+            if method == "_OTHER":
+                attributes["http.request.method_original"] = self.method
+            if port is not None:
+                attributes["server.port"] = port
+            self._mesh_attributes(attributes)
+            if self.upstream:
+                _peer(attributes, self.upstream)
+            span.set_attributes(attributes)
+        self.span = span
+        self.owned = True
+        ctx = trace.set_span_in_context(span)
+        # instrumentation-httpx/requests/urllib3 under meshlib: skip their CLIENT spans
+        self._token = otel_context.attach(
+            otel_context.set_value(_SUPPRESS_HTTP_INSTRUMENTATION_KEY, True, ctx)
+        )
+
+    def _mesh_attributes(self, attributes: dict[str, str | int]) -> None:
+        if self.attempt > 1:
+            attributes["http.request.resend_count"] = self.attempt - 1
+        if self.cluster:
+            attributes["meshlib.upstream_cluster"] = self.cluster
+        if self.subset:
+            attributes["meshlib.subset"] = self.subset
+
+
+def _method(method: str) -> str:
+    """The semconv `http.request.method`: a known method upper-cased, else `_OTHER`."""
+    if method in _KNOWN_METHODS:
+        return method
+    upper = method.upper()
+    return upper if upper in _KNOWN_METHODS else "_OTHER"
+
+
+def _split_url(url: str) -> tuple[str, str, str]:
+    """(scheme, authority without userinfo, userinfo) of an absolute URL, by string scanning."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "", "", ""
+    end = len(rest)
+    for stop in "/?#":
+        found = rest.find(stop)
+        if found != -1 and found < end:
+            end = found
+    authority = rest[:end]
+    userinfo, at, hostport = authority.rpartition("@")
+    return scheme.lower(), (hostport if at else authority), userinfo
+
+
+def _peer(attributes: dict[str, str | int], upstream: str) -> None:
+    address, port = strip_port(upstream)
+    attributes["network.peer.address"] = address
+    if port is not None:
+        attributes["network.peer.port"] = port
+
+
+def _unsampled(span: Span) -> bool:
+    """A valid span context whose trace is not sampled (the ParentBased sampler drops it)."""
+    span_context = span.get_span_context()
+    return span_context.is_valid and not span_context.trace_flags.sampled
+
+
+def _owned(span: Span) -> bool:
+    """Whether meshlib's tracer made `span` (spans of other instrumentations are annotated)."""
+    scope = getattr(span, "instrumentation_scope", None)
+    return scope is None or scope.name == TRACER_NAME
+
+
+def _flags(flags: str | Iterable[str] | None) -> str | None:
+    if flags is None:
+        return None
+    if not isinstance(flags, str):
+        flags = ",".join(flags) or _NO_FLAGS
+    return flags or _NO_FLAGS

@@ -1,0 +1,81 @@
+"""`MeshWSGIMiddleware`: the mesh's inbound side for WSGI apps (Flask, Django, ...).
+
+    flask_app.wsgi_app = meshlib.MeshWSGIMiddleware(flask_app.wsgi_app)
+
+The caller's context stays current while the app runs and while the server iterates the
+response (a streaming generator still sees it), until the response is closed; `close()`
+always reaches the app's iterable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from meshlib._inbound import InboundExchange
+from meshlib.mesh import Mesh, default_mesh
+from meshlib.telemetry import threads
+
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+
+
+class MeshWSGIMiddleware:
+    """Serve a WSGI app inside the mesh."""
+
+    def __init__(self, app: WSGIApp, mesh: Mesh | None = None) -> None:
+        self.app = app
+        self._mesh = mesh
+        threads.install()  # context follows work into thread pools and threads
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        mesh = self._mesh if self._mesh is not None else default_mesh()
+
+        def get_all(name: str) -> list[str]:
+            key = "HTTP_" + name.upper().replace("-", "_")
+            if name == "content-type":
+                key = "CONTENT_TYPE"
+            value = environ.get(key)
+            return [value] if isinstance(value, str) else []
+
+        exchange = InboundExchange(mesh, get_all)
+
+        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            try:
+                exchange.status = int(status.split(" ", 1)[0])
+            except ValueError:
+                exchange.status = 0
+            return start_response(status, headers, exc_info)
+
+        exchange.begin(
+            environ.get("REQUEST_METHOD", "GET"),
+            environ.get("PATH_INFO", "/"),
+            scheme=environ.get("wsgi.url_scheme", "http"),
+            host=environ.get("HTTP_HOST", ""),
+        )
+        try:
+            iterable = self.app(environ, start)
+        except Exception as exc:
+            exchange.status = exchange.status or 500
+            exchange.end(exc)
+            raise
+        return _Closing(iterable, exchange)
+
+
+class _Closing:
+    """The app's response iterable; ends the exchange on close(), then closes the app's."""
+
+    def __init__(self, iterable: Iterable[bytes], exchange: InboundExchange) -> None:
+        self._iterable = iterable
+        self._exchange = exchange
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._iterable)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._iterable, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._exchange.end()

@@ -1,0 +1,377 @@
+"""Context follows work into tasks, threads and pools: `current`, the OTel context, the deadline.
+
+Each test serves a fake inbound request (W3C trace, `end-user`, a 30 s budget) and looks at
+what code running elsewhere sees, and what a meshed client would send from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import wrapt
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
+from meshlib.dataplane.deadline import inbound_deadline
+from meshlib.telemetry import threads
+from meshlib.telemetry.propagation import InboundContext, Propagator, current
+
+TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
+SPAN_ID = "b7ad6b7169203331"
+PROPAGATOR = Propagator(["end-user"])
+ORIGINAL_SUBMIT = concurrent.futures.ThreadPoolExecutor.__dict__["submit"]
+ORIGINAL_START = threading.Thread.__dict__["start"]
+INHERITS = bool(getattr(sys.flags, "thread_inherit_context", 0))  # Python 3.14+
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What code running somewhere saw of the request being served."""
+
+    inbound: InboundContext | None
+    trace_id: str | None
+    deadline: float | None
+    headers: dict[str, str]
+
+
+def look() -> Seen:
+    sc = trace.get_current_span().get_span_context()
+    return Seen(
+        current.get(),
+        f"{sc.trace_id:032x}" if sc.is_valid else None,
+        inbound_deadline.get(),
+        dict(PROPAGATOR.outbound(lambda name: False)),
+    )
+
+
+def assert_serving(seen: Seen, inbound: InboundContext) -> None:
+    assert seen.inbound is inbound
+    assert seen.trace_id == TRACE_ID
+    assert seen.deadline == inbound.deadline
+    assert seen.headers["traceparent"] == f"00-{TRACE_ID}-{SPAN_ID}-01"
+    assert seen.headers["end-user"] == "jason"
+    assert seen.headers["x-request-id"] == "req-1"
+    assert "x-envoy-expected-rq-timeout-ms" in seen.headers
+
+
+def assert_lost(seen: Seen) -> None:
+    assert seen.inbound is None
+    assert seen.trace_id is None
+    assert seen.deadline is None
+    assert "end-user" not in seen.headers
+
+
+def make_inbound() -> InboundContext:
+    headers = {
+        "traceparent": f"00-{TRACE_ID}-{SPAN_ID}-01",
+        "end-user": "jason",
+        "x-request-id": "req-1",
+        "x-envoy-expected-rq-timeout-ms": "30000",
+    }
+    return PROPAGATOR.extract(lambda name: [headers[name]] if name in headers else [])
+
+
+@contextmanager
+def serving() -> Iterator[InboundContext]:
+    inbound = make_inbound()
+    with PROPAGATOR.activated(inbound):
+        yield inbound
+
+
+@pytest.fixture
+def installed() -> Iterator[None]:
+    threads.install()
+    yield
+    threads.uninstall()
+
+
+@pytest.fixture(autouse=True)
+def stock_afterwards() -> Iterator[None]:
+    """Each test starts from the stock stdlib (a middleware built elsewhere installs the
+    patches), and whatever it does, the stdlib is stock again after it."""
+    threads.uninstall()
+    yield
+    threads.uninstall()
+    assert concurrent.futures.ThreadPoolExecutor.__dict__["submit"] is ORIGINAL_SUBMIT
+    assert threading.Thread.__dict__["start"] is ORIGINAL_START
+    assert current.get() is None
+
+
+def in_thread(target: Callable[[], Any]) -> Any:
+    """Run `target` on a plain thread and return its result."""
+    box: list[Any] = []
+    thread = threading.Thread(target=lambda: box.append(target()))
+    thread.start()
+    thread.join()
+    return box[0]
+
+
+# -- why: the stock behaviour --------------------------------------------------------------
+
+
+def test_thread_pool_executor_loses_context_without_install() -> None:
+    """Stock ThreadPoolExecutor does not copy contextvars: the request is gone in the worker."""
+    with serving(), concurrent.futures.ThreadPoolExecutor(1) as pool:
+        seen = pool.submit(look).result()
+    assert_lost(seen)
+
+
+@pytest.mark.skipif(INHERITS, reason="this Python's threads inherit the starter's context")
+def test_thread_loses_context_without_install() -> None:
+    """A stock threading.Thread starts in an empty context."""
+    with serving():
+        seen = in_thread(look)
+    assert_lost(seen)
+
+
+# -- installed -----------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("installed")
+def test_thread_pool_executor_submit_carries_context() -> None:
+    """submit() runs the callable in a copy of the submitter's context."""
+    with serving() as inbound, concurrent.futures.ThreadPoolExecutor(2) as pool:
+        seen = pool.submit(look).result()
+    assert_serving(seen, inbound)
+
+
+@pytest.mark.usefixtures("installed")
+def test_thread_pool_executor_map_carries_context() -> None:
+    """map() goes through submit(), so every item sees the request."""
+    with serving() as inbound, concurrent.futures.ThreadPoolExecutor(3) as pool:
+        seen = list(pool.map(lambda _: look(), range(6)))
+    for each in seen:
+        assert_serving(each, inbound)
+
+
+@pytest.mark.usefixtures("installed")
+def test_pool_workers_do_not_keep_an_earlier_request() -> None:
+    """A worker thread started for request A does not hand A's context to later work."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        with serving() as inbound:
+            assert_serving(pool.submit(look).result(), inbound)
+        assert_lost(pool.submit(look).result())
+        threads.uninstall()
+        assert_lost(pool.submit(look).result())  # nor once uninstalled
+
+
+@pytest.mark.usefixtures("installed")
+def test_work_in_a_thread_does_not_leak_back() -> None:
+    """Each submitted call gets its own copy: what it sets stays there, as with asyncio tasks."""
+    marker: contextvars.ContextVar[str] = contextvars.ContextVar("marker", default="outer")
+
+    def change() -> str:
+        marker.set("inner")
+        current.set(None)
+        return marker.get()
+
+    with serving() as inbound, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        assert pool.submit(change).result() == "inner"
+        assert marker.get() == "outer"
+        assert current.get() is inbound
+
+
+@pytest.mark.usefixtures("installed")
+def test_run_in_executor_default_executor_carries_context() -> None:
+    """loop.run_in_executor(None, ...) uses the default ThreadPoolExecutor: covered by submit."""
+
+    async def main() -> tuple[InboundContext, Seen]:
+        with serving() as inbound:
+            return inbound, await asyncio.get_running_loop().run_in_executor(None, look)
+
+    inbound, seen = asyncio.run(main())
+    assert_serving(seen, inbound)
+
+
+def test_run_in_executor_loses_context_without_install() -> None:
+    """Stock run_in_executor does not copy the context (unlike asyncio.to_thread)."""
+
+    async def main() -> Seen:
+        with serving():
+            return await asyncio.get_running_loop().run_in_executor(None, look)
+
+    assert_lost(asyncio.run(main()))
+
+
+@pytest.mark.usefixtures("installed")
+def test_run_in_executor_own_executor_carries_context() -> None:
+    """run_in_executor with an app-made ThreadPoolExecutor is covered too."""
+
+    async def main(pool: concurrent.futures.Executor) -> tuple[InboundContext, Seen]:
+        with serving() as inbound:
+            return inbound, await asyncio.get_running_loop().run_in_executor(pool, look)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        inbound, seen = asyncio.run(main(pool))
+    assert_serving(seen, inbound)
+
+
+@pytest.mark.parametrize("install", [False, True], ids=["stock", "installed"])
+def test_asyncio_to_thread_carries_context(install: bool) -> None:
+    """asyncio.to_thread copies the context itself; installed, nothing changes for it."""
+    if install:
+        threads.install()
+
+    async def main() -> tuple[InboundContext, Seen]:
+        with serving() as inbound:
+            return inbound, await asyncio.to_thread(look)
+
+    inbound, seen = asyncio.run(main())
+    assert_serving(seen, inbound)
+
+
+def test_asyncio_tasks_carry_context() -> None:
+    """Tasks copy the context when created: create_task, gather and TaskGroup-style fan-out."""
+
+    async def child() -> Seen:
+        await asyncio.sleep(0)
+        return look()
+
+    async def main() -> tuple[InboundContext, list[Seen]]:
+        with serving() as inbound:
+            task = asyncio.create_task(child())
+            gathered = await asyncio.gather(child(), child())
+            return inbound, [await task, *gathered]
+
+    inbound, seen = asyncio.run(main())
+    for each in seen:
+        assert_serving(each, inbound)
+
+
+def test_starlette_threadpool_carries_context() -> None:
+    """Starlette's run_in_threadpool (sync endpoints, sync dependencies) copies the context."""
+    concurrency = pytest.importorskip("starlette.concurrency")
+
+    async def main() -> tuple[InboundContext, Seen]:
+        with serving() as inbound:
+            return inbound, await concurrency.run_in_threadpool(look)
+
+    inbound, seen = asyncio.run(main())
+    assert_serving(seen, inbound)
+
+
+@pytest.mark.usefixtures("installed")
+def test_threading_thread_carries_context() -> None:
+    """threading.Thread runs in a copy of the context captured at start()."""
+    with serving() as inbound:
+        seen = in_thread(look)
+    assert_serving(seen, inbound)
+
+
+@pytest.mark.usefixtures("installed")
+def test_thread_subclass_and_timer_carry_context() -> None:
+    """A Thread subclass overriding run(), and threading.Timer, are covered too."""
+    box: list[Seen] = []
+
+    class Worker(threading.Thread):
+        def run(self) -> None:
+            box.append(look())
+
+    with serving() as inbound:
+        worker = Worker()
+        timer = threading.Timer(0.001, lambda: box.append(look()))
+        worker.start()
+        timer.start()
+        worker.join()
+        timer.join()
+    assert len(box) == 2
+    for each in box:
+        assert_serving(each, inbound)
+    assert "run" not in worker.__dict__  # the captured context is let go with the work
+
+
+@pytest.mark.usefixtures("installed")
+def test_thread_context_is_captured_at_start_not_creation() -> None:
+    """A thread made outside the request but started inside it runs in the request."""
+    box: list[Seen] = []
+    thread = threading.Thread(target=lambda: box.append(look()))
+    with serving() as inbound:
+        thread.start()
+    thread.join()
+    assert_serving(box[0], inbound)
+
+
+@pytest.mark.usefixtures("installed")
+def test_thread_started_in_an_empty_context_stays_empty() -> None:
+    """The documented escape hatch for long-lived workers: start them in an empty Context."""
+    box: list[Seen] = []
+    thread = threading.Thread(target=lambda: box.append(look()))
+    with serving():
+        contextvars.Context().run(thread.start)
+    thread.join()
+    assert_lost(box[0])
+
+
+@pytest.mark.usefixtures("installed")
+def test_thread_started_twice_is_still_an_error() -> None:
+    """start() keeps its contract: a second call raises, and the thread is left as it was."""
+    thread = threading.Thread(target=lambda: None)
+    thread.start()
+    thread.join()
+    with pytest.raises(RuntimeError):
+        thread.start()
+    assert "run" not in thread.__dict__
+
+
+@pytest.mark.usefixtures("installed")
+def test_otel_context_set_in_the_request_follows() -> None:
+    """A span made current while serving (e.g. a client span) is what the worker sees."""
+    span = trace.NonRecordingSpan(
+        trace.SpanContext(int("ab" * 16, 16), int("cd" * 8, 16), is_remote=False)
+    )
+    with serving(), concurrent.futures.ThreadPoolExecutor(1) as pool:
+        token = otel_context.attach(trace.set_span_in_context(span))
+        try:
+            seen = pool.submit(look).result()
+        finally:
+            otel_context.detach(token)
+    assert seen.trace_id == "ab" * 16
+    assert seen.headers["traceparent"] == f"00-{'ab' * 16}-{'cd' * 8}-00"
+
+
+def test_install_and_uninstall_are_idempotent() -> None:
+    """install() twice wraps once; uninstall() twice restores the stock methods."""
+    threads.install()
+    threads.install()
+    submit = concurrent.futures.ThreadPoolExecutor.__dict__["submit"]
+    assert isinstance(submit, wrapt.FunctionWrapper)
+    assert submit.__wrapped__ is ORIGINAL_SUBMIT
+    assert threading.Thread.__dict__["start"].__wrapped__ is ORIGINAL_START
+    assert threads.is_installed()
+    threads.uninstall()
+    threads.uninstall()
+    assert not threads.is_installed()
+    assert concurrent.futures.ThreadPoolExecutor.__dict__["submit"] is ORIGINAL_SUBMIT
+    assert threading.Thread.__dict__["start"] is ORIGINAL_START
+
+
+def test_uninstall_under_another_wrapper_passes_through() -> None:
+    """If another library wrapped submit over ours, uninstall leaves its wrapper in place and
+    ours stops copying; install() again turns it back on without a second layer."""
+
+    def other(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        return wrapped(*args, **kwargs)
+
+    threads.install()
+    wrapt.wrap_function_wrapper(concurrent.futures.ThreadPoolExecutor, "submit", other)
+    try:
+        threads.uninstall()
+        with serving(), concurrent.futures.ThreadPoolExecutor(1) as pool:
+            assert_lost(pool.submit(look).result())
+        threads.install()
+        with serving() as inbound, concurrent.futures.ThreadPoolExecutor(1) as pool:
+            assert_serving(pool.submit(look).result(), inbound)
+        inner = concurrent.futures.ThreadPoolExecutor.__dict__["submit"].__wrapped__
+        assert inner.__wrapped__ is ORIGINAL_SUBMIT  # still exactly one layer of ours
+    finally:
+        threads.uninstall()
+        concurrent.futures.ThreadPoolExecutor.submit = ORIGINAL_SUBMIT  # type: ignore[method-assign]

@@ -1,0 +1,418 @@
+"""Tracing: SERVER/CLIENT spans, parent-based sampling, Telemetry precedence, provider choice."""
+
+from __future__ import annotations
+
+import random
+import sys
+import textwrap
+from collections.abc import Iterator
+
+import pytest
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.context import _SUPPRESS_HTTP_INSTRUMENTATION_KEY
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.util._once import Once
+
+from meshlib.config import MeshConfig
+from meshlib.errors import ConfigError
+from meshlib.policy.loader import load_text
+from meshlib.policy.snapshot import Snapshot
+from meshlib.telemetry import tracing as tracing_module
+from meshlib.telemetry.tracing import (
+    MeshSampler,
+    Tracing,
+    build_tracer_provider,
+    effective_tracing,
+    sampling_percentage,
+)
+
+CONFIG = MeshConfig(service="productpage", version="v1", namespace="default")
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+CLUSTER = "outbound|9080|v2|reviews.default.svc.cluster.local"
+
+
+@pytest.fixture
+def exporter() -> InMemorySpanExporter:
+    return InMemorySpanExporter()
+
+
+@pytest.fixture
+def provider(exporter: InMemorySpanExporter) -> Iterator[SdkTracerProvider]:
+    tp = build_tracer_provider(CONFIG, exporter, sampler=MeshSampler(100.0), batch=False)
+    yield tp
+    tp.shutdown()
+
+
+@pytest.fixture
+def tracing(provider: SdkTracerProvider) -> Tracing:
+    return Tracing(CONFIG, tracer_provider=provider)
+
+
+@pytest.fixture
+def no_global_provider(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process with no global TracerProvider yet; the real global state comes back after."""
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER_SET_ONCE", Once())
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)
+    monkeypatch.delenv("OTEL_PYTHON_TRACER_PROVIDER", raising=False)
+
+
+def inbound(sampled: bool) -> otel_context.Context:
+    flags = "01" if sampled else "00"
+    carrier = {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-{flags}"}
+    return TraceContextTextMapPropagator().extract(carrier)
+
+
+def by_kind(exporter: InMemorySpanExporter, kind: SpanKind) -> list[ReadableSpan]:
+    return [s for s in exporter.get_finished_spans() if s.kind is kind]
+
+
+def test_server_span_attributes_and_status(
+    tracing: Tracing, exporter: InMemorySpanExporter
+) -> None:
+    """A served request gives one SERVER span with HTTP semconv attributes; 5xx is an error."""
+    with tracing.server_span(
+        "get", "/productpage?u=normal", scheme="http", host="productpage:9080", context=None
+    ) as span:
+        assert trace.get_current_span() is span
+        tracing.finish_server(span, 503, "UO")
+    with tracing.server_span(
+        "POST", "/login", scheme="https", host="pp", context=None, route="/login"
+    ) as span:
+        tracing.finish_server(span, 404)
+    assert trace.get_current_span() is trace.INVALID_SPAN
+
+    failed, missing = by_kind(exporter, SpanKind.SERVER)
+    assert failed.name == "GET /productpage"
+    assert dict(failed.attributes or {}) == {
+        "http.request.method": "GET",
+        "url.path": "/productpage",
+        "url.scheme": "http",
+        "server.address": "productpage",
+        "server.port": 9080,
+        "http.response.status_code": 503,
+        "error.type": "503",
+        "meshlib.response_flags": "UO",
+    }
+    assert failed.status.status_code is StatusCode.ERROR
+    assert failed.parent is None
+    assert failed.resource.attributes["service.name"] == "productpage"
+    assert failed.resource.attributes["service.version"] == "v1"
+    assert failed.resource.attributes["k8s.namespace.name"] == "default"
+    assert missing.name == "POST /login"
+    assert missing.attributes is not None
+    assert missing.attributes["http.route"] == "/login"
+    assert missing.attributes["http.response.status_code"] == 404
+    assert missing.status.status_code is StatusCode.UNSET  # 4xx is the caller's fault
+
+
+def test_client_spans_are_children_one_per_attempt(
+    tracing: Tracing, exporter: InMemorySpanExporter
+) -> None:
+    """Each outbound attempt is a CLIENT span under the SERVER span, retries with resend_count."""
+    with tracing.server_span(
+        "GET", "/productpage", scheme="http", host="pp", context=inbound(sampled=True)
+    ) as server:
+        for attempt, status in ((1, None), (2, 200)):
+            with tracing.client_span(
+                "GET",
+                "http://user:secret@reviews:9080/reviews/1?x=1",
+                attempt=attempt,
+                cluster=CLUSTER,
+                subset="v2",
+                upstream="10.0.0.2:9080",
+            ) as span:
+                assert trace.get_current_span() is span  # what propagation injects as parent
+                assert otel_context.get_value(_SUPPRESS_HTTP_INSTRUMENTATION_KEY) is True
+                tracing.finish_client(span, status, ["UF"] if status is None else "-")
+        assert trace.get_current_span() is server
+        tracing.finish_server(server, 200)
+
+    (server_span,) = by_kind(exporter, SpanKind.SERVER)
+    first, second = by_kind(exporter, SpanKind.CLIENT)
+    assert server_span.context is not None and server_span.parent is not None
+    assert format(server_span.context.trace_id, "032x") == TRACE_ID
+    assert format(server_span.parent.span_id, "016x") == PARENT_ID
+    for finished in (first, second):
+        assert finished.parent is not None and finished.context is not None
+        assert finished.parent.span_id == server_span.context.span_id
+        assert finished.context.trace_id == server_span.context.trace_id
+        assert finished.name == "GET reviews:9080"
+    assert dict(first.attributes or {}) == {
+        "http.request.method": "GET",
+        "url.full": "http://reviews:9080/reviews/1?x=1",
+        "server.address": "reviews",
+        "server.port": 9080,
+        "meshlib.upstream_cluster": CLUSTER,
+        "meshlib.subset": "v2",
+        "network.peer.address": "10.0.0.2",
+        "network.peer.port": 9080,
+        "meshlib.response_flags": "UF",
+        "error.type": "UF",
+    }
+    assert first.status.status_code is StatusCode.ERROR
+    assert second.attributes is not None
+    assert second.attributes["http.request.resend_count"] == 1
+    assert second.attributes["http.response.status_code"] == 200
+    assert second.attributes["meshlib.response_flags"] == "-"
+    assert second.status.status_code is StatusCode.UNSET
+
+
+def test_exception_is_recorded(tracing: Tracing, exporter: InMemorySpanExporter) -> None:
+    """An exception escaping a span marks it ERROR with the exception event and error.type."""
+    with (
+        pytest.raises(RuntimeError),
+        tracing.server_span("GET", "/", scheme="http", host="pp", context=None),
+    ):
+        raise RuntimeError("boom")
+    (span,) = exporter.get_finished_spans()
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.attributes is not None and span.attributes["error.type"] == "RuntimeError"
+    assert [e.name for e in span.events] == ["exception"]
+
+
+def test_sampling_is_parent_based(
+    provider: SdkTracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    """An inbound sampled parent is sampled even at 0%; an unsampled one is dropped at 100%."""
+    tracing = Tracing(CONFIG, tracer_provider=provider)
+    tracing.set_sampling(0.0)
+    with tracing.server_span(
+        "GET", "/", scheme="http", host="pp", context=inbound(sampled=True)
+    ) as span:
+        assert span.is_recording()
+        with tracing.client_span(
+            "GET", "http://reviews/", attempt=1, cluster=None, subset=None, upstream=None
+        ) as child:
+            assert child.is_recording()
+    assert len(exporter.get_finished_spans()) == 2
+
+    exporter.clear()
+    tracing.set_sampling(100.0)
+    with tracing.server_span(
+        "GET", "/", scheme="http", host="pp", context=inbound(sampled=False)
+    ) as span:
+        assert not span.is_recording()
+        assert format(span.get_span_context().trace_id, "032x") == TRACE_ID  # trace goes on
+        assert not span.get_span_context().trace_flags.sampled
+        tracing.finish_server(span, 500)  # a no-op on a non-recording span
+        with tracing.client_span(
+            "GET", "http://reviews/", attempt=1, cluster=None, subset=None, upstream=None
+        ) as child:
+            assert not child.is_recording()
+            assert trace.get_current_span() is child
+    assert exporter.get_finished_spans() == ()
+
+
+def test_root_sampling_ratio(tracing: Tracing) -> None:
+    """10,000 root traces at 10% are sampled 10% of the time, within one point."""
+    state = random.getstate()
+    random.seed(20240611)  # the SDK's id generator draws from `random`
+    try:
+        tracing.set_sampling(10.0)
+        sampled = 0
+        for _ in range(10_000):
+            with tracing.server_span("GET", "/", scheme="http", host="pp", context=None) as span:
+                sampled += span.is_recording()
+    finally:
+        random.setstate(state)
+    assert 900 <= sampled <= 1100
+
+
+def test_set_sampling_changes_it_live(tracing: Tracing) -> None:
+    """set_sampling takes effect on the next root trace; out-of-range values are refused."""
+
+    def sampled(n: int = 200) -> int:
+        count = 0
+        for _ in range(n):
+            with tracing.server_span("GET", "/", scheme="http", host="pp", context=None) as span:
+                count += span.is_recording()
+        return count
+
+    tracing.set_sampling(0.0)
+    assert sampled() == 0
+    tracing.set_sampling(100.0)
+    assert sampled() == 200
+    assert tracing.sampling == 100.0
+    tracing.set_sampling(10.0)
+    assert tracing.sampling == 10.0
+    tracing.set_sampling(0.0)
+    assert sampled() == 0
+    with pytest.raises(ValueError, match="between 0 and 100"):
+        tracing.set_sampling(100.5)
+
+
+TELEMETRY = """
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {{name: {name}, namespace: {namespace}}}
+spec:
+{spec}
+"""
+
+
+def telemetry(name: str, namespace: str, spec: str) -> str:
+    return TELEMETRY.format(name=name, namespace=namespace, spec=textwrap.indent(spec, "  "))
+
+
+def snapshot(*docs: str, config: MeshConfig = CONFIG) -> Snapshot:
+    result = load_text("---".join(docs), "telemetry.yaml")
+    result.raise_for_errors()
+    return Snapshot.build(result.resources, config)
+
+
+def test_sampling_percentage_precedence() -> None:
+    """Workload (selector) > namespace > root namespace, field by field; default 1%."""
+    mesh = telemetry(
+        "mesh-default",
+        "istio-system",
+        "tracing: [{randomSamplingPercentage: 50, customTags: {a: {literal: {value: x}}}}]",
+    )
+    namespace = telemetry("ns", "default", "tracing: [{randomSamplingPercentage: 20}]")
+    workload = telemetry(
+        "reviews",
+        "default",
+        "selector: {matchLabels: {app: reviews}}\ntracing: [{randomSamplingPercentage: 5}]",
+    )
+    elsewhere = telemetry(
+        "other-reviews",
+        "other",
+        "selector: {matchLabels: {app: reviews}}\ntracing: [{randomSamplingPercentage: 70}]",
+    )
+    reviews = MeshConfig(service="reviews", namespace="default")
+    ratings = MeshConfig(service="ratings", namespace="default")
+    other = MeshConfig(service="reviews", namespace="other")
+    lone = MeshConfig(service="details", namespace="lone")
+
+    assert sampling_percentage(snapshot(config=reviews), reviews) == 1.0
+    docs = (mesh, namespace, workload, elsewhere)
+    assert sampling_percentage(snapshot(*docs, config=reviews), reviews) == 5.0
+    assert sampling_percentage(snapshot(*docs, config=ratings), ratings) == 20.0
+    assert sampling_percentage(snapshot(*docs, config=other), other) == 70.0
+    assert sampling_percentage(snapshot(*docs, config=lone), lone) == 50.0
+    assert sampling_percentage(snapshot(namespace, workload, config=lone), lone) == 1.0
+
+    # Field by field: a level that does not set the percentage inherits it.
+    quiet = telemetry("ns", "default", "tracing: [{disableSpanReporting: true}]")
+    merged = effective_tracing(snapshot(mesh, quiet, config=ratings), ratings)
+    assert merged.random_sampling_percentage == 50.0
+    assert merged.disable_span_reporting is True
+    assert set(merged.custom_tags) == {"a"}
+
+    tracing = Tracing(reviews)
+    tracing.apply(snapshot(*docs, config=reviews))
+    assert tracing.sampling == 5.0
+
+
+@pytest.mark.usefixtures("no_global_provider")
+def test_app_provider_is_used_not_replaced() -> None:
+    """A TracerProvider the app installed globally gets meshlib's spans and stays global."""
+    app_exporter = InMemorySpanExporter()
+    app_provider = SdkTracerProvider()
+    app_provider.add_span_processor(SimpleSpanProcessor(app_exporter))
+    trace.set_tracer_provider(app_provider)
+
+    tracing = Tracing(CONFIG, exporter="console")
+    assert tracing.enabled and not tracing.owns_provider
+    assert tracing.provider is app_provider
+    with tracing.server_span("GET", "/", scheme="http", host="pp", context=None) as span:
+        tracing.finish_server(span, 200)
+    tracing.shutdown()
+    with tracing.server_span("GET", "/again", scheme="http", host="pp", context=None):
+        pass
+    assert trace.get_tracer_provider() is app_provider
+    assert [s.name for s in app_exporter.get_finished_spans()] == ["GET /", "GET /again"]
+    app_provider.shutdown()
+
+
+@pytest.mark.usefixtures("no_global_provider")
+def test_own_provider_is_not_installed_globally() -> None:
+    """Without an app provider meshlib builds its own for the exporter and keeps it private."""
+    tracing = Tracing(CONFIG, exporter="console")
+    assert tracing.owns_provider
+    assert isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+    assert isinstance(tracing.provider, SdkTracerProvider)
+    assert isinstance(tracing.provider.sampler, MeshSampler)
+    assert tracing.provider.sampler.percentage == 1.0
+    tracing.shutdown()
+    assert not tracing.enabled
+
+
+@pytest.mark.usefixtures("no_global_provider")
+def test_exporter_none_makes_no_spans(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With exporter none and no app provider, tracing is off and the context passes through."""
+    monkeypatch.setenv("MESHLIB_TRACES_EXPORTER", "none")
+    tracing = Tracing(CONFIG)
+    assert not tracing.enabled
+    parent = inbound(sampled=True)
+    token = otel_context.attach(parent)
+    try:
+        with tracing.server_span("GET", "/", scheme="http", host="pp", context=parent) as span:
+            assert not span.is_recording()
+            assert otel_context.get_current() is parent
+            with tracing.client_span(
+                "GET", "http://reviews/", attempt=1, cluster=None, subset=None, upstream=None
+            ):
+                assert otel_context.get_current() is parent
+    finally:
+        otel_context.detach(token)
+
+
+@pytest.mark.usefixtures("no_global_provider")
+def test_exporter_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """otlp without the extra names the extra to install; an unknown exporter names the variable."""
+    monkeypatch.setitem(sys.modules, tracing_module._OTLP_MODULE, None)  # as if not installed
+    with pytest.raises(ConfigError, match=r"meshlib-istio\[otlp\]"):
+        Tracing(CONFIG, exporter="otlp")
+    monkeypatch.setenv("MESHLIB_TRACES_EXPORTER", "jaeger")
+    with pytest.raises(ConfigError, match="MESHLIB_TRACES_EXPORTER='jaeger'"):
+        Tracing(CONFIG)
+
+
+def test_no_double_server_span(
+    tracing: Tracing, provider: SdkTracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    """A SERVER span already current (opentelemetry-instrumentation-asgi) is reused, not nested."""
+    instrumentation = provider.get_tracer("opentelemetry.instrumentation.asgi")
+    with instrumentation.start_as_current_span("GET /", kind=SpanKind.SERVER) as outer:
+        with tracing.server_span("GET", "/", scheme="http", host="pp", context=None) as span:
+            assert span is outer
+            tracing.finish_server(span, 500, "UH")
+        assert outer.is_recording()  # meshlib did not end the app's span
+        assert trace.get_current_span() is outer
+    (server,) = by_kind(exporter, SpanKind.SERVER)
+    assert server.attributes is not None
+    assert server.attributes["meshlib.response_flags"] == "UH"
+    assert "http.response.status_code" not in server.attributes  # the owner's to set
+    assert server.status.status_code is StatusCode.UNSET
+
+
+def test_no_double_client_span(
+    tracing: Tracing, provider: SdkTracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    """A CLIENT span already current (instrumentation-httpx/requests) is annotated, not nested."""
+    instrumentation = provider.get_tracer("opentelemetry.instrumentation.httpx")
+    with instrumentation.start_as_current_span("GET", kind=SpanKind.CLIENT) as outer:
+        for attempt in (1, 2):
+            with tracing.client_span(
+                "GET",
+                "http://reviews:9080/",
+                attempt=attempt,
+                cluster=CLUSTER,
+                subset="v2",
+                upstream=None,
+            ) as span:
+                assert span is outer
+                tracing.finish_client(span, 503 if attempt == 1 else 200, "-")
+    (client,) = by_kind(exporter, SpanKind.CLIENT)
+    assert client.attributes is not None
+    assert client.attributes["http.request.resend_count"] == 1
+    assert client.attributes["meshlib.upstream_cluster"] == CLUSTER
+    assert client.attributes["meshlib.subset"] == "v2"
+    assert client.status.status_code is StatusCode.UNSET
