@@ -8,12 +8,14 @@ previous context. The adapters only translate their framework's request and resp
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from contextvars import Token
 from typing import Any
 
 from meshlib.mesh import Mesh
+from meshlib.telemetry import peer
 from meshlib.telemetry.propagation import InboundContext
 
 GetAll = Callable[[str], list[str]]
@@ -22,12 +24,28 @@ GetAll = Callable[[str], list[str]]
 class InboundExchange:
     """One request served by this workload."""
 
-    __slots__ = ("_scope", "_span", "_token", "context", "mesh", "status")
+    __slots__ = (
+        "_scope",
+        "_span",
+        "_token",
+        "context",
+        "mesh",
+        "peer",
+        "request_bytes",
+        "response_bytes",
+        "started",
+        "status",
+    )
 
     def __init__(self, mesh: Mesh, get_all: GetAll) -> None:
         self.mesh = mesh
         self.status = 0
+        self.started = time.perf_counter()
+        self.request_bytes = 0
+        self.response_bytes = 0
         self.context: InboundContext = mesh.propagator.extract(get_all)
+        claimed = get_all(peer.HEADER)
+        self.peer = peer.decode(claimed[0]) if claimed else peer.UNKNOWN_PEER
         self._token: Token[InboundContext | None] | None = None
         self._scope: AbstractContextManager[Any] | None = None
         self._span: Any = None
@@ -51,3 +69,26 @@ class InboundExchange:
         token, self._token = self._token, None
         if token is not None:
             self.mesh.propagator.deactivate(token)
+            self._record()
+
+    def _record(self) -> None:
+        """Count the request as Istio's server-side proxy does (reporter="destination")."""
+        config = self.mesh.config
+        service = config.service or config.workload or "unknown"
+        self.mesh.metrics.record(
+            "destination",
+            self.peer,
+            destination_service=f"{service}.{config.namespace}.svc.{config.cluster_domain}",
+            destination_service_name=service,
+            destination_service_namespace=config.namespace,
+            response_code=self.status or 500,
+            connection_security_policy="none",
+            duration_ms=(time.perf_counter() - self.started) * 1000.0,
+            request_bytes=self.request_bytes,
+            response_bytes=self.response_bytes,
+        )
+
+    @property
+    def response_header(self) -> tuple[str, str]:
+        """This workload's identity for the caller's metrics (Istio's metadata exchange)."""
+        return (peer.HEADER, self.mesh.identity)

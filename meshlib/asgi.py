@@ -44,17 +44,29 @@ class MeshMiddleware:
             return [v.decode("latin-1") for k, v in raw_headers if k.lower() == key]
 
         exchange = InboundExchange(mesh, get_all)
+        name, value = exchange.response_header
+        identity = (name.encode("latin-1"), value.encode("latin-1"))
+
+        async def receive_wrapper() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                exchange.request_bytes += len(message.get("body", b""))
+            return message
 
         async def send_wrapper(message: Message) -> None:
-            if message["type"] == "http.response.start":
+            kind = message["type"]
+            if kind == "http.response.start":
                 exchange.status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), identity]}
+            elif kind == "http.response.body":
+                exchange.response_bytes += len(message.get("body", b""))
             await send(message)
 
         host = next((v.decode("latin-1") for k, v in raw_headers if k.lower() == b"host"), "")
         method, path = scope.get("method", "GET"), scope.get("path", "/")
         exchange.begin(method, path, scheme=scope.get("scheme", "http"), host=host)
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, receive_wrapper, send_wrapper)
         except Exception as exc:
             exchange.status = exchange.status or 500  # what the server will answer
             exchange.end(exc)

@@ -12,11 +12,15 @@ and pass them explicitly.
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import random
 import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry
 
 from meshlib.config import MeshConfig
 from meshlib.dataplane.cluster import Clusters, ClusterState
@@ -27,6 +31,14 @@ from meshlib.policy.matching import RequestAttributes
 from meshlib.policy.snapshot import Snapshot
 from meshlib.sources.base import PolicySource, SnapshotPublisher
 from meshlib.sources.file import FileSource
+from meshlib.telemetry import peer
+from meshlib.telemetry.metrics import (
+    IstioMetrics,
+    MetricsServer,
+    OperationalMetrics,
+    cluster_name,
+    serve_metrics,
+)
 from meshlib.telemetry.propagation import Propagator
 from meshlib.telemetry.tracing import Tracing
 
@@ -59,15 +71,26 @@ class Mesh:
         rng: random.Random | None = None,
         watch: bool = True,
         tracer_provider: TracerProvider | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.config = config if config is not None else MeshConfig.from_env()
         self.rng = rng if rng is not None else random.Random()
         self.source = self._source(policy if policy is not None else self.config.policy)
-        self.clusters = Clusters(self.rng)
+        # Metrics live in a registry of this Mesh's own (the default Mesh's is served on
+        # MeshConfig.metrics_port); pass prometheus_client.REGISTRY to share the global one.
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = IstioMetrics(self.registry, self.config)
+        self.operations = OperationalMetrics(self.registry)
+        self.identity = peer.encode(self.config)  # sent to peers: Istio's metadata exchange
+        self.metrics_server: MetricsServer | None = None
+        self.clusters = Clusters(self.rng, self._watch_cluster)
         self.propagator = Propagator(self.config.propagate_headers)
         self.tracing = Tracing(self.config, tracer_provider=tracer_provider)
         self.tracing.apply(self.source.snapshot)
         self.source.subscribe(self.tracing.apply)  # sampling follows Telemetry changes
+        self.operations.policy_loaded(self.source.snapshot.generation)
+        self.source.subscribe(lambda snapshot: self.operations.policy_loaded(snapshot.generation))
+        self.source.on_error(self.operations.policy_rejected)
         if watch:
             self.source.start()
 
@@ -79,6 +102,17 @@ class Mesh:
         if isinstance(policy, (str, os.PathLike, Sequence)):
             return FileSource(policy, self.config)
         return policy
+
+    def _watch_cluster(self, state: ClusterState) -> None:
+        name = cluster_name(*state.key)
+        state.outlier.listen(functools.partial(self.operations.ejection, name))
+
+    def serve_metrics(self, port: int | None = None, *, host: str = "0.0.0.0") -> MetricsServer:
+        """Serve this Mesh's metrics on `/metrics` and `/stats/prometheus` (like Istio's 15020)."""
+        if self.metrics_server is None:
+            chosen = self.config.metrics_port if port is None else port
+            self.metrics_server = serve_metrics(chosen or 0, self.registry, host=host)
+        return self.metrics_server
 
     @property
     def snapshot(self) -> Snapshot:
@@ -104,6 +138,9 @@ class Mesh:
     def close(self) -> None:
         self.source.close()
         self.tracing.shutdown()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
 
     def __enter__(self) -> Mesh:
         return self
@@ -123,6 +160,7 @@ def configure(policy: PolicyArg = None, *, mesh: Mesh | None = None, **config: A
     """
     global _default
     new = mesh if mesh is not None else Mesh(MeshConfig.from_env(**config), policy=policy)
+    _serve_default_metrics(new)
     with _default_lock:
         old, _default = _default, new
     if old is not None and old is not new:
@@ -137,7 +175,22 @@ def default_mesh() -> Mesh:
         with _default_lock:
             if _default is None:
                 _default = Mesh(MeshConfig.from_env())
+                _serve_default_metrics(_default)
     return _default
+
+
+def _serve_default_metrics(mesh: Mesh) -> None:
+    """The process-wide Mesh serves its metrics on MeshConfig.metrics_port (15020), as a
+    sidecar does. Under a multi-worker server only the first worker gets the port."""
+    if mesh.config.metrics_port is None:
+        return
+    try:
+        mesh.serve_metrics()
+    except OSError as exc:
+        logger.warning("meshlib: metrics not served on port %s: %s", mesh.config.metrics_port, exc)
+
+
+logger = logging.getLogger("meshlib")
 
 
 def reset() -> None:

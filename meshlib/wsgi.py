@@ -45,8 +45,10 @@ class MeshWSGIMiddleware:
                 exchange.status = int(status.split(" ", 1)[0])
             except ValueError:
                 exchange.status = 0
-            return start_response(status, headers, exc_info)
+            return start_response(status, [*headers, exchange.response_header], exc_info)
 
+        length = environ.get("CONTENT_LENGTH") or ""
+        exchange.request_bytes = int(length) if length.isdigit() else 0
         exchange.begin(
             environ.get("REQUEST_METHOD", "GET"),
             environ.get("PATH_INFO", "/"),
@@ -70,7 +72,10 @@ class _Closing:
         self._exchange = exchange
 
     def __iter__(self) -> Iterator[bytes]:
-        return iter(self._iterable)
+        exchange = self._exchange
+        for chunk in self._iterable:
+            exchange.response_bytes += len(chunk)
+            yield chunk
 
     def close(self) -> None:
         try:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -15,6 +16,7 @@ from meshlib.dataplane.routing import HeaderEdits, RoutePlan
 from meshlib.mesh import Mesh
 from meshlib.policy.routes import Mirror
 from meshlib.policy.snapshot import Endpoint
+from meshlib.telemetry import peer
 
 RESPONSE_FLAGS = "response_flags"  # httpx: response.extensions key with Envoy's flags
 UPSTREAM_HOST = "upstream_host"  # httpx: response.extensions key, "addr:port" that answered
@@ -94,3 +96,56 @@ def end_client_span(mesh: Mesh, span: Any, result: AttemptResult) -> None:
     if span is not None:
         flags = result.reply.flag if result.reply is not None else None
         mesh.tracing.finish_client(span, result.status, flags, upstream=result.endpoint)
+
+
+def record_source(
+    mesh: Mesh,
+    plan: RoutePlan,
+    status: int,
+    response_headers: Mapping[str, str],
+    started: float,
+    request_headers: Mapping[str, str],
+    flags: Sequence[str],
+) -> None:
+    """Count a client call as Istio's client-side proxy does (reporter="source").
+
+    The destination's identity comes from its metadata-exchange header when a meshlib
+    workload answered; local answers (UO, NR, a fault's abort, ...) have an unknown peer.
+    """
+    decision = plan.decision
+    if plan.cluster is not None:
+        host = plan.cluster[0]
+        name, namespace = _service_name(mesh, host)
+    elif decision.passthrough:
+        host, name, namespace = decision.host, "PassthroughCluster", "unknown"
+    else:
+        host = decision.host
+        name, namespace = _service_name(mesh, host)
+    claimed = response_headers.get(peer.HEADER)
+    mesh.metrics.record(
+        "source",
+        peer.decode(claimed) if claimed else peer.UNKNOWN_PEER,
+        destination_service=host,
+        destination_service_name=name,
+        destination_service_namespace=namespace,
+        response_code=status,
+        response_flags=join_flags(tuple(flags)),
+        duration_ms=(time.perf_counter() - started) * 1000.0,
+        request_bytes=_length(request_headers),
+        response_bytes=_length(response_headers),
+    )
+
+
+def _length(headers: Mapping[str, str]) -> int:
+    value = headers.get("content-length") or ""
+    return int(value) if value.isdigit() else 0
+
+
+def _service_name(mesh: Mesh, host: str) -> tuple[str, str]:
+    """(service name, namespace) of a destination host, as Istio labels them."""
+    suffix = f".svc.{mesh.config.cluster_domain}"
+    if host.endswith(suffix):
+        name, _, namespace = host[: -len(suffix)].partition(".")
+        return name, namespace or "unknown"
+    service = mesh.snapshot.service(host)
+    return host, service.namespace if service is not None else "unknown"

@@ -30,6 +30,7 @@ from meshlib.clients._common import (
     edited_headers,
     end_client_span,
     mirror_endpoint,
+    record_source,
     reply_headers,
     upstream_netloc,
 )
@@ -50,7 +51,7 @@ from meshlib.mesh import Mesh, default_mesh
 from meshlib.policy.matching import LazyHeaders, RequestAttributes
 from meshlib.policy.routes import Mirror
 from meshlib.policy.snapshot import Endpoint
-from meshlib.telemetry import propagation
+from meshlib.telemetry import peer, propagation
 
 _MESHED = "meshlib.meshed"  # marks transports meshlib made, so nothing is meshed twice
 MIRROR_GRACE = 1.0  # seconds aclose() waits for mirrored copies still in flight
@@ -159,6 +160,7 @@ class _MeshTransportBase:
             extra = dict(propagated)
             extra["host"] = plan.authority
             extra["x-envoy-attempt-count"] = str(attempt.number)
+            extra[peer.HEADER] = mesh.identity
             headers = httpx.Headers(edited_headers(original.multi_items(), edits, extra))
         else:
             headers = original.copy()
@@ -166,6 +168,7 @@ class _MeshTransportBase:
                 headers[name] = value
             headers["host"] = plan.authority
             headers["x-envoy-attempt-count"] = str(attempt.number)
+            headers[peer.HEADER] = mesh.identity
         caller = request.extensions.get("timeout") or {}
         connect, read, _ = attempt.timeouts(caller.get("read"))
         timeout = {
@@ -279,7 +282,18 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         setattr(self, _MESHED, True)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
+        started = time.perf_counter()
         mesh, plan, attributes = self._prepare(request)
+        response = self._handle(request, mesh, plan, attributes)
+        flags = response.extensions.get(RESPONSE_FLAGS, ())
+        record_source(
+            mesh, plan, response.status_code, response.headers, started, request.headers, flags
+        )
+        return response
+
+    def _handle(
+        self, request: httpx.Request, mesh: Mesh, plan: RoutePlan, attributes: RequestAttributes
+    ) -> httpx.Response:
         if plan.passthrough:
             with client_span(mesh, request.method, request.url, None, None) as span:
                 with passthrough_inside():
@@ -360,7 +374,18 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
         setattr(self, _MESHED, True)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        started = time.perf_counter()
         mesh, plan, attributes = self._prepare(request)
+        response = await self._handle(request, mesh, plan, attributes)
+        flags = response.extensions.get(RESPONSE_FLAGS, ())
+        record_source(
+            mesh, plan, response.status_code, response.headers, started, request.headers, flags
+        )
+        return response
+
+    async def _handle(
+        self, request: httpx.Request, mesh: Mesh, plan: RoutePlan, attributes: RequestAttributes
+    ) -> httpx.Response:
         if plan.passthrough:
             with client_span(mesh, request.method, request.url, None, None) as span:
                 with passthrough_inside():

@@ -27,6 +27,7 @@ from meshlib.clients._common import (
     edited_headers,
     end_client_span,
     mirror_endpoint,
+    record_source,
     reply_headers,
     upstream_netloc,
 )
@@ -45,7 +46,7 @@ from meshlib.dataplane.routing import RoutePlan
 from meshlib.mesh import Mesh, default_mesh
 from meshlib.policy.matching import LazyHeaders, RequestAttributes
 from meshlib.policy.snapshot import Endpoint
-from meshlib.telemetry import propagation
+from meshlib.telemetry import peer, propagation
 
 
 def request_attributes(request: requests.PreparedRequest) -> RequestAttributes:
@@ -111,9 +112,31 @@ class MeshAdapter(HTTPAdapter):
         cert: Any = None,
         proxies: Mapping[str, str] | None = None,
     ) -> requests.Response:
+        started = time.perf_counter()
         mesh = self.mesh
         attributes = request_attributes(request)
         plan = mesh.plan(attributes)
+        response = self._handle(
+            mesh, plan, attributes, request, stream, timeout, verify, cert, proxies
+        )
+        flags = getattr(response, "response_flags", ())
+        record_source(
+            mesh, plan, response.status_code, response.headers, started, request.headers, flags
+        )
+        return response
+
+    def _handle(
+        self,
+        mesh: Mesh,
+        plan: RoutePlan,
+        attributes: RequestAttributes,
+        request: requests.PreparedRequest,
+        stream: bool,
+        timeout: Any,
+        verify: Any,
+        cert: Any,
+        proxies: Mapping[str, str] | None,
+    ) -> requests.Response:
         options: dict[str, Any] = {
             "stream": stream,
             "verify": verify,
@@ -183,6 +206,7 @@ class MeshAdapter(HTTPAdapter):
         caller_connect, caller_read = timeout if isinstance(timeout, tuple) else (timeout, timeout)
         upstream = self._upstream(request, plan, attempt)
         _add_headers(upstream, mesh.propagator.outbound(_has(request)))
+        upstream.headers[peer.HEADER] = mesh.identity
         connect, read, mesh_owned = attempt.timeouts(caller_read)
         if caller_connect is not None:
             connect = min(connect or caller_connect, caller_connect)

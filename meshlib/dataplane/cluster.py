@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from meshlib.dataplane.balancer import Balancer, InFlight, make_balancer
@@ -60,8 +61,11 @@ class ClusterState:
 class Clusters:
     """ClusterState per key, created on first use and refreshed on Snapshot changes."""
 
-    def __init__(self, rng: random.Random) -> None:
+    def __init__(
+        self, rng: random.Random, on_new: Callable[[ClusterState], None] | None = None
+    ) -> None:
         self.rng = rng
+        self.on_new = on_new  # e.g. metrics watching the new cluster's outlier detector
         self._clusters: dict[ClusterKey, ClusterState] = {}
         self._lock = threading.Lock()
 
@@ -72,6 +76,8 @@ class Clusters:
                 state = self._clusters.get(key)
                 if state is None:
                     state = self._clusters[key] = ClusterState(key, snapshot, self.rng)
+                    if self.on_new is not None:
+                        self.on_new(state)
         elif state.generation != snapshot.generation:
             state.refresh(snapshot)
         return state

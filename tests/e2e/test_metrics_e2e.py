@@ -1,0 +1,164 @@
+"""Istio metrics from real calls: reporter="source" from clients, "destination" from middleware."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+import meshlib
+from meshlib.config import MeshConfig
+from meshlib.policy.loader import load_text
+from meshlib.policy.snapshot import Snapshot
+from meshlib.telemetry.metrics import render
+from tests.upstream import AsgiServer
+
+LABELS = [
+    "reporter", "source_workload", "source_canonical_service", "source_canonical_revision",
+    "source_workload_namespace", "source_principal", "source_app", "source_version", "source_cluster",
+    "destination_workload", "destination_workload_namespace", "destination_principal", "destination_app",
+    "destination_version", "destination_service", "destination_canonical_service",
+    "destination_canonical_revision", "destination_service_name", "destination_service_namespace",
+    "destination_cluster", "request_protocol", "response_code", "grpc_response_status", "response_flags",
+    "connection_security_policy",
+]  # fmt: skip
+
+
+def samples(mesh: meshlib.Mesh, name: str) -> list[tuple[dict[str, str], float]]:
+    text = render(mesh.registry).decode()
+    return [
+        (sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    ]
+
+
+def ratings_service(mesh: meshlib.Mesh) -> Any:
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    async def ok(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("five stars")
+
+    return meshlib.MeshMiddleware(Starlette(routes=[Route("/ratings/{id}", ok)]), mesh=mesh)
+
+
+def test_source_and_destination_reports_carry_istio_labels() -> None:
+    """A call productpage -> ratings is counted once on each side with all 25 labels right."""
+    ratings_mesh = meshlib.Mesh(MeshConfig(service="ratings", version="v1", namespace="bookinfo"))
+    server = AsgiServer(ratings_service(ratings_mesh), "ratings").start()
+    policy = f"""\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: ratings, namespace: bookinfo}}
+spec:
+  hosts: [ratings.bookinfo.svc.cluster.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 9080, name: http, protocol: HTTP}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {server.port}}}}}]
+"""
+    config = MeshConfig(service="productpage", version="v1", namespace="bookinfo")
+    result = load_text(policy)
+    client_mesh = meshlib.Mesh(config, policy=Snapshot.build(result.resources, config))
+    try:
+        with meshlib.Client(mesh=client_mesh) as client:
+            for _ in range(3):
+                assert client.get("http://ratings:9080/ratings/1").status_code == 200
+
+        async def one_async() -> None:
+            async with meshlib.AsyncClient(mesh=client_mesh) as client:
+                assert (await client.get("http://ratings:9080/ratings/2")).status_code == 200
+
+        asyncio.run(one_async())
+        with meshlib.Session(mesh=client_mesh) as session:
+            assert session.get("http://ratings:9080/ratings/3", timeout=5).status_code == 200
+    finally:
+        server.stop()
+        ratings_mesh.close()
+        client_mesh.close()
+    ((source_labels, source_count),) = samples(client_mesh, "istio_requests_total")
+    ((dest_labels, dest_count),) = samples(ratings_mesh, "istio_requests_total")
+    assert source_count == dest_count == 5
+    assert list(source_labels) == LABELS and list(dest_labels) == LABELS
+    common = {
+        "source_workload": "productpage",
+        "source_canonical_service": "productpage",
+        "source_canonical_revision": "v1",
+        "source_workload_namespace": "bookinfo",
+        "source_principal": "spiffe://cluster.local/ns/bookinfo/sa/default",
+        "source_app": "productpage",
+        "source_version": "v1",
+        "destination_workload": "ratings",
+        "destination_workload_namespace": "bookinfo",
+        "destination_app": "ratings",
+        "destination_version": "v1",
+        "destination_canonical_service": "ratings",
+        "destination_service": "ratings.bookinfo.svc.cluster.local",
+        "destination_service_name": "ratings",
+        "destination_service_namespace": "bookinfo",
+        "request_protocol": "http",
+        "response_code": "200",
+        "response_flags": "-",
+    }
+    assert source_labels | common == source_labels and source_labels["reporter"] == "source"
+    assert dest_labels | common == dest_labels and dest_labels["reporter"] == "destination"
+    assert source_labels["connection_security_policy"] == "unknown"
+    assert dest_labels["connection_security_policy"] == "none"
+    buckets = [
+        s
+        for s in samples(client_mesh, "istio_request_duration_milliseconds_bucket")
+        if s[0]["le"] == "+Inf"
+    ]
+    assert buckets[0][1] == 5
+
+
+def test_local_answers_are_counted_with_their_flags() -> None:
+    """A synthesized 404 NR is counted with reporter="source", response_flags="NR", unknown peer."""
+    policy = """\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api}
+spec:
+  hosts: [api.internal]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{number: 80, name: http}]
+  endpoints: [{address: 10.0.0.1}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api}
+spec:
+  hosts: [api.internal]
+  http: [{match: [{uri: {prefix: /a}}], route: [{destination: {host: api.internal}}]}]
+"""
+    config = MeshConfig(service="web")
+    mesh = meshlib.Mesh(config, policy=Snapshot.build(load_text(policy).resources, config))
+    with meshlib.Client(
+        mesh=mesh, transport=httpx.MockTransport(lambda r: httpx.Response(200))
+    ) as client:
+        assert client.get("http://api.internal/zzz").status_code == 404
+    ((labels, count),) = samples(mesh, "istio_requests_total")
+    assert count == 1
+    assert labels["response_code"] == "404" and labels["response_flags"] == "NR"
+    assert labels["destination_workload"] == "unknown"
+    assert labels["destination_service"] == "api.internal"
+    mesh.close()
+
+
+def test_metrics_port_serves_both_paths() -> None:
+    """A Mesh serves its registry on /metrics and /stats/prometheus."""
+    mesh = meshlib.Mesh(MeshConfig(service="web"))
+    server = mesh.serve_metrics(0, host="127.0.0.1")
+    try:
+        for path in ("/metrics", "/stats/prometheus"):
+            response = httpx.get(f"http://127.0.0.1:{server.port}{path}")
+            assert response.status_code == 200
+            assert "meshlib_policy_generation" in response.text
+    finally:
+        mesh.close()
