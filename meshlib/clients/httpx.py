@@ -62,6 +62,7 @@ def _smaller(a: float | None, b: float | None) -> float | None:
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_OURS = frozenset({"host", "x-envoy-attempt-count", peer.HEADER})  # set per attempt
 
 
 def _upstream_url(url: httpx.URL, scheme: str, endpoint: Endpoint, path: str | None) -> httpx.URL:
@@ -155,20 +156,19 @@ class _MeshTransportBase:
         path = None if plan.original_path is None else plan.path
         edits = plan.request_headers
         original = request.headers
-        propagated = mesh.propagator.outbound(original.__contains__)
+        propagated = mesh.propagator.outbound(original.__contains__)  # only headers not set
+        ours = [
+            ("host", plan.authority),
+            ("x-envoy-attempt-count", str(attempt.number)),
+            (peer.HEADER, mesh.identity),
+        ]
         if edits:
             extra = dict(propagated)
-            extra["host"] = plan.authority
-            extra["x-envoy-attempt-count"] = str(attempt.number)
-            extra[peer.HEADER] = mesh.identity
+            extra.update(ours)
             headers = httpx.Headers(edited_headers(original.multi_items(), edits, extra))
-        else:
-            headers = original.copy()
-            for name, value in propagated:
-                headers[name] = value
-            headers["host"] = plan.authority
-            headers["x-envoy-attempt-count"] = str(attempt.number)
-            headers[peer.HEADER] = mesh.identity
+        else:  # one Headers built from a list: cheaper than a copy and several assignments
+            kept = [(k, v) for k, v in original.multi_items() if k not in _OURS]
+            headers = httpx.Headers([*kept, *propagated, *ours])
         caller = request.extensions.get("timeout") or {}
         connect, read, _ = attempt.timeouts(caller.get("read"))
         timeout = {
