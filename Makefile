@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: test lint typecheck unit bench demo clean
+.PHONY: test lint typecheck unit bench demo clean debian-packages
 
 # Create the virtual environment and install meshlib with its test extra when
 # missing or when pyproject.toml changed.
@@ -23,8 +23,25 @@ lint: $(BIN)/.installed
 typecheck: $(BIN)/.installed
 	$(BIN)/mypy
 
-unit: $(BIN)/.installed
+unit: $(BIN)/.installed debian-packages
 	$(BIN)/pytest
+
+# Debian packages the tests use: `prometheus` (tests/e2e/test_prometheus.py runs the binary on
+# loopback). Installed with apt-get when missing; without root or apt-get the install is skipped
+# with a message and the tests that need it skip, naming the package. Only the binary is used:
+# where systemd runs, the service the package enables is stopped and disabled again.
+debian-packages:
+	@if command -v prometheus >/dev/null 2>&1; then \
+	  :; \
+	elif [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "make: Debian package prometheus is missing and cannot be installed here (needs root and apt-get); its tests will skip" >&2; \
+	else \
+	  echo "make: installing Debian package prometheus (apt-get)"; \
+	  apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null && \
+	  if [ -d /run/systemd/system ]; then systemctl disable --now prometheus.service >/dev/null 2>&1 || true; fi && \
+	  prometheus --version 2>&1 | head -n 1; \
+	fi
 
 bench: $(BIN)/.installed
 	$(BIN)/python -m bench

@@ -83,10 +83,9 @@ from meshlib._version import __version__
 from meshlib.config import MeshConfig
 from meshlib.errors import ConfigError
 from meshlib.policy.hosts import strip_port
-from meshlib.policy.resources import Resource
-from meshlib.policy.snapshot import Snapshot, oldest_first
-from meshlib.policy.telemetry import Telemetry
+from meshlib.policy.snapshot import Snapshot
 from meshlib.policy.telemetry import Tracing as TracingSpec
+from meshlib.telemetry._resolve import telemetry_levels
 
 __all__ = [
     "DEFAULT_SAMPLING_PERCENTAGE",
@@ -130,26 +129,10 @@ def effective_tracing(snapshot: Snapshot, config: MeshConfig) -> TracingSpec:
     `config.namespace` whose `selector.matchLabels` all match `config.labels`, oldest first.
     A level without `tracing` inherits; a field left unset inherits; `customTags` replace the
     parent's map entirely. Telemetry with `targetRef(s)` (gateways, waypoints) is ignored.
+    (The levels come from `meshlib.telemetry._resolve.telemetry_levels`.)
     """
-    namespace, root = config.namespace, config.root_namespace
-    ordered: list[Resource[Telemetry]] = oldest_first(snapshot.telemetries)
-    levels: list[Telemetry] = []
-    mesh = _namespace_wide(ordered, root)
-    if mesh is not None:
-        levels.append(mesh)
-    if namespace != root:
-        local = _namespace_wide(ordered, namespace)
-        if local is not None:
-            levels.append(local)
-    for resource in ordered:
-        spec = resource.spec
-        if resource.namespace != namespace or _targeted(spec) or spec.selector is None:
-            continue
-        wanted = spec.selector.match_labels
-        if wanted and all(config.labels.get(k) == v for k, v in wanted.items()):
-            levels.append(spec)
     merged = TracingSpec()
-    for level in levels:
+    for level in telemetry_levels(snapshot, config):
         if level.tracing:
             merged = _overlay(merged, level.tracing[0])
     return merged
@@ -159,19 +142,6 @@ def sampling_percentage(snapshot: Snapshot, config: MeshConfig) -> float:
     """Telemetry `randomSamplingPercentage` for this workload (0-100), default 1.0."""
     value = effective_tracing(snapshot, config).random_sampling_percentage
     return DEFAULT_SAMPLING_PERCENTAGE if value is None else float(value)
-
-
-def _targeted(spec: Telemetry) -> bool:
-    return spec.target_ref is not None or bool(spec.target_refs)
-
-
-def _namespace_wide(ordered: list[Resource[Telemetry]], namespace: str) -> Telemetry | None:
-    for resource in ordered:
-        spec = resource.spec
-        wide = spec.selector is None or not spec.selector.match_labels
-        if resource.namespace == namespace and wide and not _targeted(spec):
-            return spec
-    return None
 
 
 def _overlay(parent: TracingSpec, child: TracingSpec) -> TracingSpec:

@@ -198,6 +198,10 @@ def test_w3c_trace_id_spans_every_hop(frontend: str) -> None:
     seen = hops(answer)
     assert [trace_id(h["traceparent"]) for h in seen] == [tid, tid, tid]
     assert len({h["x-request-id"] for h in seen[1:]}) == 1
+    deadline = time.monotonic() + 5
+    while not any(s.kind == SpanKind.SERVER for s in SPANS["frontend"].get_finished_spans()):
+        assert time.monotonic() < deadline, "the frontend's SERVER span never ended"
+        time.sleep(0.01)  # the span ends just after the response is sent: poll for it
     spans = SPANS["frontend"].get_finished_spans()
     server = next(s for s in spans if s.kind == SpanKind.SERVER)
     client = next(s for s in spans if s.kind == SpanKind.CLIENT)

@@ -178,7 +178,7 @@ def test_no_partial_policy_is_ever_visible(
     try:
         for version in range(1, 41):
             make_configmap_mount(tmp_path, files(version), version)
-            time.sleep(0.003)
+            time.sleep(0.02)  # slow enough for the 5 ms watcher to publish versions between
         wait_for(lambda: subset_for(source.snapshot, "reviews") == "v40")
     finally:
         stop.set()
