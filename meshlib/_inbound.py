@@ -16,6 +16,7 @@ from typing import Any
 
 from meshlib.mesh import Mesh
 from meshlib.telemetry import peer
+from meshlib.telemetry.access_log import AccessLogEntry
 from meshlib.telemetry.propagation import InboundContext
 
 GetAll = Callable[[str], list[str]]
@@ -25,9 +26,14 @@ class InboundExchange:
     """One request served by this workload."""
 
     __slots__ = (
+        "_get_all",
+        "_method",
+        "_path",
         "_scope",
         "_span",
         "_token",
+        "_wall",
+        "client",
         "context",
         "mesh",
         "peer",
@@ -41,6 +47,11 @@ class InboundExchange:
         self.mesh = mesh
         self.status = 0
         self.started = time.perf_counter()
+        self._wall = time.time()
+        self._get_all = get_all
+        self._method = "GET"
+        self._path = "/"
+        self.client: str | None = None  # the caller's address, for access logs
         self.request_bytes = 0
         self.response_bytes = 0
         self.context: InboundContext = mesh.propagator.extract(get_all)
@@ -52,6 +63,7 @@ class InboundExchange:
 
     def begin(self, method: str, path: str, *, scheme: str, host: str) -> None:
         """Make the caller's context current and open this request's SERVER span."""
+        self._method, self._path = method, path
         self._token = self.mesh.propagator.activate(self.context)
         tracing = self.mesh.tracing
         if tracing.enabled:
@@ -86,6 +98,36 @@ class InboundExchange:
             duration_ms=(time.perf_counter() - self.started) * 1000.0,
             request_bytes=self.request_bytes,
             response_bytes=self.response_bytes,
+        )
+        log = self.mesh.access_log
+        if log.enabled("inbound"):
+            log.log(self._entry())
+
+    def _entry(self) -> AccessLogEntry:
+        def first(name: str) -> str | None:
+            values = self._get_all(name)
+            return values[0] if values else None
+
+        return AccessLogEntry(
+            start_time=self._wall,
+            method=self._method,
+            path=self._path,
+            protocol="HTTP/1.1",
+            response_code=self.status or 500,
+            response_flags="-",
+            bytes_received=self.request_bytes,
+            bytes_sent=self.response_bytes,
+            duration_ms=(time.perf_counter() - self.started) * 1000.0,
+            upstream_service_time_ms=None,
+            x_forwarded_for=first("x-forwarded-for"),
+            user_agent=first("user-agent"),
+            request_id=self.context.request_id,
+            authority=first("host"),
+            upstream_host=None,
+            upstream_cluster="inbound|||",
+            route_name="default",
+            downstream_remote_address=self.client,
+            direction="inbound",
         )
 
     @property

@@ -63,6 +63,9 @@ class MeshMiddleware:
             await send(message)
 
         host = next((v.decode("latin-1") for k, v in raw_headers if k.lower() == b"host"), "")
+        client = scope.get("client")
+        if client:
+            exchange.client = f"{client[0]}:{client[1]}"
         method, path = scope.get("method", "GET"), scope.get("path", "/")
         exchange.begin(method, path, scheme=scope.get("scheme", "http"), host=host)
         try:

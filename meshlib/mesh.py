@@ -32,6 +32,7 @@ from meshlib.policy.snapshot import Snapshot
 from meshlib.sources.base import PolicySource, SnapshotPublisher
 from meshlib.sources.file import FileSource
 from meshlib.telemetry import peer
+from meshlib.telemetry.access_log import AccessLog
 from meshlib.telemetry.metrics import (
     IstioMetrics,
     MetricsServer,
@@ -85,6 +86,9 @@ class Mesh:
         self.metrics_server: MetricsServer | None = None
         self.clusters = Clusters(self.rng, self._watch_cluster)
         self.propagator = Propagator(self.config.propagate_headers)
+        self.access_log = AccessLog()
+        self.access_log.apply(self.source.snapshot, self.config)
+        self.source.subscribe(lambda snapshot: self.access_log.apply(snapshot, self.config))
         self.tracing = Tracing(self.config, tracer_provider=tracer_provider)
         self.tracing.apply(self.source.snapshot)
         self.source.subscribe(self.tracing.apply)  # sampling follows Telemetry changes

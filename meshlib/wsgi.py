@@ -47,6 +47,8 @@ class MeshWSGIMiddleware:
                 exchange.status = 0
             return start_response(status, [*headers, exchange.response_header], exc_info)
 
+        if environ.get("REMOTE_ADDR"):
+            exchange.client = f"{environ['REMOTE_ADDR']}:{environ.get('REMOTE_PORT', '')}"
         length = environ.get("CONTENT_LENGTH") or ""
         exchange.request_bytes = int(length) if length.isdigit() else 0
         exchange.begin(

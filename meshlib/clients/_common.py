@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
@@ -16,7 +17,8 @@ from meshlib.dataplane.routing import HeaderEdits, RoutePlan
 from meshlib.mesh import Mesh
 from meshlib.policy.routes import Mirror
 from meshlib.policy.snapshot import Endpoint
-from meshlib.telemetry import peer
+from meshlib.telemetry import peer, propagation
+from meshlib.telemetry.access_log import AccessLogEntry
 
 RESPONSE_FLAGS = "response_flags"  # httpx: response.extensions key with Envoy's flags
 UPSTREAM_HOST = "upstream_host"  # httpx: response.extensions key, "addr:port" that answered
@@ -106,6 +108,7 @@ def record_source(
     started: float,
     request_headers: Mapping[str, str],
     flags: Sequence[str],
+    upstream_host: str | None = None,
 ) -> None:
     """Count a client call as Istio's client-side proxy does (reporter="source").
 
@@ -122,6 +125,7 @@ def record_source(
         host = decision.host
         name, namespace = _service_name(mesh, host)
     claimed = response_headers.get(peer.HEADER)
+    duration_ms = (time.perf_counter() - started) * 1000.0
     mesh.metrics.record(
         "source",
         peer.decode(claimed) if claimed else peer.UNKNOWN_PEER,
@@ -130,10 +134,35 @@ def record_source(
         destination_service_namespace=namespace,
         response_code=status,
         response_flags=join_flags(tuple(flags)),
-        duration_ms=(time.perf_counter() - started) * 1000.0,
+        duration_ms=duration_ms,
         request_bytes=_length(request_headers),
         response_bytes=_length(response_headers),
     )
+    log = mesh.access_log
+    if log.enabled("outbound"):
+        log.log(
+            AccessLogEntry(
+                start_time=time.time() - duration_ms / 1000.0,
+                method=plan.method,
+                path=plan.original_path or plan.path,
+                protocol="HTTP/1.1",
+                response_code=status,
+                response_flags=join_flags(tuple(flags)),
+                bytes_received=_length(request_headers),
+                bytes_sent=_length(response_headers),
+                duration_ms=duration_ms,
+                upstream_service_time_ms=None,
+                x_forwarded_for=request_headers.get("x-forwarded-for"),
+                user_agent=request_headers.get("user-agent"),
+                request_id=request_headers.get("x-request-id"),
+                authority=plan.authority or None,
+                upstream_host=upstream_host,
+                upstream_cluster=cluster_name(plan),
+                route_name=(plan.route.name if plan.route is not None else None) or "default",
+                downstream_remote_address=None,
+                direction="outbound",
+            )
+        )
 
 
 def _length(headers: Mapping[str, str]) -> int:
@@ -149,3 +178,13 @@ def _service_name(mesh: Mesh, host: str) -> tuple[str, str]:
         return name, namespace or "unknown"
     service = mesh.snapshot.service(host)
     return host, service.namespace if service is not None else "unknown"
+
+
+def request_id() -> str:
+    """The x-request-id for an outbound call: the served request's, or a new one (first hop).
+
+    Set once per call, before routing, so every attempt, the access log and the peer see
+    the same id, as with Envoy.
+    """
+    inbound = propagation.current.get()
+    return inbound.request_id if inbound is not None else str(uuid.uuid4())

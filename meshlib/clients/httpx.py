@@ -32,6 +32,7 @@ from meshlib.clients._common import (
     mirror_endpoint,
     record_source,
     reply_headers,
+    request_id,
     upstream_netloc,
 )
 from meshlib.clients._guard import passthrough_inside
@@ -117,6 +118,22 @@ def request_attributes(request: httpx.Request) -> RequestAttributes:
         query=url.query.decode("ascii", "replace"),
         headers=LazyHeaders(pairs),
         port=url.port,
+    )
+
+
+def _record(
+    mesh: Mesh, plan: RoutePlan, request: httpx.Request, response: httpx.Response, started: float
+) -> None:
+    extensions = response.extensions
+    record_source(
+        mesh,
+        plan,
+        response.status_code,
+        response.headers,
+        started,
+        request.headers,
+        extensions.get(RESPONSE_FLAGS, ()),
+        extensions.get(UPSTREAM_HOST),
     )
 
 
@@ -283,12 +300,11 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         started = time.perf_counter()
+        if "x-request-id" not in request.headers:
+            request.headers["x-request-id"] = request_id()
         mesh, plan, attributes = self._prepare(request)
         response = self._handle(request, mesh, plan, attributes)
-        flags = response.extensions.get(RESPONSE_FLAGS, ())
-        record_source(
-            mesh, plan, response.status_code, response.headers, started, request.headers, flags
-        )
+        _record(mesh, plan, request, response, started)
         return response
 
     def _handle(
@@ -375,12 +391,11 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         started = time.perf_counter()
+        if "x-request-id" not in request.headers:
+            request.headers["x-request-id"] = request_id()
         mesh, plan, attributes = self._prepare(request)
         response = await self._handle(request, mesh, plan, attributes)
-        flags = response.extensions.get(RESPONSE_FLAGS, ())
-        record_source(
-            mesh, plan, response.status_code, response.headers, started, request.headers, flags
-        )
+        _record(mesh, plan, request, response, started)
         return response
 
     async def _handle(

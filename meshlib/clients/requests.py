@@ -29,6 +29,7 @@ from meshlib.clients._common import (
     mirror_endpoint,
     record_source,
     reply_headers,
+    request_id,
     upstream_netloc,
 )
 from meshlib.clients._guard import passthrough_inside
@@ -113,6 +114,8 @@ class MeshAdapter(HTTPAdapter):
         proxies: Mapping[str, str] | None = None,
     ) -> requests.Response:
         started = time.perf_counter()
+        if "x-request-id" not in request.headers:
+            request.headers["x-request-id"] = request_id()
         mesh = self.mesh
         attributes = request_attributes(request)
         plan = mesh.plan(attributes)
@@ -121,7 +124,14 @@ class MeshAdapter(HTTPAdapter):
         )
         flags = getattr(response, "response_flags", ())
         record_source(
-            mesh, plan, response.status_code, response.headers, started, request.headers, flags
+            mesh,
+            plan,
+            response.status_code,
+            response.headers,
+            started,
+            request.headers,
+            flags,
+            getattr(response, "upstream_host", None),
         )
         return response
 

@@ -60,6 +60,7 @@ class RoutePlan:
     """What to do with one request. Built once per request by `plan_route`."""
 
     decision: RouteDecision
+    method: str = "GET"
     reply: LocalReply | None = None  # answered locally, no upstream involved
     passthrough: bool = False  # unknown host: send as is
     destination: RouteDestination | None = None
@@ -85,7 +86,11 @@ def plan_route(snapshot: Snapshot, request: RequestAttributes, rng: random.Rando
     """Decide how `request` is routed, as a sidecar with `snapshot` would."""
     decision = snapshot.route(request)
     plan = RoutePlan(
-        decision, scheme=request.scheme, authority=request.authority, path=request.path
+        decision,
+        method=request.method,
+        scheme=request.scheme,
+        authority=request.authority,
+        path=request.path,
     )
     route = decision.route
     if decision.passthrough:

@@ -1,0 +1,95 @@
+"""Access logs from real requests, switched on by a Telemetry resource."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+
+import meshlib
+from meshlib.config import MeshConfig
+from meshlib.policy.loader import load_text
+from meshlib.policy.snapshot import Snapshot
+from tests.upstream import AsgiServer
+
+TELEMETRY = """\
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mesh-default, namespace: istio-system}
+spec:
+  accessLogging: [{providers: [{name: envoy}]}]
+"""
+
+
+def app(mesh: meshlib.Mesh) -> Any:
+    async def ok(scope: Any, receive: Any, send: Any) -> None:
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]}
+        )
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    return meshlib.MeshMiddleware(ok, mesh=mesh)
+
+
+def test_one_line_per_request_each_side(caplog: pytest.LogCaptureFixture) -> None:
+    """With Telemetry accessLogging on, each side logs one Istio-format line per request."""
+    server_config = MeshConfig(service="ratings")
+    server_mesh = meshlib.Mesh(
+        server_config, policy=Snapshot.build(load_text(TELEMETRY).resources, server_config)
+    )
+    server = AsgiServer(app(server_mesh), "ratings").start()
+    policy = (
+        TELEMETRY
+        + f"""---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: ratings}}
+spec:
+  hosts: [ratings.default.svc.cluster.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 9080, name: http}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {server.port}}}}}]
+"""
+    )
+    config = MeshConfig(service="reviews")
+    client_mesh = meshlib.Mesh(config, policy=Snapshot.build(load_text(policy).resources, config))
+    caplog.set_level(logging.INFO, logger="meshlib.access")
+    try:
+        with meshlib.Client(mesh=client_mesh) as client:
+            response = client.get(
+                "http://ratings:9080/ratings/1?x=1", headers={"user-agent": "test-agent"}
+            )
+        assert response.status_code == 200
+    finally:
+        server.stop()
+        server_mesh.close()
+        client_mesh.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "meshlib.access"]
+    assert len(lines) == 2, lines
+    outbound = next(
+        line for line in lines if "outbound|9080||ratings.default.svc.cluster.local" in line
+    )
+    inbound = next(line for line in lines if line is not outbound)
+    assert '"GET /ratings/1 HTTP/1.1" 200 -' in outbound
+    assert '"test-agent"' in outbound and '"ratings:9080"' in outbound
+    assert f'"127.0.0.1:{server.port}"' in outbound
+    assert '"GET /ratings/1 HTTP/1.1" 200 -' in inbound
+    request_id = outbound.split('"')[9]
+    assert request_id != "-" and request_id in inbound  # the same x-request-id on both sides
+
+
+def test_off_by_default(caplog: pytest.LogCaptureFixture) -> None:
+    """Without Telemetry accessLogging (and MESHLIB_ACCESS_LOG unset), nothing is logged."""
+    mesh = meshlib.Mesh(MeshConfig(service="web"))
+    caplog.set_level(logging.INFO, logger="meshlib.access")
+    server = AsgiServer(app(mesh), "web").start()
+    try:
+        import httpx
+
+        assert httpx.get(f"http://127.0.0.1:{server.port}/").status_code == 200
+    finally:
+        server.stop()
+        mesh.close()
+    assert not [r for r in caplog.records if r.name == "meshlib.access"]
