@@ -1,4 +1,7 @@
-"""The Python examples in the README and docs run as written."""
+"""The Python examples in the README and docs run as written.
+
+Blocks fenced ```python are run; ```py marks a sketch that needs a real service around it.
+"""
 
 from __future__ import annotations
 
