@@ -182,3 +182,31 @@ class AsgiServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+def loopback_service(
+    host: str, endpoint_port: int, *, port: int = 9080, namespace: str = "default"
+) -> str:
+    """A ServiceEntry for `host` (an FQDN) with one endpoint on 127.0.0.1:`endpoint_port`."""
+    return f"""\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: {host.split(".")[0]}, namespace: {namespace}}}
+spec:
+  hosts: [{host}]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: {port}, name: http, protocol: HTTP}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {endpoint_port}}}}}]
+"""
+
+
+def mesh_for(config: Any, policy: str) -> Any:
+    """A Mesh serving `policy` (YAML text) for the workload `config` describes."""
+    import meshlib
+    from meshlib.policy.loader import load_text
+    from meshlib.policy.snapshot import Snapshot
+
+    result = load_text(policy)
+    result.raise_for_errors()
+    return meshlib.Mesh(config, policy=Snapshot.build(result.resources, config))

@@ -11,7 +11,7 @@ import meshlib
 from meshlib.config import MeshConfig
 from meshlib.policy.loader import load_text
 from meshlib.policy.snapshot import Snapshot
-from tests.upstream import AsgiServer
+from tests.upstream import AsgiServer, loopback_service, mesh_for
 
 TELEMETRY = """\
 apiVersion: telemetry.istio.io/v1
@@ -40,21 +40,9 @@ def test_one_line_per_request_each_side(caplog: pytest.LogCaptureFixture) -> Non
     )
     server = AsgiServer(app(server_mesh), "ratings").start()
     policy = (
-        TELEMETRY
-        + f"""---
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: ratings}}
-spec:
-  hosts: [ratings.default.svc.cluster.local]
-  location: MESH_INTERNAL
-  resolution: STATIC
-  ports: [{{number: 9080, name: http}}]
-  endpoints: [{{address: 127.0.0.1, ports: {{http: {server.port}}}}}]
-"""
+        TELEMETRY + "---\n" + loopback_service("ratings.default.svc.cluster.local", server.port)
     )
-    config = MeshConfig(service="reviews")
-    client_mesh = meshlib.Mesh(config, policy=Snapshot.build(load_text(policy).resources, config))
+    client_mesh = mesh_for(MeshConfig(service="reviews"), policy)
     caplog.set_level(logging.INFO, logger="meshlib.access")
     try:
         with meshlib.Client(mesh=client_mesh) as client:

@@ -12,10 +12,8 @@ from werkzeug.serving import make_server
 
 import meshlib
 from meshlib.config import MeshConfig
-from meshlib.policy.loader import load_text
-from meshlib.policy.snapshot import Snapshot
 from meshlib.telemetry.metrics import render
-from tests.upstream import AsgiServer
+from tests.upstream import AsgiServer, loopback_service, mesh_for
 
 
 def total(mesh: meshlib.Mesh, reporter: str) -> float:
@@ -68,19 +66,8 @@ def test_1000_concurrent_async_calls() -> None:
         await send({"type": "http.response.body", "body": b"ok"})
 
     server = AsgiServer(meshlib.MeshMiddleware(app, mesh=server_mesh), "ratings").start()
-    policy = f"""\
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: ratings}}
-spec:
-  hosts: [ratings.default.svc.cluster.local]
-  location: MESH_INTERNAL
-  resolution: STATIC
-  ports: [{{number: 9080, name: http}}]
-  endpoints: [{{address: 127.0.0.1, ports: {{http: {server.port}}}}}]
-"""
-    config = MeshConfig(service="reviews")
-    client_mesh = meshlib.Mesh(config, policy=Snapshot.build(load_text(policy).resources, config))
+    policy = loopback_service("ratings.default.svc.cluster.local", server.port)
+    client_mesh = mesh_for(MeshConfig(service="reviews"), policy)
 
     async def run() -> list[int]:
         async with meshlib.AsyncClient(mesh=client_mesh, timeout=60) as client:
