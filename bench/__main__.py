@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from bench import async_client, dataplane, metrics, policy
+from bench import async_client, dataplane, metrics, middleware, policy
 
 BENCHMARKS = {
     "policy": policy.main,
     "async_client": async_client.main,
     "dataplane": dataplane.main,
     "metrics": metrics.main,
+    "middleware": middleware.main,
 }
 
 

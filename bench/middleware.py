@@ -1,0 +1,572 @@
+"""Inbound middleware cost: a Starlette app served meshed, bare, behind two proxies, under OTel.
+
+One run, all ratios measured against the bare app in the same run. Load comes from `wrk`
+(2 threads, 32 connections, a Lua script), a separate process from the servers. Every server
+is uvicorn in its own subprocess (1 worker, httptools, asyncio loop), on an OS-assigned port,
+polled until it answers:
+
+(a) bare: a Starlette app with one route returning a small JSON body.
+(b) meshed: the same app with `meshlib.MeshMiddleware` (Starlette `middleware=[...]`) over a
+    Mesh with Istio metrics (always on: reporter="destination", 25 labels), tracing at 1%
+    (meshlib's own SDK provider, `build_tracer_provider` with its MeshSampler, and a
+    BatchSpanProcessor into a ConsoleSpanExporter writing to /dev/null: each sampled span is
+    queued, batched and serialised as an OTLP exporter would, with no collector needed) and
+    propagation (the caller's `traceparent` and `x-request-id` extracted and made current).
+(c) sidecar stand-in: the bare app behind two nginx reverse-proxy hops on loopback (two nginx
+    instances, 1 worker each, HTTP/1.1 keepalive upstreams), wrk -> nginx -> nginx -> app.
+(d) stock OpenTelemetry: the bare app with `opentelemetry-instrumentation-asgi`'s
+    OpenTelemetryMiddleware, an SDK TracerProvider sampling ParentBased(TraceIdRatioBased
+    0.01) with the same BatchSpanProcessor + ConsoleSpanExporter to /dev/null, and no
+    MeterProvider (its metrics go to the API's no-op meter: it does less than (b)).
+
+wrk sends every request with a `traceparent` (a pool of 1,000 distinct trace ids, 1 in 100
+flagged sampled, as from a caller sampling at 1%) and an `x-request-id`; (b) and (d) both
+follow the parent's decision, so both trace exactly 1% of requests. The configurations are
+warmed up, then measured in WINDOW_S windows over ROUNDS rounds, the order reversed in the
+second round so drift hits all alike. wrk, the proxies and the servers share this machine's
+cores: the absolute figures are low and only the ratios mean anything. Beside req/s, the
+server processes' CPU time per request served (user + system, from Linux's /proc) shows what
+each configuration costs in CPU: a single-worker app is bound by it, while nginx runs in
+processes of its own.
+
+A last section calls each app in-process (ASGI messages, no socket, no server) to show the
+microseconds each middleware adds per request. Goal: (b) >= 0.85 of (a)'s throughput.
+`python -m bench.middleware --profile` profiles the meshed app in-process (cProfile) and
+prints where the time goes.
+
+wrk and nginx are Debian packages, installed with apt-get when missing (root only); without
+them this benchmark prints what is missing and skips. (d) needs
+`pip install opentelemetry-instrumentation-asgi` in the venv; without it (d) is skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import cProfile
+import dataclasses
+import importlib.util
+import json
+import os
+import pstats
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from bench.async_client import _free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+THREADS = 2
+CONNECTIONS = 32
+WARMUP_S = 1  # per configuration, before the first round
+WINDOW_S = 4  # per configuration per round: ~8 s each in all
+ROUNDS = 2
+GOAL = 0.85
+TRACE_POOL = 1000  # distinct traceparents wrk cycles through
+SAMPLED_EVERY = 100  # 1 in 100 flagged sampled: a caller tracing 1%
+INPROCESS_N = 3000  # requests per app per round, in-process section
+INPROCESS_ROUNDS = 5
+PAYLOAD = {"message": "hello from the mesh", "ok": True, "items": [1, 2, 3]}
+
+CONFIGS = {
+    "a": "(a) bare Starlette",
+    "b": "(b) + meshlib.MeshMiddleware (metrics, 1% traces, propagation)",
+    "c": "(c) bare behind two nginx hops (sidecar pair stand-in)",
+    "d": "(d) + stock OpenTelemetry ASGI middleware (1% traces)",
+}
+FACTORIES = {"a": "bare_app", "b": "meshed_app", "d": "otel_app"}
+
+
+# -- the apps (uvicorn --factory bench.middleware:<name>) -----------------------------------
+
+
+def _starlette(middleware: list[Any] | None = None) -> Any:
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def hello(request: Any) -> JSONResponse:
+        return JSONResponse(PAYLOAD)
+
+    return Starlette(routes=[Route("/", hello)], middleware=middleware)
+
+
+def _exporter() -> Any:
+    """Serialises each span as a real exporter does, into /dev/null: no collector needed."""
+    from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+    return ConsoleSpanExporter(out=open(os.devnull, "w"))  # lives as long as the app
+
+
+def bare_app() -> Any:
+    return _starlette()
+
+
+def make_mesh() -> Any:
+    """Metrics on, tracing at 1% through meshlib's own provider (batched), no policy file."""
+    from meshlib.config import MeshConfig
+    from meshlib.mesh import Mesh
+    from meshlib.telemetry.tracing import MeshSampler, build_tracer_provider
+
+    config = MeshConfig(service="productpage", version="v1", namespace="bench", metrics_port=None)
+    provider = build_tracer_provider(config, _exporter(), sampler=MeshSampler(1.0), batch=True)
+    mesh = Mesh(config, tracer_provider=provider, watch=False)
+    assert mesh.tracing.enabled and mesh.tracing.sampling == 1.0
+    return mesh
+
+
+def meshed_app(mesh: Any = None) -> Any:
+    from starlette.middleware import Middleware
+
+    from meshlib.asgi import MeshMiddleware
+
+    return _starlette([Middleware(MeshMiddleware, mesh=mesh or make_mesh())])
+
+
+def otel_app() -> Any:
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+    from starlette.middleware import Middleware
+
+    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.01)))
+    provider.add_span_processor(BatchSpanProcessor(_exporter()))
+    return _starlette([Middleware(OpenTelemetryMiddleware, tracer_provider=provider)])
+
+
+# -- the request mix ------------------------------------------------------------------------
+
+
+def traceparents(n: int = TRACE_POOL, seed: int = 4) -> list[tuple[str, str]]:
+    """(traceparent, x-request-id) pairs; every SAMPLED_EVERY-th is flagged sampled."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(1, n + 1):
+        flags = "01" if i % SAMPLED_EVERY == 0 else "00"
+        tp = f"00-{rng.getrandbits(128):032x}-{rng.getrandbits(64) or 1:016x}-{flags}"
+        rid = f"{rng.getrandbits(128):032x}"
+        out.append((tp, f"{rid[:8]}-{rid[8:12]}-4{rid[13:16]}-a{rid[17:20]}-{rid[20:]}"))
+    return out
+
+
+def lua_script(pairs: list[tuple[str, str]]) -> str:
+    """wrk script: the requests are formatted once per thread, then cycled through."""
+    entries = ",\n".join(f'  {{"{tp}", "{rid}"}}' for tp, rid in pairs)
+    return f"""\
+local pairs_ = {{
+{entries}
+}}
+local reqs = {{}}
+local i = 0
+function init(args)
+  for k, p in ipairs(pairs_) do
+    wrk.headers["traceparent"] = p[1]
+    wrk.headers["x-request-id"] = p[2]
+    reqs[k] = wrk.format("GET", "/")
+  end
+end
+function request()
+  i = i % #reqs + 1
+  return reqs[i]
+end
+"""
+
+
+# -- servers --------------------------------------------------------------------------------
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    with urllib.request.urlopen(url, timeout=2) as response:
+        return response.status, response.read()
+
+
+def _wait_ready(url: str, proc: Server, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}: {proc.log.read_text()}")
+        try:
+            status, body = _get(url)
+            if status == 200 and json.loads(body) == PAYLOAD:
+                return
+            raise RuntimeError(f"{what}: unexpected answer {status} {body[:80]!r}")
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)  # poll interval, not a fixed wait
+
+
+class Server(subprocess.Popen[bytes]):
+    """A server subprocess whose stderr goes to `log` (a pipe could fill up and block it)."""
+
+    log: Path
+
+
+@contextlib.contextmanager
+def _process(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[Server]:
+    with log.open("wb") as err:
+        proc = Server(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    proc.log = log
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def uvicorn(stack: contextlib.ExitStack, tmp: Path, factory: str) -> tuple[int, Server]:
+    """Start uvicorn serving `bench.middleware:<factory>()`; not yet waited for."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "uvicorn", f"bench.middleware:{factory}", "--factory"]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1", "--http", "httptools"]
+    cmd += ["--loop", "asyncio", "--lifespan", "off", "--no-access-log", "--log-level", "warning"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("MESHLIB_TRACES_EXPORTER", None)  # the apps choose their exporter themselves
+    return port, stack.enter_context(_process(cmd, tmp / f"{factory}.log", env))
+
+
+NGINX_CONF = """\
+worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    upstream next {{
+        server 127.0.0.1:{upstream};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen 127.0.0.1:{listen};
+        keepalive_requests 1000000;
+        location / {{
+            proxy_pass http://next;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+        }}
+    }}
+}}
+"""
+
+
+def nginx(stack: contextlib.ExitStack, tmp: Path, name: str, upstream: int) -> tuple[int, Server]:
+    """One nginx reverse proxy (1 worker) on a free port to 127.0.0.1:upstream."""
+    port = _free_port()
+    prefix = tmp / name
+    prefix.mkdir()
+    prefix.chmod(0o755)  # workers may run as nobody when started as root
+    conf = prefix / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(dir=prefix, upstream=upstream, listen=port))
+    cmd = ["nginx", "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
+    return port, stack.enter_context(_process(cmd, prefix / "stderr.log"))
+
+
+# -- load -----------------------------------------------------------------------------------
+
+_RPS = re.compile(r"Requests/sec:\s+([\d.]+)")
+_NON2XX = re.compile(r"Non-2xx or 3xx responses:\s+(\d+)")
+_SOCKET = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
+
+
+_REQUESTS = re.compile(r"(\d+) requests in")
+
+
+def wrk(url: str, seconds: int, script: Path) -> tuple[float, int]:
+    """(requests per second, requests) of one wrk run; an error or non-2xx answer fails it."""
+    cmd = ["wrk", f"-t{THREADS}", f"-c{CONNECTIONS}", f"-d{seconds}s", "-s", str(script), url]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    rps, requests = _RPS.search(out), _REQUESTS.search(out)
+    if rps is None or requests is None:
+        raise RuntimeError(f"cannot read wrk's output:\n{out}")
+    bad = _NON2XX.search(out)
+    socket_errors = _SOCKET.search(out)
+    if bad or (socket_errors and any(int(n) for n in socket_errors.groups())):
+        raise RuntimeError(f"wrk saw errors against {url}:\n{out}")
+    return float(rps[1]), int(requests[1])
+
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _with_children(pids: list[int]) -> list[int]:
+    """The pids and their child processes (nginx workers), where Linux's /proc tells."""
+    out = list(pids)
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            out += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return out
+
+
+def _cpu_s(pids: list[int]) -> float | None:
+    """User + system CPU seconds the processes used so far (None without Linux's /proc)."""
+    total = 0
+    try:
+        for pid in pids:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    except (OSError, IndexError, ValueError):
+        return None
+    return total / _TICK
+
+
+@dataclasses.dataclass
+class Result:
+    rps: list[float] = dataclasses.field(default_factory=list)  # per round
+    cpu_us: list[float] = dataclasses.field(default_factory=list)  # server CPU per request
+
+    def measure(self, url: str, script: Path, pids: list[int]) -> None:
+        before = _cpu_s(pids)
+        rps, requests = wrk(url, WINDOW_S, script)
+        after = _cpu_s(pids)
+        self.rps.append(rps)
+        if before is not None and after is not None:
+            self.cpu_us.append((after - before) / requests * 1e6)
+
+
+def _ensure_debian(packages: tuple[str, ...]) -> list[str]:
+    """Install missing Debian packages with apt-get (root only); returns those still missing."""
+    missing = [p for p in packages if shutil.which(p) is None]
+    if not missing:
+        return []
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return missing
+    print(f"installing Debian package(s) {' '.join(missing)} (apt-get), for benchmarks only")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing]
+    for cmd in (["apt-get", "update", "-qq"], install):
+        if subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL).returncode != 0:
+            break
+    if "nginx" in missing and Path("/run/systemd/system").is_dir():  # only the binary is used
+        subprocess.run(["systemctl", "disable", "--now", "nginx.service"], capture_output=True)
+    return [p for p in packages if shutil.which(p) is None]
+
+
+def bench() -> dict[str, Result] | None:
+    missing = _ensure_debian(("wrk", "nginx"))
+    if "wrk" in missing:
+        print(
+            "middleware benchmark skipped: `wrk` is not installed and cannot be installed here"
+            " (apt-get install wrk, as root)"
+        )
+        return None
+    if importlib.util.find_spec("starlette") is None:
+        print("middleware benchmark skipped: starlette is not installed (pip install starlette)")
+        return None
+    configs = list(CONFIGS)
+    if "nginx" in missing:
+        print("(c) skipped: `nginx` is not installed and cannot be installed here")
+        configs.remove("c")
+    if importlib.util.find_spec("opentelemetry.instrumentation.asgi") is None:
+        print(
+            "(d) skipped: pip install opentelemetry-instrumentation-asgi (into the venv) to run it"
+        )
+        configs.remove("d")
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="meshlib-bench-")))
+        tmp.chmod(0o755)
+        script = tmp / "traceparent.lua"
+        script.write_text(lua_script(traceparents()))
+        started: dict[str, tuple[int, Server]] = {}
+        for key in configs:
+            if key != "c":
+                started[key] = uvicorn(stack, tmp, FACTORIES[key])
+        for key, (port, proc) in started.items():
+            _wait_ready(f"http://127.0.0.1:{port}/", proc, f"uvicorn ({key})")
+        ports = {key: port for key, (port, _) in started.items()}
+        pids = {key: [proc.pid] for key, (_, proc) in started.items()}
+        if "c" in configs:
+            inner, inner_proc = nginx(stack, tmp, "inner", ports["a"])
+            _wait_ready(f"http://127.0.0.1:{inner}/", inner_proc, "nginx (inner)")
+            outer, outer_proc = nginx(stack, tmp, "outer", inner)
+            _wait_ready(f"http://127.0.0.1:{outer}/", outer_proc, "nginx (outer)")
+            ports["c"] = outer
+            pids["c"] = [*pids["a"], *_with_children([inner_proc.pid, outer_proc.pid])]
+        urls = {key: f"http://127.0.0.1:{ports[key]}/" for key in configs}
+        for key in configs:
+            wrk(urls[key], WARMUP_S, script)
+        results = {key: Result() for key in configs}
+        for r in range(ROUNDS):
+            for key in configs if r % 2 == 0 else configs[::-1]:
+                results[key].measure(urls[key], script, pids[key])
+    return results
+
+
+# -- in-process: what each middleware adds per request, no socket ---------------------------
+
+
+def _scopes() -> list[dict[str, Any]]:
+    scopes = []
+    for tp, rid in traceparents():
+        headers = [
+            (b"host", b"127.0.0.1:8000"),
+            (b"user-agent", b"wrk"),
+            (b"traceparent", tp.encode()),
+            (b"x-request-id", rid.encode()),
+        ]
+        scopes.append(
+            {
+                "type": "http",
+                "asgi": {"version": "3.0", "spec_version": "2.3"},
+                "http_version": "1.1",
+                "method": "GET",
+                "scheme": "http",
+                "path": "/",
+                "raw_path": b"/",
+                "query_string": b"",
+                "root_path": "",
+                "headers": headers,
+                "client": ("127.0.0.1", 50000),
+                "server": ("127.0.0.1", 8000),
+            }
+        )
+    return scopes
+
+
+def _driver(app: Any) -> Callable[[int], None]:
+    """Calls `app` n times with the wrk request mix, in one event loop."""
+    scopes = _scopes()
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def many(n: int) -> None:
+        statuses: list[int] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        for i in range(n):
+            await app(dict(scopes[i % len(scopes)]), receive, send)
+        if statuses.count(200) != n:
+            raise RuntimeError(f"unexpected statuses {set(statuses)}")
+
+    return lambda n: asyncio.run(many(n))
+
+
+def inprocess(configs: list[str]) -> dict[str, float]:
+    """Mean µs per request per app (median over alternating rounds)."""
+    factories = {"a": bare_app, "b": meshed_app, "d": otel_app}
+    drivers = {key: _driver(factories[key]()) for key in configs if key in factories}
+    for run in drivers.values():
+        run(300)
+    means: dict[str, list[float]] = {key: [] for key in drivers}
+    keys = list(drivers)
+    for r in range(INPROCESS_ROUNDS):
+        for key in keys if r % 2 == 0 else keys[::-1]:
+            start = time.perf_counter()
+            drivers[key](INPROCESS_N)
+            means[key].append((time.perf_counter() - start) / INPROCESS_N * 1e6)
+    return {key: statistics.median(values) for key, values in means.items()}
+
+
+# -- report ---------------------------------------------------------------------------------
+
+
+def main() -> None:
+    start = time.perf_counter()
+    print(
+        f"inbound middleware: uvicorn (1 worker, httptools) per configuration, wrk -t{THREADS}"
+        f" -c{CONNECTIONS}, {ROUNDS} rounds x {WINDOW_S} s after {WARMUP_S} s warm-up; wrk,"
+        f" proxies and servers share this machine's {os.cpu_count()} cores"
+    )
+    results = bench()
+    if results is None:
+        return
+    mean = {key: statistics.fmean(result.rps) for key, result in results.items()}
+    bare = mean["a"]
+    width = max(len(CONFIGS[key]) for key in results)
+    rounds = "  ".join(f"{f'round {r + 1}':>8}" for r in range(ROUNDS))
+    print(f"\n{'configuration':<{width}}  {rounds}  {'req/s':>7}  vs bare  server CPU/req")
+    for key, result in results.items():
+        cells = "  ".join(f"{v:>8,.0f}" for v in result.rps)
+        cpu = f"{statistics.fmean(result.cpu_us):>9.1f} µs" if result.cpu_us else f"{'-':>12}"
+        per_round = [v / b for v, b in zip(result.rps, results["a"].rps, strict=True)]
+        spread = f"  (rounds {min(per_round):.2f}-{max(per_round):.2f})" if key != "a" else ""
+        print(
+            f"{CONFIGS[key]:<{width}}  {cells}  {mean[key]:>7,.0f}  {mean[key] / bare:>7.2f}"
+            f"  {cpu}{spread}"
+        )
+    print(
+        "(server CPU/req: user + system CPU of the server processes per request served;"
+        " (c) counts the app and both nginx)"
+    )
+    ratio = mean["b"] / bare
+    print(f"meshlib vs bare: {ratio:.2f} (goal >= {GOAL}: {'ok' if ratio >= GOAL else 'MISSED'})")
+
+    us = inprocess(list(results))
+    print(f"\nin-process, no socket: µs per request (median of {INPROCESS_ROUNDS} rounds)")
+    for key, value in us.items():
+        added = f"  +{value - us['a']:.1f} µs" if key != "a" else ""
+        print(f"{CONFIGS[key]:<{width}}  {value:>6.1f} µs{added}")
+    budget = (1 / GOAL - 1) / bare * 1e6
+    print(
+        f"budget for {GOAL} at {bare:,.0f} req/s bare: +{budget:.0f} µs of server CPU per request"
+    )
+    print(f"\n(total {time.perf_counter() - start:.0f} s)")
+
+
+# -- profile (python -m bench.middleware --profile) -----------------------------------------
+
+
+def profile(n: int = 20_000, top: int = 20) -> None:
+    """cProfile of the meshed app in-process; meshlib functions by inclusive time."""
+    run = _driver(meshed_app())
+    run(500)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    run(n)
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
+    total = sum(tt for _, _, tt, _, _ in raw.values())
+    package = str(ROOT / "meshlib")
+    rows = []
+    for (file, line, func), (_, calls, tt, ct, _) in raw.items():
+        if file.startswith(package):
+            rows.append((ct, tt, calls, f"{Path(file).relative_to(ROOT)}:{line}({func})"))
+    rows.sort(reverse=True)
+    print(
+        f"meshed Starlette app in-process, {n} requests, {total / n * 1e6:.1f} µs each (profiled)"
+    )
+    print(f"{'incl%':>6} {'self%':>6} {'calls/req':>9}  function")
+    for ct, tt, calls, name in rows[:top]:
+        print(f"{ct / total:>6.1%} {tt / total:>6.1%} {calls / n:>9.1f}  {name}")
+    by_package: dict[str, float] = {}
+    names = ("meshlib", "starlette", "opentelemetry", "prometheus_client", "asyncio", "bench")
+    for (file, _, _), (_, _, tt, _, _) in raw.items():
+        parts = Path(file).parts
+        name = next((p for p in names if p in parts), "other")
+        by_package[name] = by_package.get(name, 0.0) + tt
+    shares = sorted(by_package.items(), key=lambda item: -item[1])
+    print("self time by package: " + ", ".join(f"{k} {v / total:.0%}" for k, v in shares))
+    print("\nall functions by self time:")
+    stats.sort_stats("tottime").print_stats(top)
+
+
+if __name__ == "__main__":
+    profile() if "--profile" in sys.argv[1:] else main()
