@@ -37,6 +37,7 @@ class InboundExchange:
         "context",
         "mesh",
         "peer",
+        "query",
         "request_bytes",
         "response_bytes",
         "started",
@@ -52,6 +53,7 @@ class InboundExchange:
         self._method = "GET"
         self._path = "/"
         self.client: str | None = None  # the caller's address, for access logs
+        self.query = ""  # the query string, for access logs
         self.request_bytes = 0
         self.response_bytes = 0
         self.context: InboundContext = mesh.propagator.extract(get_all)
@@ -111,7 +113,7 @@ class InboundExchange:
         return AccessLogEntry(
             start_time=self._wall,
             method=self._method,
-            path=self._path,
+            path=f"{self._path}?{self.query}" if self.query else self._path,
             protocol="HTTP/1.1",
             response_code=self.status or 500,
             response_flags="-",

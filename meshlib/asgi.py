@@ -67,6 +67,7 @@ class MeshMiddleware:
         if client:
             exchange.client = f"{client[0]}:{client[1]}"
         method, path = scope.get("method", "GET"), scope.get("path", "/")
+        exchange.query = scope.get("query_string", b"").decode("latin-1")
         exchange.begin(method, path, scheme=scope.get("scheme", "http"), host=host)
         try:
             await self.app(scope, receive_wrapper, send_wrapper)

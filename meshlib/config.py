@@ -105,7 +105,8 @@ class MeshConfig:
         if "workload" not in values and env.get("POD_NAME"):
             match = _POD_OF_DEPLOYMENT.fullmatch(env["POD_NAME"])
             values["workload"] = match["workload"] if match else env["POD_NAME"]
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        # None means "not given", except for metrics_port, where it means "off".
+        values.update({k: v for k, v in overrides.items() if v is not None or k == "metrics_port"})
         return cls.create(**values)
 
     @classmethod

@@ -109,7 +109,11 @@ class Mesh:
 
     def _watch_cluster(self, state: ClusterState) -> None:
         name = cluster_name(*state.key)
-        state.outlier.listen(functools.partial(self.operations.ejection, name))
+        operations = self.operations
+        state.outlier.listen(functools.partial(operations.ejection, name))
+        state.on_overflow = functools.partial(operations.upstream_overflow, name)
+        state.on_retry_overflow = functools.partial(operations.retry_budget_exhausted, name)
+        state.on_endpoints = functools.partial(operations.endpoints_retained, name)
 
     def serve_metrics(self, port: int | None = None, *, host: str = "0.0.0.0") -> MetricsServer:
         """Serve this Mesh's metrics on `/metrics` and `/stats/prometheus` (like Istio's 15020)."""

@@ -48,9 +48,11 @@ class MeshWSGIMiddleware:
             return start_response(status, [*headers, exchange.response_header], exc_info)
 
         if environ.get("REMOTE_ADDR"):
-            exchange.client = f"{environ['REMOTE_ADDR']}:{environ.get('REMOTE_PORT', '')}"
+            port = environ.get("REMOTE_PORT")
+            exchange.client = f"{environ['REMOTE_ADDR']}:{port}" if port else environ["REMOTE_ADDR"]
         length = environ.get("CONTENT_LENGTH") or ""
         exchange.request_bytes = int(length) if length.isdigit() else 0
+        exchange.query = environ.get("QUERY_STRING", "")
         exchange.begin(
             environ.get("REQUEST_METHOD", "GET"),
             environ.get("PATH_INFO", "/"),

@@ -144,7 +144,7 @@ def record_source(
             AccessLogEntry(
                 start_time=time.time() - duration_ms / 1000.0,
                 method=plan.method,
-                path=plan.original_path or plan.path,
+                path=_target(plan.original_path or plan.path, plan.query),
                 protocol="HTTP/1.1",
                 response_code=status,
                 response_flags=join_flags(tuple(flags)),
@@ -163,6 +163,10 @@ def record_source(
                 direction="outbound",
             )
         )
+
+
+def _target(path: str, query: str) -> str:
+    return f"{path}?{query}" if query else path
 
 
 def _length(headers: Mapping[str, str]) -> int:

@@ -35,6 +35,10 @@ class ClusterState:
         self.outlier = OutlierDetector(None)
         self.limits = ClusterLimits(None, None)
         self._lb_settings: Any = None
+        # Hooks for operational metrics (set by the Mesh); called outside any lock.
+        self.on_overflow: Callable[[], None] | None = None
+        self.on_retry_overflow: Callable[[], None] | None = None
+        self.on_endpoints: Callable[[list[str]], None] | None = None
         self._lock = threading.Lock()
         self.refresh(snapshot)
 
@@ -56,6 +60,8 @@ class ClusterState:
             self.limits.update(policy.connection_pool, policy.retry_budget)
             self.policy = policy
             self.generation = snapshot.generation
+        if self.on_endpoints is not None:
+            self.on_endpoints([str(e) for e in self.endpoints])
 
 
 class Clusters:

@@ -92,6 +92,8 @@ class Exchange:
             return outcome.no_healthy_upstream()
         if not cluster.limits.try_acquire_request():
             self._release_retry_slot()
+            if cluster.on_overflow is not None:
+                cluster.on_overflow()
             return outcome.overflow()
         key = str(endpoint)
         cluster.in_flight.start(key)
@@ -183,6 +185,8 @@ class Exchange:
         allowed, _reason = self.cluster.limits.try_acquire_retry()
         if not allowed:
             self.flags.append(Flag.RETRY_LIMIT_EXCEEDED)  # budget or maxRetries spent
+            if self.cluster.on_retry_overflow is not None:
+                self.cluster.on_retry_overflow()
             return False
         self._retry_slot = True
         return True

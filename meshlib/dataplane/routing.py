@@ -61,6 +61,7 @@ class RoutePlan:
 
     decision: RouteDecision
     method: str = "GET"
+    query: str = ""
     reply: LocalReply | None = None  # answered locally, no upstream involved
     passthrough: bool = False  # unknown host: send as is
     destination: RouteDestination | None = None
@@ -88,6 +89,7 @@ def plan_route(snapshot: Snapshot, request: RequestAttributes, rng: random.Rando
     plan = RoutePlan(
         decision,
         method=request.method,
+        query=request.query,
         scheme=request.scheme,
         authority=request.authority,
         path=request.path,

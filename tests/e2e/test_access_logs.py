@@ -60,10 +60,10 @@ def test_one_line_per_request_each_side(caplog: pytest.LogCaptureFixture) -> Non
         line for line in lines if "outbound|9080||ratings.default.svc.cluster.local" in line
     )
     inbound = next(line for line in lines if line is not outbound)
-    assert '"GET /ratings/1 HTTP/1.1" 200 -' in outbound
+    assert '"GET /ratings/1?x=1 HTTP/1.1" 200 -' in outbound
     assert '"test-agent"' in outbound and '"ratings:9080"' in outbound
     assert f'"127.0.0.1:{server.port}"' in outbound
-    assert '"GET /ratings/1 HTTP/1.1" 200 -' in inbound
+    assert '"GET /ratings/1?x=1 HTTP/1.1" 200 -' in inbound
     request_id = outbound.split('"')[9]
     assert request_id != "-" and request_id in inbound  # the same x-request-id on both sides
 

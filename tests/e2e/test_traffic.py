@@ -197,6 +197,11 @@ def test_overflow_answers_503_uo(make_mesh: MeshFactory, upstreams: dict[str, Up
     assert all(
         r.flags == ["UO"] and r.headers.get("x-envoy-overloaded") == "true" for r in overflowed
     )
+    overflows = mesh.registry.get_sample_value(
+        "meshlib_upstream_overflow_total",
+        {"cluster": "outbound|9080||reviews.default.svc.cluster.local"},
+    )
+    assert overflows == 8  # the operational metric counts them too
 
 
 def test_failing_endpoint_is_ejected_and_readmitted(
