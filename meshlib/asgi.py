@@ -15,7 +15,7 @@ from typing import Any
 
 from meshlib._inbound import InboundExchange
 from meshlib.mesh import Mesh, default_mesh
-from meshlib.telemetry import threads
+from meshlib.telemetry import peer, threads
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -39,13 +39,12 @@ class MeshMiddleware:
         mesh = self._mesh if self._mesh is not None else default_mesh()
         raw_headers: list[tuple[bytes, bytes]] = scope.get("headers", [])
 
-        def get_all(name: str) -> list[str]:
-            key = name.encode("latin-1")
-            return [v.decode("latin-1") for k, v in raw_headers if k.lower() == key]
+        headers: dict[str, list[str]] = {}  # one pass over the headers, not one per lookup
+        for key, value in raw_headers:
+            headers.setdefault(key.decode("latin-1").lower(), []).append(value.decode("latin-1"))
 
-        exchange = InboundExchange(mesh, get_all)
-        name, value = exchange.response_header
-        identity = (name.encode("latin-1"), value.encode("latin-1"))
+        exchange = InboundExchange(mesh, lambda name: headers.get(name, []))
+        identity = _identity_header(mesh)
 
         async def receive_wrapper() -> Message:
             message = await receive()
@@ -62,7 +61,7 @@ class MeshMiddleware:
                 exchange.response_bytes += len(message.get("body", b""))
             await send(message)
 
-        host = next((v.decode("latin-1") for k, v in raw_headers if k.lower() == b"host"), "")
+        host = (headers.get("host") or [""])[0]
         client = scope.get("client")
         if client:
             exchange.client = f"{client[0]}:{client[1]}"
@@ -76,3 +75,17 @@ class MeshMiddleware:
             exchange.end(exc)
             raise
         exchange.end()
+
+
+_identities: dict[str, tuple[bytes, bytes]] = {}
+
+
+def _identity_header(mesh: Mesh) -> tuple[bytes, bytes]:
+    """The metadata-exchange response header, encoded once per identity."""
+    encoded = _identities.get(mesh.identity)
+    if encoded is None:
+        encoded = _identities[mesh.identity] = (
+            peer.HEADER.encode(),
+            mesh.identity.encode("latin-1"),
+        )
+    return encoded
