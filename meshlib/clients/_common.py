@@ -59,6 +59,23 @@ MIRROR_POOL = concurrent.futures.ThreadPoolExecutor(
 )
 
 
+class MirrorTracker:
+    """Mirrored copies still in flight, so closing a client lets them finish first: a copy
+    sent through an already-closed connection pool would leave its connection open."""
+
+    def __init__(self) -> None:
+        self._pending: set[concurrent.futures.Future[Any]] = set()
+
+    def submit(self, fn: Any, *args: Any) -> None:
+        future = MIRROR_POOL.submit(fn, *args)
+        self._pending.add(future)
+        future.add_done_callback(self._pending.discard)
+
+    def wait(self, timeout: float = 1.0) -> None:
+        if self._pending:
+            concurrent.futures.wait(list(self._pending), timeout=timeout)
+
+
 def mirror_endpoint(mesh: Mesh, plan: RoutePlan, mirror: Mirror) -> Endpoint | None:
     """Where a mirrored copy goes: an endpoint of the mirror's cluster, balanced as usual."""
     port = mirror.port if mirror.port is not None else (plan.cluster[2] if plan.cluster else None)

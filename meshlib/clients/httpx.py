@@ -23,9 +23,9 @@ from typing import Any
 import httpx
 
 from meshlib.clients._common import (
-    MIRROR_POOL,
     RESPONSE_FLAGS,
     UPSTREAM_HOST,
+    MirrorTracker,
     client_span,
     edited_headers,
     end_client_span,
@@ -296,6 +296,7 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
     ) -> None:
         self._inner = transport if transport is not None else httpx.HTTPTransport(**kwargs)
         self._mesh = mesh
+        self._mirroring = MirrorTracker()
         setattr(self, _MESHED, True)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
@@ -328,7 +329,7 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         for mirror in plan.mirrors if replayable else ():
             copy = self._mirror_request(request, plan, mirror)
             if copy is not None:
-                MIRROR_POOL.submit(self._send_mirror, copy)
+                self._mirroring.submit(self._send_mirror, copy)
         exchange = self._exchange(mesh, plan, attributes, replayable)
 
         def send(attempt: Attempt) -> AttemptResult:
@@ -358,6 +359,7 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
             pass
 
     def close(self) -> None:
+        self._mirroring.wait(MIRROR_GRACE)
         self._inner.close()
 
 

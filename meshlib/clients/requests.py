@@ -22,7 +22,7 @@ from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 
 from meshlib.clients._common import (
-    MIRROR_POOL,
+    MirrorTracker,
     client_span,
     edited_headers,
     end_client_span,
@@ -92,7 +92,12 @@ class MeshAdapter(HTTPAdapter):
     ) -> None:
         super().__init__(**kwargs)
         self._mesh = mesh
+        self._mirroring = MirrorTracker()
         self._inner = inner  # an adapter to send through instead of this one's own pool
+
+    def close(self) -> None:
+        self._mirroring.wait()  # let mirrored copies finish before the pool goes away
+        super().close()
 
     def _send_upstream(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
         with passthrough_inside():
@@ -172,7 +177,7 @@ class MeshAdapter(HTTPAdapter):
             target = mirror_endpoint(mesh, plan, mirror)
             if target is not None:
                 copy = self._upstream(request, plan, None, target)
-                MIRROR_POOL.submit(self._send_mirror, copy, timeout, options)
+                self._mirroring.submit(self._send_mirror, copy, timeout, options)
         exchange = mesh.exchange(plan, replayable=replayable)
         exchange.hash_key = hash_key(exchange.cluster.policy.load_balancer, attributes, None)
 
