@@ -15,7 +15,7 @@ from typing import Any
 
 from meshlib._inbound import InboundExchange
 from meshlib.mesh import Mesh, default_mesh
-from meshlib.telemetry import peer, threads
+from meshlib.telemetry import threads
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -44,7 +44,7 @@ class MeshMiddleware:
             headers.setdefault(key.decode("latin-1").lower(), []).append(value.decode("latin-1"))
 
         exchange = InboundExchange(mesh, lambda name: headers.get(name, []))
-        identity = _identity_header(mesh)
+        identity = mesh.identity_header
 
         async def receive_wrapper() -> Message:
             message = await receive()
@@ -75,17 +75,3 @@ class MeshMiddleware:
             exchange.end(exc)
             raise
         exchange.end()
-
-
-_identities: dict[str, tuple[bytes, bytes]] = {}
-
-
-def _identity_header(mesh: Mesh) -> tuple[bytes, bytes]:
-    """The metadata-exchange response header, encoded once per identity."""
-    encoded = _identities.get(mesh.identity)
-    if encoded is None:
-        encoded = _identities[mesh.identity] = (
-            peer.HEADER.encode(),
-            mesh.identity.encode("latin-1"),
-        )
-    return encoded

@@ -83,6 +83,7 @@ class Mesh:
         self.metrics = IstioMetrics(self.registry, self.config)
         self.operations = OperationalMetrics(self.registry)
         self.identity = peer.encode(self.config)  # sent to peers: Istio's metadata exchange
+        self.identity_header = (peer.HEADER.encode(), self.identity.encode("latin-1"))
         self.metrics_server: MetricsServer | None = None
         self.clusters = Clusters(self.rng, self._watch_cluster)
         self.propagator = Propagator(self.config.propagate_headers)
