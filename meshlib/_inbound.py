@@ -9,17 +9,55 @@ previous context. The adapters only translate their framework's request and resp
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
-from contextvars import Token
 from typing import Any
 
 from meshlib.mesh import Mesh
 from meshlib.telemetry import peer
 from meshlib.telemetry.access_log import AccessLogEntry
-from meshlib.telemetry.propagation import InboundContext
+from meshlib.telemetry.propagation import Activation, InboundContext
 
-GetAll = Callable[[str], list[str]]
+HeaderLookup = Callable[[str], "list[str] | None"]
+"""`lookup(name)`: the values of request header `name` (lowercase); None or [] when absent."""
+
+# Read by the access log, beside what the propagator and the metadata exchange read.
+_LOGGED_HEADERS = ("host", "user-agent", "x-forwarded-for")
+
+
+class InboundSide:
+    """What every request served through one Mesh shares, computed once per Mesh."""
+
+    __slots__ = ("mesh", "names", "service", "service_fqdn", "service_namespace")
+
+    def __init__(self, mesh: Mesh) -> None:
+        self.mesh = mesh
+        wanted = {*mesh.propagator.inbound_headers, peer.HEADER, *_LOGGED_HEADERS}
+        self.names: dict[bytes, str] = {name.encode("latin-1"): name for name in wanted}
+        """The request headers anything inbound reads, as ASGI spells them -> their name."""
+        config = mesh.config
+        self.service = config.service or config.workload or "unknown"
+        self.service_namespace = config.namespace
+        self.service_fqdn = f"{self.service}.{config.namespace}.svc.{config.cluster_domain}"
+
+    def collect(self, raw: Iterable[tuple[bytes, bytes]]) -> dict[str, list[str]]:
+        """The headers of interest among an ASGI request's, decoded; the others untouched."""
+        names = self.names
+        found: dict[str, list[str]] = {}
+        for key, value in raw:
+            name = names.get(key)
+            if name is None:
+                if key.islower():  # ASGI servers send names lowercased; others are rare
+                    continue
+                name = names.get(key.lower())
+                if name is None:
+                    continue
+            values = found.get(name)
+            if values is None:
+                found[name] = [value.decode("latin-1")]
+            else:
+                values.append(value.decode("latin-1"))
+        return found
 
 
 class InboundExchange:
@@ -40,11 +78,14 @@ class InboundExchange:
         "query",
         "request_bytes",
         "response_bytes",
+        "side",
         "started",
         "status",
     )
 
-    def __init__(self, mesh: Mesh, get_all: GetAll) -> None:
+    def __init__(self, side: InboundSide, get_all: HeaderLookup) -> None:
+        mesh = side.mesh
+        self.side = side
         self.mesh = mesh
         self.status = 0
         self.started = time.perf_counter()
@@ -59,18 +100,24 @@ class InboundExchange:
         self.context: InboundContext = mesh.propagator.extract(get_all)
         claimed = get_all(peer.HEADER)
         self.peer = peer.decode(claimed[0]) if claimed else peer.UNKNOWN_PEER
-        self._token: Token[InboundContext | None] | None = None
+        self._token: Activation | None = None
         self._scope: AbstractContextManager[Any] | None = None
         self._span: Any = None
 
     def begin(self, method: str, path: str, *, scheme: str, host: str) -> None:
         """Make the caller's context current and open this request's SERVER span."""
         self._method, self._path = method, path
-        self._token = self.mesh.propagator.activate(self.context)
+        context = self.context
+        self._token = activation = self.mesh.propagator.activate(context)
         tracing = self.mesh.tracing
-        if tracing.enabled:
+        if tracing.enabled and not (
+            # The caller's unsampled trace, already current: the span would only pass it on.
+            context.sampled is False
+            and activation.otel is not None
+            and tracing.passes_through(context.otel_context)
+        ):
             self._scope = tracing.server_span(
-                method, path, scheme=scheme, host=host, context=self.context.otel_context
+                method, path, scheme=scheme, host=host, context=context.otel_context
             )
             self._span = self._scope.__enter__()
 
@@ -87,14 +134,13 @@ class InboundExchange:
 
     def _record(self) -> None:
         """Count the request as Istio's server-side proxy does (reporter="destination")."""
-        config = self.mesh.config
-        service = config.service or config.workload or "unknown"
+        side = self.side
         self.mesh.metrics.record(
             "destination",
             self.peer,
-            destination_service=f"{service}.{config.namespace}.svc.{config.cluster_domain}",
-            destination_service_name=service,
-            destination_service_namespace=config.namespace,
+            destination_service=side.service_fqdn,
+            destination_service_name=side.service,
+            destination_service_namespace=side.service_namespace,
             response_code=self.status or 500,
             connection_security_policy="none",
             duration_ms=(time.perf_counter() - self.started) * 1000.0,

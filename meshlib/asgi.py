@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from meshlib._inbound import InboundExchange
+from meshlib._inbound import InboundExchange, InboundSide
 from meshlib.mesh import Mesh, default_mesh
 from meshlib.telemetry import threads
 
@@ -30,6 +30,7 @@ class MeshMiddleware:
     def __init__(self, app: ASGIApp, mesh: Mesh | None = None) -> None:
         self.app = app
         self._mesh = mesh
+        self._side: InboundSide | None = None  # per-Mesh precomputation, rebuilt on change
         threads.install()  # context follows work into thread pools and threads
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -37,13 +38,11 @@ class MeshMiddleware:
             await self.app(scope, receive, send)
             return
         mesh = self._mesh if self._mesh is not None else default_mesh()
-        raw_headers: list[tuple[bytes, bytes]] = scope.get("headers", [])
-
-        headers: dict[str, list[str]] = {}  # one pass over the headers, not one per lookup
-        for key, value in raw_headers:
-            headers.setdefault(key.decode("latin-1").lower(), []).append(value.decode("latin-1"))
-
-        exchange = InboundExchange(mesh, lambda name: headers.get(name, []))
+        side = self._side
+        if side is None or side.mesh is not mesh:
+            side = self._side = InboundSide(mesh)
+        headers = side.collect(scope.get("headers", ()))
+        exchange = InboundExchange(side, headers.get)
         identity = mesh.identity_header
 
         async def receive_wrapper() -> Message:
@@ -56,18 +55,24 @@ class MeshMiddleware:
             kind = message["type"]
             if kind == "http.response.start":
                 exchange.status = message["status"]
-                message = {**message, "headers": [*message.get("headers", []), identity]}
+                message = {**message, "headers": [*message.get("headers", ()), identity]}
             elif kind == "http.response.body":
                 exchange.response_bytes += len(message.get("body", b""))
             await send(message)
 
-        host = (headers.get("host") or [""])[0]
+        host = headers.get("host")
         client = scope.get("client")
         if client:
             exchange.client = f"{client[0]}:{client[1]}"
-        method, path = scope.get("method", "GET"), scope.get("path", "/")
-        exchange.query = scope.get("query_string", b"").decode("latin-1")
-        exchange.begin(method, path, scheme=scope.get("scheme", "http"), host=host)
+        query = scope.get("query_string")
+        if query:
+            exchange.query = query.decode("latin-1")
+        exchange.begin(
+            scope.get("method", "GET"),
+            scope.get("path", "/"),
+            scheme=scope.get("scheme", "http"),
+            host=host[0] if host else "",
+        )
         try:
             await self.app(scope, receive_wrapper, send_wrapper)
         except Exception as exc:

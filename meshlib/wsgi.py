@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from meshlib._inbound import InboundExchange
+from meshlib._inbound import InboundExchange, InboundSide
 from meshlib.mesh import Mesh, default_mesh
 from meshlib.telemetry import threads
 
@@ -26,19 +26,23 @@ class MeshWSGIMiddleware:
     def __init__(self, app: WSGIApp, mesh: Mesh | None = None) -> None:
         self.app = app
         self._mesh = mesh
+        self._side: InboundSide | None = None  # per-Mesh precomputation, rebuilt on change
         threads.install()  # context follows work into thread pools and threads
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         mesh = self._mesh if self._mesh is not None else default_mesh()
+        side = self._side
+        if side is None or side.mesh is not mesh:
+            side = self._side = InboundSide(mesh)
 
-        def get_all(name: str) -> list[str]:
+        def get_all(name: str) -> list[str] | None:
             key = "HTTP_" + name.upper().replace("-", "_")
             if name == "content-type":
                 key = "CONTENT_TYPE"
             value = environ.get(key)
-            return [value] if isinstance(value, str) else []
+            return [value] if isinstance(value, str) else None
 
-        exchange = InboundExchange(mesh, get_all)
+        exchange = InboundExchange(side, get_all)
 
         def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             try:

@@ -331,6 +331,11 @@ class Tracing:
         """Whether meshlib makes spans at all (False: exporter none and no app provider)."""
         return self._tracer is not None
 
+    def passes_through(self, context: Context) -> bool:
+        """Whether a SERVER span under `context` would only pass the caller's context on:
+        its trace is not sampled and meshlib's sampler follows the parent (no span made)."""
+        return self._sampler is not None and _unsampled(trace.get_current_span(context))
+
     @property
     def owns_provider(self) -> bool:
         return self._owned is not None

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from opentelemetry import baggage, trace
 from opentelemetry import context as otel_context
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from meshlib.dataplane.deadline import Deadline, inbound_deadline
 from meshlib.telemetry import propagation
@@ -712,3 +713,37 @@ def test_current_is_the_module_contextvar() -> None:
     """`current` is the one ContextVar clients read; its default is None."""
     assert propagation.current is current
     assert contextvars.Context().run(current.get) is None
+
+
+_HEX = "0123456789abcdef"
+_traceparents = st.one_of(
+    st.builds(
+        lambda v, t, s, f, rest: f"{v}-{t}-{s}-{f}{rest}",
+        st.sampled_from(["00", "01", "cc", "ff", "0g", "0"]),
+        st.one_of(st.text(_HEX, min_size=32, max_size=32), st.text(_HEX + "A-", max_size=33)),
+        st.one_of(st.text(_HEX, min_size=16, max_size=16), st.just("0" * 16)),
+        st.one_of(st.text(_HEX, min_size=2, max_size=2), st.text(_HEX + "Z", max_size=3)),
+        st.sampled_from(["", "-", "-x", "-00", " ", "\t", "\n"]),
+    ),
+    st.text(max_size=80),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    value=_traceparents,
+    state=st.one_of(
+        st.none(), st.sampled_from(["", "a=b", "congo=t61rcWkgMzE,rojo=00f067", "bad key=!"])
+    ),
+)
+def test_w3c_fast_path_reads_as_opentelemetry_does(value: str, state: str | None) -> None:
+    """meshlib reads a W3C-only request itself (for speed); it must agree with OpenTelemetry's
+    TraceContextTextMapPropagator on every input: ids, flags, tracestate, or nothing."""
+    headers = (
+        {"traceparent": value} if state is None else {"traceparent": value, "tracestate": state}
+    )
+    ours = trace.get_current_span(Propagator().extract(get_all(headers)).otel_context)
+    carrier = {k: v for k, v in headers.items() if v.isascii()}
+    theirs = trace.get_current_span(TraceContextTextMapPropagator().extract(carrier))
+    assert ours.get_span_context() == theirs.get_span_context()
+    assert ours.get_span_context().trace_state == theirs.get_span_context().trace_state
