@@ -5,7 +5,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import time
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
@@ -107,7 +106,7 @@ def client_span(
         attempt=attempt.number if attempt is not None else 1,
         cluster=cluster_name(plan),
         subset=plan.cluster[1] if plan is not None and plan.cluster else None,
-        upstream=str(attempt.endpoint) if attempt is not None else None,
+        upstream=attempt.endpoint.key if attempt is not None else None,
     )
 
 
@@ -208,4 +207,4 @@ def request_id() -> str:
     the same id, as with Envoy.
     """
     inbound = propagation.current.get()
-    return inbound.request_id if inbound is not None else str(uuid.uuid4())
+    return inbound.request_id if inbound is not None else propagation.new_request_id()

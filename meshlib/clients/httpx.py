@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Callable, Iterable
 from typing import Any
 
 import httpx
@@ -36,6 +35,7 @@ from meshlib.clients._common import (
     upstream_netloc,
 )
 from meshlib.clients._guard import passthrough_inside
+from meshlib.clients._httpx_headers import appended, decoded, extended, lowercase_raw
 from meshlib.dataplane.balancer import hash_key
 from meshlib.dataplane.exchange import Attempt, Exchange
 from meshlib.dataplane.outcome import Flag, LocalReply, ordered
@@ -63,7 +63,8 @@ def _smaller(a: float | None, b: float | None) -> float | None:
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-_OURS = frozenset({"host", "x-envoy-attempt-count", peer.HEADER})  # set per attempt
+# Set per attempt (lowercase, as httpx.Headers keys them).
+_OURS = frozenset((b"host", b"x-envoy-attempt-count", peer.HEADER.encode()))
 
 
 def _upstream_url(url: httpx.URL, scheme: str, endpoint: Endpoint, path: str | None) -> httpx.URL:
@@ -85,60 +86,97 @@ def _upstream_url(url: httpx.URL, scheme: str, endpoint: Endpoint, path: str | N
     return new
 
 
-def _propagating(mesh: Mesh, request: httpx.Request) -> httpx.Request:
+def _propagating(mesh: Mesh, request: httpx.Request, view: dict[str, str]) -> httpx.Request:
     """A passthrough request with the trace context and propagated headers added."""
-    propagated = mesh.propagator.outbound(request.headers.__contains__)
-    if not propagated:
-        return request
-    headers = request.headers.copy()
-    for name, value in propagated:
-        headers[name] = value
-    request.headers = headers
+    propagated = mesh.propagator.outbound(view.__contains__)
+    if propagated:
+        request.headers = extended(request.headers, frozenset(), propagated)
     return request
 
 
-def request_attributes(request: httpx.Request) -> RequestAttributes:
+def request_attributes(
+    request: httpx.Request, items: list[tuple[str, str]] | None = None
+) -> RequestAttributes:
     """What routing sees: the request, plus the headers the served request propagates.
 
     Behind a sidecar the app copies `end-user` & co. itself, so routing sees them; meshlib
-    adds them for the app, so routing must see them too.
+    adds them for the app, so routing must see them too. `items` are the request's headers
+    as `multi_items()` gives them, when the caller decoded them already.
     """
     url = request.url
-    headers = request.headers
+    pairs = decoded(request.headers) if items is None else items
+    host = None
+    for name, value in pairs:
+        if name == "host":
+            host = value
+            break
     inbound = propagation.current.get()
-    pairs: Callable[[], Iterable[tuple[str, str]]] = headers.multi_items  # lowercase names
     if inbound is not None and inbound.headers:
-        carried = [(n, v) for n, v in inbound.headers if n not in headers]
-        pairs = functools.partial(_joined, headers, carried)
+        present = {name for name, _ in pairs}
+        pairs = [*pairs, *((n, v) for n, v in inbound.headers if n not in present)]
     return RequestAttributes(
         request.method,
-        headers.get("host") or url.netloc.decode("ascii"),
+        host or url.netloc.decode("ascii"),
         url.path,
         scheme=url.scheme,
         query=url.query.decode("ascii", "replace"),
-        headers=LazyHeaders(pairs),
+        headers=LazyHeaders(functools.partial(_same, pairs)),
         port=url.port,
     )
 
 
+def _same(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return pairs
+
+
+# The response headers the mesh reads: one pass over them collects all four.
+_RESPONSE_HEADERS = {
+    name.encode(): name
+    for name in ("content-length", "grpc-status", "x-envoy-ratelimited", peer.HEADER)
+}
+
+
+def _response_headers(headers: httpx.Headers) -> dict[str, str]:
+    """The response headers of `_RESPONSE_HEADERS` that are present (first value each)."""
+    found: dict[str, str] = {}
+    for lower, value in lowercase_raw(headers):
+        name = _RESPONSE_HEADERS.get(lower)
+        if name is not None and name not in found:
+            found[name] = value.decode("latin-1")
+    return found
+
+
 def _record(
-    mesh: Mesh, plan: RoutePlan, request: httpx.Request, response: httpx.Response, started: float
+    mesh: Mesh,
+    plan: RoutePlan,
+    request_headers: dict[str, str],
+    response: httpx.Response,
+    started: float,
 ) -> None:
     extensions = response.extensions
     record_source(
         mesh,
         plan,
         response.status_code,
-        response.headers,
+        _response_headers(response.headers),
         started,
-        request.headers,
+        request_headers,
         extensions.get(RESPONSE_FLAGS, ()),
         extensions.get(UPSTREAM_HOST),
     )
 
 
-def _joined(headers: httpx.Headers, carried: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    return [*headers.multi_items(), *carried]
+def _view(request: httpx.Request) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """The request's headers decoded once — (lowercase name, value) pairs and a dict of
+    them — with the call's `x-request-id` added when the app set none."""
+    items = decoded(request.headers)
+    view = dict(items)
+    if "x-request-id" not in view:
+        rid = request_id()
+        appended(request.headers, "x-request-id", rid)
+        items.append(("x-request-id", rid))
+        view["x-request-id"] = rid
+    return items, view
 
 
 def _replayable(request: httpx.Request) -> bool:
@@ -166,14 +204,20 @@ class _MeshTransportBase:
         return self._mesh if self._mesh is not None else default_mesh()
 
     def _upstream(
-        self, mesh: Mesh, request: httpx.Request, plan: RoutePlan, attempt: Attempt
+        self,
+        mesh: Mesh,
+        request: httpx.Request,
+        view: dict[str, str],
+        plan: RoutePlan,
+        attempt: Attempt,
     ) -> httpx.Request:
         """The request as sent to `attempt.endpoint`: route header edits, trace context and
-        the caller's propagated headers, the Host the route says, per-try timeouts."""
+        the caller's propagated headers, the Host the route says, per-try timeouts.
+        `view` is the request's headers by lowercase name."""
         path = None if plan.original_path is None else plan.path
         edits = plan.request_headers
         original = request.headers
-        propagated = mesh.propagator.outbound(original.__contains__)  # only headers not set
+        propagated = mesh.propagator.outbound(view.__contains__)  # only headers not set
         ours = [
             ("host", plan.authority),
             ("x-envoy-attempt-count", str(attempt.number)),
@@ -183,9 +227,8 @@ class _MeshTransportBase:
             extra = dict(propagated)
             extra.update(ours)
             headers = httpx.Headers(edited_headers(original.multi_items(), edits, extra))
-        else:  # one Headers built from a list: cheaper than a copy and several assignments
-            kept = [(k, v) for k, v in original.multi_items() if k not in _OURS]
-            headers = httpx.Headers([*kept, *propagated, *ours])
+        else:  # the caller's headers as httpx holds them, ours appended: nothing re-encoded
+            headers = extended(original, _OURS, [*propagated, *ours])
         caller = request.extensions.get("timeout") or {}
         connect, read, _ = attempt.timeouts(caller.get("read"))
         timeout = {
@@ -204,7 +247,7 @@ class _MeshTransportBase:
 
     @staticmethod
     def _result(response: httpx.Response) -> AttemptResult:
-        headers = response.headers
+        headers = _response_headers(response.headers)
         return AttemptResult(
             status=response.status_code,
             grpc_status=headers.get("grpc-status"),
@@ -278,9 +321,11 @@ class _MeshTransportBase:
             return self._local(reply, request, flags, plan)
         return self._finish(result.response, plan, exchange, flags)
 
-    def _prepare(self, request: httpx.Request) -> tuple[Mesh, RoutePlan, RequestAttributes]:
+    def _prepare(
+        self, request: httpx.Request, items: list[tuple[str, str]]
+    ) -> tuple[Mesh, RoutePlan, RequestAttributes]:
         mesh = self.mesh
-        attributes = request_attributes(request)
+        attributes = request_attributes(request, items)
         return mesh, mesh.plan(attributes), attributes
 
 
@@ -301,20 +346,24 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         started = time.perf_counter()
-        if "x-request-id" not in request.headers:
-            request.headers["x-request-id"] = request_id()
-        mesh, plan, attributes = self._prepare(request)
-        response = self._handle(request, mesh, plan, attributes)
-        _record(mesh, plan, request, response, started)
+        items, view = _view(request)
+        mesh, plan, attributes = self._prepare(request, items)
+        response = self._handle(request, view, mesh, plan, attributes)
+        _record(mesh, plan, view, response, started)
         return response
 
     def _handle(
-        self, request: httpx.Request, mesh: Mesh, plan: RoutePlan, attributes: RequestAttributes
+        self,
+        request: httpx.Request,
+        view: dict[str, str],
+        mesh: Mesh,
+        plan: RoutePlan,
+        attributes: RequestAttributes,
     ) -> httpx.Response:
         if plan.passthrough:
             with client_span(mesh, request.method, request.url, None, None) as span:
                 with passthrough_inside():
-                    response = self._inner.handle_request(_propagating(mesh, request))
+                    response = self._inner.handle_request(_propagating(mesh, request, view))
                 end_client_span(mesh, span, self._result(response))
                 return response
         flags: list[str] = []
@@ -337,7 +386,7 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
                 try:
                     with passthrough_inside():
                         response = self._inner.handle_request(
-                            self._upstream(mesh, request, plan, attempt)
+                            self._upstream(mesh, request, view, plan, attempt)
                         )
                 except httpx.TransportError as exc:
                     result = _failed(exc, request, attempt)
@@ -393,20 +442,26 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         started = time.perf_counter()
-        if "x-request-id" not in request.headers:
-            request.headers["x-request-id"] = request_id()
-        mesh, plan, attributes = self._prepare(request)
-        response = await self._handle(request, mesh, plan, attributes)
-        _record(mesh, plan, request, response, started)
+        items, view = _view(request)
+        mesh, plan, attributes = self._prepare(request, items)
+        response = await self._handle(request, view, mesh, plan, attributes)
+        _record(mesh, plan, view, response, started)
         return response
 
     async def _handle(
-        self, request: httpx.Request, mesh: Mesh, plan: RoutePlan, attributes: RequestAttributes
+        self,
+        request: httpx.Request,
+        view: dict[str, str],
+        mesh: Mesh,
+        plan: RoutePlan,
+        attributes: RequestAttributes,
     ) -> httpx.Response:
         if plan.passthrough:
             with client_span(mesh, request.method, request.url, None, None) as span:
                 with passthrough_inside():
-                    response = await self._inner.handle_async_request(_propagating(mesh, request))
+                    response = await self._inner.handle_async_request(
+                        _propagating(mesh, request, view)
+                    )
                 end_client_span(mesh, span, self._result(response))
                 return response
         flags: list[str] = []
@@ -431,7 +486,7 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
                 try:
                     with passthrough_inside():
                         response = await self._inner.handle_async_request(
-                            self._upstream(mesh, request, plan, attempt)
+                            self._upstream(mesh, request, view, plan, attempt)
                         )
                 except httpx.TransportError as exc:
                     result = _failed(exc, request, attempt)

@@ -133,7 +133,7 @@ class _Cache(Generic[T]):
         hit = self._by_id.get(id(endpoints))
         if hit is not None and hit[0] is endpoints:  # the entry holds the list: ids stay valid
             return hit[1]
-        keys = tuple(str(e) for e in endpoints)
+        keys = tuple(e.key for e in endpoints)
         weights = tuple(max(e.weight, 1) for e in endpoints)  # Envoy's minimum weight is 1
         with self._lock:
             value = self._by_content.get((keys, weights))

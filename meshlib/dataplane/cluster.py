@@ -56,12 +56,12 @@ class ClusterState:
                 self.balancer = make_balancer(policy.load_balancer, self.in_flight, self.rng)
                 self._lb_settings = policy.load_balancer
             self.outlier.update(policy.outlier_detection)
-            self.outlier.retain(str(e) for e in self.endpoints)  # forget endpoints that left
+            self.outlier.retain(e.key for e in self.endpoints)  # forget endpoints that left
             self.limits.update(policy.connection_pool, policy.retry_budget)
             self.policy = policy
             self.generation = snapshot.generation
         if self.on_endpoints is not None:
-            self.on_endpoints([str(e) for e in self.endpoints])
+            self.on_endpoints([e.key for e in self.endpoints])
 
 
 class Clusters:

@@ -95,7 +95,7 @@ class Exchange:
             if cluster.on_overflow is not None:
                 cluster.on_overflow()
             return outcome.overflow()
-        key = str(endpoint)
+        key = endpoint.key
         cluster.in_flight.start(key)
         self.attempts += 1
         self.tried.append(key)
@@ -122,12 +122,12 @@ class Exchange:
         outlier = cluster.outlier
 
         def usable(e: Endpoint) -> bool:
-            key = str(e)
+            key = e.key
             return key not in avoid and outlier.available(key, total)
 
         endpoint = cluster.balancer.pick(endpoints, usable, self.hash_key)
-        while endpoint is not None and not outlier.admit(str(endpoint), total):
-            avoid.add(str(endpoint))  # lost a half-open trial race: choose again
+        while endpoint is not None and not outlier.admit(endpoint.key, total):
+            avoid.add(endpoint.key)  # lost a half-open trial race: choose again
             endpoint = cluster.balancer.pick(endpoints, usable, self.hash_key)
         return endpoint
 
@@ -148,7 +148,7 @@ class Exchange:
     def finish_attempt(self, attempt: Attempt, result: AttemptResult) -> AttemptResult:
         """Record how a try ended (outlier detection, counters) and turn failures into answers."""
         cluster = self.cluster
-        key = str(attempt.endpoint)
+        key = attempt.endpoint.key
         cluster.in_flight.finish(key)
         cluster.limits.release_request()
         if attempt.retry_slot:

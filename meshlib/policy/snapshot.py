@@ -47,10 +47,15 @@ class Endpoint:
     weight: int = 1
     service_account: str | None = None
     locality: str | None = None
+    key: str = field(init=False, repr=False, compare=False)
+    """`address:port` (`[v6]:port`): the name balancers, outlier detection and logs use."""
+
+    def __post_init__(self) -> None:
+        address = f"[{self.address}]" if ":" in self.address else self.address
+        object.__setattr__(self, "key", f"{address}:{self.port}")
 
     def __str__(self) -> str:
-        address = f"[{self.address}]" if ":" in self.address else self.address
-        return f"{address}:{self.port}"
+        return self.key
 
 
 @dataclass(frozen=True, slots=True)

@@ -62,9 +62,9 @@ Rules chosen (what a user of Istio would expect):
 from __future__ import annotations
 
 import logging
+import random
 import re
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
@@ -96,6 +96,7 @@ __all__ = [
     "InboundContext",
     "Propagator",
     "current",
+    "new_request_id",
 ]
 
 logger = logging.getLogger(__name__)
@@ -256,7 +257,7 @@ class Propagator:
             return self._extract(get_all)
         except Exception:  # a bug here must never fail the request being served
             logger.warning("meshlib: could not read propagation headers", exc_info=True)
-            return InboundContext(str(uuid.uuid4()), (), _EMPTY_CONTEXT, None, None)
+            return InboundContext(new_request_id(), (), _EMPTY_CONTEXT, None, None)
 
     def _extract(self, get_all: HeaderLookup) -> InboundContext:
         carrier: dict[str, list[str]] = {}
@@ -286,7 +287,7 @@ class Propagator:
         ids = get_all(REQUEST_ID)
         request_id = ids[0].strip(" \t") if ids else ""
         if _SANE_REQUEST_ID.fullmatch(request_id) is None:
-            request_id = str(uuid.uuid4())
+            request_id = new_request_id()
 
         headers: tuple[tuple[str, str], ...] = ()
         if self._app_headers:
@@ -380,7 +381,7 @@ class Propagator:
 
         out = list(carrier.items())
         if not has(REQUEST_ID):
-            out.append((REQUEST_ID, str(uuid.uuid4()) if inbound is None else inbound.request_id))
+            out.append((REQUEST_ID, new_request_id() if inbound is None else inbound.request_id))
         if inbound is not None:
             for name, value in inbound.headers:
                 if not has(name):
@@ -390,6 +391,16 @@ class Propagator:
             left_ms = int((at - time.monotonic()) * 1000.0)
             out.append((EXPECTED_TIMEOUT, str(left_ms if left_ms > 1 else 1)))
         return out
+
+
+def new_request_id() -> str:
+    """A random UUIDv4 string, as Envoy makes for `x-request-id` (what `str(uuid.uuid4())`
+    gives, at a fraction of the cost). Not for secrets: it uses `random`, which Python
+    reseeds in each forked worker."""
+    n = random.getrandbits(128)
+    n = (n & ~(0xC000 << 48) & ~(0xF000 << 64)) | (0x8000 << 48) | (4 << 76)  # variant, v4
+    h = f"{n:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _reset(var: ContextVar[_T], token: Token[_T]) -> None:

@@ -747,3 +747,12 @@ def test_w3c_fast_path_reads_as_opentelemetry_does(value: str, state: str | None
     theirs = trace.get_current_span(TraceContextTextMapPropagator().extract(carrier))
     assert ours.get_span_context() == theirs.get_span_context()
     assert ours.get_span_context().trace_state == theirs.get_span_context().trace_state
+
+
+def test_new_request_ids_are_distinct_uuid4_strings() -> None:
+    ids = [propagation.new_request_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    for value in ids:
+        parsed = uuid.UUID(value)
+        assert str(parsed) == value
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
