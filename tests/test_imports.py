@@ -1,0 +1,40 @@
+"""`import meshlib` loads the client stacks only when they are used."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import meshlib
+
+
+def _loaded_after(code: str) -> set[str]:
+    probe = f"import sys\n{code}\nprint(' '.join(sorted(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], check=True, capture_output=True, text=True
+    ).stdout
+    return set(out.split())
+
+
+def test_serving_does_not_import_the_client_stacks() -> None:
+    loaded = _loaded_after("import meshlib\nmeshlib.MeshMiddleware, meshlib.MeshWSGIMiddleware")
+    assert not {"httpx", "requests", "urllib3", "aiohttp"} & loaded
+
+
+def test_each_client_loads_only_its_stack() -> None:
+    loaded = _loaded_after("import meshlib\nmeshlib.Session")
+    assert "requests" in loaded
+    assert not {"httpx", "aiohttp"} & loaded
+
+
+@pytest.mark.parametrize("name", meshlib.__all__)
+def test_every_public_name_resolves(name: str) -> None:
+    assert getattr(meshlib, name) is not None
+    assert name in dir(meshlib)
+
+
+def test_unknown_names_raise_attribute_error() -> None:
+    with pytest.raises(AttributeError, match="no attribute 'Clinet'"):
+        meshlib.Clinet  # type: ignore[attr-defined]  # noqa: B018
