@@ -52,6 +52,7 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted(__all__)
 
+
 __all__ = [
     "AsyncClient",
     "AsyncMeshTransport",

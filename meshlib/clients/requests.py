@@ -10,6 +10,7 @@ Envoy response flags are on `response.response_flags`, and on local answers also
 from __future__ import annotations
 
 import contextlib
+import functools
 import http
 import io
 import time
@@ -50,22 +51,31 @@ from meshlib.policy.snapshot import Endpoint
 from meshlib.telemetry import peer, propagation
 
 
-def request_attributes(request: requests.PreparedRequest) -> RequestAttributes:
-    """What routing sees: the request, plus the headers the served request propagates."""
+def request_attributes(
+    request: requests.PreparedRequest, view: dict[str, str] | None = None
+) -> RequestAttributes:
+    """What routing sees: the request, plus the headers the served request propagates.
+    `view` is the request's headers by lowercase name, when the caller built it already."""
     parts = urlsplit(request.url or "")
-    headers = request.headers
-    authority = headers.get("host") or parts.netloc
+    if view is None:
+        view = dict(request.headers.lower_items())
     inbound = propagation.current.get()
-    carried = [(n, v) for n, v in inbound.headers if n not in headers] if inbound else []
+    pairs = list(view.items())
+    if inbound is not None and inbound.headers:
+        pairs.extend((n, v) for n, v in inbound.headers if n not in view)
     return RequestAttributes(
         request.method or "GET",
-        authority,
+        view.get("host") or parts.netloc,
         parts.path or "/",
         scheme=parts.scheme,
         query=parts.query,
-        headers=LazyHeaders(lambda: [*((k.lower(), v) for k, v in headers.items()), *carried]),
+        headers=LazyHeaders(functools.partial(_same, pairs)),
         port=parts.port,
     )
+
+
+def _same(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return pairs
 
 
 def _replayable(request: requests.PreparedRequest) -> bool:
@@ -119,13 +129,14 @@ class MeshAdapter(HTTPAdapter):
         proxies: Mapping[str, str] | None = None,
     ) -> requests.Response:
         started = time.perf_counter()
-        if "x-request-id" not in request.headers:
-            request.headers["x-request-id"] = request_id()
+        view = dict(request.headers.lower_items())  # the request's headers, read once
+        if "x-request-id" not in view:
+            view["x-request-id"] = request.headers["x-request-id"] = request_id()
         mesh = self.mesh
-        attributes = request_attributes(request)
+        attributes = request_attributes(request, view)
         plan = mesh.plan(attributes)
         response = self._handle(
-            mesh, plan, attributes, request, stream, timeout, verify, cert, proxies
+            mesh, plan, attributes, request, view, stream, timeout, verify, cert, proxies
         )
         flags = getattr(response, "response_flags", ())
         record_source(
@@ -134,7 +145,7 @@ class MeshAdapter(HTTPAdapter):
             response.status_code,
             response.headers,
             started,
-            request.headers,
+            view,
             flags,
             getattr(response, "upstream_host", None),
         )
@@ -146,6 +157,7 @@ class MeshAdapter(HTTPAdapter):
         plan: RoutePlan,
         attributes: RequestAttributes,
         request: requests.PreparedRequest,
+        view: dict[str, str],
         stream: bool,
         timeout: Any,
         verify: Any,
@@ -160,7 +172,7 @@ class MeshAdapter(HTTPAdapter):
         }
         if plan.passthrough:
             with client_span(mesh, request.method or "GET", request.url, None, None) as span:
-                _add_headers(request, mesh.propagator.outbound(_has(request)))
+                _add_headers(request, mesh.propagator.outbound(view.__contains__))
                 response = self._send_upstream(request, timeout=timeout, **options)
                 end_client_span(mesh, span, AttemptResult(status=response.status_code))
                 return response
@@ -176,14 +188,14 @@ class MeshAdapter(HTTPAdapter):
         for mirror in plan.mirrors if replayable else ():
             target = mirror_endpoint(mesh, plan, mirror)
             if target is not None:
-                copy = self._upstream(request, plan, None, target)
+                copy = self._upstream(request, plan, None, [], endpoint=target)
                 self._mirroring.submit(self._send_mirror, copy, timeout, options)
         exchange = mesh.exchange(plan, replayable=replayable)
         exchange.hash_key = hash_key(exchange.cluster.policy.load_balancer, attributes, None)
 
         def send(attempt: Attempt) -> AttemptResult:
             with client_span(mesh, request.method or "GET", request.url, plan, attempt) as span:
-                result = self._attempt(mesh, request, plan, attempt, options, timeout)
+                result = self._attempt(mesh, request, view, plan, attempt, options, timeout)
                 end_client_span(mesh, span, result)
                 return result
 
@@ -213,15 +225,15 @@ class MeshAdapter(HTTPAdapter):
         self,
         mesh: Mesh,
         request: requests.PreparedRequest,
+        view: dict[str, str],
         plan: RoutePlan,
         attempt: Attempt,
         options: dict[str, Any],
         timeout: Any,
     ) -> AttemptResult:
         caller_connect, caller_read = timeout if isinstance(timeout, tuple) else (timeout, timeout)
-        upstream = self._upstream(request, plan, attempt)
-        _add_headers(upstream, mesh.propagator.outbound(_has(request)))
-        upstream.headers[peer.HEADER] = mesh.identity
+        propagated = mesh.propagator.outbound(view.__contains__)
+        upstream = self._upstream(request, plan, attempt, propagated, mesh.identity)
         connect, read, mesh_owned = attempt.timeouts(caller_read)
         if caller_connect is not None:
             connect = min(connect or caller_connect, caller_connect)
@@ -243,8 +255,14 @@ class MeshAdapter(HTTPAdapter):
         request: requests.PreparedRequest,
         plan: RoutePlan,
         attempt: Attempt | None,
+        propagated: list[tuple[str, str]],
+        identity: str | None = None,
         endpoint: Endpoint | None = None,
     ) -> requests.PreparedRequest:
+        """The request as sent to an endpoint (the attempt's, or a mirror's). The headers
+        propagated for the app count as the app's own (the route's edits apply to them, as
+        a sidecar's apply to what the app copied); then the Host the route says, the attempt
+        count and this workload's identity."""
         parts = urlsplit(request.url or "")
         upstream = request.copy()
         target = endpoint if attempt is None else attempt.endpoint
@@ -255,9 +273,10 @@ class MeshAdapter(HTTPAdapter):
         extra = {"host": plan.authority}
         if attempt is not None:
             extra["x-envoy-attempt-count"] = str(attempt.number)
-        upstream.headers = CaseInsensitiveDict(
-            edited_headers(request.headers.items(), plan.request_headers, extra)
-        )
+        if identity is not None:
+            extra[peer.HEADER] = identity
+        headers = [*request.headers.items(), *propagated]
+        upstream.headers = CaseInsensitiveDict(edited_headers(headers, plan.request_headers, extra))
         return upstream
 
     def _local(
@@ -283,11 +302,6 @@ class MeshAdapter(HTTPAdapter):
         response.connection = self
         response.response_flags = flags  # type: ignore[attr-defined]
         return response
-
-
-def _has(request: requests.PreparedRequest) -> Any:
-    headers = request.headers
-    return lambda name: name in headers
 
 
 def _add_headers(request: requests.PreparedRequest, headers: list[tuple[str, str]]) -> None:

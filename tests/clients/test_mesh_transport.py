@@ -180,3 +180,79 @@ def test_connect_timeout_from_destination_rule() -> None:
     with client(vs("- route: [{destination: {host: api.internal}}]"), handler, timeout=30.0) as c:
         c.get("http://api.internal/")
     assert timeouts == [0.25, 10.0]
+
+
+@pytest.mark.parametrize("header", ["Set-Cookie", "set-cookie"])
+def test_cookies_set_by_a_response_are_kept_and_sent(header: str) -> None:
+    """meshlib's clients skip the cookie jar only for responses that set no cookie: cookies
+    still arrive in `client.cookies` and go out with the next request, as with httpx."""
+    sent: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request.headers.get("cookie"))
+        if request.url.path == "/login":
+            return httpx.Response(200, headers=[(header, "session=abc; Path=/")])
+        return httpx.Response(200)
+
+    with client(vs("- route: [{destination: {host: api.internal}}]"), handler) as c:
+        c.get("http://api.internal/before")
+        c.get("http://api.internal/login")
+        c.get("http://api.internal/after")
+        assert dict(c.cookies) == {"session": "abc"}
+        c.cookies = {"other": "1"}  # replacing the store keeps meshlib's kind
+        c.get("http://api.internal/replaced")
+        assert type(c.cookies) is type(meshlib.Client().cookies)
+    assert sent == [None, None, "session=abc", "other=1"]
+
+
+def test_route_header_edits_apply_to_propagated_headers() -> None:
+    """Headers meshlib propagates for the app count as the app's own: a route's `set` wins
+    over them and `remove` drops them, each name sent once (httpx and requests alike)."""
+    import requests
+
+    from meshlib.clients.requests import MeshAdapter
+
+    policy = vs(
+        """
+        - headers:
+            request:
+              set: {end-user: edge-override}
+              remove: [x-user-group]
+          route: [{destination: {host: api.internal}}]
+        """
+    )
+    result = load_text(SERVICE + "---\n" + policy, "t.yaml")
+    result.raise_for_errors()
+    config = MeshConfig(propagate_headers=("end-user", "x-user-group"))
+    mesh = Mesh(config, policy=Snapshot.build(result.resources, config))
+    seen: list[list[tuple[str, str]]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(
+            [(k, v) for k, v in request.headers.multi_items() if k in ("end-user", "x-user-group")]
+        )
+        return httpx.Response(200)
+
+    class Inner(requests.adapters.HTTPAdapter):
+        def send(
+            self, request: requests.PreparedRequest, *args: object, **kwargs: object
+        ) -> requests.Response:
+            seen.append(
+                [
+                    (k.lower(), v)
+                    for k, v in request.headers.items()
+                    if k.lower() in ("end-user", "x-user-group")
+                ]
+            )
+            response = requests.Response()
+            response.status_code = 200
+            return response
+
+    inbound = mesh.propagator.extract({"end-user": ["jason"], "x-user-group": ["beta"]}.get)
+    with mesh.propagator.activated(inbound):
+        with meshlib.Client(mesh=mesh, transport=httpx.MockTransport(handler)) as c:
+            c.get("http://api.internal/")
+        with requests.Session() as s:
+            s.mount("http://", MeshAdapter(mesh=mesh, inner=Inner()))
+            s.get("http://api.internal/")
+    assert seen == [[("end-user", "edge-override")]] * 2
