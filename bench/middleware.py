@@ -9,14 +9,15 @@ polled until it answers:
 (b) meshed: the same app with `meshlib.MeshMiddleware` (Starlette `middleware=[...]`) over a
     Mesh with Istio metrics (always on: reporter="destination", 25 labels), tracing at 1%
     (meshlib's own SDK provider, `build_tracer_provider` with its MeshSampler, and a
-    BatchSpanProcessor into a ConsoleSpanExporter writing to /dev/null: each sampled span is
-    queued, batched and serialised as an OTLP exporter would, with no collector needed) and
+    BatchSpanProcessor into an exporter that encodes each batch as OTLP protobuf and drops it:
+    each sampled span is queued, batched and serialised as the OTLP exporter would, with no
+    collector needed; the console exporter into /dev/null without the `bench` extra) and
     propagation (the caller's `traceparent` and `x-request-id` extracted and made current).
 (c) sidecar stand-in: the bare app behind two nginx reverse-proxy hops on loopback (two nginx
     instances, 1 worker each, HTTP/1.1 keepalive upstreams), wrk -> nginx -> nginx -> app.
 (d) stock OpenTelemetry: the bare app with `opentelemetry-instrumentation-asgi`'s
     OpenTelemetryMiddleware, an SDK TracerProvider sampling ParentBased(TraceIdRatioBased
-    0.01) with the same BatchSpanProcessor + ConsoleSpanExporter to /dev/null, and no
+    0.01) with the same BatchSpanProcessor and exporter, and no
     MeterProvider (its metrics go to the API's no-op meter: it does less than (b)).
 
 wrk sends every request with a `traceparent` (a pool of 1,000 distinct trace ids, 1 in 100
@@ -102,10 +103,34 @@ def _starlette(middleware: list[Any] | None = None) -> Any:
 
 
 def _exporter() -> Any:
-    """Serialises each span as a real exporter does, into /dev/null: no collector needed."""
-    from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+    """Serialises each batch of spans as a real exporter does, then drops it: no collector.
 
-    return ConsoleSpanExporter(out=open(os.devnull, "w"))  # lives as long as the app
+    With `opentelemetry-exporter-otlp-proto-common` (the `bench` extra) that is OTLP's own
+    protobuf encoding — what the OTLP/HTTP exporter does before it POSTs; without it, the
+    console exporter's JSON into /dev/null (whose indented JSON makes cyclic garbage the
+    OTLP path does not).
+    """
+    from opentelemetry.sdk.trace.export import (
+        ConsoleSpanExporter,
+        SpanExporter,
+        SpanExportResult,
+    )
+
+    try:
+        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    except ImportError:
+        return ConsoleSpanExporter(out=open(os.devnull, "w"))  # lives as long as the app
+
+    class OtlpEncodingExporter(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            encode_spans(spans).SerializeToString()
+            return SpanExportResult.SUCCESS
+
+    return OtlpEncodingExporter()
+
+
+def exporter_name() -> str:
+    return "OTLP protobuf encoding" if "Otlp" in type(_exporter()).__name__ else "console JSON"
 
 
 def bare_app() -> Any:
@@ -492,7 +517,8 @@ def main() -> None:
     print(
         f"inbound middleware: uvicorn (1 worker, httptools) per configuration, wrk -t{THREADS}"
         f" -c{CONNECTIONS}, {ROUNDS} rounds x {WINDOW_S} s after {WARMUP_S} s warm-up; wrk,"
-        f" proxies and servers share this machine's {os.cpu_count()} cores"
+        f" proxies and servers share this machine's {os.cpu_count()} cores; sampled spans"
+        f" batched and serialised ({exporter_name()}), then dropped"
     )
     results = bench()
     if results is None:
