@@ -51,6 +51,8 @@ import aiohttp
 import httpx
 from yarl import URL
 
+from meshlib.clients._httpx_headers import decoded
+
 __all__ = ["AiohttpTransport"]
 
 # aiohttp adds these when a request lacks them; httpx already sent what it means to send.
@@ -104,7 +106,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         session = self._session
         if session is None or self._loop is not asyncio.get_running_loop() or session.closed:
             session = await self._new_session()
-        headers = request.headers.multi_items()
+        headers = decoded(request.headers)
         try:
             data: Any = request.content or None
         except httpx.RequestNotRead:
