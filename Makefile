@@ -5,20 +5,20 @@ BIN    := $(VENV)/bin
 
 .PHONY: test lint typecheck unit bench demo clean debian-packages
 
-# Create the virtual environment and install meshlib with its test extra when
+# Create the virtual environment and install meshlib with its test and demo extras when
 # missing or when pyproject.toml changed.
 $(BIN)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "meshlib needs Python >= 3.10")'
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,demo]'
 	@touch $@
 
 test: lint typecheck unit
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check meshlib tests bench
-	$(BIN)/ruff format --check meshlib tests bench
+	$(BIN)/ruff check meshlib tests bench examples
+	$(BIN)/ruff format --check meshlib tests bench examples
 
 typecheck: $(BIN)/.installed
 	$(BIN)/mypy
@@ -46,9 +46,12 @@ debian-packages:
 bench: $(BIN)/.installed
 	$(BIN)/python -m bench
 
-demo:
-	@echo "make demo arrives with the bookinfo demo (issue 5); see README.md" >&2
-	@exit 2
+# The bookinfo demo (examples/bookinfo): every service on 127.0.0.1, traffic, a live view of
+# golden signals while Istio scenarios change; Ctrl-C stops it. E.g. make demo ARGS="--duration 60"
+# (ARGS="--help" lists the options).
+ARGS ?=
+demo: $(BIN)/.installed
+	$(BIN)/python -m examples.bookinfo $(ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

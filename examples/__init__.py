@@ -1,0 +1,1 @@
+"""Runnable services meshed with meshlib (`make demo` runs examples/bookinfo)."""

@@ -1,0 +1,1 @@
+"""The bookinfo demo: Istio's sample app in Python, meshed with meshlib (`make demo`)."""
