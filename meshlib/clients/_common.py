@@ -5,7 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -181,6 +181,20 @@ def record_source(
         )
 
 
+def record_exception(
+    mesh: Mesh,
+    plan: RoutePlan,
+    started: float,
+    request_headers: Mapping[str, str],
+    flag: str,
+    upstream_host: str | None = None,
+) -> None:
+    """Count a call that ended in an exception, not a response, as Envoy logs a request it
+    sent no response for: response code 0 and `flag` — DC when the caller gave up (its own
+    timeout, a cancellation), UF / UC when the connection failed."""
+    record_source(mesh, plan, 0, {}, started, request_headers, (flag,), upstream_host)
+
+
 def _target(path: str, query: str) -> str:
     return f"{path}?{query}" if query else path
 
@@ -198,6 +212,21 @@ def _service_name(mesh: Mesh, host: str) -> tuple[str, str]:
         return name, namespace or "unknown"
     service = mesh.snapshot.service(host)
     return host, service.namespace if service is not None else "unknown"
+
+
+def budget_header(
+    propagated: list[tuple[str, str]], app_set: Callable[[str], bool], attempt: Attempt
+) -> list[tuple[str, str]]:
+    """`propagated` with `x-envoy-expected-rq-timeout-ms` telling the upstream this attempt's
+    time budget, as Envoy's router does from the route (or per-try) timeout — already clamped
+    by the served request's deadline — so the callee can stop when the caller stops waiting.
+    A value the app set itself stays; without any timeout nothing is sent."""
+    if attempt.timeout is None or app_set(propagation.EXPECTED_TIMEOUT):
+        return propagated
+    out = [(k, v) for k, v in propagated if k != propagation.EXPECTED_TIMEOUT]
+    ms = int(attempt.timeout * 1000.0)
+    out.append((propagation.EXPECTED_TIMEOUT, str(ms if ms > 1 else 1)))
+    return out
 
 
 def request_id() -> str:

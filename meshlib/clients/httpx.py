@@ -25,10 +25,12 @@ from meshlib.clients._common import (
     RESPONSE_FLAGS,
     UPSTREAM_HOST,
     MirrorTracker,
+    budget_header,
     client_span,
     edited_headers,
     end_client_span,
     mirror_endpoint,
+    record_exception,
     record_source,
     reply_headers,
     request_id,
@@ -179,6 +181,15 @@ def _view(request: httpx.Request) -> tuple[list[tuple[str, str]], dict[str, str]
     return items, view
 
 
+def _exception_flag(exc: BaseException) -> str:
+    """Envoy's flag for a call that raised: the caller gave up (DC), or the connection failed."""
+    if isinstance(exc, (httpx.TimeoutException, asyncio.CancelledError)):
+        return Flag.DOWNSTREAM_TERMINATION
+    if isinstance(exc, httpx.ConnectError):
+        return Flag.UPSTREAM_CONNECTION_FAILURE
+    return Flag.UPSTREAM_CONNECTION_TERMINATION
+
+
 def _replayable(request: httpx.Request) -> bool:
     return isinstance(request.stream, httpx.ByteStream)
 
@@ -217,7 +228,8 @@ class _MeshTransportBase:
         path = None if plan.original_path is None else plan.path
         edits = plan.request_headers
         original = request.headers
-        propagated = mesh.propagator.outbound(view.__contains__)  # only headers not set
+        has = view.__contains__
+        propagated = budget_header(mesh.propagator.outbound(has), has, attempt)  # only unset ones
         ours = [
             ("host", plan.authority),
             ("x-envoy-attempt-count", str(attempt.number)),
@@ -347,7 +359,11 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         started = time.perf_counter()
         items, view = _view(request)
         mesh, plan, attributes = self._prepare(request, items)
-        response = self._handle(request, view, mesh, plan, attributes)
+        try:
+            response = self._handle(request, view, mesh, plan, attributes)
+        except BaseException as exc:
+            record_exception(mesh, plan, started, view, _exception_flag(exc))
+            raise
         _record(mesh, plan, view, response, started)
         return response
 
@@ -443,7 +459,11 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
         started = time.perf_counter()
         items, view = _view(request)
         mesh, plan, attributes = self._prepare(request, items)
-        response = await self._handle(request, view, mesh, plan, attributes)
+        try:
+            response = await self._handle(request, view, mesh, plan, attributes)
+        except BaseException as exc:
+            record_exception(mesh, plan, started, view, _exception_flag(exc))
+            raise
         _record(mesh, plan, view, response, started)
         return response
 

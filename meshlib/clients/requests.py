@@ -24,10 +24,12 @@ from requests.structures import CaseInsensitiveDict
 
 from meshlib.clients._common import (
     MirrorTracker,
+    budget_header,
     client_span,
     edited_headers,
     end_client_span,
     mirror_endpoint,
+    record_exception,
     record_source,
     reply_headers,
     request_id,
@@ -76,6 +78,16 @@ def request_attributes(
 
 def _same(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return pairs
+
+
+def _exception_flag(exc: BaseException) -> str:
+    """Envoy's flag for a call that raised: the caller gave up (DC), or the connection failed."""
+    failure = _classify(exc) if isinstance(exc, requests.RequestException) else None
+    if failure == PER_TRY_TIMEOUT:
+        return Flag.DOWNSTREAM_TERMINATION
+    if failure == CONNECT_FAILURE:
+        return Flag.UPSTREAM_CONNECTION_FAILURE
+    return Flag.UPSTREAM_CONNECTION_TERMINATION
 
 
 def _replayable(request: requests.PreparedRequest) -> bool:
@@ -135,9 +147,13 @@ class MeshAdapter(HTTPAdapter):
         mesh = self.mesh
         attributes = request_attributes(request, view)
         plan = mesh.plan(attributes)
-        response = self._handle(
-            mesh, plan, attributes, request, view, stream, timeout, verify, cert, proxies
-        )
+        try:
+            response = self._handle(
+                mesh, plan, attributes, request, view, stream, timeout, verify, cert, proxies
+            )
+        except BaseException as exc:
+            record_exception(mesh, plan, started, view, _exception_flag(exc))
+            raise
         flags = getattr(response, "response_flags", ())
         record_source(
             mesh,
@@ -232,7 +248,8 @@ class MeshAdapter(HTTPAdapter):
         timeout: Any,
     ) -> AttemptResult:
         caller_connect, caller_read = timeout if isinstance(timeout, tuple) else (timeout, timeout)
-        propagated = mesh.propagator.outbound(view.__contains__)
+        has = view.__contains__
+        propagated = budget_header(mesh.propagator.outbound(has), has, attempt)
         upstream = self._upstream(request, plan, attempt, propagated, mesh.identity)
         connect, read, mesh_owned = attempt.timeouts(caller_read)
         if caller_connect is not None:

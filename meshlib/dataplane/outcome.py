@@ -27,6 +27,8 @@ class Flag:
     NO_CLUSTER = "NC"
     UPSTREAM_TIMEOUT = "UT"
     UPSTREAM_REMOTE_RESET = "UR"
+    UPSTREAM_CONNECTION_TERMINATION = "UC"
+    DOWNSTREAM_TERMINATION = "DC"  # the caller gave up (its own timeout, a cancellation)
     DELAY_INJECTED = "DI"
     FAULT_INJECTED = "FI"
     DNS_FAILURE = "DF"

@@ -51,8 +51,21 @@ def vs(http: str) -> str:
     )
 
 
+def _calls(mesh: Mesh, code: str, flags: str) -> float | None:
+    labels = {"reporter": "source", "destination_service": "api.internal"}
+    samples = [
+        s
+        for metric in mesh.registry.collect()
+        for s in metric.samples
+        if s.name == "istio_requests_total"
+        and s.labels.items() >= {**labels, "response_code": code, "response_flags": flags}.items()
+    ]
+    return sum(s.value for s in samples) if samples else None
+
+
 def test_callers_own_timeout_raises_its_exception() -> None:
-    """When the caller's timeout (1 s) is shorter than the route's (10 s), expiry is its exception."""
+    """When the caller's timeout (1 s) is shorter than the route's (10 s), expiry is its
+    exception; the call is counted as Envoy logs a request the caller gave up on: 0, DC."""
 
     def handler(request: httpx.Request) -> httpx.Response:
         assert request.extensions["timeout"]["read"] == 1.0
@@ -67,6 +80,8 @@ def test_callers_own_timeout_raises_its_exception() -> None:
         pytest.raises(httpx.ReadTimeout),
     ):
         c.get("http://api.internal/")
+    mesh = c._transport.mesh  # type: ignore[attr-defined]
+    assert _calls(mesh, "0", "DC") == 1.0
 
 
 def test_mesh_per_try_timeout_is_the_mesh_answer() -> None:
@@ -256,3 +271,98 @@ def test_route_header_edits_apply_to_propagated_headers() -> None:
             s.mount("http://", MeshAdapter(mesh=mesh, inner=Inner()))
             s.get("http://api.internal/")
     assert seen == [[("end-user", "edge-override")]] * 2
+
+
+def _budgets(
+    http: str, *, inbound: dict[str, list[str]] | None = None, app: dict[str, str] | None = None
+) -> list[str | None]:
+    """x-envoy-expected-rq-timeout-ms as the upstream saw it, from httpx then requests."""
+    import requests
+
+    from meshlib.clients.requests import MeshAdapter
+
+    result = load_text(SERVICE + "---\n" + vs(http), "t.yaml")
+    result.raise_for_errors()
+    config = MeshConfig()
+    mesh = Mesh(config, policy=Snapshot.build(result.resources, config))
+    seen: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("x-envoy-expected-rq-timeout-ms"))
+        return httpx.Response(200)
+
+    class Inner(requests.adapters.HTTPAdapter):
+        def send(
+            self, request: requests.PreparedRequest, *args: object, **kwargs: object
+        ) -> requests.Response:
+            seen.append(request.headers.get("x-envoy-expected-rq-timeout-ms"))
+            response = requests.Response()
+            response.status_code = 200
+            return response
+
+    with mesh.propagator.activated(mesh.propagator.extract((inbound or {}).get)):
+        with meshlib.Client(mesh=mesh, transport=httpx.MockTransport(handler)) as c:
+            c.get("http://api.internal/", headers=app)
+        with requests.Session() as s:
+            s.mount("http://", MeshAdapter(mesh=mesh, inner=Inner()))
+            s.get("http://api.internal/", headers=app)
+    return seen
+
+
+def _ms(values: list[str | None]) -> list[int]:
+    assert all(v is not None for v in values), values
+    return [int(v) for v in values if v is not None]
+
+
+def test_the_attempt_budget_is_sent_upstream() -> None:
+    """As Envoy's router does, each attempt tells the upstream its time budget in
+    x-envoy-expected-rq-timeout-ms: the route timeout, the per-try timeout when smaller, and
+    never more than what the served request's caller left."""
+    route = "- route: [{destination: {host: api.internal}}]\n  timeout: 0.5s"
+    assert all(400 <= ms <= 500 for ms in _ms(_budgets(route)))
+    per_try = route + "\n  retries: {attempts: 2, perTryTimeout: 0.2s}"
+    assert all(150 <= ms <= 200 for ms in _ms(_budgets(per_try)))
+    inbound = {"x-envoy-expected-rq-timeout-ms": ["100"]}
+    assert all(50 <= ms <= 100 for ms in _ms(_budgets(route, inbound=inbound)))
+
+
+def test_no_timeout_sends_no_budget_and_the_app_header_stays() -> None:
+    route = "- route: [{destination: {host: api.internal}}]"
+    assert _budgets(route) == [None, None]
+    timed = route + "\n  timeout: 0.5s"
+    assert _budgets(timed, app={"x-envoy-expected-rq-timeout-ms": "42"}) == ["42", "42"]
+
+
+def test_calls_that_raise_are_counted_for_requests_too() -> None:
+    """requests: the caller's own read timeout counts as 0 DC, a refused connection as 0 UF."""
+    import requests
+
+    from meshlib.clients.requests import MeshAdapter
+
+    result = load_text(
+        SERVICE
+        + "---\n"
+        + vs("- route: [{destination: {host: api.internal}}]\n  retries: {attempts: 0}"),
+        "t.yaml",
+    )
+    result.raise_for_errors()
+    config = MeshConfig()
+    mesh = Mesh(config, policy=Snapshot.build(result.resources, config))
+    errors = iter(
+        [requests.ReadTimeout("slow"), requests.ConnectionError("NewConnectionError: refused")]
+    )
+
+    class Inner(requests.adapters.HTTPAdapter):
+        def send(
+            self, request: requests.PreparedRequest, *args: object, **kwargs: object
+        ) -> requests.Response:
+            raise next(errors)
+
+    with requests.Session() as s:
+        s.mount("http://", MeshAdapter(mesh=mesh, inner=Inner()))
+        with pytest.raises(requests.ReadTimeout):
+            s.get("http://api.internal/", timeout=1.0)
+        response = s.get("http://api.internal/", timeout=1.0)
+    assert response.status_code == 503  # a refused connection is the mesh's answer, 503 UF
+    assert _calls(mesh, "0", "DC") == 1.0
+    assert _calls(mesh, "503", "UF") == 1.0
