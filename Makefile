@@ -43,7 +43,12 @@ debian-packages:
 	  prometheus --version 2>&1 | head -n 1; \
 	fi
 
-bench: $(BIN)/.installed
+# The benchmarks' own extra (stock OpenTelemetry middleware, OTLP encoding) on top of the rest.
+$(BIN)/.installed-bench: $(BIN)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[test,demo,bench]'
+	@touch $@
+
+bench: $(BIN)/.installed-bench
 	$(BIN)/python -m bench
 
 # The bookinfo demo (examples/bookinfo): every service on 127.0.0.1, traffic, a live view of

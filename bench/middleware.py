@@ -37,7 +37,8 @@ prints where the time goes.
 
 wrk and nginx are Debian packages, installed with apt-get when missing (root only); without
 them this benchmark prints what is missing and skips. (d) needs
-`pip install opentelemetry-instrumentation-asgi` in the venv; without it (d) is skipped.
+the `bench` extra (`make bench` installs it: opentelemetry-instrumentation-asgi); without it (d) is
+skipped.
 """
 
 from __future__ import annotations
@@ -406,9 +407,7 @@ def bench() -> dict[str, Result] | None:
         print("(c) skipped: `nginx` is not installed and cannot be installed here")
         configs.remove("c")
     if importlib.util.find_spec("opentelemetry.instrumentation.asgi") is None:
-        print(
-            "(d) skipped: pip install opentelemetry-instrumentation-asgi (into the venv) to run it"
-        )
+        print("(d) skipped: pip install -e '.[bench]' (or run make bench) to run it")
         configs.remove("d")
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="meshlib-bench-")))
