@@ -88,6 +88,19 @@ def generate(count: int, seed: int = 7) -> str:
 
 LOAD_SCRIPT = """
 import json, resource, sys, time
+
+def peak_rss_mb():
+    # VmHWM: this process's own peak. ru_maxrss would also count the parent's memory at
+    # fork time (Linux keeps it across exec), so a big parent would inflate the figure.
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
 t0 = time.perf_counter()
 from meshlib.config import MeshConfig
 from meshlib.policy.loader import load_paths
@@ -103,16 +116,28 @@ print(json.dumps({
     "parse_validate_s": t2 - t1,
     "compile_s": t3 - t2,
     "total_s": t3 - t1,
-    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "peak_rss_mb": peak_rss_mb(),
 }))
 """
 
 BASELINE_SCRIPT = """
 import json, resource
+def peak_rss_mb():
+    # VmHWM: this process's own peak. ru_maxrss would also count the parent's memory at
+    # fork time (Linux keeps it across exec), so a big parent would inflate the figure.
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
 from meshlib.config import MeshConfig
 from meshlib.policy.loader import load_paths
 from meshlib.policy.snapshot import Snapshot
-print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
 """
 
 

@@ -16,9 +16,28 @@ import yaml
 from meshlib.policy._schema import Path
 
 try:  # libyaml's parser is an order of magnitude faster; the pure-Python one is the fallback
-    _Loader: type = yaml.CSafeLoader
+    _Base: type = yaml.CSafeLoader
 except AttributeError:  # pragma: no cover - depends on how PyYAML was built
-    _Loader = yaml.SafeLoader
+    _Base = yaml.SafeLoader
+
+
+class _Loader(_Base):  # type: ignore[misc]
+    """The safe loader, remembering each scalar's implicit tag: the parser asks the Python
+    resolver once per node, and policy files repeat the same keys and values thousands of
+    times. (A safe loader has no path resolvers, so the tag depends on these three only.)"""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._tags: dict[tuple[Any, str, Any], str] = {}
+
+    def resolve(self, kind: Any, value: Any, implicit: Any) -> Any:
+        if kind is not yaml.ScalarNode:
+            return super().resolve(kind, value, implicit)
+        key = (value, implicit[0], implicit[1])
+        tag = self._tags.get(key)
+        if tag is None:
+            tag = self._tags[key] = super().resolve(kind, value, implicit)
+        return tag
 
 # Guards against alias bombs ("billion laughs"): no document expands past this many values.
 MAX_VALUES_PER_DOCUMENT = 1_000_000
