@@ -9,6 +9,7 @@ Kubernetes Deployment usually sets through the Downward API (`POD_NAMESPACE`, `P
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -44,6 +45,7 @@ _ENV = {
     "policy": "MESHLIB_POLICY",
     "propagate_headers": "MESHLIB_PROPAGATE_HEADERS",
     "metrics_port": "MESHLIB_METRICS_PORT",
+    "metrics_host": "MESHLIB_METRICS_HOST",
 }
 # Downward API names a Deployment commonly sets, read when the MESHLIB_* one is absent.
 _DOWNWARD = {
@@ -76,6 +78,9 @@ class MeshConfig:
     policy: str | None = None
     propagate_headers: tuple[str, ...] = ()
     metrics_port: int | None = DEFAULT_METRICS_PORT
+    metrics_host: str = "0.0.0.0"
+    """The address the metrics port listens on: every interface, like Istio's 15020, so
+    Prometheus can scrape the pod; `127.0.0.1` keeps it on the machine."""
 
     def __post_init__(self) -> None:
         labels = dict(self.labels)
@@ -203,6 +208,13 @@ def _check(name: str, value: Any, where: str) -> None:
             raise ConfigError(
                 f"{where}: must be a Kubernetes namespace name (lowercase letters, digits, '-')"
             )
+    elif name == "metrics_host":
+        try:
+            ipaddress.ip_address(value)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"{where}: must be an IP address to listen on, e.g. 0.0.0.0 or 127.0.0.1"
+            ) from None
     elif name in ("service", "version"):
         if value is not None and (
             not isinstance(value, str) or not value or not _LABEL_VALUE.fullmatch(value)

@@ -116,11 +116,13 @@ class Mesh:
         state.on_retry_overflow = functools.partial(operations.retry_budget_exhausted, name)
         state.on_endpoints = functools.partial(operations.endpoints_retained, name)
 
-    def serve_metrics(self, port: int | None = None, *, host: str = "0.0.0.0") -> MetricsServer:
-        """Serve this Mesh's metrics on `/metrics` and `/stats/prometheus` (like Istio's 15020)."""
+    def serve_metrics(self, port: int | None = None, *, host: str | None = None) -> MetricsServer:
+        """Serve this Mesh's metrics on `/metrics` and `/stats/prometheus` (like Istio's 15020),
+        on MeshConfig's `metrics_port` and `metrics_host` unless given."""
         if self.metrics_server is None:
             chosen = self.config.metrics_port if port is None else port
-            self.metrics_server = serve_metrics(chosen or 0, self.registry, host=host)
+            address = self.config.metrics_host if host is None else host
+            self.metrics_server = serve_metrics(chosen or 0, self.registry, host=address)
         return self.metrics_server
 
     @property

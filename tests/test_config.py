@@ -90,6 +90,9 @@ def test_metrics_port_off() -> None:
             {"MESHLIB_PROPAGATE_HEADERS": "ok,bad header"}, "MESHLIB_PROPAGATE_HEADERS", id="header"
         ),
         pytest.param({"MESHLIB_SERVICE": "no spaces"}, "MESHLIB_SERVICE='no spaces'", id="service"),
+        pytest.param(
+            {"MESHLIB_METRICS_HOST": "localhost:9"}, "MESHLIB_METRICS_HOST='localhost:9'", id="host"
+        ),
     ],
 )
 def test_bad_environment_value_names_the_variable(env: dict[str, str], message: str) -> None:
@@ -114,3 +117,18 @@ def test_config_is_immutable() -> None:
         config.service = "b"  # type: ignore[misc]
     with pytest.raises(TypeError):
         config.labels["x"] = "y"  # type: ignore[index]
+
+
+def test_metrics_listen_on_the_configured_host() -> None:
+    """MESHLIB_METRICS_HOST picks the address; every interface by default, as Istio's 15020."""
+    import urllib.request
+
+    from meshlib.mesh import Mesh
+
+    assert MeshConfig().metrics_host == "0.0.0.0"
+    config = MeshConfig.from_env({"MESHLIB_METRICS_HOST": "127.0.0.1", "MESHLIB_METRICS_PORT": "0"})
+    with Mesh(config, watch=False) as mesh:
+        server = mesh.serve_metrics()
+        assert server.url.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/stats/prometheus") as response:
+            assert response.status == 200

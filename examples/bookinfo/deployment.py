@@ -98,6 +98,7 @@ class Deployed:
             MESHLIB_WORKLOAD=self.name,
             MESHLIB_POLICY=str(workdir / "mesh.yaml"),
             MESHLIB_METRICS_PORT=str(self.metrics_port),
+            MESHLIB_METRICS_HOST="127.0.0.1",  # the demo's metrics stay on this machine
             MESHLIB_PROPAGATE_HEADERS="end-user",
             MESHLIB_TRACES_EXPORTER="console",  # spans as JSON on stdout: logs/<name>.log
         )

@@ -39,6 +39,7 @@ class _Loader(_Base):  # type: ignore[misc]
             tag = self._tags[key] = super().resolve(kind, value, implicit)
         return tag
 
+
 # Guards against alias bombs ("billion laughs"): no document expands past this many values.
 MAX_VALUES_PER_DOCUMENT = 1_000_000
 
