@@ -18,13 +18,13 @@ from meshlib.asgi import MeshMiddleware
 from meshlib.config import MeshConfig
 from meshlib.dataplane.deadline import remaining as remaining_deadline
 from meshlib.errors import ConfigError, Diagnostic, MeshError, PolicyError
+from meshlib.instrument import instrument, uninstrument  # (loads the client stacks on use)
 from meshlib.mesh import Mesh, configure, default_mesh
 from meshlib.wsgi import MeshWSGIMiddleware
 
 if TYPE_CHECKING:
     from meshlib.clients.httpx import AsyncClient, AsyncMeshTransport, Client, MeshTransport
     from meshlib.clients.requests import MeshAdapter, Session
-    from meshlib.instrument import instrument, uninstrument
 
 # The client stacks load on first use: a service that only serves, or only uses httpx, does
 # not import requests, urllib3 and aiohttp (smaller heap, cheaper garbage collections).
@@ -35,8 +35,6 @@ _LAZY = {
     "MeshTransport": "meshlib.clients.httpx",
     "MeshAdapter": "meshlib.clients.requests",
     "Session": "meshlib.clients.requests",
-    "instrument": "meshlib.instrument",
-    "uninstrument": "meshlib.instrument",
 }
 
 
@@ -50,7 +48,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(__all__)
+    return sorted({*globals(), *__all__})
 
 
 __all__ = [

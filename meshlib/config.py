@@ -210,6 +210,8 @@ def _check(name: str, value: Any, where: str) -> None:
             )
     elif name == "metrics_host":
         try:
+            if not isinstance(value, str):
+                raise TypeError(value)
             ipaddress.ip_address(value)
         except (TypeError, ValueError):
             raise ConfigError(

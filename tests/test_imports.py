@@ -38,3 +38,16 @@ def test_every_public_name_resolves(name: str) -> None:
 def test_unknown_names_raise_attribute_error() -> None:
     with pytest.raises(AttributeError, match="no attribute 'Clinet'"):
         meshlib.Clinet  # type: ignore[attr-defined]  # noqa: B018
+
+
+def test_instrument_stays_the_function_whatever_is_imported_first() -> None:
+    """`meshlib.instrument` is a function and a module's name: importing the module first
+    must not leave `meshlib.instrument` bound to the module."""
+    probe = (
+        "from meshlib.instrument import is_instrumented\n"
+        "import meshlib, sys\n"
+        "assert callable(meshlib.instrument) and callable(meshlib.uninstrument)\n"
+        "assert not {'httpx', 'requests'} & set(sys.modules), 'instrument loads the stacks on use'\n"
+        "meshlib.instrument(); assert is_instrumented(); meshlib.uninstrument()\n"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True)

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 import httpx
 
-__all__ = ["FAST", "appended", "decoded", "extended", "lowercase_raw"]
+__all__ = ["FAST", "appended", "decoded", "encoded", "extended", "lowercase_raw"]
 
 
 def _probe() -> bool:
@@ -82,6 +82,15 @@ def extended(
     return headers
 
 
+def encoded(pairs: Iterable[tuple[str, str]], encoding: str) -> httpx.Headers:
+    """Headers from (name, value) pairs, never raising on a value: each is encoded as the
+    headers it came from were decoded (`encoding`, so their bytes are kept), else as Latin-1
+    (what meshlib decodes inbound headers with), else as UTF-8."""
+    return httpx.Headers(
+        [(name.encode("latin-1", "replace"), _bytes(value, encoding)) for name, value in pairs]
+    )
+
+
 def _encoded(headers: httpx.Headers, value: str) -> bytes:
     """`value` in the headers' encoding; a value it cannot hold (e.g. a non-ASCII `end-user`
     received inbound as Latin-1) goes as Latin-1, and the encoding is guessed anew."""
@@ -89,11 +98,14 @@ def _encoded(headers: httpx.Headers, value: str) -> bytes:
         return value.encode(headers.encoding)
     except UnicodeEncodeError:
         headers._encoding = None
-        return value.encode("latin-1", "replace")
+        return _bytes(value, "latin-1")
 
 
 def _bytes(value: str, encoding: str) -> bytes:
     try:
         return value.encode(encoding)
     except UnicodeEncodeError:
-        return value.encode("latin-1", "replace")
+        try:
+            return value.encode("latin-1")
+        except UnicodeEncodeError:
+            return value.encode("utf-8")

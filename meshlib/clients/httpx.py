@@ -37,7 +37,7 @@ from meshlib.clients._common import (
     upstream_netloc,
 )
 from meshlib.clients._guard import passthrough_inside
-from meshlib.clients._httpx_headers import appended, decoded, extended, lowercase_raw
+from meshlib.clients._httpx_headers import appended, decoded, encoded, extended, lowercase_raw
 from meshlib.dataplane.balancer import hash_key
 from meshlib.dataplane.exchange import Attempt, Exchange
 from meshlib.dataplane.outcome import Flag, LocalReply, ordered
@@ -183,10 +183,10 @@ def _view(request: httpx.Request) -> tuple[list[tuple[str, str]], dict[str, str]
 
 def _exception_flag(exc: BaseException) -> str:
     """Envoy's flag for a call that raised: the caller gave up (DC), or the connection failed."""
-    if isinstance(exc, (httpx.TimeoutException, asyncio.CancelledError)):
-        return Flag.DOWNSTREAM_TERMINATION
-    if isinstance(exc, httpx.ConnectError):
+    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
         return Flag.UPSTREAM_CONNECTION_FAILURE
+    if isinstance(exc, httpx.TimeoutException) or not isinstance(exc, Exception):
+        return Flag.DOWNSTREAM_TERMINATION  # the caller's timeout, a cancellation, Ctrl-C
     return Flag.UPSTREAM_CONNECTION_TERMINATION
 
 
@@ -237,7 +237,7 @@ class _MeshTransportBase:
         ]
         if edits:  # propagated headers count as the app's: the route's edits apply to them
             pairs = [*original.multi_items(), *propagated]
-            headers = httpx.Headers(edited_headers(pairs, edits, dict(ours)))
+            headers = encoded(edited_headers(pairs, edits, dict(ours)), original.encoding)
         else:  # the caller's headers as httpx holds them, ours appended: nothing re-encoded
             headers = extended(original, _OURS, [*propagated, *ours])
         caller = request.extensions.get("timeout") or {}
@@ -286,8 +286,9 @@ class _MeshTransportBase:
         response: httpx.Response, plan: RoutePlan, exchange: Exchange, flags: list[str]
     ) -> httpx.Response:
         if plan.response_headers:
-            edited = edited_headers(response.headers.multi_items(), plan.response_headers, {})
-            response.headers = httpx.Headers(edited)
+            original = response.headers
+            edited = edited_headers(original.multi_items(), plan.response_headers, {})
+            response.headers = encoded(edited, original.encoding)
         response.extensions = {
             **response.extensions,
             RESPONSE_FLAGS: flags,
@@ -303,7 +304,9 @@ class _MeshTransportBase:
             return None
         url = request.url.copy_with(netloc=upstream_netloc(endpoint).encode(), path=plan.path)
         extra = {"host": plan.authority}
-        headers = edited_headers(request.headers.multi_items(), plan.request_headers, extra)
+        original = request.headers
+        edited = edited_headers(original.multi_items(), plan.request_headers, extra)
+        headers = encoded(edited, original.encoding)
         return httpx.Request(request.method, url, headers=headers, stream=request.stream)
 
     @staticmethod
@@ -561,6 +564,13 @@ class _Cookies(httpx.Cookies):
     per request, more than routing it. Responses that do set cookies go the usual way.
     """
 
+    @classmethod
+    def sharing(cls, cookies: httpx.Cookies) -> _Cookies:
+        """This store over the same jar (a `CookieJar` the app passed stays the one used)."""
+        store = cls()
+        store.jar = cookies.jar
+        return store
+
     def extract_cookies(self, response: httpx.Response) -> None:
         for name, _ in lowercase_raw(response.headers):
             if name == b"set-cookie" or name == b"set-cookie2":
@@ -607,7 +617,7 @@ class Client(_CookiesMixin, httpx.Client):
             for pattern, t in mounts.items()
         }
         super().__init__(*args, transport=transport, mounts=mounts, **kwargs)
-        self._cookies = _Cookies(self._cookies)
+        self._cookies = _Cookies.sharing(self._cookies)
 
 
 class AsyncClient(_CookiesMixin, httpx.AsyncClient):
@@ -631,4 +641,4 @@ class AsyncClient(_CookiesMixin, httpx.AsyncClient):
             for pattern, t in mounts.items()
         }
         super().__init__(*args, transport=transport, mounts=mounts, **kwargs)
-        self._cookies = _Cookies(self._cookies)
+        self._cookies = _Cookies.sharing(self._cookies)

@@ -83,8 +83,8 @@ def _same(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
 def _exception_flag(exc: BaseException) -> str:
     """Envoy's flag for a call that raised: the caller gave up (DC), or the connection failed."""
     failure = _classify(exc) if isinstance(exc, requests.RequestException) else None
-    if failure == PER_TRY_TIMEOUT:
-        return Flag.DOWNSTREAM_TERMINATION
+    if failure == PER_TRY_TIMEOUT or not isinstance(exc, Exception):
+        return Flag.DOWNSTREAM_TERMINATION  # the caller's timeout, Ctrl-C
     if failure == CONNECT_FAILURE:
         return Flag.UPSTREAM_CONNECTION_FAILURE
     return Flag.UPSTREAM_CONNECTION_TERMINATION

@@ -366,3 +366,45 @@ def test_calls_that_raise_are_counted_for_requests_too() -> None:
     assert response.status_code == 503  # a refused connection is the mesh's answer, 503 UF
     assert _calls(mesh, "0", "DC") == 1.0
     assert _calls(mesh, "503", "UF") == 1.0
+
+
+def test_a_cookie_jar_given_to_the_client_is_the_one_used() -> None:
+    """As with httpx, `Client(cookies=jar)` keeps using the app's jar (e.g. to save it)."""
+    from http.cookiejar import CookieJar
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers=[("set-cookie", "session=abc; Path=/")])
+
+    jar = CookieJar()
+    with client(vs("- route: [{destination: {host: api.internal}}]"), handler, cookies=jar) as c:
+        assert c.cookies.jar is jar
+        c.get("http://api.internal/login")
+    assert [cookie.name for cookie in jar] == ["session"]
+
+
+@pytest.mark.parametrize("edits", [False, True], ids=["no-edits", "route-edits"])
+def test_a_non_ascii_propagated_value_is_sent_as_received(edits: bool) -> None:
+    """`end-user: jürgen` arrives as Latin-1 bytes; it goes on as the same bytes, with or
+    without route header edits, and never fails the call."""
+    http = "- route: [{destination: {host: api.internal}}]"
+    if edits:
+        http += "\n  headers: {request: {set: {x-env: prod}}, response: {add: {x-served-by: mesh}}}"
+    result = load_text(SERVICE + "---\n" + vs(http), "t.yaml")
+    result.raise_for_errors()
+    config = MeshConfig(propagate_headers=("end-user",))
+    mesh = Mesh(config, policy=Snapshot.build(result.resources, config))
+    seen: list[bytes] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.extend(v for k, v in request.headers.raw if k.lower() == b"end-user")
+        return httpx.Response(200, headers=[(b"x-caf\xe9", b"\xe9t\xe9")])
+
+    inbound = mesh.propagator.extract({"end-user": [b"j\xfcrgen".decode("latin-1")]}.get)
+    with (
+        mesh.propagator.activated(inbound),
+        meshlib.Client(mesh=mesh, transport=httpx.MockTransport(handler)) as c,
+    ):
+        response = c.get("http://api.internal/")
+    assert response.status_code == 200
+    assert seen == [b"j\xfcrgen"]
+    assert dict(response.headers.raw)[b"x-caf\xe9"] == b"\xe9t\xe9"

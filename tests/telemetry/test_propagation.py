@@ -726,6 +726,16 @@ _traceparents = st.one_of(
         st.sampled_from(["", "-", "-x", "-00", " ", "\t", "\n"]),
     ),
     st.text(max_size=80),
+    # past OpenTelemetry's 512-character limit: padding, or a long tail after the flags
+    st.builds(lambda n: " " * n + TRACEPARENT, st.integers(400, 700)),
+    st.builds(lambda n: f"01-{TRACE_ID}-{SPAN_ID}-01-" + "x" * n, st.integers(400, 700)),
+    # canonical ones, the fast path's own input
+    st.builds(
+        lambda t, s, f: f"00-{t}-{s}-{f}",
+        st.text(_HEX, min_size=32, max_size=32),
+        st.text(_HEX, min_size=16, max_size=16),
+        st.sampled_from(["00", "01", "ff", "03"]),
+    ),
 )
 
 
@@ -733,7 +743,14 @@ _traceparents = st.one_of(
 @given(
     value=_traceparents,
     state=st.one_of(
-        st.none(), st.sampled_from(["", "a=b", "congo=t61rcWkgMzE,rojo=00f067", "bad key=!"])
+        st.none(),
+        st.sampled_from(["", "a=b", "congo=t61rcWkgMzE,rojo=00f067", "bad key=!"]),
+        # long ones: past meshlib's short-cut (512), and past OpenTelemetry's limit (8192)
+        st.builds(
+            lambda n, size: ",".join(f"k{i}={'v' * size}" for i in range(n)),
+            st.integers(1, 32),
+            st.sampled_from([10, 100, 256]),
+        ),
     ),
 )
 def test_w3c_fast_path_reads_as_opentelemetry_does(value: str, state: str | None) -> None:
@@ -756,3 +773,29 @@ def test_new_request_ids_are_distinct_uuid4_strings() -> None:
         parsed = uuid.UUID(value)
         assert str(parsed) == value
         assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+
+
+def test_request_ids_do_not_follow_the_apps_random_seed() -> None:
+    import random
+
+    random.seed(7)
+    first = propagation.new_request_id()
+    random.seed(7)
+    assert propagation.new_request_id() != first
+
+
+def test_deactivating_twice_does_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    """A second deactivate of the same activation is a no-op (no second OTel detach)."""
+    p = Propagator()
+    ctx = contextvars.copy_context()
+
+    def twice() -> None:
+        activation = p.activate(p.extract(get_all({"traceparent": TRACEPARENT})))
+        p.deactivate(activation)
+        p.deactivate(activation)
+        assert current.get() is None
+        assert span_ids(otel_context.get_current()) is None
+
+    with caplog.at_level("DEBUG"):
+        ctx.run(twice)
+    assert not [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")]
