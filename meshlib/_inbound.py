@@ -28,17 +28,27 @@ _LOGGED_HEADERS = ("host", "user-agent", "x-forwarded-for")
 class InboundSide:
     """What every request served through one Mesh shares, computed once per Mesh."""
 
-    __slots__ = ("mesh", "names", "service", "service_fqdn", "service_namespace")
+    __slots__ = ("mesh", "names", "service", "service_fqdn", "service_namespace", "tags")
 
     def __init__(self, mesh: Mesh) -> None:
         self.mesh = mesh
-        wanted = {*mesh.propagator.inbound_headers, peer.HEADER, *_LOGGED_HEADERS}
+        self.tags = mesh.tracing.tags  # its header tags are read too; rebuilt when they change
+        wanted = {
+            *mesh.propagator.inbound_headers,
+            peer.HEADER,
+            *_LOGGED_HEADERS,
+            *self.tags.header_names,
+        }
         self.names: dict[bytes, str] = {name.encode("latin-1"): name for name in wanted}
         """The request headers anything inbound reads, as ASGI spells them -> their name."""
         config = mesh.config
         self.service = config.service or config.workload or "unknown"
         self.service_namespace = config.namespace
         self.service_fqdn = f"{self.service}.{config.namespace}.svc.{config.cluster_domain}"
+
+    def serves(self, mesh: Mesh) -> bool:
+        """Whether this is still right for `mesh` (the same Mesh, the same custom tags)."""
+        return self.mesh is mesh and self.tags is mesh.tracing.tags
 
     def collect(self, raw: Iterable[tuple[bytes, bytes]]) -> dict[str, list[str]]:
         """The headers of interest among an ASGI request's, decoded; the others untouched."""
@@ -117,7 +127,12 @@ class InboundExchange:
             and tracing.passes_through(context.otel_context)
         ):
             self._scope = tracing.server_span(
-                method, path, scheme=scheme, host=host, context=context.otel_context
+                method,
+                path,
+                scheme=scheme,
+                host=host,
+                context=context.otel_context,
+                headers=self._get_all,
             )
             self._span = self._scope.__enter__()
 

@@ -39,7 +39,7 @@ class MeshMiddleware:
             return
         mesh = self._mesh if self._mesh is not None else default_mesh()
         side = self._side
-        if side is None or side.mesh is not mesh:
+        if side is None or not side.serves(mesh):
             side = self._side = InboundSide(mesh)
         headers = side.collect(scope.get("headers", ()))
         exchange = InboundExchange(side, headers.get)

@@ -32,7 +32,7 @@ class MeshWSGIMiddleware:
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         mesh = self._mesh if self._mesh is not None else default_mesh()
         side = self._side
-        if side is None or side.mesh is not mesh:
+        if side is None or not side.serves(mesh):
             side = self._side = InboundSide(mesh)
 
         def get_all(name: str) -> list[str] | None:

@@ -94,12 +94,30 @@ def cluster_name(plan: RoutePlan | None) -> str:
 
 
 def client_span(
-    mesh: Mesh, method: str, url: object, plan: RoutePlan | None, attempt: Attempt | None
+    mesh: Mesh,
+    method: str,
+    url: object,
+    plan: RoutePlan | None,
+    attempt: Attempt | None,
+    headers: Mapping[str, str] | None = None,
 ) -> AbstractContextManager[Any]:
-    """The CLIENT span of one attempt (current while it runs), or nothing if tracing is off."""
+    """The CLIENT span of one attempt (current while it runs), or nothing if tracing is off.
+    `headers` (the app's request headers, lowercase names) and the headers propagated for it
+    feed the Telemetry's `header` custom tags, as a sidecar sees the request."""
     tracing = mesh.tracing
     if not tracing.enabled:
         return _NO_SPAN
+    lookup = None
+    if tracing.tags.headers:
+        given = headers or {}
+
+        def lookup(name: str) -> str | None:
+            value = given.get(name)
+            inbound = propagation.current.get() if value is None else None
+            if inbound is not None:
+                value = next((v for n, v in inbound.headers if n == name), None)
+            return value
+
     return tracing.client_span(
         method,
         str(url),
@@ -107,6 +125,7 @@ def client_span(
         cluster=cluster_name(plan),
         subset=plan.cluster[1] if plan is not None and plan.cluster else None,
         upstream=attempt.endpoint.key if attempt is not None else None,
+        headers=lookup,
     )
 
 

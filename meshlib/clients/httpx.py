@@ -379,7 +379,7 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         attributes: RequestAttributes,
     ) -> httpx.Response:
         if plan.passthrough:
-            with client_span(mesh, request.method, request.url, None, None) as span:
+            with client_span(mesh, request.method, request.url, None, None, view) as span:
                 with passthrough_inside():
                     response = self._inner.handle_request(_propagating(mesh, request, view))
                 end_client_span(mesh, span, self._result(response))
@@ -400,7 +400,7 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         exchange = self._exchange(mesh, plan, attributes, replayable)
 
         def send(attempt: Attempt) -> AttemptResult:
-            with client_span(mesh, request.method, request.url, plan, attempt) as span:
+            with client_span(mesh, request.method, request.url, plan, attempt, view) as span:
                 try:
                     with passthrough_inside():
                         response = self._inner.handle_request(
@@ -479,7 +479,7 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
         attributes: RequestAttributes,
     ) -> httpx.Response:
         if plan.passthrough:
-            with client_span(mesh, request.method, request.url, None, None) as span:
+            with client_span(mesh, request.method, request.url, None, None, view) as span:
                 with passthrough_inside():
                     response = await self._inner.handle_async_request(
                         _propagating(mesh, request, view)
@@ -504,7 +504,7 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
         exchange = self._exchange(mesh, plan, attributes, replayable)
 
         async def send(attempt: Attempt) -> AttemptResult:
-            with client_span(mesh, request.method, request.url, plan, attempt) as span:
+            with client_span(mesh, request.method, request.url, plan, attempt, view) as span:
                 try:
                     with passthrough_inside():
                         response = await self._inner.handle_async_request(

@@ -187,7 +187,7 @@ class MeshAdapter(HTTPAdapter):
             "proxies": proxies,
         }
         if plan.passthrough:
-            with client_span(mesh, request.method or "GET", request.url, None, None) as span:
+            with client_span(mesh, request.method or "GET", request.url, None, None, view) as span:
                 _add_headers(request, mesh.propagator.outbound(view.__contains__))
                 response = self._send_upstream(request, timeout=timeout, **options)
                 end_client_span(mesh, span, AttemptResult(status=response.status_code))
@@ -210,7 +210,9 @@ class MeshAdapter(HTTPAdapter):
         exchange.hash_key = hash_key(exchange.cluster.policy.load_balancer, attributes, None)
 
         def send(attempt: Attempt) -> AttemptResult:
-            with client_span(mesh, request.method or "GET", request.url, plan, attempt) as span:
+            with client_span(
+                mesh, request.method or "GET", request.url, plan, attempt, view
+            ) as span:
                 result = self._attempt(mesh, request, view, plan, attempt, options, timeout)
                 end_client_span(mesh, span, result)
                 return result

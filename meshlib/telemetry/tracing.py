@@ -57,7 +57,7 @@ import importlib
 import logging
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from contextvars import Token
 from types import TracebackType
@@ -142,6 +142,60 @@ def sampling_percentage(snapshot: Snapshot, config: MeshConfig) -> float:
     """Telemetry `randomSamplingPercentage` for this workload (0-100), default 1.0."""
     value = effective_tracing(snapshot, config).random_sampling_percentage
     return DEFAULT_SAMPLING_PERCENTAGE if value is None else float(value)
+
+
+HeaderLookup = Callable[[str], "Sequence[str] | str | None"]
+"""`lookup(name)`: request header `name` (lowercase) — its value or values; None if absent."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SpanTags:
+    """Telemetry `tracing.customTags`, ready for spans: `literal` and `environment` values
+    resolved once (when the policy is applied), `header` ones read from each request."""
+
+    static: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    headers: tuple[tuple[str, str, str | None], ...] = ()
+    """(tag, request header in lowercase, defaultValue)."""
+
+    @classmethod
+    def of(cls, spec: TracingSpec, environ: Mapping[str, str] | None = None) -> SpanTags:
+        env = os.environ if environ is None else environ
+        static: dict[str, str] = {}
+        headers: list[tuple[str, str, str | None]] = []
+        for tag, custom in spec.custom_tags.items():
+            if custom.literal is not None:
+                static[tag] = custom.literal.value
+            elif custom.environment is not None:
+                value = env.get(custom.environment.name, custom.environment.default_value)
+                if value is not None:
+                    static[tag] = value
+            elif custom.header is not None:
+                headers.append((tag, custom.header.name.lower(), custom.header.default_value))
+            elif custom.formatter is not None:
+                log.warning(
+                    "meshlib: Telemetry customTags %r: formatter tags are not supported; "
+                    "the tag is left out",
+                    tag,
+                )
+        return cls(static, tuple(headers))
+
+    @property
+    def header_names(self) -> frozenset[str]:
+        return frozenset(name for _, name, _ in self.headers)
+
+    def add_to(self, attributes: dict[str, str | int], lookup: HeaderLookup | None) -> None:
+        """Put the tags into a span's `attributes` (a header tag absent from the request
+        takes its defaultValue, or is left out)."""
+        if self.static:
+            attributes.update(self.static)
+        for tag, name, default in self.headers:
+            found = lookup(name) if lookup is not None else None
+            value = (found if isinstance(found, str) else ", ".join(found)) if found else default
+            if value is not None:
+                attributes[tag] = value
+
+
+NO_TAGS = SpanTags()
 
 
 def _overlay(parent: TracingSpec, child: TracingSpec) -> TracingSpec:
@@ -325,6 +379,8 @@ class Tracing:
             )
         self.provider: ApiTracerProvider | None = provider
         self._tracer = provider.get_tracer(TRACER_NAME, __version__) if provider else None
+        self.tags: SpanTags = NO_TAGS
+        """The Telemetry resource's `customTags` for this workload, put on every span."""
 
     @property
     def enabled(self) -> bool:
@@ -353,8 +409,14 @@ class Tracing:
             self._sampler.percentage = percentage
 
     def apply(self, snapshot: Snapshot) -> None:
-        """Take the sampling percentage a new Snapshot's Telemetry gives this workload."""
-        self.set_sampling(sampling_percentage(snapshot, self.config))
+        """Take the sampling percentage and custom tags a new Snapshot's Telemetry gives
+        this workload."""
+        spec = effective_tracing(snapshot, self.config)
+        percentage = spec.random_sampling_percentage
+        self.set_sampling(DEFAULT_SAMPLING_PERCENTAGE if percentage is None else percentage)
+        tags = SpanTags.of(spec)
+        if tags != self.tags:
+            self.tags = tags
 
     def server_span(
         self,
@@ -365,13 +427,15 @@ class Tracing:
         host: str,
         context: Context | None,
         route: str | None = None,
+        headers: HeaderLookup | None = None,
     ) -> AbstractContextManager[Span]:
         """A SERVER span for one served request, current inside the `with` block.
 
         `context` is the inbound context extracted from the request's headers (its span is
-        the remote parent); `route` (e.g. `/reviews/{id}`) names the span when known.
+        the remote parent); `route` (e.g. `/reviews/{id}`) names the span when known;
+        `headers` reads the request's headers for `header` custom tags.
         """
-        return _ServerScope(self, method, path, scheme, host, context, route)
+        return _ServerScope(self, method, path, scheme, host, context, route, headers)
 
     def finish_server(
         self, span: Span, status: int, flags: str | Iterable[str] | None = None
@@ -399,9 +463,11 @@ class Tracing:
         cluster: str | None,
         subset: str | None,
         upstream: str | None,
+        headers: HeaderLookup | None = None,
     ) -> AbstractContextManager[Span]:
-        """A CLIENT span for one outbound attempt (attempt 1, 2, ...), current while it runs."""
-        return _ClientScope(self, method, url, attempt, cluster, subset, upstream)
+        """A CLIENT span for one outbound attempt (attempt 1, 2, ...), current while it runs;
+        `headers` reads the outbound request's headers for `header` custom tags."""
+        return _ClientScope(self, method, url, attempt, cluster, subset, upstream, headers)
 
     def finish_client(
         self,
@@ -477,7 +543,7 @@ class _Scope:
 
 
 class _ServerScope(_Scope):
-    __slots__ = ("context", "host", "method", "path", "route", "scheme")
+    __slots__ = ("context", "headers", "host", "method", "path", "route", "scheme")
 
     def __init__(
         self,
@@ -488,6 +554,7 @@ class _ServerScope(_Scope):
         host: str,
         context: Context | None,
         route: str | None,
+        headers: HeaderLookup | None,
     ) -> None:
         super().__init__(tracing)
         self.method = method
@@ -496,6 +563,7 @@ class _ServerScope(_Scope):
         self.host = host
         self.context = context
         self.route = route
+        self.headers = headers
 
     def _start(self) -> None:
         current = trace.get_current_span()
@@ -537,6 +605,7 @@ class _ServerScope(_Scope):
                 attributes["server.port"] = port
             if self.route:
                 attributes["http.route"] = self.route
+            self.tracing.tags.add_to(attributes, self.headers)
             span.set_attributes(attributes)
         self.span = span
         self.owned = True
@@ -544,7 +613,7 @@ class _ServerScope(_Scope):
 
 
 class _ClientScope(_Scope):
-    __slots__ = ("attempt", "cluster", "method", "subset", "upstream", "url")
+    __slots__ = ("attempt", "cluster", "headers", "method", "subset", "upstream", "url")
 
     def __init__(
         self,
@@ -555,6 +624,7 @@ class _ClientScope(_Scope):
         cluster: str | None,
         subset: str | None,
         upstream: str | None,
+        headers: HeaderLookup | None,
     ) -> None:
         super().__init__(tracing)
         self.method = method
@@ -563,6 +633,7 @@ class _ClientScope(_Scope):
         self.cluster = cluster
         self.subset = subset
         self.upstream = upstream
+        self.headers = headers
 
     def _start(self) -> None:
         current = trace.get_current_span()
@@ -601,6 +672,7 @@ class _ClientScope(_Scope):
             self._mesh_attributes(attributes)
             if self.upstream:
                 _peer(attributes, self.upstream)
+            self.tracing.tags.add_to(attributes, self.headers)
             span.set_attributes(attributes)
         self.span = span
         self.owned = True

@@ -416,3 +416,110 @@ def test_no_double_client_span(
     assert client.attributes["meshlib.upstream_cluster"] == CLUSTER
     assert client.attributes["meshlib.subset"] == "v2"
     assert client.status.status_code is StatusCode.UNSET
+
+
+# -- custom tags ------------------------------------------------------------------------------
+
+TAGS_POLICY = """
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ratings, namespace: default}
+spec:
+  hosts: [ratings.default.svc.cluster.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{number: 9080, name: http, protocol: HTTP}]
+  endpoints: [{address: 10.0.0.9}]
+"""
+
+
+def test_custom_tags_go_on_server_and_client_spans(
+    provider: SdkTracerProvider, exporter: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Telemetry `customTags`: literal and environment values, and request headers (the
+    served request's on the SERVER span, the outbound one's — propagated headers included —
+    on the CLIENT span; absent ones take defaultValue or are left out)."""
+    import asyncio
+
+    import httpx
+
+    import meshlib
+    from meshlib.mesh import Mesh
+
+    monkeypatch.setenv("MESHLIB_TEST_REGION", "eu-west-1")
+    spec = """
+tracing:
+- randomSamplingPercentage: 100
+  customTags:
+    team: {literal: {value: bookinfo}}
+    region: {environment: {name: MESHLIB_TEST_REGION}}
+    zone: {environment: {name: MESHLIB_TEST_UNSET, defaultValue: none}}
+    user: {header: {name: End-User}}
+    tier: {header: {name: x-tier, defaultValue: free}}
+    fmt: {formatter: {value: "%REQ(:PATH)%"}}
+"""
+    config = MeshConfig(service="reviews", propagate_headers=("end-user",))
+    mesh = Mesh(
+        config,
+        policy=snapshot(TAGS_POLICY, telemetry("tags", "default", spec), config=config),
+        tracer_provider=provider,
+    )
+    client = meshlib.AsyncClient(
+        mesh=mesh, transport=httpx.MockTransport(lambda request: httpx.Response(200))
+    )
+
+    async def app(scope: dict, receive: object, send: object) -> None:  # type: ignore[type-arg]
+        await client.get("http://ratings:9080/ratings/1")
+        await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": b"ok"})  # type: ignore[operator]
+
+    async def serve() -> None:
+        scope = {
+            "type": "http",
+            "method": "GET",
+            "path": "/reviews/1",
+            "scheme": "http",
+            "headers": [(b"host", b"reviews:9080"), (b"end-user", b"jason")],
+        }
+
+        async def receive() -> dict[str, object]:
+            return {"type": "http.request", "body": b""}
+
+        async def send(message: object) -> None:
+            pass
+
+        await meshlib.MeshMiddleware(app, mesh=mesh)(scope, receive, send)
+
+    asyncio.run(serve())
+    expected = {
+        "team": "bookinfo",
+        "region": "eu-west-1",
+        "zone": "none",
+        "user": "jason",
+        "tier": "free",
+    }
+    for kind in (SpanKind.SERVER, SpanKind.CLIENT):
+        (span,) = by_kind(exporter, kind)
+        attributes = dict(span.attributes or {})
+        assert {k: attributes.get(k) for k in expected} == expected, kind
+        assert "fmt" not in attributes  # formatter tags are not supported (left out, warned)
+    mesh.close()
+
+
+def test_a_policy_change_brings_new_header_tags(provider: SdkTracerProvider) -> None:
+    """Tags follow the Telemetry live, and the middleware starts reading a newly tagged header."""
+    from meshlib._inbound import InboundSide
+    from meshlib.mesh import Mesh
+
+    config = MeshConfig(service="reviews")
+    mesh = Mesh(config, policy=snapshot(TAGS_POLICY, config=config), tracer_provider=provider)
+    side = InboundSide(mesh)
+    assert side.serves(mesh) and b"x-tier" not in side.names
+    tagged = telemetry(
+        "tags", "default", "tracing: [{customTags: {tier: {header: {name: x-tier}}}}]"
+    )
+    mesh.tracing.apply(snapshot(TAGS_POLICY, tagged, config=config))
+    assert mesh.tracing.tags.header_names == {"x-tier"}
+    assert not side.serves(mesh), "the middleware rebuilds its header set"
+    assert b"x-tier" in InboundSide(mesh).names
+    mesh.close()
