@@ -86,9 +86,7 @@ def generate(count: int, seed: int = 7) -> str:
     return "---\n".join(textwrap.dedent(d) for d in docs)
 
 
-LOAD_SCRIPT = """
-import json, resource, sys, time
-
+PEAK_RSS = """
 def peak_rss_mb():
     # VmHWM: this process's own peak. ru_maxrss would also count the parent's memory at
     # fork time (Linux keeps it across exec), so a big parent would inflate the figure.
@@ -100,7 +98,12 @@ def peak_rss_mb():
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+"""
 
+LOAD_SCRIPT = """
+import json, resource, sys, time
+
+{PEAK_RSS}
 t0 = time.perf_counter()
 from meshlib.config import MeshConfig
 from meshlib.policy.loader import load_paths
@@ -118,27 +121,16 @@ print(json.dumps({
     "total_s": t3 - t1,
     "peak_rss_mb": peak_rss_mb(),
 }))
-"""
+""".replace("{PEAK_RSS}", PEAK_RSS)
 
 BASELINE_SCRIPT = """
 import json, resource
-def peak_rss_mb():
-    # VmHWM: this process's own peak. ru_maxrss would also count the parent's memory at
-    # fork time (Linux keeps it across exec), so a big parent would inflate the figure.
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
+{PEAK_RSS}
 from meshlib.config import MeshConfig
 from meshlib.policy.loader import load_paths
 from meshlib.policy.snapshot import Snapshot
 print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
-"""
+""".replace("{PEAK_RSS}", PEAK_RSS)
 
 
 def bench_load() -> dict[str, float]:
