@@ -108,7 +108,7 @@ def client_span(
     if not tracing.enabled:
         return _NO_SPAN
     lookup = None
-    if tracing.tags.headers:
+    if tracing.client_tags.headers:
         given = headers or {}
 
         def lookup(name: str) -> str | None:

@@ -61,7 +61,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from contextvars import Token
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -121,8 +121,13 @@ _CLIENT = SpanKind.CLIENT
 # -- which sampling percentage applies (Telemetry precedence) --------------------------------
 
 
-def effective_tracing(snapshot: Snapshot, config: MeshConfig) -> TracingSpec:
-    """This workload's `tracing[0]`, merged mesh -> namespace -> workload, field by field.
+def effective_tracing(
+    snapshot: Snapshot, config: MeshConfig, mode: Literal["SERVER", "CLIENT"] | None = None
+) -> TracingSpec:
+    """This workload's tracing settings, merged mesh -> namespace -> workload, field by field.
+
+    At each level the entry used is the first of `tracing[]` whose `match.mode` covers `mode`
+    (no match, or CLIENT_AND_SERVER, covers both); with `mode` None, `tracing[0]`.
 
     Mesh level: the first (oldest) selector-less Telemetry in the root namespace; namespace
     level: the first selector-less one in `config.namespace`; workload level: every Telemetry in
@@ -133,9 +138,22 @@ def effective_tracing(snapshot: Snapshot, config: MeshConfig) -> TracingSpec:
     """
     merged = TracingSpec()
     for level in telemetry_levels(snapshot, config):
-        if level.tracing:
-            merged = _overlay(merged, level.tracing[0])
+        entry = _entry_for(level.tracing, mode)
+        if entry is not None:
+            merged = _overlay(merged, entry)
     return merged
+
+
+def _entry_for(
+    entries: Sequence[TracingSpec], mode: Literal["SERVER", "CLIENT"] | None
+) -> TracingSpec | None:
+    if mode is None:
+        return entries[0] if entries else None
+    for entry in entries:
+        chosen = entry.match.mode if entry.match is not None else None
+        if chosen in (None, "CLIENT_AND_SERVER", mode):
+            return entry
+    return None
 
 
 def sampling_percentage(snapshot: Snapshot, config: MeshConfig) -> float:
@@ -380,7 +398,12 @@ class Tracing:
         self.provider: ApiTracerProvider | None = provider
         self._tracer = provider.get_tracer(TRACER_NAME, __version__) if provider else None
         self.tags: SpanTags = NO_TAGS
-        """The Telemetry resource's `customTags` for this workload, put on every span."""
+        """The Telemetry's `customTags` for this workload's SERVER spans."""
+        self.client_tags: SpanTags = NO_TAGS
+        """... and for its CLIENT spans (they differ only with `match.mode` entries)."""
+        self.report_server = True
+        """False when the Telemetry says `disableSpanReporting` for SERVER spans."""
+        self.report_client = True
 
     @property
     def enabled(self) -> bool:
@@ -414,9 +437,16 @@ class Tracing:
         spec = effective_tracing(snapshot, self.config)
         percentage = spec.random_sampling_percentage
         self.set_sampling(DEFAULT_SAMPLING_PERCENTAGE if percentage is None else percentage)
-        tags = SpanTags.of(spec)
+        server = effective_tracing(snapshot, self.config, "SERVER")
+        client = effective_tracing(snapshot, self.config, "CLIENT")
+        tags = SpanTags.of(server)
         if tags != self.tags:
             self.tags = tags
+        client_tags = SpanTags.of(client)
+        if client_tags != self.client_tags:
+            self.client_tags = client_tags
+        self.report_server = not server.disable_span_reporting
+        self.report_client = not client.disable_span_reporting
 
     def server_span(
         self,
@@ -578,6 +608,13 @@ class _ServerScope(_Scope):
         if tracer is None:
             self.span = current
             return
+        if not self.tracing.report_server:  # disableSpanReporting: pass the caller's context on
+            if parent is not None:
+                self.span = trace.get_current_span(parent)
+                self._token = otel_context.attach(parent)
+            else:
+                self.span = current
+            return
         if self.tracing._sampler is not None and parent is not None:
             remote = trace.get_current_span(parent)
             if _unsampled(remote):  # ParentBased drops it: pass the caller's context through
@@ -643,9 +680,14 @@ class _ClientScope(_Scope):
             self._mesh_attributes(mesh)
             current.set_attributes(mesh)
             return
-        tracer = self.tracing._tracer
-        if tracer is None or (self.tracing._sampler is not None and _unsampled(current)):
-            self.span = current  # off, or ParentBased would drop it: nothing to make
+        tracing = self.tracing
+        tracer = tracing._tracer
+        if (
+            tracer is None
+            or not tracing.report_client
+            or (tracing._sampler is not None and _unsampled(current))
+        ):
+            self.span = current  # off, not reported, or ParentBased would drop it: none made
             return
         scheme, authority, userinfo = _split_url(self.url)
         method = _method(self.method)
@@ -672,7 +714,7 @@ class _ClientScope(_Scope):
             self._mesh_attributes(attributes)
             if self.upstream:
                 _peer(attributes, self.upstream)
-            self.tracing.tags.add_to(attributes, self.headers)
+            self.tracing.client_tags.add_to(attributes, self.headers)
             span.set_attributes(attributes)
         self.span = span
         self.owned = True

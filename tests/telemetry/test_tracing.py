@@ -6,6 +6,7 @@ import random
 import sys
 import textwrap
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from opentelemetry import context as otel_context
@@ -21,6 +22,7 @@ from opentelemetry.util._once import Once
 
 from meshlib.config import MeshConfig
 from meshlib.errors import ConfigError
+from meshlib.mesh import Mesh
 from meshlib.policy.loader import load_text
 from meshlib.policy.snapshot import Snapshot
 from meshlib.telemetry import tracing as tracing_module
@@ -433,19 +435,46 @@ spec:
 """
 
 
+def serve_once(mesh: Mesh, headers: list[tuple[bytes, bytes]]) -> None:
+    """One request through MeshMiddleware, whose app makes one meshed call to ratings."""
+    import asyncio
+
+    import httpx
+
+    import meshlib
+
+    client = meshlib.AsyncClient(
+        mesh=mesh, transport=httpx.MockTransport(lambda request: httpx.Response(200))
+    )
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await client.get("http://ratings:9080/ratings/1")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Any) -> None:
+        pass
+
+    scope = {"type": "http", "method": "GET", "path": "/reviews/1", "scheme": "http"}
+    scope["headers"] = [(b"host", b"reviews:9080"), *headers]
+    asyncio.run(meshlib.MeshMiddleware(app, mesh=mesh)(scope, receive, send))
+
+
+def tagged_mesh(spec: str, provider: SdkTracerProvider, **config: Any) -> Mesh:
+    mesh_config = MeshConfig(service="reviews", **config)
+    policy = snapshot(TAGS_POLICY, telemetry("tags", "default", spec), config=mesh_config)
+    return Mesh(mesh_config, policy=policy, tracer_provider=provider)
+
+
 def test_custom_tags_go_on_server_and_client_spans(
     provider: SdkTracerProvider, exporter: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Telemetry `customTags`: literal and environment values, and request headers (the
     served request's on the SERVER span, the outbound one's — propagated headers included —
     on the CLIENT span; absent ones take defaultValue or are left out)."""
-    import asyncio
-
-    import httpx
-
-    import meshlib
-    from meshlib.mesh import Mesh
-
     monkeypatch.setenv("MESHLIB_TEST_REGION", "eu-west-1")
     spec = """
 tracing:
@@ -458,39 +487,8 @@ tracing:
     tier: {header: {name: x-tier, defaultValue: free}}
     fmt: {formatter: {value: "%REQ(:PATH)%"}}
 """
-    config = MeshConfig(service="reviews", propagate_headers=("end-user",))
-    mesh = Mesh(
-        config,
-        policy=snapshot(TAGS_POLICY, telemetry("tags", "default", spec), config=config),
-        tracer_provider=provider,
-    )
-    client = meshlib.AsyncClient(
-        mesh=mesh, transport=httpx.MockTransport(lambda request: httpx.Response(200))
-    )
-
-    async def app(scope: dict, receive: object, send: object) -> None:  # type: ignore[type-arg]
-        await client.get("http://ratings:9080/ratings/1")
-        await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[operator]
-        await send({"type": "http.response.body", "body": b"ok"})  # type: ignore[operator]
-
-    async def serve() -> None:
-        scope = {
-            "type": "http",
-            "method": "GET",
-            "path": "/reviews/1",
-            "scheme": "http",
-            "headers": [(b"host", b"reviews:9080"), (b"end-user", b"jason")],
-        }
-
-        async def receive() -> dict[str, object]:
-            return {"type": "http.request", "body": b""}
-
-        async def send(message: object) -> None:
-            pass
-
-        await meshlib.MeshMiddleware(app, mesh=mesh)(scope, receive, send)
-
-    asyncio.run(serve())
+    mesh = tagged_mesh(spec, provider, propagate_headers=("end-user",))
+    serve_once(mesh, [(b"end-user", b"jason")])
     expected = {
         "team": "bookinfo",
         "region": "eu-west-1",
@@ -506,10 +504,39 @@ tracing:
     mesh.close()
 
 
+def test_match_mode_and_disable_span_reporting(
+    provider: SdkTracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    """`match.mode` picks the entry per side; `disableSpanReporting` on the SERVER side makes
+    no SERVER span, and the caller's trace still reaches the CLIENT span as its parent."""
+    spec = """
+tracing:
+- match: {mode: SERVER}
+  disableSpanReporting: true
+- match: {mode: CLIENT}
+  customTags: {side: {literal: {value: client}}}
+"""
+    mesh = tagged_mesh(spec, provider)
+    serve_once(mesh, [(b"traceparent", f"00-{TRACE_ID}-{PARENT_ID}-01".encode())])
+    assert by_kind(exporter, SpanKind.SERVER) == []
+    (client,) = by_kind(exporter, SpanKind.CLIENT)
+    assert (client.attributes or {}).get("side") == "client"
+    assert client.context is not None and client.parent is not None
+    assert f"{client.context.trace_id:032x}" == TRACE_ID
+    assert f"{client.parent.span_id:016x}" == PARENT_ID
+    mesh.close()
+
+    exporter.clear()
+    mesh = tagged_mesh("tracing: [{match: {mode: CLIENT}, disableSpanReporting: true}]", provider)
+    serve_once(mesh, [(b"traceparent", f"00-{TRACE_ID}-{PARENT_ID}-01".encode())])
+    assert by_kind(exporter, SpanKind.CLIENT) == []
+    assert len(by_kind(exporter, SpanKind.SERVER)) == 1
+    mesh.close()
+
+
 def test_a_policy_change_brings_new_header_tags(provider: SdkTracerProvider) -> None:
     """Tags follow the Telemetry live, and the middleware starts reading a newly tagged header."""
     from meshlib._inbound import InboundSide
-    from meshlib.mesh import Mesh
 
     config = MeshConfig(service="reviews")
     mesh = Mesh(config, policy=snapshot(TAGS_POLICY, config=config), tracer_provider=provider)
