@@ -93,6 +93,8 @@ class Mesh:
         self.tracing = Tracing(self.config, tracer_provider=tracer_provider)
         self.tracing.apply(self.source.snapshot)
         self.source.subscribe(self.tracing.apply)  # sampling follows Telemetry changes
+        self.metrics.apply(self.source.snapshot)
+        self.source.subscribe(self.metrics.apply)  # so do metric overrides
         self.operations.policy_loaded(self.source.snapshot.generation)
         self.source.subscribe(lambda snapshot: self.operations.policy_loaded(snapshot.generation))
         self.source.on_error(self.operations.policy_rejected)
@@ -123,6 +125,7 @@ class Mesh:
             chosen = self.config.metrics_port if port is None else port
             address = self.config.metrics_host if host is None else host
             self.metrics_server = serve_metrics(chosen or 0, self.registry, host=address)
+            self.metrics.render_multiprocess_with_these()  # its Telemetry overrides
         return self.metrics_server
 
     @property
@@ -192,7 +195,9 @@ def default_mesh() -> Mesh:
 
 def _serve_default_metrics(mesh: Mesh) -> None:
     """The process-wide Mesh serves its metrics on MeshConfig.metrics_port (15020), as a
-    sidecar does. Under a multi-worker server only the first worker gets the port."""
+    sidecar does. Under a multi-worker server only the first worker gets the port; every
+    worker's Telemetry overrides apply to what it renders."""
+    mesh.metrics.render_multiprocess_with_these()
     if mesh.config.metrics_port is None:
         return
     try:

@@ -66,10 +66,13 @@ from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString as _float_to_go_string
 
 from meshlib.config import DEFAULT_METRICS_PORT, MeshConfig
+from meshlib.telemetry.metric_overrides import MetricOverrides
 from meshlib.telemetry.peer import UNKNOWN_PEER, PeerIdentity
 
 if TYPE_CHECKING:
     from prometheus_client.registry import Collector
+
+    from meshlib.policy.snapshot import Snapshot
 
 __all__ = [
     "CONTENT_TYPE",
@@ -327,6 +330,8 @@ class IstioMetrics:
             principal=config.principal[: 2 * _MAX_VALUE],
             cluster=_bounded(config.cluster, "unknown"),
         )
+        self.overrides = MetricOverrides()
+        """The Telemetry's `metrics[].overrides`, applied when a scrape renders the series."""
         self._lock = threading.Lock()
         self._cache: dict[tuple[Any, ...], _Series | _MultiProcessSeries] = {}
         self._series: dict[tuple[str, ...], _Series | _MultiProcessSeries] = {}
@@ -481,6 +486,17 @@ class IstioMetrics:
             policy if policy in _SECURITY_POLICIES else "unknown",
         )
 
+    def apply(self, snapshot: Snapshot) -> None:
+        """Take the metric overrides a new Snapshot's Telemetry gives this workload."""
+        self.overrides = MetricOverrides.of(snapshot, self.config)
+
+    def render_multiprocess_with_these(self) -> None:
+        """Make this workload's overrides the ones the multiprocess view renders with (the
+        view shows every worker's series; the workers share the policy). The Mesh that serves
+        the metrics port calls this."""
+        global _multiprocess_overrides
+        _multiprocess_overrides = self
+
     # -- prometheus-client collector ------------------------------------------------------------
 
     def describe(self) -> Iterator[Metric]:
@@ -493,7 +509,7 @@ class IstioMetrics:
         """The four families: as text when `render` asks, else as prometheus-client samples."""
         with self._lock:
             series = list(self._series.values())
-        rows = [s.row() for s in series if isinstance(s, _Series)]
+        rows = _overridden([s.row() for s in series if isinstance(s, _Series)], self.overrides)
         if _fast_render.get():
             yield _Rendered(_render_rows(rows))
         else:
@@ -507,6 +523,49 @@ class IstioMetrics:
             for metric in self._metrics:
                 self.registry.unregister(metric)
         self.registry.unregister(self._dropped)
+
+
+# -- Telemetry overrides ---------------------------------------------------------------------
+
+# Whose overrides the multiprocess view (one per process) renders every worker's series with.
+_multiprocess_overrides: IstioMetrics | None = None
+
+
+def _overridden(rows: list[_Row], overrides: MetricOverrides) -> list[_Row]:
+    """`rows` with the Telemetry overrides applied: a family switched off for a reporter has
+    no series, relabelled series that now share their labels are merged (counts and buckets
+    summed). Each family then gets rows of its own (the renderers skip the `None` parts)."""
+    if overrides.empty:
+        return rows
+    out: list[_Row] = []
+    for family in range(1 + len(_HISTOGRAMS)):
+        merged: dict[tuple[tuple[str, ...], tuple[str, ...]], Any] = {}
+        for _, names, values, count, hists in rows:
+            part: Any = count if family == 0 else hists[family - 1]
+            if part is None:
+                continue
+            rule = overrides.rule(family, values[0] if names[:1] == ("reporter",) else "")
+            if rule.disabled:
+                continue
+            key = rule.relabel(names, values) if rule.relabels else (tuple(names), tuple(values))
+            seen = merged.get(key)
+            if seen is None:
+                merged[key] = part if family == 0 else (list(part[0]), part[1])
+            elif family == 0:
+                merged[key] = seen + part
+            else:
+                buckets = seen[0]
+                for i, n in enumerate(part[0]):
+                    buckets[i] += n
+                merged[key] = (buckets, seen[1] + part[1])
+        for (names, values), part in merged.items():
+            text = _label_text(names, values)
+            if family == 0:
+                out.append((text, names, values, part, (None,) * len(_HISTOGRAMS)))
+            else:
+                hists = tuple(part if i == family - 1 else None for i in range(len(_HISTOGRAMS)))
+                out.append((text, names, values, None, hists))
+    return out
 
 
 # -- exposition ------------------------------------------------------------------------------
@@ -658,6 +717,9 @@ class MultiProcessMetrics:
     def collect(self) -> Iterator[Metric]:
         """Istio's families (as text when `render` asks), then every other merged family."""
         rows, others = self._read()
+        owner = _multiprocess_overrides
+        if owner is not None:
+            rows = _overridden(rows, owner.overrides)
         if not rows:
             pass  # like MultiProcessCollector: no family without samples
         elif _fast_render.get():

@@ -1,0 +1,146 @@
+"""Telemetry `metrics[].overrides`: which Istio metrics a workload exports, with which labels.
+
+As Istio's Prometheus provider does, an override can switch a metric off or change its
+labels, per metric (`REQUEST_COUNT`, `REQUEST_DURATION`, `REQUEST_SIZE`, `RESPONSE_SIZE`, or
+`ALL_METRICS`) and per side (`CLIENT`: the `reporter="source"` series, `SERVER`: the
+`reporter="destination"` ones, `CLIENT_AND_SERVER`: both):
+
+    metrics:
+    - overrides:
+      - match: {metric: ALL_METRICS}
+        tagOverrides:
+          request_protocol: {operation: REMOVE}       # a label fewer: series merge
+          mesh_region: {value: "'eu-west-1'"}         # a label more (a CEL string literal)
+      - match: {metric: REQUEST_SIZE, mode: CLIENT}
+        disabled: true
+
+The overrides of the mesh, namespace and workload levels apply in that order. An UPSERT value
+must be a CEL string literal (`'text'` or `"text"`): meshlib evaluates no other expression, so
+other values are left out with a warning. Custom metrics, TCP and gRPC message metrics have no
+series in meshlib to change. meshlib applies the result when it renders a scrape, so recording
+stays as cheap as ever.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from meshlib.config import MeshConfig
+from meshlib.policy.snapshot import Snapshot
+from meshlib.policy.telemetry import MetricsOverrides
+from meshlib.telemetry._resolve import telemetry_levels
+
+__all__ = ["FAMILIES", "LabelRule", "MetricOverrides"]
+
+log = logging.getLogger("meshlib.telemetry")
+
+# In the order meshlib's rows hold them: the counter, then the three histograms.
+FAMILIES = ("REQUEST_COUNT", "REQUEST_DURATION", "REQUEST_SIZE", "RESPONSE_SIZE")
+_FAMILIES_OF: dict[str, tuple[int, ...]] = {name: (i,) for i, name in enumerate(FAMILIES)}
+_FAMILIES_OF["ALL_METRICS"] = tuple(range(len(FAMILIES)))
+_REPORTERS_OF = {
+    "CLIENT": ("source",),
+    "SERVER": ("destination",),
+    "CLIENT_AND_SERVER": ("source", "destination"),
+}
+_LITERAL = re.compile(r"""'([^'\\]*)'|"([^"\\]*)\"""")
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+_warned: set[str] = set()
+
+
+@dataclass(frozen=True, slots=True)
+class LabelRule:
+    """What one metric on one side becomes: switched off, or relabelled."""
+
+    disabled: bool = False
+    removed: frozenset[str] = frozenset()
+    upserts: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def relabels(self) -> bool:
+        return bool(self.removed or self.upserts)
+
+    def relabel(
+        self, names: Sequence[str], values: Sequence[str]
+    ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The label names and values with removals and upserts applied (new labels last)."""
+        upserts = self.upserts
+        pairs = [
+            (name, upserts.get(name, value))
+            for name, value in zip(names, values, strict=True)
+            if name not in self.removed
+        ]
+        present = {name for name, _ in pairs}
+        pairs += [(name, value) for name, value in upserts.items() if name not in present]
+        return tuple(n for n, _ in pairs), tuple(v for _, v in pairs)
+
+
+_KEEP = LabelRule()
+
+
+@dataclass(frozen=True, slots=True)
+class MetricOverrides:
+    """The rules by (family index in FAMILIES, reporter); absent means unchanged."""
+
+    rules: Mapping[tuple[int, str], LabelRule] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        return not self.rules
+
+    def rule(self, family: int, reporter: str) -> LabelRule:
+        return self.rules.get((family, reporter), _KEEP)
+
+    @classmethod
+    def of(cls, snapshot: Snapshot, config: MeshConfig) -> MetricOverrides:
+        """The overrides this workload's Telemetry levels give, mesh first, workload last."""
+        rules: dict[tuple[int, str], LabelRule] = {}
+        for level in telemetry_levels(snapshot, config):
+            for metrics in level.metrics:
+                for override in metrics.overrides:
+                    _apply(rules, override)
+        return cls({key: rule for key, rule in rules.items() if rule != _KEEP})
+
+
+def _apply(rules: dict[tuple[int, str], LabelRule], override: MetricsOverrides) -> None:
+    match = override.match
+    if match is not None and match.custom_metric is not None:
+        return  # no custom metrics in meshlib
+    metric = (match.metric if match is not None else None) or "ALL_METRICS"
+    mode = (match.mode if match is not None else None) or "CLIENT_AND_SERVER"
+    upserts: dict[str, str] = {}
+    removed: set[str] = set()
+    for tag, change in override.tag_overrides.items():
+        if not _LABEL_NAME.fullmatch(tag):
+            _warn(f"tagOverrides {tag!r}: not a Prometheus label name; left out")
+        elif (change.operation or "UPSERT") == "REMOVE":
+            removed.add(tag)
+        else:
+            literal = _LITERAL.fullmatch((change.value or "").strip())
+            if literal is None:
+                _warn(
+                    f"tagOverrides {tag!r}: value {change.value!r} is not a CEL string literal"
+                    " ('text'); meshlib evaluates no other expression, the override is left out"
+                )
+            else:
+                upserts[tag] = literal[1] if literal[1] is not None else literal[2]
+    for family in _FAMILIES_OF.get(metric, ()):
+        for reporter in _REPORTERS_OF.get(mode, ()):
+            key = (family, reporter)
+            old = rules.get(key, _KEEP)
+            merged_upserts = {k: v for k, v in old.upserts.items() if k not in removed}
+            merged_upserts.update(upserts)
+            rules[key] = LabelRule(
+                disabled=old.disabled if override.disabled is None else override.disabled,
+                removed=frozenset((old.removed - set(upserts)) | removed),
+                upserts=merged_upserts,
+            )
+
+
+def _warn(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("meshlib: Telemetry metrics %s", message)

@@ -1,0 +1,265 @@
+"""Telemetry `metrics[].overrides`: metrics switched off per side, labels removed or set."""
+
+from __future__ import annotations
+
+import logging
+import textwrap
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from meshlib.config import MeshConfig
+from meshlib.policy.loader import load_text
+from meshlib.policy.snapshot import Snapshot
+from meshlib.telemetry.metric_overrides import MetricOverrides
+from meshlib.telemetry.metrics import IstioMetrics, render
+from meshlib.telemetry.peer import UNKNOWN_PEER
+
+CONFIG = MeshConfig(service="reviews", version="v1")
+
+
+def policy(metrics: str, namespace: str = "default") -> Snapshot:
+    text = (
+        "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\n"
+        f"metadata: {{name: t, namespace: {namespace}}}\nspec:\n"
+        + textwrap.indent(textwrap.dedent(metrics).strip(), "  ")
+        + "\n"
+    )
+    result = load_text(text, "telemetry.yaml")
+    result.raise_for_errors()
+    return Snapshot.build(result.resources, CONFIG)
+
+
+def record(metrics: IstioMetrics, reporter: str, code: int, flags: str = "-") -> None:
+    metrics.record(
+        reporter,  # type: ignore[arg-type]
+        UNKNOWN_PEER,
+        destination_service="ratings.default.svc.cluster.local",
+        destination_service_name="ratings",
+        destination_service_namespace="default",
+        response_code=code,
+        response_flags=flags,
+        duration_ms=3.0,
+        request_bytes=10,
+        response_bytes=20,
+    )
+
+
+def scraped(metrics: IstioMetrics) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Sample name -> (labels, value), from a real scrape's text."""
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(render(metrics.registry).decode()):
+        for sample in family.samples:
+            if sample.name.startswith("istio_") and not sample.name.endswith("_bucket"):
+                out.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
+    return out
+
+
+def recorded(snapshot: Snapshot) -> IstioMetrics:
+    metrics = IstioMetrics(CollectorRegistry(), CONFIG)
+    metrics.apply(snapshot)
+    for reporter in ("source", "destination"):
+        record(metrics, reporter, 200)
+        record(metrics, reporter, 200, flags="URX")
+        record(metrics, reporter, 503, flags="UF")
+    return metrics
+
+
+def test_removing_a_label_merges_the_series_it_told_apart() -> None:
+    metrics = recorded(
+        policy(
+            """
+            metrics:
+            - overrides:
+              - tagOverrides: {response_flags: {operation: REMOVE}}
+            """
+        )
+    )
+    series = scraped(metrics)
+    requests = series["istio_requests_total"]
+    assert all("response_flags" not in labels for labels, _ in requests)
+    by_code = {(lab["reporter"], lab["response_code"]): v for lab, v in requests}
+    assert by_code == {
+        ("source", "200"): 2.0,
+        ("source", "503"): 1.0,
+        ("destination", "200"): 2.0,
+        ("destination", "503"): 1.0,
+    }
+    counts = series["istio_request_duration_milliseconds_count"]
+    sums = series["istio_request_duration_milliseconds_sum"]
+    assert {(lab["reporter"], lab["response_code"]): v for lab, v in counts}[
+        ("source", "200")
+    ] == 2.0
+    assert {(lab["reporter"], lab["response_code"]): v for lab, v in sums}[("source", "200")] == 6.0
+
+
+def test_a_metric_switched_off_for_one_side_and_a_label_set_for_the_other() -> None:
+    metrics = recorded(
+        policy(
+            """
+            metrics:
+            - overrides:
+              - match: {metric: REQUEST_SIZE, mode: CLIENT}
+                disabled: true
+              - match: {metric: REQUEST_COUNT, mode: SERVER}
+                tagOverrides: {mesh_region: {value: "'eu-west-1'"}}
+            """
+        )
+    )
+    series = scraped(metrics)
+    sizes = {labels["reporter"] for labels, _ in series["istio_request_bytes_count"]}
+    assert sizes == {"destination"}, "REQUEST_SIZE is off on the client (source) side"
+    regions = {
+        (lab["reporter"], lab.get("mesh_region")) for lab, _ in series["istio_requests_total"]
+    }
+    assert regions == {("destination", "eu-west-1"), ("source", None)}
+    assert {lab["reporter"] for lab, _ in series["istio_response_bytes_count"]} == {
+        "source",
+        "destination",
+    }
+
+
+def test_levels_apply_mesh_first_and_a_workload_can_undo() -> None:
+    mesh_wide = policy(
+        """
+        metrics:
+        - overrides: [{match: {metric: ALL_METRICS}, disabled: true}]
+        """,
+        namespace="istio-system",
+    )
+    assert MetricOverrides.of(mesh_wide, CONFIG).rule(0, "source").disabled
+    both = Snapshot.build(
+        [
+            *mesh_wide.telemetries,
+            *policy(
+                """
+                metrics:
+                - overrides: [{match: {metric: REQUEST_COUNT}, disabled: false}]
+                """
+            ).telemetries,
+        ],
+        CONFIG,
+    )
+    overrides = MetricOverrides.of(both, CONFIG)
+    assert not overrides.rule(0, "source").disabled
+    assert overrides.rule(1, "source").disabled
+
+
+def test_no_overrides_leave_the_rows_as_they_are() -> None:
+    metrics = recorded(Snapshot.empty(CONFIG))
+    assert metrics.overrides.empty
+    assert len(scraped(metrics)["istio_requests_total"]) == 6
+
+
+def test_expressions_other_than_string_literals_are_left_out(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="meshlib.telemetry"):
+        overrides = MetricOverrides.of(
+            policy(
+                """
+                metrics:
+                - overrides:
+                  - tagOverrides:
+                      host: {value: "request.host"}
+                      team: {value: '"bookinfo"'}
+                """
+            ),
+            CONFIG,
+        )
+    rule = overrides.rule(0, "destination")
+    assert dict(rule.upserts) == {"team": "bookinfo"}
+    assert "request.host" in caplog.text and "CEL string literal" in caplog.text
+
+
+def test_both_renderers_agree() -> None:
+    """meshlib's fast text and prometheus-client's own rendering of the overridden rows."""
+    from prometheus_client import generate_latest
+
+    metrics = recorded(
+        policy(
+            """
+            metrics:
+            - overrides:
+              - tagOverrides: {response_flags: {operation: REMOVE}, team: {value: "'books'"}}
+              - match: {metric: RESPONSE_SIZE}
+                disabled: true
+            """
+        )
+    )
+
+    def parsed(text: bytes) -> dict[str, list[tuple[str, list[tuple[str, str]], float]]]:
+        return {
+            f.name: sorted((s.name, sorted(s.labels.items()), s.value) for s in f.samples)
+            for f in text_string_to_metric_families(text.decode())
+            if f.samples
+        }
+
+    assert parsed(render(metrics.registry)) == parsed(generate_latest(metrics.registry))
+
+
+WORKER = """
+import sys
+from meshlib.config import MeshConfig
+from meshlib.policy.loader import load_text
+from meshlib.policy.snapshot import Snapshot
+from meshlib.telemetry.metrics import IstioMetrics, exposed_registry, render
+from meshlib.telemetry.peer import UNKNOWN_PEER
+
+config = MeshConfig(service="reviews")
+metrics = IstioMetrics(config=config)
+for flags in ("-", "URX", "UF"):
+    metrics.record("source", UNKNOWN_PEER, destination_service="ratings", destination_service_name="ratings",
+                   destination_service_namespace="default", response_code=200, response_flags=flags,
+                   duration_ms=1.0, request_bytes=1, response_bytes=1)
+text = sys.stdin.read()
+result = load_text(text, "t.yaml")
+result.raise_for_errors()
+metrics.apply(Snapshot.build(result.resources, config))
+sys.stdout.write(render(exposed_registry()).decode())  # no Mesh serving yet: as recorded
+print()
+print("#---")
+metrics.render_multiprocess_with_these()  # what the serving Mesh does
+sys.stdout.write(render(exposed_registry()).decode())
+"""
+
+
+def test_multiprocess_view_applies_them(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    telemetry = textwrap.dedent(
+        """
+        apiVersion: telemetry.istio.io/v1
+        kind: Telemetry
+        metadata: {name: t, namespace: default}
+        spec:
+          metrics:
+          - overrides: [{tagOverrides: {response_flags: {operation: REMOVE}}}]
+        """
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-c", WORKER],
+        input=telemetry,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    before, after = out.split("\n#---\n")
+
+    def requests(text: str) -> list[tuple[dict[str, str], float]]:
+        return [
+            (dict(s.labels), s.value)
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == "istio_requests_total"
+        ]
+
+    assert len(requests(before)) == 3
+    ((labels, value),) = requests(after)
+    assert value == 3.0 and "response_flags" not in labels
