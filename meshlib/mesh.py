@@ -150,6 +150,7 @@ class Mesh:
         )
 
     def close(self) -> None:
+        self.metrics.stop_rendering_multiprocess()
         self.source.close()
         self.tracing.shutdown()
         if self.metrics_server is not None:

@@ -17,6 +17,8 @@ from meshlib.mesh import Mesh, default_mesh
 from meshlib.telemetry import threads
 
 StartResponse = Callable[..., Any]
+# The two request headers WSGI (CGI) names without the HTTP_ prefix.
+_CGI_NAMES = {"content-type": "CONTENT_TYPE", "content-length": "CONTENT_LENGTH"}
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 
@@ -36,9 +38,7 @@ class MeshWSGIMiddleware:
             side = self._side = InboundSide(mesh)
 
         def get_all(name: str) -> list[str] | None:
-            key = "HTTP_" + name.upper().replace("-", "_")
-            if name == "content-type":
-                key = "CONTENT_TYPE"
+            key = _CGI_NAMES.get(name) or "HTTP_" + name.upper().replace("-", "_")
             value = environ.get(key)
             return [value] if isinstance(value, str) else None
 

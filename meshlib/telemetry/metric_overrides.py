@@ -14,7 +14,8 @@ labels, per metric (`REQUEST_COUNT`, `REQUEST_DURATION`, `REQUEST_SIZE`, `RESPON
       - match: {metric: REQUEST_SIZE, mode: CLIENT}
         disabled: true
 
-The overrides of the mesh, namespace and workload levels apply in that order. An UPSERT value
+The overrides of the mesh, namespace and workload levels apply in that order; those of a
+`metrics[]` entry naming providers apply only when `prometheus` is among them. An UPSERT value
 must be a CEL string literal (`'text'` or `"text"`): meshlib evaluates no other expression, so
 other values are left out with a warning. Custom metrics, TCP and gRPC message metrics have no
 series in meshlib to change. meshlib applies the result when it renders a scrape, so recording
@@ -47,7 +48,9 @@ _REPORTERS_OF = {
     "CLIENT_AND_SERVER": ("source", "destination"),
 }
 _LITERAL = re.compile(r"""'([^'\\]*)'|"([^"\\]*)\"""")
-_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+PROVIDER = "prometheus"  # the metrics provider meshlib is (Istio's default one)
+# A Prometheus label name, not a reserved one (`__...`) nor the histograms' `le`.
+_LABEL_NAME = re.compile(r"(?!__|le$)[a-zA-Z_][a-zA-Z0-9_]*")
 _warned: set[str] = set()
 
 
@@ -100,6 +103,9 @@ class MetricOverrides:
         rules: dict[tuple[int, str], LabelRule] = {}
         for level in telemetry_levels(snapshot, config):
             for metrics in level.metrics:
+                providers = {provider.name for provider in metrics.providers}
+                if providers and PROVIDER not in providers:
+                    continue  # overrides for other providers (e.g. stackdriver) only
                 for override in metrics.overrides:
                     _apply(rules, override)
         return cls({key: rule for key, rule in rules.items() if rule != _KEEP})
@@ -115,7 +121,7 @@ def _apply(rules: dict[tuple[int, str], LabelRule], override: MetricsOverrides) 
     removed: set[str] = set()
     for tag, change in override.tag_overrides.items():
         if not _LABEL_NAME.fullmatch(tag):
-            _warn(f"tagOverrides {tag!r}: not a Prometheus label name; left out")
+            _warn(f"tagOverrides {tag!r}: not a label name meshlib can set; left out")
         elif (change.operation or "UPSERT") == "REMOVE":
             removed.add(tag)
         else:

@@ -490,6 +490,12 @@ class IstioMetrics:
         """Take the metric overrides a new Snapshot's Telemetry gives this workload."""
         self.overrides = MetricOverrides.of(snapshot, self.config)
 
+    def stop_rendering_multiprocess(self) -> None:
+        """Undo `render_multiprocess_with_these` (its Mesh is closing)."""
+        global _multiprocess_overrides
+        if _multiprocess_overrides is self:
+            _multiprocess_overrides = None
+
     def render_multiprocess_with_these(self) -> None:
         """Make this workload's overrides the ones the multiprocess view renders with (the
         view shows every worker's series; the workers share the policy). The Mesh that serves

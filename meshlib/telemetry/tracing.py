@@ -57,6 +57,7 @@ import importlib
 import logging
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from contextvars import Token
@@ -126,8 +127,9 @@ def effective_tracing(
 ) -> TracingSpec:
     """This workload's tracing settings, merged mesh -> namespace -> workload, field by field.
 
-    At each level the entry used is the first of `tracing[]` whose `match.mode` covers `mode`
-    (no match, or CLIENT_AND_SERVER, covers both); with `mode` None, `tracing[0]`.
+    As Istio does, every entry of `tracing[]` whose `match.mode` covers `mode` (no match, or
+    CLIENT_AND_SERVER, covers both sides; `mode` None takes all) applies in order, a later one
+    overriding the fields it sets.
 
     Mesh level: the first (oldest) selector-less Telemetry in the root namespace; namespace
     level: the first selector-less one in `config.namespace`; workload level: every Telemetry in
@@ -138,22 +140,15 @@ def effective_tracing(
     """
     merged = TracingSpec()
     for level in telemetry_levels(snapshot, config):
-        entry = _entry_for(level.tracing, mode)
-        if entry is not None:
-            merged = _overlay(merged, entry)
+        for entry in level.tracing:
+            if _covers(entry, mode):
+                merged = _overlay(merged, entry)
     return merged
 
 
-def _entry_for(
-    entries: Sequence[TracingSpec], mode: Literal["SERVER", "CLIENT"] | None
-) -> TracingSpec | None:
-    if mode is None:
-        return entries[0] if entries else None
-    for entry in entries:
-        chosen = entry.match.mode if entry.match is not None else None
-        if chosen in (None, "CLIENT_AND_SERVER", mode):
-            return entry
-    return None
+def _covers(entry: TracingSpec, mode: Literal["SERVER", "CLIENT"] | None) -> bool:
+    chosen = entry.match.mode if entry.match is not None else None
+    return mode is None or chosen in (None, "CLIENT_AND_SERVER", mode)
 
 
 def sampling_percentage(snapshot: Snapshot, config: MeshConfig) -> float:
@@ -188,7 +183,16 @@ class SpanTags:
                 if value is not None:
                     static[tag] = value
             elif custom.header is not None:
-                headers.append((tag, custom.header.name.lower(), custom.header.default_value))
+                name = custom.header.name.lower()
+                if _HEADER_NAME.fullmatch(name):
+                    headers.append((tag, name, custom.header.default_value))
+                else:
+                    log.warning(
+                        "meshlib: Telemetry customTags %r: %r is not an HTTP header name; "
+                        "the tag is left out",
+                        tag,
+                        custom.header.name,
+                    )
             elif custom.formatter is not None:
                 log.warning(
                     "meshlib: Telemetry customTags %r: formatter tags are not supported; "
@@ -214,6 +218,7 @@ class SpanTags:
 
 
 NO_TAGS = SpanTags()
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")  # RFC 9110 token, lowercase
 
 
 def _overlay(parent: TracingSpec, child: TracingSpec) -> TracingSpec:
@@ -608,13 +613,14 @@ class _ServerScope(_Scope):
         if tracer is None:
             self.span = current
             return
-        if not self.tracing.report_server:  # disableSpanReporting: pass the caller's context on
-            if parent is not None:
-                self.span = trace.get_current_span(parent)
-                self._token = otel_context.attach(parent)
-            else:
-                self.span = current
-            return
+        report = self.tracing.report_server
+        if not report:  # disableSpanReporting: a trace that came in (or the app's) goes on
+            remote = trace.get_current_span(parent) if parent is not None else current
+            if remote.get_span_context().is_valid:
+                self.span = remote
+                if parent is not None:
+                    self._token = otel_context.attach(parent)
+                return
         if self.tracing._sampler is not None and parent is not None:
             remote = trace.get_current_span(parent)
             if _unsampled(remote):  # ParentBased drops it: pass the caller's context through
@@ -628,6 +634,12 @@ class _ServerScope(_Scope):
             target = target[:MAX_NAME_PATH]
         name = f"{'HTTP' if method == '_OTHER' else method} {target}"
         span = tracer.start_span(name, parent, kind=_SERVER)
+        if not report:
+            # No trace came in: this span is the request's trace root (its ids and sampling
+            # decision go on to the calls made), but it is never ended, so never reported.
+            self.span = span
+            self._token = otel_context.attach(trace.set_span_in_context(span, parent))
+            return
         if span.is_recording():
             host, port = strip_port(self.host)
             attributes: dict[str, str | int] = {
@@ -682,12 +694,11 @@ class _ClientScope(_Scope):
             return
         tracing = self.tracing
         tracer = tracing._tracer
-        if (
-            tracer is None
-            or not tracing.report_client
-            or (tracing._sampler is not None and _unsampled(current))
-        ):
-            self.span = current  # off, not reported, or ParentBased would drop it: none made
+        if not tracing.report_client:
+            self.span = trace.INVALID_SPAN  # disableSpanReporting: none made, nothing annotated
+            return
+        if tracer is None or (tracing._sampler is not None and _unsampled(current)):
+            self.span = current  # off, or ParentBased would drop it: nothing to make
             return
         scheme, authority, userinfo = _split_url(self.url)
         method = _method(self.method)

@@ -263,3 +263,33 @@ def test_multiprocess_view_applies_them(tmp_path: Path) -> None:
     assert len(requests(before)) == 3
     ((labels, value),) = requests(after)
     assert value == 3.0 and "response_flags" not in labels
+
+
+def test_overrides_for_other_providers_and_reserved_labels_are_left_out() -> None:
+    overrides = MetricOverrides.of(
+        policy(
+            """
+            metrics:
+            - providers: [{name: stackdriver}]
+              overrides: [{disabled: true}]
+            - providers: [{name: prometheus}]
+              overrides:
+              - tagOverrides: {le: {value: "'x'"}, __name__: {value: "'y'"}, ok: {value: "'z'"}}
+            """
+        ),
+        CONFIG,
+    )
+    rule = overrides.rule(0, "source")
+    assert not rule.disabled, "the stackdriver entry is not meshlib's"
+    assert dict(rule.upserts) == {"ok": "z"}
+
+
+def test_closing_a_mesh_stops_its_overrides_applying_to_the_multiprocess_view() -> None:
+    from meshlib.mesh import Mesh
+    from meshlib.telemetry import metrics as metrics_module
+
+    mesh = Mesh(CONFIG, watch=False)
+    mesh.metrics.render_multiprocess_with_these()
+    assert metrics_module._multiprocess_overrides is mesh.metrics
+    mesh.close()
+    assert metrics_module._multiprocess_overrides is None

@@ -435,8 +435,10 @@ spec:
 """
 
 
-def serve_once(mesh: Mesh, headers: list[tuple[bytes, bytes]]) -> None:
-    """One request through MeshMiddleware, whose app makes one meshed call to ratings."""
+def serve_once(
+    mesh: Mesh, headers: list[tuple[bytes, bytes]], *, upstream_status: int = 200, calls: int = 1
+) -> None:
+    """One request through MeshMiddleware, whose app makes meshed calls to ratings."""
     import asyncio
 
     import httpx
@@ -444,11 +446,12 @@ def serve_once(mesh: Mesh, headers: list[tuple[bytes, bytes]]) -> None:
     import meshlib
 
     client = meshlib.AsyncClient(
-        mesh=mesh, transport=httpx.MockTransport(lambda request: httpx.Response(200))
+        mesh=mesh, transport=httpx.MockTransport(lambda request: httpx.Response(upstream_status))
     )
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
-        await client.get("http://ratings:9080/ratings/1")
+        for _ in range(calls):
+            await client.get("http://ratings:9080/ratings/1")
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
@@ -549,4 +552,50 @@ def test_a_policy_change_brings_new_header_tags(provider: SdkTracerProvider) -> 
     assert mesh.tracing.tags.header_names == {"x-tier"}
     assert not side.serves(mesh), "the middleware rebuilds its header set"
     assert b"x-tier" in InboundSide(mesh).names
+    mesh.close()
+
+
+def test_client_reporting_off_leaves_the_server_span_alone(
+    provider: SdkTracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    """With CLIENT spans switched off, a failed upstream call must not mark the SERVER span."""
+    mesh = tagged_mesh(
+        "tracing: [{randomSamplingPercentage: 100, match: {mode: CLIENT}, disableSpanReporting: true}]",
+        provider,
+    )
+    serve_once(mesh, [], upstream_status=503)
+    (server,) = by_kind(exporter, SpanKind.SERVER)
+    assert server.status.status_code is not StatusCode.ERROR
+    assert "error.type" not in (server.attributes or {})
+    assert by_kind(exporter, SpanKind.CLIENT) == []
+    mesh.close()
+
+
+def test_server_reporting_off_still_gives_one_trace_per_request(
+    provider: SdkTracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    """No trace came in and SERVER spans are off: the request still has one trace, which its
+    calls' CLIENT spans share (the unreported root's ids go on)."""
+    mesh = tagged_mesh(
+        "tracing: [{randomSamplingPercentage: 100}, {match: {mode: SERVER}, disableSpanReporting: true}]",
+        provider,
+    )
+    serve_once(mesh, [], calls=2)
+    assert by_kind(exporter, SpanKind.SERVER) == []
+    clients = by_kind(exporter, SpanKind.CLIENT)
+    assert len(clients) == 2
+    assert len({span.context.trace_id for span in clients if span.context}) == 1
+    mesh.close()
+
+
+def test_a_bad_header_tag_name_is_left_out(
+    provider: SdkTracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    mesh = tagged_mesh(
+        "tracing: [{randomSamplingPercentage: 100, customTags: {u: {header: {name: x-пользователь}}, t: {literal: {value: ok}}}}]",
+        provider,
+    )
+    serve_once(mesh, [])  # would fail every request if the name reached the header set
+    (server,) = by_kind(exporter, SpanKind.SERVER)
+    assert (server.attributes or {}).get("t") == "ok" and "u" not in (server.attributes or {})
     mesh.close()
