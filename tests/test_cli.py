@@ -224,3 +224,51 @@ def test_routes_refuses_invalid_policy(tmp_path: Path) -> None:
     result = run("routes", str(bad), "--host", "x")
     assert result.returncode == 1
     assert "spec.hosts: must be a list" in result.stderr
+
+
+def test_check_warns_about_telemetry_meshlib_leaves_out(tmp_path: Path) -> None:
+    """Valid for Istio, not applied by meshlib: said up front, with file, line and field."""
+    path = tmp_path / "telemetry.yaml"
+    path.write_text(
+        """\
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mesh-default, namespace: istio-system}
+spec:
+  tracing:
+  - customTags:
+      path: {formatter: {value: "%REQ(:PATH)%"}}
+      user: {header: {name: end-user}}
+  metrics:
+  - overrides:
+    - tagOverrides:
+        host: {value: request.host}
+        region: {value: "'eu-west-1'"}
+        le: {value: "'x'"}
+        request_protocol: {operation: REMOVE}
+"""
+    )
+    result = run("check", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    where = f"{path}:1: warning: Telemetry istio-system/mesh-default: "
+    assert (
+        f"{where}spec.tracing[0].customTags.path.formatter: formatter tags (Envoy command operators) are not applied by meshlib"
+        in lines
+    )
+    assert any(
+        line.startswith(
+            f"{where}spec.metrics[0].overrides[0].tagOverrides.host.value: 'request.host'"
+        )
+        for line in lines
+    )
+    assert any(
+        line.startswith(f"{where}spec.metrics[0].overrides[0].tagOverrides.le: not a label")
+        for line in lines
+    )
+    assert (
+        "region" not in result.stdout
+        and "request_protocol" not in result.stdout
+        and "user" not in result.stdout
+    )
+    assert "0 error(s), 3 warning(s)" in result.stderr

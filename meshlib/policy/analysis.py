@@ -17,6 +17,7 @@ from meshlib.policy.hosts import to_fqdn, wildcard_matches
 from meshlib.policy.resources import Resource
 from meshlib.policy.service_entry import ServiceEntry
 from meshlib.policy.snapshot import latest_definitions, oldest_first
+from meshlib.policy.telemetry import Telemetry, cel_string_literal, header_name, settable_label
 from meshlib.policy.virtual_service import Destination, VirtualService
 
 
@@ -53,6 +54,53 @@ class _Analyzer:
         yield from self.duplicates()
         yield from self.virtual_service_findings()
         yield from self.conflicting_rules()
+        yield from self.telemetry_findings()
+
+    def telemetry_findings(self) -> Iterator[Diagnostic]:
+        """Telemetry that is valid for Istio but that meshlib leaves out, said up front."""
+        for resource in (r for r in self.resources if r.kind == "Telemetry"):
+            spec: Telemetry = resource.spec
+            for i, tracing in enumerate(spec.tracing):
+                for tag, custom in tracing.custom_tags.items():
+                    where = f"spec.tracing[{i}].customTags.{tag}"
+                    if custom.formatter is not None:
+                        yield _finding(
+                            "warning", resource, f"{where}.formatter", _LEFT_OUT_FORMATTER
+                        )
+                    elif custom.header is not None and not header_name(custom.header.name):
+                        yield _finding(
+                            "warning",
+                            resource,
+                            f"{where}.header.name",
+                            f"{custom.header.name!r} is not an HTTP header name;"
+                            " the tag is left out",
+                        )
+            for i, metrics in enumerate(spec.metrics):
+                for j, override in enumerate(metrics.overrides):
+                    where = f"spec.metrics[{i}].overrides[{j}]"
+                    if override.match is not None and override.match.custom_metric is not None:
+                        yield _finding(
+                            "warning", resource, f"{where}.match.customMetric", _NO_CUSTOM_METRICS
+                        )
+                    for tag, change in override.tag_overrides.items():
+                        if not settable_label(tag):
+                            yield _finding(
+                                "warning",
+                                resource,
+                                f"{where}.tagOverrides.{tag}",
+                                "not a label meshlib can set (reserved, `le`, or not a"
+                                " Prometheus label name); left out",
+                            )
+                        elif (change.operation or "UPSERT") == "UPSERT" and (
+                            cel_string_literal(change.value) is None
+                        ):
+                            yield _finding(
+                                "warning",
+                                resource,
+                                f"{where}.tagOverrides.{tag}.value",
+                                f"{change.value!r}: meshlib applies only CEL string literals"
+                                " ('text'); this override is left out",
+                            )
 
     def duplicates(self) -> Iterator[Diagnostic]:
         seen: dict[tuple[str, str, str], Resource[Any]] = {}
@@ -189,6 +237,10 @@ class _Analyzer:
                         f"conflicts with DestinationRule {first.namespace}/{first.name} for {host}:"
                         " rules for one host merge and only the oldest trafficPolicy applies",
                     )
+
+
+_LEFT_OUT_FORMATTER = "formatter tags (Envoy command operators) are not applied by meshlib"
+_NO_CUSTOM_METRICS = "meshlib has no custom metrics; this override is left out"
 
 
 def _finding(

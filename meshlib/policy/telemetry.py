@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -10,6 +11,31 @@ from meshlib.policy._schema import Path, Sink, spec_field
 from meshlib.policy.common import Duration, MatchLabelsSelector, PolicyTargetReference
 
 WorkloadMode = Literal["CLIENT_AND_SERVER", "CLIENT", "SERVER"]
+
+# What meshlib applies of the Telemetry's free-form strings (the data plane and `meshlib check`
+# share these rules): CEL expressions only as string literals, labels Prometheus lets it set,
+# header names as HTTP spells them.
+_CEL_STRING = re.compile(r"'([^'\\]*)'|\"([^\"\\]*)\"")
+_SETTABLE_LABEL = re.compile(r"(?!__|le$)[a-zA-Z_][a-zA-Z0-9_]*")
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-zA-Z]+")
+
+
+def cel_string_literal(expression: str | None) -> str | None:
+    """The text of a CEL string literal (`'text'` or `"text"`), else None."""
+    match = _CEL_STRING.fullmatch((expression or "").strip())
+    if match is None:
+        return None
+    return match[1] if match[1] is not None else match[2]
+
+
+def settable_label(name: str) -> bool:
+    """A Prometheus label name that is neither reserved (`__...`) nor the histograms' `le`."""
+    return _SETTABLE_LABEL.fullmatch(name) is not None
+
+
+def header_name(name: str) -> bool:
+    """An HTTP header name (an RFC 9110 token)."""
+    return _HEADER_NAME.fullmatch(name) is not None
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,13 +25,12 @@ stays as cheap as ever.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from meshlib.config import MeshConfig
 from meshlib.policy.snapshot import Snapshot
-from meshlib.policy.telemetry import MetricsOverrides
+from meshlib.policy.telemetry import MetricsOverrides, cel_string_literal, settable_label
 from meshlib.telemetry._resolve import telemetry_levels
 
 __all__ = ["FAMILIES", "LabelRule", "MetricOverrides"]
@@ -47,10 +46,7 @@ _REPORTERS_OF = {
     "SERVER": ("destination",),
     "CLIENT_AND_SERVER": ("source", "destination"),
 }
-_LITERAL = re.compile(r"""'([^'\\]*)'|"([^"\\]*)\"""")
 PROVIDER = "prometheus"  # the metrics provider meshlib is (Istio's default one)
-# A Prometheus label name, not a reserved one (`__...`) nor the histograms' `le`.
-_LABEL_NAME = re.compile(r"(?!__|le$)[a-zA-Z_][a-zA-Z0-9_]*")
 _warned: set[str] = set()
 
 
@@ -120,19 +116,19 @@ def _apply(rules: dict[tuple[int, str], LabelRule], override: MetricsOverrides) 
     upserts: dict[str, str] = {}
     removed: set[str] = set()
     for tag, change in override.tag_overrides.items():
-        if not _LABEL_NAME.fullmatch(tag):
+        if not settable_label(tag):
             _warn(f"tagOverrides {tag!r}: not a label name meshlib can set; left out")
         elif (change.operation or "UPSERT") == "REMOVE":
             removed.add(tag)
         else:
-            literal = _LITERAL.fullmatch((change.value or "").strip())
+            literal = cel_string_literal(change.value)
             if literal is None:
                 _warn(
                     f"tagOverrides {tag!r}: value {change.value!r} is not a CEL string literal"
                     " ('text'); meshlib evaluates no other expression, the override is left out"
                 )
             else:
-                upserts[tag] = literal[1] if literal[1] is not None else literal[2]
+                upserts[tag] = literal
     for family in _FAMILIES_OF.get(metric, ()):
         for reporter in _REPORTERS_OF.get(mode, ()):
             key = (family, reporter)

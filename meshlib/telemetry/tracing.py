@@ -57,7 +57,6 @@ import importlib
 import logging
 import math
 import os
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from contextvars import Token
@@ -86,6 +85,7 @@ from meshlib.errors import ConfigError
 from meshlib.policy.hosts import strip_port
 from meshlib.policy.snapshot import Snapshot
 from meshlib.policy.telemetry import Tracing as TracingSpec
+from meshlib.policy.telemetry import header_name
 from meshlib.telemetry._resolve import telemetry_levels
 
 __all__ = [
@@ -184,7 +184,7 @@ class SpanTags:
                     static[tag] = value
             elif custom.header is not None:
                 name = custom.header.name.lower()
-                if _HEADER_NAME.fullmatch(name):
+                if header_name(name):
                     headers.append((tag, name, custom.header.default_value))
                 else:
                     log.warning(
@@ -218,7 +218,6 @@ class SpanTags:
 
 
 NO_TAGS = SpanTags()
-_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")  # RFC 9110 token, lowercase
 
 
 def _overlay(parent: TracingSpec, child: TracingSpec) -> TracingSpec:
