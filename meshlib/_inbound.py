@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from typing import Any
 
-from meshlib.mesh import Mesh
+from meshlib.mesh import Mesh, default_mesh
 from meshlib.telemetry import peer
 from meshlib.telemetry.access_log import AccessLogEntry
 from meshlib.telemetry.propagation import Activation, InboundContext
@@ -68,6 +68,24 @@ class InboundSide:
             else:
                 values.append(value.decode("latin-1"))
         return found
+
+
+class InboundSides:
+    """The InboundSide a middleware serves with: of the Mesh it was given, else of the default
+    Mesh as it is now; rebuilt when that Mesh, or its custom tags, change."""
+
+    __slots__ = ("_mesh", "_side")
+
+    def __init__(self, mesh: Mesh | None) -> None:
+        self._mesh = mesh
+        self._side: InboundSide | None = None
+
+    def current(self) -> InboundSide:
+        mesh = self._mesh if self._mesh is not None else default_mesh()
+        side = self._side
+        if side is None or not side.serves(mesh):
+            side = self._side = InboundSide(mesh)
+        return side
 
 
 class InboundExchange:

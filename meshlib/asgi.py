@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from meshlib._inbound import InboundExchange, InboundSide
-from meshlib.mesh import Mesh, default_mesh
+from meshlib._inbound import InboundExchange, InboundSides
+from meshlib.mesh import Mesh
 from meshlib.telemetry import threads
 
 Scope = MutableMapping[str, Any]
@@ -29,18 +29,15 @@ class MeshMiddleware:
 
     def __init__(self, app: ASGIApp, mesh: Mesh | None = None) -> None:
         self.app = app
-        self._mesh = mesh
-        self._side: InboundSide | None = None  # per-Mesh precomputation, rebuilt on change
+        self._sides = InboundSides(mesh)
         threads.install()  # context follows work into thread pools and threads
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        mesh = self._mesh if self._mesh is not None else default_mesh()
-        side = self._side
-        if side is None or not side.serves(mesh):
-            side = self._side = InboundSide(mesh)
+        side = self._sides.current()
+        mesh = side.mesh
         headers = side.collect(scope.get("headers", ()))
         exchange = InboundExchange(side, headers.get)
         identity = mesh.identity_header

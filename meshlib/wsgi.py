@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from meshlib._inbound import InboundExchange, InboundSide
-from meshlib.mesh import Mesh, default_mesh
+from meshlib._inbound import InboundExchange, InboundSides
+from meshlib.mesh import Mesh
 from meshlib.telemetry import threads
 
 StartResponse = Callable[..., Any]
@@ -27,15 +27,11 @@ class MeshWSGIMiddleware:
 
     def __init__(self, app: WSGIApp, mesh: Mesh | None = None) -> None:
         self.app = app
-        self._mesh = mesh
-        self._side: InboundSide | None = None  # per-Mesh precomputation, rebuilt on change
+        self._sides = InboundSides(mesh)
         threads.install()  # context follows work into thread pools and threads
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        mesh = self._mesh if self._mesh is not None else default_mesh()
-        side = self._side
-        if side is None or not side.serves(mesh):
-            side = self._side = InboundSide(mesh)
+        side = self._sides.current()
 
         def get_all(name: str) -> list[str] | None:
             key = _CGI_NAMES.get(name) or "HTTP_" + name.upper().replace("-", "_")

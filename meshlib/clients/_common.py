@@ -5,7 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -231,21 +231,6 @@ def _service_name(mesh: Mesh, host: str) -> tuple[str, str]:
         return name, namespace or "unknown"
     service = mesh.snapshot.service(host)
     return host, service.namespace if service is not None else "unknown"
-
-
-def budget_header(
-    propagated: list[tuple[str, str]], app_set: Callable[[str], bool], attempt: Attempt
-) -> list[tuple[str, str]]:
-    """`propagated` with `x-envoy-expected-rq-timeout-ms` telling the upstream this attempt's
-    time budget, as Envoy's router does from the route (or per-try) timeout — already clamped
-    by the served request's deadline — so the callee can stop when the caller stops waiting.
-    A value the app set itself stays; without any timeout nothing is sent."""
-    if attempt.timeout is None or app_set(propagation.EXPECTED_TIMEOUT):
-        return propagated
-    out = [(k, v) for k, v in propagated if k != propagation.EXPECTED_TIMEOUT]
-    ms = int(attempt.timeout * 1000.0)
-    out.append((propagation.EXPECTED_TIMEOUT, str(ms if ms > 1 else 1)))
-    return out
 
 
 def request_id() -> str:

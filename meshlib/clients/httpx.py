@@ -15,8 +15,8 @@ balances, retries and times out as the route says and answers locally where a si
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
@@ -25,7 +25,6 @@ from meshlib.clients._common import (
     RESPONSE_FLAGS,
     UPSTREAM_HOST,
     MirrorTracker,
-    budget_header,
     client_span,
     edited_headers,
     end_client_span,
@@ -65,6 +64,9 @@ def _smaller(a: float | None, b: float | None) -> float | None:
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# What a transport's `_handle` gives: the response, and its headers as `_result` read them
+# (None when the response is meshlib's own or was edited since: then they are read again).
+Handled = tuple[httpx.Response, Mapping[str, str] | None]
 # Set per attempt (lowercase, as httpx.Headers keys them).
 _OURS = frozenset((b"host", b"x-envoy-attempt-count", peer.HEADER.encode()))
 
@@ -122,13 +124,9 @@ def request_attributes(
         url.path,
         scheme=url.scheme,
         query=url.query.decode("ascii", "replace"),
-        headers=LazyHeaders(functools.partial(_same, pairs)),
+        headers=LazyHeaders(pairs),
         port=url.port,
     )
-
-
-def _same(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    return pairs
 
 
 # The response headers the mesh reads: one pass over them collects all four.
@@ -154,13 +152,17 @@ def _record(
     request_headers: dict[str, str],
     response: httpx.Response,
     started: float,
+    response_headers: Mapping[str, str] | None,
 ) -> None:
+    """Count the call; `response_headers` are the ones `_result` read, when still current."""
     extensions = response.extensions
+    if response_headers is None:
+        response_headers = _response_headers(response.headers)
     record_source(
         mesh,
         plan,
         response.status_code,
-        _response_headers(response.headers),
+        response_headers,
         started,
         request_headers,
         extensions.get(RESPONSE_FLAGS, ()),
@@ -228,8 +230,8 @@ class _MeshTransportBase:
         path = None if plan.original_path is None else plan.path
         edits = plan.request_headers
         original = request.headers
-        has = view.__contains__
-        propagated = budget_header(mesh.propagator.outbound(has), has, attempt)  # only unset ones
+        # Only headers the app did not set; the budget is this try's, as Envoy's router says.
+        propagated = mesh.propagator.outbound(view.__contains__, attempt.timeout)
         ours = [
             ("host", plan.authority),
             ("x-envoy-attempt-count", str(attempt.number)),
@@ -264,6 +266,7 @@ class _MeshTransportBase:
             grpc_status=headers.get("grpc-status"),
             response=response,
             rate_limited="x-envoy-ratelimited" in headers,
+            headers=headers,
         )
 
     @staticmethod
@@ -324,7 +327,7 @@ class _MeshTransportBase:
         exchange: Exchange,
         result: AttemptResult,
         flags: list[str],
-    ) -> httpx.Response:
+    ) -> Handled:
         """The response for the final attempt: upstream's, or the answer Envoy would give."""
         if result.client_timeout and result.error is not None:
             raise result.error  # the caller's own timeout: its exception, as without the mesh
@@ -332,8 +335,9 @@ class _MeshTransportBase:
             flags = ordered(flags + exchange.response_flags(result))
         reply = exchange.final_reply(result)
         if reply is not None:
-            return self._local(reply, request, flags, plan)
-        return self._finish(result.response, plan, exchange, flags)
+            return self._local(reply, request, flags, plan), None
+        response = self._finish(result.response, plan, exchange, flags)
+        return response, None if plan.response_headers else result.headers
 
     def _prepare(
         self, request: httpx.Request, items: list[tuple[str, str]]
@@ -363,11 +367,11 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         items, view = _view(request)
         mesh, plan, attributes = self._prepare(request, items)
         try:
-            response = self._handle(request, view, mesh, plan, attributes)
+            response, headers = self._handle(request, view, mesh, plan, attributes)
         except BaseException as exc:
             record_exception(mesh, plan, started, view, _exception_flag(exc))
             raise
-        _record(mesh, plan, view, response, started)
+        _record(mesh, plan, view, response, started, headers)
         return response
 
     def _handle(
@@ -377,21 +381,22 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         mesh: Mesh,
         plan: RoutePlan,
         attributes: RequestAttributes,
-    ) -> httpx.Response:
+    ) -> Handled:
         if plan.passthrough:
             with client_span(mesh, request.method, request.url, None, None, view) as span:
                 with passthrough_inside():
                     response = self._inner.handle_request(_propagating(mesh, request, view))
-                end_client_span(mesh, span, self._result(response))
-                return response
+                passed = self._result(response)
+                end_client_span(mesh, span, passed)
+                return response, passed.headers
         flags: list[str] = []
         if plan.reply is not None:
-            return self._local(plan.reply, request, flags, plan)
+            return self._local(plan.reply, request, flags, plan), None
         if plan.fault_delay is not None:
             time.sleep(plan.fault_delay)
             flags.append(Flag.DELAY_INJECTED)
         if plan.fault_abort is not None:
-            return self._local(plan.fault_abort, request, flags, plan)
+            return self._local(plan.fault_abort, request, flags, plan), None
         replayable = _replayable(request)
         for mirror in plan.mirrors if replayable else ():
             copy = self._mirror_request(request, plan, mirror)
@@ -463,11 +468,11 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
         items, view = _view(request)
         mesh, plan, attributes = self._prepare(request, items)
         try:
-            response = await self._handle(request, view, mesh, plan, attributes)
+            response, headers = await self._handle(request, view, mesh, plan, attributes)
         except BaseException as exc:
             record_exception(mesh, plan, started, view, _exception_flag(exc))
             raise
-        _record(mesh, plan, view, response, started)
+        _record(mesh, plan, view, response, started, headers)
         return response
 
     async def _handle(
@@ -477,23 +482,24 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
         mesh: Mesh,
         plan: RoutePlan,
         attributes: RequestAttributes,
-    ) -> httpx.Response:
+    ) -> Handled:
         if plan.passthrough:
             with client_span(mesh, request.method, request.url, None, None, view) as span:
                 with passthrough_inside():
                     response = await self._inner.handle_async_request(
                         _propagating(mesh, request, view)
                     )
-                end_client_span(mesh, span, self._result(response))
-                return response
+                passed = self._result(response)
+                end_client_span(mesh, span, passed)
+                return response, passed.headers
         flags: list[str] = []
         if plan.reply is not None:
-            return self._local(plan.reply, request, flags, plan)
+            return self._local(plan.reply, request, flags, plan), None
         if plan.fault_delay is not None:
             await asyncio.sleep(plan.fault_delay)
             flags.append(Flag.DELAY_INJECTED)
         if plan.fault_abort is not None:
-            return self._local(plan.fault_abort, request, flags, plan)
+            return self._local(plan.fault_abort, request, flags, plan), None
         replayable = _replayable(request)
         for mirror in plan.mirrors if replayable else ():
             copy = self._mirror_request(request, plan, mirror)

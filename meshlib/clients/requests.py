@@ -10,7 +10,6 @@ Envoy response flags are on `response.response_flags`, and on local answers also
 from __future__ import annotations
 
 import contextlib
-import functools
 import http
 import io
 import time
@@ -24,7 +23,6 @@ from requests.structures import CaseInsensitiveDict
 
 from meshlib.clients._common import (
     MirrorTracker,
-    budget_header,
     client_span,
     edited_headers,
     end_client_span,
@@ -71,13 +69,9 @@ def request_attributes(
         parts.path or "/",
         scheme=parts.scheme,
         query=parts.query,
-        headers=LazyHeaders(functools.partial(_same, pairs)),
+        headers=LazyHeaders(pairs),
         port=parts.port,
     )
-
-
-def _same(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    return pairs
 
 
 def _exception_flag(exc: BaseException) -> str:
@@ -250,8 +244,7 @@ class MeshAdapter(HTTPAdapter):
         timeout: Any,
     ) -> AttemptResult:
         caller_connect, caller_read = timeout if isinstance(timeout, tuple) else (timeout, timeout)
-        has = view.__contains__
-        propagated = budget_header(mesh.propagator.outbound(has), has, attempt)
+        propagated = mesh.propagator.outbound(view.__contains__, attempt.timeout)
         upstream = self._upstream(request, plan, attempt, propagated, mesh.identity)
         connect, read, mesh_owned = attempt.timeouts(caller_read)
         if caller_connect is not None:

@@ -10,7 +10,7 @@ a shared `AsyncRetrying` mixes up attempt counts between concurrent requests.
 from __future__ import annotations
 
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +50,7 @@ class AttemptResult:
     endpoint: str | None = None
     rate_limited: bool = False  # the response carries x-envoy-ratelimited
     client_timeout: bool = False  # the caller's own timeout fired, not the mesh's
+    headers: Mapping[str, str] | None = None  # response headers the adapter read, lowercase
 
 
 def is_retriable(policy: RetryPolicy, result: AttemptResult) -> bool:

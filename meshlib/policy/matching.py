@@ -60,13 +60,15 @@ class RequestAttributes:
 class LazyHeaders(Mapping[str, str]):
     """Request headers as routing reads them, built only if a route looks at them.
 
-    `pairs` yields (lowercase name, value); repeated headers are joined with "," as Envoy
-    joins them.
+    `pairs` are (lowercase name, value), or a function giving them; repeated headers are
+    joined with "," as Envoy joins them.
     """
 
     __slots__ = ("_headers", "_pairs")
 
-    def __init__(self, pairs: Callable[[], Iterable[tuple[str, str]]]) -> None:
+    def __init__(
+        self, pairs: Callable[[], Iterable[tuple[str, str]]] | Iterable[tuple[str, str]]
+    ) -> None:
         self._pairs = pairs
         self._headers: dict[str, str] | None = None
 
@@ -74,7 +76,8 @@ class LazyHeaders(Mapping[str, str]):
         headers = self._headers
         if headers is None:
             headers = self._headers = {}
-            for name, value in self._pairs():
+            pairs = self._pairs
+            for name, value in pairs() if callable(pairs) else pairs:
                 headers[name] = f"{headers[name]},{value}" if name in headers else value
         return headers
 

@@ -349,19 +349,24 @@ class Propagator:
 
     # -- outbound -----------------------------------------------------------------------
 
-    def outbound(self, has: Callable[[str], bool]) -> list[tuple[str, str]]:
+    def outbound(
+        self, has: Callable[[str], bool], budget: float | None = None
+    ) -> list[tuple[str, str]]:
         """Headers to add to an outbound request sent now; never raises.
 
         `has(name)` tells whether the request already carries header `name` (lowercase):
-        those are left as the app set them.
+        those are left as the app set them. `budget` is the seconds this try may take, when
+        the data plane knows it (a route or per-try timeout, already clamped by the served
+        request's deadline): it is what `x-envoy-expected-rq-timeout-ms` says, as Envoy's
+        router sends it; without one, the served request's time left is.
         """
         try:
-            return self._outbound(has)
+            return self._outbound(has, budget)
         except Exception:  # a bug here must never fail the app's call
             logger.warning("meshlib: could not compute propagation headers", exc_info=True)
             return []
 
-    def _outbound(self, has: Callable[[str], bool]) -> list[tuple[str, str]]:
+    def _outbound(self, has: Callable[[str], bool], budget: float | None) -> list[tuple[str, str]]:
         inbound = current.get()
         always = self._always
         used = _NO_FORMATS if inbound is None else inbound.formats
@@ -392,9 +397,11 @@ class Propagator:
             for name, value in inbound.headers:
                 if not has(name):
                     out.append((name, value))
-        at = inbound_deadline.get()
-        if at is not None and not has(EXPECTED_TIMEOUT):
-            left_ms = int((at - time.monotonic()) * 1000.0)
+        if budget is None:
+            at = inbound_deadline.get()
+            budget = None if at is None else at - time.monotonic()
+        if budget is not None and not has(EXPECTED_TIMEOUT):
+            left_ms = int(budget * 1000.0)
             out.append((EXPECTED_TIMEOUT, str(left_ms if left_ms > 1 else 1)))
         return out
 
