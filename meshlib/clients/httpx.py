@@ -584,10 +584,23 @@ class _Cookies(httpx.Cookies):
                 return
 
 
-class _CookiesMixin:
-    """The cookie store of meshlib's clients (setting `client.cookies` keeps it)."""
+_PARSED_URLS = 256  # distinct URL strings a client keeps parsed; more start the cache anew
+
+
+class _ClientMixin:
+    """What meshlib's clients change in httpx's own per-request work, behaviour unchanged.
+
+    - The cookie store skips the cookie jar for responses that set no cookie (`_Cookies`);
+      setting `client.cookies` keeps that store.
+    - A URL string is parsed once: httpx parses it on every call (~8 µs, more than routing
+      the request), though apps call the same few URLs again and again. httpx URLs are
+      immutable, so requests can share the parsed form; the cache holds at most
+      `_PARSED_URLS` strings and starts anew when `base_url` changes.
+    """
 
     _cookies: httpx.Cookies
+    _base_url: httpx.URL
+    _parsed: tuple[httpx.URL, dict[str, httpx.URL]] | None = None
 
     @property
     def cookies(self) -> httpx.Cookies:
@@ -597,8 +610,19 @@ class _CookiesMixin:
     def cookies(self, cookies: httpx._types.CookieTypes) -> None:
         self._cookies = _Cookies(cookies)
 
+    def _merge_url(self, url: httpx.URL | str) -> httpx.URL:
+        if not isinstance(url, str):
+            return super()._merge_url(url)  # type: ignore[misc, no-any-return]
+        parsed = self._parsed
+        if parsed is None or parsed[0] is not self._base_url or len(parsed[1]) >= _PARSED_URLS:
+            parsed = self._parsed = (self._base_url, {})
+        merged = parsed[1].get(url)
+        if merged is None:
+            merged = parsed[1][url] = super()._merge_url(url)  # type: ignore[misc]
+        return merged
 
-class Client(_CookiesMixin, httpx.Client):
+
+class Client(_ClientMixin, httpx.Client):
     """An `httpx.Client` whose requests go through the mesh.
 
     Every httpx feature still works; `transport=` (or `mounts=`) are wrapped, not replaced.
@@ -626,7 +650,7 @@ class Client(_CookiesMixin, httpx.Client):
         self._cookies = _Cookies.sharing(self._cookies)
 
 
-class AsyncClient(_CookiesMixin, httpx.AsyncClient):
+class AsyncClient(_ClientMixin, httpx.AsyncClient):
     """An `httpx.AsyncClient` whose requests go through the mesh."""
 
     def __init__(self, *args: Any, mesh: Mesh | None = None, **kwargs: Any) -> None:

@@ -408,3 +408,25 @@ def test_a_non_ascii_propagated_value_is_sent_as_received(edits: bool) -> None:
     assert response.status_code == 200
     assert seen == [b"j\xfcrgen"]
     assert dict(response.headers.raw)[b"x-caf\xe9"] == b"\xe9t\xe9"
+
+
+@pytest.mark.parametrize("make", [meshlib.Client, meshlib.AsyncClient])
+def test_parsed_urls_follow_base_url_and_stay_bounded(make: Callable[..., httpx.Client]) -> None:
+    """meshlib's clients parse each URL string once, but a changed `base_url` is honoured,
+    a bad URL fails every time as in httpx, and the cache never grows past its bound."""
+    from meshlib.clients import httpx as meshed
+
+    c = make(base_url="http://a.example/v1/")
+    first = c.build_request("GET", "items?x=1")
+    assert str(first.url) == "http://a.example/v1/items?x=1"
+    assert c.build_request("GET", "items?x=1").url == first.url
+    c.base_url = "http://b.example/v2/"
+    assert str(c.build_request("GET", "items?x=1").url) == "http://b.example/v2/items?x=1"
+    assert str(c.build_request("GET", "http://c.example/").url) == "http://c.example/"
+    for _ in range(2):
+        with pytest.raises(httpx.InvalidURL):
+            c.build_request("GET", "http://example.com:abc/")
+    for n in range(meshed._PARSED_URLS * 2):
+        assert c.build_request("GET", f"/n/{n}").url.path == f"/v2/n/{n}"
+    assert c._parsed is not None and len(c._parsed[1]) <= meshed._PARSED_URLS
+    assert c.build_request("GET", httpx.URL("x")).url == httpx.URL("http://b.example/v2/x")
