@@ -107,16 +107,23 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         if session is None or self._loop is not asyncio.get_running_loop() or session.closed:
             session = await self._new_session()
         headers = decoded(request.headers)
-        try:
-            data: Any = request.content or None
-        except httpx.RequestNotRead:
-            data = _iter_request_body(request)
-            # aiohttp frames a body of unknown size itself and refuses a preset header.
-            headers = [
-                (k, v)
-                for k, v in headers
-                if not (k.lower() == "transfer-encoding" and v.lower() == "chunked")
-            ]
+        outgoing = request.stream
+        data: Any
+        if isinstance(outgoing, httpx.ByteStream):
+            # Bytes known up front (also when the request was built with `stream=`, as the
+            # mesh builds each attempt's, and so is not marked read): sent whole, not chunked.
+            data = b"".join(outgoing) or None
+        else:
+            try:
+                data = request.content or None
+            except httpx.RequestNotRead:
+                data = _iter_request_body(request)
+                # aiohttp frames a body of unknown size itself and refuses a preset header.
+                headers = [
+                    (k, v)
+                    for k, v in headers
+                    if not (k.lower() == "transfer-encoding" and v.lower() == "chunked")
+                ]
         queued = self._max_connections is not None and self._in_flight >= self._max_connections
         self._in_flight += 1
         try:

@@ -371,3 +371,26 @@ def test_transport_survives_a_new_event_loop(base_url: str) -> None:
 def test_rejects_a_bad_limit() -> None:
     with pytest.raises(ValueError, match="max_connections"):
         AiohttpTransport(max_connections=0)
+
+
+@pytest.mark.parametrize("content", [b"", b"payload"])
+def test_a_request_built_on_a_byte_stream_is_sent_whole(base_url: str, content: bytes) -> None:
+    """A request made with `stream=httpx.ByteStream(...)` — how the mesh builds each attempt —
+    is not marked read, yet its bytes are known: a GET goes out without a body, a POST with
+    Content-Length, never as a chunked body."""
+
+    async def main() -> dict[str, Any]:
+        async with client() as c:
+            original = c.build_request("POST" if content else "GET", f"{base_url}/echo")
+            headers = original.headers.copy()
+            if content:
+                headers["content-length"] = str(len(content))
+            request = httpx.Request(
+                original.method, original.url, headers=headers, stream=httpx.ByteStream(content)
+            )
+            return dict((await c.send(request)).json())
+
+    echo = asyncio.run(main())
+    assert echo["body"] == content.decode()
+    assert header_values(echo, "transfer-encoding") == []
+    assert header_values(echo, "content-length") == ([str(len(content))] if content else [])
