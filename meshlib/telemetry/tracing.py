@@ -87,6 +87,7 @@ from meshlib.policy.snapshot import Snapshot
 from meshlib.policy.telemetry import Tracing as TracingSpec
 from meshlib.policy.telemetry import header_name
 from meshlib.telemetry._resolve import telemetry_levels
+from meshlib.telemetry.propagation import CallerSpan
 
 __all__ = [
     "DEFAULT_SAMPLING_PERCENTAGE",
@@ -775,6 +776,8 @@ def _peer(attributes: dict[str, str | int], upstream: str) -> None:
 
 def _unsampled(span: Span) -> bool:
     """A valid span context whose trace is not sampled (the ParentBased sampler drops it)."""
+    if type(span) is CallerSpan:  # valid by construction; its flag is read without building
+        return not span.sampled
     span_context = span.get_span_context()
     return span_context.is_valid and not span_context.trace_flags.sampled
 
