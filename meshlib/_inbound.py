@@ -9,7 +9,7 @@ previous context. The adapters only translate their framework's request and resp
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -88,7 +88,7 @@ class InboundSides:
     def current(self) -> InboundSide:
         mesh = self._mesh if self._mesh is not None else default_mesh()
         side = self._side
-        if side is None or not side.serves(mesh):
+        if side is None or side.mesh is not mesh or side.tags is not mesh.tracing.tags:
             side = self._side = InboundSide(mesh)
         return side
 
@@ -116,7 +116,14 @@ class InboundExchange:
         "status",
     )
 
-    def __init__(self, side: InboundSide, get_all: HeaderLookup) -> None:
+    def __init__(
+        self,
+        side: InboundSide,
+        get_all: HeaderLookup,
+        found: Mapping[str, list[str]] | None = None,
+    ) -> None:
+        """`found`: the headers of interest, when the adapter collected them (`get_all` is
+        then their `get`)."""
         self.started = time.perf_counter()
         mesh = side.mesh
         self.side = side
@@ -127,7 +134,11 @@ class InboundExchange:
         claimed = get_all(peer.HEADER)
         self.claimed = claimed[0] if claimed else None
         """The caller's peer metadata header, decoded only when its metrics series is new."""
-        self.context: InboundContext = mesh.propagator.extract(get_all)
+        self.context: InboundContext = (
+            mesh.propagator.extract(get_all)
+            if found is None
+            else mesh.propagator.extract_found(found)
+        )
         self._token: Activation | None = None
         self._scope: AbstractContextManager[Any] | None = None
         self._span: Any = None
@@ -177,10 +188,8 @@ class InboundExchange:
 
     def _record(self) -> None:
         """Count the request as Istio's server-side proxy does (reporter="destination")."""
-        claimed = self.claimed
         self.side.recorder.record(
-            claimed,
-            peer.decode(claimed) if claimed else peer.UNKNOWN_PEER,
+            self.claimed,
             self.status or 500,
             (time.perf_counter() - self.started) * 1000.0,
             self.request_bytes,

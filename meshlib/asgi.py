@@ -56,7 +56,8 @@ class _Exchange(InboundExchange):
         self.scope = scope
         self._receive = receive
         self._send = send
-        super().__init__(side, side.collect(scope.get("headers", ())).get)
+        headers = side.collect(scope.get("headers", ()))
+        super().__init__(side, headers.get, headers)
 
     def request_line(self) -> tuple[str, str, str, str]:
         scope = self.scope

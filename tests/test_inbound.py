@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.trace import NonRecordingSpan
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import CollectorRegistry
@@ -214,8 +215,8 @@ def test_destination_recorder_counts_as_record_does() -> None:
                 request_bytes=1,
                 response_bytes=2,
             )
-            recorder.record(claimed, identity, status, 1.0, 1, 2)
-            recorder.record(claimed, identity, status, 1.0, 1, 2)
+            recorder.record(claimed, status, 1.0, 1, 2)
+            recorder.record(claimed, status, 1.0, 1, 2)
     expected = {labels: 2 * value for labels, value in samples(by_record).items()}
     assert samples(by_recorder) == expected
     # Both share IstioMetrics' series: record() lands in the recorder's.
@@ -245,13 +246,13 @@ def test_destination_recorder_past_max_series() -> None:
         destination_service_namespace="default",
         connection_security_policy="none",
     )
-    recorder.record(PEER, peer.decode(PEER), 200, 1.0, 0, 0)
+    recorder.record(PEER, 200, 1.0, 0, 0)
     for _ in range(3):
-        recorder.record(None, peer.UNKNOWN_PEER, 500, 1.0, 0, 0)
+        recorder.record(None, 500, 1.0, 0, 0)
     assert registry.get_sample_value("meshlib_metric_series_dropped_total") == 3
     assert sum(samples(metrics).values()) == 1
     for i in range(5):  # distinct headers: the recorder's memory stays bounded
-        recorder.record(f"w=x{i}", peer.decode(f"w=x{i}"), 200, 1.0, 0, 0)
+        recorder.record(f"w=x{i}", 200, 1.0, 0, 0)
     assert len(recorder._cache) <= 1
 
 
@@ -269,7 +270,7 @@ def test_destination_recorder_counts_exactly_under_threads() -> None:
         start.wait()
         for i in range(2000):
             claimed = PEER if i % 2 else None
-            recorder.record(claimed, peer.decode(claimed), 200 + i % 3, 1.0, 1, 1)
+            recorder.record(claimed, 200 + i % 3, 1.0, 1, 1)
 
     threads = [threading.Thread(target=work) for _ in range(8)]
     for thread in threads:
@@ -278,3 +279,87 @@ def test_destination_recorder_counts_exactly_under_threads() -> None:
         thread.join()
     assert sum(samples(metrics).values()) == 16000
     assert len(samples(metrics)) == 6
+
+
+_header_values = st.one_of(
+    st.sampled_from(
+        [
+            f"00-{TRACE_ID}-{SPAN_ID}-01",
+            f"00-{TRACE_ID}-{SPAN_ID}-00",
+            f"00-{'0' * 32}-{SPAN_ID}-01",
+            f"00-{TRACE_ID}-{'0' * 16}-01",
+            f"01-{TRACE_ID}-{SPAN_ID}-01",
+            f" 00-{TRACE_ID}-{SPAN_ID}-01",
+            "3e0f2b66-5e6a-9d2c-b1a4-0b3c8f1e2d77",
+            " 3e0f2b66 ",
+            "",
+            "a=b",
+            "1500",
+            "5S",
+            "jason",
+            f"{TRACE_ID}-{SPAN_ID}-1",
+        ]
+    ),
+    st.text(max_size=60),
+)
+_header_names = st.sampled_from(
+    [
+        "traceparent",
+        "tracestate",
+        "x-request-id",
+        "baggage",
+        "b3",
+        "x-b3-traceid",
+        "x-b3-sampled",
+        "x-envoy-expected-rq-timeout-ms",
+        "grpc-timeout",
+        "end-user",
+        "host",
+        peer.HEADER,
+    ]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(found=st.dictionaries(_header_names, st.lists(_header_values, min_size=1, max_size=2)))
+def test_extract_found_is_extract(found: dict[str, list[str]]) -> None:
+    """The middleware's one-step read of the common request gives what extract gives."""
+    p = Propagator(["end-user"])
+    ours = p.extract_found(found)
+    theirs = p.extract(found.get)
+    if "x-request-id" not in found or ours.request_id != found["x-request-id"][0].strip(" \t"):
+        assert len(ours.request_id) == len(theirs.request_id) == 36  # both made a new one
+        ours = ours._replace(request_id=theirs.request_id)
+    if ours.deadline is not None and theirs.deadline is not None:
+        assert abs(ours.deadline - theirs.deadline) < 1.0
+        ours = ours._replace(deadline=theirs.deadline)
+    ours_span = trace.get_current_span(ours.otel_context).get_span_context()
+    theirs_span = trace.get_current_span(theirs.otel_context).get_span_context()
+    assert ours_span == theirs_span
+    assert ours._replace(otel_context=Context()) == theirs._replace(otel_context=Context())
+
+
+def test_opentelemetry_context_is_set_directly_and_restored(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With OpenTelemetry's standard runtime context its variable is set directly; what the
+    API reads is the same, and a token reset in the wrong context is logged as before."""
+    import contextvars
+
+    from opentelemetry import context as otel_context
+
+    from meshlib.telemetry import propagation
+
+    assert propagation._OTEL_VAR is not None  # the direct path is the one under test
+    p = Propagator()
+    inbound = p.extract({"traceparent": [f"00-{TRACE_ID}-{SPAN_ID}-01"]}.get)
+    before = otel_context.get_current()
+    activation = p.activate(inbound)
+    assert otel_context.get_current() is inbound.otel_context
+    p.deactivate(activation)
+    assert otel_context.get_current() is before
+
+    activation = contextvars.copy_context().run(p.activate, inbound)
+    with caplog.at_level("ERROR"):
+        p.deactivate(activation)  # tokens of another context: logged, never raised
+    assert "Failed to detach context" in caplog.text

@@ -68,6 +68,7 @@ from prometheus_client.utils import floatToGoString as _float_to_go_string
 from meshlib.config import DEFAULT_METRICS_PORT, MeshConfig
 from meshlib.telemetry.metric_overrides import MetricOverrides
 from meshlib.telemetry.peer import UNKNOWN_PEER, PeerIdentity
+from meshlib.telemetry.peer import decode as decode_peer
 
 if TYPE_CHECKING:
     from prometheus_client.registry import Collector
@@ -313,16 +314,15 @@ class DestinationRecorder:
     def record(
         self,
         claimed: str | None,
-        peer: PeerIdentity,
         status: int,
         duration_ms: float,
         request_bytes: int,
         response_bytes: int,
     ) -> None:
-        """Count one request; `peer` is what the peer header `claimed` decodes to."""
+        """Count one request; `claimed` is the caller's peer metadata header, if any."""
         series = self._cache.get((claimed, status))
         if series is None:
-            series = self._find(claimed, peer, status)
+            series = self._find(claimed, status)
             if series is None:
                 return  # dropped (max_series reached): counted by IstioMetrics
         if not duration_ms >= 0.0:
@@ -333,9 +333,8 @@ class DestinationRecorder:
             response_bytes = 0
         series.observe(duration_ms, request_bytes, response_bytes)
 
-    def _find(
-        self, claimed: str | None, peer: PeerIdentity, status: int
-    ) -> _Series | _MultiProcessSeries | None:
+    def _find(self, claimed: str | None, status: int) -> _Series | _MultiProcessSeries | None:
+        peer = decode_peer(claimed)
         metrics = self._metrics
         service, name, namespace, protocol = self._service
         # The key `IstioMetrics.record` builds for the same arguments.

@@ -87,7 +87,7 @@ from meshlib.policy.snapshot import Snapshot
 from meshlib.policy.telemetry import Tracing as TracingSpec
 from meshlib.policy.telemetry import header_name
 from meshlib.telemetry._resolve import telemetry_levels
-from meshlib.telemetry.propagation import CallerSpan
+from meshlib.telemetry.propagation import SPAN_KEY, CallerSpan
 
 __all__ = [
     "DEFAULT_SAMPLING_PERCENTAGE",
@@ -418,7 +418,12 @@ class Tracing:
     def passes_through(self, context: Context) -> bool:
         """Whether a SERVER span under `context` would only pass the caller's context on:
         its trace is not sampled and meshlib's sampler follows the parent (no span made)."""
-        return self._sampler is not None and _unsampled(trace.get_current_span(context))
+        if self._sampler is None:
+            return False
+        span = context.get(SPAN_KEY)  # what trace.get_current_span(context) reads, directly
+        if type(span) is CallerSpan:
+            return not span.sampled
+        return _unsampled(trace.get_current_span(context))
 
     @property
     def owns_provider(self) -> bool:
