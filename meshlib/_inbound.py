@@ -157,12 +157,8 @@ class InboundExchange:
         mesh = self.side.mesh
         self._token = activation = mesh.propagator.activate(context)
         tracing = mesh.tracing
-        if tracing.enabled and not (
-            # The caller's unsampled trace, already current: the span would only pass it on.
-            context.sampled is False
-            and activation.otel is not None
-            and tracing.passes_through(context.otel_context)
-        ):
+        attached = activation.otel is not None  # else an outer span stays current
+        if tracing.needs_server_span(context.otel_context, context.sampled if attached else None):
             method, path, scheme, host = self.request_line()
             self._scope = tracing.server_span(
                 method,
@@ -182,12 +178,10 @@ class InboundExchange:
             mesh.tracing.finish_server(self._span, self.status or 500)
             scope.__exit__(type(error) if error else None, error, None)
         token, self._token = self._token, None
-        if token is not None:
-            mesh.propagator.deactivate(token)
-            self._record()
-
-    def _record(self) -> None:
-        """Count the request as Istio's server-side proxy does (reporter="destination")."""
+        if token is None:
+            return
+        mesh.propagator.deactivate(token)
+        # Count the request as Istio's server-side proxy does (reporter="destination").
         self.side.recorder.record(
             self.claimed,
             self.status or 500,
@@ -195,7 +189,7 @@ class InboundExchange:
             self.request_bytes,
             self.response_bytes,
         )
-        log = self.side.mesh.access_log
+        log = mesh.access_log
         if log.enabled("inbound"):
             log.log(self._entry())
 

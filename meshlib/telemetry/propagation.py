@@ -378,8 +378,15 @@ class Propagator:
         activation.current = None
         if activation.deadline is not None:
             _reset(inbound_deadline, activation.deadline)
-        if activation.otel is not None:
-            _otel_detach(activation.otel)  # logs, never raises
+        otel = activation.otel
+        if otel is not None:
+            if _OTEL_VAR is None:
+                otel_context_api.detach(otel)  # logs, never raises
+            else:
+                try:
+                    _OTEL_VAR.reset(otel)
+                except (ValueError, RuntimeError):
+                    otel_context_api.detach(otel)  # fails again, logged as OpenTelemetry does
         try:
             current.reset(token)
         except (ValueError, RuntimeError):  # made in another context, or already used
@@ -479,25 +486,15 @@ def _otel_var() -> ContextVar[Context] | None:
     return None
 
 
-def _detach_var(token: Token[Context]) -> None:
-    try:
-        _OTEL_VAR.reset(token)  # type: ignore[union-attr]
-    except (ValueError, RuntimeError):
-        otel_context_api.detach(token)  # fails again, logged as OpenTelemetry logs it
-
-
 # Activating a request is on every request's path: with the standard runtime context, its
 # variable is set directly (the API adds two Python calls each way, which show in servers).
 _OTEL_VAR = _otel_var()
 _otel_current: Callable[[], Context]
 _otel_attach: Callable[[Context], Token[Context]]
-_otel_detach: Callable[[Token[Context]], None]
 if _OTEL_VAR is not None:
-    _otel_current, _otel_attach, _otel_detach = _OTEL_VAR.get, _OTEL_VAR.set, _detach_var
+    _otel_current, _otel_attach = _OTEL_VAR.get, _OTEL_VAR.set
 else:
-    _otel_current = otel_context_api.get_current
-    _otel_attach = otel_context_api.attach
-    _otel_detach = otel_context_api.detach
+    _otel_current, _otel_attach = otel_context_api.get_current, otel_context_api.attach
 
 
 def _reset(var: ContextVar[_T], token: Token[_T]) -> None:

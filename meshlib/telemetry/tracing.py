@@ -415,15 +415,19 @@ class Tracing:
         """Whether meshlib makes spans at all (False: exporter none and no app provider)."""
         return self._tracer is not None
 
-    def passes_through(self, context: Context) -> bool:
-        """Whether a SERVER span under `context` would only pass the caller's context on:
-        its trace is not sampled and meshlib's sampler follows the parent (no span made)."""
-        if self._sampler is None:
+    def needs_server_span(self, context: Context, sampled: bool | None) -> bool:
+        """Whether a request served under `context` (its caller's decision `sampled`, None
+        when the context is not the one current) needs a SERVER span scope: not when meshlib
+        makes no spans, nor for the caller's unsampled trace, already current, when meshlib's
+        sampler follows the parent — the span would only pass the caller's context on."""
+        if self._tracer is None:
             return False
+        if sampled is not False or self._sampler is None:
+            return True
         span = context.get(SPAN_KEY)  # what trace.get_current_span(context) reads, directly
         if type(span) is CallerSpan:
-            return not span.sampled
-        return _unsampled(trace.get_current_span(context))
+            return span.sampled
+        return not _unsampled(trace.get_current_span(context))
 
     @property
     def owns_provider(self) -> bool:
