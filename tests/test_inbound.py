@@ -363,3 +363,11 @@ def test_opentelemetry_context_is_set_directly_and_restored(
     with caplog.at_level("ERROR"):
         p.deactivate(activation)  # tokens of another context: logged, never raised
     assert "Failed to detach context" in caplog.text
+
+
+def test_extract_found_never_raises() -> None:
+    """Values no adapter should give (bytes) still give a context: a new request id."""
+    inbound = Propagator().extract_found(
+        {"traceparent": [b"00-x"], "x-request-id": [b"r"]}  # type: ignore[list-item]
+    )
+    assert len(inbound.request_id) == 36 and inbound.sampled is None

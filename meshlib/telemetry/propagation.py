@@ -283,21 +283,24 @@ class Propagator:
         """`extract(found.get, found.keys())` for the headers an adapter collected; never
         raises. The common request — a canonical `traceparent` and a sane `x-request-id` as
         its only propagation headers — is read here in one step (this runs on every request)."""
-        if self._uncommon.isdisjoint(found):
-            parent = found.get("traceparent")
-            ids = found.get(REQUEST_ID)
-            if parent is not None and ids is not None:
-                value = parent[0]
-                request_id = ids[0]
-                if (
-                    _CANONICAL_TRACEPARENT.fullmatch(value) is not None
-                    and _SANE_REQUEST_ID.fullmatch(request_id) is not None
-                ):
-                    span = CallerSpan(value, None)
-                    context = Context({SPAN_KEY: span})
-                    return InboundContext(
-                        request_id, (), context, None, span.sampled, _TRACECONTEXT_ONLY
-                    )
+        try:
+            if self._uncommon.isdisjoint(found):
+                parent = found.get("traceparent")
+                ids = found.get(REQUEST_ID)
+                if parent is not None and ids is not None:
+                    value = parent[0]
+                    request_id = ids[0]
+                    if (
+                        _CANONICAL_TRACEPARENT.fullmatch(value) is not None
+                        and _SANE_REQUEST_ID.fullmatch(request_id) is not None
+                    ):
+                        span = CallerSpan(value, None)
+                        context = Context({SPAN_KEY: span})
+                        return InboundContext(
+                            request_id, (), context, None, span.sampled, _TRACECONTEXT_ONLY
+                        )
+        except Exception:  # whatever it was, the general path reads it and never raises
+            pass
         return self.extract(found.get, found.keys())
 
     def _extract(self, get_all: HeaderLookup, present: Collection[str] | None) -> InboundContext:
