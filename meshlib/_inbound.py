@@ -9,7 +9,7 @@ previous context. The adapters only translate their framework's request and resp
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -28,7 +28,7 @@ _LOGGED_HEADERS = ("host", "user-agent", "x-forwarded-for")
 class InboundSide:
     """What every request served through one Mesh shares, computed once per Mesh."""
 
-    __slots__ = ("mesh", "names", "service", "service_fqdn", "service_namespace", "tags")
+    __slots__ = ("identity_header", "mesh", "names", "recorder", "tags")
 
     def __init__(self, mesh: Mesh) -> None:
         self.mesh = mesh
@@ -42,9 +42,14 @@ class InboundSide:
         self.names: dict[bytes, str] = {name.encode("latin-1"): name for name in wanted}
         """The request headers anything inbound reads, as ASGI spells them -> their name."""
         config = mesh.config
-        self.service = config.service or config.workload or "unknown"
-        self.service_namespace = config.namespace
-        self.service_fqdn = f"{self.service}.{config.namespace}.svc.{config.cluster_domain}"
+        service = config.service or config.workload or "unknown"
+        self.recorder = mesh.metrics.destination(
+            destination_service=f"{service}.{config.namespace}.svc.{config.cluster_domain}",
+            destination_service_name=service,
+            destination_service_namespace=config.namespace,
+            connection_security_policy="none",
+        )
+        self.identity_header = mesh.identity_header
 
     def serves(self, mesh: Mesh) -> bool:
         """Whether this is still right for `mesh` (the same Mesh, the same custom tags)."""
@@ -83,27 +88,27 @@ class InboundSides:
     def current(self) -> InboundSide:
         mesh = self._mesh if self._mesh is not None else default_mesh()
         side = self._side
-        if side is None or not side.serves(mesh):
+        if side is None or side.mesh is not mesh or side.tags is not mesh.tracing.tags:
             side = self._side = InboundSide(mesh)
         return side
 
 
 class InboundExchange:
-    """One request served by this workload."""
+    """One request served by this workload, from its headers to its end.
+
+    An adapter subclasses it to say what the request is (`request_line`, `origin`, read only
+    when a span or an access log needs them), sets `status` and counts the bytes.
+    Constructing it makes the caller's context current and opens the SERVER span; `end()`
+    closes both and records the request.
+    """
 
     __slots__ = (
         "_get_all",
-        "_method",
-        "_path",
         "_scope",
         "_span",
         "_token",
-        "_wall",
-        "client",
+        "claimed",
         "context",
-        "mesh",
-        "peer",
-        "query",
         "request_bytes",
         "response_bytes",
         "side",
@@ -111,39 +116,50 @@ class InboundExchange:
         "status",
     )
 
-    def __init__(self, side: InboundSide, get_all: HeaderLookup) -> None:
+    def __init__(
+        self,
+        side: InboundSide,
+        get_all: HeaderLookup,
+        found: Mapping[str, list[str]] | None = None,
+    ) -> None:
+        """`found`: the headers of interest, when the adapter collected them (`get_all` is
+        then their `get`)."""
+        self.started = time.perf_counter()
         mesh = side.mesh
         self.side = side
-        self.mesh = mesh
         self.status = 0
-        self.started = time.perf_counter()
-        self._wall = time.time()
-        self._get_all = get_all
-        self._method = "GET"
-        self._path = "/"
-        self.client: str | None = None  # the caller's address, for access logs
-        self.query = ""  # the query string, for access logs
         self.request_bytes = 0
         self.response_bytes = 0
-        self.context: InboundContext = mesh.propagator.extract(get_all)
+        self._get_all = get_all
         claimed = get_all(peer.HEADER)
-        self.peer = peer.decode(claimed[0]) if claimed else peer.UNKNOWN_PEER
+        self.claimed = claimed[0] if claimed else None
+        """The caller's peer metadata header, decoded only when its metrics series is new."""
+        self.context: InboundContext = (
+            mesh.propagator.extract(get_all)
+            if found is None
+            else mesh.propagator.extract_found(found)
+        )
         self._token: Activation | None = None
         self._scope: AbstractContextManager[Any] | None = None
         self._span: Any = None
 
-    def begin(self, method: str, path: str, *, scheme: str, host: str) -> None:
+    def request_line(self) -> tuple[str, str, str, str]:
+        """The request's method, path (without the query), scheme and host."""
+        raise NotImplementedError
+
+    def origin(self) -> tuple[str | None, str]:
+        """The caller's address (`host:port`, None when unknown) and the query string."""
+        raise NotImplementedError
+
+    def begin(self) -> None:
         """Make the caller's context current and open this request's SERVER span."""
-        self._method, self._path = method, path
         context = self.context
-        self._token = activation = self.mesh.propagator.activate(context)
-        tracing = self.mesh.tracing
-        if tracing.enabled and not (
-            # The caller's unsampled trace, already current: the span would only pass it on.
-            context.sampled is False
-            and activation.otel is not None
-            and tracing.passes_through(context.otel_context)
-        ):
+        mesh = self.side.mesh
+        self._token = activation = mesh.propagator.activate(context)
+        tracing = mesh.tracing
+        attached = activation.otel is not None  # else an outer span stays current
+        if tracing.needs_server_span(context.otel_context, context.sampled if attached else None):
+            method, path, scheme, host = self.request_line()
             self._scope = tracing.server_span(
                 method,
                 path,
@@ -156,31 +172,24 @@ class InboundExchange:
 
     def end(self, error: BaseException | None = None) -> None:
         """Close the span with the response status and restore the previous context."""
+        mesh = self.side.mesh
         scope, self._scope = self._scope, None
         if scope is not None:
-            self.mesh.tracing.finish_server(self._span, self.status or 500)
+            mesh.tracing.finish_server(self._span, self.status or 500)
             scope.__exit__(type(error) if error else None, error, None)
         token, self._token = self._token, None
-        if token is not None:
-            self.mesh.propagator.deactivate(token)
-            self._record()
-
-    def _record(self) -> None:
-        """Count the request as Istio's server-side proxy does (reporter="destination")."""
-        side = self.side
-        self.mesh.metrics.record(
-            "destination",
-            self.peer,
-            destination_service=side.service_fqdn,
-            destination_service_name=side.service,
-            destination_service_namespace=side.service_namespace,
-            response_code=self.status or 500,
-            connection_security_policy="none",
-            duration_ms=(time.perf_counter() - self.started) * 1000.0,
-            request_bytes=self.request_bytes,
-            response_bytes=self.response_bytes,
+        if token is None:
+            return
+        mesh.propagator.deactivate(token)
+        # Count the request as Istio's server-side proxy does (reporter="destination").
+        self.side.recorder.record(
+            self.claimed,
+            self.status or 500,
+            (time.perf_counter() - self.started) * 1000.0,
+            self.request_bytes,
+            self.response_bytes,
         )
-        log = self.mesh.access_log
+        log = mesh.access_log
         if log.enabled("inbound"):
             log.log(self._entry())
 
@@ -189,16 +198,19 @@ class InboundExchange:
             values = self._get_all(name)
             return values[0] if values else None
 
+        method, path, _, _ = self.request_line()
+        client, query = self.origin()
+        duration = time.perf_counter() - self.started
         return AccessLogEntry(
-            start_time=self._wall,
-            method=self._method,
-            path=f"{self._path}?{self.query}" if self.query else self._path,
+            start_time=time.time() - duration,
+            method=method,
+            path=f"{path}?{query}" if query else path,
             protocol="HTTP/1.1",
             response_code=self.status or 500,
             response_flags="-",
             bytes_received=self.request_bytes,
             bytes_sent=self.response_bytes,
-            duration_ms=(time.perf_counter() - self.started) * 1000.0,
+            duration_ms=duration * 1000.0,
             upstream_service_time_ms=None,
             x_forwarded_for=first("x-forwarded-for"),
             user_agent=first("user-agent"),
@@ -207,11 +219,6 @@ class InboundExchange:
             upstream_host=None,
             upstream_cluster="inbound|||",
             route_name="default",
-            downstream_remote_address=self.client,
+            downstream_remote_address=client,
             direction="inbound",
         )
-
-    @property
-    def response_header(self) -> tuple[str, str]:
-        """This workload's identity for the caller's metrics (Istio's metadata exchange)."""
-        return (peer.HEADER, self.mesh.identity)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from meshlib._inbound import InboundExchange, InboundSides
+from meshlib._inbound import InboundExchange, InboundSide, InboundSides
 from meshlib.mesh import Mesh
 from meshlib.telemetry import threads
 
@@ -36,44 +36,61 @@ class MeshMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        side = self._sides.current()
-        mesh = side.mesh
-        headers = side.collect(scope.get("headers", ()))
-        exchange = InboundExchange(side, headers.get)
-        identity = mesh.identity_header
-
-        async def receive_wrapper() -> Message:
-            message = await receive()
-            if message["type"] == "http.request":
-                exchange.request_bytes += len(message.get("body", b""))
-            return message
-
-        async def send_wrapper(message: Message) -> None:
-            kind = message["type"]
-            if kind == "http.response.start":
-                exchange.status = message["status"]
-                message = {**message, "headers": [*message.get("headers", ()), identity]}
-            elif kind == "http.response.body":
-                exchange.response_bytes += len(message.get("body", b""))
-            await send(message)
-
-        host = headers.get("host")
-        client = scope.get("client")
-        if client:
-            exchange.client = f"{client[0]}:{client[1]}"
-        query = scope.get("query_string")
-        if query:
-            exchange.query = query.decode("latin-1")
-        exchange.begin(
-            scope.get("method", "GET"),
-            scope.get("path", "/"),
-            scheme=scope.get("scheme", "http"),
-            host=host[0] if host else "",
-        )
+        exchange = _Exchange(self._sides.current(), scope, receive, send)
+        exchange.begin()
         try:
-            await self.app(scope, receive_wrapper, send_wrapper)
+            await self.app(scope, exchange.receive, exchange.send)
         except Exception as exc:
             exchange.status = exchange.status or 500  # what the server will answer
             exchange.end(exc)
             raise
         exchange.end()
+
+
+class _Exchange(InboundExchange):
+    """One ASGI request: its receive and send, wrapped (bound methods: no closures to make)."""
+
+    __slots__ = ("_receive", "_send", "scope")
+
+    def __init__(self, side: InboundSide, scope: Scope, receive: Receive, send: Send) -> None:
+        self.scope = scope
+        self._receive = receive
+        self._send = send
+        headers = side.collect(scope.get("headers", ()))
+        super().__init__(side, headers.get, headers)
+
+    def request_line(self) -> tuple[str, str, str, str]:
+        scope = self.scope
+        host = self._get_all("host")
+        return (
+            scope.get("method", "GET"),
+            scope.get("path", "/"),
+            scope.get("scheme", "http"),
+            host[0] if host else "",
+        )
+
+    def origin(self) -> tuple[str | None, str]:
+        scope = self.scope
+        client = scope.get("client")
+        query = scope.get("query_string")
+        return (
+            f"{client[0]}:{client[1]}" if client else None,
+            query.decode("latin-1") if query else "",
+        )
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        if message["type"] == "http.request":
+            self.request_bytes += len(message.get("body", b""))
+        return message
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.status = message["status"]
+            # A copy: the app may send the same message (and headers list) again.
+            identity = self.side.identity_header
+            message = {**message, "headers": [*message.get("headers", ()), identity]}
+        elif kind == "http.response.body":
+            self.response_bytes += len(message.get("body", b""))
+        await self._send(message)

@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from meshlib._inbound import InboundExchange, InboundSides
+from meshlib._inbound import InboundExchange, InboundSide, InboundSides
 from meshlib.mesh import Mesh
-from meshlib.telemetry import threads
+from meshlib.telemetry import peer, threads
 
 StartResponse = Callable[..., Any]
 # The two request headers WSGI (CGI) names without the HTTP_ prefix.
@@ -32,33 +32,19 @@ class MeshWSGIMiddleware:
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         side = self._sides.current()
-
-        def get_all(name: str) -> list[str] | None:
-            key = _CGI_NAMES.get(name) or "HTTP_" + name.upper().replace("-", "_")
-            value = environ.get(key)
-            return [value] if isinstance(value, str) else None
-
-        exchange = InboundExchange(side, get_all)
+        exchange = _Exchange(side, environ)
+        identity = (peer.HEADER, side.mesh.identity)
 
         def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             try:
                 exchange.status = int(status.split(" ", 1)[0])
             except ValueError:
                 exchange.status = 0
-            return start_response(status, [*headers, exchange.response_header], exc_info)
+            return start_response(status, [*headers, identity], exc_info)
 
-        if environ.get("REMOTE_ADDR"):
-            port = environ.get("REMOTE_PORT")
-            exchange.client = f"{environ['REMOTE_ADDR']}:{port}" if port else environ["REMOTE_ADDR"]
         length = environ.get("CONTENT_LENGTH") or ""
         exchange.request_bytes = int(length) if length.isdigit() else 0
-        exchange.query = environ.get("QUERY_STRING", "")
-        exchange.begin(
-            environ.get("REQUEST_METHOD", "GET"),
-            environ.get("PATH_INFO", "/"),
-            scheme=environ.get("wsgi.url_scheme", "http"),
-            host=environ.get("HTTP_HOST", ""),
-        )
+        exchange.begin()
         try:
             iterable = self.app(environ, start)
         except Exception as exc:
@@ -66,6 +52,37 @@ class MeshWSGIMiddleware:
             exchange.end(exc)
             raise
         return _Closing(iterable, exchange)
+
+
+class _Exchange(InboundExchange):
+    """One WSGI request, read from its environ."""
+
+    __slots__ = ("environ",)
+
+    def __init__(self, side: InboundSide, environ: dict[str, Any]) -> None:
+        self.environ = environ
+        super().__init__(side, self.get_all)
+
+    def get_all(self, name: str) -> list[str] | None:
+        key = _CGI_NAMES.get(name) or "HTTP_" + name.upper().replace("-", "_")
+        value = self.environ.get(key)
+        return [value] if isinstance(value, str) else None
+
+    def request_line(self) -> tuple[str, str, str, str]:
+        environ = self.environ
+        return (
+            environ.get("REQUEST_METHOD", "GET"),
+            environ.get("PATH_INFO", "/"),
+            environ.get("wsgi.url_scheme", "http"),
+            environ.get("HTTP_HOST", ""),
+        )
+
+    def origin(self) -> tuple[str | None, str]:
+        environ = self.environ
+        address = environ.get("REMOTE_ADDR")
+        port = environ.get("REMOTE_PORT")
+        client = (f"{address}:{port}" if port else address) if address else None
+        return client, environ.get("QUERY_STRING", "")
 
 
 class _Closing:

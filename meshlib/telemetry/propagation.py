@@ -66,7 +66,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from typing import NamedTuple, TypeVar
@@ -74,9 +74,11 @@ from typing import NamedTuple, TypeVar
 from opentelemetry import context as otel_context_api
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
+from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.propagators.b3 import B3MultiFormat, B3SingleFormat
 from opentelemetry.propagators.textmap import Getter, TextMapPropagator, default_setter
 from opentelemetry.trace import (
+    INVALID_SPAN,
     NonRecordingSpan,
     SpanContext,
     TraceFlags,
@@ -92,8 +94,10 @@ __all__ = [
     "B3_MULTI",
     "B3_SINGLE",
     "BAGGAGE",
+    "SPAN_KEY",
     "TRACECONTEXT",
     "Activation",
+    "CallerSpan",
     "InboundContext",
     "Propagator",
     "current",
@@ -119,6 +123,8 @@ _B3_MULTI_FIELDS = ("x-b3-traceid", "x-b3-spanid", "x-b3-sampled", "x-b3-flags")
 _B3_MULTI_ALL = (*_B3_MULTI_FIELDS, "x-b3-parentspanid")
 # The headers the OpenTelemetry propagators read; looked up once per inbound request.
 _TRACE_FIELDS = (*_W3C_FIELDS, "baggage", "b3", *_B3_MULTI_FIELDS)
+_TRACE_SET = frozenset(_TRACE_FIELDS)
+_TIMEOUTS = frozenset((EXPECTED_TIMEOUT, GRPC_TIMEOUT))
 _RESERVED = frozenset(
     (*_TRACE_FIELDS, "x-b3-parentspanid", REQUEST_ID, EXPECTED_TIMEOUT, GRPC_TIMEOUT)
 )
@@ -170,7 +176,7 @@ class Activation:
         self,
         current_token: Token[InboundContext | None],
         otel_token: Token[Context] | None,
-        deadline_token: Token[float | None],
+        deadline_token: Token[float | None] | None,
     ) -> None:
         self.current: Token[InboundContext | None] | None = current_token  # None once undone
         self.otel = otel_token
@@ -197,7 +203,14 @@ class Propagator:
     and the clients.
     """
 
-    __slots__ = ("_always", "_app_headers", "_extractors", "_injectors", "inbound_headers")
+    __slots__ = (
+        "_always",
+        "_app_headers",
+        "_extractors",
+        "_injectors",
+        "_uncommon",
+        "inbound_headers",
+    )
 
     def __init__(
         self,
@@ -233,6 +246,8 @@ class Propagator:
             (*_TRACE_FIELDS, REQUEST_ID, EXPECTED_TIMEOUT, GRPC_TIMEOUT, *self._app_headers)
         )
         """Every header `extract` reads (lowercase): an adapter need collect no others."""
+        # What a request needs to be read by extract's general path.
+        self._uncommon = self.inbound_headers - {"traceparent", REQUEST_ID}
         # (format, propagator, the headers it writes, needs a valid span to write anything)
         self._injectors: tuple[tuple[str, TextMapPropagator, tuple[str, ...], bool], ...] = (
             (TRACECONTEXT, w3c, _W3C_FIELDS, True),
@@ -248,21 +263,49 @@ class Propagator:
 
     # -- inbound ------------------------------------------------------------------------
 
-    def extract(self, get_all: HeaderLookup) -> InboundContext:
+    def extract(
+        self, get_all: HeaderLookup, present: Collection[str] | None = None
+    ) -> InboundContext:
         """Read the inbound request's propagation headers; never raises.
 
         `get_all(name)` returns the values of the header `name` (given lowercase), [] or None
-        when absent — e.g. the `get` of a dict of the request's headers.
+        when absent — e.g. the `get` of a dict of the request's headers. `present`, when the
+        caller knows it, holds the name of every header `get_all` has (e.g. that dict's keys):
+        the others are not looked up.
         """
         try:
-            return self._extract(get_all)
+            return self._extract(get_all, present)
         except Exception:  # a bug here must never fail the request being served
             logger.warning("meshlib: could not read propagation headers", exc_info=True)
             return InboundContext(new_request_id(), (), _EMPTY_CONTEXT, None, None)
 
-    def _extract(self, get_all: HeaderLookup) -> InboundContext:
+    def extract_found(self, found: Mapping[str, list[str]]) -> InboundContext:
+        """`extract(found.get, found.keys())` for the headers an adapter collected; never
+        raises. The common request — a canonical `traceparent` and a sane `x-request-id` as
+        its only propagation headers — is read here in one step (this runs on every request)."""
+        try:
+            if self._uncommon.isdisjoint(found):
+                parent = found.get("traceparent")
+                ids = found.get(REQUEST_ID)
+                if parent is not None and ids is not None:
+                    value = parent[0]
+                    request_id = ids[0]
+                    if (
+                        _CANONICAL_TRACEPARENT.fullmatch(value) is not None
+                        and _SANE_REQUEST_ID.fullmatch(request_id) is not None
+                    ):
+                        span = CallerSpan(value, None)
+                        context = Context({SPAN_KEY: span})
+                        return InboundContext(
+                            request_id, (), context, None, span.sampled, _TRACECONTEXT_ONLY
+                        )
+        except Exception:  # whatever it was, the general path reads it and never raises
+            pass
+        return self.extract(found.get, found.keys())
+
+    def _extract(self, get_all: HeaderLookup, present: Collection[str] | None) -> InboundContext:
         carrier: dict[str, list[str]] = {}
-        for name in _TRACE_FIELDS:
+        for name in _TRACE_FIELDS if present is None else _TRACE_SET.intersection(present):
             values = get_all(name)
             # Trace ids are ASCII; B3's `\d` would otherwise take other scripts' digits.
             if values and values[0].isascii():
@@ -301,13 +344,11 @@ class Propagator:
                         found.append((name, value))
             headers = tuple(found)
 
-        return InboundContext(
-            request_id=request_id,
-            headers=headers,
-            otel_context=otel_context,
-            deadline=_deadline(get_all),
-            sampled=sampled,
-            formats=formats,
+        deadline = None
+        if present is None or not _TIMEOUTS.isdisjoint(present):
+            deadline = _deadline(get_all)
+        return InboundContext(  # positional: cheaper per request than keywords
+            request_id, headers, otel_context, deadline, sampled, formats
         )
 
     # -- activation ---------------------------------------------------------------------
@@ -321,9 +362,14 @@ class Propagator:
         """
         token = current.set(inbound)
         otel_token = None
-        if not get_current_span().get_span_context().is_valid:
-            otel_token = otel_context_api.attach(inbound.otel_context)
-        return Activation(token, otel_token, inbound_deadline.set(inbound.deadline))
+        outer = _otel_current()
+        # An empty context (the usual case) holds no span: no need to look one up.
+        if not outer or not get_current_span(outer).get_span_context().is_valid:
+            otel_token = _otel_attach(inbound.otel_context)
+        deadline_token = None
+        if inbound.deadline is not None or inbound_deadline.get() is not None:
+            deadline_token = inbound_deadline.set(inbound.deadline)  # else None stays None
+        return Activation(token, otel_token, deadline_token)
 
     def deactivate(self, activation: Activation) -> None:
         """Undo `activate`, in the context that activated, innermost first; never raises.
@@ -333,10 +379,21 @@ class Propagator:
         if token is None:
             return
         activation.current = None
-        _reset(inbound_deadline, activation.deadline)
-        if activation.otel is not None:
-            otel_context_api.detach(activation.otel)  # logs, never raises
-        _reset(current, token)
+        if activation.deadline is not None:
+            _reset(inbound_deadline, activation.deadline)
+        otel = activation.otel
+        if otel is not None:
+            if _OTEL_VAR is None:
+                otel_context_api.detach(otel)  # logs, never raises
+            else:
+                try:
+                    _OTEL_VAR.reset(otel)
+                except (ValueError, RuntimeError):
+                    otel_context_api.detach(otel)  # fails again, logged as OpenTelemetry does
+        try:
+            current.reset(token)
+        except (ValueError, RuntimeError):  # made in another context, or already used
+            logger.debug("meshlib: %s token not reset", current.name, exc_info=True)
 
     @contextmanager
     def activated(self, inbound: InboundContext) -> Iterator[InboundContext]:
@@ -421,6 +478,28 @@ def new_request_id() -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+def _otel_var() -> ContextVar[Context] | None:
+    """OpenTelemetry's own ContextVar, when its runtime context is the standard one (whose
+    attach, detach and get_current are that variable's set, reset and get), else None."""
+    runtime = getattr(otel_context_api, "_RUNTIME_CONTEXT", None)
+    if type(runtime) is ContextVarsRuntimeContext:
+        var = getattr(runtime, "_current_context", None)
+        if isinstance(var, ContextVar):
+            return var
+    return None
+
+
+# Activating a request is on every request's path: with the standard runtime context, its
+# variable is set directly (the API adds two Python calls each way, which show in servers).
+_OTEL_VAR = _otel_var()
+_otel_current: Callable[[], Context]
+_otel_attach: Callable[[Context], Token[Context]]
+if _OTEL_VAR is not None:
+    _otel_current, _otel_attach = _OTEL_VAR.get, _OTEL_VAR.set
+else:
+    _otel_current, _otel_attach = otel_context_api.get_current, otel_context_api.attach
+
+
 def _reset(var: ContextVar[_T], token: Token[_T]) -> None:
     try:
         var.reset(token)
@@ -435,10 +514,9 @@ def _any_set(has: Callable[[str], bool], names: tuple[str, ...]) -> bool:
     return False
 
 
-# The canonical traceparent: version 00, no padding, nothing after the flags.
-_CANONICAL_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
-_ZERO_TRACE_ID = "0" * 32
-_ZERO_SPAN_ID = "0" * 16
+# The canonical traceparent: version 00, no padding, nothing after the flags; all-zero
+# (invalid) ids excluded.
+_CANONICAL_TRACEPARENT = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
 _SHORT_TRACESTATE = 512  # well under any limit OpenTelemetry applies to tracestate
 _W3C_ONLY = frozenset(_W3C_FIELDS)
 _TRACECONTEXT_ONLY = frozenset((TRACECONTEXT,))
@@ -446,30 +524,57 @@ _TRACECONTEXT_ONLY = frozenset((TRACECONTEXT,))
 
 def _w3c(carrier: Mapping[str, list[str]]) -> tuple[Context, bool] | None:
     """The extracted context and the caller's sampled flag for a request whose only trace
-    headers are a canonical `traceparent` (and a short `tracestate`), built directly (about
-    twice as fast as OpenTelemetry's propagator); None for anything else, which then goes
+    headers are a canonical `traceparent` (and a short `tracestate`), built directly (several
+    times faster than OpenTelemetry's propagator); None for anything else, which then goes
     through OpenTelemetry's own TraceContextTextMapPropagator, whatever its version's rules."""
     parent = carrier.get("traceparent")
     if parent is None:
         return None
-    match = _CANONICAL_TRACEPARENT.fullmatch(parent[0])
-    if match is None:
-        return None
-    trace_id, span_id, flags = match.groups()
-    if trace_id == _ZERO_TRACE_ID or span_id == _ZERO_SPAN_ID:
+    value = parent[0]
+    if _CANONICAL_TRACEPARENT.fullmatch(value) is None:
         return None
     states = carrier.get("tracestate")
     if states is not None and sum(len(state) for state in states) > _SHORT_TRACESTATE:
         return None
-    span_context = SpanContext(
-        trace_id=int(trace_id, 16),
-        span_id=int(span_id, 16),
-        is_remote=True,
-        trace_flags=TraceFlags(int(flags, 16)),
-        trace_state=None if states is None else TraceState.from_header(states),
-    )
-    context = set_span_in_context(NonRecordingSpan(span_context), Context())
-    return context, span_context.trace_flags.sampled
+    span = CallerSpan(value, states)
+    return Context({SPAN_KEY: span}), span.sampled
+
+
+SPAN_KEY = next(iter(set_span_in_context(INVALID_SPAN, Context())))
+"""The key OpenTelemetry keeps a Context's span under, found through its public API."""
+_SAMPLED_DIGITS = frozenset("13579bdf")  # the last hex digit of flags with the sampled bit
+
+
+class CallerSpan(NonRecordingSpan):
+    """The caller's span from a canonical `traceparent`, as OpenTelemetry's propagator would
+    give it (a NonRecordingSpan with a remote SpanContext), but with the SpanContext built on
+    first use: most served requests never read it (an unsampled trace, no outbound call)."""
+
+    def __init__(self, traceparent: str, states: list[str] | None) -> None:
+        # NonRecordingSpan.__init__ is not called: `_context` is a property here.
+        self._traceparent = traceparent  # canonical: 00-<32 hex>-<16 hex>-<2 hex>
+        self._states = states
+        self._built: SpanContext | None = None
+        self.sampled = traceparent[54] in _SAMPLED_DIGITS
+        """The caller's sampled flag, read without building the SpanContext."""
+
+    @property
+    def _context(self) -> SpanContext:
+        built = self._built
+        if built is None:
+            value, states = self._traceparent, self._states
+            built = self._built = SpanContext(
+                trace_id=int(value[3:35], 16),
+                span_id=int(value[36:52], 16),
+                is_remote=True,
+                trace_flags=TraceFlags(int(value[53:55], 16)),
+                trace_state=None if states is None else TraceState.from_header(states),
+            )
+        return built
+
+    @_context.setter
+    def _context(self, value: SpanContext) -> None:
+        self._built = value
 
 
 def _formats_of(carrier: Mapping[str, list[str]]) -> frozenset[str]:

@@ -87,6 +87,7 @@ from meshlib.policy.snapshot import Snapshot
 from meshlib.policy.telemetry import Tracing as TracingSpec
 from meshlib.policy.telemetry import header_name
 from meshlib.telemetry._resolve import telemetry_levels
+from meshlib.telemetry.propagation import SPAN_KEY, CallerSpan
 
 __all__ = [
     "DEFAULT_SAMPLING_PERCENTAGE",
@@ -414,10 +415,19 @@ class Tracing:
         """Whether meshlib makes spans at all (False: exporter none and no app provider)."""
         return self._tracer is not None
 
-    def passes_through(self, context: Context) -> bool:
-        """Whether a SERVER span under `context` would only pass the caller's context on:
-        its trace is not sampled and meshlib's sampler follows the parent (no span made)."""
-        return self._sampler is not None and _unsampled(trace.get_current_span(context))
+    def needs_server_span(self, context: Context, sampled: bool | None) -> bool:
+        """Whether a request served under `context` (its caller's decision `sampled`, None
+        when the context is not the one current) needs a SERVER span scope: not when meshlib
+        makes no spans, nor for the caller's unsampled trace, already current, when meshlib's
+        sampler follows the parent — the span would only pass the caller's context on."""
+        if self._tracer is None:
+            return False
+        if sampled is not False or self._sampler is None:
+            return True
+        span = context.get(SPAN_KEY)  # what trace.get_current_span(context) reads, directly
+        if type(span) is CallerSpan:
+            return span.sampled
+        return not _unsampled(trace.get_current_span(context))
 
     @property
     def owns_provider(self) -> bool:
@@ -775,6 +785,8 @@ def _peer(attributes: dict[str, str | int], upstream: str) -> None:
 
 def _unsampled(span: Span) -> bool:
     """A valid span context whose trace is not sampled (the ParentBased sampler drops it)."""
+    if type(span) is CallerSpan:  # valid by construction; its flag is read without building
+        return not span.sampled
     span_context = span.get_span_context()
     return span_context.is_valid and not span_context.trace_flags.sampled
 

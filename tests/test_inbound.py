@@ -1,0 +1,373 @@
+"""The inbound middleware's cheap paths give what the general ones give.
+
+The ASGI and WSGI middleware read the request lazily (request line and origin only for a span
+or an access log), keep the caller's `traceparent` as a `CallerSpan` whose SpanContext is built
+on first use, and record metrics through a `DestinationRecorder` keyed by the raw peer header:
+each must be indistinguishable from the eager way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import NonRecordingSpan
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from prometheus_client import CollectorRegistry
+
+import meshlib
+from meshlib.config import MeshConfig
+from meshlib.telemetry import peer
+from meshlib.telemetry.access_log import AccessLogEntry
+from meshlib.telemetry.metrics import IstioMetrics
+from meshlib.telemetry.propagation import CallerSpan, Propagator
+from meshlib.telemetry.tracing import _unsampled
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+SPAN_ID = "00f067aa0ba902b7"
+PEER = "w=reviews-v2;n=bookinfo;a=reviews;v=v2"
+
+
+def asgi_call(
+    app: Any, headers: list[tuple[bytes, bytes]], *, query: bytes = b""
+) -> list[dict[str, Any]]:
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"12345", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/ratings/1",
+        "scheme": "http",
+        "query_string": query,
+        "client": ("10.1.2.3", 4567),
+        "headers": [(b"host", b"ratings:9080"), *headers],
+    }
+    asyncio.run(app(scope, receive, send))
+    return sent
+
+
+def ok_app(seen: list[Any]) -> Any:
+    response = {"type": "http.response.start", "status": 201, "headers": [(b"a", b"b")]}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        seen.append(trace.get_current_span().get_span_context())
+        await send(response)  # the same message each time: it must not grow
+        await send({"type": "http.response.body", "body": b"hello"})
+
+    return app
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    trace_id=st.text("0123456789abcdef", min_size=32, max_size=32),
+    span_id=st.text("0123456789abcdef", min_size=16, max_size=16),
+    flags=st.sampled_from(["00", "01", "02", "03", "fe", "ff"]),
+    state=st.sampled_from([None, "a=b", "congo=t61rcWkgMzE,rojo=00f067", "bad key=!"]),
+)
+def test_caller_span_is_what_opentelemetry_extracts(
+    trace_id: str, span_id: str, flags: str, state: str | None
+) -> None:
+    """The lazy span: the same SpanContext, sampled flag and unsampled-parent verdict as the
+    NonRecordingSpan OpenTelemetry's propagator gives, and a NonRecordingSpan itself."""
+    carrier = {"traceparent": f"00-{trace_id}-{span_id}-{flags}"}
+    if state is not None:
+        carrier["tracestate"] = state
+    inbound = Propagator().extract(lambda name: [carrier[name]] if name in carrier else None)
+    ours = trace.get_current_span(inbound.otel_context)
+    theirs = trace.get_current_span(TraceContextTextMapPropagator().extract(carrier))
+    if not theirs.get_span_context().is_valid:  # all-zero ids: no lazy span
+        assert not isinstance(ours, CallerSpan)
+        return
+    assert isinstance(ours, CallerSpan) and isinstance(ours, NonRecordingSpan)
+    assert not ours.is_recording()
+    assert _unsampled(ours) == _unsampled(theirs)
+    assert ours.sampled == theirs.get_span_context().trace_flags.sampled == inbound.sampled
+    assert ours.get_span_context() == theirs.get_span_context()
+    assert ours.get_span_context().trace_state == theirs.get_span_context().trace_state
+    assert ours.get_span_context() is ours.get_span_context()  # built once
+    assert repr(ours) == repr(theirs)
+
+
+@pytest.mark.parametrize("flags", ["00", "01"])
+def test_app_sees_the_callers_trace(flags: str) -> None:
+    """Inside the handler OpenTelemetry's current span is the caller's (sampled or not, with
+    tracing on), and nothing stays current after the request."""
+    mesh = meshlib.Mesh(MeshConfig(service="ratings", metrics_port=None), watch=False)
+    seen: list[Any] = []
+    traceparent = f"00-{TRACE_ID}-{SPAN_ID}-{flags}"
+    asgi_call(
+        meshlib.MeshMiddleware(ok_app(seen), mesh=mesh), [(b"traceparent", traceparent.encode())]
+    )
+    (span_context,) = seen
+    assert f"{span_context.trace_id:032x}" == TRACE_ID
+    assert span_context.trace_flags.sampled == (flags == "01")
+    assert trace.get_current_span() is trace.INVALID_SPAN
+    mesh.close()
+
+
+def logged_mesh() -> tuple[meshlib.Mesh, list[AccessLogEntry]]:
+    mesh = meshlib.Mesh(MeshConfig(service="ratings", metrics_port=None), watch=False)
+    entries: list[AccessLogEntry] = []
+    mesh.access_log.enabled = lambda direction: True  # type: ignore[method-assign]
+    mesh.access_log.log = entries.append  # type: ignore[method-assign,assignment]
+    return mesh, entries
+
+
+def test_asgi_access_log_and_metrics() -> None:
+    """The request line and origin read lazily for the access log; bytes, status and the
+    caller's peer labels counted; the identity header added to a copy of the app's headers."""
+    mesh, entries = logged_mesh()
+    seen: list[Any] = []
+    app = meshlib.MeshMiddleware(ok_app(seen), mesh=mesh)
+    before = time.time()
+    headers = [(b"user-agent", b"ua"), (peer.HEADER.encode(), PEER.encode())]
+    for _ in range(2):
+        sent = asgi_call(app, headers, query=b"x=1")
+        assert sent[0]["headers"] == [(b"a", b"b"), mesh.identity_header]
+    (entry, _) = entries
+    assert (entry.method, entry.path, entry.authority) == ("POST", "/ratings/1?x=1", "ratings:9080")
+    assert entry.downstream_remote_address == "10.1.2.3:4567"
+    assert (entry.response_code, entry.bytes_received, entry.bytes_sent) == (201, 5, 5)
+    assert entry.user_agent == "ua"
+    assert before - 0.001 <= entry.start_time <= time.time()
+    rows = [row for row in mesh.metrics.collect() if row.name == "istio_requests"]
+    (sample,) = [s for s in rows[0].samples if s.name == "istio_requests_total"]
+    assert sample.value == 2
+    assert sample.labels["source_workload"] == "reviews-v2"
+    assert sample.labels["source_app"] == "reviews"
+    assert sample.labels["response_code"] == "201"
+    assert sample.labels["destination_service"] == "ratings.default.svc.cluster.local"
+    assert sample.labels["connection_security_policy"] == "none"
+    mesh.close()
+
+
+def test_wsgi_access_log() -> None:
+    mesh, entries = logged_mesh()
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("202 Accepted", [("a", "b")])
+        return [b"abc"]
+
+    environ = {
+        "REQUEST_METHOD": "PUT",
+        "PATH_INFO": "/r",
+        "QUERY_STRING": "q=2",
+        "REMOTE_ADDR": "10.0.0.1",
+        "REMOTE_PORT": "99",
+        "HTTP_HOST": "ratings",
+        "CONTENT_LENGTH": "3",
+        "wsgi.url_scheme": "http",
+    }
+    started: list[Any] = []
+    body = meshlib.MeshWSGIMiddleware(app, mesh=mesh)(environ, lambda *a: started.append(a))
+    assert b"".join(body) == b"abc"
+    body.close()  # type: ignore[attr-defined]
+    assert started[0][1] == [("a", "b"), (peer.HEADER, mesh.identity)]
+    (entry,) = entries
+    assert (entry.method, entry.path, entry.authority) == ("PUT", "/r?q=2", "ratings")
+    assert entry.downstream_remote_address == "10.0.0.1:99"
+    assert (entry.response_code, entry.bytes_received, entry.bytes_sent) == (202, 3, 3)
+    mesh.close()
+
+
+def samples(metrics: IstioMetrics) -> dict[tuple[str, ...], float]:
+    (family,) = [m for m in metrics.collect() if m.name == "istio_requests"]
+    return {tuple(s.labels.values()): s.value for s in family.samples if s.name.endswith("_total")}
+
+
+def test_destination_recorder_counts_as_record_does() -> None:
+    """The recorder's series are record()'s: the same labels, the same counts."""
+    config = MeshConfig(service="ratings", namespace="prod")
+    by_record = IstioMetrics(CollectorRegistry(), config)
+    by_recorder = IstioMetrics(CollectorRegistry(), config)
+    recorder = by_recorder.destination(
+        destination_service="ratings.prod.svc.cluster.local",
+        destination_service_name="ratings",
+        destination_service_namespace="prod",
+        connection_security_policy="none",
+    )
+    for claimed in (None, PEER, "garbage", PEER, None):
+        for status in (200, 503, 200):
+            identity = peer.decode(claimed)
+            by_record.record(
+                "destination",
+                identity,
+                destination_service="ratings.prod.svc.cluster.local",
+                destination_service_name="ratings",
+                destination_service_namespace="prod",
+                response_code=status,
+                connection_security_policy="none",
+                duration_ms=1.0,
+                request_bytes=1,
+                response_bytes=2,
+            )
+            recorder.record(claimed, status, 1.0, 1, 2)
+            recorder.record(claimed, status, 1.0, 1, 2)
+    expected = {labels: 2 * value for labels, value in samples(by_record).items()}
+    assert samples(by_recorder) == expected
+    # Both share IstioMetrics' series: record() lands in the recorder's.
+    by_recorder.record(
+        "destination",
+        peer.decode(PEER),
+        destination_service="ratings.prod.svc.cluster.local",
+        destination_service_name="ratings",
+        destination_service_namespace="prod",
+        response_code=200,
+        connection_security_policy="none",
+        duration_ms=1.0,
+        request_bytes=1,
+        response_bytes=2,
+    )
+    assert sum(samples(by_recorder).values()) == sum(expected.values()) + 1
+
+
+def test_destination_recorder_past_max_series() -> None:
+    """Full: new peers fold into the unknown peer; what still does not fit is counted as
+    dropped on every request (a drop is not remembered)."""
+    registry = CollectorRegistry()
+    metrics = IstioMetrics(registry, MeshConfig(service="ratings"), max_series=1)
+    recorder = metrics.destination(
+        destination_service="s",
+        destination_service_name="s",
+        destination_service_namespace="default",
+        connection_security_policy="none",
+    )
+    recorder.record(PEER, 200, 1.0, 0, 0)
+    for _ in range(3):
+        recorder.record(None, 500, 1.0, 0, 0)
+    assert registry.get_sample_value("meshlib_metric_series_dropped_total") == 3
+    assert sum(samples(metrics).values()) == 1
+    for i in range(5):  # distinct headers: the recorder's memory stays bounded
+        recorder.record(f"w=x{i}", 200, 1.0, 0, 0)
+    assert len(recorder._cache) <= 1
+
+
+def test_destination_recorder_counts_exactly_under_threads() -> None:
+    metrics = IstioMetrics(CollectorRegistry(), MeshConfig(service="ratings"))
+    recorder = metrics.destination(
+        destination_service="s",
+        destination_service_name="s",
+        destination_service_namespace="default",
+        connection_security_policy="none",
+    )
+    start = threading.Barrier(8)
+
+    def work() -> None:
+        start.wait()
+        for i in range(2000):
+            claimed = PEER if i % 2 else None
+            recorder.record(claimed, 200 + i % 3, 1.0, 1, 1)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(samples(metrics).values()) == 16000
+    assert len(samples(metrics)) == 6
+
+
+_header_values = st.one_of(
+    st.sampled_from(
+        [
+            f"00-{TRACE_ID}-{SPAN_ID}-01",
+            f"00-{TRACE_ID}-{SPAN_ID}-00",
+            f"00-{'0' * 32}-{SPAN_ID}-01",
+            f"00-{TRACE_ID}-{'0' * 16}-01",
+            f"01-{TRACE_ID}-{SPAN_ID}-01",
+            f" 00-{TRACE_ID}-{SPAN_ID}-01",
+            "3e0f2b66-5e6a-9d2c-b1a4-0b3c8f1e2d77",
+            " 3e0f2b66 ",
+            "",
+            "a=b",
+            "1500",
+            "5S",
+            "jason",
+            f"{TRACE_ID}-{SPAN_ID}-1",
+        ]
+    ),
+    st.text(max_size=60),
+)
+_header_names = st.sampled_from(
+    [
+        "traceparent",
+        "tracestate",
+        "x-request-id",
+        "baggage",
+        "b3",
+        "x-b3-traceid",
+        "x-b3-sampled",
+        "x-envoy-expected-rq-timeout-ms",
+        "grpc-timeout",
+        "end-user",
+        "host",
+        peer.HEADER,
+    ]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(found=st.dictionaries(_header_names, st.lists(_header_values, min_size=1, max_size=2)))
+def test_extract_found_is_extract(found: dict[str, list[str]]) -> None:
+    """The middleware's one-step read of the common request gives what extract gives."""
+    p = Propagator(["end-user"])
+    ours = p.extract_found(found)
+    theirs = p.extract(found.get)
+    if "x-request-id" not in found or ours.request_id != found["x-request-id"][0].strip(" \t"):
+        assert len(ours.request_id) == len(theirs.request_id) == 36  # both made a new one
+        ours = ours._replace(request_id=theirs.request_id)
+    if ours.deadline is not None and theirs.deadline is not None:
+        assert abs(ours.deadline - theirs.deadline) < 1.0
+        ours = ours._replace(deadline=theirs.deadline)
+    ours_span = trace.get_current_span(ours.otel_context).get_span_context()
+    theirs_span = trace.get_current_span(theirs.otel_context).get_span_context()
+    assert ours_span == theirs_span
+    assert ours._replace(otel_context=Context()) == theirs._replace(otel_context=Context())
+
+
+def test_opentelemetry_context_is_set_directly_and_restored(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With OpenTelemetry's standard runtime context its variable is set directly; what the
+    API reads is the same, and a token reset in the wrong context is logged as before."""
+    import contextvars
+
+    from opentelemetry import context as otel_context
+
+    from meshlib.telemetry import propagation
+
+    assert propagation._OTEL_VAR is not None  # the direct path is the one under test
+    p = Propagator()
+    inbound = p.extract({"traceparent": [f"00-{TRACE_ID}-{SPAN_ID}-01"]}.get)
+    before = otel_context.get_current()
+    activation = p.activate(inbound)
+    assert otel_context.get_current() is inbound.otel_context
+    p.deactivate(activation)
+    assert otel_context.get_current() is before
+
+    activation = contextvars.copy_context().run(p.activate, inbound)
+    with caplog.at_level("ERROR"):
+        p.deactivate(activation)  # tokens of another context: logged, never raised
+    assert "Failed to detach context" in caplog.text
+
+
+def test_extract_found_never_raises() -> None:
+    """Values no adapter should give (bytes) still give a context: a new request id."""
+    inbound = Propagator().extract_found(
+        {"traceparent": [b"00-x"], "x-request-id": [b"r"]}  # type: ignore[list-item]
+    )
+    assert len(inbound.request_id) == 36 and inbound.sampled is None
