@@ -218,6 +218,40 @@ _Hist = tuple[Sequence[float], float]
 _Row = tuple[str, Sequence[str], Sequence[str], float | None, tuple[_Hist | None, ...]]
 
 
+def _series_key(
+    reporter: str,
+    peer: PeerIdentity,
+    service: str,
+    service_name: str,
+    service_namespace: str,
+    protocol: str,
+    code: int,
+    grpc_status: str,
+    flags: str,
+    security_policy: str,
+) -> tuple[Any, ...]:
+    """What tells one series from another in the cache, before labels are built."""
+    return (
+        reporter,
+        peer.workload,
+        peer.namespace,
+        peer.app,
+        peer.version,
+        peer.canonical_service,
+        peer.canonical_revision,
+        peer.principal,
+        peer.cluster,
+        service,
+        service_name,
+        service_namespace,
+        protocol,
+        code,
+        grpc_status,
+        flags,
+        security_policy,
+    )
+
+
 class _Series:
     """The values of one label set, in meshlib's storage (single-process mode)."""
 
@@ -337,25 +371,8 @@ class DestinationRecorder:
         peer = decode_peer(claimed)
         metrics = self._metrics
         service, name, namespace, protocol = self._service
-        # The key `IstioMetrics.record` builds for the same arguments.
-        key = (
-            "destination",
-            peer.workload,
-            peer.namespace,
-            peer.app,
-            peer.version,
-            peer.canonical_service,
-            peer.canonical_revision,
-            peer.principal,
-            peer.cluster,
-            service,
-            name,
-            namespace,
-            protocol,
-            status,
-            "",
-            "-",
-            self._policy,
+        key = _series_key(
+            "destination", peer, service, name, namespace, protocol, status, "", "-", self._policy
         )
         series = metrics._cache.get(key)
         if series is None:
@@ -457,16 +474,9 @@ class IstioMetrics:
         answered, `UNKNOWN_PEER`. Values out of range (negative sizes, NaN durations) are
         recorded as 0.
         """
-        key = (
+        key = _series_key(
             reporter,
-            peer.workload,
-            peer.namespace,
-            peer.app,
-            peer.version,
-            peer.canonical_service,
-            peer.canonical_revision,
-            peer.principal,
-            peer.cluster,
+            peer,
             destination_service,
             destination_service_name,
             destination_service_namespace,
