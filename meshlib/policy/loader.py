@@ -19,6 +19,7 @@ from pathlib import Path as FsPath
 from typing import Any
 
 from meshlib.errors import Diagnostic, PolicyError, Severity
+from meshlib.policy._gc import without_collector
 from meshlib.policy._schema import INVALID, Path, convert, format_path
 from meshlib.policy._yaml import Document, YAMLProblem, read_documents
 from meshlib.policy.resources import IGNORED_KINDS, KINDS, ObjectMeta, Origin, Resource
@@ -94,6 +95,7 @@ def policy_files(path: str | os.PathLike[str]) -> list[FsPath]:
     return found
 
 
+@without_collector
 def load_paths(
     paths: Iterable[str | os.PathLike[str]], *, default_namespace: str = "default"
 ) -> LoadResult:
@@ -116,6 +118,7 @@ def load_paths(
     return LoadResult(tuple(resources), tuple(diagnostics))
 
 
+@without_collector
 def load_text(
     text: str,
     file: str | None = None,
@@ -139,6 +142,7 @@ def load_text(
     return LoadResult(tuple(resources), tuple(diagnostics))
 
 
+@without_collector
 def load_objects(
     objects: Iterable[Any], origin: str, *, default_namespace: str = "default"
 ) -> LoadResult:

@@ -18,6 +18,7 @@ from types import MappingProxyType
 from typing import Any
 
 from meshlib.config import MeshConfig
+from meshlib.policy._gc import collector_paused
 from meshlib.policy.destination_rule import DestinationRule, Subset, TrafficPolicy
 from meshlib.policy.hosts import short_forms, strip_port, to_fqdn, wildcard_matches
 from meshlib.policy.matching import (
@@ -166,7 +167,8 @@ class Snapshot:
     def build(cls, resources: Iterable[Resource[Any]], config: MeshConfig) -> Snapshot:
         """Compile valid resources (see `policy.loader`) for the workload `config` describes."""
         self = object.__new__(cls)
-        _Builder(self, latest_definitions(resources), config).build()
+        with collector_paused():  # hundreds of thousands of objects that all live on
+            _Builder(self, latest_definitions(resources), config).build()
         return self
 
     # -- lookups the data plane uses per request ---------------------------------------

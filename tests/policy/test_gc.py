@@ -1,0 +1,93 @@
+"""Policy loads and compiles with the cyclic garbage collector paused, and restores it."""
+
+from __future__ import annotations
+
+import gc
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from meshlib.config import MeshConfig
+from meshlib.policy import _gc
+from meshlib.policy.loader import load_text
+from meshlib.policy.snapshot import Snapshot
+
+POLICY = """
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api}
+spec:
+  hosts: [api.internal]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: DNS
+"""
+
+
+@pytest.fixture(autouse=True)
+def collector_restored() -> Iterator[None]:
+    enabled = gc.isenabled()
+    yield
+    (gc.enable if enabled else gc.disable)()
+
+
+def test_loading_and_building_pause_the_collector_and_restore_it() -> None:
+    seen: list[bool] = []
+
+    def spy(phase: str, info: dict[str, int]) -> None:
+        seen.append(gc.isenabled())
+
+    gc.enable()
+    gc.callbacks.append(spy)
+    try:
+        with _gc.collector_paused():
+            assert not gc.isenabled()
+            with _gc.collector_paused():  # nested: still paused on the way out
+                pass
+            assert not gc.isenabled()
+        assert gc.isenabled()
+        result = load_text(POLICY, "t.yaml")
+        Snapshot.build(result.resources, MeshConfig())
+        assert gc.isenabled()
+        assert gc.collect() >= 0 and seen  # the collector still runs when asked
+    finally:
+        gc.callbacks.remove(spy)
+
+
+def test_an_error_inside_restores_the_collector() -> None:
+    gc.enable()
+    with pytest.raises(RuntimeError), _gc.collector_paused():
+        raise RuntimeError("boom")
+    assert gc.isenabled()
+
+
+def test_a_collector_the_app_switched_off_stays_off() -> None:
+    gc.disable()
+    load_text(POLICY, "t.yaml")
+    assert not gc.isenabled()
+
+
+def test_concurrent_pauses_restore_once_the_last_ends() -> None:
+    gc.enable()
+    inside = threading.Barrier(2)
+    first_out = threading.Event()
+    states: list[bool] = []
+
+    def first() -> None:
+        with _gc.collector_paused():
+            inside.wait()
+        first_out.set()
+
+    def second() -> None:
+        with _gc.collector_paused():
+            inside.wait()
+            first_out.wait(10)
+            states.append(gc.isenabled())  # the first has left; this one still holds it off
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert states == [False]
+    assert gc.isenabled()
