@@ -118,12 +118,14 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 data = request.content or None
             except httpx.RequestNotRead:
                 data = _iter_request_body(request)
-                # aiohttp frames a body of unknown size itself and refuses a preset header.
-                headers = [
-                    (k, v)
-                    for k, v in headers
-                    if not (k.lower() == "transfer-encoding" and v.lower() == "chunked")
-                ]
+        # aiohttp frames the body itself (Content-Length for bytes, chunks for a stream) and
+        # refuses a preset chunked header; a streamed body read in advance keeps httpx's.
+        if any(name == "transfer-encoding" for name, _ in headers):
+            headers = [
+                (k, v)
+                for k, v in headers
+                if not (k == "transfer-encoding" and v.strip().lower() == "chunked")
+            ]
         queued = self._max_connections is not None and self._in_flight >= self._max_connections
         self._in_flight += 1
         try:

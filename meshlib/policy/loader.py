@@ -142,11 +142,16 @@ def load_text(
     return LoadResult(tuple(resources), tuple(diagnostics))
 
 
-@without_collector
 def load_objects(
     objects: Iterable[Any], origin: str, *, default_namespace: str = "default"
 ) -> LoadResult:
     """Load already-decoded objects (e.g. from the Kubernetes API)."""
+    # Taken in full first: a lazy source (pages from an API) must not fetch under the pause.
+    return _load_objects(list(objects), origin, default_namespace)
+
+
+@without_collector
+def _load_objects(objects: list[Any], origin: str, default_namespace: str) -> LoadResult:
     resources: list[Resource[Any]] = []
     diagnostics: list[Diagnostic] = []
     for obj in objects:

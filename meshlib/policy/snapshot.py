@@ -167,6 +167,7 @@ class Snapshot:
     def build(cls, resources: Iterable[Resource[Any]], config: MeshConfig) -> Snapshot:
         """Compile valid resources (see `policy.loader`) for the workload `config` describes."""
         self = object.__new__(cls)
+        resources = tuple(resources)  # a lazy input is consumed before the pause
         with collector_paused():  # hundreds of thousands of objects that all live on
             _Builder(self, latest_definitions(resources), config).build()
         return self

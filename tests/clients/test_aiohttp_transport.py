@@ -394,3 +394,24 @@ def test_a_request_built_on_a_byte_stream_is_sent_whole(base_url: str, content: 
     assert echo["body"] == content.decode()
     assert header_values(echo, "transfer-encoding") == []
     assert header_values(echo, "content-length") == ([str(len(content))] if content else [])
+
+
+def test_a_streamed_body_read_in_advance_is_framed_once(base_url: str) -> None:
+    """httpx keeps `Transfer-Encoding: chunked` on a streamed body the app read with
+    `aread()`; the bytes then go out with aiohttp's Content-Length alone, not both."""
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"hel"
+        yield b"lo"
+
+    async def main() -> dict[str, Any]:
+        async with client() as c:
+            request = c.build_request("POST", f"{base_url}/echo", content=body())
+            await request.aread()
+            assert request.headers["transfer-encoding"] == "chunked"
+            return dict((await c.send(request)).json())
+
+    echo = asyncio.run(main())
+    assert echo["body"] == "hello"
+    assert header_values(echo, "transfer-encoding") == []
+    assert header_values(echo, "content-length") == ["5"]

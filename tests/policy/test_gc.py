@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import threading
 from collections.abc import Iterator
 
@@ -90,4 +91,38 @@ def test_concurrent_pauses_restore_once_the_last_ends() -> None:
     for thread in threads:
         thread.join(10)
     assert states == [False]
+    assert gc.isenabled()
+
+
+def test_lazy_input_is_read_before_the_pause() -> None:
+    """A lazy source (pages from an API) is consumed before the collector pauses."""
+    from meshlib.policy.loader import load_objects
+
+    states: list[bool] = []
+
+    def pages() -> Iterator[dict[str, object]]:
+        states.append(gc.isenabled())
+        yield {
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "ServiceEntry",
+            "metadata": {"name": "api"},
+            "spec": {"hosts": ["api.internal"], "resolution": "DNS"},
+        }
+        states.append(gc.isenabled())
+
+    gc.enable()
+    assert len(load_objects(pages(), "api").resources) == 1
+    assert states == [True, True]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_during_a_load_gets_its_collector_back() -> None:
+    gc.enable()
+    with _gc.collector_paused():
+        pid = os.fork()
+        if pid == 0:  # the child: exit status says what it saw
+            os._exit(0 if gc.isenabled() and _gc._depth == 0 else 1)
+        _, status = os.waitpid(pid, 0)
+        assert not gc.isenabled()  # the parent's load goes on, paused
+    assert os.waitstatus_to_exitcode(status) == 0
     assert gc.isenabled()
