@@ -9,7 +9,7 @@ previous context. The adapters only translate their framework's request and resp
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -18,29 +18,18 @@ from meshlib.telemetry import peer
 from meshlib.telemetry.access_log import AccessLogEntry
 from meshlib.telemetry.propagation import Activation, InboundContext
 
-HeaderLookup = Callable[[str], "list[str] | None"]
-"""`lookup(name)`: the values of request header `name` (lowercase); None or [] when absent."""
-
-# Read by the access log, beside what the propagator and the metadata exchange read.
-_LOGGED_HEADERS = ("host", "user-agent", "x-forwarded-for")
-
 
 class InboundSide:
     """What every request served through one Mesh shares, computed once per Mesh."""
 
-    __slots__ = ("identity_header", "mesh", "names", "recorder", "tags")
+    __slots__ = ("identity_header", "mesh", "names", "recorder")
 
     def __init__(self, mesh: Mesh) -> None:
         self.mesh = mesh
-        self.tags = mesh.tracing.tags  # its header tags are read too; rebuilt when they change
-        wanted = {
-            *mesh.propagator.inbound_headers,
-            peer.HEADER,
-            *_LOGGED_HEADERS,
-            *self.tags.header_names,
-        }
+        wanted = {*mesh.propagator.inbound_headers, peer.HEADER}
         self.names: dict[bytes, str] = {name.encode("latin-1"): name for name in wanted}
-        """The request headers anything inbound reads, as ASGI spells them -> their name."""
+        """The request headers read on every request, as ASGI spells them -> their name (the
+        ones only a span or the access log reads are looked up when they are)."""
         config = mesh.config
         service = config.service or config.workload or "unknown"
         self.recorder = mesh.metrics.destination(
@@ -51,33 +40,10 @@ class InboundSide:
         )
         self.identity_header = mesh.identity_header
 
-    def serves(self, mesh: Mesh) -> bool:
-        """Whether this is still right for `mesh` (the same Mesh, the same custom tags)."""
-        return self.mesh is mesh and self.tags is mesh.tracing.tags
-
-    def collect(self, raw: Iterable[tuple[bytes, bytes]]) -> dict[str, list[str]]:
-        """The headers of interest among an ASGI request's, decoded; the others untouched."""
-        names = self.names
-        found: dict[str, list[str]] = {}
-        for key, value in raw:
-            name = names.get(key)
-            if name is None:
-                if key.islower():  # ASGI servers send names lowercased; others are rare
-                    continue
-                name = names.get(key.lower())
-                if name is None:
-                    continue
-            values = found.get(name)
-            if values is None:
-                found[name] = [value.decode("latin-1")]
-            else:
-                values.append(value.decode("latin-1"))
-        return found
-
 
 class InboundSides:
     """The InboundSide a middleware serves with: of the Mesh it was given, else of the default
-    Mesh as it is now; rebuilt when that Mesh, or its custom tags, change."""
+    Mesh as it is now; rebuilt when that Mesh changes."""
 
     __slots__ = ("_mesh", "_side")
 
@@ -88,7 +54,7 @@ class InboundSides:
     def current(self) -> InboundSide:
         mesh = self._mesh if self._mesh is not None else default_mesh()
         side = self._side
-        if side is None or side.mesh is not mesh or side.tags is not mesh.tracing.tags:
+        if side is None or side.mesh is not mesh:
             side = self._side = InboundSide(mesh)
         return side
 
@@ -103,7 +69,6 @@ class InboundExchange:
     """
 
     __slots__ = (
-        "_get_all",
         "_scope",
         "_span",
         "_token",
@@ -119,29 +84,34 @@ class InboundExchange:
     def __init__(
         self,
         side: InboundSide,
-        get_all: HeaderLookup,
-        found: Mapping[str, list[str]] | None = None,
+        first: Mapping[str, str] | None = None,
+        more: Mapping[str, list[str]] | None = None,
     ) -> None:
-        """`found`: the headers of interest, when the adapter collected them (`get_all` is
-        then their `get`)."""
+        """`first`: the first value of each header read on every request (`InboundSide.names`),
+        when the adapter collected them, and `more` every value of those that came more than
+        once; else they are read through `get_all`."""
         self.started = time.perf_counter()
-        mesh = side.mesh
         self.side = side
+        mesh = side.mesh
         self.status = 0
         self.request_bytes = 0
         self.response_bytes = 0
-        self._get_all = get_all
-        claimed = get_all(peer.HEADER)
-        self.claimed = claimed[0] if claimed else None
-        """The caller's peer metadata header, decoded only when its metrics series is new."""
-        self.context: InboundContext = (
-            mesh.propagator.extract(get_all)
-            if found is None
-            else mesh.propagator.extract_found(found)
-        )
+        if first is None:
+            claimed = self.get_all(peer.HEADER)
+            self.claimed = claimed[0] if claimed else None
+            self.context: InboundContext = mesh.propagator.extract(self.get_all)
+        else:
+            self.claimed = first.get(peer.HEADER)
+            self.context = mesh.propagator.extract_found(first, more)
+        # `claimed`: the caller's peer metadata header, decoded only when its series is new.
         self._token: Activation | None = None
         self._scope: AbstractContextManager[Any] | None = None
         self._span: Any = None
+
+    def get_all(self, name: str) -> list[str] | None:
+        """The values of request header `name` (lowercase); None or [] when absent. Called
+        on every request only when the adapter gives no `first`."""
+        raise NotImplementedError
 
     def request_line(self) -> tuple[str, str, str, str]:
         """The request's method, path (without the query), scheme and host."""
@@ -166,7 +136,7 @@ class InboundExchange:
                 scheme=scheme,
                 host=host,
                 context=context.otel_context,
-                headers=self._get_all,
+                headers=self.get_all,
             )
             self._span = self._scope.__enter__()
 
@@ -195,7 +165,7 @@ class InboundExchange:
 
     def _entry(self) -> AccessLogEntry:
         def first(name: str) -> str | None:
-            values = self._get_all(name)
+            values = self.get_all(name)
             return values[0] if values else None
 
         method, path, _, _ = self.request_line()

@@ -56,12 +56,42 @@ class _Exchange(InboundExchange):
         self.scope = scope
         self._receive = receive
         self._send = send
-        headers = side.collect(scope.get("headers", ()))
-        super().__init__(side, headers.get, headers)
+        # The headers read on every request, decoded; the others untouched. One string per
+        # name (a list per name would cost an allocation per header on every request).
+        names = side.names
+        first: dict[str, str] = {}
+        more: dict[str, list[str]] | None = None  # every value of the names seen again
+        for key, value in scope.get("headers", ()):
+            name = names.get(key)
+            if name is None:
+                if key.islower():  # ASGI servers send names lowercased; others are rare
+                    continue
+                name = names.get(key.lower())
+                if name is None:
+                    continue
+            if name not in first:
+                first[name] = value.decode("latin-1")
+            else:
+                if more is None:
+                    more = {}
+                values = more.get(name)
+                if values is None:
+                    values = more[name] = [first[name]]
+                values.append(value.decode("latin-1"))
+        super().__init__(side, first, more)
+
+    def get_all(self, name: str) -> list[str] | None:
+        # Only for a span or the access log: the headers are read again, not kept per request.
+        key = name.encode("latin-1")
+        return [
+            value.decode("latin-1")
+            for raw, value in self.scope.get("headers", ())
+            if raw == key or raw.lower() == key
+        ]
 
     def request_line(self) -> tuple[str, str, str, str]:
         scope = self.scope
-        host = self._get_all("host")
+        host = self.get_all("host")
         return (
             scope.get("method", "GET"),
             scope.get("path", "/"),

@@ -61,7 +61,7 @@ class _Exchange(InboundExchange):
 
     def __init__(self, side: InboundSide, environ: dict[str, Any]) -> None:
         self.environ = environ
-        super().__init__(side, self.get_all)
+        super().__init__(side)
 
     def get_all(self, name: str) -> list[str] | None:
         key = _CGI_NAMES.get(name) or "HTTP_" + name.upper().replace("-", "_")

@@ -119,6 +119,55 @@ def test_app_sees_the_callers_trace(flags: str) -> None:
     mesh.close()
 
 
+def test_asgi_reads_repeated_and_uppercase_headers_as_extract_does() -> None:
+    """The ASGI adapter keeps one string per header, and every value of a repeated one: what
+    the app's calls carry is what extract gives for the same headers, in either spelling."""
+    from meshlib.telemetry import propagation
+
+    config = MeshConfig(service="ratings", metrics_port=None, propagate_headers=["end-user"])
+    mesh = meshlib.Mesh(config, watch=False)
+    seen: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(propagation.current.get())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    traceparent = f"00-{TRACE_ID}-{SPAN_ID}-01"
+    headers = [
+        (b"traceparent", traceparent.encode()),
+        (b"X-Request-Id", b"rid-1"),
+        (b"end-user", b"jason"),
+        (b"End-User", b"alice"),
+        (b"host", b"second:80"),
+    ]
+    asgi_call(meshlib.MeshMiddleware(app, mesh=mesh), headers)
+    (inbound,) = seen
+    expected = mesh.propagator.extract(
+        {
+            "traceparent": [traceparent],
+            "x-request-id": ["rid-1"],
+            "end-user": ["jason", "alice"],
+        }.get
+    )
+    assert inbound.headers == expected.headers == (("end-user", "jason, alice"),)
+    assert inbound.request_id == expected.request_id == "rid-1"
+    assert inbound._replace(otel_context=Context()) == expected._replace(otel_context=Context())
+    span = trace.get_current_span(inbound.otel_context).get_span_context()
+    assert f"{span.trace_id:032x}" == TRACE_ID
+
+    exchange = meshlib.asgi._Exchange(
+        meshlib.asgi.InboundSide(mesh),
+        {"headers": [(b"host", b"a:1"), (b"Host", b"b:2"), (b"user-agent", b"ua")]},
+        None,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+    )
+    assert exchange.get_all("host") == ["a:1", "b:2"]  # a span's header tags see them all
+    assert exchange.get_all("user-agent") == ["ua"]
+    assert not exchange.get_all("x-request-id")
+    assert exchange.request_line()[3] == "a:1"
+    mesh.close()
+
+
 def logged_mesh() -> tuple[meshlib.Mesh, list[AccessLogEntry]]:
     mesh = meshlib.Mesh(MeshConfig(service="ratings", metrics_port=None), watch=False)
     entries: list[AccessLogEntry] = []
@@ -325,7 +374,8 @@ _header_names = st.sampled_from(
 def test_extract_found_is_extract(found: dict[str, list[str]]) -> None:
     """The middleware's one-step read of the common request gives what extract gives."""
     p = Propagator(["end-user"])
-    ours = p.extract_found(found)
+    more = {name: values for name, values in found.items() if len(values) > 1}
+    ours = p.extract_found({name: values[0] for name, values in found.items()}, more or None)
     theirs = p.extract(found.get)
     if "x-request-id" not in found or ours.request_id != found["x-request-id"][0].strip(" \t"):
         assert len(ours.request_id) == len(theirs.request_id) == 36  # both made a new one
@@ -368,6 +418,6 @@ def test_opentelemetry_context_is_set_directly_and_restored(
 def test_extract_found_never_raises() -> None:
     """Values no adapter should give (bytes) still give a context: a new request id."""
     inbound = Propagator().extract_found(
-        {"traceparent": [b"00-x"], "x-request-id": [b"r"]}  # type: ignore[list-item]
+        {"traceparent": b"00-x", "x-request-id": b"r"}  # type: ignore[dict-item]
     )
     assert len(inbound.request_id) == 36 and inbound.sampled is None

@@ -140,6 +140,7 @@ HeaderLookup = Callable[[str], "list[str] | None"]
 """`lookup(name)`: the values received for header `name` (lowercase); [] or None if absent."""
 
 _EMPTY_CONTEXT = Context()
+_new_tuple = tuple.__new__
 _NO_FORMATS: frozenset[str] = frozenset()
 
 
@@ -279,29 +280,46 @@ class Propagator:
             logger.warning("meshlib: could not read propagation headers", exc_info=True)
             return InboundContext(new_request_id(), (), _EMPTY_CONTEXT, None, None)
 
-    def extract_found(self, found: Mapping[str, list[str]]) -> InboundContext:
-        """`extract(found.get, found.keys())` for the headers an adapter collected; never
-        raises. The common request — a canonical `traceparent` and a sane `x-request-id` as
-        its only propagation headers — is read here in one step (this runs on every request)."""
+    def extract_found(
+        self, first: Mapping[str, str], more: Mapping[str, list[str]] | None = None
+    ) -> InboundContext:
+        """`extract` for the headers an adapter collected: `first` holds the first value of
+        each, `more` every value of those that came more than once; never raises. The common
+        request — one canonical `traceparent` and one sane `x-request-id` as its only
+        propagation headers — is read here in one step (this runs on every request)."""
         try:
-            if self._uncommon.isdisjoint(found):
-                parent = found.get("traceparent")
-                ids = found.get(REQUEST_ID)
-                if parent is not None and ids is not None:
-                    value = parent[0]
-                    request_id = ids[0]
-                    if (
-                        _CANONICAL_TRACEPARENT.fullmatch(value) is not None
-                        and _SANE_REQUEST_ID.fullmatch(request_id) is not None
-                    ):
-                        span = CallerSpan(value, None)
-                        context = Context({SPAN_KEY: span})
-                        return InboundContext(
-                            request_id, (), context, None, span.sampled, _TRACECONTEXT_ONLY
-                        )
+            if more is None and self._uncommon.isdisjoint(first):
+                parent = first.get("traceparent")
+                request_id = first.get(REQUEST_ID)
+                if (
+                    parent is not None
+                    and request_id is not None
+                    and _CANONICAL_TRACEPARENT.fullmatch(parent) is not None
+                    and _SANE_REQUEST_ID.fullmatch(request_id) is not None
+                ):
+                    span = CallerSpan(parent, None)
+                    # tuple.__new__: a NamedTuple's own __new__ is one more Python call.
+                    return _new_tuple(
+                        InboundContext,
+                        (
+                            request_id,
+                            (),
+                            Context({SPAN_KEY: span}),
+                            None,
+                            span.sampled,
+                            _TRACECONTEXT_ONLY,
+                        ),
+                    )
         except Exception:  # whatever it was, the general path reads it and never raises
             pass
-        return self.extract(found.get, found.keys())
+
+        def get_all(name: str) -> list[str] | None:
+            if more is not None and name in more:
+                return more[name]
+            value = first.get(name)
+            return None if value is None else [value]
+
+        return self.extract(get_all, first.keys())
 
     def _extract(self, get_all: HeaderLookup, present: Collection[str] | None) -> InboundContext:
         carrier: dict[str, list[str]] = {}
