@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, NamedTuple
 
 from meshlib.mesh import Mesh, default_mesh
 from meshlib.telemetry import peer
@@ -59,6 +59,18 @@ class InboundSides:
         return side
 
 
+class _Received(NamedTuple):
+    """The request as it arrived, for its access log line."""
+
+    wall_time: float
+    method: str
+    path: str  # with the query
+    client: str | None
+    x_forwarded_for: str | None
+    user_agent: str | None
+    authority: str | None
+
+
 class InboundExchange:
     """One request served by this workload, from its headers to its end.
 
@@ -69,6 +81,7 @@ class InboundExchange:
     """
 
     __slots__ = (
+        "_received",
         "_scope",
         "_span",
         "_token",
@@ -107,6 +120,7 @@ class InboundExchange:
         self._token: Activation | None = None
         self._scope: AbstractContextManager[Any] | None = None
         self._span: Any = None
+        self._received: _Received | None = None
 
     def get_all(self, name: str) -> list[str] | None:
         """The values of request header `name` (lowercase); None or [] when absent. Called
@@ -125,6 +139,8 @@ class InboundExchange:
         """Make the caller's context current and open this request's SERVER span."""
         context = self.context
         mesh = self.side.mesh
+        if mesh.access_log.enabled("inbound"):
+            self._received = self._as_received()  # before the app can change its request
         self._token = activation = mesh.propagator.activate(context)
         tracing = mesh.tracing
         attached = activation.otel is not None  # else an outer span stays current
@@ -159,22 +175,36 @@ class InboundExchange:
             self.request_bytes,
             self.response_bytes,
         )
-        log = mesh.access_log
-        if log.enabled("inbound"):
-            log.log(self._entry())
+        received = self._received
+        if received is not None:
+            mesh.access_log.log(self._entry(received))
 
-    def _entry(self) -> AccessLogEntry:
+    def _as_received(self) -> _Received:
+        """What the access log says of the request, read before the app runs: dispatchers and
+        proxy fixers change the scope or environ in place."""
+
         def first(name: str) -> str | None:
             values = self.get_all(name)
             return values[0] if values else None
 
         method, path, _, _ = self.request_line()
         client, query = self.origin()
+        return _Received(
+            time.time(),
+            method,
+            f"{path}?{query}" if query else path,
+            client,
+            first("x-forwarded-for"),
+            first("user-agent"),
+            first("host"),
+        )
+
+    def _entry(self, received: _Received) -> AccessLogEntry:
         duration = time.perf_counter() - self.started
         return AccessLogEntry(
-            start_time=time.time() - duration,
-            method=method,
-            path=f"{path}?{query}" if query else path,
+            start_time=received.wall_time,
+            method=received.method,
+            path=received.path,
             protocol="HTTP/1.1",
             response_code=self.status or 500,
             response_flags="-",
@@ -182,13 +212,13 @@ class InboundExchange:
             bytes_sent=self.response_bytes,
             duration_ms=duration * 1000.0,
             upstream_service_time_ms=None,
-            x_forwarded_for=first("x-forwarded-for"),
-            user_agent=first("user-agent"),
+            x_forwarded_for=received.x_forwarded_for,
+            user_agent=received.user_agent,
             request_id=self.context.request_id,
-            authority=first("host"),
+            authority=received.authority,
             upstream_host=None,
             upstream_cluster="inbound|||",
             route_name="default",
-            downstream_remote_address=client,
+            downstream_remote_address=received.client,
             direction="inbound",
         )

@@ -67,7 +67,7 @@ from prometheus_client.utils import floatToGoString as _float_to_go_string
 
 from meshlib.config import DEFAULT_METRICS_PORT, MeshConfig
 from meshlib.telemetry.metric_overrides import MetricOverrides
-from meshlib.telemetry.peer import UNKNOWN_PEER, PeerIdentity
+from meshlib.telemetry.peer import MAX_HEADER_LENGTH, UNKNOWN_PEER, PeerIdentity
 from meshlib.telemetry.peer import decode as decode_peer
 
 if TYPE_CHECKING:
@@ -381,6 +381,8 @@ class DestinationRecorder:
                 return None
         if len(self._cache) >= metrics.max_series:
             self._cache.clear()  # many distinct peer headers: memory stays bounded
+        if claimed is not None and len(claimed) > MAX_HEADER_LENGTH:
+            claimed = None  # unread, so an unknown peer: its raw value is not worth keeping
         self._cache[(claimed, status)] = series
         return series
 

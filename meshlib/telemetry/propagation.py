@@ -399,6 +399,8 @@ class Propagator:
         activation.current = None
         if activation.deadline is not None:
             _reset(inbound_deadline, activation.deadline)
+        elif inbound_deadline.get() is not None:
+            inbound_deadline.set(None)  # the app set one while it served: it was None before
         otel = activation.otel
         if otel is not None:
             if _OTEL_VAR is None:
