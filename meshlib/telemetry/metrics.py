@@ -327,6 +327,18 @@ class _MultiProcessSeries:
         self.response_bytes.observe(response_bytes)
 
 
+def _observe(
+    series: _Series | _MultiProcessSeries,
+    duration_ms: float,
+    request_bytes: int,
+    response_bytes: int,
+) -> None:
+    """One request into `series`; values out of range (negative sizes, NaN) count as 0."""
+    if not duration_ms >= 0.0:
+        duration_ms = 0.0
+    series.observe(duration_ms, max(request_bytes, 0), max(response_bytes, 0))
+
+
 class DestinationRecorder:
     """`IstioMetrics.record("destination", ...)` for the inbound middleware's hot path.
 
@@ -359,13 +371,7 @@ class DestinationRecorder:
             series = self._find(claimed, status)
             if series is None:
                 return  # dropped (max_series reached): counted by IstioMetrics
-        if not duration_ms >= 0.0:
-            duration_ms = 0.0
-        if request_bytes < 0:
-            request_bytes = 0
-        if response_bytes < 0:
-            response_bytes = 0
-        series.observe(duration_ms, request_bytes, response_bytes)
+        _observe(series, duration_ms, request_bytes, response_bytes)
 
     def _find(self, claimed: str | None, status: int) -> _Series | _MultiProcessSeries | None:
         peer = decode_peer(claimed)
@@ -493,13 +499,7 @@ class IstioMetrics:
             series = self._lookup(key, peer)
             if series is None:
                 return
-        if not duration_ms >= 0.0:
-            duration_ms = 0.0
-        if request_bytes < 0:
-            request_bytes = 0
-        if response_bytes < 0:
-            response_bytes = 0
-        series.observe(duration_ms, request_bytes, response_bytes)
+        _observe(series, duration_ms, request_bytes, response_bytes)
 
     def destination(
         self,
