@@ -55,6 +55,10 @@ class HeaderEdits:
         return bool(self.set or self.add or self.remove)
 
 
+NO_EDITS = HeaderEdits()
+"""What plans without header edits share (most of them): read only, never modified."""
+
+
 @dataclass(slots=True)
 class RoutePlan:
     """What to do with one request. Built once per request by `plan_route`."""
@@ -70,8 +74,8 @@ class RoutePlan:
     authority: str = ""  # Host to send upstream
     path: str = "/"
     original_path: str | None = None  # set when the path was rewritten
-    request_headers: HeaderEdits = field(default_factory=HeaderEdits)
-    response_headers: HeaderEdits = field(default_factory=HeaderEdits)
+    request_headers: HeaderEdits = field(default_factory=lambda: NO_EDITS)
+    response_headers: HeaderEdits = field(default_factory=lambda: NO_EDITS)
     retries: RetryPolicy | None = None
     timeout: float | None = None  # the route's deadline over all attempts, seconds
     fault_delay: float | None = None  # decided: delay this request by this many seconds
@@ -203,17 +207,25 @@ def _header_authority(headers: Headers | None) -> str | None:
 
 
 def _request_headers(plan: RoutePlan, route: Headers | None, dest: Headers | None) -> None:
-    for headers in (route, dest):  # route ops first, destination ops second (ISTIO.md)
-        if headers is not None:
-            plan.request_headers.extend(headers.request)
+    route_ops = route.request if route is not None else None
+    dest_ops = dest.request if dest is not None else None
+    if route_ops is None and dest_ops is None and plan.original_path is None:
+        return  # the plan keeps the shared NO_EDITS
+    edits = plan.request_headers = HeaderEdits()
+    edits.extend(route_ops)  # route ops first, destination ops second (ISTIO.md)
+    edits.extend(dest_ops)
     if plan.original_path is not None:
-        plan.request_headers.set["x-envoy-original-path"] = plan.original_path
+        edits.set["x-envoy-original-path"] = plan.original_path
 
 
 def _response_headers(plan: RoutePlan, route: Headers | None, dest: Headers | None) -> None:
-    for headers in (route, dest):
-        if headers is not None:
-            plan.response_headers.extend(headers.response)
+    route_ops = route.response if route is not None else None
+    dest_ops = dest.response if dest is not None else None
+    if route_ops is None and dest_ops is None:
+        return
+    edits = plan.response_headers = HeaderEdits()
+    edits.extend(route_ops)
+    edits.extend(dest_ops)
 
 
 def _decide_faults(plan: RoutePlan, route: CompiledRoute, rng: random.Random) -> None:

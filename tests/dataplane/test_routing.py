@@ -279,3 +279,25 @@ def test_unknown_host_passes_through() -> None:
     """A host the mesh does not know is passed through untouched."""
     p = plan(snapshot_for("- route: [{destination: {host: reviews}}]"), authority="example.com")
     assert p.passthrough and p.reply is None and p.cluster is None
+
+
+def test_plans_without_edits_share_an_empty_set_that_stays_empty() -> None:
+    """Most plans edit no header and share `NO_EDITS`; plans with edits get their own."""
+    from meshlib.dataplane.routing import NO_EDITS
+
+    snapshot = snapshot_for(
+        """
+        - match: [{uri: {prefix: /edit}}]
+          rewrite: {uri: /e}
+          headers: {request: {set: {x-a: "1"}}, response: {add: {x-r: "2"}}}
+          route: [{destination: {host: reviews}}]
+        - route: [{destination: {host: reviews}}]
+        """
+    )
+    plain = plan(snapshot, "/")
+    edited = plan(snapshot, "/edit/1")
+    again = plan(snapshot, "/")
+    assert plain.request_headers is NO_EDITS and plain.response_headers is NO_EDITS
+    assert edited.request_headers.set == {"x-a": "1", "x-envoy-original-path": "/edit/1"}
+    assert edited.response_headers.add == [("x-r", "2")]
+    assert not NO_EDITS and not again.request_headers and not again.response_headers
