@@ -68,8 +68,10 @@ def test_consistent_hash_is_sticky(make_mesh: MeshFactory, client_kind: str) -> 
     )
     caller = Caller(client_kind, mesh)
     seen: dict[str, set[str | None]] = {}
-    for user in ("ann", "bob", "cid", "dee", "eve", "fay"):
-        seen[user] = {r.upstream for r in caller.many(10, headers={"x-user": user})}
+    # 24 users: all on one of the 3 endpoints by chance is 3 * (1/3)^24, about 1e-11 (with
+    # 6 users it was 0.4%, and the ring depends on the ports the OS hands out).
+    for user in (f"user-{n}" for n in range(24)):
+        seen[user] = {r.upstream for r in caller.many(5, headers={"x-user": user})}
     assert all(len(endpoints) == 1 for endpoints in seen.values()), seen
     assert len({next(iter(s)) for s in seen.values()}) > 1  # users spread over endpoints
 
