@@ -30,10 +30,11 @@ SCENARIOS = sorted((ROOT / "examples" / "bookinfo" / "scenarios").glob("*.yaml")
 STEP = 7.0  # seconds per scenario
 DURATION = STEP * len(SCENARIOS)  # once through every scenario
 RATE = 50  # pages per second: ~290 counted pages per 7 s scenario
-# The canary's reviews v2 share must be 10% ± 6 points. With >= 200 counted pages the standard
-# deviation of the share is at most 2.1 points, so the bound is about 3 of them (~0.3%
-# of runs fall outside by chance; the usual ~290 pages make it 3.4, 0.07%).
-CANARY_SHARE, CANARY_TOLERANCE, CANARY_MIN_PAGES = 0.10, 0.06, 200
+# The canary's reviews v2 share must be 10% ± 9 points. The split is drawn afresh every run;
+# with >= 200 counted pages the standard deviation of the share is at most 2.1 points, and
+# the exact binomial tail outside the bound is 4e-5 (1.3e-6 at the usual ~290 pages; ±6
+# points failed 1 run in 300-1,400). Every jason page on v2 and no other is the sharp check.
+CANARY_SHARE, CANARY_TOLERANCE, CANARY_MIN_PAGES = 0.10, 0.09, 200
 MARKER = "MESHLIB_DEMO_TEST_RUN"  # in every demo process's environment, to find leftovers
 
 pytestmark = [

@@ -243,3 +243,27 @@ def test_running_process_sees_edit_within_two_seconds(tmp_path: Path) -> None:
             proc.kill()
     assert line == "subset v2"
     assert elapsed < 2.0
+
+
+def test_a_same_size_edit_in_the_same_clock_tick_is_seen(tmp_path: Path) -> None:
+    """File timestamps tick every 1-10 ms on many kernels: an edit that keeps the size and
+    lands in the tick of the previous write leaves (inode, size, mtime) unchanged. Recently
+    modified files are compared by content too, so it is still seen — and only once."""
+    policy = tmp_path / "mesh.yaml"
+    policy.write_text(vs_text("reviews", "v1"))
+    tick = time.time_ns()
+    os.utime(policy, ns=(tick, tick))
+    source = FileSource(policy, MeshConfig())
+    policy.write_text(vs_text("reviews", "v2"))  # same size, in place: same inode
+    os.utime(policy, ns=(tick, tick))  # and the same tick
+    assert source.reload()
+    assert subset_for(source.snapshot, "reviews") == "v2"
+    assert not source.reload()  # unchanged since: nothing to do
+    old = tick - 10_000_000_000
+    os.utime(policy, ns=(old, old))  # metadata changed: one reload
+    assert source.reload()
+    assert not source.reload()  # no longer recent: compared by metadata alone, unchanged
+    generation = source.snapshot.generation
+    assert (
+        subset_for(source.snapshot, "reviews") == "v2" and generation == source.snapshot.generation
+    )
