@@ -163,7 +163,7 @@ def test_arbitrary_text(text: str) -> None:
     outcome(text)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(JSONISH, min_size=1, max_size=3))
 def test_arbitrary_yaml_documents(documents: list[Any]) -> None:
     """Arbitrary YAML documents give a Snapshot or a PolicyError."""
