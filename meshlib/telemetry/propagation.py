@@ -291,13 +291,10 @@ class Propagator:
             if more is None and self._uncommon.isdisjoint(first):
                 parent = first.get("traceparent")
                 request_id = first.get(REQUEST_ID)
-                if (
-                    parent is not None
-                    and request_id is not None
-                    and _CANONICAL_TRACEPARENT.fullmatch(parent) is not None
-                    and _SANE_REQUEST_ID.fullmatch(request_id) is not None
-                ):
-                    span = CallerSpan(parent, None)
+                span = None
+                if request_id is not None and _SANE_REQUEST_ID.fullmatch(request_id) is not None:
+                    span = _caller_span(parent, None) if parent is not None else None
+                if span is not None:
                     # tuple.__new__: a NamedTuple's own __new__ is one more Python call.
                     return _new_tuple(
                         InboundContext,
@@ -332,9 +329,10 @@ class Propagator:
         formats = _NO_FORMATS
         sampled: bool | None = None
         otel_context = _EMPTY_CONTEXT
-        fast = _w3c(carrier) if carrier and carrier.keys() <= _W3C_ONLY else None
-        if fast is not None:  # the common case: a canonical traceparent, parsed here
-            otel_context, sampled = fast
+        parent = carrier.get("traceparent") if carrier.keys() <= _W3C_ONLY else None
+        span = _caller_span(parent[0], carrier.get("tracestate")) if parent else None
+        if span is not None:  # the common case: a canonical traceparent, parsed here
+            otel_context, sampled = Context({SPAN_KEY: span}), span.sampled
             formats = _TRACECONTEXT_ONLY
         elif carrier:
             otel_context = Context()
@@ -542,22 +540,16 @@ _W3C_ONLY = frozenset(_W3C_FIELDS)
 _TRACECONTEXT_ONLY = frozenset((TRACECONTEXT,))
 
 
-def _w3c(carrier: Mapping[str, list[str]]) -> tuple[Context, bool] | None:
-    """The extracted context and the caller's sampled flag for a request whose only trace
-    headers are a canonical `traceparent` (and a short `tracestate`), built directly (several
-    times faster than OpenTelemetry's propagator); None for anything else, which then goes
-    through OpenTelemetry's own TraceContextTextMapPropagator, whatever its version's rules."""
-    parent = carrier.get("traceparent")
-    if parent is None:
+def _caller_span(traceparent: str, states: list[str] | None) -> CallerSpan | None:
+    """The caller's span for a canonical `traceparent` (and a short `tracestate`), built
+    directly (several times faster than OpenTelemetry's propagator); None for anything else,
+    which then goes through OpenTelemetry's own TraceContextTextMapPropagator, whatever its
+    version's rules."""
+    if _CANONICAL_TRACEPARENT.fullmatch(traceparent) is None:
         return None
-    value = parent[0]
-    if _CANONICAL_TRACEPARENT.fullmatch(value) is None:
-        return None
-    states = carrier.get("tracestate")
     if states is not None and sum(len(state) for state in states) > _SHORT_TRACESTATE:
         return None
-    span = CallerSpan(value, states)
-    return Context({SPAN_KEY: span}), span.sampled
+    return CallerSpan(traceparent, states)
 
 
 SPAN_KEY = next(iter(set_span_in_context(INVALID_SPAN, Context())))
