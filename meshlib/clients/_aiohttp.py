@@ -56,7 +56,11 @@ from meshlib.clients._httpx_headers import decoded
 __all__ = ["AiohttpTransport"]
 
 # aiohttp adds these when a request lacks them; httpx already sent what it means to send.
-_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding")
+_AUTO_HEADERS = (
+    ("user-agent", "User-Agent"),
+    ("accept", "Accept"),
+    ("accept-encoding", "Accept-Encoding"),
+)
 _BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
 _NO_TIMEOUT = aiohttp.ClientTimeout(total=None)
 _READ_CHUNK = 65_536
@@ -118,9 +122,10 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 data = request.content or None
             except httpx.RequestNotRead:
                 data = _iter_request_body(request)
+        names = {name for name, _ in headers}  # lowercase
         # aiohttp frames the body itself (Content-Length for bytes, chunks for a stream) and
         # refuses a preset chunked header; a streamed body read in advance keeps httpx's.
-        if any(name == "transfer-encoding" for name, _ in headers):
+        if "transfer-encoding" in names:
             headers = [
                 (k, v)
                 for k, v in headers
@@ -134,7 +139,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 URL(str(request.url), encoded=True),
                 headers=headers,
                 data=data,
-                skip_auto_headers=_skip_auto_headers(request, data is not None),
+                skip_auto_headers=_skip_auto_headers(names, request.method, data is not None),
                 allow_redirects=False,
                 timeout=self._client_timeout(request.extensions.get("timeout")),
             )
@@ -246,14 +251,14 @@ class _ResponseStream(httpx.AsyncByteStream):
             response.close()  # unread bytes on the wire: the connection cannot be reused
 
 
-def _skip_auto_headers(request: httpx.Request, has_body: bool) -> list[str] | None:
-    """The aiohttp default headers to suppress: those httpx left out of `request`.
+def _skip_auto_headers(names: set[str], method: str, has_body: bool) -> list[str] | None:
+    """The aiohttp default headers to suppress: those httpx left out of the request, whose
+    header `names` (lowercase) are given.
 
     None (aiohttp's fast path) when httpx sent them all, as `httpx.AsyncClient` does by default.
     """
-    headers = request.headers
-    skip = [name for name in _AUTO_HEADERS if name not in headers]
-    if "Content-Type" not in headers and (has_body or request.method in _BODY_METHODS):
+    skip = [name for lower, name in _AUTO_HEADERS if lower not in names]
+    if "content-type" not in names and (has_body or method in _BODY_METHODS):
         skip.append("Content-Type")  # aiohttp would add application/octet-stream
     return skip or None
 

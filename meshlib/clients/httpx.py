@@ -596,6 +596,7 @@ class _ClientMixin:
       the request), though apps call the same few URLs again and again. httpx URLs are
       immutable, so requests can share the parsed form; the cache holds at most
       `_PARSED_URLS` strings and starts anew when `base_url` changes.
+    - A response `send` has read is freed when the app drops it (`_unbound`).
     """
 
     _cookies: httpx.Cookies
@@ -620,6 +621,22 @@ class _ClientMixin:
         if merged is None:
             merged = parsed[1][url] = super()._merge_url(url)  # type: ignore[misc]
         return merged
+
+
+def _unbound(response: httpx.Response) -> httpx.Response:
+    """`response`, read and closed, its stream no longer pointing back at it.
+
+    httpx wraps each response's stream in one that points back at the response, to set
+    `elapsed` when it closes: a reference cycle, so every response (its headers, body and
+    decoder) waits for the cyclic garbage collector instead of being freed when the app drops
+    it. Under concurrency those collections cost more CPU than the mesh's routing. Once the
+    body is read and the stream closed, the binding has done its job: the stream becomes the
+    bytes read, which is all a read response's stream can still give.
+    """
+    for read in (*response.history, response):
+        if read.is_closed and read.is_stream_consumed:
+            read.stream = httpx.ByteStream(read.content)
+    return response
 
 
 class Client(_ClientMixin, httpx.Client):
@@ -649,6 +666,21 @@ class Client(_ClientMixin, httpx.Client):
         super().__init__(*args, transport=transport, mounts=mounts, **kwargs)
         self._cookies = _Cookies.sharing(self._cookies)
 
+    def send(
+        self,
+        request: httpx.Request,
+        *,
+        stream: bool = False,
+        auth: httpx._types.AuthTypes | httpx._client.UseClientDefault | None = (
+            httpx.USE_CLIENT_DEFAULT
+        ),
+        follow_redirects: bool | httpx._client.UseClientDefault = httpx.USE_CLIENT_DEFAULT,
+    ) -> httpx.Response:
+        response = super().send(
+            request, stream=stream, auth=auth, follow_redirects=follow_redirects
+        )
+        return response if stream else _unbound(response)
+
 
 class AsyncClient(_ClientMixin, httpx.AsyncClient):
     """An `httpx.AsyncClient` whose requests go through the mesh."""
@@ -672,3 +704,18 @@ class AsyncClient(_ClientMixin, httpx.AsyncClient):
         }
         super().__init__(*args, transport=transport, mounts=mounts, **kwargs)
         self._cookies = _Cookies.sharing(self._cookies)
+
+    async def send(
+        self,
+        request: httpx.Request,
+        *,
+        stream: bool = False,
+        auth: httpx._types.AuthTypes | httpx._client.UseClientDefault | None = (
+            httpx.USE_CLIENT_DEFAULT
+        ),
+        follow_redirects: bool | httpx._client.UseClientDefault = httpx.USE_CLIENT_DEFAULT,
+    ) -> httpx.Response:
+        response = await super().send(
+            request, stream=stream, auth=auth, follow_redirects=follow_redirects
+        )
+        return response if stream else _unbound(response)

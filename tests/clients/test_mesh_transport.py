@@ -430,3 +430,53 @@ def test_parsed_urls_follow_base_url_and_stay_bounded(make: Callable[..., httpx.
         assert c.build_request("GET", f"/n/{n}").url.path == f"/v2/n/{n}"
     assert c._parsed is not None and len(c._parsed[1]) <= meshed._PARSED_URLS
     assert c.build_request("GET", httpx.URL("x")).url == httpx.URL("http://b.example/v2/x")
+
+
+def _redirecting(request: httpx.Request) -> httpx.Response:
+    # Streams, as a network transport gives them (content= would be read up front).
+    if request.url.path == "/old":
+        return httpx.Response(301, headers={"location": "/new"}, stream=httpx.ByteStream(b"moved"))
+    return httpx.Response(200, stream=httpx.ByteStream(b"hello"))
+
+
+@pytest.mark.parametrize("make", [meshlib.Client, meshlib.AsyncClient])
+def test_a_read_response_is_freed_without_the_cycle_collector(
+    make: Callable[..., httpx.Client],
+) -> None:
+    """httpx binds each response's stream back to the response (a reference cycle); meshlib's
+    clients undo that once the body is read, so a response the app drops — and the responses
+    in its redirect history — are freed at once, not at the next cyclic collection. Content,
+    `elapsed`, history and closing behave as in httpx; a streamed response keeps its stream."""
+    import asyncio
+    import gc
+    import weakref
+
+    async def fetch(c: httpx.AsyncClient, stream: bool) -> httpx.Response:
+        request = c.build_request("GET", "http://api.internal/old")
+        return await c.send(request, stream=stream, follow_redirects=True)
+
+    def get(stream: bool = False) -> httpx.Response:
+        c = make(transport=httpx.MockTransport(_redirecting), mesh=Mesh(MeshConfig()))
+        if isinstance(c, httpx.AsyncClient):
+            return asyncio.run(fetch(c, stream))
+        return c.send(
+            c.build_request("GET", "http://api.internal/old"), stream=stream, follow_redirects=True
+        )
+
+    gc.collect()
+    gc.disable()
+    try:
+        response = get()
+        assert response.content == b"hello" and response.text == "hello"
+        assert response.is_closed and response.elapsed.total_seconds() >= 0
+        assert [r.status_code for r in response.history] == [301]
+        assert response.history[0].content == b"moved"
+        refs = [weakref.ref(response), weakref.ref(response.history[0])]
+        del response
+        assert [ref() for ref in refs] == [None, None]  # freed by reference counting alone
+
+        streamed = get(stream=True)
+        assert not streamed.is_closed
+        assert type(streamed.stream).__name__.startswith("Bound")  # httpx's own, untouched
+    finally:
+        gc.enable()
