@@ -19,6 +19,8 @@ polled until it answers:
     OpenTelemetryMiddleware, an SDK TracerProvider sampling ParentBased(TraceIdRatioBased
     0.01) with the same BatchSpanProcessor and exporter, and no
     MeterProvider (its metrics go to the API's no-op meter: it does less than (b)).
+(e) a floor: the bare app under a hand-written middleware doing only what propagation and
+    metrics cannot do without (`floor_app`): a lower bound for (b)'s cost in pure Python.
 
 wrk sends every request with a `traceparent` (a pool of 1,000 distinct trace ids, 1 in 100
 flagged sampled, as from a caller sampling at 1%) and an `x-request-id`; (b) and (d) both
@@ -85,8 +87,9 @@ CONFIGS = {
     "b": "(b) + meshlib.MeshMiddleware (metrics, 1% traces, propagation)",
     "c": "(c) bare behind two nginx hops (sidecar pair stand-in)",
     "d": "(d) + stock OpenTelemetry ASGI middleware (1% traces)",
+    "e": "(e) + hand-written floor: propagation + metrics only",
 }
-FACTORIES = {"a": "bare_app", "b": "meshed_app", "d": "otel_app"}
+FACTORIES = {"a": "bare_app", "b": "meshed_app", "d": "otel_app", "e": "floor_app"}
 
 
 # -- the apps (uvicorn --factory bench.middleware:<name>) -----------------------------------
@@ -157,6 +160,70 @@ def meshed_app(mesh: Any = None) -> Any:
     from meshlib.asgi import MeshMiddleware
 
     return _starlette([Middleware(MeshMiddleware, mesh=mesh or make_mesh())])
+
+
+def floor_app() -> Any:
+    """The least an inbound middleware can do and still propagate and count: (b) minus its
+    generality, written out in one function — read `traceparent` and `x-request-id` (the
+    headers wrk sends, nothing else looked at or checked), make them current (meshlib's and
+    OpenTelemetry's context variables), add the identity header, count the request in its
+    Istio series. No tracing, deadline, peer identity, access-log check or error handling:
+    a lower bound for what (b) does, to show what the goal leaves room for."""
+    from time import perf_counter
+
+    from opentelemetry.context import Context
+    from starlette.middleware import Middleware
+
+    from meshlib._inbound import InboundSide
+    from meshlib.telemetry import propagation
+
+    mesh = make_mesh()
+    side = InboundSide(mesh)
+    record, identity = side.recorder.record, side.identity_header
+    current, otel_var = propagation.current, propagation._OTEL_VAR
+    assert otel_var is not None, "OpenTelemetry's context variable was not found"
+    caller_span, span_key = propagation._caller_span, propagation.SPAN_KEY
+    formats = frozenset((propagation.TRACECONTEXT,))
+
+    class Floor:
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] != "http":
+                return await self.app(scope, receive, send)
+            started = perf_counter()
+            parent = request_id = None
+            for name, value in scope["headers"]:
+                if name == b"traceparent":
+                    parent = value.decode("latin-1")
+                elif name == b"x-request-id":
+                    request_id = value.decode("latin-1")
+            span = caller_span(parent, None) if parent else None
+            context = Context({span_key: span}) if span is not None else Context()
+            inbound = propagation.InboundContext(
+                request_id or "", (), context, None, span.sampled if span else None, formats
+            )
+            status, sent = 500, 0
+
+            async def counting_send(message: Any) -> None:
+                nonlocal status, sent
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                    message = {**message, "headers": [*message.get("headers", ()), identity]}
+                elif message["type"] == "http.response.body":
+                    sent += len(message.get("body", b""))
+                await send(message)
+
+            token, otel_token = current.set(inbound), otel_var.set(context)
+            try:
+                await self.app(scope, receive, counting_send)
+            finally:
+                otel_var.reset(otel_token)
+                current.reset(token)
+                record(None, status, (perf_counter() - started) * 1000.0, 0, sent)
+
+    return _starlette([Middleware(Floor)])
 
 
 def otel_app() -> Any:
@@ -494,7 +561,7 @@ def _driver(app: Any) -> Callable[[int], None]:
 
 def inprocess(configs: list[str]) -> dict[str, float]:
     """Mean µs per request per app (median over alternating rounds)."""
-    factories = {"a": bare_app, "b": meshed_app, "d": otel_app}
+    factories = {"a": bare_app, "b": meshed_app, "d": otel_app, "e": floor_app}
     drivers = {key: _driver(factories[key]()) for key in configs if key in factories}
     for run in drivers.values():
         run(300)
@@ -542,6 +609,7 @@ def main() -> None:
     )
     ratio = mean["b"] / bare
     print(f"meshlib vs bare: {ratio:.2f} (goal >= {GOAL}: {'ok' if ratio >= GOAL else 'MISSED'})")
+    print(f"the floor (e) vs bare: {mean['e'] / bare:.2f}")
 
     us = inprocess(list(results))
     print(f"\nin-process, no socket: µs per request (median of {INPROCESS_ROUNDS} rounds)")

@@ -634,8 +634,12 @@ def _unbound(response: httpx.Response) -> httpx.Response:
     bytes read, which is all a read response's stream can still give.
     """
     for read in (*response.history, response):
-        if read.is_closed and read.is_stream_consumed:
-            read.stream = httpx.ByteStream(read.content)
+        if read.is_closed:
+            try:
+                content = read.content
+            except httpx.ResponseNotRead:  # closed without being read: left as httpx made it
+                continue
+            read.stream = httpx.ByteStream(content)
     return response
 
 
