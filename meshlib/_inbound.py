@@ -8,15 +8,19 @@ previous context. The adapters only translate their framework's request and resp
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from typing import Any, NamedTuple
 
+from meshlib.dataplane.outcome import Flag
 from meshlib.mesh import Mesh, default_mesh
 from meshlib.telemetry import peer
 from meshlib.telemetry.access_log import AccessLogEntry
 from meshlib.telemetry.propagation import Activation, InboundContext
+
+logger = logging.getLogger("meshlib")
 
 
 class InboundSide:
@@ -31,10 +35,15 @@ class InboundSide:
         """The request headers read on every request, as ASGI spells them -> their name (the
         ones only a span or the access log reads are looked up when they are)."""
         config = mesh.config
-        service = config.service or config.workload or "unknown"
+        service = config.service or config.workload
         self.recorder = mesh.metrics.destination(
-            destination_service=f"{service}.{config.namespace}.svc.{config.cluster_domain}",
-            destination_service_name=service,
+            # Istio's "unknown" when this workload was not told which service it is.
+            destination_service=(
+                f"{service}.{config.namespace}.svc.{config.cluster_domain}"
+                if service
+                else "unknown"
+            ),
+            destination_service_name=service or "unknown",
             destination_service_namespace=config.namespace,
             connection_security_policy="none",
         )
@@ -145,23 +154,35 @@ class InboundExchange:
         tracing = mesh.tracing
         attached = activation.otel is not None  # else an outer span stays current
         if tracing.needs_server_span(context.otel_context, context.sampled if attached else None):
-            method, path, scheme, host = self.request_line()
-            self._scope = tracing.server_span(
-                method,
-                path,
-                scheme=scheme,
-                host=host,
-                context=context.otel_context,
-                headers=self.get_all,
-            )
-            self._span = self._scope.__enter__()
+            try:
+                method, path, scheme, host = self.request_line()
+                self._scope = tracing.server_span(
+                    method,
+                    path,
+                    scheme=scheme,
+                    host=host,
+                    context=context.otel_context,
+                    headers=self.get_all,
+                )
+                self._span = self._scope.__enter__()
+            except Exception:  # a tracing failure must never fail the request being served
+                self._scope = self._span = None
+                logger.warning("meshlib: could not start the SERVER span", exc_info=True)
 
     def end(self, error: BaseException | None = None) -> None:
-        """Close the span with the response status and restore the previous context."""
+        """Close the span with the response status and restore the previous context.
+
+        `error`: what the app raised. An `Exception` is answered 500 by the server (the
+        adapter sets `status`); anything else (a cancelled task: the caller went away, or the
+        server stops) is recorded as Envoy records a request its caller abandoned: the status
+        sent so far (0 if none) and flag DC."""
         mesh = self.side.mesh
+        abandoned = error is not None and not isinstance(error, Exception)
+        status = self.status or (0 if abandoned else 500)
+        flags = Flag.DOWNSTREAM_TERMINATION if abandoned else "-"
         scope, self._scope = self._scope, None
         if scope is not None:
-            mesh.tracing.finish_server(self._span, self.status or 500)
+            mesh.tracing.finish_server(self._span, status)
             scope.__exit__(type(error) if error else None, error, None)
         token, self._token = self._token, None
         if token is None:
@@ -170,14 +191,15 @@ class InboundExchange:
         # Count the request as Istio's server-side proxy does (reporter="destination").
         self.side.recorder.record(
             self.claimed,
-            self.status or 500,
+            status,
             (time.perf_counter() - self.started) * 1000.0,
             self.request_bytes,
             self.response_bytes,
+            flags,
         )
         received = self._received
         if received is not None:
-            mesh.access_log.log(self._entry(received))
+            mesh.access_log.log(self._entry(received, status, flags))
 
     def _as_received(self) -> _Received:
         """What the access log says of the request, read before the app runs: dispatchers and
@@ -199,15 +221,15 @@ class InboundExchange:
             first("host"),
         )
 
-    def _entry(self, received: _Received) -> AccessLogEntry:
+    def _entry(self, received: _Received, status: int, flags: str) -> AccessLogEntry:
         duration = time.perf_counter() - self.started
         return AccessLogEntry(
             start_time=received.wall_time,
             method=received.method,
             path=received.path,
             protocol="HTTP/1.1",
-            response_code=self.status or 500,
-            response_flags="-",
+            response_code=status,
+            response_flags=flags,
             bytes_received=self.request_bytes,
             bytes_sent=self.response_bytes,
             duration_ms=duration * 1000.0,

@@ -5,7 +5,8 @@
 
 A pure ASGI middleware — not `BaseHTTPMiddleware`, which runs the app in another task and
 loses contextvars. Lifespan and websocket scopes pass through untouched; responses stream
-as the app sends them; an app exception is re-raised after the request is accounted for.
+as the app sends them; an app exception is re-raised after the request is accounted for
+(as a 500), and a cancelled request (its caller went away) is counted with flag DC.
 """
 
 from __future__ import annotations
@@ -40,8 +41,7 @@ class MeshMiddleware:
         exchange.begin()
         try:
             await self.app(scope, exchange.receive, exchange.send)
-        except Exception as exc:
-            exchange.status = exchange.status or 500  # what the server will answer
+        except BaseException as exc:  # an app error (500) or a cancellation (DC): see end()
             exchange.end(exc)
             raise
         exchange.end()
@@ -117,7 +117,8 @@ class _Exchange(InboundExchange):
     async def send(self, message: Message) -> None:
         kind = message["type"]
         if kind == "http.response.start":
-            self.status = message["status"]
+            # A second start is the app's error (the server refuses it): the first counts.
+            self.status = self.status or message["status"]
             # A copy: the app may send the same message (and headers list) again.
             identity = self.side.identity_header
             message = {**message, "headers": [*message.get("headers", ()), identity]}

@@ -4,7 +4,8 @@
 
 The caller's context stays current while the app runs and while the server iterates the
 response (a streaming generator still sees it), until the response is closed; `close()`
-always reaches the app's iterable.
+always reaches the app's iterable. An exception from the app, or from its iterable before
+any body was sent, is counted as the 500 the server answers and recorded on the span.
 """
 
 from __future__ import annotations
@@ -43,12 +44,11 @@ class MeshWSGIMiddleware:
             return start_response(status, [*headers, identity], exc_info)
 
         length = environ.get("CONTENT_LENGTH") or ""
-        exchange.request_bytes = int(length) if length.isdigit() else 0
+        exchange.request_bytes = int(length) if length.isascii() and length.isdigit() else 0
         exchange.begin()
         try:
             iterable = self.app(environ, start)
-        except Exception as exc:
-            exchange.status = exchange.status or 500
+        except BaseException as exc:  # an app error (500) or the worker stopping (DC)
             exchange.end(exc)
             raise
         return _Closing(iterable, exchange)
@@ -91,12 +91,21 @@ class _Closing:
     def __init__(self, iterable: Iterable[bytes], exchange: InboundExchange) -> None:
         self._iterable = iterable
         self._exchange = exchange
+        self._error: BaseException | None = None
 
     def __iter__(self) -> Iterator[bytes]:
         exchange = self._exchange
-        for chunk in self._iterable:
-            exchange.response_bytes += len(chunk)
-            yield chunk
+        sent = False  # servers send the status line with the first chunk, even an empty one
+        try:
+            for chunk in self._iterable:
+                exchange.response_bytes += len(chunk)
+                sent = True
+                yield chunk
+        except BaseException as exc:
+            self._error = exc
+            if not sent and isinstance(exc, Exception):
+                exchange.status = 500  # nothing sent yet: the server answers 500 instead
+            raise
 
     def close(self) -> None:
         try:
@@ -104,4 +113,4 @@ class _Closing:
             if close is not None:
                 close()
         finally:
-            self._exchange.end()
+            self._exchange.end(self._error)

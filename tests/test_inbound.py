@@ -296,10 +296,12 @@ def test_destination_recorder_past_max_series() -> None:
         connection_security_policy="none",
     )
     recorder.record(PEER, 200, 1.0, 0, 0)
-    for _ in range(3):
+    for _ in range(3):  # the unknown peer's series may be made past the cap, up to twice it
         recorder.record(None, 500, 1.0, 0, 0)
+    for _ in range(3):  # a third label set does not fit at all
+        recorder.record(None, 503, 1.0, 0, 0)
     assert registry.get_sample_value("meshlib_metric_series_dropped_total") == 3
-    assert sum(samples(metrics).values()) == 1
+    assert sum(samples(metrics).values()) == 4
     for i in range(5):  # distinct headers: the recorder's memory stays bounded
         recorder.record(f"w=x{i}", 200, 1.0, 0, 0)
     assert len(recorder._cache) <= 1

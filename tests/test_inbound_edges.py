@@ -136,7 +136,7 @@ def test_oversized_peer_headers_are_not_kept() -> None:
         recorder = middleware._sides.current().recorder
         assert all(
             claimed is None or len(claimed) <= peer.MAX_HEADER_LENGTH
-            for claimed, _ in recorder._cache
+            for claimed, *_ in recorder._cache
         )
         unknown = [
             s

@@ -220,7 +220,7 @@ def _target(path: str, query: str) -> str:
 
 def _length(headers: Mapping[str, str]) -> int:
     value = headers.get("content-length") or ""
-    return int(value) if value.isdigit() else 0
+    return int(value) if value.isascii() and value.isdigit() else 0
 
 
 def _service_name(mesh: Mesh, host: str) -> tuple[str, str]:

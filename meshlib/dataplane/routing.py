@@ -268,7 +268,9 @@ def _redirect(
         port = request.port
     elif port is None and redirect.derive_port is None and not redirect.authority:
         _, _, given = request.authority.rpartition(":")
-        port = int(given) if given.isdigit() and ":" in request.authority else None
+        port = (
+            int(given) if given.isascii() and given.isdigit() and ":" in request.authority else None
+        )
     if port is not None and (scheme, port) in (("http", 80), ("https", 443)):
         port = None  # default ports are dropped from the URL
     path = redirect.uri if redirect.uri is not None else request.path

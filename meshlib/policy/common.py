@@ -177,7 +177,7 @@ def check_host(host: str, path: Path, sink: Sink, *, allow_star: bool = True) ->
         or len(name) > 255
         or not _WILDCARD_FIRST_LABEL.fullmatch(first)
         or not all(_DNS_LABEL.fullmatch(label) for label in rest)
-        or (rest and rest[-1].isdigit())
+        or (rest and rest[-1].isascii() and rest[-1].isdigit())
     ):
         sink.error(path, f"invalid host {host!r} (a DNS name, optionally with a '*.' prefix)")
 

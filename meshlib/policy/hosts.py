@@ -15,6 +15,11 @@ def to_fqdn(host: str, namespace: str, cluster_domain: str = "cluster.local") ->
     return f"{host}.{namespace}.svc.{cluster_domain}"
 
 
+def _digits(text: str) -> bool:
+    """ASCII digits only: `str.isdigit` also takes `²` and the like, which `int` refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def strip_port(authority: str) -> tuple[str, int | None]:
     """`reviews:9080` -> (`reviews`, 9080); `[::1]:80` -> (`::1`, 80)."""
     host, port = authority, None
@@ -23,11 +28,11 @@ def strip_port(authority: str) -> tuple[str, int | None]:
         if end != -1:
             host = authority[1:end]
             rest = authority[end + 1 :]
-            if rest.startswith(":") and rest[1:].isdigit():
+            if rest.startswith(":") and _digits(rest[1:]):
                 port = int(rest[1:])
         return host.lower(), port
     head, sep, tail = authority.rpartition(":")
-    if sep and tail.isdigit() and ":" not in head:
+    if sep and _digits(tail) and ":" not in head:
         host, port = head, int(tail)
     return host.lower(), port
 

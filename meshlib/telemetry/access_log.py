@@ -389,7 +389,9 @@ def _always(entry: AccessLogEntry) -> bool:
 
 # -- formatting -------------------------------------------------------------------------------
 
-_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
+# C0, DEL and C1 (NEL, U+0085, ends a line for some log readers): latin-1 header bytes can
+# carry any of them.
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
 
 
 def _text(value: str | None) -> str:

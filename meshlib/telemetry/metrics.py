@@ -32,7 +32,11 @@ setup, empty the directory when the server starts and call
 
 Cardinality: every label value is checked and length-capped (no raw path, no header copied
 verbatim), and `max_series` caps the label sets; past it, new peers are recorded as the unknown
-peer, and what still does not fit is counted in `meshlib_metric_series_dropped_total`.
+peer. Peers' metadata headers are unauthenticated without mTLS, so a caller can fill the cap
+with made-up peers: the unknown-peer series that requests then fold into may still be created
+past the cap, up to twice it (their other labels come from this workload's own services,
+routes and status codes, not from what peers claim). What still does not fit is counted in
+`meshlib_metric_series_dropped_total`.
 
 Principals: Istio fills `*_principal` from certificates only. meshlib also takes them from
 MeshConfig (the local side) and from the peer's exchanged metadata when there is no mTLS;
@@ -158,6 +162,7 @@ _GRPC_STATUS = re.compile(r"[0-9]{1,2}")
 _MAX_VALUE = 253  # a DNS name's length: longer label values are cut
 _PEER_FIELDS = tuple(PeerIdentity.__dataclass_fields__)
 DEFAULT_MAX_SERIES = 2000  # label sets: 8,000 series, a scrape of ~120 MB
+_FOLDED_CEILING = 2  # unknown-peer label sets may take the count up to this times max_series
 
 # Set while `render` collects, so that collectors of meshlib hand over text, not samples.
 _fast_render: contextvars.ContextVar[bool] = contextvars.ContextVar(
@@ -342,9 +347,10 @@ def _observe(
 class DestinationRecorder:
     """`IstioMetrics.record("destination", ...)` for the inbound middleware's hot path.
 
-    Keyed by what varies per request — the caller's raw peer header and the status — so a
-    request costs one small dict lookup (instead of a 17-field key) and the observation. The
-    series it remembers are the very ones `record` uses: they are never removed.
+    Keyed by what varies per request — the caller's raw peer header, the status and the
+    response flags — so a request costs one small dict lookup (instead of a 17-field key) and
+    the observation. The series it remembers are the very ones `record` uses: they are never
+    removed.
     """
 
     __slots__ = ("_cache", "_metrics", "_policy", "_service")
@@ -355,7 +361,7 @@ class DestinationRecorder:
         self._metrics = metrics
         self._service = service
         self._policy = policy
-        self._cache: dict[tuple[str | None, int], _Series | _MultiProcessSeries] = {}
+        self._cache: dict[tuple[str | None, int, str], _Series | _MultiProcessSeries] = {}
 
     def record(
         self,
@@ -364,21 +370,25 @@ class DestinationRecorder:
         duration_ms: float,
         request_bytes: int,
         response_bytes: int,
+        flags: str = "-",
     ) -> None:
-        """Count one request; `claimed` is the caller's peer metadata header, if any."""
-        series = self._cache.get((claimed, status))
+        """Count one request; `claimed` is the caller's peer metadata header, if any, and
+        `flags` Envoy's response flags (DC for a request its caller abandoned)."""
+        series = self._cache.get((claimed, status, flags))
         if series is None:
-            series = self._find(claimed, status)
+            series = self._find(claimed, status, flags)
             if series is None:
                 return  # dropped (max_series reached): counted by IstioMetrics
         _observe(series, duration_ms, request_bytes, response_bytes)
 
-    def _find(self, claimed: str | None, status: int) -> _Series | _MultiProcessSeries | None:
+    def _find(
+        self, claimed: str | None, status: int, flags: str
+    ) -> _Series | _MultiProcessSeries | None:
         peer = decode_peer(claimed)
         metrics = self._metrics
         service, name, namespace, protocol = self._service
         key = _series_key(
-            "destination", peer, service, name, namespace, protocol, status, "", "-", self._policy
+            "destination", peer, service, name, namespace, protocol, status, "", flags, self._policy
         )
         series = metrics._cache.get(key)
         if series is None:
@@ -389,7 +399,7 @@ class DestinationRecorder:
             self._cache.clear()  # many distinct peer headers: memory stays bounded
         if claimed is not None and len(claimed) > MAX_HEADER_LENGTH:
             claimed = None  # unread, so an unknown peer: its raw value is not worth keeping
-        self._cache[(claimed, status)] = series
+        self._cache[(claimed, status, flags)] = series
         return series
 
 
@@ -532,15 +542,18 @@ class IstioMetrics:
             values = self._label_values(key, peer)
             series = self._series.get(values)
             if series is None and len(self._series) >= self.max_series:
-                # Full: fold a new peer into the unknown one rather than lose the request.
+                # Full: fold a new peer into the unknown one rather than lose the request;
+                # that series may be new, within a hard ceiling (see the module docstring).
                 values = self._label_values(key, UNKNOWN_PEER)
                 series = self._series.get(values)
-                if series is None:
+                if series is None and len(self._series) >= _FOLDED_CEILING * self.max_series:
                     self._dropped.inc()
                     if not self._warned:
                         self._warned = True
                         _log.warning(
-                            "Istio metrics reached %d label sets; further ones are dropped",
+                            "Istio metrics reached %d label sets (max_series %d, and as many"
+                            " again for the unknown peer); further ones are dropped",
+                            len(self._series),
                             self.max_series,
                         )
                     return None

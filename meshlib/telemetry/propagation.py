@@ -325,6 +325,11 @@ class Propagator:
             # Trace ids are ASCII; B3's `\d` would otherwise take other scripts' digits.
             if values and values[0].isascii():
                 carrier[name] = values
+        if len(carrier.get("traceparent", ())) > 1:
+            # Sent twice: as a proxy joining them would, an invalid traceparent (W3C's test
+            # suite restarts the trace), and no tracestate without it.
+            del carrier["traceparent"]
+            carrier.pop("tracestate", None)
 
         formats = _NO_FORMATS
         sampled: bool | None = None

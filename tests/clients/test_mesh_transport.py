@@ -480,3 +480,16 @@ def test_a_read_response_is_freed_without_the_cycle_collector(
         assert type(streamed.stream).__name__.startswith("Bound")  # httpx's own, untouched
     finally:
         gc.enable()
+
+
+def test_hostile_upstream_numbers_never_fail_the_call() -> None:
+    """'²' passes `str.isdigit()` but not `int()`: an upstream's `Content-Length: ²` (or an
+    app's `Host: api.internal:²`) is read as no number, never a meshlib traceback."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers=[(b"content-length", "\u00b2".encode("latin-1"))])
+
+    with client(vs("- route: [{destination: {host: api.internal}}]"), handler) as c:
+        assert c.get("http://api.internal/").status_code == 200
+        response = c.get("http://api.internal/", headers=[(b"host", b"api.internal:\xb2")])
+        assert response.status_code in (200, 404)

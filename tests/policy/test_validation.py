@@ -1671,3 +1671,39 @@ def test_regexes_rejected_as_istio_rejects_them(pattern: str, message: str) -> N
     result = load(vs_match(f"{{uri: {{regex: '{pattern}'}}}}"))
     assert len(result.errors) == 1
     assert message in result.errors[0].message
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        pytest.param(
+            vs_route("retries: {attempts: 3, retryOn: '5xx,\u00b2'}"),
+            "'\u00b2' is not a valid retryOn policy",
+            id="retryOn",
+        ),
+        pytest.param(
+            resource(
+                "AuthorizationPolicy",
+                "rules:\n- to:\n  - operation: {ports: ['8\u00b2']}\n",
+                name="p",
+            ),
+            "8\u00b2",
+            id="operation-port",
+        ),
+        pytest.param(
+            resource(
+                "AuthorizationPolicy",
+                "rules:\n- when:\n  - {key: destination.port, values: ['\u00b9']}\n",
+                name="p",
+            ),
+            "\u00b9",
+            id="destination.port",
+        ),
+    ],
+)
+def test_digits_that_are_not_ascii_are_errors_not_crashes(text: str, fragment: str) -> None:
+    """`str.isdigit()` is true for '²' and '¹', which `int()` refuses: such a value is a
+    validation error naming it, never a ValueError out of the loader."""
+    result = load(text)
+    errors = [d for d in result.diagnostics if d.severity == "error"]
+    assert any(fragment in d.message for d in errors), dump(result)

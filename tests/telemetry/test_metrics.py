@@ -359,18 +359,26 @@ def test_bad_reporter_is_refused(istio: IstioMetrics) -> None:
 
 
 def test_max_series_folds_peers_then_drops(registry: CollectorRegistry) -> None:
-    """Past max_series, new peers count as unknown; what still does not fit is dropped, counted."""
+    """Past max_series, new peers count as the unknown peer, whose series may still be made up
+    to twice the cap; what still does not fit is dropped and counted."""
     istio = IstioMetrics(registry, REVIEWS, max_series=2, multiprocess=False)
     for name in ("a", "b", "c", "d"):
         istio.record(
             "destination", PeerIdentity(workload=name), response_code=200, **REVIEWS_CALL, **SIZES
         )
     istio.record("destination", PRODUCTPAGE, response_code=500, **REVIEWS_CALL, **SIZES)
-    workloads = [
-        (s.labels["source_workload"], s.value)
+    for code in (502, 503, 504):  # a fifth and sixth label set: past twice the cap
+        istio.record("destination", PRODUCTPAGE, response_code=code, **REVIEWS_CALL, **SIZES)
+    workloads = sorted(
+        (s.labels["source_workload"], s.labels["response_code"], s.value)
         for s in families(render(registry))["istio_requests"].samples
+    )
+    assert workloads == [
+        ("a", "200", 1.0),
+        ("b", "200", 1.0),
+        ("unknown", "200", 2.0),  # c and d, folded
+        ("unknown", "500", 1.0),  # productpage, folded into a new series past the cap
     ]
-    assert workloads == [("a", 1.0), ("b", 1.0)]
     assert registry.get_sample_value("meshlib_metric_series_dropped_total") == 3.0
     istio = IstioMetrics(CollectorRegistry(), REVIEWS, max_series=2, multiprocess=False)
     istio.record("destination", UNKNOWN_PEER, response_code=200, **REVIEWS_CALL, **SIZES)
@@ -385,6 +393,29 @@ def test_max_series_folds_peers_then_drops(registry: CollectorRegistry) -> None:
         for s in families(render(istio.registry))["istio_requests"].samples
     ]
     assert got == [("unknown", 2.0), ("a", 1.0)]
+
+
+def test_made_up_peers_cannot_stop_real_requests_being_counted(
+    registry: CollectorRegistry,
+) -> None:
+    """Peer metadata headers are unauthenticated without mTLS: a caller sending a new made-up
+    peer on every request fills max_series, and the requests that come after — from it or
+    from real callers, inbound or outbound — are still counted (as the unknown peer)."""
+    istio = IstioMetrics(registry, REVIEWS, max_series=50, multiprocess=False)
+    for n in range(200):
+        istio.record(
+            "destination",
+            PeerIdentity(workload=f"attacker{n}"),
+            response_code=200,
+            **REVIEWS_CALL,
+            **SIZES,
+        )
+    istio.record("destination", PRODUCTPAGE, response_code=200, **REVIEWS_CALL, **SIZES)
+    istio.record("source", RATINGS, response_code=503, **RATINGS_CALL, **SIZES)
+    total = sum(s.value for s in families(render(registry))["istio_requests"].samples)
+    assert total == 202
+    assert registry.get_sample_value("meshlib_metric_series_dropped_total") == 0.0
+    assert len(istio._series) <= 2 * istio.max_series
 
 
 def test_counts_exact_under_threads(istio: IstioMetrics, registry: CollectorRegistry) -> None:

@@ -1,0 +1,326 @@
+"""The inbound middleware when things go wrong: app errors, cancellation, protocol misuse,
+hostile request headers, and the scopes it must leave alone. Each is served (or re-raised) as
+without meshlib, counted once, and leaves no context behind."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+
+import meshlib
+from meshlib.config import MeshConfig
+from meshlib.telemetry import propagation
+from meshlib.telemetry.access_log import AccessLogEntry
+from meshlib.telemetry.tracing import MeshSampler, build_tracer_provider
+
+SAMPLED = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+class Traced:
+    """A Mesh tracing every request into memory, logging every request into a list."""
+
+    def __init__(self, service: str | None = "ratings") -> None:
+        self.exporter = InMemorySpanExporter()
+        config = MeshConfig(service=service, metrics_port=None)
+        self.provider: TracerProvider = build_tracer_provider(
+            config, self.exporter, sampler=MeshSampler(100.0), batch=False
+        )
+        self.mesh = meshlib.Mesh(config, tracer_provider=self.provider, watch=False)
+        self.logged: list[AccessLogEntry] = []
+        self.mesh.access_log.enabled = lambda direction: True  # type: ignore[method-assign]
+        self.mesh.access_log.log = self.logged.append  # type: ignore[method-assign,assignment]
+
+    def counted(self) -> list[tuple[str, str, str, float]]:
+        """(response_code, response_flags, destination_service, count) per series."""
+        (family,) = [m for m in self.mesh.metrics.collect() if m.name == "istio_requests"]
+        return [
+            (
+                s.labels["response_code"],
+                s.labels["response_flags"],
+                s.labels["destination_service"],
+                s.value,
+            )
+            for s in family.samples
+            if s.name.endswith("_total")
+        ]
+
+    def spans(self) -> list[ReadableSpan]:
+        return list(self.exporter.get_finished_spans())
+
+    def close(self) -> None:
+        self.mesh.close()
+        self.provider.shutdown()
+
+
+@pytest.fixture
+def traced() -> Iterator[Traced]:
+    setup = Traced()
+    yield setup
+    setup.close()
+
+
+def scope(headers: list[tuple[bytes, bytes]], kind: str = "http") -> dict[str, Any]:
+    return {
+        "type": kind,
+        "method": "GET",
+        "path": "/ratings/1",
+        "scheme": "http",
+        "query_string": b"",
+        "client": ("10.1.2.3", 4567),
+        "headers": headers,
+    }
+
+
+async def receive() -> dict[str, Any]:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+class StrictSend:
+    """What an ASGI server's send does: records messages, refuses a second response start."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict[str, Any]] = []
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start" and any(
+            m["type"] == "http.response.start" for m in self.messages
+        ):
+            raise RuntimeError("response already started")
+        self.messages.append(message)
+
+
+async def ok(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def wsgi_environ(**extra: str) -> dict[str, Any]:
+    return {"REQUEST_METHOD": "GET", "PATH_INFO": "/r", "wsgi.url_scheme": "http", **extra}
+
+
+# -- hostile request headers ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", [b"ratings:\xb2", b"[::1]:\xb9", b"ratings:\xb2\xb3"])
+def test_a_host_port_of_non_ascii_digits_is_served(traced: Traced, host: bytes) -> None:
+    """'²' passes `str.isdigit()` but not `int()`: a Latin-1 Host like `ratings:\\xb2`
+    with a sampled caller once failed the request before the app ran (ASGI and WSGI)."""
+    send = StrictSend()
+    middleware = meshlib.MeshMiddleware(ok, mesh=traced.mesh)
+    asyncio.run(middleware(scope([(b"host", host), (b"traceparent", SAMPLED)]), receive, send))
+    assert send.messages[0]["status"] == 200
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    environ = wsgi_environ(HTTP_HOST=host.decode("latin-1"), HTTP_TRACEPARENT=SAMPLED.decode())
+    body = meshlib.MeshWSGIMiddleware(app, mesh=traced.mesh)(environ, lambda *a: None)
+    assert list(body) == [b"ok"]
+    body.close()  # type: ignore[attr-defined]
+    assert [(code, n) for code, _, _, n in traced.counted()] == [("200", 2.0)]
+    assert len(traced.spans()) == 2 and len(traced.logged) == 2
+    assert propagation.current.get() is None
+
+
+def test_a_duplicated_traceparent_starts_a_new_trace() -> None:
+    """Two traceparent headers are an invalid one (as a proxy joining them makes it, and as
+    WSGI servers hand it over): a new trace starts, the same for ASGI and WSGI."""
+    mesh = meshlib.Mesh(MeshConfig(service="ratings", metrics_port=None), watch=False)
+    other = b"00-11111111111111111111111111111111-2222222222222222-01"
+    seen: list[str | None] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(dict(mesh.propagator.outbound(lambda name: False)).get("traceparent"))
+        await ok(scope, receive, send)
+
+    headers = [(b"host", b"r"), (b"traceparent", SAMPLED), (b"traceparent", other)]
+    asyncio.run(meshlib.MeshMiddleware(app, mesh=mesh)(scope(headers), receive, StrictSend()))
+    (sent,) = seen
+    assert sent is None or ("4bf92f35" not in sent and "11111111" not in sent)
+    mesh.close()
+
+
+# -- app errors and cancellation -----------------------------------------------------------
+
+
+def test_an_asgi_app_error_is_counted_as_500_and_reraised(traced: Traced) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise ValueError("boom")
+
+    middleware = meshlib.MeshMiddleware(app, mesh=traced.mesh)
+    request = scope([(b"host", b"r"), (b"traceparent", SAMPLED)])
+    with pytest.raises(ValueError, match="boom"):
+        asyncio.run(middleware(request, receive, StrictSend()))
+    assert [(code, flags, n) for code, flags, _, n in traced.counted()] == [("500", "-", 1.0)]
+    (span,) = traced.spans()
+    assert span.status.status_code is StatusCode.ERROR
+    assert [event.name for event in span.events] == ["exception"]
+    assert traced.logged[0].response_code == 500
+    assert propagation.current.get() is None
+
+
+def test_a_second_response_start_keeps_the_status_sent(traced: Traced) -> None:
+    """The server refuses a second `http.response.start`; the status the client got (the
+    first) is the one counted, not the one the app tried to send after it."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.start", "status": 503, "headers": []})
+
+    middleware = meshlib.MeshMiddleware(app, mesh=traced.mesh)
+    with pytest.raises(RuntimeError, match="already started"):
+        asyncio.run(middleware(scope([(b"host", b"r")]), receive, StrictSend()))
+    assert [(code, n) for code, _, _, n in traced.counted()] == [("200", 1.0)]
+    assert traced.logged[0].response_code == 200
+
+
+def test_a_cancelled_request_is_counted_with_flag_dc(traced: Traced) -> None:
+    """A request whose task is cancelled (its caller went away) is recorded as Envoy records
+    an abandoned request — the status sent so far (0 if none) and flag DC — its span ended and
+    its context restored; the cancellation propagates."""
+    started: list[asyncio.Event] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] == "/streaming":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+        started[-1].set()
+        await asyncio.sleep(3600)
+
+    middleware = meshlib.MeshMiddleware(app, mesh=traced.mesh)
+
+    async def main(path: str) -> None:
+        started.append(asyncio.Event())
+        request = scope([(b"host", b"r"), (b"traceparent", SAMPLED)])
+        request["path"] = path
+        task = asyncio.create_task(middleware(request, receive, StrictSend()))
+        await started[-1].wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert propagation.current.get() is None
+
+    asyncio.run(main("/waiting"))
+    asyncio.run(main("/streaming"))
+    assert sorted((code, flags, n) for code, flags, _, n in traced.counted()) == [
+        ("0", "DC", 1.0),
+        ("200", "DC", 1.0),
+    ]
+    assert len(traced.spans()) == 2
+    assert sorted((e.response_code, e.response_flags) for e in traced.logged) == [
+        (0, "DC"),
+        (200, "DC"),
+    ]
+
+
+class Body:
+    """A WSGI response iterable that may fail, and records its close()."""
+
+    def __init__(self, chunks: list[bytes], fail_after: int | None) -> None:
+        self.chunks, self.fail_after, self.closed = chunks, fail_after, False
+
+    def __iter__(self) -> Iterator[bytes]:
+        for i, chunk in enumerate(self.chunks):
+            if i == self.fail_after:
+                raise OSError("disk gone")
+            yield chunk
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize(
+    ("fail_after", "code"),
+    [(0, "500"), (1, "200")],
+    ids=["before-any-body", "mid-body"],
+)
+def test_a_wsgi_iterable_that_raises_is_recorded_and_closed(
+    traced: Traced, fail_after: int, code: str
+) -> None:
+    """An error while the server iterates the response: the app's close() still runs, the
+    span records the exception, and the status counted is what the client got — 500 when no
+    body was sent yet (the server answers it), else the status already sent."""
+    body = Body([b"a", b"b"], fail_after)
+
+    def app(environ: dict[str, Any], start_response: Any) -> Body:
+        start_response("200 OK", [])
+        return body
+
+    environ = wsgi_environ(HTTP_TRACEPARENT=SAMPLED.decode())
+    response = meshlib.MeshWSGIMiddleware(app, mesh=traced.mesh)(environ, lambda *a: None)
+    with pytest.raises(OSError, match="disk gone"):
+        list(response)
+    response.close()  # type: ignore[attr-defined]
+    assert body.closed
+    assert [(c, n) for c, _, _, n in traced.counted()] == [(code, 1.0)]
+    (span,) = traced.spans()
+    assert span.status.status_code is StatusCode.ERROR
+    assert propagation.current.get() is None
+
+
+def test_a_wsgi_app_error_is_counted_as_500_and_reraised(traced: Traced) -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        raise KeyError("gone")
+
+    with pytest.raises(KeyError):
+        meshlib.MeshWSGIMiddleware(app, mesh=traced.mesh)(wsgi_environ(), lambda *a: None)
+    assert [(c, n) for c, _, _, n in traced.counted()] == [("500", 1.0)]
+    assert propagation.current.get() is None
+
+
+# -- what passes through ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["lifespan", "websocket"])
+def test_lifespan_and_websocket_scopes_pass_through_untouched(traced: Traced, kind: str) -> None:
+    """The app gets the server's own receive and send, nothing is counted or traced."""
+    got: list[tuple[Any, Any, Any]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        got.append((scope, receive, send))
+
+    send = StrictSend()
+    request = scope([(b"host", b"r"), (b"traceparent", SAMPLED)], kind=kind)
+    asyncio.run(meshlib.MeshMiddleware(app, mesh=traced.mesh)(request, receive, send))
+    assert got == [(request, receive, send)]
+    assert traced.counted() == [] and traced.spans() == [] and traced.logged == []
+
+
+def test_a_streamed_response_passes_through_as_sent(traced: Traced) -> None:
+    """Body messages reach the server one by one, in order and unchanged; the response bytes
+    are their sum; the identity header is added once, to a copy of the app's headers."""
+    headers = [(b"content-type", b"text/plain")]
+    start = {"type": "http.response.start", "status": 200, "headers": headers}
+    chunks = [b"one", b"", b"three", b"four"]
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send(start)
+        for i, chunk in enumerate(chunks):
+            more = i < len(chunks) - 1
+            await send({"type": "http.response.body", "body": chunk, "more_body": more})
+
+    send = StrictSend()
+    asyncio.run(meshlib.MeshMiddleware(app, mesh=traced.mesh)(scope([]), receive, send))
+    first, *bodies = send.messages
+    assert first["headers"] == [*headers, traced.mesh.identity_header]
+    assert start["headers"] == headers  # the app's message is not changed
+    assert [m["body"] for m in bodies] == chunks
+    assert [m["more_body"] for m in bodies] == [True, True, True, False]
+    assert traced.logged[0].bytes_sent == sum(map(len, chunks))
+
+
+def test_an_unnamed_workload_is_the_unknown_destination_service() -> None:
+    """Without a service or workload name, destination_service is Istio's `unknown` (not
+    an invented `unknown.<namespace>.svc...` name)."""
+    setup = Traced(service=None)
+    try:
+        asyncio.run(meshlib.MeshMiddleware(ok, mesh=setup.mesh)(scope([]), receive, StrictSend()))
+        assert [(service, n) for _, _, service, n in setup.counted()] == [("unknown", 1.0)]
+    finally:
+        setup.close()
