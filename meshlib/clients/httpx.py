@@ -192,16 +192,23 @@ def _exception_flag(exc: BaseException) -> str:
     return Flag.UPSTREAM_CONNECTION_TERMINATION
 
 
+# Transport errors that say the request is wrong, not the upstream: never retried, never held
+# against an endpoint, raised to the app as httpx raises them.
+_CALLERS_OWN = (httpx.UnsupportedProtocol, httpx.LocalProtocolError)
+
+
 def _replayable(request: httpx.Request) -> bool:
     return isinstance(request.stream, httpx.ByteStream)
 
 
 def _failed(exc: httpx.TransportError, request: httpx.Request, attempt: Attempt) -> AttemptResult:
     """How a transport error ends an attempt, in Envoy's terms."""
+    caller = (request.extensions.get("timeout") or {}).get("read")
+    if isinstance(exc, httpx.ConnectTimeout) and attempt.connect_ran_out_of_try_time(caller):
+        return AttemptResult(failure=PER_TRY_TIMEOUT, error=exc)
     if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
         return AttemptResult(failure=CONNECT_FAILURE, error=exc)
     if isinstance(exc, httpx.TimeoutException):
-        caller = (request.extensions.get("timeout") or {}).get("read")
         mesh_owned = attempt.timeouts(caller)[2]
         return AttemptResult(failure=PER_TRY_TIMEOUT, error=exc, client_timeout=not mesh_owned)
     return AttemptResult(failure=RESET, error=exc)
@@ -248,7 +255,7 @@ class _MeshTransportBase:
             "connect": connect,
             "read": read,
             "write": _smaller(caller.get("write"), attempt.timeout),
-            "pool": caller.get("pool"),
+            "pool": _smaller(caller.get("pool"), attempt.timeout),
         }
         return httpx.Request(
             request.method,
@@ -411,6 +418,8 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
                         response = self._inner.handle_request(
                             self._upstream(mesh, request, view, plan, attempt)
                         )
+                except _CALLERS_OWN:
+                    raise  # the request itself is wrong: the app's error, as without the mesh
                 except httpx.TransportError as exc:
                     result = _failed(exc, request, attempt)
                 else:
@@ -516,6 +525,8 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
                         response = await self._inner.handle_async_request(
                             self._upstream(mesh, request, view, plan, attempt)
                         )
+                except _CALLERS_OWN:
+                    raise  # the request itself is wrong: the app's error, as without the mesh
                 except httpx.TransportError as exc:
                     result = _failed(exc, request, attempt)
                 else:

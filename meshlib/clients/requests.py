@@ -65,7 +65,7 @@ def request_attributes(
         pairs.extend((n, v) for n, v in inbound.headers if n not in view)
     return RequestAttributes(
         request.method or "GET",
-        view.get("host") or parts.netloc,
+        view.get("host") or parts.netloc.rpartition("@")[2],  # without user:password@
         parts.path or "/",
         scheme=parts.scheme,
         query=parts.query,
@@ -253,6 +253,10 @@ class MeshAdapter(HTTPAdapter):
             response = self._send_upstream(upstream, timeout=(connect, read), **options)
         except (requests.ConnectionError, requests.Timeout) as exc:
             failure = _classify(exc)
+            if isinstance(exc, requests.ConnectTimeout) and attempt.connect_ran_out_of_try_time(
+                caller_read
+            ):
+                failure = PER_TRY_TIMEOUT  # the try's time ran out while connecting: UT
             client_timeout = failure == PER_TRY_TIMEOUT and not mesh_owned
             return AttemptResult(failure=failure, error=exc, client_timeout=client_timeout)
         return AttemptResult(

@@ -45,11 +45,24 @@ class Attempt:
 
     def timeouts(self, caller: float | None) -> tuple[float | None, float | None, bool]:
         """(connect, read) timeouts with the caller's own, and whether the mesh's is the
-        binding one (then expiry is the mesh's answer, 504; else the caller's exception)."""
+        binding one (then expiry is the mesh's answer, 504; else the caller's exception).
+        Connecting is part of the try: it gets the connect timeout, or less when the try's
+        time (per-try timeout, route deadline) or the caller's is shorter."""
         mesh = self.timeout
         read = mesh if caller is None else (caller if mesh is None else min(mesh, caller))
-        connect = self.connect_timeout if caller is None else min(self.connect_timeout, caller)
+        connect = self.connect_timeout
+        for bound in (mesh, caller):
+            if bound is not None and bound < connect:
+                connect = bound
         return connect, read, mesh is not None and (caller is None or mesh <= caller)
+
+    def connect_ran_out_of_try_time(self, caller: float | None) -> bool:
+        """Whether a connect timeout means the try's time ran out (Envoy's UT), not the
+        connect timeout (UF): the mesh's try time was the smallest bound on connecting."""
+        mesh = self.timeout
+        return (
+            mesh is not None and mesh < self.connect_timeout and (caller is None or mesh <= caller)
+        )
 
 
 class Exchange:
@@ -92,6 +105,7 @@ class Exchange:
             return outcome.no_healthy_upstream()
         if not cluster.limits.try_acquire_request():
             self._release_retry_slot()
+            cluster.outlier.give_back(endpoint.key)  # admitted, never sent
             if cluster.on_overflow is not None:
                 cluster.on_overflow()
             return outcome.overflow()
@@ -155,7 +169,9 @@ class Exchange:
             cluster.limits.release_retry()
         result.endpoint = key
         total = len(cluster.endpoints)
-        if result.failure is not None:
+        if result.client_timeout:
+            cluster.outlier.give_back(key)  # the caller gave up: nothing said of the endpoint
+        elif result.failure is not None:
             cluster.outlier.record(
                 key, status=None, local_origin_failure=True, total_endpoints=total
             )
@@ -168,6 +184,23 @@ class Exchange:
         elif result.status is not None:
             cluster.outlier.record(key, status=result.status, total_endpoints=total)
         return result
+
+    def abandon_attempt(self, attempt: Attempt) -> None:
+        """A try that will never report: its sender raised (a cancellation, Ctrl-C, a bug
+        in an inner transport). What it held is given back — its request and retry slots, its
+        in-flight count, a half-open trial — and outlier detection hears nothing of it."""
+        cluster = self.cluster
+        key = attempt.endpoint.key
+        cluster.in_flight.finish(key)
+        cluster.limits.release_request()
+        if attempt.retry_slot:
+            cluster.limits.release_retry()
+        cluster.outlier.give_back(key)
+
+    def abandon(self) -> None:
+        """The request ends between tries (cancelled during the back-off): the retry slot
+        taken for the next try is given back."""
+        self._release_retry_slot()
 
     # -- the retry decision (tenacity's predicate) ------------------------------------
 

@@ -262,6 +262,16 @@ class OutlierDetector:
         self._emit(events)
         return allowed
 
+    def give_back(self, key: str) -> None:
+        """An admitted request that will never report (not sent, or cancelled): a half-open
+        endpoint's trial is free again, for the next request rather than after a timeout."""
+        endpoint = self._endpoints.get(key)
+        if endpoint is None or endpoint.state != HALF_OPEN:
+            return
+        with self._lock:
+            if endpoint.state == HALF_OPEN:
+                endpoint.trial_at = float("-inf")
+
     def available(self, key: str, total_endpoints: int) -> bool:
         """Could `admit()` say yes now? Read-only (never takes the trial): a balancer's filter.
 

@@ -141,7 +141,11 @@ def run_attempts(
             discard(state.outcome.result().response)  # a retried response is never returned
 
     retrying = tenacity.Retrying(**retrying_kwargs(exchange, before_sleep, replay.should_retry))
-    result: AttemptResult = retrying(attempt)
+    try:
+        result: AttemptResult = retrying(attempt)
+    except BaseException:
+        exchange.abandon()  # e.g. Ctrl-C during the back-off
+        raise
     return result
 
 
@@ -164,7 +168,11 @@ async def run_attempts_async(
             await discard(state.outcome.result().response)
 
     kwargs = retrying_kwargs(exchange, before_sleep, replay.should_retry)
-    result: AttemptResult = await tenacity.AsyncRetrying(**kwargs)(attempt)
+    try:
+        result: AttemptResult = await tenacity.AsyncRetrying(**kwargs)(attempt)
+    except BaseException:
+        exchange.abandon()  # cancelled during the back-off
+        raise
     return result
 
 
@@ -191,7 +199,12 @@ def _attempt(exchange: Exchange, send: Callable[[Attempt], AttemptResult]) -> At
     setup = exchange.start_attempt()
     if isinstance(setup, LocalReply):
         return AttemptResult(reply=setup)
-    return exchange.finish_attempt(setup, send(setup))
+    try:
+        result = send(setup)
+    except BaseException:
+        exchange.abandon_attempt(setup)  # never reports: give back what it holds
+        raise
+    return exchange.finish_attempt(setup, result)
 
 
 async def _attempt_async(
@@ -200,4 +213,9 @@ async def _attempt_async(
     setup = exchange.start_attempt()
     if isinstance(setup, LocalReply):
         return AttemptResult(reply=setup)
-    return exchange.finish_attempt(setup, await send(setup))
+    try:
+        result = await send(setup)
+    except BaseException:
+        exchange.abandon_attempt(setup)  # cancelled, or the sender raised
+        raise
+    return exchange.finish_attempt(setup, result)

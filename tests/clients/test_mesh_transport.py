@@ -6,6 +6,7 @@ import random
 import textwrap
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -493,3 +494,179 @@ def test_hostile_upstream_numbers_never_fail_the_call() -> None:
         assert c.get("http://api.internal/").status_code == 200
         response = c.get("http://api.internal/", headers=[(b"host", b"api.internal:\xb2")])
         assert response.status_code in (200, 404)
+
+
+def _dr(traffic_policy: str) -> str:
+    return (
+        "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: api}\n"
+        f"spec:\n  host: api.internal\n  trafficPolicy:\n    {traffic_policy}\n"
+    )
+
+
+def _mesh_of(policy: str) -> Mesh:
+    result = load_text(SERVICE + "---\n" + policy, "t.yaml")
+    result.raise_for_errors()
+    config = MeshConfig()
+    return Mesh(config, policy=Snapshot.build(result.resources, config), rng=random.Random(1))
+
+
+CLUSTER = ("api.internal", None, 80)
+
+
+def test_cancelled_calls_give_back_their_circuit_breaker_slots() -> None:
+    """Calls cancelled while in flight (asyncio.wait_for, a caller that went away) give back
+    their request slot and in-flight count: with http2MaxRequests 2, two cancelled calls once
+    left every later call answered 503 UO for good."""
+    import asyncio
+
+    mesh = _mesh_of(
+        vs("- route: [{destination: {host: api.internal}}]")
+        + _dr("connectionPool: {http: {http2MaxRequests: 2}}")
+    )
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/slow":
+            await asyncio.sleep(3600)
+        return httpx.Response(200)
+
+    async def main() -> None:
+        async with meshlib.AsyncClient(mesh=mesh, transport=httpx.MockTransport(handler)) as c:
+            for _ in range(3):
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(
+                        asyncio.gather(
+                            c.get("http://api.internal/slow"), c.get("http://api.internal/slow")
+                        ),
+                        0.05,
+                    )
+            assert (await c.get("http://api.internal/")).status_code == 200
+
+    asyncio.run(main())
+    cluster = mesh.cluster(CLUSTER)
+    assert cluster.limits.active_requests == 0
+    assert all(cluster.in_flight.get(f"10.0.0.{i}:80") == 0 for i in (1, 2, 3))
+
+
+def test_a_transport_that_raises_gives_back_its_slots() -> None:
+    """An inner transport raising something that is not a transport error (a bug, Ctrl-C):
+    the app gets it, and the slots it held are free again."""
+    mesh = _mesh_of(
+        vs("- route: [{destination: {host: api.internal}}]")
+        + _dr("connectionPool: {http: {http2MaxRequests: 1}}")
+    )
+    failures = [RuntimeError("bug"), RuntimeError("bug")]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if failures:
+            raise failures.pop()
+        return httpx.Response(200)
+
+    with meshlib.Client(mesh=mesh, transport=httpx.MockTransport(handler)) as c:
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match="bug"):
+                c.get("http://api.internal/")
+        assert c.get("http://api.internal/").status_code == 200
+    assert mesh.cluster(CLUSTER).limits.active_requests == 0
+
+
+def test_the_callers_own_timeouts_do_not_eject_endpoints() -> None:
+    """The app's own timeout says nothing about the endpoint (Envoy does not count a caller
+    giving up against the upstream): three on each endpoint in turn, with
+    consecutive5xxErrors 3, eject nothing (they once ejected all three: 503 UH after)."""
+    slow = True
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if slow:
+            raise httpx.ReadTimeout("the caller's timeout", request=request)
+        return httpx.Response(200)
+
+    mesh = _mesh_of(
+        vs("- route: [{destination: {host: api.internal}}]\n  retries: {attempts: 0}")
+        + _dr(
+            "loadBalancer: {simple: ROUND_ROBIN}\n    outlierDetection: {consecutive5xxErrors: 3,"
+            " baseEjectionTime: 60s, maxEjectionPercent: 100}"
+        )
+    )
+    with meshlib.Client(mesh=mesh, transport=httpx.MockTransport(handler), timeout=1.0) as c:
+        for _ in range(9):
+            with pytest.raises(httpx.ReadTimeout):
+                c.get("http://api.internal/")
+        assert mesh.cluster(CLUSTER).outlier.ejected() == frozenset()
+        slow = False
+        assert c.get("http://api.internal/").status_code == 200
+
+
+def test_connecting_is_bounded_by_the_tries_time() -> None:
+    """Connecting is part of the try: with a 100 ms per-try timeout the transport gets
+    connect and pool timeouts of 100 ms (not the caller's 5 s), and running out of that time
+    while connecting is the route's timeout (504 UT), not a connection failure (503 UF)."""
+    seen: list[dict[str, float | None]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.extensions["timeout"])
+        raise httpx.ConnectTimeout("no SYN-ACK", request=request)
+
+    policy = vs(
+        "- route: [{destination: {host: api.internal}}]\n"
+        "  timeout: 200ms\n  retries: {attempts: 2, perTryTimeout: 100ms, retryOn: connect-failure}"
+    )
+    with client(policy, handler, timeout=5.0) as c:
+        response = c.get("http://api.internal/")
+    assert all(t["connect"] == 0.1 and t["pool"] == 0.1 for t in seen), seen
+    assert response.status_code == 504
+    assert "UT" in response.extensions["response_flags"]
+
+
+def test_a_request_the_transport_refuses_is_the_apps_error() -> None:
+    """An unsupported scheme or a request httpx cannot send is raised as httpx raises it —
+    not retried, not answered 503, not held against an endpoint."""
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url)
+        raise httpx.UnsupportedProtocol("no ftp here", request=request)
+
+    policy = vs(
+        "- route: [{destination: {host: api.internal}}]\n  retries: {attempts: 3, retryOn: reset}"
+    )
+    with client(policy, handler) as c, pytest.raises(httpx.UnsupportedProtocol):
+        c.get("http://api.internal/")
+    assert len(calls) == 1
+
+
+class _RecordingAdapter:
+    """A requests adapter stand-in: records what it is asked to send, answers 200."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, Any]] = []
+
+    def send(self, request: Any, **kwargs: Any) -> Any:
+        import requests
+
+        self.sent.append((request.url, kwargs.get("timeout")))
+        response = requests.Response()
+        response.status_code, response._content, response.url = 200, b"ok", request.url
+        response.request = request
+        return response
+
+
+def test_requests_routes_a_url_with_credentials_and_bounds_connecting() -> None:
+    """requests keeps `user:password@` in the URL: the mesh still routes the host (it once
+    passed it through), and connecting gets no more than the try's time."""
+    import requests
+
+    from meshlib.clients.requests import MeshAdapter
+
+    mesh = _mesh_of(
+        vs(
+            "- route: [{destination: {host: api.internal}}]\n  retries: {attempts: 1, perTryTimeout: 100ms}"
+        )
+    )
+    inner = _RecordingAdapter()
+    with requests.Session() as session:
+        session.mount("http://", MeshAdapter(mesh=mesh, inner=inner))  # type: ignore[arg-type]
+        response = session.get("http://user:secret@api.internal/x", timeout=5.0)
+    assert response.status_code == 200
+    ((url, timeout),) = inner.sent
+    assert url.startswith("http://10.0.0.") and url.endswith(":80/x")  # routed to an endpoint
+    assert timeout == (0.1, 0.1)
