@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import textwrap
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,20 +45,36 @@ class Caller:
         self.mesh = mesh
 
     def many(
-        self, n: int, path: str = "/", *, method: str = "GET", concurrency: int = 16, **kwargs: Any
+        self,
+        n: int,
+        path: str = "/",
+        *,
+        method: str = "GET",
+        concurrency: int | None = None,
+        **kwargs: Any,
     ) -> list[Result]:
+        """`n` requests; at most `concurrency` at a time (async: 16 by default; the sync
+        clients send one after another unless it is given, then from that many threads
+        sharing one client)."""
         if self.kind == "httpx":
             with meshed_httpx.Client(mesh=self.mesh, timeout=30) as client:
-                return [_from_httpx(client.request(method, URL + path, **kwargs)) for _ in range(n)]
+                return _map(
+                    lambda: _from_httpx(client.request(method, URL + path, **kwargs)),
+                    n,
+                    concurrency,
+                )
         if self.kind == "requests":
             if "content" in kwargs:
                 kwargs["data"] = kwargs.pop("content")
             with meshed_requests.Session(mesh=self.mesh) as session:
-                return [
-                    _from_requests(session.request(method, URL + path, timeout=30, **kwargs))
-                    for _ in range(n)
-                ]
-        return asyncio.run(self._many_async(n, path, method, concurrency, kwargs))
+                return _map(
+                    lambda: _from_requests(
+                        session.request(method, URL + path, timeout=30, **kwargs)
+                    ),
+                    n,
+                    concurrency,
+                )
+        return asyncio.run(self._many_async(n, path, method, concurrency or 16, kwargs))
 
     async def _many_async(
         self, n: int, path: str, method: str, concurrency: int, kwargs: dict[str, Any]
@@ -73,6 +90,13 @@ class Caller:
 
     def one(self, path: str = "/", **kwargs: Any) -> Result:
         return self.many(1, path, **kwargs)[0]
+
+
+def _map(call: Callable[[], Result], n: int, concurrency: int | None) -> list[Result]:
+    if concurrency is None:
+        return [call() for _ in range(n)]
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        return list(pool.map(lambda _: call(), range(n)))
 
 
 def _body(content: bytes, content_type: str) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -35,22 +36,38 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 def test_policy_edit_shifts_traffic_without_failures(
-    tmp_path: Path, upstreams: dict[str, Upstream]
+    tmp_path: Path, upstreams: dict[str, Upstream], client_kind: str
 ) -> None:
-    """Moving the canary from 100/0 to 0/100 mid-run: within 2 s all traffic is on v2, none failed."""
+    """Moving the canary from 100/0 to 0/100 mid-run: within 2 s all traffic is on v2, none
+    failed — for each of the three clients."""
     path = tmp_path / "mesh.yaml"
     path.write_text(policy(upstreams, 100, 0))
     mesh = Mesh(MeshConfig(service="productpage"), policy=path)
     seen: list[tuple[float, int, str | None]] = []
     stop = threading.Event()
 
-    def traffic() -> None:
-        with meshlib.Client(mesh=mesh) as client:
+    def note(status: int, upstream: str | None) -> None:
+        seen.append((time.monotonic(), status, upstream))
+
+    async def async_traffic() -> None:
+        async with meshlib.AsyncClient(mesh=mesh) as client:
             while not stop.is_set():
-                response = client.get(URL + "/")
-                seen.append(
-                    (time.monotonic(), response.status_code, response.headers.get("x-upstream"))
-                )
+                response = await client.get(URL + "/")
+                note(response.status_code, response.headers.get("x-upstream"))
+
+    def traffic() -> None:
+        if client_kind == "httpx-async":
+            asyncio.run(async_traffic())
+        elif client_kind == "requests":
+            with meshlib.Session(mesh=mesh) as session:
+                while not stop.is_set():
+                    answer = session.get(URL + "/", timeout=30)
+                    note(answer.status_code, answer.headers.get("x-upstream"))
+        else:
+            with meshlib.Client(mesh=mesh) as client:
+                while not stop.is_set():
+                    response = client.get(URL + "/")
+                    note(response.status_code, response.headers.get("x-upstream"))
 
     worker = threading.Thread(target=traffic)
     worker.start()

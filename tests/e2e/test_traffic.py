@@ -106,7 +106,9 @@ def test_retries_hide_a_failing_endpoint(
     assert received > 2400  # about 2000 / 0.7 tries: the retries really happened
 
 
-def test_retry_budget_caps_retries(make_mesh: MeshFactory, upstreams: dict[str, Upstream]) -> None:
+def test_retry_budget_caps_retries(
+    make_mesh: MeshFactory, upstreams: dict[str, Upstream], client_kind: str
+) -> None:
     """When everything fails at once, a retry budget lets only a few retries through (URX)."""
     for server in upstreams.values():
         server.behaviour.fail_every = 1.0
@@ -114,20 +116,20 @@ def test_retry_budget_caps_retries(make_mesh: MeshFactory, upstreams: dict[str, 
     mesh = make_mesh(
         RETRY_5XX, traffic_policy="retryBudget: {percent: {value: 10}, minRetryConcurrency: 1}\n"
     )
-    results = Caller("httpx-async", mesh).many(40, concurrency=40)
+    results = Caller(client_kind, mesh).many(40, concurrency=40)
     assert all(r.status == 503 and r.flags == ["URX"] for r in results)
     received = sum(s.behaviour.received for s in upstreams.values())
     assert received < 60, received  # without the budget: 40 x 4 = 160 tries
 
 
 def test_retries_without_budget_use_every_attempt(
-    make_mesh: MeshFactory, upstreams: dict[str, Upstream]
+    make_mesh: MeshFactory, upstreams: dict[str, Upstream], client_kind: str
 ) -> None:
     """The same load without a budget makes all 1 + 3 tries per request (the budget test's baseline)."""
     for server in upstreams.values():
         server.behaviour.fail_every = 1.0
         server.behaviour.delay = 0.2
-    results = Caller("httpx-async", make_mesh(RETRY_5XX)).many(40, concurrency=40)
+    results = Caller(client_kind, make_mesh(RETRY_5XX)).many(40, concurrency=40)
     assert all(r.status == 503 for r in results)
     assert sum(s.behaviour.received for s in upstreams.values()) == 160
 
@@ -183,7 +185,9 @@ def test_per_try_timeout_retries_elsewhere(
     ]
 
 
-def test_overflow_answers_503_uo(make_mesh: MeshFactory, upstreams: dict[str, Upstream]) -> None:
+def test_overflow_answers_503_uo(
+    make_mesh: MeshFactory, upstreams: dict[str, Upstream], client_kind: str
+) -> None:
     """Past http2MaxRequests concurrent requests, the rest get 503 UO at once."""
     for server in upstreams.values():
         server.behaviour.delay = 0.5
@@ -191,7 +195,7 @@ def test_overflow_answers_503_uo(make_mesh: MeshFactory, upstreams: dict[str, Up
         virtual_service("- route: [{destination: {host: reviews}}]\n"),
         traffic_policy="connectionPool: {http: {http2MaxRequests: 2}}\n",
     )
-    results = Caller("httpx-async", mesh).many(10, concurrency=10)
+    results = Caller(client_kind, mesh).many(10, concurrency=10)
     statuses = Counter(r.status for r in results)
     assert statuses[200] == 2, statuses
     assert statuses[503] == 8
