@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import httpx
@@ -654,31 +654,35 @@ def _unbound(response: httpx.Response) -> httpx.Response:
     return response
 
 
+def _mesh_every_transport(
+    client: httpx.Client | httpx.AsyncClient, wrap: Callable[[Any], Any]
+) -> None:
+    """Wrap the transports httpx made for `client` — the given or default one, `mounts=`,
+    and the proxies from `proxy=` or the environment (HTTP_PROXY, NO_PROXY, ...) — so that
+    every request goes through the mesh, whichever transport httpx picks for its URL."""
+
+    def meshed(transport: Any) -> Any:
+        return (
+            transport
+            if transport is None or getattr(transport, _MESHED, False)
+            else wrap(transport)
+        )
+
+    client._transport = meshed(client._transport)
+    client._mounts = {pattern: meshed(t) for pattern, t in client._mounts.items()}
+
+
 class Client(_ClientMixin, httpx.Client):
     """An `httpx.Client` whose requests go through the mesh.
 
-    Every httpx feature still works; `transport=` (or `mounts=`) are wrapped, not replaced.
+    Every httpx feature still works: httpx makes its transports as it always does (the given
+    one or its default, `mounts=`, proxies from `proxy=` or the environment), and each is
+    wrapped, not replaced.
     """
 
     def __init__(self, *args: Any, mesh: Mesh | None = None, **kwargs: Any) -> None:
-        transport = kwargs.pop("transport", None)
-        if transport is None:
-            transport = httpx.HTTPTransport(
-                verify=kwargs.get("verify", True),
-                cert=kwargs.get("cert"),
-                http1=kwargs.get("http1", True),
-                http2=kwargs.get("http2", False),
-                limits=kwargs.get("limits", httpx.Limits()),
-                trust_env=kwargs.get("trust_env", True),
-            )
-        if not getattr(transport, _MESHED, False):
-            transport = MeshTransport(transport, mesh=mesh)
-        mounts = kwargs.pop("mounts", None) or {}
-        mounts = {
-            pattern: t if t is None or getattr(t, _MESHED, False) else MeshTransport(t, mesh=mesh)
-            for pattern, t in mounts.items()
-        }
-        super().__init__(*args, transport=transport, mounts=mounts, **kwargs)
+        super().__init__(*args, **kwargs)
+        _mesh_every_transport(self, lambda inner: MeshTransport(inner, mesh=mesh))
         self._cookies = _Cookies.sharing(self._cookies)
 
     def send(
@@ -698,26 +702,25 @@ class Client(_ClientMixin, httpx.Client):
 
 
 class AsyncClient(_ClientMixin, httpx.AsyncClient):
-    """An `httpx.AsyncClient` whose requests go through the mesh."""
+    """An `httpx.AsyncClient` whose requests go through the mesh.
+
+    As `Client`; without `transport=`, the default one is aiohttp's pool (it keeps throughput
+    under concurrency), unless an option only httpx's own transport has is given (`http2`,
+    `cert`). Proxies, from `proxy=` or the environment, go through httpx's transports.
+    """
 
     def __init__(self, *args: Any, mesh: Mesh | None = None, **kwargs: Any) -> None:
-        transport = kwargs.pop("transport", None)
-        if transport is None:
-            transport = _default_async_transport(
+        super().__init__(*args, **kwargs)
+        if kwargs.get("transport") is None:
+            options = {"cert": kwargs["cert"]} if kwargs.get("cert") is not None else {}
+            # httpx made its own default transport, unused yet (no connection, nothing to close)
+            self._transport = _default_async_transport(
                 verify=kwargs.get("verify", True),
                 limits=kwargs.get("limits"),
                 http2=kwargs.get("http2", False),
+                **options,
             )
-        if not getattr(transport, _MESHED, False):
-            transport = AsyncMeshTransport(transport, mesh=mesh)
-        mounts = kwargs.pop("mounts", None) or {}
-        mounts = {
-            pattern: t
-            if t is None or getattr(t, _MESHED, False)
-            else AsyncMeshTransport(t, mesh=mesh)
-            for pattern, t in mounts.items()
-        }
-        super().__init__(*args, transport=transport, mounts=mounts, **kwargs)
+        _mesh_every_transport(self, lambda inner: AsyncMeshTransport(inner, mesh=mesh))
         self._cookies = _Cookies.sharing(self._cookies)
 
     async def send(

@@ -670,3 +670,38 @@ def test_requests_routes_a_url_with_credentials_and_bounds_connecting() -> None:
     ((url, timeout),) = inner.sent
     assert url.startswith("http://10.0.0.") and url.endswith(":80/x")  # routed to an endpoint
     assert timeout == (0.1, 0.1)
+
+
+@pytest.mark.parametrize("make", [meshlib.Client, meshlib.AsyncClient])
+def test_proxies_are_meshed_and_taken_from_the_environment_as_httpx_does(
+    make: Callable[..., httpx.Client], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """httpx sends through a proxy transport of its own (`proxy=`, or HTTP_PROXY & co. from
+    the environment): meshlib's clients mesh it too — a `proxy=` once made every request skip
+    the mesh — and honour the environment's proxies and NO_PROXY as stock httpx does."""
+    from meshlib.clients import httpx as meshed
+
+    def transports(c: httpx.Client) -> dict[str, object]:
+        return {p.pattern: t for p, t in c._mounts.items()}
+
+    explicit = make(proxy="http://127.0.0.1:3128")
+    assert all(getattr(t, meshed._MESHED, False) for t in transports(explicit).values())
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:3128")
+    monkeypatch.setenv("NO_PROXY", "localhost")
+    stock = httpx.Client() if make is meshlib.Client else httpx.AsyncClient()
+    from_env = make()
+    assert transports(from_env).keys() == transports(stock).keys() == {"http://", "all://localhost"}
+    assert transports(from_env)["all://localhost"] is None  # NO_PROXY: the default transport
+    assert getattr(transports(from_env)["http://"], meshed._MESHED, False)
+    assert getattr(from_env._transport, meshed._MESHED, False)
+    assert make(trust_env=False)._mounts == {}
+
+
+@pytest.mark.filterwarnings("ignore:`cert=...` is deprecated:DeprecationWarning")
+def test_async_client_certificates_use_httpx_transport() -> None:
+    """aiohttp's transport takes no client certificate: with `cert=` the async client sends
+    through httpx's own (a missing file fails as in httpx, instead of being ignored)."""
+    with pytest.raises(FileNotFoundError):
+        meshlib.AsyncClient(cert="/nonexistent/client.pem")
+    with pytest.raises(FileNotFoundError):
+        httpx.AsyncClient(cert="/nonexistent/client.pem")
