@@ -49,8 +49,10 @@ def _targets() -> tuple[tuple[Any, str], ...]:
 
 
 def _facade(instance: Any, make: Any) -> Any:
+    """The meshing wrapper of one stock transport or adapter, for the Mesh instrumented now
+    (made anew after `instrument(another_mesh)`)."""
     facade = instance.__dict__.get(_FACADE)
-    if facade is None:
+    if facade is None or facade._mesh is not _state["mesh"]:
         facade = instance.__dict__[_FACADE] = make()
     return facade
 

@@ -76,8 +76,16 @@ class MirrorTracker:
 
 
 def mirror_endpoint(mesh: Mesh, plan: RoutePlan, mirror: Mirror) -> Endpoint | None:
-    """Where a mirrored copy goes: an endpoint of the mirror's cluster, balanced as usual."""
-    port = mirror.port if mirror.port is not None else (plan.cluster[2] if plan.cluster else None)
+    """Where a mirrored copy goes: an endpoint of the mirror's cluster, balanced as usual.
+
+    Without a port in the mirror, the request's port if the mirror's service has it, else
+    the service's only port (as for a route destination)."""
+    port = mirror.port
+    if port is None:
+        port = plan.cluster[2] if plan.cluster else None
+        service = mesh.snapshot.service(mirror.host)
+        if service is not None and service.port(port) is None and len(service.ports) == 1:
+            port = service.ports[0].number
     cluster = mesh.cluster((mirror.host, mirror.subset, port))
     return cluster.balancer.pick(cluster.endpoints, lambda e: True, None)
 

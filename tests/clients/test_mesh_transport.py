@@ -705,3 +705,36 @@ def test_async_client_certificates_use_httpx_transport() -> None:
         meshlib.AsyncClient(cert="/nonexistent/client.pem")
     with pytest.raises(FileNotFoundError):
         httpx.AsyncClient(cert="/nonexistent/client.pem")
+
+
+SHADOW = """
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: shadow}
+spec:
+  hosts: [shadow.internal]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{number: 8080, name: http, protocol: HTTP}]
+  endpoints: [{address: 10.9.0.1}]
+"""
+
+
+def test_a_mirror_to_a_one_port_service_uses_that_port() -> None:
+    """A mirror without a port goes to the mirror service's only port, as a route destination
+    does, even when the request went to another port (it was silently dropped)."""
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        return httpx.Response(200)
+
+    mesh = _mesh_of(
+        SHADOW
+        + "---\n"
+        + vs("- route: [{destination: {host: api.internal}}]\n  mirror: {host: shadow.internal}")
+    )
+    with meshlib.Client(mesh=mesh, transport=httpx.MockTransport(handler)) as c:
+        assert c.get("http://api.internal/x").status_code == 200
+    assert sorted(seen)[-1] == "http://10.9.0.1:8080/x"  # closing waited for the copy
+    assert len(seen) == 2

@@ -79,3 +79,23 @@ def test_uninstrument_restores_stock_behaviour(
         client.get(URL + "/")
     with httpx.Client() as client:  # plain addresses still work
         assert client.get(f"http://{upstreams['v1'].address}/").status_code == 200
+
+
+def test_instrumenting_another_mesh_applies_to_existing_clients(make_mesh: MeshFactory) -> None:
+    """instrument(B) after instrument(A) (with or without uninstrument() between) routes
+    existing clients by B's policy, not by the Mesh their first request met."""
+    to_v3 = virtual_service("- route: [{destination: {host: reviews, subset: v3}}]\n")
+    client = httpx.Client()
+    session = requests.Session()
+    try:
+        meshlib.instrument(make_mesh(TO_V2))
+        assert client.get(URL + "/").headers["x-upstream"] == "v2"
+        assert session.get(URL + "/", timeout=5).headers["x-upstream"] == "v2"
+        meshlib.uninstrument()
+        meshlib.instrument(make_mesh(to_v3))
+        assert client.get(URL + "/").headers["x-upstream"] == "v3"
+        assert session.get(URL + "/", timeout=5).headers["x-upstream"] == "v3"
+    finally:
+        meshlib.uninstrument()
+        client.close()
+        session.close()
