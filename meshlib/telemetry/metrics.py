@@ -1175,6 +1175,14 @@ class OperationalMetrics:
             registry=registry,
             multiprocess_mode="livesum",
         )
+        self._breakers = Gauge(
+            "meshlib_outlier_breakers",
+            "Endpoints whose outlier-detection breaker is in `state`: open (ejected) or "
+            "half-open (ejection over, one trial request allowed); the others are closed.",
+            ["cluster", "state"],
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
         self._retry_budget = Counter(
             "meshlib_retry_budget_exhausted",
             "Retries not attempted: the retry budget or maxRetries was used up (Envoy's "
@@ -1189,7 +1197,7 @@ class OperationalMetrics:
             registry=registry,
         )
         self._lock = threading.Lock()
-        self._ejected_keys: dict[str, set[str]] = {}
+        self._ejected_keys: dict[str, dict[str, str]] = {}  # cluster -> endpoint -> state
 
     def policy_loaded(self, snapshot_generation: int) -> None:
         """A new Snapshot is being served."""
@@ -1203,12 +1211,12 @@ class OperationalMetrics:
         """An outlier-detection state change of endpoint `key` (pybreaker state names)."""
         cluster = cluster[:_MAX_CLUSTER]
         with self._lock:
-            keys = self._ejected_keys.setdefault(cluster, set())
+            states = self._ejected_keys.setdefault(cluster, {})
             if new in _EJECTED_STATES:
-                keys.add(key)
+                states[key] = new
             else:
-                keys.discard(key)
-            self._ejected.labels(cluster).set(len(keys))
+                states.pop(key, None)
+            self._publish(cluster, states)
         if new == "open" and old != "open":
             self._ejections.labels(cluster).inc()
 
@@ -1216,10 +1224,19 @@ class OperationalMetrics:
         """Forget ejected endpoints of `cluster` that left it (a new Snapshot removed them)."""
         cluster = cluster[:_MAX_CLUSTER]
         with self._lock:
-            ejected = self._ejected_keys.get(cluster)
-            if ejected is not None:
-                ejected.intersection_update(keys)
-                self._ejected.labels(cluster).set(len(ejected))
+            states = self._ejected_keys.get(cluster)
+            if states is not None:
+                kept = set(keys)
+                for gone in [key for key in states if key not in kept]:
+                    del states[gone]
+                self._publish(cluster, states)
+
+    def _publish(self, cluster: str, states: dict[str, str]) -> None:
+        """Set the cluster's gauges from its endpoints' breaker states (lock held)."""
+        self._ejected.labels(cluster).set(len(states))
+        for state in _EJECTED_STATES:
+            count = sum(1 for value in states.values() if value == state)
+            self._breakers.labels(cluster, state.replace("-", "_")).set(count)
 
     def retry_budget_exhausted(self, cluster: str) -> None:
         """A retry was refused by the retry budget or maxRetries."""
