@@ -160,6 +160,8 @@ _FLAGS = re.compile(r"-|[A-Z]{1,8}(?:,[A-Z]{1,8}){0,15}")
 _PROTOCOL = re.compile(r"[a-z0-9]{1,16}")
 _GRPC_STATUS = re.compile(r"[0-9]{1,2}")
 _MAX_VALUE = 253  # a DNS name's length: longer label values are cut
+_MAX_PRINCIPAL = 512  # a SPIFFE URI: what the metadata exchange accepts (peer.decode)
+_LIMITS = {"principal": _MAX_PRINCIPAL}  # label value lengths other than _MAX_VALUE
 _PEER_FIELDS = tuple(PeerIdentity.__dataclass_fields__)
 DEFAULT_MAX_SERIES = 2000  # label sets: 8,000 series, a scrape of ~120 MB
 _FOLDED_CEILING = 2  # unknown-peer label sets may take the count up to this times max_series
@@ -203,10 +205,10 @@ def _label_text(names: Sequence[str], values: Sequence[str]) -> str:
     return ",".join([f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True)])
 
 
-def _bounded(value: object, default: str) -> str:
+def _bounded(value: object, default: str, limit: int = _MAX_VALUE) -> str:
     if not isinstance(value, str) or not value:
         return default
-    return value[:_MAX_VALUE]
+    return value[:limit]
 
 
 def _checked(value: object, pattern: re.Pattern[str], default: str) -> str:
@@ -438,7 +440,7 @@ class IstioMetrics:
             version=labels.get("version", "")[:_MAX_VALUE],
             canonical_service=_bounded(config.canonical_service, "unknown"),
             canonical_revision=_bounded(config.canonical_revision, "latest"),
-            principal=config.principal[: 2 * _MAX_VALUE],
+            principal=config.principal[:_MAX_PRINCIPAL],
             cluster=_bounded(config.cluster, "unknown"),
         )
         self.overrides = MetricOverrides()
@@ -574,7 +576,10 @@ class IstioMetrics:
             raise ValueError(f"reporter must be 'source' or 'destination', not {reporter!r}")
         (service, service_name, service_namespace, protocol, code, grpc, flags, policy) = key[9:]
         remote = PeerIdentity(
-            *(_bounded(getattr(peer, f), getattr(UNKNOWN_PEER, f)) for f in _PEER_FIELDS)
+            *(
+                _bounded(getattr(peer, f), getattr(UNKNOWN_PEER, f), _LIMITS.get(f, _MAX_VALUE))
+                for f in _PEER_FIELDS
+            )
         )
         src, dst = (self.local, remote) if reporter == "source" else (remote, self.local)
         if not isinstance(service_namespace, str) or service_namespace in ("", "unknown"):

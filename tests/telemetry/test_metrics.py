@@ -38,6 +38,7 @@ from meshlib.telemetry.metrics import (
     serve_metrics,
 )
 from meshlib.telemetry.peer import UNKNOWN_PEER, PeerIdentity
+from meshlib.telemetry.peer import decode as peer_decode
 
 ROOT = Path(__file__).parent.parent.parent
 REVIEWS = MeshConfig(
@@ -772,3 +773,17 @@ def test_multi_worker_servers(app_dir: Path, command: list[str]) -> None:
 def test_docstring_examples() -> None:
     """The module's docstring examples run as written."""
     assert doctest.testmod(metrics).failed == 0
+
+
+def test_a_long_principal_is_kept_whole_or_not_at_all(registry: CollectorRegistry) -> None:
+    """The metadata exchange accepts SPIFFE principals up to 512 characters; a label never
+    shows a cut one (a wrong identity), only the whole value or `unknown`."""
+    istio = IstioMetrics(registry, REVIEWS, multiprocess=False)
+    principal = "spiffe://cluster.local/ns/bookinfo/sa/" + "a" * 230  # 268 characters
+    claimed = peer_decode(f"w=productpage;n=bookinfo;p={principal}")
+    assert claimed.principal == principal
+    istio.record("destination", claimed, response_code=200, **REVIEWS_CALL, **SIZES)
+    (sample,) = [
+        s for s in families(render(registry))["istio_requests"].samples if s.name.endswith("_total")
+    ]
+    assert sample.labels["source_principal"] == principal
