@@ -99,20 +99,38 @@ def frontend_app(mesh: meshlib.Mesh) -> Any:
 def backend_wsgi() -> Any:
     """The backend, for gunicorn: `gunicorn tests.e2e.apps:backend_wsgi()`."""
     from flask import Flask, jsonify, request
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    meshlib.configure()  # MESHLIB_SERVICE, MESHLIB_POLICY, MESHLIB_PROPAGATE_HEADERS from the env
+    from meshlib.config import MeshConfig
+    from meshlib.telemetry.tracing import build_tracer_provider
+
+    # MESHLIB_SERVICE, MESHLIB_POLICY, MESHLIB_PROPAGATE_HEADERS from the env; the spans kept
+    # in memory, so the answer can say which CLIENT span called ratings.
+    config = MeshConfig.from_env()
+    spans = InMemorySpanExporter()
+    provider = build_tracer_provider(config, spans, batch=False)
+    meshlib.configure(mesh=meshlib.Mesh(config, tracer_provider=provider))
     app = Flask("backend")
     session = meshlib.Session()
 
     @app.get("/details")
     def details() -> Any:
+        served = trace.get_current_span().get_span_context()
         ratings = session.get("http://ratings:9080/ratings/1", timeout=10).json()
+        calls = [  # this request's CLIENT spans (ended: the call returned)
+            [f"{s.context.span_id:016x}", f"{s.parent.span_id:016x}" if s.parent else None]
+            for s in spans.get_finished_spans()
+            if s.kind is trace.SpanKind.CLIENT and s.context.trace_id == served.trace_id
+        ]
         return jsonify(
             {
                 "service": "backend",
                 "pid": os.getpid(),
                 "seen": seen(request.headers),
                 "ratings": ratings,
+                "server_span": f"{served.span_id:016x}",
+                "client_spans": calls,
             }
         )
 

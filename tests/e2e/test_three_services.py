@@ -124,7 +124,7 @@ def frontend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "MESHLIB_POLICY": str(path),
         "MESHLIB_PROPAGATE_HEADERS": "end-user",
         "MESHLIB_METRICS_PORT": "off",
-        "MESHLIB_TRACES_EXPORTER": "console",  # spans on gunicorn's stdout (discarded)
+        "MESHLIB_TRACES_EXPORTER": "console",  # the backend exports to memory (apps.py)
     }
     gunicorn = subprocess.Popen(
         [
@@ -207,9 +207,12 @@ def test_w3c_trace_id_spans_every_hop(frontend: str) -> None:
     client = next(s for s in spans if s.kind == SpanKind.CLIENT)
     assert server.parent is not None and f"{server.parent.span_id:016x}" == caller_span
     assert client.parent is not None and client.parent.span_id == server.context.span_id
-    # The backend's parent is the frontend's CLIENT span; ratings' parent is the backend's.
+    # The backend's parent is the frontend's CLIENT span; ratings' parent is the backend's
+    # CLIENT span, itself a child of the backend's SERVER span (the backend reports its spans).
     assert parent_id(seen[1]["traceparent"]) == f"{client.context.span_id:016x}"
-    assert parent_id(seen[2]["traceparent"]) not in (caller_span, parent_id(seen[1]["traceparent"]))
+    backend = answer["backend"]
+    assert backend["client_spans"] == [[parent_id(seen[2]["traceparent"]), backend["server_span"]]]
+    assert backend["server_span"] not in (caller_span, parent_id(seen[1]["traceparent"]))
 
 
 def test_b3_only_caller(frontend: str) -> None:
