@@ -43,11 +43,13 @@ class ClusterState:
         self.refresh(snapshot)
 
     def refresh(self, snapshot: Snapshot) -> None:
-        """Take endpoints and settings from `snapshot` if it is newer than the last one."""
-        if snapshot.generation == self.generation:
+        """Take endpoints and settings from `snapshot` if it is newer than the last one (a
+        request that read the Snapshot before a reload must not roll the cluster back;
+        generations only grow in a process)."""
+        if snapshot.generation <= self.generation:
             return
         with self._lock:
-            if snapshot.generation == self.generation:
+            if snapshot.generation <= self.generation:
                 return
             host, subset, port = self.key
             policy = snapshot.traffic_policy(host, subset, port)

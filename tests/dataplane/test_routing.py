@@ -301,3 +301,23 @@ def test_plans_without_edits_share_an_empty_set_that_stays_empty() -> None:
     assert edited.request_headers.set == {"x-a": "1", "x-envoy-original-path": "/edit/1"}
     assert edited.response_headers.add == [("x-r", "2")]
     assert not NO_EDITS and not again.request_headers and not again.response_headers
+
+
+def test_a_cluster_never_goes_back_to_an_older_snapshot() -> None:
+    """A request that read the Snapshot just before a reload may hand the old one to the
+    cluster after a newer one has refreshed it: the cluster keeps the newer endpoints."""
+    from meshlib.dataplane.cluster import ClusterState
+
+    old = snapshot_for("- route: [{destination: {host: reviews}}]")
+    text = SERVICES.replace("10.0.0.1", "10.0.0.9")
+    result = load_text(text, "t.yaml")
+    result.raise_for_errors()
+    new = Snapshot.build(result.resources, MeshConfig())
+    assert new.generation > old.generation
+    key = ("reviews.default.svc.cluster.local", None, 9080)
+    cluster = ClusterState(key, old, random.Random(1))
+    cluster.refresh(new)
+    after_reload = cluster.endpoints
+    cluster.refresh(old)
+    assert cluster.endpoints == after_reload
+    assert cluster.generation == new.generation
