@@ -104,6 +104,7 @@ class Upstream:
             "query": scope["query_string"].decode(),
             "headers": {k.decode(): v.decode() for k, v in scope["headers"]},
             "body": body.decode("utf-8", "replace"),
+            "client_port": (scope.get("client") or (None, None))[1],  # one per connection
         }
         with behaviour.lock:
             behaviour.requests.append(record)

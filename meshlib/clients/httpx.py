@@ -69,6 +69,7 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 Handled = tuple[httpx.Response, Mapping[str, str] | None]
 # Set per attempt (lowercase, as httpx.Headers keys them).
 _OURS = frozenset((b"host", b"x-envoy-attempt-count", peer.HEADER.encode()))
+_OURS_CLOSING = _OURS | {b"connection"}  # and `Connection: close` replaces the app's
 
 
 def _upstream_url(url: httpx.URL, scheme: str, endpoint: Endpoint, path: str | None) -> httpx.URL:
@@ -244,11 +245,14 @@ class _MeshTransportBase:
             ("x-envoy-attempt-count", str(attempt.number)),
             (peer.HEADER, mesh.identity),
         ]
+        if attempt.close_connection:
+            ours.append(("connection", "close"))
         if edits:  # propagated headers count as the app's: the route's edits apply to them
             pairs = [*original.multi_items(), *propagated]
             headers = encoded(edited_headers(pairs, edits, dict(ours)), original.encoding)
         else:  # the caller's headers as httpx holds them, ours appended: nothing re-encoded
-            headers = extended(original, _OURS, [*propagated, *ours])
+            drop = _OURS_CLOSING if attempt.close_connection else _OURS
+            headers = extended(original, drop, [*propagated, *ours])
         caller = request.extensions.get("timeout") or {}
         connect, read, _ = attempt.timeouts(caller.get("read"))
         timeout = {

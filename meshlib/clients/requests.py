@@ -289,6 +289,8 @@ class MeshAdapter(HTTPAdapter):
         extra = {"host": plan.authority}
         if attempt is not None:
             extra["x-envoy-attempt-count"] = str(attempt.number)
+            if attempt.close_connection:
+                extra["connection"] = "close"  # maxRequestsPerConnection reached
         if identity is not None:
             extra[peer.HEADER] = identity
         headers = [*request.headers.items(), *propagated]

@@ -40,7 +40,15 @@ class ClusterState:
         self.on_retry_overflow: Callable[[], None] | None = None
         self.on_endpoints: Callable[[list[str]], None] | None = None
         self._lock = threading.Lock()
+        self._sent: dict[str, int] = {}  # requests per endpoint, for maxRequestsPerConnection
         self.refresh(snapshot)
+
+    def count_sent(self, key: str) -> int:
+        """Count one more request to endpoint `key`; the count so far. (Approximate under
+        threads: two racing requests may read the same count.)"""
+        count = self._sent.get(key, 0) + 1
+        self._sent[key] = count
+        return count
 
     def refresh(self, snapshot: Snapshot) -> None:
         """Take endpoints and settings from `snapshot` if it is newer than the last one (a
@@ -59,6 +67,8 @@ class ClusterState:
                 self._lb_settings = policy.load_balancer
             self.outlier.update(policy.outlier_detection)
             self.outlier.retain(e.key for e in self.endpoints)  # forget endpoints that left
+            kept = {e.key for e in self.endpoints}
+            self._sent = {key: n for key, n in self._sent.items() if key in kept}
             self.limits.update(policy.connection_pool, policy.retry_budget)
             self.policy = policy
             self.generation = snapshot.generation

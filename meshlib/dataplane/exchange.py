@@ -42,6 +42,7 @@ class Attempt:
     per_try_limited: bool  # True when the per-try timeout, not the deadline, set `timeout`
     retry_slot: bool  # holds a retry-budget slot until it finishes
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT  # DestinationRule tcp.connectTimeout
+    close_connection: bool = False  # http.maxRequestsPerConnection reached: `Connection: close`
 
     def timeouts(self, caller: float | None) -> tuple[float | None, float | None, bool]:
         """(connect, read) timeouts with the caller's own, and whether the mesh's is the
@@ -119,6 +120,7 @@ class Exchange:
         slot, self._retry_slot = self._retry_slot, False
         tcp = cluster.policy.connection_pool.tcp if cluster.policy.connection_pool else None
         connect = tcp.connect_timeout.seconds if tcp and tcp.connect_timeout else None
+        per_connection = cluster.limits.max_requests_per_connection
         return Attempt(
             self.attempts,
             endpoint,
@@ -126,6 +128,7 @@ class Exchange:
             per_try is not None and timeout == per_try,
             slot,
             connect or DEFAULT_CONNECT_TIMEOUT,
+            per_connection is not None and cluster.count_sent(key) % per_connection == 0,
         )
 
     def _choose(self, avoid: set[str]) -> Endpoint | None:

@@ -738,3 +738,29 @@ def test_a_mirror_to_a_one_port_service_uses_that_port() -> None:
         assert c.get("http://api.internal/x").status_code == 200
     assert sorted(seen)[-1] == "http://10.9.0.1:8080/x"  # closing waited for the copy
     assert len(seen) == 2
+
+
+def test_max_requests_per_connection_above_one_closes_every_nth_per_endpoint() -> None:
+    """With N > 1 meshlib counts requests per endpoint (it cannot see the client's
+    connections): every Nth request to an endpoint says `Connection: close`."""
+    closing: list[tuple[str, str | None]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        closing.append((request.url.host, request.headers.get("connection")))
+        return httpx.Response(200)
+
+    mesh = _mesh_of(
+        vs("- route: [{destination: {host: api.internal}}]")
+        + _dr(
+            "loadBalancer: {simple: ROUND_ROBIN}\n"
+            "    connectionPool: {http: {maxRequestsPerConnection: 2}}"
+        )
+    )
+    with meshlib.Client(mesh=mesh, transport=httpx.MockTransport(handler)) as c:
+        for _ in range(6):
+            c.get("http://api.internal/")
+    per_host: dict[str, list[str | None]] = {}
+    for host, connection in closing:
+        per_host.setdefault(host, []).append(connection)
+    assert sorted(per_host) == ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+    assert all(values == ["keep-alive", "close"] for values in per_host.values()), per_host

@@ -367,3 +367,31 @@ def test_passthrough_for_unknown_hosts(
             response = client.get(url)
     assert response.status_code == 200
     assert response.headers["x-upstream"] == "v2"
+
+
+@pytest.mark.parametrize("per_connection", [1, None], ids=["max-1", "unlimited"])
+def test_max_requests_per_connection(
+    make_mesh: MeshFactory,
+    upstreams: dict[str, Upstream],
+    client_kind: str,
+    per_connection: int | None,
+) -> None:
+    """`maxRequestsPerConnection: 1` makes each request use a connection of its own (the
+    request says `Connection: close`); without it the client keeps its connections alive."""
+    pool = (
+        f"connectionPool: {{http: {{maxRequestsPerConnection: {per_connection}}}}}\n"
+        if per_connection
+        else ""
+    )
+    mesh = make_mesh(
+        virtual_service("- route: [{destination: {host: reviews, subset: v1}}]\n"),
+        traffic_policy=pool,
+    )
+    results = Caller(client_kind, mesh).many(6, concurrency=1)
+    assert all(r.status == 200 for r in results)
+    ports = {r["client_port"] for r in upstreams["v1"].behaviour.requests}
+    closing = {r["headers"].get("connection") for r in upstreams["v1"].behaviour.requests}
+    if per_connection:
+        assert len(ports) == 6 and closing == {"close"}
+    else:
+        assert len(ports) == 1 and "close" not in closing
