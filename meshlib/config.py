@@ -46,11 +46,13 @@ _ENV = {
     "propagate_headers": "MESHLIB_PROPAGATE_HEADERS",
     "metrics_port": "MESHLIB_METRICS_PORT",
     "metrics_host": "MESHLIB_METRICS_HOST",
+    "instance_ip": "MESHLIB_INSTANCE_IP",
 }
 # Downward API names a Deployment commonly sets, read when the MESHLIB_* one is absent.
 _DOWNWARD = {
     "namespace": "POD_NAMESPACE",
     "service_account": "SERVICE_ACCOUNT",
+    "instance_ip": "INSTANCE_IP",  # what Istio's injector sets; POD_IP is read after it
 }
 
 
@@ -81,6 +83,9 @@ class MeshConfig:
     metrics_host: str = "0.0.0.0"
     """The address the metrics port listens on: every interface, like Istio's 15020, so
     Prometheus can scrape the pod; `127.0.0.1` keeps it on the machine."""
+    instance_ip: str | None = None
+    """This instance's (pod's) IP: the source address `consistentHash.useSourceIp` hashes, as
+    a sidecar sees its app's connections come from it. None: the host name stands in."""
 
     def __post_init__(self) -> None:
         labels = dict(self.labels)
@@ -107,6 +112,8 @@ class MeshConfig:
             if raw is None or raw == "":
                 continue
             values[name] = _parse_env(name, var, raw)
+        if "instance_ip" not in values and env.get("POD_IP"):
+            values["instance_ip"] = _parse_env("instance_ip", "POD_IP", env["POD_IP"])
         if "workload" not in values and env.get("POD_NAME"):
             match = _POD_OF_DEPLOYMENT.fullmatch(env["POD_NAME"])
             values["workload"] = match["workload"] if match else env["POD_NAME"]
@@ -208,6 +215,12 @@ def _check(name: str, value: Any, where: str) -> None:
             raise ConfigError(
                 f"{where}: must be a Kubernetes namespace name (lowercase letters, digits, '-')"
             )
+    elif name == "instance_ip":
+        try:
+            if value is not None:
+                ipaddress.ip_address(value)
+        except ValueError:
+            raise ConfigError(f"{where}: must be an IP address, e.g. 10.1.2.3") from None
     elif name == "metrics_host":
         try:
             if not isinstance(value, str):

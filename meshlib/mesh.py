@@ -16,6 +16,7 @@ import functools
 import logging
 import os
 import random
+import socket
 import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -84,6 +85,9 @@ class Mesh:
         self.operations = OperationalMetrics(self.registry)
         self.identity = peer.encode(self.config)  # sent to peers: Istio's metadata exchange
         self.identity_header = (peer.HEADER.encode(), self.identity.encode("latin-1"))
+        self.source_ip = self.config.instance_ip or socket.gethostname()
+        """What `consistentHash.useSourceIp` hashes: a sidecar sees its app's connections
+        come from the pod's IP, so every call from this instance goes to one endpoint."""
         self.metrics_server: MetricsServer | None = None
         self.clusters = Clusters(self.rng, self._watch_cluster)
         self.propagator = Propagator(self.config.propagate_headers)

@@ -93,6 +93,7 @@ def test_metrics_port_off() -> None:
         pytest.param(
             {"MESHLIB_METRICS_HOST": "localhost:9"}, "MESHLIB_METRICS_HOST='localhost:9'", id="host"
         ),
+        pytest.param({"POD_IP": "10.1.2"}, "POD_IP='10.1.2'", id="pod-ip"),
     ],
 )
 def test_bad_environment_value_names_the_variable(env: dict[str, str], message: str) -> None:
@@ -132,3 +133,13 @@ def test_metrics_listen_on_the_configured_host() -> None:
         assert server.url.startswith("http://127.0.0.1:")
         with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/stats/prometheus") as response:
             assert response.status == 200
+
+
+def test_instance_ip_from_meshlib_istio_or_downward_api_names() -> None:
+    """MESHLIB_INSTANCE_IP, else INSTANCE_IP (what Istio's injector sets), else POD_IP."""
+    assert MeshConfig.from_env({"POD_IP": "10.0.0.7"}).instance_ip == "10.0.0.7"
+    env = {"POD_IP": "10.0.0.7", "INSTANCE_IP": "10.0.0.8"}
+    assert MeshConfig.from_env(env).instance_ip == "10.0.0.8"
+    env["MESHLIB_INSTANCE_IP"] = "fd00::9"
+    assert MeshConfig.from_env(env).instance_ip == "fd00::9"
+    assert MeshConfig.from_env({}).instance_ip is None

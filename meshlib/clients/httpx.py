@@ -328,7 +328,9 @@ class _MeshTransportBase:
         mesh: Mesh, plan: RoutePlan, attributes: RequestAttributes, replayable: bool
     ) -> Exchange:
         exchange = mesh.exchange(plan, replayable=replayable)
-        exchange.hash_key = hash_key(exchange.cluster.policy.load_balancer, attributes, None)
+        exchange.hash_key = hash_key(
+            exchange.cluster.policy.load_balancer, attributes, mesh.source_ip
+        )
         return exchange
 
     def _respond(

@@ -201,7 +201,9 @@ class MeshAdapter(HTTPAdapter):
                 copy = self._upstream(request, plan, None, [], endpoint=target)
                 self._mirroring.submit(self._send_mirror, copy, timeout, options)
         exchange = mesh.exchange(plan, replayable=replayable)
-        exchange.hash_key = hash_key(exchange.cluster.policy.load_balancer, attributes, None)
+        exchange.hash_key = hash_key(
+            exchange.cluster.policy.load_balancer, attributes, mesh.source_ip
+        )
 
         def send(attempt: Attempt) -> AttemptResult:
             with client_span(

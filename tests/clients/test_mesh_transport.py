@@ -764,3 +764,29 @@ def test_max_requests_per_connection_above_one_closes_every_nth_per_endpoint() -
         per_host.setdefault(host, []).append(connection)
     assert sorted(per_host) == ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
     assert all(values == ["keep-alive", "close"] for values in per_host.values()), per_host
+
+
+def test_use_source_ip_sends_each_instance_to_one_endpoint() -> None:
+    """`consistentHash.useSourceIp`: a sidecar sees its app's connections come from the
+    pod's IP, so all calls from one instance go to one endpoint; instances spread out."""
+    policy = vs("- route: [{destination: {host: api.internal}}]") + _dr(
+        "loadBalancer: {consistentHash: {useSourceIp: true}}"
+    )
+    result = load_text(SERVICE + "---\n" + policy, "t.yaml")
+    result.raise_for_errors()
+    chosen: dict[str, set[str]] = {}
+    for n in range(24):
+        config = MeshConfig(instance_ip=f"10.8.0.{n + 1}")
+        mesh = Mesh(config, policy=Snapshot.build(result.resources, config))
+        hosts: set[str] = set()
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            hosts.add(request.url.host)  # noqa: B023 (used within this iteration)
+            return httpx.Response(200)
+
+        with meshlib.Client(mesh=mesh, transport=httpx.MockTransport(handler)) as c:
+            for _ in range(10):
+                c.get("http://api.internal/")
+        chosen[config.instance_ip or ""] = hosts
+    assert all(len(hosts) == 1 for hosts in chosen.values())  # sticky per instance
+    assert len(set().union(*chosen.values())) > 1  # 24 instances on 3 endpoints: ~1e-11 to fail
