@@ -164,41 +164,35 @@ class Exchange:
 
     def finish_attempt(self, attempt: Attempt, result: AttemptResult) -> AttemptResult:
         """Record how a try ended (outlier detection, counters) and turn failures into answers."""
-        cluster = self.cluster
-        key = attempt.endpoint.key
-        cluster.in_flight.finish(key)
-        cluster.limits.release_request()
-        if attempt.retry_slot:
-            cluster.limits.release_retry()
+        key = self._release(attempt)
+        outlier = self.cluster.outlier
         result.endpoint = key
-        total = len(cluster.endpoints)
+        total = len(self.cluster.endpoints)
         if result.client_timeout:
-            cluster.outlier.give_back(key)  # the caller gave up: nothing said of the endpoint
+            outlier.give_back(key)  # the caller gave up: nothing said of the endpoint
         elif result.failure is not None:
-            cluster.outlier.record(
-                key, status=None, local_origin_failure=True, total_endpoints=total
-            )
-            if (
-                result.failure == PER_TRY_TIMEOUT
-                and not attempt.per_try_limited
-                and not result.client_timeout
-            ):
+            outlier.record(key, status=None, local_origin_failure=True, total_endpoints=total)
+            if result.failure == PER_TRY_TIMEOUT and not attempt.per_try_limited:
                 return AttemptResult(reply=self._timed_out(), endpoint=key, error=result.error)
         elif result.status is not None:
-            cluster.outlier.record(key, status=result.status, total_endpoints=total)
+            outlier.record(key, status=result.status, total_endpoints=total)
         return result
 
     def abandon_attempt(self, attempt: Attempt) -> None:
         """A try that will never report: its sender raised (a cancellation, Ctrl-C, a bug
         in an inner transport). What it held is given back — its request and retry slots, its
         in-flight count, a half-open trial — and outlier detection hears nothing of it."""
+        self.cluster.outlier.give_back(self._release(attempt))
+
+    def _release(self, attempt: Attempt) -> str:
+        """Give back the slots and in-flight count a finished try held; its endpoint key."""
         cluster = self.cluster
         key = attempt.endpoint.key
         cluster.in_flight.finish(key)
         cluster.limits.release_request()
         if attempt.retry_slot:
             cluster.limits.release_retry()
-        cluster.outlier.give_back(key)
+        return key
 
     def abandon(self) -> None:
         """The request ends between tries (cancelled during the back-off): the retry slot
