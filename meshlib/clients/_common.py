@@ -9,11 +9,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
-from meshlib.dataplane.exchange import Attempt
+from meshlib.dataplane.balancer import cookie_to_set, hash_key
+from meshlib.dataplane.exchange import Attempt, Exchange
 from meshlib.dataplane.outcome import FLAGS_HEADER, LocalReply, join_flags
 from meshlib.dataplane.retry import AttemptResult
 from meshlib.dataplane.routing import HeaderEdits, RoutePlan
 from meshlib.mesh import Mesh
+from meshlib.policy.matching import RequestAttributes
 from meshlib.policy.routes import Mirror
 from meshlib.policy.snapshot import Endpoint
 from meshlib.telemetry import peer, propagation
@@ -73,6 +75,17 @@ class MirrorTracker:
     def wait(self, timeout: float = 1.0) -> None:
         if self._pending:
             concurrent.futures.wait(list(self._pending), timeout=timeout)
+
+
+def choose_hash_key(exchange: Exchange, mesh: Mesh, attributes: RequestAttributes) -> None:
+    """The exchange's consistent-hash key, and the cookie to set when the route's hash cookie
+    is missing and must be generated (`consistentHash.httpCookie` with a `ttl`)."""
+    settings = exchange.cluster.policy.load_balancer
+    exchange.hash_key = hash_key(settings, attributes, mesh.source_ip)
+    if exchange.hash_key is None:
+        generated = cookie_to_set(settings, attributes)
+        if generated is not None:
+            exchange.hash_key, exchange.set_cookie = generated
 
 
 def mirror_endpoint(mesh: Mesh, plan: RoutePlan, mirror: Mirror) -> Endpoint | None:

@@ -25,6 +25,7 @@ from meshlib.clients._common import (
     RESPONSE_FLAGS,
     UPSTREAM_HOST,
     MirrorTracker,
+    choose_hash_key,
     client_span,
     edited_headers,
     end_client_span,
@@ -37,7 +38,6 @@ from meshlib.clients._common import (
 )
 from meshlib.clients._guard import passthrough_inside
 from meshlib.clients._httpx_headers import appended, decoded, encoded, extended, lowercase_raw
-from meshlib.dataplane.balancer import hash_key
 from meshlib.dataplane.exchange import Attempt, Exchange
 from meshlib.dataplane.outcome import Flag, LocalReply, ordered
 from meshlib.dataplane.retry import (
@@ -303,6 +303,8 @@ class _MeshTransportBase:
             original = response.headers
             edited = edited_headers(original.multi_items(), plan.response_headers, {})
             response.headers = encoded(edited, original.encoding)
+        if exchange.set_cookie is not None:  # the client's cookie jar keeps it
+            appended(response.headers, "set-cookie", exchange.set_cookie)
         response.extensions = {
             **response.extensions,
             RESPONSE_FLAGS: flags,
@@ -328,9 +330,7 @@ class _MeshTransportBase:
         mesh: Mesh, plan: RoutePlan, attributes: RequestAttributes, replayable: bool
     ) -> Exchange:
         exchange = mesh.exchange(plan, replayable=replayable)
-        exchange.hash_key = hash_key(
-            exchange.cluster.policy.load_balancer, attributes, mesh.source_ip
-        )
+        choose_hash_key(exchange, mesh, attributes)
         return exchange
 
     def _respond(

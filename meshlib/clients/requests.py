@@ -23,6 +23,7 @@ from requests.structures import CaseInsensitiveDict
 
 from meshlib.clients._common import (
     MirrorTracker,
+    choose_hash_key,
     client_span,
     edited_headers,
     end_client_span,
@@ -34,7 +35,6 @@ from meshlib.clients._common import (
     upstream_netloc,
 )
 from meshlib.clients._guard import passthrough_inside
-from meshlib.dataplane.balancer import hash_key
 from meshlib.dataplane.exchange import Attempt
 from meshlib.dataplane.outcome import Flag, LocalReply, ordered
 from meshlib.dataplane.retry import (
@@ -201,9 +201,7 @@ class MeshAdapter(HTTPAdapter):
                 copy = self._upstream(request, plan, None, [], endpoint=target)
                 self._mirroring.submit(self._send_mirror, copy, timeout, options)
         exchange = mesh.exchange(plan, replayable=replayable)
-        exchange.hash_key = hash_key(
-            exchange.cluster.policy.load_balancer, attributes, mesh.source_ip
-        )
+        choose_hash_key(exchange, mesh, attributes)
 
         def send(attempt: Attempt) -> AttemptResult:
             with client_span(
@@ -225,6 +223,8 @@ class MeshAdapter(HTTPAdapter):
             final.headers = CaseInsensitiveDict(
                 edited_headers(final.headers.items(), plan.response_headers, {})
             )
+        if exchange.set_cookie is not None:
+            _add_set_cookie(final, exchange.set_cookie)
         final.response_flags = flags  # type: ignore[attr-defined]
         final.upstream_host = exchange.upstream_host  # type: ignore[attr-defined]
         return final
@@ -322,6 +322,16 @@ class MeshAdapter(HTTPAdapter):
         response.connection = self
         response.response_flags = flags  # type: ignore[attr-defined]
         return response
+
+
+def _add_set_cookie(response: requests.Response, value: str) -> None:
+    """A generated hash cookie, where requests looks for cookies: the Session's jar reads the
+    raw HTTP message urllib3 parsed, `response.headers` joins repeated fields with ", "."""
+    given = response.headers.get("set-cookie")
+    response.headers["Set-Cookie"] = f"{given}, {value}" if given else value
+    message = getattr(getattr(response.raw, "_original_response", None), "msg", None)
+    if message is not None:
+        message["Set-Cookie"] = value  # an email.message.Message: adds, never replaces
 
 
 def _add_headers(request: requests.PreparedRequest, headers: list[tuple[str, str]]) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import random
+import secrets
 import struct
 import threading
 from bisect import bisect_left, bisect_right
@@ -431,6 +432,33 @@ def hash_key(
     if ch.use_source_ip:
         return source_ip or None
     return None
+
+
+def cookie_to_set(
+    settings: LoadBalancerSettings | None, request: RequestAttributes
+) -> tuple[str, str] | None:
+    """For `consistentHash.httpCookie` with a `ttl`, when the request lacks the cookie: a new
+    value to hash and the `Set-Cookie` header the response carries, as Envoy generates them
+    (the value quoted; `Max-Age` unless the ttl is 0, a session cookie; `Path`; `HttpOnly`;
+    the cookie's attributes). Else None."""
+    ch = settings.consistent_hash if settings is not None else None
+    cookie = ch.http_cookie if ch is not None else None
+    if cookie is None or cookie.ttl is None:
+        return None
+    if cookie_value(request.headers.get("cookie"), cookie.name) is not None:
+        return None
+    value = secrets.token_hex(8)  # Envoy hashes the connection's address; one per request here
+    parts = [f'{cookie.name}="{value}"']
+    if cookie.ttl.seconds > 0:
+        parts.append(f"Max-Age={int(cookie.ttl.seconds)}")
+    if cookie.path:
+        parts.append(f"Path={cookie.path}")
+    parts.append("HttpOnly")
+    for attribute in cookie.attributes:
+        if isinstance(attribute, dict) and attribute.get("name"):
+            given = attribute.get("value")
+            parts.append(f"{attribute['name']}={given}" if given else str(attribute["name"]))
+    return value, "; ".join(parts)
 
 
 def cookie_value(header: str | None, name: str) -> str | None:

@@ -90,6 +90,7 @@ class Exchange:
         self._retry_slot = False
         self.upstream_host: str | None = None
         self.hash_key: str | None = None  # consistent-hash key, set by the adapter
+        self.set_cookie: str | None = None  # a generated hash cookie for the response
 
     # -- one attempt -------------------------------------------------------------------
 

@@ -482,3 +482,34 @@ def test_no_hash_key_without_consistent_hashing() -> None:
     """Without consistentHash there is no hash key."""
     assert hash_key(None, request({"x-user": "a"}), "10.1.2.3") is None
     assert hash_key(ROUND_ROBIN, request({"x-user": "a"}), "10.1.2.3") is None
+
+
+def _cookie_settings(**cookie: object) -> LoadBalancerSettings:
+    return LoadBalancerSettings(
+        consistent_hash=ConsistentHashLB(http_cookie=HTTPCookie(name="stick", **cookie))  # type: ignore[arg-type]
+    )
+
+
+def test_hash_cookie_is_generated_as_envoy_writes_it() -> None:
+    """Only with a ttl and only when the request lacks it; a quoted value, Max-Age unless
+    the ttl is 0 (a session cookie), the path, HttpOnly, then the cookie's attributes."""
+    from meshlib.dataplane.balancer import cookie_to_set
+
+    bare = request()
+    with_cookie = request({"cookie": 'a=1; stick="ab"'})
+    assert cookie_to_set(_cookie_settings(), bare) is None  # no ttl: never generated
+    settings = _cookie_settings(ttl=Duration(90.0, "90s"), path="/api")
+    assert cookie_to_set(settings, with_cookie) is None
+    assert hash_key(settings, with_cookie, None) == "ab"
+    generated = cookie_to_set(settings, bare)
+    assert generated is not None
+    value, header = generated
+    assert len(value) == 16 and header == f'stick="{value}"; Max-Age=90; Path=/api; HttpOnly'
+    session = cookie_to_set(
+        _cookie_settings(
+            ttl=Duration(0.0, "0s"), attributes=({"name": "SameSite", "value": "Strict"},)
+        ),
+        bare,
+    )
+    assert session is not None and session[1] == f'stick="{session[0]}"; HttpOnly; SameSite=Strict'
+    assert cookie_value(session[1].split(";")[0], "stick") == session[0]  # read back as sent

@@ -395,3 +395,27 @@ def test_max_requests_per_connection(
         assert len(ports) == 6 and closing == {"close"}
     else:
         assert len(ports) == 1 and "close" not in closing
+
+
+def test_generated_hash_cookie_makes_a_client_sticky(
+    make_mesh: MeshFactory, upstreams: dict[str, Upstream], client_kind: str
+) -> None:
+    """`consistentHash.httpCookie` with a ttl: the first response sets the cookie (Envoy's
+    form), the client's cookie jar sends it back, and every later request of that client goes
+    to the same endpoint; other clients get cookies of their own and spread out."""
+    mesh = make_mesh(
+        virtual_service("- route: [{destination: {host: reviews}}]\n"),
+        traffic_policy=(
+            "loadBalancer: {consistentHash: {httpCookie: {name: stick, path: /, ttl: 60s}}}\n"
+        ),
+    )
+    first_hops = set()
+    for _ in range(12):  # 12 clients, 3 endpoints: all on one by chance ~1e-5
+        results = Caller(client_kind, mesh).many(8, concurrency=1)  # one after another
+        assert all(r.status == 200 for r in results)
+        set_cookie = results[0].headers.get("set-cookie", "")
+        assert set_cookie.startswith('stick="') and "Max-Age=60; Path=/; HttpOnly" in set_cookie
+        assert all("stick=" not in r.headers.get("set-cookie", "") for r in results[1:])
+        assert len({r.upstream for r in results}) == 1, [r.upstream for r in results]
+        first_hops.add(results[0].upstream)
+    assert len(first_hops) > 1
