@@ -44,7 +44,8 @@ class MeshWSGIMiddleware:
             return start_response(status, [*headers, identity], exc_info)
 
         length = environ.get("CONTENT_LENGTH") or ""
-        exchange.request_bytes = int(length) if length.isascii() and length.isdigit() else 0
+        sane = length.isascii() and length.isdigit() and len(length) <= 19  # int's limits
+        exchange.request_bytes = int(length) if sane else 0
         exchange.begin()
         try:
             iterable = self.app(environ, start)

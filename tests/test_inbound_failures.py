@@ -5,6 +5,7 @@ without meshlib, counted once, and leaves no context behind."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -324,3 +325,25 @@ def test_an_unnamed_workload_is_the_unknown_destination_service() -> None:
         assert [(service, n) for _, _, service, n in setup.counted()] == [("unknown", 1.0)]
     finally:
         setup.close()
+
+
+def test_absurd_numbers_in_request_headers_are_ignored(traced: Traced) -> None:
+    """A Content-Length of thousands of digits (Python's `int` refuses them) and a
+    `grpc-timeout` of 99,999,999 hours (a socket timeout that large overflows) are served as
+    without meshlib: the size counts as unknown, the deadline is taken as 30 days."""
+    from meshlib.dataplane.deadline import inbound_deadline
+
+    seen: list[float | None] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        seen.append(inbound_deadline.get())
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    environ = wsgi_environ(CONTENT_LENGTH="9" * 4400, HTTP_GRPC_TIMEOUT="99999999H")
+    body = meshlib.MeshWSGIMiddleware(app, mesh=traced.mesh)(environ, lambda *a: None)
+    assert list(body) == [b"ok"]
+    body.close()  # type: ignore[attr-defined]
+    assert [(code, n) for code, _, _, n in traced.counted()] == [("200", 1.0)]
+    (deadline,) = seen
+    assert deadline is not None and deadline - time.monotonic() <= 30 * 86400

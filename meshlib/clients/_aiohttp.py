@@ -34,7 +34,11 @@ Differences from httpx's own transport: HTTP/1.1 only; a bodiless request whose 
 GET/HEAD/OPTIONS/TRACE (e.g. DELETE) carries `Content-Length: 0`, which aiohttp always adds;
 aiohttp times pool wait and connect as one phase, so its connect timeout becomes
 `httpx.PoolTimeout` when the transport's in-flight count says the request had to queue for a
-connection, else `httpx.ConnectTimeout`.
+connection, else `httpx.ConnectTimeout`. aiohttp's HTTP parser (llhttp) refuses some
+malformed responses h11 accepts — a repeated `Content-Length`, a body on a 204, both
+`Transfer-Encoding: chunked` and `Content-Length`, more body than `Content-Length` says — which
+then fail as `httpx.RemoteProtocolError` (the mesh answers 503 UR); and aiohttp's own resend of
+an idempotent request whose kept-alive connection closed is switched off.
 
 One aiohttp session per transport, created on first use inside the running event loop and
 recreated if the transport is used from another loop; `aclose()` closes it.
@@ -43,6 +47,7 @@ recreated if the transport is used from another loop; `aclose()` closes it.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import ssl
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -65,6 +70,8 @@ _BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
 _NO_TIMEOUT = aiohttp.ClientTimeout(total=None)
 _READ_CHUNK = 65_536
 _TIMEOUT_CACHE_SIZE = 64
+_MAX_HEADERS = 1000  # header lines per response (aiohttp's default, 128, refuses real ones)
+_SESSION_PARAMETERS = frozenset(inspect.signature(aiohttp.ClientSession.__init__).parameters)
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
@@ -148,6 +155,13 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             if isinstance(exc, aiohttp.ClientError | asyncio.TimeoutError):
                 raise _map_error(exc, request, queued=queued, reading=False) from exc
             raise
+        if response.status < 100 or response.status == 101:
+            # Not a final answer httpx accepts on this path (h11 refuses them too).
+            self._in_flight -= 1
+            response.close()
+            raise httpx.RemoteProtocolError(
+                f"invalid response status {response.status}", request=request
+            )
         stream: httpx.AsyncByteStream
         if response.content.is_eof():
             # The whole body came with the headers (the common small response): hand it over
@@ -182,7 +196,11 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         """A session for the running loop, closing the one made for another loop, if any."""
         loop = asyncio.get_running_loop()
         session = self._session
+        options: dict[str, Any] = {}
+        if "max_headers" in _SESSION_PARAMETERS:  # aiohttp >= 3.11 counts header lines
+            options["max_headers"] = _MAX_HEADERS
         self._session = aiohttp.ClientSession(
+            **options,
             connector=aiohttp.TCPConnector(
                 ssl=self._verify,
                 limit=self._max_connections or 0,
@@ -197,6 +215,11 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             max_line_size=65_536,  # h11's limit is on the whole header block: 64 KiB
             max_field_size=65_536,
         )
+        # aiohttp sends an idempotent request again, once, when a kept-alive connection closes
+        # before the answer (RFC 9112 allows it); in the mesh a request is sent twice only
+        # when the route's retry policy says so (retryOn `reset`).
+        if hasattr(self._session, "_retry_connection"):
+            self._session._retry_connection = False
         old_loop, self._loop = self._loop, loop
         if session is not None and old_loop is not None:
             await _close_session(session, old_loop)

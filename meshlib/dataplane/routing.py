@@ -268,9 +268,8 @@ def _redirect(
         port = request.port
     elif port is None and redirect.derive_port is None and not redirect.authority:
         _, _, given = request.authority.rpartition(":")
-        port = (
-            int(given) if given.isascii() and given.isdigit() and ":" in request.authority else None
-        )
+        digits = given.isascii() and given.isdigit() and len(given) <= 5  # int's limits
+        port = int(given) if digits and ":" in request.authority else None
     if port is not None and (scheme, port) in (("http", 80), ("https", 443)):
         port = None  # default ports are dropped from the URL
     path = redirect.uri if redirect.uri is not None else request.path

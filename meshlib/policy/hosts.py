@@ -16,8 +16,9 @@ def to_fqdn(host: str, namespace: str, cluster_domain: str = "cluster.local") ->
 
 
 def _digits(text: str) -> bool:
-    """ASCII digits only: `str.isdigit` also takes `²` and the like, which `int` refuses."""
-    return text.isascii() and text.isdigit()
+    """A port's digits: ASCII only (`str.isdigit` also takes `²`, which `int` refuses), and
+    at most five (`int` refuses strings of thousands of digits)."""
+    return text.isascii() and text.isdigit() and len(text) <= 5
 
 
 def strip_port(authority: str) -> tuple[str, int | None]:

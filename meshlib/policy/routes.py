@@ -65,7 +65,7 @@ class RetryPolicy:
     @classmethod
     def _from_text(cls, attempts: int, text: str, *, is_default: bool = False) -> RetryPolicy:
         tokens = [t for t in text.split(",") if t]
-        codes = frozenset(int(t) for t in tokens if t.isascii() and t.isdigit())
+        codes = frozenset(int(t[:4]) for t in tokens if t.isascii() and t.isdigit())
         conditions = {t for t in tokens if not (t.isascii() and t.isdigit())}
         if codes:  # pilot adds the condition that makes the listed codes count
             conditions.add("retriable-status-codes")

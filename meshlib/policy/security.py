@@ -19,7 +19,7 @@ class PortNumber(int):
 
     @classmethod
     def parse_policy(cls, value: Any, path: Path, sink: Sink) -> Any:
-        if isinstance(value, str) and value.isascii() and value.isdigit():
+        if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 9:
             value = int(value)
         if isinstance(value, int) and not isinstance(value, bool):
             return cls(value)
@@ -97,7 +97,7 @@ class Operation:
         _check_lists(self, path, sink)
         for name in ("ports", "not_ports"):
             for index, port in enumerate(getattr(self, name)):
-                if not (port.isascii() and port.isdigit()) or int(port) > 65535:
+                if not (port.isascii() and port.isdigit() and len(port) <= 5) or int(port) > 65535:
                     sink.error((*path, _camel(name), index), f"bad port {port!r}")
 
 
@@ -151,7 +151,8 @@ class Condition:
                     except ValueError:
                         sink.error(where, f"bad IP address or CIDR {value!r}")
                 elif self.key == "destination.port" and (
-                    not (value.isascii() and value.isdigit()) or int(value) > 65535
+                    not (value.isascii() and value.isdigit() and len(value) <= 5)
+                    or int(value) > 65535
                 ):
                     sink.error(where, f"bad port {value!r}")
 

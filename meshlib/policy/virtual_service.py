@@ -211,7 +211,7 @@ class HTTPRetry:
         for token in self.retry_on.split(","):  # Istio does not trim spaces
             if token in RETRY_ON_HTTP or token in RETRY_ON_GRPC:
                 continue
-            if token.isascii() and token.isdigit() and int(token) in KNOWN_STATUS_CODES:
+            if token.isascii() and token.isdigit() and int(token[:4]) in KNOWN_STATUS_CODES:
                 continue
             allowed = ", ".join(sorted(RETRY_ON_HTTP | RETRY_ON_GRPC))
             sink.error(

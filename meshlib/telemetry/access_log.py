@@ -227,7 +227,7 @@ class UnsupportedExpression(ValueError):
 _TOKEN = re.compile(
     r"""\s*(?:
         (?P<op>\|\||&&|==|!=|<=|>=|<|>|!|\(|\))
-      | (?P<int>\d+)u?
+      | (?P<int>[0-9]{1,18})u?
       | "(?P<dq>[^"\\]*)"
       | '(?P<sq>[^'\\]*)'
       | (?P<name>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)

@@ -132,6 +132,7 @@ _RESERVED = frozenset(
 _SANE_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 _EXPECTED_MS = re.compile(r"[ \t]*([0-9]{1,12})[ \t]*")
 _GRPC_TIMEOUT = re.compile(r"[ \t]*([0-9]{1,8})([HMSmun])[ \t]*")
+_MAX_BUDGET = 30 * 86400.0  # seconds: a caller's deadline further away is taken as 30 days
 _GRPC_UNIT = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 _B3_YES = frozenset(("1", "true", "True", "d"))
 _B3_NO = frozenset(("0", "false", "False"))
@@ -646,7 +647,11 @@ def _deadline(get_all: HeaderLookup) -> float | None:
             seconds = int(match[1]) * _GRPC_UNIT[match[2]]
             if seconds > 0 and (budget is None or seconds < budget):
                 budget = seconds
-    return None if budget is None else time.monotonic() + budget
+    if budget is None:
+        return None
+    # grpc-timeout allows 8 digits of hours (11,000 years): timeouts that large overflow
+    # the socket layer (OverflowError in urllib3). No caller's budget is that long.
+    return time.monotonic() + min(budget, _MAX_BUDGET)
 
 
 def _join(name: str, values: list[str]) -> str | None:

@@ -790,3 +790,14 @@ def test_use_source_ip_sends_each_instance_to_one_endpoint() -> None:
         chosen[config.instance_ip or ""] = hosts
     assert all(len(hosts) == 1 for hosts in chosen.values())  # sticky per instance
     assert len(set().union(*chosen.values())) > 1  # 24 instances on 3 endpoints: ~1e-11 to fail
+
+
+def test_a_content_length_of_thousands_of_digits_is_no_number() -> None:
+    """Python's `int` refuses strings of more than 4,300 digits: an upstream's absurd
+    Content-Length is counted as no size, never a meshlib traceback."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers=[(b"content-length", b"9" * 4400)])
+
+    with client(vs("- route: [{destination: {host: api.internal}}]"), handler) as c:
+        assert c.get("http://api.internal/").status_code == 200

@@ -1699,11 +1699,26 @@ def test_regexes_rejected_as_istio_rejects_them(pattern: str, message: str) -> N
             "\u00b9",
             id="destination.port",
         ),
+        pytest.param(
+            vs_route("retries: {attempts: 3, retryOn: '5xx," + "5" * 5000 + "'}"),
+            "is not a valid retryOn policy",
+            id="retryOn-5000-digits",
+        ),
+        pytest.param(
+            resource(
+                "AuthorizationPolicy",
+                "rules:\n- to:\n  - operation: {ports: ['" + "8" * 5000 + "']}\n",
+                name="p",
+            ),
+            "8888",
+            id="port-5000-digits",
+        ),
     ],
 )
 def test_digits_that_are_not_ascii_are_errors_not_crashes(text: str, fragment: str) -> None:
-    """`str.isdigit()` is true for '²' and '¹', which `int()` refuses: such a value is a
-    validation error naming it, never a ValueError out of the loader."""
+    """`str.isdigit()` is true for '²' and '¹', which `int()` refuses, and `int()` refuses
+    numbers of more than 4,300 digits: such a value is a validation error naming it, never a
+    ValueError out of the loader."""
     result = load(text)
     errors = [d for d in result.diagnostics if d.severity == "error"]
     assert any(fragment in d.message for d in errors), dump(result)
