@@ -197,7 +197,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         loop = asyncio.get_running_loop()
         session = self._session
         options: dict[str, Any] = {}
-        if "max_headers" in _SESSION_PARAMETERS:  # aiohttp >= 3.11 counts header lines
+        if "max_headers" in _SESSION_PARAMETERS:  # newer aiohttp counts header lines
             options["max_headers"] = _MAX_HEADERS
         self._session = aiohttp.ClientSession(
             **options,
