@@ -26,7 +26,7 @@ logger = logging.getLogger("meshlib")
 class InboundSide:
     """What every request served through one Mesh shares, computed once per Mesh."""
 
-    __slots__ = ("identity_header", "mesh", "names", "recorder")
+    __slots__ = ("identity_header", "identity_pair", "mesh", "names", "recorder")
 
     def __init__(self, mesh: Mesh) -> None:
         self.mesh = mesh
@@ -47,7 +47,8 @@ class InboundSide:
             destination_service_namespace=config.namespace,
             connection_security_policy="none",
         )
-        self.identity_header = mesh.identity_header
+        self.identity_header = mesh.identity_header  # for ASGI, as bytes
+        self.identity_pair = (peer.HEADER, mesh.identity)  # for WSGI, as str
 
 
 class InboundSides:

@@ -14,8 +14,9 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from meshlib._inbound import InboundExchange, InboundSide, InboundSides
+from meshlib._text import ascii_int
 from meshlib.mesh import Mesh
-from meshlib.telemetry import peer, threads
+from meshlib.telemetry import threads
 
 StartResponse = Callable[..., Any]
 # The two request headers WSGI (CGI) names without the HTTP_ prefix.
@@ -34,7 +35,7 @@ class MeshWSGIMiddleware:
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         side = self._sides.current()
         exchange = _Exchange(side, environ)
-        identity = (peer.HEADER, side.mesh.identity)
+        identity = side.identity_pair
 
         def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             try:
@@ -43,9 +44,7 @@ class MeshWSGIMiddleware:
                 exchange.status = 0
             return start_response(status, [*headers, identity], exc_info)
 
-        length = environ.get("CONTENT_LENGTH") or ""
-        sane = length.isascii() and length.isdigit() and len(length) <= 19  # int's limits
-        exchange.request_bytes = int(length) if sane else 0
+        exchange.request_bytes = ascii_int(environ.get("CONTENT_LENGTH") or "", 19) or 0
         exchange.begin()
         try:
             iterable = self.app(environ, start)

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
+from meshlib._text import ascii_int
 from meshlib.dataplane.balancer import cookie_to_set, hash_key
 from meshlib.dataplane.exchange import Attempt, Exchange
 from meshlib.dataplane.outcome import FLAGS_HEADER, LocalReply, join_flags
@@ -81,6 +82,8 @@ def choose_hash_key(exchange: Exchange, mesh: Mesh, attributes: RequestAttribute
     """The exchange's consistent-hash key, and the cookie to set when the route's hash cookie
     is missing and must be generated (`consistentHash.httpCookie` with a `ttl`)."""
     settings = exchange.cluster.policy.load_balancer
+    if settings is None or settings.consistent_hash is None:
+        return  # no hash key: the common case, nothing to read
     exchange.hash_key = hash_key(settings, attributes, mesh.source_ip)
     if exchange.hash_key is None:
         generated = cookie_to_set(settings, attributes)
@@ -241,8 +244,7 @@ def _target(path: str, query: str) -> str:
 
 def _length(headers: Mapping[str, str]) -> int:
     value = headers.get("content-length") or ""
-    # ASCII digits, at most 19 (2^63): `int` refuses '²', and numbers of 4,300 digits.
-    return int(value) if value.isascii() and value.isdigit() and len(value) <= 19 else 0
+    return ascii_int(value, 19) or 0  # at most 2^63
 
 
 def _service_name(mesh: Mesh, host: str) -> tuple[str, str]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from meshlib.dataplane import outcome
 from meshlib.dataplane.outcome import LocalReply
+from meshlib.policy.hosts import strip_port
 from meshlib.policy.matching import RequestAttributes, RouteMatcher
 from meshlib.policy.regex import compile_re2
 from meshlib.policy.routes import CompiledRoute, Mirror, RetryPolicy, RouteDestination
@@ -267,9 +268,7 @@ def _redirect(
     if port is None and redirect.derive_port == "FROM_REQUEST_PORT":
         port = request.port
     elif port is None and redirect.derive_port is None and not redirect.authority:
-        _, _, given = request.authority.rpartition(":")
-        digits = given.isascii() and given.isdigit() and len(given) <= 5  # int's limits
-        port = int(given) if digits and ":" in request.authority else None
+        _, port = strip_port(request.authority)
     if port is not None and (scheme, port) in (("http", 80), ("https", 443)):
         port = None  # default ports are dropped from the URL
     path = redirect.uri if redirect.uri is not None else request.path

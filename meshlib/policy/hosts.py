@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from meshlib._text import ascii_int
+
 
 def to_fqdn(host: str, namespace: str, cluster_domain: str = "cluster.local") -> str:
     """Expand a short name with the namespace of the resource that names it.
@@ -15,12 +17,6 @@ def to_fqdn(host: str, namespace: str, cluster_domain: str = "cluster.local") ->
     return f"{host}.{namespace}.svc.{cluster_domain}"
 
 
-def _digits(text: str) -> bool:
-    """A port's digits: ASCII only (`str.isdigit` also takes `²`, which `int` refuses), and
-    at most five (`int` refuses strings of thousands of digits)."""
-    return text.isascii() and text.isdigit() and len(text) <= 5
-
-
 def strip_port(authority: str) -> tuple[str, int | None]:
     """`reviews:9080` -> (`reviews`, 9080); `[::1]:80` -> (`::1`, 80)."""
     host, port = authority, None
@@ -29,12 +25,13 @@ def strip_port(authority: str) -> tuple[str, int | None]:
         if end != -1:
             host = authority[1:end]
             rest = authority[end + 1 :]
-            if rest.startswith(":") and _digits(rest[1:]):
-                port = int(rest[1:])
+            if rest.startswith(":"):
+                port = ascii_int(rest[1:], 5)
         return host.lower(), port
     head, sep, tail = authority.rpartition(":")
-    if sep and _digits(tail) and ":" not in head:
-        host, port = head, int(tail)
+    given = ascii_int(tail, 5) if sep and ":" not in head else None
+    if given is not None:
+        host, port = head, given
     return host.lower(), port
 
 

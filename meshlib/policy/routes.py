@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from meshlib._text import ascii_int
 from meshlib.policy.common import Duration
 from meshlib.policy.matching import CATCH_ALL, RequestAttributes, RouteMatcher
 from meshlib.policy.virtual_service import (
@@ -65,7 +66,7 @@ class RetryPolicy:
     @classmethod
     def _from_text(cls, attempts: int, text: str, *, is_default: bool = False) -> RetryPolicy:
         tokens = [t for t in text.split(",") if t]
-        codes = frozenset(int(t[:4]) for t in tokens if t.isascii() and t.isdigit())
+        codes = frozenset(n for t in tokens if (n := ascii_int(t, 4)) is not None)
         conditions = {t for t in tokens if not (t.isascii() and t.isdigit())}
         if codes:  # pilot adds the condition that makes the listed codes count
             conditions.add("retriable-status-codes")

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
+from meshlib._text import ascii_int
 from meshlib.policy._schema import EMPTY_MAP, INVALID, Path, Sink, describe, spec_field
 from meshlib.policy.common import MatchLabelsSelector, PolicyTargetReference
 
@@ -19,8 +20,9 @@ class PortNumber(int):
 
     @classmethod
     def parse_policy(cls, value: Any, path: Path, sink: Sink) -> Any:
-        if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 9:
-            value = int(value)
+        if isinstance(value, str):
+            number = ascii_int(value, 9)
+            value = value if number is None else number
         if isinstance(value, int) and not isinstance(value, bool):
             return cls(value)
         sink.error(path, f"must be a port number, not {describe(value)}")
@@ -97,8 +99,13 @@ class Operation:
         _check_lists(self, path, sink)
         for name in ("ports", "not_ports"):
             for index, port in enumerate(getattr(self, name)):
-                if not (port.isascii() and port.isdigit() and len(port) <= 5) or int(port) > 65535:
+                if _bad_port(port):
                     sink.error((*path, _camel(name), index), f"bad port {port!r}")
+
+
+def _bad_port(text: str) -> bool:
+    number = ascii_int(text, 5)
+    return number is None or number > 65535
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,10 +157,7 @@ class Condition:
                         ipaddress.ip_network(value, strict=False)
                     except ValueError:
                         sink.error(where, f"bad IP address or CIDR {value!r}")
-                elif self.key == "destination.port" and (
-                    not (value.isascii() and value.isdigit() and len(value) <= 5)
-                    or int(value) > 65535
-                ):
+                elif self.key == "destination.port" and _bad_port(value):
                     sink.error(where, f"bad port {value!r}")
 
 

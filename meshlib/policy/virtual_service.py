@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from meshlib._text import ascii_int
 from meshlib.policy._schema import Path, Sink, spec_field
 from meshlib.policy.common import (
     MILLISECOND,
@@ -211,7 +212,7 @@ class HTTPRetry:
         for token in self.retry_on.split(","):  # Istio does not trim spaces
             if token in RETRY_ON_HTTP or token in RETRY_ON_GRPC:
                 continue
-            if token.isascii() and token.isdigit() and int(token[:4]) in KNOWN_STATUS_CODES:
+            if ascii_int(token, 4) in KNOWN_STATUS_CODES:
                 continue
             allowed = ", ".join(sorted(RETRY_ON_HTTP | RETRY_ON_GRPC))
             sink.error(
