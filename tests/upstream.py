@@ -31,6 +31,8 @@ class Behaviour:
     status: int = 200
     delay: float = 0.0
     received: int = 0
+    active: int = 0  # requests being handled now
+    peak: int = 0  # the most handled at once
     requests: list[dict[str, Any]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -95,8 +97,15 @@ class Upstream:
                 break
         behaviour = self.behaviour
         status = behaviour.next_status()
-        if behaviour.delay:
-            await asyncio.sleep(behaviour.delay)
+        with behaviour.lock:
+            behaviour.active += 1
+            behaviour.peak = max(behaviour.peak, behaviour.active)
+        try:
+            if behaviour.delay:
+                await asyncio.sleep(behaviour.delay)
+        finally:
+            with behaviour.lock:
+                behaviour.active -= 1
         record = {
             "name": self.name,
             "method": scope["method"],

@@ -15,6 +15,7 @@ balances, retries and times out as the route says and answers locally where a si
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -327,10 +328,17 @@ class _MeshTransportBase:
 
     @staticmethod
     def _exchange(
-        mesh: Mesh, plan: RoutePlan, attributes: RequestAttributes, replayable: bool
+        mesh: Mesh,
+        plan: RoutePlan,
+        attributes: RequestAttributes,
+        request: httpx.Request,
+        replayable: bool,
     ) -> Exchange:
         exchange = mesh.exchange(plan, replayable=replayable)
         choose_hash_key(exchange, mesh, attributes)
+        if exchange.cluster.limits.may_wait:  # waiting for a connection: httpx's pool timeout
+            exchange.pool_timeout = (request.extensions.get("timeout") or {}).get("pool")
+            exchange.pool_timeout_error = functools.partial(httpx.PoolTimeout, request=request)
         return exchange
 
     def _respond(
@@ -415,7 +423,7 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
             copy = self._mirror_request(request, plan, mirror)
             if copy is not None:
                 self._mirroring.submit(self._send_mirror, copy)
-        exchange = self._exchange(mesh, plan, attributes, replayable)
+        exchange = self._exchange(mesh, plan, attributes, request, replayable)
 
         def send(attempt: Attempt) -> AttemptResult:
             with client_span(mesh, request.method, request.url, plan, attempt, view) as span:
@@ -522,7 +530,7 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
                 task = asyncio.get_running_loop().create_task(self._send_mirror(copy))
                 self._mirrors.add(task)
                 task.add_done_callback(self._mirrors.discard)
-        exchange = self._exchange(mesh, plan, attributes, replayable)
+        exchange = self._exchange(mesh, plan, attributes, request, replayable)
 
         async def send(attempt: Attempt) -> AttemptResult:
             with client_span(mesh, request.method, request.url, plan, attempt, view) as span:

@@ -10,6 +10,7 @@ Envoy response flags are on `response.response_flags`, and on local answers also
 from __future__ import annotations
 
 import contextlib
+import functools
 import http
 import io
 import time
@@ -19,7 +20,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from requests.exceptions import ConnectTimeout
 from requests.structures import CaseInsensitiveDict
+from urllib3.util import Timeout
 
 from meshlib.clients._common import (
     MirrorTracker,
@@ -98,6 +101,21 @@ def _classify(exc: requests.RequestException) -> str:
     if "NewConnectionError" in text or "NameResolutionError" in text or "Failed to resolve" in text:
         return CONNECT_FAILURE
     return RESET
+
+
+def _caller_timeouts(timeout: Any) -> tuple[float | None, float | None]:
+    """(connect, read) seconds of a requests `timeout`: a number, a pair, or urllib3's
+    `Timeout` (whose unset parts are not numbers)."""
+    if isinstance(timeout, tuple):
+        connect, read = timeout
+    elif isinstance(timeout, Timeout):
+        connect, read = timeout.connect_timeout, timeout.read_timeout
+    else:
+        connect = read = timeout
+    return (
+        connect if isinstance(connect, (int, float)) else None,
+        read if isinstance(read, (int, float)) else None,
+    )
 
 
 class MeshAdapter(HTTPAdapter):
@@ -202,6 +220,9 @@ class MeshAdapter(HTTPAdapter):
                 self._mirroring.submit(self._send_mirror, copy, timeout, options)
         exchange = mesh.exchange(plan, replayable=replayable)
         choose_hash_key(exchange, mesh, attributes)
+        if exchange.cluster.limits.may_wait:  # requests has no pool timeout: its connect one
+            exchange.pool_timeout = _caller_timeouts(timeout)[0]
+            exchange.pool_timeout_error = functools.partial(ConnectTimeout, request=request)
 
         def send(attempt: Attempt) -> AttemptResult:
             with client_span(
@@ -245,7 +266,7 @@ class MeshAdapter(HTTPAdapter):
         options: dict[str, Any],
         timeout: Any,
     ) -> AttemptResult:
-        caller_connect, caller_read = timeout if isinstance(timeout, tuple) else (timeout, timeout)
+        caller_connect, caller_read = _caller_timeouts(timeout)
         propagated = mesh.propagator.outbound(view.__contains__, attempt.timeout)
         upstream = self._upstream(request, plan, attempt, propagated, mesh.identity)
         connect, read, mesh_owned = attempt.timeouts(caller_read)

@@ -13,11 +13,13 @@ response flags that telemetry and access logs report.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from meshlib.dataplane import outcome
 from meshlib.dataplane.cluster import ClusterState
 from meshlib.dataplane.deadline import Deadline
+from meshlib.dataplane.limits import Ticket
 from meshlib.dataplane.outcome import Flag, LocalReply, ordered
 from meshlib.dataplane.retry import (
     CONNECT_FAILURE,
@@ -41,6 +43,7 @@ class Attempt:
     timeout: float | None  # seconds for this try (per-try timeout clamped by the deadline)
     per_try_limited: bool  # True when the per-try timeout, not the deadline, set `timeout`
     retry_slot: bool  # holds a retry-budget slot until it finishes
+    ticket: Ticket  # its hold on a connection; not yet granted = waiting (maxConnections)
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT  # DestinationRule tcp.connectTimeout
     close_connection: bool = False  # http.maxRequestsPerConnection reached: `Connection: close`
 
@@ -91,6 +94,10 @@ class Exchange:
         self.upstream_host: str | None = None
         self.hash_key: str | None = None  # consistent-hash key, set by the adapter
         self.set_cookie: str | None = None  # a generated hash cookie for the response
+        # The caller's own bound on waiting for a connection (httpx's pool timeout), and the
+        # error its client raises when that runs out; set by the adapter.
+        self.pool_timeout: float | None = None
+        self.pool_timeout_error: Callable[[str], BaseException] = TimeoutError
 
     # -- one attempt -------------------------------------------------------------------
 
@@ -105,7 +112,8 @@ class Exchange:
         if endpoint is None:
             self._release_retry_slot()
             return outcome.no_healthy_upstream()
-        if not cluster.limits.try_acquire_request():
+        ticket = cluster.limits.try_acquire_request()
+        if ticket is None:
             self._release_retry_slot()
             cluster.outlier.give_back(endpoint.key)  # admitted, never sent
             if cluster.on_overflow is not None:
@@ -128,9 +136,50 @@ class Exchange:
             timeout,
             per_try is not None and timeout == per_try,
             slot,
+            ticket,
             connect or DEFAULT_CONNECT_TIMEOUT,
             per_connection is not None and cluster.count_sent(key) % per_connection == 0,
         )
+
+    # -- waiting for a connection (maxConnections in use) --------------------------------
+
+    def wait_bound(self) -> float | None:
+        """How long a waiting attempt may wait: what is left of the route deadline, or the
+        caller's pool timeout if shorter (None: as long as it takes, as Envoy does)."""
+        left = self.deadline.remaining()
+        caller = self.pool_timeout
+        return caller if left is None else (left if caller is None else min(left, caller))
+
+    def connected(self, attempt: Attempt) -> bool:
+        """A waiting attempt got its connection: its try's time starts now (Envoy starts the
+        per-try timer when the connection pool hands the request a connection). False if the
+        route deadline passed meanwhile (the connection came too late)."""
+        if self.deadline.expired:
+            return False
+        per_try = self.retries.per_try_timeout if self.retries is not None else None
+        attempt.timeout = self.deadline.clamp(per_try)
+        attempt.per_try_limited = per_try is not None and attempt.timeout == per_try
+        return True
+
+    def waited_too_long(self, attempt: Attempt) -> AttemptResult:
+        """A waiting attempt ran out of time before it got a connection: nothing was sent.
+        The route deadline's expiry is Envoy's 504 UT; the caller's pool timeout is the
+        caller's own error, as from its client's pool. Never retried."""
+        self.abandon_attempt(attempt)
+        self.tried.pop()
+        self.upstream_host = self.tried[-1] if self.tried else None
+        caller = self.pool_timeout
+        left = self.deadline.remaining()
+        if caller is None or (left is not None and left <= 0.0):
+            return AttemptResult(reply=self._timed_out())
+        maximum = self.cluster.limits.thresholds.max_connections
+        host = self.plan.cluster[0] if self.plan.cluster else self.plan.authority
+        error = self.pool_timeout_error(
+            f"no connection to {host} within the pool timeout ({caller:g} s): its "
+            f"DestinationRule allows {maximum} connections (connectionPool.tcp.maxConnections),"
+            " all in use"
+        )
+        return AttemptResult(failure=PER_TRY_TIMEOUT, error=error, client_timeout=True)
 
     def _choose(self, avoid: set[str]) -> Endpoint | None:
         """A usable endpoint not in `avoid`, taking the half-open trial if it is one."""
@@ -190,7 +239,7 @@ class Exchange:
         cluster = self.cluster
         key = attempt.endpoint.key
         cluster.in_flight.finish(key)
-        cluster.limits.release_request()
+        cluster.limits.release_request(attempt.ticket)
         if attempt.retry_slot:
             cluster.limits.release_retry()
         return key

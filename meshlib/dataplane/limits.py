@@ -1,20 +1,21 @@
 """Connection-pool circuit breaking and the retry budget of one cluster, as Envoy does it.
 
 Envoy's thresholds are per cluster (every endpoint of the destination/subset/port) per client
-(ISTIO.md §2.4, §3.5). Going over a limit fails at once (503 `UO`, or no retry); nothing
-queues here. Istio writes 2^32-1 for every unset limit, and pilot only applies values > 0, so
-unset and 0 both mean unlimited.
+(ISTIO.md §2.4, §3.5). Going over a limit fails at once (503 `UO`, or no retry). The one
+wait is Envoy's pending queue: a request admitted while `maxConnections` are in use waits,
+first come first served, until one is given back. Istio writes 2^32-1 for every unset limit,
+and pilot only applies values > 0, so unset and 0 both mean unlimited.
 
 Exact rules:
 
-- Requests. `active` counts admitted requests that are not yet released: those holding a
-  connection and those waiting for one. A new request is admitted when
-  `active < http2MaxRequests` and, if it would have to wait (`active >= maxConnections`), when
-  fewer than `http1MaxPendingRequests` are already waiting (waiting = `active - maxConnections`).
-  So maxConnections=1 with http1MaxPendingRequests=1 admits two concurrent requests. The model
-  is HTTP/1 (one request per connection); without maxConnections nothing ever waits, so
-  the pending limit has no effect (as for Envoy's HTTP/2 once connected). A pending limit of 0
-  is "unset": there is no way to forbid waiting.
+- Requests. The model is HTTP/1: a request in flight holds a connection. A new request is
+  refused when `connected + waiting >= http2MaxRequests`; otherwise it connects if fewer than
+  `maxConnections` are connected, waits if fewer than `http1MaxPendingRequests` are waiting,
+  and is refused if not. So maxConnections=1 with http1MaxPendingRequests=1 admits two
+  concurrent requests, one of them waiting. Without maxConnections nothing ever waits, so the
+  pending limit has no effect (as for Envoy's HTTP/2 once connected). A pending limit of 0 is
+  "unset": there is no way to forbid waiting. How long a request may wait is its caller's
+  business (`Ticket.wait`): the route deadline, the client's pool timeout.
 - `maxRequestsPerConnection` is not an admission limit; the transport reads it from
   `max_requests_per_connection` (None = unlimited).
 - Retries. Without `retryBudget`: a retry is admitted when `active_retries < maxRetries`.
@@ -28,12 +29,15 @@ Exact rules:
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextlib
 import threading
 from dataclasses import dataclass
 
 from meshlib.policy.destination_rule import ConnectionPoolSettings, RetryBudget
 
-__all__ = ["UNLIMITED", "ClusterLimits", "Thresholds"]
+__all__ = ["UNLIMITED", "ClusterLimits", "Thresholds", "Ticket"]
 
 UNLIMITED = 2**32 - 1
 _DEFAULT_BUDGET_PERCENT = 20.0
@@ -79,43 +83,154 @@ class Thresholds:
         )
 
 
+class Ticket:
+    """A request's hold on a connection of its cluster: granted at once, or waiting its turn.
+
+    Whoever got the ticket either sends (once it is granted) or gives it back with
+    `ClusterLimits.release_request`, whatever happened — a waiting ticket given back leaves
+    the queue, a granted one passes its connection to the next in line.
+    """
+
+    __slots__ = ("_event", "_future", "_limits", "granted")
+
+    def __init__(self, limits: ClusterLimits | None, granted: bool) -> None:
+        self.granted = granted
+        self._limits = limits
+        self._event: threading.Event | None = None
+        self._future: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
+
+    def wait(self, timeout: float | None) -> bool:
+        """Block until granted (True), or for `timeout` seconds (False: out of the queue)."""
+        limits = self._limits
+        if self.granted or limits is None:
+            return True
+        with limits._lock:
+            if self.granted:
+                return True
+            event = self._event = threading.Event()
+        return event.wait(timeout) or not limits._withdraw(self)
+
+    async def wait_async(self, timeout: float | None) -> bool:
+        """`wait` for asyncio; a cancelled waiter still gives its ticket back."""
+        limits = self._limits
+        if self.granted or limits is None:
+            return True
+        loop = asyncio.get_running_loop()
+        with limits._lock:
+            if self.granted:
+                return True
+            future: asyncio.Future[None] = loop.create_future()
+            self._future = (loop, future)
+        try:
+            await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            return not limits._withdraw(self)  # granted in the meantime: go ahead
+        return True
+
+    def _wake(self) -> None:
+        """Tell the waiter it was granted (called outside the limits' lock)."""
+        if self._event is not None:
+            self._event.set()
+        if self._future is not None:
+            loop, future = self._future
+            with contextlib.suppress(RuntimeError):  # the waiter's loop is closed: it is gone
+                loop.call_soon_threadsafe(_resolve, future)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+_CONNECTED = Ticket(None, granted=True)  # shared by every request that did not wait
+
+
 class ClusterLimits:
-    """Connection-pool limits and retry budget of one cluster; thread-safe, never queues."""
+    """Connection-pool limits and retry budget of one cluster; thread-safe.
+
+    Nothing here blocks: a request beyond `maxConnections` gets a waiting `Ticket` and waits
+    on it where it runs (a thread or an event loop).
+    """
 
     def __init__(self, pool: ConnectionPoolSettings | None, budget: RetryBudget | None) -> None:
         self._lock = threading.Lock()
         self._thresholds = Thresholds.of(pool, budget)
-        self._active = 0
+        self._connected = 0
+        self._waiting: collections.deque[Ticket] = collections.deque()
         self._retries = 0
         self._overflows = 0
         self._retry_overflows = 0
 
     def update(self, pool: ConnectionPoolSettings | None, budget: RetryBudget | None) -> None:
-        """Apply new settings; requests and retries in flight stay counted."""
+        """Apply new settings; requests and retries in flight stay counted, and waiting
+        requests connect if the new `maxConnections` has room for them."""
         thresholds = Thresholds.of(pool, budget)
         with self._lock:
             self._thresholds = thresholds
+            granted = self._grant_waiting()
+        for ticket in granted:
+            ticket._wake()
 
     # -- requests -----------------------------------------------------------------------------
 
-    def try_acquire_request(self) -> bool:
-        """Take a request slot; False is an overflow (answer 503 UO), never a wait."""
+    def try_acquire_request(self) -> Ticket | None:
+        """Admit a request: a granted ticket, a waiting one, or None for an overflow (answer
+        503 UO)."""
         with self._lock:
             t = self._thresholds
-            active = self._active
-            if active >= t.max_requests or (
-                active >= t.max_connections and active - t.max_connections >= t.max_pending_requests
-            ):
+            connected = self._connected
+            waiting = self._waiting
+            if connected + len(waiting) >= t.max_requests:
                 self._overflows += 1
+                return None
+            if connected < t.max_connections:
+                self._connected = connected + 1
+                return _CONNECTED
+            if len(waiting) >= t.max_pending_requests:
+                self._overflows += 1
+                return None
+            ticket = Ticket(self, granted=False)
+            waiting.append(ticket)
+            return ticket
+
+    def release_request(self, ticket: Ticket) -> None:
+        """Give back an admitted request's ticket: its connection goes to the next request
+        waiting, or a waiting ticket leaves the queue. Extra releases are ignored."""
+        with self._lock:
+            if not ticket.granted:
+                self._withdraw_locked(ticket)
+                return
+            if self._connected > 0:
+                self._connected -= 1
+            if not self._waiting:
+                return
+            granted = self._grant_waiting()
+        for waiter in granted:
+            waiter._wake()
+
+    def _grant_waiting(self) -> list[Ticket]:
+        """Connect waiting requests while there is room (lock held); the ones to wake."""
+        granted = []
+        waiting = self._waiting
+        limit = self._thresholds.max_connections
+        while waiting and self._connected < limit:
+            ticket = waiting.popleft()
+            ticket.granted = True
+            self._connected += 1
+            granted.append(ticket)
+        return granted
+
+    def _withdraw(self, ticket: Ticket) -> bool:
+        """Take a waiting ticket out of the queue; False if it was granted meanwhile."""
+        with self._lock:
+            if ticket.granted:
                 return False
-            self._active = active + 1
+            self._withdraw_locked(ticket)
             return True
 
-    def release_request(self) -> None:
-        """Give back a request slot (extra releases are ignored)."""
-        with self._lock:
-            if self._active > 0:
-                self._active -= 1
+    def _withdraw_locked(self, ticket: Ticket) -> None:
+        with contextlib.suppress(ValueError):  # already out of the queue
+            self._waiting.remove(ticket)
 
     # -- retries ------------------------------------------------------------------------------
 
@@ -124,7 +239,8 @@ class ClusterLimits:
         with self._lock:
             t = self._thresholds
             if t.budget_percent is not None:
-                allowed = max(t.min_retry_concurrency, int(t.budget_percent / 100.0 * self._active))
+                active = self._connected + len(self._waiting)
+                allowed = max(t.min_retry_concurrency, int(t.budget_percent / 100.0 * active))
                 if self._retries >= allowed:
                     self._retry_overflows += 1
                     return False, "budget"
@@ -147,18 +263,24 @@ class ClusterLimits:
         return self._thresholds
 
     @property
+    def may_wait(self) -> bool:
+        """Whether a request can have to wait for a connection (maxConnections is set)."""
+        return self._thresholds.max_connections != UNLIMITED
+
+    @property
     def max_requests_per_connection(self) -> int | None:
         """Requests a connection may carry before the transport closes it; None = unlimited."""
         return self._thresholds.max_requests_per_connection
 
     @property
     def active_requests(self) -> int:
-        return self._active
+        """Admitted requests not yet released: connected or waiting."""
+        return self._connected + len(self._waiting)
 
     @property
     def pending_requests(self) -> int:
-        """Admitted requests that are waiting for a connection (active beyond maxConnections)."""
-        return max(self._active - self._thresholds.max_connections, 0)
+        """Admitted requests waiting for a connection (`maxConnections` in use)."""
+        return len(self._waiting)
 
     @property
     def active_retries(self) -> int:

@@ -200,6 +200,11 @@ def _attempt(exchange: Exchange, send: Callable[[Attempt], AttemptResult]) -> At
     if isinstance(setup, LocalReply):
         return AttemptResult(reply=setup)
     try:
+        ticket = setup.ticket  # not granted: maxConnections are in use, wait for one
+        if not ticket.granted and not (
+            ticket.wait(exchange.wait_bound()) and exchange.connected(setup)
+        ):
+            return exchange.waited_too_long(setup)
         result = send(setup)
     except BaseException:
         exchange.abandon_attempt(setup)  # never reports: give back what it holds
@@ -214,6 +219,11 @@ async def _attempt_async(
     if isinstance(setup, LocalReply):
         return AttemptResult(reply=setup)
     try:
+        ticket = setup.ticket  # not granted: maxConnections are in use, wait for one
+        if not ticket.granted and not (
+            await ticket.wait_async(exchange.wait_bound()) and exchange.connected(setup)
+        ):
+            return exchange.waited_too_long(setup)
         result = await send(setup)
     except BaseException:
         exchange.abandon_attempt(setup)  # cancelled, or the sender raised
