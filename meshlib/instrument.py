@@ -7,11 +7,14 @@ wrapt wraps the methods where httpx and requests hand a request to the network �
 `httpx.HTTPTransport.handle_request`, `httpx.AsyncHTTPTransport.handle_async_request`,
 `requests.adapters.HTTPAdapter.send` — so clients created before the call are meshed too,
 and each client keeps its own connection pool, TLS and proxy settings. A meshlib client is
-never meshed twice: meshlib's own transports mark the requests they send.
+never meshed twice: meshlib's own transports mark the requests they send. A subclass that
+overrides one of these methods runs once per call, not once per try: the mesh sends each try
+through the stock method.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -57,24 +60,57 @@ def _facade(instance: Any, make: Any) -> Any:
     return facade
 
 
+class _Stock:
+    """What a facade sends each try through: the stock method of its transport or adapter.
+
+    Not the instance's own method: a subclass overriding it (a signing adapter, say) ran
+    already — its call to the stock method is what brought the request to the mesh — and
+    must not run again for every try.
+    """
+
+    def __init__(self, instance: Any, stock: Any) -> None:
+        self._instance = instance
+        self.handle_request = self.handle_async_request = self.send = stock
+
+    def close(self) -> None:
+        self._instance.close()
+
+    async def aclose(self) -> None:
+        await self._instance.aclose()
+
+
+def _bypass() -> bool:
+    """Send as stock: inside meshlib (a facade's own try), or after `uninstrument()` left a
+    wrapper in place under another library's (see there)."""
+    return not _state["patched"] or inside_meshlib()
+
+
 def _httpx_sync(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-    if inside_meshlib():
+    if _bypass():
         return wrapped(*args, **kwargs)
-    facade = _facade(instance, lambda: _Clients.MeshTransport(instance, mesh=_state["mesh"]))
+    facade = _facade(
+        instance, lambda: _Clients.MeshTransport(_Stock(instance, wrapped), mesh=_state["mesh"])
+    )
     return facade.handle_request(*args, **kwargs)
 
 
 async def _httpx_async(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-    if inside_meshlib():
+    if _bypass():
         return await wrapped(*args, **kwargs)
-    facade = _facade(instance, lambda: _Clients.AsyncMeshTransport(instance, mesh=_state["mesh"]))
+    facade = _facade(
+        instance,
+        lambda: _Clients.AsyncMeshTransport(_Stock(instance, wrapped), mesh=_state["mesh"]),
+    )
     return await facade.handle_async_request(*args, **kwargs)
 
 
 def _requests_send(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-    if inside_meshlib() or isinstance(instance, _Clients.MeshAdapter):
+    if _bypass() or isinstance(instance, _Clients.MeshAdapter):
         return wrapped(*args, **kwargs)
-    facade = _facade(instance, lambda: _Clients.MeshAdapter(mesh=_state["mesh"], inner=instance))
+    facade = _facade(
+        instance,
+        lambda: _Clients.MeshAdapter(mesh=_state["mesh"], inner=_Stock(instance, wrapped)),
+    )
     return facade.send(*args, **kwargs)
 
 
@@ -103,10 +139,28 @@ def uninstrument() -> None:
         if not _state["patched"]:
             return
         for owner, name in _targets():
-            method = owner.__dict__[name]
-            setattr(owner, name, getattr(method, "__wrapped__", method))
+            _unwrap(owner, name)
         _state["patched"] = False
         _state["mesh"] = None
+
+
+def _unwrap(owner: Any, name: str) -> None:
+    """Take meshlib's wrapper out of `owner.name`, wherever it is in a chain of wrapt
+    wrappers: another library (OpenTelemetry's instrumentations, say) may have wrapped the
+    same method after `instrument()`, and its wrapper stays. If meshlib's cannot be taken out
+    of the chain, it stays in place and sends as stock (`_bypass`)."""
+    outer: Any = None
+    layer = owner.__dict__[name]
+    while getattr(layer, "_self_wrapper", None) is not None:
+        inner = layer.__wrapped__
+        if layer._self_wrapper in _WRAPPERS:
+            if outer is None:
+                setattr(owner, name, inner)
+            else:
+                with contextlib.suppress(AttributeError, TypeError):
+                    outer.__wrapped__ = inner
+            return
+        outer, layer = layer, inner
 
 
 def is_instrumented() -> bool:

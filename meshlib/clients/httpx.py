@@ -39,7 +39,7 @@ from meshlib.clients._common import (
 )
 from meshlib.clients._guard import passthrough_inside
 from meshlib.clients._httpx_headers import appended, decoded, encoded, extended, lowercase_raw
-from meshlib.dataplane.exchange import Attempt, Exchange
+from meshlib.dataplane.exchange import CALLERS_TIMEOUT, Attempt, Exchange
 from meshlib.dataplane.outcome import Flag, LocalReply, ordered
 from meshlib.dataplane.retry import (
     CONNECT_FAILURE,
@@ -205,13 +205,16 @@ def _replayable(request: httpx.Request) -> bool:
 
 def _failed(exc: httpx.TransportError, request: httpx.Request, attempt: Attempt) -> AttemptResult:
     """How a transport error ends an attempt, in Envoy's terms."""
-    caller = (request.extensions.get("timeout") or {}).get("read")
-    if isinstance(exc, httpx.ConnectTimeout) and attempt.connect_ran_out_of_try_time(caller):
-        return AttemptResult(failure=PER_TRY_TIMEOUT, error=exc)
-    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+    caller = request.extensions.get("timeout") or {}
+    if isinstance(exc, httpx.ConnectTimeout):
+        cause = attempt.connect_timed_out(caller.get("connect"))
+        if cause == CALLERS_TIMEOUT:
+            return AttemptResult(failure=PER_TRY_TIMEOUT, error=exc, client_timeout=True)
+        return AttemptResult(failure=cause, error=exc)
+    if isinstance(exc, httpx.ConnectError):
         return AttemptResult(failure=CONNECT_FAILURE, error=exc)
     if isinstance(exc, httpx.TimeoutException):
-        mesh_owned = attempt.timeouts(caller)[2]
+        mesh_owned = attempt.timeouts(caller.get("connect"), caller.get("read"))[2]
         return AttemptResult(failure=PER_TRY_TIMEOUT, error=exc, client_timeout=not mesh_owned)
     return AttemptResult(failure=RESET, error=exc)
 
@@ -255,7 +258,7 @@ class _MeshTransportBase:
             drop = _OURS_CLOSING if attempt.close_connection else _OURS
             headers = extended(original, drop, [*propagated, *ours])
         caller = request.extensions.get("timeout") or {}
-        connect, read, _ = attempt.timeouts(caller.get("read"))
+        connect, read, _ = attempt.timeouts(caller.get("connect"), caller.get("read"))
         timeout = {
             "connect": connect,
             "read": read,

@@ -38,7 +38,7 @@ from meshlib.clients._common import (
     upstream_netloc,
 )
 from meshlib.clients._guard import passthrough_inside
-from meshlib.dataplane.exchange import Attempt
+from meshlib.dataplane.exchange import CALLERS_TIMEOUT, Attempt
 from meshlib.dataplane.outcome import Flag, LocalReply, ordered
 from meshlib.dataplane.retry import (
     CONNECT_FAILURE,
@@ -92,7 +92,10 @@ def _replayable(request: requests.PreparedRequest) -> bool:
 
 
 def _classify(exc: requests.RequestException) -> str:
-    if isinstance(exc, requests.ConnectTimeout):
+    # A TLS handshake or a proxy that fails is a failure to connect, as httpx reports both.
+    if isinstance(
+        exc, (requests.ConnectTimeout, requests.exceptions.SSLError, requests.exceptions.ProxyError)
+    ):
         return CONNECT_FAILURE
     if isinstance(exc, requests.Timeout):
         return PER_TRY_TIMEOUT
@@ -153,6 +156,8 @@ class MeshAdapter(HTTPAdapter):
         proxies: Mapping[str, str] | None = None,
     ) -> requests.Response:
         started = time.perf_counter()
+        original = request
+        request = request.copy()  # the caller's may be sent again: it gets no header of ours
         view = dict(request.headers.lower_items())  # the request's headers, read once
         if "x-request-id" not in view:
             view["x-request-id"] = request.headers["x-request-id"] = request_id()
@@ -177,7 +182,7 @@ class MeshAdapter(HTTPAdapter):
             flags,
             getattr(response, "upstream_host", None),
         )
-        return response
+        return _answering(response, original)
 
     def _handle(
         self,
@@ -269,17 +274,16 @@ class MeshAdapter(HTTPAdapter):
         caller_connect, caller_read = _caller_timeouts(timeout)
         propagated = mesh.propagator.outbound(view.__contains__, attempt.timeout)
         upstream = self._upstream(request, plan, attempt, propagated, mesh.identity)
-        connect, read, mesh_owned = attempt.timeouts(caller_read)
-        if caller_connect is not None:
-            connect = min(connect or caller_connect, caller_connect)
+        connect, read, mesh_owned = attempt.timeouts(caller_connect, caller_read)
         try:
             response = self._send_upstream(upstream, timeout=(connect, read), **options)
+        except requests.ConnectTimeout as exc:
+            cause = attempt.connect_timed_out(caller_connect)
+            if cause == CALLERS_TIMEOUT:
+                return AttemptResult(failure=PER_TRY_TIMEOUT, error=exc, client_timeout=True)
+            return AttemptResult(failure=cause, error=exc)
         except (requests.ConnectionError, requests.Timeout) as exc:
             failure = _classify(exc)
-            if isinstance(exc, requests.ConnectTimeout) and attempt.connect_ran_out_of_try_time(
-                caller_read
-            ):
-                failure = PER_TRY_TIMEOUT  # the try's time ran out while connecting: UT
             client_timeout = failure == PER_TRY_TIMEOUT and not mesh_owned
             return AttemptResult(failure=failure, error=exc, client_timeout=client_timeout)
         return AttemptResult(
@@ -343,6 +347,17 @@ class MeshAdapter(HTTPAdapter):
         response.connection = self
         response.response_flags = flags  # type: ignore[attr-defined]
         return response
+
+
+def _answering(response: requests.Response, request: requests.PreparedRequest) -> requests.Response:
+    """`response` as the answer to the caller's `request`, not to the copy sent to an
+    endpoint (as httpx sets `response.request`): requests follows redirects from
+    `response.url` and `response.request` (a relative `Location` stays in the mesh, and a
+    same-host redirect keeps `Authorization`), and digest auth resends `response.request`.
+    (Cookies are right already: the cookie jar takes the host from the `Host` header.)"""
+    response.request = request
+    response.url = request.url or ""
+    return response
 
 
 def _add_set_cookie(response: requests.Response, value: str) -> None:

@@ -32,6 +32,7 @@ from meshlib.policy.routes import RetryPolicy
 from meshlib.policy.snapshot import Endpoint
 
 DEFAULT_CONNECT_TIMEOUT = 10.0  # Istio's MeshConfig connectTimeout
+CALLERS_TIMEOUT = "callers-timeout"  # a connect timeout of the caller's own (see Attempt)
 
 
 @dataclass(slots=True)
@@ -47,26 +48,39 @@ class Attempt:
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT  # DestinationRule tcp.connectTimeout
     close_connection: bool = False  # http.maxRequestsPerConnection reached: `Connection: close`
 
-    def timeouts(self, caller: float | None) -> tuple[float | None, float | None, bool]:
-        """(connect, read) timeouts with the caller's own, and whether the mesh's is the
-        binding one (then expiry is the mesh's answer, 504; else the caller's exception).
-        Connecting is part of the try: it gets the connect timeout, or less when the try's
-        time (per-try timeout, route deadline) or the caller's is shorter."""
+    def timeouts(
+        self, caller_connect: float | None, caller_read: float | None
+    ) -> tuple[float | None, float | None, bool]:
+        """(connect, read) timeouts with the caller's own, and whether the mesh's read timeout
+        is the binding one (then expiry is the mesh's answer, 504; else the caller's
+        exception). Connecting is part of the try: it gets the connect timeout, or less when
+        the try's time (per-try timeout, route deadline) or the caller's connect timeout is
+        shorter."""
         mesh = self.timeout
-        read = mesh if caller is None else (caller if mesh is None else min(mesh, caller))
+        read = (
+            mesh
+            if caller_read is None
+            else (caller_read if mesh is None else min(mesh, caller_read))
+        )
         connect = self.connect_timeout
-        for bound in (mesh, caller):
+        for bound in (mesh, caller_connect):
             if bound is not None and bound < connect:
                 connect = bound
-        return connect, read, mesh is not None and (caller is None or mesh <= caller)
+        mesh_owned = mesh is not None and (caller_read is None or mesh <= caller_read)
+        return connect, read, mesh_owned
 
-    def connect_ran_out_of_try_time(self, caller: float | None) -> bool:
-        """Whether a connect timeout means the try's time ran out (Envoy's UT), not the
-        connect timeout (UF): the mesh's try time was the smallest bound on connecting."""
+    def connect_timed_out(self, caller_connect: float | None) -> str:
+        """What a connect timeout means, by which bound on connecting was the smallest:
+        `CALLERS_TIMEOUT` (the caller's own connect timeout: its exception, not retried),
+        `PER_TRY_TIMEOUT` (the try's time ran out: Envoy's UT) or `CONNECT_FAILURE` (the
+        DestinationRule's connect timeout: UF)."""
         mesh = self.timeout
-        return (
-            mesh is not None and mesh < self.connect_timeout and (caller is None or mesh <= caller)
-        )
+        limit = self.connect_timeout if mesh is None else min(mesh, self.connect_timeout)
+        if caller_connect is not None and caller_connect < limit:
+            return CALLERS_TIMEOUT
+        if mesh is not None and mesh < self.connect_timeout:
+            return PER_TRY_TIMEOUT
+        return CONNECT_FAILURE
 
 
 class Exchange:

@@ -801,3 +801,60 @@ def test_a_content_length_of_thousands_of_digits_is_no_number() -> None:
 
     with client(vs("- route: [{destination: {host: api.internal}}]"), handler) as c:
         assert c.get("http://api.internal/").status_code == 200
+
+
+def test_callers_own_connect_timeout_is_its_own_error_httpx() -> None:
+    """httpx: the caller's connect timeout, when it is the shortest bound on connecting, is
+    the caller's: the transport gets it, and its expiry raises httpx.ConnectTimeout, not
+    retried (as without the mesh), though the route retries connect failures."""
+    seen: list[dict[str, float | None]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.extensions["timeout"])
+        raise httpx.ConnectTimeout("no SYN-ACK", request=request)
+
+    policy = vs(
+        "- route: [{destination: {host: api.internal}}]\n"
+        "  retries: {attempts: 2, retryOn: connect-failure}"
+    )
+    with client(policy, handler, timeout=httpx.Timeout(5.0, connect=0.2)) as c:
+        with pytest.raises(httpx.ConnectTimeout):
+            c.get("http://api.internal/")
+    assert [(t["connect"], t["read"]) for t in seen] == [(0.2, 5.0)]
+
+
+def test_callers_own_connect_timeout_is_its_own_error_requests() -> None:
+    """requests: `timeout=(connect, read)` keeps its meaning — connecting gets the caller's
+    connect value (not one capped by the read value), and its expiry raises requests'
+    ConnectTimeout unretried; the DestinationRule's connect timeout, when shorter, stays the
+    mesh's (503 UF, retried on connect-failure)."""
+    import requests
+
+    from meshlib.clients.requests import MeshAdapter
+
+    class Unreachable(_RecordingAdapter):
+        def send(self, request: Any, **kwargs: Any) -> Any:
+            self.sent.append((request.url, kwargs.get("timeout")))
+            raise requests.ConnectTimeout("no SYN-ACK")
+
+    route = "- route: [{destination: {host: api.internal}}]\n  retries: {attempts: 2, retryOn: connect-failure}"
+    rule = (
+        "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: api}\n"
+        "spec:\n  host: api.internal\n  trafficPolicy: {connectionPool: {tcp: {connectTimeout: 100ms}}}\n"
+    )
+    for policy, timeout, expect_raise, tries in (
+        (vs(route), (3.0, 0.5), True, [(3.0, 0.5)]),
+        (vs(route), (0.5, 3.0), True, [(0.5, 3.0)]),
+        (vs(route) + rule, (3.0, 5.0), False, [(0.1, 5.0)] * 3),
+    ):
+        inner = Unreachable()
+        with requests.Session() as session:
+            session.mount("http://", MeshAdapter(mesh=_mesh_of(policy), inner=inner))  # type: ignore[arg-type]
+            if expect_raise:
+                with pytest.raises(requests.ConnectTimeout):
+                    session.get("http://api.internal/", timeout=timeout)
+            else:
+                response = session.get("http://api.internal/", timeout=timeout)
+                assert response.status_code == 503
+                assert response.response_flags == ["UF", "URX"]  # type: ignore[attr-defined]
+        assert [t for _, t in inner.sent] == tries

@@ -10,6 +10,7 @@ import pytest
 import requests
 
 import meshlib
+from meshlib.instrument import is_instrumented
 from tests.e2e.conftest import URL, MeshFactory, virtual_service
 from tests.upstream import Upstream
 
@@ -99,3 +100,77 @@ def test_instrumenting_another_mesh_applies_to_existing_clients(make_mesh: MeshF
         meshlib.uninstrument()
         client.close()
         session.close()
+
+
+def test_an_overriding_subclass_runs_once_per_call(
+    instrumented: meshlib.Mesh, upstreams: dict[str, Upstream]
+) -> None:
+    """A mounted HTTPAdapter / HTTPTransport subclass that overrides send / handle_request
+    (here: signing each request) runs once per call, not again for every try; the retries
+    carry what it added."""
+    calls: list[str] = []
+
+    class SigningAdapter(requests.adapters.HTTPAdapter):
+        def send(
+            self, request: requests.PreparedRequest, *args: object, **kwargs: object
+        ) -> requests.Response:  # type: ignore[override]
+            calls.append("requests")
+            request.headers["x-sig"] = request.headers.get("x-sig", "") + "S"
+            return super().send(request, *args, **kwargs)  # type: ignore[arg-type]
+
+    class SigningTransport(httpx.HTTPTransport):
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            calls.append("httpx")
+            request.headers["x-sig"] = request.headers.get("x-sig", "") + "S"
+            return super().handle_request(request)
+
+    upstreams["v2"].behaviour.fail_every = 0.5  # every second try fails: the 2nd call retries
+    with requests.Session() as session:
+        session.mount("http://", SigningAdapter())
+        assert session.get(URL + "/", timeout=5).status_code == 200
+    with httpx.Client(transport=SigningTransport()) as client:
+        assert client.get(URL + "/").status_code == 200
+    assert calls == ["requests", "httpx"]
+    sent = upstreams["v2"].behaviour.requests
+    assert len(sent) == 3  # the second call: a failed try and its retry
+    assert [r["headers"]["x-sig"] for r in sent] == ["S"] * 3
+
+
+def test_uninstrument_under_another_librarys_wrapper(
+    make_mesh: MeshFactory, upstreams: dict[str, Upstream]
+) -> None:
+    """Another library wrapping the same methods with wrapt after instrument() (as
+    OpenTelemetry's instrumentations do) keeps its wrapper through uninstrument(), and
+    meshlib's is gone: requests are stock again."""
+    import wrapt
+
+    seen: list[str] = []
+
+    def other(
+        wrapped: object, instance: object, args: tuple[object, ...], kwargs: dict[str, object]
+    ) -> object:
+        seen.append(type(instance).__name__)
+        return wrapped(*args, **kwargs)  # type: ignore[operator]
+
+    stock_send = requests.adapters.HTTPAdapter.__dict__["send"]
+    stock_handle = httpx.HTTPTransport.__dict__["handle_request"]
+    meshlib.instrument(make_mesh(TO_V2))
+    wrapt.wrap_function_wrapper(requests.adapters.HTTPAdapter, "send", other)
+    wrapt.wrap_function_wrapper(httpx.HTTPTransport, "handle_request", other)
+    try:
+        meshlib.uninstrument()
+        assert not is_instrumented()
+        v1 = upstreams["v1"]
+        with requests.Session() as session:
+            response = session.get(f"http://{v1.address}/", timeout=5)
+        with httpx.Client() as client:
+            client.get(f"http://{v1.address}/")
+        assert seen == ["HTTPAdapter", "HTTPTransport"]  # the other library's wrapper stays
+        assert response.json()["headers"].get("x-request-id") is None  # meshlib adds none
+        assert all("x-request-id" not in r["headers"] for r in v1.behaviour.requests)
+        # meshlib's wrapper left the chain: the other one wraps the stock method directly
+        assert requests.adapters.HTTPAdapter.__dict__["send"].__wrapped__ is stock_send
+        assert httpx.HTTPTransport.__dict__["handle_request"].__wrapped__ is stock_handle
+    finally:
+        requests.adapters.HTTPAdapter.send = stock_send  # type: ignore[method-assign]
+        httpx.HTTPTransport.handle_request = stock_handle  # type: ignore[method-assign]

@@ -1,0 +1,145 @@
+"""meshlib.Session behaves as a requests.Session would against the mesh host: responses
+answer the caller's request (redirects, auth and cookies follow the mesh URL), and the
+caller's PreparedRequest is left as it was."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+from requests.auth import HTTPDigestAuth
+
+import meshlib
+from meshlib.config import MeshConfig
+from tests.upstream import AsgiServer, loopback_service, mesh_for
+
+HOST = "reviews.default.svc.cluster.local"
+URL = "http://reviews:9080"
+
+
+async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """/redirect?to=X answers 302 to X; /cookie sets one; /digest asks for digest auth;
+    anything else echoes its path, Authorization and x-request-id."""
+    assert scope["type"] == "http"
+    while (await receive()).get("more_body"):
+        pass
+    headers = dict(scope["headers"])
+    query = scope["query_string"].decode()
+    status, extra = 200, []
+    if scope["path"] == "/redirect":
+        status, extra = 302, [(b"location", query.removeprefix("to=").encode())]
+    elif scope["path"] == "/cookie":
+        extra = [(b"set-cookie", b"flavour=oat; Path=/")]
+    elif scope["path"] == "/digest" and b"authorization" not in headers:
+        status = 401
+        challenge = b'Digest realm="mesh", nonce="abc", qop="auth", algorithm=MD5'
+        extra = [(b"www-authenticate", challenge)]
+    body = repr(
+        {
+            "path": scope["path"],
+            "auth": headers.get(b"authorization", b"").decode()[:6],
+            "rid": headers.get(b"x-request-id", b"").decode(),
+        }
+    ).encode()
+    await send({"type": "http.response.start", "status": status, "headers": extra})
+    await send({"type": "http.response.body", "body": body})
+
+
+@pytest.fixture(scope="module")
+def mesh() -> Iterator[meshlib.Mesh]:
+    server = AsgiServer(app, "requests-client").start()
+    route = """\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - match: [{uri: {prefix: /api/}}]
+    rewrite: {uri: /}
+    route: [{destination: {host: reviews}}]
+  - route: [{destination: {host: reviews}}]
+"""
+    mesh = mesh_for(
+        MeshConfig(service="productpage"), loopback_service(HOST, server.port) + "---\n" + route
+    )
+    yield mesh
+    mesh.close()
+    server.stop()
+
+
+def requests_counted(mesh: meshlib.Mesh, **labels: str) -> float:
+    """istio_requests_total (reporter="source") summed over the series with these labels."""
+    return sum(
+        sample.value
+        for metric in mesh.registry.collect()
+        if metric.name == "istio_requests"
+        for sample in metric.samples
+        if sample.name == "istio_requests_total"
+        and sample.labels.get("reporter") == "source"
+        and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def echo(response: requests.Response) -> dict[str, str]:
+    import ast
+
+    result: dict[str, str] = ast.literal_eval(response.text)
+    return result
+
+
+def test_response_answers_the_callers_url(mesh: meshlib.Mesh) -> None:
+    """response.url and response.request are the caller's, not the endpoint's address."""
+    with meshlib.Session(mesh=mesh) as session:
+        response = session.get(URL + "/plain", timeout=5)
+    assert response.url == URL + "/plain"
+    assert response.request.url == URL + "/plain"
+
+
+def test_relative_redirect_stays_in_the_mesh(mesh: meshlib.Mesh) -> None:
+    """A relative Location is followed on the mesh host (routed and counted as reviews), and
+    a same-host redirect keeps the Authorization header."""
+    with meshlib.Session(mesh=mesh) as session:
+        response = session.get(
+            URL + "/redirect?to=/second", headers={"Authorization": "Bearer T"}, timeout=5
+        )
+    assert response.status_code == 200
+    assert response.url == URL + "/second"
+    assert echo(response) | {"rid": ""} == {"path": "/second", "auth": "Bearer", "rid": ""}
+    assert requests_counted(mesh, destination_service=HOST, response_code="200") >= 1
+    # the redirect did not leave the mesh
+    assert requests_counted(mesh, destination_service_name="PassthroughCluster") == 0
+
+
+def test_digest_auth_behind_a_rewrite(mesh: meshlib.Mesh) -> None:
+    """Digest auth resends response.request: that is the caller's request, routed again as
+    the caller sent it (through the /api/ rewrite), not the rewritten copy."""
+    with meshlib.Session(mesh=mesh) as session:
+        response = session.get(URL + "/api/digest", auth=HTTPDigestAuth("u", "p"), timeout=5)
+    assert response.status_code == 200
+    assert echo(response) | {"rid": ""} == {"path": "/digest", "auth": "Digest", "rid": ""}
+    # both the challenge and the answer went through the mesh, none around it
+    assert requests_counted(mesh, destination_service=HOST, response_code="401") == 1
+    assert requests_counted(mesh, destination_service_name="PassthroughCluster") == 0
+
+
+def test_cookies_are_scoped_to_the_mesh_host(mesh: meshlib.Mesh) -> None:
+    """response.cookies and the session's jar hold the cookie for the host the caller used."""
+    with meshlib.Session(mesh=mesh) as session:
+        response = session.get(URL + "/cookie", timeout=5)
+        assert [c.domain for c in response.cookies] == ["reviews.local"]
+        assert [c.domain for c in session.cookies] == ["reviews.local"]
+
+
+def test_a_prepared_request_sent_twice_gets_two_request_ids(mesh: meshlib.Mesh) -> None:
+    """The caller's PreparedRequest is not changed: sending it again is a new request with
+    its own x-request-id, as each request through a sidecar gets one."""
+    with meshlib.Session(mesh=mesh) as session:
+        prepared = session.prepare_request(requests.Request("GET", URL + "/plain"))
+        before = dict(prepared.headers)
+        first = echo(session.send(prepared, timeout=5))["rid"]
+        second = echo(session.send(prepared, timeout=5))["rid"]
+    assert dict(prepared.headers) == before
+    assert first and second and first != second
