@@ -293,7 +293,7 @@ class _MeshTransportBase:
         response = httpx.Response(
             reply.status,
             headers=reply_headers(reply, flags, plan),
-            content=reply.body,
+            content=b"" if request.method == "HEAD" else reply.body,  # HEAD: headers only
             request=request,
             extensions={RESPONSE_FLAGS: flags},
         )

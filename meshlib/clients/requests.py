@@ -22,6 +22,8 @@ import requests
 from requests.adapters import HTTPAdapter
 from requests.exceptions import ConnectTimeout
 from requests.structures import CaseInsensitiveDict
+from requests.utils import get_encoding_from_headers
+from urllib3 import HTTPHeaderDict, HTTPResponse
 from urllib3.util import Timeout
 
 from meshlib.clients._common import (
@@ -61,7 +63,7 @@ def request_attributes(
     `view` is the request's headers by lowercase name, when the caller built it already."""
     parts = urlsplit(request.url or "")
     if view is None:
-        view = dict(request.headers.lower_items())
+        view = _text_headers(request)
     inbound = propagation.current.get()
     pairs = list(view.items())
     if inbound is not None and inbound.headers:
@@ -75,6 +77,20 @@ def request_attributes(
         headers=LazyHeaders(pairs),
         port=parts.port,
     )
+
+
+def _text_headers(request: requests.PreparedRequest) -> dict[str, str]:
+    """The request's headers by lowercase name, as text: requests also takes bytes names and
+    values (sent as they are), which routing and propagation read as Latin-1 text."""
+    view = dict(request.headers.lower_items())
+    for name, value in view.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            return {_text(k): _text(v) for k, v in view.items()}
+    return view
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode("latin-1") if isinstance(value, bytes) else value
 
 
 def _exception_flag(exc: BaseException) -> str:
@@ -124,6 +140,10 @@ def _caller_timeouts(timeout: Any) -> tuple[float | None, float | None]:
 class MeshAdapter(HTTPAdapter):
     """A requests transport adapter that applies the mesh's policy."""
 
+    # What pickling keeps, as for requests' own adapters (a Session is picklable). An explicit
+    # Mesh (threads, locks, a policy source) cannot be pickled; the default one is found again.
+    __attrs__ = [*HTTPAdapter.__attrs__, "_mesh", "_inner"]
+
     def __init__(
         self, *, mesh: Mesh | None = None, inner: HTTPAdapter | None = None, **kwargs: Any
     ) -> None:
@@ -131,6 +151,10 @@ class MeshAdapter(HTTPAdapter):
         self._mesh = mesh
         self._mirroring = MirrorTracker()
         self._inner = inner  # an adapter to send through instead of this one's own pool
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # type: ignore[misc]  # requests has it, untyped
+        self._mirroring = MirrorTracker()
 
     def close(self) -> None:
         self._mirroring.wait()  # let mirrored copies finish before the pool goes away
@@ -158,7 +182,7 @@ class MeshAdapter(HTTPAdapter):
         started = time.perf_counter()
         original = request
         request = request.copy()  # the caller's may be sent again: it gets no header of ours
-        view = dict(request.headers.lower_items())  # the request's headers, read once
+        view = _text_headers(request)  # the request's headers, read once
         if "x-request-id" not in view:
             view["x-request-id"] = request.headers["x-request-id"] = request_id()
         mesh = self.mesh
@@ -339,9 +363,23 @@ class MeshAdapter(HTTPAdapter):
             response.reason = http.HTTPStatus(reply.status).phrase
         except ValueError:
             response.reason = ""
-        response.headers = CaseInsensitiveDict(reply_headers(reply, flags, plan))
-        response.raw = io.BytesIO(reply.body)
-        response._content = reply.body
+        headers = reply_headers(reply, flags, plan)
+        response.headers = CaseInsensitiveDict(headers)
+        body = b"" if request.method == "HEAD" else reply.body  # HEAD: headers only, as Envoy
+        # What requests' own adapter gives: urllib3's response as `raw`, the encoding its
+        # headers say (ISO-8859-1 for text/plain).
+        response.raw = HTTPResponse(
+            body=io.BytesIO(body),
+            headers=HTTPHeaderDict(headers),
+            status=reply.status,
+            version=11,
+            reason=response.reason,
+            preload_content=False,
+            decode_content=False,
+            request_url=request.url,
+        )
+        response.encoding = get_encoding_from_headers(response.headers)
+        response._content = body
         response.url = request.url or ""
         response.request = request
         response.connection = self

@@ -858,3 +858,16 @@ def test_callers_own_connect_timeout_is_its_own_error_requests() -> None:
                 assert response.status_code == 503
                 assert response.response_flags == ["UF", "URX"]  # type: ignore[attr-defined]
         assert [t for _, t in inner.sent] == tries
+
+
+def test_a_local_answer_to_head_has_no_body() -> None:
+    """A synthesized answer (here a fault abort) to a HEAD carries headers only, as Envoy's."""
+    policy = vs(
+        "- route: [{destination: {host: api.internal}}]\n"
+        "  fault: {abort: {httpStatus: 503, percentage: {value: 100}}}"
+    )
+    with client(policy, lambda request: httpx.Response(200)) as c:
+        head = c.head("http://api.internal/")
+        get = c.get("http://api.internal/")
+    assert head.status_code == get.status_code == 503
+    assert head.content == b"" and get.content == b"fault filter abort"

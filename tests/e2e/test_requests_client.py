@@ -143,3 +143,49 @@ def test_a_prepared_request_sent_twice_gets_two_request_ids(mesh: meshlib.Mesh) 
         second = echo(session.send(prepared, timeout=5))["rid"]
     assert dict(prepared.headers) == before
     assert first and second and first != second
+
+
+def test_local_answers_look_like_requests_own(mesh: meshlib.Mesh) -> None:
+    """A synthesized answer (here 503 UF: nothing listens on the endpoint) has what requests'
+    own adapter gives: urllib3's response as `raw` (readable when streamed), the encoding
+    its content type says; and a HEAD gets headers only, as from Envoy."""
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = sock.getsockname()[1]
+    policy = loopback_service("dead.default.svc.cluster.local", dead)
+    dead_mesh = mesh_for(MeshConfig(service="productpage"), policy)
+    try:
+        with meshlib.Session(mesh=dead_mesh) as session:
+            streamed = session.get("http://dead:9080/", stream=True, timeout=5)
+            head = session.head("http://dead:9080/", timeout=5)
+    finally:
+        dead_mesh.close()
+    assert streamed.status_code == 503 and streamed.response_flags[0] == "UF"  # type: ignore[attr-defined]
+    assert streamed.raw.status == 503 and streamed.raw.headers["x-meshlib-response-flags"]
+    assert streamed.raw.read(decode_content=True).startswith(b"upstream connect error")
+    assert streamed.encoding == "ISO-8859-1"
+    assert head.status_code == 503 and head.content == b""
+
+
+def test_bytes_header_values_are_routed(mesh: meshlib.Mesh) -> None:
+    """requests takes bytes header names and values (a bytes Host, say): routed as text."""
+    with meshlib.Session(mesh=mesh) as session:
+        response = session.get(URL + "/plain", headers={"Host": b"reviews:9080"}, timeout=5)
+    assert response.status_code == 200
+    assert echo(response)["path"] == "/plain"
+
+
+def test_a_session_survives_pickling(mesh: meshlib.Mesh) -> None:
+    """A meshlib.Session on the default Mesh pickles and works after, as a requests.Session
+    does."""
+    import pickle
+
+    restored = pickle.loads(pickle.dumps(meshlib.Session()))
+    assert isinstance(restored, meshlib.Session)
+    adapter = restored.get_adapter("http://reviews:9080/")
+    assert isinstance(adapter, meshlib.MeshAdapter)
+    adapter._mesh = mesh  # as if it had been made for this Mesh
+    assert restored.get(URL + "/plain", timeout=5).status_code == 200
+    restored.close()
