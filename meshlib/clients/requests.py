@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
+import requests.cookies
 from requests.adapters import HTTPAdapter
 from requests.exceptions import ConnectTimeout
 from requests.structures import CaseInsensitiveDict
@@ -49,7 +50,7 @@ from meshlib.dataplane.retry import (
     AttemptResult,
     run_attempts,
 )
-from meshlib.dataplane.routing import RoutePlan
+from meshlib.dataplane.routing import HeaderEdits, RoutePlan
 from meshlib.mesh import Mesh, default_mesh
 from meshlib.policy.matching import LazyHeaders, RequestAttributes
 from meshlib.policy.snapshot import Endpoint
@@ -273,6 +274,7 @@ class MeshAdapter(HTTPAdapter):
             final.headers = CaseInsensitiveDict(
                 edited_headers(final.headers.items(), plan.response_headers, {})
             )
+            _cookies_as_edited(final, request, plan.response_headers)
         if exchange.set_cookie is not None:
             _add_set_cookie(final, exchange.set_cookie)
         final.response_flags = flags  # type: ignore[attr-defined]
@@ -396,6 +398,24 @@ def _answering(response: requests.Response, request: requests.PreparedRequest) -
     response.request = request
     response.url = request.url or ""
     return response
+
+
+def _cookies_as_edited(
+    response: requests.Response, request: requests.PreparedRequest, edits: HeaderEdits
+) -> None:
+    """A route's response header edits of `Set-Cookie` also apply where requests' cookie jars
+    read cookies (the raw HTTP message): a cookie the route removes is never stored, as the
+    app behind a sidecar never sees it."""
+    names = {*edits.set, *edits.remove, *(name.lower() for name, _ in edits.add)}
+    message = getattr(getattr(response.raw, "_original_response", None), "msg", None)
+    if "set-cookie" not in names or message is None:
+        return
+    del message["Set-Cookie"]  # an email.message.Message: every one of them
+    value = response.headers.get("set-cookie")
+    if value is not None:
+        message["Set-Cookie"] = value
+    response.cookies = requests.cookies.RequestsCookieJar()
+    requests.cookies.extract_cookies_to_jar(response.cookies, request, response.raw)  # type: ignore[no-untyped-call]
 
 
 def _add_set_cookie(response: requests.Response, value: str) -> None:

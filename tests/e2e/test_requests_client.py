@@ -189,3 +189,29 @@ def test_a_session_survives_pickling(mesh: meshlib.Mesh) -> None:
     adapter._mesh = mesh  # as if it had been made for this Mesh
     assert restored.get(URL + "/plain", timeout=5).status_code == 200
     restored.close()
+
+
+def test_a_cookie_the_route_removes_is_not_stored(mesh: meshlib.Mesh) -> None:
+    """A VirtualService removing Set-Cookie from responses: the app behind a sidecar never
+    sees the cookie, so neither the response's nor the session's jar keeps it."""
+    policy = """\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - route: [{destination: {host: reviews}}]
+    headers: {response: {remove: [set-cookie]}}
+"""
+    port = mesh.snapshot.endpoints(HOST, None, 9080)[0].port
+    stripping = mesh_for(
+        MeshConfig(service="productpage"), loopback_service(HOST, port) + "---\n" + policy
+    )
+    try:
+        with meshlib.Session(mesh=stripping) as session:
+            response = session.get(URL + "/cookie", timeout=5)
+            assert "set-cookie" not in response.headers
+            assert list(response.cookies) == [] and list(session.cookies) == []
+    finally:
+        stripping.close()
