@@ -817,9 +817,9 @@ def test_callers_own_connect_timeout_is_its_own_error_httpx() -> None:
         "- route: [{destination: {host: api.internal}}]\n"
         "  retries: {attempts: 2, retryOn: connect-failure}"
     )
-    with client(policy, handler, timeout=httpx.Timeout(5.0, connect=0.2)) as c:
-        with pytest.raises(httpx.ConnectTimeout):
-            c.get("http://api.internal/")
+    timeout = httpx.Timeout(5.0, connect=0.2)
+    with client(policy, handler, timeout=timeout) as c, pytest.raises(httpx.ConnectTimeout):
+        c.get("http://api.internal/")
     assert [(t["connect"], t["read"]) for t in seen] == [(0.2, 5.0)]
 
 
