@@ -57,6 +57,9 @@ from meshlib.policy.snapshot import Endpoint
 from meshlib.telemetry import peer, propagation
 
 _MESHED = "meshlib.meshed"  # marks transports meshlib made, so nothing is meshed twice
+# request.extensions key: the caller reads the whole body (`send(stream=False)`), so the mesh
+# reads it within the try (see `_read_whole`). meshlib's clients set it.
+READ_WHOLE = "meshlib.read_whole"
 MIRROR_GRACE = 1.0  # seconds aclose() waits for mirrored copies still in flight
 
 
@@ -203,8 +206,13 @@ def _replayable(request: httpx.Request) -> bool:
     return isinstance(request.stream, httpx.ByteStream)
 
 
-def _failed(exc: httpx.TransportError, request: httpx.Request, attempt: Attempt) -> AttemptResult:
-    """How a transport error ends an attempt, in Envoy's terms."""
+def _failed(
+    exc: httpx.TransportError, request: httpx.Request, attempt: Attempt, after_headers: bool = False
+) -> AttemptResult:
+    """How a transport error ends an attempt, in Envoy's terms. `after_headers`: it broke
+    off the response's body (see `AttemptResult.broke_off`)."""
+    if after_headers and not isinstance(exc, httpx.TimeoutException):
+        return AttemptResult(failure=RESET, error=exc, broke_off=True)
     caller = request.extensions.get("timeout") or {}
     if isinstance(exc, httpx.ConnectTimeout):
         cause = attempt.connect_timed_out(caller.get("connect"))
@@ -353,8 +361,8 @@ class _MeshTransportBase:
         flags: list[str],
     ) -> Handled:
         """The response for the final attempt: upstream's, or the answer Envoy would give."""
-        if result.client_timeout and result.error is not None:
-            raise result.error  # the caller's own timeout: its exception, as without the mesh
+        if (result.client_timeout or result.broke_off) and result.error is not None:
+            raise result.error  # the caller's own timeout, a body broken off: as without the mesh
         if exchange.flags or result.reply is not None or result.failure is not None:
             flags = ordered(flags + exchange.response_flags(result))
         reply = exchange.final_reply(result)
@@ -428,19 +436,26 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
                 self._mirroring.submit(self._send_mirror, copy)
         exchange = self._exchange(mesh, plan, attributes, request, replayable)
 
+        whole = request.extensions.get(READ_WHOLE, False)
+
         def send(attempt: Attempt) -> AttemptResult:
             with client_span(mesh, request.method, request.url, plan, attempt, view) as span:
                 try:
                     with passthrough_inside():
-                        response = self._inner.handle_request(
-                            self._upstream(mesh, request, view, plan, attempt)
-                        )
+                        upstream = self._upstream(mesh, request, view, plan, attempt)
+                        until = _until(attempt)
+                        response = self._inner.handle_request(upstream)
                 except _CALLERS_OWN:
                     raise  # the request itself is wrong: the app's error, as without the mesh
                 except httpx.TransportError as exc:
                     result = _failed(exc, request, attempt)
                 else:
                     result = self._result(response)
+                    if whole:
+                        try:
+                            _read_whole(response, upstream, until)
+                        except httpx.TransportError as exc:
+                            result = _failed(exc, request, attempt, after_headers=True)
                 end_client_span(mesh, span, result)
                 return result
 
@@ -459,6 +474,60 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
     def close(self) -> None:
         self._mirroring.wait(MIRROR_GRACE)
         self._inner.close()
+
+
+def _until(attempt: Attempt) -> float | None:
+    """When the try's time runs out (`time.monotonic()`), if it is bounded."""
+    return None if attempt.timeout is None else time.monotonic() + attempt.timeout
+
+
+def _late(request: httpx.Request) -> httpx.ReadTimeout:
+    return httpx.ReadTimeout("the try's time ran out while reading the response", request=request)
+
+
+def _read_whole(response: httpx.Response, request: httpx.Request, until: float | None) -> None:
+    """Read the body of a response the caller reads whole (not streamed) within the try, as
+    Envoy's timeouts and in-flight counts cover the whole response: a body that trickles past
+    the try's time is a timeout (`httpx.ReadTimeout`), a connection lost mid-body a reset
+    (`retryOn: reset` retries it). The response then holds the bytes, read as httpx would."""
+    stream = response.stream
+    if isinstance(stream, httpx.ByteStream):
+        return  # it came whole
+    assert isinstance(stream, httpx.SyncByteStream)
+    chunks = []
+    try:
+        for chunk in stream:
+            if until is not None and time.monotonic() > until:
+                raise _late(request)
+            chunks.append(chunk)
+    finally:
+        stream.close()
+    response.stream = httpx.ByteStream(b"".join(chunks))
+
+
+async def _aread_whole(
+    response: httpx.Response, request: httpx.Request, until: float | None
+) -> None:
+    """`_read_whole` for asyncio: the try's time bounds the whole read."""
+    stream = response.stream
+    if isinstance(stream, httpx.ByteStream):
+        return
+    assert isinstance(stream, httpx.AsyncByteStream)
+    try:
+        if until is None:
+            body = b"".join([chunk async for chunk in stream])
+        else:
+            try:
+                body = await asyncio.wait_for(_joined(stream), until - time.monotonic())
+            except asyncio.TimeoutError:
+                raise _late(request) from None
+    finally:
+        await stream.aclose()
+    response.stream = httpx.ByteStream(body)
+
+
+async def _joined(stream: httpx.AsyncByteStream) -> bytes:
+    return b"".join([chunk async for chunk in stream])
 
 
 def _close(response: Any) -> None:
@@ -535,19 +604,26 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
                 task.add_done_callback(self._mirrors.discard)
         exchange = self._exchange(mesh, plan, attributes, request, replayable)
 
+        whole = request.extensions.get(READ_WHOLE, False)
+
         async def send(attempt: Attempt) -> AttemptResult:
             with client_span(mesh, request.method, request.url, plan, attempt, view) as span:
                 try:
                     with passthrough_inside():
-                        response = await self._inner.handle_async_request(
-                            self._upstream(mesh, request, view, plan, attempt)
-                        )
+                        upstream = self._upstream(mesh, request, view, plan, attempt)
+                        until = _until(attempt)
+                        response = await self._inner.handle_async_request(upstream)
                 except _CALLERS_OWN:
                     raise  # the request itself is wrong: the app's error, as without the mesh
                 except httpx.TransportError as exc:
                     result = _failed(exc, request, attempt)
                 else:
                     result = self._result(response)
+                    if whole:
+                        try:
+                            await _aread_whole(response, upstream, until)
+                        except httpx.TransportError as exc:
+                            result = _failed(exc, request, attempt, after_headers=True)
                 end_client_span(mesh, span, result)
                 return result
 
@@ -712,6 +788,7 @@ class Client(_ClientMixin, httpx.Client):
         ),
         follow_redirects: bool | httpx._client.UseClientDefault = httpx.USE_CLIENT_DEFAULT,
     ) -> httpx.Response:
+        request.extensions[READ_WHOLE] = not stream
         response = super().send(
             request, stream=stream, auth=auth, follow_redirects=follow_redirects
         )
@@ -750,6 +827,7 @@ class AsyncClient(_ClientMixin, httpx.AsyncClient):
         ),
         follow_redirects: bool | httpx._client.UseClientDefault = httpx.USE_CLIENT_DEFAULT,
     ) -> httpx.Response:
+        request.extensions[READ_WHOLE] = not stream
         response = await super().send(
             request, stream=stream, auth=auth, follow_redirects=follow_redirects
         )

@@ -21,10 +21,11 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 import requests.cookies
 from requests.adapters import HTTPAdapter
-from requests.exceptions import ConnectTimeout
+from requests.exceptions import ChunkedEncodingError, ConnectTimeout
 from requests.structures import CaseInsensitiveDict
 from requests.utils import get_encoding_from_headers
 from urllib3 import HTTPHeaderDict, HTTPResponse
+from urllib3.exceptions import ReadTimeoutError
 from urllib3.util import Timeout
 
 from meshlib.clients._common import (
@@ -108,13 +109,35 @@ def _replayable(request: requests.PreparedRequest) -> bool:
     return request.body is None or isinstance(request.body, (bytes, str))
 
 
+def _read_whole(response: requests.Response, until: float | None) -> None:
+    """Read the body of a response the caller reads whole (`stream=False`) within the try,
+    as Envoy's timeouts and in-flight counts cover the whole response: a body that trickles
+    past the try's time is a timeout, a connection lost mid-body a reset. The bytes are kept
+    where `response.content` finds them, decoded as requests decodes them."""
+    if until is None or response.raw is None:  # (no raw: an adapter gave the body already)
+        response.content  # noqa: B018 - requests reads and keeps the body
+        return
+    chunks = []
+    for chunk in response.iter_content(_CHUNK):
+        if time.monotonic() > until:
+            raise requests.ReadTimeout("the try's time ran out while reading the response")
+        chunks.append(chunk)
+    response._content = b"".join(chunks)
+    response._content_consumed = True  # type: ignore[attr-defined]
+
+
+_CHUNK = 64 * 1024
+
+
 def _classify(exc: requests.RequestException) -> str:
     # A TLS handshake or a proxy that fails is a failure to connect, as httpx reports both.
     if isinstance(
         exc, (requests.ConnectTimeout, requests.exceptions.SSLError, requests.exceptions.ProxyError)
     ):
         return CONNECT_FAILURE
-    if isinstance(exc, requests.Timeout):
+    if isinstance(exc, requests.Timeout) or isinstance(
+        exc.args[0] if exc.args else None, ReadTimeoutError
+    ):  # requests raises a read timeout met while reading the body as a ConnectionError
         return PER_TRY_TIMEOUT
     reason = exc.args[0] if exc.args else None
     text = f"{type(reason).__name__} {reason}"
@@ -263,8 +286,8 @@ class MeshAdapter(HTTPAdapter):
                 return result
 
         result = run_attempts(exchange, send, _close)
-        if result.client_timeout and result.error is not None:
-            raise result.error  # the caller's own timeout: its exception, as without the mesh
+        if (result.client_timeout or result.broke_off) and result.error is not None:
+            raise result.error  # the caller's own timeout, a body broken off: as without the mesh
         flags = ordered(flags + exchange.response_flags(result))
         reply = exchange.final_reply(result)
         if reply is not None:
@@ -301,6 +324,7 @@ class MeshAdapter(HTTPAdapter):
         propagated = mesh.propagator.outbound(view.__contains__, attempt.timeout)
         upstream = self._upstream(request, plan, attempt, propagated, mesh.identity)
         connect, read, mesh_owned = attempt.timeouts(caller_connect, caller_read)
+        until = None if attempt.timeout is None else time.monotonic() + attempt.timeout
         try:
             response = self._send_upstream(upstream, timeout=(connect, read), **options)
         except requests.ConnectTimeout as exc:
@@ -312,6 +336,16 @@ class MeshAdapter(HTTPAdapter):
             failure = _classify(exc)
             client_timeout = failure == PER_TRY_TIMEOUT and not mesh_owned
             return AttemptResult(failure=failure, error=exc, client_timeout=client_timeout)
+        if not options["stream"]:
+            try:
+                _read_whole(response, until)
+            except (requests.ConnectionError, requests.Timeout, ChunkedEncodingError) as exc:
+                response.close()
+                if _classify(exc) == PER_TRY_TIMEOUT:
+                    return AttemptResult(
+                        failure=PER_TRY_TIMEOUT, error=exc, client_timeout=not mesh_owned
+                    )
+                return AttemptResult(failure=RESET, error=exc, broke_off=True)
         return AttemptResult(
             status=response.status_code,
             grpc_status=response.headers.get("grpc-status"),

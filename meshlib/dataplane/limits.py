@@ -123,7 +123,7 @@ class Ticket:
             self._future = (loop, future)
         try:
             await asyncio.wait_for(future, timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11 on
             return not limits._withdraw(self)  # granted in the meantime: go ahead
         return True
 

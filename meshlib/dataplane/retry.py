@@ -50,6 +50,9 @@ class AttemptResult:
     endpoint: str | None = None
     rate_limited: bool = False  # the response carries x-envoy-ratelimited
     client_timeout: bool = False  # the caller's own timeout fired, not the mesh's
+    # The connection was lost reading the body, after the headers: if not retried, the
+    # caller gets the error, as the app behind a sidecar sees the response break off.
+    broke_off: bool = False
     headers: Mapping[str, str] | None = None  # response headers the adapter read, lowercase
 
 

@@ -1,0 +1,258 @@
+"""A response the caller reads whole (not streamed) is read within the try, as Envoy's
+timeouts and in-flight counts cover the whole response, for all three meshed clients: the
+route timeout bounds a body that trickles, `maxConnections` holds until the body is read,
+and a body broken off is retried when `retryOn` says `reset` (else the caller gets the
+error, as behind a sidecar). A streamed response is left to the caller."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import requests
+
+import meshlib
+import meshlib.clients.httpx as meshed_httpx
+import meshlib.clients.requests as meshed_requests
+from meshlib.config import MeshConfig
+from tests.upstream import AsgiServer, mesh_for
+
+HOST = "chunks.default.svc.cluster.local"
+URL = "http://chunks:9080"
+
+
+class Chunks:
+    """An upstream: /trickle sends 5 chunks 100 ms apart; /broken (and /broken-on-NAME on
+    the upstream NAME) sends one chunk and drops the connection; anything else answers at
+    once. Counts the responses it is sending at once."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.active = 0
+        self.peak = 0
+        self.served = 0
+        self.lock = threading.Lock()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        with self.lock:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+            self.served += 1
+        try:
+            headers = [(b"x-upstream", self.name.encode())]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            path = scope["path"]
+            if path == "/trickle":
+                for _ in range(5):
+                    await send({"type": "http.response.body", "body": b"x" * 10, "more_body": True})
+                    await asyncio.sleep(0.1)
+            elif path == "/broken" or path == f"/broken-on-{self.name}":
+                await send({"type": "http.response.body", "body": b"partial", "more_body": True})
+                raise RuntimeError("the upstream dies mid-body (uvicorn drops the connection)")
+            await send({"type": "http.response.body", "body": b"done"})
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[dict[str, tuple[Chunks, AsgiServer]]]:
+    made = {}
+    for name in ("a", "b"):
+        app = Chunks(name)
+        made[name] = (app, AsgiServer(app, f"chunks-{name}").start())
+    yield made
+    for _, server in made.values():
+        server.stop()
+
+
+def make_mesh(
+    servers: dict[str, tuple[Chunks, AsgiServer]], route: str, policy: str = ""
+) -> meshlib.Mesh:
+    endpoints = ", ".join(
+        f"{{address: 127.0.0.1, ports: {{http: {server.port}}}, labels: {{version: {name}}}}}"
+        for name, (_, server) in servers.items()
+    )
+    traffic_policy = f"  trafficPolicy: {{{policy}}}\n" if policy else ""
+    text = f"""\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: chunks}}
+spec:
+  hosts: [{HOST}]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 9080, name: http, protocol: HTTP}}]
+  endpoints: [{endpoints}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: chunks}}
+spec:
+  host: {HOST}
+{traffic_policy}  subsets: [{{name: a, labels: {{version: a}}}}, {{name: b, labels: {{version: b}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: chunks}}
+spec:
+  hosts: [chunks]
+  http:
+  - {route}
+"""
+    for app, _ in servers.values():
+        app.peak = app.served = 0
+    return mesh_for(MeshConfig(service="productpage"), text)
+
+
+def call(
+    kind: str, mesh: meshlib.Mesh, path: str, n: int = 1, *, stream: bool = False
+) -> list[Any]:
+    """n concurrent GETs through one client of `kind`: (status, body, flags) or the exception."""
+
+    def one_sync(do: Any) -> Any:
+        try:
+            return do()
+        except Exception as exc:  # the caller's error, kept to be checked
+            return exc
+
+    if kind == "httpx":
+        with meshed_httpx.Client(mesh=mesh, timeout=10) as client:
+
+            def get() -> Any:
+                if stream:
+                    with client.stream("GET", URL + path) as response:
+                        return (
+                            response.status_code,
+                            response.read(),
+                            response.extensions["response_flags"],
+                        )
+                response = client.get(URL + path)
+                return (
+                    response.status_code,
+                    response.content,
+                    response.extensions["response_flags"],
+                )
+
+            return _threads(lambda: one_sync(get), n)
+    if kind == "requests":
+        with meshed_requests.Session(mesh=mesh) as session:
+
+            def get_requests() -> Any:
+                response = session.get(URL + path, timeout=10, stream=stream)
+                return (response.status_code, response.content, response.response_flags)  # type: ignore[attr-defined]
+
+            return _threads(lambda: one_sync(get_requests), n)
+
+    async def run() -> list[Any]:
+        async with meshed_httpx.AsyncClient(mesh=mesh, timeout=10) as client:
+
+            async def get_async() -> Any:
+                try:
+                    if stream:
+                        async with client.stream("GET", URL + path) as response:
+                            body = await response.aread()
+                            return (
+                                response.status_code,
+                                body,
+                                response.extensions["response_flags"],
+                            )
+                    response = await client.get(URL + path)
+                    return (
+                        response.status_code,
+                        response.content,
+                        response.extensions["response_flags"],
+                    )
+                except Exception as exc:
+                    return exc
+
+            return list(await asyncio.gather(*(get_async() for _ in range(n))))
+
+    return asyncio.run(run())
+
+
+def _threads(fn: Any, n: int) -> list[Any]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(lambda _: fn(), range(n)))
+
+
+def test_the_route_timeout_covers_the_body(
+    servers: dict[str, tuple[Chunks, AsgiServer]], client_kind: str
+) -> None:
+    """A 250 ms route timeout and a body that takes 500 ms after its headers: 504 UT, at the
+    timeout, not a 200 half a second later."""
+    mesh = make_mesh(
+        servers, "route: [{destination: {host: chunks, subset: a}}]\n    timeout: 250ms"
+    )
+    started = time.monotonic()
+    ((status, body, flags),) = call(client_kind, mesh, "/trickle")
+    elapsed = time.monotonic() - started
+    mesh.close()
+    assert (status, flags) == (504, ["UT"]), body
+    assert elapsed < 0.45
+
+
+def test_a_streamed_response_is_left_to_the_caller(
+    servers: dict[str, tuple[Chunks, AsgiServer]], client_kind: str
+) -> None:
+    """Streamed, the same response arrives whole: the caller reads the body at its pace."""
+    mesh = make_mesh(
+        servers, "route: [{destination: {host: chunks, subset: a}}]\n    timeout: 250ms"
+    )
+    ((status, body, flags),) = call(client_kind, mesh, "/trickle", stream=True)
+    mesh.close()
+    assert (status, body, flags) == (200, b"x" * 50 + b"done", [])
+
+
+def test_max_connections_holds_until_the_body_is_read(
+    servers: dict[str, tuple[Chunks, AsgiServer]], client_kind: str
+) -> None:
+    """maxConnections 1 and 3 concurrent calls whose bodies take 500 ms: the upstream sends
+    one response at a time (a connection is in use until its body is read)."""
+    mesh = make_mesh(
+        servers,
+        "route: [{destination: {host: chunks, subset: a}}]",
+        "connectionPool: {tcp: {maxConnections: 1}}",
+    )
+    results = call(client_kind, mesh, "/trickle", 3)
+    mesh.close()
+    assert [r[0] for r in results] == [200, 200, 200], results
+    assert servers["a"][0].peak == 1
+
+
+def test_a_body_broken_off_is_retried_on_reset(
+    servers: dict[str, tuple[Chunks, AsgiServer]], client_kind: str
+) -> None:
+    """retryOn reset: a connection lost mid-body is retried on another endpoint, where
+    Envoy, having passed the headers on, could not."""
+    mesh = make_mesh(
+        servers,
+        "route: [{destination: {host: chunks}}]\n    retries: {attempts: 2, retryOn: reset}",
+    )
+    results = call(client_kind, mesh, "/broken-on-a", 8)
+    mesh.close()
+    assert all(not isinstance(r, Exception) and r[:2] == (200, b"done") for r in results), results
+    assert servers["a"][0].served > 0  # some first tries did break off
+
+
+def test_a_body_broken_off_is_the_callers_error_without_retry(
+    servers: dict[str, tuple[Chunks, AsgiServer]], client_kind: str
+) -> None:
+    """Not retried, a body broken off raises the client's own error, as when the app behind a
+    sidecar sees the response break off (not a made-up 503)."""
+    mesh = make_mesh(
+        servers, "route: [{destination: {host: chunks, subset: a}}]\n    retries: {attempts: 0}"
+    )
+    ((outcome),) = call(client_kind, mesh, "/broken")
+    mesh.close()
+    errors = (httpx.RemoteProtocolError, httpx.ReadError, requests.exceptions.ChunkedEncodingError)
+    assert isinstance(outcome, errors), outcome
