@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import sys
 import threading
+from collections.abc import Callable
 
 from meshlib.dataplane.limits import UNLIMITED, ClusterLimits, Ticket
 from meshlib.policy.common import Percent
@@ -357,6 +358,22 @@ def test_retry_budget_overrides_max_retries() -> None:
 # -- threads --------------------------------------------------------------------------------
 
 
+def run_contended(worker: Callable[[], None], n: int) -> None:
+    """`worker` in `n` threads at once, switching often so the locks are really contended;
+    every thread must finish."""
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(n)]
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(JOIN)
+    finally:
+        sys.setswitchinterval(switch)
+    assert not any(thread.is_alive() for thread in threads)
+
+
 def test_threads_leave_counters_at_zero() -> None:
     """32 threads x 1,000 acquire/release pairs leave every counter at 0 and never pass the limit."""
     limits = ClusterLimits(pool(max_requests=8, max_retries=4), None)
@@ -378,17 +395,7 @@ def test_threads_leave_counters_at_zero() -> None:
                     over_limit.append(limits.active_retries)
                 limits.release_retry()
 
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(32)]
-    switch = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)  # switch threads often, so the lock is really contended
-    try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(JOIN)
-    finally:
-        sys.setswitchinterval(switch)
-    assert not any(thread.is_alive() for thread in threads)
+    run_contended(worker, 32)
     assert over_limit == []
     assert limits.active_requests == 0
     assert limits.active_retries == 0
@@ -420,17 +427,7 @@ def test_threads_queueing_for_connections_never_exceed_max_connections() -> None
                 served += 1
             limits.release_request(ticket)
 
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(16)]
-    switch = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)
-    try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(JOIN)
-    finally:
-        sys.setswitchinterval(switch)
-    assert not any(thread.is_alive() for thread in threads)
+    run_contended(worker, 16)
     assert served == 16 * 200
     assert most <= 2
     assert limits.active_requests == 0 and limits.pending_requests == 0
