@@ -130,10 +130,9 @@ _CHUNK = 64 * 1024
 
 
 def _classify(exc: requests.RequestException) -> str:
-    # A TLS handshake or a proxy that fails is a failure to connect, as httpx reports both.
-    if isinstance(
-        exc, (requests.ConnectTimeout, requests.exceptions.SSLError, requests.exceptions.ProxyError)
-    ):
+    # A proxy that fails is a failure to connect, as httpx reports it. (requests' SSLError is
+    # not: it also comes from a TLS failure while sending, after the request went out.)
+    if isinstance(exc, (requests.ConnectTimeout, requests.exceptions.ProxyError)):
         return CONNECT_FAILURE
     if isinstance(exc, requests.Timeout) or isinstance(
         exc.args[0] if exc.args else None, ReadTimeoutError

@@ -269,8 +269,8 @@ class Exchange:
         policy = self.retries
         if policy is None or not is_retriable(policy, result):
             return False
-        if not self.replayable:
-            return False  # the body cannot be sent again
+        if not self.replayable and result.failure != CONNECT_FAILURE:
+            return False  # the body cannot be sent again (a failed connect sent nothing)
         if self.attempts > policy.attempts:
             self.flags.append(Flag.RETRY_LIMIT_EXCEEDED)
             return False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
@@ -105,3 +106,58 @@ def test_replayable_body_is_sent_again_on_retry(
         response = client.post(URL + "/upload", content=b"payload")
     assert response.status_code == 503
     assert [r["body"] for r in upstreams["v1"].behaviour.requests] == ["payload"] * 3
+
+
+def test_non_replayable_body_is_retried_after_a_failed_connect(
+    make_mesh: MeshFactory, upstreams: dict[str, Upstream], client_kind: str
+) -> None:
+    """A failed connect sent nothing, so even a streaming body is retried (Istio's default
+    retryOn has connect-failure): with one endpoint refusing connections, every upload
+    reaches the live one whole."""
+    import asyncio
+    import socket
+    from types import SimpleNamespace
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        refused = SimpleNamespace(port=sock.getsockname()[1])  # nothing listens there
+    mesh = make_mesh(
+        virtual_service("- route: [{destination: {host: reviews}}]\n"),
+        endpoints={"v1": refused, "v2": upstreams["v2"]},  # type: ignore[dict-item]
+    )
+
+    def body() -> Iterator[bytes]:
+        yield b"part-1,"
+        yield b"part-2"
+
+    async def abody() -> AsyncIterator[bytes]:
+        yield b"part-1,"
+        yield b"part-2"
+
+    statuses = []
+    for _ in range(6):  # the balancer picks the refusing endpoint first about half the time
+        if client_kind == "httpx":
+            with meshlib.Client(mesh=mesh) as client:
+                statuses.append(client.post(URL + "/upload", content=body()).status_code)
+        elif client_kind == "requests":
+            with meshlib.Session(mesh=mesh) as session:
+                statuses.append(session.post(URL + "/upload", data=body(), timeout=5).status_code)
+        else:
+
+            async def post() -> int:
+                async with meshlib.AsyncClient(mesh=mesh) as client:
+                    return (await client.post(URL + "/upload", content=abody())).status_code
+
+            statuses.append(asyncio.run(post()))
+    assert statuses == [200] * 6
+    received = upstreams["v2"].behaviour.requests
+    assert [r["body"] for r in received] == ["part-1,part-2"] * 6
+    # some arrived as a retry: their first try went to the refusing endpoint
+    assert "2" in {r["headers"]["x-envoy-attempt-count"] for r in received}
+    failed = sum(
+        sample.value
+        for metric in mesh.registry.collect()
+        for sample in metric.samples
+        if sample.name == "istio_requests_total" and sample.labels["response_flags"] != "-"
+    )
+    assert failed == 0
