@@ -325,15 +325,20 @@ class _MeshTransportBase:
         return response
 
     def _mirror_request(
-        self, request: httpx.Request, plan: RoutePlan, mirror: Mirror
+        self, request: httpx.Request, view: dict[str, str], plan: RoutePlan, mirror: Mirror
     ) -> httpx.Request | None:
-        endpoint = mirror_endpoint(self.mesh, plan, mirror)
+        """The copy a mirror gets: the request as the route sends it, with the trace context
+        and propagated headers, as a sidecar mirrors what the app sent (its own headers
+        copied); this workload's identity, as on every call."""
+        mesh = self.mesh
+        endpoint = mirror_endpoint(mesh, plan, mirror)
         if endpoint is None:
             return None
         url = request.url.copy_with(netloc=upstream_netloc(endpoint).encode(), path=plan.path)
-        extra = {"host": plan.authority}
+        extra = {"host": plan.authority, peer.HEADER: mesh.identity}
         original = request.headers
-        edited = edited_headers(original.multi_items(), plan.request_headers, extra)
+        pairs = [*original.multi_items(), *mesh.propagator.outbound(view.__contains__)]
+        edited = edited_headers(pairs, plan.request_headers, extra)
         headers = encoded(edited, original.encoding)
         return httpx.Request(request.method, url, headers=headers, stream=request.stream)
 
@@ -431,7 +436,7 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
             return self._local(plan.fault_abort, request, flags, plan), None
         replayable = _replayable(request)
         for mirror in plan.mirrors if replayable else ():
-            copy = self._mirror_request(request, plan, mirror)
+            copy = self._mirror_request(request, view, plan, mirror)
             if copy is not None:
                 self._mirroring.submit(self._send_mirror, copy)
         exchange = self._exchange(mesh, plan, attributes, request, replayable)
@@ -597,7 +602,7 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
             return self._local(plan.fault_abort, request, flags, plan), None
         replayable = _replayable(request)
         for mirror in plan.mirrors if replayable else ():
-            copy = self._mirror_request(request, plan, mirror)
+            copy = self._mirror_request(request, view, plan, mirror)
             if copy is not None:
                 task = asyncio.get_running_loop().create_task(self._send_mirror(copy))
                 self._mirrors.add(task)

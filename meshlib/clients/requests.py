@@ -268,7 +268,8 @@ class MeshAdapter(HTTPAdapter):
         for mirror in plan.mirrors if replayable else ():
             target = mirror_endpoint(mesh, plan, mirror)
             if target is not None:
-                copy = self._upstream(request, plan, None, [], endpoint=target)
+                propagated = mesh.propagator.outbound(view.__contains__)
+                copy = self._upstream(request, plan, None, propagated, mesh.identity, target)
                 self._mirroring.submit(self._send_mirror, copy, timeout, options)
         exchange = mesh.exchange(plan, replayable=replayable)
         choose_hash_key(exchange, mesh, attributes)

@@ -275,21 +275,32 @@ def test_fault_delay(make_mesh: MeshFactory, client_kind: str) -> None:
 def test_mirroring(
     make_mesh: MeshFactory, upstreams: dict[str, Upstream], client_kind: str
 ) -> None:
-    """Every request to v1 is copied to v3 with the original Host; v3's answer is discarded."""
+    """Every request to v1 is copied to v3 with the original Host; v3's answer is discarded.
+    The copies carry what the original carries: the served request's trace context and
+    propagated headers, the request id, this workload's identity."""
     import time
+
+    from meshlib.telemetry import peer
 
     mesh = make_mesh(
         virtual_service(
             "- route: [{destination: {host: reviews, subset: v1}}]\n  mirror: {host: reviews, subset: v3}\n"
         )
     )
-    results = Caller(client_kind, mesh).many(20)
+    trace = "0af7651916cd43dd8448eb211c80319c"
+    served = {"traceparent": [f"00-{trace}-b7ad6b7169203331-01"], "x-request-id": ["rid-1"]}
+    with mesh.propagator.activated(mesh.propagator.extract(served.get)):
+        results = Caller(client_kind, mesh).many(20)
     assert all(r.upstream == "v1" for r in results)
     deadline = time.monotonic() + 5
     while upstreams["v3"].behaviour.received < 20 and time.monotonic() < deadline:
         time.sleep(0.01)  # mirrors are fire-and-forget: poll until they land
     assert upstreams["v3"].behaviour.received == 20
-    assert {r["headers"]["host"] for r in upstreams["v3"].behaviour.requests} == {"reviews:9080"}
+    copies = [r["headers"] for r in upstreams["v3"].behaviour.requests]
+    assert {h["host"] for h in copies} == {"reviews:9080"}
+    assert {h["x-request-id"] for h in copies} == {"rid-1"}
+    assert {h["traceparent"].split("-")[1] for h in copies} == {trace}
+    assert all(h.get(peer.HEADER) for h in copies)
 
 
 def test_redirect(make_mesh: MeshFactory, client_kind: str) -> None:
