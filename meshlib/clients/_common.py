@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -59,6 +60,12 @@ def reply_headers(
 MIRROR_POOL = concurrent.futures.ThreadPoolExecutor(
     max_workers=4, thread_name_prefix="meshlib-mirror"
 )
+# Copies waiting or in flight at most, over every sync client: a mirror that answers slowly
+# (or never) must not pile up copies in memory; past this, new copies are dropped, as
+# Envoy's connection-pool limits drop shadow requests.
+MAX_MIRRORS_PENDING = 256
+MIRROR_TIMEOUT = 10.0  # seconds a copy may take when neither the route nor the caller says
+_mirror_slots = threading.BoundedSemaphore(MAX_MIRRORS_PENDING)
 
 
 class MirrorTracker:
@@ -68,10 +75,18 @@ class MirrorTracker:
     def __init__(self) -> None:
         self._pending: set[concurrent.futures.Future[Any]] = set()
 
-    def submit(self, fn: Any, *args: Any) -> None:
+    def submit(self, fn: Any, *args: Any) -> bool:
+        """Send a copy from the pool; False (dropped) when `MAX_MIRRORS_PENDING` are pending."""
+        if not _mirror_slots.acquire(blocking=False):
+            return False
         future = MIRROR_POOL.submit(fn, *args)
         self._pending.add(future)
-        future.add_done_callback(self._pending.discard)
+        future.add_done_callback(self._done)
+        return True
+
+    def _done(self, future: concurrent.futures.Future[Any]) -> None:
+        self._pending.discard(future)
+        _mirror_slots.release()
 
     def wait(self, timeout: float = 1.0) -> None:
         if self._pending:

@@ -23,6 +23,8 @@ from typing import Any
 import httpx
 
 from meshlib.clients._common import (
+    MAX_MIRRORS_PENDING,
+    MIRROR_TIMEOUT,
     RESPONSE_FLAGS,
     UPSTREAM_HOST,
     MirrorTracker,
@@ -61,6 +63,7 @@ _MESHED = "meshlib.meshed"  # marks transports meshlib made, so nothing is meshe
 # reads it within the try (see `_read_whole`). meshlib's clients set it.
 READ_WHOLE = "meshlib.read_whole"
 MIRROR_GRACE = 1.0  # seconds aclose() waits for mirrored copies still in flight
+_MIRROR_TIMEOUTS = dict.fromkeys(("connect", "read", "write", "pool"), MIRROR_TIMEOUT)
 
 
 def _smaller(a: float | None, b: float | None) -> float | None:
@@ -340,7 +343,15 @@ class _MeshTransportBase:
         pairs = [*original.multi_items(), *mesh.propagator.outbound(view.__contains__)]
         edited = edited_headers(pairs, plan.request_headers, extra)
         headers = encoded(edited, original.encoding)
-        return httpx.Request(request.method, url, headers=headers, stream=request.stream)
+        # the caller's timeouts (httpx's 5 s by default); a copy never waits for good
+        timeout = request.extensions.get("timeout") or _MIRROR_TIMEOUTS
+        return httpx.Request(
+            request.method,
+            url,
+            headers=headers,
+            stream=request.stream,
+            extensions={"timeout": timeout},
+        )
 
     @staticmethod
     def _exchange(
@@ -603,7 +614,7 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
         replayable = _replayable(request)
         for mirror in plan.mirrors if replayable else ():
             copy = self._mirror_request(request, view, plan, mirror)
-            if copy is not None:
+            if copy is not None and len(self._mirrors) < MAX_MIRRORS_PENDING:
                 task = asyncio.get_running_loop().create_task(self._send_mirror(copy))
                 self._mirrors.add(task)
                 task.add_done_callback(self._mirrors.discard)

@@ -29,6 +29,7 @@ from urllib3.exceptions import ReadTimeoutError
 from urllib3.util import Timeout
 
 from meshlib.clients._common import (
+    MIRROR_TIMEOUT,
     MirrorTracker,
     choose_hash_key,
     client_span,
@@ -307,6 +308,8 @@ class MeshAdapter(HTTPAdapter):
     def _send_mirror(
         self, request: requests.PreparedRequest, timeout: Any, options: dict[str, Any]
     ) -> None:
+        if timeout is None:
+            timeout = MIRROR_TIMEOUT  # a copy never holds a mirroring thread for good
         with contextlib.suppress(Exception):  # a mirror's failure never affects anything
             self._send_upstream(request, timeout=timeout, **options).close()
 

@@ -871,3 +871,22 @@ def test_a_local_answer_to_head_has_no_body() -> None:
         get = c.get("http://api.internal/")
     assert head.status_code == get.status_code == 503
     assert head.content == b"" and get.content == b"fault filter abort"
+
+
+def test_mirrored_copies_pending_are_bounded() -> None:
+    """Copies to a mirror that never answers do not pile up: past MAX_MIRRORS_PENDING
+    pending, new ones are dropped; once the pending ones end, copies are sent again."""
+    import threading
+
+    from meshlib.clients._common import MAX_MIRRORS_PENDING, MirrorTracker
+
+    hold = threading.Event()
+    tracker = MirrorTracker()
+    try:
+        sent = [tracker.submit(hold.wait, 10) for _ in range(MAX_MIRRORS_PENDING + 20)]
+        assert sent == [True] * MAX_MIRRORS_PENDING + [False] * 20
+    finally:
+        hold.set()
+    tracker.wait(10)
+    assert tracker.submit(lambda: None)
+    tracker.wait(10)
