@@ -85,9 +85,10 @@ class InboundExchange:
     """One request served by this workload, from its headers to its end.
 
     An adapter subclasses it to say what the request is (`request_line`, `origin`, read only
-    when a span or an access log needs them), sets `status` and counts the bytes.
-    Constructing it makes the caller's context current and opens the SERVER span; `end()`
-    closes both and records the request.
+    when a span or an access log needs them; `method`, read only for a response with a body),
+    sets `status` and counts the bytes, and sets `dropped` when the caller went away before
+    the response was complete. Constructing it reads the caller's context; `begin()` makes it
+    current and opens the SERVER span; `end()` closes both and records the request.
     """
 
     __slots__ = (
@@ -97,6 +98,7 @@ class InboundExchange:
         "_token",
         "claimed",
         "context",
+        "dropped",
         "request_bytes",
         "response_bytes",
         "side",
@@ -119,6 +121,9 @@ class InboundExchange:
         self.status = 0
         self.request_bytes = 0
         self.response_bytes = 0
+        self.dropped: tuple[int, int] | None = None
+        """(status, response bytes) sent when the caller went away before the response was
+        complete; None while it has not."""
         if first is None:
             claimed = self.get_all(peer.HEADER)
             self.claimed = claimed[0] if claimed else None
@@ -145,6 +150,14 @@ class InboundExchange:
         """The caller's address (`host:port`, None when unknown) and the query string."""
         raise NotImplementedError
 
+    def method(self) -> str:
+        """The request's method, as the server sees it."""
+        raise NotImplementedError
+
+    def query(self) -> str:
+        """The request's query string ("" when none)."""
+        return self.origin()[1]
+
     def begin(self) -> None:
         """Make the caller's context current and open this request's SERVER span."""
         context = self.context
@@ -164,6 +177,7 @@ class InboundExchange:
                     host=host,
                     context=context.otel_context,
                     headers=self.get_all,
+                    query=self.query,
                 )
                 self._span = self._scope.__enter__()
             except Exception:  # a tracing failure must never fail the request being served
@@ -176,14 +190,25 @@ class InboundExchange:
         `error`: what the app raised. An `Exception` is answered 500 by the server (the
         adapter sets `status`); anything else (a cancelled task: the caller went away, or the
         server stops) is recorded as Envoy records a request its caller abandoned: the status
-        sent so far (0 if none) and flag DC."""
+        sent so far (0 if none) and flag DC. So is a request whose caller went away before
+        its response was complete (`dropped`), with what had been sent by then.
+
+        A response to HEAD has no body (RFC 9110 §9.3.2; servers drop what the app writes):
+        its body bytes count 0, as Envoy counts what was sent."""
         mesh = self.side.mesh
-        abandoned = error is not None and not isinstance(error, Exception)
-        status = self.status or (0 if abandoned else 500)
-        flags = Flag.DOWNSTREAM_TERMINATION if abandoned else "-"
+        dropped = self.dropped
+        if dropped is not None:
+            status, self.response_bytes = dropped
+            flags = Flag.DOWNSTREAM_TERMINATION
+        elif error is not None and not isinstance(error, Exception):
+            status, flags = self.status, Flag.DOWNSTREAM_TERMINATION
+        else:
+            status, flags = self.status or 500, "-"
+        if self.response_bytes and self.method() == "HEAD":
+            self.response_bytes = 0
         scope, self._scope = self._scope, None
         if scope is not None:
-            mesh.tracing.finish_server(self._span, status)
+            mesh.tracing.finish_server(self._span, status, None if flags == "-" else flags)
             scope.__exit__(type(error) if error else None, error, None)
         token, self._token = self._token, None
         if token is None:

@@ -6,7 +6,8 @@
 A pure ASGI middleware — not `BaseHTTPMiddleware`, which runs the app in another task and
 loses contextvars. Lifespan and websocket scopes pass through untouched; responses stream
 as the app sends them; an app exception is re-raised after the request is accounted for
-(as a 500), and a cancelled request (its caller went away) is counted with flag DC.
+(as a 500), and a cancelled request (its caller went away) is counted with flag DC, as is
+one whose app was handed `http.disconnect` before its response was complete.
 """
 
 from __future__ import annotations
@@ -50,12 +51,13 @@ class MeshMiddleware:
 class _Exchange(InboundExchange):
     """One ASGI request: its receive and send, wrapped (bound methods: no closures to make)."""
 
-    __slots__ = ("_receive", "_send", "scope")
+    __slots__ = ("_complete", "_receive", "_send", "scope")
 
     def __init__(self, side: InboundSide, scope: Scope, receive: Receive, send: Send) -> None:
         self.scope = scope
         self._receive = receive
         self._send = send
+        self._complete = False  # the last body message (no more_body) was sent
         # The headers read on every request, decoded; the others untouched. One string per
         # name (a list per name would cost an allocation per header on every request).
         names = side.names
@@ -108,10 +110,17 @@ class _Exchange(InboundExchange):
             query.decode("latin-1") if query else "",
         )
 
+    def method(self) -> str:
+        return self.scope.get("method", "GET")  # type: ignore[no-any-return]
+
     async def receive(self) -> Message:
         message = await self._receive()
         if message["type"] == "http.request":
             self.request_bytes += len(message.get("body", b""))
+        elif message["type"] == "http.disconnect" and not self._complete and self.dropped is None:
+            # The caller went away before the response was complete (servers also answer
+            # http.disconnect once it is, which is normal): Envoy's DC, with what was sent.
+            self.dropped = (self.status, self.response_bytes)
         return message
 
     async def send(self, message: Message) -> None:
@@ -124,4 +133,6 @@ class _Exchange(InboundExchange):
             message = {**message, "headers": [*message.get("headers", ()), identity]}
         elif kind == "http.response.body":
             self.response_bytes += len(message.get("body", b""))
+            if not message.get("more_body"):
+                self._complete = True
         await self._send(message)

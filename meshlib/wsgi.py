@@ -77,6 +77,9 @@ class _Exchange(InboundExchange):
             environ.get("HTTP_HOST", ""),
         )
 
+    def method(self) -> str:
+        return self.environ.get("REQUEST_METHOD", "GET")  # type: ignore[no-any-return]
+
     def origin(self) -> tuple[str | None, str]:
         environ = self.environ
         address = environ.get("REMOTE_ADDR")

@@ -233,6 +233,29 @@ def test_wsgi_access_log() -> None:
     mesh.close()
 
 
+def test_wsgi_head_answer_counts_no_body() -> None:
+    """A WSGI app that writes a body for HEAD (servers drop it: a HEAD answer has none):
+    istio_response_bytes and the access log count 0 bytes sent; the GET counts its body."""
+    mesh, entries = logged_mesh()
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("content-length", "1000")])
+        return [b"x" * 1000]
+
+    middleware = meshlib.MeshWSGIMiddleware(app, mesh=mesh)
+    for method in ("HEAD", "GET"):
+        environ = {"REQUEST_METHOD": method, "PATH_INFO": "/r", "wsgi.url_scheme": "http"}
+        body = middleware(environ, lambda *a: None)
+        assert b"".join(body) == b"x" * 1000  # the server, not the middleware, drops it
+        body.close()  # type: ignore[attr-defined]
+    assert [(e.method, e.bytes_sent) for e in entries] == [("HEAD", 0), ("GET", 1000)]
+    (family,) = [m for m in mesh.metrics.collect() if m.name == "istio_response_bytes"]
+    sums = [s.value for s in family.samples if s.name == "istio_response_bytes_sum"]
+    counts = [s.value for s in family.samples if s.name == "istio_response_bytes_count"]
+    assert (sums, counts) == ([1000.0], [2.0])
+    mesh.close()
+
+
 def samples(metrics: IstioMetrics) -> dict[tuple[str, ...], float]:
     (family,) = [m for m in metrics.collect() if m.name == "istio_requests"]
     return {tuple(s.labels.values()): s.value for s in family.samples if s.name.endswith("_total")}

@@ -42,6 +42,16 @@ Rules chosen (what a user of Istio would expect):
   the tracing module started one. No trace is invented without a tracer; a request with no
   or malformed trace headers starts a new trace at the tracing module's root span. A B3
   sampling decision without ids (`b3: 0`, `x-b3-sampled: 0`) is passed on as such.
+- **B3 sampling states.** A B3 caller that sent ids without a decision (no `x-b3-sampled`, or
+  `b3: {trace}-{span}`) deferred it to this hop: the extracted context holds the caller's span
+  as unsampled, marked deferred (`B3_SAMPLING_KEY`). The tracing module decides it at the
+  mesh's sampling percentage (`decided`); with no tracer the decision goes on still deferred
+  (B3 headers without a sampled flag). A debug caller (`x-b3-flags: 1`, `b3: ...-d`) is
+  sampled, and passed on as debug (`x-b3-flags: 1`, `-d`), not as `x-b3-sampled: 1`.
+- **Baggage goes on as it came.** OpenTelemetry's W3C baggage propagator re-encodes what it
+  injects (properties and `+` come out changed), so while the app has not changed the baggage
+  since it was extracted, the `baggage` value received (several joined with `,`) is sent on
+  unchanged, up to W3C's 8192 bytes; baggage the app changed is injected by the propagator.
 - **The app wins.** A header the app set itself is never overridden: a trace format is
   skipped whole when the app set any of its headers (`traceparent`/`tracestate`, any
   `x-b3-*`, `b3`, `baggage`); likewise `x-request-id`, each propagated app header and
@@ -69,11 +79,13 @@ import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
+from functools import partial
 from typing import NamedTuple, TypeVar
 
+from opentelemetry import baggage as baggage_api
 from opentelemetry import context as otel_context_api
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
-from opentelemetry.context import Context
+from opentelemetry.context import Context, create_key
 from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.propagators.b3 import B3MultiFormat, B3SingleFormat
 from opentelemetry.propagators.textmap import Getter, TextMapPropagator, default_setter
@@ -91,7 +103,10 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from meshlib.dataplane.deadline import inbound_deadline
 
 __all__ = [
+    "B3_DEBUG",
+    "B3_DEFERRED",
     "B3_MULTI",
+    "B3_SAMPLING_KEY",
     "B3_SINGLE",
     "BAGGAGE",
     "SPAN_KEY",
@@ -101,6 +116,7 @@ __all__ = [
     "InboundContext",
     "Propagator",
     "current",
+    "decided",
     "new_request_id",
 ]
 
@@ -137,6 +153,24 @@ _GRPC_UNIT = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 _B3_YES = frozenset(("1", "true", "True", "d"))
 _B3_NO = frozenset(("0", "false", "False"))
 
+B3_SAMPLING_KEY = create_key("meshlib-b3-sampling")
+"""Where an extracted Context says the B3 caller's sampling state: `B3_DEFERRED` (ids without
+a decision: this hop decides) or `B3_DEBUG`; absent otherwise."""
+B3_DEFERRED = "deferred"
+B3_DEBUG = "debug"
+_RECEIVED_BAGGAGE = create_key("meshlib-received-baggage")
+"""Where an extracted Context keeps the `baggage` it came with (a `_Received`)."""
+_MAX_BAGGAGE = 8192  # W3C Baggage: the most bytes a baggage-string may hold
+
+
+class _Received(NamedTuple):
+    """The baggage a request came with: the header value, and what was extracted from it."""
+
+    value: str
+    extracted: Mapping[str, object]
+
+
+_Inject = Callable[[dict[str, str], Context], None]
 HeaderLookup = Callable[[str], "list[str] | None"]
 """`lookup(name)`: the values received for header `name` (lowercase); [] or None if absent."""
 
@@ -250,12 +284,13 @@ class Propagator:
         """Every header `extract` reads (lowercase): an adapter need collect no others."""
         # What a request needs to be read by extract's general path.
         self._uncommon = self.inbound_headers - {"traceparent", REQUEST_ID}
-        # (format, propagator, the headers it writes, needs a valid span to write anything)
-        self._injectors: tuple[tuple[str, TextMapPropagator, tuple[str, ...], bool], ...] = (
-            (TRACECONTEXT, w3c, _W3C_FIELDS, True),
-            (BAGGAGE, baggage, ("baggage",), False),
-            (B3_MULTI, b3_multi, _B3_MULTI_ALL, True),
-            (B3_SINGLE, b3_single, ("b3",), True),
+        # (format, inject(carrier, context), the headers it writes, needs a valid span to
+        # write anything)
+        self._injectors: tuple[tuple[str, _Inject, tuple[str, ...], bool], ...] = (
+            (TRACECONTEXT, w3c.inject, _W3C_FIELDS, True),
+            (BAGGAGE, partial(_inject_baggage, baggage), ("baggage",), False),
+            (B3_MULTI, partial(_inject_b3_multi, b3_multi), _B3_MULTI_ALL, True),
+            (B3_SINGLE, partial(_inject_b3_single, b3_single), ("b3",), True),
         )
 
     @property
@@ -326,6 +361,10 @@ class Propagator:
             # Trace ids are ASCII; B3's `\d` would otherwise take other scripts' digits.
             if values and values[0].isascii():
                 carrier[name] = values
+        received_baggage = carrier.get("baggage")
+        if received_baggage is not None and len(received_baggage) > 1:
+            # Several baggage headers are one list (RFC 9110 §5.3); the propagator reads one.
+            carrier["baggage"] = received_baggage = [",".join(received_baggage)]
         if len(carrier.get("traceparent", ())) > 1:
             # Sent twice: as a proxy joining them would, an invalid traceparent (W3C's test
             # suite restarts the trace), and no tracestate without it.
@@ -348,7 +387,18 @@ class Propagator:
                         otel_context = propagator.extract(carrier, otel_context, getter=_GETTER)
                         break
             formats = _formats_of(carrier)
-            sampled = _sampled(carrier, otel_context)
+            sampled, b3_state = _sampled(carrier, otel_context)
+            if b3_state is not None:
+                if b3_state == B3_DEFERRED:  # held as unsampled (OpenTelemetry has no deferred)
+                    otel_context = _with_decision(otel_context, False)
+                otel_context = otel_context_api.set_value(B3_SAMPLING_KEY, b3_state, otel_context)
+            if received_baggage is not None:
+                raw = received_baggage[0]
+                if len(raw) <= _MAX_BAGGAGE and raw.isascii():
+                    extracted = baggage_api.get_all(otel_context)
+                    otel_context = otel_context_api.set_value(
+                        _RECEIVED_BAGGAGE, _Received(raw, extracted), otel_context
+                    )
 
         ids = get_all(REQUEST_ID)
         request_id = ids[0].strip(" \t") if ids else ""
@@ -455,21 +505,25 @@ class Propagator:
         valid = get_current_span(ctx).get_span_context().is_valid
 
         carrier: dict[str, str] = {}
-        for fmt, propagator, fields, needs_span in self._injectors:
+        for fmt, inject, fields, needs_span in self._injectors:
             if (fmt not in always and fmt not in used) or (needs_span and not valid):
                 continue
             if _any_set(has, fields):
                 continue
-            propagator.inject(carrier, ctx, setter=default_setter)
+            inject(carrier, ctx)
 
         if not valid and inbound is not None and inbound.sampled is not None:
             # A sampling decision without ids (`b3: 0`): pass the decision on.
+            debug = inbound.otel_context.get(B3_SAMPLING_KEY) == B3_DEBUG
             flag = "1" if inbound.sampled else "0"
             b3_multi = B3_MULTI in always or B3_MULTI in used
             if b3_multi and not _any_set(has, _B3_MULTI_ALL):
-                carrier["x-b3-sampled"] = flag
+                if debug:
+                    carrier["x-b3-flags"] = "1"
+                else:
+                    carrier["x-b3-sampled"] = flag
             if (B3_SINGLE in always or B3_SINGLE in used) and not has("b3"):
-                carrier["b3"] = flag
+                carrier["b3"] = "d" if debug else flag
 
         out = list(carrier.items())
         if not has(REQUEST_ID):
@@ -608,26 +662,87 @@ def _formats_of(carrier: Mapping[str, list[str]]) -> frozenset[str]:
     return frozenset(found) if found else _NO_FORMATS
 
 
-def _sampled(carrier: Mapping[str, list[str]], ctx: Context) -> bool | None:
-    """The caller's decision: a valid traceparent's flag, else B3's explicit one, else None."""
+def _sampled(carrier: Mapping[str, list[str]], ctx: Context) -> tuple[bool | None, str | None]:
+    """The caller's decision — a valid traceparent's flag, else B3's explicit one, else None —
+    and its B3 sampling state: `B3_DEBUG`, `B3_DEFERRED` (B3 ids without a decision), or None."""
     span_context = get_current_span(ctx).get_span_context()
-    if span_context.is_valid:
+    valid = span_context.is_valid
+    if valid:
         parent = carrier.get("traceparent")
         if parent is not None and f"{span_context.trace_id:032x}" in parent[0]:
-            return span_context.trace_flags.sampled
+            return span_context.trace_flags.sampled, None
+    sampled: bool | None = None
     single = carrier.get("b3")
-    if single is not None:
+    if single is not None:  # what OpenTelemetry's B3 propagators read first
         fields = single[0].strip().split("-")
         flag = fields[0] if len(fields) == 1 else fields[2] if len(fields) > 2 else ""
-        return True if flag in ("1", "d") else False if flag == "0" else None
-    flags = carrier.get("x-b3-flags")
-    if flags is not None and flags[0].strip() == "1":
-        return True
-    value = carrier.get("x-b3-sampled")
-    if value is not None:
-        flag = value[0].strip()
-        return True if flag in _B3_YES else False if flag in _B3_NO else None
-    return None
+        if flag == "d":
+            return True, B3_DEBUG
+        sampled = True if flag == "1" else False if flag == "0" else None
+    else:
+        flags = carrier.get("x-b3-flags")
+        if flags is not None and flags[0].strip() == "1":
+            return True, B3_DEBUG
+        value = carrier.get("x-b3-sampled")
+        if value is not None:
+            flag = value[0].strip()
+            sampled = True if flag in _B3_YES else False if flag in _B3_NO else None
+    return sampled, (B3_DEFERRED if sampled is None and valid else None)
+
+
+def _with_decision(context: Context, sampled: bool) -> Context:
+    """`context` with its (remote) span's sampled flag set to `sampled`."""
+    span_context = get_current_span(context).get_span_context()
+    span = NonRecordingSpan(
+        SpanContext(
+            trace_id=span_context.trace_id,
+            span_id=span_context.span_id,
+            is_remote=True,
+            trace_flags=TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT),
+            trace_state=span_context.trace_state,
+        )
+    )
+    return set_span_in_context(span, context)
+
+
+def decided(context: Context, decide: Callable[[int], bool]) -> Context:
+    """An extracted `context` whose B3 caller deferred the sampling decision (marked
+    `B3_DEFERRED`), with this hop's decision `decide(trace_id)` made: the caller's span
+    sampled or not, and no longer marked, so the decision is what goes on."""
+    trace_id = get_current_span(context).get_span_context().trace_id
+    kept = Context({key: value for key, value in context.items() if key != B3_SAMPLING_KEY})
+    return _with_decision(kept, decide(trace_id))
+
+
+def _inject_baggage(
+    propagator: W3CBaggagePropagator, carrier: dict[str, str], ctx: Context
+) -> None:
+    """The baggage received, as received, while the app has not changed it; else injected."""
+    received = ctx.get(_RECEIVED_BAGGAGE)
+    if isinstance(received, _Received) and baggage_api.get_all(ctx) == received.extracted:
+        carrier["baggage"] = received.value
+    else:
+        propagator.inject(carrier, ctx, setter=default_setter)
+
+
+def _inject_b3_multi(propagator: B3MultiFormat, carrier: dict[str, str], ctx: Context) -> None:
+    """B3 multi-header, with the caller's debug flag or deferred decision kept."""
+    propagator.inject(carrier, ctx, setter=default_setter)
+    state = ctx.get(B3_SAMPLING_KEY)
+    if state is not None and "x-b3-traceid" in carrier:
+        del carrier["x-b3-sampled"]  # debug implies it; deferred has none
+        if state == B3_DEBUG:
+            carrier["x-b3-flags"] = "1"
+
+
+def _inject_b3_single(propagator: B3SingleFormat, carrier: dict[str, str], ctx: Context) -> None:
+    """B3 single header, with the caller's debug flag or deferred decision kept."""
+    propagator.inject(carrier, ctx, setter=default_setter)
+    state = ctx.get(B3_SAMPLING_KEY)
+    value = carrier.get("b3")
+    if state is not None and value is not None:
+        ids = value.rpartition("-")[0]  # {trace}-{span}, without the sampled field
+        carrier["b3"] = f"{ids}-d" if state == B3_DEBUG else ids
 
 
 def _deadline(get_all: HeaderLookup) -> float | None:

@@ -29,7 +29,9 @@ Rules (what a user of Istio and of OpenTelemetry would expect; see also the READ
 - **Sampling** (own provider only): ParentBased — a request with an inbound sampled parent is
   sampled, one with an unsampled parent is not, whatever the percentage; root traces are
   sampled at Telemetry `randomSamplingPercentage` (default 1%, Istio's PILOT_TRACE_SAMPLING),
-  changed live by `set_sampling`. An app provider keeps its own sampler.
+  changed live by `set_sampling`. An app provider keeps its own sampler. A B3 caller that
+  deferred its decision (ids without a sampled flag) leaves it to this hop: it is made at
+  that percentage from the trace id (as a root's would be), and that decision goes on.
 - **No double spans** with opentelemetry-instrumentation. SERVER: if a recording SERVER span
   is already current (instrumentation-asgi/wsgi outside meshlib), meshlib makes none and
   annotates that one with its `meshlib.*` attributes only; instrumentation running *inside*
@@ -45,9 +47,11 @@ Rules (what a user of Istio and of OpenTelemetry would expect; see also the READ
   passes through unchanged), nor do attempts under an unsampled span: the sampler would drop
   them, and nothing about them is ever exported.
 - Span names: SERVER `"<METHOD> <route or path>"` (query dropped, path cut at 128
-  characters); CLIENT `"<METHOD> <host[:port]>"` (the URL's authority, low cardinality, as
-  Istio names client spans by host). Status ERROR for 5xx and for attempts with no response
-  (Envoy's rule; 4xx are not errors), with `error.type`.
+  characters; the query goes in `url.query`); CLIENT `"<METHOD> <host[:port]>"` (the URL's
+  authority, low cardinality, as Istio names client spans by host). Status, as OpenTelemetry's
+  HTTP semantic conventions say: ERROR with `error.type` for 5xx on SERVER spans (4xx are the
+  caller's), for 4xx and 5xx on CLIENT spans, and for attempts with no response. A request
+  that ended with no status sent has no `http.response.status_code`.
 """
 
 from __future__ import annotations
@@ -87,7 +91,13 @@ from meshlib.policy.snapshot import Snapshot
 from meshlib.policy.telemetry import Tracing as TracingSpec
 from meshlib.policy.telemetry import header_name
 from meshlib.telemetry._resolve import telemetry_levels
-from meshlib.telemetry.propagation import SPAN_KEY, CallerSpan
+from meshlib.telemetry.propagation import (
+    B3_DEFERRED,
+    B3_SAMPLING_KEY,
+    SPAN_KEY,
+    CallerSpan,
+    decided,
+)
 
 __all__ = [
     "DEFAULT_SAMPLING_PERCENTAGE",
@@ -276,6 +286,10 @@ class RatioSampler(Sampler):
     def get_description(self) -> str:
         return f"MeshRatio{{{self._ratio}}}"
 
+    def samples(self, trace_id: int) -> bool:
+        """The decision `should_sample` makes for `trace_id`."""
+        return trace_id & _TRACE_ID_LIMIT < self._bound
+
 
 class MeshSampler(ParentBased):
     """ParentBased(RatioSampler): follow the parent's decision; roots at `percentage`."""
@@ -429,6 +443,13 @@ class Tracing:
             return span.sampled
         return not _unsampled(trace.get_current_span(context))
 
+    def decide(self, trace_id: int) -> bool:
+        """This hop's sampling decision for a trace whose caller deferred it: the root
+        decision, at the sampling percentage (the mesh's sampler's, when it has one)."""
+        if self._sampler is not None:
+            return self._sampler.root.samples(trace_id)
+        return RatioSampler(_ratio(self._percentage)).samples(trace_id)
+
     @property
     def owns_provider(self) -> bool:
         return self._owned is not None
@@ -472,19 +493,22 @@ class Tracing:
         context: Context | None,
         route: str | None = None,
         headers: HeaderLookup | None = None,
+        query: Callable[[], str] | None = None,
     ) -> AbstractContextManager[Span]:
         """A SERVER span for one served request, current inside the `with` block.
 
         `context` is the inbound context extracted from the request's headers (its span is
         the remote parent); `route` (e.g. `/reviews/{id}`) names the span when known;
-        `headers` reads the request's headers for `header` custom tags.
+        `headers` reads the request's headers for `header` custom tags; `query()` gives the
+        query string (`url.query`), called only when the span records.
         """
-        return _ServerScope(self, method, path, scheme, host, context, route, headers)
+        return _ServerScope(self, method, path, scheme, host, context, route, headers, query)
 
     def finish_server(
         self, span: Span, status: int, flags: str | Iterable[str] | None = None
     ) -> None:
-        """Record the response status (ERROR for 5xx) and meshlib's response flags."""
+        """Record the response status (ERROR for 5xx; 0, none sent, leaves the attribute out)
+        and meshlib's response flags."""
         if not span.is_recording():
             return
         attributes: dict[str, str | int] = {}
@@ -492,7 +516,8 @@ class Tracing:
         if flag_text is not None:
             attributes["meshlib.response_flags"] = flag_text
         if _owned(span):
-            attributes["http.response.status_code"] = status
+            if status:
+                attributes["http.response.status_code"] = status
             if status >= 500:
                 attributes["error.type"] = str(status)
                 span.set_status(Status(StatusCode.ERROR))
@@ -523,7 +548,8 @@ class Tracing:
     ) -> None:
         """Record the attempt's status (None: no response) and Envoy response flags.
 
-        ERROR for 5xx and for attempts without a response (local failures: UF, UT, UO ...).
+        ERROR for 4xx and 5xx (OpenTelemetry's rule for CLIENT spans) and for attempts without
+        a response (local failures: UF, UT, UO ...).
         """
         if not span.is_recording():
             return
@@ -536,7 +562,7 @@ class Tracing:
                 _peer(attributes, upstream)
             if status:
                 attributes["http.response.status_code"] = status
-            if not status or status >= 500:
+            if not status or status >= 400:
                 attributes["error.type"] = str(status) if status else (flag_text or "_OTHER")
                 span.set_status(Status(StatusCode.ERROR))
         span.set_attributes(attributes)
@@ -587,7 +613,7 @@ class _Scope:
 
 
 class _ServerScope(_Scope):
-    __slots__ = ("context", "headers", "host", "method", "path", "route", "scheme")
+    __slots__ = ("context", "headers", "host", "method", "path", "query", "route", "scheme")
 
     def __init__(
         self,
@@ -599,6 +625,7 @@ class _ServerScope(_Scope):
         context: Context | None,
         route: str | None,
         headers: HeaderLookup | None,
+        query: Callable[[], str] | None,
     ) -> None:
         super().__init__(tracing)
         self.method = method
@@ -608,6 +635,7 @@ class _ServerScope(_Scope):
         self.context = context
         self.route = route
         self.headers = headers
+        self.query = query
 
     def _start(self) -> None:
         current = trace.get_current_span()
@@ -618,6 +646,8 @@ class _ServerScope(_Scope):
             parent = None  # an app span is current: ours is its child
         else:
             parent = self.context
+            if parent is not None and parent.get(B3_SAMPLING_KEY) == B3_DEFERRED:
+                parent = decided(parent, self.tracing.decide)  # the B3 caller left it to us
         tracer = self.tracing._tracer
         if tracer is None:
             self.span = current
@@ -663,6 +693,10 @@ class _ServerScope(_Scope):
                 attributes["server.port"] = port
             if self.route:
                 attributes["http.route"] = self.route
+            if self.query is not None:
+                query = self.query()
+                if query:
+                    attributes["url.query"] = query
             self.tracing.tags.add_to(attributes, self.headers)
             span.set_attributes(attributes)
         self.span = span

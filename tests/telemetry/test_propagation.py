@@ -182,14 +182,17 @@ def test_b3_multi_64_bit_trace_id() -> None:
     assert out["x-b3-sampled"] == "0"
 
 
-def test_b3_multi_debug_flag_means_sampled() -> None:
-    """X-B3-Flags: 1 (debug) implies sampled."""
+def test_b3_multi_debug_flag_means_sampled_and_goes_on_as_debug() -> None:
+    """X-B3-Flags: 1 (debug) implies sampled, and is sent on as debug: `x-b3-flags: 1`
+    without `x-b3-sampled` (which the B3 spec says not to send with it)."""
     p = Propagator()
     inbound = p.extract(
         get_all({"x-b3-traceid": B3_TRACE_ID, "x-b3-spanid": B3_SPAN_ID, "x-b3-flags": "1"})
     )
     assert inbound.sampled is True
-    assert outbound(p, inbound)["x-b3-sampled"] == "1"
+    out = outbound(p, inbound)
+    assert out["x-b3-flags"] == "1" and "x-b3-sampled" not in out
+    assert out["traceparent"] == f"00-{B3_TRACE_ID}-{B3_SPAN_ID}-01"
 
 
 def test_b3_multi_deferred_decision_is_none() -> None:
@@ -198,6 +201,55 @@ def test_b3_multi_deferred_decision_is_none() -> None:
     inbound = p.extract(get_all({"x-b3-traceid": B3_TRACE_ID, "x-b3-spanid": B3_SPAN_ID}))
     assert span_ids(inbound.otel_context) == (B3_TRACE_ID, B3_SPAN_ID)
     assert inbound.sampled is None
+
+
+@pytest.mark.parametrize(
+    ("headers", "b3_out"),
+    [
+        pytest.param(
+            {
+                "x-b3-traceid": B3_TRACE_ID,
+                "x-b3-spanid": B3_SPAN_ID,
+                "x-b3-parentspanid": "05e3ac9a4f6e3b90",
+            },
+            None,
+            id="multi",
+        ),
+        pytest.param(
+            {"b3": f"{B3_TRACE_ID}-{B3_SPAN_ID}"}, f"{B3_TRACE_ID}-{B3_SPAN_ID}", id="single"
+        ),
+    ],
+)
+def test_b3_deferred_decision_goes_on_deferred_without_a_tracer(
+    headers: dict[str, str], b3_out: str | None
+) -> None:
+    """No tracer here to decide: the B3 headers go on without a sampling state (neither
+    `x-b3-sampled: 0` nor `-1`), for a hop that has one; W3C, which has no deferred state,
+    says 00 (the caller did not sample), the same for both forms."""
+    p = Propagator()
+    out = outbound(p, p.extract(get_all(headers)))
+    if b3_out is None:
+        assert (out["x-b3-traceid"], out["x-b3-spanid"]) == (B3_TRACE_ID, B3_SPAN_ID)
+        assert "x-b3-sampled" not in out and "x-b3-flags" not in out
+    else:
+        assert out["b3"] == b3_out
+    assert out["traceparent"] == f"00-{B3_TRACE_ID}-{B3_SPAN_ID}-00"
+
+
+def test_b3_single_debug_goes_on_as_debug() -> None:
+    """`b3: {trace}-{span}-d-{parent}`: sampled, sent on with `d`."""
+    p = Propagator()
+    inbound = p.extract(get_all({"b3": f"{B3_TRACE_ID}-{B3_SPAN_ID}-d-05e3ac9a4f6e3b90"}))
+    assert inbound.sampled is True
+    assert outbound(p, inbound)["b3"] == f"{B3_TRACE_ID}-{B3_SPAN_ID}-d"
+
+
+def test_a_valid_traceparent_decides_over_a_deferred_b3() -> None:
+    """When the traceparent wins, its flag is the decision: B3 goes on with it, not deferred."""
+    p = Propagator()
+    inbound = p.extract(get_all({"traceparent": TRACEPARENT, "b3": f"{B3_TRACE_ID}-{B3_SPAN_ID}"}))
+    assert inbound.sampled is True
+    assert outbound(p, inbound)["b3"] == f"{TRACE_ID}-{SPAN_ID}-1"
 
 
 def test_b3_single_round_trip() -> None:
@@ -234,8 +286,17 @@ def test_b3_decision_without_ids_is_passed_on(value: str, sampled: bool) -> None
     assert span_ids(inbound.otel_context) is None
     assert inbound.sampled is sampled
     out = outbound(p, inbound)
-    assert out["b3"] == ("1" if sampled else "0")
+    assert out["b3"] == value  # `d` (debug) stays debug
     assert "traceparent" not in out
+
+
+def test_b3_multi_debug_without_ids_is_passed_on() -> None:
+    """X-B3-Flags: 1 alone is a debug decision without ids: it goes on as such."""
+    p = Propagator()
+    inbound = p.extract(get_all({"x-b3-flags": "1"}))
+    assert inbound.sampled is True
+    out = outbound(p, inbound)
+    assert out["x-b3-flags"] == "1" and "x-b3-sampled" not in out
 
 
 def test_b3_multi_decision_without_ids_is_passed_on() -> None:
@@ -301,6 +362,64 @@ def test_baggage_round_trip() -> None:
     with p.activated(p.extract(get_all({"baggage": out["baggage"]}))):
         assert baggage.get_all() == {"user": "alice", "tier": "gold plus;ttl=3"}
     assert "traceparent" not in out
+
+
+@pytest.mark.parametrize(
+    "received",
+    [
+        pytest.param(["userId=alice,serverNode=DF%2028;p=1"], id="property-and-escape"),
+        pytest.param(["a=1+2", "b=x%3By;k"], id="two-headers"),
+        pytest.param(["k = v , bad entry, t=1"], id="spaces-and-an-invalid-member"),
+    ],
+)
+def test_baggage_goes_on_as_received(received: list[str]) -> None:
+    """Baggage the app left alone is sent on as received (several headers joined with `,`),
+    not as OpenTelemetry's propagator re-encodes it (`DF+28%3Bp%3D1`,
+    open-telemetry/opentelemetry-python#5566), with or without a trace."""
+    p = Propagator()
+    for headers in ({"baggage": received}, {"baggage": received, "traceparent": TRACEPARENT}):
+        inbound = p.extract(get_all(headers))
+        assert outbound(p, inbound)["baggage"] == ",".join(received)
+
+
+def test_all_baggage_headers_are_read() -> None:
+    """Two baggage headers are one list: the app sees the entries of both."""
+    p = Propagator()
+    with p.activated(p.extract(get_all({"baggage": ["a=1", "b=2;p"]}))):
+        assert baggage.get_all() == {"a": "1", "b": "2;p"}
+
+
+def test_baggage_the_app_changed_is_injected() -> None:
+    """Once the app changes the baggage (adds, changes or removes an entry), the propagator
+    writes what the context holds; set back as it came, it goes on as received again."""
+    p = Propagator()
+    received = "user=alice,node=DF%2028;p=1"
+    inbound = p.extract(get_all({"baggage": received, "traceparent": TRACEPARENT}))
+    with p.activated(inbound):
+        for ctx, expected in [
+            (baggage.set_baggage("user", "bob"), "user=bob,node=DF+28%3Bp%3D1"),
+            (baggage.remove_baggage("node"), "user=alice"),
+            (baggage.set_baggage("user", "alice"), received),
+        ]:
+            token = otel_context.attach(ctx)
+            try:
+                assert dict(p.outbound(has_none))["baggage"] == expected
+            finally:
+                otel_context.detach(token)
+        token = otel_context.attach(baggage.clear())
+        try:
+            assert "baggage" not in dict(p.outbound(has_none))
+        finally:
+            otel_context.detach(token)
+
+
+def test_oversized_baggage_is_left_to_the_propagator() -> None:
+    """Over W3C's 8192 bytes, the received value is not sent on as it is: the propagator
+    decides (OpenTelemetry's drops a header that long)."""
+    p = Propagator()
+    long_value = ",".join(f"k{i}=" + "v" * 90 for i in range(90))
+    assert len(long_value) > 8192
+    assert "baggage" not in outbound(p, p.extract(get_all({"baggage": long_value})))
 
 
 def test_baggage_set_by_the_app_goes_on() -> None:

@@ -166,6 +166,67 @@ def test_client_spans_are_children_one_per_attempt(
     assert second.status.status_code is StatusCode.UNSET
 
 
+@pytest.mark.parametrize(
+    ("status", "code", "error"),
+    [
+        pytest.param(200, StatusCode.UNSET, None, id="200"),
+        pytest.param(302, StatusCode.UNSET, None, id="302"),
+        pytest.param(404, StatusCode.ERROR, "404", id="404"),
+        pytest.param(429, StatusCode.ERROR, "429", id="429"),
+        pytest.param(503, StatusCode.ERROR, "503", id="503"),
+        pytest.param(None, StatusCode.ERROR, "UF", id="no-response"),
+    ],
+)
+def test_client_span_status_follows_http_semconv(
+    tracing: Tracing,
+    exporter: InMemorySpanExporter,
+    status: int | None,
+    code: StatusCode,
+    error: str | None,
+) -> None:
+    """OpenTelemetry's HTTP conventions for CLIENT spans: 4xx and 5xx are errors, with the
+    status code as `error.type` (on SERVER spans 4xx are the caller's: left unset)."""
+    with tracing.client_span(
+        "GET", "http://reviews:9080/", attempt=1, cluster=None, subset=None, upstream=None
+    ) as span:
+        tracing.finish_client(span, status, "-" if status else "UF")
+    (finished,) = exporter.get_finished_spans()
+    assert finished.status.status_code is code
+    assert (finished.attributes or {}).get("error.type") == error
+
+
+def test_server_span_query_and_unsent_status(
+    tracing: Tracing, exporter: InMemorySpanExporter
+) -> None:
+    """`url.query` when the request had a query (read only for a recording span); a
+    request that ended with nothing sent (status 0) has no `http.response.status_code`."""
+    asked: list[str] = []
+
+    def query(value: str) -> Any:
+        return lambda: asked.append(value) or value
+
+    with tracing.server_span(
+        "GET", "/r", scheme="http", host="pp", context=None, query=query("u=alice&x=%20")
+    ) as span:
+        tracing.finish_server(span, 200)
+    with tracing.server_span(
+        "GET", "/r", scheme="http", host="pp", context=None, query=query("")
+    ) as span:
+        tracing.finish_server(span, 0, "DC")
+    tracing.set_sampling(0.0)
+    with tracing.server_span(
+        "GET", "/r", scheme="http", host="pp", context=None, query=query("unsampled")
+    ) as span:
+        tracing.finish_server(span, 200)
+    with_query, unsent = by_kind(exporter, SpanKind.SERVER)
+    assert (with_query.attributes or {})["url.query"] == "u=alice&x=%20"
+    assert (with_query.attributes or {})["http.response.status_code"] == 200
+    attributes = dict(unsent.attributes or {})
+    assert "url.query" not in attributes and "http.response.status_code" not in attributes
+    assert attributes["meshlib.response_flags"] == "DC"
+    assert asked == ["u=alice&x=%20", ""]  # never for the span that does not record
+
+
 def test_exception_is_recorded(tracing: Tracing, exporter: InMemorySpanExporter) -> None:
     """An exception escaping a span marks it ERROR with the exception event and error.type."""
     with (
@@ -436,18 +497,27 @@ spec:
 
 
 def serve_once(
-    mesh: Mesh, headers: list[tuple[bytes, bytes]], *, upstream_status: int = 200, calls: int = 1
+    mesh: Mesh,
+    headers: list[tuple[bytes, bytes]],
+    *,
+    upstream_status: int = 200,
+    calls: int = 1,
+    sent: list[dict[str, str]] | None = None,
 ) -> None:
-    """One request through MeshMiddleware, whose app makes meshed calls to ratings."""
+    """One request through MeshMiddleware, whose app makes meshed calls to ratings (the
+    headers of each go into `sent`)."""
     import asyncio
 
     import httpx
 
     import meshlib
 
-    client = meshlib.AsyncClient(
-        mesh=mesh, transport=httpx.MockTransport(lambda request: httpx.Response(upstream_status))
-    )
+    def ratings(request: httpx.Request) -> httpx.Response:
+        if sent is not None:
+            sent.append(dict(request.headers))
+        return httpx.Response(upstream_status)
+
+    client = meshlib.AsyncClient(mesh=mesh, transport=httpx.MockTransport(ratings))
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         for _ in range(calls):
@@ -601,4 +671,80 @@ def test_a_bad_header_tag_name_is_left_out(
     serve_once(mesh, [])  # would fail every request if the name reached the header set
     (server,) = by_kind(exporter, SpanKind.SERVER)
     assert (server.attributes or {}).get("t") == "ok" and "u" not in (server.attributes or {})
+    mesh.close()
+
+
+B3_TRACE = "80f198ee56343ba864fe8b2a57d3eff7"
+B3_SPAN = "e457b5a2e4d86bd1"
+B3_DEFERRED = {
+    "multi": [(b"x-b3-traceid", B3_TRACE.encode()), (b"x-b3-spanid", B3_SPAN.encode())],
+    "single": [(b"b3", f"{B3_TRACE}-{B3_SPAN}".encode())],
+}
+
+
+@pytest.mark.parametrize("form", ["multi", "single"])
+@pytest.mark.parametrize("percentage", [100, 0])
+def test_a_deferred_b3_decision_is_made_here_and_passed_on(
+    provider: SdkTracerProvider, exporter: InMemorySpanExporter, form: str, percentage: int
+) -> None:
+    """B3 ids without a sampling state leave the decision to this hop: it is made at the
+    Telemetry's randomSamplingPercentage (the caller's trace and span kept as the parent),
+    and callees are told that decision."""
+    mesh = tagged_mesh(f"tracing: [{{randomSamplingPercentage: {percentage}}}]", provider)
+    sent: list[dict[str, str]] = []
+    serve_once(mesh, B3_DEFERRED[form], sent=sent)
+    (out,) = sent
+    servers = by_kind(exporter, SpanKind.SERVER)
+    if percentage:
+        (server,) = servers
+        assert server.parent is not None and f"{server.parent.span_id:016x}" == B3_SPAN
+        assert server.context is not None and f"{server.context.trace_id:032x}" == B3_TRACE
+        assert out["traceparent"].endswith("-01")
+    else:
+        assert servers == []
+        assert out["traceparent"].endswith("-00")
+    flag = "1" if percentage else "0"
+    if form == "multi":
+        assert (out["x-b3-traceid"], out["x-b3-sampled"]) == (B3_TRACE, flag)
+    else:
+        assert out["b3"].startswith(B3_TRACE) and out["b3"].endswith(f"-{flag}")
+    mesh.close()
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        pytest.param(
+            [
+                (b"x-b3-traceid", B3_TRACE.encode()),
+                (b"x-b3-spanid", B3_SPAN.encode()),
+                (b"x-b3-flags", b"1"),
+            ],
+            {"x-b3-flags": "1"},
+            id="multi",
+        ),
+        pytest.param([(b"b3", f"{B3_TRACE}-{B3_SPAN}-d".encode())], {}, id="single"),
+    ],
+)
+def test_a_b3_debug_trace_is_sampled_and_passed_on_as_debug(
+    provider: SdkTracerProvider,
+    exporter: InMemorySpanExporter,
+    headers: list[tuple[bytes, bytes]],
+    expected: dict[str, str],
+) -> None:
+    """Debug implies sampled, whatever the percentage, and goes on as debug
+    (`x-b3-flags: 1` without `x-b3-sampled`, or `-d`), not as a plain sampled flag."""
+    mesh = tagged_mesh("tracing: [{randomSamplingPercentage: 0}]", provider)
+    sent: list[dict[str, str]] = []
+    serve_once(mesh, headers, sent=sent)
+    (out,) = sent
+    (server,) = by_kind(exporter, SpanKind.SERVER)
+    (client,) = by_kind(exporter, SpanKind.CLIENT)
+    assert server.parent is not None and f"{server.parent.span_id:016x}" == B3_SPAN
+    assert client.context is not None
+    if "x-b3-flags" in expected:
+        assert out["x-b3-flags"] == "1" and "x-b3-sampled" not in out
+        assert out["x-b3-spanid"] == f"{client.context.span_id:016x}"
+    else:
+        assert out["b3"] == f"{B3_TRACE}-{client.context.span_id:016x}-d"
     mesh.close()
