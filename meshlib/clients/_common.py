@@ -11,10 +11,11 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from meshlib._text import ascii_int
+from meshlib.dataplane import outcome
 from meshlib.dataplane.balancer import cookie_to_set, hash_key
 from meshlib.dataplane.exchange import Attempt, Exchange
 from meshlib.dataplane.outcome import FLAGS_HEADER, LocalReply, join_flags
-from meshlib.dataplane.retry import AttemptResult
+from meshlib.dataplane.retry import RESET, AttemptResult
 from meshlib.dataplane.routing import HeaderEdits, RoutePlan
 from meshlib.mesh import Mesh
 from meshlib.policy.matching import RequestAttributes
@@ -25,6 +26,25 @@ from meshlib.telemetry.access_log import AccessLogEntry
 
 RESPONSE_FLAGS = "response_flags"  # httpx: response.extensions key with Envoy's flags
 UPSTREAM_HOST = "upstream_host"  # httpx: response.extensions key, "addr:port" that answered
+
+
+class BodyTooLate(Exception):
+    """The route deadline passed while the body of a response read whole was coming in."""
+
+
+def body_broke_off(error: BaseException, timed_out: bool, callers_timeout: bool) -> AttemptResult:
+    """How a try ends when reading a whole response's body fails, after its headers came.
+
+    Envoy never retries once a response has started (a POST is never sent twice because its
+    answer was slow or broke off), so this is final: the route deadline passing is 504 UT
+    (`BodyTooLate`, or a read timeout of the mesh's), the caller's own read timeout is its
+    error, and a connection lost mid-body is the client's error, as an app behind a sidecar
+    sees the response break off."""
+    if isinstance(error, BodyTooLate) or (timed_out and not callers_timeout):
+        return AttemptResult(reply=outcome.timeout())
+    if timed_out:
+        return AttemptResult(failure=RESET, error=error, client_timeout=True)
+    return AttemptResult(failure=RESET, error=error, broke_off=True)
 
 
 def upstream_netloc(endpoint: Endpoint) -> str:

@@ -27,7 +27,9 @@ from meshlib.clients._common import (
     MIRROR_TIMEOUT,
     RESPONSE_FLAGS,
     UPSTREAM_HOST,
+    BodyTooLate,
     MirrorTracker,
+    body_broke_off,
     choose_hash_key,
     client_span,
     edited_headers,
@@ -209,13 +211,16 @@ def _replayable(request: httpx.Request) -> bool:
     return isinstance(request.stream, httpx.ByteStream)
 
 
-def _failed(
-    exc: httpx.TransportError, request: httpx.Request, attempt: Attempt, after_headers: bool = False
-) -> AttemptResult:
-    """How a transport error ends an attempt, in Envoy's terms. `after_headers`: it broke
-    off the response's body (see `AttemptResult.broke_off`)."""
-    if after_headers and not isinstance(exc, httpx.TimeoutException):
-        return AttemptResult(failure=RESET, error=exc, broke_off=True)
+def _body_failed(exc: Exception, request: httpx.Request, attempt: Attempt) -> AttemptResult:
+    """How a try ends when reading the body of a response read whole fails."""
+    timed_out = isinstance(exc, httpx.TimeoutException)
+    caller = request.extensions.get("timeout") or {}
+    mesh_owned = timed_out and attempt.timeouts(caller.get("connect"), caller.get("read"))[2]
+    return body_broke_off(exc, timed_out, timed_out and not mesh_owned)
+
+
+def _failed(exc: httpx.TransportError, request: httpx.Request, attempt: Attempt) -> AttemptResult:
+    """How a transport error ends an attempt, in Envoy's terms."""
     caller = request.extensions.get("timeout") or {}
     if isinstance(exc, httpx.ConnectTimeout):
         cause = attempt.connect_timed_out(caller.get("connect"))
@@ -363,9 +368,10 @@ class _MeshTransportBase:
     ) -> Exchange:
         exchange = mesh.exchange(plan, replayable=replayable)
         choose_hash_key(exchange, mesh, attributes)
-        if exchange.cluster.limits.may_wait:  # waiting for a connection: httpx's pool timeout
-            exchange.pool_timeout = (request.extensions.get("timeout") or {}).get("pool")
-            exchange.pool_timeout_error = functools.partial(httpx.PoolTimeout, request=request)
+        # Waiting for a connection (maxConnections) is bounded by httpx's pool timeout. Set
+        # on every request: a policy update may add maxConnections before a retry.
+        exchange.pool_timeout = (request.extensions.get("timeout") or {}).get("pool")
+        exchange.pool_timeout_error = functools.partial(httpx.PoolTimeout, request=request)
         return exchange
 
     def _respond(
@@ -459,7 +465,6 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
                 try:
                     with passthrough_inside():
                         upstream = self._upstream(mesh, request, view, plan, attempt)
-                        until = _until(attempt)
                         response = self._inner.handle_request(upstream)
                 except _CALLERS_OWN:
                     raise  # the request itself is wrong: the app's error, as without the mesh
@@ -469,9 +474,9 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
                     result = self._result(response)
                     if whole:
                         try:
-                            _read_whole(response, upstream, until)
-                        except httpx.TransportError as exc:
-                            result = _failed(exc, request, attempt, after_headers=True)
+                            _read_whole(response, exchange.deadline.at)
+                        except (httpx.TransportError, BodyTooLate) as exc:
+                            result = _body_failed(exc, request, attempt)
                 end_client_span(mesh, span, result)
                 return result
 
@@ -492,20 +497,11 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         self._inner.close()
 
 
-def _until(attempt: Attempt) -> float | None:
-    """When the try's time runs out (`time.monotonic()`), if it is bounded."""
-    return None if attempt.timeout is None else time.monotonic() + attempt.timeout
-
-
-def _late(request: httpx.Request) -> httpx.ReadTimeout:
-    return httpx.ReadTimeout("the try's time ran out while reading the response", request=request)
-
-
-def _read_whole(response: httpx.Response, request: httpx.Request, until: float | None) -> None:
-    """Read the body of a response the caller reads whole (not streamed) within the try, as
-    Envoy's timeouts and in-flight counts cover the whole response: a body that trickles past
-    the try's time is a timeout (`httpx.ReadTimeout`), a connection lost mid-body a reset
-    (`retryOn: reset` retries it). The response then holds the bytes, read as httpx would."""
+def _read_whole(response: httpx.Response, until: float | None) -> None:
+    """Read the body of a response the caller reads whole (not streamed) within its try, as
+    Envoy's timeouts and in-flight counts cover the whole response: the route deadline
+    (`until`, `time.monotonic()`) bounds it, checked between reads (each read is bounded by
+    the try's read timeout). The response then holds the bytes, read again as httpx would."""
     stream = response.stream
     if isinstance(stream, httpx.ByteStream):
         return  # it came whole
@@ -514,17 +510,15 @@ def _read_whole(response: httpx.Response, request: httpx.Request, until: float |
     try:
         for chunk in stream:
             if until is not None and time.monotonic() > until:
-                raise _late(request)
+                raise BodyTooLate
             chunks.append(chunk)
     finally:
         stream.close()
     response.stream = httpx.ByteStream(b"".join(chunks))
 
 
-async def _aread_whole(
-    response: httpx.Response, request: httpx.Request, until: float | None
-) -> None:
-    """`_read_whole` for asyncio: the try's time bounds the whole read."""
+async def _aread_whole(response: httpx.Response, until: float | None) -> None:
+    """`_read_whole` for asyncio: the route deadline bounds the whole read."""
     stream = response.stream
     if isinstance(stream, httpx.ByteStream):
         return
@@ -536,7 +530,7 @@ async def _aread_whole(
             try:
                 body = await asyncio.wait_for(_joined(stream), until - time.monotonic())
             except asyncio.TimeoutError:
-                raise _late(request) from None
+                raise BodyTooLate from None
     finally:
         await stream.aclose()
     response.stream = httpx.ByteStream(body)
@@ -627,7 +621,6 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
                 try:
                     with passthrough_inside():
                         upstream = self._upstream(mesh, request, view, plan, attempt)
-                        until = _until(attempt)
                         response = await self._inner.handle_async_request(upstream)
                 except _CALLERS_OWN:
                     raise  # the request itself is wrong: the app's error, as without the mesh
@@ -637,9 +630,9 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
                     result = self._result(response)
                     if whole:
                         try:
-                            await _aread_whole(response, upstream, until)
-                        except httpx.TransportError as exc:
-                            result = _failed(exc, request, attempt, after_headers=True)
+                            await _aread_whole(response, exchange.deadline.at)
+                        except (httpx.TransportError, BodyTooLate) as exc:
+                            result = _body_failed(exc, request, attempt)
                 end_client_span(mesh, span, result)
                 return result
 

@@ -30,7 +30,9 @@ from urllib3.util import Timeout
 
 from meshlib.clients._common import (
     MIRROR_TIMEOUT,
+    BodyTooLate,
     MirrorTracker,
+    body_broke_off,
     choose_hash_key,
     client_span,
     edited_headers,
@@ -111,17 +113,17 @@ def _replayable(request: requests.PreparedRequest) -> bool:
 
 
 def _read_whole(response: requests.Response, until: float | None) -> None:
-    """Read the body of a response the caller reads whole (`stream=False`) within the try,
-    as Envoy's timeouts and in-flight counts cover the whole response: a body that trickles
-    past the try's time is a timeout, a connection lost mid-body a reset. The bytes are kept
-    where `response.content` finds them, decoded as requests decodes them."""
+    """Read the body of a response the caller reads whole (`stream=False`) within its try, as
+    Envoy's timeouts and in-flight counts cover the whole response: the route deadline
+    (`until`, `time.monotonic()`) bounds it, checked between reads. The bytes are kept where
+    `response.content` finds them, decoded as requests decodes them."""
     if until is None or response.raw is None:  # (no raw: an adapter gave the body already)
         response.content  # noqa: B018 - requests reads and keeps the body
         return
     chunks = []
     for chunk in response.iter_content(_CHUNK):
         if time.monotonic() > until:
-            raise requests.ReadTimeout("the try's time ran out while reading the response")
+            raise BodyTooLate
         chunks.append(chunk)
     response._content = b"".join(chunks)
     response._content_consumed = True  # type: ignore[attr-defined]
@@ -274,15 +276,17 @@ class MeshAdapter(HTTPAdapter):
                 self._mirroring.submit(self._send_mirror, copy, timeout, options)
         exchange = mesh.exchange(plan, replayable=replayable)
         choose_hash_key(exchange, mesh, attributes)
-        if exchange.cluster.limits.may_wait:  # requests has no pool timeout: its connect one
-            exchange.pool_timeout = _caller_timeouts(timeout)[0]
-            exchange.pool_timeout_error = functools.partial(ConnectTimeout, request=request)
+        # requests has no pool timeout: its connect timeout bounds waiting for a connection
+        exchange.pool_timeout = _caller_timeouts(timeout)[0]
+        exchange.pool_timeout_error = functools.partial(ConnectTimeout, request=request)
 
         def send(attempt: Attempt) -> AttemptResult:
             with client_span(
                 mesh, request.method or "GET", request.url, plan, attempt, view
             ) as span:
-                result = self._attempt(mesh, request, view, plan, attempt, options, timeout)
+                result = self._attempt(
+                    mesh, request, view, plan, attempt, options, timeout, exchange.deadline.at
+                )
                 end_client_span(mesh, span, result)
                 return result
 
@@ -322,12 +326,13 @@ class MeshAdapter(HTTPAdapter):
         attempt: Attempt,
         options: dict[str, Any],
         timeout: Any,
+        until: float | None,
     ) -> AttemptResult:
+        """One try; `until` is the route deadline (`time.monotonic()`), if any."""
         caller_connect, caller_read = _caller_timeouts(timeout)
         propagated = mesh.propagator.outbound(view.__contains__, attempt.timeout)
         upstream = self._upstream(request, plan, attempt, propagated, mesh.identity)
         connect, read, mesh_owned = attempt.timeouts(caller_connect, caller_read)
-        until = None if attempt.timeout is None else time.monotonic() + attempt.timeout
         try:
             response = self._send_upstream(upstream, timeout=(connect, read), **options)
         except requests.ConnectTimeout as exc:
@@ -342,13 +347,15 @@ class MeshAdapter(HTTPAdapter):
         if not options["stream"]:
             try:
                 _read_whole(response, until)
-            except (requests.ConnectionError, requests.Timeout, ChunkedEncodingError) as exc:
+            except (
+                requests.ConnectionError,
+                requests.Timeout,
+                ChunkedEncodingError,
+                BodyTooLate,
+            ) as exc:
                 response.close()
-                if _classify(exc) == PER_TRY_TIMEOUT:
-                    return AttemptResult(
-                        failure=PER_TRY_TIMEOUT, error=exc, client_timeout=not mesh_owned
-                    )
-                return AttemptResult(failure=RESET, error=exc, broke_off=True)
+                timed_out = not isinstance(exc, BodyTooLate) and _classify(exc) == PER_TRY_TIMEOUT
+                return body_broke_off(exc, timed_out, timed_out and not mesh_owned)
         return AttemptResult(
             status=response.status_code,
             grpc_status=response.headers.get("grpc-status"),
@@ -441,15 +448,19 @@ def _cookies_as_edited(
     response: requests.Response, request: requests.PreparedRequest, edits: HeaderEdits
 ) -> None:
     """A route's response header edits of `Set-Cookie` also apply where requests' cookie jars
-    read cookies (the raw HTTP message): a cookie the route removes is never stored, as the
-    app behind a sidecar never sees it."""
-    names = {*edits.set, *edits.remove, *(name.lower() for name, _ in edits.add)}
+    read cookies (the raw HTTP message, one field per cookie; `response.headers` joins them):
+    a cookie the route removes is never stored, one it adds is, as behind a sidecar."""
+    added = [value for name, value in edits.add if name.lower() == "set-cookie"]
+    replaced = edits.set.get("set-cookie")
+    removed = "set-cookie" in edits.remove
     message = getattr(getattr(response.raw, "_original_response", None), "msg", None)
-    if "set-cookie" not in names or message is None:
+    if message is None or not (added or replaced is not None or removed):
         return
+    # In edited_headers' order: set replaces, add appends, remove takes every one away.
+    values = list(message.get_all("Set-Cookie") or ()) if replaced is None else [replaced]
+    values = [] if removed else [*values, *added]
     del message["Set-Cookie"]  # an email.message.Message: every one of them
-    value = response.headers.get("set-cookie")
-    if value is not None:
+    for value in values:
         message["Set-Cookie"] = value
     response.cookies = requests.cookies.RequestsCookieJar()
     requests.cookies.extract_cookies_to_jar(response.cookies, request, response.raw)  # type: ignore[no-untyped-call]

@@ -91,10 +91,11 @@ class Ticket:
     the queue, a granted one passes its connection to the next in line.
     """
 
-    __slots__ = ("_event", "_future", "_limits", "granted")
+    __slots__ = ("_event", "_future", "_limits", "granted", "released")
 
     def __init__(self, limits: ClusterLimits | None, granted: bool) -> None:
         self.granted = granted
+        self.released = False  # given back (a waiting ticket's second release is ignored)
         self._limits = limits
         self._event: threading.Event | None = None
         self._future: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
@@ -121,11 +122,10 @@ class Ticket:
                 return True
             future: asyncio.Future[None] = loop.create_future()
             self._future = (loop, future)
-        try:
-            await asyncio.wait_for(future, timeout)
-        except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11 on
-            return not limits._withdraw(self)  # granted in the meantime: go ahead
-        return True
+        # asyncio.wait, not wait_for: before Python 3.12, wait_for can swallow a cancellation
+        # that lands as the future completes (CPython gh-86296), and the request would go on.
+        done, _ = await asyncio.wait((future,), timeout=timeout)
+        return bool(done) or not limits._withdraw(self)  # granted meanwhile: go ahead
 
     def _wake(self) -> None:
         """Tell the waiter it was granted (called outside the limits' lock)."""
@@ -133,8 +133,11 @@ class Ticket:
             self._event.set()
         if self._future is not None:
             loop, future = self._future
-            with contextlib.suppress(RuntimeError):  # the waiter's loop is closed: it is gone
+            try:
                 loop.call_soon_threadsafe(_resolve, future)
+            except RuntimeError:  # its event loop is closed: the waiter is gone for good,
+                if self._limits is not None:  # so the connection goes to the next in line
+                    self._limits.release_request(self)
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
@@ -197,6 +200,10 @@ class ClusterLimits:
         """Give back an admitted request's ticket: its connection goes to the next request
         waiting, or a waiting ticket leaves the queue. Extra releases are ignored."""
         with self._lock:
+            if ticket is not _CONNECTED:
+                if ticket.released:
+                    return
+                ticket.released = True
             if not ticket.granted:
                 self._withdraw_locked(ticket)
                 return
@@ -261,11 +268,6 @@ class ClusterLimits:
     @property
     def thresholds(self) -> Thresholds:
         return self._thresholds
-
-    @property
-    def may_wait(self) -> bool:
-        """Whether a request can have to wait for a connection (maxConnections is set)."""
-        return self._thresholds.max_connections != UNLIMITED
 
     @property
     def max_requests_per_connection(self) -> int | None:

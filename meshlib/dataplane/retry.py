@@ -50,16 +50,16 @@ class AttemptResult:
     endpoint: str | None = None
     rate_limited: bool = False  # the response carries x-envoy-ratelimited
     client_timeout: bool = False  # the caller's own timeout fired, not the mesh's
-    # The connection was lost reading the body, after the headers: if not retried, the
-    # caller gets the error, as the app behind a sidecar sees the response break off.
+    # The connection was lost reading the body, after the headers: never retried (Envoy does
+    # not retry a started response); the caller gets the error, as behind a sidecar.
     broke_off: bool = False
     headers: Mapping[str, str] | None = None  # response headers the adapter read, lowercase
 
 
 def is_retriable(policy: RetryPolicy, result: AttemptResult) -> bool:
     """Whether `retryOn` covers this outcome (ISTIO.md §3.2)."""
-    if result.reply is not None or result.client_timeout:
-        return False  # local answers and the caller's own timeout are final
+    if result.reply is not None or result.client_timeout or result.broke_off:
+        return False  # local answers, the caller's own timeout, a started response: final
     on = policy.retry_on
     failure = result.failure
     if failure is not None:

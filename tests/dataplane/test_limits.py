@@ -87,7 +87,6 @@ def test_unset_and_zero_mean_unlimited() -> None:
         assert limits.thresholds.max_requests == UNLIMITED
         assert limits.thresholds.max_connections == UNLIMITED
         assert limits.overflows == 0
-        assert not limits.may_wait
 
 
 def test_pending_limit_counts_requests_waiting_for_a_connection() -> None:
@@ -96,7 +95,6 @@ def test_pending_limit_counts_requests_waiting_for_a_connection() -> None:
     tickets = acquire(limits, 3)
     assert states(tickets) == ["connected", "connected", "waiting"]
     assert limits.pending_requests == 1
-    assert limits.may_wait
     assert limits.try_acquire_request() is None
     assert tickets[0] is not None and tickets[2] is not None
     limits.release_request(tickets[0])
@@ -431,3 +429,24 @@ def test_threads_queueing_for_connections_never_exceed_max_connections() -> None
     assert served == 16 * 200
     assert most <= 2
     assert limits.active_requests == 0 and limits.pending_requests == 0
+
+
+def test_a_waiter_whose_event_loop_closed_passes_its_connection_on() -> None:
+    """A ticket waiting on an event loop that was closed (its task never cancelled) cannot
+    be woken: the connection it is granted goes on to the next in line at once."""
+    limits = ClusterLimits(pool(max_connections=1), None)
+    holder = connect(limits)
+    dead = limits.try_acquire_request()
+    assert dead is not None
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(dead.wait_async(None))  # kept referenced: never collected here
+    loop.run_until_complete(asyncio.sleep(0.01))
+    loop.close()
+    behind = limits.try_acquire_request()
+    assert behind is not None and not behind.granted
+    limits.release_request(holder)
+    assert dead.granted and behind.granted
+    assert limits.active_requests == 1  # only `behind` holds a connection
+    limits.release_request(dead)  # its task's own release, were it ever to run, is ignored
+    assert limits.active_requests == 1
+    del task

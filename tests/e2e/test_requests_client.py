@@ -215,3 +215,29 @@ spec:
             assert list(response.cookies) == [] and list(session.cookies) == []
     finally:
         stripping.close()
+
+
+def test_a_cookie_the_route_adds_is_stored_beside_the_upstreams(mesh: meshlib.Mesh) -> None:
+    """A VirtualService adding a Set-Cookie: the upstream's cookie and the added one are both
+    stored, as the app behind a sidecar gets both."""
+    policy = """\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - route: [{destination: {host: reviews}}]
+    headers: {response: {add: {set-cookie: "topping=jam; Path=/"}}}
+"""
+    port = mesh.snapshot.endpoints(HOST, None, 9080)[0].port
+    adding = mesh_for(
+        MeshConfig(service="productpage"), loopback_service(HOST, port) + "---\n" + policy
+    )
+    try:
+        with meshlib.Session(mesh=adding) as session:
+            response = session.get(URL + "/cookie", timeout=5)
+            assert sorted(c.name for c in response.cookies) == ["flavour", "topping"]
+            assert sorted(c.name for c in session.cookies) == ["flavour", "topping"]
+    finally:
+        adding.close()

@@ -1,8 +1,8 @@
 """A response the caller reads whole (not streamed) is read within the try, as Envoy's
 timeouts and in-flight counts cover the whole response, for all three meshed clients: the
 route timeout bounds a body that trickles, `maxConnections` holds until the body is read,
-and a body broken off is retried when `retryOn` says `reset` (else the caller gets the
-error, as behind a sidecar). A streamed response is left to the caller."""
+and a started response is never retried (a body broken off is the caller's error, as behind
+a sidecar). A streamed response is left to the caller."""
 
 from __future__ import annotations
 
@@ -113,7 +113,13 @@ spec:
 
 
 def call(
-    kind: str, mesh: meshlib.Mesh, path: str, n: int = 1, *, stream: bool = False
+    kind: str,
+    mesh: meshlib.Mesh,
+    path: str,
+    n: int = 1,
+    *,
+    stream: bool = False,
+    read_timeout: float = 10.0,
 ) -> list[Any]:
     """n concurrent GETs through one client of `kind`: (status, body, flags) or the exception."""
 
@@ -124,7 +130,7 @@ def call(
             return exc
 
     if kind == "httpx":
-        with meshed_httpx.Client(mesh=mesh, timeout=10) as client:
+        with meshed_httpx.Client(mesh=mesh, timeout=httpx.Timeout(10, read=read_timeout)) as client:
 
             def get() -> Any:
                 if stream:
@@ -146,13 +152,14 @@ def call(
         with meshed_requests.Session(mesh=mesh) as session:
 
             def get_requests() -> Any:
-                response = session.get(URL + path, timeout=10, stream=stream)
+                response = session.get(URL + path, timeout=(10, read_timeout), stream=stream)
                 return (response.status_code, response.content, response.response_flags)  # type: ignore[attr-defined]
 
             return _threads(lambda: one_sync(get_requests), n)
 
     async def run() -> list[Any]:
-        async with meshed_httpx.AsyncClient(mesh=mesh, timeout=10) as client:
+        timeout = httpx.Timeout(10, read=read_timeout)
+        async with meshed_httpx.AsyncClient(mesh=mesh, timeout=timeout) as client:
 
             async def get_async() -> Any:
                 try:
@@ -229,19 +236,39 @@ def test_max_connections_holds_until_the_body_is_read(
     assert servers["a"][0].peak == 1
 
 
-def test_a_body_broken_off_is_retried_on_reset(
+def test_a_started_response_is_never_retried(
     servers: dict[str, tuple[Chunks, AsgiServer]], client_kind: str
 ) -> None:
-    """retryOn reset: a connection lost mid-body is retried on another endpoint, where
-    Envoy, having passed the headers on, could not."""
+    """Envoy never retries a response that has started, whatever `retryOn` says: a body
+    broken off is the caller's error, and a body that outlasts `perTryTimeout` (Envoy ignores
+    the per-try timeout once the response started) is answered — each request sent once."""
     mesh = make_mesh(
         servers,
-        "route: [{destination: {host: chunks}}]\n    retries: {attempts: 2, retryOn: reset}",
+        "route: [{destination: {host: chunks}}]\n"
+        "    retries: {attempts: 2, perTryTimeout: 300ms, retryOn: 'reset,5xx'}",
     )
-    results = call(client_kind, mesh, "/broken-on-a", 8)
+    broken = call(client_kind, mesh, "/broken", 4)
+    trickled = call(client_kind, mesh, "/trickle", 2)
     mesh.close()
-    assert all(not isinstance(r, Exception) and r[:2] == (200, b"done") for r in results), results
-    assert servers["a"][0].served > 0  # some first tries did break off
+    errors = (httpx.RemoteProtocolError, httpx.ReadError, requests.exceptions.ChunkedEncodingError)
+    assert all(isinstance(outcome, errors) for outcome in broken), broken
+    assert trickled == [(200, b"x" * 50 + b"done", [])] * 2
+    assert sum(app.served for app, _ in servers.values()) == 6  # none sent twice
+
+
+def test_the_route_deadline_not_the_callers_timeout_ends_a_slow_body(
+    servers: dict[str, tuple[Chunks, AsgiServer]], client_kind: str
+) -> None:
+    """A 250 ms route timeout and a caller's 200 ms read timeout, against a body whose chunks
+    come 100 ms apart (no single read waits 200 ms): the route's deadline is what runs out,
+    so the answer is 504 UT, not the caller's timeout error."""
+    mesh = make_mesh(
+        servers, "route: [{destination: {host: chunks, subset: a}}]\n    timeout: 250ms"
+    )
+    ((outcome),) = call(client_kind, mesh, "/trickle", read_timeout=0.2)
+    mesh.close()
+    assert not isinstance(outcome, Exception), outcome
+    assert (outcome[0], outcome[2]) == (504, ["UT"])
 
 
 def test_a_body_broken_off_is_the_callers_error_without_retry(
