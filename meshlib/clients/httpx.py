@@ -15,7 +15,6 @@ balances, retries and times out as the route says and answers locally where a si
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -371,7 +370,8 @@ class _MeshTransportBase:
         # Waiting for a connection (maxConnections) is bounded by httpx's pool timeout. Set
         # on every request: a policy update may add maxConnections before a retry.
         exchange.pool_timeout = (request.extensions.get("timeout") or {}).get("pool")
-        exchange.pool_timeout_error = functools.partial(httpx.PoolTimeout, request=request)
+        exchange.pool_timeout_error = httpx.PoolTimeout
+        exchange.caller_request = request
         return exchange
 
     def _respond(

@@ -83,6 +83,10 @@ class Attempt:
         return CONNECT_FAILURE
 
 
+def _timeout_error(message: str, request: object = None) -> BaseException:
+    return TimeoutError(message)
+
+
 class Exchange:
     """The state of one request across its attempts."""
 
@@ -109,9 +113,11 @@ class Exchange:
         self.hash_key: str | None = None  # consistent-hash key, set by the adapter
         self.set_cookie: str | None = None  # a generated hash cookie for the response
         # The caller's own bound on waiting for a connection (httpx's pool timeout), and the
-        # error its client raises when that runs out; set by the adapter.
+        # error its client raises when that runs out, made as `error(message, request=...)`
+        # with the caller's request; set by the adapter.
         self.pool_timeout: float | None = None
-        self.pool_timeout_error: Callable[[str], BaseException] = TimeoutError
+        self.pool_timeout_error: Callable[..., BaseException] = _timeout_error
+        self.caller_request: object = None
 
     # -- one attempt -------------------------------------------------------------------
 
@@ -191,7 +197,8 @@ class Exchange:
         error = self.pool_timeout_error(
             f"no connection to {host} within the pool timeout ({caller:g} s): its "
             f"DestinationRule allows {maximum} connections (connectionPool.tcp.maxConnections),"
-            " all in use"
+            " all in use",
+            request=self.caller_request,
         )
         return AttemptResult(failure=PER_TRY_TIMEOUT, error=error, client_timeout=True)
 
