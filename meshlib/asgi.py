@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from meshlib._inbound import InboundExchange, InboundSide, InboundSides
+from meshlib._text import ascii_int
 from meshlib.mesh import Mesh
 from meshlib.telemetry import threads
 
@@ -51,13 +52,14 @@ class MeshMiddleware:
 class _Exchange(InboundExchange):
     """One ASGI request: its receive and send, wrapped (bound methods: no closures to make)."""
 
-    __slots__ = ("_complete", "_receive", "_send", "scope")
+    __slots__ = ("_complete", "_receive", "_send", "_started", "scope")
 
     def __init__(self, side: InboundSide, scope: Scope, receive: Receive, send: Send) -> None:
         self.scope = scope
         self._receive = receive
         self._send = send
         self._complete = False  # the last body message (no more_body) was sent
+        self._started: list[tuple[bytes, bytes]] | None = None  # the response's headers
         # The headers read on every request, decoded; the others untouched. One string per
         # name (a list per name would cost an allocation per header on every request).
         names = side.names
@@ -117,11 +119,32 @@ class _Exchange(InboundExchange):
         message = await self._receive()
         if message["type"] == "http.request":
             self.request_bytes += len(message.get("body", b""))
-        elif message["type"] == "http.disconnect" and not self._complete and self.dropped is None:
+        elif (
+            message["type"] == "http.disconnect"
+            and not self._complete
+            and self.dropped is None
+            and not self._delivered()
+        ):
             # The caller went away before the response was complete (servers also answer
             # http.disconnect once it is, which is normal): Envoy's DC, with what was sent.
             self.dropped = (self.status, self.response_bytes)
         return message
+
+    def _delivered(self) -> bool:
+        """Whether the caller has the whole response though the app has not ended it: an
+        answer to HEAD, a 204 or a 304 is whole once started; one that declared its
+        Content-Length once that many bytes went (the caller may close then, as Envoy's codec
+        ends the stream)."""
+        status = self.status
+        if not status:
+            return False
+        if status in (204, 304) or self.method() == "HEAD":
+            return True
+        for name, value in self._started or ():
+            if name.lower() == b"content-length":
+                length = ascii_int(value.decode("latin-1").strip(), 19)
+                return length is not None and self.response_bytes >= length
+        return False
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
@@ -130,7 +153,9 @@ class _Exchange(InboundExchange):
             self.status = self.status or message["status"]
             # A copy: the app may send the same message (and headers list) again.
             identity = self.side.identity_header
-            message = {**message, "headers": [*message.get("headers", ()), identity]}
+            headers = [*message.get("headers", ()), identity]
+            self._started = headers
+            message = {**message, "headers": headers}
         elif kind == "http.response.body":
             self.response_bytes += len(message.get("body", b""))
             if not message.get("more_body"):

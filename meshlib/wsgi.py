@@ -5,10 +5,11 @@
 The caller's context stays current while the app runs and while the server iterates the
 response (a streaming generator still sees it), until the response is closed; `close()`
 always reaches the app's iterable. An exception from the app, or from its iterable before
-any body was sent, is counted as the 500 the server answers and recorded on the span. What
-lets a server send a response its fast way stays visible to it: the server's own
-`wsgi.file_wrapper` object is given back as it is (sendfile), and a response with a length
-keeps it (Content-Length from `len()`).
+any body was sent, is counted as the 500 the server answers and recorded on the span. A
+response with a length keeps it (servers set Content-Length from `len()`). A file the app
+returns through the server's `wsgi.file_wrapper` is iterated by the server through the
+middleware, not sent with sendfile: what was sent, and a caller leaving midway, can then be
+counted exactly.
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ class MeshWSGIMiddleware:
                 exchange.status = int(status.split(" ", 1)[0])
             except ValueError:
                 exchange.status = 0
-            exchange.headers = headers
             return start_response(status, [*headers, identity], exc_info)
 
         exchange.request_bytes = ascii_int(environ.get("CONTENT_LENGTH") or "", 19) or 0
@@ -55,11 +55,6 @@ class MeshWSGIMiddleware:
         except BaseException as exc:  # an app error (500) or the worker stopping (DC)
             exchange.end(exc)
             raise
-        file_wrapper = environ.get("wsgi.file_wrapper")
-        if isinstance(file_wrapper, type) and isinstance(iterable, file_wrapper):
-            sent_whole = _sent_whole(iterable, exchange)
-            if sent_whole is not None:
-                return sent_whole
         if hasattr(iterable, "__len__"):
             return _SizedClosing(iterable, exchange)
         return _Closing(iterable, exchange)
@@ -68,11 +63,10 @@ class MeshWSGIMiddleware:
 class _Exchange(InboundExchange):
     """One WSGI request, read from its environ."""
 
-    __slots__ = ("environ", "headers")
+    __slots__ = ("environ",)
 
     def __init__(self, side: InboundSide, environ: dict[str, Any]) -> None:
         self.environ = environ
-        self.headers: list[tuple[str, str]] = []  # the response's, as the app started it
         super().__init__(side)
 
     def get_all(self, name: str) -> list[str] | None:
@@ -139,27 +133,3 @@ class _SizedClosing(_Closing):
 
     def __len__(self) -> int:
         return len(self._iterable)
-
-
-def _sent_whole(iterable: Any, exchange: _Exchange) -> Iterable[bytes] | None:
-    """The server's own `wsgi.file_wrapper` object, given back as it is so the server can send
-    the file its fast way (sendfile), with its close() ending the exchange; the body's bytes
-    are what the response's Content-Length says. None when its close cannot be wrapped."""
-    close = getattr(iterable, "close", None)
-
-    def closing() -> None:
-        try:
-            if close is not None:
-                close()
-        finally:
-            for name, value in exchange.headers:
-                if name.lower() == "content-length":
-                    exchange.response_bytes = ascii_int(value.strip(), 19) or 0
-            exchange.end()
-
-    try:
-        iterable.close = closing
-    except AttributeError:  # a wrapper with __slots__: iterate it like any other
-        return None
-    sent: Iterable[bytes] = iterable
-    return sent

@@ -363,8 +363,13 @@ class Propagator:
                 carrier[name] = values
         received_baggage = carrier.get("baggage")
         if received_baggage is not None and len(received_baggage) > 1:
-            # Several baggage headers are one list (RFC 9110 §5.3); the propagator reads one.
-            carrier["baggage"] = received_baggage = [",".join(received_baggage)]
+            # Several baggage headers are one list (RFC 9110 §5.3); the propagator reads one,
+            # and drops a value over W3C's limit whole: then the first header goes alone.
+            joined = ",".join(received_baggage)
+            if len(joined) <= _MAX_BAGGAGE:
+                carrier["baggage"] = received_baggage = [joined]
+            else:
+                carrier["baggage"] = received_baggage = received_baggage[:1]
         if len(carrier.get("traceparent", ())) > 1:
             # Sent twice: as a proxy joining them would, an invalid traceparent (W3C's test
             # suite restarts the trace), and no tracestate without it.
@@ -505,8 +510,13 @@ class Propagator:
         valid = get_current_span(ctx).get_span_context().is_valid
 
         carrier: dict[str, str] = {}
+        # A B3 caller's deferred decision, still undecided (no tracer here): W3C cannot say
+        # "deferred", and a traceparent flagged 00 would decide "no" for the next hop.
+        deferred = valid and ctx.get(B3_SAMPLING_KEY) == B3_DEFERRED
         for fmt, inject, fields, needs_span in self._injectors:
             if (fmt not in always and fmt not in used) or (needs_span and not valid):
+                continue
+            if deferred and fmt == TRACECONTEXT:
                 continue
             if _any_set(has, fields):
                 continue

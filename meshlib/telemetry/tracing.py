@@ -61,6 +61,7 @@ import importlib
 import logging
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from contextvars import Token
@@ -696,7 +697,7 @@ class _ServerScope(_Scope):
             if self.query is not None:
                 query = self.query()
                 if query:
-                    attributes["url.query"] = query
+                    attributes["url.query"] = _redacted(query)
             self.tracing.tags.add_to(attributes, self.headers)
             span.set_attributes(attributes)
         self.span = span
@@ -756,6 +757,8 @@ class _ClientScope(_Scope):
             url = self.url
             if userinfo:
                 url = url.replace(userinfo + "@", "", 1)
+            if "?" in url:
+                url = _redacted(url)
             attributes: dict[str, str | int] = {
                 "http.request.method": method,
                 "url.full": url,
@@ -793,6 +796,16 @@ def _method(method: str) -> str:
         return method
     upper = method.upper()
     return upper if upper in _KNOWN_METHODS else "_OTHER"
+
+
+# Query parameters whose values are credentials (signed URLs): OpenTelemetry's HTTP semantic
+# conventions (and its instrumentations' defaults) record them as REDACTED.
+_SENSITIVE_QUERY = re.compile(r"(^|[?&])(AWSAccessKeyId|Signature|sig|X-Goog-Signature)=[^&#]*")
+
+
+def _redacted(text: str) -> str:
+    """A query string or URL with the values of credential parameters replaced."""
+    return _SENSITIVE_QUERY.sub(r"\1\2=REDACTED", text) if "=" in text else text
 
 
 def _split_url(url: str) -> tuple[str, str, str]:

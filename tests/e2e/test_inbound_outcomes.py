@@ -220,3 +220,34 @@ def test_a_disconnect_after_the_answer_is_not_dc(serve: Callable[[Any], Served])
     assert seen == ["http.disconnect"]
     assert served.counted() == [("200", "-", 1.0)]
     assert [(e["response_code"], e["response_flags"]) for e in served.logged()] == [(200, "-")]
+
+
+def test_a_caller_that_has_the_whole_answer_is_not_dc(serve: Callable[[Any], Served]) -> None:
+    """A caller may close as soon as it has the whole response, before the app says it
+    ended: after all the Content-Length bytes, or after the headers of a HEAD answer (uvicorn
+    sends no body for it). Envoy's codec ends the stream on the same terms: not DC."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return  # no lifespan
+        await receive()
+        headers = [(b"content-length", b"10")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"x" * 10, "more_body": True})
+        while (await receive())["type"] != "http.disconnect":  # the caller closes first
+            pass
+        await send({"type": "http.response.body", "body": b""})
+
+    served = serve(app)
+    for method in (b"GET", b"HEAD"):
+        with socket.create_connection(("127.0.0.1", served.server.port)) as sock:
+            sock.sendall(method + b" /sized HTTP/1.1\r\nHost: ratings\r\n\r\n")
+            received = b""
+            while not received.endswith(b"x" * 10 if method == b"GET" else b"\r\n\r\n"):
+                received += sock.recv(65536)
+    served.wait(2)
+    assert served.counted() == [("200", "-", 2.0)]
+    assert sorted((e["method"], e["response_flags"], e["bytes_sent"]) for e in served.logged()) == [
+        ("GET", "-", 10),
+        ("HEAD", "-", 0),
+    ]

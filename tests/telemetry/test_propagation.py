@@ -224,8 +224,8 @@ def test_b3_deferred_decision_goes_on_deferred_without_a_tracer(
     headers: dict[str, str], b3_out: str | None
 ) -> None:
     """No tracer here to decide: the B3 headers go on without a sampling state (neither
-    `x-b3-sampled: 0` nor `-1`), for a hop that has one; W3C, which has no deferred state,
-    says 00 (the caller did not sample), the same for both forms."""
+    `x-b3-sampled: 0` nor `-1`), for a hop that has one; no traceparent goes with them: W3C
+    has no deferred state, and a `-00` would make the next hop decide "not sampled"."""
     p = Propagator()
     out = outbound(p, p.extract(get_all(headers)))
     if b3_out is None:
@@ -233,7 +233,7 @@ def test_b3_deferred_decision_goes_on_deferred_without_a_tracer(
         assert "x-b3-sampled" not in out and "x-b3-flags" not in out
     else:
         assert out["b3"] == b3_out
-    assert out["traceparent"] == f"00-{B3_TRACE_ID}-{B3_SPAN_ID}-00"
+    assert "traceparent" not in out
 
 
 def test_b3_single_debug_goes_on_as_debug() -> None:
@@ -918,3 +918,13 @@ def test_deactivating_twice_does_nothing(caplog: pytest.LogCaptureFixture) -> No
     with caplog.at_level("DEBUG"):
         ctx.run(twice)
     assert not [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")]
+
+
+def test_baggage_headers_too_long_together_keep_the_first() -> None:
+    """Several baggage headers whose sum passes W3C's 8,192 bytes (the propagator would drop
+    the joined value whole): the first header goes on, as before they were joined."""
+    p = Propagator()
+    first = ",".join(f"a{i}=v" for i in range(700))  # ~4.5 KB each
+    second = ",".join(f"b{i}=v" for i in range(700))
+    inbound = p.extract(lambda name: [first, second] if name == "baggage" else None)
+    assert outbound(p, inbound)["baggage"] == first

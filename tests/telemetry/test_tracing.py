@@ -748,3 +748,29 @@ def test_a_b3_debug_trace_is_sampled_and_passed_on_as_debug(
     else:
         assert out["b3"] == f"{B3_TRACE}-{client.context.span_id:016x}-d"
     mesh.close()
+
+
+def test_signed_url_credentials_are_redacted(
+    tracing: Tracing, exporter: InMemorySpanExporter
+) -> None:
+    """The values of a signed URL's credential parameters (AWSAccessKeyId, Signature, sig,
+    X-Goog-Signature) are recorded as REDACTED, as OpenTelemetry's HTTP conventions say, in a
+    SERVER span's url.query and a CLIENT span's url.full; other parameters stay."""
+    query = "X-Goog-Signature=abc&page=2&sig=s3cr3t"
+    with tracing.server_span(
+        "GET", "/r", scheme="http", host="pp", context=None, query=lambda: query
+    ) as span:
+        tracing.finish_server(span, 200)
+    url = "https://bucket.example/o?AWSAccessKeyId=AKIA&Signature=xyz&design=1"
+    with tracing.client_span(
+        "GET", url, attempt=1, cluster=None, subset=None, upstream=None
+    ) as span:
+        tracing.finish_client(span, 200)
+    (server,) = by_kind(exporter, SpanKind.SERVER)
+    (client,) = by_kind(exporter, SpanKind.CLIENT)
+    assert (server.attributes or {})["url.query"] == (
+        "X-Goog-Signature=REDACTED&page=2&sig=REDACTED"
+    )
+    assert (client.attributes or {})["url.full"] == (
+        "https://bucket.example/o?AWSAccessKeyId=REDACTED&Signature=REDACTED&design=1"
+    )
