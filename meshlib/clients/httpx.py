@@ -347,8 +347,12 @@ class _MeshTransportBase:
         pairs = [*original.multi_items(), *mesh.propagator.outbound(view.__contains__)]
         edited = edited_headers(pairs, plan.request_headers, extra)
         headers = encoded(edited, original.encoding)
-        # the caller's timeouts (httpx's 5 s by default); a copy never waits for good
-        timeout = request.extensions.get("timeout") or _MIRROR_TIMEOUTS
+        # the caller's timeouts (httpx's 5 s by default), 10 s where it set none: a copy never
+        # waits for good
+        timeout = {
+            phase: MIRROR_TIMEOUT if seconds is None else seconds
+            for phase, seconds in (request.extensions.get("timeout") or _MIRROR_TIMEOUTS).items()
+        }
         return httpx.Request(
             request.method,
             url,

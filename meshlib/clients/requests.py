@@ -113,9 +113,16 @@ def _text(value: str | bytes) -> str:
     return value.decode("latin-1") if isinstance(value, bytes) else value
 
 
+class ConnectionWaitTimeout(ConnectTimeout):
+    """The caller's connect timeout ran out while its request waited for a connection the
+    DestinationRule's `tcp.maxConnections` had all in use (requests has no pool timeout)."""
+
+
 def _exception_flag(exc: BaseException) -> str:
     """Envoy's flag for a call that raised: the caller gave up (DC), or the connection failed."""
     failure = _classify(exc) if isinstance(exc, requests.RequestException) else None
+    if isinstance(exc, ConnectionWaitTimeout):
+        return Flag.DOWNSTREAM_TERMINATION  # gave up waiting: nothing was sent
     if failure == PER_TRY_TIMEOUT or not isinstance(exc, Exception):
         return Flag.DOWNSTREAM_TERMINATION  # the caller's timeout, Ctrl-C
     if failure == CONNECT_FAILURE:
@@ -294,7 +301,8 @@ class MeshAdapter(HTTPAdapter):
         # requests has no pool timeout: its connect timeout bounds waiting for a connection
         caller = _caller_timeouts(timeout)
         exchange.pool_timeout = caller[0]
-        exchange.pool_timeout_error = ConnectTimeout
+        exchange.pool_timeout_error = ConnectionWaitTimeout
+        exchange.pool_timeout_name = "connect timeout (requests has no pool timeout)"
         exchange.caller_request = request
 
         def send(attempt: Attempt) -> AttemptResult:

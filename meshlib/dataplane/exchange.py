@@ -118,6 +118,7 @@ class Exchange:
         self.pool_timeout: float | None = None
         self.pool_timeout_error: Callable[..., BaseException] = _timeout_error
         self.caller_request: object = None
+        self.pool_timeout_name = "pool timeout"  # what the caller calls that bound
 
     # -- one attempt -------------------------------------------------------------------
 
@@ -195,9 +196,9 @@ class Exchange:
         maximum = self.cluster.limits.thresholds.max_connections
         host = self.plan.cluster[0] if self.plan.cluster else self.plan.authority
         error = self.pool_timeout_error(
-            f"no connection to {host} within the pool timeout ({caller:g} s): its "
+            f"no connection to {host} within the {self.pool_timeout_name} ({caller:g} s): its "
             f"DestinationRule allows {maximum} connections (connectionPool.tcp.maxConnections),"
-            " all in use",
+            " all in use; raise maxConnections, or wait longer",
             request=self.caller_request,
         )
         return AttemptResult(failure=PER_TRY_TIMEOUT, error=error, client_timeout=True)

@@ -890,3 +890,25 @@ def test_mirrored_copies_pending_are_bounded() -> None:
     tracker.wait(10)
     assert tracker.submit(lambda: None)
     tracker.wait(10)
+
+
+def test_a_mirrored_copy_never_waits_for_good() -> None:
+    """With `timeout=None`, the caller's request may wait as long as it takes, but its
+    mirrored copy gets 10 s in every phase: copies to a mirror that never answers cannot fill
+    the slots for mirrored copies."""
+    import threading
+
+    copies: list[dict[str, float | None]] = []
+    mirrored = threading.Event()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if "x-envoy-attempt-count" not in request.headers:  # the mirrored copy
+            copies.append(request.extensions["timeout"])
+            mirrored.set()
+        return httpx.Response(200)
+
+    policy = vs("- route: [{destination: {host: api.internal}}]\n  mirror: {host: api.internal}")
+    with client(policy, handler, timeout=None) as c:
+        c.get("http://api.internal/m")
+        assert mirrored.wait(5)
+    assert copies == [dict.fromkeys(("connect", "read", "write", "pool"), 10.0)]

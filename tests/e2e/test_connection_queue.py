@@ -106,3 +106,10 @@ def test_requests_connect_timeout_bounds_the_wait(
             session.get(URL + "/", timeout=(0.1, 10))
         assert first.result().status_code == 200
     assert upstreams["v1"].behaviour.received == 1
+    gave_up = [
+        sample.labels["response_flags"]
+        for metric in mesh.registry.collect()
+        for sample in metric.samples
+        if sample.name == "istio_requests_total" and sample.labels["response_code"] == "0"
+    ]
+    assert gave_up == ["DC"]  # the caller gave up waiting; nothing was sent
