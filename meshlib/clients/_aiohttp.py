@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import ssl
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -78,7 +79,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     """`httpx.AsyncClient(transport=AiohttpTransport())`: httpx's API over aiohttp's pool.
 
     `verify` is passed to aiohttp as its `ssl` argument: True verifies with the default
-    context, False does not verify, an `ssl.SSLContext` is used as is. `max_connections`
+    context, False does not verify, an `ssl.SSLContext` is used as is, and a path to a CA
+    bundle file or directory verifies against it (as httpx still accepts). `max_connections`
     bounds the pool (None: unbounded), `max_connections_per_host` each host (None: only the
     total bound); a request beyond them waits up to its pool timeout. `keepalive_expiry`
     closes connections idle for longer (None: kept until the server closes them).
@@ -87,7 +89,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     def __init__(
         self,
         *,
-        verify: ssl.SSLContext | bool = True,
+        verify: ssl.SSLContext | str | bool = True,
         max_connections: int | None = 100,
         max_connections_per_host: int | None = None,
         keepalive_expiry: float | None = 5.0,
@@ -98,7 +100,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         ):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
-        self._verify = verify
+        self._verify = _ssl_context(verify) if isinstance(verify, str) else verify
         self._max_connections = max_connections
         self._max_connections_per_host = max_connections_per_host
         self._keepalive_expiry = keepalive_expiry
@@ -128,7 +130,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             try:
                 data = request.content or None
             except httpx.RequestNotRead:
-                data = _iter_request_body(request)
+                data = _RequestBody(request)
         names = {name for name, _ in headers}  # lowercase
         # aiohttp frames the body itself (Content-Length for bytes, chunks for a stream) and
         # refuses a preset chunked header; a streamed body read in advance keeps httpx's.
@@ -152,6 +154,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             )
         except BaseException as exc:
             self._in_flight -= 1
+            if isinstance(data, _RequestBody) and data.error is not None:
+                raise data.error from None  # the app's own body failed: its error, as httpx's
             if isinstance(exc, aiohttp.ClientError | asyncio.TimeoutError):
                 raise _map_error(exc, request, queued=queued, reading=False) from exc
             raise
@@ -292,12 +296,31 @@ def _http_version(version: aiohttp.HttpVersion | None) -> bytes:
     return b"HTTP/%d.%d" % (version.major, version.minor)
 
 
-async def _iter_request_body(request: httpx.Request) -> AsyncIterator[bytes]:
-    stream = request.stream
-    if not isinstance(stream, httpx.AsyncByteStream):
-        raise RuntimeError("AiohttpTransport needs an async request stream (httpx.AsyncClient)")
-    async for chunk in stream:
-        yield chunk
+class _RequestBody:
+    """A request's async byte stream as aiohttp sends it, keeping the error the stream itself
+    raised (the app's generator failing): that is the app's error, not the network's."""
+
+    def __init__(self, request: httpx.Request) -> None:
+        stream = request.stream
+        if not isinstance(stream, httpx.AsyncByteStream):
+            raise RuntimeError("AiohttpTransport needs an async request stream (httpx.AsyncClient)")
+        self._stream = stream
+        self.error: Exception | None = None
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._stream:
+                yield chunk
+        except Exception as exc:
+            self.error = exc
+            raise
+
+
+def _ssl_context(path: str) -> ssl.SSLContext:
+    """A verifying context trusting the CA bundle at `path` (a file or a directory)."""
+    if os.path.isdir(path):
+        return ssl.create_default_context(capath=path)
+    return ssl.create_default_context(cafile=path)
 
 
 def _map_error(

@@ -418,6 +418,7 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         self._inner = transport if transport is not None else httpx.HTTPTransport(**kwargs)
         self._mesh = mesh
         self._mirroring = MirrorTracker()
+        self._closing = False  # close() was called: a failure then is the app's doing
         setattr(self, _MESHED, True)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
@@ -473,10 +474,12 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
                 except _CALLERS_OWN:
                     raise  # the request itself is wrong: the app's error, as without the mesh
                 except httpx.TransportError as exc:
+                    if self._closing:
+                        raise  # the app closed the client under it: its error, never retried
                     result = _failed(exc, request, attempt)
                 else:
                     result = self._result(response)
-                    if whole:
+                    if whole and not exchange.may_retry(result):
                         try:
                             _read_whole(response, exchange.deadline.at)
                         except (httpx.TransportError, BodyTooLate) as exc:
@@ -497,6 +500,7 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
             pass
 
     def close(self) -> None:
+        self._closing = True
         self._mirroring.wait(MIRROR_GRACE)
         self._inner.close()
 
@@ -545,14 +549,14 @@ async def _joined(stream: httpx.AsyncByteStream) -> bytes:
 
 
 def _close(response: Any) -> None:
+    """Discard a response that will be retried, unread: as Envoy resets a retried upstream
+    stream, its body (it may trickle, or never end) never holds up the retry."""
     if response is not None:
-        response.read()
         response.close()
 
 
 async def _aclose(response: Any) -> None:
     if response is not None:
-        await response.aread()
         await response.aclose()
 
 
@@ -570,6 +574,7 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
         self._inner = transport if transport is not None else _default_async_transport(**kwargs)
         self._mesh = mesh
         self._mirrors: set[asyncio.Task[None]] = set()
+        self._closing = False  # aclose() was called: a failure then is the app's doing
         setattr(self, _MESHED, True)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -629,10 +634,12 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
                 except _CALLERS_OWN:
                     raise  # the request itself is wrong: the app's error, as without the mesh
                 except httpx.TransportError as exc:
+                    if self._closing:
+                        raise  # the app closed the client under it: its error, never retried
                     result = _failed(exc, request, attempt)
                 else:
                     result = self._result(response)
-                    if whole:
+                    if whole and not exchange.may_retry(result):
                         try:
                             await _aread_whole(response, exchange.deadline.at)
                         except (httpx.TransportError, BodyTooLate) as exc:
@@ -653,6 +660,7 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
             pass
 
     async def aclose(self) -> None:
+        self._closing = True
         if self._mirrors:  # let mirrors in flight finish briefly, then drop them
             _, pending = await asyncio.wait(list(self._mirrors), timeout=MIRROR_GRACE)
             for task in pending:
@@ -820,6 +828,8 @@ class AsyncClient(_ClientMixin, httpx.AsyncClient):
         super().__init__(*args, **kwargs)
         if kwargs.get("transport") is None:
             options = {"cert": kwargs["cert"]} if kwargs.get("cert") is not None else {}
+            if kwargs.get("http1") is False:  # HTTP/2 only (prior knowledge): httpx's transport
+                options["http1"] = False
             # httpx made its own default transport, unused yet (no connection, nothing to close)
             self._transport = _default_async_transport(
                 verify=kwargs.get("verify", True),

@@ -44,7 +44,7 @@ from meshlib.clients._common import (
     upstream_netloc,
 )
 from meshlib.clients._guard import passthrough_inside
-from meshlib.dataplane.exchange import CALLERS_TIMEOUT, Attempt
+from meshlib.dataplane.exchange import CALLERS_TIMEOUT, Attempt, Exchange
 from meshlib.dataplane.outcome import Flag, LocalReply, ordered
 from meshlib.dataplane.retry import (
     CONNECT_FAILURE,
@@ -310,7 +310,7 @@ class MeshAdapter(HTTPAdapter):
                 mesh, request.method or "GET", request.url, plan, attempt, view
             ) as span:
                 result = self._attempt(
-                    mesh, request, view, plan, attempt, options, caller, exchange.deadline.at
+                    mesh, request, view, plan, attempt, options, caller, exchange
                 )
                 end_client_span(mesh, span, result)
                 return result
@@ -351,10 +351,9 @@ class MeshAdapter(HTTPAdapter):
         attempt: Attempt,
         options: dict[str, Any],
         caller: tuple[float | None, float | None],
-        until: float | None,
+        exchange: Exchange,
     ) -> AttemptResult:
-        """One try; `caller` is the caller's (connect, read) timeouts, `until` the route
-        deadline (`time.monotonic()`), if any."""
+        """One try; `caller` is the caller's (connect, read) timeouts."""
         caller_connect, caller_read = caller
         propagated = mesh.propagator.outbound(view.__contains__, attempt.timeout)
         upstream = self._upstream(request, plan, attempt, propagated, mesh.identity)
@@ -370,9 +369,15 @@ class MeshAdapter(HTTPAdapter):
             failure = _classify(exc)
             client_timeout = failure == PER_TRY_TIMEOUT and not mesh_owned
             return AttemptResult(failure=failure, error=exc, client_timeout=client_timeout)
-        if not options["stream"]:
+        result = AttemptResult(
+            status=response.status_code,
+            grpc_status=response.headers.get("grpc-status"),
+            response=response,
+            rate_limited="x-envoy-ratelimited" in response.headers,
+        )
+        if not options["stream"] and not exchange.may_retry(result):
             try:
-                _read_whole(response, until)
+                _read_whole(response, exchange.deadline.at)
             except (
                 requests.ConnectionError,
                 requests.Timeout,
@@ -382,12 +387,7 @@ class MeshAdapter(HTTPAdapter):
                 response.close()
                 timed_out = not isinstance(exc, BodyTooLate) and _classify(exc) == PER_TRY_TIMEOUT
                 return body_broke_off(exc, timed_out, timed_out and not mesh_owned)
-        return AttemptResult(
-            status=response.status_code,
-            grpc_status=response.headers.get("grpc-status"),
-            response=response,
-            rate_limited="x-envoy-ratelimited" in response.headers,
-        )
+        return result
 
     @staticmethod
     def _upstream(

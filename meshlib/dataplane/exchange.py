@@ -273,6 +273,12 @@ class Exchange:
 
     # -- the retry decision (tenacity's predicate) ------------------------------------
 
+    def may_retry(self, result: AttemptResult) -> bool:
+        """Whether the route's `retryOn` covers `result`, before any retry is decided: Envoy
+        judges a response by its headers, so the body of one that may be retried is left
+        unread."""
+        return self.retries is not None and is_retriable(self.retries, result)
+
     def should_retry(self, result: AttemptResult) -> bool:
         policy = self.retries
         if policy is None or not is_retriable(policy, result):

@@ -449,3 +449,37 @@ def test_a_streamed_body_read_in_advance_is_framed_once(base_url: str) -> None:
     assert echo["body"] == "hello"
     assert header_values(echo, "transfer-encoding") == []
     assert header_values(echo, "content-length") == ["5"]
+
+
+def test_a_failing_request_body_is_the_apps_error(base_url: str) -> None:
+    """The app's own async body generator raising is the app's error, raised as it is (as
+    httpx's transport does), not a network failure the mesh would hold against the upstream."""
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"first;"
+        raise ValueError("the app's body failed")
+
+    async def main() -> None:
+        async with httpx.AsyncClient(transport=AiohttpTransport()) as client:
+            with pytest.raises(ValueError, match="the app's body failed"):
+                await client.post(base_url + "/echo", content=body())
+
+    asyncio.run(main())
+
+
+def test_verify_may_be_a_ca_bundle_path(base_url: str) -> None:
+    """`verify="<path>"` (a CA bundle file, which httpx still accepts) makes a verifying
+    context; plain http:// requests work as before."""
+    import ssl
+
+    import certifi
+
+    transport = AiohttpTransport(verify=certifi.where())
+    assert isinstance(transport._verify, ssl.SSLContext)
+    assert transport._verify.verify_mode == ssl.CERT_REQUIRED
+
+    async def main() -> int:
+        async with httpx.AsyncClient(transport=transport) as client:
+            return (await client.get(base_url + "/echo")).status_code
+
+    assert asyncio.run(main()) == 200

@@ -161,3 +161,49 @@ def test_non_replayable_body_is_retried_after_a_failed_connect(
         if sample.name == "istio_requests_total" and sample.labels["response_flags"] != "-"
     )
     assert failed == 0
+
+
+def test_closing_the_client_under_a_call_is_the_apps_doing(
+    make_mesh: MeshFactory, upstreams: dict[str, Upstream]
+) -> None:
+    """`aclose()` while a call is in flight: the call raises the client's error, as stock httpx
+    does — not retried (retryOn reset) and not held against the endpoint (ejected after one
+    failure otherwise)."""
+    import asyncio
+
+    upstreams["v1"].behaviour.delay = 0.5
+    mesh = make_mesh(
+        virtual_service(
+            "- route: [{destination: {host: reviews, subset: v1}}]\n"
+            "  retries: {attempts: 3, retryOn: reset}\n"
+        ),
+        traffic_policy="outlierDetection: {consecutive5xxErrors: 1, baseEjectionTime: 30s}\n",
+    )
+
+    async def main() -> int:
+        client = meshlib.AsyncClient(mesh=mesh)
+        call = asyncio.create_task(client.get(URL + "/"))
+        while upstreams["v1"].behaviour.active == 0:  # poll: the call reached the upstream
+            await asyncio.sleep(0.005)
+        await client.aclose()
+        with pytest.raises(httpx.TransportError):
+            await call
+        upstreams["v1"].behaviour.delay = 0.0
+        async with meshlib.AsyncClient(mesh=mesh) as other:
+            return (await other.get(URL + "/")).status_code
+
+    assert asyncio.run(main()) == 200  # v1 was not ejected
+    assert upstreams["v1"].behaviour.received == 2  # the closed call was sent once
+
+
+def test_http2_only_asks_for_httpx_transport() -> None:
+    """`AsyncClient(http2=True, http1=False)` (HTTP/2 with prior knowledge) keeps httpx's own
+    transport, which speaks it; by default the transport is aiohttp's."""
+    from meshlib.clients._aiohttp import AiohttpTransport
+
+    default = meshlib.AsyncClient()
+    h2_only = meshlib.AsyncClient(http2=True, http1=False)
+    assert isinstance(default._transport._inner, AiohttpTransport)  # type: ignore[attr-defined]
+    inner = h2_only._transport._inner  # type: ignore[attr-defined]
+    assert isinstance(inner, httpx.AsyncHTTPTransport)
+    assert (inner._pool._http1, inner._pool._http2) == (False, True)

@@ -28,8 +28,10 @@ URL = "http://chunks:9080"
 
 class Chunks:
     """An upstream: /trickle sends 5 chunks 100 ms apart; /broken (and /broken-on-NAME on
-    the upstream NAME) sends one chunk and drops the connection; anything else answers at
-    once. Counts the responses it is sending at once."""
+    the upstream NAME) sends one chunk and drops the connection; on the upstream NAME,
+    /503-broken-on-NAME answers 503 and drops the connection mid-body and /503-slow-on-NAME
+    answers 503 with a body taking 2 s; anything else answers at once. Counts the responses
+    it is sending at once."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -47,8 +49,16 @@ class Chunks:
             self.served += 1
         try:
             headers = [(b"x-upstream", self.name.encode())]
-            await send({"type": "http.response.start", "status": 200, "headers": headers})
             path = scope["path"]
+            failing = path.startswith("/503-") and path.endswith(f"-on-{self.name}")
+            status = 503 if failing else 200
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            if failing and path.startswith("/503-broken"):
+                path = "/broken"
+            elif failing:  # /503-slow-on-NAME: a 503 whose body takes 2 s
+                for _ in range(20):
+                    await send({"type": "http.response.body", "body": b"x", "more_body": True})
+                    await asyncio.sleep(0.1)
             if path == "/trickle":
                 for _ in range(5):
                     await send({"type": "http.response.body", "body": b"x" * 10, "more_body": True})
@@ -283,3 +293,25 @@ def test_a_body_broken_off_is_the_callers_error_without_retry(
     mesh.close()
     errors = (httpx.RemoteProtocolError, httpx.ReadError, requests.exceptions.ChunkedEncodingError)
     assert isinstance(outcome, errors), outcome
+
+
+def test_a_retriable_answer_is_retried_whatever_its_body_does(
+    servers: dict[str, tuple[Chunks, AsgiServer]], client_kind: str
+) -> None:
+    """Envoy judges a retry on the response headers: a 503 under `retryOn: 5xx` is retried at
+    once, its body left unread — one that breaks off or takes 2 s does not turn the call into
+    an error or a timeout (route timeout 1 s); the retry's 200 from the other endpoint wins."""
+    mesh = make_mesh(
+        servers,
+        "route: [{destination: {host: chunks}}]\n    timeout: 1s\n"
+        "    retries: {attempts: 2, retryOn: 5xx}",
+        "loadBalancer: {simple: ROUND_ROBIN}",
+    )
+    started = time.monotonic()
+    broken = call(client_kind, mesh, "/503-broken-on-a", 4)
+    slow = call(client_kind, mesh, "/503-slow-on-a", 2)
+    elapsed = time.monotonic() - started
+    mesh.close()
+    assert broken == [(200, b"done", [])] * 4, broken
+    assert slow == [(200, b"done", [])] * 2, slow
+    assert elapsed < 2.0  # no call waited for a 503's slow body
