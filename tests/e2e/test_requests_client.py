@@ -4,6 +4,7 @@ caller's PreparedRequest is left as it was."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -191,53 +192,48 @@ def test_a_session_survives_pickling(mesh: meshlib.Mesh) -> None:
     restored.close()
 
 
-def test_a_cookie_the_route_removes_is_not_stored(mesh: meshlib.Mesh) -> None:
-    """A VirtualService removing Set-Cookie from responses: the app behind a sidecar never
-    sees the cookie, so neither the response's nor the session's jar keeps it."""
-    policy = """\
+@contextlib.contextmanager
+def editing_responses(mesh: meshlib.Mesh, edit: str) -> Iterator[meshlib.Mesh]:
+    """A Mesh routing to the same endpoint as `mesh`, its route editing response headers."""
+    policy = f"""\
 apiVersion: networking.istio.io/v1
 kind: VirtualService
-metadata: {name: reviews}
+metadata: {{name: reviews}}
 spec:
   hosts: [reviews]
   http:
-  - route: [{destination: {host: reviews}}]
-    headers: {response: {remove: [set-cookie]}}
+  - route: [{{destination: {{host: reviews}}}}]
+    headers: {{response: {edit}}}
 """
     port = mesh.snapshot.endpoints(HOST, None, 9080)[0].port
-    stripping = mesh_for(
+    editing = mesh_for(
         MeshConfig(service="productpage"), loopback_service(HOST, port) + "---\n" + policy
     )
     try:
-        with meshlib.Session(mesh=stripping) as session:
-            response = session.get(URL + "/cookie", timeout=5)
-            assert "set-cookie" not in response.headers
-            assert list(response.cookies) == [] and list(session.cookies) == []
+        yield editing
     finally:
-        stripping.close()
+        editing.close()
+
+
+def test_a_cookie_the_route_removes_is_not_stored(mesh: meshlib.Mesh) -> None:
+    """A VirtualService removing Set-Cookie from responses: the app behind a sidecar never
+    sees the cookie, so neither the response's nor the session's jar keeps it."""
+    with (
+        editing_responses(mesh, "{remove: [set-cookie]}") as stripping,
+        meshlib.Session(mesh=stripping) as session,
+    ):
+        response = session.get(URL + "/cookie", timeout=5)
+        assert "set-cookie" not in response.headers
+        assert list(response.cookies) == [] and list(session.cookies) == []
 
 
 def test_a_cookie_the_route_adds_is_stored_beside_the_upstreams(mesh: meshlib.Mesh) -> None:
     """A VirtualService adding a Set-Cookie: the upstream's cookie and the added one are both
     stored, as the app behind a sidecar gets both."""
-    policy = """\
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: reviews}
-spec:
-  hosts: [reviews]
-  http:
-  - route: [{destination: {host: reviews}}]
-    headers: {response: {add: {set-cookie: "topping=jam; Path=/"}}}
-"""
-    port = mesh.snapshot.endpoints(HOST, None, 9080)[0].port
-    adding = mesh_for(
-        MeshConfig(service="productpage"), loopback_service(HOST, port) + "---\n" + policy
-    )
-    try:
-        with meshlib.Session(mesh=adding) as session:
-            response = session.get(URL + "/cookie", timeout=5)
-            assert sorted(c.name for c in response.cookies) == ["flavour", "topping"]
-            assert sorted(c.name for c in session.cookies) == ["flavour", "topping"]
-    finally:
-        adding.close()
+    with (
+        editing_responses(mesh, '{add: {set-cookie: "topping=jam; Path=/"}}') as adding,
+        meshlib.Session(mesh=adding) as session,
+    ):
+        response = session.get(URL + "/cookie", timeout=5)
+        assert sorted(c.name for c in response.cookies) == ["flavour", "topping"]
+        assert sorted(c.name for c in session.cookies) == ["flavour", "topping"]
