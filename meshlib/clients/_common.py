@@ -28,6 +28,13 @@ RESPONSE_FLAGS = "response_flags"  # httpx: response.extensions key with Envoy's
 UPSTREAM_HOST = "upstream_host"  # httpx: response.extensions key, "addr:port" that answered
 
 
+# A retried response's body is read and dropped, so its connection can be kept, when it is
+# this small and comes this fast; otherwise the connection is closed, as Envoy resets a
+# retried upstream stream (a body that crawls or never ends never holds up the retry).
+DRAIN_BYTES = 64 * 1024
+DRAIN_SECONDS = 0.05
+
+
 class BodyTooLate(Exception):
     """The route deadline passed while the body of a response read whole was coming in."""
 

@@ -15,6 +15,7 @@ balances, retries and times out as the route says and answers locally where a si
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -22,6 +23,8 @@ from typing import Any
 import httpx
 
 from meshlib.clients._common import (
+    DRAIN_BYTES,
+    DRAIN_SECONDS,
     MAX_MIRRORS_PENDING,
     MIRROR_TIMEOUT,
     RESPONSE_FLAGS,
@@ -418,7 +421,7 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         self._inner = transport if transport is not None else httpx.HTTPTransport(**kwargs)
         self._mesh = mesh
         self._mirroring = MirrorTracker()
-        self._closing = False  # close() was called: a failure then is the app's doing
+        self._closes = 0  # close() calls: a call that saw one fail under it is the app's doing
         setattr(self, _MESHED, True)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
@@ -464,6 +467,7 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         exchange = self._exchange(mesh, plan, attributes, request, replayable)
 
         whole = request.extensions.get(READ_WHOLE, False)
+        closes = self._closes
 
         def send(attempt: Attempt) -> AttemptResult:
             with client_span(mesh, request.method, request.url, plan, attempt, view) as span:
@@ -474,12 +478,12 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
                 except _CALLERS_OWN:
                     raise  # the request itself is wrong: the app's error, as without the mesh
                 except httpx.TransportError as exc:
-                    if self._closing:
+                    if self._closes != closes:
                         raise  # the app closed the client under it: its error, never retried
                     result = _failed(exc, request, attempt)
                 else:
                     result = self._result(response)
-                    if whole and not exchange.may_retry(result):
+                    if whole and not exchange.would_retry(result):
                         try:
                             _read_whole(response, exchange.deadline.at)
                         except (httpx.TransportError, BodyTooLate) as exc:
@@ -500,7 +504,7 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
             pass
 
     def close(self) -> None:
-        self._closing = True
+        self._closes += 1
         self._mirroring.wait(MIRROR_GRACE)
         self._inner.close()
 
@@ -549,15 +553,34 @@ async def _joined(stream: httpx.AsyncByteStream) -> bytes:
 
 
 def _close(response: Any) -> None:
-    """Discard a response that will be retried, unread: as Envoy resets a retried upstream
-    stream, its body (it may trickle, or never end) never holds up the retry."""
-    if response is not None:
-        response.close()
+    """Discard a response that will be retried (see DRAIN_BYTES)."""
+    if response is None:
+        return
+    until = time.monotonic() + DRAIN_SECONDS
+    read = 0
+    with contextlib.suppress(Exception):  # a discarded answer never fails the call
+        for chunk in response.iter_raw():
+            read += len(chunk)
+            if read > DRAIN_BYTES or time.monotonic() > until:
+                break
+    response.close()
 
 
 async def _aclose(response: Any) -> None:
-    if response is not None:
-        await response.aclose()
+    """`_close` for asyncio."""
+    if response is None:
+        return
+    with contextlib.suppress(Exception):  # a discarded answer never fails the call
+        await asyncio.wait_for(_drain(response), DRAIN_SECONDS)
+    await response.aclose()
+
+
+async def _drain(response: httpx.Response) -> None:
+    read = 0
+    async for chunk in response.aiter_raw():
+        read += len(chunk)
+        if read > DRAIN_BYTES:
+            return
 
 
 class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
@@ -574,7 +597,7 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
         self._inner = transport if transport is not None else _default_async_transport(**kwargs)
         self._mesh = mesh
         self._mirrors: set[asyncio.Task[None]] = set()
-        self._closing = False  # aclose() was called: a failure then is the app's doing
+        self._closes = 0  # aclose() calls: a call that saw one fail under it is the app's doing
         setattr(self, _MESHED, True)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -624,6 +647,7 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
         exchange = self._exchange(mesh, plan, attributes, request, replayable)
 
         whole = request.extensions.get(READ_WHOLE, False)
+        closes = self._closes
 
         async def send(attempt: Attempt) -> AttemptResult:
             with client_span(mesh, request.method, request.url, plan, attempt, view) as span:
@@ -634,12 +658,12 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
                 except _CALLERS_OWN:
                     raise  # the request itself is wrong: the app's error, as without the mesh
                 except httpx.TransportError as exc:
-                    if self._closing:
+                    if self._closes != closes:
                         raise  # the app closed the client under it: its error, never retried
                     result = _failed(exc, request, attempt)
                 else:
                     result = self._result(response)
-                    if whole and not exchange.may_retry(result):
+                    if whole and not exchange.would_retry(result):
                         try:
                             await _aread_whole(response, exchange.deadline.at)
                         except (httpx.TransportError, BodyTooLate) as exc:
@@ -660,7 +684,7 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
             pass
 
     async def aclose(self) -> None:
-        self._closing = True
+        self._closes += 1
         if self._mirrors:  # let mirrors in flight finish briefly, then drop them
             _, pending = await asyncio.wait(list(self._mirrors), timeout=MIRROR_GRACE)
             for task in pending:

@@ -28,6 +28,8 @@ from urllib3.exceptions import ReadTimeoutError
 from urllib3.util import Timeout
 
 from meshlib.clients._common import (
+    DRAIN_BYTES,
+    DRAIN_SECONDS,
     MIRROR_TIMEOUT,
     BodyTooLate,
     MirrorTracker,
@@ -375,7 +377,7 @@ class MeshAdapter(HTTPAdapter):
             response=response,
             rate_limited="x-envoy-ratelimited" in response.headers,
         )
-        if not options["stream"] and not exchange.may_retry(result):
+        if not options["stream"] and not exchange.would_retry(result):
             try:
                 _read_whole(response, exchange.deadline.at)
             except (
@@ -508,8 +510,22 @@ def _add_headers(request: requests.PreparedRequest, headers: list[tuple[str, str
 
 
 def _close(response: Any) -> None:
-    if response is not None:
-        response.close()
+    """Discard a response that will be retried: a small body that comes at once is read so
+    the connection can be kept, else the connection is closed (see DRAIN_BYTES)."""
+    if response is None:
+        return
+    if response.raw is not None:
+        until = time.monotonic() + DRAIN_SECONDS
+        read = 0
+        with contextlib.suppress(Exception):  # a discarded answer never fails the call
+            for chunk in response.raw.stream(8192, decode_content=False):
+                read += len(chunk)
+                if read > DRAIN_BYTES or time.monotonic() > until:
+                    break
+            else:  # read to the end: the connection goes back to the pool
+                response.raw.release_conn()
+                return
+    response.close()
 
 
 class Session(requests.Session):

@@ -273,11 +273,20 @@ class Exchange:
 
     # -- the retry decision (tenacity's predicate) ------------------------------------
 
-    def may_retry(self, result: AttemptResult) -> bool:
-        """Whether the route's `retryOn` covers `result`, before any retry is decided: Envoy
-        judges a response by its headers, so the body of one that may be retried is left
-        unread."""
-        return self.retries is not None and is_retriable(self.retries, result)
+    def would_retry(self, result: AttemptResult) -> bool:
+        """Whether `result` will be retried, as `should_retry` would decide it now, without
+        deciding (no slot taken, no flag): Envoy judges a response by its headers, so the body
+        of one about to be retried is left unread, and a final one is read within its try. (A
+        retry slot another request takes meanwhile makes it final after all: then it is read
+        after the try, as a streamed one.)"""
+        policy = self.retries
+        if policy is None or not is_retriable(policy, result):
+            return False
+        if not self.replayable and result.failure != CONNECT_FAILURE:
+            return False
+        if self.attempts > policy.attempts or self.deadline.expired:
+            return False
+        return self.cluster.limits.retry_available()
 
     def should_retry(self, result: AttemptResult) -> bool:
         policy = self.retries

@@ -244,18 +244,25 @@ class ClusterLimits:
     def try_acquire_retry(self) -> tuple[bool, str | None]:
         """Take a retry slot: (True, None), or (False, "budget" | "max_retries")."""
         with self._lock:
-            t = self._thresholds
-            if t.budget_percent is not None:
-                active = self._connected + len(self._waiting)
-                allowed = max(t.min_retry_concurrency, int(t.budget_percent / 100.0 * active))
-                if self._retries >= allowed:
-                    self._retry_overflows += 1
-                    return False, "budget"
-            elif self._retries >= t.max_retries:
+            refused = self._retry_refused()
+            if refused is not None:
                 self._retry_overflows += 1
-                return False, "max_retries"
+                return False, refused
             self._retries += 1
             return True, None
+
+    def retry_available(self) -> bool:
+        """Whether `try_acquire_retry` would admit a retry now (nothing taken)."""
+        return self._retry_refused() is None
+
+    def _retry_refused(self) -> str | None:
+        """Why a retry would be refused now ("budget", "max_retries"), or None."""
+        t = self._thresholds
+        if t.budget_percent is not None:
+            active = self._connected + len(self._waiting)
+            allowed = max(t.min_retry_concurrency, int(t.budget_percent / 100.0 * active))
+            return "budget" if self._retries >= allowed else None
+        return "max_retries" if self._retries >= t.max_retries else None
 
     def release_retry(self) -> None:
         """Give back a retry slot (extra releases are ignored)."""

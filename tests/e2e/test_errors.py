@@ -207,3 +207,27 @@ def test_http2_only_asks_for_httpx_transport() -> None:
     inner = h2_only._transport._inner  # type: ignore[attr-defined]
     assert isinstance(inner, httpx.AsyncHTTPTransport)
     assert (inner._pool._http1, inner._pool._http2) == (False, True)
+
+
+def test_a_transport_shared_by_two_clients_still_retries_after_one_closes(
+    make_mesh: MeshFactory, upstreams: dict[str, Upstream]
+) -> None:
+    """One MeshTransport given to two stock httpx clients: after the first closes, the
+    second's calls still retry a refused connection on the live endpoint (only calls in
+    flight during a close are the closing app's doing)."""
+    import socket
+    from types import SimpleNamespace
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        refused = SimpleNamespace(port=sock.getsockname()[1])
+    mesh = make_mesh(
+        virtual_service("- route: [{destination: {host: reviews}}]\n"),
+        endpoints={"v1": refused, "v2": upstreams["v2"]},  # type: ignore[dict-item]
+    )
+    transport = meshlib.MeshTransport(mesh=mesh)
+    first, second = httpx.Client(transport=transport), httpx.Client(transport=transport)
+    first.close()
+    with second:
+        statuses = [second.get(URL + "/").status_code for _ in range(6)]
+    assert statuses == [200] * 6

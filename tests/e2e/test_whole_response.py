@@ -38,6 +38,7 @@ class Chunks:
         self.active = 0
         self.peak = 0
         self.served = 0
+        self.ports: set[int] = set()  # the callers' ports: one per connection
         self.lock = threading.Lock()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -47,15 +48,18 @@ class Chunks:
             self.active += 1
             self.peak = max(self.peak, self.active)
             self.served += 1
+            self.ports.add((scope.get("client") or ("", 0))[1])  # one per connection
+            odd = self.served % 2 == 1
         try:
             headers = [(b"x-upstream", self.name.encode())]
             path = scope["path"]
             failing = path.startswith("/503-") and path.endswith(f"-on-{self.name}")
+            failing = failing or (path == "/every-other-503" and odd)
             status = 503 if failing else 200
             await send({"type": "http.response.start", "status": status, "headers": headers})
             if failing and path.startswith("/503-broken"):
                 path = "/broken"
-            elif failing:  # /503-slow-on-NAME: a 503 whose body takes 2 s
+            elif failing and path.startswith("/503-slow"):  # a 503 whose body takes 2 s
                 for _ in range(20):
                     await send({"type": "http.response.body", "body": b"x", "more_body": True})
                     await asyncio.sleep(0.1)
@@ -119,6 +123,7 @@ spec:
 """
     for app, _ in servers.values():
         app.peak = app.served = 0
+        app.ports = set()
     return mesh_for(MeshConfig(service="productpage"), text)
 
 
@@ -315,3 +320,39 @@ def test_a_retriable_answer_is_retried_whatever_its_body_does(
     assert broken == [(200, b"done", [])] * 4, broken
     assert slow == [(200, b"done", [])] * 2, slow
     assert elapsed < 2.0  # no call waited for a 503's slow body
+
+
+def test_a_final_retriable_answer_is_read_within_its_try(
+    servers: dict[str, tuple[Chunks, AsgiServer]], client_kind: str
+) -> None:
+    """A 503 that `retryOn: 5xx` covers but that is not retried (no attempts left) is the
+    final answer: its body is read within the try, so a body that takes 2 s meets the 500 ms
+    route timeout (504 UT), as without a retry policy."""
+    mesh = make_mesh(
+        servers,
+        "route: [{destination: {host: chunks, subset: a}}]\n    timeout: 500ms\n"
+        "    retries: {attempts: 1, retryOn: 5xx}",
+    )
+    started = time.monotonic()
+    ((outcome),) = call(client_kind, mesh, "/503-slow-on-a")
+    elapsed = time.monotonic() - started
+    mesh.close()
+    assert not isinstance(outcome, Exception), outcome
+    assert (outcome[0], outcome[2]) == (504, ["UT"])
+    assert elapsed < 1.2
+
+
+def test_a_retried_small_answer_keeps_its_connection(
+    servers: dict[str, tuple[Chunks, AsgiServer]], client_kind: str
+) -> None:
+    """A retried 503 with a small body that comes at once is read and dropped, so its
+    connection is used again: 10 calls, each retried once, over one or two connections."""
+    mesh = make_mesh(
+        servers,
+        "route: [{destination: {host: chunks, subset: a}}]\n    retries: {attempts: 2, retryOn: 5xx}",
+    )
+    results = [call(client_kind, mesh, "/every-other-503")[0] for _ in range(10)]
+    mesh.close()
+    assert results == [(200, b"done", [])] * 10
+    assert servers["a"][0].served == 20
+    assert len(servers["a"][0].ports) <= 10  # not one connection per try (each call: one client)
