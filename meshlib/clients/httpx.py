@@ -537,7 +537,7 @@ async def _aread_whole(response: httpx.Response, until: float | None) -> None:
     assert isinstance(stream, httpx.AsyncByteStream)
     try:
         if until is None:
-            body = b"".join([chunk async for chunk in stream])
+            body = await _joined(stream)
         else:
             try:
                 body = await asyncio.wait_for(_joined(stream), until - time.monotonic())

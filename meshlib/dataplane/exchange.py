@@ -279,21 +279,24 @@ class Exchange:
         of one about to be retried is left unread, and a final one is read within its try. (A
         retry slot another request takes meanwhile makes it final after all: then it is read
         after the try, as a streamed one.)"""
-        policy = self.retries
-        if policy is None or not is_retriable(policy, result):
-            return False
-        if not self.replayable and result.failure != CONNECT_FAILURE:
-            return False
-        if self.attempts > policy.attempts or self.deadline.expired:
+        policy = self._covering(result)
+        if policy is None or self.attempts > policy.attempts or self.deadline.expired:
             return False
         return self.cluster.limits.retry_available()
 
-    def should_retry(self, result: AttemptResult) -> bool:
+    def _covering(self, result: AttemptResult) -> RetryPolicy | None:
+        """The retry policy if it covers `result` and the request can be sent again."""
         policy = self.retries
         if policy is None or not is_retriable(policy, result):
-            return False
+            return None
         if not self.replayable and result.failure != CONNECT_FAILURE:
-            return False  # the body cannot be sent again (a failed connect sent nothing)
+            return None  # the body cannot be sent again (a failed connect sent nothing)
+        return policy
+
+    def should_retry(self, result: AttemptResult) -> bool:
+        policy = self._covering(result)
+        if policy is None:
+            return False
         if self.attempts > policy.attempts:
             self.flags.append(Flag.RETRY_LIMIT_EXCEEDED)
             return False

@@ -596,16 +596,24 @@ def test_the_callers_own_timeouts_do_not_eject_endpoints() -> None:
         assert c.get("http://api.internal/").status_code == 200
 
 
-def test_connecting_is_bounded_by_the_tries_time() -> None:
-    """Connecting is part of the try: with a 100 ms per-try timeout the transport gets
-    connect and pool timeouts of 100 ms (not the caller's 5 s), and running out of that time
-    while connecting is the route's timeout (504 UT), not a connection failure (503 UF)."""
-    seen: list[dict[str, float | None]] = []
+def never_connects(
+    seen: list[dict[str, float | None]],
+) -> Callable[[httpx.Request], httpx.Response]:
+    """A mock upstream that records each try's timeouts and never accepts the connection."""
 
     def handler(request: httpx.Request) -> httpx.Response:
         seen.append(request.extensions["timeout"])
         raise httpx.ConnectTimeout("no SYN-ACK", request=request)
 
+    return handler
+
+
+def test_connecting_is_bounded_by_the_tries_time() -> None:
+    """Connecting is part of the try: with a 100 ms per-try timeout the transport gets
+    connect and pool timeouts of 100 ms (not the caller's 5 s), and running out of that time
+    while connecting is the route's timeout (504 UT), not a connection failure (503 UF)."""
+    seen: list[dict[str, float | None]] = []
+    handler = never_connects(seen)
     policy = vs(
         "- route: [{destination: {host: api.internal}}]\n"
         "  timeout: 200ms\n  retries: {attempts: 2, perTryTimeout: 100ms, retryOn: connect-failure}"
@@ -808,11 +816,7 @@ def test_callers_own_connect_timeout_is_its_own_error_httpx() -> None:
     the caller's: the transport gets it, and its expiry raises httpx.ConnectTimeout, not
     retried (as without the mesh), though the route retries connect failures."""
     seen: list[dict[str, float | None]] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request.extensions["timeout"])
-        raise httpx.ConnectTimeout("no SYN-ACK", request=request)
-
+    handler = never_connects(seen)
     policy = vs(
         "- route: [{destination: {host: api.internal}}]\n"
         "  retries: {attempts: 2, retryOn: connect-failure}"
