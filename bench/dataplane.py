@@ -11,9 +11,9 @@ the meshed and the bare client talk to the same socket and only the mesh differs
    blocks (bare, meshed, bare, ...), so machine noise hits both alike; p50 and p99 over all
    N. Goal: meshed <= 1.10x bare.
 2. Async throughput at 64 concurrent tasks, stock httpx.AsyncClient vs meshlib.AsyncClient
-   (routing, balancing, a tenacity AsyncRetrying per request, over meshlib's aiohttp
+   (routing, balancing, a tenacity AsyncRetrying per request, over meshlib's HTTP/1.1
    transport): alternating 1 s windows, ~3 s per client. Goal: >= 10x stock. A diagnostic
-   row runs meshlib's AiohttpTransport without the mesh, separating transport from policy.
+   row runs meshlib's Http1Transport without the mesh, separating transport from policy.
 3. What the mesh itself adds per request, without a network: the same `httpx.MockTransport`
    (and a mock requests adapter) under a bare and a meshed client, alternating rounds, median
    of the rounds' means; and `mesh.plan()` alone.
@@ -184,13 +184,13 @@ def sequential(mesh: Mesh, url: str) -> dict[str, dict[str, Any]]:
 
 async def _throughput(mesh: Mesh, url: str) -> dict[str, float]:
     """req/s per client; the clients take turns, a window each per round."""
-    from meshlib.clients._aiohttp import AiohttpTransport
+    from meshlib.clients._http1 import Http1Transport
 
     clients = {
         "stock": (httpx.AsyncClient(), url),
         "meshed": (meshlib.AsyncClient(mesh=mesh), MESH_URL),
         # diagnostic: meshlib's transport without the mesh, to split transport from policy
-        "transport": (httpx.AsyncClient(transport=AiohttpTransport()), url),
+        "transport": (httpx.AsyncClient(transport=Http1Transport()), url),
     }
     done = dict.fromkeys(clients, 0)
     elapsed = dict.fromkeys(clients, 0.0)
@@ -364,7 +364,7 @@ def main() -> None:
         f" (goal >= {THROUGHPUT_GOAL:.0f}x: {_goal(ratio >= THROUGHPUT_GOAL)})"
     )
     print(
-        f"  diagnostic: AiohttpTransport only {rps['transport']:>7,.0f} req/s"
+        f"  diagnostic: Http1Transport only   {rps['transport']:>7,.0f} req/s"
         f"  {rps['transport'] / rps['stock']:.1f}x stock (the transport without the mesh)"
     )
 

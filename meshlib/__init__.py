@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from meshlib.clients.requests import MeshAdapter, Session
 
 # The client stacks load on first use: a service that only serves, or only uses httpx, does
-# not import requests, urllib3 and aiohttp (smaller heap, cheaper garbage collections).
+# not import requests, urllib3 and httptools (smaller heap, cheaper garbage collections).
 _LAZY = {
     "AsyncClient": "meshlib.clients.httpx",
     "AsyncMeshTransport": "meshlib.clients.httpx",

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 import httpx
 
-__all__ = ["FAST", "appended", "decoded", "encoded", "extended", "lowercase_raw"]
+__all__ = ["FAST", "appended", "decoded", "encoded", "extended", "from_raw", "lowercase_raw"]
 
 
 def _probe() -> bool:
@@ -79,6 +79,16 @@ def extended(
     for name, value in extra:
         key = name.encode("ascii")
         headers._list.append((key, key, _encoded(headers, value)))
+    return headers
+
+
+def from_raw(raw: Iterable[tuple[bytes, bytes]]) -> httpx.Headers:
+    """`httpx.Headers(raw)` for (name, value) byte pairs as received (a response's)."""
+    if not FAST:
+        return httpx.Headers(list(raw))
+    headers = httpx.Headers.__new__(httpx.Headers)
+    headers._list = [(name, name.lower(), value) for name, value in raw]
+    headers._encoding = None
     return headers
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -44,6 +45,7 @@ from meshlib.clients._common import (
     upstream_netloc,
 )
 from meshlib.clients._guard import passthrough_inside
+from meshlib.clients._httpx_body import hold
 from meshlib.clients._httpx_headers import appended, decoded, encoded, extended, lowercase_raw
 from meshlib.dataplane.exchange import CALLERS_TIMEOUT, Attempt, Exchange
 from meshlib.dataplane.outcome import Flag, LocalReply, ordered
@@ -144,7 +146,13 @@ def request_attributes(
 # The response headers the mesh reads: one pass over them collects all four.
 _RESPONSE_HEADERS = {
     name.encode(): name
-    for name in ("content-length", "grpc-status", "x-envoy-ratelimited", peer.HEADER)
+    for name in (
+        "content-length",
+        "content-encoding",
+        "grpc-status",
+        "x-envoy-ratelimited",
+        peer.HEADER,
+    )
 }
 
 
@@ -232,9 +240,14 @@ def _failed(exc: httpx.TransportError, request: httpx.Request, attempt: Attempt)
     if isinstance(exc, httpx.ConnectError):
         return AttemptResult(failure=CONNECT_FAILURE, error=exc)
     if isinstance(exc, httpx.TimeoutException):
-        mesh_owned = attempt.timeouts(caller.get("connect"), caller.get("read"))[2]
+        # the try's time bounds each phase; the caller's own for this phase may be shorter
+        phase = _TIMEOUT_PHASE.get(type(exc), "read")
+        mesh_owned = attempt.timeouts(caller.get("connect"), caller.get(phase))[2]
         return AttemptResult(failure=PER_TRY_TIMEOUT, error=exc, client_timeout=not mesh_owned)
     return AttemptResult(failure=RESET, error=exc)
+
+
+_TIMEOUT_PHASE = {httpx.WriteTimeout: "write", httpx.PoolTimeout: "pool"}
 
 
 class _MeshTransportBase:
@@ -429,7 +442,7 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         items, view = _view(request)
         mesh, plan, attributes = self._prepare(request, items)
         try:
-            response, headers = self._handle(request, view, mesh, plan, attributes)
+            response, headers = self._handle(request, view, mesh, plan, attributes, started)
         except BaseException as exc:
             record_exception(mesh, plan, started, view, _exception_flag(exc))
             raise
@@ -443,6 +456,7 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         mesh: Mesh,
         plan: RoutePlan,
         attributes: RequestAttributes,
+        started: float,
     ) -> Handled:
         if plan.passthrough:
             with client_span(mesh, request.method, request.url, None, None, view) as span:
@@ -485,7 +499,7 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
                     result = self._result(response)
                     if whole and not exchange.would_retry(result):
                         try:
-                            _read_whole(response, exchange.deadline.at)
+                            _read_whole(response, exchange.deadline.at, result.headers, started)
                         except (httpx.TransportError, BodyTooLate) as exc:
                             result = _body_failed(exc, request, attempt)
                 end_client_span(mesh, span, result)
@@ -509,14 +523,20 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         self._inner.close()
 
 
-def _read_whole(response: httpx.Response, until: float | None) -> None:
+def _read_whole(
+    response: httpx.Response,
+    until: float | None,
+    headers: Mapping[str, str] | None,
+    started: float,
+) -> None:
     """Read the body of a response the caller reads whole (not streamed) within its try, as
     Envoy's timeouts and in-flight counts cover the whole response: the route deadline
     (`until`, `time.monotonic()`) bounds it, checked between reads (each read is bounded by
     the try's read timeout). The response then holds the bytes, read again as httpx would."""
     stream = response.stream
-    if isinstance(stream, httpx.ByteStream):
-        return  # it came whole
+    if isinstance(stream, httpx.ByteStream):  # it came whole
+        _hand_over(response, b"".join(stream), headers, started)
+        return
     assert isinstance(stream, httpx.SyncByteStream)
     chunks = []
     try:
@@ -526,13 +546,19 @@ def _read_whole(response: httpx.Response, until: float | None) -> None:
             chunks.append(chunk)
     finally:
         stream.close()
-    response.stream = httpx.ByteStream(b"".join(chunks))
+    _hand_over(response, b"".join(chunks), headers, started)
 
 
-async def _aread_whole(response: httpx.Response, until: float | None) -> None:
+async def _aread_whole(
+    response: httpx.Response,
+    until: float | None,
+    headers: Mapping[str, str] | None,
+    started: float,
+) -> None:
     """`_read_whole` for asyncio: the route deadline bounds the whole read."""
     stream = response.stream
-    if isinstance(stream, httpx.ByteStream):
+    if isinstance(stream, httpx.ByteStream):  # it came whole
+        _hand_over(response, b"".join(stream), headers, started)
         return
     assert isinstance(stream, httpx.AsyncByteStream)
     try:
@@ -545,7 +571,19 @@ async def _aread_whole(response: httpx.Response, until: float | None) -> None:
                 raise BodyTooLate from None
     finally:
         await stream.aclose()
-    response.stream = httpx.ByteStream(body)
+    _hand_over(response, body, headers, started)
+
+
+def _hand_over(
+    response: httpx.Response, body: bytes, headers: Mapping[str, str] | None, started: float
+) -> None:
+    """`response` holding `body`, read as httpx would read it (see `_httpx_body`); `elapsed`
+    set as httpx sets it, when the body is in. `headers` are those `_result` read (None:
+    unknown, so the body is left for httpx to decode)."""
+    encoded = headers is None or "content-encoding" in headers
+    hold(response, body, encoded)
+    if not encoded:
+        response.elapsed = datetime.timedelta(seconds=time.perf_counter() - started)
 
 
 async def _joined(stream: httpx.AsyncByteStream) -> bytes:
@@ -585,7 +623,7 @@ async def _drain(response: httpx.Response) -> None:
 
 class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
     """The asyncio twin of MeshTransport. Its default inner transport keeps throughput
-    under concurrency (see `meshlib.clients._aiohttp`)."""
+    under concurrency (see `meshlib.clients._http1`)."""
 
     def __init__(
         self,
@@ -605,7 +643,7 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
         items, view = _view(request)
         mesh, plan, attributes = self._prepare(request, items)
         try:
-            response, headers = await self._handle(request, view, mesh, plan, attributes)
+            response, headers = await self._handle(request, view, mesh, plan, attributes, started)
         except BaseException as exc:
             record_exception(mesh, plan, started, view, _exception_flag(exc))
             raise
@@ -619,6 +657,7 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
         mesh: Mesh,
         plan: RoutePlan,
         attributes: RequestAttributes,
+        started: float,
     ) -> Handled:
         if plan.passthrough:
             with client_span(mesh, request.method, request.url, None, None, view) as span:
@@ -665,7 +704,9 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
                     result = self._result(response)
                     if whole and not exchange.would_retry(result):
                         try:
-                            await _aread_whole(response, exchange.deadline.at)
+                            await _aread_whole(
+                                response, exchange.deadline.at, result.headers, started
+                            )
                         except (httpx.TransportError, BodyTooLate) as exc:
                             result = _body_failed(exc, request, attempt)
                 end_client_span(mesh, span, result)
@@ -695,16 +736,16 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
 def _default_async_transport(
     *, verify: Any = True, limits: httpx.Limits | None = None, http2: bool = False, **kwargs: Any
 ) -> httpx.AsyncBaseTransport:
-    """aiohttp underneath (it keeps throughput under concurrency), unless HTTP/2 or an option
-    only httpx's own transport understands is asked for."""
+    """meshlib's HTTP/1.1 pool (it keeps throughput under concurrency), unless HTTP/2 or an
+    option only httpx's own transport understands is asked for."""
     if http2 or kwargs:
         return httpx.AsyncHTTPTransport(
             verify=verify, limits=limits or httpx.Limits(), http2=http2, **kwargs
         )
-    from meshlib.clients._aiohttp import AiohttpTransport
+    from meshlib.clients._http1 import Http1Transport
 
     limits = limits or httpx.Limits()
-    return AiohttpTransport(
+    return Http1Transport(
         verify=verify,
         max_connections=limits.max_connections,
         keepalive_expiry=limits.keepalive_expiry,
@@ -843,9 +884,9 @@ class Client(_ClientMixin, httpx.Client):
 class AsyncClient(_ClientMixin, httpx.AsyncClient):
     """An `httpx.AsyncClient` whose requests go through the mesh.
 
-    As `Client`; without `transport=`, the default one is aiohttp's pool (it keeps throughput
-    under concurrency), unless an option only httpx's own transport has is given (`http2`,
-    `cert`). Proxies, from `proxy=` or the environment, go through httpx's transports.
+    As `Client`; without `transport=`, the default one is meshlib's HTTP/1.1 pool (it keeps
+    throughput under concurrency), unless an option only httpx's own transport has is given
+    (`http2`, `cert`). Proxies, from `proxy=` or the environment, go through httpx's transports.
     """
 
     def __init__(self, *args: Any, mesh: Mesh | None = None, **kwargs: Any) -> None:

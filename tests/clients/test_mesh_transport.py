@@ -707,7 +707,7 @@ def test_proxies_are_meshed_and_taken_from_the_environment_as_httpx_does(
 
 @pytest.mark.filterwarnings("ignore:`cert=...` is deprecated:DeprecationWarning")
 def test_async_client_certificates_use_httpx_transport() -> None:
-    """aiohttp's transport takes no client certificate: with `cert=` the async client sends
+    """meshlib's HTTP/1.1 transport takes no client certificate: with `cert=` the async client sends
     through httpx's own (a missing file fails as in httpx, instead of being ignored)."""
     with pytest.raises(FileNotFoundError):
         meshlib.AsyncClient(cert="/nonexistent/client.pem")

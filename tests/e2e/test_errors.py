@@ -198,12 +198,12 @@ def test_closing_the_client_under_a_call_is_the_apps_doing(
 
 def test_http2_only_asks_for_httpx_transport() -> None:
     """`AsyncClient(http2=True, http1=False)` (HTTP/2 with prior knowledge) keeps httpx's own
-    transport, which speaks it; by default the transport is aiohttp's."""
-    from meshlib.clients._aiohttp import AiohttpTransport
+    transport, which speaks it; by default the transport is meshlib's HTTP/1.1 one."""
+    from meshlib.clients._http1 import Http1Transport
 
     default = meshlib.AsyncClient()
     h2_only = meshlib.AsyncClient(http2=True, http1=False)
-    assert isinstance(default._transport._inner, AiohttpTransport)  # type: ignore[attr-defined]
+    assert isinstance(default._transport._inner, Http1Transport)  # type: ignore[attr-defined]
     inner = h2_only._transport._inner  # type: ignore[attr-defined]
     assert isinstance(inner, httpx.AsyncHTTPTransport)
     assert (inner._pool._http1, inner._pool._http2) == (False, True)

@@ -1,0 +1,79 @@
+"""An upload to an upstream that stops reading is bounded as Envoy bounds it: by the route's
+timeout (504 UT), or by the caller's own write timeout when that is shorter (raised as httpx
+raises it). The upstream accepts the connection and never reads, so the request body fills the
+socket buffers and stalls."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+
+import meshlib
+from meshlib.config import MeshConfig
+from tests.upstream import mesh_for
+
+BODY = b"x" * (32 * 1024 * 1024)  # far beyond the loopback socket buffers
+
+
+def policy(port: int) -> str:
+    return f"""\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: sink}}
+spec:
+  hosts: [sink.default.svc.cluster.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 9080, name: http, protocol: HTTP}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {port}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: sink}}
+spec:
+  hosts: [sink]
+  http:
+  - timeout: 0.5s
+    retries: {{attempts: 0}}
+    route: [{{destination: {{host: sink}}}}]
+"""
+
+
+async def _upload(timeout: httpx.Timeout) -> tuple[httpx.Response | Exception, float]:
+    stop = asyncio.Event()
+
+    async def never_reads(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await stop.wait()
+        writer.close()
+
+    server = await asyncio.start_server(never_reads, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    mesh = mesh_for(MeshConfig(service="productpage"), policy(port))
+    started = time.monotonic()
+    async with server, meshlib.AsyncClient(mesh=mesh, timeout=timeout) as client:
+        try:
+            result: httpx.Response | Exception = await client.post(
+                "http://sink:9080/upload", content=BODY
+            )
+        except httpx.HTTPError as exc:
+            result = exc
+        finally:
+            stop.set()
+    return result, time.monotonic() - started
+
+
+def test_the_route_timeout_bounds_an_upload_the_upstream_never_reads() -> None:
+    result, elapsed = asyncio.run(_upload(httpx.Timeout(10.0)))
+    assert isinstance(result, httpx.Response), result
+    assert result.status_code == 504 and result.text == "upstream request timeout"
+    assert result.extensions["response_flags"] == ["UT"]
+    assert elapsed < 3.0
+
+
+def test_a_shorter_write_timeout_of_the_caller_is_its_own() -> None:
+    """Raised as without the mesh, not answered 504: the caller's timeout, not the route's."""
+    result, elapsed = asyncio.run(_upload(httpx.Timeout(10.0, write=0.2)))
+    assert isinstance(result, httpx.WriteTimeout), result
+    assert elapsed < 0.5
