@@ -11,37 +11,42 @@ Why not aiohttp (meshlib's transport until the sixth session): it keeps throughp
 request through `aiohttp.ClientSession` costs ~60 µs of client CPU here, most of it features
 httpx already has (cookies, redirects, auth, tracing hooks, header merging, its own timeouts).
 This transport does only what a transport must — pool, write, parse — at ~25 µs (`python -m
-bench async_client`, rows (b) and (d)). The parsing is llhttp's (through httptools, the parser
-uvicorn uses): only the framing around it is written here.
+bench async_client`). The parsing is llhttp's (through httptools, the parser uvicorn uses):
+only the framing around it is written here.
 
 What it does, as httpx's own transport does:
 
 - the request goes out with exactly httpx's headers and body: bytes with their
-  `Content-Length`, a streamed body chunked when httpx said `Transfer-Encoding: chunked`
-  (raw otherwise), nothing added. A header name or value with CR, LF or NUL is refused
-  (`httpx.LocalProtocolError`);
-- the response comes back with its raw header list (repeated fields and case kept) and the
-  undecoded body (httpx decodes); a body that came whole with the headers is handed over as
-  bytes and its connection returns to the pool at once, a longer one is streamed (reading pauses
-  while more than 256 KiB wait unread) and its connection returns when httpx closes the
-  response after reading it all (closed earlier, the connection is dropped);
+  `Content-Length`, a streamed body chunked when httpx said `Transfer-Encoding: chunked`,
+  nothing added. Refused before anything is sent (`httpx.LocalProtocolError`): a method or
+  header name that is not an RFC 9110 token, CR, LF or NUL in a header value, and a body that
+  does not match its framing (more or less than `Content-Length`, or a body with neither
+  header) — each would desynchronise the connection;
+- the response comes back with its raw header list (repeated fields and case kept; trailers
+  are not merged in) and the undecoded body (httpx decodes); a body that came whole with the
+  headers is handed over as bytes and its connection returns to the pool at once, a longer
+  one is streamed (reading pauses while more than 256 KiB wait unread) and its connection
+  returns when httpx closes the response after reading it all (closed earlier, the connection
+  is dropped);
 - informational answers (1xx but 101) are skipped; a 101, a status below 100, a malformed
   message, a header block over 64 KiB, or a connection closed before the message ends raise
-  `httpx.RemoteProtocolError`; a body without length ends when the server closes;
-- `request.extensions["timeout"]`: `connect` bounds opening a connection (TCP and TLS)
+  `httpx.RemoteProtocolError` (`httpx.ReadError` when the connection was reset); a body
+  without length ends when the server closes cleanly; bytes after the response close the
+  connection, the response stands;
+- `request.extensions["timeout"]`: `connect` bounds opening a connection, TLS included
   (`httpx.ConnectTimeout`), `pool` waiting for one when the pool is full (`httpx.PoolTimeout`),
   `write` each wait for the socket to take more of the request (`httpx.WriteTimeout`), `read`
-  each wait for more of the response (`httpx.ReadTimeout`);
-- errors map to httpx's: refused, DNS and TLS failures `httpx.ConnectError`, a reset while
-  sending `httpx.WriteError`, while receiving `httpx.ReadError`, an app's failing request
-  body generator raises the app's own error;
-- a request is sent once: a kept-alive connection the server closed under it is an error
-  (`RemoteProtocolError`), never sent again here (in the mesh, the retry policy decides);
-- `verify` as httpx takes it (`httpx.create_ssl_context`: True, False, a CA bundle path or an
-  `ssl.SSLContext`), ALPN `http/1.1`.
+  each wait for bytes of the response (`httpx.ReadTimeout`);
+- refused, DNS and TLS failures are `httpx.ConnectError`, a reset `httpx.ReadError` (or
+  `WriteError` while sending), an app's failing request body generator raises the app's error;
+- a request is sent once: a kept-alive connection the server closed under it is an error,
+  never sent again here (in the mesh, the retry policy decides);
+- `verify` as httpx takes it (True, False, a CA bundle path or an `ssl.SSLContext`), ALPN
+  `http/1.1`; the pool limits and keep-alive expiry of `httpx.Limits`.
 
 HTTP/1.1 only (HTTP/2 and proxies go through httpx's own transports). Connections belong to
-the event loop that opened them: used from another loop, the transport starts a new pool.
+the event loop that opened them: used from another loop, the transport starts a new pool (the
+old loop's sockets are released with it).
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ import asyncio
 import collections
 import contextlib
 import os
+import re
 import ssl
 from collections.abc import AsyncIterator, Mapping
 from typing import cast
@@ -57,6 +63,7 @@ from typing import cast
 import httptools
 import httpx
 
+from meshlib._text import ascii_int
 from meshlib.clients._httpx_headers import from_raw
 
 __all__ = ["Http1Transport"]
@@ -66,6 +73,10 @@ _PAUSE_READING = 262_144  # unread response bytes at which reading pauses
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _NO_RESPONSE = "Server disconnected without sending a response."
 _CUT_SHORT = "peer closed connection without sending complete message body"
+_CLOSED = "Cannot send a request, as the transport has been closed."
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token characters
+_METHODS_SEEN: set[str] = set()  # methods already checked to be tokens
+_LAST_CHUNK = b"0\r\n\r\n"
 
 Origin = tuple[str, str, int]  # scheme, host, port
 
@@ -75,8 +86,8 @@ class Http1Transport(httpx.AsyncBaseTransport):
 
     `max_connections` bounds the pool (None: unbounded), `max_connections_per_host` each
     origin (None: only the total bound); a request beyond them waits, first come first
-    served, up to its pool timeout. `keepalive_expiry` closes connections idle for longer
-    (None: kept until the server closes them).
+    served, up to its pool timeout. At most `max_keepalive_connections` idle connections are
+    kept (None: all), each for `keepalive_expiry` seconds (None: until the server closes it).
     """
 
     def __init__(
@@ -85,6 +96,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
         verify: ssl.SSLContext | str | bool = True,
         max_connections: int | None = 100,
         max_connections_per_host: int | None = None,
+        max_keepalive_connections: int | None = 20,
         keepalive_expiry: float | None = 5.0,
     ) -> None:
         for name, value in (
@@ -93,12 +105,12 @@ class Http1Transport(httpx.AsyncBaseTransport):
         ):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
-        self._verify = verify
-        self._ssl: ssl.SSLContext | None = None  # made on the first https request
+        self._ssl = _ssl_context(verify)  # made now, as httpx does: a bad path fails here
         self._max_connections = max_connections
         self._max_per_host = max_connections_per_host
+        self._max_idle = max_keepalive_connections
         self._keepalive_expiry = keepalive_expiry
-        self._pool = _Pool(self)
+        self._pool: _Pool | None = None
         self._closed = False
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -109,208 +121,304 @@ class Http1Transport(httpx.AsyncBaseTransport):
                 f"Request URL has an unsupported protocol {scheme + '://'!r}.", request=request
             )
         if self._closed:
-            raise RuntimeError("Cannot send a request, as the transport has been closed.")
+            raise RuntimeError(_CLOSED)
+        outgoing = _Outgoing(request)
         timeout = request.extensions.get("timeout") or {}
-        head = _head(request)
         pool = self._pool
-        if pool.loop is not asyncio.get_running_loop():
-            pool = self._pool = _Pool(self)  # the old loop's connections went with it
+        loop = asyncio.get_running_loop()
+        if pool is None or pool.loop is not loop:
+            pool = self._pool = _Pool(self, loop)  # the old loop's connections went with it
         origin = (scheme, url.raw_host.decode("ascii"), url.port or _DEFAULT_PORTS[scheme])
         connection = await pool.acquire(origin, request, timeout)
         try:
-            await connection.send(request, head, timeout.get("write"))
+            await connection.send(request, outgoing, timeout.get("write"))
             await connection.wait_head(request, timeout.get("read"))
         except BaseException:
             pool.discard(connection)  # cancelled or failed mid-exchange: its state is unknown
             raise
         if connection.complete:  # the whole body came with the headers: the common case
-            body = connection.take_body()
-            response = connection.response(httpx.ByteStream(body))
+            response = connection.response(httpx.ByteStream(connection.take_body()))
             pool.release(connection)
             return response
-        return connection.response(_ResponseStream(pool, connection, request, timeout.get("read")))
+        return connection.response(_ResponseStream(connection, request, timeout.get("read")))
 
     async def aclose(self) -> None:
         self._closed = True
-        self._pool.close()
-
-    def ssl_context(self) -> ssl.SSLContext:
-        if self._ssl is None:
-            verify = self._verify
-            if isinstance(verify, ssl.SSLContext):
-                self._ssl = verify  # the app's, as it made it
-            else:
-                if isinstance(verify, str):  # a CA bundle file or directory
-                    directory = os.path.isdir(verify)
-                    self._ssl = ssl.create_default_context(
-                        cafile=None if directory else verify, capath=verify if directory else None
-                    )
-                else:
-                    self._ssl = httpx.create_ssl_context(verify=verify)
-                self._ssl.set_alpn_protocols(["http/1.1"])
-        return self._ssl
+        if self._pool is not None:
+            self._pool.close()
 
 
-def _head(request: httpx.Request) -> bytes:
-    """The request line and headers, as bytes. httpx lets any bytes into a header; a CR, LF
-    or NUL would split the message (request smuggling), so a head holding more line breaks
-    than it has lines is refused."""
-    url = request.url
-    target = url.raw_path
-    raw = request.headers.raw
-    head = b"".join(
-        [
-            b"%s %s HTTP/1.1\r\n" % (request.method.encode("ascii"), target),
-            *[b"%s: %s\r\n" % pair for pair in raw],
-            b"\r\n",
-        ]
-    )
-    lines = len(raw) + 2
-    if head.count(b"\n") != lines or head.count(b"\r") != lines or b"\0" in head:
-        raise httpx.LocalProtocolError(
-            "Illegal character (CR, LF or NUL) in the request line or a header", request=request
+def _ssl_context(verify: ssl.SSLContext | str | bool) -> ssl.SSLContext:
+    if isinstance(verify, ssl.SSLContext):
+        return verify  # the app's, as it made it
+    if isinstance(verify, str):  # a CA bundle file or directory, as httpx still accepts
+        directory = os.path.isdir(verify)
+        context = ssl.create_default_context(
+            cafile=None if directory else verify, capath=verify if directory else None
         )
-    return head
+    else:
+        context = httpx.create_ssl_context(verify=verify)
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+class _Outgoing:
+    """A request as it goes on the wire: its head, checked, and how its body is framed."""
+
+    __slots__ = ("body", "chunked", "head", "length", "stream")
+
+    def __init__(self, request: httpx.Request) -> None:
+        method = request.method
+        if method not in _METHODS_SEEN:
+            if not (method.isascii() and _TOKEN.fullmatch(method.encode())):
+                raise httpx.LocalProtocolError(f"Illegal method {method!r}", request=request)
+            if len(_METHODS_SEEN) < 64:
+                _METHODS_SEEN.add(method)
+        raw = request.headers.raw
+        names = [name for name, _ in raw]
+        if raw and (b"" in names or not _TOKEN.fullmatch(b"".join(names))):
+            raise httpx.LocalProtocolError("Illegal header name", request=request)
+        head = b"".join(
+            [
+                b"%s %s HTTP/1.1\r\n" % (method.encode("ascii"), request.url.raw_path),
+                *[b"%s: %s\r\n" % pair for pair in raw],
+                b"\r\n",
+            ]
+        )
+        # CR or LF in a value would split the message (request smuggling): a head with more
+        # line breaks than it has lines, or a NUL, is refused.
+        lines = len(raw) + 2
+        if head.count(b"\n") != lines or head.count(b"\r") != lines or b"\0" in head:
+            raise httpx.LocalProtocolError(
+                "Illegal character (CR, LF or NUL) in the request target or a header",
+                request=request,
+            )
+        self.head = head
+        length: int | None = None
+        self.chunked = False
+        for name, value in raw:
+            if len(name) == 14 and name.lower() == b"content-length":
+                length = ascii_int(value.decode("latin-1").strip(), 19)
+                if length is None:
+                    raise httpx.LocalProtocolError("Illegal Content-Length", request=request)
+            elif len(name) == 17 and name.lower() == b"transfer-encoding":
+                self.chunked = b"chunked" in value.lower()
+        self.length = None if self.chunked else length
+        stream = request.stream
+        self.stream = stream
+        self.body: bytes | None = None
+        if isinstance(stream, httpx.ByteStream):  # bytes known up front: checked, framed now
+            data = b"".join(stream)
+            framed = self.framed(data, request)
+            self.check_complete(len(data), request)
+            self.body = framed + _LAST_CHUNK if self.chunked else framed
+
+    def framed(self, data: bytes, request: httpx.Request, sent: int = 0) -> bytes:
+        """`data` as it goes on the wire after `sent` bytes of body."""
+        if self.chunked:
+            return b"%x\r\n%s\r\n" % (len(data), data) if data else b""
+        if self.length is None:
+            if data:
+                raise httpx.LocalProtocolError(
+                    "Request body without Content-Length or Transfer-Encoding", request=request
+                )
+        elif sent + len(data) > self.length:
+            raise httpx.LocalProtocolError(
+                "Too much data for declared Content-Length", request=request
+            )
+        return data
+
+    def check_complete(self, sent: int, request: httpx.Request) -> None:
+        if self.length is not None and sent != self.length:
+            raise httpx.LocalProtocolError(
+                "Too little data for declared Content-Length", request=request
+            )
 
 
 class _Pool:
-    """Connections by origin for one event loop: idle ones reused last-in first-out, a
-    bounded total, waiters served first come first served."""
+    """Connections by origin for one event loop: idle ones reused last in first out, bounded
+    in total and per origin; requests waiting for room served first come first served."""
 
-    def __init__(self, transport: Http1Transport) -> None:
+    def __init__(self, transport: Http1Transport, loop: asyncio.AbstractEventLoop) -> None:
         self.transport = transport
-        try:
-            self.loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            self.loop = None  # made outside a loop: the first request makes a new pool
-        self.idle: dict[Origin, list[_Connection]] = {}
+        self.loop = loop
+        self.idle: dict[Origin, list[_Connection]] = {}  # oldest first
+        self.idle_count = 0
         self.open: dict[Origin, int] = {}  # connections per origin, idle or busy
         self.total = 0
-        self.waiters: collections.deque[tuple[Origin, asyncio.Future[None]]] = collections.deque()
         self.connections: set[_Connection] = set()
+        self.waiters: collections.deque[tuple[Origin, asyncio.Future[None]]] = collections.deque()
+        self.closed = False
 
     async def acquire(
         self, origin: Origin, request: httpx.Request, timeout: Mapping[str, float | None]
     ) -> _Connection:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         deadline = None
         woken_before = False
         while True:
-            connection = self._idle_connection(origin, loop.time())
+            if self.closed:
+                raise RuntimeError(_CLOSED)
+            connection = self._idle_connection(origin)
             if connection is not None:
                 return connection
-            if self._may_open(origin) or self._evict_idle():
+            if self._may_open(origin) or (self._origin_allows(origin) and self._evict_idle()):
                 return await self._connect(origin, request, timeout.get("connect"))
             pool_timeout = timeout.get("pool")
             if deadline is None and pool_timeout is not None:
                 deadline = loop.time() + pool_timeout
-            remaining = None if deadline is None else deadline - loop.time()
-            if remaining is not None and remaining <= 0:
-                raise httpx.PoolTimeout("Timed out waiting for a connection", request=request)
             waiter: asyncio.Future[None] = loop.create_future()
             entry = (origin, waiter)
-            # Woken but beaten to the room (another origin's limit): keep its place in line.
+            # Woken but beaten to the room: it keeps its place at the head of the line.
             (self.waiters.appendleft if woken_before else self.waiters.append)(entry)
+            timer = None if deadline is None else loop.call_at(deadline, _time_out, waiter)
             try:
-                await asyncio.wait_for(waiter, remaining)
-            except asyncio.TimeoutError:
-                self._forget(entry)
+                await waiter
+            except _TimedOut:
                 raise httpx.PoolTimeout(
                     "Timed out waiting for a connection", request=request
                 ) from None
             except BaseException:
-                self._forget(entry)
-                if waiter.done() and not waiter.cancelled():
-                    self._wake(origin)  # woken as it gave up: the turn passes on
-                    self._wake(None)
+                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                    self._wake()  # woken as it gave up: the turn passes on
                 raise
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                self._forget(entry)
             woken_before = True
 
-    def _idle_connection(self, origin: Origin, now: float) -> _Connection | None:
+    def _idle_connection(self, origin: Origin) -> _Connection | None:
         idle = self.idle.get(origin)
-        expiry = self.transport._keepalive_expiry
         while idle:
-            connection = idle.pop()
-            if connection.closed or (expiry is not None and now - connection.idle_since > expiry):
-                self._close(connection)
-                continue
-            return connection
+            connection = idle.pop()  # the most recently used
+            self.idle_count -= 1
+            if connection.usable(self.loop.time()):
+                return connection
+            self._close(connection)
         return None
 
+    def _origin_allows(self, origin: Origin) -> bool:
+        per_host = self.transport._max_per_host
+        return per_host is None or self.open.get(origin, 0) < per_host
+
     def _may_open(self, origin: Origin) -> bool:
-        limit, per_host = self.transport._max_connections, self.transport._max_per_host
-        return (limit is None or self.total < limit) and (
-            per_host is None or self.open.get(origin, 0) < per_host
-        )
+        limit = self.transport._max_connections
+        return (limit is None or self.total < limit) and self._origin_allows(origin)
 
     def _evict_idle(self) -> bool:
-        """At the total bound, an idle connection to another origin makes room."""
+        """At the total bound, the longest idle connection (to another origin) makes room."""
+        oldest: list[_Connection] | None = None
         for idle in self.idle.values():
-            if idle:
-                self._close(idle.pop(0))  # the longest idle
-                return True
-        return False
+            if idle and (oldest is None or idle[0].idle_since < oldest[0].idle_since):
+                oldest = idle
+        if oldest is None:
+            return False
+        self.idle_count -= 1
+        self._close(oldest.pop(0))
+        return True
 
     async def _connect(
         self, origin: Origin, request: httpx.Request, timeout: float | None
     ) -> _Connection:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         scheme, host, port = origin
         connection = _Connection(self, origin)
         self.total += 1
         self.open[origin] = self.open.get(origin, 0) + 1
         self.connections.add(connection)
-        ssl_context = self.transport.ssl_context() if scheme == "https" else None
+        tls = self.transport._ssl if scheme == "https" else None
+        timed_out: list[bool] = []
         try:
-            await asyncio.wait_for(
+            # A task of its own, so that the connect timeout cancels only the connecting,
+            # never loses a cancellation of the caller (asyncio.wait_for can, on 3.10-3.11).
+            connecting = loop.create_task(
                 loop.create_connection(
                     lambda: connection,
                     host,
                     port,
-                    ssl=ssl_context,
-                    server_hostname=host if ssl_context is not None else None,
-                ),
-                timeout,
+                    ssl=tls,
+                    server_hostname=host if tls is not None else None,
+                )
             )
-        except asyncio.TimeoutError:
+            timer = (
+                None
+                if timeout is None
+                else loop.call_later(timeout, _give_up, connecting, timed_out)
+            )
+            try:
+                await connecting
+            finally:
+                if timer is not None:
+                    timer.cancel()
+        except asyncio.CancelledError:
             self._close(connection)
-            raise httpx.ConnectTimeout("Timed out opening a connection", request=request) from None
-        except (OSError, ssl.SSLError) as exc:
+            if timed_out and not _cancelling():
+                raise httpx.ConnectTimeout(
+                    "Timed out opening a connection", request=request
+                ) from None
+            raise
+        except OSError as exc:  # refused, DNS, TLS (ssl.SSLError is an OSError)
             self._close(connection)
             raise httpx.ConnectError(str(exc) or type(exc).__name__, request=request) from exc
         except BaseException:
             self._close(connection)
             raise
+        if connection.closing or self.closed:  # the transport was closed meanwhile
+            self._close(connection)
+            raise RuntimeError(_CLOSED)
         return connection
 
     def release(self, connection: _Connection) -> None:
-        """A connection whose response was read to the end goes back to the pool (or is closed
-        if it cannot carry another request)."""
-        if not connection.reusable or self.transport._closed or self.loop is None:
+        """A connection whose response was read to its end goes back to the pool, or is
+        closed if it cannot carry another request."""
+        if not connection.reusable or self.closed or connection not in self.connections:
             self._close(connection)
             return
         connection.reset()
-        connection.idle_since = self.loop.time()
+        now = self.loop.time()
+        connection.idle_since = now
         self.idle.setdefault(connection.origin, []).append(connection)
+        self.idle_count += 1
+        self._prune(now)
         self._wake(connection.origin)
 
     def discard(self, connection: _Connection) -> None:
         self._close(connection)
 
     def lost(self, connection: _Connection) -> None:
-        """The server closed `connection`: forget it if idle (a busy one is closed by its
-        request, which sees the error)."""
+        """The server closed an idle connection."""
         idle = self.idle.get(connection.origin)
         if idle and connection in idle:
             idle.remove(connection)
-            self._close(connection)
+            self.idle_count -= 1
+        self._close(connection)
 
     def close(self) -> None:
+        self.closed = True
         for connection in list(self.connections):
             self._close(connection)
         self.idle.clear()
+        self.idle_count = 0
+        for _, waiter in self.waiters:  # each wakes to find the pool closed
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _prune(self, now: float) -> None:
+        """Close idle connections past their keep-alive expiry, and the longest idle beyond
+        `max_keepalive_connections`."""
+        expiry = self.transport._keepalive_expiry
+        if expiry is not None:
+            for idle in self.idle.values():
+                while idle and now - idle[0].idle_since > expiry:
+                    self.idle_count -= 1
+                    self._close(idle.pop(0))
+        limit = self.transport._max_idle
+        while limit is not None and self.idle_count > limit and self._evict_idle():
+            pass
 
     def _close(self, connection: _Connection) -> None:
+        connection.close()
         if connection not in self.connections:
             return
         self.connections.discard(connection)
@@ -320,24 +428,27 @@ class _Pool:
             self.open[connection.origin] = left
         else:
             del self.open[connection.origin]
-        connection.close()
-        self._wake(None)
+        self._wake()
 
-    def _wake(self, origin: Origin | None) -> None:
-        """Wake the first waiter that can go on: for an idle connection of `origin`, the first
-        waiting for that origin; for a freed slot (`origin` None), the first allowed a new
-        connection."""
-        for entry in self.waiters:
-            waiting_for, waiter = entry
+    def _wake(self, origin: Origin | None = None) -> None:
+        """Wake the first waiter that can go on now: one waiting for `origin`, which has an
+        idle connection; else one allowed a new connection, or to replace an idle one."""
+        if origin is not None:
+            for entry in self.waiters:
+                if entry[0] == origin and not entry[1].done():
+                    entry[1].set_result(None)
+                    return
+        for waiting_for, waiter in self.waiters:
             if waiter.done():
                 continue
-            if waiting_for == origin if origin is not None else self._may_open(waiting_for):
+            if self._may_open(waiting_for) or (
+                self.idle_count and self._origin_allows(waiting_for)
+            ):
                 waiter.set_result(None)
-                self._forget(entry)
                 return
 
     def _forget(self, entry: tuple[Origin, asyncio.Future[None]]) -> None:
-        with contextlib.suppress(ValueError):  # already woken and removed
+        with contextlib.suppress(ValueError):  # already gone: the pool was closed
             self.waiters.remove(entry)
 
 
@@ -347,10 +458,13 @@ class _Connection(asyncio.Protocol):
     def __init__(self, pool: _Pool, origin: Origin) -> None:
         self.pool = pool
         self.origin = origin
-        self.closed = False  # the socket is gone (closed here, or by the server)
+        self.loop = pool.loop
+        self.closing = False  # closed, or being closed, from this side
+        self.closed = False  # the socket is gone
         self.idle_since = 0.0
-        self.reusable = False  # the last response leaves it able to carry another request
+        self.reusable = False  # the response just read leaves it able to carry another
         self.complete = False  # the response has been received to its end
+        self.error: httpx.TransportError | None = None
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._busy = False  # a request is in flight
@@ -366,17 +480,30 @@ class _Connection(asyncio.Protocol):
         self._buffered = 0
         self._reading_paused = False
         self._writing_paused = False
-        self._error: httpx.TransportError | None = None
         self._waiter: asyncio.Future[None] | None = None  # the reader, waiting for bytes
         self._drain: asyncio.Future[None] | None = None  # the writer, waiting for the socket
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_bytes = 0.0  # when bytes last came (the read timeout counts from there)
+
+    def usable(self, now: float) -> bool:
+        expiry = self.pool.transport._keepalive_expiry
+        return not (
+            self.closing
+            or self.closed
+            or self.error is not None
+            or (expiry is not None and now - self.idle_since > expiry)
+        )
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not derive from asyncio's classes: no isinstance check
         self._transport = cast(asyncio.Transport, transport)
+        if self.closing:  # closed while it was connecting
+            transport.close()
 
     def data_received(self, data: bytes) -> None:
+        self._last_bytes = self.loop.time()
         if not self._busy:
             self._fail(httpx.RemoteProtocolError("Unexpected data on an idle connection"))
             return
@@ -392,21 +519,20 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.reusable = False
-        if self._busy and not self.complete:
-            if self._headers_done and not self._framed:
-                self._finish_message()  # a body without a length ends when the server closes
-                self.reusable = False
-            elif self._error is None:
+        if self._busy and not self.complete and self.error is None:
+            if self._headers_done and not self._framed and exc is None:
+                self.complete = True  # a body without a length ends when the server closes
+            else:
                 message = _CUT_SHORT if self._headers_done else _NO_RESPONSE
                 if exc is None:
-                    self._error = httpx.RemoteProtocolError(message)
+                    self.error = httpx.RemoteProtocolError(message)
                 else:
-                    self._error = httpx.ReadError(f"{message}: {exc}")
-                    self._error.__cause__ = exc
+                    self.error = httpx.ReadError(f"{message}: {exc}")
+                    self.error.__cause__ = exc
         self._wake()
         drain = self._drain
         if drain is not None and not drain.done():
-            drain.set_result(None)  # the writer sees `closed`
+            drain.set_result(None)  # the writer finds the connection closed
         if not self._busy:
             self.pool.lost(self)
 
@@ -422,17 +548,22 @@ class _Connection(asyncio.Protocol):
     # -- httptools callbacks -------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._headers_done:  # a second message: bytes the server had no request for
+            raise httpx.RemoteProtocolError("Unexpected data after the response")
         self._headers = []
         self._header_bytes = 0
         self._framed = False
+        self._reason = b""
 
     def on_status(self, status: bytes) -> None:
-        self._reason = status
+        self._reason += status  # may come in pieces
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_bytes += len(name) + len(value) + 4
         if self._header_bytes > _HEADER_LIMIT:
             raise httpx.RemoteProtocolError("Response header block too large")
+        if self._headers_done:
+            return  # a trailer of a chunked body: not a response header
         if len(name) in (14, 17) and name.lower() in (b"content-length", b"transfer-encoding"):
             self._framed = True
         self._headers.append((name, value))
@@ -448,12 +579,18 @@ class _Connection(asyncio.Protocol):
         version = parser.get_http_version()
         self._version = b"HTTP/1.1" if version == "1.1" else b"HTTP/" + version.encode("ascii")
         self._headers_done = True
-        if self._head_only:  # no body follows, whatever Content-Length says
-            self._finish_message()
-            self._parser = httptools.HttpResponseParser(self)  # the next message starts anew
+        if self._head_only:
+            # No body follows, whatever Content-Length says; llhttp cannot be told so, so the
+            # next response gets a parser of its own and this one's remaining bytes are extra.
+            self.complete = True
+            self.reusable = _keeps_alive(version, self._headers)
+            self._parser = httptools.HttpResponseParser(self)
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        if self.complete:  # a body after a HEAD answer: the connection is out of step
+            self.reusable = False
+            return
         self._body.append(body)
         self._buffered += len(body)
         if self._buffered > _PAUSE_READING and not self._reading_paused:
@@ -463,59 +600,76 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
-        if self._headers_done and not self.complete:  # not the end of a 1xx
-            self._finish_message()
-            self._wake()
-
-    def _finish_message(self) -> None:
+        if not self._headers_done or self.complete:  # a 1xx's end, or a HEAD answer's
+            return
         self.complete = True
-        self.reusable = self._parser.should_keep_alive() and not self.closed
+        self.reusable = self._parser.should_keep_alive()
+        self._wake()
 
-    # -- the request, from the task that sends it ---------------------------------------------
+    # -- the exchange, driven by the task that sends the request -------------------------
 
-    async def send(self, request: httpx.Request, head: bytes, timeout: float | None) -> None:
+    async def send(
+        self, request: httpx.Request, outgoing: _Outgoing, timeout: float | None
+    ) -> None:
         self._busy = True
         self._head_only = request.method == "HEAD"
-        transport = self._transport
-        assert transport is not None
-        chunked = "chunked" in (request.headers.get("transfer-encoding") or "").lower()
-        stream = request.stream
-        if isinstance(stream, httpx.ByteStream):
-            body = b"".join(stream)
-            if chunked:
-                body = (b"%x\r\n%s\r\n" % (len(body), body) if body else b"") + b"0\r\n\r\n"
-            transport.write(head + body if body else head)  # one write, one syscall
-            await self._drained(request, timeout)
+        self._last_bytes = self.loop.time()
+        if outgoing.body is not None:
+            if self._write(outgoing.head + outgoing.body, request):  # one write, one syscall
+                await self._drained(request, timeout)
             return
+        stream = outgoing.stream
         if not isinstance(stream, httpx.AsyncByteStream):
             raise RuntimeError("Http1Transport needs an async request stream (httpx.AsyncClient)")
-        transport.write(head)
+        if not self._write(outgoing.head, request):
+            return
+        sent = 0
         async for chunk in stream:  # an app's failing generator raises its own error
-            if chunk:
-                transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
-            if not await self._drained(request, timeout):
-                return  # the answer came already (an early 413, say): it is what counts
-        if chunked:
-            transport.write(b"0\r\n\r\n")
+            data = outgoing.framed(chunk, request, sent)
+            sent += len(chunk)
+            if data and not (self._write(data, request) and await self._drained(request, timeout)):
+                return  # the server answered already (an early 413, say): that answer stands
+        outgoing.check_complete(sent, request)
+        if outgoing.chunked and not self._write(_LAST_CHUNK, request):
+            return
         await self._drained(request, timeout)
 
+    def _write(self, data: bytes, request: httpx.Request) -> bool:
+        """Hand `data` to the socket; False when sending should stop, the server having
+        answered and closed."""
+        if self.closing or self.closed:
+            return self._stopped(request)
+        assert self._transport is not None
+        try:
+            self._transport.write(data)
+        except RuntimeError:  # uvloop: the transport closed under us
+            return self._stopped(request)
+        return True
+
     async def _drained(self, request: httpx.Request, timeout: float | None) -> bool:
-        """Wait while the socket's buffer is full; False when sending should stop because
-        the server already answered and closed."""
+        """Wait while the socket's buffer is full (`timeout` each time); False as `_write`."""
         while True:
-            if self.closed:
-                if self._headers_done:
-                    return False
-                raise self._error_for(request, "Connection lost while sending the request")
+            if self.closing or self.closed:
+                return self._stopped(request)
             if not self._writing_paused:
                 return True
-            drain = self._drain = asyncio.get_running_loop().create_future()
+            drain = self._drain = self.loop.create_future()
+            timer = None if timeout is None else self.loop.call_later(timeout, _time_out, drain)
             try:
-                await asyncio.wait_for(drain, timeout)
-            except asyncio.TimeoutError:
+                await drain
+            except _TimedOut:
                 raise httpx.WriteTimeout("Timed out sending the request", request=request) from None
             finally:
                 self._drain = None
+                if timer is not None:
+                    timer.cancel()
+
+    def _stopped(self, request: httpx.Request) -> bool:
+        if self._headers_done:
+            return False
+        error = self.error or httpx.WriteError("Connection lost while sending the request")
+        error.request = request
+        raise error
 
     async def wait_head(self, request: httpx.Request, timeout: float | None) -> None:
         while not self._headers_done:
@@ -530,32 +684,43 @@ class _Connection(asyncio.Protocol):
             await self._wait(request, timeout)
         chunk = body.popleft()
         self._buffered -= len(chunk)
-        if self._reading_paused and self._buffered <= _PAUSE_READING // 2 and not self.closed:
-            self._reading_paused = False
-            assert self._transport is not None
-            self._transport.resume_reading()
+        if self._reading_paused and self._buffered <= _PAUSE_READING // 2:
+            self._resume_reading()
         return chunk
 
     async def _wait(self, request: httpx.Request, timeout: float | None) -> None:
-        """Wait for the next event from the server, at most `timeout` seconds."""
-        if self._error is not None:
+        """Wait for the next event from the server; at most `timeout` seconds without a byte
+        arriving."""
+        if self.error is not None:
             raise self._error_for(request)
-        loop = asyncio.get_running_loop()
-        waiter = self._waiter = loop.create_future()
-        timer = None if timeout is None else loop.call_later(timeout, _time_out, waiter)
+        waiter = self._waiter = self.loop.create_future()
+        if timeout is not None:
+            self._last_bytes = max(self._last_bytes, self.loop.time())
+            self._timer = self.loop.call_later(timeout, self._check_quiet, waiter, timeout)
         try:
             await waiter
         except _TimedOut:
             raise httpx.ReadTimeout("Timed out reading the response", request=request) from None
         finally:
             self._waiter = None
-            if timer is not None:
-                timer.cancel()
-        if self._error is not None and not self._body and not self.complete:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        if self.error is not None and not self._body and not self.complete:
             raise self._error_for(request)
 
-    def _error_for(self, request: httpx.Request, message: str = "") -> httpx.TransportError:
-        error = self._error or httpx.WriteError(message)
+    def _check_quiet(self, waiter: asyncio.Future[None], timeout: float) -> None:
+        """The read timeout's timer: bytes that came meanwhile start its count again."""
+        if waiter.done():
+            return
+        quiet = self.loop.time() - self._last_bytes
+        if quiet < timeout:
+            self._timer = self.loop.call_later(timeout - quiet, self._check_quiet, waiter, timeout)
+        else:
+            waiter.set_exception(_TimedOut())
+
+    def _error_for(self, request: httpx.Request) -> httpx.TransportError:
+        error = self.error or httpx.ReadError("The connection was closed")
         error.request = request
         return error
 
@@ -580,28 +745,43 @@ class _Connection(asyncio.Protocol):
         """Ready for the next request on this connection."""
         self._busy = False
         self.complete = False
+        self._head_only = False
         self._headers_done = False
         self._headers = []
         self._body.clear()
         self._buffered = 0
+        if self._reading_paused:
+            self._resume_reading()
 
     def close(self) -> None:
+        """Close from this side (idempotent); a reader or writer waiting gets an error."""
         self.reusable = False
-        if self._error is None:
-            self._error = httpx.ReadError("The connection was closed")
+        if self.closing:
+            return
+        self.closing = True
+        if self.error is None:
+            self.error = httpx.ReadError("The connection was closed")
         self._wake()
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_result(None)
         if self._transport is not None and not self.closed:
-            self.closed = True
             self._transport.close()
 
+    def _resume_reading(self) -> None:
+        self._reading_paused = False
+        if self._transport is not None and not self.closing and not self.closed:
+            self._transport.resume_reading()
+
     def _fail(self, error: httpx.TransportError, cause: BaseException | None = None) -> None:
-        if self._error is None:
+        if self.error is None:
             if cause is not None:
                 error.__cause__ = cause
-            self._error = error
+            self.error = error
         self.reusable = False
+        self.closing = True
         self._wake()
-        if self._transport is not None:
+        if self._transport is not None and not self.closed:
             self._transport.close()
 
     def _wake(self) -> None:
@@ -611,7 +791,7 @@ class _Connection(asyncio.Protocol):
 
 
 class _TimedOut(Exception):
-    """Set on a reader's waiter when its read timeout passes."""
+    """Set on a waiter whose timeout passed."""
 
 
 def _time_out(waiter: asyncio.Future[None]) -> None:
@@ -619,18 +799,36 @@ def _time_out(waiter: asyncio.Future[None]) -> None:
         waiter.set_exception(_TimedOut())
 
 
+def _give_up(connecting: asyncio.Task[object], timed_out: list[bool]) -> None:
+    timed_out.append(True)
+    connecting.cancel()
+
+
+def _cancelling() -> bool:
+    """Whether the running task itself is being cancelled (known on Python 3.11+)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return bool(cancelling()) if cancelling is not None else False
+
+
+def _keeps_alive(version: str, headers: list[tuple[bytes, bytes]]) -> bool:
+    """RFC 9112 §9.3, for answers whose framing llhttp cannot judge (to HEAD)."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if len(name) == 10 and name.lower() == b"connection":
+            tokens.update(token.strip().lower() for token in value.split(b","))
+    if b"close" in tokens:
+        return False
+    return version == "1.1" or b"keep-alive" in tokens
+
+
 class _ResponseStream(httpx.AsyncByteStream):
     """A body longer than what came with the headers, read as httpx asks; the connection
     goes back to the pool when it was read to the end, and is dropped if closed before."""
 
     def __init__(
-        self,
-        pool: _Pool,
-        connection: _Connection,
-        request: httpx.Request,
-        timeout: float | None,
+        self, connection: _Connection, request: httpx.Request, timeout: float | None
     ) -> None:
-        self._pool = pool
         self._connection = connection
         self._request = request
         self._timeout = timeout
@@ -647,6 +845,6 @@ class _ResponseStream(httpx.AsyncByteStream):
         self._done = True
         connection = self._connection
         if connection.complete and not connection._body:
-            self._pool.release(connection)
+            connection.pool.release(connection)
         else:
-            self._pool.discard(connection)
+            connection.pool.discard(connection)

@@ -748,6 +748,7 @@ def _default_async_transport(
     return Http1Transport(
         verify=verify,
         max_connections=limits.max_connections,
+        max_keepalive_connections=limits.max_keepalive_connections,
         keepalive_expiry=limits.keepalive_expiry,
     )
 
