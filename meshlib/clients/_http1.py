@@ -45,8 +45,9 @@ What it does, as httpx's own transport does:
   `http/1.1`; the pool limits and keep-alive expiry of `httpx.Limits`.
 
 HTTP/1.1 only (HTTP/2 and proxies go through httpx's own transports). Connections belong to
-the event loop that opened them: used from another loop, the transport starts a new pool (the
-old loop's sockets are released with it).
+the event loop that opened them: used from another loop, the transport starts a new pool, and
+connections still pooled in the old one are left to the garbage collector (close the client
+before its event loop ends, as with httpx).
 """
 
 from __future__ import annotations
@@ -280,7 +281,7 @@ class _Pool:
                 ) from None
             except BaseException:
                 if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                    self._wake()  # woken as it gave up: the turn passes on
+                    self._wake(origin)  # woken as it gave up: the turn passes on
                 raise
             finally:
                 if timer is not None:
