@@ -19,9 +19,11 @@ What it does, as httpx's own transport does:
 - the request goes out with exactly httpx's headers and body: bytes with their
   `Content-Length`, a streamed body chunked when httpx said `Transfer-Encoding: chunked`,
   nothing added. Refused before anything is sent (`httpx.LocalProtocolError`): a method or
-  header name that is not an RFC 9110 token, CR, LF or NUL in a header value, and a body that
-  does not match its framing (more or less than `Content-Length`, or a body with neither
-  header) — each would desynchronise the connection;
+  header name that is not an RFC 9110 token, CR, LF or NUL in a header value, ambiguous
+  framing (two `Content-Length` values, both framing headers, a transfer coding not ending
+  in `chunked`); a streamed body that turns out longer or shorter than its `Content-Length`
+  is stopped there — each would desynchronise the connection. A request saying
+  `Connection: close` leaves its connection closed after the response;
 - the response comes back with its raw header list (repeated fields and case kept; trailers
   are not merged in) and the undecoded body (httpx decodes); a body that came whole with the
   headers is handed over as bytes and its connection returns to the pool at once, a longer
@@ -40,7 +42,12 @@ What it does, as httpx's own transport does:
 - refused, DNS and TLS failures are `httpx.ConnectError`, a reset `httpx.ReadError` (or
   `WriteError` while sending), an app's failing request body generator raises the app's error;
 - a request is sent once: a kept-alive connection the server closed under it is an error,
-  never sent again here (in the mesh, the retry policy decides);
+  never sent again here (in the mesh, the retry policy decides). An idle connection is
+  checked before it is reused (a readable socket means the server closed it or sent bytes
+  nobody asked for), as httpcore does; bytes the server sends before the request is written
+  are read as its response (an overloaded server's 503);
+- `TRY_DEADLINE` in `request.extensions` (the mesh sets it from a try's time) bounds the wait
+  for the response headers as a whole, which the per-read timeout does not;
 - `verify` as httpx takes it (True, False, a CA bundle path or an `ssl.SSLContext`), ALPN
   `http/1.1`; the pool limits and keep-alive expiry of `httpx.Limits`.
 
@@ -57,7 +64,9 @@ import collections
 import contextlib
 import os
 import re
+import select
 import ssl
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import cast
 
@@ -65,6 +74,7 @@ import httptools
 import httpx
 
 from meshlib._text import ascii_int
+from meshlib.clients._aio import within
 from meshlib.clients._httpx_headers import from_raw
 
 __all__ = ["Http1Transport"]
@@ -78,8 +88,12 @@ _CLOSED = "Cannot send a request, as the transport has been closed."
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token characters
 _METHODS_SEEN: set[str] = set()  # methods already checked to be tokens
 _LAST_CHUNK = b"0\r\n\r\n"
+# request.extensions key: when (time.monotonic()) the response headers must have come, at the
+# latest. The mesh sets it from a try's time (per-try timeout, route deadline), which the read
+# timeout alone — counted from the last bytes received — would not bound.
+TRY_DEADLINE = "meshlib.try_deadline"
 
-Origin = tuple[str, str, int]  # scheme, host, port
+Origin = tuple[str, str, int, str]  # scheme, host, port, TLS server name
 
 
 class Http1Transport(httpx.AsyncBaseTransport):
@@ -89,6 +103,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
     origin (None: only the total bound); a request beyond them waits, first come first
     served, up to its pool timeout. At most `max_keepalive_connections` idle connections are
     kept (None: all), each for `keepalive_expiry` seconds (None: until the server closes it).
+    `trust_env` lets `SSL_CERT_FILE` / `SSL_CERT_DIR` choose the CAs when `verify` is True.
     """
 
     def __init__(
@@ -99,6 +114,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
         max_connections_per_host: int | None = None,
         max_keepalive_connections: int | None = 20,
         keepalive_expiry: float | None = 5.0,
+        trust_env: bool = True,
     ) -> None:
         for name, value in (
             ("max_connections", max_connections),
@@ -106,7 +122,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
         ):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
-        self._ssl = _ssl_context(verify)  # made now, as httpx does: a bad path fails here
+        self._ssl = _ssl_context(verify, trust_env)  # made now, as httpx does: a bad path fails
         self._max_connections = max_connections
         self._max_per_host = max_connections_per_host
         self._max_idle = max_keepalive_connections
@@ -129,11 +145,14 @@ class Http1Transport(httpx.AsyncBaseTransport):
         loop = asyncio.get_running_loop()
         if pool is None or pool.loop is not loop:
             pool = self._pool = _Pool(self, loop)  # the old loop's connections went with it
-        origin = (scheme, url.raw_host.decode("ascii"), url.port or _DEFAULT_PORTS[scheme])
+        host = url.raw_host.decode("ascii")
+        sni = request.extensions.get("sni_hostname") or host
+        origin = (scheme, host, url.port or _DEFAULT_PORTS[scheme], sni)
         connection = await pool.acquire(origin, request, timeout)
         try:
-            await connection.send(request, outgoing, timeout.get("write"))
-            await connection.wait_head(request, timeout.get("read"))
+            deadline = request.extensions.get(TRY_DEADLINE)
+            await connection.send(request, outgoing, timeout.get("write"), deadline)
+            await connection.wait_head(request, timeout.get("read"), deadline)
         except BaseException:
             pool.discard(connection)  # cancelled or failed mid-exchange: its state is unknown
             raise
@@ -149,7 +168,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
             self._pool.close()
 
 
-def _ssl_context(verify: ssl.SSLContext | str | bool) -> ssl.SSLContext:
+def _ssl_context(verify: ssl.SSLContext | str | bool, trust_env: bool) -> ssl.SSLContext:
     if isinstance(verify, ssl.SSLContext):
         return verify  # the app's, as it made it
     if isinstance(verify, str):  # a CA bundle file or directory, as httpx still accepts
@@ -158,7 +177,7 @@ def _ssl_context(verify: ssl.SSLContext | str | bool) -> ssl.SSLContext:
             cafile=None if directory else verify, capath=verify if directory else None
         )
     else:
-        context = httpx.create_ssl_context(verify=verify)
+        context = httpx.create_ssl_context(verify=verify, trust_env=trust_env)
     context.set_alpn_protocols(["http/1.1"])
     return context
 
@@ -166,7 +185,7 @@ def _ssl_context(verify: ssl.SSLContext | str | bool) -> ssl.SSLContext:
 class _Outgoing:
     """A request as it goes on the wire: its head, checked, and how its body is framed."""
 
-    __slots__ = ("body", "chunked", "head", "length", "stream")
+    __slots__ = ("body", "chunked", "close", "head", "length", "stream")
 
     def __init__(self, request: httpx.Request) -> None:
         method = request.method
@@ -195,16 +214,39 @@ class _Outgoing:
                 request=request,
             )
         self.head = head
-        length: int | None = None
-        self.chunked = False
+        lengths: set[bytes] = set()
+        codings: list[bytes] = []
+        self.close = False  # the request says `Connection: close`
         for name, value in raw:
             if len(name) == 14 and name.lower() == b"content-length":
-                length = ascii_int(value.decode("latin-1").strip(), 19)
-                if length is None:
-                    raise httpx.LocalProtocolError("Illegal Content-Length", request=request)
+                lengths.add(value.strip())
             elif len(name) == 17 and name.lower() == b"transfer-encoding":
-                self.chunked = b"chunked" in value.lower()
-        self.length = None if self.chunked else length
+                codings += [c.strip().lower() for c in value.split(b",")]
+            elif len(name) == 10 and name.lower() == b"connection":
+                self.close = self.close or b"close" in [
+                    t.strip().lower() for t in value.split(b",")
+                ]
+        # The body's framing must be unambiguous, or the server reads a different message
+        # than the one sent: one Content-Length, or chunked as the last and only chunking.
+        self.chunked = bool(codings)
+        if codings and (codings[-1] != b"chunked" or codings.count(b"chunked") != 1):
+            raise httpx.LocalProtocolError(
+                f"Transfer-Encoding {b', '.join(codings).decode('latin-1')!r} does not end in"
+                " chunked: the body cannot be framed",
+                request=request,
+            )
+        length = None
+        if lengths and not codings:
+            if len(lengths) > 1:
+                raise httpx.LocalProtocolError("Conflicting Content-Length", request=request)
+            length = ascii_int(lengths.pop().decode("latin-1"), 19)
+            if length is None:
+                raise httpx.LocalProtocolError("Illegal Content-Length", request=request)
+        elif lengths:
+            raise httpx.LocalProtocolError(
+                "Both Content-Length and Transfer-Encoding", request=request
+            )
+        self.length = length
         stream = request.stream
         self.stream = stream
         self.body: bytes | None = None
@@ -245,7 +287,7 @@ class _Pool:
         self.loop = loop
         self.idle: dict[Origin, list[_Connection]] = {}  # oldest first
         self.idle_count = 0
-        self.open: dict[Origin, int] = {}  # connections per origin, idle or busy
+        self.open: dict[tuple[str, str, int], int] = {}  # per host (origin[:3]), idle or busy
         self.total = 0
         self.connections: set[_Connection] = set()
         self.waiters: collections.deque[tuple[Origin, asyncio.Future[None]]] = collections.deque()
@@ -291,17 +333,21 @@ class _Pool:
 
     def _idle_connection(self, origin: Origin) -> _Connection | None:
         idle = self.idle.get(origin)
-        while idle:
+        found = None
+        while idle and found is None:
             connection = idle.pop()  # the most recently used
             self.idle_count -= 1
             if connection.usable(self.loop.time()):
-                return connection
-            self._close(connection)
-        return None
+                found = connection
+            else:
+                self._close(connection)
+        if idle is not None and not idle:
+            del self.idle[origin]  # only origins with idle connections are kept
+        return found
 
     def _origin_allows(self, origin: Origin) -> bool:
         per_host = self.transport._max_per_host
-        return per_host is None or self.open.get(origin, 0) < per_host
+        return per_host is None or self.open.get(origin[:3], 0) < per_host
 
     def _may_open(self, origin: Origin) -> bool:
         limit = self.transport._max_connections
@@ -309,66 +355,56 @@ class _Pool:
 
     def _evict_idle(self) -> bool:
         """At the total bound, the longest idle connection (to another origin) makes room."""
-        oldest: list[_Connection] | None = None
-        for idle in self.idle.values():
-            if idle and (oldest is None or idle[0].idle_since < oldest[0].idle_since):
-                oldest = idle
+        oldest: Origin | None = None
+        for origin, idle in self.idle.items():
+            if oldest is None or idle[0].idle_since < self.idle[oldest][0].idle_since:
+                oldest = origin
         if oldest is None:
             return False
-        self.idle_count -= 1
-        self._close(oldest.pop(0))
+        self._close(self._take_oldest(oldest))
         return True
+
+    def _take_oldest(self, origin: Origin) -> _Connection:
+        idle = self.idle[origin]
+        connection = idle.pop(0)
+        self.idle_count -= 1
+        if not idle:
+            del self.idle[origin]
+        return connection
 
     async def _connect(
         self, origin: Origin, request: httpx.Request, timeout: float | None
     ) -> _Connection:
         loop = self.loop
-        scheme, host, port = origin
+        scheme, host, port, sni = origin
         connection = _Connection(self, origin)
         self.total += 1
-        self.open[origin] = self.open.get(origin, 0) + 1
+        host_key = origin[:3]  # the TLS server name does not make another host
+        self.open[host_key] = self.open.get(host_key, 0) + 1
         self.connections.add(connection)
         tls = self.transport._ssl if scheme == "https" else None
-        timed_out: list[bool] = []
         try:
-            # A task of its own, so that the connect timeout cancels only the connecting,
-            # never loses a cancellation of the caller (asyncio.wait_for can, on 3.10-3.11).
-            connecting = loop.create_task(
-                loop.create_connection(
-                    lambda: connection,
-                    host,
-                    port,
-                    ssl=tls,
-                    server_hostname=host if tls is not None else None,
-                )
+            opening = loop.create_connection(
+                lambda: connection,
+                host,
+                port,
+                ssl=tls,
+                server_hostname=sni if tls is not None else None,
             )
-            timer = (
-                None
-                if timeout is None
-                else loop.call_later(timeout, _give_up, connecting, timed_out)
-            )
-            try:
-                await connecting
-            finally:
-                if timer is not None:
-                    timer.cancel()
-        except asyncio.CancelledError:
+            await within(opening, timeout)
+        except asyncio.TimeoutError:
             self._close(connection)
-            if timed_out and not _cancelling():
-                raise httpx.ConnectTimeout(
-                    "Timed out opening a connection", request=request
-                ) from None
-            raise
+            raise httpx.ConnectTimeout("Timed out opening a connection", request=request) from None
         except OSError as exc:  # refused, DNS, TLS (ssl.SSLError is an OSError)
             self._close(connection)
             raise httpx.ConnectError(str(exc) or type(exc).__name__, request=request) from exc
         except BaseException:
             self._close(connection)
             raise
-        if connection.closing or self.closed:  # the transport was closed meanwhile
+        if self.closed:  # the transport was closed meanwhile
             self._close(connection)
             raise RuntimeError(_CLOSED)
-        return connection
+        return connection  # (an answer the server sent at once is read as the response)
 
     def release(self, connection: _Connection) -> None:
         """A connection whose response was read to its end goes back to the pool, or is
@@ -393,6 +429,8 @@ class _Pool:
         if idle and connection in idle:
             idle.remove(connection)
             self.idle_count -= 1
+            if not idle:
+                del self.idle[connection.origin]
         self._close(connection)
 
     def close(self) -> None:
@@ -410,10 +448,9 @@ class _Pool:
         `max_keepalive_connections`."""
         expiry = self.transport._keepalive_expiry
         if expiry is not None:
-            for idle in self.idle.values():
-                while idle and now - idle[0].idle_since > expiry:
-                    self.idle_count -= 1
-                    self._close(idle.pop(0))
+            for origin in [o for o, idle in self.idle.items() if now - idle[0].idle_since > expiry]:
+                while origin in self.idle and now - self.idle[origin][0].idle_since > expiry:
+                    self._close(self._take_oldest(origin))
         limit = self.transport._max_idle
         while limit is not None and self.idle_count > limit and self._evict_idle():
             pass
@@ -424,11 +461,12 @@ class _Pool:
             return
         self.connections.discard(connection)
         self.total -= 1
-        left = self.open[connection.origin] - 1
+        host_key = connection.origin[:3]
+        left = self.open[host_key] - 1
         if left:
-            self.open[connection.origin] = left
+            self.open[host_key] = left
         else:
-            del self.open[connection.origin]
+            del self.open[host_key]
         self._wake()
 
     def _wake(self, origin: Origin | None = None) -> None:
@@ -468,7 +506,7 @@ class _Connection(asyncio.Protocol):
         self.error: httpx.TransportError | None = None
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
-        self._busy = False  # a request is in flight
+        self._busy = True  # a request is in flight (made for one: an early answer is its)
         self._head_only = False  # the request was HEAD: its response has no body
         self._status = 0
         self._reason = b""
@@ -485,15 +523,32 @@ class _Connection(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None  # the writer, waiting for the socket
         self._timer: asyncio.TimerHandle | None = None
         self._last_bytes = 0.0  # when bytes last came (the read timeout counts from there)
+        self._close_after = False  # the request said `Connection: close`
+        self._poller: select.poll | None = None  # made on the first check before a reuse
 
     def usable(self, now: float) -> bool:
         expiry = self.pool.transport._keepalive_expiry
-        return not (
-            self.closing
-            or self.closed
-            or self.error is not None
-            or (expiry is not None and now - self.idle_since > expiry)
-        )
+        if self.closing or self.closed or self.error is not None:
+            return False
+        if expiry is not None and now - self.idle_since > expiry:
+            return False
+        # The server may have closed it without this loop having seen it yet (busy, or the
+        # close still in flight): a readable idle socket — EOF, or bytes nobody asked for —
+        # is not reused. One poll(2) per reuse, as httpcore does.
+        return not self._readable()
+
+    def _readable(self) -> bool:
+        try:
+            poller = self._poller
+            if poller is None:
+                sock = self._transport.get_extra_info("socket") if self._transport else None
+                if sock is None:
+                    return False
+                poller = self._poller = select.poll()  # not select(): any descriptor number
+                poller.register(sock.fileno(), select.POLLIN)
+            return bool(poller.poll(0))
+        except (OSError, ValueError):
+            return True  # a socket poll cannot look at is not one to reuse
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -567,7 +622,7 @@ class _Connection(asyncio.Protocol):
             return  # a trailer of a chunked body: not a response header
         if len(name) in (14, 17) and name.lower() in (b"content-length", b"transfer-encoding"):
             self._framed = True
-        self._headers.append((name, value))
+        self._headers.append((name, value.rstrip(b" \t")))  # no trailing whitespace, as h11
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -584,7 +639,7 @@ class _Connection(asyncio.Protocol):
             # No body follows, whatever Content-Length says; llhttp cannot be told so, so the
             # next response gets a parser of its own and this one's remaining bytes are extra.
             self.complete = True
-            self.reusable = _keeps_alive(version, self._headers)
+            self.reusable = _keeps_alive(version, self._headers) and not self._close_after
             self._parser = httptools.HttpResponseParser(self)
         self._wake()
 
@@ -604,20 +659,25 @@ class _Connection(asyncio.Protocol):
         if not self._headers_done or self.complete:  # a 1xx's end, or a HEAD answer's
             return
         self.complete = True
-        self.reusable = self._parser.should_keep_alive()
+        self.reusable = self._parser.should_keep_alive() and not self._close_after
         self._wake()
 
     # -- the exchange, driven by the task that sends the request -------------------------
 
     async def send(
-        self, request: httpx.Request, outgoing: _Outgoing, timeout: float | None
+        self,
+        request: httpx.Request,
+        outgoing: _Outgoing,
+        timeout: float | None,
+        deadline: float | None,
     ) -> None:
         self._busy = True
         self._head_only = request.method == "HEAD"
+        self._close_after = outgoing.close
         self._last_bytes = self.loop.time()
         if outgoing.body is not None:
             if self._write(outgoing.head + outgoing.body, request):  # one write, one syscall
-                await self._drained(request, timeout)
+                await self._drained(request, timeout, deadline)
             return
         stream = outgoing.stream
         if not isinstance(stream, httpx.AsyncByteStream):
@@ -628,12 +688,14 @@ class _Connection(asyncio.Protocol):
         async for chunk in stream:  # an app's failing generator raises its own error
             data = outgoing.framed(chunk, request, sent)
             sent += len(chunk)
-            if data and not (self._write(data, request) and await self._drained(request, timeout)):
+            if data and not (
+                self._write(data, request) and await self._drained(request, timeout, deadline)
+            ):
                 return  # the server answered already (an early 413, say): that answer stands
         outgoing.check_complete(sent, request)
         if outgoing.chunked and not self._write(_LAST_CHUNK, request):
             return
-        await self._drained(request, timeout)
+        await self._drained(request, timeout, deadline)
 
     def _write(self, data: bytes, request: httpx.Request) -> bool:
         """Hand `data` to the socket; False when sending should stop, the server having
@@ -647,15 +709,23 @@ class _Connection(asyncio.Protocol):
             return self._stopped(request)
         return True
 
-    async def _drained(self, request: httpx.Request, timeout: float | None) -> bool:
-        """Wait while the socket's buffer is full (`timeout` each time); False as `_write`."""
+    async def _drained(
+        self, request: httpx.Request, timeout: float | None, deadline: float | None
+    ) -> bool:
+        """Wait while the socket's buffer is full (`timeout` each time, until `deadline` in
+        all); False as `_write`."""
         while True:
             if self.closing or self.closed:
                 return self._stopped(request)
             if not self._writing_paused:
                 return True
             drain = self._drain = self.loop.create_future()
-            timer = None if timeout is None else self.loop.call_later(timeout, _time_out, drain)
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                timeout = left if timeout is None else min(timeout, left)
+            timer = (
+                None if timeout is None else self.loop.call_later(max(timeout, 0), _time_out, drain)
+            )
             try:
                 await drain
             except _TimedOut:
@@ -672,9 +742,11 @@ class _Connection(asyncio.Protocol):
         error.request = request
         raise error
 
-    async def wait_head(self, request: httpx.Request, timeout: float | None) -> None:
+    async def wait_head(
+        self, request: httpx.Request, timeout: float | None, deadline: float | None
+    ) -> None:
         while not self._headers_done:
-            await self._wait(request, timeout)
+            await self._wait(request, timeout, deadline)
 
     async def read_chunk(self, request: httpx.Request, timeout: float | None) -> bytes:
         """The next bytes of the body; b"" at its end."""
@@ -689,15 +761,19 @@ class _Connection(asyncio.Protocol):
             self._resume_reading()
         return chunk
 
-    async def _wait(self, request: httpx.Request, timeout: float | None) -> None:
-        """Wait for the next event from the server; at most `timeout` seconds without a byte
-        arriving."""
+    async def _wait(
+        self, request: httpx.Request, timeout: float | None, deadline: float | None = None
+    ) -> None:
+        """Wait for the next event from the server: at most `timeout` seconds without a byte
+        arriving, and not past `deadline` (`time.monotonic()`)."""
         if self.error is not None:
             raise self._error_for(request)
         waiter = self._waiter = self.loop.create_future()
-        if timeout is not None:
+        if timeout is not None or deadline is not None:
             self._last_bytes = max(self._last_bytes, self.loop.time())
-            self._timer = self.loop.call_later(timeout, self._check_quiet, waiter, timeout)
+            self._timer = self.loop.call_later(
+                self._delay(timeout, deadline), self._check_quiet, waiter, timeout, deadline
+            )
         try:
             await waiter
         except _TimedOut:
@@ -710,13 +786,25 @@ class _Connection(asyncio.Protocol):
         if self.error is not None and not self._body and not self.complete:
             raise self._error_for(request)
 
-    def _check_quiet(self, waiter: asyncio.Future[None], timeout: float) -> None:
-        """The read timeout's timer: bytes that came meanwhile start its count again."""
+    def _delay(self, timeout: float | None, deadline: float | None) -> float:
+        """Seconds until the read timeout or the deadline passes, whichever is first."""
+        delay = float("inf")
+        if timeout is not None:
+            delay = timeout - (self.loop.time() - self._last_bytes)
+        if deadline is not None:
+            delay = min(delay, deadline - time.monotonic())
+        return max(delay, 0.0)
+
+    def _check_quiet(
+        self, waiter: asyncio.Future[None], timeout: float | None, deadline: float | None
+    ) -> None:
+        """The read timer: bytes that came meanwhile start the read timeout's count again;
+        the deadline does not move."""
         if waiter.done():
             return
-        quiet = self.loop.time() - self._last_bytes
-        if quiet < timeout:
-            self._timer = self.loop.call_later(timeout - quiet, self._check_quiet, waiter, timeout)
+        delay = self._delay(timeout, deadline)
+        if delay > 0:
+            self._timer = self.loop.call_later(delay, self._check_quiet, waiter, timeout, deadline)
         else:
             waiter.set_exception(_TimedOut())
 
@@ -782,6 +870,9 @@ class _Connection(asyncio.Protocol):
         self.reusable = False
         self.closing = True
         self._wake()
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_result(None)  # a writer waiting for the socket stops
         if self._transport is not None and not self.closed:
             self._transport.close()
 
@@ -798,18 +889,6 @@ class _TimedOut(Exception):
 def _time_out(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_exception(_TimedOut())
-
-
-def _give_up(connecting: asyncio.Task[object], timed_out: list[bool]) -> None:
-    timed_out.append(True)
-    connecting.cancel()
-
-
-def _cancelling() -> bool:
-    """Whether the running task itself is being cancelled (known on Python 3.11+)."""
-    task = asyncio.current_task()
-    cancelling = getattr(task, "cancelling", None)
-    return bool(cancelling()) if cancelling is not None else False
 
 
 def _keeps_alive(version: str, headers: list[tuple[bytes, bytes]]) -> bool:

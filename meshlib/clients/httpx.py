@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 
+from meshlib.clients._aio import within
 from meshlib.clients._common import (
     DRAIN_BYTES,
     DRAIN_SECONDS,
@@ -68,6 +69,9 @@ _MESHED = "meshlib.meshed"  # marks transports meshlib made, so nothing is meshe
 # request.extensions key: the caller reads the whole body (`send(stream=False)`), so the mesh
 # reads it within the try (see `_read_whole`). meshlib's clients set it.
 READ_WHOLE = "meshlib.read_whole"
+# request.extensions key meshlib's HTTP/1.1 transport reads (`_http1.TRY_DEADLINE`; not
+# imported, so that sync clients do not load it): when a try's response headers are due.
+_TRY_DEADLINE = "meshlib.try_deadline"
 MIRROR_GRACE = 1.0  # seconds aclose() waits for mirrored copies still in flight
 _MIRROR_TIMEOUTS = dict.fromkeys(("connect", "read", "write", "pool"), MIRROR_TIMEOUT)
 
@@ -296,12 +300,15 @@ class _MeshTransportBase:
             "write": _smaller(caller.get("write"), attempt.timeout),
             "pool": _smaller(caller.get("pool"), attempt.timeout),
         }
+        extensions = {**request.extensions, "timeout": timeout}
+        if attempt.timeout is not None:  # the try's headers are due by then (_http1 reads it)
+            extensions[_TRY_DEADLINE] = time.monotonic() + attempt.timeout
         return httpx.Request(
             request.method,
             _upstream_url(request.url, plan.scheme, attempt.endpoint, path),
             headers=headers,
             stream=request.stream,
-            extensions={**request.extensions, "timeout": timeout},
+            extensions=extensions,
         )
 
     @staticmethod
@@ -512,8 +519,10 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         try:
             with passthrough_inside():
                 response = self._inner.handle_request(request)
-                response.read()
-            response.close()
+                try:
+                    response.read()
+                finally:
+                    response.close()  # read or not, its connection is given back
         except Exception:  # a mirror never affects anything: its failures are dropped
             pass
 
@@ -566,7 +575,7 @@ async def _aread_whole(
             body = await _joined(stream)
         else:
             try:
-                body = await asyncio.wait_for(_joined(stream), until - time.monotonic())
+                body = await within(_joined(stream), until - time.monotonic())
             except asyncio.TimeoutError:
                 raise BodyTooLate from None
     finally:
@@ -596,21 +605,25 @@ def _close(response: Any) -> None:
         return
     until = time.monotonic() + DRAIN_SECONDS
     read = 0
-    with contextlib.suppress(Exception):  # a discarded answer never fails the call
-        for chunk in response.iter_raw():
-            read += len(chunk)
-            if read > DRAIN_BYTES or time.monotonic() > until:
-                break
-    response.close()
+    try:
+        with contextlib.suppress(Exception):  # a discarded answer never fails the call
+            for chunk in response.iter_raw():
+                read += len(chunk)
+                if read > DRAIN_BYTES or time.monotonic() > until:
+                    break
+    finally:
+        response.close()  # also when interrupted: its connection is given back
 
 
 async def _aclose(response: Any) -> None:
     """`_close` for asyncio."""
     if response is None:
         return
-    with contextlib.suppress(Exception):  # a discarded answer never fails the call
-        await asyncio.wait_for(_drain(response), DRAIN_SECONDS)
-    await response.aclose()
+    try:
+        with contextlib.suppress(Exception):  # a discarded answer never fails the call
+            await within(_drain(response), DRAIN_SECONDS)
+    finally:
+        await response.aclose()  # also when cancelled: its connection is given back
 
 
 async def _drain(response: httpx.Response) -> None:
@@ -719,8 +732,10 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
         try:
             with passthrough_inside():
                 response = await self._inner.handle_async_request(request)
-                await response.aread()
-            await response.aclose()
+                try:
+                    await response.aread()
+                finally:
+                    await response.aclose()  # read or not, its connection is given back
         except Exception:  # a mirror never affects anything: its failures are dropped
             pass
 
@@ -733,23 +748,37 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
         await self._inner.aclose()
 
 
+# httpx's own default pool limits (`httpx.Limits()` alone sets none)
+_DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
+
+
 def _default_async_transport(
-    *, verify: Any = True, limits: httpx.Limits | None = None, http2: bool = False, **kwargs: Any
+    *,
+    verify: Any = True,
+    limits: httpx.Limits | None = None,
+    http2: bool = False,
+    trust_env: bool = True,
+    **kwargs: Any,
 ) -> httpx.AsyncBaseTransport:
     """meshlib's HTTP/1.1 pool (it keeps throughput under concurrency), unless HTTP/2 or an
     option only httpx's own transport understands is asked for."""
     if http2 or kwargs:
         return httpx.AsyncHTTPTransport(
-            verify=verify, limits=limits or httpx.Limits(), http2=http2, **kwargs
+            verify=verify,
+            limits=limits or _DEFAULT_LIMITS,
+            http2=http2,
+            trust_env=trust_env,
+            **kwargs,
         )
     from meshlib.clients._http1 import Http1Transport
 
-    limits = limits or httpx.Limits()
+    limits = limits or _DEFAULT_LIMITS
     return Http1Transport(
         verify=verify,
         max_connections=limits.max_connections,
         max_keepalive_connections=limits.max_keepalive_connections,
         keepalive_expiry=limits.keepalive_expiry,
+        trust_env=trust_env,
     )
 
 
@@ -901,6 +930,7 @@ class AsyncClient(_ClientMixin, httpx.AsyncClient):
                 verify=kwargs.get("verify", True),
                 limits=kwargs.get("limits"),
                 http2=kwargs.get("http2", False),
+                trust_env=kwargs.get("trust_env", True),
                 **options,
             )
         _mesh_every_transport(self, lambda inner: AsyncMeshTransport(inner, mesh=mesh))
