@@ -586,9 +586,7 @@ class _Connection(asyncio.Protocol):
                     self.error = httpx.ReadError(f"{message}: {exc}")
                     self.error.__cause__ = exc
         self._wake()
-        drain = self._drain
-        if drain is not None and not drain.done():
-            drain.set_result(None)  # the writer finds the connection closed
+        self._wake_writer()  # it finds the connection closed
         if not self._busy:
             self.pool.lost(self)
 
@@ -597,9 +595,7 @@ class _Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._writing_paused = False
-        drain = self._drain
-        if drain is not None and not drain.done():
-            drain.set_result(None)
+        self._wake_writer()
 
     # -- httptools callbacks -------------------------------------------------------------
 
@@ -851,9 +847,7 @@ class _Connection(asyncio.Protocol):
         if self.error is None:
             self.error = httpx.ReadError("The connection was closed")
         self._wake()
-        drain = self._drain
-        if drain is not None and not drain.done():
-            drain.set_result(None)
+        self._wake_writer()
         if self._transport is not None and not self.closed:
             self._transport.close()
 
@@ -870,16 +864,21 @@ class _Connection(asyncio.Protocol):
         self.reusable = False
         self.closing = True
         self._wake()
-        drain = self._drain
-        if drain is not None and not drain.done():
-            drain.set_result(None)  # a writer waiting for the socket stops
+        self._wake_writer()  # it stops
         if self._transport is not None and not self.closed:
             self._transport.close()
 
     def _wake(self) -> None:
+        """Wake the reader waiting for the server, if any."""
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def _wake_writer(self) -> None:
+        """Wake the writer waiting for the socket to take more, if any."""
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_result(None)
 
 
 class _TimedOut(Exception):

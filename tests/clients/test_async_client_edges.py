@@ -17,10 +17,9 @@ import asyncio
 import contextlib
 import ssl
 import textwrap
-import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
 
 import httpx
 import pytest
@@ -31,11 +30,19 @@ import meshlib.clients.httpx as meshed_httpx
 from meshlib.clients._http1 import Http1Transport
 from meshlib.config import MeshConfig
 from meshlib.mesh import Mesh
+from tests.rawserver import (
+    OK,
+    Peer,
+    Server,
+    ThreadServer,
+    answering,
+    held_until,
+    run,
+    wait_until,
+    wait_until_sync,
+)
 from tests.upstream import loopback_service, mesh_for
 
-T = TypeVar("T")
-
-OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 HOST = "api.default.svc.cluster.local"
 SHADOW = "shadow.default.svc.cluster.local"
 URL = f"http://{HOST}:9080/"
@@ -43,181 +50,6 @@ ROUTE = f"- route: [{{destination: {{host: {HOST}}}}}]"
 
 
 # -- helpers --------------------------------------------------------------------------------
-
-
-def run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    return asyncio.run(main())
-
-
-async def wait_until(predicate: Callable[[], object], what: str, timeout: float = 5.0) -> None:
-    """Poll `predicate` until it holds; fail the test after `timeout` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.002)
-
-
-def wait_until_sync(predicate: Callable[[], object], what: str, timeout: float = 5.0) -> None:
-    """`wait_until` for a thread without an event loop."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.002)
-
-
-class Peer:
-    """One connection the server accepted."""
-
-    def __init__(
-        self, server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        self.server = server
-        self.reader = reader
-        self.writer = writer
-
-    async def head(self) -> bytes:
-        """The next request's head, recorded in `server.heads`."""
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        self.server.heads.append(head)
-        return head
-
-    async def body(self, head: bytes) -> bytes:
-        """The body `head` announces (Content-Length or chunked), recorded in `server.bodies`."""
-        lines = head.lower().split(b"\r\n")
-        body = b""
-        if any(line.startswith(b"transfer-encoding:") and b"chunked" in line for line in lines):
-            while True:
-                size = int((await self.reader.readuntil(b"\r\n")).strip(), 16)
-                body += (await self.reader.readexactly(size + 2))[:-2]
-                if not size:
-                    break
-        else:
-            for line in lines:
-                if line.startswith(b"content-length:"):
-                    body = await self.reader.readexactly(int(line.split(b":", 1)[1]))
-                    break
-        self.server.bodies.append(body)
-        return body
-
-    async def request(self) -> bytes:
-        """Read a whole request; its head."""
-        head = await self.head()
-        await self.body(head)
-        return head
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-
-class Server:
-    """`async with Server(handler)`: an asyncio server on 127.0.0.1, `handler(peer)` serving
-    each connection, on the running loop. It counts connections (`active`: those whose
-    handler has not returned) and records requests; at exit it stops every handler, closes
-    every socket and re-raises a handler's unexpected error."""
-
-    def __init__(
-        self, handler: Callable[[Peer], Awaitable[None]], ssl_context: ssl.SSLContext | None = None
-    ) -> None:
-        self.handler = handler
-        self.ssl_context = ssl_context
-        self.port = 0
-        self.heads: list[bytes] = []
-        self.bodies: list[bytes] = []
-        self.connections = 0
-        self.active = 0
-        self.errors: list[BaseException] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._writers: list[asyncio.StreamWriter] = []
-        self._server: asyncio.Server | None = None
-
-    @property
-    def url(self) -> str:
-        scheme = "http" if self.ssl_context is None else "https"
-        return f"{scheme}://127.0.0.1:{self.port}"
-
-    @property
-    def targets(self) -> list[bytes]:
-        return [head.split(b" ", 2)[1] for head in self.heads]
-
-    async def __aenter__(self) -> Server:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.ssl_context)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks)  # each handler swallows its own cancellation
-        await self.drop()
-        await self._server.wait_closed()
-        if self.errors and exc_info[0] is None:
-            raise self.errors[0]
-
-    async def drop(self) -> None:
-        """Close every connection from the server's side."""
-        for writer in self._writers:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self._writers.append(writer)
-        self.connections += 1
-        self.active += 1
-        try:
-            await self.handler(Peer(self, reader, writer))
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
-            pass  # the client went away, or the test is over
-        except Exception as exc:
-            self.errors.append(exc)
-        finally:
-            self.active -= 1
-            self._tasks.discard(task)
-            writer.close()
-
-
-class ThreadServer:
-    """`with ThreadServer(handler) as server`: a `Server` on an event loop of its own, in a
-    thread, so that it serves while the test's loop is blocked or the test is synchronous."""
-
-    def __init__(self, handler: Callable[[Peer], Awaitable[None]]) -> None:
-        self.server = Server(handler)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-
-    def call(self, work: Coroutine[Any, Any, T]) -> T:
-        """Run `work` on the server's loop and wait for it (blocking the caller)."""
-        return asyncio.run_coroutine_threadsafe(work, self.loop).result(timeout=10)
-
-    def __enter__(self) -> Server:
-        self.thread.start()
-        return self.call(self.server.__aenter__())
-
-    def __exit__(self, *exc_info: object) -> None:
-        try:
-            self.call(self.server.__aexit__(*exc_info))
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(timeout=10)
-            self.loop.close()
-
-
-def answering(reply: bytes) -> Callable[[Peer], Awaitable[None]]:
-    """A handler answering every request on its connection with `reply`."""
-
-    async def handle(peer: Peer) -> None:
-        while True:
-            await peer.request()
-            await peer.send(reply)
-
-    return handle
 
 
 def virtual_service(http: str) -> str:
@@ -283,11 +115,7 @@ def test_default_pool_limits_are_httpxs(via: str) -> None:
     async def main() -> None:
         release = asyncio.Event()
 
-        async def held(peer: Peer) -> None:
-            while True:
-                await peer.request()
-                await release.wait()
-                await peer.send(OK)
+        held = held_until(release)
 
         async with Server(held) as slow, Server(answering(OK)) as api:
             if via == "requests":
@@ -371,9 +199,9 @@ async def closes_lazily(peer: Peer) -> None:
     """Answers without saying `Connection: close`; after a request that said it, closes
     (without answering) as soon as anything more comes on the connection."""
     while True:
-        head = await peer.request()
+        await peer.request()
         await peer.send(OK)
-        if b"connection: close" in head.lower():
+        if b"connection: close" in peer.server.heads[-1].lower():
             await peer.reader.read(1)
             return
 
@@ -634,7 +462,7 @@ def test_ambiguous_request_framing_is_refused_before_sending(
                     c, server.url + "/sent", "stream", [("Transfer-Encoding", "gzip, chunked")]
                 )
                 assert response.status_code == 200
-            assert server.targets == [b"/sent"] and server.connections == 1
+            assert server.requests == [b"/sent"] and server.connections == 1
             assert b"\r\nTransfer-Encoding: gzip, chunked\r\n" in server.heads[0]
             assert server.bodies == [b"abc"]
 
@@ -690,11 +518,7 @@ def test_the_pool_keeps_no_entries_for_origins_without_idle_connections() -> Non
     async def main() -> None:
         release = asyncio.Event()
 
-        async def held(peer: Peer) -> None:
-            while True:
-                await peer.request()
-                await release.wait()
-                await peer.send(OK)
+        held = held_until(release)
 
         transport = Http1Transport(max_keepalive_connections=2)
         async with contextlib.AsyncExitStack() as stack:

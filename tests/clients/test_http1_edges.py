@@ -10,48 +10,23 @@ client and server is closed before the test ends.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import struct
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
 
 from meshlib.clients._http1 import Http1Transport
+from tests.rawserver import OK, Peer, Server, answering, held_until, run, wait_until
 
-T = TypeVar("T")
-
-OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 PAUSE = 262_144  # the transport's _PAUSE_READING: unread bytes at which it pauses reading
 BIG = 300_000  # a body over that: reading pauses before it has all come
 
 
 # -- helpers --------------------------------------------------------------------------------
-
-
-def run(main: Callable[[], Coroutine[Any, Any, T]], loop: str = "asyncio") -> T:
-    """`main()` on a fresh event loop: asyncio's, or uvloop's (skipped if not installed)."""
-    if loop == "asyncio":
-        return asyncio.run(main())
-    uvloop = pytest.importorskip("uvloop")
-    event_loop = uvloop.new_event_loop()
-    try:
-        return event_loop.run_until_complete(main())  # type: ignore[no-any-return]
-    finally:
-        event_loop.run_until_complete(event_loop.shutdown_asyncgens())
-        event_loop.close()
-
-
-async def wait_until(predicate: Callable[[], object], what: str, timeout: float = 5.0) -> None:
-    """Poll `predicate` until it holds; fail the test after `timeout` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.002)
 
 
 def connections(transport: Http1Transport) -> list[Any]:
@@ -64,117 +39,6 @@ def waiters(transport: Http1Transport) -> int:
     """How many requests wait for room in the pool."""
     pool = transport._pool
     return 0 if pool is None else len(pool.waiters)
-
-
-class Peer:
-    """One connection the server accepted."""
-
-    def __init__(
-        self, server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        self.server = server
-        self.reader = reader
-        self.writer = writer
-
-    async def head(self) -> bytes:
-        """The next request's head; its target is recorded in `server.requests`."""
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        self.server.requests.append(head.split(b" ", 2)[1])
-        return head
-
-    async def body(self, head: bytes) -> bytes:
-        """The body `head` announces: Content-Length bytes, chunked, or none."""
-        lines = head.lower().split(b"\r\n")
-        for line in lines:
-            if line.startswith(b"content-length:"):
-                return await self.reader.readexactly(int(line.split(b":", 1)[1]))
-        if not any(line.startswith(b"transfer-encoding:") and b"chunked" in line for line in lines):
-            return b""
-        body = b""
-        while True:
-            size = int((await self.reader.readuntil(b"\r\n")).strip(), 16)
-            body += (await self.reader.readexactly(size + 2))[:-2]
-            if not size:
-                return body
-
-    async def request(self) -> bytes:
-        """Read a whole request; its target."""
-        head = await self.head()
-        await self.body(head)
-        return head.split(b" ", 2)[1]
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-
-class Server:
-    """`async with Server(handler)`: an asyncio server on 127.0.0.1, `handler(peer)` serving
-    each connection. It counts connections and records request targets; at exit it stops
-    every handler and closes every socket, and re-raises a handler's unexpected error."""
-
-    def __init__(self, handler: Callable[[Peer], Awaitable[None]]) -> None:
-        self.handler = handler
-        self.url = ""
-        self.requests: list[bytes] = []
-        self.connections = 0
-        self.active = 0
-        self.errors: list[BaseException] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._writers: list[asyncio.StreamWriter] = []
-        self._server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> Server:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks)  # each handler swallows its own cancellation
-        for writer in self._writers:
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-        await self._server.wait_closed()
-        if self.errors and exc_info[0] is None:
-            raise self.errors[0]
-
-    async def finished(self) -> None:
-        """Until every connection's handler has returned (they end when the client closes)."""
-        await wait_until(lambda: self.active == 0, "the server's connections to end")
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self._writers.append(writer)
-        self.connections += 1
-        self.active += 1
-        try:
-            await self.handler(Peer(self, reader, writer))
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
-            pass  # the client went away, or the test is over
-        except Exception as exc:
-            self.errors.append(exc)
-        finally:
-            self.active -= 1
-            self._tasks.discard(task)
-            writer.close()
-
-
-def answering(reply: bytes | Callable[[bytes], bytes]) -> Callable[[Peer], Awaitable[None]]:
-    """A handler answering every request on its connection with `reply` (or
-    `reply(target)`)."""
-
-    async def handle(peer: Peer) -> None:
-        while True:
-            target = await peer.request()
-            await peer.send(reply(target) if callable(reply) else reply)
-
-    return handle
 
 
 def client(transport: Http1Transport, **kwargs: Any) -> httpx.AsyncClient:
@@ -192,11 +56,7 @@ def test_a_waiter_gets_room_when_another_origins_connection_goes_idle() -> None:
     async def main() -> None:
         release = asyncio.Event()
 
-        async def held(peer: Peer) -> None:
-            while True:
-                await peer.request()
-                await release.wait()
-                await peer.send(OK)
+        held = held_until(release)
 
         transport = Http1Transport(max_connections=1)
         async with (
@@ -224,11 +84,7 @@ def test_max_connections_per_host_is_not_exceeded_by_evicting_another_origins_id
     async def main() -> None:
         release = asyncio.Event()
 
-        async def held(peer: Peer) -> None:
-            while True:
-                await peer.request()
-                await release.wait()
-                await peer.send(OK)
+        held = held_until(release)
 
         transport = Http1Transport(max_connections=10, max_connections_per_host=1)
         async with (
