@@ -544,6 +544,8 @@ class _Connection(asyncio.Protocol):
                 sock = self._transport.get_extra_info("socket") if self._transport else None
                 if sock is None:
                     return False
+                if not hasattr(select, "poll"):  # Windows: select() takes any socket there
+                    return bool(select.select([sock], [], [], 0)[0])
                 poller = self._poller = select.poll()  # not select(): any descriptor number
                 poller.register(sock.fileno(), select.POLLIN)
             return bool(poller.poll(0))
