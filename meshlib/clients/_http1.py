@@ -5,7 +5,7 @@ Why not httpx's own async transport: httpcore 1.0.x collapses under concurrency
 request start and response close and is quadratic in the pool's connections, with a `poll()`
 syscall per idle connection per pass, and every pool primitive it creates retries a failing
 `import sniffio`. At 64 tasks that bookkeeping is most of the CPU: stock `httpx.AsyncClient`
-does ~600-750 req/s on the project's 2-core machine.
+does ~550-760 req/s on the project's 2-core machine.
 
 Why not aiohttp (meshlib's transport until the sixth session): it keeps throughput, but a
 request through `aiohttp.ClientSession` costs ~60 µs of client CPU here, most of it features
@@ -39,17 +39,21 @@ What it does, as httpx's own transport does:
   (`httpx.ConnectTimeout`), `pool` waiting for one when the pool is full (`httpx.PoolTimeout`),
   `write` each wait for the socket to take more of the request (`httpx.WriteTimeout`), `read`
   each wait for bytes of the response (`httpx.ReadTimeout`);
-- refused, DNS and TLS failures are `httpx.ConnectError`, a reset `httpx.ReadError` (or
-  `WriteError` while sending), an app's failing request body generator raises the app's error;
+- refused, DNS and TLS failures are `httpx.ConnectError`, a reset `httpx.ReadError` (also
+  while sending, as httpx's), an app's failing request body generator raises the app's error;
 - a request is sent once: a kept-alive connection the server closed under it is an error,
   never sent again here (in the mesh, the retry policy decides). An idle connection is
   checked before it is reused (a readable socket means the server closed it or sent bytes
   nobody asked for), as httpcore does; bytes the server sends before the request is written
   are read as its response (an overloaded server's 503);
-- `TRY_DEADLINE` in `request.extensions` (the mesh sets it from a try's time) bounds the wait
-  for the response headers as a whole, which the per-read timeout does not;
-- `verify` as httpx takes it (True, False, a CA bundle path or an `ssl.SSLContext`), ALPN
-  `http/1.1`; the pool limits and keep-alive expiry of `httpx.Limits`.
+- `TRY_DEADLINE` in `request.extensions` (the mesh sets it from a try's time) bounds the
+  whole exchange up to the response headers — waiting for a connection, connecting, sending,
+  waiting for the headers — which the per-phase timeouts do not; a request whose deadline
+  passed before it could be sent is not sent;
+- `verify` as httpx takes it (True, False, a CA bundle path or an `ssl.SSLContext`); ALPN
+  `http/1.1` on the contexts it makes (an app's own context is used as it is, and a server
+  choosing `h2` on it is a `ConnectError`); the pool limits and keep-alive expiry of
+  `httpx.Limits`. When the pool is full, requests wait in line, first come first served.
 
 HTTP/1.1 only (HTTP/2 and proxies go through httpx's own transports). Connections belong to
 the event loop that opened them: used from another loop, the transport starts a new pool, and
@@ -68,7 +72,7 @@ import select
 import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
-from typing import cast
+from typing import Any, cast
 
 import httptools
 import httpx
@@ -148,9 +152,14 @@ class Http1Transport(httpx.AsyncBaseTransport):
         host = url.raw_host.decode("ascii")
         sni = request.extensions.get("sni_hostname") or host
         origin = (scheme, host, url.port or _DEFAULT_PORTS[scheme], sni)
-        connection = await pool.acquire(origin, request, timeout)
+        deadline = request.extensions.get(TRY_DEADLINE)
+        connection = await pool.acquire(origin, request, timeout, deadline)
+        if deadline is not None and time.monotonic() >= deadline:
+            pool.release(connection)  # never used: back to the pool (or closed, if new)
+            raise httpx.WriteTimeout(
+                "The try's time ran out before the request was sent", request=request
+            )
         try:
-            deadline = request.extensions.get(TRY_DEADLINE)
             await connection.send(request, outgoing, timeout.get("write"), deadline)
             await connection.wait_head(request, timeout.get("read"), deadline)
         except BaseException:
@@ -166,6 +175,14 @@ class Http1Transport(httpx.AsyncBaseTransport):
         self._closed = True
         if self._pool is not None:
             self._pool.close()
+
+    def sibling(self) -> Http1Transport:
+        """A transport with the same settings and a pool of its own."""
+        twin = Http1Transport.__new__(Http1Transport)
+        twin.__dict__.update(self.__dict__)
+        twin._pool = None
+        twin._closed = False
+        return twin
 
 
 def _ssl_context(verify: ssl.SSLContext | str | bool, trust_env: bool) -> ssl.SSLContext:
@@ -278,58 +295,85 @@ class _Outgoing:
             )
 
 
+_ROOM = "room"  # a waiter's turn: a connection slot reserved for it to open
+
+
 class _Pool:
     """Connections by origin for one event loop: idle ones reused last in first out, bounded
-    in total and per origin; requests waiting for room served first come first served."""
+    in total and per host. When the pool is full, requests wait in line: a released
+    connection goes straight to the first waiting for its origin, and freed room to the first
+    that may use it — a request arriving later never overtakes them."""
 
     def __init__(self, transport: Http1Transport, loop: asyncio.AbstractEventLoop) -> None:
         self.transport = transport
         self.loop = loop
         self.idle: dict[Origin, list[_Connection]] = {}  # oldest first
         self.idle_count = 0
-        self.open: dict[tuple[str, str, int], int] = {}  # per host (origin[:3]), idle or busy
+        # Slots per host (origin[:3]) and in all: connections, idle or busy, and room reserved
+        # for a waiter about to connect.
+        self.open: dict[tuple[str, str, int], int] = {}
         self.total = 0
         self.connections: set[_Connection] = set()
-        self.waiters: collections.deque[tuple[Origin, asyncio.Future[None]]] = collections.deque()
+        self.waiters: collections.deque[tuple[Origin, asyncio.Future[object]]] = collections.deque()
         self.closed = False
 
     async def acquire(
-        self, origin: Origin, request: httpx.Request, timeout: Mapping[str, float | None]
+        self,
+        origin: Origin,
+        request: httpx.Request,
+        timeout: Mapping[str, float | None],
+        deadline: float | None,
     ) -> _Connection:
-        loop = self.loop
-        deadline = None
-        woken_before = False
-        while True:
-            if self.closed:
-                raise RuntimeError(_CLOSED)
-            connection = self._idle_connection(origin)
-            if connection is not None:
-                return connection
-            if self._may_open(origin) or (self._origin_allows(origin) and self._evict_idle()):
-                return await self._connect(origin, request, timeout.get("connect"))
-            pool_timeout = timeout.get("pool")
-            if deadline is None and pool_timeout is not None:
-                deadline = loop.time() + pool_timeout
-            waiter: asyncio.Future[None] = loop.create_future()
-            entry = (origin, waiter)
-            # Woken but beaten to the room: it keeps its place at the head of the line.
-            (self.waiters.appendleft if woken_before else self.waiters.append)(entry)
-            timer = None if deadline is None else loop.call_at(deadline, _time_out, waiter)
-            try:
-                await waiter
-            except _TimedOut:
-                raise httpx.PoolTimeout(
-                    "Timed out waiting for a connection", request=request
-                ) from None
-            except BaseException:
-                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                    self._wake(origin)  # woken as it gave up: the turn passes on
-                raise
-            finally:
-                if timer is not None:
-                    timer.cancel()
-                self._forget(entry)
-            woken_before = True
+        if self.closed:
+            raise RuntimeError(_CLOSED)
+        connection = self._idle_connection(origin)
+        if connection is not None:
+            return connection
+        if self._may_open(origin) or self._make_room(origin):
+            self._reserve(origin)
+        else:
+            turn = await self._wait_turn(origin, request, timeout.get("pool"), deadline)
+            if isinstance(turn, _Connection):
+                if turn.usable(self.loop.time()):
+                    return turn
+                self._retire(turn)  # dead already: its slot is this request's to reconnect
+            elif turn is not _ROOM:
+                raise RuntimeError(_CLOSED)  # woken by the transport's close()
+        return await self._connect(origin, request, timeout.get("connect"), deadline)
+
+    async def _wait_turn(
+        self,
+        origin: Origin,
+        request: httpx.Request,
+        pool_timeout: float | None,
+        deadline: float | None,
+    ) -> object:
+        """Wait in line: a connection handed over, `_ROOM` reserved, or None (closed)."""
+        waiter: asyncio.Future[object] = self.loop.create_future()
+        entry = (origin, waiter)
+        self.waiters.append(entry)
+        bound = _until(pool_timeout, deadline)
+        timer = None if bound is None else self.loop.call_later(bound, _time_out, waiter)
+        try:
+            return await waiter
+        except _TimedOut:
+            raise httpx.PoolTimeout("Timed out waiting for a connection", request=request) from None
+        except BaseException:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._pass_on(origin, waiter.result())  # its turn came as it gave up
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+            with contextlib.suppress(ValueError):  # gone if its turn came
+                self.waiters.remove(entry)
+
+    def _pass_on(self, origin: Origin, turn: object) -> None:
+        if isinstance(turn, _Connection):
+            self.release(turn)
+        elif turn is _ROOM:
+            self._unreserve(origin)
+            self._grant()
 
     def _idle_connection(self, origin: Origin) -> _Connection | None:
         idle = self.idle.get(origin)
@@ -337,12 +381,13 @@ class _Pool:
         while idle and found is None:
             connection = idle.pop()  # the most recently used
             self.idle_count -= 1
+            if not idle:
+                del self.idle[origin]  # only origins with idle connections are kept
             if connection.usable(self.loop.time()):
                 found = connection
             else:
                 self._close(connection)
-        if idle is not None and not idle:
-            del self.idle[origin]  # only origins with idle connections are kept
+            idle = self.idle.get(origin)
         return found
 
     def _origin_allows(self, origin: Origin) -> bool:
@@ -353,16 +398,28 @@ class _Pool:
         limit = self.transport._max_connections
         return (limit is None or self.total < limit) and self._origin_allows(origin)
 
-    def _evict_idle(self) -> bool:
-        """At the total bound, the longest idle connection (to another origin) makes room."""
-        oldest: Origin | None = None
-        for origin, idle in self.idle.items():
-            if oldest is None or idle[0].idle_since < self.idle[oldest][0].idle_since:
-                oldest = origin
-        if oldest is None:
-            return False
-        self._close(self._take_oldest(oldest))
+    def _make_room(self, origin: Origin) -> bool:
+        """Close idle connections that stand in `origin`'s way — the host's own under
+        another TLS name at the per-host bound, the longest idle at the total bound — while
+        that gives it room (freed room goes to requests already waiting first)."""
+        while not self._may_open(origin):
+            victim = self._victim_for(origin)
+            if victim is None:
+                return False
+            self._close(victim)
         return True
+
+    def _victim_for(self, origin: Origin) -> _Connection | None:
+        """The idle connection to close to make room for `origin`, taken out of the idle
+        lists; None if closing one would not help."""
+        host = None if self._origin_allows(origin) else origin[:3]
+        oldest: Origin | None = None
+        for candidate, idle in self.idle.items():
+            if host is not None and candidate[:3] != host:
+                continue
+            if oldest is None or idle[0].idle_since < self.idle[oldest][0].idle_since:
+                oldest = candidate
+        return None if oldest is None else self._take_oldest(oldest)
 
     def _take_oldest(self, origin: Origin) -> _Connection:
         idle = self.idle[origin]
@@ -372,27 +429,47 @@ class _Pool:
             del self.idle[origin]
         return connection
 
+    def _reserve(self, origin: Origin) -> None:
+        host = origin[:3]
+        self.total += 1
+        self.open[host] = self.open.get(host, 0) + 1
+
+    def _unreserve(self, origin: Origin) -> None:
+        host = origin[:3]
+        self.total -= 1
+        left = self.open[host] - 1
+        if left:
+            self.open[host] = left
+        else:
+            del self.open[host]
+
     async def _connect(
-        self, origin: Origin, request: httpx.Request, timeout: float | None
+        self,
+        origin: Origin,
+        request: httpx.Request,
+        timeout: float | None,
+        deadline: float | None,
     ) -> _Connection:
-        loop = self.loop
+        """A new connection to `origin`, in the slot reserved for it."""
         scheme, host, port, sni = origin
         connection = _Connection(self, origin)
-        self.total += 1
-        host_key = origin[:3]  # the TLS server name does not make another host
-        self.open[host_key] = self.open.get(host_key, 0) + 1
         self.connections.add(connection)
         tls = self.transport._ssl if scheme == "https" else None
         try:
-            opening = loop.create_connection(
+            bound = _until(timeout, deadline)
+            if bound is not None and bound <= 0:
+                raise asyncio.TimeoutError
+            opening = self.loop.create_connection(
                 lambda: connection,
                 host,
                 port,
                 ssl=tls,
                 server_hostname=sni if tls is not None else None,
             )
-            await within(opening, timeout)
-        except asyncio.TimeoutError:
+            await within(opening, bound)
+            if tls is not None:
+                _check_alpn(connection)
+        except (asyncio.TimeoutError, TimeoutError):
             self._close(connection)
             raise httpx.ConnectTimeout("Timed out opening a connection", request=request) from None
         except OSError as exc:  # refused, DNS, TLS (ssl.SSLError is an OSError)
@@ -407,18 +484,22 @@ class _Pool:
         return connection  # (an answer the server sent at once is read as the response)
 
     def release(self, connection: _Connection) -> None:
-        """A connection whose response was read to its end goes back to the pool, or is
-        closed if it cannot carry another request."""
+        """A connection whose response was read to its end goes to the first request waiting
+        for its origin, else back to the pool; it is closed if it cannot carry another."""
         if not connection.reusable or self.closed or connection not in self.connections:
             self._close(connection)
             return
         connection.reset()
-        now = self.loop.time()
-        connection.idle_since = now
+        connection.idle_since = now = self.loop.time()
+        for entry in self.waiters:
+            if entry[0] == connection.origin and not entry[1].done():
+                self.waiters.remove(entry)
+                entry[1].set_result(connection)
+                return
         self.idle.setdefault(connection.origin, []).append(connection)
         self.idle_count += 1
         self._prune(now)
-        self._wake(connection.origin)
+        self._grant()  # a request for another origin may replace it
 
     def discard(self, connection: _Connection) -> None:
         self._close(connection)
@@ -436,10 +517,12 @@ class _Pool:
     def close(self) -> None:
         self.closed = True
         for connection in list(self.connections):
-            self._close(connection)
+            self._retire(connection)
+            self._unreserve(connection.origin)
         self.idle.clear()
         self.idle_count = 0
-        for _, waiter in self.waiters:  # each wakes to find the pool closed
+        while self.waiters:  # each wakes to find the pool closed
+            _, waiter = self.waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
 
@@ -452,43 +535,58 @@ class _Pool:
                 while origin in self.idle and now - self.idle[origin][0].idle_since > expiry:
                     self._close(self._take_oldest(origin))
         limit = self.transport._max_idle
-        while limit is not None and self.idle_count > limit and self._evict_idle():
-            pass
+        while limit is not None and self.idle_count > limit:
+            oldest = min(self.idle, key=lambda origin: self.idle[origin][0].idle_since)
+            self._close(self._take_oldest(oldest))
+
+    def _retire(self, connection: _Connection) -> None:
+        """Close `connection` and forget it, its slot kept (for whoever takes it over)."""
+        connection.close()
+        self.connections.discard(connection)
 
     def _close(self, connection: _Connection) -> None:
+        """Close `connection` (no longer idle) and give its slot to the first in line."""
         connection.close()
-        if connection not in self.connections:
-            return
-        self.connections.discard(connection)
-        self.total -= 1
-        host_key = connection.origin[:3]
-        left = self.open[host_key] - 1
-        if left:
-            self.open[host_key] = left
-        else:
-            del self.open[host_key]
-        self._wake()
+        if connection in self.connections:
+            self.connections.discard(connection)
+            self._unreserve(connection.origin)
+            self._grant()
 
-    def _wake(self, origin: Origin | None = None) -> None:
-        """Wake the first waiter that can go on now: one waiting for `origin`, which has an
-        idle connection; else one allowed a new connection, or to replace an idle one."""
-        if origin is not None:
-            for entry in self.waiters:
-                if entry[0] == origin and not entry[1].done():
-                    entry[1].set_result(None)
-                    return
-        for waiting_for, waiter in self.waiters:
+    def _grant(self) -> None:
+        """Give room to requests waiting in line, first come first served, while there is
+        room to give (closing idle connections that stand in a waiter's way)."""
+        for entry in list(self.waiters):
+            origin, waiter = entry
             if waiter.done():
                 continue
-            if self._may_open(waiting_for) or (
-                self.idle_count and self._origin_allows(waiting_for)
-            ):
-                waiter.set_result(None)
-                return
+            while not self._may_open(origin):
+                victim = self._victim_for(origin)
+                if victim is None:
+                    break
+                victim.close()
+                self.connections.discard(victim)
+                self._unreserve(victim.origin)
+            if self._may_open(origin):
+                self._reserve(origin)
+                self.waiters.remove(entry)
+                waiter.set_result(_ROOM)
 
-    def _forget(self, entry: tuple[Origin, asyncio.Future[None]]) -> None:
-        with contextlib.suppress(ValueError):  # already gone: the pool was closed
-            self.waiters.remove(entry)
+
+def _until(timeout: float | None, deadline: float | None) -> float | None:
+    """Seconds to wait: `timeout`, or less when `deadline` (time.monotonic()) comes first."""
+    if deadline is None:
+        return timeout
+    left = deadline - time.monotonic()
+    return left if timeout is None else min(timeout, left)
+
+
+def _check_alpn(connection: _Connection) -> None:
+    """An app's own SSLContext may offer h2; this transport speaks HTTP/1.1 only."""
+    transport = connection._transport
+    tls = transport.get_extra_info("ssl_object") if transport is not None else None
+    chosen = tls.selected_alpn_protocol() if tls is not None else None
+    if chosen not in (None, "http/1.1"):
+        raise OSError(f"the server chose {chosen!r} by ALPN; this transport speaks HTTP/1.1")
 
 
 class _Connection(asyncio.Protocol):
@@ -801,7 +899,7 @@ class _Connection(asyncio.Protocol):
         if waiter.done():
             return
         delay = self._delay(timeout, deadline)
-        if delay > 0:
+        if delay > 0.001:  # uvloop's clock counts milliseconds: less is due now
             self._timer = self.loop.call_later(delay, self._check_quiet, waiter, timeout, deadline)
         else:
             waiter.set_exception(_TimedOut())
@@ -887,7 +985,7 @@ class _TimedOut(Exception):
     """Set on a waiter whose timeout passed."""
 
 
-def _time_out(waiter: asyncio.Future[None]) -> None:
+def _time_out(waiter: asyncio.Future[Any]) -> None:
     if not waiter.done():
         waiter.set_exception(_TimedOut())
 

@@ -236,6 +236,8 @@ def _body_failed(exc: Exception, request: httpx.Request, attempt: Attempt) -> At
 def _failed(exc: httpx.TransportError, request: httpx.Request, attempt: Attempt) -> AttemptResult:
     """How a transport error ends an attempt, in Envoy's terms."""
     caller = request.extensions.get("timeout") or {}
+    if isinstance(exc, httpx.TimeoutException) and _try_expired(exc):
+        return AttemptResult(failure=PER_TRY_TIMEOUT, error=exc)  # the try's time: Envoy's UT
     if isinstance(exc, httpx.ConnectTimeout):
         cause = attempt.connect_timed_out(caller.get("connect"))
         if cause == CALLERS_TIMEOUT:
@@ -252,6 +254,16 @@ def _failed(exc: httpx.TransportError, request: httpx.Request, attempt: Attempt)
 
 
 _TIMEOUT_PHASE = {httpx.WriteTimeout: "write", httpx.PoolTimeout: "pool"}
+
+
+def _try_expired(exc: httpx.TimeoutException) -> bool:
+    """Whether the try's own deadline (`_TRY_DEADLINE`, which the default async transport
+    enforces) has passed: then the timeout is the mesh's, whichever phase raised it."""
+    try:
+        deadline = exc.request.extensions.get(_TRY_DEADLINE)
+    except RuntimeError:  # an exception raised without its request
+        return False
+    return deadline is not None and time.monotonic() >= deadline - 0.002
 
 
 class _MeshTransportBase:
@@ -648,6 +660,7 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
         self._inner = transport if transport is not None else _default_async_transport(**kwargs)
         self._mesh = mesh
         self._mirrors: set[asyncio.Task[None]] = set()
+        self._mirror_inner: httpx.AsyncBaseTransport | None = None  # see _mirroring_transport
         self._closes = 0  # aclose() calls: a call that saw one fail under it is the app's doing
         setattr(self, _MESHED, True)
 
@@ -728,10 +741,20 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
         result = await run_attempts_async(exchange, send, _aclose)
         return self._respond(request, plan, exchange, result, flags)
 
+    def _mirroring_transport(self) -> httpx.AsyncBaseTransport:
+        """Where copies go: a pool of their own beside meshlib's default transport (as Envoy
+        sends them through the shadow cluster's own pool), so that copies a slow shadow
+        holds never take the connections the calls themselves wait for; else the inner
+        transport."""
+        if self._mirror_inner is None:
+            sibling = getattr(self._inner, "sibling", None)
+            self._mirror_inner = sibling() if callable(sibling) else self._inner
+        return self._mirror_inner
+
     async def _send_mirror(self, request: httpx.Request) -> None:
         try:
             with passthrough_inside():
-                response = await self._inner.handle_async_request(request)
+                response = await self._mirroring_transport().handle_async_request(request)
                 try:
                     await response.aread()
                 finally:
@@ -745,6 +768,8 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
             _, pending = await asyncio.wait(list(self._mirrors), timeout=MIRROR_GRACE)
             for task in pending:
                 task.cancel()
+        if self._mirror_inner is not None and self._mirror_inner is not self._inner:
+            await self._mirror_inner.aclose()
         await self._inner.aclose()
 
 

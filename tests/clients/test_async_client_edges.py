@@ -136,11 +136,14 @@ def test_default_pool_limits_are_httpxs(via: str) -> None:
                     else:  # each call is answered at once; its copy waits at the shadow
                         statuses = [(await c.get(URL)).status_code for _ in range(count)]
                         assert statuses == [200] * count
+                    # copies go through a pool of their own, with the same limits
+                    pools = [transport, c._transport._mirroring_transport()]  # type: ignore[attr-defined]
                     await wait_until(
-                        lambda: slow.connections + waiters(transport) >= count,
+                        lambda: slow.connections + sum(map(waiters, pools)) >= count,
                         "every request to be sent or to wait for a connection",
                     )
-                    assert slow.connections <= 100 and pool_total(transport) <= 100
+                    assert slow.connections <= 100
+                    assert all(pool_total(pool) <= 100 for pool in pools)
                     release.set()
                     if via == "requests":
                         responses = await asyncio.gather(*calls)
