@@ -816,12 +816,8 @@ class _Connection(asyncio.Protocol):
             if not self._writing_paused:
                 return True
             drain = self._drain = self.loop.create_future()
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                timeout = left if timeout is None else min(timeout, left)
-            timer = (
-                None if timeout is None else self.loop.call_later(max(timeout, 0), _time_out, drain)
-            )
+            bound = _until(timeout, deadline)
+            timer = None if bound is None else self.loop.call_later(max(bound, 0), _time_out, drain)
             try:
                 await drain
             except _TimedOut:
