@@ -301,11 +301,14 @@ def _budgets(
             response.status_code = 200
             return response
 
-    with mesh.propagator.activated(mesh.propagator.extract((inbound or {}).get)):
-        with meshlib.Client(mesh=mesh, transport=httpx.MockTransport(handler)) as c:
+    # The clients are made first: only the calls spend the served request's budget.
+    with (
+        meshlib.Client(mesh=mesh, transport=httpx.MockTransport(handler)) as c,
+        requests.Session() as s,
+    ):
+        s.mount("http://", MeshAdapter(mesh=mesh, inner=Inner()))
+        with mesh.propagator.activated(mesh.propagator.extract((inbound or {}).get)):
             c.get("http://api.internal/", headers=app)
-        with requests.Session() as s:
-            s.mount("http://", MeshAdapter(mesh=mesh, inner=Inner()))
             s.get("http://api.internal/", headers=app)
     return seen
 
