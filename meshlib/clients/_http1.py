@@ -179,9 +179,8 @@ class Http1Transport(httpx.AsyncBaseTransport):
     def sibling(self) -> Http1Transport:
         """A transport with the same settings and a pool of its own."""
         twin = Http1Transport.__new__(Http1Transport)
-        twin.__dict__.update(self.__dict__)
+        twin.__dict__.update(self.__dict__)  # closed if this one is
         twin._pool = None
-        twin._closed = False
         return twin
 
 
@@ -333,6 +332,10 @@ class _Pool:
             self._reserve(origin)
         else:
             turn = await self._wait_turn(origin, request, timeout.get("pool"), deadline)
+            if self.closed:  # closed while its turn was on the way: what it got is gone
+                if turn is _ROOM:
+                    self._unreserve(origin)
+                raise RuntimeError(_CLOSED)
             if isinstance(turn, _Connection):
                 if turn.usable(self.loop.time()):
                     return turn
@@ -494,6 +497,9 @@ class _Pool:
         for entry in self.waiters:
             if entry[0] == connection.origin and not entry[1].done():
                 self.waiters.remove(entry)
+                # In flight from now on: if the server closes it before the waiter runs, the
+                # slot stays the waiter's (connection_lost leaves busy connections alone).
+                connection._busy = True
                 entry[1].set_result(connection)
                 return
         self.idle.setdefault(connection.origin, []).append(connection)

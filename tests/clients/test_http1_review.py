@@ -226,3 +226,94 @@ def test_mirrored_copies_held_by_a_slow_shadow_never_hold_up_the_calls() -> None
     statuses, shadow_connections = run(main)
     assert statuses == [200] * 120
     assert shadow_connections == 100
+
+
+async def _stream_then_hand_over(
+    server: Server, transport: Http1Transport
+) -> tuple[httpx.Response, asyncio.Task[bytes]]:
+    """The only connection (max_connections=1) holds a streamed response, read to its end
+    but not closed; a second request waits in line for it."""
+    first = await transport.handle_async_request(get(server.url + "/first"))
+    waiter = asyncio.create_task(fetch(transport, get(server.url + "/second")))
+    await wait_until(lambda: transport._pool is not None and transport._pool.waiters, "a waiter")
+    stream = first.stream
+    assert isinstance(stream, httpx.AsyncByteStream)
+    assert b"".join([chunk async for chunk in stream]) == b"hello"
+    return first, waiter
+
+
+async def _slow_body(peer: Peer) -> None:
+    """Headers at once, the body only after the client's second look: the first response
+    is streamed, not handed over whole."""
+    while True:
+        await peer.request()
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+        await asyncio.sleep(0.05)
+        await peer.send(b"hello")
+
+
+def test_closing_the_transport_as_a_connection_is_handed_over_keeps_the_books() -> None:
+    """close() between a connection going to a waiter and the waiter running: the waiter
+    raises RuntimeError, opens nothing, and the pool's counts stay at zero."""
+
+    async def main() -> tuple[str, int, int]:
+        async with Server(_slow_body) as server:
+            transport = Http1Transport(max_connections=1)
+            first, waiter = await _stream_then_hand_over(server, transport)
+            await first.aclose()  # the connection goes to the waiter ...
+            await transport.aclose()  # ... and the transport closes before it runs
+            try:
+                await waiter
+                outcome = "answered"
+            except RuntimeError:
+                outcome = "RuntimeError"
+            pool = transport._pool
+            assert pool is not None
+            return outcome, pool.total, server.connections
+
+    assert run(main) == ("RuntimeError", 0, 1)
+
+
+def test_a_handed_over_connection_the_server_closes_keeps_its_slot_for_the_waiter() -> None:
+    """The server's close of the connection is seen just as it goes to the waiter: the
+    waiter reconnects in the same slot, and the pool's counts match its connections (the
+    slot used to be freed twice, letting more connections open than the limit)."""
+
+    async def main() -> tuple[bytes, int, int]:
+        async with Server(_slow_body) as server:
+            transport = Http1Transport(max_connections=1)
+            first, waiter = await _stream_then_hand_over(server, transport)
+            pool = transport._pool
+            assert pool is not None
+            (connection,) = pool.connections
+            connection._transport.close()  # as the loop does on reading the server's FIN
+            await first.aclose()  # handed over in the same step
+            body = await waiter
+            totals = pool.total, len(pool.connections)
+            await transport.aclose()
+            return body, *totals
+
+    body, total, connections = run(main)
+    assert body == b"hello" and total == connections == 1
+
+
+def test_no_mirrored_copy_is_sent_after_the_client_is_closed() -> None:
+    """A call delayed by a fault when the client closes: its mirror copy, made after the
+    delay, is not sent (the copies' pool is made closed, like the client's)."""
+    fault = "  fault: {delay: {fixedDelay: 0.2s, percentage: {value: 100}}}"
+    document = virtual_service(ROUTE + f"\n  mirror: {{host: {SHADOW}}}\n" + fault)
+
+    async def main() -> int:
+        async with Server(answering(OK)) as api, Server(answering(OK)) as shadow:
+            with make_mesh(api.port, document, shadow_port=shadow.port) as mesh:
+                client = meshlib.AsyncClient(mesh=mesh)
+                call = asyncio.create_task(client.get(URL))
+                await asyncio.sleep(0.05)  # the call is in its fault delay
+                await client.aclose()
+                with pytest.raises(RuntimeError):
+                    await call
+                mirrors = client._transport._mirrors  # type: ignore[attr-defined]
+                await wait_until(lambda: not mirrors, "the copy's task to end")
+                return shadow.connections
+
+    assert run(main) == 0
