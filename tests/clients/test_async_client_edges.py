@@ -51,6 +51,14 @@ ROUTE = f"- route: [{{destination: {{host: {HOST}}}}}]"
 # -- helpers --------------------------------------------------------------------------------
 
 
+def client_for(via: str, server: Server, mesh: Mesh) -> tuple[httpx.AsyncClient, str]:
+    """The client and URL a test calls `server` with: `Http1Transport` directly
+    ("transport"), or `meshlib.AsyncClient` through `mesh` ("mesh")."""
+    if via == "transport":
+        return httpx.AsyncClient(transport=Http1Transport(), timeout=2.0), server.url + "/"
+    return meshlib.AsyncClient(mesh=mesh, timeout=2.0), URL
+
+
 def virtual_service(http: str) -> str:
     return (
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\n"
@@ -180,12 +188,7 @@ def test_an_answer_sent_on_accept_is_the_response(via: str) -> None:
     ):
 
         async def main() -> list[int]:
-            if via == "transport":
-                c = httpx.AsyncClient(transport=Http1Transport(), timeout=2.0)
-                url = server.url + "/"
-            else:
-                c = meshlib.AsyncClient(mesh=mesh, timeout=2.0)
-                url = URL
+            c, url = client_for(via, server, mesh)
             async with c:
                 statuses = [(await c.get(url)).status_code for _ in range(10)]
                 together = await asyncio.gather(*[c.get(url) for _ in range(20)])
@@ -219,12 +222,8 @@ def test_connection_close_in_the_request_is_not_reused(via: str) -> None:
         async with Server(closes_lazily) as server:
             rule = destination_rule("connectionPool:\n  http: {maxRequestsPerConnection: 1}")
             with make_mesh(server.port, rule) as mesh:
-                if via == "transport":
-                    c = httpx.AsyncClient(transport=Http1Transport(), timeout=2.0)
-                    url, headers = server.url + "/", {"Connection": "close"}
-                else:
-                    c = meshlib.AsyncClient(mesh=mesh, timeout=2.0)
-                    url, headers = URL, {}
+                c, url = client_for(via, server, mesh)
+                headers = {"Connection": "close"} if via == "transport" else {}
                 async with c:
                     statuses = [(await c.get(url, headers=headers)).status_code for _ in range(20)]
             assert statuses == [200] * 20
@@ -250,12 +249,7 @@ def test_an_idle_connection_closed_while_the_loop_was_blocked_is_not_reused(
 
         async def main() -> None:
             with make_mesh(server.port) as mesh:
-                if via == "transport":
-                    c = httpx.AsyncClient(transport=Http1Transport(), timeout=2.0)
-                    url = server.url + "/"
-                else:
-                    c = meshlib.AsyncClient(mesh=mesh, timeout=2.0)
-                    url = URL
+                c, url = client_for(via, server, mesh)
                 async with c:
                     assert (await c.get(url)).status_code == 200
                     threads.call(server.drop())  # this loop blocks until the server closed it
