@@ -237,11 +237,9 @@ class _Outgoing:
             if len(name) == 14 and name.lower() == b"content-length":
                 lengths.add(value.strip())
             elif len(name) == 17 and name.lower() == b"transfer-encoding":
-                codings += [c.strip().lower() for c in value.split(b",")]
+                codings += _tokens(value)
             elif len(name) == 10 and name.lower() == b"connection":
-                self.close = self.close or b"close" in [
-                    t.strip().lower() for t in value.split(b",")
-                ]
+                self.close = self.close or b"close" in _tokens(value)
         # The body's framing must be unambiguous, or the server reads a different message
         # than the one sent: one Content-Length, or chunked as the last and only chunking.
         self.chunked = bool(codings)
@@ -992,12 +990,17 @@ def _time_out(waiter: asyncio.Future[Any]) -> None:
         waiter.set_exception(_TimedOut())
 
 
+def _tokens(value: bytes) -> list[bytes]:
+    """The comma-separated tokens of a header value (Connection, Transfer-Encoding), lowercase."""
+    return [token.strip().lower() for token in value.split(b",")]
+
+
 def _keeps_alive(version: str, headers: list[tuple[bytes, bytes]]) -> bool:
     """RFC 9112 §9.3, for answers whose framing llhttp cannot judge (to HEAD)."""
     tokens: set[bytes] = set()
     for name, value in headers:
         if len(name) == 10 and name.lower() == b"connection":
-            tokens.update(token.strip().lower() for token in value.split(b","))
+            tokens.update(_tokens(value))
     if b"close" in tokens:
         return False
     return version == "1.1" or b"keep-alive" in tokens
