@@ -178,8 +178,9 @@ def test_no_partial_policy_is_ever_visible(
     try:
         for version in range(1, 41):
             make_configmap_mount(tmp_path, files(version), version)
-            time.sleep(0.02)  # slow enough for the 5 ms watcher to publish versions between
-        wait_for(lambda: subset_for(source.snapshot, "reviews") == "v40")
+            # each version published before the next is written (a fixed 20 ms pause was not
+            # enough on a loaded machine: the reader saw only the first and the last)
+            wait_for(lambda v=version: subset_for(source.snapshot, "reviews") == f"v{v}")
     finally:
         stop.set()
         thread.join()
