@@ -246,6 +246,7 @@ _MIRROR = {"==": "==", "!=": "!=", "<": ">", "<=": ">=", ">": "<", ">=": "<="}
 _ATTRIBUTES = ("response.code", "response.flags")
 
 Token = tuple[str, str]  # (kind, text): kind is op, int, str or name
+_MAX_NESTING = 64  # '(' and '!' around a comparison; deeper is refused
 
 
 def compile_filter(expression: str) -> Predicate:
@@ -253,11 +254,7 @@ def compile_filter(expression: str) -> Predicate:
 
     Raises UnsupportedExpression for anything outside the subset in the module docstring.
     """
-    tokens = _tokenize(expression)
-    try:
-        return _Parser(tokens, expression).parse()
-    except RecursionError:
-        raise UnsupportedExpression(f"{expression!r}: nested too deeply") from None
+    return _Parser(_tokenize(expression), expression).parse()
 
 
 def _tokenize(expression: str) -> list[Token]:
@@ -284,6 +281,7 @@ class _Parser:
         self.tokens = tokens
         self.expression = expression
         self.index = 0
+        self.depth = 0  # '(' and '!' open around the token being read
 
     def fail(self, why: str) -> UnsupportedExpression:
         return UnsupportedExpression(f"{self.expression!r}: {why}")
@@ -306,29 +304,34 @@ class _Parser:
         return predicate
 
     def either(self) -> Predicate:
-        left = self.both()
+        terms = [self.both()]
         while self.peek() == ("op", "||"):
             self.index += 1
-            left = _any_of(left, self.both())
-        return left
+            terms.append(self.both())
+        return terms[0] if len(terms) == 1 else _any_of(tuple(terms))
 
     def both(self) -> Predicate:
-        left = self.unary()
+        terms = [self.unary()]
         while self.peek() == ("op", "&&"):
             self.index += 1
-            left = _all_of(left, self.unary())
-        return left
+            terms.append(self.unary())
+        return terms[0] if len(terms) == 1 else _all_of(tuple(terms))
 
     def unary(self) -> Predicate:
         token = self.peek()
-        if token == ("op", "!"):
+        if token == ("op", "!") or token == ("op", "("):
+            # A limit of its own, not Python's recursion limit: the compiled build has none.
+            if self.depth == _MAX_NESTING:
+                raise self.fail(f"nested more than {_MAX_NESTING} deep")
             self.index += 1
-            return _negate(self.unary())
-        if token == ("op", "("):
-            self.index += 1
-            inner = self.either()
-            if self.take() != ("op", ")"):
-                raise self.fail("missing ')'")
+            self.depth += 1
+            if token[1] == "!":
+                inner = _negate(self.unary())
+            else:
+                inner = self.either()
+                if self.take() != ("op", ")"):
+                    raise self.fail("missing ')'")
+            self.depth -= 1
             return inner
         return self.comparison()
 
@@ -371,12 +374,13 @@ def _flag_text(flags: str | None) -> str:
     return flags or "-"
 
 
-def _any_of(left: Predicate, right: Predicate) -> Predicate:
-    return lambda entry: left(entry) or right(entry)
+def _any_of(terms: tuple[Predicate, ...]) -> Predicate:
+    # Flat (a || b || c is one any, not a chain): evaluating never recurses per term.
+    return lambda entry: any(term(entry) for term in terms)
 
 
-def _all_of(left: Predicate, right: Predicate) -> Predicate:
-    return lambda entry: left(entry) and right(entry)
+def _all_of(terms: tuple[Predicate, ...]) -> Predicate:
+    return lambda entry: all(term(entry) for term in terms)
 
 
 def _negate(inner: Predicate) -> Predicate:

@@ -430,12 +430,32 @@ def test_filter_subset(expression: str, code: int, flags: str, expected: bool) -
         "response.code == 200 response.code",
         "response.code == 200 | response.code == 201",
         "(" * 5000 + "response.code == 200" + ")" * 5000,
+        "(" * 65 + "response.code == 200" + ")" * 65,
+        "!" * 65 + "response.code == 200",
     ],
 )
 def test_unsupported_expressions_are_refused(expression: str) -> None:
     """Anything outside the subset raises UnsupportedExpression (nothing is ever eval'ed)."""
     with pytest.raises(UnsupportedExpression):
         compile_filter(expression)
+
+
+def test_nesting_limit_is_64() -> None:
+    """64 levels of '(' or '!' compile (65 are refused above): a limit of the parser's own,
+    the same in the pure and the compiled build (which has no recursion limit to hit)."""
+    nested = compile_filter("(" * 64 + "response.code == 200" + ")" * 64)
+    assert nested(entry(response_code=200)) and not nested(entry(response_code=201))
+    negated = compile_filter("!" * 64 + "response.code == 200")  # an even count: itself
+    assert negated(entry(response_code=200)) and not negated(entry(response_code=201))
+
+
+def test_long_chains_evaluate_flat() -> None:
+    """20,000 terms joined by || or && compile and evaluate without recursing per term."""
+    terms = [f"response.code == {code}" for code in range(20_000)]
+    either = compile_filter(" || ".join(terms))
+    assert either(entry(response_code=19_999)) and not either(entry(response_code=20_000))
+    both = compile_filter(" && ".join(f"response.code != {code}" for code in range(20_000)))
+    assert both(entry(response_code=20_000)) and not both(entry(response_code=7))
 
 
 def test_unsupported_filter_warns_once_and_logs_everything(
