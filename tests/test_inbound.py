@@ -25,10 +25,10 @@ from prometheus_client import CollectorRegistry
 import meshlib
 from meshlib.config import MeshConfig
 from meshlib.telemetry import peer
-from meshlib.telemetry.access_log import AccessLogEntry
 from meshlib.telemetry.metrics import IstioMetrics
 from meshlib.telemetry.propagation import CallerSpan, Propagator
 from meshlib.telemetry.tracing import _unsampled
+from tests.access_lines import logging_mesh, start_time
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 SPAN_ID = "00f067aa0ba902b7"
@@ -168,12 +168,8 @@ def test_asgi_reads_repeated_and_uppercase_headers_as_extract_does() -> None:
     mesh.close()
 
 
-def logged_mesh() -> tuple[meshlib.Mesh, list[AccessLogEntry]]:
-    mesh = meshlib.Mesh(MeshConfig(service="ratings", metrics_port=None), watch=False)
-    entries: list[AccessLogEntry] = []
-    mesh.access_log.enabled = lambda direction: True  # type: ignore[method-assign]
-    mesh.access_log.log = entries.append  # type: ignore[method-assign,assignment]
-    return mesh, entries
+def logged_mesh() -> tuple[meshlib.Mesh, list[Any]]:
+    return logging_mesh(MeshConfig(service="ratings", metrics_port=None))
 
 
 def test_asgi_access_log_and_metrics() -> None:
@@ -192,7 +188,7 @@ def test_asgi_access_log_and_metrics() -> None:
     assert entry.downstream_remote_address == "10.1.2.3:4567"
     assert (entry.response_code, entry.bytes_received, entry.bytes_sent) == (201, 5, 5)
     assert entry.user_agent == "ua"
-    assert before - 0.001 <= entry.start_time <= time.time()
+    assert before - 0.001 <= start_time(entry) <= time.time()
     rows = [row for row in mesh.metrics.collect() if row.name == "istio_requests"]
     (sample,) = [s for s in rows[0].samples if s.name == "istio_requests_total"]
     assert sample.value == 2

@@ -12,16 +12,12 @@ from meshlib.asgi import MeshMiddleware
 from meshlib.config import MeshConfig
 from meshlib.dataplane.deadline import inbound_deadline
 from meshlib.telemetry import peer
-from meshlib.telemetry.access_log import AccessLogEntry
 from meshlib.wsgi import MeshWSGIMiddleware
+from tests.access_lines import logging_mesh
 
 
-def logged_mesh() -> tuple[meshlib.Mesh, list[AccessLogEntry]]:
-    mesh = meshlib.Mesh(MeshConfig(service="ratings", metrics_port=None), watch=False)
-    entries: list[AccessLogEntry] = []
-    mesh.access_log.enabled = lambda direction: True  # type: ignore[method-assign]
-    mesh.access_log.log = entries.append  # type: ignore[method-assign]
-    return mesh, entries
+def logged_mesh() -> tuple[meshlib.Mesh, list[Any]]:
+    return logging_mesh(MeshConfig(service="ratings", metrics_port=None))
 
 
 def _wsgi(middleware: Any, path: str, **extra: str) -> None:

@@ -17,8 +17,8 @@ from opentelemetry.trace import StatusCode
 import meshlib
 from meshlib.config import MeshConfig
 from meshlib.telemetry import propagation
-from meshlib.telemetry.access_log import AccessLogEntry
 from meshlib.telemetry.tracing import MeshSampler, build_tracer_provider
+from tests.access_lines import logging_mesh
 
 SAMPLED = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
@@ -32,10 +32,7 @@ class Traced:
         self.provider: TracerProvider = build_tracer_provider(
             config, self.exporter, sampler=MeshSampler(100.0), batch=False
         )
-        self.mesh = meshlib.Mesh(config, tracer_provider=self.provider, watch=False)
-        self.logged: list[AccessLogEntry] = []
-        self.mesh.access_log.enabled = lambda direction: True  # type: ignore[method-assign]
-        self.mesh.access_log.log = self.logged.append  # type: ignore[method-assign,assignment]
+        self.mesh, self.logged = logging_mesh(config, tracer_provider=self.provider)
 
     def counted(self) -> list[tuple[str, str, str, float]]:
         """(response_code, response_flags, destination_service, count) per series."""

@@ -220,9 +220,11 @@ def _checked(value: object, pattern: re.Pattern[str], default: str) -> str:
 # -- series ----------------------------------------------------------------------------------
 
 # A snapshot of one label set: (label text, label names, label values, requests or None,
-# then for each histogram (bucket counts, not cumulative, +Inf last; sum) or None).
+# then for each histogram (bucket counts, not cumulative, +Inf last; sum) or None). Counts are
+# `int | float`, not `float`: compiled, an int stored where a float is declared becomes one,
+# and renders as "1.0" where the pure build writes "1".
 _Hist = tuple[Sequence[float], float]
-_Row = tuple[str, Sequence[str], Sequence[str], float | None, tuple[_Hist | None, ...]]
+_Row = tuple[str, Sequence[str], Sequence[str], int | float | None, tuple[_Hist | None, ...]]
 
 
 def _series_key(
@@ -734,7 +736,7 @@ def _render_rows(rows: Sequence[_Row]) -> list[str]:
     return out
 
 
-def _number(value: float) -> str:
+def _number(value: int | float) -> str:
     if type(value) is int:
         return str(value)
     return _go_float(value)
@@ -989,8 +991,40 @@ def exposed_registry(registry: CollectorRegistry | None = None) -> CollectorRegi
 # -- serving ---------------------------------------------------------------------------------
 
 
+class _Handler(BaseHTTPRequestHandler):
+    """Answers the metrics paths with what its server's `source` holds; 404 elsewhere."""
+
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def do_GET(self) -> None:
+        self._answer(body=True)
+
+    def do_HEAD(self) -> None:
+        self._answer(body=False)
+
+    def _answer(self, body: bool) -> None:
+        if self.path.partition("?")[0] not in METRICS_PATHS:
+            payload, status, kind = b"not found\n", 404, "text/plain; charset=utf-8"
+        else:
+            payload, status, kind = render(self.server.source), 200, CONTENT_TYPE
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        if body:
+            self.wfile.write(payload)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # scrapes every few seconds would flood stderr
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], source: CollectorRegistry) -> None:
+        self.source = source
+        super().__init__(address, _Handler)
 
 
 class _Server6(_Server):
@@ -1005,7 +1039,7 @@ class MetricsServer:
 
     def __init__(self, server: ThreadingHTTPServer, thread: threading.Thread) -> None:
         self._server = server
-        self._thread = thread
+        self._serving = thread
         self.host: str = server.server_address[0]  # type: ignore[assignment]
         self.port: int = server.server_address[1]
 
@@ -1017,7 +1051,7 @@ class MetricsServer:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
-        self._thread.join(timeout=5)
+        self._serving.join(timeout=5)
 
     def __call__(self) -> None:
         self.close()
@@ -1043,31 +1077,7 @@ def serve_metrics(
     """
     source = exposed_registry(registry)
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_GET(self) -> None:
-            self._answer(body=True)
-
-        def do_HEAD(self) -> None:
-            self._answer(body=False)
-
-        def _answer(self, body: bool) -> None:
-            if self.path.partition("?")[0] not in METRICS_PATHS:
-                payload, status, kind = b"not found\n", 404, "text/plain; charset=utf-8"
-            else:
-                payload, status, kind = render(source), 200, CONTENT_TYPE
-            self.send_response(status)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            if body:
-                self.wfile.write(payload)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass  # scrapes every few seconds would flood stderr
-
-    server = (_Server6 if ":" in host else _Server)((host, port), Handler)
+    server = (_Server6 if ":" in host else _Server)((host, port), source)
     thread = threading.Thread(
         target=server.serve_forever, name="meshlib-metrics", kwargs={"poll_interval": 0.2}
     )
