@@ -21,6 +21,8 @@ polled until it answers:
     MeterProvider (its metrics go to the API's no-op meter: it does less than (b)).
 (e) a floor: the bare app under a hand-written middleware doing only what propagation and
     metrics cannot do without (`floor_app`): a lower bound for (b)'s cost in pure Python.
+(f) (b) again, served from the compiled build `make compiled` leaves in build/compiled (the
+    request-path modules compiled with mypyc); skipped when there is none.
 
 wrk sends every request with a `traceparent` (a pool of 1,000 distinct trace ids, 1 in 100
 flagged sampled, as from a caller sampling at 1%) and an `x-request-id`; (b) and (d) both
@@ -49,6 +51,7 @@ import asyncio
 import contextlib
 import cProfile
 import dataclasses
+import importlib.machinery
 import importlib.util
 import json
 import os
@@ -88,8 +91,16 @@ CONFIGS = {
     "c": "(c) bare behind two nginx hops (sidecar pair stand-in)",
     "d": "(d) + stock OpenTelemetry ASGI middleware (1% traces)",
     "e": "(e) + hand-written floor: propagation + metrics only",
+    "f": "(f) = (b), meshlib's compiled build (make compiled)",
 }
-FACTORIES = {"a": "bare_app", "b": "meshed_app", "d": "otel_app", "e": "floor_app"}
+FACTORIES = {
+    "a": "bare_app",
+    "b": "meshed_app",
+    "d": "otel_app",
+    "e": "floor_app",
+    "f": "compiled_meshed_app",
+}
+COMPILED_ROOT = ROOT / "build" / "compiled"  # where `make compiled` leaves the compiled package
 
 
 # -- the apps (uvicorn --factory bench.middleware:<name>) -----------------------------------
@@ -160,6 +171,24 @@ def meshed_app(mesh: Any = None) -> Any:
     from meshlib.asgi import MeshMiddleware
 
     return _starlette([Middleware(MeshMiddleware, mesh=mesh or make_mesh())])
+
+
+def compiled_meshed_app() -> Any:
+    """(b) served by the compiled build: this process runs from COMPILED_ROOT."""
+    import meshlib.asgi
+
+    if not _is_compiled(meshlib.asgi.__file__):
+        raise RuntimeError(f"expected meshlib's compiled build, got {meshlib.asgi.__file__}")
+    return meshed_app()
+
+
+def _is_compiled(path: str | None) -> bool:
+    return (path or "").endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+
+
+def compiled_available() -> bool:
+    """Whether `make compiled` left a compiled meshlib in COMPILED_ROOT."""
+    return any(_is_compiled(str(path)) for path in (COMPILED_ROOT / "meshlib").glob("asgi.*"))
 
 
 def floor_app() -> Any:
@@ -307,9 +336,11 @@ class Server(subprocess.Popen[bytes]):
 
 
 @contextlib.contextmanager
-def _process(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[Server]:
+def _process(
+    cmd: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path = ROOT
+) -> Iterator[Server]:
     with log.open("wb") as err:
-        proc = Server(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        proc = Server(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err)
     proc.log = log
     try:
         yield proc
@@ -323,15 +354,18 @@ def _process(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> It
             proc.wait()
 
 
-def uvicorn(stack: contextlib.ExitStack, tmp: Path, factory: str) -> tuple[int, Server]:
-    """Start uvicorn serving `bench.middleware:<factory>()`; not yet waited for."""
+def uvicorn(
+    stack: contextlib.ExitStack, tmp: Path, factory: str, root: Path = ROOT
+) -> tuple[int, Server]:
+    """Start uvicorn serving `bench.middleware:<factory>()` from the tree at `root` (its
+    meshlib first on sys.path); not yet waited for."""
     port = _free_port()
     cmd = [sys.executable, "-m", "uvicorn", f"bench.middleware:{factory}", "--factory"]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1", "--http", "httptools"]
     cmd += ["--loop", "asyncio", "--lifespan", "off", "--no-access-log", "--log-level", "warning"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(root)}
     env.pop("MESHLIB_TRACES_EXPORTER", None)  # the apps choose their exporter themselves
-    return port, stack.enter_context(_process(cmd, tmp / f"{factory}.log", env))
+    return port, stack.enter_context(_process(cmd, tmp / f"{factory}.log", env, cwd=root))
 
 
 NGINX_CONF = """\
@@ -476,6 +510,9 @@ def bench() -> dict[str, Result] | None:
     if importlib.util.find_spec("opentelemetry.instrumentation.asgi") is None:
         print("(d) skipped: pip install -e '.[bench]' (or run make bench) to run it")
         configs.remove("d")
+    if not compiled_available():
+        print(f"(f) skipped: no compiled build in {COMPILED_ROOT} (make compiled; make bench does)")
+        configs.remove("f")
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="meshlib-bench-")))
         tmp.chmod(0o755)
@@ -484,7 +521,8 @@ def bench() -> dict[str, Result] | None:
         started: dict[str, tuple[int, Server]] = {}
         for key in configs:
             if key != "c":
-                started[key] = uvicorn(stack, tmp, FACTORIES[key])
+                root = COMPILED_ROOT if key == "f" else ROOT
+                started[key] = uvicorn(stack, tmp, FACTORIES[key], root)
         for key, (port, proc) in started.items():
             _wait_ready(f"http://127.0.0.1:{port}/", proc, f"uvicorn ({key})")
         ports = {key: port for key, (port, _) in started.items()}
@@ -609,6 +647,9 @@ def main() -> None:
     )
     ratio = mean["b"] / bare
     print(f"meshlib vs bare: {ratio:.2f} (goal >= {GOAL}: {'ok' if ratio >= GOAL else 'MISSED'})")
+    if "f" in mean:
+        compiled = mean["f"] / bare
+        print(f"compiled build vs bare: {compiled:.2f} ({'ok' if compiled >= GOAL else 'MISSED'})")
     print(f"the floor (e) vs bare: {mean['e'] / bare:.2f}")
 
     us = inprocess(list(results))
