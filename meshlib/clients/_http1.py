@@ -72,7 +72,7 @@ import select
 import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import httptools
 import httpx
@@ -627,6 +627,7 @@ class _Connection(asyncio.Protocol):
         self._last_bytes = 0.0  # when bytes last came (the read timeout counts from there)
         self._close_after = False  # the request said `Connection: close`
         self._poller: select.poll | None = None  # made on the first check before a reuse
+        self._refused: httpx.RemoteProtocolError | None = None  # a callback's, for feed_data
 
     def usable(self, now: float) -> bool:
         expiry = self.pool.transport._keepalive_expiry
@@ -670,8 +671,10 @@ class _Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            ours = exc.__context__  # raised by a callback below
-            if isinstance(ours, httpx.TransportError):
+            # A callback below refused the response (`_refuse`), or llhttp did. Not read from
+            # exc.__context__: that is whatever exception was being handled, maybe another's.
+            ours, self._refused = self._refused, None
+            if ours is not None:
                 self._fail(ours)
             else:
                 self._fail(httpx.RemoteProtocolError(f"Malformed HTTP response: {exc}"), exc)
@@ -703,9 +706,14 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks -------------------------------------------------------------
 
+    def _refuse(self, message: str) -> NoReturn:
+        """Stop the parser from a callback; data_received fails the connection with this."""
+        error = self._refused = httpx.RemoteProtocolError(message)
+        raise error
+
     def on_message_begin(self) -> None:
         if self._headers_done:  # a second message: bytes the server had no request for
-            raise httpx.RemoteProtocolError("Unexpected data after the response")
+            self._refuse("Unexpected data after the response")
         self._headers = []
         self._header_bytes = 0
         self._framed = False
@@ -717,7 +725,7 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_bytes += len(name) + len(value) + 4
         if self._header_bytes > _HEADER_LIMIT:
-            raise httpx.RemoteProtocolError("Response header block too large")
+            self._refuse("Response header block too large")
         if self._headers_done:
             return  # a trailer of a chunked body: not a response header
         if len(name) in (14, 17) and name.lower() in (b"content-length", b"transfer-encoding"):
@@ -730,7 +738,7 @@ class _Connection(asyncio.Protocol):
         if 100 <= status < 200 and status != 101:
             return  # informational: the final answer follows
         if status < 100 or status == 101:
-            raise httpx.RemoteProtocolError(f"Invalid response status {status}")
+            self._refuse(f"Invalid response status {status}")
         self._status = status
         version = parser.get_http_version()
         self._version = b"HTTP/1.1" if version == "1.1" else b"HTTP/" + version.encode("ascii")

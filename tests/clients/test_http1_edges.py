@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from meshlib.clients._http1 import Http1Transport
+from meshlib.clients._http1 import Http1Transport, _Connection, _Pool
 from tests.rawserver import OK, Peer, Server, answering, held_until, run, wait_until
 
 PAUSE = 262_144  # the transport's _PAUSE_READING: unread bytes at which it pauses reading
@@ -615,3 +615,31 @@ def test_an_http10_answer_with_keep_alive_keeps_the_connection() -> None:
             assert server.connections == 1
 
     run(main)
+
+
+@pytest.mark.parametrize(
+    ("reply", "said"),
+    [
+        (b"NOT HTTP AT ALL\r\n\r\n", "Malformed HTTP response"),  # llhttp refuses it
+        (b"HTTP/1.1 099 Low\r\nContent-Length: 0\r\n\r\n", "Invalid response status 99"),
+    ],
+)
+def test_a_refused_reply_is_its_own_error_whatever_is_being_handled(
+    reply: bytes, said: str
+) -> None:
+    """The error a malformed reply gets comes from the parser or the callback that refused
+    it, never from the exception being handled when the bytes arrived (it was read from the
+    parser error's __context__: under the compiled build an earlier mirror's ReadTimeout was
+    still there, and a garbage reply failed as that timeout)."""
+
+    async def main() -> None:
+        pool = _Pool(Http1Transport(), asyncio.get_running_loop())
+        connection = _Connection(pool, ("http", "127.0.0.1", 80, "127.0.0.1"))
+        try:
+            raise httpx.ReadTimeout("another request's")
+        except httpx.ReadTimeout:
+            connection.data_received(reply)
+        assert isinstance(connection.error, httpx.RemoteProtocolError)
+        assert said in str(connection.error)
+
+    asyncio.run(main())
