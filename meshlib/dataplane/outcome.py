@@ -11,27 +11,29 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Final
 
 FLAGS_HEADER = "x-meshlib-response-flags"  # where the app can read the flags of an answer
 NO_FLAGS = "-"
 
 
 class Flag:
-    """Envoy's short response flags (ISTIO.md §3.6) that meshlib sets."""
+    """Envoy's short response flags (ISTIO.md §3.6) that meshlib sets (constants of the
+    class: `Final`, which the compiled build needs to keep them so)."""
 
-    NO_HEALTHY_UPSTREAM = "UH"
-    UPSTREAM_CONNECTION_FAILURE = "UF"
-    UPSTREAM_OVERFLOW = "UO"
-    NO_ROUTE = "NR"
-    RETRY_LIMIT_EXCEEDED = "URX"
-    NO_CLUSTER = "NC"
-    UPSTREAM_TIMEOUT = "UT"
-    UPSTREAM_REMOTE_RESET = "UR"
-    UPSTREAM_CONNECTION_TERMINATION = "UC"
-    DOWNSTREAM_TERMINATION = "DC"  # the caller gave up (its own timeout, a cancellation)
-    DELAY_INJECTED = "DI"
-    FAULT_INJECTED = "FI"
-    DNS_FAILURE = "DF"
+    NO_HEALTHY_UPSTREAM: Final = "UH"
+    UPSTREAM_CONNECTION_FAILURE: Final = "UF"
+    UPSTREAM_OVERFLOW: Final = "UO"
+    NO_ROUTE: Final = "NR"
+    RETRY_LIMIT_EXCEEDED: Final = "URX"
+    NO_CLUSTER: Final = "NC"
+    UPSTREAM_TIMEOUT: Final = "UT"
+    UPSTREAM_REMOTE_RESET: Final = "UR"
+    UPSTREAM_CONNECTION_TERMINATION: Final = "UC"
+    DOWNSTREAM_TERMINATION: Final = "DC"  # the caller gave up (its own timeout, a cancellation)
+    DELAY_INJECTED: Final = "DI"
+    FAULT_INJECTED: Final = "FI"
+    DNS_FAILURE: Final = "DF"
 
 
 # The order Envoy prints flags in (its ResponseFlag enum order), e.g. "UF,URX".
