@@ -32,16 +32,16 @@ unit: $(BIN)/.installed debian-packages
 # shadow every later edit of those sources. The copy then holds the compiled package, and
 # `unit-compiled` runs the tests there against it.
 COMPILED := build/compiled
+# Only `compiled` turns the hook on: an editable install built with it would compile in place.
+unexport HATCH_BUILD_HOOK_ENABLE_MYPYC
 compiled: $(BIN)/.installed
 	@command -v cc >/dev/null || { echo "make: the compiled build needs a C compiler (apt-get install gcc)" >&2; exit 1; }
 	rm -rf $(COMPILED) dist/meshlib_istio-*.whl
-	mkdir -p $(COMPILED) dist
-	tar --exclude=./.venv --exclude=./build --exclude=./dist --exclude=./.git --exclude=./.demo \
-	  --exclude=__pycache__ --exclude="*_cache" --exclude=.hypothesis --exclude="*.so" \
-	  -cf - . | tar -xf - -C $(COMPILED)
+	$(BIN)/python -c 'import shutil, sys; shutil.copytree(".", sys.argv[1], ignore=shutil.ignore_patterns(*sys.argv[2:]))' \
+	  $(COMPILED) build dist .git .demo "$(notdir $(VENV))" __pycache__ "*_cache" .hypothesis "*.so"
 	@echo "make: compiling with mypyc (about a minute)"
 	cd $(COMPILED) && HATCH_BUILD_HOOK_ENABLE_MYPYC=1 \
-	  $(CURDIR)/$(BIN)/python -m pip wheel --quiet --no-deps -w $(CURDIR)/dist .
+	  "$(abspath $(BIN))/python" -m pip wheel --quiet --no-deps -w "$(CURDIR)/dist" .
 	$(BIN)/python -m zipfile -e dist/meshlib_istio-*.whl $(COMPILED)
 
 # `python -m pytest` from the copy: its compiled meshlib comes first on sys.path
@@ -51,7 +51,7 @@ COMPILED_TESTS ?= tests/telemetry tests/test_inbound.py tests/test_inbound_edges
   tests/test_inbound_failures.py tests/test_docs.py
 unit-compiled: compiled debian-packages
 	cd $(COMPILED) && MESHLIB_COMPILED=1 \
-	  $(CURDIR)/$(BIN)/python -m pytest -p no:cacheprovider $(COMPILED_TESTS)
+	  "$(abspath $(BIN))/python" -m pytest -p no:cacheprovider $(COMPILED_TESTS)
 
 # Debian packages the tests use: `prometheus` (tests/e2e/test_prometheus.py runs the binary on
 # loopback). Installed with apt-get when missing; without root or apt-get the install is skipped
@@ -86,4 +86,5 @@ demo: $(BIN)/.installed
 	$(BIN)/python -m examples.bookinfo $(ARGS)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build dist
+	find meshlib -name "*.so" -delete; rm -f *__mypyc.*.so  # stray extensions of a compiled build

@@ -186,9 +186,18 @@ def _is_compiled(path: str | None) -> bool:
     return (path or "").endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
 
 
-def compiled_available() -> bool:
-    """Whether `make compiled` left a compiled meshlib in COMPILED_ROOT."""
-    return any(_is_compiled(str(path)) for path in (COMPILED_ROOT / "meshlib").glob("asgi.*"))
+def compiled_unavailable() -> str | None:
+    """Why (f) cannot run: no compiled build in COMPILED_ROOT, or one built from other
+    sources than this tree's (it would measure old code); None when it can."""
+    built, ours = COMPILED_ROOT / "meshlib", ROOT / "meshlib"
+    if not any(_is_compiled(str(path)) for path in built.glob("asgi.*")):
+        return f"no compiled build in {COMPILED_ROOT} (make compiled; make bench does)"
+    sources = {path.relative_to(built) for path in built.rglob("*.py")}
+    if sources != {path.relative_to(ours) for path in ours.rglob("*.py")} or any(
+        (built / name).read_bytes() != (ours / name).read_bytes() for name in sources
+    ):
+        return f"{COMPILED_ROOT} was built from other sources than {ours} (make compiled)"
+    return None
 
 
 def floor_app() -> Any:
@@ -510,8 +519,9 @@ def bench() -> dict[str, Result] | None:
     if importlib.util.find_spec("opentelemetry.instrumentation.asgi") is None:
         print("(d) skipped: pip install -e '.[bench]' (or run make bench) to run it")
         configs.remove("d")
-    if not compiled_available():
-        print(f"(f) skipped: no compiled build in {COMPILED_ROOT} (make compiled; make bench does)")
+    why = compiled_unavailable()
+    if why is not None:
+        print(f"(f) skipped: {why}")
         configs.remove("f")
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="meshlib-bench-")))

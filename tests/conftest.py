@@ -23,13 +23,21 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Under MESHLIB_COMPILED=1 (`make unit-compiled`) the tests must run the compiled build."""
+    """The tests run the build they say: the compiled one under MESHLIB_COMPILED=1 (`make
+    unit-compiled`), else the sources (a stray .so beside them, or a wheel installed over the
+    editable install, would shadow every edit)."""
     import importlib.machinery
     import os
 
-    if os.environ.get("MESHLIB_COMPILED") == "1":
-        import meshlib.asgi
+    import meshlib.asgi
 
-        where = meshlib.asgi.__file__ or ""
-        if not where.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)):
+    where = meshlib.asgi.__file__ or ""
+    compiled = where.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+    if os.environ.get("MESHLIB_COMPILED") == "1":
+        if not compiled:
             raise pytest.UsageError(f"MESHLIB_COMPILED=1 but meshlib.asgi is {where}")
+    elif compiled:
+        raise pytest.UsageError(
+            f"meshlib.asgi is compiled ({where}) but MESHLIB_COMPILED is not set: remove the"
+            " .so files from the tree (make clean) or reinstall it editable (pip install -e .)"
+        )

@@ -666,9 +666,16 @@ def _free_port() -> int:
 
 
 APP = """
+import importlib.machinery
+import os
+
 from meshlib.config import MeshConfig
+from meshlib.telemetry import metrics
 from meshlib.telemetry.metrics import IstioMetrics, metrics_asgi_app, metrics_wsgi_app
 from meshlib.telemetry.peer import UNKNOWN_PEER
+
+if os.environ.get("MESHLIB_COMPILED") == "1":  # make unit-compiled: the workers run it too
+    assert metrics.__file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)), metrics.__file__
 
 istio = IstioMetrics(config=MeshConfig(service="reviews"))
 wsgi_metrics = metrics_wsgi_app()
@@ -728,7 +735,10 @@ def app_dir(tmp_path: Path) -> Iterator[Path]:
 def test_multi_worker_servers(app_dir: Path, command: list[str]) -> None:
     """Under gunicorn and uvicorn with 3 workers, any worker's /metrics counts every request."""
     port = _free_port()
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(app_dir / "prom")}
+    # The workers import the meshlib under test (the compiled copy under `make unit-compiled`).
+    tested = str(Path(metrics.__file__).parent.parent.parent)
+    path = os.pathsep.join(filter(None, (tested, os.environ.get("PYTHONPATH"))))
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(app_dir / "prom"), "PYTHONPATH": path}
     binary = str(Path(sys.executable).parent / command[0])
     argv = [binary, *(part.format(port=port) for part in command[1:])]
     server = subprocess.Popen(argv, cwd=app_dir, env=env, stderr=subprocess.DEVNULL)
