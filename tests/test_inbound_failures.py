@@ -344,3 +344,44 @@ def test_absurd_numbers_in_request_headers_are_ignored(traced: Traced) -> None:
     assert [(code, n) for code, _, _, n in traced.counted()] == [("200", 1.0)]
     (deadline,) = seen
     assert deadline is not None and deadline - time.monotonic() <= 30 * 86400
+
+
+def test_no_exception_is_left_being_handled(traced: Traced) -> None:
+    """After an app error, a cancellation or a malformed header, nothing is left as the
+    exception being handled (`sys.exc_info()`): compiled code that left one there would hand it
+    on as the `__context__` of any later exception in the thread (mypyc's build of an async
+    `try/except` around awaits did, in an experiment with the data plane)."""
+    import sys
+
+    async def failing(scope: Any, receive: Any, send: Any) -> None:
+        raise KeyError("the app's bug")
+
+    async def waiting(scope: Any, receive: Any, send: Any) -> None:
+        await asyncio.sleep(3600)
+
+    async def answering(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def main() -> None:
+        with pytest.raises(KeyError):
+            await meshlib.MeshMiddleware(failing, mesh=traced.mesh)(
+                scope([]), receive, StrictSend()
+            )
+        assert sys.exc_info() == (None, None, None)
+        task = asyncio.create_task(
+            meshlib.MeshMiddleware(waiting, mesh=traced.mesh)(scope([]), receive, StrictSend())
+        )
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert sys.exc_info() == (None, None, None)
+        for header in (b"traceparent", b"b3", b"x-b3-traceid", b"grpc-timeout", b"baggage"):
+            request = scope([(header, b"\xff garbage")])
+            await meshlib.MeshMiddleware(answering, mesh=traced.mesh)(
+                request, receive, StrictSend()
+            )
+        assert sys.exc_info() == (None, None, None)
+
+    asyncio.run(main())
