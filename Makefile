@@ -26,7 +26,7 @@ typecheck: $(BIN)/.installed
 unit: $(BIN)/.installed debian-packages
 	$(BIN)/pytest
 
-# The compiled build (README.md): mypyc compiles the request-path modules listed in
+# The compiled build (README.md): mypyc compiles the per-request modules listed in
 # pyproject.toml into a wheel in dist/. It builds in a copy of the tree, build/compiled: the
 # build leaves C extensions beside the sources it compiled, and in the working tree they would
 # shadow every later edit of those sources. The copy then holds the compiled package, and
@@ -47,8 +47,8 @@ compiled: $(BIN)/.installed
 # `python -m pytest` from the copy: its compiled meshlib comes first on sys.path
 # (MESHLIB_COMPILED makes tests/conftest.py check that it did). `make test` runs the tests of
 # the compiled modules; COMPILED_TESTS=tests runs the whole suite on the compiled build.
-COMPILED_TESTS ?= tests/telemetry tests/test_inbound.py tests/test_inbound_edges.py \
-  tests/test_inbound_failures.py tests/test_docs.py
+COMPILED_TESTS ?= tests/telemetry tests/dataplane tests/clients tests/test_inbound.py \
+  tests/test_inbound_edges.py tests/test_inbound_failures.py tests/test_docs.py
 unit-compiled: compiled debian-packages
 	cd $(COMPILED) && MESHLIB_COMPILED=1 \
 	  "$(abspath $(BIN))/python" -m pytest -p no:cacheprovider $(COMPILED_TESTS)

@@ -418,7 +418,9 @@ class MeshAdapter(HTTPAdapter):
                 extra["connection"] = "close"  # maxRequestsPerConnection reached
         if identity is not None:
             extra[peer.HEADER] = identity
-        headers = [*request.headers.items(), *propagated]
+        # Values as text: requests also takes bytes ones (the same bytes go as Latin-1).
+        headers = [(name, _text(value)) for name, value in request.headers.items()]
+        headers += propagated
         upstream.headers = CaseInsensitiveDict(edited_headers(headers, plan.request_headers, extra))
         return upstream
 

@@ -637,3 +637,63 @@ def test_keep_alive_holds_with_descriptors_above_1024() -> None:
         for fd in fds:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_no_exception_is_left_being_handled_after_failed_calls() -> None:
+    """Retried failures, a call that raises to the app, failed mirrored copies and a
+    cancelled call leave nothing as
+    the exception being handled (`sys.exc_info()`), in both builds: compiled code that left one
+    would hand it on as the `__context__` of later exceptions (mypyc's build of an async
+    `try/except` around awaits did, for meshlib's mirror sender, in an experiment)."""
+    import sys
+
+    policy = loopback_service("flaky.default.svc.cluster.local", 1) + textwrap.dedent(
+        """\
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {name: flaky}
+        spec:
+          hosts: [flaky.default.svc.cluster.local]
+          http:
+          - route: [{destination: {host: flaky.default.svc.cluster.local}}]
+            mirror: {host: flaky.default.svc.cluster.local}
+            retries: {attempts: 2, perTryTimeout: 1s, retryOn: "connect-failure,5xx"}
+        """
+    )
+    mesh = mesh_for(MeshConfig(service="caller", metrics_port=None), policy)
+    hang = asyncio.Event()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/raise":
+            raise httpx.ConnectError("refused", request=request)
+        if request.url.path == "/hang":
+            await hang.wait()
+            raise httpx.ReadTimeout("too slow", request=request)  # after a suspension
+        return httpx.Response(503, content=b"down")
+
+    async def main() -> None:
+        async with meshlib.AsyncClient(mesh=mesh, transport=httpx.MockTransport(handler)) as c:
+            url = "http://flaky.default.svc.cluster.local:9080"
+            assert (await c.get(url + "/503")).status_code == 503  # retried, then answered
+            assert sys.exc_info() == (None, None, None)
+            assert (await c.get(url + "/raise")).status_code == 503  # UF, after retries
+            assert sys.exc_info() == (None, None, None)
+            call = asyncio.create_task(c.get(url + "/hang"))
+            await asyncio.sleep(0.01)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            assert sys.exc_info() == (None, None, None)
+            hang.set()  # the mirrored copy of /hang ends too
+            await asyncio.sleep(0.05)  # the copies' failures are dropped, off the calls' path
+            assert sys.exc_info() == (None, None, None)
+            # Also where the event loop runs callbacks (protocols' data_received, say).
+            seen: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_soon(lambda: seen.set_result(sys.exc_info()))
+            assert await seen == (None, None, None)
+
+    try:
+        asyncio.run(main())
+    finally:
+        mesh.close()

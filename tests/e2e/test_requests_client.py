@@ -22,7 +22,8 @@ URL = "http://reviews:9080"
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """/redirect?to=X answers 302 to X; /cookie sets one; /digest asks for digest auth;
-    anything else echoes its path, Authorization and x-request-id."""
+    /headers echoes the Host headers and x-custom; anything else echoes its path,
+    Authorization and x-request-id."""
     assert scope["type"] == "http"
     while (await receive()).get("more_body"):
         pass
@@ -42,6 +43,11 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             "path": scope["path"],
             "auth": headers.get(b"authorization", b"").decode()[:6],
             "rid": headers.get(b"x-request-id", b"").decode(),
+        }
+        if scope["path"] != "/headers"
+        else {
+            "hosts": [value.decode() for name, value in scope["headers"] if name == b"host"],
+            "custom": headers.get(b"x-custom", b"").decode("latin-1"),
         }
     ).encode()
     await send({"type": "http.response.start", "status": status, "headers": extra})
@@ -84,10 +90,10 @@ def requests_counted(mesh: meshlib.Mesh, **labels: str) -> float:
     )
 
 
-def echo(response: requests.Response) -> dict[str, str]:
+def echo(response: requests.Response) -> dict[str, Any]:
     import ast
 
-    result: dict[str, str] = ast.literal_eval(response.text)
+    result: dict[str, Any] = ast.literal_eval(response.text)
     return result
 
 
@@ -176,6 +182,18 @@ def test_bytes_header_values_are_routed(mesh: meshlib.Mesh) -> None:
         response = session.get(URL + "/plain", headers={"Host": b"reviews:9080"}, timeout=5)
     assert response.status_code == 200
     assert echo(response)["path"] == "/plain"
+
+
+def test_bytes_header_names_are_routed_and_sent_once(mesh: meshlib.Mesh) -> None:
+    """Bytes header names too: the route's Host replaces the app's (one Host goes, not the
+    app's bytes one beside it) and the others go on as text."""
+    with meshlib.Session(mesh=mesh) as session:
+        headers = {b"Host": b"reviews:9080", b"X-Custom": b"caf\xe9"}
+        response = session.get(URL + "/headers", headers=headers, timeout=5)  # type: ignore[dict-item]
+    assert response.status_code == 200
+    seen = echo(response)
+    assert seen["hosts"] == ["reviews:9080"]
+    assert seen["custom"] == "caf\xe9"  # the same bytes on the wire
 
 
 def test_a_session_survives_pickling(mesh: meshlib.Mesh) -> None:
