@@ -641,10 +641,10 @@ def test_keep_alive_holds_with_descriptors_above_1024() -> None:
 
 def test_no_exception_is_left_being_handled_after_failed_calls() -> None:
     """Retried failures, a call that raises to the app, failed mirrored copies and a
-    cancelled call leave nothing as
-    the exception being handled (`sys.exc_info()`), in both builds: compiled code that left one
-    would hand it on as the `__context__` of later exceptions (mypyc's build of an async
-    `try/except` around awaits did, for meshlib's mirror sender, in an experiment)."""
+    cancelled call leave nothing as the exception being handled (`sys.exc_info()`), in the
+    task or in the event loop's callbacks, in both builds: compiled code that left one would
+    hand it on as the `__context__` of later exceptions (an experiment that compiled the httpx
+    adapter saw that, from mypyc's build of its mirror sender's async `try/except`)."""
     import sys
 
     policy = loopback_service("flaky.default.svc.cluster.local", 1) + textwrap.dedent(
