@@ -115,6 +115,12 @@ def _text(value: str | bytes) -> str:
     return value.decode("latin-1") if isinstance(value, bytes) else value
 
 
+def _any_text(value: object) -> str:
+    if isinstance(value, str):
+        return value
+    return value.decode("latin-1") if isinstance(value, bytes) else str(value)
+
+
 class ConnectionWaitTimeout(ConnectTimeout):
     """The caller's connect timeout ran out while its request waited for a connection the
     DestinationRule's `tcp.maxConnections` had all in use (requests has no pool timeout)."""
@@ -418,8 +424,9 @@ class MeshAdapter(HTTPAdapter):
                 extra["connection"] = "close"  # maxRequestsPerConnection reached
         if identity is not None:
             extra[peer.HEADER] = identity
-        # Values as text: requests also takes bytes ones (the same bytes go as Latin-1).
-        headers = [(name, _text(value)) for name, value in request.headers.items()]
+        # As text: after `prepare`, auth handlers and callers may set bytes or ints (sent as
+        # the same Latin-1 bytes, or the int's digits, as http.client would send them).
+        headers = [(_any_text(name), _any_text(value)) for name, value in request.headers.items()]
         headers += propagated
         upstream.headers = CaseInsensitiveDict(edited_headers(headers, plan.request_headers, extra))
         return upstream

@@ -429,7 +429,11 @@ def test_ring_is_built_once_per_endpoint_list() -> None:
     balancer: Any = make_balancer(HASH, InFlight(), random.Random(SEED))
     for i in range(1_000):
         balancer.pick(eps, everyone, f"k{i}")
-    assert balancer._rings.get(endpoints(1, 1, 1)) is balancer._rings.get(list(eps))
+    balancer.pick(endpoints(1, 1, 1), everyone, "k")
+    balancer.pick(list(eps), everyone, "k")
+    assert len(balancer._rings._by_content) == 1  # the picks built one ring between them
+    balancer.pick(endpoints(1, 1, 2), everyone, "k")
+    assert len(balancer._rings._by_content) == 2
 
 
 # hash_key

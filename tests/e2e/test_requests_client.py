@@ -48,6 +48,8 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         else {
             "hosts": [value.decode() for name, value in scope["headers"] if name == b"host"],
             "custom": headers.get(b"x-custom", b"").decode("latin-1"),
+            "signed": headers.get(b"x-signed", b"").decode("latin-1"),
+            "attempt": headers.get(b"x-attempt", b"").decode("latin-1"),
         }
     ).encode()
     await send({"type": "http.response.start", "status": status, "headers": extra})
@@ -194,6 +196,23 @@ def test_bytes_header_names_are_routed_and_sent_once(mesh: meshlib.Mesh) -> None
     seen = echo(response)
     assert seen["hosts"] == ["reviews:9080"]
     assert seen["custom"] == "caf\xe9"  # the same bytes on the wire
+
+
+def test_headers_an_auth_handler_sets_after_prepare_go_on(mesh: meshlib.Mesh) -> None:
+    """An auth handler runs after requests has checked the headers: a bytes name or an int
+    value it sets goes on as http.client would send it (in both builds)."""
+
+    class Signing(requests.auth.AuthBase):
+        def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+            request.headers[b"X-Signed"] = b"sig"  # type: ignore[index]
+            request.headers["X-Attempt"] = 3  # type: ignore[assignment]
+            return request
+
+    with meshlib.Session(mesh=mesh) as session:
+        response = session.get(URL + "/headers", auth=Signing(), timeout=5)
+    assert response.status_code == 200
+    seen = echo(response)
+    assert (seen["signed"], seen["attempt"], seen["hosts"]) == ("sig", "3", ["reviews:9080"])
 
 
 def test_a_session_survives_pickling(mesh: meshlib.Mesh) -> None:
