@@ -1,22 +1,30 @@
 """The access log lines a test Mesh writes, read back from its logger.
 
 Tests read what the log says, not meshlib's internals (the compiled build's classes cannot
-be patched anyway): the Mesh is made with MESHLIB_ACCESS_LOG=on and writes to a logger of its
-own, whose records carry the line's fields (`record.meshlib_access`).
+be patched anyway): the Mesh's policy holds a mesh-wide Telemetry that switches access
+logging on, and it writes to a logger of its own, whose records carry the line's fields
+(`record.meshlib_access`).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import os
 from datetime import datetime
 from types import SimpleNamespace
 from typing import Any
-from unittest import mock
 
 import meshlib
-from meshlib.telemetry.access_log import ENV_ACCESS_LOG
+from tests.upstream import mesh_for
+
+TELEMETRY = """\
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mesh-default, namespace: istio-system}
+spec:
+  accessLogging:
+  - providers: [{name: envoy}]
+"""
 
 _loggers = itertools.count()
 
@@ -31,10 +39,9 @@ class _Lines(logging.Handler):
 
 
 def logging_mesh(config: meshlib.MeshConfig, **kwargs: Any) -> tuple[meshlib.Mesh, list[Any]]:
-    """A Mesh (no policy watch) logging every request; the list fills with one namespace of
+    """A Mesh (its policy that Telemetry alone) logging every request; the list fills with one namespace of
     fields per line (Istio's JSON keys: `method`, `path`, `response_code`, ...)."""
-    with mock.patch.dict(os.environ, {ENV_ACCESS_LOG: "on"}):
-        mesh = meshlib.Mesh(config, watch=False, **kwargs)
+    mesh: meshlib.Mesh = mesh_for(config, TELEMETRY, **kwargs)
     lines: list[SimpleNamespace] = []
     logger = logging.getLogger(f"tests.access_lines.{next(_loggers)}")
     logger.propagate = False

@@ -211,12 +211,13 @@ spec:
 """
 
 
-def mesh_for(config: Any, policy: str) -> Any:
-    """A Mesh serving `policy` (YAML text) for the workload `config` describes."""
+def mesh_for(config: Any, policy: str, **kwargs: Any) -> Any:
+    """A Mesh serving `policy` (YAML text) for the workload `config` describes; `kwargs` go to
+    the Mesh (a tracer_provider, say)."""
     import meshlib
     from meshlib.policy.loader import load_text
     from meshlib.policy.snapshot import Snapshot
 
     result = load_text(policy)
     result.raise_for_errors()
-    return meshlib.Mesh(config, policy=Snapshot.build(result.resources, config))
+    return meshlib.Mesh(config, policy=Snapshot.build(result.resources, config), **kwargs)

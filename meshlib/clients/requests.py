@@ -111,11 +111,9 @@ def _text_headers(request: requests.PreparedRequest) -> dict[str, str]:
     return view
 
 
-def _text(value: str | bytes) -> str:
-    return value.decode("latin-1") if isinstance(value, bytes) else value
-
-
-def _any_text(value: object) -> str:
+def _text(value: object) -> str:
+    """A header name or value as text: bytes as Latin-1, anything else (an int an auth
+    handler set after `prepare`) as http.client would send it."""
     if isinstance(value, str):
         return value
     return value.decode("latin-1") if isinstance(value, bytes) else str(value)
@@ -426,7 +424,7 @@ class MeshAdapter(HTTPAdapter):
             extra[peer.HEADER] = identity
         # As text: after `prepare`, auth handlers and callers may set bytes or ints (sent as
         # the same Latin-1 bytes, or the int's digits, as http.client would send them).
-        headers = [(_any_text(name), _any_text(value)) for name, value in request.headers.items()]
+        headers = [(_text(name), _text(value)) for name, value in request.headers.items()]
         headers += propagated
         upstream.headers = CaseInsensitiveDict(edited_headers(headers, plan.request_headers, extra))
         return upstream

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 import textwrap
 import time
@@ -640,60 +641,50 @@ def test_keep_alive_holds_with_descriptors_above_1024() -> None:
 
 
 def test_no_exception_is_left_being_handled_after_failed_calls() -> None:
-    """Retried failures, a call that raises to the app, failed mirrored copies and a
-    cancelled call leave nothing as the exception being handled (`sys.exc_info()`), in the
-    task or in the event loop's callbacks, in both builds: compiled code that left one would
-    hand it on as the `__context__` of later exceptions (an experiment that compiled the httpx
-    adapter saw that, from mypyc's build of its mirror sender's async `try/except`)."""
+    """Retried failures, a call that cannot connect, failed mirrored copies and a cancelled
+    call leave nothing as the exception being handled (`sys.exc_info()`), in the task or in
+    the event loop's callbacks, in both builds: compiled code that left one would hand it on
+    as the `__context__` of later exceptions (an experiment that compiled the httpx adapter
+    saw that, from mypyc's build of its mirror sender's async `try/except`)."""
     import sys
 
-    policy = loopback_service("flaky.default.svc.cluster.local", 1) + textwrap.dedent(
-        """\
-        ---
-        apiVersion: networking.istio.io/v1
-        kind: VirtualService
-        metadata: {name: flaky}
-        spec:
-          hosts: [flaky.default.svc.cluster.local]
-          http:
-          - route: [{destination: {host: flaky.default.svc.cluster.local}}]
-            mirror: {host: flaky.default.svc.cluster.local}
-            retries: {attempts: 2, perTryTimeout: 1s, retryOn: "connect-failure,5xx"}
-        """
-    )
-    mesh = mesh_for(MeshConfig(service="caller", metrics_port=None), policy)
-    hang = asyncio.Event()
+    unavailable = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\ndown"
+    hung, release = asyncio.Event(), asyncio.Event()
 
-    async def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/raise":
-            raise httpx.ConnectError("refused", request=request)
-        if request.url.path == "/hang":
-            await hang.wait()
-            raise httpx.ReadTimeout("too slow", request=request)  # after a suspension
-        return httpx.Response(503, content=b"down")
+    async def handle(peer: Peer) -> None:
+        while True:
+            if await peer.request() == b"/hang":
+                hung.set()
+                await release.wait()
+            await peer.send(unavailable)
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        nobody = closed.getsockname()[1]  # nothing listens once the socket is closed
 
     async def main() -> None:
-        async with meshlib.AsyncClient(mesh=mesh, transport=httpx.MockTransport(handler)) as c:
-            url = "http://flaky.default.svc.cluster.local:9080"
-            assert (await c.get(url + "/503")).status_code == 503  # retried, then answered
-            assert sys.exc_info() == (None, None, None)
-            assert (await c.get(url + "/raise")).status_code == 503  # UF, after retries
-            assert sys.exc_info() == (None, None, None)
-            call = asyncio.create_task(c.get(url + "/hang"))
-            await asyncio.sleep(0.01)
-            call.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await call
-            assert sys.exc_info() == (None, None, None)
-            hang.set()  # the mirrored copy of /hang ends too
-            await asyncio.sleep(0.05)  # the copies' failures are dropped, off the calls' path
-            assert sys.exc_info() == (None, None, None)
-            # Also where the event loop runs callbacks (protocols' data_received, say).
-            seen: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            asyncio.get_running_loop().call_soon(lambda: seen.set_result(sys.exc_info()))
-            assert await seen == (None, None, None)
+        route = ROUTE + "\n  mirror: {host: " + SHADOW + "}"  # copies that cannot connect
+        route += '\n  retries: {attempts: 2, retryOn: "connect-failure,5xx"}'
+        async with Server(handle) as server:
+            with make_mesh(server.port, virtual_service(route), shadow_port=nobody) as mesh:
+                async with meshlib.AsyncClient(mesh=mesh, timeout=5.0) as c:
+                    assert (await c.get(URL)).status_code == 503  # retried, then answered
+                    assert sys.exc_info() == (None, None, None)
+                    shadow = f"http://{SHADOW}:9080/"
+                    assert (await c.get(shadow)).status_code == 503  # UF: cannot connect
+                    assert sys.exc_info() == (None, None, None)
+                    call = asyncio.create_task(c.get(URL + "hang"))
+                    await hung.wait()
+                    call.cancel()
+                    with pytest.raises(asyncio.CancelledError):
+                        await call
+                    assert sys.exc_info() == (None, None, None)
+                    release.set()
+                    await wait_until(lambda: len(server.requests) >= 4, "the calls' requests")
+                    # Also where the event loop runs callbacks (protocols' data_received).
+                    loop = asyncio.get_running_loop()
+                    seen: asyncio.Future[Any] = loop.create_future()
+                    loop.call_soon(lambda: seen.set_result(sys.exc_info()))
+                    assert await seen == (None, None, None)
 
-    try:
-        asyncio.run(main())
-    finally:
-        mesh.close()
+    run(main)
