@@ -23,6 +23,10 @@ polled until it answers:
     metrics cannot do without (`floor_app`): a lower bound for (b)'s cost in pure Python.
 (f) (b) again, served from the compiled build `make compiled` leaves in build/compiled (the
     request-path modules compiled with mypyc); skipped when there is none.
+(g) (b)'s server again, called as a meshed caller calls it: wrk also sends a workload
+    identity (`x-meshlib-peer-metadata`), so the caller's series is labelled with it and the
+    middleware answers with its own identity (it answers none to callers that send none, as
+    Istio's sidecars do, so (a)-(f) are callers from outside the mesh, like a gateway's).
 
 wrk sends every request with a `traceparent` (a pool of 1,000 distinct trace ids, 1 in 100
 flagged sampled, as from a caller sampling at 1%) and an `x-request-id`; (b) and (d) both
@@ -92,6 +96,7 @@ CONFIGS = {
     "d": "(d) + stock OpenTelemetry ASGI middleware (1% traces)",
     "e": "(e) + hand-written floor: propagation + metrics only",
     "f": "(f) = (b), meshlib's compiled build (make compiled)",
+    "g": "(g) = (b), called by a meshed caller (identity exchanged)",
 }
 FACTORIES = {
     "a": "bare_app",
@@ -101,6 +106,8 @@ FACTORIES = {
     "f": "compiled_meshed_app",
 }
 COMPILED_ROOT = ROOT / "build" / "compiled"  # where `make compiled` leaves the compiled package
+SERVED_BY = {"g": "b"}  # configurations measured on another one's server
+CALLER_IDENTITY = "w=reviews-v2;n=bench;a=reviews;v=v2;cs=reviews;cr=v2;c=Kubernetes"
 
 
 # -- the apps (uvicorn --factory bench.middleware:<name>) -----------------------------------
@@ -204,8 +211,8 @@ def floor_app() -> Any:
     """The least an inbound middleware can do and still propagate and count: (b) minus its
     generality, written out in one function — read `traceparent` and `x-request-id` (the
     headers wrk sends, nothing else looked at or checked), make them current (meshlib's and
-    OpenTelemetry's context variables), add the identity header, count the request in its
-    Istio series. No tracing, deadline, peer identity, access-log check or error handling:
+    OpenTelemetry's context variables), count the request in its Istio series. No tracing,
+    deadline, peer identity, identity answer, access-log check or error handling:
     a lower bound for what (b) does, to show what the goal leaves room for."""
     from time import perf_counter
 
@@ -217,7 +224,7 @@ def floor_app() -> Any:
 
     mesh = make_mesh()
     side = InboundSide(mesh)
-    record, identity = side.recorder.record, side.identity_header
+    record = side.recorder.record
     current, otel_var = propagation.current, propagation._OTEL_VAR
     assert otel_var is not None, "OpenTelemetry's context variable was not found"
     caller_span, span_key = propagation._caller_span, propagation.SPAN_KEY
@@ -248,7 +255,6 @@ def floor_app() -> Any:
                 nonlocal status, sent
                 if message["type"] == "http.response.start":
                     status = message["status"]
-                    message = {**message, "headers": [*message.get("headers", ()), identity]}
                 elif message["type"] == "http.response.body":
                     sent += len(message.get("body", b""))
                 await send(message)
@@ -291,9 +297,11 @@ def traceparents(n: int = TRACE_POOL, seed: int = 4) -> list[tuple[str, str]]:
     return out
 
 
-def lua_script(pairs: list[tuple[str, str]]) -> str:
-    """wrk script: the requests are formatted once per thread, then cycled through."""
+def lua_script(pairs: list[tuple[str, str]], identity: str | None = None) -> str:
+    """wrk script: the requests are formatted once per thread, then cycled through; with
+    `identity`, each also carries it as a meshed caller's metadata header."""
     entries = ",\n".join(f'  {{"{tp}", "{rid}"}}' for tp, rid in pairs)
+    claim = f'  wrk.headers["x-meshlib-peer-metadata"] = "{identity}"\n' if identity else ""
     return f"""\
 local pairs_ = {{
 {entries}
@@ -301,7 +309,7 @@ local pairs_ = {{
 local reqs = {{}}
 local i = 0
 function init(args)
-  for k, p in ipairs(pairs_) do
+{claim}  for k, p in ipairs(pairs_) do
     wrk.headers["traceparent"] = p[1]
     wrk.headers["x-request-id"] = p[2]
     reqs[k] = wrk.format("GET", "/")
@@ -320,6 +328,17 @@ end
 def _get(url: str) -> tuple[int, bytes]:
     with urllib.request.urlopen(url, timeout=2) as response:
         return response.status, response.read()
+
+
+def _check_identity_answered(url: str) -> None:
+    """(g) measures the metadata exchange only if the server answers a meshed caller with its
+    identity and no one else."""
+    claim = urllib.request.Request(url, headers={"x-meshlib-peer-metadata": CALLER_IDENTITY})
+    with urllib.request.urlopen(claim, timeout=2) as meshed, urllib.request.urlopen(url) as other:
+        if not meshed.headers.get("x-meshlib-peer-metadata") or other.headers.get(
+            "x-meshlib-peer-metadata"
+        ):
+            raise RuntimeError(f"{url} does not answer identities as (g) expects")
 
 
 def _wait_ready(url: str, proc: Server, what: str, timeout: float = 30) -> None:
@@ -528,9 +547,12 @@ def bench() -> dict[str, Result] | None:
         tmp.chmod(0o755)
         script = tmp / "traceparent.lua"
         script.write_text(lua_script(traceparents()))
+        meshed_script = tmp / "meshed-caller.lua"
+        meshed_script.write_text(lua_script(traceparents(), CALLER_IDENTITY))
+        scripts = {key: meshed_script if key == "g" else script for key in configs}
         started: dict[str, tuple[int, Server]] = {}
         for key in configs:
-            if key != "c":
+            if key != "c" and key not in SERVED_BY:
                 root = COMPILED_ROOT if key == "f" else ROOT
                 started[key] = uvicorn(stack, tmp, FACTORIES[key], root)
         for key, (port, proc) in started.items():
@@ -544,20 +566,25 @@ def bench() -> dict[str, Result] | None:
             _wait_ready(f"http://127.0.0.1:{outer}/", outer_proc, "nginx (outer)")
             ports["c"] = outer
             pids["c"] = [*pids["a"], *_with_children([inner_proc.pid, outer_proc.pid])]
+        for key, server in SERVED_BY.items():
+            if key in configs:
+                ports[key], pids[key] = ports[server], pids[server]
+        if "g" in configs:
+            _check_identity_answered(f"http://127.0.0.1:{ports['g']}/")
         urls = {key: f"http://127.0.0.1:{ports[key]}/" for key in configs}
         for key in configs:
-            wrk(urls[key], WARMUP_S, script)
+            wrk(urls[key], WARMUP_S, scripts[key])
         results = {key: Result() for key in configs}
         for r in range(ROUNDS):
             for key in configs if r % 2 == 0 else configs[::-1]:
-                results[key].measure(urls[key], script, pids[key])
+                results[key].measure(urls[key], scripts[key], pids[key])
     return results
 
 
 # -- in-process: what each middleware adds per request, no socket ---------------------------
 
 
-def _scopes() -> list[dict[str, Any]]:
+def _scopes(identity: str | None = None) -> list[dict[str, Any]]:
     scopes = []
     for tp, rid in traceparents():
         headers = [
@@ -566,6 +593,8 @@ def _scopes() -> list[dict[str, Any]]:
             (b"traceparent", tp.encode()),
             (b"x-request-id", rid.encode()),
         ]
+        if identity is not None:
+            headers.append((b"x-meshlib-peer-metadata", identity.encode()))
         scopes.append(
             {
                 "type": "http",
@@ -585,9 +614,9 @@ def _scopes() -> list[dict[str, Any]]:
     return scopes
 
 
-def _driver(app: Any) -> Callable[[int], None]:
+def _driver(app: Any, identity: str | None = None) -> Callable[[int], None]:
     """Calls `app` n times with the wrk request mix, in one event loop."""
-    scopes = _scopes()
+    scopes = _scopes(identity)
 
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": b"", "more_body": False}
@@ -609,8 +638,12 @@ def _driver(app: Any) -> Callable[[int], None]:
 
 def inprocess(configs: list[str]) -> dict[str, float]:
     """Mean µs per request per app (median over alternating rounds)."""
-    factories = {"a": bare_app, "b": meshed_app, "d": otel_app, "e": floor_app}
-    drivers = {key: _driver(factories[key]()) for key in configs if key in factories}
+    factories = {"a": bare_app, "b": meshed_app, "d": otel_app, "e": floor_app, "g": meshed_app}
+    drivers = {
+        key: _driver(factories[key](), CALLER_IDENTITY if key == "g" else None)
+        for key in configs
+        if key in factories
+    }
     for run in drivers.values():
         run(300)
     means: dict[str, list[float]] = {key: [] for key in drivers}
@@ -661,6 +694,8 @@ def main() -> None:
         compiled = mean["f"] / bare
         print(f"compiled build vs bare: {compiled:.2f} ({'ok' if compiled >= GOAL else 'MISSED'})")
     print(f"the floor (e) vs bare: {mean['e'] / bare:.2f}")
+    if "g" in mean:
+        print(f"meshlib, meshed caller (g) vs bare: {mean['g'] / bare:.2f}")
 
     us = inprocess(list(results))
     print(f"\nin-process, no socket: µs per request (median of {INPROCESS_ROUNDS} rounds)")

@@ -12,7 +12,7 @@ one whose app was handed `http.disconnect` before its response was complete.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
 from meshlib._inbound import InboundExchange, InboundSide, InboundSides
@@ -59,7 +59,7 @@ class _Exchange(InboundExchange):
         self._receive = receive
         self._send = send
         self._complete = False  # the last body message (no more_body) was sent
-        self._started: list[tuple[bytes, bytes]] | None = None  # the response's headers
+        self._started: Sequence[tuple[bytes, bytes]] | None = None  # the response's headers
         # The headers read on every request, decoded; the others untouched. One string per
         # name (a list per name would cost an allocation per header on every request).
         names = side.names
@@ -151,11 +151,17 @@ class _Exchange(InboundExchange):
         if kind == "http.response.start":
             # A second start is the app's error (the server refuses it): the first counts.
             self.status = self.status or message["status"]
-            # A copy: the app may send the same message (and headers list) again.
-            identity = self.side.identity_header
-            headers = [*message.get("headers", ()), identity]
+            headers = message.get("headers", ())
+            if self.claimed is not None:
+                # A meshed caller (it sent its identity) gets ours, as Istio's sidecars answer
+                # only a peer that sent its metadata. A copy: the app may send the same
+                # message (and headers list) again.
+                headers = [*headers, self.side.identity_header]
+                message = {**message, "headers": headers}
+            elif not isinstance(headers, (list, tuple)):  # read again by _delivered()
+                headers = list(headers)
+                message = {**message, "headers": headers}
             self._started = headers
-            message = {**message, "headers": headers}
         elif kind == "http.response.body":
             self.response_bytes += len(message.get("body", b""))
             if not message.get("more_body"):

@@ -39,14 +39,17 @@ class MeshWSGIMiddleware:
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         side = self._sides.current()
         exchange = _Exchange(side, environ)
-        identity = side.identity_pair
+        # Only a meshed caller (it sent its identity) gets ours, as with Istio's sidecars.
+        identity = side.identity_pair if exchange.claimed is not None else None
 
         def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             try:
                 exchange.status = int(status.split(" ", 1)[0])
             except ValueError:
                 exchange.status = 0
-            return start_response(status, [*headers, identity], exc_info)
+            if identity is not None:
+                headers = [*headers, identity]  # a copy: the app may reuse its list
+            return start_response(status, headers, exc_info)
 
         exchange.request_bytes = ascii_int(environ.get("CONTENT_LENGTH") or "", 19) or 0
         exchange.begin()

@@ -200,6 +200,40 @@ def test_asgi_access_log_and_metrics() -> None:
     mesh.close()
 
 
+def test_identity_is_answered_to_meshed_callers_only() -> None:
+    """As Istio's sidecars do, the middleware adds this workload's identity to a response only
+    when the caller sent its own (a meshed caller): a browser or a gateway outside the mesh
+    learns nothing of the workload. The app's own headers are never changed in place."""
+    mesh = meshlib.Mesh(MeshConfig(service="ratings", metrics_port=None))
+    asgi_app = meshlib.MeshMiddleware(ok_app([]), mesh=mesh)
+    app_headers = [("a", "b")]
+
+    def wsgi(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", app_headers)
+        return [b"ok"]
+
+    def wsgi_call(extra: dict[str, str]) -> list[tuple[str, str]]:
+        started: list[Any] = []
+        environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/", "wsgi.url_scheme": "http", **extra}
+        body = meshlib.MeshWSGIMiddleware(wsgi, mesh=mesh)(environ, lambda *a: started.append(a))
+        body.close()  # type: ignore[attr-defined]
+        return started[0][1]  # type: ignore[no-any-return]
+
+    # Outside the mesh: the headers as the app sent them.
+    assert asgi_call(asgi_app, [])[0]["headers"] == [(b"a", b"b")]
+    assert wsgi_call({}) == [("a", "b")]
+    # A meshed caller, even one whose metadata does not parse: ours is added.
+    for claimed in (PEER, "garbage"):
+        sent = asgi_call(asgi_app, [(peer.HEADER.encode(), claimed.encode())])
+        assert sent[0]["headers"] == [(b"a", b"b"), mesh.identity_header]
+        assert wsgi_call({"HTTP_X_MESHLIB_PEER_METADATA": claimed}) == [
+            ("a", "b"),
+            (peer.HEADER, mesh.identity),
+        ]
+    assert app_headers == [("a", "b")]
+    mesh.close()
+
+
 def test_wsgi_access_log() -> None:
     mesh, entries = logged_mesh()
 
@@ -221,7 +255,7 @@ def test_wsgi_access_log() -> None:
     body = meshlib.MeshWSGIMiddleware(app, mesh=mesh)(environ, lambda *a: started.append(a))
     assert b"".join(body) == b"abc"
     body.close()  # type: ignore[attr-defined]
-    assert started[0][1] == [("a", "b"), (peer.HEADER, mesh.identity)]
+    assert started[0][1] == [("a", "b")]  # a caller outside the mesh: no identity header
     (entry,) = entries
     assert (entry.method, entry.path, entry.authority) == ("PUT", "/r?q=2", "ratings")
     assert entry.downstream_remote_address == "10.0.0.1:99"

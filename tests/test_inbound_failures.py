@@ -16,7 +16,7 @@ from opentelemetry.trace import StatusCode
 
 import meshlib
 from meshlib.config import MeshConfig
-from meshlib.telemetry import propagation
+from meshlib.telemetry import peer, propagation
 from meshlib.telemetry.tracing import MeshSampler, build_tracer_provider
 from tests.access_lines import logging_mesh
 
@@ -292,7 +292,8 @@ def test_lifespan_and_websocket_scopes_pass_through_untouched(traced: Traced, ki
 
 def test_a_streamed_response_passes_through_as_sent(traced: Traced) -> None:
     """Body messages reach the server one by one, in order and unchanged; the response bytes
-    are their sum; the identity header is added once, to a copy of the app's headers."""
+    are their sum; for a meshed caller the identity header is added once, to a copy of the
+    app's headers."""
     headers = [(b"content-type", b"text/plain")]
     start = {"type": "http.response.start", "status": 200, "headers": headers}
     chunks = [b"one", b"", b"three", b"four"]
@@ -304,7 +305,8 @@ def test_a_streamed_response_passes_through_as_sent(traced: Traced) -> None:
             await send({"type": "http.response.body", "body": chunk, "more_body": more})
 
     send = StrictSend()
-    asyncio.run(meshlib.MeshMiddleware(app, mesh=traced.mesh)(scope([]), receive, send))
+    meshed_caller = scope([(peer.HEADER.encode(), b"w=reviews-v2;n=bookinfo")])
+    asyncio.run(meshlib.MeshMiddleware(app, mesh=traced.mesh)(meshed_caller, receive, send))
     first, *bodies = send.messages
     assert first["headers"] == [*headers, traced.mesh.identity_header]
     assert start["headers"] == headers  # the app's message is not changed

@@ -3,7 +3,8 @@
 Istio's proxies swap workload metadata in the `x-envoy-peer-metadata` header so that each side
 can fill the other side's metric labels (ISTIO.md §7.2). meshlib does the same with
 `x-meshlib-peer-metadata`: a meshed client sends its identity on every request, the
-middleware answers with the server's, and each side records the other's as `PeerIdentity`.
+middleware answers with the server's (only to a caller that sent one, as Istio's sidecars
+do), and each side records the other's as `PeerIdentity`.
 
 The header is compact `key=value` pairs separated by `;`, for example::
 

@@ -222,16 +222,21 @@ def test_a_disconnect_after_the_answer_is_not_dc(serve: Callable[[Any], Served])
     assert [(e["response_code"], e["response_flags"]) for e in served.logged()] == [(200, "-")]
 
 
-def test_a_caller_that_has_the_whole_answer_is_not_dc(serve: Callable[[Any], Served]) -> None:
+@pytest.mark.parametrize("headers_as", [list, iter], ids=["list", "iterator"])
+def test_a_caller_that_has_the_whole_answer_is_not_dc(
+    serve: Callable[[Any], Served], headers_as: Callable[[Any], Any]
+) -> None:
     """A caller may close as soon as it has the whole response, before the app says it
     ended: after all the Content-Length bytes, or after the headers of a HEAD answer (uvicorn
-    sends no body for it). Envoy's codec ends the stream on the same terms: not DC."""
+    sends no body for it). Envoy's codec ends the stream on the same terms: not DC. The
+    response headers may be any iterable (ASGI): the server consuming an iterator does not
+    hide the Content-Length from the middleware."""
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return  # no lifespan
         await receive()
-        headers = [(b"content-length", b"10")]
+        headers = headers_as([(b"content-length", b"10")])
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": b"x" * 10, "more_body": True})
         while (await receive())["type"] != "http.disconnect":  # the caller closes first
