@@ -36,15 +36,26 @@ class _Loader(_Base):  # type: ignore[misc]
         key = (value, implicit[0], implicit[1])
         tag = self._tags.get(key)
         if tag is None:
-            tag = self._tags[key] = super().resolve(kind, value, implicit)
+            tag = super().resolve(kind, value, implicit)
+            if tag in _KUBECTL_STRINGS or (tag in _NUMBERS and ":" in value):
+                tag = _STR
+            tag = self._tags[key] = tag
         return tag
 
 
-# Guards against alias bombs ("billion laughs"): no document expands past this many values.
-MAX_VALUES_PER_DOCUMENT = 1_000_000
+# Guards against alias bombs ("billion laughs"): a file expands to at most this many values
+# more than it has characters (without aliases, every value takes at least one character).
+MAX_ALIAS_VALUES = 1_000_000
+# Policy nests about ten levels deep; this bound keeps deep garbage from exhausting the stack.
+MAX_DEPTH = 100
 
 _constructor = yaml.constructor.SafeConstructor()
 _STR = "tag:yaml.org,2002:str"
+# Plain values PyYAML reads as YAML 1.1 dates, sexagesimal numbers (`1:30`) and the `=` value
+# key, but which kubectl's reader (go-yaml v2, through sigs.k8s.io/yaml) keeps as strings:
+# read as strings too, so that a label `release: 2024-01-01` means what it means to kubectl.
+_KUBECTL_STRINGS = frozenset({"tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:value"})
+_NUMBERS = frozenset({"tag:yaml.org,2002:int", "tag:yaml.org,2002:float"})
 
 
 class YAMLProblem(Exception):
@@ -94,15 +105,18 @@ def read_documents(text: str) -> Iterator[Document | YAMLProblem]:
     is still read; a syntax error ends the stream, as nothing after it can be trusted.
     """
     loader = _Loader(text)
+    builder = _Builder(MAX_ALIAS_VALUES + len(text))  # one budget for the whole file
     try:
         while loader.check_node():
             node = loader.get_node()
             if node is None:
                 continue
             try:
-                data = _Builder().build(node)
+                data = builder.build(node)
             except YAMLProblem as bad_document:
                 yield bad_document
+                if builder.budget <= 0:
+                    return  # the next documents would fail the same way, each at a cost
                 continue
             yield Document(data=data, node=node, line=node.start_mark.line + 1)
     except yaml.MarkedYAMLError as exc:
@@ -111,21 +125,25 @@ def read_documents(text: str) -> Iterator[Document | YAMLProblem]:
         yield YAMLProblem(f"invalid YAML: {problem}", mark.line + 1 if mark else None)
     except yaml.YAMLError as exc:
         yield YAMLProblem(f"invalid YAML: {exc}", None)
+    except RecursionError:  # the pure-Python parser composes nested nodes recursively
+        yield YAMLProblem(f"invalid YAML: nested more than {MAX_DEPTH} levels deep", None)
     finally:
         loader.dispose()
 
 
 class _Builder:
-    """Node tree -> plain values, rejecting what Kubernetes' YAML reader rejects."""
+    """Node tree -> plain values, rejecting what Kubernetes' YAML reader rejects; at most
+    `budget` values in all, over every document it builds."""
 
-    def __init__(self) -> None:
-        self.count = 0
-        self.active: set[int] = set()
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.active: set[int] = set()  # the collections being built: an alias back into one
+        # is a cycle, and their number is the depth
 
     def build(self, node: yaml.Node) -> Any:
-        self.count += 1
-        if self.count > MAX_VALUES_PER_DOCUMENT:
-            raise _problem(node, "document too large (alias expansion?)")
+        self.budget -= 1
+        if self.budget < 0:
+            raise _problem(node, "file too large for its size (alias expansion?)")
         if isinstance(node, yaml.ScalarNode):
             if node.tag == _STR:  # the common case, without the constructor's overhead
                 return node.value
@@ -138,6 +156,8 @@ class _Builder:
                 raise _problem(node, f"bad {node.tag.rsplit(':', 1)[-1]} value: {exc}") from None
         if id(node) in self.active:
             raise _problem(node, "recursive alias")
+        if len(self.active) >= MAX_DEPTH:
+            raise _problem(node, f"nested more than {MAX_DEPTH} levels deep")
         self.active.add(id(node))
         try:
             if isinstance(node, yaml.SequenceNode):

@@ -15,6 +15,7 @@ import difflib
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path as FsPath
 from typing import Any
 
@@ -85,7 +86,16 @@ def policy_files(path: str | os.PathLike[str]) -> list[FsPath]:
     if not root.is_dir():
         return [root]
     found: list[FsPath] = []
+    visited: set[tuple[int, int]] = set()  # folders already walked: a symlink loop ends here
     for folder, dirs, files in os.walk(root, followlinks=True):
+        try:
+            stat = os.stat(folder)
+        except OSError:
+            continue  # vanished while walking: the next poll sees the tree as it is
+        if (stat.st_dev, stat.st_ino) in visited:
+            dirs[:] = []
+            continue
+        visited.add((stat.st_dev, stat.st_ino))
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found.extend(
             FsPath(folder, name)
@@ -221,7 +231,13 @@ def _resource(data: Any, sink: _Collector, default_namespace: str) -> Resource[A
         if kind in IGNORED_KINDS and group.endswith(".istio.io"):
             sink.warning((), f"ignored: {IGNORED_KINDS[kind]}")
         elif group.endswith(".istio.io"):
-            sink.warning((), f"ignored: meshlib does not know the Istio kind {api_version} {kind}")
+            typo = _kind_meant(kind)
+            if typo is not None:  # skipping it would silently drop the resource
+                sink.error(("kind",), f'{kind} is not an Istio kind (did you mean "{typo}"?)')
+            else:  # a kind of a newer Istio, say
+                sink.warning(
+                    (), f"ignored: meshlib does not know the Istio kind {api_version} {kind}"
+                )
         else:
             sink.warning((), f"ignored: not an Istio resource ({api_version} {kind})")
         return None
@@ -240,7 +256,9 @@ def _resource(data: Any, sink: _Collector, default_namespace: str) -> Resource[A
     spec = convert(spec_type.spec_type, {} if raw_spec is None else raw_spec, ("spec",), sink)
     if sink.failed or metadata is INVALID or spec is INVALID:
         return None
-    created = metadata.creation_timestamp
+    created = _timestamp(metadata.creation_timestamp, sink)
+    if sink.failed:
+        return None
     return Resource(
         kind=kind,
         api_version=api_version,
@@ -248,9 +266,37 @@ def _resource(data: Any, sink: _Collector, default_namespace: str) -> Resource[A
         namespace=namespace,
         spec=spec,
         labels=metadata.labels,
-        creation_timestamp=None if created is None else str(created),
-        origin=Origin(sink.file, sink.document.line_of(()) if sink.document else None),
+        creation_timestamp=created,
+        origin=Origin(sink.file, sink.document.line_of(sink.prefix) if sink.document else None),
     )
+
+
+def _kind_meant(kind: str) -> str | None:
+    """The Istio kind `kind` is most likely a misspelling of, if it is close to one."""
+    known = [*KINDS, *IGNORED_KINDS]
+    for name in known:
+        if name.lower() == kind.lower():
+            return name
+    close = difflib.get_close_matches(kind, known, n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
+def _timestamp(value: Any, sink: _Collector) -> str | None:
+    """`metadata.creationTimestamp` in one form, so that text order is time order (Istio's
+    oldest-first precedence): RFC 3339 as the API server writes it, in UTC."""
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.upper()) if isinstance(value, str) else None
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None or "T" not in value.upper():
+        sink.error(
+            ("metadata", "creationTimestamp"),
+            "must be an RFC 3339 time with its offset, e.g. 2024-01-01T09:00:00Z",
+        )
+        return None
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def load(

@@ -12,6 +12,11 @@ half second keeps an edit live well within two seconds at the cost of a few `sta
 Metadata alone misses an edit that keeps a file's size and lands in the same clock tick as
 the previous one (file timestamps tick every 1-10 ms on most kernels): as git does for its
 index, files modified within the last `_RECENT_NS` are also compared by content.
+
+A file written in place (`cat > mesh.yaml`, most editors' plain save) is first truncated,
+then written: a poll landing in between would see an empty or cut-off file, which may well
+be valid policy. So the watcher loads a change only once the files have held still for one
+poll interval; an edit is live within two polls.
 """
 
 from __future__ import annotations
@@ -77,6 +82,8 @@ class FileSource(SnapshotPublisher):
                 raise FileNotFoundError(f"policy path {str(path)!r} does not exist")
         self._fingerprint = self._stat()
         super().__init__(self._build())  # invalid policy at start-up raises PolicyError
+        self._reloading = threading.Lock()  # reload() is public: the watcher may run it too
+        self._changed: Fingerprint | None = None  # the change the watcher saw at its last poll
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -109,6 +116,10 @@ class FileSource(SnapshotPublisher):
         (an update landing between two files of a folder, say), the read is thrown away and
         done again, so a Snapshot never mixes two versions of the files.
         """
+        with self._reloading:  # else an older read could be published after a newer one
+            return self._reload()
+
+    def _reload(self) -> bool:
         fingerprint = self._stat()
         if fingerprint == self._fingerprint:
             return False
@@ -148,9 +159,20 @@ class FileSource(SnapshotPublisher):
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_interval):
             try:
-                self.reload()
+                self._poll()
             except Exception:  # never let the watcher die: the next poll tries again
                 logger.exception("policy reload from %s failed", self._origin)
+
+    def _poll(self) -> None:
+        """Reload once a change has held still since the last poll (see the module's doc)."""
+        fingerprint = self._stat()
+        if fingerprint == self._fingerprint:
+            self._changed = None
+        elif self._changed is not None and fingerprint == self._changed:
+            self._changed = None
+            self.reload()
+        else:
+            self._changed = fingerprint  # new, or still changing: look again next time
 
     def close(self) -> None:
         self._stop.set()

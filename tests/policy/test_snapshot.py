@@ -539,6 +539,47 @@ def test_oldest_virtual_service_wins_a_host() -> None:
     assert build(text).route(request()).virtual_service == "default/older"
 
 
+@pytest.mark.parametrize(
+    ("older", "newer"),
+    [
+        pytest.param("'2024-01-01T09:00:00Z'", "2024-01-01T10:00:00Z", id="quoted-and-plain"),
+        pytest.param("'2024-01-01T10:00:00+02:00'", "'2024-01-01T09:00:00Z'", id="offsets"),
+        pytest.param("'2024-01-01T09:00:00.5Z'", "'2024-01-01T09:00:01Z'", id="fractions"),
+    ],
+)
+def test_oldest_is_decided_by_time_not_text(older: str, newer: str) -> None:
+    """creationTimestamp is compared as a time: quoted or plain YAML, any offset, with or
+    without fractions of a second (the newer one is listed first, so text order or file
+    order alone would pick it)."""
+    text = f"""
+    apiVersion: networking.istio.io/v1
+    kind: VirtualService
+    metadata: {{name: newer, creationTimestamp: {newer}}}
+    spec: {{hosts: [reviews], http: [{{route: [{{destination: {{host: reviews, subset: v2}}}}]}}]}}
+    ---
+    apiVersion: networking.istio.io/v1
+    kind: VirtualService
+    metadata: {{name: older, creationTimestamp: {older}}}
+    spec: {{hosts: [reviews], http: [{{route: [{{destination: {{host: reviews, subset: v1}}}}]}}]}}
+    """
+    assert build(text).route(request()).virtual_service == "default/older"
+
+
+@pytest.mark.parametrize("value", ["2024-01-01", "'2024-01-01T09:00:00'", "yesterday", "5"])
+def test_a_creation_timestamp_that_is_not_a_time_is_an_error(value: str) -> None:
+    text = textwrap.dedent(
+        f"""\
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {{name: r, creationTimestamp: {value}}}
+        spec: {{hosts: [reviews], http: [{{route: [{{destination: {{host: reviews}}}}]}}]}}
+        """
+    )
+    (error,) = load_text(text, "mesh.yaml").errors
+    assert (error.field, error.line) == ("metadata.creationTimestamp", 3)
+    assert "RFC 3339" in error.message
+
+
 def test_duplicate_definition_replaces_earlier() -> None:
     """The same kind/namespace/name twice: the later definition is served, as kubectl apply does."""
     text = """

@@ -13,6 +13,8 @@ Most tables build one resource with `resource()`, whose spec body starts on line
 from __future__ import annotations
 
 import textwrap
+import time
+from collections.abc import Callable
 
 import pytest
 
@@ -1299,6 +1301,23 @@ def test_unserved_api_version_is_an_error(api: str, kind: str, served: str) -> N
 
 
 @pytest.mark.parametrize(
+    ("kind", "meant"),
+    [
+        ("VirtualServce", "VirtualService"),
+        ("virtualservice", "VirtualService"),
+        ("Destinationrule", "DestinationRule"),
+        ("Gatway", "Gateway"),
+    ],
+)
+def test_a_misspelt_istio_kind_is_an_error(kind: str, meant: str) -> None:
+    """A kind of an Istio group close to a known one is a typo, not a newer kind: an error
+    (skipping it would silently drop the resource from serving policy, which kubectl's "no
+    matches for kind" would not let happen), naming the kind it resembles."""
+    text = f"apiVersion: networking.istio.io/v1\nkind: {kind}\nmetadata: {{name: x}}\nspec: {{}}\n"
+    check_error(text, "kind", 2, f'{kind} is not an Istio kind (did you mean "{meant}"?)')
+
+
+@pytest.mark.parametrize(
     ("api", "kind", "fragment"),
     [
         pytest.param(
@@ -1458,7 +1477,7 @@ def test_list_items_errors_point_into_items() -> None:
         "networking.istio.io/v1beta1, networking.istio.io/v1alpha3)",
     ]
     (good,) = result.resources
-    assert (str(good), good.origin.line) == ("DestinationRule default/good", 1)
+    assert (str(good), good.origin.line) == ("DestinationRule default/good", 4)  # its item's
 
 
 def test_list_with_non_list_items_is_an_error() -> None:
@@ -1489,6 +1508,52 @@ def test_invalid_yaml_syntax_has_a_line(text: str, line: int, message: str) -> N
     """Unparseable YAML is one error with the line where reading failed and no resource."""
     error = check_error(text, None, line, message)
     assert str(error) == f"mesh.yaml:{line}: error: {message}"
+
+
+def test_deep_nesting_is_an_error_with_a_line() -> None:
+    """Nesting beyond any policy's depth is one clear error, not a RecursionError that names no
+    file or line (the builder would exhaust the stack at about 500 levels; libyaml allows
+    1,000)."""
+    deep = "[" * 600 + "]" * 600
+    check_error(resource("DestinationRule", f"host: r\nx: {deep}"), None, 7, "levels deep")
+    nested = resource("DestinationRule", "host: r\nx: " + "[" * 98 + "]" * 98)
+    assert "levels deep" not in dump(load(nested))  # 100 nested in all, the root included
+
+
+def test_alias_expansion_is_bounded_per_file() -> None:
+    """An alias bomb is refused once a file expands far beyond its size, for the file as a
+    whole: repeating the bomb in more documents does not multiply the work."""
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+        for p, c in zip("abcdef", "bcdefg", strict=True)
+    )
+    one = load(bomb)
+    assert "alias expansion" in dump(one)
+    start = time.perf_counter()
+    many = load("---\n".join([bomb] * 20))
+    elapsed = time.perf_counter() - start
+    assert [e.message for e in many.errors] == [one.errors[0].message]  # reading stopped
+    assert elapsed < 5 * max(0.05, timed(lambda: load(bomb)))
+
+
+def timed(call: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+@pytest.mark.parametrize("value", ["2024-01-01", "1:30", "=", "2024-01-01T10:00:00Z", "1_0:0"])
+def test_plain_values_kubectl_reads_as_strings_are_strings(value: str) -> None:
+    """YAML 1.1 dates and times, sexagesimal numbers and the `=` value key are strings to
+    kubectl's reader (go-yaml v2), so a label `release: 2024-01-01` is a string here too."""
+    result = check_valid(
+        resource(
+            "DestinationRule",
+            f"host: r\nsubsets:\n- name: v1\n  labels: {{release: {value}}}",
+        )
+    )
+    (subset,) = result.resources[0].spec.subsets
+    assert subset.labels == {"release": value}
 
 
 @pytest.mark.parametrize(

@@ -268,3 +268,70 @@ def test_a_same_size_edit_in_the_same_clock_tick_is_seen(tmp_path: Path) -> None
     assert (
         subset_for(source.snapshot, "reviews") == "v2" and generation == source.snapshot.generation
     )
+
+
+def test_a_file_written_in_place_is_loaded_once_it_holds_still(tmp_path: Path) -> None:
+    """Written in place, a file is first truncated, then written. A poll that lands in between
+    sees an empty file — valid policy with no routes — so the watcher loads a change only when
+    the next poll finds the files as it left them: the empty file is never served. (The polls
+    are driven here one by one, on real files, where the watcher thread would run them.)"""
+    policy = tmp_path / "mesh.yaml"
+    policy.write_text(vs_text("reviews", "v1") + "---\n" + vs_text("ratings", "v1"))
+    source = FileSource(policy, MeshConfig())
+    published: list[list[str]] = []
+    source.subscribe(lambda s: published.append(sorted(r.name for r in s.resources)))
+    with policy.open("w") as out:  # truncated: a poll sees the empty file, and waits
+        source._poll()
+        assert published == [] and subset_for(source.snapshot, "reviews") == "v1"
+        out.write(vs_text("reviews", "v2") + "---\n" + vs_text("ratings", "v2"))
+    source._poll()  # changed again since the last poll: still waiting
+    assert published == []
+    source._poll()  # as the last poll left it: loaded
+    assert published == [["ratings", "reviews"]]
+    assert subset_for(source.snapshot, "reviews") == "v2"
+    source._poll()  # nothing new
+    assert len(published) == 1
+
+
+def test_overlapping_reloads_never_publish_an_older_read(tmp_path: Path) -> None:
+    """`reload()` is public and the watcher runs it too: one caller at a time reads, compares
+    and publishes, so a slow reader cannot publish its older version after a newer one (and
+    leave it served, its files' fingerprint recorded as the newer ones')."""
+    policy = tmp_path / "mesh.yaml"
+    policy.write_text(vs_text("reviews", "v1"))
+    inside, go_on = threading.Event(), threading.Event()
+
+    class SlowPublisher(FileSource):
+        def publish(self, snapshot: Snapshot) -> None:
+            if subset_for(snapshot, "reviews") == "v2":
+                inside.set()  # the slow reader has read v2 and is about to publish it
+                go_on.wait(5)
+            super().publish(snapshot)
+
+    source = SlowPublisher(policy, MeshConfig())
+    policy.write_text(vs_text("reviews", "v2") + "# v2\n")
+    slow = threading.Thread(target=source.reload)
+    slow.start()
+    assert inside.wait(5)
+    policy.write_text(vs_text("reviews", "v3") + "# the third\n")
+    fast = threading.Thread(target=source.reload)
+    fast.start()
+    fast.join(0.2)
+    assert fast.is_alive()  # waits for the slow reader instead of racing it
+    go_on.set()
+    slow.join(5)
+    fast.join(5)
+    assert subset_for(source.snapshot, "reviews") == "v3"
+    assert source.reload() is False  # and the files it serves are the ones recorded
+
+
+def test_a_symlink_loop_in_a_folder_is_walked_once(tmp_path: Path) -> None:
+    """Folders are walked following symlinks (ConfigMap mounts are made of them), each folder
+    once: a link back up the tree does not list files again, or walk forever."""
+    (tmp_path / "mesh.yaml").write_text(vs_text("reviews", "v1"))
+    (tmp_path / "self").symlink_to(tmp_path)
+    (tmp_path / "again").symlink_to(tmp_path)
+    start = time.monotonic()
+    source = FileSource(tmp_path, MeshConfig())
+    assert time.monotonic() - start < 5
+    assert [r.name for r in source.snapshot.resources] == ["reviews"]
