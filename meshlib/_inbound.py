@@ -97,6 +97,7 @@ class InboundExchange:
         "_span",
         "_token",
         "claimed",
+        "completed",
         "context",
         "dropped",
         "request_bytes",
@@ -124,6 +125,9 @@ class InboundExchange:
         self.dropped: tuple[int, int] | None = None
         """(status, response bytes) sent when the caller went away before the response was
         complete; None while it has not."""
+        self.completed: float | None = None
+        """When the caller had the whole response (`perf_counter`), if the adapter knows it
+        before the app returns (an ASGI app may run background work after it)."""
         if first is None:
             claimed = self.get_all(peer.HEADER)
             self.claimed = claimed[0] if claimed else None
@@ -194,38 +198,47 @@ class InboundExchange:
         its response was complete (`dropped`), with what had been sent by then.
 
         A response to HEAD has no body (RFC 9110 §9.3.2; servers drop what the app writes):
-        its body bytes count 0, as Envoy counts what was sent."""
+        its body bytes count 0, as Envoy counts what was sent.
+
+        Once the caller had the whole response (`completed`), what the app does after (a
+        background task that raises, or is cancelled) does not change what it got: the
+        request is recorded as answered, and its duration ends there, as Envoy's does."""
         mesh = self.side.mesh
+        completed = self.completed
         dropped = self.dropped
-        if dropped is not None:
+        if dropped is not None:  # what the app sent after that reached no one
             status, self.response_bytes = dropped
             flags = Flag.DOWNSTREAM_TERMINATION
+            completed = None
+        elif completed is not None:
+            status, flags = self.status, "-"
         elif error is not None and not isinstance(error, Exception):
             status, flags = self.status, Flag.DOWNSTREAM_TERMINATION
         else:
             status, flags = self.status or 500, "-"
         if self.response_bytes and self.method() == "HEAD":
             self.response_bytes = 0
+        duration_ms = ((completed or time.perf_counter()) - self.started) * 1000.0
         scope, self._scope = self._scope, None
         if scope is not None:
-            mesh.tracing.finish_server(self._span, status, None if flags == "-" else flags)
-            scope.__exit__(type(error) if error else None, error, None)
+            try:
+                try:
+                    mesh.tracing.finish_server(self._span, status, None if flags == "-" else flags)
+                finally:
+                    scope.__exit__(type(error) if error else None, error, None)
+            except Exception:  # an app's span processor failing must not lose the request
+                logger.warning("meshlib: could not end the SERVER span", exc_info=True)
         token, self._token = self._token, None
         if token is None:
             return
         mesh.propagator.deactivate(token)
         # Count the request as Istio's server-side proxy does (reporter="destination").
         self.side.recorder.record(
-            self.claimed,
-            status,
-            (time.perf_counter() - self.started) * 1000.0,
-            self.request_bytes,
-            self.response_bytes,
-            flags,
+            self.claimed, status, duration_ms, self.request_bytes, self.response_bytes, flags
         )
         received = self._received
         if received is not None:
-            mesh.access_log.log(self._entry(received, status, flags))
+            mesh.access_log.log(self._entry(received, status, flags, duration_ms))
 
     def _as_received(self) -> _Received:
         """What the access log says of the request, read before the app runs: dispatchers and
@@ -247,8 +260,9 @@ class InboundExchange:
             first("host"),
         )
 
-    def _entry(self, received: _Received, status: int, flags: str) -> AccessLogEntry:
-        duration = time.perf_counter() - self.started
+    def _entry(
+        self, received: _Received, status: int, flags: str, duration_ms: float
+    ) -> AccessLogEntry:
         return AccessLogEntry(
             start_time=received.wall_time,
             method=received.method,
@@ -258,7 +272,7 @@ class InboundExchange:
             response_flags=flags,
             bytes_received=self.request_bytes,
             bytes_sent=self.response_bytes,
-            duration_ms=duration * 1000.0,
+            duration_ms=duration_ms,
             upstream_service_time_ms=None,
             x_forwarded_for=received.x_forwarded_for,
             user_agent=received.user_agent,

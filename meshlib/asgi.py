@@ -12,6 +12,7 @@ one whose app was handed `http.disconnect` before its response was complete.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
@@ -166,4 +167,7 @@ class _Exchange(InboundExchange):
             self.response_bytes += len(message.get("body", b""))
             if not message.get("more_body"):
                 self._complete = True
+                await self._send(message)
+                self.completed = time.perf_counter()  # sent: the caller has it all
+                return
         await self._send(message)

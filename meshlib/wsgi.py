@@ -43,13 +43,16 @@ class MeshWSGIMiddleware:
         identity = side.identity_pair if exchange.claimed is not None else None
 
         def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            if identity is not None:
+                headers = [*headers, identity]  # a copy: the app may reuse its list
+            # First: once the headers went out, the server re-raises `exc_info` here (PEP 3333)
+            # and the caller keeps the status it got.
+            write = start_response(status, headers, exc_info)
             try:
                 exchange.status = int(status.split(" ", 1)[0])
             except ValueError:
                 exchange.status = 0
-            if identity is not None:
-                headers = [*headers, identity]  # a copy: the app may reuse its list
-            return start_response(status, headers, exc_info)
+            return write
 
         exchange.request_bytes = ascii_int(environ.get("CONTENT_LENGTH") or "", 19) or 0
         exchange.begin()

@@ -5,12 +5,18 @@ without meshlib, counted once, and leaves no context behind."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import pytest
+from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
@@ -387,3 +393,121 @@ def test_no_exception_is_left_being_handled(traced: Traced) -> None:
         assert sys.exc_info() == (None, None, None)
 
     asyncio.run(main())
+
+
+# -- after the response: background work, span processors, PEP 3333's exc_info ---------------
+
+
+@pytest.mark.parametrize("after", ["raises", "cancelled"])
+def test_what_the_app_does_after_the_whole_response_does_not_change_it(
+    traced: Traced, after: str
+) -> None:
+    """Work after the last body message (a Starlette BackgroundTask) that raises or is
+    cancelled (the server stopping) does not turn the answer the caller got into a 500 or a
+    DC, and the request's duration ends when its response did, as Envoy's does."""
+    background = 0.3
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+        await asyncio.sleep(background)  # the background task
+        raise RuntimeError("the background task failed")
+
+    async def serve() -> None:
+        task = asyncio.create_task(
+            meshlib.MeshMiddleware(app, mesh=traced.mesh)(scope([]), receive, StrictSend())
+        )
+        if after == "cancelled":
+            await asyncio.sleep(background / 2)
+            task.cancel()
+        with pytest.raises((RuntimeError, asyncio.CancelledError)):
+            await task
+
+    asyncio.run(serve())
+    assert [(code, flags) for code, flags, _, _ in traced.counted()] == [("200", "-")]
+    (entry,) = traced.logged
+    assert (entry.response_code, entry.response_flags, entry.bytes_sent) == (200, "-", 2)
+    assert entry.duration < background * 1000 / 2
+    (row,) = [
+        m for m in traced.mesh.metrics.collect() if m.name == "istio_request_duration_milliseconds"
+    ]
+    (total,) = [s.value for s in row.samples if s.name.endswith("_sum")]
+    assert total < background * 1000 / 2
+
+
+class FailingProcessor(SimpleSpanProcessor):
+    """An app's span processor with a bug: ending a span raises."""
+
+    def on_end(self, span: ReadableSpan) -> None:
+        raise RuntimeError("exporter bug")
+
+
+def test_a_span_processor_failing_loses_nothing(traced: Traced) -> None:
+    """When ending the SERVER span raises (an app's processor or exporter), the request is
+    still counted and logged, the middleware does not fail, and neither the request's context
+    nor its deadline stays current in the thread that served it (a WSGI worker serves the
+    next request there)."""
+    traced.provider.add_span_processor(FailingProcessor(InMemorySpanExporter()))
+    sampled = [(b"traceparent", SAMPLED), (b"x-envoy-expected-rq-timeout-ms", b"5000")]
+    asyncio.run(meshlib.MeshMiddleware(ok, mesh=traced.mesh)(scope(sampled), receive, StrictSend()))
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    environ = wsgi_environ(
+        HTTP_TRACEPARENT=SAMPLED.decode(), HTTP_X_ENVOY_EXPECTED_RQ_TIMEOUT_MS="5000"
+    )
+    body = meshlib.MeshWSGIMiddleware(app, mesh=traced.mesh)(environ, lambda *a: None)
+    assert b"".join(body) == b"ok"
+    body.close()  # type: ignore[attr-defined]
+    assert [(code, count) for code, _, _, count in traced.counted()] == [("200", 2.0)]
+    assert len(traced.logged) == 2
+    assert propagation.current.get() is None
+    assert not trace.get_current_span().get_span_context().is_valid
+    assert "traceparent" not in traced.mesh.propagator.outbound(lambda name: False)
+
+
+def test_a_wsgi_error_after_the_headers_went_out_keeps_the_status_sent() -> None:
+    """PEP 3333: an app that fails mid-body calls start_response again with exc_info; once the
+    headers are sent the server re-raises it, and the caller keeps the 200 it got (the access
+    log and metrics say 200, not the 500 the second call names). Served by wsgiref on
+    loopback."""
+    mesh, logged = logging_mesh(MeshConfig(service="ratings", metrics_port=None))
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        write = start_response("200 OK", [("content-type", "text/plain")])
+        write(b"first chunk\n")
+        try:
+            raise ValueError("failed mid-body")
+        except ValueError:
+            start_response("500 Internal Server Error", [], sys.exc_info())
+        return [b"never sent"]
+
+    server = make_server(
+        "127.0.0.1", 0, meshlib.MeshWSGIMiddleware(app, mesh=mesh), handler_class=QuietHandler
+    )
+    thread = threading.Thread(target=server.handle_request)
+    thread.start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.server_port)) as sock:
+            sock.sendall(b"GET / HTTP/1.0\r\nHost: ratings\r\n\r\n")
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+    finally:
+        thread.join(10)
+        server.server_close()
+    assert answer.startswith(b"HTTP/1.0 200 OK") and b"first chunk" in answer
+    (entry,) = logged
+    assert entry.response_code == 200
+    rows = [m for m in mesh.metrics.collect() if m.name == "istio_requests"]
+    assert [s.labels["response_code"] for s in rows[0].samples if s.name.endswith("_total")] == [
+        "200"
+    ]
+    mesh.close()
+
+
+class QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # wsgiref's own access line

@@ -615,6 +615,7 @@ class _Connection(asyncio.Protocol):
         self._version = b"HTTP/1.1"
         self._headers: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
+        self._head_bytes = 0  # bytes received before the final response's headers were whole
         self._headers_done = False
         self._framed = False  # Content-Length or Transfer-Encoding: the body's end is known
         self._body: collections.deque[bytes] = collections.deque()
@@ -668,6 +669,9 @@ class _Connection(asyncio.Protocol):
         if not self._busy:
             self._fail(httpx.RemoteProtocolError("Unexpected data on an idle connection"))
             return
+        heading = not self._headers_done
+        if heading:
+            self._head_bytes += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -678,6 +682,11 @@ class _Connection(asyncio.Protocol):
                 self._fail(ours)
             else:
                 self._fail(httpx.RemoteProtocolError(f"Malformed HTTP response: {exc}"), exc)
+            return
+        if heading and not self._headers_done and self._head_bytes > _HEADER_LIMIT:
+            # llhttp hands over a header (or the status line) only once its line ends: an
+            # endless one would grow without bound, its bytes keeping the read timeout away.
+            self._fail(httpx.RemoteProtocolError("Response header block too large"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -767,7 +776,11 @@ class _Connection(asyncio.Protocol):
         if not self._headers_done or self.complete:  # a 1xx's end, or a HEAD answer's
             return
         self.complete = True
-        self.reusable = self._parser.should_keep_alive() and not self._close_after
+        self.reusable = (
+            self._parser.should_keep_alive()
+            and not self._close_after
+            and (self._version == b"HTTP/1.1" or not _has_transfer_encoding(self._headers))
+        )
         self._wake()
 
     # -- the exchange, driven by the task that sends the request -------------------------
@@ -783,6 +796,14 @@ class _Connection(asyncio.Protocol):
         self._head_only = request.method == "HEAD"
         self._close_after = outgoing.close
         self._last_bytes = self.loop.time()
+        if self._headers_done or self.error is not None:
+            # The server answered (or failed) before the request went out, as an overloaded
+            # one may on a new connection: that is the answer, and the request is not sent
+            # (the server would take it for the next one, and its answer would reach whoever
+            # used the connection next), nor is the connection used again.
+            self._close_after = True
+            self.reusable = False
+            return
         if outgoing.body is not None:
             if self._write(outgoing.head + outgoing.body, request):  # one write, one syscall
                 await self._drained(request, timeout, deadline)
@@ -938,6 +959,7 @@ class _Connection(asyncio.Protocol):
         """Ready for the next request on this connection."""
         self._busy = False
         self.complete = False
+        self._head_bytes = 0
         self._head_only = False
         self._headers_done = False
         self._headers = []
@@ -1001,6 +1023,12 @@ def _time_out(waiter: asyncio.Future[Any]) -> None:
 def _tokens(value: bytes) -> list[bytes]:
     """The comma-separated tokens of a header value (Connection, Transfer-Encoding), lowercase."""
     return [token.strip().lower() for token in value.split(b",")]
+
+
+def _has_transfer_encoding(headers: list[tuple[bytes, bytes]]) -> bool:
+    """RFC 9112 §6.1: Transfer-Encoding in an HTTP/1.0 message is faulty framing, and the
+    connection must be closed after it."""
+    return any(len(name) == 17 and name.lower() == b"transfer-encoding" for name, _ in headers)
 
 
 def _keeps_alive(version: str, headers: list[tuple[bytes, bytes]]) -> bool:

@@ -394,8 +394,10 @@ def _always(entry: AccessLogEntry) -> bool:
 # -- formatting -------------------------------------------------------------------------------
 
 # C0, DEL and C1 (NEL, U+0085, ends a line for some log readers): latin-1 header bytes can
-# carry any of them.
+# carry any of them. And the Unicode line and paragraph separators, which a percent-decoded
+# ASGI path can: every character `str.splitlines` splits at is escaped.
 _ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+_ESCAPES.update({c: f"\\u{c:04x}" for c in (0x2028, 0x2029)})
 
 
 def _text(value: str | None) -> str:

@@ -399,8 +399,9 @@ class Propagator:
                 otel_context = otel_context_api.set_value(B3_SAMPLING_KEY, b3_state, otel_context)
             if received_baggage is not None:
                 raw = received_baggage[0]
-                if len(raw) <= _MAX_BAGGAGE and raw.isascii():
-                    extracted = baggage_api.get_all(otel_context)
+                extracted = baggage_api.get_all(otel_context)
+                if extracted and len(raw) <= _MAX_BAGGAGE and raw.isascii():
+                    # Passed on byte for byte (none of it when nothing in it was valid).
                     otel_context = otel_context_api.set_value(
                         _RECEIVED_BAGGAGE, _Received(raw, extracted), otel_context
                     )

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from meshlib.clients._http1 import Http1Transport
+from meshlib.clients._http1 import Http1Transport, _Outgoing, _Pool
 
 uvicorn = pytest.importorskip("uvicorn")
 
@@ -654,6 +654,95 @@ def test_a_header_block_over_64_kib_is_refused() -> None:
 
     with pytest.raises(httpx.RemoteProtocolError, match="too large"):
         _serve_raw(handle, body)
+
+
+@pytest.mark.parametrize(
+    "opening",
+    [
+        pytest.param(b"HTTP/1.1 200 OK\r\nx-endless: ", id="header-value"),
+        pytest.param(b"HTTP/1.1 200 ", id="reason-phrase"),
+    ],
+)
+def test_an_endless_header_line_is_refused_at_the_limit(opening: bytes) -> None:
+    """llhttp hands a header (or the status line) over only once its line ends, so a server
+    that never ends one is refused once 64 KiB have come without a whole header block, long
+    before the read timeout, which its steady bytes keep away."""
+    sent = [0]
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(opening)
+        try:
+            while sent[0] < 8_000_000:
+                writer.write(b"a" * 8192)
+                sent[0] += 8192
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def body(url: str) -> None:
+        async with client(timeout=30) as c:
+            await c.get(url + "/")
+
+    start = time.monotonic()
+    with pytest.raises(httpx.RemoteProtocolError, match="too large"):
+        _serve_raw(handle, body)
+    assert time.monotonic() - start < 10
+    assert sent[0] < 8_000_000  # refused while the server was still sending
+
+
+def test_an_http_1_0_answer_with_transfer_encoding_closes_its_connection() -> None:
+    """RFC 9112 §6.1: Transfer-Encoding in an HTTP/1.0 response is faulty framing; the body
+    is read as chunked, and the connection is not used again, keep-alive or not."""
+    handle, _, connections = _replying(
+        b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\nhi\r\n0\r\n\r\n"
+    )
+
+    async def body(url: str) -> list[bytes]:
+        async with client() as c:
+            return [(await c.get(url + "/")).content for _ in range(2)]
+
+    assert _serve_raw(handle, body) == [b"hi", b"hi"]
+    assert connections == [2]
+
+
+def test_an_answer_before_the_request_is_sent_is_its_answer_and_the_request_stays_unsent() -> None:
+    """A server may answer a new connection before reading anything (an overloaded one's
+    503). When that answer is in before the request goes out, it is the request's answer,
+    the request is not written (the server would take it for the next one and answer it to
+    whoever used the connection next) and the connection is not reused. Driven step by step
+    on a real connection: the transport's own send follows the connect at once."""
+    received: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        try:
+            received.append(await reader.read(65536))  # b"" once the client closes
+        finally:
+            writer.close()
+
+    async def body(url: str) -> tuple[int, bool]:
+        transport = Http1Transport()
+        request = httpx.Request("GET", url + "/one")
+        origin = ("http", "127.0.0.1", request.url.port or 80, "127.0.0.1")
+        pool = transport._pool = _Pool(transport, asyncio.get_running_loop())
+        connection = await pool.acquire(origin, request, {}, None)
+        while not connection.complete:  # the early answer arrives
+            await asyncio.sleep(0.001)
+        await connection.send(request, _Outgoing(request), None, None)
+        status, reusable = connection._status, connection.reusable
+        await transport.aclose()
+        async with asyncio.timeout(5):
+            while not received:  # the server reads until the client closes
+                await asyncio.sleep(0.001)
+        return status, reusable
+
+    assert _serve_raw(handle, body) == (503, False)
+    assert received == [b""]  # nothing was written
 
 
 @pytest.mark.parametrize(

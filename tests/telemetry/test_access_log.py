@@ -239,14 +239,15 @@ def test_missing_values_print_dash(handler: ListHandler, monkeypatch: pytest.Mon
 def test_control_characters_cannot_split_the_line(
     handler: ListHandler, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A value with CR/LF, or NEL (a Latin-1 header byte some log readers end lines at), is
+    """A value with CR/LF, or NEL (a Latin-1 header byte some log readers end lines at), or
+    a Unicode line or paragraph separator (a percent-decoded ASGI path can hold one), is
     escaped: one request is always exactly one line."""
     log = forced_on(handler, monkeypatch)
-    log.log(entry(user_agent="evil\r\n[fake] line\x85[fake 2]", path="/a\tb"))
+    log.log(entry(user_agent="evil\r\n[fake] line\x85[fake 2]", path="/a\tb\u2028c\u2029d"))
     (line,) = handler.lines
-    assert "\n" not in line and "\r" not in line and "\x85" not in line
+    assert len(line.splitlines()) == 1
     assert '"evil\\x0d\\x0a[fake] line\\x85[fake 2]"' in line
-    assert " /a\\x09b " in line
+    assert " /a\\x09b\\u2028c\\u2029d " in line
 
 
 # -- switched by Telemetry ------------------------------------------------------------------

@@ -382,6 +382,16 @@ def test_baggage_goes_on_as_received(received: list[str]) -> None:
         assert outbound(p, inbound)["baggage"] == ",".join(received)
 
 
+@pytest.mark.parametrize("received", ["%%%", ",,,,", "k", "=,=,;;;"])
+def test_baggage_with_no_valid_member_is_not_sent_on(received: str) -> None:
+    """A baggage header nothing valid could be read from gives the app no baggage, and none is
+    sent on: what goes out is what the context holds, byte for byte only when it is that."""
+    p = Propagator()
+    inbound = p.extract(get_all({"baggage": received, "traceparent": TRACEPARENT}))
+    assert baggage.get_all(inbound.otel_context) == {}
+    assert "baggage" not in outbound(p, inbound)
+
+
 def test_all_baggage_headers_are_read() -> None:
     """Two baggage headers are one list: the app sees the entries of both."""
     p = Propagator()
