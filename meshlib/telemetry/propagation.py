@@ -159,6 +159,10 @@ a decision: this hop decides) or `B3_DEBUG`; absent otherwise."""
 B3_DEFERRED = "deferred"
 B3_DEBUG = "debug"
 _RECEIVED_BAGGAGE = create_key("meshlib-received-baggage")
+CALLER_DECISION = create_key("meshlib-caller-decision")
+"""The caller's sampling decision when it sent one without trace ids (B3's `b3: 0`,
+`x-b3-sampled: 1`, `x-b3-flags: 1`): the trace starts at this hop, as the caller decided
+(MeshSampler honours it, as Envoy's Zipkin tracer does)."""
 """Where an extracted Context keeps the `baggage` it came with (a `_Received`)."""
 _MAX_BAGGAGE = 8192  # W3C Baggage: the most bytes a baggage-string may hold
 
@@ -393,6 +397,11 @@ class Propagator:
                         break
             formats = _formats_of(carrier)
             sampled, b3_state = _sampled(carrier, otel_context)
+            if (
+                sampled is not None
+                and not get_current_span(otel_context).get_span_context().is_valid
+            ):
+                otel_context = otel_context_api.set_value(CALLER_DECISION, sampled, otel_context)
             if b3_state is not None:
                 if b3_state == B3_DEFERRED:  # held as unsampled (OpenTelemetry has no deferred)
                     otel_context = _with_decision(otel_context, False)

@@ -95,6 +95,7 @@ from meshlib.telemetry._resolve import telemetry_levels
 from meshlib.telemetry.propagation import (
     B3_DEFERRED,
     B3_SAMPLING_KEY,
+    CALLER_DECISION,
     SPAN_KEY,
     CallerSpan,
     decided,
@@ -293,12 +294,35 @@ class RatioSampler(Sampler):
 
 
 class MeshSampler(ParentBased):
-    """ParentBased(RatioSampler): follow the parent's decision; roots at `percentage`."""
+    """ParentBased(RatioSampler): follow the parent's decision; roots at `percentage`, unless
+    the caller sent a decision without ids (`CALLER_DECISION`), which a root follows."""
 
     def __init__(self, percentage: float = DEFAULT_SAMPLING_PERCENTAGE) -> None:
         self.root = RatioSampler(_ratio(percentage))
         self._percentage = float(percentage)
         super().__init__(self.root)
+
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        trace_state: TraceState | None = None,
+    ) -> SamplingResult:
+        if parent_context is not None:
+            decided = parent_context.get(CALLER_DECISION)
+            if (
+                decided is not None
+                and not trace.get_current_span(parent_context).get_span_context().is_valid
+            ):
+                decision = Decision.RECORD_AND_SAMPLE if decided else Decision.DROP
+                return SamplingResult(decision, attributes if decided else None, trace_state)
+        return super().should_sample(
+            parent_context, trace_id, name, kind, attributes, links, trace_state
+        )
 
     @property
     def percentage(self) -> float:

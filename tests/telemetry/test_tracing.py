@@ -774,3 +774,40 @@ def test_signed_url_credentials_are_redacted(
     assert (client.attributes or {})["url.full"] == (
         "https://bucket.example/o?AWSAccessKeyId=REDACTED&Signature=REDACTED&design=1"
     )
+
+
+@pytest.mark.parametrize(
+    ("headers", "percentage", "sampled"),
+    [
+        pytest.param([(b"b3", b"0")], 100.0, False, id="b3-0-at-100%"),
+        pytest.param([(b"x-b3-sampled", b"0")], 100.0, False, id="x-b3-sampled-0-at-100%"),
+        pytest.param([(b"b3", b"1")], 0.0, True, id="b3-1-at-0%"),
+        pytest.param([(b"x-b3-sampled", b"true")], 0.0, True, id="x-b3-sampled-true-at-0%"),
+        pytest.param([(b"b3", b"d")], 0.0, True, id="b3-debug-at-0%"),
+        pytest.param([(b"x-b3-flags", b"1")], 0.0, True, id="x-b3-flags-debug-at-0%"),
+    ],
+)
+def test_a_b3_decision_without_ids_starts_the_trace_as_decided(
+    headers: list[tuple[bytes, bytes]], percentage: float, sampled: bool
+) -> None:
+    """B3 lets a caller send only its sampling decision (`b3: 0`, `x-b3-sampled: 1`, debug),
+    no ids: the trace starts at this hop and follows that decision, not the sampling
+    percentage (as Envoy's Zipkin tracer does) — spans recorded or not, and the same decision
+    sent on in W3C and B3 alike."""
+    exporter = InMemorySpanExporter()
+    provider = build_tracer_provider(CONFIG, exporter, sampler=MeshSampler(percentage), batch=False)
+    mesh = tagged_mesh(f"tracing: [{{randomSamplingPercentage: {percentage}}}]", provider)
+    sent: list[dict[str, str]] = []
+    try:
+        serve_once(mesh, headers, sent=sent)
+    finally:
+        mesh.close()
+        provider.shutdown()
+    kinds = sorted(span.kind.name for span in exporter.get_finished_spans())
+    assert kinds == (["CLIENT", "SERVER"] if sampled else [])
+    (outbound,) = sent
+    flags = int(outbound["traceparent"].rsplit("-", 1)[1], 16)
+    assert bool(flags & 1) is sampled
+    b3 = outbound.get("b3", "").rsplit("-", 1)[-1] or outbound.get("x-b3-sampled")
+    if (b"x-b3-flags", b"1") not in headers:
+        assert b3 in (("1", "d") if sampled else ("0",))
