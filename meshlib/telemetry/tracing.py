@@ -254,7 +254,9 @@ class RatioSampler(Sampler):
     """TraceIdRatioBased with a ratio that can change at run time (one attribute write).
 
     Same decision as the SDK's: sampled when the trace id's low 64 bits are below
-    `ratio * 2**64`, so every service with the same ratio agrees on a trace.
+    `ratio * 2**64`, so every service with the same ratio agrees on a trace. Except when the
+    caller sent its decision without ids (B3's `b3: 0`, `x-b3-sampled: 1`: `CALLER_DECISION`
+    in the context): the trace starts here as it decided, as Envoy's Zipkin tracer does.
     """
 
     def __init__(self, ratio: float) -> None:
@@ -283,6 +285,10 @@ class RatioSampler(Sampler):
         links: Sequence[Link] | None = None,
         trace_state: TraceState | None = None,
     ) -> SamplingResult:
+        if parent_context is not None:  # a caller's decision sent without ids goes first
+            decided = parent_context.get(CALLER_DECISION)
+            if decided is not None:
+                return _SAMPLE if decided else _DROP
         return _SAMPLE if trace_id & _TRACE_ID_LIMIT < self._bound else _DROP
 
     def get_description(self) -> str:
@@ -295,34 +301,12 @@ class RatioSampler(Sampler):
 
 class MeshSampler(ParentBased):
     """ParentBased(RatioSampler): follow the parent's decision; roots at `percentage`, unless
-    the caller sent a decision without ids (`CALLER_DECISION`), which a root follows."""
+    the caller sent a decision without ids (see RatioSampler)."""
 
     def __init__(self, percentage: float = DEFAULT_SAMPLING_PERCENTAGE) -> None:
         self.root = RatioSampler(_ratio(percentage))
         self._percentage = float(percentage)
         super().__init__(self.root)
-
-    def should_sample(
-        self,
-        parent_context: Context | None,
-        trace_id: int,
-        name: str,
-        kind: SpanKind | None = None,
-        attributes: Attributes = None,
-        links: Sequence[Link] | None = None,
-        trace_state: TraceState | None = None,
-    ) -> SamplingResult:
-        if parent_context is not None:
-            decided = parent_context.get(CALLER_DECISION)
-            if (
-                decided is not None
-                and not trace.get_current_span(parent_context).get_span_context().is_valid
-            ):
-                decision = Decision.RECORD_AND_SAMPLE if decided else Decision.DROP
-                return SamplingResult(decision, attributes if decided else None, trace_state)
-        return super().should_sample(
-            parent_context, trace_id, name, kind, attributes, links, trace_state
-        )
 
     @property
     def percentage(self) -> float:
