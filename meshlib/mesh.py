@@ -179,11 +179,11 @@ def configure(policy: PolicyArg = None, *, mesh: Mesh | None = None, **config: A
     """
     global _default
     new = mesh if mesh is not None else Mesh(MeshConfig.from_env(**config), policy=policy)
-    _serve_default_metrics(new)
     with _default_lock:
         old, _default = _default, new
     if old is not None and old is not new:
-        old.close()
+        old.close()  # first: it holds the metrics port the new one serves on
+    _serve_default_metrics(new)
     return new
 
 

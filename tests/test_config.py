@@ -143,3 +143,31 @@ def test_instance_ip_from_meshlib_istio_or_downward_api_names() -> None:
     env["MESHLIB_INSTANCE_IP"] = "fd00::9"
     assert MeshConfig.from_env(env).instance_ip == "fd00::9"
     assert MeshConfig.from_env({}).instance_ip is None
+
+
+def test_configuring_the_default_mesh_again_keeps_its_metrics_port(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`meshlib.configure()` a second time: the new default Mesh serves on the same port (the
+    old one lets it go first), and the scrape reads the new Mesh's metrics."""
+    import socket
+    import urllib.request
+
+    import meshlib
+    from meshlib import mesh as mesh_module
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("MESHLIB_METRICS_PORT", str(port))
+    monkeypatch.setenv("MESHLIB_METRICS_HOST", "127.0.0.1")
+    try:
+        first = meshlib.configure(service="reviews", version="v1")
+        assert first.metrics_server is not None and first.metrics_server.port == port
+        second = meshlib.configure(service="reviews", version="v2")
+        assert second.metrics_server is not None and second.metrics_server.port == port
+        assert first.metrics_server is None  # closed with its Mesh
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            assert response.status == 200
+    finally:
+        mesh_module.reset()

@@ -214,18 +214,22 @@ def record_source(
     """Count a client call as Istio's client-side proxy does (reporter="source").
 
     The destination's identity comes from its metadata-exchange header when a meshlib
-    workload answered; local answers (UO, NR, a fault's abort, ...) have an unknown peer.
+    workload answered; local answers (UO, NR, a fault's abort, ...) have an unknown peer, and
+    so do hosts outside the mesh (passthrough), whatever they answer: a server meshlib did not
+    send its identity to has no business naming itself in the mesh's metrics.
     """
     decision = plan.decision
+    claimed: str | None = None
     if plan.cluster is not None:
         host = plan.cluster[0]
         name, namespace = _service_name(mesh, host)
+        claimed = response_headers.get(peer.HEADER)
     elif decision.passthrough:
         host, name, namespace = decision.host, "PassthroughCluster", "unknown"
     else:
         host = decision.host
         name, namespace = _service_name(mesh, host)
-    claimed = response_headers.get(peer.HEADER)
+        claimed = response_headers.get(peer.HEADER)
     duration_ms = (time.perf_counter() - started) * 1000.0
     mesh.metrics.record(
         "source",

@@ -45,6 +45,7 @@ MeshConfig (the local side) and from the peer's exchanged metadata when there is
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import glob
 import json
@@ -54,12 +55,14 @@ import os
 import re
 import socket
 import struct
+import sys
 import threading
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import accumulate
 from typing import TYPE_CHECKING, Any, Literal, cast
+from urllib.parse import urlsplit
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import values as _prometheus_values
@@ -69,6 +72,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString as _float_to_go_string
 
+from meshlib._text import ascii_int
 from meshlib.config import DEFAULT_METRICS_PORT, MeshConfig
 from meshlib.telemetry.metric_overrides import MetricOverrides
 from meshlib.telemetry.peer import MAX_HEADER_LENGTH, UNKNOWN_PEER, PeerIdentity
@@ -995,6 +999,7 @@ class _Handler(BaseHTTPRequestHandler):
     """Answers the metrics paths with what its server's `source` holds; 404 elsewhere."""
 
     protocol_version = "HTTP/1.1"
+    timeout = 120  # an idle kept-alive connection (and its thread) goes after this long
     server: _Server
 
     def do_GET(self) -> None:
@@ -1004,7 +1009,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._answer(body=False)
 
     def _answer(self, body: bool) -> None:
-        if self.path.partition("?")[0] not in METRICS_PATHS:
+        self._skip_body()
+        if urlsplit(self.path).path not in METRICS_PATHS:  # origin or absolute form
             payload, status, kind = b"not found\n", 404, "text/plain; charset=utf-8"
         else:
             payload, status, kind = render(self.server.source), 200, CONTENT_TYPE
@@ -1015,8 +1021,25 @@ class _Handler(BaseHTTPRequestHandler):
         if body:
             self.wfile.write(payload)
 
+    def _skip_body(self) -> None:
+        """A scrape has no body; one sent anyway is read (a small one) or ends the connection,
+        so it is not taken for the next request."""
+        if "Transfer-Encoding" in self.headers:
+            self.close_connection = True
+            return
+        length = self.headers.get("Content-Length")
+        if length is not None:
+            size = ascii_int(length.strip(), 9)
+            if size is None or size > _MAX_SCRAPE_BODY:
+                self.close_connection = True
+            elif size:
+                self.rfile.read(size)
+
     def log_message(self, format: str, *args: Any) -> None:
         pass  # scrapes every few seconds would flood stderr
+
+
+_MAX_SCRAPE_BODY = 65_536
 
 
 class _Server(ThreadingHTTPServer):
@@ -1024,7 +1047,33 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], source: CollectorRegistry) -> None:
         self.source = source
+        self._open: set[socket.socket] = set()  # connections being served (kept alive)
+        self._open_lock = threading.Lock()
         super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._open_lock:
+            self._open.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._open_lock:
+            self._open.discard(request)
+        super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], OSError):
+            return  # a scraper gone, or a connection ended by close(): nothing to report
+        super().handle_error(request, client_address)
+
+    def end_connections(self) -> None:
+        """End the connections still open: a closed server answers no more scrapes, on
+        kept-alive connections either (they would read a Mesh that is gone)."""
+        with self._open_lock:
+            open_now = list(self._open)
+        for request in open_now:
+            with contextlib.suppress(OSError):  # already gone
+                request.shutdown(socket.SHUT_RDWR)
 
 
 class _Server6(_Server):
@@ -1037,7 +1086,7 @@ class MetricsServer:
     Closing it (`close()`, calling it, or leaving its `with` block) stops the server.
     """
 
-    def __init__(self, server: ThreadingHTTPServer, thread: threading.Thread) -> None:
+    def __init__(self, server: _Server, thread: threading.Thread) -> None:
         self._server = server
         self._serving = thread
         self.host: str = server.server_address[0]  # type: ignore[assignment]
@@ -1051,6 +1100,7 @@ class MetricsServer:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+        self._server.end_connections()
         self._serving.join(timeout=5)
 
     def __call__(self) -> None:

@@ -162,3 +162,38 @@ def test_metrics_port_serves_both_paths() -> None:
             assert "meshlib_policy_generation" in response.text
     finally:
         mesh.close()
+
+
+def test_a_host_outside_the_mesh_cannot_name_itself_in_the_metrics() -> None:
+    """A passthrough host is not sent this workload's identity, and what it answers in the
+    metadata-exchange header is not read: its destination labels stay Istio's unknown, as
+    the docs say, however it claims to be a mesh workload (Kiali would draw that edge)."""
+    claim = b"w=payments-v1;n=prod;a=payments;cs=payments;p=spiffe://cluster.local/ns/prod/sa/pay"
+
+    async def impostor(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        headers = [(b"x-meshlib-peer-metadata", claim), (b"content-length", b"2")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    server = AsgiServer(impostor, "impostor").start()
+    mesh = meshlib.Mesh(MeshConfig(service="productpage", metrics_port=None), watch=False)
+    try:
+        with meshlib.Client(mesh=mesh) as client:
+            response = client.get(f"http://127.0.0.1:{server.port}/")
+        assert response.status_code == 200
+        assert "x-meshlib-peer-metadata" not in response.request.headers
+        text = render(mesh.registry).decode()
+        (labels,) = [
+            sample.labels
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "istio_requests_total"
+        ]
+        assert labels["destination_service_name"] == "PassthroughCluster"
+        for name in ("destination_workload", "destination_principal", "destination_app"):
+            assert labels[name] == "unknown", name
+    finally:
+        mesh.close()
+        server.stop()

@@ -554,6 +554,36 @@ def test_http_server_answers_both_paths(istio: IstioMetrics, registry: Collector
         socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
 
 
+def test_http_server_connections(istio: IstioMetrics, registry: CollectorRegistry) -> None:
+    """A scrape sent with a body (read, not taken for the next request), an absolute-form
+    target, and a kept-alive connection after the server closed: it answers no more (a
+    reconfigured default Mesh's old server would answer with metrics that no longer move)."""
+    istio.record("destination", PRODUCTPAGE, response_code=200, **REVIEWS_CALL, **SIZES)
+    server = serve_metrics(0, registry, host="127.0.0.1")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        reader = sock.makefile("rb")
+
+        def exchange(request: bytes) -> int:
+            sock.sendall(request)
+            status = int(reader.readline().split()[1])
+            length = 0
+            while (line := reader.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            reader.read(length)
+            return status
+
+        host = f"127.0.0.1:{server.port}".encode()
+        assert (
+            exchange(b"GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello") == 200
+        )
+        assert exchange(b"GET http://" + host + b"/metrics HTTP/1.1\r\nHost: x\r\n\r\n") == 200
+        assert exchange(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n") == 200
+        server.close()
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert reader.readline() == b""  # closed, not answered
+
+
 def test_wsgi_app(istio: IstioMetrics, registry: CollectorRegistry) -> None:
     """The WSGI app answers GET with the metrics, and refuses other methods."""
     istio.record("destination", PRODUCTPAGE, response_code=200, **REVIEWS_CALL, **SIZES)
