@@ -136,10 +136,12 @@ def request_attributes(
     if inbound is not None and inbound.headers:
         present = {name for name, _ in pairs}
         pairs = [*pairs, *((n, v) for n, v in inbound.headers if n not in present)]
+    raw = url.raw_path  # as sent: Envoy matches and rewrites `:path` undecoded (a%2Fb stays)
+    query_at = raw.find(b"?")
     return RequestAttributes(
         request.method,
         host or url.netloc.decode("ascii"),
-        url.path,
+        (raw if query_at < 0 else raw[:query_at]).decode("ascii"),
         scheme=url.scheme,
         query=url.query.decode("ascii", "replace"),
         headers=LazyHeaders(pairs),
