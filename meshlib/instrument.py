@@ -37,6 +37,7 @@ class _Clients:
     MeshTransport: Any = None
     AsyncMeshTransport: Any = None
     MeshAdapter: Any = None
+    pool_like: Any = None
 
 
 def _targets() -> tuple[tuple[Any, str], ...]:
@@ -48,6 +49,8 @@ def _targets() -> tuple[tuple[Any, str], ...]:
         (httpx.HTTPTransport, "handle_request"),
         (httpx.AsyncHTTPTransport, "handle_async_request"),
         (requests.adapters.HTTPAdapter, "send"),
+        (httpx.HTTPTransport, "close"),
+        (httpx.AsyncHTTPTransport, "aclose"),
     )
 
 
@@ -71,6 +74,12 @@ class _Stock:
     def __init__(self, instance: Any, stock: Any) -> None:
         self._instance = instance
         self.handle_request = self.handle_async_request = self.send = stock
+
+    def sibling(self) -> Any:
+        """For mirrored copies: a transport like the stock one with a pool of its own, or
+        None (see `meshlib.clients.httpx.pool_like`). Its sends pass as stock: copies are
+        sent from inside meshlib."""
+        return _Clients.pool_like(self._instance)
 
     def close(self) -> None:
         self._instance.close()
@@ -114,15 +123,31 @@ def _requests_send(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
     return facade.send(*args, **kwargs)
 
 
-_WRAPPERS = (_httpx_sync, _httpx_async, _requests_send)
+def _httpx_close(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    """Closing a stock transport closes its facade's pool for mirrored copies too."""
+    facade = instance.__dict__.get(_FACADE)
+    if facade is not None:
+        facade.close_mirrors()
+    return wrapped(*args, **kwargs)
+
+
+async def _httpx_aclose(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    facade = instance.__dict__.get(_FACADE)
+    if facade is not None:
+        await facade.aclose_mirrors()
+    return await wrapped(*args, **kwargs)
+
+
+_WRAPPERS = (_httpx_sync, _httpx_async, _requests_send, _httpx_close, _httpx_aclose)
 
 
 def instrument(mesh: Mesh | None = None) -> None:
     """Mesh every httpx and requests client (idempotent). `mesh` defaults to the default Mesh."""
-    from meshlib.clients.httpx import AsyncMeshTransport, MeshTransport
+    from meshlib.clients.httpx import AsyncMeshTransport, MeshTransport, pool_like
     from meshlib.clients.requests import MeshAdapter
 
     _Clients.MeshTransport, _Clients.AsyncMeshTransport = MeshTransport, AsyncMeshTransport
+    _Clients.pool_like = pool_like
     _Clients.MeshAdapter = MeshAdapter
     with _lock:
         _state["mesh"] = mesh

@@ -17,10 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import httpcore
 import httpx
 
 from meshlib.clients._aio import within
@@ -455,6 +457,8 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         self._inner = transport if transport is not None else httpx.HTTPTransport(**kwargs)
         self._mesh = mesh
         self._mirroring = MirrorTracker()
+        self._mirror_inner: httpx.BaseTransport | None = None  # see _mirroring_transport
+        self._mirror_lock = threading.Lock()  # copies are sent from a thread pool
         self._closes = 0  # close() calls: a call that saw one fail under it is the app's doing
         setattr(self, _MESHED, True)
 
@@ -529,10 +533,18 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         result = run_attempts(exchange, send, _close)
         return self._respond(request, plan, exchange, result, flags)
 
+    def _mirroring_transport(self) -> httpx.BaseTransport:
+        """Where copies go: a pool of their own when one like the inner transport can be made
+        (see `pool_like`), else the inner transport."""
+        with self._mirror_lock:
+            if self._mirror_inner is None:
+                self._mirror_inner = pool_like(self._inner) or self._inner
+            return self._mirror_inner
+
     def _send_mirror(self, request: httpx.Request) -> None:
         try:
             with passthrough_inside():
-                response = self._inner.handle_request(request)
+                response = self._mirroring_transport().handle_request(request)
                 try:
                     response.read()
                 finally:
@@ -542,8 +554,16 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
 
     def close(self) -> None:
         self._closes += 1
-        self._mirroring.wait(MIRROR_GRACE)
+        self.close_mirrors()
         self._inner.close()
+
+    def close_mirrors(self) -> None:
+        """Give copies in flight up to MIRROR_GRACE to finish, then close their own pool."""
+        self._mirroring.wait(MIRROR_GRACE)
+        with self._mirror_lock:
+            mirror_inner, self._mirror_inner = self._mirror_inner, None
+        if mirror_inner is not None and mirror_inner is not self._inner:
+            mirror_inner.close()
 
 
 def _read_whole(
@@ -744,13 +764,10 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
         return self._respond(request, plan, exchange, result, flags)
 
     def _mirroring_transport(self) -> httpx.AsyncBaseTransport:
-        """Where copies go: a pool of their own beside meshlib's default transport (as Envoy
-        sends them through the shadow cluster's own pool), so that copies a slow shadow
-        holds never take the connections the calls themselves wait for; else the inner
-        transport."""
+        """Where copies go: a pool of their own when one like the inner transport can be made
+        (see `pool_like`), else the inner transport."""
         if self._mirror_inner is None:
-            sibling = getattr(self._inner, "sibling", None)
-            self._mirror_inner = sibling() if callable(sibling) else self._inner
+            self._mirror_inner = pool_like(self._inner) or self._inner
         return self._mirror_inner
 
     async def _send_mirror(self, request: httpx.Request) -> None:
@@ -766,13 +783,44 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         self._closes += 1
-        if self._mirrors:  # let mirrors in flight finish briefly, then drop them
+        await self.aclose_mirrors()
+        await self._inner.aclose()
+
+    async def aclose_mirrors(self) -> None:
+        """Give copies in flight up to MIRROR_GRACE to finish (then drop them), and close
+        their own pool."""
+        if self._mirrors:
             _, pending = await asyncio.wait(list(self._mirrors), timeout=MIRROR_GRACE)
             for task in pending:
                 task.cancel()
-        if self._mirror_inner is not None and self._mirror_inner is not self._inner:
-            await self._mirror_inner.aclose()
-        await self._inner.aclose()
+        mirror_inner, self._mirror_inner = self._mirror_inner, None
+        if mirror_inner is not None and mirror_inner is not self._inner:
+            await mirror_inner.aclose()
+
+
+def pool_like(inner: Any) -> Any:
+    """A transport with `inner`'s settings and a connection pool of its own, for mirrored
+    copies (Envoy sends them through the mirror cluster's own pool: a slow shadow must not
+    take the connections the calls themselves wait for): meshlib's HTTP/1.1 transport makes
+    its `sibling()`; httpx's own, without a proxy, is matched by a new one with its TLS
+    context (for asyncio, meshlib's HTTP/1.1 pool unless it speaks only HTTP/2). None for
+    any other transport (an app's own, a mock): copies go through it."""
+    sibling = getattr(inner, "sibling", None)
+    if callable(sibling):
+        return sibling()  # None when it cannot make one
+    pool = getattr(inner, "_pool", None)
+    try:
+        if type(inner) is httpx.HTTPTransport and type(pool) is httpcore.ConnectionPool:
+            return httpx.HTTPTransport(
+                verify=pool._ssl_context or True, http1=pool._http1, http2=pool._http2
+            )
+        if type(inner) is httpx.AsyncHTTPTransport and type(pool) is httpcore.AsyncConnectionPool:
+            return _default_async_transport(
+                verify=pool._ssl_context or True, http2=pool._http2 and not pool._http1
+            )
+    except AttributeError:  # another httpcore: the inner transport it is
+        pass
+    return None
 
 
 # httpx's own default pool limits (`httpx.Limits()` alone sets none)

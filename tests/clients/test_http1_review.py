@@ -21,7 +21,17 @@ import meshlib
 from meshlib.clients._aio import within
 from meshlib.clients._http1 import TRY_DEADLINE, Http1Transport
 from tests.clients.test_async_client_edges import ROUTE, SHADOW, URL, make_mesh, virtual_service
-from tests.rawserver import OK, Peer, Server, answering, held_until, run, wait_until
+from tests.rawserver import (
+    OK,
+    Peer,
+    Server,
+    ThreadServer,
+    answering,
+    held_until,
+    run,
+    wait_until,
+    wait_until_sync,
+)
 
 TIMEOUTS = {"connect": 5.0, "read": 5.0, "write": 5.0, "pool": 1.0}
 
@@ -226,6 +236,57 @@ def test_mirrored_copies_held_by_a_slow_shadow_never_hold_up_the_calls() -> None
     statuses, shadow_connections = run(main)
     assert statuses == [200] * 120
     assert shadow_connections == 100
+
+
+@pytest.mark.parametrize("how", ["transport", "instrument"])
+def test_copies_beside_a_stock_inner_transport_have_a_pool_of_their_own(how: str) -> None:
+    """The same with an inner transport that is httpx's own (given as `transport=`, or a stock
+    client under `instrument()`): copies go through a pool like it, of their own, not the
+    caller's two connections, which a held shadow would otherwise take."""
+
+    async def main() -> list[int]:
+        release = asyncio.Event()
+        async with Server(held_until(release)) as shadow, Server(answering(OK)) as api:
+            documents = (virtual_service(ROUTE + f"\n  mirror: {{host: {SHADOW}}}"),)
+            with make_mesh(api.port, *documents, shadow_port=shadow.port) as mesh:
+                limits = httpx.Limits(max_connections=2)
+                timeout = httpx.Timeout(2.0, pool=0.5)
+                if how == "transport":
+                    inner = httpx.AsyncHTTPTransport(limits=limits)
+                    client = meshlib.AsyncClient(mesh=mesh, transport=inner, timeout=timeout)
+                else:
+                    meshlib.instrument(mesh)
+                    client = httpx.AsyncClient(limits=limits, timeout=timeout)
+                try:
+                    async with client:
+                        statuses = [(await client.get(URL)).status_code for _ in range(10)]
+                        await wait_until(lambda: shadow.connections == 10, "the copies held")
+                        release.set()
+                finally:
+                    meshlib.uninstrument()
+                return statuses
+
+    assert run(main) == [200] * 10
+
+
+def test_sync_copies_have_a_pool_of_their_own() -> None:
+    """`meshlib.Client` sends copies from a thread pool; they have a connection pool of their
+    own too, so a held shadow does not take the two connections its calls are limited to."""
+    release = asyncio.Event()
+    held = ThreadServer(held_until(release))
+    with held as shadow, ThreadServer(answering(OK)) as api:
+        documents = (virtual_service(ROUTE + f"\n  mirror: {{host: {SHADOW}}}"),)
+        try:
+            with make_mesh(api.port, *documents, shadow_port=shadow.port) as mesh:
+                limits = httpx.Limits(max_connections=2)
+                timeout = httpx.Timeout(2.0, pool=0.5)
+                with meshlib.Client(mesh=mesh, limits=limits, timeout=timeout) as client:
+                    statuses = [client.get(URL).status_code for _ in range(6)]
+                    wait_until_sync(lambda: shadow.connections >= 2, "copies held")
+                    held.loop.call_soon_threadsafe(release.set)
+        finally:
+            held.loop.call_soon_threadsafe(release.set)
+    assert statuses == [200] * 6
 
 
 async def _stream_then_hand_over(
