@@ -24,7 +24,7 @@ from requests.exceptions import ChunkedEncodingError, ConnectTimeout
 from requests.structures import CaseInsensitiveDict
 from requests.utils import get_encoding_from_headers
 from urllib3 import HTTPHeaderDict, HTTPResponse
-from urllib3.exceptions import ReadTimeoutError
+from urllib3.exceptions import ProtocolError, ReadTimeoutError
 from urllib3.util import Timeout
 
 from meshlib.clients._common import (
@@ -165,11 +165,15 @@ def _classify(exc: requests.RequestException) -> str:
     # not: it also comes from a TLS failure while sending, after the request went out.)
     if isinstance(exc, (requests.ConnectTimeout, requests.exceptions.ProxyError)):
         return CONNECT_FAILURE
-    if isinstance(exc, requests.Timeout) or isinstance(
-        exc.args[0] if exc.args else None, ReadTimeoutError
-    ):  # requests raises a read timeout met while reading the body as a ConnectionError
-        return PER_TRY_TIMEOUT
     reason = exc.args[0] if exc.args else None
+    if (
+        isinstance(exc, requests.Timeout)
+        # a read timeout met while reading the body comes as a ConnectionError
+        or isinstance(reason, ReadTimeoutError)
+        # and one met while sending the body as "Connection aborted", with the timeout inside
+        or (isinstance(reason, ProtocolError) and isinstance(reason.args[-1], TimeoutError))
+    ):
+        return PER_TRY_TIMEOUT
     text = f"{type(reason).__name__} {reason}"
     if "NewConnectionError" in text or "NameResolutionError" in text or "Failed to resolve" in text:
         return CONNECT_FAILURE

@@ -1,14 +1,17 @@
 """An upload to an upstream that stops reading is bounded as Envoy bounds it: by the route's
 timeout (504 UT), or by the caller's own write timeout when that is shorter (raised as httpx
-raises it). The upstream accepts the connection and never reads, so the request body fills the
+or requests raises it). The upstream accepts the connection and never reads, so the request body fills the
 socket buffers and stalls."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
 import time
 
 import httpx
+import requests
 
 import meshlib
 from meshlib.config import MeshConfig
@@ -77,3 +80,45 @@ def test_a_shorter_write_timeout_of_the_caller_is_its_own() -> None:
     result, elapsed = asyncio.run(_upload(httpx.Timeout(10.0, write=0.2)))
     assert isinstance(result, httpx.WriteTimeout), result
     assert elapsed < 0.5
+
+
+def _requests_upload(timeout: float) -> tuple[requests.Response | Exception, float]:
+    """The same upload from `meshlib.Session`, to a socket server that accepts and never reads."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        accepted: list[socket.socket] = []
+        thread = threading.Thread(target=lambda: accepted.append(server.accept()[0]), daemon=True)
+        thread.start()
+        mesh = mesh_for(MeshConfig(service="productpage"), policy(server.getsockname()[1]))
+        started = time.monotonic()
+        try:
+            with meshlib.Session(mesh=mesh) as session:
+                result: requests.Response | Exception = session.post(
+                    "http://sink:9080/upload", data=BODY, timeout=timeout
+                )
+        except requests.RequestException as exc:
+            result = exc
+        finally:
+            elapsed = time.monotonic() - started
+            thread.join(5)
+            for conn in accepted:
+                conn.close()
+            mesh.close()
+    return result, elapsed
+
+
+def test_the_route_timeout_bounds_a_requests_upload_too() -> None:
+    """requests reports a send that timed out as "Connection aborted" with the timeout inside:
+    it is the route's timeout (504 UT), not a reset (503 UR, retried)."""
+    result, elapsed = _requests_upload(timeout=10.0)
+    assert isinstance(result, requests.Response), result
+    assert result.status_code == 504 and result.text == "upstream request timeout"
+    assert result.response_flags == ["UT"]  # type: ignore[attr-defined]
+    assert elapsed < 3.0
+
+
+def test_a_shorter_timeout_of_a_requests_caller_is_its_own() -> None:
+    """Raised as requests raises it without the mesh, not answered by the mesh."""
+    result, elapsed = _requests_upload(timeout=0.2)
+    assert isinstance(result, requests.ConnectionError), result
+    assert "timed out" in str(result)
+    assert elapsed < 0.45
