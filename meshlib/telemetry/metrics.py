@@ -61,7 +61,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import accumulate
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 from urllib.parse import urlsplit
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -183,6 +183,37 @@ def cluster_name(host: str, subset: str | None, port: int | None) -> str:
     'outbound|9080|v1|reviews.default.svc.cluster.local'
     """
     return f"outbound|{port or ''}|{subset or ''}|{host}"
+
+
+_M = TypeVar("_M")
+_PROCESS_METRICS: dict[str, Any] = {}
+_per_process_lock = threading.Lock()
+
+
+def _per_process(
+    kind: Callable[..., _M],
+    name: str,
+    documentation: str,
+    labels: Sequence[str] = (),
+    *,
+    registry: CollectorRegistry,
+    shared: bool,
+    **options: Any,
+) -> _M:
+    """A prometheus-client metric in `registry`; but when `shared` (multiprocess mode) one
+    object per metric name and process, registered nowhere (the files are what a scrape
+    reads). Each prometheus-client value keeps its own running total and writes it to the
+    process's file: two objects for one series (two Meshes in one worker) would overwrite
+    each other's counts."""
+    if not shared:
+        return kind(name, documentation, labels, registry=registry, **options)
+    with _per_process_lock:
+        found = _PROCESS_METRICS.get(name)
+        if found is None:
+            found = _PROCESS_METRICS[name] = kind(
+                name, documentation, labels, registry=None, **options
+            )
+        return cast(_M, found)
 
 
 def multiprocess_dir() -> str | None:
@@ -455,20 +486,36 @@ class IstioMetrics:
         self._cache: dict[tuple[Any, ...], _Series | _MultiProcessSeries] = {}
         self._series: dict[tuple[str, ...], _Series | _MultiProcessSeries] = {}
         self._warned = False
-        self._dropped = Counter(
+        shared = self.multiprocess
+        self._dropped = _per_process(
+            Counter,
             "meshlib_metric_series_dropped",
             "Records not counted because Istio metrics reached max_series label sets.",
-            registry=self.registry,
+            registry=registry,
+            shared=shared,
         )
         self._metrics: _PrometheusMetrics | None = None
         if self.multiprocess:
             duration, request_bytes, response_bytes = (
-                Histogram(
-                    name, _HELP[name], REQUEST_LABELS, buckets=DURATION_BUCKETS, registry=registry
+                _per_process(
+                    Histogram,
+                    name,
+                    _HELP[name],
+                    REQUEST_LABELS,
+                    buckets=DURATION_BUCKETS,
+                    registry=registry,
+                    shared=shared,
                 )
                 for name in _HISTOGRAMS
             )
-            requests = Counter(_REQUESTS, _HELP[_REQUESTS], REQUEST_LABELS, registry=registry)
+            requests = _per_process(
+                Counter,
+                _REQUESTS,
+                _HELP[_REQUESTS],
+                REQUEST_LABELS,
+                registry=registry,
+                shared=shared,
+            )
             self._metrics = (requests, duration, request_bytes, response_bytes)
         else:
             self.registry.register(self)
@@ -1216,50 +1263,65 @@ class OperationalMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         registry = REGISTRY if registry is None else registry
         self.registry = registry
-        self._generation = Gauge(
+        shared = multiprocess_dir() is not None  # see _per_process
+        self._generation = _per_process(
+            Gauge,
             "meshlib_policy_generation",
             "Generation of the policy Snapshot being served.",
             registry=registry,
+            shared=shared,
             multiprocess_mode="livemax",
         )
-        self._reload_errors = Counter(
+        self._reload_errors = _per_process(
+            Counter,
             "meshlib_policy_reload_errors",
             "New policy rejected; the last good Snapshot kept serving.",
             registry=registry,
+            shared=shared,
         )
-        self._ejections = Counter(
+        self._ejections = _per_process(
+            Counter,
             "meshlib_outlier_ejections",
             "Endpoints ejected by outlier detection (re-ejections after a failed trial too).",
             ["cluster"],
             registry=registry,
+            shared=shared,
         )
-        self._ejected = Gauge(
+        self._ejected = _per_process(
+            Gauge,
             "meshlib_endpoints_ejected",
             "Endpoints currently out of the load-balancing pool (ejected or on trial).",
             ["cluster"],
             registry=registry,
+            shared=shared,
             multiprocess_mode="livesum",
         )
-        self._breakers = Gauge(
+        self._breakers = _per_process(
+            Gauge,
             "meshlib_outlier_breakers",
             "Endpoints whose outlier-detection breaker is in `state`: open (ejected) or "
             "half-open (ejection over, one trial request allowed); the others are closed.",
             ["cluster", "state"],
             registry=registry,
+            shared=shared,
             multiprocess_mode="livesum",
         )
-        self._retry_budget = Counter(
+        self._retry_budget = _per_process(
+            Counter,
             "meshlib_retry_budget_exhausted",
             "Retries not attempted: the retry budget or maxRetries was used up (Envoy's "
             "upstream_rq_retry_overflow).",
             ["cluster"],
             registry=registry,
+            shared=shared,
         )
-        self._overflow = Counter(
+        self._overflow = _per_process(
+            Counter,
             "meshlib_upstream_overflow",
             "Requests refused by connection-pool limits (response flag UO).",
             ["cluster"],
             registry=registry,
+            shared=shared,
         )
         self._lock = threading.Lock()
         self._ejected_keys: dict[str, dict[str, str]] = {}  # cluster -> endpoint -> state

@@ -681,6 +681,41 @@ def test_multiprocess_workers_are_summed(tmp_path: Path) -> None:
     assert _normalized(render(registry)) == _normalized(generate_latest(reference))
 
 
+TWO_MESHES = """
+import sys
+from prometheus_client import CollectorRegistry
+from meshlib.config import MeshConfig
+from meshlib.telemetry.metrics import IstioMetrics, OperationalMetrics
+from meshlib.telemetry.peer import UNKNOWN_PEER
+
+config = MeshConfig(service="productpage")
+first, second = (IstioMetrics(CollectorRegistry(), config) for _ in range(2))
+ops = [OperationalMetrics(CollectorRegistry()) for _ in range(2)]
+call = dict(destination_service="reviews.default.svc.cluster.local",
+            destination_service_name="reviews", destination_service_namespace="default",
+            response_code=200, duration_ms=1.0, request_bytes=1, response_bytes=1)
+for i in range(100):
+    first.record("source", UNKNOWN_PEER, **call)
+for i in range(50):
+    second.record("source", UNKNOWN_PEER, **call)
+    first.record("source", UNKNOWN_PEER, **call)
+    ops[i % 2].upstream_overflow("outbound|9080||reviews.default.svc.cluster.local")
+"""
+
+
+def test_two_meshes_in_one_worker_add_up(tmp_path: Path) -> None:
+    """Multiprocess mode: two Meshes in one worker (the default one and an explicit one) that
+    count the same series add up, instead of each writing its own running total over the
+    other's in the process's file."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", TWO_MESHES], env=env, cwd=ROOT, check=True, timeout=60)
+    registry = CollectorRegistry()
+    MultiProcessMetrics(str(tmp_path), registry)
+    merged = families(render(registry))
+    assert [s.value for s in merged["istio_requests"].samples] == [200.0]
+    assert [s.value for s in merged["meshlib_upstream_overflow"].samples] == [50.0]
+
+
 def _normalized(text: bytes) -> dict[str, Any]:
     return {
         f.name: (f.type, sorted((s.name, sorted(s.labels.items()), s.value) for s in f.samples))
