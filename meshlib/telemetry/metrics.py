@@ -939,7 +939,14 @@ class MultiProcessMetrics:
                 index = self._files.get(path)
                 identity = (stat.st_dev, stat.st_ino)
                 used = min(_INT.unpack_from(data, 0)[0], len(data))
-                if index is None or index.identity != identity or used < index.parsed:
+                if (
+                    index is None
+                    or index.identity != identity
+                    or used < index.parsed
+                    # A live gauge's file is removed when its process dies, and one of the same
+                    # name (the pid reused) may get the same inode: always read anew (small).
+                    or parts[1].startswith("live")
+                ):
                     index = self._files[path] = _FileIndex(identity)
                 self._index(index, data, used, typ)
                 unpack = _DOUBLE.unpack_from

@@ -862,3 +862,42 @@ def test_a_long_principal_is_kept_whole_or_not_at_all(registry: CollectorRegistr
         s for s in families(render(registry))["istio_requests"].samples if s.name.endswith("_total")
     ]
     assert sample.labels["source_principal"] == principal
+
+
+def test_a_live_gauge_file_made_again_is_read_anew(tmp_path: Path) -> None:
+    """A live gauge's file is removed when its process dies (`mark_process_dead`); a new
+    process with the same pid makes it again, maybe on the same inode, with its series in
+    another order: the scrape reads the new file's own keys, as prometheus-client's does."""
+    from prometheus_client.mmap_dict import MmapedDict, mmap_key
+
+    path = tmp_path / "gauge_livesum_4242.db"
+
+    def worker(entries: list[tuple[str, float]]) -> None:
+        written = MmapedDict(str(path))  # type: ignore[no-untyped-call]
+        for cluster, value in entries:
+            key = mmap_key(  # type: ignore[no-untyped-call]
+                "meshlib_endpoints_ejected",
+                "meshlib_endpoints_ejected",
+                ["cluster"],
+                [cluster],
+                "h",
+            )
+            written.write_value(key, value, 0.0)  # type: ignore[no-untyped-call]
+        written.close()  # type: ignore[no-untyped-call]
+
+    def ejected(text: bytes) -> list[tuple[str, float]]:
+        return sorted(
+            (s.labels["cluster"], s.value)
+            for s in families(text)["meshlib_endpoints_ejected"].samples
+        )
+
+    worker([("a", 1.0), ("b", 2.0)])
+    registry = CollectorRegistry()
+    MultiProcessMetrics(str(tmp_path), registry)
+    assert ejected(render(registry)) == [("a", 1.0), ("b", 2.0)]
+    path.unlink()  # the process died
+    worker([("b", 7.0), ("a", 0.0), ("c", 3.0)])  # a new one, with the same pid
+    assert ejected(render(registry)) == [("a", 0.0), ("b", 7.0), ("c", 3.0)]
+    reference = CollectorRegistry()
+    MultiProcessCollector(reference, path=str(tmp_path))  # type: ignore[no-untyped-call]
+    assert ejected(generate_latest(reference)) == ejected(render(registry))
