@@ -80,8 +80,7 @@ class FileSource(SnapshotPublisher):
         for path in self.paths:
             if not path.exists():
                 raise FileNotFoundError(f"policy path {str(path)!r} does not exist")
-        self._fingerprint = self._stat()
-        super().__init__(self._build())  # invalid policy at start-up raises PolicyError
+        super().__init__(self._first_build())  # invalid policy at start-up raises PolicyError
         self._reloading = threading.Lock()  # reload() is public: the watcher may run it too
         self._changed: Fingerprint | None = None  # the change the watcher saw at its last poll
         self._stop = threading.Event()
@@ -101,6 +100,27 @@ class FileSource(SnapshotPublisher):
                     continue  # vanished between listing and stat: the next poll sees it
                 entries.append((str(file), st.st_ino, st.st_size, st.st_mtime_ns))
         return Fingerprint(tuple(entries), digests)
+
+    def _first_build(self) -> Snapshot:
+        """The first Snapshot, read as `reload` reads: again if the files changed meanwhile
+        (a ConfigMap update landing as the process starts must not mix two versions, or fail
+        it for a state the files were in only for a moment)."""
+        fingerprint = self._stat()
+        for attempt in range(_MAX_REREADS):
+            try:
+                snapshot = self._build()
+            except PolicyError:
+                after = self._stat()
+                if after == fingerprint or attempt == _MAX_REREADS - 1:
+                    raise
+                fingerprint = after
+                continue
+            self._fingerprint = fingerprint  # the files as read: a later change is a reload
+            after = self._stat()
+            if after == fingerprint:
+                break
+            fingerprint = after
+        return snapshot
 
     def _build(self) -> Snapshot:
         result = load_paths(self.paths, default_namespace=self.config.namespace)

@@ -335,3 +335,30 @@ def test_a_symlink_loop_in_a_folder_is_walked_once(tmp_path: Path) -> None:
     source = FileSource(tmp_path, MeshConfig())
     assert time.monotonic() - start < 5
     assert [r.name for r in source.snapshot.resources] == ["reviews"]
+
+
+@pytest.mark.parametrize("first", ["v1", "invalid"])
+def test_the_first_read_is_done_again_when_the_files_change_under_it(
+    tmp_path: Path, first: str
+) -> None:
+    """Policy updated while the source reads it at start-up (a ConfigMap update landing as
+    the process starts): the read is done again, as a reload's is, so the first Snapshot is
+    the files as they are — not the version being replaced, nor a start-up failure for a
+    state the files were in only for a moment."""
+    policy = tmp_path / "mesh.yaml"
+    policy.write_text(vs_text("reviews", "v1") if first == "v1" else "kind: [unclosed\n")
+    reads: list[int] = []
+
+    class UpdatedWhileRead(FileSource):
+        def _build(self) -> Snapshot:
+            reads.append(1)
+            try:
+                return super()._build()
+            finally:
+                if len(reads) == 1:  # the update lands while the first read is under way
+                    policy.write_text(vs_text("reviews", "v2") + "# the update\n")
+
+    source = UpdatedWhileRead(policy, MeshConfig())
+    assert subset_for(source.snapshot, "reviews") == "v2"
+    assert len(reads) == 2
+    assert source.reload() is False  # what it serves is what the files hold
