@@ -511,3 +511,31 @@ def test_a_wsgi_error_after_the_headers_went_out_keeps_the_status_sent() -> None
 class QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass  # wsgiref's own access line
+
+
+def test_a_file_sent_by_pathsend_is_the_whole_response(traced: Traced, tmp_path: Any) -> None:
+    """ASGI's pathsend extension (the server sends a file as the body, Starlette's
+    FileResponse under servers that offer it): the response is whole once it is sent, its
+    bytes are the file's, and the caller leaving after that is not DC."""
+    sent_file = tmp_path / "report.pdf"
+    sent_file.write_bytes(b"%PDF" * 100)
+    messages = iter(
+        [{"type": "http.request", "body": b"", "more_body": False}, {"type": "http.disconnect"}]
+    )
+
+    async def receive_then_leave() -> dict[str, Any]:
+        return next(messages)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.pathsend", "path": str(sent_file)})
+        assert (await receive())["type"] == "http.disconnect"
+
+    request = {**scope([]), "extensions": {"http.response.pathsend": {}}}
+    send = StrictSend()
+    asyncio.run(meshlib.MeshMiddleware(app, mesh=traced.mesh)(request, receive_then_leave, send))
+    assert [m["type"] for m in send.messages][-1] == "http.response.pathsend"
+    assert [(code, flags) for code, flags, _, _ in traced.counted()] == [("200", "-")]
+    (entry,) = traced.logged
+    assert (entry.response_code, entry.response_flags, entry.bytes_sent) == (200, "-", 400)
