@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from meshlib.config import MeshConfig
 from meshlib.errors import ConfigError
@@ -28,8 +30,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"meshlib: error: {exc}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # `meshlib check ... | head`
-        return 0
+    except BrokenPipeError:  # `meshlib check ... | head`: the verdict still counts
+        # Python flushes stdout at exit: into /dev/null, not the closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        summary = getattr(args, "summary", None)
+        if summary:
+            print(summary, file=sys.stderr)
+        return int(getattr(args, "verdict", 1))
+    except OSError as exc:  # a path the system refuses (too long, unreadable, ...)
+        print(f"meshlib: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,18 +81,31 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check(args: argparse.Namespace) -> int:
+    _config("--namespace", namespace=args.namespace)  # checked, as `routes` checks it
     result = load_paths(args.paths, default_namespace=args.namespace)
     findings = [*result.diagnostics, *analyze(result.resources)]
     findings.sort(key=lambda d: (d.file or "", d.line or 0))
-    for diagnostic in findings:
-        print(diagnostic)
     errors = sum(d.severity == "error" for d in findings)
     warnings = len(findings) - errors
-    print(
-        f"{len(result.resources)} resources checked: {errors} error(s), {warnings} warning(s)",
-        file=sys.stderr,
+    # What the exit code and the summary say, even if the output is cut short (| head).
+    args.verdict = 1 if errors else 0
+    args.summary = (
+        f"{len(result.resources)} resources checked: {errors} error(s), {warnings} warning(s)"
     )
-    return 1 if errors else 0
+    for diagnostic in findings:
+        print(diagnostic)
+    print(args.summary, file=sys.stderr)
+    return int(args.verdict)
+
+
+def _config(flag: str, **values: Any) -> MeshConfig:
+    """A MeshConfig of `values`; a refused value is reported by its flag."""
+    try:
+        return MeshConfig.create(**values)
+    except ConfigError as exc:
+        name, value = list(values.items())[-1]
+        message = str(exc).removeprefix(f"{name}={value!r}: ")
+        raise ConfigError(f"{flag} {value!r}: {message}") from None
 
 
 def _routes(args: argparse.Namespace) -> int:
@@ -98,7 +121,12 @@ def _routes(args: argparse.Namespace) -> int:
         if not sep:
             raise ConfigError(f"--header: expected K=V, got {item!r}")
         headers[key.strip().lower()] = value
-    config = MeshConfig.create(namespace=args.namespace, labels=labels)
+    _config("--namespace", namespace=args.namespace)
+    config = _config("--source-labels", namespace=args.namespace, labels=labels)
+    if not _is_authority(args.host):
+        raise ConfigError(
+            f"--host: {args.host!r} is not a host or host:port, e.g. reviews or reviews:9080"
+        )
     result = load_paths(args.paths, default_namespace=args.namespace)
     if result.errors:
         for diagnostic in result.errors:
@@ -120,6 +148,18 @@ def _routes(args: argparse.Namespace) -> int:
     else:
         print(_as_text(explained))
     return 0
+
+
+def _is_authority(text: str) -> bool:
+    """A host, with a port or not (`reviews`, `reviews:9080`, `[::1]:80`); not a URL."""
+    if not text or any(c in text for c in "/@?# "):
+        return False
+    try:
+        parts = urlsplit("//" + text)
+        parts.port  # noqa: B018 - raises ValueError for a port that is no port
+    except ValueError:
+        return False
+    return bool(parts.hostname) and not text.endswith(":")
 
 
 def explain(snapshot: Snapshot, decision: RouteDecision) -> dict[str, Any]:

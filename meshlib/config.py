@@ -28,6 +28,9 @@ _LABEL_KEY = re.compile(
 )
 _LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")  # SPIFFE's trust domain characters
+_WORKLOAD = re.compile(r"[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,251}[A-Za-z0-9])?")
 # A Deployment's pod is named <deployment>-<replicaset hash>-<5 char suffix>.
 _POD_OF_DEPLOYMENT = re.compile(r"(?P<workload>.+)-[a-z0-9]{6,10}-[a-z0-9]{5}")
 
@@ -88,6 +91,11 @@ class MeshConfig:
     a sidecar sees its app's connections come from it. None: the host name stands in."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.propagate_headers, str):  # "end-user,x-user-group"
+            object.__setattr__(self, "propagate_headers", _split_list(self.propagate_headers))
+        for name in _ENV:  # the constructor checks what it is given, as create() and from_env
+            value = getattr(self, name)
+            _check(name, value, f"{name}={value!r}")
         labels = dict(self.labels)
         if self.service:
             labels.setdefault("app", self.service)
@@ -107,7 +115,7 @@ class MeshConfig:
         values: dict[str, Any] = {}
         for name, var in _ENV.items():
             raw = env.get(var)
-            if raw is None and name in _DOWNWARD:
+            if not raw and name in _DOWNWARD:  # unset or empty: the Kubernetes name's value
                 var, raw = _DOWNWARD[name], env.get(_DOWNWARD[name])
             if raw is None or raw == "":
                 continue
@@ -130,11 +138,7 @@ class MeshConfig:
             raise ConfigError(
                 f"unknown MeshConfig argument(s) {sorted(unknown)} (allowed: {allowed})"
             )
-        for name, value in kwargs.items():
-            _check(name, value, f"{name}={value!r}")
-        if isinstance(kwargs.get("propagate_headers"), str):
-            kwargs["propagate_headers"] = _split_list(kwargs["propagate_headers"])
-        return cls(**kwargs)
+        return cls(**kwargs)  # which checks each value
 
     @property
     def canonical_service(self) -> str:
@@ -180,10 +184,9 @@ def _parse_env(name: str, var: str, raw: str) -> Any:
     elif name == "metrics_port":
         if raw.lower() in ("off", "none", "disabled"):
             return None
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ConfigError(f"{where}: must be a port number 0-65535, or 'off'") from None
+        if not (raw.isascii() and raw.isdigit()):  # int() would take " 80", "1_000", "٣"
+            raise ConfigError(f"{where}: must be a port number 0-65535, or 'off'")
+        value = int(raw)
     _check(name, value, where)
     return value
 
@@ -218,7 +221,7 @@ def _check(name: str, value: Any, where: str) -> None:
     elif name == "instance_ip":
         try:
             if value is not None:
-                ipaddress.ip_address(value)
+                ipaddress.ip_address(value if isinstance(value, str) else "")  # not an int
         except ValueError:
             raise ConfigError(f"{where}: must be an IP address, e.g. 10.1.2.3") from None
     elif name == "metrics_host":
@@ -230,6 +233,21 @@ def _check(name: str, value: Any, where: str) -> None:
             raise ConfigError(
                 f"{where}: must be an IP address to listen on, e.g. 0.0.0.0 or 127.0.0.1"
             ) from None
+    elif name in ("service_account", "cluster_domain"):
+        if not isinstance(value, str) or len(value) > 253 or not _DNS_SUBDOMAIN.fullmatch(value):
+            raise ConfigError(
+                f"{where}: must be a DNS name (lowercase letters, digits, '-' and '.'), as"
+                " Kubernetes names service accounts and cluster domains"
+            )
+    elif name == "trust_domain":
+        if not isinstance(value, str) or not _TRUST_DOMAIN.fullmatch(value):
+            raise ConfigError(
+                f"{where}: must be a SPIFFE trust domain (lowercase letters, digits, '.', '-',"
+                " '_'), e.g. cluster.local"
+            )
+    elif name == "workload":
+        if value is not None and (not isinstance(value, str) or not _WORKLOAD.fullmatch(value)):
+            raise ConfigError(f"{where}: must be a Kubernetes workload name, e.g. reviews-v2")
     elif name in ("service", "version"):
         if value is not None and (
             not isinstance(value, str) or not value or not _LABEL_VALUE.fullmatch(value)

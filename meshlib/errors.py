@@ -2,6 +2,7 @@
 
     MeshError
      ├── ConfigError(ValueError)   a MeshConfig argument or MESHLIB_* variable is bad
+     │    └── PolicyPathError(FileNotFoundError)   the policy path does not exist
      └── PolicyError(ValueError)   Istio policy failed to load; carries every Diagnostic
 
 A `Diagnostic` is one finding about policy, error or warning, printed in the one-line form
@@ -25,6 +26,10 @@ class MeshError(Exception):
 
 class ConfigError(MeshError, ValueError):
     """A bad MeshConfig value; the message names the argument or environment variable."""
+
+
+class PolicyPathError(ConfigError, FileNotFoundError):
+    """A policy path (`MeshConfig.policy`, `MESHLIB_POLICY`) that does not exist."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,3 +70,7 @@ class PolicyError(MeshError, ValueError):
         self.resource = first.resource
         self.field = first.field
         super().__init__("\n".join(str(d) for d in self.diagnostics))
+
+    def __reduce__(self) -> tuple[type[PolicyError], tuple[tuple[Diagnostic, ...]]]:
+        # pickle and copy rebuild it from its diagnostics (its args are the message alone)
+        return (PolicyError, (self.diagnostics,))

@@ -204,15 +204,67 @@ spec:
     [
         pytest.param(["--header", "novalue"], "--header: expected K=V", id="header"),
         pytest.param(["--source-labels", "x"], "--source-labels: expected k=v", id="labels"),
-        pytest.param(["--namespace", "Bad_NS"], "namespace='Bad_NS'", id="namespace"),
+        pytest.param(["--namespace", "Bad_NS"], "--namespace 'Bad_NS': must be", id="namespace"),
+        pytest.param(
+            ["--source-labels", "a=b c"], "--source-labels {'a': 'b c'}: 'b c' is not", id="label"
+        ),
+        pytest.param(["--host", "reviews:99999"], "--host: 'reviews:99999' is not", id="port"),
+        pytest.param(["--host", "reviews:abc"], "--host: 'reviews:abc' is not", id="port-text"),
+        pytest.param(["--host", ""], "--host: '' is not", id="empty-host"),
+        pytest.param(["--host", "http://reviews:9080"], "--host: 'http://", id="url"),
     ],
 )
 def test_routes_bad_arguments(args: list[str], message: str) -> None:
-    """Bad arguments give a one-line error and exit 2, never a traceback."""
+    """Bad arguments give a one-line error naming the flag and exit 2, never a traceback."""
     result = run("routes", str(BOOKINFO / "services.yaml"), "--host", "reviews", *args)
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("host", ["reviews", "reviews:9080", "[::1]:9080", "10.0.0.1"])
+def test_routes_takes_hosts_with_or_without_a_port(host: str) -> None:
+    result = run("routes", str(BOOKINFO / "services.yaml"), "--host", host)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        pytest.param(["--namespace", ""], "--namespace '': must be", id="empty-namespace"),
+        pytest.param(["--namespace", "BAD_NS"], "--namespace 'BAD_NS': must be", id="namespace"),
+        pytest.param(["a" * 300 + ".yaml"], "File name too long", id="long-path"),
+    ],
+)
+def test_check_bad_arguments(args: list[str], message: str) -> None:
+    """As for routes: one line naming what is wrong, exit 2, no traceback."""
+    result = run("check", str(BOOKINFO / "services.yaml"), *args)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_check_cut_short_by_its_reader_still_fails_on_errors(tmp_path: Path) -> None:
+    """`meshlib check ... | head -1` in CI: the reader goes away before the output ends, and
+    the exit code and the summary still tell there were errors."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "---\n".join(
+            f"apiVersion: networking.istio.io/v1\nkind: DestinationRule\n"
+            f"metadata: {{name: r{i}}}\nspec: {{host: r, bogus{i}: 1}}\n"
+            for i in range(3000)
+        )
+    )
+    with subprocess.Popen(
+        [MESHLIB, "check", str(bad)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as check:
+        assert check.stdout is not None and check.stderr is not None
+        check.stdout.readline()
+        check.stdout.close()  # as `head -1` exits
+        stderr = check.stderr.read().decode()
+        assert check.wait(timeout=60) == 1
+    assert "3000 error(s)" in stderr
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr
 
 
 def test_routes_refuses_invalid_policy(tmp_path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from meshlib import ConfigError, MeshConfig
@@ -171,3 +173,81 @@ def test_configuring_the_default_mesh_again_keeps_its_metrics_port(
             assert response.status == 200
     finally:
         mesh_module.reset()
+
+
+def test_an_empty_meshlib_variable_lets_the_kubernetes_one_through() -> None:
+    """`MESHLIB_NAMESPACE=""` (a manifest that sets it from an empty value) is unset: the
+    Downward API name is read, as with the variable absent."""
+    env = {
+        "MESHLIB_NAMESPACE": "",
+        "POD_NAMESPACE": "prod",
+        "MESHLIB_SERVICE_ACCOUNT": "",
+        "SERVICE_ACCOUNT": "reviews-sa",
+        "MESHLIB_INSTANCE_IP": "",
+        "INSTANCE_IP": "10.2.2.2",
+    }
+    config = MeshConfig.from_env(env)
+    assert (config.namespace, config.service_account, config.instance_ip) == (
+        "prod",
+        "reviews-sa",
+        "10.2.2.2",
+    )
+    assert config.principal == "spiffe://cluster.local/ns/prod/sa/reviews-sa"
+
+
+@pytest.mark.parametrize("raw", ["1_000", " 9090", "٣", "+80", "0x50"])
+def test_a_metrics_port_is_ascii_digits(raw: str) -> None:
+    with pytest.raises(ConfigError, match="MESHLIB_METRICS_PORT"):
+        MeshConfig.from_env({"MESHLIB_METRICS_PORT": raw})
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("namespace", "Not Valid"),
+        ("metrics_port", "x"),
+        ("service_account", "Bad SA"),
+        ("service_account", "bad/sa"),
+        ("trust_domain", "bad domain/x"),
+        ("trust_domain", None),
+        ("cluster_domain", ".."),
+        ("workload", "bad workload"),
+        ("instance_ip", 12),
+        ("propagate_headers", ("end user",)),
+    ],
+)
+def test_the_constructor_checks_what_it_is_given(field: str, value: object) -> None:
+    """`MeshConfig(...)`, as the docs write it, checks each value as `create()` and `from_env`
+    do: an identity that would end up in the SPIFFE principal and metric labels must be
+    well-formed."""
+    with pytest.raises(ConfigError, match=field):
+        MeshConfig(**{field: value})  # type: ignore[arg-type]
+
+
+def test_propagated_headers_may_be_given_as_one_string() -> None:
+    config = MeshConfig(propagate_headers="End-User, x-user-group")  # type: ignore[arg-type]
+    assert config.propagate_headers == ("end-user", "x-user-group")
+
+
+def test_a_missing_policy_path_is_a_config_error_naming_its_source(tmp_path: Path) -> None:
+    from meshlib.errors import PolicyPathError
+    from meshlib.mesh import Mesh
+
+    missing = tmp_path / "nonexistent.yaml"
+    with pytest.raises(PolicyPathError, match="MESHLIB_POLICY") as raised:
+        Mesh(MeshConfig(policy=str(missing), metrics_port=None))
+    assert isinstance(raised.value, ConfigError) and isinstance(raised.value, FileNotFoundError)
+
+
+def test_a_policy_error_survives_pickling() -> None:
+    """Across processes (multiprocessing, a ProcessPoolExecutor), a PolicyError keeps its
+    diagnostics."""
+    import copy
+    import pickle
+
+    from meshlib.errors import Diagnostic, PolicyError
+
+    error = PolicyError([Diagnostic("error", "must be >= 0", "mesh.yaml", 14, "VS a/b", "w")])
+    for again in (pickle.loads(pickle.dumps(error)), copy.copy(error)):
+        assert again.diagnostics == error.diagnostics
+        assert str(again) == str(error) and again.line == 14

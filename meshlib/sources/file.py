@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from meshlib.config import MeshConfig
-from meshlib.errors import PolicyError
+from meshlib.errors import PolicyError, PolicyPathError
 from meshlib.policy.loader import load_paths, policy_files
 from meshlib.policy.snapshot import Snapshot
 from meshlib.sources.base import SnapshotPublisher
@@ -79,7 +79,10 @@ class FileSource(SnapshotPublisher):
         self.poll_interval = poll_interval
         for path in self.paths:
             if not path.exists():
-                raise FileNotFoundError(f"policy path {str(path)!r} does not exist")
+                raise PolicyPathError(
+                    f"policy path {str(path)!r} does not exist (set by MeshConfig.policy or"
+                    " MESHLIB_POLICY, or given to the Mesh)"
+                )
         super().__init__(self._first_build())  # invalid policy at start-up raises PolicyError
         self._reloading = threading.Lock()  # reload() is public: the watcher may run it too
         self._changed: Fingerprint | None = None  # the change the watcher saw at its last poll

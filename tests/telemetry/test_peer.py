@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshlib.config import MeshConfig
+from meshlib.errors import ConfigError
 from meshlib.telemetry import peer
 from meshlib.telemetry.peer import (
     HEADER,
@@ -101,10 +102,13 @@ def test_missing_labels_are_unknown_on_the_peer_side() -> None:
 
 
 def test_invalid_local_values_are_not_sent() -> None:
-    """A field a peer would reject is left out of the header rather than sent mangled."""
-    value = encode(MeshConfig(workload="Not a name!", cluster="bad cluster"))
-    assert "w=" not in value and "c=" not in value
-    assert decode(value).workload == "unknown"
+    """A field a peer would reject is left out of the header rather than sent mangled (the
+    workload's name cannot even be set so: MeshConfig refuses it)."""
+    value = encode(MeshConfig(workload="reviews-v2", cluster="bad cluster"))
+    assert "c=" not in value
+    assert decode(value).workload == "reviews-v2" and decode(value).cluster == "unknown"
+    with pytest.raises(ConfigError, match="workload"):
+        MeshConfig(workload="Not a name!")
 
 
 @pytest.mark.parametrize(
