@@ -63,6 +63,7 @@ import pstats
 import random
 import re
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -73,8 +74,6 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-
-from bench.async_client import _free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 THREADS = 2
@@ -382,12 +381,26 @@ def _process(
             proc.wait()
 
 
+class _Ports:
+    """Free loopback ports, each handed out once. All are taken from the OS at once, while
+    held: one asked for at a time could come back twice (it is free again once closed), and a
+    server that cannot bind it would be measured as the other one answering on it."""
+
+    def __init__(self, count: int) -> None:
+        held = [socket.create_server(("127.0.0.1", 0)) for _ in range(count)]
+        self._ports = [sock.getsockname()[1] for sock in held]
+        for sock in held:
+            sock.close()
+
+    def take(self) -> int:
+        return self._ports.pop()
+
+
 def uvicorn(
-    stack: contextlib.ExitStack, tmp: Path, factory: str, root: Path = ROOT
+    stack: contextlib.ExitStack, tmp: Path, factory: str, port: int, root: Path = ROOT
 ) -> tuple[int, Server]:
-    """Start uvicorn serving `bench.middleware:<factory>()` from the tree at `root` (its
-    meshlib first on sys.path); not yet waited for."""
-    port = _free_port()
+    """Start uvicorn serving `bench.middleware:<factory>()` on `port` from the tree at `root`
+    (its meshlib first on sys.path); not yet waited for."""
     cmd = [sys.executable, "-m", "uvicorn", f"bench.middleware:{factory}", "--factory"]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1", "--http", "httptools"]
     cmd += ["--loop", "asyncio", "--lifespan", "off", "--no-access-log", "--log-level", "warning"]
@@ -428,9 +441,10 @@ http {{
 """
 
 
-def nginx(stack: contextlib.ExitStack, tmp: Path, name: str, upstream: int) -> tuple[int, Server]:
-    """One nginx reverse proxy (1 worker) on a free port to 127.0.0.1:upstream."""
-    port = _free_port()
+def nginx(
+    stack: contextlib.ExitStack, tmp: Path, name: str, upstream: int, port: int
+) -> tuple[int, Server]:
+    """One nginx reverse proxy (1 worker) on `port` to 127.0.0.1:upstream."""
     prefix = tmp / name
     prefix.mkdir()
     prefix.chmod(0o755)  # workers may run as nobody when started as root
@@ -551,18 +565,19 @@ def bench() -> dict[str, Result] | None:
         meshed_script.write_text(lua_script(traceparents(), CALLER_IDENTITY))
         scripts = {key: meshed_script if key == "g" else script for key in configs}
         started: dict[str, tuple[int, Server]] = {}
+        free = _Ports(len(configs) + 2)  # the apps and two nginx
         for key in configs:
             if key != "c" and key not in SERVED_BY:
                 root = COMPILED_ROOT if key == "f" else ROOT
-                started[key] = uvicorn(stack, tmp, FACTORIES[key], root)
+                started[key] = uvicorn(stack, tmp, FACTORIES[key], free.take(), root)
         for key, (port, proc) in started.items():
             _wait_ready(f"http://127.0.0.1:{port}/", proc, f"uvicorn ({key})")
         ports = {key: port for key, (port, _) in started.items()}
         pids = {key: [proc.pid] for key, (_, proc) in started.items()}
         if "c" in configs:
-            inner, inner_proc = nginx(stack, tmp, "inner", ports["a"])
+            inner, inner_proc = nginx(stack, tmp, "inner", ports["a"], free.take())
             _wait_ready(f"http://127.0.0.1:{inner}/", inner_proc, "nginx (inner)")
-            outer, outer_proc = nginx(stack, tmp, "outer", inner)
+            outer, outer_proc = nginx(stack, tmp, "outer", inner, free.take())
             _wait_ready(f"http://127.0.0.1:{outer}/", outer_proc, "nginx (outer)")
             ports["c"] = outer
             pids["c"] = [*pids["a"], *_with_children([inner_proc.pid, outer_proc.pid])]
@@ -578,6 +593,9 @@ def bench() -> dict[str, Result] | None:
         for r in range(ROUNDS):
             for key in configs if r % 2 == 0 else configs[::-1]:
                 results[key].measure(urls[key], scripts[key], pids[key])
+        for key, (_, proc) in started.items():  # each figure came from its own server
+            if proc.poll() is not None:
+                raise RuntimeError(f"uvicorn ({key}) exited: {proc.log.read_text()}")
     return results
 
 
