@@ -92,18 +92,27 @@ class Mesh:
         self.clusters = Clusters(self.rng, self._watch_cluster)
         self.propagator = Propagator(self.config.propagate_headers)
         self.access_log = AccessLog()
-        self.access_log.apply(self.source.snapshot, self.config)
-        self.source.subscribe(lambda snapshot: self.access_log.apply(snapshot, self.config))
         self.tracing = Tracing(self.config, tracer_provider=tracer_provider)
-        self.tracing.apply(self.source.snapshot)
-        self.source.subscribe(self.tracing.apply)  # sampling follows Telemetry changes
-        self.metrics.apply(self.source.snapshot)
-        self.source.subscribe(self.metrics.apply)  # so do metric overrides
-        self.operations.policy_loaded(self.source.snapshot.generation)
-        self.source.subscribe(lambda snapshot: self.operations.policy_loaded(snapshot.generation))
+        self._applied = 0  # the generation of the Snapshot the telemetry follows
+        self._applying = threading.Lock()
+        # Subscribed first, then the current Snapshot applied: a source already watching may
+        # swap in between, and the newer Snapshot must win whichever call comes last.
+        self.source.subscribe(self._apply)
+        self._apply(self.source.snapshot)
         self.source.on_error(self.operations.policy_rejected)
         if watch:
             self.source.start()
+
+    def _apply(self, snapshot: Snapshot) -> None:
+        """Telemetry follows the policy: access logging, sampling, metric overrides."""
+        with self._applying:
+            if snapshot.generation < self._applied:
+                return  # an older Snapshot, applied late
+            self._applied = snapshot.generation
+            self.access_log.apply(snapshot, self.config)
+            self.tracing.apply(snapshot)
+            self.metrics.apply(snapshot)
+            self.operations.policy_loaded(snapshot.generation)
 
     def _source(self, policy: PolicyArg) -> PolicySource:
         if policy is None:

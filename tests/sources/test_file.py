@@ -362,3 +362,49 @@ def test_the_first_read_is_done_again_when_the_files_change_under_it(
     assert subset_for(source.snapshot, "reviews") == "v2"
     assert len(reads) == 2
     assert source.reload() is False  # what it serves is what the files hold
+
+
+def test_a_swap_while_the_mesh_starts_is_not_missed() -> None:
+    """A source already watching may swap in a new Snapshot while a Mesh is being built on
+    it: the Mesh subscribes before it reads the current Snapshot, and an older one applied
+    late does not replace a newer one. Here the swap lands as the Mesh first reads."""
+    from meshlib.mesh import Mesh
+    from meshlib.policy.loader import load_text
+    from meshlib.sources.base import SnapshotPublisher
+
+    def with_sampling(percentage: int) -> Snapshot:
+        text = textwrap.dedent(
+            f"""\
+            apiVersion: telemetry.istio.io/v1
+            kind: Telemetry
+            metadata: {{name: mesh-default, namespace: istio-system}}
+            spec:
+              tracing: [{{randomSamplingPercentage: {percentage}}}]
+            """
+        )
+        return Snapshot.build(load_text(text).resources, MeshConfig())
+
+    class SwapsAsRead(SnapshotPublisher):
+        def __init__(self) -> None:
+            super().__init__(with_sampling(5))
+            self.newer = with_sampling(50)
+
+        @property
+        def snapshot(self) -> Snapshot:
+            current = self._snapshot
+            if self._listeners and current is not self.newer:  # the watcher swaps now
+                self.publish(self.newer)
+            return current
+
+        def start(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    source = SwapsAsRead()
+    mesh = Mesh(MeshConfig(metrics_port=None), policy=source)
+    try:
+        assert mesh.tracing.sampling == 50.0
+    finally:
+        mesh.close()
