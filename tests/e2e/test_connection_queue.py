@@ -45,19 +45,32 @@ def test_requests_beyond_max_connections_wait_for_one(
 def test_waiting_ends_at_the_route_deadline(
     make_mesh: MeshFactory, upstreams: dict[str, Upstream], client_kind: str
 ) -> None:
-    """maxConnections 1, a 1.5 s route timeout, a 1 s endpoint, 3 concurrent requests: the first
-    is answered; the second connects after 1 s and times out at 1.5 s; the third waits until
-    its deadline: both 504 UT, and the third was never sent."""
+    """maxConnections 1 and a 1 s endpoint: while one request holds the connection, one
+    whose route allows 300 ms waits for it until its deadline, is answered 504 UT then, and
+    is never sent (the first one is answered as usual)."""
     v1 = upstreams["v1"].behaviour
     v1.delay = 1.0
     mesh = make_mesh(
-        virtual_service(TO_V1 + "  timeout: 1500ms\n"),
+        virtual_service(
+            "- match: [{headers: {x-wait: {exact: short}}}]\n  timeout: 300ms\n"
+            + TO_V1.replace("- route", "  route", 1)
+            + TO_V1
+            + "  timeout: 1500ms\n"
+        ),
         traffic_policy="connectionPool: {tcp: {maxConnections: 1}}\n",
     )
-    results = Caller(client_kind, mesh).many(3, concurrency=3)
-    assert Counter(r.status for r in results) == {200: 1, 504: 2}
-    assert all(r.flags == ["UT"] for r in results if r.status == 504)
-    assert v1.received == 2  # the request that waited out its deadline never went out
+    caller = Caller(client_kind, mesh)
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(caller.one)
+        while v1.active == 0:  # poll: the first holds the only connection
+            time.sleep(0.005)
+        started = time.monotonic()
+        waited = caller.one(headers={"x-wait": "short"})
+        elapsed = time.monotonic() - started
+        assert first.result().status == 200
+    assert (waited.status, waited.flags) == (504, ["UT"])
+    assert elapsed < 0.9  # its own deadline, not the connection's release
+    assert v1.received == 1  # the request that waited out its deadline never went out
 
 
 def test_httpx_pool_timeout_bounds_the_wait(
