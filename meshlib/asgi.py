@@ -166,18 +166,13 @@ class _Exchange(InboundExchange):
             self._started = headers
         elif kind == "http.response.body":
             self.response_bytes += len(message.get("body", b""))
-            if not message.get("more_body"):
-                self._complete = True
-                await self._send(message)
-                self.completed = time.perf_counter()  # sent: the caller has it all
-                return
+            self._complete = not message.get("more_body")
         elif kind == "http.response.pathsend":  # the server sends a file as the whole body
             self.response_bytes += _size_of(message.get("path"))
             self._complete = True
-            await self._send(message)
-            self.completed = time.perf_counter()
-            return
         await self._send(message)
+        if self._complete and self.completed is None:
+            self.completed = time.perf_counter()  # sent: the caller has it all
 
 
 def _size_of(path: object) -> int:

@@ -219,17 +219,16 @@ def record_source(
     send its identity to has no business naming itself in the mesh's metrics.
     """
     decision = plan.decision
-    claimed: str | None = None
+    claimed = response_headers.get(peer.HEADER)
     if plan.cluster is not None:
         host = plan.cluster[0]
         name, namespace = _service_name(mesh, host)
-        claimed = response_headers.get(peer.HEADER)
     elif decision.passthrough:
         host, name, namespace = decision.host, "PassthroughCluster", "unknown"
+        claimed = None
     else:
         host = decision.host
         name, namespace = _service_name(mesh, host)
-        claimed = response_headers.get(peer.HEADER)
     duration_ms = (time.perf_counter() - started) * 1000.0
     mesh.metrics.record(
         "source",

@@ -105,25 +105,31 @@ class FileSource(SnapshotPublisher):
         return Fingerprint(tuple(entries), digests)
 
     def _first_build(self) -> Snapshot:
-        """The first Snapshot, read as `reload` reads: again if the files changed meanwhile
-        (a ConfigMap update landing as the process starts must not mix two versions, or fail
-        it for a state the files were in only for a moment)."""
+        """The first Snapshot, read as `reload` reads (a ConfigMap update landing as the
+        process starts must not mix two versions, or fail it for a state the files were in
+        only for a moment); files that never hold still are read once more, as they are."""
         fingerprint = self._stat()
-        for attempt in range(_MAX_REREADS):
+        outcome, self._fingerprint = self._read(fingerprint) or (self._build(), fingerprint)
+        if isinstance(outcome, PolicyError):
+            raise outcome
+        return outcome
+
+    def _read(self, fingerprint: Fingerprint) -> tuple[Snapshot | PolicyError, Fingerprint] | None:
+        """Build from the files `fingerprint` describes; if they changed while being read
+        (an update landing between two files of a folder, say), throw the read away and read
+        again. The Snapshot or the error, with the files it was read from; None when they kept
+        changing."""
+        for _ in range(_MAX_REREADS):
+            outcome: Snapshot | PolicyError
             try:
-                snapshot = self._build()
-            except PolicyError:
-                after = self._stat()
-                if after == fingerprint or attempt == _MAX_REREADS - 1:
-                    raise
-                fingerprint = after
-                continue
-            self._fingerprint = fingerprint  # the files as read: a later change is a reload
+                outcome = self._build()
+            except PolicyError as exc:
+                outcome = exc
             after = self._stat()
             if after == fingerprint:
-                break
-            fingerprint = after
-        return snapshot
+                return outcome, fingerprint
+            fingerprint = after  # changed under us: read again
+        return None
 
     def _build(self) -> Snapshot:
         result = load_paths(self.paths, default_namespace=self.config.namespace)
@@ -146,25 +152,16 @@ class FileSource(SnapshotPublisher):
         fingerprint = self._stat()
         if fingerprint == self._fingerprint:
             return False
-        for _ in range(_MAX_REREADS):
-            try:
-                snapshot: Snapshot | None = self._build()
-                error = None
-            except PolicyError as exc:
-                snapshot, error = None, exc
-            after = self._stat()
-            if after != fingerprint:
-                fingerprint = after  # changed under us: read again
-                continue
-            self._fingerprint = fingerprint
-            if snapshot is None:
-                assert error is not None
-                self.reject(error, self._origin)
-                return False
-            self.publish(snapshot)
-            logger.info("policy generation %d loaded from %s", snapshot.generation, self._origin)
-            return True
-        return False  # still changing; the next poll tries again
+        read = self._read(fingerprint)
+        if read is None:
+            return False  # still changing; the next poll tries again
+        outcome, self._fingerprint = read
+        if isinstance(outcome, PolicyError):
+            self.reject(outcome, self._origin)
+            return False
+        self.publish(outcome)
+        logger.info("policy generation %d loaded from %s", outcome.generation, self._origin)
+        return True
 
     @property
     def _origin(self) -> str:

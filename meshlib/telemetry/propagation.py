@@ -159,11 +159,11 @@ a decision: this hop decides) or `B3_DEBUG`; absent otherwise."""
 B3_DEFERRED = "deferred"
 B3_DEBUG = "debug"
 _RECEIVED_BAGGAGE = create_key("meshlib-received-baggage")
+"""Where an extracted Context keeps the `baggage` it came with (a `_Received`)."""
 CALLER_DECISION = create_key("meshlib-caller-decision")
 """The caller's sampling decision when it sent one without trace ids (B3's `b3: 0`,
 `x-b3-sampled: 1`, `x-b3-flags: 1`): the trace starts at this hop, as the caller decided
 (MeshSampler honours it, as Envoy's Zipkin tracer does)."""
-"""Where an extracted Context keeps the `baggage` it came with (a `_Received`)."""
 _MAX_BAGGAGE = 8192  # W3C Baggage: the most bytes a baggage-string may hold
 
 
