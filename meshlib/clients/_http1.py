@@ -19,11 +19,12 @@ What it does, as httpx's own transport does:
 - the request goes out with exactly httpx's headers and body: bytes with their
   `Content-Length`, a streamed body chunked when httpx said `Transfer-Encoding: chunked`,
   nothing added. Refused before anything is sent (`httpx.LocalProtocolError`): a method or
-  header name that is not an RFC 9110 token, CR, LF or NUL in a header value, ambiguous
-  framing (two `Content-Length` values, both framing headers, a transfer coding not ending
-  in `chunked`); a streamed body that turns out longer or shorter than its `Content-Length`
-  is stopped there — each would desynchronise the connection. A request saying
-  `Connection: close` leaves its connection closed after the response;
+  header name that is not an RFC 9110 token, a control character (CR, LF, NUL ...; a tab is
+  fine) in a header value, ambiguous framing (two `Content-Length` values, both framing
+  headers, a transfer coding not ending in `chunked`); a streamed body that turns out
+  longer or shorter than its `Content-Length` is stopped there — each would desynchronise
+  the connection. A request saying `Connection: close` leaves its connection closed after
+  the response;
 - the response comes back with its raw header list (repeated fields and case kept; trailers
   are not merged in) and the undecoded body (httpx decodes); a body that came whole with the
   headers is handed over as bytes and its connection returns to the pool at once, a longer
@@ -92,6 +93,7 @@ _CLOSED = "Cannot send a request, as the transport has been closed."
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token characters
 _METHODS_SEEN: set[str] = set()  # methods already checked to be tokens
 _LAST_CHUNK = b"0\r\n\r\n"
+_CONTROLS = bytes([*range(0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])  # not HT, LF, CR
 # request.extensions key: when (time.monotonic()) the response headers must have come, at the
 # latest. The mesh sets it from a try's time (per-try timeout, route deadline), which the read
 # timeout alone — counted from the last bytes received — would not bound.
@@ -222,11 +224,17 @@ class _Outgoing:
             ]
         )
         # CR or LF in a value would split the message (request smuggling): a head with more
-        # line breaks than it has lines, or a NUL, is refused.
+        # line breaks than it has lines is refused, and so is any other control character
+        # but a tab (RFC 9110 §5.5), as h11 refuses them for httpx's own transport.
         lines = len(raw) + 2
-        if head.count(b"\n") != lines or head.count(b"\r") != lines or b"\0" in head:
+        if (
+            head.count(b"\n") != lines
+            or head.count(b"\r") != lines
+            or len(head.translate(None, _CONTROLS)) != len(head)
+        ):
             raise httpx.LocalProtocolError(
-                "Illegal character (CR, LF or NUL) in the request target or a header",
+                "Illegal character (CR, LF or another control character) in the request target"
+                " or a header",
                 request=request,
             )
         self.head = head

@@ -221,7 +221,8 @@ class OutlierDetector:
         self._endpoints: dict[str, _Endpoint] = {}
         self._ejected: set[str] = set()
         self._listeners: list[StateListener] = []
-        self._events: list[tuple[str, str, str]] = []
+        self._events: list[tuple[str, str, str]] = []  # state changes not yet delivered
+        self._delivering = False  # a thread is delivering them
         self._relay = _Relay(self._queue_event)
         self._sweep_origin = clock()
         self._sweeps_done = 0
@@ -258,8 +259,8 @@ class OutlierDetector:
             now = self._clock()
             self._sweep(now, cfg)
             allowed = self._admit(key, endpoint, now, cfg, total_endpoints)
-            events = self._take_events()
-        self._emit(events)
+        if self._events:
+            self._deliver()
         return allowed
 
     def give_back(self, key: str) -> None:
@@ -325,8 +326,8 @@ class OutlierDetector:
             elif state == CLOSED:
                 self._count(key, endpoint, outcome, now, cfg, total_endpoints)
             # OPEN: a request that started before the ejection; ignored.
-            events = self._take_events()
-        self._emit(events)
+        if self._events:
+            self._deliver()
 
     # -- inspection ---------------------------------------------------------------------------
 
@@ -469,20 +470,29 @@ class OutlierDetector:
     def _queue_event(self, key: str, old: str, new: str) -> None:
         self._events.append((key, old, new))
 
-    def _take_events(self) -> list[tuple[str, str, str]]:
-        if not self._events:
-            return []
-        events = self._events
-        self._events = []
-        return events
-
-    def _emit(self, events: list[tuple[str, str, str]]) -> None:
-        if not events:
-            return
-        listeners = tuple(self._listeners)
-        for key, old, new in events:
-            for callback in listeners:
-                try:
-                    callback(key, old, new)
-                except Exception:
-                    _log.exception("outlier state listener failed for %s", key)
+    def _deliver(self) -> None:
+        """Hand the queued state changes to the listeners, in the order they happened, with
+        the lock released (a listener may call back into the detector). One thread delivers
+        at a time: changes queued meanwhile by others are delivered by it, after its own."""
+        with self._lock:
+            if self._delivering:
+                return
+            self._delivering = True
+        try:
+            while True:
+                with self._lock:
+                    events, self._events = self._events, []
+                    if not events:
+                        self._delivering = False
+                        return
+                listeners = tuple(self._listeners)
+                for key, old, new in events:
+                    for callback in listeners:
+                        try:
+                            callback(key, old, new)
+                        except Exception:
+                            _log.exception("outlier state listener failed for %s", key)
+        except BaseException:
+            with self._lock:
+                self._delivering = False
+            raise

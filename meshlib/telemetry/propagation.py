@@ -63,8 +63,9 @@ Rules chosen (what a user of Istio would expect):
 - **Malformed input is ignored, never raised:** an invalid `traceparent`/`b3` leaves the
   context empty (a new trace starts), an invalid `x-request-id` (empty, over 128 characters,
   anything but visible ASCII) is replaced by a new UUIDv4, an invalid timeout means no
-  deadline, and an app header value holding CR, LF or NUL is dropped. Repeated values of an
-  app header are joined with ", " ("; " for `cookie`), so each name is sent once.
+  deadline, and an app header value holding a control character (CR, LF, NUL ...; a tab is
+  fine) is dropped. Repeated values of an app header are joined with ", " ("; " for
+  `cookie`), so each name is sent once.
 - Names in `propagate_headers` that a format already handles (trace, request-id and timeout
   headers) are ignored there.
 """
@@ -146,6 +147,7 @@ _RESERVED = frozenset(
 )
 
 _SANE_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # not to be sent in a value (a tab may)
 _EXPECTED_MS = re.compile(r"[ \t]*([0-9]{1,12})[ \t]*")
 _GRPC_TIMEOUT = re.compile(r"[ \t]*([0-9]{1,8})([HMSmun])[ \t]*")
 _MAX_BUDGET = 30 * 86400.0  # seconds: a caller's deadline further away is taken as 30 days
@@ -791,7 +793,7 @@ def _deadline(get_all: HeaderLookup) -> float | None:
 
 def _join(name: str, values: list[str]) -> str | None:
     """One header value from the values received; None when unsafe to send on."""
-    kept = [v for v in values if "\r" not in v and "\n" not in v and "\x00" not in v]
+    kept = [v for v in values if _CONTROL.search(v) is None]
     if not kept:
         return None
     if len(kept) == 1:

@@ -752,11 +752,15 @@ def test_an_answer_before_the_request_is_sent_is_its_answer_and_the_request_stay
         pytest.param({"x-evil": "a\nx-injected: 1"}, id="LF-in-value"),
         pytest.param({"x-evil\r\nx-injected": "1"}, id="CRLF-in-name"),
         pytest.param({"x-evil": "a\0"}, id="NUL"),
+        pytest.param({"x-evil": "a\x01b"}, id="SOH"),
+        pytest.param({"x-evil": "a\x1bb"}, id="ESC"),
+        pytest.param({"x-evil": "a\x7f"}, id="DEL"),
     ],
 )
 def test_a_header_that_would_split_the_request_is_refused(headers: dict[str, str]) -> None:
     """httpx lets any bytes into a header; sent as they are, CR or LF would smuggle a second
-    header (or request) past the server: refused before anything is sent."""
+    header (or request) past the server: refused before anything is sent. So is any other
+    control character but a tab, as httpx's own transport (h11) refuses it."""
     handle, received, connections = _replying(OK)
 
     async def body(url: str) -> None:
@@ -766,6 +770,20 @@ def test_a_header_that_would_split_the_request_is_refused(headers: dict[str, str
     with pytest.raises(httpx.LocalProtocolError, match="Illegal"):
         _serve_raw(handle, body)
     assert received == [] and connections == [0]
+
+
+def test_a_tab_and_non_ascii_bytes_in_a_value_are_sent_as_they_are() -> None:
+    """RFC 9110 field values may hold tabs and obs-text (bytes 0x80-0xFF): not refused."""
+    handle, received, _ = _replying(OK)
+
+    async def body(url: str) -> int:
+        async with client() as c:
+            headers = [(b"x-tabbed", b"a\tb"), (b"x-latin", "caf\u00e9".encode("latin-1"))]
+            return (await c.get(url + "/", headers=headers)).status_code
+
+    assert _serve_raw(handle, body) == 200
+    assert b"x-tabbed: a\tb\r\n" in received[0]
+    assert b"x-latin: caf\xe9\r\n" in received[0]
 
 
 def test_write_timeout_when_the_server_stops_reading() -> None:

@@ -514,6 +514,39 @@ def test_listener_runs_outside_the_lock() -> None:
     assert snapshots == [frozenset({"a"})]
 
 
+def test_listeners_see_transitions_in_the_order_they_happened() -> None:
+    """Two threads' transitions of one endpoint reach every listener in order: a listener
+    that sees "restored" before "ejected" would keep the endpoint counted as ejected."""
+    det, clock = detector()
+    first_seen = threading.Event()
+    later_done = threading.Event()
+    seen: list[tuple[str, str]] = []
+
+    def slow(key: str, old: str, new: str) -> None:
+        if new == OPEN and not first_seen.is_set():
+            first_seen.set()
+            later_done.wait(JOIN)  # the other thread's transitions happen meanwhile
+
+    det.listen(slow)
+    det.listen(lambda key, old, new: seen.append((old, new)))
+    ejecting = threading.Thread(target=eject, args=(det, "a"), daemon=True)
+    ejecting.start()
+    assert first_seen.wait(JOIN)
+
+    def trial() -> None:  # the ejection time passes; the trial succeeds
+        clock.advance(30)
+        assert det.admit("a", 10)
+        report(det, "a", 1, status=200)
+        later_done.set()
+
+    trying = threading.Thread(target=trial, daemon=True)
+    trying.start()
+    trying.join(JOIN)
+    ejecting.join(JOIN)
+    assert not trying.is_alive() and not ejecting.is_alive()
+    assert seen == [(CLOSED, OPEN), (OPEN, HALF_OPEN), (HALF_OPEN, CLOSED)]
+
+
 def test_breaker_call_is_never_used(monkeypatch: pytest.MonkeyPatch) -> None:
     """The detector drives pybreaker by open/half_open/close only, never call() (it would serialize requests)."""
 
