@@ -162,6 +162,14 @@ class InboundExchange:
         """The request's query string ("" when none)."""
         return self.origin()[1]
 
+    def target(self) -> str:
+        """The request target as the caller sent it, for the access log (Envoy's
+        `%REQ(:PATH)%`: percent-encoded, with the query); adapters that can see the raw
+        target say it, this is the decoded path and the query."""
+        path = self.request_line()[1]
+        query = self.query()
+        return f"{path}?{query}" if query else path
+
     def begin(self) -> None:
         """Make the caller's context current and open this request's SERVER span."""
         context = self.context
@@ -170,7 +178,9 @@ class InboundExchange:
             self._received = self._as_received()  # before the app can change its request
         self._token = activation = mesh.propagator.activate(context)
         tracing = mesh.tracing
-        attached = activation.otel is not None  # else an outer span stays current
+        # Else an outer span (the app's own instrumentation's) stays current, recording or
+        # not: the SERVER span is its child, in its trace, whatever the caller's headers say.
+        attached = activation.otel is not None
         if tracing.needs_server_span(context.otel_context, context.sampled if attached else None):
             try:
                 method, path, scheme, host = self.request_line()
@@ -179,7 +189,7 @@ class InboundExchange:
                     path,
                     scheme=scheme,
                     host=host,
-                    context=context.otel_context,
+                    context=context.otel_context if attached else None,
                     headers=self.get_all,
                     query=self.query,
                 )
@@ -248,13 +258,11 @@ class InboundExchange:
             values = self.get_all(name)
             return values[0] if values else None
 
-        method, path, _, _ = self.request_line()
-        client, query = self.origin()
         return _Received(
             time.time(),
-            method,
-            f"{path}?{query}" if query else path,
-            client,
+            self.method(),
+            self.target(),
+            self.origin()[0],
             first("x-forwarded-for"),
             first("user-agent"),
             first("host"),

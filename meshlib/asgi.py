@@ -16,6 +16,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
+from urllib.parse import quote
 
 from meshlib._inbound import InboundExchange, InboundSide, InboundSides
 from meshlib._text import ascii_int
@@ -116,6 +117,13 @@ class _Exchange(InboundExchange):
 
     def method(self) -> str:
         return self.scope.get("method", "GET")  # type: ignore[no-any-return]
+
+    def target(self) -> str:
+        scope = self.scope
+        raw = scope.get("raw_path")  # as sent, percent-encoded (optional in ASGI)
+        path = raw.decode("latin-1") if isinstance(raw, bytes) else quote(scope.get("path", "/"))
+        query = scope.get("query_string")
+        return f"{path}?{query.decode('latin-1')}" if query else path
 
     async def receive(self) -> Message:
         message = await self._receive()

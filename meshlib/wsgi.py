@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
+from urllib.parse import quote
 
 from meshlib._inbound import InboundExchange, InboundSide, InboundSides
 from meshlib._text import ascii_int
@@ -52,7 +53,8 @@ class MeshWSGIMiddleware:
                 exchange.status = int(status.split(" ", 1)[0])
             except ValueError:
                 exchange.status = 0
-            return write
+            exchange._write = write
+            return exchange.write
 
         exchange.request_bytes = ascii_int(environ.get("CONTENT_LENGTH") or "", 19) or 0
         exchange.begin()
@@ -69,10 +71,12 @@ class MeshWSGIMiddleware:
 class _Exchange(InboundExchange):
     """One WSGI request, read from its environ."""
 
-    __slots__ = ("environ",)
+    __slots__ = ("_write", "environ", "headers_sent")
 
     def __init__(self, side: InboundSide, environ: dict[str, Any]) -> None:
         self.environ = environ
+        self.headers_sent = False  # by the app's write(): an error after it is no 500
+        self._write: Callable[[bytes], Any] = _unstarted
         super().__init__(side)
 
     def get_all(self, name: str) -> list[str] | None:
@@ -84,13 +88,31 @@ class _Exchange(InboundExchange):
         environ = self.environ
         return (
             environ.get("REQUEST_METHOD", "GET"),
-            environ.get("PATH_INFO", "/"),
+            _path(environ),
             environ.get("wsgi.url_scheme", "http"),
             environ.get("HTTP_HOST", ""),
         )
 
     def method(self) -> str:
         return self.environ.get("REQUEST_METHOD", "GET")  # type: ignore[no-any-return]
+
+    def target(self) -> str:
+        environ = self.environ
+        # As sent, where the server keeps it (gunicorn's RAW_URI, uWSGI's REQUEST_URI); else
+        # rebuilt from the decoded path as wsgiref does.
+        raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+        if isinstance(raw, str) and raw:
+            return raw
+        path = quote(_path(environ), safe="/;=,", encoding="latin-1")
+        query = environ.get("QUERY_STRING")
+        return f"{path}?{query}" if query else path
+
+    def write(self, data: bytes) -> Any:
+        """The app's `write()` (PEP 3333's imperative body): counted as the iterable's."""
+        result = self._write(data)  # the server's: it sends the headers first
+        self.headers_sent = True
+        self.response_bytes += len(data)
+        return result
 
     def origin(self) -> tuple[str | None, str]:
         environ = self.environ
@@ -100,10 +122,19 @@ class _Exchange(InboundExchange):
         return client, environ.get("QUERY_STRING", "")
 
 
+def _path(environ: dict[str, Any]) -> str:
+    """The request's path, decoded, with the prefix the app is mounted under (SCRIPT_NAME)."""
+    return environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "") or "/"
+
+
+def _unstarted(data: bytes) -> Any:
+    raise AssertionError("write() before start_response()")  # the server returns write()
+
+
 class _Closing:
     """The app's response iterable; ends the exchange on close(), then closes the app's."""
 
-    def __init__(self, iterable: Iterable[bytes], exchange: InboundExchange) -> None:
+    def __init__(self, iterable: Iterable[bytes], exchange: _Exchange) -> None:
         self._iterable = iterable
         self._exchange = exchange
         self._error: BaseException | None = None
@@ -118,7 +149,7 @@ class _Closing:
                 yield chunk
         except BaseException as exc:
             self._error = exc
-            if not sent and isinstance(exc, Exception):
+            if not (sent or exchange.headers_sent) and isinstance(exc, Exception):
                 exchange.status = 500  # nothing sent yet: the server answers 500 instead
             raise
 

@@ -517,3 +517,105 @@ def test_wsgi_file_and_sized_responses_are_counted_as_sent() -> None:
         server.server_close()
     assert [(e.path, e.bytes_sent) for e in entries] == [("/file", 50000), ("/sized", 5)]
     mesh.close()
+
+
+def _wsgiref(app: Any) -> tuple[Any, str]:
+    """A real wsgiref server for `app` on a free loopback port, and its base URL."""
+    import threading
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = make_server("127.0.0.1", 0, app, handler_class=Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_port}"
+
+
+def test_wsgi_write_is_counted_and_an_error_after_it_keeps_the_status() -> None:
+    """A body sent through PEP 3333's `write()` counts as sent; once it went out with its
+    200, an error from the app's iterable does not turn the request into a 500."""
+    import http.client
+
+    mesh, entries = logged_mesh()
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        write = start_response("200 OK", [])
+        write(b"hello from write()\n")
+        if environ["PATH_INFO"] == "/raise":
+
+            def failing() -> Any:
+                raise RuntimeError("after the body went out")
+                yield b""  # pragma: no cover - a generator
+
+            return failing()
+        return []
+
+    server, base = _wsgiref(meshlib.MeshWSGIMiddleware(app, mesh=mesh))
+    try:
+        for path in ("/ok", "/raise"):
+            connection = http.client.HTTPConnection(base.removeprefix("http://"), timeout=5)
+            connection.request("GET", path)
+            response = connection.getresponse()
+            assert response.status == 200
+            assert response.read().startswith(b"hello from write()\n")
+            connection.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [(e.path, e.response_code, e.bytes_sent) for e in entries] == [
+        ("/ok", 200, 19),
+        ("/raise", 200, 19),
+    ]
+    rows = [row for row in mesh.metrics.collect() if row.name == "istio_requests"]
+    codes = {s.labels["response_code"] for s in rows[0].samples if s.name.endswith("_total")}
+    assert codes == {"200"}
+    mesh.close()
+
+
+def test_the_access_log_has_the_target_as_sent() -> None:
+    """Envoy logs `%REQ(:PATH)%`, the target as the caller sent it: percent-encoded, with
+    the query. Through real uvicorn (ASGI's raw_path) and wsgiref, which keeps no raw
+    target: it is rebuilt from the decoded path with SCRIPT_NAME (an app mounted under a
+    prefix logs its whole path), so only a decoded `%2F` cannot be told from a `/`; a
+    server's RAW_URI (gunicorn) or REQUEST_URI (uWSGI) is the target as sent."""
+    import http.client
+    from wsgiref.util import shift_path_info
+
+    from tests.upstream import AsgiServer
+
+    target = "/api/files/a%2Fb%20c?q=1"
+    mesh, entries = logged_mesh()
+    seen: list[Any] = []
+    asgi = AsgiServer(meshlib.MeshMiddleware(ok_app(seen), mesh=mesh), "ratings").start()
+
+    def mounted(environ: dict[str, Any], start_response: Any) -> Any:  # under /api
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    def dispatcher(environ: dict[str, Any], start_response: Any) -> Any:
+        shift_path_info(environ)  # /api moves to SCRIPT_NAME, as a dispatcher does
+        return meshlib.MeshWSGIMiddleware(mounted, mesh=mesh)(environ, start_response)
+
+    wsgi, _ = _wsgiref(dispatcher)
+    try:
+        for port in (asgi.port, wsgi.server_port):
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            connection.request("GET", target)
+            assert connection.getresponse().read()
+            connection.close()
+    finally:
+        asgi.stop()
+        wsgi.shutdown()
+        wsgi.server_close()
+    assert [entry.path for entry in entries] == [target, "/api/files/a/b%20c?q=1"]
+
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/files/a/b c", "SCRIPT_NAME": "/api"}
+    for key in ("RAW_URI", "REQUEST_URI"):
+        body = meshlib.MeshWSGIMiddleware(mounted, mesh=mesh)(
+            {**environ, key: target}, lambda *a: None
+        )
+        body.close()  # type: ignore[attr-defined]
+        assert entries[-1].path == target
+    mesh.close()

@@ -116,9 +116,12 @@ __all__ = [
     "CallerSpan",
     "InboundContext",
     "Propagator",
+    "RequestContext",
+    "capture",
     "current",
     "decided",
     "new_request_id",
+    "run_in",
 ]
 
 logger = logging.getLogger(__name__)
@@ -598,6 +601,48 @@ if _OTEL_VAR is not None:
     _otel_current, _otel_attach = _OTEL_VAR.get, _OTEL_VAR.set
 else:
     _otel_current, _otel_attach = otel_context_api.get_current, otel_context_api.attach
+
+
+class RequestContext(NamedTuple):
+    """The request context as it was when captured, to carry into another thread: the
+    request being served, its deadline and the OpenTelemetry context (the app's own spans
+    included). Only these travel: the thread's other context variables stay its own."""
+
+    inbound: InboundContext | None
+    deadline: float | None
+    otel: Context
+
+
+def capture() -> RequestContext | None:
+    """The request context current here; None when there is none (no request, no span)."""
+    inbound = current.get()
+    deadline = inbound_deadline.get()
+    otel = _otel_current()
+    if inbound is None and deadline is None and not otel:  # an empty OTel Context is falsy
+        return None
+    return RequestContext(inbound, deadline, otel)
+
+
+def run_in(
+    captured: RequestContext, fn: Callable[..., _T], /, *args: object, **kwargs: object
+) -> _T:
+    """Call `fn` with `captured` current, then restore what was current before: a pool's
+    worker thread keeps nothing of it for its next task."""
+    token = current.set(captured.inbound)
+    deadline_token = inbound_deadline.set(captured.deadline)
+    if _OTEL_VAR is None:
+        otel_token = otel_context_api.attach(captured.otel)
+    else:
+        otel_token = _OTEL_VAR.set(captured.otel)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        if _OTEL_VAR is None:
+            otel_context_api.detach(otel_token)
+        else:
+            _reset(_OTEL_VAR, otel_token)
+        _reset(inbound_deadline, deadline_token)
+        _reset(current, token)
 
 
 def _reset(var: ContextVar[_T], token: Token[_T]) -> None:

@@ -18,10 +18,15 @@ inbound request, so trace, x-request-id, `end-user` and the deadline are not sen
 - `threading.Thread` starts in an empty context (before Python 3.14's
   `thread_inherit_context`).
 
-`install()` fixes both with wrapt: `ThreadPoolExecutor.submit` runs each callable in a copy
-of the submitter's context (`contextvars.copy_context().run`), and `threading.Thread.start`
-captures a copy of the starter's context and runs the thread's `run()` inside it. Each unit
-of work gets its own copy: what it sets does not leak back, as with asyncio tasks.
+`install()` fixes both with wrapt: `ThreadPoolExecutor.submit` runs each callable with the
+submitter's request context current, and `threading.Thread.start` captures the starter's
+and makes it current in the new thread before its `run()`. Only the request context travels
+(`propagation.capture()`: the request, its deadline, the OpenTelemetry context): every other
+context variable behaves as the stdlib has it — a pool's tasks see what the pool's
+`initializer` set, `decimal`'s context stays per thread — and work submitted outside any
+request runs exactly as without meshlib. A pool task's request context is undone when the
+task ends, so the worker keeps nothing of it for the next; what a task sets in it does not
+leak back to the submitter.
 
 Caveat: a thread started while a request is served keeps that request's context for its whole
 life. The pool's own worker threads are exempt (each task brings its context), but a
@@ -34,11 +39,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import concurrent.futures.thread
-import contextvars
 import threading
 from typing import Any
 
 import wrapt
+
+from meshlib.telemetry.propagation import capture, run_in
 
 __all__ = ["install", "is_installed", "uninstall"]
 
@@ -51,7 +57,10 @@ _POOL_WORKER = getattr(concurrent.futures.thread, "_worker", None)
 def _submit(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
     if not _state["active"] or not args:
         return wrapped(*args, **kwargs)
-    return wrapped(contextvars.copy_context().run, *args, **kwargs)
+    captured = capture()
+    if captured is None:
+        return wrapped(*args, **kwargs)
+    return wrapped(run_in, captured, *args, **kwargs)
 
 
 def _start(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
@@ -62,13 +71,15 @@ def _start(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
         or not hasattr(instance, "__dict__")
     ):
         return wrapped(*args, **kwargs)
-    context = contextvars.copy_context()
+    captured = capture()
+    if captured is None:
+        return wrapped(*args, **kwargs)
     own = instance.__dict__.get("run")  # an instance-level run(), rare
     run = instance.run
 
     def run_in_context() -> None:
         try:
-            context.run(run)
+            run_in(captured, run)
         finally:  # drop the captured context with the thread's work, not with the object
             _restore_run(instance, own)
 

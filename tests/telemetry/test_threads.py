@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import decimal
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -178,6 +179,42 @@ def test_work_in_a_thread_does_not_leak_back() -> None:
         assert pool.submit(change).result() == "inner"
         assert marker.get() == "outer"
         assert current.get() is inbound
+
+
+@pytest.mark.usefixtures("installed")
+def test_a_pools_initializer_state_reaches_its_tasks() -> None:
+    """Only the request context travels: what the pool's initializer set in its worker's
+    context is still there for each task, in a request or not, as in the stdlib."""
+    connection: contextvars.ContextVar[str] = contextvars.ContextVar("connection", default="-")
+
+    def seen() -> tuple[str, Seen]:
+        return connection.get(), look()
+
+    init = lambda: connection.set("per-worker")  # noqa: E731
+    with concurrent.futures.ThreadPoolExecutor(1, initializer=init) as pool:
+        with serving() as inbound:
+            value, request = pool.submit(seen).result()
+            assert value == "per-worker"
+            assert_serving(request, inbound)
+        value, request = pool.submit(seen).result()
+        assert value == "per-worker"
+        assert_lost(request)
+
+
+@pytest.mark.usefixtures("installed")
+def test_decimal_context_stays_per_thread() -> None:
+    """A thread's decimal precision is its own (the stdlib keeps decimal's context per
+    thread): work in a pool or a thread that changes it leaves the submitter's as it was."""
+
+    def narrow() -> str:
+        decimal.getcontext().prec = 3
+        return str(decimal.Decimal(1) / decimal.Decimal(7))
+
+    before = decimal.getcontext().prec
+    with serving(), concurrent.futures.ThreadPoolExecutor(1) as pool:
+        assert pool.submit(narrow).result() == "0.143"
+        assert in_thread(narrow) == "0.143"
+        assert decimal.getcontext().prec == before
 
 
 @pytest.mark.usefixtures("installed")

@@ -661,6 +661,26 @@ def test_server_reporting_off_still_gives_one_trace_per_request(
     mesh.close()
 
 
+def test_an_outer_unsampled_span_keeps_the_request_in_its_trace(
+    provider: SdkTracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    """The app's own instrumentation made a SERVER span its sampler dropped (valid ids, not
+    recording): the request stays in that span's trace and unsampled, though meshlib samples
+    100% and no trace header came in — not a second trace, sampled on its own."""
+    mesh = tagged_mesh("tracing: [{randomSamplingPercentage: 100}]", provider)
+    dropped = trace.NonRecordingSpan(
+        trace.SpanContext(int(TRACE_ID, 16), int(PARENT_ID, 16), is_remote=False)
+    )
+    sent: list[dict[str, str]] = []
+    with trace.use_span(dropped):
+        serve_once(mesh, [], sent=sent)
+    assert exporter.get_finished_spans() == ()
+    (headers,) = sent
+    assert headers["traceparent"].split("-")[1] == TRACE_ID
+    assert headers["traceparent"].endswith("-00")
+    mesh.close()
+
+
 def test_a_bad_header_tag_name_is_left_out(
     provider: SdkTracerProvider, exporter: InMemorySpanExporter
 ) -> None:
