@@ -56,7 +56,12 @@ class MeshWSGIMiddleware:
             exchange._write = write
             return exchange.write
 
-        exchange.request_bytes = ascii_int(environ.get("CONTENT_LENGTH") or "", 19) or 0
+        length = environ.get("CONTENT_LENGTH")
+        if length:
+            exchange.request_bytes = ascii_int(length, 19) or 0
+        elif "HTTP_TRANSFER_ENCODING" in environ and "wsgi.input" in environ:
+            # A chunked body (gunicorn decodes it): counted as the app reads it.
+            environ["wsgi.input"] = _CountedInput(environ["wsgi.input"], exchange)
         exchange.begin()
         try:
             iterable = self.app(environ, start)
@@ -125,6 +130,37 @@ class _Exchange(InboundExchange):
 def _path(environ: dict[str, Any]) -> str:
     """The request's path, decoded, with the prefix the app is mounted under (SCRIPT_NAME)."""
     return environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "") or "/"
+
+
+class _CountedInput:
+    """`wsgi.input` for a body of unknown length: counts the bytes the app reads."""
+
+    def __init__(self, stream: Any, exchange: _Exchange) -> None:
+        self._stream = stream
+        self._exchange = exchange
+
+    def read(self, *size: int) -> bytes:
+        data: bytes = self._stream.read(*size)
+        self._exchange.request_bytes += len(data)
+        return data
+
+    def readline(self, *size: int) -> bytes:
+        line: bytes = self._stream.readline(*size)
+        self._exchange.request_bytes += len(line)
+        return line
+
+    def readlines(self, *hint: int) -> list[bytes]:
+        lines: list[bytes] = self._stream.readlines(*hint)
+        self._exchange.request_bytes += sum(map(len, lines))
+        return lines
+
+    def __iter__(self) -> Iterator[bytes]:
+        for line in self._stream:
+            self._exchange.request_bytes += len(line)
+            yield line
+
+    def __getattr__(self, name: str) -> Any:  # anything else the server's stream has
+        return getattr(self._stream, name)
 
 
 def _unstarted(data: bytes) -> Any:

@@ -619,3 +619,31 @@ def test_the_access_log_has_the_target_as_sent() -> None:
         body.close()  # type: ignore[attr-defined]
         assert entries[-1].path == target
     mesh.close()
+
+
+def test_wsgi_chunked_request_body_is_counted_as_read() -> None:
+    """A chunked upload has no CONTENT_LENGTH (gunicorn decodes the chunks): the bytes the
+    app reads are counted, whichever way it reads them."""
+    import io
+
+    mesh, entries = logged_mesh()
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        body = environ["wsgi.input"]
+        got = body.readline() + body.read(3) + b"".join(body.readlines()) + body.read()
+        start_response("200 OK", [])
+        return [got]
+
+    middleware = meshlib.MeshWSGIMiddleware(app, mesh=mesh)
+    payload = b"first line\nabcdef\nlast\n"
+    environ = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/upload",
+        "HTTP_TRANSFER_ENCODING": "chunked",
+        "wsgi.input": io.BytesIO(payload),
+    }
+    body = middleware(environ, lambda *a: None)
+    assert b"".join(body) == payload
+    body.close()  # type: ignore[attr-defined]
+    assert entries[-1].bytes_received == len(payload)
+    mesh.close()
