@@ -62,7 +62,9 @@ def upstream_netloc(endpoint: Endpoint) -> str:
 def edited_headers(
     headers: Iterable[tuple[str, str]], edits: HeaderEdits, extra: Mapping[str, str]
 ) -> list[tuple[str, str]]:
-    """Request or response headers with a route's set/add/remove applied."""
+    """Request or response headers with a route's set/add/remove applied, in Envoy's order
+    (`HeaderEdits` never removes a name it sets or adds, so removing first or last is the
+    same; the last pass takes a removed name out of `extra` too)."""
     drop = set(edits.set) | set(edits.remove) | set(extra)
     out = [(k, v) for k, v in headers if k.lower() not in drop]
     out.extend(edits.set.items())

@@ -19,7 +19,6 @@ from meshlib.dataplane import outcome
 from meshlib.dataplane.outcome import LocalReply
 from meshlib.policy.hosts import strip_port
 from meshlib.policy.matching import RequestAttributes, RouteMatcher
-from meshlib.policy.regex import compile_re2
 from meshlib.policy.routes import CompiledRoute, Mirror, RetryPolicy, RouteDestination
 from meshlib.policy.snapshot import RouteDecision, Snapshot
 from meshlib.policy.virtual_service import (
@@ -35,22 +34,55 @@ _AUTHORITY_KEYS = ("host", ":authority")
 
 @dataclass(slots=True)
 class HeaderEdits:
-    """Header changes to apply, in order: set (replace), add (append), remove."""
+    """Header changes to apply: drop `set` and `remove` names, then put `set`, then `add`.
+
+    Built from Istio `headers` operations with Envoy's `HeaderParser` order: each parser
+    removes first, then sets (overwrite) and adds (append) in order. `then` folds one more
+    parser in, so that a name is never both removed and set or added: applying `remove`
+    before or after `set`/`add` gives the same headers (`edited_headers` relies on it).
+    """
 
     set: dict[str, str] = field(default_factory=dict)
     add: list[tuple[str, str]] = field(default_factory=list)
     remove: list[str] = field(default_factory=list)
 
-    def extend(self, ops: HeaderOperations | None) -> None:
-        if ops is None:
-            return
-        for name, value in ops.set.items():
-            if name.lower() not in _AUTHORITY_KEYS:
-                self.set[name.lower()] = value
-        for name, value in ops.add.items():
-            if name.lower() not in _AUTHORITY_KEYS:
-                self.add.append((name.lower(), value))
-        self.remove.extend(name.lower() for name in ops.remove)
+    def then(self, *parsers: HeaderOperations | None) -> None:
+        """Apply these operations after the ones already here, as one Envoy parser: every
+        remove of them first, then their sets and adds in order."""
+        for ops in parsers:
+            if ops is not None:
+                for name in ops.remove:
+                    self._remove(name.lower())
+        for ops in parsers:
+            if ops is None:
+                continue
+            for name, value in ops.set.items():
+                if name.lower() not in _AUTHORITY_KEYS:
+                    self.overwrite(name.lower(), value)
+            for name, value in ops.add.items():
+                if name.lower() not in _AUTHORITY_KEYS:
+                    self._append(name.lower(), value)
+
+    def overwrite(self, name: str, value: str) -> None:
+        if any(n == name for n, _ in self.add):
+            self.add = [(n, v) for n, v in self.add if n != name]
+        if name in self.remove:
+            self.remove.remove(name)  # `set` drops what came before as well
+        self.set[name] = value
+
+    def _append(self, name: str, value: str) -> None:
+        if name in self.remove:  # removed, then added: the same as set
+            self.remove.remove(name)
+            self.set[name] = value
+        else:
+            self.add.append((name, value))
+
+    def _remove(self, name: str) -> None:
+        self.set.pop(name, None)
+        if any(n == name for n, _ in self.add):
+            self.add = [(n, v) for n, v in self.add if n != name]
+        if name not in self.remove:
+            self.remove.append(name)
 
     def __bool__(self) -> bool:
         return bool(self.set or self.add or self.remove)
@@ -119,6 +151,8 @@ def plan_route(snapshot: Snapshot, request: RequestAttributes, rng: random.Rando
         plan.reply = outcome.no_cluster()
         return plan
     port = destination.port if destination.port is not None else decision.port
+    if port is None:  # no port in the authority: the URL's, else the scheme's (80 / 443)
+        port = request.port
     service = snapshot.service(destination.host)
     if service is None or (
         destination.subset is not None
@@ -144,8 +178,9 @@ def plan_route(snapshot: Snapshot, request: RequestAttributes, rng: random.Rando
     plan.retries = route.retries
     plan.timeout = route.timeout.seconds if route.timeout is not None else None
     _rewrite(plan, route, decision.matched, request)
-    _request_headers(plan, route.headers, destination.headers)
-    _response_headers(plan, route.headers, destination.headers)
+    weighted = len(route.destinations) > 1
+    _request_headers(plan, route.headers, destination.headers, weighted)
+    _response_headers(plan, route.headers, destination.headers, weighted)
     _decide_faults(plan, route, rng)
     plan.mirrors = tuple(m for m in route.mirrors if m.fraction >= 1.0 or rng.random() < m.fraction)
     return plan
@@ -182,18 +217,30 @@ def _rewrite(
     path = request.path
     if rewrite.uri is not None:
         uri = matched.uri if matched is not None else None
-        if uri is not None and uri.prefix is not None and path.startswith(uri.prefix):
+        if uri is not None and uri.prefix is not None and _has_prefix(path, uri.prefix, matched):
+            # Envoy's prefix_rewrite replaces as many characters as the prefix has, so with
+            # ignoreUriCase `/API/v1` under prefix `/api` keeps `/v1`.
             path = rewrite.uri + path[len(uri.prefix) :]
         elif uri is not None and (uri.exact is not None or uri.regex is not None):
             path = rewrite.uri
         else:  # no uri match: Envoy rewrites the "/" prefix
             path = rewrite.uri + path[1:] if path.startswith("/") else rewrite.uri + path
-    elif rewrite.uri_regex_rewrite is not None:
-        pattern = compile_re2(rewrite.uri_regex_rewrite.match)
-        path = pattern.sub(rewrite.uri_regex_rewrite.rewrite, path)
+    elif route.uri_regex_rewrite is not None:
+        pattern, template = route.uri_regex_rewrite
+        path = pattern.sub(template, path)
     if path != request.path:
         plan.original_path = request.path
         plan.path = path
+
+
+def _has_prefix(path: str, prefix: str, matched: RouteMatcher | None) -> bool:
+    if path.startswith(prefix):
+        return True
+    return (
+        matched is not None
+        and matched.ignore_uri_case
+        and path[: len(prefix)].lower() == prefix.lower()
+    )
 
 
 def _header_authority(headers: Headers | None) -> str | None:
@@ -207,26 +254,48 @@ def _header_authority(headers: Headers | None) -> str | None:
     return None
 
 
-def _request_headers(plan: RoutePlan, route: Headers | None, dest: Headers | None) -> None:
+def _request_headers(
+    plan: RoutePlan, route: Headers | None, dest: Headers | None, weighted: bool
+) -> None:
     route_ops = route.request if route is not None else None
     dest_ops = dest.request if dest is not None else None
     if route_ops is None and dest_ops is None and plan.original_path is None:
         return  # the plan keeps the shared NO_EDITS
     edits = plan.request_headers = HeaderEdits()
-    edits.extend(route_ops)  # route ops first, destination ops second (ISTIO.md)
-    edits.extend(dest_ops)
+    _fold(edits, route_ops, dest_ops, weighted)
     if plan.original_path is not None:
-        edits.set["x-envoy-original-path"] = plan.original_path
+        edits.overwrite("x-envoy-original-path", plan.original_path)
 
 
-def _response_headers(plan: RoutePlan, route: Headers | None, dest: Headers | None) -> None:
+def _response_headers(
+    plan: RoutePlan, route: Headers | None, dest: Headers | None, weighted: bool = False
+) -> None:
     route_ops = route.response if route is not None else None
     dest_ops = dest.response if dest is not None else None
     if route_ops is None and dest_ops is None:
         return
     edits = plan.response_headers = HeaderEdits()
-    edits.extend(route_ops)
-    edits.extend(dest_ops)
+    _fold(edits, route_ops, dest_ops, weighted)
+
+
+def _fold(
+    edits: HeaderEdits,
+    route_ops: HeaderOperations | None,
+    dest_ops: HeaderOperations | None,
+    weighted: bool,
+) -> None:
+    """Route and destination operations in the order Istio and Envoy apply them.
+
+    One destination: pilot appends its operations to the route's, in one Envoy parser, so
+    all removes go first, then route set, route add, destination set, destination add (a
+    destination `set` replaces a route `add`). Several destinations: each is an Envoy
+    weighted cluster, whose parser runs before the route's, so the route has the last word.
+    """
+    if weighted:
+        edits.then(dest_ops)
+        edits.then(route_ops)
+    else:
+        edits.then(route_ops, dest_ops)
 
 
 def _decide_faults(plan: RoutePlan, route: CompiledRoute, rng: random.Random) -> None:
@@ -269,12 +338,26 @@ def _redirect(
         port = request.port
     elif port is None and redirect.derive_port is None and not redirect.authority:
         _, port = strip_port(request.authority)
-    if port is not None and (scheme, port) in (("http", 80), ("https", 443)):
+        if scheme != request.scheme and (request.scheme, port) in _DEFAULT_PORTS:
+            port = None  # Envoy drops the old scheme's default port when the scheme changes
+    if port is not None and (scheme, port) in _DEFAULT_PORTS:
         port = None  # default ports are dropped from the URL
-    path = redirect.uri if redirect.uri is not None else request.path
     query = f"?{request.query}" if request.query else ""
+    if redirect.uri is None:
+        path = request.path
+    else:
+        # Envoy's path_redirect: a query in it replaces the request's, a path without a
+        # leading "/" gets one.
+        path, mark, own_query = redirect.uri.partition("?")
+        if mark:
+            query = mark + own_query
+        if not path.startswith("/"):
+            path = "/" + path
     netloc = f"{host}:{port}" if port is not None else host
     return outcome.redirect(f"{scheme}://{netloc}{path}{query}", redirect.redirect_code or 301)
+
+
+_DEFAULT_PORTS = (("http", 80), ("https", 443))
 
 
 def _host_only(authority: str) -> str:

@@ -270,15 +270,19 @@ class TrafficPolicy:
         base = self.for_port(port)
         if subset_policy is None:
             return base
-        if port is not None and any(
-            e.port is not None and e.port.number == port for e in subset_policy.port_level_settings
-        ):
-            return subset_policy.for_port(port)
+        # pilot's MergeSubsetTrafficPolicy: the subset's blocks replace the parent's, then a
+        # subset port-level entry replaces the four port blocks (unset ones too); what a
+        # port-level entry cannot hold (retryBudget) stays the subset's, else the parent's.
         changes: dict[str, Any] = {
             block: getattr(subset_policy, block)
             for block in (*POLICY_BLOCKS, "retry_budget")
             if getattr(subset_policy, block) is not None
         }
+        if port is not None:
+            for entry in subset_policy.port_level_settings:
+                if entry.port is not None and entry.port.number == port:
+                    changes.update({block: getattr(entry, block) for block in POLICY_BLOCKS})
+                    break
         return replace(base, **changes) if changes else base
 
 

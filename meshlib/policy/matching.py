@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
-from urllib.parse import parse_qsl
 
 from meshlib.policy.common import StringMatch
 from meshlib.policy.regex import compile_re2
@@ -49,12 +48,19 @@ class RequestAttributes:
         self._query: dict[str, str] | None = None
 
     def query_param(self, name: str) -> str | None:
-        """The first value of a query parameter (`?key` gives ""), parsed once per request."""
-        if self._query is None:
-            self._query = {}
-            for key, value in parse_qsl(self.query, keep_blank_values=True):
-                self._query.setdefault(key, value)
-        return self._query.get(name)
+        """The first value of a query parameter (`?key` gives ""), parsed once per request.
+
+        As Envoy's `QueryParamsMulti::parseQueryString` reads it for route matching and
+        hashing: split on "&" and the first "=", nothing decoded (`a+b` stays `a+b`, not
+        `a b`; `x%2Fy` stays `x%2Fy`), and a repeated key keeps its first value.
+        """
+        query = self._query
+        if query is None:
+            query = self._query = {}
+            for param in self.query.split("&") if self.query else ():
+                key, _, value = param.partition("=")
+                query.setdefault(key, value)
+        return query.get(name)
 
 
 class LazyHeaders(Mapping[str, str]):
@@ -120,14 +126,19 @@ def _fullmatch(pattern: re.Pattern[str]) -> StringCheck:
 class RouteMatcher:
     """One compiled `match` block: every check must pass (AND)."""
 
-    __slots__ = ("checks", "name", "uri")
+    __slots__ = ("checks", "ignore_uri_case", "name", "uri")
 
     def __init__(
-        self, checks: tuple[Check, ...], name: str | None = None, uri: StringMatch | None = None
+        self,
+        checks: tuple[Check, ...],
+        name: str | None = None,
+        uri: StringMatch | None = None,
+        ignore_uri_case: bool = False,
     ) -> None:
         self.checks = checks
         self.name = name
         self.uri = uri  # kept for `rewrite.uri`, which replaces what the uri match matched
+        self.ignore_uri_case = ignore_uri_case  # how `uri` matched
 
     def __call__(self, request: RequestAttributes) -> bool:
         for check in self.checks:
@@ -138,7 +149,10 @@ class RouteMatcher:
     def __and__(self, other: RouteMatcher) -> RouteMatcher:
         """A block matching when both do: how a delegate's match narrows its root's."""
         name = ".".join(n for n in (self.name, other.name) if n) or None
-        return RouteMatcher(self.checks + other.checks, name, other.uri or self.uri)
+        uri_from = other if other.uri is not None else self
+        return RouteMatcher(
+            self.checks + other.checks, name, uri_from.uri, uri_from.ignore_uri_case
+        )
 
 
 def compile_match(block: HTTPMatchRequest) -> RouteMatcher:
@@ -169,7 +183,7 @@ def compile_match(block: HTTPMatchRequest) -> RouteMatcher:
     if block.port is not None:
         port = block.port
         checks.append(lambda request: request.port == port)
-    return RouteMatcher(tuple(checks), block.name, block.uri)
+    return RouteMatcher(tuple(checks), block.name, block.uri, block.ignore_uri_case)
 
 
 CATCH_ALL = RouteMatcher(())  # what a route without `match` matches with

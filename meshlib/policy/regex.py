@@ -11,6 +11,9 @@ keep Istio's meaning:
 
 A pattern that is valid RE2 but cannot be translated (Unicode classes like `\\pL`) is
 reported as such, never silently matched differently.
+
+`uriRegexRewrite.rewrite` strings are RE2 rewrite strings too; `re2_substitution` turns one
+into the template `re.Pattern.sub` expects, once, when policy loads.
 """
 
 from __future__ import annotations
@@ -76,3 +79,41 @@ def _posix_class(match: re.Match[str]) -> str:
     if negate:
         raise RegexError(f"negated POSIX class [:^{name}:] is not supported by meshlib")
     return chars
+
+
+def re2_substitution(rewrite: str, groups: int) -> str:
+    """An RE2 rewrite string as a `re.sub` template; raise RegexError if RE2 would refuse it.
+
+    RE2 knows three escapes: `\\0` (the whole match), `\\1`..`\\9` (a group; one digit, so
+    `\\10` is group 1 then "0") and `\\\\` (a backslash). Any other backslash, or a group
+    the pattern does not have (it has `groups`), makes the rewrite invalid.
+    """
+    out: list[str] = []
+    i, end = 0, len(rewrite)
+    while i < end:
+        at = rewrite.find("\\", i)
+        if at < 0:
+            out.append(rewrite[i:])
+            break
+        out.append(rewrite[i:at])
+        escaped = rewrite[at + 1 : at + 2]
+        if escaped == "\\":
+            out.append("\\\\")
+        elif escaped in _DIGITS:
+            if int(escaped) > groups:
+                raise RegexError(
+                    f"invalid rewrite {rewrite!r}: \\{escaped} refers to a group the regex"
+                    f" does not have (it has {groups})"
+                )
+            out.append(f"\\g<{escaped}>")
+        else:
+            what = f"\\{escaped}" if escaped else "a trailing \\"
+            raise RegexError(
+                f"invalid rewrite {rewrite!r}: {what} is not RE2 rewrite syntax"
+                " (use \\0-\\9 for groups, \\\\ for a backslash)"
+            )
+        i = at + 2
+    return "".join(out)
+
+
+_DIGITS = frozenset("0123456789")

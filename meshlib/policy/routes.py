@@ -7,6 +7,7 @@ timeout in seconds, faults and mirrors with their fractions.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -127,6 +128,8 @@ class CompiledRoute:
     redirect: HTTPRedirect | None
     direct_response: HTTPDirectResponse | None
     cors_policy: CorsPolicy | None
+    # rewrite.uriRegexRewrite compiled: the pattern and its `re.sub` template
+    uri_regex_rewrite: tuple[re.Pattern[str], str] | None = None
 
     def match(self, request: RequestAttributes) -> RouteMatcher | None:
         """The match block `request` satisfies (CATCH_ALL without blocks), or None."""

@@ -483,6 +483,11 @@ class _Builder:
             redirect=http.redirect,
             direct_response=http.direct_response,
             cors_policy=http.cors_policy,
+            uri_regex_rewrite=(
+                http.rewrite.uri_regex_rewrite.compiled()
+                if http.rewrite is not None and http.rewrite.uri_regex_rewrite is not None
+                else None
+            ),
         )
 
     def _mirrors(self, http: HTTPRoute, ns: str) -> tuple[Mirror, ...]:

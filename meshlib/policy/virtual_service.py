@@ -22,6 +22,7 @@ from meshlib.policy.common import (
     check_regex,
     is_dns_label,
 )
+from meshlib.policy.regex import RegexError, compile_re2, re2_substitution
 
 RETRY_ON_HTTP = frozenset(
     {
@@ -285,7 +286,25 @@ class RegexRewrite:
     rewrite: str = spec_field(required=True)
 
     def validate_policy(self, path: Path, sink: Sink) -> None:
-        check_regex(self.match, (*path, "match"), sink)
+        if check_regex(self.match, (*path, "match"), sink):
+            try:
+                self.compiled()
+            except RegexError as exc:
+                sink.error((*path, "rewrite"), str(exc))
+
+    def compiled(self) -> tuple[re.Pattern[str], str]:
+        """The pattern and the `re.sub` template for it: RE2's `\\0`..`\\9` and `\\\\`
+        converted once, when policy loads (raises RegexError for what RE2 refuses)."""
+        pattern = compile_re2(self.match)
+        return pattern, re2_substitution(self.rewrite, pattern.groups)
+
+
+def _empty_is_unset(message: object, *names: str) -> None:
+    """An empty string is proto3's default, so Istio reads `uri: ""` as no `uri` at all: a
+    rewrite keeps the path, a redirect keeps the request's path, host or scheme."""
+    for name in names:
+        if getattr(message, name) == "":
+            object.__setattr__(message, name, None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,6 +312,9 @@ class HTTPRewrite:
     uri: str | None = None
     authority: str | None = None
     uri_regex_rewrite: RegexRewrite | None = None
+
+    def __post_init__(self) -> None:
+        _empty_is_unset(self, "uri", "authority")
 
     def validate_policy(self, path: Path, sink: Sink) -> None:
         if self.uri is not None and self.uri_regex_rewrite is not None:
@@ -309,6 +331,9 @@ class HTTPRedirect:
     derive_port: Literal["FROM_PROTOCOL_DEFAULT", "FROM_REQUEST_PORT"] | None = None
     scheme: str | None = None
     redirect_code: int | None = None
+
+    def __post_init__(self) -> None:
+        _empty_is_unset(self, "uri", "authority", "scheme")
 
     def validate_policy(self, path: Path, sink: Sink) -> None:
         targets = (self.uri, self.authority, self.port, self.derive_port, self.scheme)

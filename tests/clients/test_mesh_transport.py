@@ -919,3 +919,140 @@ def test_a_mirrored_copy_never_waits_for_good() -> None:
         c.get("http://api.internal/m")
         assert mirrored.wait(5)
     assert copies == [dict.fromkeys(("connect", "read", "write", "pool"), 10.0)]
+
+
+WEB = """
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: web}
+spec:
+  hosts: [web.internal]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports:
+  - {number: 80, name: http, protocol: HTTP}
+  - {number: 8080, name: http-alt, protocol: HTTP}
+  endpoints:
+  - {address: 10.7.0.1, ports: {http: 8000, http-alt: 8001}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("url", "upstream"),
+    [
+        pytest.param("http://web.internal/x", "http://10.7.0.1:8000/x", id="no-port"),
+        pytest.param("http://web.internal:80/x", "http://10.7.0.1:8000/x", id="port-80"),
+        pytest.param("http://web.internal:8080/x", "http://10.7.0.1:8001/x", id="port-8080"),
+    ],
+)
+def test_a_url_without_a_port_reaches_port_80_of_a_multi_port_service(
+    url: str, upstream: str
+) -> None:
+    """httpx drops the default port from a URL; meshlib still routes it to service port 80
+    (it answered 503 NC for a service with several ports)."""
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        return httpx.Response(200)
+
+    with meshlib.Client(mesh=_mesh_of(WEB), transport=httpx.MockTransport(handler)) as c:
+        assert c.get(url).status_code == 200
+    assert seen == [upstream]
+
+
+HEADER_ORDER = [
+    pytest.param("{add: {x: a}}", "{set: {x: b}}", ["b"], id="destination-set-replaces-route-add"),
+    pytest.param("{add: {x: a}}", "{add: {x: b}}", ["in", "a", "b"], id="adds-in-order"),
+    pytest.param("{set: {x: a}}", "{remove: [x]}", ["a"], id="removes-go-first"),
+    pytest.param("{set: {x: a}, remove: [x]}", "{}", ["a"], id="same-route-set-and-remove"),
+    pytest.param("{add: {x: a}, remove: [x]}", "{}", ["a"], id="same-route-add-and-remove"),
+]
+
+
+@pytest.mark.parametrize(("route_ops", "dest_ops", "sent"), HEADER_ORDER)
+def test_header_operations_apply_in_envoys_order(
+    route_ops: str, dest_ops: str, sent: list[str]
+) -> None:
+    """With one destination, pilot puts route then destination operations in one Envoy
+    parser: every remove first, then route set, route add, destination set, destination add."""
+    seen: list[list[str]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get_list("x"))
+        return httpx.Response(200)
+
+    route = (
+        f"- headers: {{request: {route_ops}}}\n"
+        f"  route: [{{destination: {{host: api.internal}}, headers: {{request: {dest_ops}}}}}]"
+    )
+    with client(vs(route), handler) as c:
+        assert c.get("http://api.internal/", headers={"x": "in"}).status_code == 200
+    assert seen == [sent]
+
+
+def test_with_several_destinations_route_header_operations_come_last() -> None:
+    """Each of several destinations is an Envoy weighted cluster, whose header parser runs
+    before the route's: the route's `set` wins over the destination's, and its remove takes
+    out what the destination added."""
+    seen: list[tuple[list[str], list[str]]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((request.headers.get_list("x-tier"), request.headers.get_list("x-d")))
+        return httpx.Response(200)
+
+    dest = "headers: {request: {set: {x-tier: destination}, add: {x-d: '1'}}}"
+    policy = (
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: api}\n"
+        "spec: {host: api.internal, subsets: [{name: a}, {name: b}]}\n---\n"
+    ) + vs(
+        f"""
+        - headers: {{request: {{set: {{x-tier: route}}, remove: [x-d]}}}}
+          route:
+          - {{destination: {{host: api.internal, subset: a}}, weight: 50, {dest}}}
+          - {{destination: {{host: api.internal, subset: b}}, weight: 50, {dest}}}
+        """
+    )
+    with client(policy, handler) as c:
+        for _ in range(4):
+            assert c.get("http://api.internal/").status_code == 200
+    assert seen == [(["route"], [])] * 4
+
+
+@pytest.mark.parametrize(
+    ("timeout", "mirrored"),
+    [
+        pytest.param(None, (10.0, 10.0), id="none"),
+        pytest.param((2, None), (2, 10.0), id="no-read"),
+        pytest.param((None, 3), (10.0, 3), id="no-connect"),
+        pytest.param(4, (4, 4), id="both"),
+    ],
+)
+def test_a_mirrored_copy_never_waits_for_good_requests(
+    timeout: Any, mirrored: tuple[float, float]
+) -> None:
+    """requests: a mirrored copy takes the caller's connect and read timeouts, and 10 s for
+    each the caller left unset — `(2, None)` once sent the copy with no read timeout, holding
+    a mirroring thread for good when the mirror never answers."""
+    import threading
+
+    import requests
+
+    from meshlib.clients.requests import MeshAdapter
+
+    copies: list[Any] = []
+    done = threading.Event()
+
+    class Recording(_RecordingAdapter):
+        def send(self, request: Any, **kwargs: Any) -> Any:
+            if "x-envoy-attempt-count" not in request.headers:  # the mirrored copy
+                copies.append(kwargs.get("timeout"))
+                done.set()
+            return super().send(request, **kwargs)
+
+    policy = vs("- route: [{destination: {host: api.internal}}]\n  mirror: {host: api.internal}")
+    with requests.Session() as session:
+        session.mount("http://", MeshAdapter(mesh=_mesh_of(policy), inner=Recording()))  # type: ignore[arg-type]
+        assert session.get("http://api.internal/m", timeout=timeout).status_code == 200
+        assert done.wait(5)
+    assert copies == [mirrored]

@@ -130,6 +130,31 @@ def test_cluster_port_and_retry_defaults() -> None:
             301,
             id="derive",
         ),
+        pytest.param(
+            "{uri: '/new?b=2'}", {}, "http://reviews:9080/new?b=2", 301, id="uri-query-replaces"
+        ),
+        pytest.param("{uri: new}", {}, "http://reviews:9080/new?a=1", 301, id="relative-uri"),
+        pytest.param(
+            "{scheme: https}",
+            {"authority": "reviews:80"},
+            "https://reviews/old?a=1",
+            301,
+            id="scheme-change-drops-old-default-port",
+        ),
+        pytest.param(
+            "{scheme: https}",
+            {"authority": "reviews:443", "scheme": "https"},
+            "https://reviews/old?a=1",
+            301,
+            id="same-scheme-default-port",
+        ),
+        pytest.param(
+            "{uri: '', authority: other.example}",
+            {},
+            "http://other.example/old?a=1",
+            301,
+            id="empty-uri-is-unset",
+        ),
     ],
 )
 def test_redirects(
@@ -158,11 +183,32 @@ def test_direct_response() -> None:
             "headers: {x: {exact: '1'}}", "uri: /base", "/items", "/baseitems", id="no-uri-match"
         ),
         pytest.param(
+            "uri: {prefix: /api}, ignoreUriCase: true",
+            "uri: /new",
+            "/API/v1",
+            "/new/v1",
+            id="prefix-ignore-case",
+        ),
+        pytest.param(
             "uri: {prefix: /}",
             "uriRegexRewrite: {match: '^/svc/([^/]+)/(.*)$', rewrite: '/\\2/\\1'}",
             "/svc/a/b/c",
             "/b/c/a",
             id="regex",
+        ),
+        pytest.param(
+            "uri: {prefix: /}",
+            "uriRegexRewrite: {match: '^/v1/(.*)$', rewrite: '/old\\0'}",
+            "/v1/x",
+            "/old/v1/x",
+            id="regex-whole-match",
+        ),
+        pytest.param(
+            "uri: {prefix: /}",
+            "uriRegexRewrite: {match: '^/v1/(.*)$', rewrite: '/\\10/\\\\'}",
+            "/v1/x",
+            "/x0/\\",
+            id="regex-one-digit-groups-and-backslash",
         ),
     ],
 )
@@ -177,8 +223,58 @@ def test_uri_rewrites(match: str, rewrite: str, path: str, expected: str) -> Non
     assert p.request_headers.set["x-envoy-original-path"] == path
 
 
+@pytest.mark.parametrize("match", ["uri: {prefix: /api}", "uri: {exact: /api/x}"])
+def test_an_empty_rewrite_uri_keeps_the_path(match: str) -> None:
+    """`rewrite.uri: ""` is unset, as in Istio: only the authority is rewritten."""
+    snapshot = snapshot_for(
+        f"- match: [{{{match}}}]\n  rewrite: {{uri: '', authority: reviews.internal}}\n"
+        "  route: [{destination: {host: reviews}}]"
+    )
+    p = plan(snapshot, "/api/x")
+    assert (p.path, p.original_path, p.authority) == ("/api/x", None, "reviews.internal")
+
+
+MULTI_PORT = """
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: web}
+spec:
+  hosts: [web.default.svc.cluster.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports:
+  - {number: 80, name: http, protocol: HTTP}
+  - {number: 443, name: https, protocol: HTTPS}
+  - {number: 8080, name: http-alt, protocol: HTTP}
+  endpoints: [{address: 10.0.0.1}]
+"""
+
+
+@pytest.mark.parametrize(
+    ("authority", "scheme", "port"),
+    [
+        pytest.param("web", "http", 80, id="http-default"),
+        pytest.param("web", "https", 443, id="https-default"),
+        pytest.param("web:80", "http", 80, id="explicit-80"),
+        pytest.param("web:8080", "http", 8080, id="explicit-8080"),
+    ],
+)
+def test_a_url_without_a_port_uses_the_schemes_default_port(
+    authority: str, scheme: str, port: int
+) -> None:
+    """`http://web/` is port 80 and `https://web/` port 443, as an explicit port would be,
+    so a service with several ports is reached (it was 503 NC)."""
+    result = load_text(MULTI_PORT, "ports.yaml")
+    snapshot = Snapshot.build(result.resources, MeshConfig())
+    p = plan(snapshot, authority=authority, scheme=scheme)
+    assert p.reply is None
+    assert p.cluster == ("web.default.svc.cluster.local", None, port)
+
+
 def test_authority_rewrite_and_header_edits() -> None:
-    """rewrite.authority sets the Host; route ops come before destination ops."""
+    """rewrite.authority sets the Host; route ops come before destination ops, and every
+    remove before any set or add (Envoy's order): a destination's remove of `x-r` takes out
+    the upstream's `x-r`, not the route's."""
     snapshot = snapshot_for(
         """
         - rewrite: {authority: reviews.internal}
@@ -197,7 +293,7 @@ def test_authority_rewrite_and_header_edits() -> None:
     assert p.request_headers.set == {"x-a": "destination"}
     assert p.request_headers.add == [("x-b", "one")]
     assert p.request_headers.remove == ["x-c"]
-    assert p.response_headers.set == {"x-r": "route"} and p.response_headers.remove == ["x-r"]
+    assert p.response_headers.set == {"x-r": "route"} and p.response_headers.remove == []
 
 
 def test_faults_are_decided_independently_at_their_percentages() -> None:

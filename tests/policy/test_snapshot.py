@@ -162,6 +162,13 @@ MATCHES = [
     ("queryParams: {v: {exact: '2'}}", {"query": "a=1&v=2"}, {"query": "v=3"}),
     ("queryParams: {debug: {exact: ''}}", {"query": "debug"}, {"query": "x=1"}),
     ("queryParams: {id: {regex: '\\d+'}}", {"query": "id=123"}, {"query": "id=a123"}),
+    # Envoy matches query values as sent, undecoded: `+` is no space, `%2F` no slash
+    ("queryParams: {q: {exact: 'a+b'}}", {"query": "q=a+b"}, {"query": "q=a%2Bb"}),
+    ("queryParams: {q: {exact: 'a b'}}", {"query": "q=a b"}, {"query": "q=a+b"}),
+    ("queryParams: {t: {exact: 'x%2Fy'}}", {"query": "t=x%2Fy"}, {"query": "t=x/y"}),
+    ("queryParams: {'%41': {exact: '1'}}", {"query": "%41=1"}, {"query": "A=1"}),
+    # a repeated key: its first value is the one matched
+    ("queryParams: {v: {exact: '1'}}", {"query": "v=1&v=2"}, {"query": "v=2&v=1"}),
     ("port: 9080", {"authority": "reviews:9080"}, {"authority": "reviews:80"}),
 ]
 
@@ -353,6 +360,50 @@ def test_port_level_settings_replace_the_policy_for_that_port() -> None:
     p80 = snapshot.traffic_policy("api.example.com", None, 80)
     assert p443.tls is not None and p443.load_balancer is None and p443.outlier_detection is None
     assert p80.load_balancer is not None and p80.load_balancer.algorithm == "RANDOM"
+
+
+def test_a_subset_port_level_entry_keeps_the_retry_budget() -> None:
+    """A subset's port-level entry replaces the four port blocks; the retryBudget, which a
+    port-level entry cannot hold, stays the subset's or else the parent's (pilot's merge)."""
+    snapshot = build(
+        """
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: api}
+        spec:
+          host: api.example.com
+          trafficPolicy:
+            retryBudget: {percent: {value: 5}, minRetryConcurrency: 1}
+            loadBalancer: {simple: ROUND_ROBIN}
+            outlierDetection: {consecutive5xxErrors: 7}
+          subsets:
+          - name: v1
+            trafficPolicy:
+              outlierDetection: {consecutive5xxErrors: 3}
+              portLevelSettings:
+              - port: {number: 443}
+                loadBalancer: {simple: RANDOM}
+          - name: v2
+            trafficPolicy:
+              retryBudget: {percent: {value: 50}}
+              portLevelSettings:
+              - port: {number: 443}
+                loadBalancer: {simple: RANDOM}
+        """,
+        services=False,
+    )
+    v1 = snapshot.traffic_policy("api.example.com", "v1", 443)
+    assert v1.load_balancer is not None and v1.load_balancer.algorithm == "RANDOM"
+    assert v1.outlier_detection is None  # port level: unset blocks are unset
+    assert v1.retry_budget is not None and v1.retry_budget.percent is not None
+    assert v1.retry_budget.percent.value == 5
+    v2 = snapshot.traffic_policy("api.example.com", "v2", 443)
+    assert v2.retry_budget is not None and v2.retry_budget.percent is not None
+    assert v2.retry_budget.percent.value == 50
+    v1_80 = snapshot.traffic_policy("api.example.com", "v1", 80)  # no port entry: blocks merge
+    assert v1_80.load_balancer is not None and v1_80.load_balancer.algorithm == "ROUND_ROBIN"
+    assert v1_80.outlier_detection is not None
+    assert v1_80.outlier_detection.consecutive_5xx_errors == 3
 
 
 def test_default_load_balancer_is_least_request() -> None:

@@ -477,6 +477,27 @@ def test_sub_millisecond_duration_rejected_where_1ms_required(
             "invalid regex '^/(.*'",
             id="rewrite-regex",
         ),
+        pytest.param(
+            vs_route('rewrite: {uriRegexRewrite: {match: "^/(.*)$", rewrite: "/a\\\\d"}}'),
+            "spec.http[0].rewrite.uriRegexRewrite.rewrite",
+            9,
+            "\\d is not RE2 rewrite syntax",
+            id="rewrite-substitution-escape",
+        ),
+        pytest.param(
+            vs_route('rewrite: {uriRegexRewrite: {match: "^/(.*)$", rewrite: "/\\\\2"}}'),
+            "spec.http[0].rewrite.uriRegexRewrite.rewrite",
+            9,
+            "\\2 refers to a group the regex does not have (it has 1)",
+            id="rewrite-substitution-group",
+        ),
+        pytest.param(
+            vs_route('rewrite: {uriRegexRewrite: {match: "^/(.*)$", rewrite: "/a\\\\"}}'),
+            "spec.http[0].rewrite.uriRegexRewrite.rewrite",
+            9,
+            "a trailing \\ is not RE2 rewrite syntax",
+            id="rewrite-substitution-trailing",
+        ),
     ],
 )
 def test_bad_regex_is_an_error(text: str, field: str, line: int, fragment: str) -> None:
@@ -717,6 +738,21 @@ VS_ERRORS = [
         8,
         "header cannot have ':' prefix",
         id="destination-add-pseudo",
+    ),
+    # an empty string is unset (proto3), as Istio's validation reads it
+    pytest.param(
+        vs_route("rewrite: {uri: ''}"),
+        "spec.http[0].rewrite",
+        9,
+        "a rewrite needs uri, uriRegexRewrite or authority",
+        id="rewrite-empty-uri",
+    ),
+    pytest.param(
+        vs_http("- redirect: {uri: '', authority: ''}"),
+        "spec.http[0].redirect",
+        8,
+        "a redirect needs uri",
+        id="redirect-empty-strings",
     ),
     # CORS
     pytest.param(
