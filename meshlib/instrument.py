@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from meshlib.mesh import Mesh
 
 _lock = threading.Lock()
-_state: dict[str, Any] = {"mesh": None, "patched": False}
+# "closers": the transports' close methods are wrapped (they stay wrapped, see uninstrument)
+_state: dict[str, Any] = {"mesh": None, "patched": False, "closers": False}
 _FACADE = "_meshlib_facade"
 
 
@@ -49,9 +50,14 @@ def _targets() -> tuple[tuple[Any, str], ...]:
         (httpx.HTTPTransport, "handle_request"),
         (httpx.AsyncHTTPTransport, "handle_async_request"),
         (requests.adapters.HTTPAdapter, "send"),
-        (httpx.HTTPTransport, "close"),
-        (httpx.AsyncHTTPTransport, "aclose"),
     )
+
+
+def _closers() -> tuple[tuple[Any, str], ...]:
+    """Where httpx transports are closed (a facade's pool for mirrored copies goes with them)."""
+    import httpx
+
+    return ((httpx.HTTPTransport, "close"), (httpx.AsyncHTTPTransport, "aclose"))
 
 
 def _facade(instance: Any, make: Any) -> Any:
@@ -138,7 +144,8 @@ async def _httpx_aclose(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> 
     return await wrapped(*args, **kwargs)
 
 
-_WRAPPERS = (_httpx_sync, _httpx_async, _requests_send, _httpx_close, _httpx_aclose)
+_WRAPPERS = (_httpx_sync, _httpx_async, _requests_send)
+_CLOSE_WRAPPERS = (_httpx_close, _httpx_aclose)
 
 
 def instrument(mesh: Mesh | None = None) -> None:
@@ -155,11 +162,19 @@ def instrument(mesh: Mesh | None = None) -> None:
             return
         for (owner, name), wrapper in zip(_targets(), _WRAPPERS, strict=True):
             wrapt.wrap_function_wrapper(owner, name, wrapper)
+        if not _state["closers"]:
+            for (owner, name), wrapper in zip(_closers(), _CLOSE_WRAPPERS, strict=True):
+                wrapt.wrap_function_wrapper(owner, name, wrapper)
+            _state["closers"] = True
         _state["patched"] = True
 
 
 def uninstrument() -> None:
-    """Undo `instrument()`; clients send requests as stock httpx and requests do."""
+    """Undo `instrument()`; clients send requests as stock httpx and requests do.
+
+    Closing a transport meshed before still closes the pool its facade made for mirrored
+    copies: that wrapper of `close` / `aclose` stays (it does nothing for other transports),
+    as a client is often closed after `uninstrument()`."""
     with _lock:
         if not _state["patched"]:
             return

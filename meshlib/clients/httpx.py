@@ -225,6 +225,18 @@ def _exception_flag(exc: BaseException) -> str:
 _CALLERS_OWN = (httpx.UnsupportedProtocol, httpx.LocalProtocolError)
 
 
+def _read_timeout_first(request: httpx.Request, delay: float) -> float | None:
+    """The caller's read timeout, when a fault's `delay` would outlast it: behind a sidecar
+    the app's read times out while the sidecar holds its request (see `_delay_timed_out`)."""
+    read = (request.extensions.get("timeout") or {}).get("read")
+    return read if read is not None and read < delay else None
+
+
+def _delay_timed_out(request: httpx.Request) -> httpx.ReadTimeout:
+    """The caller's read timeout, run out during a fault's delay: as httpx raises it."""
+    return httpx.ReadTimeout("timed out", request=request)
+
+
 def _replayable(request: httpx.Request) -> bool:
     return isinstance(request.stream, httpx.ByteStream)
 
@@ -494,7 +506,10 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         if plan.reply is not None:
             return self._local(plan.reply, request, flags, plan), None
         if plan.fault_delay is not None:
-            time.sleep(plan.fault_delay)
+            read = _read_timeout_first(request, plan.fault_delay)
+            time.sleep(plan.fault_delay if read is None else read)
+            if read is not None:
+                raise _delay_timed_out(request)
             flags.append(Flag.DELAY_INJECTED)
         if plan.fault_abort is not None:
             return self._local(plan.fault_abort, request, flags, plan), None
@@ -720,7 +735,10 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
         if plan.reply is not None:
             return self._local(plan.reply, request, flags, plan), None
         if plan.fault_delay is not None:
-            await asyncio.sleep(plan.fault_delay)
+            read = _read_timeout_first(request, plan.fault_delay)
+            await asyncio.sleep(plan.fault_delay if read is None else read)
+            if read is not None:
+                raise _delay_timed_out(request)
             flags.append(Flag.DELAY_INJECTED)
         if plan.fault_abort is not None:
             return self._local(plan.fault_abort, request, flags, plan), None

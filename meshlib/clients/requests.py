@@ -20,11 +20,17 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 import requests.cookies
 from requests.adapters import HTTPAdapter
-from requests.exceptions import ChunkedEncodingError, ConnectTimeout
+from requests.exceptions import ChunkedEncodingError, ConnectTimeout, ContentDecodingError
 from requests.structures import CaseInsensitiveDict
 from requests.utils import get_encoding_from_headers
 from urllib3 import HTTPHeaderDict, HTTPResponse
-from urllib3.exceptions import ProtocolError, ReadTimeoutError
+from urllib3.exceptions import (
+    DecodeError,
+    ProtocolError,
+    ReadTimeoutError,
+    SSLError,
+    TimeoutStateError,
+)
 from urllib3.util import Timeout
 
 from meshlib.clients._common import (
@@ -136,6 +142,20 @@ def _exception_flag(exc: BaseException) -> str:
     return Flag.UPSTREAM_CONNECTION_TERMINATION
 
 
+def _fault_delay(
+    seconds: float, read_timeout: float | None, request: requests.PreparedRequest
+) -> None:
+    """Wait out a fault's delay. When the caller's read timeout is shorter, wait that long and
+    raise its `ReadTimeout`: behind a sidecar, the app's read times out while the sidecar holds
+    its request."""
+    if read_timeout is not None and read_timeout < seconds:
+        time.sleep(read_timeout)
+        raise requests.ReadTimeout(
+            f"Read timed out. (read timeout={read_timeout})", request=request
+        )
+    time.sleep(seconds)
+
+
 def _replayable(request: requests.PreparedRequest) -> bool:
     return request.body is None or isinstance(request.body, (bytes, str))
 
@@ -143,21 +163,98 @@ def _replayable(request: requests.PreparedRequest) -> bool:
 def _read_whole(response: requests.Response, until: float | None) -> None:
     """Read the body of a response the caller reads whole (`stream=False`) within its try, as
     Envoy's timeouts and in-flight counts cover the whole response: the route deadline
-    (`until`, `time.monotonic()`) bounds it, checked between reads. The bytes are kept where
-    `response.content` finds them, decoded as requests decodes them."""
-    if until is None or response.raw is None:  # (no raw: an adapter gave the body already)
+    (`until`, `time.monotonic()`) bounds it. The bytes are kept where `response.content`
+    finds them, decoded as requests decodes them (and its errors raised as it raises them)."""
+    raw = response.raw
+    if until is None or raw is None:  # (no raw: an adapter gave the body already)
         response.content  # noqa: B018 - requests reads and keeps the body
         return
     chunks = []
-    for chunk in response.iter_content(_CHUNK):
-        if time.monotonic() > until:
-            raise BodyTooLate
-        chunks.append(chunk)
+    if isinstance(raw, HTTPResponse):
+        while True:
+            left = until - time.monotonic()
+            if left <= 0:
+                raise BodyTooLate
+            try:
+                chunk = _read_some(raw, left, decode_content=True)
+            except ProtocolError as exc:
+                raise ChunkedEncodingError(exc) from exc
+            except DecodeError as exc:
+                raise ContentDecodingError(exc) from exc
+            except ReadTimeoutError as exc:
+                raise requests.ConnectionError(exc) from exc
+            except SSLError as exc:
+                raise requests.exceptions.SSLError(exc) from exc
+            if not chunk:
+                break
+            chunks.append(chunk)
+    else:  # another adapter's `raw`: the deadline is checked between its reads
+        for chunk in response.iter_content(_CHUNK):
+            if time.monotonic() > until:
+                raise BodyTooLate
+            chunks.append(chunk)
     response._content = b"".join(chunks)
     response._content_consumed = True  # type: ignore[attr-defined]
 
 
 _CHUNK = 64 * 1024
+# A read waits for the time left when that is sooner than its own read timeout by more than
+# this (seconds); setting a socket's timeout is a system call, saved when it changes nothing.
+_SLACK = 0.01
+
+
+def _read_some(raw: HTTPResponse, left: float, *, decode_content: bool) -> bytes:
+    """What of `raw`'s body has come (up to `_CHUNK` bytes; b"" at its end), waiting at most
+    `left` seconds for it: `BodyTooLate` if none came by then.
+
+    urllib3's `read(amt)` waits for all `amt` bytes, each wait bounded by the read timeout
+    alone, so a body that trickles in would overshoot any deadline by far; `read1` returns
+    what one receive gives, and the socket's timeout is cut to the time left. (Once the body
+    is in, the connection is back in its pool, maybe another request's: it is not touched;
+    urllib3 sets the timeout of a connection it reuses.)"""
+    connection = raw.connection
+    sock = connection.sock if connection is not None else None
+    shortened = False
+    if sock is not None:
+        own = sock.gettimeout()
+        if own is None or own > left + _SLACK:
+            sock.settimeout(left)
+            shortened = True
+    try:
+        return raw.read1(_CHUNK, decode_content=decode_content) or b""
+    except ReadTimeoutError:
+        if shortened:
+            raise BodyTooLate from None
+        raise
+
+
+def _drained(raw: HTTPResponse, seconds: float, most: int | None) -> bool:
+    """Read and drop the rest of `raw`'s body, if it comes within `seconds` and is at most
+    `most` bytes (None: any size): whether it was read to its end (then the connection can
+    be used again). Never raises."""
+    until = time.monotonic() + seconds
+    read = 0
+    with contextlib.suppress(Exception):  # a discarded answer never fails the call
+        while most is None or read <= most:
+            left = until - time.monotonic()
+            if left <= 0:
+                break
+            chunk = _read_some(raw, left, decode_content=False)
+            if not chunk:
+                return True
+            read += len(chunk)
+    return False
+
+
+def _discard(response: requests.Response, seconds: float, most: int | None) -> None:
+    """Drop a response nobody reads (a retried one, a mirrored copy's): its body is read
+    (see `_drained`) so that its connection goes back to the pool, or the connection is
+    closed when the body is bigger or slower than that, as Envoy resets such a stream."""
+    raw = response.raw
+    if isinstance(raw, HTTPResponse) and _drained(raw, seconds, most):
+        raw.release_conn()
+    else:
+        response.close()
 
 
 def _classify(exc: requests.RequestException) -> str:
@@ -181,18 +278,42 @@ def _classify(exc: requests.RequestException) -> str:
 
 
 def _caller_timeouts(timeout: Any) -> tuple[float | None, float | None]:
-    """(connect, read) seconds of a requests `timeout`: a number, a pair, or urllib3's
-    `Timeout` (whose unset parts are not numbers)."""
+    """(connect, read) seconds of a requests `timeout` — a number, a (connect, read) pair or
+    urllib3's `Timeout` — refused with ValueError where requests' own adapter refuses it.
+    A `Timeout`'s `total` bounds each of the two (the mesh gives the transport a timeout per
+    phase, not one over both)."""
     if isinstance(timeout, tuple):
-        connect, read = timeout
-    elif isinstance(timeout, Timeout):
-        connect, read = timeout.connect_timeout, timeout.read_timeout
-    else:
-        connect = read = timeout
-    return (
-        connect if isinstance(connect, (int, float)) else None,
-        read if isinstance(read, (int, float)) else None,
-    )
+        try:
+            connect, read = timeout
+            return _seconds(connect), _seconds(read)
+        except ValueError:
+            raise ValueError(
+                f"Invalid timeout {timeout}. Pass a (connect, read) timeout tuple, "
+                "or a single float to set both timeouts to the same value."
+            ) from None
+    if isinstance(timeout, Timeout):
+        try:
+            read = timeout.read_timeout
+        except TimeoutStateError:  # `total` alone: the read gets what connecting leaves
+            read = None
+        total = _seconds(timeout.total)
+        read = _seconds(read)
+        if total is not None:
+            read = total if read is None else min(read, total)
+        return _seconds(timeout.connect_timeout), read  # (connect_timeout: at most `total`)
+    seconds = _seconds(timeout)
+    return seconds, seconds
+
+
+def _seconds(value: Any) -> float | None:
+    """A timeout's value as requests' adapter takes it (urllib3 checks it: ValueError if it is
+    no number of seconds); None for none, or for urllib3's "the socket's default"."""
+    if value is None or (type(value) in (int, float) and value > 0):
+        return value  # type: ignore[no-any-return]
+    if value is Timeout.DEFAULT_TIMEOUT:
+        return None
+    Timeout(connect=value)  # raises urllib3's ValueError for what is no timeout
+    return value  # type: ignore[no-any-return]  # a number of another type (Decimal, ...)
 
 
 class MeshAdapter(HTTPAdapter):
@@ -238,6 +359,7 @@ class MeshAdapter(HTTPAdapter):
         proxies: Mapping[str, str] | None = None,
     ) -> requests.Response:
         started = time.perf_counter()
+        caller = _caller_timeouts(timeout)  # (connect, read); ValueError as requests raises it
         original = request
         request = _own_copy(request)  # the caller's may be sent again: it gets no header of ours
         view = _text_headers(request)  # the request's headers, read once
@@ -248,7 +370,17 @@ class MeshAdapter(HTTPAdapter):
         plan = mesh.plan(attributes)
         try:
             response = self._handle(
-                mesh, plan, attributes, request, view, stream, timeout, verify, cert, proxies
+                mesh,
+                plan,
+                attributes,
+                request,
+                view,
+                stream,
+                timeout,
+                caller,
+                verify,
+                cert,
+                proxies,
             )
         except BaseException as exc:
             record_exception(mesh, plan, started, view, _exception_flag(exc))
@@ -275,10 +407,12 @@ class MeshAdapter(HTTPAdapter):
         view: dict[str, str],
         stream: bool,
         timeout: Any,
+        caller: tuple[float | None, float | None],
         verify: Any,
         cert: Any,
         proxies: Mapping[str, str] | None,
     ) -> requests.Response:
+        """`caller` is the caller's `timeout` as (connect, read) seconds."""
         options: dict[str, Any] = {
             "stream": stream,
             "verify": verify,
@@ -295,7 +429,7 @@ class MeshAdapter(HTTPAdapter):
         if plan.reply is not None:
             return self._local(plan.reply, request, flags, plan)
         if plan.fault_delay is not None:
-            time.sleep(plan.fault_delay)
+            _fault_delay(plan.fault_delay, caller[1], request)
             flags.append(Flag.DELAY_INJECTED)
         if plan.fault_abort is not None:
             return self._local(plan.fault_abort, request, flags, plan)
@@ -305,11 +439,10 @@ class MeshAdapter(HTTPAdapter):
             if target is not None:
                 propagated = mesh.propagator.outbound(view.__contains__)
                 copy = self._upstream(request, plan, None, propagated, mesh.identity, target)
-                self._mirroring.submit(self._send_mirror, copy, timeout, options)
+                self._mirroring.submit(self._send_mirror, copy, caller, options)
         exchange = mesh.exchange(plan, replayable=replayable)
         choose_hash_key(exchange, mesh, attributes)
         # requests has no pool timeout: its connect timeout bounds waiting for a connection
-        caller = _caller_timeouts(timeout)
         exchange.pool_timeout = caller[0]
         exchange.pool_timeout_error = ConnectionWaitTimeout
         exchange.pool_timeout_name = "connect timeout (requests has no pool timeout)"
@@ -345,12 +478,18 @@ class MeshAdapter(HTTPAdapter):
         return final
 
     def _send_mirror(
-        self, request: requests.PreparedRequest, timeout: Any, options: dict[str, Any]
+        self,
+        request: requests.PreparedRequest,
+        caller: tuple[float | None, float | None],
+        options: dict[str, Any],
     ) -> None:
-        if timeout is None:
-            timeout = MIRROR_TIMEOUT  # a copy never holds a mirroring thread for good
+        """Send a copy with the caller's (connect, read) timeouts, MIRROR_TIMEOUT for each the
+        caller left unset (a copy never holds a mirroring thread for good); its answer is read
+        within the read timeout and dropped, so its connection is used again."""
+        connect, read = (MIRROR_TIMEOUT if seconds is None else seconds for seconds in caller)
         with contextlib.suppress(Exception):  # a mirror's failure never affects anything
-            self._send_upstream(request, timeout=timeout, **options).close()
+            response = self._send_upstream(request, timeout=(connect, read), **options)
+            _discard(response, read, None)
 
     def _attempt(
         self,
@@ -522,21 +661,10 @@ def _add_headers(request: requests.PreparedRequest, headers: list[tuple[str, str
 
 def _close(response: Any) -> None:
     """Discard a response that will be retried: a small body that comes at once is read so
-    the connection can be kept, else the connection is closed (see DRAIN_BYTES)."""
-    if response is None:
-        return
-    if response.raw is not None:
-        until = time.monotonic() + DRAIN_SECONDS
-        read = 0
-        with contextlib.suppress(Exception):  # a discarded answer never fails the call
-            for chunk in response.raw.stream(8192, decode_content=False):
-                read += len(chunk)
-                if read > DRAIN_BYTES or time.monotonic() > until:
-                    break
-            else:  # read to the end: the connection goes back to the pool
-                response.raw.release_conn()
-                return
-    response.close()
+    the connection can be kept, else the connection is closed (see DRAIN_BYTES): however its
+    body crawls or stalls, the retry waits no more than DRAIN_SECONDS for it."""
+    if response is not None:
+        _discard(response, DRAIN_SECONDS, DRAIN_BYTES)
 
 
 class Session(requests.Session):

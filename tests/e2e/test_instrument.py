@@ -174,3 +174,36 @@ def test_uninstrument_under_another_librarys_wrapper(
     finally:
         requests.adapters.HTTPAdapter.send = stock_send  # type: ignore[method-assign]
         httpx.HTTPTransport.handle_request = stock_handle  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("order", ["close-then-uninstrument", "uninstrument-then-close"])
+def test_closing_a_client_closes_its_copies_pool_after_uninstrument_too(
+    make_mesh: MeshFactory, order: str
+) -> None:
+    """A stock client's mirrored copies go through a pool of their own; closing the client
+    closes that pool, also when `uninstrument()` came first (a client is often closed after):
+    no connection to the mirror stays open."""
+    from tests.rawserver import OK, ThreadServer, answering, wait_until_sync
+    from tests.upstream import loopback_service
+
+    with ThreadServer(answering(OK)) as shadow:
+        mesh = make_mesh(
+            loopback_service("shadow.default.svc.cluster.local", shadow.port)
+            + "---\n"
+            + virtual_service(
+                "- route: [{destination: {host: reviews}}]\n  mirror: {host: shadow}\n"
+            )
+        )
+        client = httpx.Client()
+        meshlib.instrument(mesh)
+        try:
+            assert client.get(URL + "/").status_code == 200
+            wait_until_sync(lambda: shadow.heads, "the copy")
+        finally:
+            if order == "close-then-uninstrument":
+                client.close()
+                meshlib.uninstrument()
+            else:
+                meshlib.uninstrument()
+                client.close()
+        wait_until_sync(lambda: shadow.active == 0, "the copy's connection to close", 2.0)

@@ -10,10 +10,12 @@ from typing import Any
 
 import pytest
 import requests
+import urllib3
 from requests.auth import HTTPDigestAuth
 
 import meshlib
 from meshlib.config import MeshConfig
+from tests.rawserver import OK, ThreadServer, answering, wait_until_sync
 from tests.upstream import AsgiServer, loopback_service, mesh_for
 
 HOST = "reviews.default.svc.cluster.local"
@@ -274,3 +276,66 @@ def test_a_cookie_the_route_adds_is_stored_beside_the_upstreams(mesh: meshlib.Me
         response = session.get(URL + "/cookie", timeout=5)
         assert sorted(c.name for c in response.cookies) == ["flavour", "topping"]
         assert sorted(c.name for c in session.cookies) == ["flavour", "topping"]
+
+
+@pytest.mark.parametrize(
+    "timeout",
+    [
+        pytest.param(urllib3.Timeout(total=5), id="total"),
+        pytest.param(urllib3.Timeout(connect=2, total=5), id="connect-and-total"),
+        pytest.param(urllib3.Timeout(connect=2, read=3, total=5), id="all-three"),
+        pytest.param(urllib3.Timeout(), id="socket-default"),
+    ],
+)
+def test_a_urllib3_timeout_is_taken_as_requests_takes_it(
+    mesh: meshlib.Mesh, timeout: urllib3.Timeout
+) -> None:
+    """requests takes urllib3's `Timeout` as `timeout`, `total` included: so does the mesh
+    (it once failed on a `total`, whose read timeout urllib3 computes only once connected)."""
+    with meshlib.Session(mesh=mesh) as session:
+        assert session.get(URL + "/x", timeout=timeout).status_code == 200
+
+
+@pytest.mark.parametrize("timeout", [[1, 2], (1, 2, 3), "5", True, 0, (1, -1)], ids=repr)
+def test_a_timeout_requests_refuses_is_refused(mesh: meshlib.Mesh, timeout: Any) -> None:
+    """What requests' own adapter refuses as a timeout (a list, a triple, text, a bool, zero or
+    less) the mesh refuses too, with the same ValueError, before anything is sent or counted."""
+    with requests.Session() as stock, pytest.raises(ValueError) as stock_error:
+        stock.get("http://127.0.0.1:9/", timeout=timeout)
+    before = requests_counted(mesh)
+    with meshlib.Session(mesh=mesh) as session, pytest.raises(ValueError) as error:
+        session.get(URL + "/x", timeout=timeout)
+    assert str(error.value) == str(stock_error.value)
+    assert requests_counted(mesh) == before
+
+
+def test_mirrored_copies_keep_their_connection() -> None:
+    """Each mirrored copy's answer is read and dropped, so its connection is used again: six
+    calls one after another send their copies over one connection (two at worst, should a
+    copy start before the last one's answer is read), not a new connection each."""
+    route = """\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - route: [{destination: {host: reviews}}]
+    mirror: {host: shadow}
+"""
+    with ThreadServer(answering(OK)) as api, ThreadServer(answering(OK)) as shadow:
+        policy = (
+            loopback_service(HOST, api.port)
+            + "---\n"
+            + loopback_service("shadow.default.svc.cluster.local", shadow.port)
+            + "---\n"
+            + route
+        )
+        mesh = mesh_for(MeshConfig(service="productpage"), policy)
+        with meshlib.Session(mesh=mesh) as session:
+            for sent in range(1, 7):
+                assert session.get(URL + "/x", timeout=5).status_code == 200
+                wait_until_sync(lambda n=sent: len(shadow.heads) == n, "the copy")
+        mesh.close()
+        assert (api.connections, len(shadow.heads)) == (1, 6)
+        assert shadow.connections <= 2

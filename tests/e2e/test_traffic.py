@@ -272,6 +272,50 @@ def test_fault_delay(make_mesh: MeshFactory, client_kind: str) -> None:
     assert result.status == 200 and result.flags == ["DI"]
 
 
+def test_a_fault_delay_past_the_callers_read_timeout_raises_it(
+    make_mesh: MeshFactory, upstreams: dict[str, Upstream], client_kind: str
+) -> None:
+    """A 3 s fault delay and the caller's 200 ms read timeout: the caller's own ReadTimeout
+    after 200 ms, as behind a sidecar the app's read times out while the sidecar holds the
+    request (Istio's bookinfo delay task); the request never reaches the upstream."""
+    import asyncio
+    import time
+
+    import httpx
+    import requests
+
+    import meshlib.clients.httpx as meshed_httpx
+    import meshlib.clients.requests as meshed_requests
+    from tests.e2e.conftest import URL
+
+    mesh = make_mesh(
+        virtual_service(
+            "- route: [{destination: {host: reviews}}]\n  fault: {delay: {fixedDelay: 3s, percentage: {value: 100}}}\n"
+        )
+    )
+    timeout = httpx.Timeout(5, read=0.2)
+    started = time.monotonic()
+    if client_kind == "requests":
+        with meshed_requests.Session(mesh=mesh) as session, pytest.raises(requests.ReadTimeout):
+            session.get(URL + "/", timeout=(5, 0.2))
+    elif client_kind == "httpx":
+        with (
+            meshed_httpx.Client(mesh=mesh, timeout=timeout) as client,
+            pytest.raises(httpx.ReadTimeout),
+        ):
+            client.get(URL + "/")
+    else:
+
+        async def call() -> None:
+            async with meshed_httpx.AsyncClient(mesh=mesh, timeout=timeout) as client:
+                await client.get(URL + "/")
+
+        with pytest.raises(httpx.ReadTimeout):
+            asyncio.run(call())
+    assert 0.2 <= time.monotonic() - started < 1.0
+    assert sum(u.behaviour.received for u in upstreams.values()) == 0
+
+
 def test_mirroring(
     make_mesh: MeshFactory, upstreams: dict[str, Upstream], client_kind: str
 ) -> None:

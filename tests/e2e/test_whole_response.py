@@ -20,7 +20,8 @@ import meshlib
 import meshlib.clients.httpx as meshed_httpx
 import meshlib.clients.requests as meshed_requests
 from meshlib.config import MeshConfig
-from tests.upstream import AsgiServer, mesh_for
+from tests.rawserver import OK, Peer, ThreadServer
+from tests.upstream import AsgiServer, loopback_service, mesh_for
 
 HOST = "chunks.default.svc.cluster.local"
 URL = "http://chunks:9080"
@@ -356,3 +357,75 @@ def test_a_retried_small_answer_keeps_its_connection(
     assert results == [(200, b"done", [])] * 10
     assert servers["a"][0].served == 20
     assert len(servers["a"][0].ports) <= 10  # not one connection per try (each call: one client)
+
+
+def _raw_mesh(port: int, route: str) -> meshlib.Mesh:
+    """A mesh whose `chunks` host is the one endpoint 127.0.0.1:`port`, routed by `route`."""
+    virtual_service = f"""\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: chunks}}
+spec:
+  hosts: [chunks]
+  http:
+  - route: [{{destination: {{host: chunks}}}}]
+{route}
+"""
+    return mesh_for(
+        MeshConfig(service="productpage"), loopback_service(HOST, port) + "---\n" + virtual_service
+    )
+
+
+@pytest.mark.parametrize("body", ["crawls", "stalls"])
+def test_a_retried_answer_whose_body_crawls_or_stalls_never_holds_up_the_retry_requests(
+    body: str,
+) -> None:
+    """requests: a retried 503 whose 40-byte body crawls (a byte every 20 ms, each read well
+    within the read timeout) or stalls after 5 bytes is dropped within about 50 ms and its
+    connection closed: the retry goes out at once, on a new connection."""
+    sent: list[float] = []
+
+    async def handler(peer: Peer) -> None:
+        while True:
+            await peer.request()
+            sent.append(time.monotonic())
+            if len(sent) > 1:
+                await peer.send(OK)
+                continue
+            await peer.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 40\r\n\r\n")
+            for _ in range(40 if body == "crawls" else 5):
+                await peer.send(b"x")
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(10)  # (stalls) until the client goes away
+
+    with ThreadServer(handler) as server:
+        mesh = _raw_mesh(server.port, "    retries: {attempts: 1, retryOn: 5xx}")
+        with meshed_requests.Session(mesh=mesh) as session:
+            response = session.get(URL + "/", timeout=(2, 2))
+        mesh.close()
+        assert (response.status_code, response.content) == (200, b"ok")
+        assert sent[1] - sent[0] < 0.4
+        assert server.connections == 2  # the first one was dropped, not kept half-read
+
+
+def test_the_route_timeout_ends_a_trickling_body_at_once_requests() -> None:
+    """requests: a body announced with Content-Length that trickles a byte every 40 ms (it
+    would take 1.6 s) meets the 300 ms route timeout when it passes — 504 UT then, not once
+    the body is in: urllib3's read(amt) would wait for all of it."""
+
+    async def handler(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\n")
+        for _ in range(40):
+            await peer.send(b"x")
+            await asyncio.sleep(0.04)
+
+    with ThreadServer(handler) as server:
+        mesh = _raw_mesh(server.port, "    timeout: 300ms")
+        with meshed_requests.Session(mesh=mesh) as session:
+            started = time.monotonic()
+            response = session.get(URL + "/", timeout=5)
+            elapsed = time.monotonic() - started
+        mesh.close()
+    assert (response.status_code, response.response_flags) == (504, ["UT"])  # type: ignore[attr-defined]
+    assert elapsed < 0.6
