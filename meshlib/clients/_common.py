@@ -13,7 +13,7 @@ from typing import Any
 from meshlib._text import ascii_int
 from meshlib.dataplane import outcome
 from meshlib.dataplane.balancer import cookie_to_set, hash_key
-from meshlib.dataplane.exchange import Attempt, Exchange
+from meshlib.dataplane.exchange import Attempt, Exchange, local_answer
 from meshlib.dataplane.outcome import FLAGS_HEADER, LocalReply, join_flags
 from meshlib.dataplane.retry import RESET, AttemptResult
 from meshlib.dataplane.routing import HeaderEdits, RoutePlan
@@ -199,7 +199,10 @@ def client_span(
 
 def end_client_span(mesh: Mesh, span: Any, result: AttemptResult) -> None:
     if span is not None:
-        flags = result.reply.flag if result.reply is not None else None
+        # An attempt with no response: Envoy's flag for it (UF, UT, UC); the caller's own
+        # timeout is no flag of the mesh's.
+        reply = result.reply if result.client_timeout else local_answer(result)
+        flags = reply.flag if reply is not None else None
         mesh.tracing.finish_client(span, result.status, flags, upstream=result.endpoint)
 
 

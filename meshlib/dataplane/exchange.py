@@ -328,15 +328,7 @@ class Exchange:
 
     def final_reply(self, result: AttemptResult) -> LocalReply | None:
         """The local answer for a final result without a response (Envoy's 503/504)."""
-        if result.reply is not None:
-            return result.reply
-        if result.failure == CONNECT_FAILURE:
-            return outcome.connect_failure()
-        if result.failure == PER_TRY_TIMEOUT:
-            return outcome.timeout()
-        if result.failure is not None:
-            return outcome.upstream_reset()
-        return None
+        return local_answer(result)
 
     def response_flags(self, result: AttemptResult) -> list[str]:
         flags = list(self.flags)
@@ -344,3 +336,17 @@ class Exchange:
         if reply is not None and reply.flag is not None:
             flags.append(reply.flag)
         return ordered(flags)
+
+
+def local_answer(result: AttemptResult) -> LocalReply | None:
+    """What Envoy answers for an attempt that got no response (503 UF, 504 UT, 503 UC), or
+    meshlib's own answer; None for an upstream response."""
+    if result.reply is not None:
+        return result.reply
+    if result.failure == CONNECT_FAILURE:
+        return outcome.connect_failure()
+    if result.failure == PER_TRY_TIMEOUT:
+        return outcome.timeout()
+    if result.failure is not None:
+        return outcome.upstream_reset()
+    return None

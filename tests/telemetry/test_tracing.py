@@ -831,3 +831,60 @@ def test_a_b3_decision_without_ids_starts_the_trace_as_decided(
     b3 = outbound.get("b3", "").rsplit("-", 1)[-1] or outbound.get("x-b3-sampled")
     if (b"x-b3-flags", b"1") not in headers:
         assert b3 in (("1", "d") if sampled else ("0",))
+
+
+def test_an_attempt_without_a_response_carries_envoys_flag(
+    provider: SdkTracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    """Through a real client: an attempt refused (UF) or out of the route's time (UT) is an
+    ERROR CLIENT span whose error.type and meshlib.response_flags are Envoy's flag."""
+    import asyncio
+    import socket
+
+    import meshlib
+    from tests.rawserver import ThreadServer, held_until
+    from tests.upstream import loopback_service
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        refused = probe.getsockname()[1]
+    release = asyncio.Event()
+    server = ThreadServer(held_until(release))
+    with server as held:
+        policy = "---\n".join(
+            [
+                loopback_service("refused.default.svc.cluster.local", refused),
+                loopback_service("slow.default.svc.cluster.local", held.port),
+                telemetry("all", "default", "tracing: [{randomSamplingPercentage: 100}]"),
+                textwrap.dedent("""\
+                    apiVersion: networking.istio.io/v1
+                    kind: VirtualService
+                    metadata: {name: slow}
+                    spec:
+                      hosts: [slow]
+                      http:
+                      - route: [{destination: {host: slow}}]
+                        timeout: 100ms
+                    """),
+            ]
+        )
+        config = MeshConfig(service="productpage")
+        mesh = Mesh(
+            config,
+            policy=Snapshot.build(load_text(policy).resources, config),
+            tracer_provider=provider,
+        )
+        try:
+            with meshlib.Client(mesh=mesh) as client:
+                assert client.get("http://refused:9080/").status_code == 503
+                assert client.get("http://slow:9080/").status_code == 504
+        finally:
+            server.loop.call_soon_threadsafe(release.set)
+            mesh.close()
+    spans = by_kind(exporter, SpanKind.CLIENT)
+    flags = [
+        ((s.attributes or {}).get("error.type"), (s.attributes or {}).get("meshlib.response_flags"))
+        for s in spans
+    ]
+    assert ("UF", "UF") in flags and ("UT", "UT") in flags
+    assert all(s.status.status_code is StatusCode.ERROR for s in spans)
