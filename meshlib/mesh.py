@@ -18,6 +18,7 @@ import os
 import random
 import socket
 import threading
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -81,8 +82,13 @@ class Mesh:
         # Metrics live in a registry of this Mesh's own (the default Mesh's is served on
         # MeshConfig.metrics_port); pass prometheus_client.REGISTRY to share the global one.
         self.registry = registry if registry is not None else CollectorRegistry()
+        if registry is not None:
+            _take_over(registry)
         self.metrics = IstioMetrics(self.registry, self.config)
         self.operations = OperationalMetrics(self.registry)
+        if registry is not None:
+            with _registered_lock:
+                _registered[registry] = self
         self.identity = peer.encode(self.config)  # sent to peers: Istio's metadata exchange
         self.identity_header = (peer.HEADER.encode(), self.identity.encode("latin-1"))
         self.source_ip = self.config.instance_ip or socket.gethostname()
@@ -164,6 +170,7 @@ class Mesh:
 
     def close(self) -> None:
         self.metrics.stop_rendering_multiprocess()
+        _take_over(self.registry, self)  # a given registry: another Mesh may use it next
         self.source.close()
         self.tracing.shutdown()
         if self.metrics_server is not None:
@@ -179,6 +186,24 @@ class Mesh:
 
 _default: Mesh | None = None
 _default_lock = threading.Lock()
+
+# The Mesh whose metrics each shared registry holds. A registry takes one Mesh's metrics (the
+# names would clash): a new Mesh given the same registry takes it over, as when
+# `configure(mesh=Mesh(..., registry=prometheus_client.REGISTRY))` replaces the default Mesh.
+_registered: weakref.WeakKeyDictionary[CollectorRegistry, Mesh] = weakref.WeakKeyDictionary()
+_registered_lock = threading.Lock()
+
+
+def _take_over(registry: CollectorRegistry, only: Mesh | None = None) -> None:
+    """Take the metrics of the Mesh that holds `registry` (if it is `only`, when given) out of
+    it: they keep counting, and are no longer scraped there."""
+    with _registered_lock:
+        holder = _registered.get(registry)
+        if holder is None or (only is not None and holder is not only):
+            return
+        del _registered[registry]
+        holder.metrics.unregister()
+        holder.operations.unregister()
 
 
 def configure(policy: PolicyArg = None, *, mesh: Mesh | None = None, **config: Any) -> Mesh:

@@ -235,6 +235,10 @@ def record_source(
         host = decision.host
         name, namespace = _service_name(mesh, host)
     duration_ms = (time.perf_counter() - started) * 1000.0
+    # An answer to HEAD, a 204 or a 304 has no body on the wire, whatever its Content-Length
+    # says (RFC 9110 §8.6): Envoy counts the bytes that came, as the middleware does.
+    bodiless = status in (204, 304) or plan.method == "HEAD"
+    response_bytes = 0 if bodiless else _length(response_headers)
     mesh.metrics.record(
         "source",
         peer.decode(claimed) if claimed else peer.UNKNOWN_PEER,
@@ -245,7 +249,7 @@ def record_source(
         response_flags=join_flags(tuple(flags)),
         duration_ms=duration_ms,
         request_bytes=_length(request_headers),
-        response_bytes=_length(response_headers),
+        response_bytes=response_bytes,
     )
     log = mesh.access_log
     if log.enabled("outbound"):
@@ -258,7 +262,7 @@ def record_source(
                 response_code=status,
                 response_flags=join_flags(tuple(flags)),
                 bytes_received=_length(request_headers),
-                bytes_sent=_length(response_headers),
+                bytes_sent=response_bytes,
                 duration_ms=duration_ms,
                 upstream_service_time_ms=None,
                 x_forwarded_for=request_headers.get("x-forwarded-for"),

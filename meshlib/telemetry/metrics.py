@@ -702,7 +702,10 @@ class IstioMetrics:
             yield from _families(rows)
 
     def unregister(self) -> None:
-        """Take these metrics out of their registry (their values are kept)."""
+        """Take these metrics out of their registry (their values are kept). In multiprocess
+        mode they are in none: the files are what a scrape reads."""
+        if self.multiprocess:
+            return
         if self._metrics is None:
             self.registry.unregister(self)
         else:
@@ -778,8 +781,11 @@ def _render_rows(rows: Sequence[_Row]) -> list[str]:
             if hist is None:
                 continue
             cumulative = list(accumulate(hist[0]))
+            # No comma before `le` when overrides removed every label.
+            bounds = les if text else [le[1:] for le in les]
             out += [
-                f"{bucket}{text}{le}{_number(n)}\n" for le, n in zip(les, cumulative, strict=True)
+                f"{bucket}{text}{le}{_number(n)}\n"
+                for le, n in zip(bounds, cumulative, strict=True)
             ]
             out.append(
                 f"{count}{text}}} {_number(cumulative[-1])}\n{total}{text}}} {_go_float(hist[1])}\n"
@@ -1270,7 +1276,7 @@ class OperationalMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         registry = REGISTRY if registry is None else registry
         self.registry = registry
-        shared = multiprocess_dir() is not None  # see _per_process
+        self._shared = shared = multiprocess_dir() is not None  # see _per_process
         self._generation = _per_process(
             Gauge,
             "meshlib_policy_generation",
@@ -1332,6 +1338,21 @@ class OperationalMetrics:
         )
         self._lock = threading.Lock()
         self._ejected_keys: dict[str, dict[str, str]] = {}  # cluster -> endpoint -> state
+
+    def unregister(self) -> None:
+        """Take these metrics out of their registry (in multiprocess mode they are in none)."""
+        if self._shared:
+            return
+        for metric in (
+            self._generation,
+            self._reload_errors,
+            self._ejections,
+            self._ejected,
+            self._breakers,
+            self._retry_budget,
+            self._overflow,
+        ):
+            self.registry.unregister(metric)
 
     def policy_loaded(self, snapshot_generation: int) -> None:
         """A new Snapshot is being served."""

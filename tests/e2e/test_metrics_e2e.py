@@ -197,3 +197,36 @@ def test_a_host_outside_the_mesh_cannot_name_itself_in_the_metrics() -> None:
     finally:
         mesh.close()
         server.stop()
+
+
+def test_source_side_counts_no_body_for_head_and_304() -> None:
+    """A HEAD answer and a 304 carry a Content-Length but no body on the wire: the source
+    report counts 0 response bytes, as Envoy counts what came (and the middleware does)."""
+    from tests.rawserver import ThreadServer, answering
+    from tests.upstream import loopback_service, mesh_for
+
+    def reply(target: bytes) -> bytes:
+        if target == b"/head":
+            return b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n"
+        if target == b"/cached":
+            return b"HTTP/1.1 304 Not Modified\r\nContent-Length: 7000\r\n\r\n"
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    with ThreadServer(answering(reply)) as server:
+        mesh = mesh_for(
+            MeshConfig(service="productpage", metrics_port=None),
+            loopback_service("reviews.default.svc.cluster.local", server.port),
+        )
+        try:
+            with meshlib.Client(mesh=mesh) as client:
+                assert client.head("http://reviews:9080/head").status_code == 200
+                assert client.get("http://reviews:9080/cached").status_code == 304
+                assert client.get("http://reviews:9080/").status_code == 200
+            sums = {
+                labels["response_code"]: value
+                for labels, value in samples(mesh, "istio_response_bytes_sum")
+                if labels["reporter"] == "source"
+            }
+        finally:
+            mesh.close()
+    assert sums == {"200": 2.0, "304": 0.0}

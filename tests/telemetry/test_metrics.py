@@ -460,6 +460,61 @@ def test_render_equals_generate_latest(registry: CollectorRegistry) -> None:
     assert render(CollectorRegistry()) == b""
 
 
+def test_render_with_every_label_removed_is_valid(registry: CollectorRegistry) -> None:
+    """Telemetry overrides may remove all 25 labels: the buckets are `{le="0.5"}`, as
+    prometheus-client writes them (a leading comma fails the whole scrape in Prometheus)."""
+    from meshlib.telemetry.metric_overrides import LabelRule, MetricOverrides
+
+    istio = IstioMetrics(registry, REVIEWS, multiprocess=False)
+    rule = LabelRule(removed=frozenset(metrics.REQUEST_LABELS))
+    istio.overrides = MetricOverrides({(family, "destination"): rule for family in range(4)})
+    istio.record("destination", PRODUCTPAGE, response_code=200, **REVIEWS_CALL, **SIZES)
+    fast, slow = render(registry).decode(), generate_latest(registry).decode()
+    assert list(text_string_to_metric_families(fast)) == list(text_string_to_metric_families(slow))
+    assert 'istio_request_duration_milliseconds_bucket{le="0.5"} 0' in fast
+    assert "{," not in fast
+
+
+def test_metrics_leave_their_registry_for_the_next_mesh() -> None:
+    """A registry holds one Mesh's metrics: a Mesh built on a registry another one uses takes
+    it over (as when configure() replaces the default Mesh given the global registry), and a
+    closed Mesh leaves it. Its metrics keep counting where nothing scrapes them."""
+    from meshlib.mesh import Mesh
+
+    registry = CollectorRegistry()
+
+    def scraped() -> list[float]:
+        return [
+            s.value
+            for family in text_string_to_metric_families(generate_latest(registry).decode())
+            for s in family.samples
+            if s.name == "istio_requests_total"
+        ]
+
+    config = MeshConfig(service="reviews", metrics_port=None)
+    first = Mesh(config, registry=registry, watch=False)
+    second = Mesh(config, registry=registry, watch=False)  # the first's metrics leave
+    for mesh, requests in ((first, 1), (second, 2)):
+        for _ in range(requests):
+            mesh.metrics.record(
+                "destination", PRODUCTPAGE, response_code=200, **REVIEWS_CALL, **SIZES
+            )
+    assert scraped() == [2.0]
+    first.close()  # it no longer holds the registry: the second's metrics stay
+    assert scraped() == [2.0]
+    second.close()
+    assert generate_latest(registry) == b""
+    Mesh(config, registry=registry, watch=False).close()
+
+
+def test_unregister_in_multiprocess_mode() -> None:
+    """In multiprocess mode the metrics are in no registry (the files are scraped): taking
+    them out of it is nothing to do, not a KeyError."""
+    registry = CollectorRegistry()
+    IstioMetrics(registry, REVIEWS, multiprocess=True).unregister()
+    assert generate_latest(registry) == b""
+
+
 def test_render_is_faster_than_generate_latest(registry: CollectorRegistry) -> None:
     """2,000 series (500 label sets x 4 families) render several times faster than generate_latest."""
     istio = IstioMetrics(registry, REVIEWS, multiprocess=False)
