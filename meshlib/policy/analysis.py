@@ -118,8 +118,10 @@ class _Analyzer:
 
     def virtual_service_findings(self) -> Iterator[Diagnostic]:
         delegates = {(r.namespace, r.name) for r in self.virtual_services if not r.spec.hosts}
-        owners: dict[str, Resource[VirtualService]] = {}
-        for resource in oldest_first(self.virtual_services):
+        owners: dict[tuple[str, str], Resource[VirtualService]] = {}
+        ordered = oldest_first(self.virtual_services)  # then those with a delegate route last
+        ordered.sort(key=lambda r: any(http.delegate is not None for http in r.spec.http))
+        for resource in ordered:
             spec = resource.spec
             if spec.hosts and not spec.applies_to_mesh:
                 yield _finding(
@@ -131,15 +133,19 @@ class _Analyzer:
                 continue
             for index, host in enumerate(spec.hosts):
                 fqdn = self.fqdn(host, resource.namespace)
-                owner = owners.setdefault(fqdn, resource)
-                if owner is not resource:
-                    yield _finding(
-                        "warning",
-                        resource,
-                        f"spec.hosts[{index}]",
-                        f"host {fqdn} is also claimed by VirtualService {owner.namespace}/"
-                        f"{owner.name}, which is older and wins",
-                    )
+                # VirtualServices compete for a host only within one visibility group: a
+                # namespace's private ones come before those exported to it, then public ones.
+                for group in _visibility_groups(resource):
+                    owner = owners.setdefault((group, fqdn), resource)
+                    if owner is not resource:
+                        yield _finding(
+                            "warning",
+                            resource,
+                            f"spec.hosts[{index}]",
+                            f"host {fqdn} is also claimed by VirtualService {owner.namespace}/"
+                            f"{owner.name}, which wins ({_why_first(owner, resource)})",
+                        )
+                        break
             catch_all_seen = False
             for index, http in enumerate(spec.http):
                 where = f"spec.http[{index}]"
@@ -237,6 +243,25 @@ class _Analyzer:
                         f"conflicts with DestinationRule {first.namespace}/{first.name} for {host}:"
                         " rules for one host merge and only the oldest trafficPolicy applies",
                     )
+
+
+def _visibility_groups(resource: Resource[VirtualService]) -> tuple[str, ...]:
+    """Where pilot lists a VirtualService: public, private to its namespace, exported to one."""
+    export_to = resource.spec.export_to
+    if not export_to or "*" in export_to:
+        return ("public",)
+    ns = resource.namespace
+    return tuple(
+        sorted({f"private {ns}" if e in (".", ns) else f"exported to {e}" for e in export_to})
+    )
+
+
+def _why_first(owner: Resource[VirtualService], other: Resource[VirtualService]) -> str:
+    if any(http.delegate is not None for http in other.spec.http) and not any(
+        http.delegate is not None for http in owner.spec.http
+    ):
+        return "one without a delegate route comes before one with"
+    return "it is older"
 
 
 _LEFT_OUT_FORMATTER = "formatter tags (Envoy command operators) are not applied by meshlib"

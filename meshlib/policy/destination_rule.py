@@ -42,7 +42,9 @@ class MagLev:
 
     def validate_policy(self, path: Path, sink: Sink) -> None:
         size = self.table_size
-        if size is not None and (size >= 5_000_011 or not _is_prime(size)):
+        if size is None:
+            sink.error((*path, "tableSize"), "must be set for maglev")
+        elif size >= 5_000_011 or not _is_prime(size):
             sink.error((*path, "tableSize"), f"must be a prime number below 5000011 (got {size})")
 
 
@@ -73,10 +75,11 @@ class ConsistentHashLB:
             )
             if getattr(self, k) not in (None, False)
         ]
-        if len(keys) != 1:
+        # No key is valid (Istio accepts it): Envoy then hashes nothing and picks at random.
+        if len(keys) > 1:
             sink.error(
                 path,
-                "exactly one hash key is required: httpHeaderName, httpCookie, useSourceIp"
+                "only one hash key may be set: httpHeaderName, httpCookie, useSourceIp"
                 " or httpQueryParameterName",
             )
         if self.ring_hash is not None and self.maglev is not None:

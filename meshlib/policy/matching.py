@@ -146,14 +146,6 @@ class RouteMatcher:
                 return False
         return True
 
-    def __and__(self, other: RouteMatcher) -> RouteMatcher:
-        """A block matching when both do: how a delegate's match narrows its root's."""
-        name = ".".join(n for n in (self.name, other.name) if n) or None
-        uri_from = other if other.uri is not None else self
-        return RouteMatcher(
-            self.checks + other.checks, name, uri_from.uri, uri_from.ignore_uri_case
-        )
-
 
 def compile_match(block: HTTPMatchRequest) -> RouteMatcher:
     """Compile one HTTPMatchRequest (its source/gateway fields are decided elsewhere)."""

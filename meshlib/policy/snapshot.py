@@ -19,6 +19,7 @@ from typing import Any
 
 from meshlib.config import MeshConfig
 from meshlib.policy._gc import collector_paused
+from meshlib.policy.delegate import merge_delegate_route
 from meshlib.policy.destination_rule import DestinationRule, Subset, TrafficPolicy
 from meshlib.policy.hosts import short_forms, strip_port, to_fqdn, wildcard_matches
 from meshlib.policy.matching import (
@@ -317,6 +318,39 @@ def oldest_first(resources: Iterable[Resource[Any]]) -> list[Resource[Any]]:
     return sorted(resources, key=lambda r: (r.creation_timestamp or "~", r.order))
 
 
+def virtual_service_precedence(
+    resources: Iterable[Resource[VirtualService]], namespace: str
+) -> list[Resource[VirtualService]]:
+    """The VirtualServices (with hosts) a workload in `namespace` sees, in Istio's order.
+
+    As pilot lists them for a sidecar (`VirtualServicesForGateway`, after
+    `mergeVirtualServicesIfNeeded`): first those private to the namespace (`exportTo` `.` or
+    the namespace's own name), then those another namespace exports to it by name, then
+    public ones (no `exportTo`, or `*`). Within each group, VirtualServices without a
+    delegate route come before those with one, and otherwise the oldest comes first.
+    `resources` must be oldest first.
+    """
+    ordered = [r for r in resources if r.spec.hosts and not _delegates(r.spec)]
+    ordered += [r for r in resources if r.spec.hosts and _delegates(r.spec)]
+    private: list[Resource[VirtualService]] = []
+    exported: list[Resource[VirtualService]] = []
+    public: list[Resource[VirtualService]] = []
+    for resource in ordered:
+        export_to = resource.spec.export_to
+        if not export_to or "*" in export_to:
+            public.append(resource)
+        elif resource.namespace == namespace:
+            if "." in export_to or namespace in export_to:
+                private.append(resource)
+        elif namespace in export_to:
+            exported.append(resource)
+    return private + exported + public
+
+
+def _delegates(spec: VirtualService) -> bool:
+    return any(http.delegate is not None for http in spec.http)
+
+
 def visible_to(resource: Resource[Any], namespace: str, export_to: tuple[str, ...]) -> bool:
     """Whether a resource exported with `export_to` is visible to a workload in `namespace`."""
     if not export_to or "*" in export_to:
@@ -405,17 +439,15 @@ class _Builder:
         all_vs: list[Resource[VirtualService]] = oldest_first(self.of_kind("VirtualService"))
         delegates = {(r.namespace, r.name): r for r in all_vs if not r.spec.hosts}
         vhosts: dict[str, VirtualHost] = {}
-        for resource in all_vs:
+        for resource in virtual_service_precedence(all_vs, self.config.namespace):
             spec = resource.spec
-            if not spec.hosts or not spec.applies_to_mesh:
-                continue
-            if not self._visible(resource, spec.export_to):
+            if not spec.applies_to_mesh:
                 continue
             routes = tuple(self._routes(resource, delegates))
             hosts = tuple(to_fqdn(h, resource.namespace, self.domain) for h in spec.hosts)
             vhost = VirtualHost(f"{resource.namespace}/{resource.name}", hosts, routes)
             for host in hosts:
-                vhosts.setdefault(host, vhost)  # the oldest VirtualService for a host wins
+                vhosts.setdefault(host, vhost)  # the first VirtualService for a host wins
         return vhosts
 
     def _routes(
@@ -424,11 +456,10 @@ class _Builder:
         delegates: Mapping[tuple[str, str], Resource[VirtualService]],
     ) -> Iterable[CompiledRoute]:
         for index, http in enumerate(resource.spec.http):
-            compiled = self._route(resource, index, http)
-            if compiled is None:
-                continue
             if http.delegate is None:
-                yield compiled
+                compiled = self._route(resource, index, http)
+                if compiled is not None:
+                    yield compiled
                 continue
             child = delegates.get(
                 (http.delegate.namespace or resource.namespace, http.delegate.name)
@@ -436,10 +467,11 @@ class _Builder:
             if child is None:
                 continue  # reported by analysis; Envoy would have no route for these requests
             for child_index, child_http in enumerate(child.spec.http):
-                inner = self._route(child, child_index, _inherit(child_http, http))
-                if inner is None:
-                    continue
-                yield _narrowed(inner, compiled)
+                # Merged on the spec first, as pilot does, then compiled for this workload.
+                merged = merge_delegate_route(http, child_http)
+                inner = None if merged is None else self._route(child, child_index, merged)
+                if inner is not None:
+                    yield inner
 
     def _route(
         self, resource: Resource[VirtualService], index: int, http: HTTPRoute
@@ -529,50 +561,66 @@ class _Builder:
     # -- destination rules ---------------------------------------------------------------
 
     def _destination_policies(self, hosts: set[str]) -> dict[str, DestinationPolicy]:
-        local_ns, root_ns = self.config.namespace, self.config.root_namespace
-        rules: list[Resource[DestinationRule]] = []
+        """The DestinationRules for each host, looked up as pilot's `destinationRule` does.
+
+        1. this workload's namespace: its rules visible there (exportTo empty, `*`, `.` or
+           the namespace), the exact host first, then the most specific wildcard; in the root
+           namespace, only its rules private to it;
+        2. the service's namespace: its rules exported beyond it, if exported to this one;
+        3. the root namespace: the same.
+        A rule in any other namespace never applies. Rules for one host found in one step
+        merge (`_merge`).
+        """
+        client_ns, root_ns = self.config.namespace, self.config.root_namespace
+        hosts = set(hosts)
+        local: dict[str, dict[str, list[Resource[DestinationRule]]]] = {}
+        exported: dict[str, dict[str, list[Resource[DestinationRule]]]] = {}
+        root_local: dict[str, list[Resource[DestinationRule]]] = {}
         for resource in oldest_first(self.of_kind("DestinationRule")):
-            spec = resource.spec
-            if spec.workload_selector is not None and (
-                resource.namespace != local_ns
-                or not all(
+            spec, ns = resource.spec, resource.namespace
+            export_to: tuple[str, ...] = spec.export_to
+            if spec.workload_selector is not None:
+                if ns != client_ns or not all(
                     self.config.labels.get(k) == v for k, v in spec.workload_selector.labels.items()
-                )
-            ):
-                continue
-            if self._visible(resource, spec.export_to):
-                rules.append(resource)
-        by_host: dict[str, list[Resource[DestinationRule]]] = {}
-        for resource in rules:
-            by_host.setdefault(
-                to_fqdn(resource.spec.host, resource.namespace, self.domain), []
-            ).append(resource)
-        hosts = hosts | set(by_host)
-        wildcards = [(p, rs) for p, rs in _by_specificity(by_host) if p.startswith("*")]
+                ):
+                    continue
+                export_to = (".",)  # a rule with a selector is never exported
+            host = to_fqdn(spec.host, ns, self.domain)
+            hosts.add(host)
+            if not export_to or {"*", ".", ns} & set(export_to):
+                local.setdefault(ns, {}).setdefault(host, []).append(resource)
+            if len(set(export_to)) != 1 or export_to[0] not in (".", ns):
+                exported.setdefault(ns, {}).setdefault(host, []).append(resource)
+            elif ns == root_ns:
+                root_local.setdefault(host, []).append(resource)
+        first = _RulePool(root_local if client_ns == root_ns else local.get(client_ns, {}))
+        exported_pools = {ns: _RulePool(by_host) for ns, by_host in exported.items()}
         policies: dict[str, DestinationPolicy] = {}
         for host in hosts:
-            candidates = by_host.get(host) or next(
-                (rs for pattern, rs in wildcards if wildcard_matches(pattern, host)), []
-            )
-            if not candidates:
-                continue
-            service_ns = self._namespace_of(host)
-            for namespace in (local_ns, service_ns, root_ns):
-                chosen = [r for r in candidates if r.namespace == namespace]
-                if chosen:
-                    break
-            else:
-                chosen = candidates  # exported from elsewhere: merged, oldest first
-            policies[host] = _merge(host, chosen)
+            chosen = first.find(host)
+            if not chosen:
+                for owner in (self._namespace_of(host), root_ns):
+                    pool = exported_pools.get(owner) if owner is not None else None
+                    if pool is None:
+                        continue
+                    # pilot takes the most specific host first, then checks exportTo
+                    chosen = [r for r in pool.find(host) if _exported_to(r, client_ns)]
+                    if chosen:
+                        break
+            if chosen:
+                policies[host] = _merge(host, chosen)
         return policies
 
     def _namespace_of(self, host: str) -> str | None:
+        """The namespace of the service `host` names: its registry entry's, else its FQDN's."""
+        service = self.target.service(host)
+        if service is not None:
+            return service.namespace
         suffix = f".svc.{self.domain}"
         if host.endswith(suffix):
             parts = host[: -len(suffix)].split(".")
             return parts[-1] if len(parts) == 2 else None
-        service = self.target._services.get(host)
-        return service.namespace if service else None
+        return None
 
     def _aliases(self, hosts: Iterable[str]) -> dict[str, str]:
         aliases: dict[str, str] = {}
@@ -580,6 +628,25 @@ class _Builder:
             for form in short_forms(host, self.config.namespace, self.domain):
                 aliases.setdefault(form, host)
         return aliases
+
+
+def _exported_to(resource: Resource[DestinationRule], namespace: str) -> bool:
+    export_to = resource.spec.export_to
+    return not export_to or "*" in export_to or namespace in export_to
+
+
+class _RulePool:
+    """DestinationRules by FQDN host, found as pilot's `MostSpecificHostMatch` finds them."""
+
+    def __init__(self, by_host: Mapping[str, list[Resource[DestinationRule]]]) -> None:
+        self.by_host = by_host
+        self.wildcards = [(p, rs) for p, rs in _by_specificity(by_host) if p.startswith("*")]
+
+    def find(self, host: str) -> list[Resource[DestinationRule]]:
+        found = self.by_host.get(host)
+        if found is None:
+            found = next((rs for p, rs in self.wildcards if wildcard_matches(p, host)), [])
+        return found
 
 
 def _merge(host: str, rules: list[Resource[DestinationRule]]) -> DestinationPolicy:
@@ -597,35 +664,6 @@ def _merge(host: str, rules: list[Resource[DestinationRule]]) -> DestinationPoli
         traffic_policy=traffic_policy,
         subsets=MappingProxyType(subsets),
     )
-
-
-_INHERITED = ("timeout", "retries", "fault", "cors_policy", "headers", "rewrite")
-
-
-def _inherit(child: HTTPRoute, root: HTTPRoute) -> HTTPRoute:
-    """A delegate's route takes the root route's policies it does not set (pilot merge)."""
-    changes: dict[str, Any] = {
-        name: getattr(root, name)
-        for name in _INHERITED
-        if getattr(child, name) is None and getattr(root, name) is not None
-    }
-    if child.mirror is None and not child.mirrors and (root.mirror is not None or root.mirrors):
-        changes.update(
-            mirror=root.mirror,
-            mirrors=root.mirrors,
-            mirror_percentage=root.mirror_percentage,
-            mirror_percent=root.mirror_percent,
-        )
-    return replace(child, **changes) if changes else child
-
-
-def _narrowed(inner: CompiledRoute, root: CompiledRoute) -> CompiledRoute:
-    """A delegate's route, matching only where the root route also matches."""
-    if root.matchers and inner.matchers:
-        matchers = tuple(r & i for r in root.matchers for i in inner.matchers)
-    else:
-        matchers = root.matchers or inner.matchers
-    return replace(inner, matchers=matchers)
 
 
 def _by_specificity(items: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:

@@ -180,9 +180,13 @@ class HTTPMatchRequest:
                 sink.error((*path, field, "regex"), "'*' is not a regex (use {} for any value)")
             if field != "uri" and string_match.prefix == "":
                 sink.error((*path, field, "prefix"), "a prefix match must not be empty")
-        for key, matches in (("headers", self.headers), ("queryParams", self.query_params)):
+        for key, matches in (
+            ("headers", self.headers),
+            ("withoutHeaders", self.without_headers),
+            ("queryParams", self.query_params),
+        ):
             for name, string_match in matches.items():
-                if string_match.regex == "*":
+                if string_match.regex == "*" and key != "withoutHeaders":  # there: "absent"
                     sink.error(
                         (*path, key, name, "regex"), "'*' is not a regex (use {} for presence)"
                     )

@@ -441,6 +441,110 @@ def test_destination_rule_precedence_client_namespace_first() -> None:
     assert other.traffic_policy(REVIEWS, None, None).load_balancer.algorithm == "RANDOM"  # type: ignore[union-attr]
 
 
+BACKEND = "reviews.backend.svc.cluster.local"
+
+
+def _backend_rule(name: str, namespace: str, host: str, simple: str, export_to: str = "[]") -> str:
+    return f"""
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: {name}, namespace: {namespace}}}
+spec:
+  host: '{host}'
+  exportTo: {export_to}
+  trafficPolicy: {{loadBalancer: {{simple: {simple}}}}}
+"""
+
+
+_BACKEND_SERVICE = f"""
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: reviews, namespace: backend}}
+spec:
+  hosts: [{BACKEND}]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 9080, name: http, protocol: HTTP}}]
+  endpoints: [{{address: 10.0.0.1}}]
+"""
+
+
+@pytest.mark.parametrize(
+    ("rules", "client", "expected"),
+    [
+        pytest.param(
+            [
+                ("exact", "backend", BACKEND, "RANDOM"),
+                ("wild", "web", "*.backend.svc.cluster.local", "ROUND_ROBIN"),
+            ],
+            "web",
+            "web/wild",
+            id="client-namespace-wildcard-before-service-namespace",
+        ),
+        pytest.param(
+            [
+                ("wild", "web", "*.cluster.local", "RANDOM"),
+                ("exact", "web", BACKEND, "ROUND_ROBIN"),
+            ],
+            "web",
+            "web/exact",
+            id="exact-host-before-wildcard",
+        ),
+        pytest.param(
+            [("elsewhere", "other", BACKEND, "RANDOM")], "web", None, id="unrelated-namespace"
+        ),
+        pytest.param(
+            [("mesh", "istio-system", BACKEND, "RANDOM")], "web", "istio-system/mesh", id="root"
+        ),
+        pytest.param(
+            [
+                ("mesh", "istio-system", BACKEND, "RANDOM"),
+                ("svc", "backend", BACKEND, "ROUND_ROBIN"),
+            ],
+            "web",
+            "backend/svc",
+            id="service-namespace-before-root",
+        ),
+        pytest.param(
+            [("svc", "backend", BACKEND, "RANDOM", "['.']")],
+            "web",
+            None,
+            id="private-to-service-ns",
+        ),
+        pytest.param(
+            [("svc", "backend", BACKEND, "RANDOM", "[web]")],
+            "web",
+            "backend/svc",
+            id="exported-by-name",
+        ),
+        pytest.param(
+            [("svc", "backend", BACKEND, "RANDOM", "[web]")], "shop", None, id="exported-elsewhere"
+        ),
+        pytest.param(
+            [("mine", "web", BACKEND, "RANDOM", "['.']")],
+            "web",
+            "web/mine",
+            id="private-in-client-ns",
+        ),
+        pytest.param(
+            [("mesh", "istio-system", BACKEND, "RANDOM", "['.']")],
+            "web",
+            None,
+            id="root-private-not-for-others",
+        ),
+    ],
+)
+def test_destination_rule_lookup_follows_pilot(
+    rules: list[tuple[str, ...]], client: str, expected: str | None
+) -> None:
+    """Which DestinationRule applies: the client namespace's (exact host, then wildcard), then
+    one the service's namespace exports to the client, then the root namespace's; none else."""
+    text = _BACKEND_SERVICE + "".join(_backend_rule(*rule) for rule in rules)
+    policy = build(text, MeshConfig(namespace=client), services=False).destination_policy(BACKEND)
+    assert (policy.rules[0] if policy else None) == expected
+
+
 def test_destination_rules_for_one_host_merge() -> None:
     """Two rules for one host: subsets concatenate and the older trafficPolicy wins."""
     text = """
@@ -539,6 +643,60 @@ def test_delegate_routes_narrow_the_root_match() -> None:
     assert outside is not None and outside.destinations[0].subset == "v1"
 
 
+DELEGATING_ROOT = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: root}
+spec:
+  hosts: [reviews]
+  http:
+  - name: api
+    match: [{uri: {prefix: /api/v2}, headers: {tenant: {exact: a}}}]
+    delegate: {name: child}
+  - directResponse: {status: 418}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: child}
+spec:
+  http:
+  - name: inner
+    match: [%s]
+    directResponse: {status: 200}
+"""
+
+
+@pytest.mark.parametrize(
+    ("child_match", "path", "status"),
+    [
+        pytest.param("{uri: {prefix: /api/v2/users}}", "/api/v2/users/1", 200, id="longer-prefix"),
+        pytest.param("{uri: {exact: /api/v2/x}}", "/api/v2/x", 200, id="exact-in-prefix"),
+        pytest.param("{headers: {tenant: {exact: a}}}", "/api/v2/x", 200, id="same-header"),
+        pytest.param("{uri: {prefix: /api}}", "/api/v2/x", 418, id="shorter-prefix"),
+        pytest.param("{uri: {regex: '/api/v2/.*'}}", "/api/v2/x", 418, id="regex"),
+        pytest.param("{headers: {tenant: {prefix: a}}}", "/api/v2/x", 418, id="prefix-in-exact"),
+        pytest.param("{uri: {prefix: /api/v2}, ignoreUriCase: true}", "/api/v2/x", 418, id="case"),
+    ],
+)
+def test_delegate_route_outside_the_root_match_is_dropped(
+    child_match: str, path: str, status: int
+) -> None:
+    """A delegate route whose match does not lie within the root route's is dropped, as
+    pilot's stringMatchConflict drops it: requests fall through to the root's next route."""
+    snapshot = build(DELEGATING_ROOT % child_match)
+    route = snapshot.route(request(path=path, headers={"tenant": "a"})).route
+    assert route is not None and route.direct_response is not None
+    assert route.direct_response.status == status
+
+
+def test_delegate_route_takes_pilots_merged_names() -> None:
+    """A merged delegate route and its match block are named `root-child`, as pilot names them."""
+    snapshot = build(DELEGATING_ROOT % "{name: m, uri: {prefix: /api/v2/users}}")
+    decision = snapshot.route(request(path="/api/v2/users", headers={"tenant": "a"}))
+    assert decision.route is not None and decision.route.name == "api-inner"
+    assert decision.matched is not None and decision.matched.name == "m"
+
+
 def test_export_to_dot_hides_from_other_namespaces() -> None:
     """exportTo: ['.'] keeps a VirtualService to its own namespace."""
     text = vs("- route: [{destination: {host: reviews, subset: v2}}]", extra="  exportTo: ['.']\n")
@@ -588,6 +746,85 @@ def test_oldest_virtual_service_wins_a_host() -> None:
     spec: {hosts: [reviews], http: [{route: [{destination: {host: reviews, subset: v1}}]}]}
     """
     assert build(text).route(request()).virtual_service == "default/older"
+
+
+def _reviews_vs(name: str, namespace: str, created: str, export_to: str, subset: str) -> str:
+    return f"""
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: {name}, namespace: {namespace}, creationTimestamp: '{created}'}}
+spec:
+  hosts: [{REVIEWS}]
+  exportTo: {export_to}
+  http: [{{route: [{{destination: {{host: {REVIEWS}, subset: {subset}}}}}]}}]
+"""
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "winner"),
+    [
+        pytest.param(
+            ("public-old", "other", "2020-01-01T00:00:00Z", "['*']", "v1"),
+            ("mine", "default", "2025-01-01T00:00:00Z", "['.']", "v2"),
+            "default/mine",
+            id="private-before-public",
+        ),
+        pytest.param(
+            ("public-old", "other", "2020-01-01T00:00:00Z", "[]", "v1"),
+            ("to-me", "shop", "2025-01-01T00:00:00Z", "[default]", "v2"),
+            "shop/to-me",
+            id="exported-by-name-before-public",
+        ),
+        pytest.param(
+            ("to-me", "shop", "2020-01-01T00:00:00Z", "[default]", "v1"),
+            ("mine", "default", "2025-01-01T00:00:00Z", "[default]", "v2"),
+            "default/mine",
+            id="private-before-exported",
+        ),
+        pytest.param(
+            ("old", "other", "2020-01-01T00:00:00Z", "['*']", "v1"),
+            ("new", "default", "2025-01-01T00:00:00Z", "['*']", "v2"),
+            "other/old",
+            id="public-oldest-first",
+        ),
+    ],
+)
+def test_virtual_service_precedence_follows_pilot(
+    first: tuple[str, ...], second: tuple[str, ...], winner: str
+) -> None:
+    """Of several VirtualServices for a host, the client namespace's private ones come first,
+    then those exported to it by name, then public ones; the oldest first in each group."""
+    snapshot = build(_reviews_vs(*first) + _reviews_vs(*second))
+    assert snapshot.route(request()).virtual_service == winner
+
+
+def test_virtual_service_with_a_delegate_comes_after_one_without() -> None:
+    """pilot lists VirtualServices with a delegate route after the others, whatever their age."""
+    snapshot = build(
+        """
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {name: root, creationTimestamp: '2020-01-01T00:00:00Z'}
+        spec:
+          hosts: [reviews]
+          http: [{delegate: {name: child}}]
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {name: child}
+        spec:
+          http: [{route: [{destination: {host: reviews, subset: v1}}]}]
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {name: plain, creationTimestamp: '2025-01-01T00:00:00Z'}
+        spec:
+          hosts: [reviews]
+          http: [{route: [{destination: {host: reviews, subset: v2}}]}]
+        """
+    )
+    assert snapshot.route(request()).virtual_service == "default/plain"
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ import pytest
 
 from meshlib.errors import Diagnostic, PolicyError
 from meshlib.policy.loader import LoadResult, load_text
+from meshlib.policy.regex import compile_re2
 
 FILE = "mesh.yaml"
 
@@ -843,17 +844,17 @@ def test_several_errors_in_one_route_are_all_reported() -> None:
 
 DR_ERRORS = [
     pytest.param(
-        dr("loadBalancer: {consistentHash: {}}"),
-        "spec.trafficPolicy.loadBalancer.consistentHash",
+        dr("loadBalancer: {consistentHash: {httpHeaderName: x-user, maglev: {}}}"),
+        "spec.trafficPolicy.loadBalancer.consistentHash.maglev.tableSize",
         8,
-        "exactly one hash key is required: httpHeaderName, httpCookie, useSourceIp",
-        id="hash-no-key",
+        "must be set for maglev",
+        id="maglev-without-table-size",
     ),
     pytest.param(
         dr("loadBalancer: {consistentHash: {httpHeaderName: x-user, useSourceIp: true}}"),
         "spec.trafficPolicy.loadBalancer.consistentHash",
         8,
-        "exactly one hash key is required",
+        "only one hash key may be set: httpHeaderName, httpCookie, useSourceIp",
         id="hash-two-keys",
     ),
     pytest.param(
@@ -924,11 +925,11 @@ DR_ERRORS = [
     pytest.param(
         resource(
             "DestinationRule",
-            "host: r\nsubsets:\n- name: v1\n  trafficPolicy:\n    loadBalancer: {consistentHash: {}}",
+            "host: r\nsubsets:\n- name: v1\n  trafficPolicy:\n    loadBalancer: {consistentHash: {maglev: {}}}",
         ),
-        "spec.subsets[0].trafficPolicy.loadBalancer.consistentHash",
+        "spec.subsets[0].trafficPolicy.loadBalancer.consistentHash.maglev.tableSize",
         10,
-        "exactly one hash key is required",
+        "must be set for maglev",
         id="subset-policy",
     ),
 ]
@@ -1650,6 +1651,17 @@ ISTIO_PARITY = [
         id="jwt-claim-match-on-gateway-only-vs",
     ),
     pytest.param(vs_match('{uri: {prefix: ""}}'), 0, id="empty-uri-prefix"),
+    pytest.param(
+        dr("loadBalancer: {consistentHash: {ringHash: {minimumRingSize: 1024}}}"),
+        0,
+        id="consistent-hash-without-key",
+    ),
+    pytest.param(
+        dr("loadBalancer: {consistentHash: {maglev: {}}}"), 1, id="maglev-needs-table-size"
+    ),
+    pytest.param(
+        vs_match("{withoutHeaders: {x: {prefix: ''}}}"), 1, id="empty-without-header-prefix"
+    ),
     pytest.param(vs_match('{uri: {regex: "/[[:alpha:]]+"}}'), 0, id="re2-posix-class"),
     pytest.param(vs_match('{uri: {regex: "^(?!/admin).*"}}'), 1, id="re2-has-no-lookahead"),
     pytest.param(resource("VirtualService", "hosts: [r]"), 1, id="vs-without-routes"),
@@ -1765,6 +1777,8 @@ def test_duplicate_key_does_not_hide_later_documents() -> None:
         pytest.param("(a)\\1", "backreferences", id="backreference"),
         pytest.param("a*+", "possessive", id="possessive"),
         pytest.param("/[[:alpha:]", "invalid regex", id="unclosed-posix"),
+        pytest.param("/a{1001}", "repeat counts are at most 1000", id="repeat-over-1000"),
+        pytest.param("/a\\Z", "\\Z (RE2 spells the end of text \\z)", id="python-end-of-text"),
     ],
 )
 def test_regexes_rejected_as_istio_rejects_them(pattern: str, message: str) -> None:
@@ -1772,6 +1786,36 @@ def test_regexes_rejected_as_istio_rejects_them(pattern: str, message: str) -> N
     result = load(vs_match(f"{{uri: {{regex: '{pattern}'}}}}"))
     assert len(result.errors) == 1
     assert message in result.errors[0].message
+
+
+@pytest.mark.parametrize(
+    ("pattern", "value", "matches"),
+    [
+        pytest.param("/a\\++", "/a++", True, id="escaped-plus-repeated"),
+        pytest.param("/a\\*+", "/a**", True, id="escaped-star-repeated"),
+        pytest.param("/\\Qa.b\\E", "/a.b", True, id="quoted-literal"),
+        pytest.param("/\\Qa.b\\E", "/axb", False, id="quoted-dot-is-literal"),
+        pytest.param("/\\Qa.b", "/a.b", True, id="quoted-to-the-end"),
+        pytest.param("/x(?i)abc", "/xABC", True, id="flags-mid-pattern"),
+        pytest.param("a(?i)b|c", "C", True, id="flags-reach-later-alternatives"),
+        pytest.param("(a(?i)b)c", "aBC", False, id="flags-end-with-their-group"),
+        pytest.param("/(?<id>[0-9]+)", "/12", True, id="named-group"),
+        pytest.param("/(?P<id>[0-9]+)", "/12", True, id="python-style-named-group"),
+        pytest.param("/a{,2}", "/a", False, id="brace-comma-is-literal"),
+        pytest.param("/a{,2}", "/a{,2}", True, id="brace-comma-matches-itself"),
+        pytest.param("a{2,3}", "aaa", True, id="repeat"),
+        pytest.param("[[a]+", "[a", True, id="bracket-in-class"),
+        pytest.param("a\\\\z", "a\\z", True, id="escaped-backslash-then-z"),
+    ],
+)
+def test_valid_re2_matches_as_re2_does(pattern: str, value: str, matches: bool) -> None:
+    """Valid RE2 is accepted and full-matches as Google's RE2 does (checked against it)."""
+    assert (compile_re2(pattern).fullmatch(value) is not None) is matches
+
+
+def test_escaped_quantifier_before_a_repeat_loads() -> None:
+    """`\\++` (one or more literal "+") is valid RE2, not a possessive quantifier."""
+    assert load(vs_match("{uri: {regex: '/a\\++'}}")).errors == ()
 
 
 @pytest.mark.parametrize(
