@@ -664,6 +664,16 @@ def test_dashboard_shows_the_traffic(servers: Servers, scraped: float) -> None:
     assert ("ratings", "503", "UF,URX") in flags, flags
     (success,) = run("Success rate", "destination")
     assert 0.8 < float(success["value"][1]) < 1, success  # reviews fails 1 in 10
+    # A version whose every answer failed shows 0%, not nothing (ratings refuses every call).
+    by_version = run("Success rate by service and version", "source")
+    rates = {
+        (r["metric"]["destination_service_name"], r["metric"]["destination_version"]): float(
+            r["value"][1]
+        )
+        for r in by_version
+    }
+    assert rates[("ratings", "unknown")] == 0.0, rates
+    assert 0.8 < rates[("reviews", "v1")] <= 1 and 0.8 < rates[("reviews", "v2")] <= 1, rates
     p50, p90, p99 = (
         float(run("Latency p50 / p90 / p99", "destination", ref)[0]["value"][1]) for ref in "ABC"
     )

@@ -4,7 +4,8 @@ A scrape of one process is reduced to `Totals`: cumulative request counts and la
 counts, keyed by who reported them (reporter="source": a meshed caller; "destination": the
 workload itself) and the destination's service and version. Totals add up across processes
 and subtract between two moments; the difference over a window gives, per service and
-version, requests per second, success rate (non-5xx) and p50/p99 latency, interpolated in
+version, requests per second, success rate (neither 5xx nor given up: code 0) and p50/p99
+latency, interpolated in
 the histogram buckets as Prometheus' histogram_quantile() does.
 
 For each service the callers' view (reporter="source") is used when it has meshed callers, so
@@ -46,7 +47,8 @@ class Totals:
     def since(self, earlier: Totals) -> Totals:
         """What was counted between `earlier` and this (a restarted process counts from 0)."""
         requests = _minus(self.requests, earlier.requests)
-        return Totals(requests, _minus(self.buckets, earlier.buckets))
+        # Buckets that counted nothing new stay: a quantile interpolates from the bound below.
+        return Totals(requests, _minus(self.buckets, earlier.buckets, keep_zero=True))
 
 
 def _plus(a: Mapping[K, float], b: Mapping[K, float]) -> dict[K, float]:
@@ -56,8 +58,17 @@ def _plus(a: Mapping[K, float], b: Mapping[K, float]) -> dict[K, float]:
     return result
 
 
-def _minus(new: Mapping[K, float], old: Mapping[K, float]) -> dict[K, float]:
-    return {k: v - old.get(k, 0.0) for k, v in new.items() if v - old.get(k, 0.0) > 0}
+def _minus(
+    new: Mapping[K, float], old: Mapping[K, float], *, keep_zero: bool = False
+) -> dict[K, float]:
+    result = {}
+    for key, value in new.items():
+        change = value - old.get(key, 0.0)
+        if change < 0:
+            change = value  # the counter went back to 0 (a restarted process), as rate() reads it
+        if change > 0 or keep_zero:
+            result[key] = change
+    return result
 
 
 def parse(text: str) -> Totals:
@@ -79,7 +90,9 @@ def parse(text: str) -> Totals:
             service = labels.get("destination_service_name", "unknown")
             version = labels.get("destination_version") or "unknown"
             if sample.name == REQUESTS:
-                ok = not labels.get("response_code", "").startswith("5")
+                # A failure: a 5xx, or no answer at all (code 0: the caller gave up first, DC).
+                code = labels.get("response_code", "")
+                ok = not code.startswith("5") and code != "0"
                 key = (reporter, service, version, ok)
                 requests[key] = requests.get(key, 0.0) + sample.value
             elif sample.name == DURATION + "_bucket":

@@ -22,7 +22,8 @@ LEGEND = (
     'callers: what meshed callers saw (reporter="source": faults, timeouts and retries '
     'included); inbound: the workload\'s own count (reporter="destination"). '
     "SERVED OK: the workload's own success rate. "
-    "unknown: answers meshlib gave itself (fault, timeout), no workload behind them."
+    "unknown: no workload's answer: one meshlib gave itself (fault, timeout), or none (the "
+    "caller gave up first: code 0, a failure)."
 )
 
 
