@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -33,26 +35,42 @@ def collector_restored() -> Iterator[None]:
 
 
 def test_loading_and_building_pause_the_collector_and_restore_it() -> None:
-    seen: list[bool] = []
+    """While YAML is converted and while the Snapshot is built the collector is off (seen
+    from inside: every call into the converter and into the Snapshot's own building code);
+    after, it is on again and collects when asked."""
+    seen: dict[str, set[bool]] = {"convert": set(), "snapshot": set()}
 
-    def spy(phase: str, info: dict[str, int]) -> None:
-        seen.append(gc.isenabled())
+    def watch(frame: Any, event: str, arg: object) -> None:
+        if event != "call":
+            return
+        code = frame.f_code
+        if code.co_name == "convert" and code.co_filename.endswith("_schema.py"):
+            seen["convert"].add(gc.isenabled())
+        elif code.co_filename.endswith("snapshot.py") and code.co_name != "build":
+            seen["snapshot"].add(gc.isenabled())
 
     gc.enable()
-    gc.callbacks.append(spy)
+    with _gc.collector_paused():
+        assert not gc.isenabled()
+        with _gc.collector_paused():  # nested: still paused on the way out
+            pass
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    sys.setprofile(watch)
     try:
-        with _gc.collector_paused():
-            assert not gc.isenabled()
-            with _gc.collector_paused():  # nested: still paused on the way out
-                pass
-            assert not gc.isenabled()
-        assert gc.isenabled()
         result = load_text(POLICY, "t.yaml")
         Snapshot.build(result.resources, MeshConfig())
-        assert gc.isenabled()
-        assert gc.collect() >= 0 and seen  # the collector still runs when asked
     finally:
-        gc.callbacks.remove(spy)
+        sys.setprofile(None)
+    assert seen == {"convert": {False}, "snapshot": {False}}
+    assert gc.isenabled()
+    collected: list[str] = []
+    gc.callbacks.append(lambda phase, info: collected.append(phase))
+    try:
+        gc.collect()
+    finally:
+        gc.callbacks.pop()
+    assert collected == ["start", "stop"]  # the collector still runs when asked
 
 
 def test_an_error_inside_restores_the_collector() -> None:
@@ -64,7 +82,8 @@ def test_an_error_inside_restores_the_collector() -> None:
 
 def test_a_collector_the_app_switched_off_stays_off() -> None:
     gc.disable()
-    load_text(POLICY, "t.yaml")
+    result = load_text(POLICY, "t.yaml")
+    Snapshot.build(result.resources, MeshConfig())
     assert not gc.isenabled()
 
 
