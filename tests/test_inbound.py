@@ -519,24 +519,12 @@ def test_wsgi_file_and_sized_responses_are_counted_as_sent() -> None:
     mesh.close()
 
 
-def _wsgiref(app: Any) -> tuple[Any, str]:
-    """A real wsgiref server for `app` on a free loopback port, and its base URL."""
-    import threading
-    from wsgiref.simple_server import WSGIRequestHandler, make_server
-
-    class Quiet(WSGIRequestHandler):
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = make_server("127.0.0.1", 0, app, handler_class=Quiet)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_port}"
-
-
 def test_wsgi_write_is_counted_and_an_error_after_it_keeps_the_status() -> None:
     """A body sent through PEP 3333's `write()` counts as sent; once it went out with its
     200, an error from the app's iterable does not turn the request into a 500."""
     import http.client
+
+    from tests.upstream import WsgiServer
 
     mesh, entries = logged_mesh()
 
@@ -552,18 +540,14 @@ def test_wsgi_write_is_counted_and_an_error_after_it_keeps_the_status() -> None:
             return failing()
         return []
 
-    server, base = _wsgiref(meshlib.MeshWSGIMiddleware(app, mesh=mesh))
-    try:
+    with WsgiServer(meshlib.MeshWSGIMiddleware(app, mesh=mesh)) as server:
         for path in ("/ok", "/raise"):
-            connection = http.client.HTTPConnection(base.removeprefix("http://"), timeout=5)
+            connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
             connection.request("GET", path)
             response = connection.getresponse()
             assert response.status == 200
             assert response.read().startswith(b"hello from write()\n")
             connection.close()
-    finally:
-        server.shutdown()
-        server.server_close()
     assert [(e.path, e.response_code, e.bytes_sent) for e in entries] == [
         ("/ok", 200, 19),
         ("/raise", 200, 19),
@@ -583,7 +567,7 @@ def test_the_access_log_has_the_target_as_sent() -> None:
     import http.client
     from wsgiref.util import shift_path_info
 
-    from tests.upstream import AsgiServer
+    from tests.upstream import AsgiServer, WsgiServer
 
     target = "/api/files/a%2Fb%20c?q=1"
     mesh, entries = logged_mesh()
@@ -598,17 +582,15 @@ def test_the_access_log_has_the_target_as_sent() -> None:
         shift_path_info(environ)  # /api moves to SCRIPT_NAME, as a dispatcher does
         return meshlib.MeshWSGIMiddleware(mounted, mesh=mesh)(environ, start_response)
 
-    wsgi, _ = _wsgiref(dispatcher)
     try:
-        for port in (asgi.port, wsgi.server_port):
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            connection.request("GET", target)
-            assert connection.getresponse().read()
-            connection.close()
+        with WsgiServer(dispatcher) as wsgi:
+            for port in (asgi.port, wsgi.port):
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                connection.request("GET", target)
+                assert connection.getresponse().read()
+                connection.close()
     finally:
         asgi.stop()
-        wsgi.shutdown()
-        wsgi.server_close()
     assert [entry.path for entry in entries] == [target, "/api/files/a/b%20c?q=1"]
 
     environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/files/a/b c", "SCRIPT_NAME": "/api"}

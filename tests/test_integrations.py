@@ -1,8 +1,8 @@
 """integrations/ works: both Prometheus configs load and scrape meshlib, and every query of the
 Grafana dashboard runs against what meshlib exports.
 
-One module-wide stack: productpage calls reviews v1 and v2 (meshed WSGI apps, reached in
-process) and ratings (which refuses every connection), from a background thread; each of the
+One module-wide stack: productpage calls reviews v1 and v2 (meshed WSGI apps, each on a real
+wsgiref server) and ratings (a port where nothing listens), from a background thread; each of the
 three workloads serves its metrics on its own OS-assigned loopback port. Two real Prometheus
 servers (the Debian package's binary) scrape them:
 
@@ -38,7 +38,7 @@ import meshlib
 from meshlib.config import MeshConfig
 from meshlib.telemetry.metrics import render
 from tests import prometheus
-from tests.upstream import mesh_for
+from tests.upstream import WsgiServer, mesh_for, refused_port
 
 ROOT = Path(__file__).parent.parent
 DEMO_CONFIG = ROOT / "integrations" / "prometheus" / "demo.yml"
@@ -58,25 +58,25 @@ GRAFANA_BUILTINS = {"__rate_interval", "__interval", "__range"}
 POLICY = """\
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
-metadata: {name: reviews}
+metadata: {{name: reviews}}
 spec:
   hosts: [reviews.default.svc.cluster.local]
   location: MESH_INTERNAL
   resolution: STATIC
-  ports: [{number: 9080, name: http, protocol: HTTP}]
+  ports: [{{number: 9080, name: http, protocol: HTTP}}]
   endpoints:
-  - {address: 10.0.0.1, labels: {version: v1}}
-  - {address: 10.0.0.2, labels: {version: v2}}
+  - {{address: 127.0.0.1, ports: {{http: {v1}}}, labels: {{version: v1}}}}
+  - {{address: 127.0.0.1, ports: {{http: {v2}}}, labels: {{version: v2}}}}
 ---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
-metadata: {name: ratings}
+metadata: {{name: ratings}}
 spec:
   hosts: [ratings.default.svc.cluster.local]
   location: MESH_INTERNAL
   resolution: STATIC
-  ports: [{number: 9080, name: http, protocol: HTTP}]
-  endpoints: [{address: 10.0.0.3}]
+  ports: [{{number: 9080, name: http, protocol: HTTP}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {ratings}}}}}]
 """
 
 
@@ -89,7 +89,7 @@ def reviews_app() -> Any:
 
     def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
         n = next(counter)
-        environ["wsgi.input"].read()
+        environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
         if n % 10 == 0:
             status = "503 Service Unavailable"
         elif n % 7 == 0:
@@ -123,29 +123,23 @@ class Workloads:
 def workloads() -> Iterator[Workloads]:
     """The three workloads serving metrics, with traffic flowing until the module ends."""
     meshes = {
-        "reviews-v1": meshlib.Mesh(
-            MeshConfig(service="reviews", version="v1", workload="reviews-v1")
-        ),
-        "reviews-v2": meshlib.Mesh(
-            MeshConfig(service="reviews", version="v2", workload="reviews-v2")
-        ),
-        "productpage": mesh_for(MeshConfig(service="productpage", version="v1"), POLICY),
+        name: meshlib.Mesh(MeshConfig(service="reviews", version=name[-2:], workload=name))
+        for name in ("reviews-v1", "reviews-v2")
     }
-    hosts = {
-        address: httpx.WSGITransport(
-            app=meshlib.MeshWSGIMiddleware(reviews_app(), mesh=meshes[name])
-        )
-        for address, name in (("10.0.0.1", "reviews-v1"), ("10.0.0.2", "reviews-v2"))
+    servers = {
+        name: WsgiServer(meshlib.MeshWSGIMiddleware(reviews_app(), mesh=mesh))
+        for name, mesh in meshes.items()
     }
-
-    def network(request: httpx.Request) -> httpx.Response:
-        transport = hosts.get(request.url.host)
-        if transport is None:  # ratings: nothing listens
-            raise httpx.ConnectError("connection refused", request=request)
-        return transport.handle_request(request)
-
-    transport = meshlib.MeshTransport(httpx.MockTransport(network), mesh=meshes["productpage"])
-    client = meshlib.Client(transport=transport, mesh=meshes["productpage"])
+    ratings = refused_port()  # nothing listens: every call to ratings is refused
+    policy = POLICY.format(
+        v1=servers["reviews-v1"].port,
+        v2=servers["reviews-v2"].port,
+        ratings=ratings.getsockname()[1],
+    )
+    meshes["productpage"] = mesh_for(MeshConfig(service="productpage", version="v1"), policy)
+    for server in servers.values():
+        server.__enter__()
+    client = meshlib.Client(mesh=meshes["productpage"])
     stop = threading.Event()
     calls: list[int] = []
     errors: list[BaseException] = []
@@ -182,6 +176,9 @@ def workloads() -> Iterator[Workloads]:
         if thread.is_alive():
             thread.join(timeout=10)
         client.close()
+        for server in servers.values():
+            server.__exit__()
+        ratings.close()
         for mesh in meshes.values():
             mesh.close()
     assert not errors, errors

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -192,6 +193,43 @@ class AsgiServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+class WsgiServer:
+    """Any WSGI app served by wsgiref (threaded) in a daemon thread on 127.0.0.1, an
+    OS-assigned port; `with WsgiServer(app) as server: server.port`."""
+
+    def __init__(self, app: Any) -> None:
+        from socketserver import ThreadingMixIn
+        from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+        class Quiet(WSGIRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        class Threaded(ThreadingMixIn, WSGIServer):
+            daemon_threads = True
+
+        self.server = make_server("127.0.0.1", 0, app, server_class=Threaded, handler_class=Quiet)
+        self.port: int = self.server.server_port
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> WsgiServer:
+        self.thread.start()  # the socket listens already: ready once serving
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)
+
+
+def refused_port() -> socket.socket:
+    """A socket bound to a loopback port and not listening: connecting to its port is
+    refused (and no other server can take the port while it is held). Close it after."""
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    return held
 
 
 def loopback_service(

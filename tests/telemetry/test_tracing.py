@@ -839,15 +839,13 @@ def test_an_attempt_without_a_response_carries_envoys_flag(
     """Through a real client: an attempt refused (UF) or out of the route's time (UT) is an
     ERROR CLIENT span whose error.type and meshlib.response_flags are Envoy's flag."""
     import asyncio
-    import socket
 
     import meshlib
     from tests.rawserver import ThreadServer, held_until
-    from tests.upstream import loopback_service
+    from tests.upstream import loopback_service, refused_port
 
-    with socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        refused = probe.getsockname()[1]
+    closed = refused_port()  # held for the test: nothing listens on its port
+    refused = closed.getsockname()[1]
     release = asyncio.Event()
     server = ThreadServer(held_until(release))
     with server as held:
@@ -881,6 +879,7 @@ def test_an_attempt_without_a_response_carries_envoys_flag(
         finally:
             server.loop.call_soon_threadsafe(release.set)
             mesh.close()
+            closed.close()
     spans = by_kind(exporter, SpanKind.CLIENT)
     flags = [
         ((s.attributes or {}).get("error.type"), (s.attributes or {}).get("meshlib.response_flags"))
