@@ -285,11 +285,13 @@ def record_exception(
     request_headers: Mapping[str, str],
     flag: str,
     upstream_host: str | None = None,
+    flags: Sequence[str] = (),
 ) -> None:
     """Count a call that ended in an exception, not a response, as Envoy logs a request it
     sent no response for: response code 0 and `flag` — DC when the caller gave up (its own
-    timeout, a cancellation), UF / UC when the connection failed."""
-    record_source(mesh, plan, 0, {}, started, request_headers, (flag,), upstream_host)
+    timeout, a cancellation), UF / UC when the connection failed — besides the `flags` the
+    mesh had already set (DI for a fault delay: `DI,DC` when the caller gave up during it)."""
+    record_source(mesh, plan, 0, {}, started, request_headers, (*flags, flag), upstream_host)
 
 
 def _target(path: str, query: str) -> str:

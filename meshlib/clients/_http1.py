@@ -47,10 +47,12 @@ What it does, as httpx's own transport does:
   checked before it is reused (a readable socket means the server closed it or sent bytes
   nobody asked for), as httpcore does; bytes the server sends before the request is written
   are read as its response (an overloaded server's 503);
-- `TRY_DEADLINE` in `request.extensions` (the mesh sets it from a try's time) bounds the
-  whole exchange up to the response headers — waiting for a connection, connecting, sending,
-  waiting for the headers — which the per-phase timeouts do not; a request whose deadline
-  passed before it could be sent is not sent;
+- `TRY_DEADLINE` in `request.extensions` (the mesh sets it from the route deadline) bounds
+  the whole exchange up to the response headers — waiting for a connection, connecting,
+  sending, waiting for the headers — which the per-phase timeouts do not; `TRY_TIMEOUT` (a
+  try's time, in seconds) brings it closer once the request has its connection, as Envoy
+  starts its per-try timer then; a request whose deadline passed before it could be sent is
+  not sent;
 - `verify` as httpx takes it (True, False, a CA bundle path or an `ssl.SSLContext`); ALPN
   `http/1.1` on the contexts it makes (an app's own context is used as it is, and a server
   choosing `h2` on it is a `ConnectError`); the pool limits and keep-alive expiry of
@@ -98,6 +100,9 @@ _CONTROLS = bytes([*range(0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])  # not H
 # latest. The mesh sets it from a try's time (per-try timeout, route deadline), which the read
 # timeout alone — counted from the last bytes received — would not bound.
 TRY_DEADLINE = "meshlib.try_deadline"
+# request.extensions key: a try's time in seconds, counted from when it has a connection
+# (TRY_DEADLINE is then moved up to that end, if sooner).
+TRY_TIMEOUT = "meshlib.try_timeout"
 
 Origin = tuple[str, str, int, str]  # scheme, host, port, TLS server name
 
@@ -154,8 +159,14 @@ class Http1Transport(httpx.AsyncBaseTransport):
         host = url.raw_host.decode("ascii")
         sni = request.extensions.get("sni_hostname") or host
         origin = (scheme, host, url.port or _DEFAULT_PORTS[scheme], sni)
-        deadline = request.extensions.get(TRY_DEADLINE)
+        extensions = request.extensions
+        deadline = extensions.get(TRY_DEADLINE)
         connection = await pool.acquire(origin, request, timeout, deadline)
+        try_time = extensions.get(TRY_TIMEOUT)
+        if try_time is not None:  # the try's time starts now it has a connection
+            due = time.monotonic() + try_time
+            if deadline is None or due < deadline:
+                deadline = extensions[TRY_DEADLINE] = due  # what the mesh reads on a timeout
         if deadline is not None and time.monotonic() >= deadline:
             pool.release(connection)  # never used: back to the pool (or closed, if new)
             raise httpx.WriteTimeout(

@@ -55,7 +55,9 @@ from meshlib.dataplane.outcome import Flag, LocalReply, ordered
 from meshlib.dataplane.retry import (
     CONNECT_FAILURE,
     PER_TRY_TIMEOUT,
+    REFUSED_STREAM,
     RESET,
+    STREAM_RESET,
     AttemptResult,
     run_attempts,
     run_attempts_async,
@@ -71,9 +73,12 @@ _MESHED = "meshlib.meshed"  # marks transports meshlib made, so nothing is meshe
 # request.extensions key: the caller reads the whole body (`send(stream=False)`), so the mesh
 # reads it within the try (see `_read_whole`). meshlib's clients set it.
 READ_WHOLE = "meshlib.read_whole"
-# request.extensions key meshlib's HTTP/1.1 transport reads (`_http1.TRY_DEADLINE`; not
-# imported, so that sync clients do not load it): when a try's response headers are due.
+# request.extensions keys meshlib's HTTP/1.1 transport reads (`_http1.TRY_DEADLINE`,
+# `_http1.TRY_TIMEOUT`; not imported, so that sync clients do not load it): when a try's
+# response headers are due at the latest (the route deadline, then the try's own once it has
+# a connection), and the try's time, which starts when it has a connection.
 _TRY_DEADLINE = "meshlib.try_deadline"
+_TRY_TIMEOUT = "meshlib.try_timeout"
 MIRROR_GRACE = 1.0  # seconds aclose() waits for mirrored copies still in flight
 _MIRROR_TIMEOUTS = dict.fromkeys(("connect", "read", "write", "pool"), MIRROR_TIMEOUT)
 
@@ -261,15 +266,29 @@ def _failed(exc: httpx.TransportError, request: httpx.Request, attempt: Attempt)
         return AttemptResult(failure=cause, error=exc)
     if isinstance(exc, httpx.ConnectError):
         return AttemptResult(failure=CONNECT_FAILURE, error=exc)
+    if isinstance(exc, httpx.PoolTimeout):  # the route deadline bounds it too (see above)
+        return AttemptResult(failure=PER_TRY_TIMEOUT, error=exc, client_timeout=True)
     if isinstance(exc, httpx.TimeoutException):
         # the try's time bounds each phase; the caller's own for this phase may be shorter
-        phase = _TIMEOUT_PHASE.get(type(exc), "read")
+        phase = "write" if isinstance(exc, httpx.WriteTimeout) else "read"
         mesh_owned = attempt.timeouts(caller.get("connect"), caller.get(phase))[2]
         return AttemptResult(failure=PER_TRY_TIMEOUT, error=exc, client_timeout=not mesh_owned)
-    return AttemptResult(failure=RESET, error=exc)
+    return AttemptResult(failure=_reset_kind(exc), error=exc)
 
 
-_TIMEOUT_PHASE = {httpx.WriteTimeout: "write", httpx.PoolTimeout: "pool"}
+_REFUSED_STREAM_CODE = 0x7  # HTTP/2's REFUSED_STREAM error code
+
+
+def _reset_kind(exc: httpx.TransportError) -> str:
+    """A lost connection (Envoy's UC), or, over HTTP/2, a stream the upstream reset (UR),
+    which httpcore reports as a RemoteProtocolError holding h2's `StreamReset` event."""
+    cause = exc.__cause__
+    if isinstance(cause, httpcore.RemoteProtocolError) and cause.args:
+        event = cause.args[0]
+        if type(event).__name__ == "StreamReset":
+            code = getattr(event, "error_code", None)
+            return REFUSED_STREAM if code == _REFUSED_STREAM_CODE else STREAM_RESET
+    return RESET
 
 
 def _try_expired(exc: httpx.TimeoutException) -> bool:
@@ -326,11 +345,13 @@ class _MeshTransportBase:
             "connect": connect,
             "read": read,
             "write": _smaller(caller.get("write"), attempt.timeout),
-            "pool": _smaller(caller.get("pool"), attempt.timeout),
+            # waiting for the pool comes before the try's time (Envoy's onPoolReady)
+            "pool": _smaller(caller.get("pool"), attempt.route_left()),
         }
         extensions = {**request.extensions, "timeout": timeout}
         if attempt.timeout is not None:  # the try's headers are due by then (_http1 reads it)
-            extensions[_TRY_DEADLINE] = time.monotonic() + attempt.timeout
+            extensions[_TRY_DEADLINE] = attempt.deadline
+            extensions[_TRY_TIMEOUT] = attempt.timeout
         return httpx.Request(
             request.method,
             _upstream_url(request.url, plan.scheme, attempt.endpoint, path),
@@ -478,10 +499,11 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         started = time.perf_counter()
         items, view = _view(request)
         mesh, plan, attributes = self._prepare(request, items)
+        flags: list[str] = []  # the flags set so far, counted with an exception too
         try:
-            response, headers = self._handle(request, view, mesh, plan, attributes, started)
+            response, headers = self._handle(request, view, mesh, plan, attributes, started, flags)
         except BaseException as exc:
-            record_exception(mesh, plan, started, view, _exception_flag(exc))
+            record_exception(mesh, plan, started, view, _exception_flag(exc), flags=flags)
             raise
         _record(mesh, plan, view, response, started, headers)
         return response
@@ -494,6 +516,7 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         plan: RoutePlan,
         attributes: RequestAttributes,
         started: float,
+        flags: list[str],
     ) -> Handled:
         if plan.passthrough:
             with client_span(mesh, request.method, request.url, None, None, view) as span:
@@ -502,23 +525,20 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
                 passed = self._result(response)
                 end_client_span(mesh, span, passed)
                 return response, passed.headers
-        flags: list[str] = []
         if plan.reply is not None:
             return self._local(plan.reply, request, flags, plan), None
         if plan.fault_delay is not None:
+            flags.append(Flag.DELAY_INJECTED)  # set as the delay starts, as Envoy's is
             read = _read_timeout_first(request, plan.fault_delay)
             time.sleep(plan.fault_delay if read is None else read)
             if read is not None:
                 raise _delay_timed_out(request)
-            flags.append(Flag.DELAY_INJECTED)
         if plan.fault_abort is not None:
             return self._local(plan.fault_abort, request, flags, plan), None
         replayable = _replayable(request)
-        for mirror in plan.mirrors if replayable else ():
-            copy = self._mirror_request(request, view, plan, mirror)
-            if copy is not None:
-                self._mirroring.submit(self._send_mirror, copy)
         exchange = self._exchange(mesh, plan, attributes, request, replayable)
+        if plan.mirrors and replayable:
+            exchange.shadow = lambda: self._start_mirrors(request, view, plan)
 
         whole = request.extensions.get(READ_WHOLE, False)
         closes = self._closes
@@ -547,6 +567,12 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
 
         result = run_attempts(exchange, send, _close)
         return self._respond(request, plan, exchange, result, flags)
+
+    def _start_mirrors(self, request: httpx.Request, view: dict[str, str], plan: RoutePlan) -> None:
+        for mirror in plan.mirrors:
+            copy = self._mirror_request(request, view, plan, mirror)
+            if copy is not None:
+                self._mirroring.submit(self._send_mirror, copy)
 
     def _mirroring_transport(self) -> httpx.BaseTransport:
         """Where copies go: a pool of their own when one like the inner transport can be made
@@ -705,10 +731,13 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
         started = time.perf_counter()
         items, view = _view(request)
         mesh, plan, attributes = self._prepare(request, items)
+        flags: list[str] = []  # the flags set so far, counted with an exception too
         try:
-            response, headers = await self._handle(request, view, mesh, plan, attributes, started)
+            response, headers = await self._handle(
+                request, view, mesh, plan, attributes, started, flags
+            )
         except BaseException as exc:
-            record_exception(mesh, plan, started, view, _exception_flag(exc))
+            record_exception(mesh, plan, started, view, _exception_flag(exc), flags=flags)
             raise
         _record(mesh, plan, view, response, started, headers)
         return response
@@ -721,6 +750,7 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
         plan: RoutePlan,
         attributes: RequestAttributes,
         started: float,
+        flags: list[str],
     ) -> Handled:
         if plan.passthrough:
             with client_span(mesh, request.method, request.url, None, None, view) as span:
@@ -731,25 +761,20 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
                 passed = self._result(response)
                 end_client_span(mesh, span, passed)
                 return response, passed.headers
-        flags: list[str] = []
         if plan.reply is not None:
             return self._local(plan.reply, request, flags, plan), None
         if plan.fault_delay is not None:
+            flags.append(Flag.DELAY_INJECTED)  # set as the delay starts, as Envoy's is
             read = _read_timeout_first(request, plan.fault_delay)
             await asyncio.sleep(plan.fault_delay if read is None else read)
             if read is not None:
                 raise _delay_timed_out(request)
-            flags.append(Flag.DELAY_INJECTED)
         if plan.fault_abort is not None:
             return self._local(plan.fault_abort, request, flags, plan), None
         replayable = _replayable(request)
-        for mirror in plan.mirrors if replayable else ():
-            copy = self._mirror_request(request, view, plan, mirror)
-            if copy is not None and len(self._mirrors) < MAX_MIRRORS_PENDING:
-                task = asyncio.get_running_loop().create_task(self._send_mirror(copy))
-                self._mirrors.add(task)
-                task.add_done_callback(self._mirrors.discard)
         exchange = self._exchange(mesh, plan, attributes, request, replayable)
+        if plan.mirrors and replayable:
+            exchange.shadow = lambda: self._start_mirrors(request, view, plan)
 
         whole = request.extensions.get(READ_WHOLE, False)
         closes = self._closes
@@ -780,6 +805,14 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
 
         result = await run_attempts_async(exchange, send, _aclose)
         return self._respond(request, plan, exchange, result, flags)
+
+    def _start_mirrors(self, request: httpx.Request, view: dict[str, str], plan: RoutePlan) -> None:
+        for mirror in plan.mirrors:
+            copy = self._mirror_request(request, view, plan, mirror)
+            if copy is not None and len(self._mirrors) < MAX_MIRRORS_PENDING:
+                task = asyncio.get_running_loop().create_task(self._send_mirror(copy))
+                self._mirrors.add(task)
+                task.add_done_callback(self._mirrors.discard)
 
     def _mirroring_transport(self) -> httpx.AsyncBaseTransport:
         """Where copies go: a pool of their own when one like the inner transport can be made

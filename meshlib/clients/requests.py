@@ -368,6 +368,7 @@ class MeshAdapter(HTTPAdapter):
         mesh = self.mesh
         attributes = request_attributes(request, view)
         plan = mesh.plan(attributes)
+        flags: list[str] = []  # the flags set so far, counted with an exception too
         try:
             response = self._handle(
                 mesh,
@@ -381,11 +382,11 @@ class MeshAdapter(HTTPAdapter):
                 verify,
                 cert,
                 proxies,
+                flags,
             )
         except BaseException as exc:
-            record_exception(mesh, plan, started, view, _exception_flag(exc))
+            record_exception(mesh, plan, started, view, _exception_flag(exc), flags=flags)
             raise
-        flags = getattr(response, "response_flags", ())
         record_source(
             mesh,
             plan,
@@ -393,7 +394,7 @@ class MeshAdapter(HTTPAdapter):
             response.headers,
             started,
             view,
-            flags,
+            getattr(response, "response_flags", ()),
             getattr(response, "upstream_host", None),
         )
         return _answering(response, original)
@@ -411,8 +412,10 @@ class MeshAdapter(HTTPAdapter):
         verify: Any,
         cert: Any,
         proxies: Mapping[str, str] | None,
+        flags: list[str],
     ) -> requests.Response:
-        """`caller` is the caller's `timeout` as (connect, read) seconds."""
+        """`caller` is the caller's `timeout` as (connect, read) seconds; `flags` gets the
+        response flags set along the way."""
         options: dict[str, Any] = {
             "stream": stream,
             "verify": verify,
@@ -425,22 +428,28 @@ class MeshAdapter(HTTPAdapter):
                 response = self._send_upstream(request, timeout=timeout, **options)
                 end_client_span(mesh, span, AttemptResult(status=response.status_code))
                 return response
-        flags: list[str] = []
         if plan.reply is not None:
             return self._local(plan.reply, request, flags, plan)
         if plan.fault_delay is not None:
+            flags.append(Flag.DELAY_INJECTED)  # set as the delay starts, as Envoy's is
             _fault_delay(plan.fault_delay, caller[1], request)
-            flags.append(Flag.DELAY_INJECTED)
         if plan.fault_abort is not None:
             return self._local(plan.fault_abort, request, flags, plan)
         replayable = _replayable(request)
-        for mirror in plan.mirrors if replayable else ():
-            target = mirror_endpoint(mesh, plan, mirror)
-            if target is not None:
-                propagated = mesh.propagator.outbound(view.__contains__)
-                copy = self._upstream(request, plan, None, propagated, mesh.identity, target)
-                self._mirroring.submit(self._send_mirror, copy, caller, options)
         exchange = mesh.exchange(plan, replayable=replayable)
+        if plan.mirrors and replayable:
+
+            def shadow() -> None:  # once the request has an upstream (see retry._attempt)
+                for mirror in plan.mirrors:
+                    target = mirror_endpoint(mesh, plan, mirror)
+                    if target is not None:
+                        propagated = mesh.propagator.outbound(view.__contains__)
+                        copy = self._upstream(
+                            request, plan, None, propagated, mesh.identity, target
+                        )
+                        self._mirroring.submit(self._send_mirror, copy, caller, options)
+
+            exchange.shadow = shadow
         choose_hash_key(exchange, mesh, attributes)
         # requests has no pool timeout: its connect timeout bounds waiting for a connection
         exchange.pool_timeout = caller[0]

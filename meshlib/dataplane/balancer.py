@@ -178,7 +178,8 @@ def _draw(
 
 
 class LeastRequestBalancer:
-    """Power of two choices; the candidate with more effective weight left wins."""
+    """Power of two choices; the candidate with more effective weight left wins (equal
+    weights: the one with fewer requests in flight, of two drawn with replacement)."""
 
     __slots__ = ("_in_flight", "_random", "_tables")
 
@@ -196,19 +197,22 @@ class LeastRequestBalancer:
         a = _draw(endpoints, usable, rnd, -1)
         if a < 0:
             return None
-        b = _draw(endpoints, usable, rnd, a)
-        if b < 0:
-            return endpoints[a]
         table = self._tables.get(endpoints)
         keys, get = table.keys, self._in_flight.get
         if table.equal:
+            # Envoy's unweightedHostPick draws both candidates with replacement: one endpoint
+            # may be drawn twice, so even the busiest still gets a share (one pick in n * n)
+            b = _draw(endpoints, usable, rnd, -1)
             if get(keys[b]) < get(keys[a]):
                 a = b
-        else:
-            # weight_b / (active_b + 1) > weight_a / (active_a + 1), without division.
-            weights = table.weights
-            if weights[b] * (get(keys[a]) + 1) > weights[a] * (get(keys[b]) + 1):
-                a = b
+            return endpoints[a]
+        b = _draw(endpoints, usable, rnd, a)
+        if b < 0:
+            return endpoints[a]
+        # weight_b / (active_b + 1) > weight_a / (active_a + 1), without division.
+        weights = table.weights
+        if weights[b] * (get(keys[a]) + 1) > weights[a] * (get(keys[b]) + 1):
+            a = b
         return endpoints[a]
 
 

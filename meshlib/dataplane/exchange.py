@@ -13,6 +13,7 @@ response flags that telemetry and access logs report.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +25,8 @@ from meshlib.dataplane.outcome import Flag, LocalReply, ordered
 from meshlib.dataplane.retry import (
     CONNECT_FAILURE,
     PER_TRY_TIMEOUT,
+    REFUSED_STREAM,
+    STREAM_RESET,
     AttemptResult,
     is_retriable,
 )
@@ -47,14 +50,21 @@ class Attempt:
     ticket: Ticket  # its hold on a connection; not yet granted = waiting (maxConnections)
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT  # DestinationRule tcp.connectTimeout
     close_connection: bool = False  # http.maxRequestsPerConnection reached: `Connection: close`
+    deadline: float | None = None  # the route deadline (absolute time.monotonic()), if any
+
+    def route_left(self) -> float | None:
+        """Seconds left of the route deadline (None without one)."""
+        at = self.deadline
+        return None if at is None else max(0.0, at - time.monotonic())
 
     def timeouts(
         self, caller_connect: float | None, caller_read: float | None
     ) -> tuple[float | None, float | None, bool]:
         """(connect, read) timeouts with the caller's own, and whether the mesh's read timeout
         is the binding one (then expiry is the mesh's answer, 504; else the caller's
-        exception). Connecting is part of the try: it gets the connect timeout, or less when
-        the try's time (per-try timeout, route deadline) or the caller's connect timeout is
+        exception). Connecting is not part of the try's time: Envoy starts the per-try timer
+        once the connection is made (onPoolReady), so connecting gets the connect timeout, or
+        less when what is left of the route deadline or the caller's connect timeout is
         shorter."""
         mesh = self.timeout
         read = (
@@ -63,7 +73,7 @@ class Attempt:
             else (caller_read if mesh is None else min(mesh, caller_read))
         )
         connect = self.connect_timeout
-        for bound in (mesh, caller_connect):
+        for bound in (self.route_left(), caller_connect):
             if bound is not None and bound < connect:
                 connect = bound
         mesh_owned = mesh is not None and (caller_read is None or mesh <= caller_read)
@@ -72,14 +82,13 @@ class Attempt:
     def connect_timed_out(self, caller_connect: float | None) -> str:
         """What a connect timeout means, by which bound on connecting was the smallest:
         `CALLERS_TIMEOUT` (the caller's own connect timeout: its exception, not retried),
-        `PER_TRY_TIMEOUT` (the try's time ran out: Envoy's UT) or `CONNECT_FAILURE` (the
-        DestinationRule's connect timeout: UF)."""
-        mesh = self.timeout
-        limit = self.connect_timeout if mesh is None else min(mesh, self.connect_timeout)
-        if caller_connect is not None and caller_connect < limit:
+        `PER_TRY_TIMEOUT` (the route deadline passed: Envoy's 504 UT, not retried) or
+        `CONNECT_FAILURE` (the DestinationRule's connect timeout: UF)."""
+        at = self.deadline
+        if at is not None and time.monotonic() >= at - 0.002:
+            return PER_TRY_TIMEOUT  # the route deadline bounded connecting, and it has passed
+        if caller_connect is not None and caller_connect < self.connect_timeout:
             return CALLERS_TIMEOUT
-        if mesh is not None and mesh < self.connect_timeout:
-            return PER_TRY_TIMEOUT
         return CONNECT_FAILURE
 
 
@@ -119,6 +128,9 @@ class Exchange:
         self.pool_timeout_error: Callable[..., BaseException] = _timeout_error
         self.caller_request: object = None
         self.pool_timeout_name = "pool timeout"  # what the caller calls that bound
+        # Sends the route's mirrored copies; the adapter sets it, the first try that gets an
+        # endpoint and a request slot calls it once (see `retry._attempt`).
+        self.shadow: Callable[[], None] | None = None
 
     # -- one attempt -------------------------------------------------------------------
 
@@ -160,6 +172,7 @@ class Exchange:
             ticket,
             connect or DEFAULT_CONNECT_TIMEOUT,
             per_connection is not None and cluster.count_sent(key) % per_connection == 0,
+            self.deadline.at,
         )
 
     # -- waiting for a connection (maxConnections in use) --------------------------------
@@ -243,8 +256,16 @@ class Exchange:
         if result.client_timeout:
             outlier.give_back(key)  # the caller gave up: nothing said of the endpoint
         elif result.failure is not None:
-            outlier.record(key, status=None, local_origin_failure=True, total_endpoints=total)
-            if result.failure == PER_TRY_TIMEOUT and not attempt.per_try_limited:
+            outlier.record(
+                key,
+                status=None,
+                local_origin_failure=True,
+                connected=result.failure != CONNECT_FAILURE,
+                total_endpoints=total,
+            )
+            if result.failure == PER_TRY_TIMEOUT and (
+                not attempt.per_try_limited or self.deadline.expired
+            ):  # the route deadline passed (connecting is bounded by it, not by perTryTimeout)
                 return AttemptResult(reply=self._timed_out(), endpoint=key, error=result.error)
         elif result.status is not None:
             outlier.record(key, status=result.status, total_endpoints=total)
@@ -339,14 +360,21 @@ class Exchange:
 
 
 def local_answer(result: AttemptResult) -> LocalReply | None:
-    """What Envoy answers for an attempt that got no response (503 UF, 504 UT, 503 UC), or
-    meshlib's own answer; None for an upstream response."""
+    """What Envoy answers for an attempt that got no response (503 UF, 504 UT, 503 UC, 503
+    UR), or meshlib's own answer; None for an upstream response."""
+    failure = result.failure
     if result.reply is not None:
         return result.reply
-    if result.failure == CONNECT_FAILURE:
+    if failure is None:
+        return None
+    if failure == CONNECT_FAILURE:
         return outcome.connect_failure()
-    if result.failure == PER_TRY_TIMEOUT:
+    if failure == PER_TRY_TIMEOUT:
         return outcome.timeout()
-    if result.failure is not None:
+    if failure == STREAM_RESET:
         return outcome.upstream_reset()
-    return None
+    if failure == REFUSED_STREAM:
+        return outcome.upstream_reset("remote refused stream reset")
+    # An HTTP/1 connection closed (FIN or RST) before the response headers: Envoy's codec
+    # client resets the stream with "connection termination", the well-known 503 UC.
+    return outcome.connection_termination()

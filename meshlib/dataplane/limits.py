@@ -8,14 +8,17 @@ and pilot only applies values > 0, so unset and 0 both mean unlimited.
 
 Exact rules:
 
-- Requests. The model is HTTP/1: a request in flight holds a connection. A new request is
-  refused when `connected + waiting >= http2MaxRequests`; otherwise it connects if fewer than
-  `maxConnections` are connected, waits if fewer than `http1MaxPendingRequests` are waiting,
-  and is refused if not. So maxConnections=1 with http1MaxPendingRequests=1 admits two
-  concurrent requests, one of them waiting. Without maxConnections nothing ever waits, so the
-  pending limit has no effect (as for Envoy's HTTP/2 once connected). A pending limit of 0 is
-  "unset": there is no way to forbid waiting. How long a request may wait is its caller's
-  business (`Ticket.wait`): the route deadline, the client's pool timeout.
+- Requests. The model is HTTP/1: a request in flight holds a connection. A new request
+  connects if fewer than `maxConnections` are connected — and is refused if
+  `http2MaxRequests` are (Envoy checks that limit as a request is given a connection, so
+  requests waiting for one do not count) — waits if fewer than `http1MaxPendingRequests` are
+  waiting, and is refused if not. So maxConnections=1 with http1MaxPendingRequests=1 admits
+  two concurrent requests, one of them waiting. Without maxConnections nothing ever waits, so
+  the pending limit has no effect (as for Envoy's HTTP/2 once connected). A pending limit of 0
+  is "unset": there is no way to forbid waiting. How long a request may wait is its caller's
+  business (`Ticket.wait`): the route deadline, the client's pool timeout. A waiting request
+  is given a connection only while fewer than `http2MaxRequests` are connected (after a
+  policy update lowers it, waiting requests wait longer, where Envoy would refuse them).
 - `maxRequestsPerConnection` is not an admission limit; the transport reads it from
   `max_requests_per_connection` (None = unlimited).
 - Retries. Without `retryBudget`: a retry is admitted when `active_retries < maxRetries`.
@@ -183,10 +186,10 @@ class ClusterLimits:
             t = self._thresholds
             connected = self._connected
             waiting = self._waiting
-            if connected + len(waiting) >= t.max_requests:
-                self._overflows += 1
-                return None
             if connected < t.max_connections:
+                if connected >= t.max_requests:  # Envoy's check as a stream gets a connection
+                    self._overflows += 1
+                    return None
                 self._connected = connected + 1
                 return _CONNECTED
             if len(waiting) >= t.max_pending_requests:
@@ -219,7 +222,7 @@ class ClusterLimits:
         """Connect waiting requests while there is room (lock held); the ones to wake."""
         granted = []
         waiting = self._waiting
-        limit = self._thresholds.max_connections
+        limit = min(self._thresholds.max_connections, self._thresholds.max_requests)
         while waiting and self._connected < limit:
             ticket = waiting.popleft()
             ticket.granted = True

@@ -97,6 +97,10 @@ class LocalReply:
 _OVERFLOW_BODY = (
     b"upstream connect error or disconnect/reset before headers. reset reason: overflow"
 )
+_TERMINATION_BODY = (
+    b"upstream connect error or disconnect/reset before headers."
+    b" reset reason: connection termination"
+)
 
 
 def no_route() -> LocalReply:
@@ -126,8 +130,14 @@ def connect_failure(reason: str = "connection failure") -> LocalReply:
 
 
 def upstream_reset(reason: str = "remote reset") -> LocalReply:
+    """The upstream reset the HTTP/2 stream (RST_STREAM) before the response headers."""
     body = f"upstream connect error or disconnect/reset before headers. reset reason: {reason}"
     return LocalReply(503, body.encode(), Flag.UPSTREAM_REMOTE_RESET)
+
+
+def connection_termination() -> LocalReply:
+    """The connection closed (FIN or RST) before the response headers: Envoy's `503 UC`."""
+    return LocalReply(503, _TERMINATION_BODY, Flag.UPSTREAM_CONNECTION_TERMINATION)
 
 
 def timeout() -> LocalReply:

@@ -132,7 +132,7 @@ class _Outcome:
     is_5xx: bool  # counts for consecutive5xxErrors
     is_gateway: bool  # counts for consecutiveGatewayErrors
     is_local: bool  # counts for consecutiveLocalOriginFailures (split only)
-    connected: bool  # a response arrived: resets the local-origin counter
+    connected: bool  # the connection was made: resets the local-origin counter first
 
     def is_failure(self, cfg: _Config) -> bool:
         """Would an enabled rule count this result as an error?"""
@@ -143,10 +143,15 @@ class _Outcome:
         )
 
 
-def _classify(cfg: _Config, status: int | None, local_origin_failure: bool) -> _Outcome:
+def _classify(
+    cfg: _Config, status: int | None, local_origin_failure: bool, connected: bool
+) -> _Outcome:
     if local_origin_failure:
         if cfg.split:
-            return _Outcome(False, False, True, False)
+            # Envoy reports a connection made (LocalOriginConnectSuccess, in onPoolReady)
+            # before a reset or timeout after it: such a failure counts one, after a reset,
+            # so only failures to connect build up to consecutiveLocalOriginFailures.
+            return _Outcome(False, False, True, connected)
         return _Outcome(True, True, False, False)
     if status is None:  # no response, not a local-origin failure: what Envoy answers, a 503
         return _Outcome(True, True, False, False)
@@ -300,9 +305,11 @@ class OutlierDetector:
         *,
         status: int | None,
         local_origin_failure: bool = False,
+        connected: bool = False,
         total_endpoints: int,
     ) -> None:
-        """Report the result of a request to `key`: a status, or None when no response came."""
+        """Report the result of a request to `key`: a status, or None when no response came;
+        for a local-origin failure, whether it came after the connection was made."""
         if self._config is None:
             return
         with self._lock:
@@ -311,7 +318,7 @@ class OutlierDetector:
                 return
             now = self._clock()
             self._sweep(now, cfg)
-            outcome = _classify(cfg, status, local_origin_failure)
+            outcome = _classify(cfg, status, local_origin_failure, connected)
             endpoint = self._endpoints.get(key)
             if endpoint is None:
                 if not outcome.is_failure(cfg):

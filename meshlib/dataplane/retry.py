@@ -24,9 +24,10 @@ if TYPE_CHECKING:
 
 # How an attempt ended without an upstream response.
 CONNECT_FAILURE = "connect-failure"
-RESET = "reset"
+RESET = "reset"  # the connection closed or was reset (Envoy's UC, "connection termination")
+STREAM_RESET = "stream-reset"  # the upstream reset an HTTP/2 stream (Envoy's UR)
 PER_TRY_TIMEOUT = "per-try-timeout"
-REFUSED_STREAM = "refused-stream"
+REFUSED_STREAM = "refused-stream"  # an HTTP/2 stream reset with REFUSED_STREAM (UR)
 
 _GRPC_RETRY_CODES = {
     "cancelled": "1",
@@ -42,7 +43,7 @@ class AttemptResult:
     """One attempt's outcome: an upstream response, a failure, or a local answer."""
 
     status: int | None = None  # upstream HTTP status
-    failure: str | None = None  # CONNECT_FAILURE, RESET, PER_TRY_TIMEOUT, REFUSED_STREAM
+    failure: str | None = None  # CONNECT_FAILURE, RESET, STREAM_RESET, PER_TRY_TIMEOUT, ...
     reply: LocalReply | None = None  # meshlib answered instead (UO, UH, UT, ...)
     grpc_status: str | None = None
     response: Any = None  # the adapter's response object, to return or to close
@@ -69,7 +70,11 @@ def is_retriable(policy: RetryPolicy, result: AttemptResult) -> bool:
             )
         if failure == REFUSED_STREAM:
             return bool(on & {"refused-stream", "5xx", "reset"})
-        return bool(on & {"5xx", "gateway-error", "reset"})  # reset or per-try timeout
+        return bool(on & {"5xx", "gateway-error", "reset"})  # a reset or per-try timeout
+    if result.rate_limited:
+        # Envoy's wouldRetryFromHeaders: an upstream's rate limit is retried only when asked
+        # for, whatever else its status would match
+        return "envoy-ratelimited" in on
     status = result.status or 0
     if status >= 500 and "5xx" in on:
         return True
@@ -78,8 +83,6 @@ def is_retriable(policy: RetryPolicy, result: AttemptResult) -> bool:
     if status == 409 and "retriable-4xx" in on:
         return True
     if status in policy.retriable_status_codes:
-        return True
-    if result.rate_limited and "envoy-ratelimited" in on:
         return True
     if result.grpc_status is not None:
         for condition in policy.grpc_conditions:
@@ -198,11 +201,23 @@ class _Replay:
         return self.exchange.should_retry(result)
 
 
+def _start_shadow(exchange: Exchange) -> None:
+    """Send the route's mirrored copies, once: as Envoy starts its shadows only when the
+    request has an upstream, a request answered locally before that (no healthy upstream,
+    overflow; no route, a fault abort never get here) is not mirrored, and one that reached an
+    upstream is, whatever came of it."""
+    shadow, exchange.shadow = exchange.shadow, None
+    if shadow is not None:
+        shadow()
+
+
 def _attempt(exchange: Exchange, send: Callable[[Attempt], AttemptResult]) -> AttemptResult:
     setup = exchange.start_attempt()
     if isinstance(setup, LocalReply):
         return AttemptResult(reply=setup)
     try:
+        if exchange.shadow is not None:
+            _start_shadow(exchange)
         ticket = setup.ticket  # not granted: maxConnections are in use, wait for one
         if not ticket.granted and not (
             ticket.wait(exchange.wait_bound()) and exchange.connected(setup)
@@ -222,6 +237,8 @@ async def _attempt_async(
     if isinstance(setup, LocalReply):
         return AttemptResult(reply=setup)
     try:
+        if exchange.shadow is not None:
+            _start_shadow(exchange)
         ticket = setup.ticket  # not granted: maxConnections are in use, wait for one
         if not ticket.granted and not (
             await ticket.wait_async(exchange.wait_bound()) and exchange.connected(setup)

@@ -306,6 +306,36 @@ def test_the_try_deadline_bounds_response_headers_that_trickle(route: str, secon
     run(main)
 
 
+def test_the_per_try_time_starts_when_the_try_has_a_connection() -> None:
+    """With the client's pool full (one connection, held 300 ms by another call), a try with
+    a 200 ms perTryTimeout waits for the connection and then gets its whole 200 ms, as
+    Envoy starts its per-try timer once the connection pool hands it a connection: 200."""
+    release = asyncio.Event()
+
+    async def main() -> None:
+        async with Server(held_until(release)) as server:
+            policy = virtual_service(
+                f"- match: [{{uri: {{prefix: /held}}}}]\n  route: [{{destination: {{host: {HOST}}}}}]\n"
+                + ROUTE
+                + "\n  retries: {attempts: 1, perTryTimeout: 200ms, retryOn: connect-failure}"
+            )
+            with make_mesh(server.port, policy) as mesh:
+                limits = httpx.Limits(max_connections=1)
+                async with meshlib.AsyncClient(mesh=mesh, limits=limits, timeout=2.0) as c:
+                    first = asyncio.ensure_future(c.get(URL + "held"))  # no perTryTimeout
+                    await wait_until(lambda: len(server.heads) == 1, "the first call to arrive")
+                    second = asyncio.ensure_future(c.get(URL))
+                    await asyncio.sleep(0.3)  # the first call holds the only connection
+                    release.set()
+                    responses = [await first, await second]
+        assert [(r.status_code, r.extensions["response_flags"]) for r in responses] == [
+            (200, []),
+            (200, []),
+        ]
+
+    run(main)
+
+
 # -- 6. a call cancelled while it drains a retried answer -----------------------------------
 
 

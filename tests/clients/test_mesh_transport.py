@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import textwrap
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -160,6 +161,63 @@ def test_envoy_ratelimited_is_retriable() -> None:
     )
     with client(policy, lambda request: next(answers)) as c:
         assert c.get("http://api.internal/").status_code == 200
+
+
+@pytest.mark.parametrize("retry_on", ["5xx", "gateway-error", "retriable-status-codes,503"])
+def test_a_ratelimited_answer_is_retried_only_on_envoy_ratelimited(retry_on: str) -> None:
+    """A 503 carrying x-envoy-ratelimited is final unless retryOn has envoy-ratelimited, as
+    Envoy's wouldRetryFromHeaders decides before any other condition."""
+    calls: list[httpx.Request] = []
+
+    def limited(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return httpx.Response(503, headers={"x-envoy-ratelimited": "true"})
+
+    policy = vs(
+        "- route: [{destination: {host: api.internal}}]\n"
+        f"  retries: {{attempts: 2, retryOn: '{retry_on}'}}"
+    )
+    with client(policy, limited) as c:
+        response = c.get("http://api.internal/")
+    assert (response.status_code, response.extensions["response_flags"]) == (503, [])
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("code", "retry_on", "sent", "flags", "reason"),
+    [
+        pytest.param(8, "reset", 2, "UR,URX", "remote reset", id="cancel"),
+        pytest.param(8, "refused-stream", 1, "UR", "remote reset", id="cancel-not-refused"),
+        pytest.param(7, "refused-stream", 2, "UR,URX", "remote refused stream reset", id="refused"),
+    ],
+)
+def test_an_http2_stream_reset_is_ur(
+    code: int, retry_on: str, sent: int, flags: str, reason: str
+) -> None:
+    """An HTTP/2 stream the upstream resets (RST_STREAM) is Envoy's 503 UR, not UC (a lost
+    connection); REFUSED_STREAM is what `refused-stream` retries."""
+    import httpcore
+
+    events = pytest.importorskip("h2.events")
+    calls: list[httpx.Request] = []
+
+    def reset(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        event = events.StreamReset(stream_id=1, error_code=code, remote_reset=True)
+        try:
+            raise httpcore.RemoteProtocolError(event)
+        except httpcore.RemoteProtocolError as exc:
+            raise httpx.RemoteProtocolError(str(exc), request=request) from exc
+
+    policy = vs(
+        "- route: [{destination: {host: api.internal}}]\n"
+        f"  retries: {{attempts: 1, retryOn: {retry_on}}}"
+    )
+    with client(policy, reset) as c:
+        response = c.get("http://api.internal/")
+    assert (response.status_code, response.headers["x-meshlib-response-flags"]) == (503, flags)
+    assert response.text.endswith(f"reset reason: {reason}")
+    assert len(calls) == sent
 
 
 def test_mounts_are_meshed() -> None:
@@ -611,27 +669,56 @@ def never_connects(
     return handler
 
 
-def test_connecting_is_bounded_by_the_tries_time() -> None:
-    """Connecting is part of the try: with a 100 ms per-try timeout the transport gets
-    connect and pool timeouts of 100 ms (not the caller's 5 s), and running out of that time
-    while connecting is the route's timeout (504 UT), not a connection failure (503 UF)."""
+def test_connecting_is_bounded_by_the_route_deadline_not_the_tries_time() -> None:
+    """Connecting comes before the try's time (Envoy starts the per-try timer once
+    connected): with a 100 ms per-try timeout and a 300 ms route timeout the transport gets
+    connect and pool timeouts of what is left of the route (not 100 ms, not the caller's
+    5 s), and running out of it while connecting is the route's timeout (504 UT, no retry),
+    not a connection failure (503 UF). (This test used to expect 100 ms: the per-try time.)"""
     seen: list[dict[str, float | None]] = []
-    handler = never_connects(seen)
+
+    def connects_too_slowly(request: httpx.Request) -> httpx.Response:
+        timeout = request.extensions["timeout"]
+        seen.append(timeout)
+        time.sleep(timeout["connect"])  # a connect that takes as long as it is allowed
+        raise httpx.ConnectTimeout("no SYN-ACK", request=request)
+
     policy = vs(
         "- route: [{destination: {host: api.internal}}]\n"
-        "  timeout: 200ms\n  retries: {attempts: 2, perTryTimeout: 100ms, retryOn: connect-failure}"
+        "  timeout: 300ms\n  retries: {attempts: 2, perTryTimeout: 100ms, retryOn: connect-failure}"
     )
-    with client(policy, handler, timeout=5.0) as c:
+    with client(policy, connects_too_slowly, timeout=5.0) as c:
         response = c.get("http://api.internal/")
-    assert all(t["connect"] == 0.1 and t["pool"] == 0.1 for t in seen), seen
+    assert len(seen) == 1
+    assert all(0.25 < seen[0][phase] <= 0.3 for phase in ("connect", "pool")), seen
+    assert seen[0]["read"] == 0.1
     assert response.status_code == 504
-    assert "UT" in response.extensions["response_flags"]
+    assert response.extensions["response_flags"] == ["UT"]
+
+
+def test_waiting_for_the_clients_pool_is_not_the_tries_time() -> None:
+    """Waiting for a connection of the client's own pool comes before the try's time: with
+    a 100 ms perTryTimeout and no route timeout, the pool wait gets the caller's 5 s, and its
+    expiry is the caller's httpx.PoolTimeout, not the mesh's 504."""
+    seen: list[dict[str, float | None]] = []
+
+    def pool_full(request: httpx.Request) -> httpx.Response:
+        seen.append(request.extensions["timeout"])
+        raise httpx.PoolTimeout("pool full", request=request)
+
+    policy = vs(
+        "- route: [{destination: {host: api.internal}}]\n"
+        "  retries: {attempts: 2, perTryTimeout: 100ms, retryOn: 5xx}"
+    )
+    with client(policy, pool_full, timeout=5.0) as c, pytest.raises(httpx.PoolTimeout):
+        c.get("http://api.internal/")
+    assert [(t["pool"], t["read"]) for t in seen] == [(5.0, 0.1)]
 
 
 def test_a_request_the_transport_refuses_is_the_apps_error() -> None:
     """An unsupported scheme or a request httpx cannot send is raised as httpx raises it —
     not retried, not answered 503, not held against an endpoint."""
-    calls = []
+    calls: list[httpx.Request] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
         calls.append(request.url)
@@ -663,14 +750,16 @@ class _RecordingAdapter:
 
 def test_requests_routes_a_url_with_credentials_and_bounds_connecting() -> None:
     """requests keeps `user:password@` in the URL: the mesh still routes the host (it once
-    passed it through), and connecting gets no more than the try's time."""
+    passed it through), and connecting gets no more than what is left of the route's
+    timeout (not the try's time, which starts once connected, as Envoy's per-try timer)."""
     import requests
 
     from meshlib.clients.requests import MeshAdapter
 
     mesh = _mesh_of(
         vs(
-            "- route: [{destination: {host: api.internal}}]\n  retries: {attempts: 1, perTryTimeout: 100ms}"
+            "- route: [{destination: {host: api.internal}}]\n  timeout: 300ms\n"
+            "  retries: {attempts: 1, perTryTimeout: 100ms}"
         )
     )
     inner = _RecordingAdapter()
@@ -680,7 +769,8 @@ def test_requests_routes_a_url_with_credentials_and_bounds_connecting() -> None:
     assert response.status_code == 200
     ((url, timeout),) = inner.sent
     assert url.startswith("http://10.0.0.") and url.endswith(":80/x")  # routed to an endpoint
-    assert timeout == (0.1, 0.1)
+    connect, read = timeout
+    assert 0.25 < connect <= 0.3 and read == 0.1
 
 
 @pytest.mark.parametrize("make", [meshlib.Client, meshlib.AsyncClient])

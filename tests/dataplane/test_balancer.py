@@ -253,26 +253,29 @@ def test_passthrough_picks_like_random() -> None:
 
 
 def test_least_request_prefers_fewer_in_flight() -> None:
-    """Of two endpoints, the one with fewer requests in flight wins every time."""
+    """Of two endpoints, the busier one is picked only when it is drawn twice: the two
+    candidates are drawn with replacement, as Envoy's unweightedHostPick does (1/4 of picks)."""
     eps = endpoints(1, 1)
     in_flight = InFlight()
     for _ in range(3):
         in_flight.start(str(eps[0]))
-    balancer = make_balancer(None, in_flight, random.Random(SEED))
-    assert all(balancer.pick(eps, everyone) is eps[1] for _ in range(200))
+    counts = tally(make_balancer(None, in_flight, random.Random(SEED)), eps, 20_000)
+    assert share(counts, eps[0].address) == pytest.approx(25, abs=2)
 
 
 def test_least_request_power_of_two_choices() -> None:
-    """Of 5 endpoints loaded 0..4, the busiest is never picked and the idlest gets 40 +- 2 %."""
+    """Of 5 endpoints loaded 0..4 (candidates drawn with replacement), the busiest gets 4 +- 1 %
+    and the idlest 36 +- 2 %."""
     eps = endpoints(1, 1, 1, 1, 1)
     in_flight = InFlight()
     for load, endpoint in enumerate(eps):
         for _ in range(load):
             in_flight.start(str(endpoint))
     counts = tally(make_balancer(None, in_flight, random.Random(SEED)), eps, 20_000)
-    assert counts[eps[4].address] == 0
-    # The idlest wins whenever drawn: 1 - C(4,2)/C(5,2) = 40 % of pairs include it.
-    assert share(counts, eps[0].address) == pytest.approx(40, abs=2)
+    # The busiest wins only when drawn twice: (1/5)^2 = 4 %.
+    assert share(counts, eps[4].address) == pytest.approx(4, abs=1)
+    # The idlest wins whenever drawn: 1 - (4/5)^2 = 36 % of draws include it.
+    assert share(counts, eps[0].address) == pytest.approx(36, abs=2)
 
 
 def test_least_request_idle_endpoints_share_evenly() -> None:

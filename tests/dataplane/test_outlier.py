@@ -177,6 +177,20 @@ def test_split_local_origin_threshold_and_reset_by_a_response() -> None:
     assert det.state("a") == OPEN
 
 
+def test_split_only_failures_to_connect_build_up() -> None:
+    """Split: a reset or timeout after the connection was made counts one, after the
+    connection reset the count (Envoy's LocalOriginConnectSuccess in onPoolReady): a run of
+    them never reaches consecutiveLocalOriginFailures 2; failures to connect do."""
+    det, _ = detector(
+        od(split_external_local_origin_errors=True, consecutive_local_origin_failures=2)
+    )
+    for _ in range(5):
+        det.record("a", status=None, local_origin_failure=True, connected=True, total_endpoints=10)
+    assert det.state("a") == CLOSED
+    report(det, "a", 1, status=None, local=True)  # a failure to connect after one: two
+    assert det.state("a") == OPEN
+
+
 def test_split_5xx_still_counted_separately() -> None:
     """Split: external 5xx responses keep feeding consecutive5xxErrors."""
     det, _ = detector(od(split_external_local_origin_errors=True, consecutive_5xx_errors=2))

@@ -11,6 +11,7 @@ import requests
 
 import meshlib
 from tests.e2e.conftest import URL, Caller, MeshFactory, virtual_service
+from tests.rawserver import Peer, ThreadServer
 from tests.upstream import Upstream
 
 
@@ -36,6 +37,63 @@ def test_refused_endpoints_give_503_uf(make_mesh: MeshFactory, client_kind: str)
     assert result.status == 503
     assert result.flags == ["UF", "URX"]
     assert "reset reason: connection failure" in result.body
+
+
+async def _close_unanswered(peer: Peer) -> None:
+    """Reads one request, then closes the connection (FIN) without answering."""
+    await peer.request()
+
+
+@pytest.mark.parametrize("retry_on", ["connect-failure", "reset"])
+def test_connection_closed_before_the_answer_is_503_uc(
+    make_mesh: MeshFactory, client_kind: str, retry_on: str
+) -> None:
+    """An HTTP/1 connection closed before the response is Envoy's "503 UC" (connection
+    termination), not UR, in the answer and the metrics; `reset` retries it,
+    `connect-failure` does not."""
+    with ThreadServer(_close_unanswered) as server:
+        mesh = make_mesh(
+            virtual_service(
+                "- route: [{destination: {host: reviews, subset: v1}}]\n"
+                f"  retries: {{attempts: 1, retryOn: {retry_on}}}\n"
+            ),
+            endpoints={"v1": server},  # type: ignore[dict-item]
+        )
+        result = Caller(client_kind, mesh).one()
+        tries = len(server.heads)
+    retried = retry_on == "reset"
+    assert (result.status, result.flags) == (503, ["UC", "URX"] if retried else ["UC"])
+    assert result.body.endswith("reset reason: connection termination")
+    assert tries == (2 if retried else 1)
+    labels = [
+        sample.labels["response_flags"]
+        for metric in mesh.registry.collect()
+        for sample in metric.samples
+        if sample.name == "istio_requests_total"
+    ]
+    assert labels == ["UC,URX" if retried else "UC"]
+
+
+def test_split_local_origin_resets_after_a_connect_never_eject(
+    make_mesh: MeshFactory, client_kind: str
+) -> None:
+    """splitExternalLocalOriginErrors with consecutiveLocalOriginFailures 2: an endpoint that
+    accepts each connection and closes it unanswered is never ejected, as each connection
+    made resets the count first (Envoy); every call reaches it and gets 503 UC, not UH."""
+    with ThreadServer(_close_unanswered) as server:
+        mesh = make_mesh(
+            virtual_service(
+                "- route: [{destination: {host: reviews, subset: v1}}]\n  retries: {attempts: 0}\n"
+            ),
+            traffic_policy=(
+                "outlierDetection: {splitExternalLocalOriginErrors: true,"
+                " consecutiveLocalOriginFailures: 2, baseEjectionTime: 30s}\n"
+            ),
+            endpoints={"v1": server},  # type: ignore[dict-item]
+        )
+        results = Caller(client_kind, mesh).many(4)
+        assert len(server.heads) == 4
+    assert [(r.status, r.flags) for r in results] == [(503, ["UC"])] * 4
 
 
 def test_connect_failure_is_retried_on_another_endpoint(

@@ -108,7 +108,7 @@ def _requests_upload(timeout: float) -> tuple[requests.Response | Exception, flo
 
 def test_the_route_timeout_bounds_a_requests_upload_too() -> None:
     """requests reports a send that timed out as "Connection aborted" with the timeout inside:
-    it is the route's timeout (504 UT), not a reset (503 UR, retried)."""
+    it is the route's timeout (504 UT), not a reset (503 UC, retried)."""
     result, elapsed = _requests_upload(timeout=10.0)
     assert isinstance(result, requests.Response), result
     assert result.status_code == 504 and result.text == "upstream request timeout"
