@@ -54,10 +54,16 @@ def _targets() -> tuple[tuple[Any, str], ...]:
 
 
 def _closers() -> tuple[tuple[Any, str], ...]:
-    """Where httpx transports are closed (a facade's pool for mirrored copies goes with them)."""
+    """Where httpx transports are closed (a facade's pool for mirrored copies goes with them):
+    `close()`, and the end of a `with` block, which closes the pool without calling it."""
     import httpx
 
-    return ((httpx.HTTPTransport, "close"), (httpx.AsyncHTTPTransport, "aclose"))
+    return (
+        (httpx.HTTPTransport, "close"),
+        (httpx.HTTPTransport, "__exit__"),
+        (httpx.AsyncHTTPTransport, "aclose"),
+        (httpx.AsyncHTTPTransport, "__aexit__"),
+    )
 
 
 def _facade(instance: Any, make: Any) -> Any:
@@ -65,7 +71,10 @@ def _facade(instance: Any, make: Any) -> Any:
     (made anew after `instrument(another_mesh)`)."""
     facade = instance.__dict__.get(_FACADE)
     if facade is None or facade._mesh is not _state["mesh"]:
-        facade = instance.__dict__[_FACADE] = make()
+        earlier, facade = facade, make()
+        if earlier is not None and hasattr(facade, "adopt_mirrors"):
+            facade.adopt_mirrors(earlier)  # the earlier pool for copies is closed with it
+        instance.__dict__[_FACADE] = facade
     return facade
 
 
@@ -145,7 +154,7 @@ async def _httpx_aclose(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> 
 
 
 _WRAPPERS = (_httpx_sync, _httpx_async, _requests_send)
-_CLOSE_WRAPPERS = (_httpx_close, _httpx_aclose)
+_CLOSE_WRAPPERS = (_httpx_close, _httpx_close, _httpx_aclose, _httpx_aclose)
 
 
 def instrument(mesh: Mesh | None = None) -> None:

@@ -598,6 +598,17 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         self.close_mirrors()
         self._inner.close()
 
+    def adopt_mirrors(self, earlier: MeshTransport) -> None:
+        """Take over the pool of mirrored copies of the transport this one replaces over the
+        same inner one (`instrument()` with another Mesh): it is closed with this one's."""
+        with earlier._mirror_lock:
+            pool, earlier._mirror_inner = earlier._mirror_inner, None
+        with self._mirror_lock:
+            if self._mirror_inner is None and pool is not earlier._inner:
+                self._mirror_inner, pool = pool, None
+        if pool is not None and pool is not earlier._inner:
+            pool.close()  # this one had a pool already: the earlier one's is not needed
+
     def close_mirrors(self) -> None:
         """Give copies in flight up to MIRROR_GRACE to finish, then close their own pool."""
         self._mirroring.wait(MIRROR_GRACE)
@@ -836,6 +847,14 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
         self._closes += 1
         await self.aclose_mirrors()
         await self._inner.aclose()
+
+    def adopt_mirrors(self, earlier: AsyncMeshTransport) -> None:
+        """Take over the pool of mirrored copies of the transport this one replaces over the
+        same inner one (`instrument()` with another Mesh): it is closed with this one's.
+        Copies the earlier one still has in flight finish on it."""
+        pool, earlier._mirror_inner = earlier._mirror_inner, None
+        if self._mirror_inner is None and pool is not earlier._inner:
+            self._mirror_inner = pool
 
     async def aclose_mirrors(self) -> None:
         """Give copies in flight up to MIRROR_GRACE to finish (then drop them), and close

@@ -207,3 +207,50 @@ def test_closing_a_client_closes_its_copies_pool_after_uninstrument_too(
                 meshlib.uninstrument()
                 client.close()
         wait_until_sync(lambda: shadow.active == 0, "the copy's connection to close", 2.0)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_instrumenting_another_mesh_keeps_one_pool_for_copies(
+    make_mesh: MeshFactory, kind: str
+) -> None:
+    """instrument(B) after instrument(A): a stock client's transport gets B's wrapper, which
+    takes over A's pool for mirrored copies, so closing the client (here at the end of its
+    `with` block, which closes its transport without calling close()) still closes every
+    connection to the mirror."""
+    import asyncio
+
+    from tests.rawserver import OK, ThreadServer, answering, wait_until_sync
+    from tests.upstream import loopback_service
+
+    with ThreadServer(answering(OK)) as shadow:
+        policy = (
+            loopback_service("shadow.default.svc.cluster.local", shadow.port)
+            + "---\n"
+            + virtual_service(
+                "- route: [{destination: {host: reviews}}]\n  mirror: {host: shadow}\n"
+            )
+        )
+
+        def copies(count: int) -> None:
+            wait_until_sync(lambda: len(shadow.heads) >= count, f"copy {count}")
+
+        try:
+            if kind == "sync":
+                with httpx.Client() as client:  # closed by the end of the block
+                    for copy in (1, 2):
+                        meshlib.instrument(make_mesh(policy))  # a new Mesh each time
+                        assert client.get(URL + "/").status_code == 200
+                        copies(copy)
+            else:
+
+                async def run() -> None:
+                    async with httpx.AsyncClient() as client:
+                        for copy in (1, 2):
+                            meshlib.instrument(make_mesh(policy))
+                            assert (await client.get(URL + "/")).status_code == 200
+                            await asyncio.to_thread(copies, copy)
+
+                asyncio.run(run())
+        finally:
+            meshlib.uninstrument()
+        wait_until_sync(lambda: shadow.active == 0, "the copies' connections to close", 2.0)
