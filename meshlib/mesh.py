@@ -19,7 +19,7 @@ import random
 import socket
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
@@ -82,32 +82,36 @@ class Mesh:
         # Metrics live in a registry of this Mesh's own (the default Mesh's is served on
         # MeshConfig.metrics_port); pass prometheus_client.REGISTRY to share the global one.
         self.registry = registry if registry is not None else CollectorRegistry()
-        if registry is not None:
-            _take_over(registry)
-        self.metrics = IstioMetrics(self.registry, self.config)
-        self.operations = OperationalMetrics(self.registry)
-        if registry is not None:
-            with _registered_lock:
-                _registered[registry] = self
-        self.identity = peer.encode(self.config)  # sent to peers: Istio's metadata exchange
-        self.identity_header = (peer.HEADER.encode(), self.identity.encode("latin-1"))
-        self.source_ip = self.config.instance_ip or socket.gethostname()
-        """What `consistentHash.useSourceIp` hashes: a sidecar sees its app's connections
-        come from the pod's IP, so every call from this instance goes to one endpoint."""
-        self.metrics_server: MetricsServer | None = None
-        self.clusters = Clusters(self.rng, self._watch_cluster)
-        self.propagator = Propagator(self.config.propagate_headers)
-        self.access_log = AccessLog()
-        self.tracing = Tracing(self.config, tracer_provider=tracer_provider)
-        self._applied = 0  # the generation of the Snapshot the telemetry follows
-        self._applying = threading.Lock()
-        # Subscribed first, then the current Snapshot applied: a source already watching may
-        # swap in between, and the newer Snapshot must win whichever call comes last.
-        self.source.subscribe(self._apply)
-        self._apply(self.source.snapshot)
-        self.source.on_error(self.operations.policy_rejected)
-        if watch:
-            self.source.start()
+        self._leave_registry: Callable[[], object] | None = None
+        if registry is None:
+            self.metrics = IstioMetrics(self.registry, self.config)
+            self.operations = OperationalMetrics(self.registry)
+        else:
+            self.metrics, self.operations, self._leave_registry = _show_in(registry, self)
+        try:
+            self.identity = peer.encode(self.config)  # sent to peers: Istio's metadata exchange
+            self.identity_header = (peer.HEADER.encode(), self.identity.encode("latin-1"))
+            self.source_ip = self.config.instance_ip or socket.gethostname()
+            """What `consistentHash.useSourceIp` hashes: a sidecar sees its app's connections
+            come from the pod's IP, so every call from this instance goes to one endpoint."""
+            self.metrics_server: MetricsServer | None = None
+            self.clusters = Clusters(self.rng, self._watch_cluster)
+            self.propagator = Propagator(self.config.propagate_headers)
+            self.access_log = AccessLog()
+            self.tracing = Tracing(self.config, tracer_provider=tracer_provider)
+            self._applied = 0  # the generation of the Snapshot the telemetry follows
+            self._applying = threading.Lock()
+            # Subscribed first, then the current Snapshot applied: a source already watching may
+            # swap in between, and the newer Snapshot must win whichever call comes last.
+            self.source.subscribe(self._apply)
+            self._apply(self.source.snapshot)
+            self.source.on_error(self.operations.policy_rejected)
+            if watch:
+                self.source.start()
+        except BaseException:
+            if self._leave_registry is not None:
+                self._leave_registry()  # the Mesh shown before shows again
+            raise
 
     def _apply(self, snapshot: Snapshot) -> None:
         """Telemetry follows the policy: access logging, sampling, metric overrides."""
@@ -170,7 +174,8 @@ class Mesh:
 
     def close(self) -> None:
         self.metrics.stop_rendering_multiprocess()
-        _take_over(self.registry, self)  # a given registry: another Mesh may use it next
+        if self._leave_registry is not None:
+            self._leave_registry()  # a registry given to it: the Mesh shown before shows again
         self.source.close()
         self.tracing.shutdown()
         if self.metrics_server is not None:
@@ -187,23 +192,67 @@ class Mesh:
 _default: Mesh | None = None
 _default_lock = threading.Lock()
 
-# The Mesh whose metrics each shared registry holds. A registry takes one Mesh's metrics (the
-# names would clash): a new Mesh given the same registry takes it over, as when
-# `configure(mesh=Mesh(..., registry=prometheus_client.REGISTRY))` replaces the default Mesh.
-_registered: weakref.WeakKeyDictionary[CollectorRegistry, Mesh] = weakref.WeakKeyDictionary()
-_registered_lock = threading.Lock()
+# The Meshes given each registry, oldest first (weak references). A registry shows one Mesh's
+# metrics (the names would clash), the newest open one's: a Mesh built on a registry another
+# one shows takes its place, as when `configure(mesh=Mesh(..., registry=REGISTRY))` replaces
+# the default Mesh, and when it is closed (or collected) the one before shows again.
+_given: weakref.WeakKeyDictionary[CollectorRegistry, list[weakref.ref[Mesh]]] = (
+    weakref.WeakKeyDictionary()
+)
+_given_lock = threading.Lock()
 
 
-def _take_over(registry: CollectorRegistry, only: Mesh | None = None) -> None:
-    """Take the metrics of the Mesh that holds `registry` (if it is `only`, when given) out of
-    it: they keep counting, and are no longer scraped there."""
-    with _registered_lock:
-        holder = _registered.get(registry)
-        if holder is None or (only is not None and holder is not only):
-            return
-        del _registered[registry]
-        holder.metrics.unregister()
-        holder.operations.unregister()
+def _show_in(
+    registry: CollectorRegistry, mesh: Mesh
+) -> tuple[IstioMetrics, OperationalMetrics, Callable[[], object]]:
+    """`mesh`'s metrics, made in `registry` in place of the Mesh's shown there, and what
+    gives the registry back (once: on close, or when `mesh` is collected)."""
+    with _given_lock:
+        given = _given.setdefault(registry, [])
+        before = _newest(given)
+        if before is not None:
+            before.metrics.unregister()
+            before.operations.unregister()
+        try:
+            metrics = IstioMetrics(registry, mesh.config)
+            operations = OperationalMetrics(registry)
+        except BaseException:
+            if before is not None:
+                before.metrics.register()
+                before.operations.register()
+            raise
+        ref = weakref.ref(mesh)
+        given.append(ref)
+    leave = weakref.finalize(mesh, _leave, registry, ref, metrics, operations)
+    return metrics, operations, leave
+
+
+def _leave(
+    registry: CollectorRegistry,
+    ref: weakref.ref[Mesh],
+    metrics: IstioMetrics,
+    operations: OperationalMetrics,
+) -> None:
+    with _given_lock:
+        given = _given.get(registry, [])
+        shown = bool(given) and given[-1] is ref
+        if ref in given:
+            given.remove(ref)
+        if not shown:
+            return  # another Mesh shows its metrics; these were taken out already
+        metrics.unregister()
+        operations.unregister()
+        after = _newest(given)
+        if after is not None:
+            after.metrics.register()
+            after.operations.register()
+
+
+def _newest(given: list[weakref.ref[Mesh]]) -> Mesh | None:
+    """The Mesh whose metrics `given`'s registry shows (references of collected Meshes go
+    with their finalizers)."""
+    mesh = given[-1]() if given else None
+    return mesh
 
 
 def configure(policy: PolicyArg = None, *, mesh: Mesh | None = None, **config: Any) -> Mesh:

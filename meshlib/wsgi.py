@@ -108,7 +108,11 @@ class _Exchange(InboundExchange):
         raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
         if isinstance(raw, str) and raw:
             return raw
-        path = quote(_path(environ), safe="/;=,", encoding="latin-1")
+        path = _path(environ)
+        try:
+            path = quote(path, safe="/;=,", encoding="latin-1")  # PEP 3333's bytes-as-latin-1
+        except UnicodeEncodeError:  # a server that decoded the path otherwise: UTF-8
+            path = quote(path, safe="/;=,")
         query = environ.get("QUERY_STRING")
         return f"{path}?{query}" if query else path
 

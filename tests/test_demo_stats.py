@@ -33,11 +33,14 @@ def test_a_windows_quantiles_are_histogram_quantiles() -> None:
     assert quantile(0.5, {}) is None
 
 
-def test_a_restarted_process_counts_from_zero() -> None:
-    """A counter that went down started again from 0: its value is the window's count."""
-    earlier = Totals({(SOURCE, "reviews", "v1", True): 100.0}, {})
-    later = Totals({(SOURCE, "reviews", "v1", True): 7.0}, {})
-    assert later.since(earlier).requests == {(SOURCE, "reviews", "v1", True): 7.0}
+def test_a_sum_that_went_down_counts_nothing() -> None:
+    """Totals are summed over processes: when one restarts, the sum goes down, and the
+    window counts nothing for it, never a negative count or the other processes' totals."""
+    earlier = Totals({(SOURCE, "reviews", "v1", True): 1000.0}, cumulative({5.0: 1000.0}))
+    later = Totals({(SOURCE, "reviews", "v1", True): 990.0}, cumulative({5.0: 990.0}))
+    window = later.since(earlier)
+    assert window.requests == {}
+    assert set(window.buckets.values()) == {0.0}
 
 
 def test_a_call_given_up_is_no_success() -> None:

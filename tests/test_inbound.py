@@ -600,6 +600,14 @@ def test_the_access_log_has_the_target_as_sent() -> None:
         )
         body.close()  # type: ignore[attr-defined]
         assert entries[-1].path == target
+    # A server that broke PEP 3333 and decoded the path as UTF-8 (not latin-1): logged, as
+    # UTF-8 percent-encoded, and the request is served.
+    body = meshlib.MeshWSGIMiddleware(mounted, mesh=mesh)(
+        {"REQUEST_METHOD": "GET", "PATH_INFO": "/caf\u20ac"}, lambda *a: None
+    )
+    assert b"".join(body) == b"ok"
+    body.close()  # type: ignore[attr-defined]
+    assert entries[-1].path == "/caf%E2%82%AC"
     mesh.close()
 
 

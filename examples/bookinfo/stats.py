@@ -63,9 +63,9 @@ def _minus(
 ) -> dict[K, float]:
     result = {}
     for key, value in new.items():
-        change = value - old.get(key, 0.0)
-        if change < 0:
-            change = value  # the counter went back to 0 (a restarted process), as rate() reads it
+        # A sum that went down (a restarted process among those summed) counts nothing: the
+        # other processes' counts are not known apart from it here.
+        change = max(value - old.get(key, 0.0), 0.0)
         if change > 0 or keep_zero:
             result[key] = change
     return result

@@ -76,6 +76,13 @@ class Attempt:
         for bound in (self.route_left(), caller_connect):
             if bound is not None and bound < connect:
                 connect = bound
+        # The route deadline may pass between the try's start and here (the try's time is
+        # then 0): a timeout of 0 is refused (urllib3) or not waited on at all (a non-blocking
+        # socket fails at once: a UF or UC against a sound endpoint), so each gets the least
+        # wait, and its expiry reads as the deadline's, 504 UT.
+        connect = max(connect, _LEAST_WAIT)
+        if read is not None and read < _LEAST_WAIT:
+            read = _LEAST_WAIT
         mesh_owned = mesh is not None and (caller_read is None or mesh <= caller_read)
         return connect, read, mesh_owned
 
@@ -90,6 +97,9 @@ class Attempt:
         if caller_connect is not None and caller_connect < self.connect_timeout:
             return CALLERS_TIMEOUT
         return CONNECT_FAILURE
+
+
+_LEAST_WAIT = 0.001  # seconds: the shortest connect timeout handed to a transport
 
 
 def _timeout_error(message: str, request: object = None) -> BaseException:

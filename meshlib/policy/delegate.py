@@ -22,7 +22,20 @@ from typing import Any
 from meshlib.policy.common import StringMatch
 from meshlib.policy.virtual_service import HTTPMatchRequest, HTTPRoute
 
-_INHERITED = ("timeout", "retries", "fault", "cors_policy", "headers", "rewrite")
+# Passed down one field at a time to a delegate route that leaves it unset, as pilot's
+# mergeHTTPRoute does (the mirror fields too: a child's own `mirror` keeps the root's
+# `mirrorPercentage`).
+_INHERITED = (
+    "timeout",
+    "retries",
+    "fault",
+    "cors_policy",
+    "headers",
+    "rewrite",
+    "mirror",
+    "mirror_percentage",
+    "mirror_percent",
+)
 
 
 def merge_delegate_route(root: HTTPRoute, child: HTTPRoute) -> HTTPRoute | None:
@@ -35,13 +48,8 @@ def merge_delegate_route(root: HTTPRoute, child: HTTPRoute) -> HTTPRoute | None:
         for name in _INHERITED
         if getattr(child, name) is None and getattr(root, name) is not None
     }
-    if child.mirror is None and not child.mirrors and (root.mirror is not None or root.mirrors):
-        changes.update(
-            mirror=root.mirror,
-            mirrors=root.mirrors,
-            mirror_percentage=root.mirror_percentage,
-            mirror_percent=root.mirror_percent,
-        )
+    if not child.mirrors and root.mirrors:
+        changes["mirrors"] = root.mirrors
     return replace(child, match=match, name=_joined(root.name, child.name), **changes)
 
 

@@ -60,6 +60,11 @@ def compile_re2(pattern: str) -> re.Pattern[str]:
             return re.compile(translated, re.ASCII)  # RE2's \d \w \s are ASCII-only
         except (re.error, Warning) as exc:
             raise RegexError(f"invalid regex {pattern!r}: {exc}") from None
+        except RecursionError:  # Python's parser nests each scoped flag group
+            raise RegexError(
+                f"regex {pattern[:80]!r}... nests too deeply to compile here (fewer flag"
+                " groups or nested groups)"
+            ) from None
 
 
 class _Translator:

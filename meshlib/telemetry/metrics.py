@@ -704,14 +704,19 @@ class IstioMetrics:
     def unregister(self) -> None:
         """Take these metrics out of their registry (their values are kept). In multiprocess
         mode they are in none: the files are what a scrape reads."""
+        for collector in self._registered():
+            self.registry.unregister(collector)
+
+    def register(self) -> None:
+        """Put them back in their registry after `unregister()`."""
+        for collector in self._registered():
+            self.registry.register(collector)
+
+    def _registered(self) -> list[Any]:
         if self.multiprocess:
-            return
-        if self._metrics is None:
-            self.registry.unregister(self)
-        else:
-            for metric in self._metrics:
-                self.registry.unregister(metric)
-        self.registry.unregister(self._dropped)
+            return []
+        collectors: list[Any] = [self] if self._metrics is None else list(self._metrics)
+        return [*collectors, self._dropped]
 
 
 # -- Telemetry overrides ---------------------------------------------------------------------
@@ -1341,9 +1346,18 @@ class OperationalMetrics:
 
     def unregister(self) -> None:
         """Take these metrics out of their registry (in multiprocess mode they are in none)."""
+        for metric in self._registered():
+            self.registry.unregister(metric)
+
+    def register(self) -> None:
+        """Put them back in their registry after `unregister()`."""
+        for metric in self._registered():
+            self.registry.register(metric)
+
+    def _registered(self) -> list[Any]:
         if self._shared:
-            return
-        for metric in (
+            return []
+        return [
             self._generation,
             self._reload_errors,
             self._ejections,
@@ -1351,8 +1365,7 @@ class OperationalMetrics:
             self._breakers,
             self._retry_budget,
             self._overflow,
-        ):
-            self.registry.unregister(metric)
+        ]
 
     def policy_loaded(self, snapshot_generation: int) -> None:
         """A new Snapshot is being served."""

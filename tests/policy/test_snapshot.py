@@ -697,6 +697,39 @@ def test_delegate_route_takes_pilots_merged_names() -> None:
     assert decision.matched is not None and decision.matched.name == "m"
 
 
+def test_delegate_routes_inherit_mirror_fields_one_by_one() -> None:
+    """As pilot's mergeHTTPRoute: a delegate route with its own `mirror` keeps the root's
+    `mirrorPercentage`; one with no mirror takes the root's mirror and percentage."""
+    snapshot = build(
+        """
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {name: root}
+        spec:
+          hosts: [reviews]
+          http:
+          - delegate: {name: child}
+            mirror: {host: reviews, subset: v2}
+            mirrorPercentage: {value: 10}
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {name: child}
+        spec:
+          http:
+          - match: [{uri: {prefix: /own}}]
+            route: [{destination: {host: reviews}}]
+            mirror: {host: reviews, subset: v3}
+          - route: [{destination: {host: reviews}}]
+        """
+    )
+    mirrors = {
+        path: [(m.subset, m.fraction) for m in snapshot.route(request(path=path)).route.mirrors]  # type: ignore[union-attr]
+        for path in ("/own", "/other")
+    }
+    assert mirrors == {"/own": [("v3", 0.1)], "/other": [("v2", 0.1)]}
+
+
 def test_export_to_dot_hides_from_other_namespaces() -> None:
     """exportTo: ['.'] keeps a VirtualService to its own namespace."""
     text = vs("- route: [{destination: {host: reviews, subset: v2}}]", extra="  exportTo: ['.']\n")

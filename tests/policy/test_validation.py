@@ -499,6 +499,15 @@ def test_sub_millisecond_duration_rejected_where_1ms_required(
             "a trailing \\ is not RE2 rewrite syntax",
             id="rewrite-substitution-trailing",
         ),
+        pytest.param(
+            vs_route(
+                f'rewrite: {{uriRegexRewrite: {{match: "{"(?i)a(?-i)b" * 300}", rewrite: "/x"}}}}'
+            ),
+            "spec.http[0].rewrite.uriRegexRewrite.match",
+            9,
+            "nests too deeply to compile here",
+            id="rewrite-regex-too-deep",
+        ),
     ],
 )
 def test_bad_regex_is_an_error(text: str, field: str, line: int, fragment: str) -> None:

@@ -475,10 +475,17 @@ def test_render_with_every_label_removed_is_valid(registry: CollectorRegistry) -
     assert "{," not in fast
 
 
-def test_metrics_leave_their_registry_for_the_next_mesh() -> None:
-    """A registry holds one Mesh's metrics: a Mesh built on a registry another one uses takes
-    it over (as when configure() replaces the default Mesh given the global registry), and a
-    closed Mesh leaves it. Its metrics keep counting where nothing scrapes them."""
+def test_a_registry_shows_the_newest_open_meshs_metrics(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A registry given to several Meshes shows one Mesh's metrics (their names would clash):
+    the newest open one's, as when configure() replaces the default Mesh given the global
+    registry. Closing it, or dropping it, shows the one before again; a Mesh that fails to
+    build leaves the one shown as it was."""
+    import gc
+    import weakref
+
+    from meshlib.errors import ConfigError
     from meshlib.mesh import Mesh
 
     registry = CollectorRegistry()
@@ -491,20 +498,33 @@ def test_metrics_leave_their_registry_for_the_next_mesh() -> None:
             if s.name == "istio_requests_total"
         ]
 
-    config = MeshConfig(service="reviews", metrics_port=None)
-    first = Mesh(config, registry=registry, watch=False)
-    second = Mesh(config, registry=registry, watch=False)  # the first's metrics leave
-    for mesh, requests in ((first, 1), (second, 2)):
+    def count(mesh: Mesh, requests: int) -> None:
         for _ in range(requests):
             mesh.metrics.record(
                 "destination", PRODUCTPAGE, response_code=200, **REVIEWS_CALL, **SIZES
             )
+
+    config = MeshConfig(service="reviews", metrics_port=None)
+    first = Mesh(config, registry=registry, watch=False)
+    count(first, 1)
+    second = Mesh(config, registry=registry, watch=False)  # shown instead of the first
+    count(second, 2)
     assert scraped() == [2.0]
-    first.close()  # it no longer holds the registry: the second's metrics stay
-    assert scraped() == [2.0]
+    monkeypatch.setenv("MESHLIB_TRACES_EXPORTER", "jaeger")  # fails after the metrics exist
+    with pytest.raises(ConfigError):
+        Mesh(config, registry=registry, watch=False)
+    monkeypatch.delenv("MESHLIB_TRACES_EXPORTER")
+    assert scraped() == [2.0]  # still the second's
     second.close()
+    assert scraped() == [1.0]  # the first's again: it still serves
+    dropped = Mesh(config, registry=registry, watch=False)
+    gone = weakref.ref(dropped)
+    del dropped
+    gc.collect()
+    assert gone() is None  # a Mesh given a registry is not kept alive by it
+    assert scraped() == [1.0]
+    first.close()
     assert generate_latest(registry) == b""
-    Mesh(config, registry=registry, watch=False).close()
 
 
 def test_unregister_in_multiprocess_mode() -> None:

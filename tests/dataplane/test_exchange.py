@@ -1,0 +1,39 @@
+"""One try's timeouts, as the adapters hand them to their transports."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from meshlib.dataplane.exchange import Attempt
+from meshlib.dataplane.retry import PER_TRY_TIMEOUT
+
+
+def attempt(deadline: float | None, timeout: float | None = 0.5) -> Attempt:
+    unused: Any = None  # the endpoint and ticket play no part in the timeouts
+    return Attempt(1, unused, timeout, False, False, unused, deadline=deadline)
+
+
+def test_a_deadline_passed_before_connecting_is_no_zero_timeout() -> None:
+    """The route deadline can pass between a try's start and its send: connecting still
+    gets a timeout above 0 (urllib3 refuses 0, and a non-blocking connect does not wait:
+    a 503 UF against a sound endpoint), and its expiry reads as the deadline's, 504 UT."""
+    try_ = attempt(deadline=time.monotonic() - 0.01)
+    connect, read, mesh_owned = try_.timeouts(None, None)
+    assert connect is not None and connect > 0
+    assert (read, mesh_owned) == (0.5, True)
+    assert try_.connect_timed_out(None) == PER_TRY_TIMEOUT
+    # The try's time, clamped by a deadline that ran out as it started, is 0: no read
+    # timeout of 0 either, and it is still the mesh's (504 UT when it expires).
+    connect, read, mesh_owned = attempt(deadline=time.monotonic(), timeout=0.0).timeouts(None, 5)
+    assert read is not None and read > 0 and mesh_owned
+
+
+def test_connecting_is_bounded_by_what_is_left_of_the_deadline() -> None:
+    """Connecting gets the connect timeout, or what is left of the route deadline, or the
+    caller's connect timeout, whichever is least; the try's own time starts after it."""
+    now = time.monotonic()
+    assert attempt(deadline=None, timeout=0.2).timeouts(None, None)[0] == 10.0
+    connect = attempt(deadline=now + 0.3, timeout=0.2).timeouts(None, None)[0]
+    assert connect is not None and 0.25 < connect <= 0.3
+    assert attempt(deadline=now + 5, timeout=0.2).timeouts(0.1, None)[0] == 0.1
