@@ -18,7 +18,6 @@ import os
 import random
 import socket
 import threading
-import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -82,12 +81,12 @@ class Mesh:
         # Metrics live in a registry of this Mesh's own (the default Mesh's is served on
         # MeshConfig.metrics_port); pass prometheus_client.REGISTRY to share the global one.
         self.registry = registry if registry is not None else CollectorRegistry()
-        self._leave_registry: Callable[[], object] | None = None
+        self._leave_registry: Callable[[], None] | None = None
         if registry is None:
             self.metrics = IstioMetrics(self.registry, self.config)
             self.operations = OperationalMetrics(self.registry)
         else:
-            self.metrics, self.operations, self._leave_registry = _show_in(registry, self)
+            self.metrics, self.operations, self._leave_registry = _show_in(registry, self.config)
         try:
             self.identity = peer.encode(self.config)  # sent to peers: Istio's metadata exchange
             self.identity_header = (peer.HEADER.encode(), self.identity.encode("latin-1"))
@@ -192,67 +191,62 @@ class Mesh:
 _default: Mesh | None = None
 _default_lock = threading.Lock()
 
-# The Meshes given each registry, oldest first (weak references). A registry shows one Mesh's
+
+class _Shown:
+    """One Mesh's metrics in a registry given to it (see `_given`)."""
+
+    __slots__ = ("metrics", "operations")
+
+    def __init__(self, metrics: IstioMetrics, operations: OperationalMetrics) -> None:
+        self.metrics = metrics
+        self.operations = operations
+
+    def show(self, shown: bool) -> None:
+        """Put these metrics in their registry, or take them out."""
+        for metrics in (self.metrics, self.operations):
+            (metrics.register if shown else metrics.unregister)()
+
+
+# The metrics of the Meshes given each registry, oldest first. A registry shows one Mesh's
 # metrics (the names would clash), the newest open one's: a Mesh built on a registry another
-# one shows takes its place, as when `configure(mesh=Mesh(..., registry=REGISTRY))` replaces
-# the default Mesh, and when it is closed (or collected) the one before shows again.
-_given: weakref.WeakKeyDictionary[CollectorRegistry, list[weakref.ref[Mesh]]] = (
-    weakref.WeakKeyDictionary()
-)
+# one shows is shown in its place, as when `configure(mesh=Mesh(..., registry=REGISTRY))`
+# replaces the default Mesh, and when it is closed (or fails to build) the one before is
+# shown again. Only the metrics are kept here, not the Meshes.
+_given: dict[CollectorRegistry, list[_Shown]] = {}
 _given_lock = threading.Lock()
 
 
 def _show_in(
-    registry: CollectorRegistry, mesh: Mesh
-) -> tuple[IstioMetrics, OperationalMetrics, Callable[[], object]]:
-    """`mesh`'s metrics, made in `registry` in place of the Mesh's shown there, and what
-    gives the registry back (once: on close, or when `mesh` is collected)."""
+    registry: CollectorRegistry, config: MeshConfig
+) -> tuple[IstioMetrics, OperationalMetrics, Callable[[], None]]:
+    """A Mesh's metrics, made in `registry` in place of those shown there, and what gives
+    the registry back to the ones before (once)."""
     with _given_lock:
         given = _given.setdefault(registry, [])
-        before = _newest(given)
-        if before is not None:
-            before.metrics.unregister()
-            before.operations.unregister()
+        if given:
+            given[-1].show(False)
         try:
-            metrics = IstioMetrics(registry, mesh.config)
-            operations = OperationalMetrics(registry)
+            shown = _Shown(IstioMetrics(registry, config), OperationalMetrics(registry))
         except BaseException:
-            if before is not None:
-                before.metrics.register()
-                before.operations.register()
+            if given:
+                given[-1].show(True)
             raise
-        ref = weakref.ref(mesh)
-        given.append(ref)
-    leave = weakref.finalize(mesh, _leave, registry, ref, metrics, operations)
-    return metrics, operations, leave
+        given.append(shown)
 
+    def leave() -> None:
+        with _given_lock:
+            if shown not in given:
+                return  # left already
+            on_top = given[-1] is shown
+            if on_top:
+                shown.show(False)
+            given.remove(shown)
+            if on_top and given:
+                given[-1].show(True)
+            if not given:
+                _given.pop(registry, None)
 
-def _leave(
-    registry: CollectorRegistry,
-    ref: weakref.ref[Mesh],
-    metrics: IstioMetrics,
-    operations: OperationalMetrics,
-) -> None:
-    with _given_lock:
-        given = _given.get(registry, [])
-        shown = bool(given) and given[-1] is ref
-        if ref in given:
-            given.remove(ref)
-        if not shown:
-            return  # another Mesh shows its metrics; these were taken out already
-        metrics.unregister()
-        operations.unregister()
-        after = _newest(given)
-        if after is not None:
-            after.metrics.register()
-            after.operations.register()
-
-
-def _newest(given: list[weakref.ref[Mesh]]) -> Mesh | None:
-    """The Mesh whose metrics `given`'s registry shows (references of collected Meshes go
-    with their finalizers)."""
-    mesh = given[-1]() if given else None
-    return mesh
+    return shown.metrics, shown.operations, leave
 
 
 def configure(policy: PolicyArg = None, *, mesh: Mesh | None = None, **config: Any) -> Mesh:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from meshlib.dataplane.exchange import Attempt
+from meshlib.dataplane.limits import Ticket
 from meshlib.dataplane.retry import PER_TRY_TIMEOUT
+from meshlib.policy.snapshot import Endpoint
 
 
 def attempt(deadline: float | None, timeout: float | None = 0.5) -> Attempt:
-    unused: Any = None  # the endpoint and ticket play no part in the timeouts
-    return Attempt(1, unused, timeout, False, False, unused, deadline=deadline)
+    endpoint, ticket = Endpoint("127.0.0.1", 9080), Ticket(None, granted=True)
+    return Attempt(1, endpoint, timeout, False, False, ticket, deadline=deadline)
 
 
 def test_a_deadline_passed_before_connecting_is_no_zero_timeout() -> None:
