@@ -202,8 +202,8 @@ class LeastRequestBalancer:
         if table.equal:
             # Envoy's unweightedHostPick draws both candidates with replacement: one endpoint
             # may be drawn twice, so even the busiest still gets a share (one pick in n * n)
-            b = _draw(endpoints, usable, rnd, -1)
-            if get(keys[b]) < get(keys[a]):
+            b = _draw(endpoints, usable, rnd, -1)  # -1: none usable now (ejected meanwhile)
+            if b >= 0 and get(keys[b]) < get(keys[a]):
                 a = b
             return endpoints[a]
         b = _draw(endpoints, usable, rnd, a)

@@ -278,6 +278,27 @@ def test_least_request_power_of_two_choices() -> None:
     assert share(counts, eps[0].address) == pytest.approx(36, abs=2)
 
 
+def test_least_request_second_draw_finding_none_keeps_the_first() -> None:
+    """Endpoints ejected between the two draws (another thread): the second draw finds none
+    usable, and the first candidate is picked, not whichever endpoint is last in the list."""
+    eps = endpoints(1, 1, 1)
+    in_flight = InFlight()
+    in_flight.start(str(eps[0]))
+    in_flight.start(str(eps[1]))  # the last endpoint, eps[2], is the idlest
+    checks = 0
+
+    def ejected_after_the_first_draw(endpoint: Endpoint) -> bool:
+        nonlocal checks
+        checks += 1
+        return checks == 1 and endpoint is eps[0]
+
+    balancer = make_balancer(None, in_flight, random.Random(SEED))
+    for _ in range(50):
+        checks = 0
+        picked = balancer.pick(eps, ejected_after_the_first_draw)
+        assert picked in (None, eps[0])
+
+
 def test_least_request_idle_endpoints_share_evenly() -> None:
     """With nothing in flight, 4 equal endpoints each get 25 % of 20,000 picks, +-2 points."""
     eps = endpoints(1, 1, 1, 1)
