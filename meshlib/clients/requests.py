@@ -52,7 +52,7 @@ from meshlib.clients._common import (
     upstream_netloc,
 )
 from meshlib.clients._guard import passthrough_inside
-from meshlib.dataplane.exchange import CALLERS_TIMEOUT, Attempt, Exchange
+from meshlib.dataplane.exchange import CALLERS_TIMEOUT, Attempt, Exchange, local_answer
 from meshlib.dataplane.outcome import Flag, LocalReply, ordered
 from meshlib.dataplane.retry import (
     CONNECT_FAILURE,
@@ -471,7 +471,7 @@ class MeshAdapter(HTTPAdapter):
         if (result.client_timeout or result.broke_off) and result.error is not None:
             raise result.error  # the caller's own timeout, a body broken off: as without the mesh
         flags = ordered(flags + exchange.response_flags(result))
-        reply = exchange.final_reply(result)
+        reply = local_answer(result)
         if reply is not None:
             return self._local(reply, request, flags, plan)
         final: requests.Response = result.response

@@ -99,7 +99,7 @@ class Attempt:
         return CONNECT_FAILURE
 
 
-_LEAST_WAIT = 0.001  # seconds: the shortest connect timeout handed to a transport
+_LEAST_WAIT = 0.001  # seconds: the shortest connect or read timeout handed to a transport
 
 
 def _timeout_error(message: str, request: object = None) -> BaseException:
@@ -357,13 +357,9 @@ class Exchange:
 
     # -- the final answer ---------------------------------------------------------------
 
-    def final_reply(self, result: AttemptResult) -> LocalReply | None:
-        """The local answer for a final result without a response (Envoy's 503/504)."""
-        return local_answer(result)
-
     def response_flags(self, result: AttemptResult) -> list[str]:
         flags = list(self.flags)
-        reply = self.final_reply(result)
+        reply = local_answer(result)
         if reply is not None and reply.flag is not None:
             flags.append(reply.flag)
         return ordered(flags)
