@@ -41,7 +41,9 @@ processes of its own.
 A last section calls each app in-process (ASGI messages, no socket, no server) to show the
 microseconds each middleware adds per request. Goal: (b) >= 0.85 of (a)'s throughput.
 `python -m bench.middleware --profile` profiles the meshed app in-process (cProfile) and
-prints where the time goes.
+prints where the time goes; `--parts` serves (b)'s parts one at a time (PARTS: a pass-through
+layer, + the series, + propagation, meshlib without tracing, meshlib) and prints the server
+CPU each adds.
 
 wrk and nginx are Debian packages, installed with apt-get when missing (root only); without
 them this benchmark prints what is missing and skips. (d) needs
@@ -97,12 +99,25 @@ CONFIGS = {
     "f": "(f) = (b), meshlib's compiled build (make compiled)",
     "g": "(g) = (b), called by a meshed caller (identity exchanged)",
 }
+# `--parts`: (b)'s cost taken apart, each part served on its own and added to the one before.
+PARTS = {
+    "a": "(a) bare Starlette",
+    "p": "(p) + a pass-through layer that reads status and counts bytes",
+    "q": "(q) = (p) + counting the request in its Istio series",
+    "e": "(e) = (q) + propagation: the hand-written floor",
+    "u": "(u) meshlib.MeshMiddleware, tracing off",
+    "b": "(b) meshlib.MeshMiddleware, 1% traces",
+}
+PARTS_ROUNDS = 3
 FACTORIES = {
     "a": "bare_app",
     "b": "meshed_app",
     "d": "otel_app",
     "e": "floor_app",
     "f": "compiled_meshed_app",
+    "p": "layer_app",
+    "q": "counting_layer_app",
+    "u": "untraced_meshed_app",
 }
 COMPILED_ROOT = ROOT / "build" / "compiled"  # where `make compiled` leaves the compiled package
 SERVED_BY = {"g": "b"}  # configurations measured on another one's server
@@ -158,13 +173,18 @@ def bare_app() -> Any:
     return _starlette()
 
 
-def make_mesh() -> Any:
-    """Metrics on, tracing at 1% through meshlib's own provider (batched), no policy file."""
+def make_mesh(traced: bool = True) -> Any:
+    """Metrics on, tracing at 1% through meshlib's own provider (batched), no policy file;
+    `traced=False`: no tracing at all."""
     from meshlib.config import MeshConfig
     from meshlib.mesh import Mesh
     from meshlib.telemetry.tracing import MeshSampler, build_tracer_provider
 
     config = MeshConfig(service="productpage", version="v1", namespace="bench", metrics_port=None)
+    if not traced:
+        mesh = Mesh(config, watch=False)
+        assert not mesh.tracing.enabled
+        return mesh
     provider = build_tracer_provider(config, _exporter(), sampler=MeshSampler(1.0), batch=True)
     mesh = Mesh(config, tracer_provider=provider, watch=False)
     assert mesh.tracing.enabled and mesh.tracing.sampling == 1.0
@@ -177,6 +197,10 @@ def meshed_app(mesh: Any = None) -> Any:
     from meshlib.asgi import MeshMiddleware
 
     return _starlette([Middleware(MeshMiddleware, mesh=mesh or make_mesh())])
+
+
+def untraced_meshed_app() -> Any:
+    return meshed_app(make_mesh(traced=False))
 
 
 def compiled_meshed_app() -> Any:
@@ -213,6 +237,20 @@ def floor_app() -> Any:
     OpenTelemetry's context variables), count the request in its Istio series. No tracing,
     deadline, peer identity, identity answer, access-log check or error handling:
     a lower bound for what (b) does, to show what the goal leaves room for."""
+    return _layer(count=True, propagate=True)
+
+
+def layer_app() -> Any:
+    """(p): the floor's layer doing nothing but read the status and count the body's bytes."""
+    return _layer(count=False, propagate=False)
+
+
+def counting_layer_app() -> Any:
+    """(q): (p), and the request counted in its Istio series (meshlib's recorder)."""
+    return _layer(count=True, propagate=False)
+
+
+def _layer(count: bool, propagate: bool) -> Any:
     from time import perf_counter
 
     from opentelemetry.context import Context
@@ -221,15 +259,13 @@ def floor_app() -> Any:
     from meshlib._inbound import InboundSide
     from meshlib.telemetry import propagation
 
-    mesh = make_mesh()
-    side = InboundSide(mesh)
-    record = side.recorder.record
+    record = InboundSide(make_mesh(traced=False)).recorder.record if count else None
     current, otel_var = propagation.current, propagation._OTEL_VAR
     assert otel_var is not None, "OpenTelemetry's context variable was not found"
     caller_span, span_key = propagation._caller_span, propagation.SPAN_KEY
     formats = frozenset((propagation.TRACECONTEXT,))
 
-    class Floor:
+    class Layer:
         def __init__(self, app: Any) -> None:
             self.app = app
 
@@ -237,17 +273,6 @@ def floor_app() -> Any:
             if scope["type"] != "http":
                 return await self.app(scope, receive, send)
             started = perf_counter()
-            parent = request_id = None
-            for name, value in scope["headers"]:
-                if name == b"traceparent":
-                    parent = value.decode("latin-1")
-                elif name == b"x-request-id":
-                    request_id = value.decode("latin-1")
-            span = caller_span(parent, None) if parent else None
-            context = Context({span_key: span}) if span is not None else Context()
-            inbound = propagation.InboundContext(
-                request_id or "", (), context, None, span.sampled if span else None, formats
-            )
             status, sent = 500, 0
 
             async def counting_send(message: Any) -> None:
@@ -258,15 +283,30 @@ def floor_app() -> Any:
                     sent += len(message.get("body", b""))
                 await send(message)
 
-            token, otel_token = current.set(inbound), otel_var.set(context)
-            try:
+            if propagate:
+                parent = request_id = None
+                for name, value in scope["headers"]:
+                    if name == b"traceparent":
+                        parent = value.decode("latin-1")
+                    elif name == b"x-request-id":
+                        request_id = value.decode("latin-1")
+                span = caller_span(parent, None) if parent else None
+                context = Context({span_key: span}) if span is not None else Context()
+                inbound = propagation.InboundContext(
+                    request_id or "", (), context, None, span.sampled if span else None, formats
+                )
+                token, otel_token = current.set(inbound), otel_var.set(context)
+                try:
+                    await self.app(scope, receive, counting_send)
+                finally:
+                    otel_var.reset(otel_token)
+                    current.reset(token)
+            else:
                 await self.app(scope, receive, counting_send)
-            finally:
-                otel_var.reset(otel_token)
-                current.reset(token)
+            if record is not None:
                 record(None, status, (perf_counter() - started) * 1000.0, 0, sent)
 
-    return _starlette([Middleware(Floor)])
+    return _starlette([Middleware(Layer)])
 
 
 def otel_app() -> Any:
@@ -534,8 +574,10 @@ def _ensure_debian(packages: tuple[str, ...]) -> list[str]:
     return [p for p in packages if shutil.which(p) is None]
 
 
-def bench() -> dict[str, Result] | None:
-    missing = _ensure_debian(("wrk", "nginx"))
+def bench(configs: list[str] | None = None, rounds: int = ROUNDS) -> dict[str, Result] | None:
+    """Each configuration's rounds (CONFIGS' keys by default; the first must be "a")."""
+    configs = list(configs or CONFIGS)
+    missing = _ensure_debian(("wrk", "nginx") if "c" in configs else ("wrk",))
     if "wrk" in missing:
         print(
             "middleware benchmark skipped: `wrk` is not installed and cannot be installed here"
@@ -545,14 +587,13 @@ def bench() -> dict[str, Result] | None:
     if importlib.util.find_spec("starlette") is None:
         print("middleware benchmark skipped: starlette is not installed (pip install starlette)")
         return None
-    configs = list(CONFIGS)
     if "nginx" in missing:
         print("(c) skipped: `nginx` is not installed and cannot be installed here")
         configs.remove("c")
-    if importlib.util.find_spec("opentelemetry.instrumentation.asgi") is None:
+    if "d" in configs and importlib.util.find_spec("opentelemetry.instrumentation.asgi") is None:
         print("(d) skipped: pip install -e '.[bench]' (or run make bench) to run it")
         configs.remove("d")
-    why = compiled_unavailable()
+    why = compiled_unavailable() if "f" in configs else None
     if why is not None:
         print(f"(f) skipped: {why}")
         configs.remove("f")
@@ -590,7 +631,7 @@ def bench() -> dict[str, Result] | None:
         for key in configs:
             wrk(urls[key], WARMUP_S, scripts[key])
         results = {key: Result() for key in configs}
-        for r in range(ROUNDS):
+        for r in range(rounds):
             for key in configs if r % 2 == 0 else configs[::-1]:
                 results[key].measure(urls[key], scripts[key], pids[key])
         for key, (_, proc) in started.items():  # each figure came from its own server
@@ -727,6 +768,33 @@ def main() -> None:
     print(f"\n(total {time.perf_counter() - start:.0f} s)")
 
 
+# -- parts (python -m bench.middleware --parts) ---------------------------------------------
+
+
+def parts() -> None:
+    """(b)'s server cost taken apart: each part served on its own, under the same load."""
+    start = time.perf_counter()
+    print(
+        f"inbound middleware, taken apart: uvicorn per configuration, wrk -t{THREADS}"
+        f" -c{CONNECTIONS}, {PARTS_ROUNDS} rounds x {WINDOW_S} s; server CPU per request"
+        " (median of the rounds) and what each row adds to the one before"
+    )
+    results = bench(list(PARTS), rounds=PARTS_ROUNDS)
+    if results is None:
+        return
+    width = max(map(len, PARTS.values()))
+    cpu = {key: statistics.median(result.cpu_us) for key, result in results.items()}
+    bare_rps = statistics.fmean(results["a"].rps)
+    previous = None
+    for key, result in results.items():
+        added = f"  {cpu[key] - cpu[previous]:+5.1f} µs" if previous else ""
+        ratio = statistics.fmean(result.rps) / bare_rps
+        print(f"{PARTS[key]:<{width}}  {cpu[key]:>6.1f} µs  {ratio:>5.2f} of bare{added}")
+        previous = key
+    print("((u) over (e): what meshlib does beyond the floor; (b) over (u): 1% traces exported)")
+    print(f"\n(total {time.perf_counter() - start:.0f} s)")
+
+
 # -- profile (python -m bench.middleware --profile) -----------------------------------------
 
 
@@ -766,4 +834,9 @@ def profile(n: int = 20_000, top: int = 20) -> None:
 
 
 if __name__ == "__main__":
-    profile() if "--profile" in sys.argv[1:] else main()
+    if "--profile" in sys.argv[1:]:
+        profile()
+    elif "--parts" in sys.argv[1:]:
+        parts()
+    else:
+        main()
