@@ -92,7 +92,9 @@ def is_retriable(policy: RetryPolicy, result: AttemptResult) -> bool:
 
 
 class EnvoyBackoff(tenacity.wait.wait_base):
-    """Retry n waits uniformly in [0, (2^n - 1) x base), capped at 10 x base."""
+    """Retry n waits uniformly in [0, interval n): the interval starts at base and doubles
+    while it is below half the cap (10 x base), then is the cap — Envoy's jittered back-off
+    (`JitteredBackOffStrategy`): 25, 50, 100, 200, then 250 ms for the default base."""
 
     def __init__(self, base: float, rng: random.Random, clamp: Callable[[float], float]) -> None:
         self.base = base
@@ -102,8 +104,16 @@ class EnvoyBackoff(tenacity.wait.wait_base):
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> float:
         retry = retry_state.attempt_number  # the retry about to happen is retry number n
-        ceiling = min(self.cap, (2**retry - 1) * self.base)
-        return self.clamp(self.rng.uniform(0, ceiling))
+        return self.clamp(self.rng.uniform(0, self.interval(retry)))
+
+    def interval(self, retry: int) -> float:
+        """The upper bound of retry `retry`'s wait (1 for the first retry)."""
+        interval, half_cap = self.base, self.cap / 2
+        for _ in range(retry - 1):
+            if interval >= half_cap:
+                return self.cap
+            interval *= 2
+        return interval
 
 
 def retrying_kwargs(
