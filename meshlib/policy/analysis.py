@@ -16,7 +16,7 @@ from meshlib.policy.destination_rule import DestinationRule
 from meshlib.policy.hosts import to_fqdn, wildcard_matches
 from meshlib.policy.resources import Resource
 from meshlib.policy.service_entry import ServiceEntry
-from meshlib.policy.snapshot import latest_definitions, oldest_first
+from meshlib.policy.snapshot import latest_definitions, oldest_first, visible_to
 from meshlib.policy.telemetry import Telemetry, cel_string_literal, header_name, settable_label
 from meshlib.policy.virtual_service import Destination, VirtualService
 
@@ -117,7 +117,7 @@ class _Analyzer:
             seen[resource.key] = resource
 
     def virtual_service_findings(self) -> Iterator[Diagnostic]:
-        delegates = {(r.namespace, r.name) for r in self.virtual_services if not r.spec.hosts}
+        delegates = {(r.namespace, r.name): r for r in self.virtual_services if not r.spec.hosts}
         owners: dict[tuple[str, str], Resource[VirtualService]] = {}
         ordered = oldest_first(self.virtual_services)  # then those with a delegate route last
         ordered.sort(key=lambda r: any(http.delegate is not None for http in r.spec.http))
@@ -160,13 +160,23 @@ class _Analyzer:
                     catch_all_seen = True
                 if http.delegate is not None:
                     key = (http.delegate.namespace or resource.namespace, http.delegate.name)
-                    if key not in delegates:
+                    child = delegates.get(key)
+                    if child is None:
                         yield _finding(
                             "error",
                             resource,
                             f"{where}.delegate",
                             f"delegate VirtualService {key[0]}/{key[1]} not found"
                             " (or it has hosts)",
+                        )
+                    elif not visible_to(child, resource.namespace, child.spec.export_to):
+                        yield _finding(
+                            "error",
+                            resource,
+                            f"{where}.delegate",
+                            f"delegate VirtualService {key[0]}/{key[1]} is not exported to"
+                            f" namespace {resource.namespace} (its exportTo); this route is"
+                            " ignored, as Istio ignores it",
                         )
                 for d_index, dest in enumerate(http.route):
                     yield from self.destination(

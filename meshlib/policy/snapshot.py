@@ -464,8 +464,10 @@ class _Builder:
             child = delegates.get(
                 (http.delegate.namespace or resource.namespace, http.delegate.name)
             )
-            if child is None:
-                continue  # reported by analysis; Envoy would have no route for these requests
+            if child is None or not visible_to(child, resource.namespace, child.spec.export_to):
+                # Reported by analysis. As pilot does, only this route is dropped: requests
+                # fall through to the root's next route.
+                continue
             for child_index, child_http in enumerate(child.spec.http):
                 # Merged on the spec first, as pilot does, then compiled for this workload.
                 merged = merge_delegate_route(http, child_http)

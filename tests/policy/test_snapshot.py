@@ -943,3 +943,56 @@ def test_snapshot_generations_increase() -> None:
     """Each build gets a larger generation number."""
     first, second = build(""), build("")
     assert second.generation > first.generation
+
+
+EXPORTED_DELEGATE = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: root, namespace: default}
+spec:
+  hosts: [reviews]
+  http:
+  - match: [{uri: {prefix: /api}}]
+    delegate: {name: child, namespace: team}
+  - route: [{destination: {host: reviews, subset: v1}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: child, namespace: team}
+spec:
+  %s
+  http:
+  - route: [{destination: {host: reviews, subset: v2}}]
+"""
+
+
+@pytest.mark.parametrize(
+    ("export_to", "subset"),
+    [
+        pytest.param("", "v2", id="unset-is-public"),
+        pytest.param("exportTo: ['*']", "v2", id="public"),
+        pytest.param("exportTo: [default]", "v2", id="to-the-roots-namespace"),
+        pytest.param("exportTo: ['.']", "v1", id="private-to-its-own"),
+        pytest.param("exportTo: [elsewhere]", "v1", id="to-another-namespace"),
+    ],
+)
+def test_a_delegate_serves_only_roots_it_is_exported_to(export_to: str, subset: str) -> None:
+    """As pilot's mergeVirtualServicesIfNeeded: a delegate whose exportTo leaves out the
+    root's namespace is not used; that one root route is dropped and requests fall through
+    to the root's next route."""
+    snapshot = build(EXPORTED_DELEGATE % export_to)
+    route = snapshot.route(request(path="/api/x")).route
+    assert route is not None and route.destinations[0].subset == subset
+
+
+def test_analysis_reports_a_delegate_not_exported_to_the_root() -> None:
+    from meshlib.policy.analysis import analyze
+
+    result = load_text(textwrap.dedent(EXPORTED_DELEGATE % "exportTo: ['.']"), "vs.yaml")
+    findings = [str(d) for d in analyze(result.resources)]
+    assert any(
+        "spec.http[0].delegate" in f and "team/child is not exported to namespace default" in f
+        for f in findings
+    ), findings
+    exported = load_text(textwrap.dedent(EXPORTED_DELEGATE % ""), "vs.yaml")
+    assert not any("delegate" in str(d) for d in analyze(exported.resources))
