@@ -532,6 +532,7 @@ class MeshAdapter(HTTPAdapter):
             grpc_status=response.headers.get("grpc-status"),
             response=response,
             rate_limited="x-envoy-ratelimited" in response.headers,
+            headers=response.headers,
         )
         if not options["stream"] and not exchange.would_retry(result):
             try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from meshlib.dataplane import outcome
@@ -313,7 +313,7 @@ class Exchange:
         policy = self._covering(result)
         if policy is None or self.attempts > policy.attempts or self.deadline.expired:
             return False
-        return self.cluster.limits.retry_available()
+        return self.cluster.limits.retry_available(self._still_active(result))
 
     def _covering(self, result: AttemptResult) -> RetryPolicy | None:
         """The retry policy if it covers `result` and the request can be sent again."""
@@ -333,7 +333,7 @@ class Exchange:
             return False
         if self.deadline.expired:
             return False
-        allowed, _reason = self.cluster.limits.try_acquire_retry()
+        allowed, _reason = self.cluster.limits.try_acquire_retry(self._still_active(result))
         if not allowed:
             self.flags.append(Flag.RETRY_LIMIT_EXCEEDED)  # budget or maxRetries spent
             if self.cluster.on_retry_overflow is not None:
@@ -341,6 +341,13 @@ class Exchange:
             return False
         self._retry_slot = True
         return True
+
+    def _still_active(self, result: AttemptResult) -> int:
+        """1 when the failed try answered with a body still to come: its stream is still open
+        in Envoy when the retry is decided, so the retry budget counts it as active."""
+        if result.status is None or self.cluster.limits.thresholds.budget_percent is None:
+            return 0
+        return 1 if body_follows(self.plan.method, result.status, result.headers) else 0
 
     def clamp_wait(self, seconds: float) -> float:
         left = self.deadline.remaining()
@@ -384,3 +391,14 @@ def local_answer(result: AttemptResult) -> LocalReply | None:
     # An HTTP/1 connection closed (FIN or RST) before the response headers: Envoy's codec
     # client resets the stream with "connection termination", the well-known 503 UC.
     return outcome.connection_termination()
+
+
+def body_follows(method: str, status: int, headers: Mapping[str, str] | None) -> bool:
+    """Whether a response with this status and these headers (None: not known) has a body
+    after its headers (RFC 9112 §6.3): not for HEAD, 1xx, 204, 304 or `Content-Length: 0`."""
+    if method == "HEAD" or status < 200 or status in (204, 304):
+        return False
+    if headers is None:
+        return True
+    length = headers.get("content-length")
+    return length is None or "transfer-encoding" in headers or length.strip() != "0"

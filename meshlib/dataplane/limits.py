@@ -244,25 +244,29 @@ class ClusterLimits:
 
     # -- retries ------------------------------------------------------------------------------
 
-    def try_acquire_retry(self) -> tuple[bool, str | None]:
-        """Take a retry slot: (True, None), or (False, "budget" | "max_retries")."""
+    def try_acquire_retry(self, still_active: int = 0) -> tuple[bool, str | None]:
+        """Take a retry slot: (True, None), or (False, "budget" | "max_retries").
+
+        `still_active`: requests released here that Envoy still counts as active for the
+        budget — the failed try whose response body was still to come: Envoy decides the
+        retry on the response headers and resets that stream only afterwards."""
         with self._lock:
-            refused = self._retry_refused()
+            refused = self._retry_refused(still_active)
             if refused is not None:
                 self._retry_overflows += 1
                 return False, refused
             self._retries += 1
             return True, None
 
-    def retry_available(self) -> bool:
+    def retry_available(self, still_active: int = 0) -> bool:
         """Whether `try_acquire_retry` would admit a retry now (nothing taken)."""
-        return self._retry_refused() is None
+        return self._retry_refused(still_active) is None
 
-    def _retry_refused(self) -> str | None:
+    def _retry_refused(self, still_active: int) -> str | None:
         """Why a retry would be refused now ("budget", "max_retries"), or None."""
         t = self._thresholds
         if t.budget_percent is not None:
-            active = self._connected + len(self._waiting)
+            active = self._connected + len(self._waiting) + still_active
             allowed = max(t.min_retry_concurrency, int(t.budget_percent / 100.0 * active))
             return "budget" if self._retries >= allowed else None
         return "max_retries" if self._retries >= t.max_retries else None

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import time
 
-from meshlib.dataplane.exchange import Attempt
+import pytest
+
+from meshlib.dataplane.exchange import Attempt, body_follows
 from meshlib.dataplane.limits import Ticket
 from meshlib.dataplane.retry import PER_TRY_TIMEOUT
 from meshlib.policy.snapshot import Endpoint
@@ -38,3 +40,23 @@ def test_connecting_is_bounded_by_what_is_left_of_the_deadline() -> None:
     connect = attempt(deadline=now + 0.3, timeout=0.2).timeouts(None, None)[0]
     assert connect is not None and 0.25 < connect <= 0.3
     assert attempt(deadline=now + 5, timeout=0.2).timeouts(0.1, None)[0] == 0.1
+
+
+@pytest.mark.parametrize(
+    ("method", "status", "headers", "follows"),
+    [
+        ("GET", 503, {"content-length": "11"}, True),
+        ("GET", 503, {"content-length": "0"}, False),
+        ("GET", 503, {"content-length": " 0 "}, False),
+        ("GET", 503, {"transfer-encoding": "chunked"}, True),
+        ("GET", 503, {}, True),  # read until the connection closes
+        ("GET", 503, None, True),
+        ("HEAD", 503, {"content-length": "11"}, False),
+        ("GET", 204, {}, False),
+        ("GET", 304, {"content-length": "11"}, False),
+    ],
+)
+def test_body_follows_the_headers(
+    method: str, status: int, headers: dict[str, str] | None, follows: bool
+) -> None:
+    assert body_follows(method, status, headers) is follows

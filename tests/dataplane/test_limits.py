@@ -458,3 +458,15 @@ def test_a_waiter_whose_event_loop_closed_passes_its_connection_on() -> None:
     limits.release_request(dead)  # its task's own release, were it ever to run, is ignored
     assert limits.active_requests == 1
     del task
+
+
+def test_retry_budget_counts_requests_still_active_elsewhere() -> None:
+    """A failed try released here but still open in Envoy's eyes (its body to come) counts
+    towards the budget's active requests: one active + one still active at 100% is two."""
+    limits = ClusterLimits(None, RetryBudget(percent=Percent(100.0), min_retry_concurrency=1))
+    acquire(limits, 1)
+    assert limits.try_acquire_retry() == (True, None)
+    assert not limits.retry_available()
+    assert limits.retry_available(still_active=1)
+    assert limits.try_acquire_retry(still_active=1) == (True, None)
+    assert limits.try_acquire_retry(still_active=1) == (False, "budget")
