@@ -8,11 +8,12 @@ given status, or to delay.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -171,12 +172,14 @@ spec:
 
 
 class AsgiServer:
-    """Any ASGI app served by uvicorn in a daemon thread on 127.0.0.1, an OS-assigned port."""
+    """Any ASGI app served by uvicorn in a daemon thread on 127.0.0.1 (or another loopback
+    address: on Linux all of 127.0.0.0/8 is loopback), an OS-assigned port."""
 
-    def __init__(self, app: Any, name: str = "asgi") -> None:
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="auto")
+    def __init__(self, app: Any, name: str = "asgi", *, host: str = "127.0.0.1") -> None:
+        config = uvicorn.Config(app, host=host, port=0, log_level="warning", lifespan="auto")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name=f"server-{name}", daemon=True)
+        self.host = host
         self.port = 0
         self.name = name
 
@@ -230,6 +233,22 @@ def refused_port() -> socket.socket:
     held = socket.socket()
     held.bind(("127.0.0.1", 0))
     return held
+
+
+@contextlib.contextmanager
+def unanswered_port() -> Iterator[int]:
+    """A loopback port whose listen queue is full: the kernel drops the SYNs of every new
+    connection to it (Linux), so connecting there takes until the connect timeout."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port: int = listener.getsockname()[1]
+    filler = socket.create_connection(("127.0.0.1", port))  # takes the queue's only place
+    try:
+        yield port
+    finally:
+        filler.close()
+        listener.close()
 
 
 def loopback_service(
