@@ -13,6 +13,8 @@ from typing import Any
 from meshlib._text import ascii_int
 from meshlib.dataplane import outcome
 from meshlib.dataplane.balancer import cookie_to_set, hash_key
+from meshlib.dataplane.cluster import ClusterState
+from meshlib.dataplane.deadline import Deadline
 from meshlib.dataplane.exchange import Attempt, Exchange, local_answer
 from meshlib.dataplane.outcome import FLAGS_HEADER, LocalReply, join_flags
 from meshlib.dataplane.retry import RESET, AttemptResult
@@ -135,8 +137,9 @@ def choose_hash_key(exchange: Exchange, mesh: Mesh, attributes: RequestAttribute
             exchange.hash_key, exchange.set_cookie = generated
 
 
-def mirror_endpoint(mesh: Mesh, plan: RoutePlan, mirror: Mirror) -> Endpoint | None:
-    """Where a mirrored copy goes: an endpoint of the mirror's cluster, balanced as usual.
+def mirror_cluster(mesh: Mesh, plan: RoutePlan, mirror: Mirror) -> ClusterState:
+    """The cluster a mirrored copy goes to: Istio's `outbound|port|subset|host` of the mirror,
+    with its own DestinationRule policy (balancer, outlier detection, pool limits).
 
     Without a port in the mirror, the request's port if the mirror's service has it, else
     the service's only port (as for a route destination)."""
@@ -146,8 +149,101 @@ def mirror_endpoint(mesh: Mesh, plan: RoutePlan, mirror: Mirror) -> Endpoint | N
         service = mesh.snapshot.service(mirror.host)
         if service is not None and service.port(port) is None and len(service.ports) == 1:
             port = service.ports[0].number
-    cluster = mesh.cluster((mirror.host, mirror.subset, port))
-    return cluster.balancer.pick(cluster.endpoints, lambda e: True, None)
+    return mesh.cluster((mirror.host, mirror.subset, port))
+
+
+class MirrorCopy:
+    """One mirrored copy's try on its mirror cluster, as Envoy sends a shadow through that
+    cluster's own router: an `Exchange` of its own with no retries, so the copy is balanced
+    over the endpoints outlier detection has not ejected, takes a request slot of the
+    cluster's connection-pool limits (an overflow drops it, counted as the cluster's
+    overflow), counts as in flight for LEAST_REQUEST, has the route's timeout, and its
+    outcome feeds the cluster's outlier detection. Made by `start_mirror`; the sender waits
+    for a connection if the copy must (`wait` / `wait_async`), sends it, and calls `end` in
+    every case, exactly once (later calls do nothing)."""
+
+    def __init__(self, exchange: Exchange, attempt: Attempt) -> None:
+        self.exchange = exchange
+        self.attempt = attempt
+        self.ended = False
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return self.attempt.endpoint
+
+    def timeouts(
+        self, connect: float | None, read: float | None
+    ) -> tuple[float | None, float | None, bool]:
+        """(connect, read, mesh_owned) for sending the copy now, from the caller's connect and
+        read timeouts (MIRROR_TIMEOUT for each it left unset: a copy never waits for good),
+        bounded by the mirror cluster's connect timeout and what is left of the route's timeout
+        (the copy's whole time: it has no per-try timeout)."""
+        attempt = self.attempt
+        attempt.timeout = attempt.route_left()
+        return attempt.timeouts(
+            MIRROR_TIMEOUT if connect is None else connect,
+            MIRROR_TIMEOUT if read is None else read,
+        )
+
+    def wait(self) -> bool:
+        """Wait for a connection if maxConnections are in use (as long as `wait_bound`
+        allows); False (the copy is dropped, and ended) if none came in time."""
+        attempt = self.attempt
+        if attempt.ticket.granted:
+            return True
+        exchange = self.exchange
+        if attempt.ticket.wait(exchange.wait_bound()) and exchange.connected(attempt):
+            return True
+        self.end(None)
+        return False
+
+    async def wait_async(self) -> bool:
+        """`wait` for asyncio."""
+        attempt = self.attempt
+        if attempt.ticket.granted:
+            return True
+        exchange = self.exchange
+        if await attempt.ticket.wait_async(exchange.wait_bound()) and exchange.connected(attempt):
+            return True
+        self.end(None)
+        return False
+
+    def given_up(self, _task: object = None) -> None:
+        """`end(None)`: a done callback for the task that sends the copy, so that a task
+        cancelled before it ever ran (its `finally` never runs) still gives back its slot."""
+        self.end(None)
+
+    def end(self, result: AttemptResult | None) -> None:
+        """The copy is done: its outcome goes to the cluster's outlier detection and its slot
+        and in-flight count are given back; None when it was never sent or never finished
+        (dropped, cancelled): then nothing is said of the endpoint."""
+        if self.ended:
+            return
+        self.ended = True
+        if result is None:
+            self.exchange.abandon_attempt(self.attempt)
+        else:
+            self.exchange.finish_attempt(self.attempt, result)
+
+
+def start_mirror(
+    mesh: Mesh, plan: RoutePlan, mirror: Mirror, wait: float | None
+) -> MirrorCopy | None:
+    """Start a mirrored copy of `plan`'s request on `mirror`'s cluster, or None when Envoy's
+    shadow would end there with a local answer nobody sees: no endpoint outlier detection
+    left in the pool (503 UH), or the cluster's pool limits full (503 UO, counted as its
+    overflow). `wait` bounds waiting for a connection (the caller's pool timeout, else
+    MIRROR_TIMEOUT), as does the route's timeout. Copies are never retried."""
+    cluster = mirror_cluster(mesh, plan, mirror)
+    exchange = Exchange(
+        plan, cluster, mesh.rng, replayable=False, deadline=Deadline.after(plan.timeout)
+    )
+    exchange.retries = None  # Envoy's shadow router has no retry policy
+    exchange.pool_timeout = MIRROR_TIMEOUT if wait is None else wait
+    attempt = exchange.start_attempt()
+    if isinstance(attempt, LocalReply):
+        return None
+    return MirrorCopy(exchange, attempt)
 
 
 _NO_SPAN: AbstractContextManager[Any] = contextlib.nullcontext(None)

@@ -34,17 +34,18 @@ from meshlib.clients._common import (
     RESPONSE_FLAGS,
     UPSTREAM_HOST,
     BodyTooLate,
+    MirrorCopy,
     MirrorTracker,
     body_broke_off,
     choose_hash_key,
     client_span,
     edited_headers,
     end_client_span,
-    mirror_endpoint,
     record_exception,
     record_source,
     reply_headers,
     request_id,
+    start_mirror,
     upstream_netloc,
 )
 from meshlib.clients._guard import passthrough_inside
@@ -85,6 +86,19 @@ _MIRROR_TIMEOUTS = dict.fromkeys(("connect", "read", "write", "pool"), MIRROR_TI
 
 def _smaller(a: float | None, b: float | None) -> float | None:
     return b if a is None else (a if b is None else min(a, b))
+
+
+def _bound_copy(request: httpx.Request, copy: MirrorCopy) -> httpx.Request:
+    """A mirrored copy about to be sent, its timeouts bounded by what is left of the route's
+    timeout and by the mirror cluster's connect timeout."""
+    timeout = dict(request.extensions["timeout"])
+    timeout["connect"], timeout["read"], _ = copy.timeouts(timeout["connect"], timeout["read"])
+    left = copy.attempt.route_left()
+    if left is not None:
+        for phase in ("write", "pool"):
+            timeout[phase] = _smaller(timeout[phase], left)
+    request.extensions = {**request.extensions, "timeout": timeout}
+    return request
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -404,23 +418,22 @@ class _MeshTransportBase:
         return response
 
     def _mirror_request(
-        self, request: httpx.Request, view: dict[str, str], plan: RoutePlan, mirror: Mirror
-    ) -> httpx.Request | None:
+        self, request: httpx.Request, view: dict[str, str], plan: RoutePlan, copy: MirrorCopy
+    ) -> httpx.Request:
         """The copy a mirror gets: the request as the route sends it, with the trace context
         and propagated headers, as a sidecar mirrors what the app sent (its own headers
         copied); this workload's identity, as on every call."""
         mesh = self.mesh
-        endpoint = mirror_endpoint(mesh, plan, mirror)
-        if endpoint is None:
-            return None
-        url = request.url.copy_with(netloc=upstream_netloc(endpoint).encode(), path=plan.path)
+        url = request.url.copy_with(netloc=upstream_netloc(copy.endpoint).encode(), path=plan.path)
         extra = {"host": plan.authority, peer.HEADER: mesh.identity}
+        if copy.attempt.close_connection:
+            extra["connection"] = "close"  # the mirror's maxRequestsPerConnection reached
         original = request.headers
         pairs = [*original.multi_items(), *mesh.propagator.outbound(view.__contains__)]
         edited = edited_headers(pairs, plan.request_headers, extra)
         headers = encoded(edited, original.encoding)
         # the caller's timeouts (httpx's 5 s by default), 10 s where it set none: a copy never
-        # waits for good
+        # waits for good (`_bound_copy` bounds them by the route's timeout as it is sent)
         timeout = {
             phase: MIRROR_TIMEOUT if seconds is None else seconds
             for phase, seconds in (request.extensions.get("timeout") or _MIRROR_TIMEOUTS).items()
@@ -432,6 +445,17 @@ class _MeshTransportBase:
             stream=request.stream,
             extensions={"timeout": timeout},
         )
+
+    def _start_copy(
+        self, request: httpx.Request, view: dict[str, str], plan: RoutePlan, mirror: Mirror
+    ) -> tuple[httpx.Request, MirrorCopy] | None:
+        """A mirrored copy started on its mirror cluster (see `start_mirror`), and the
+        request it sends; None when the cluster drops it."""
+        pool = (request.extensions.get("timeout") or {}).get("pool")
+        copy = start_mirror(self.mesh, plan, mirror, pool)
+        if copy is None:
+            return None
+        return self._mirror_request(request, view, plan, copy), copy
 
     @staticmethod
     def _exchange(
@@ -570,9 +594,9 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
 
     def _start_mirrors(self, request: httpx.Request, view: dict[str, str], plan: RoutePlan) -> None:
         for mirror in plan.mirrors:
-            copy = self._mirror_request(request, view, plan, mirror)
-            if copy is not None:
-                self._mirroring.submit(self._send_mirror, copy)
+            started = self._start_copy(request, view, plan, mirror)
+            if started is not None and not self._mirroring.submit(self._send_mirror, *started):
+                started[1].end(None)  # MAX_MIRRORS_PENDING copies pending: dropped
 
     def _mirroring_transport(self) -> httpx.BaseTransport:
         """Where copies go: a pool of their own when one like the inner transport can be made
@@ -582,16 +606,28 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
                 self._mirror_inner = pool_like(self._inner) or self._inner
             return self._mirror_inner
 
-    def _send_mirror(self, request: httpx.Request) -> None:
+    def _send_mirror(self, request: httpx.Request, copy: MirrorCopy) -> None:
+        result: AttemptResult | None = None
         try:
+            if not copy.wait():  # maxConnections in use: wait, not for good
+                return
             with passthrough_inside():
-                response = self._mirroring_transport().handle_request(request)
+                try:
+                    response = self._mirroring_transport().handle_request(
+                        _bound_copy(request, copy)
+                    )
+                except httpx.TransportError as exc:
+                    result = _failed(exc, request, copy.attempt)  # as a try's
+                    return
+                result = AttemptResult(status=response.status_code)
                 try:
                     response.read()
                 finally:
                     response.close()  # read or not, its connection is given back
         except Exception:  # a mirror never affects anything: its failures are dropped
             pass
+        finally:
+            copy.end(result)  # its outcome to outlier detection, its slot given back
 
     def close(self) -> None:
         self._closes += 1
@@ -819,11 +855,14 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
 
     def _start_mirrors(self, request: httpx.Request, view: dict[str, str], plan: RoutePlan) -> None:
         for mirror in plan.mirrors:
-            copy = self._mirror_request(request, view, plan, mirror)
-            if copy is not None and len(self._mirrors) < MAX_MIRRORS_PENDING:
-                task = asyncio.get_running_loop().create_task(self._send_mirror(copy))
+            if len(self._mirrors) >= MAX_MIRRORS_PENDING:
+                return  # copies pending: new ones are dropped
+            started = self._start_copy(request, view, plan, mirror)
+            if started is not None:
+                task = asyncio.get_running_loop().create_task(self._send_mirror(*started))
                 self._mirrors.add(task)
                 task.add_done_callback(self._mirrors.discard)
+                task.add_done_callback(started[1].given_up)  # cancelled before it ran
 
     def _mirroring_transport(self) -> httpx.AsyncBaseTransport:
         """Where copies go: a pool of their own when one like the inner transport can be made
@@ -832,16 +871,28 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
             self._mirror_inner = pool_like(self._inner) or self._inner
         return self._mirror_inner
 
-    async def _send_mirror(self, request: httpx.Request) -> None:
+    async def _send_mirror(self, request: httpx.Request, copy: MirrorCopy) -> None:
+        result: AttemptResult | None = None
         try:
+            if not await copy.wait_async():  # maxConnections in use: wait, not for good
+                return
             with passthrough_inside():
-                response = await self._mirroring_transport().handle_async_request(request)
+                try:
+                    response = await self._mirroring_transport().handle_async_request(
+                        _bound_copy(request, copy)
+                    )
+                except httpx.TransportError as exc:
+                    result = _failed(exc, request, copy.attempt)  # as a try's
+                    return
+                result = AttemptResult(status=response.status_code)
                 try:
                     await response.aread()
                 finally:
                     await response.aclose()  # read or not, its connection is given back
         except Exception:  # a mirror never affects anything: its failures are dropped
             pass
+        finally:
+            copy.end(result)  # its outcome to outlier detection; cancelled: given back
 
     async def aclose(self) -> None:
         self._closes += 1

@@ -38,17 +38,18 @@ from meshlib.clients._common import (
     DRAIN_SECONDS,
     MIRROR_TIMEOUT,
     BodyTooLate,
+    MirrorCopy,
     MirrorTracker,
     body_broke_off,
     choose_hash_key,
     client_span,
     edited_headers,
     end_client_span,
-    mirror_endpoint,
     record_exception,
     record_source,
     reply_headers,
     request_id,
+    start_mirror,
     upstream_netloc,
 )
 from meshlib.clients._guard import passthrough_inside
@@ -277,6 +278,25 @@ def _classify(exc: requests.RequestException) -> str:
     return RESET
 
 
+def _failure(
+    exc: requests.RequestException,
+    attempt: Attempt,
+    caller_connect: float | None,
+    mesh_owned: bool,
+) -> AttemptResult:
+    """How a transport error ends a try, in Envoy's terms: a connect timeout by which bound
+    on connecting was the smallest, and a read timeout the caller's own unless the mesh's
+    (`mesh_owned`) was the binding one."""
+    if isinstance(exc, requests.ConnectTimeout):
+        cause = attempt.connect_timed_out(caller_connect)
+        if cause == CALLERS_TIMEOUT:
+            return AttemptResult(failure=PER_TRY_TIMEOUT, error=exc, client_timeout=True)
+        return AttemptResult(failure=cause, error=exc)
+    failure = _classify(exc)
+    client_timeout = failure == PER_TRY_TIMEOUT and not mesh_owned
+    return AttemptResult(failure=failure, error=exc, client_timeout=client_timeout)
+
+
 def _caller_timeouts(timeout: Any) -> tuple[float | None, float | None]:
     """(connect, read) seconds of a requests `timeout` — a number, a (connect, read) pair or
     urllib3's `Timeout` — refused with ValueError where requests' own adapter refuses it.
@@ -441,13 +461,18 @@ class MeshAdapter(HTTPAdapter):
 
             def shadow() -> None:  # once the request has an upstream (see retry._attempt)
                 for mirror in plan.mirrors:
-                    target = mirror_endpoint(mesh, plan, mirror)
-                    if target is not None:
-                        propagated = mesh.propagator.outbound(view.__contains__)
-                        copy = self._upstream(
-                            request, plan, None, propagated, mesh.identity, target
-                        )
-                        self._mirroring.submit(self._send_mirror, copy, caller, options)
+                    # requests has no pool timeout: the connect timeout bounds the wait
+                    copy = start_mirror(mesh, plan, mirror, caller[0])
+                    if copy is None:
+                        continue  # no endpoint in the pool, or the mirror's limits full
+                    propagated = mesh.propagator.outbound(view.__contains__)
+                    sent = self._upstream(
+                        request, plan, None, propagated, mesh.identity, copy.endpoint
+                    )
+                    if copy.attempt.close_connection:
+                        sent.headers["connection"] = "close"  # maxRequestsPerConnection
+                    if not self._mirroring.submit(self._send_mirror, sent, copy, caller, options):
+                        copy.end(None)  # MAX_MIRRORS_PENDING copies pending: dropped
 
             exchange.shadow = shadow
         choose_hash_key(exchange, mesh, attributes)
@@ -489,16 +514,32 @@ class MeshAdapter(HTTPAdapter):
     def _send_mirror(
         self,
         request: requests.PreparedRequest,
+        copy: MirrorCopy,
         caller: tuple[float | None, float | None],
         options: dict[str, Any],
     ) -> None:
         """Send a copy with the caller's (connect, read) timeouts, MIRROR_TIMEOUT for each the
-        caller left unset (a copy never holds a mirroring thread for good); its answer is read
-        within the read timeout and dropped, so its connection is used again."""
-        connect, read = (MIRROR_TIMEOUT if seconds is None else seconds for seconds in caller)
-        with contextlib.suppress(Exception):  # a mirror's failure never affects anything
-            response = self._send_upstream(request, timeout=(connect, read), **options)
-            _discard(response, read, None)
+        caller left unset (a copy never holds a mirroring thread for good), the route's timeout
+        and the mirror's connect timeout bounding them; its answer is read within the read
+        timeout and dropped, so its connection is used again. Its outcome goes to the mirror
+        cluster's outlier detection (see `MirrorCopy`)."""
+        result: AttemptResult | None = None
+        try:
+            if not copy.wait():  # maxConnections in use: wait, not for good
+                return
+            connect, read, mesh_owned = copy.timeouts(*caller)
+            try:
+                response = self._send_upstream(request, timeout=(connect, read), **options)
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                base = MIRROR_TIMEOUT if caller[0] is None else caller[0]
+                result = _failure(exc, copy.attempt, base, mesh_owned)
+                return
+            result = AttemptResult(status=response.status_code)
+            _discard(response, read or MIRROR_TIMEOUT, None)
+        except Exception:  # a mirror's failure never affects anything
+            pass
+        finally:
+            copy.end(result)  # its outcome to outlier detection, its slot given back
 
     def _attempt(
         self,
@@ -518,15 +559,8 @@ class MeshAdapter(HTTPAdapter):
         connect, read, mesh_owned = attempt.timeouts(caller_connect, caller_read)
         try:
             response = self._send_upstream(upstream, timeout=(connect, read), **options)
-        except requests.ConnectTimeout as exc:
-            cause = attempt.connect_timed_out(caller_connect)
-            if cause == CALLERS_TIMEOUT:
-                return AttemptResult(failure=PER_TRY_TIMEOUT, error=exc, client_timeout=True)
-            return AttemptResult(failure=cause, error=exc)
         except (requests.ConnectionError, requests.Timeout) as exc:
-            failure = _classify(exc)
-            client_timeout = failure == PER_TRY_TIMEOUT and not mesh_owned
-            return AttemptResult(failure=failure, error=exc, client_timeout=client_timeout)
+            return _failure(exc, attempt, caller_connect, mesh_owned)
         result = AttemptResult(
             status=response.status_code,
             grpc_status=response.headers.get("grpc-status"),

@@ -1221,3 +1221,59 @@ def test_async_client_certificates_use_httpx_transport() -> None:
         meshlib.AsyncClient(cert="/nonexistent/client.pem")
     with pytest.raises(FileNotFoundError):
         httpx.AsyncClient(cert="/nonexistent/client.pem")
+
+
+MIRROR_LIMITED = """
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: shadow}
+spec:
+  hosts: [shadow.internal]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  endpoints: [{address: 10.0.1.1}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: shadow}
+spec:
+  host: shadow.internal
+  trafficPolicy: {connectionPool: {http: {http2MaxRequests: 1}}}
+---
+""" + vs("- route: [{destination: {host: api.internal}}]\n  mirror: {host: shadow.internal}")
+
+
+def test_a_mirrored_copy_cancelled_before_it_ran_gives_back_its_slot() -> None:
+    """A copy's task cancelled before its first step (its `finally` never runs) still gives
+    back the request slot and in-flight count it took on the mirror cluster: with
+    http2MaxRequests 1 there, one lost slot would drop every later copy."""
+    import asyncio
+
+    from tests.rawserver import wait_until
+
+    sent: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request.url.host)
+        return httpx.Response(200)
+
+    mesh = _mesh_of(MIRROR_LIMITED)
+    shadow = mesh.cluster(("shadow.internal", None, 80))
+
+    async def main() -> None:
+        transport = meshlib.AsyncMeshTransport(httpx.MockTransport(handler), mesh=mesh)
+        async with httpx.AsyncClient(transport=transport) as c:
+            await c.get("http://api.internal/")  # the mock never yields: the copy has not run
+            (task,) = transport._mirrors
+            assert shadow.limits.active_requests == 1
+            task.cancel()
+            await wait_until(lambda: task.done() and not transport._mirrors, "the cancellation")
+            assert shadow.limits.active_requests == 0
+            assert shadow.in_flight.get("10.0.1.1:80") == 0
+            await c.get("http://api.internal/")  # the next copy gets the slot and is sent
+            await asyncio.wait(transport._mirrors)
+        assert [host.startswith("10.0.0.") for host in sent] == [True, True, False]
+        assert sent[2] == "10.0.1.1"  # the second call's copy; the first's never went out
+
+    asyncio.run(main())

@@ -1,0 +1,216 @@
+"""Mirrored copies follow the mirror cluster's own policy, as Envoy's shadows do: each goes
+through the cluster `outbound|port|subset|host` of the mirror (its balancer skips endpoints
+outlier detection ejected, its pool limits drop copies past them, its outlier detection
+hears the copies' answers), and is never retried. Real uvicorn upstreams, all three clients.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Iterator
+
+import pytest
+
+from meshlib.mesh import Mesh
+from tests.e2e.conftest import Caller, MeshFactory, virtual_service
+from tests.rawserver import wait_until_sync
+from tests.upstream import Behaviour, Upstream, service_entry
+
+SHADOW = "shadow.default.svc.cluster.local"
+
+
+@pytest.fixture(scope="module")
+def shadows() -> Iterator[dict[str, Upstream]]:
+    """The mirror service's two endpoints, labelled version=bad and version=good."""
+    servers = {v: Upstream(f"shadow-{v}").start() for v in ("bad", "good")}
+    yield servers
+    for server in servers.values():
+        server.stop()
+
+
+@pytest.fixture(autouse=True)
+def fresh_shadows(shadows: dict[str, Upstream]) -> None:
+    for server in shadows.values():
+        server.behaviour = Behaviour()
+
+
+def mirrored(shadows: dict[str, Upstream], subset_policy: str, route: str = "") -> str:
+    """The mirror service and a DestinationRule whose subsets carry `subset_policy` (the
+    mirror's cluster is the subset's, so its policy is what copies follow), and a route to
+    reviews v1 mirrored to subset `all` (both endpoints) or `good` (`route` may pick another
+    mirror and add settings)."""
+    policy = textwrap.indent(textwrap.dedent(subset_policy).strip("\n"), " " * 6)
+    rule = f"""\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: shadow}}
+spec:
+  host: {SHADOW}
+  subsets:
+  - name: all
+    labels: {{app: shadow}}
+    trafficPolicy:
+{policy}
+  - name: good
+    labels: {{version: good}}
+    trafficPolicy:
+{policy}
+  - name: bad
+    labels: {{version: bad}}
+    trafficPolicy:
+{policy}
+"""
+    route = route or "  mirror: {host: shadow, subset: all}\n"
+    service = virtual_service("- route: [{destination: {host: reviews, subset: v1}}]\n" + route)
+    return service_entry(SHADOW, 9080, shadows) + "---\n" + rule + "---\n" + service
+
+
+def copies(shadows: dict[str, Upstream]) -> int:
+    return sum(server.behaviour.received for server in shadows.values())
+
+
+def operational(mesh: Mesh, name: str, subset: str) -> float:
+    labels = {"cluster": f"outbound|9080|{subset}|{SHADOW}"}
+    return mesh.registry.get_sample_value(name, labels) or 0.0
+
+
+def copies_in_flight(mesh: Mesh, subset: str) -> int:
+    return mesh.cluster((SHADOW, subset, 9080)).limits.active_requests
+
+
+def source_requests(mesh: Mesh) -> dict[str, float]:
+    """istio_requests_total (reporter=source) by destination service name."""
+    counted: dict[str, float] = {}
+    for metric in mesh.registry.collect():
+        for sample in metric.samples:
+            if sample.name == "istio_requests_total":
+                name = sample.labels["destination_service_name"]
+                counted[name] = counted.get(name, 0.0) + sample.value
+    return counted
+
+
+OUTLIER = """
+loadBalancer: {simple: ROUND_ROBIN}
+outlierDetection: {consecutive5xxErrors: 1, interval: 60s, baseEjectionTime: 60s, maxEjectionPercent: 100}
+"""
+
+
+def test_a_mirror_endpoint_ejected_by_outlier_detection_gets_no_more_copies(
+    make_mesh: MeshFactory, shadows: dict[str, Upstream], client_kind: str
+) -> None:
+    """With consecutive5xxErrors 1 on the mirror's subset, the endpoint that answered a copy
+    with 500 is ejected (the copies' answers feed the mirror cluster's outlier detection) and
+    later copies all go to the healthy one; copies are in no reporter=source metric, as
+    Envoy's shadows (sent by its async client, not through the stats filter) are not."""
+    shadows["bad"].behaviour.status = 500
+    mesh = make_mesh(mirrored(shadows, OUTLIER))
+    caller = Caller(client_kind, mesh)
+    for sent in range(1, 9):
+        assert caller.one().upstream == "v1"
+
+        def landed(sent: int = sent) -> bool:
+            return copies(shadows) == sent
+
+        wait_until_sync(landed, f"copy {sent}")
+        if shadows["bad"].behaviour.received:
+            wait_until_sync(
+                lambda: operational(mesh, "meshlib_outlier_ejections_total", "all") == 1,
+                "the 500 endpoint's ejection",
+            )
+    assert shadows["bad"].behaviour.received == 1
+    assert shadows["good"].behaviour.received == 7
+    assert source_requests(mesh) == {"reviews": 8.0}
+
+
+def test_no_copy_while_every_mirror_endpoint_is_ejected(
+    make_mesh: MeshFactory, shadows: dict[str, Upstream], client_kind: str
+) -> None:
+    """A mirror subset whose only endpoint is ejected gets no copy (Envoy's shadow ends in a
+    503 UH nobody sees: no istio metric counts it); the calls themselves are untouched."""
+    shadows["bad"].behaviour.status = 500
+    route = "  mirror: {host: shadow, subset: bad}\n"
+    mesh = make_mesh(mirrored(shadows, OUTLIER, route))
+    caller = Caller(client_kind, mesh)
+    assert caller.one().upstream == "v1"
+    wait_until_sync(
+        lambda: operational(mesh, "meshlib_outlier_ejections_total", "bad") == 1,
+        "the endpoint's ejection",
+    )
+    # each call's client is closed before the next: closing waits for copies in flight
+    assert [caller.one().status for _ in range(4)] == [200] * 4
+    assert shadows["bad"].behaviour.received == 1
+    assert source_requests(mesh) == {"reviews": 5.0}
+
+
+@pytest.mark.parametrize(
+    "pool",
+    [
+        pytest.param("http: {http2MaxRequests: 1}", id="http2MaxRequests"),
+        pytest.param(
+            "tcp: {maxConnections: 1}\nhttp: {http1MaxPendingRequests: 1}", id="maxConnections"
+        ),
+    ],
+)
+def test_a_mirror_cluster_never_gets_more_copies_at_once_than_its_limits(
+    make_mesh: MeshFactory, shadows: dict[str, Upstream], client_kind: str, pool: str
+) -> None:
+    """Six calls at once, each mirrored to a subset whose connection pool allows one request
+    at a time: the mirror never has more than one copy at once; copies past the limits
+    (beyond the one pending request maxConnections lets wait) are dropped and counted as the
+    mirror cluster's overflow, never queued for good."""
+    shadows["good"].behaviour.delay = 0.3
+    policy = "connectionPool:\n" + textwrap.indent(pool, "  ")
+    mesh = make_mesh(mirrored(shadows, policy, "  mirror: {host: shadow, subset: good}\n"))
+    results = Caller(client_kind, mesh).many(6, concurrency=6)
+    assert [r.upstream for r in results] == ["v1"] * 6
+
+    def overflows() -> float:
+        return operational(mesh, "meshlib_upstream_overflow_total", "good")
+
+    wait_until_sync(
+        lambda: copies(shadows) + overflows() == 6 and copies_in_flight(mesh, "good") == 0,
+        "every copy sent or dropped",
+        timeout=10,
+    )
+    assert shadows["good"].behaviour.peak == 1
+    assert overflows() >= 1
+
+
+def test_a_copy_to_a_failing_mirror_is_never_retried(
+    make_mesh: MeshFactory,
+    upstreams: dict[str, Upstream],
+    shadows: dict[str, Upstream],
+    client_kind: str,
+) -> None:
+    """The route retries 5xx: its calls are retried, their copies (answered 503 by the
+    mirror) are not, as Envoy's shadow router has no retry policy."""
+    upstreams["v1"].behaviour.status = 503
+    shadows["good"].behaviour.status = 503
+    route = (
+        "  mirror: {host: shadow, subset: good}\n"
+        '  retries: {attempts: 2, retryOn: "5xx", perTryTimeout: 5s}\n'
+    )
+    mesh = make_mesh(mirrored(shadows, "loadBalancer: {simple: ROUND_ROBIN}", route))
+    caller = Caller(client_kind, mesh)
+    assert [caller.one().status for _ in range(3)] == [503] * 3
+    assert upstreams["v1"].behaviour.received == 9  # 1 + 2 retries per call
+    wait_until_sync(lambda: copies_in_flight(mesh, "good") == 0, "copies in flight")
+    assert shadows["good"].behaviour.received == 3
+
+
+def test_a_copy_has_the_route_timeout_and_its_timeout_feeds_outlier_detection(
+    make_mesh: MeshFactory, shadows: dict[str, Upstream], client_kind: str
+) -> None:
+    """A copy gets the route's timeout (0.3 s here; the caller allows 30 s), as Envoy's shadow
+    does; its timing out is a failure of the mirror endpoint for outlier detection, which
+    ejects it (consecutive5xxErrors 1)."""
+    shadows["good"].behaviour.delay = 3.0
+    route = "  mirror: {host: shadow, subset: good}\n  timeout: 0.3s\n"
+    mesh = make_mesh(mirrored(shadows, OUTLIER, route))
+    assert Caller(client_kind, mesh).one().upstream == "v1"
+    wait_until_sync(
+        lambda: operational(mesh, "meshlib_outlier_ejections_total", "good") == 1,
+        "the ejection of the endpoint that let the copy time out",
+        timeout=2.5,
+    )
+    assert shadows["good"].behaviour.received == 1
