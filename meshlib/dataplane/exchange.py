@@ -305,7 +305,8 @@ class Exchange:
     # -- the retry decision (tenacity's predicate) ------------------------------------
 
     def would_retry(self, result: AttemptResult) -> bool:
-        """Whether `result` will be retried, as `should_retry` would decide it now, without
+        """Whether `result` will be retried, as `should_retry` would decide it after
+        `finish_attempt` (this is asked before, while the try holds its slot), without
         deciding (no slot taken, no flag): Envoy judges a response by its headers, so the body
         of one about to be retried is left unread, and a final one is read within its try. (A
         retry slot another request takes meanwhile makes it final after all: then it is read
@@ -313,7 +314,9 @@ class Exchange:
         policy = self._covering(result)
         if policy is None or self.attempts > policy.attempts or self.deadline.expired:
             return False
-        return self.cluster.limits.retry_available(self._still_active(result))
+        # Asked within the try, whose request slot is still held: what `should_retry` will
+        # count once `finish_attempt` gave it back is one less.
+        return self.cluster.limits.retry_available(self._still_active(result) - 1)
 
     def _covering(self, result: AttemptResult) -> RetryPolicy | None:
         """The retry policy if it covers `result` and the request can be sent again."""

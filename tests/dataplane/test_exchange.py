@@ -60,3 +60,63 @@ def test_body_follows_the_headers(
     method: str, status: int, headers: dict[str, str] | None, follows: bool
 ) -> None:
     assert body_follows(method, status, headers) is follows
+
+
+BUDGET_POLICY = """
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api}
+spec:
+  hosts: [api.internal]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  endpoints: [{address: 10.0.0.1}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: api}
+spec:
+  host: api.internal
+  trafficPolicy:
+    retryBudget: {percent: {value: 50}, minRetryConcurrency: 1}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api}
+spec:
+  hosts: [api.internal]
+  http:
+  - route: [{destination: {host: api.internal}}]
+    retries: {attempts: 2, retryOn: 5xx}
+"""
+
+
+@pytest.mark.parametrize(
+    ("content_length", "others"), [("11", 2), ("0", 3)], ids=["body-to-come", "ended"]
+)
+def test_would_retry_foretells_should_retry(content_length: str, others: int) -> None:
+    """`would_retry`, asked within the try (its request slot still held), says what
+    `should_retry` decides after `finish_attempt` gave the slot back. Budget 50%, minimum 1,
+    one retry in progress: with a body to come the try counts once (2 others + it: 1 retry
+    allowed, spent), not twice; ended by its headers it does not count (3 others: 1)."""
+    from meshlib.config import MeshConfig
+    from meshlib.dataplane.retry import AttemptResult
+    from meshlib.policy.matching import RequestAttributes
+    from tests.upstream import mesh_for
+
+    mesh = mesh_for(MeshConfig(), BUDGET_POLICY)
+    try:
+        plan = mesh.plan(RequestAttributes("GET", "api.internal"))
+        exchange = mesh.exchange(plan, replayable=True)
+        limits = exchange.cluster.limits
+        held = [limits.try_acquire_request() for _ in range(others)]
+        assert all(held) and limits.try_acquire_retry() == (True, None)
+        attempt = exchange.start_attempt()
+        assert isinstance(attempt, Attempt)
+        result = AttemptResult(status=503, headers={"content-length": content_length})
+        foretold = exchange.would_retry(result)
+        decided = exchange.should_retry(exchange.finish_attempt(attempt, result))
+        assert foretold is decided is False
+    finally:
+        mesh.close()
