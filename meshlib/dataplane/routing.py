@@ -19,6 +19,7 @@ from meshlib.dataplane import outcome
 from meshlib.dataplane.outcome import LocalReply
 from meshlib.policy.hosts import strip_port
 from meshlib.policy.matching import RequestAttributes, RouteMatcher
+from meshlib.policy.regex import re2_replace_all
 from meshlib.policy.routes import CompiledRoute, Mirror, RetryPolicy, RouteDestination
 from meshlib.policy.snapshot import RouteDecision, Snapshot
 from meshlib.policy.virtual_service import (
@@ -227,7 +228,7 @@ def _rewrite(
             path = rewrite.uri + path[1:] if path.startswith("/") else rewrite.uri + path
     elif route.uri_regex_rewrite is not None:
         pattern, template = route.uri_regex_rewrite
-        path = pattern.sub(template, path)
+        path = re2_replace_all(pattern, template, path)
     if path != request.path:
         plan.original_path = request.path
         plan.path = path

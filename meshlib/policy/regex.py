@@ -607,6 +607,29 @@ def _categories() -> dict[str, Ranges]:
     return table
 
 
+def re2_replace_all(pattern: re.Pattern[str], template: str, text: str) -> str:
+    """Every match of `pattern` in `text` replaced with `template` (from `re2_substitution`),
+    as RE2's `GlobalReplace` (Envoy's `uriRegexRewrite`) replaces: an empty match right where
+    the previous match ended is skipped, where `re.sub` would replace it (`/*$` on `/a/b/`
+    gives `/a/b/`, not `/a/b//`)."""
+    out: list[str] = []
+    pos, last_end, end = 0, -1, len(text)
+    while pos <= end:
+        match = pattern.search(text, pos)
+        if match is None:
+            break
+        start, stop = match.span()
+        out.append(text[pos:start])
+        if start == stop == last_end:  # RE2: no empty match where the last match ended
+            out.append(text[pos : pos + 1])
+            pos += 1
+            continue
+        out.append(match.expand(template))
+        pos = last_end = stop
+    out.append(text[pos:])
+    return "".join(out)
+
+
 def re2_substitution(rewrite: str, groups: int) -> str:
     """An RE2 rewrite string as a `re.sub` template; raise RegexError if RE2 would refuse it.
 

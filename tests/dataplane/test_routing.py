@@ -210,6 +210,13 @@ def test_direct_response() -> None:
             "/x0/\\",
             id="regex-one-digit-groups-and-backslash",
         ),
+        pytest.param(
+            "uri: {prefix: /}",
+            "uriRegexRewrite: {match: '/*$', rewrite: /end}",
+            "/a/b/",
+            "/a/b/end",  # re.sub would also replace the empty match after "/": /a/b/end/end
+            id="regex-no-empty-match-where-the-last-ended",
+        ),
     ],
 )
 def test_uri_rewrites(match: str, rewrite: str, path: str, expected: str) -> None:

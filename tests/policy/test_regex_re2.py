@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from meshlib.policy.loader import load_text
-from meshlib.policy.regex import RegexError, compile_re2
+from meshlib.policy.regex import RegexError, compile_re2, re2_replace_all, re2_substitution
 
 # (pattern, value, whether RE2 full-matches it)
 RE2_MATCHES = [
@@ -218,3 +218,23 @@ def test_unsupported_script_is_reported_where_it_is() -> None:
         " scripts (\\p{Greek}) are valid RE2 but not supported by meshlib (Python has no"
         " script tables), and other names are not RE2; use an explicit character class"
     ]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "rewrite", "text", "replaced"),
+    [
+        ("/*$", "/", "/a/b/", "/a/b/"),  # re.sub: /a/b//
+        ("/*$", "/end", "/a/b", "/a/b/end"),
+        ("a*", "-", "baaa", "-b-"),  # re.sub: -b--
+        ("x", "y", "abc", "abc"),
+        ("(b)", "[\\1]", "abcb", "a[b]c[b]"),
+    ],
+)
+def test_replace_all_as_re2s_global_replace(
+    pattern: str, rewrite: str, text: str, replaced: str
+) -> None:
+    """Envoy's uriRegexRewrite is RE2::GlobalReplace, which skips an empty match where the
+    previous match ended (results from re2.cc's loop)."""
+    compiled = compile_re2(pattern)
+    template = re2_substitution(rewrite, compiled.groups)
+    assert re2_replace_all(compiled, template, text) == replaced
