@@ -185,20 +185,9 @@ class MirrorCopy:
             MIRROR_TIMEOUT if read is None else read,
         )
 
-    def wait(self) -> bool:
+    async def wait_async(self) -> bool:
         """Wait for a connection if maxConnections are in use (as long as `wait_bound`
         allows); False (the copy is dropped, and ended) if none came in time."""
-        attempt = self.attempt
-        if attempt.ticket.granted:
-            return True
-        exchange = self.exchange
-        if attempt.ticket.wait(exchange.wait_bound()) and exchange.connected(attempt):
-            return True
-        self.end(None)
-        return False
-
-    async def wait_async(self) -> bool:
-        """`wait` for asyncio."""
         attempt = self.attempt
         if attempt.ticket.granted:
             return True
@@ -232,8 +221,12 @@ def start_mirror(
     """Start a mirrored copy of `plan`'s request on `mirror`'s cluster, or None when Envoy's
     shadow would end there with a local answer nobody sees: no endpoint outlier detection
     left in the pool (503 UH), or the cluster's pool limits full (503 UO, counted as its
-    overflow). `wait` bounds waiting for a connection (the caller's pool timeout, else
-    MIRROR_TIMEOUT), as does the route's timeout. Copies are never retried."""
+    overflow). Copies are never retried.
+
+    `wait` bounds waiting for a connection when `maxConnections` are in use (the caller's
+    pool timeout, else MIRROR_TIMEOUT), as does the route's timeout; `wait=0` (the sync
+    clients: their copies share a few threads, which one cluster's queue must not hold)
+    drops such a copy at once, counted as the cluster's overflow."""
     cluster = mirror_cluster(mesh, plan, mirror)
     exchange = Exchange(
         plan, cluster, mesh.rng, replayable=False, deadline=Deadline.after(plan.timeout)
@@ -242,6 +235,11 @@ def start_mirror(
     exchange.pool_timeout = MIRROR_TIMEOUT if wait is None else wait
     attempt = exchange.start_attempt()
     if isinstance(attempt, LocalReply):
+        return None
+    if wait == 0 and not attempt.ticket.granted:
+        exchange.abandon_attempt(attempt)  # out of the queue
+        if cluster.on_overflow is not None:
+            cluster.on_overflow()
         return None
     return MirrorCopy(exchange, attempt)
 

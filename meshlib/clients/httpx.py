@@ -447,11 +447,18 @@ class _MeshTransportBase:
         )
 
     def _start_copy(
-        self, request: httpx.Request, view: dict[str, str], plan: RoutePlan, mirror: Mirror
+        self,
+        request: httpx.Request,
+        view: dict[str, str],
+        plan: RoutePlan,
+        mirror: Mirror,
+        *,
+        may_wait: bool,
     ) -> tuple[httpx.Request, MirrorCopy] | None:
         """A mirrored copy started on its mirror cluster (see `start_mirror`), and the
-        request it sends; None when the cluster drops it."""
-        pool = (request.extensions.get("timeout") or {}).get("pool")
+        request it sends; None when the cluster drops it. `may_wait`: it may wait for a
+        connection (bounded by the caller's pool timeout); else it is dropped."""
+        pool = (request.extensions.get("timeout") or {}).get("pool") if may_wait else 0
         copy = start_mirror(self.mesh, plan, mirror, pool)
         if copy is None:
             return None
@@ -594,7 +601,7 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
 
     def _start_mirrors(self, request: httpx.Request, view: dict[str, str], plan: RoutePlan) -> None:
         for mirror in plan.mirrors:
-            started = self._start_copy(request, view, plan, mirror)
+            started = self._start_copy(request, view, plan, mirror, may_wait=False)
             if started is not None and not self._mirroring.submit(self._send_mirror, *started):
                 started[1].end(None)  # MAX_MIRRORS_PENDING copies pending: dropped
 
@@ -609,8 +616,6 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
     def _send_mirror(self, request: httpx.Request, copy: MirrorCopy) -> None:
         result: AttemptResult | None = None
         try:
-            if not copy.wait():  # maxConnections in use: wait, not for good
-                return
             with passthrough_inside():
                 try:
                     response = self._mirroring_transport().handle_request(
@@ -857,7 +862,7 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
         for mirror in plan.mirrors:
             if len(self._mirrors) >= MAX_MIRRORS_PENDING:
                 return  # copies pending: new ones are dropped
-            started = self._start_copy(request, view, plan, mirror)
+            started = self._start_copy(request, view, plan, mirror, may_wait=True)
             if started is not None:
                 task = asyncio.get_running_loop().create_task(self._send_mirror(*started))
                 self._mirrors.add(task)

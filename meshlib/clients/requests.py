@@ -461,8 +461,8 @@ class MeshAdapter(HTTPAdapter):
 
             def shadow() -> None:  # once the request has an upstream (see retry._attempt)
                 for mirror in plan.mirrors:
-                    # requests has no pool timeout: the connect timeout bounds the wait
-                    copy = start_mirror(mesh, plan, mirror, caller[0])
+                    # 0: a copy that would wait for a connection is dropped (see start_mirror)
+                    copy = start_mirror(mesh, plan, mirror, 0)
                     if copy is None:
                         continue  # no endpoint in the pool, or the mirror's limits full
                     propagated = mesh.propagator.outbound(view.__contains__)
@@ -525,8 +525,6 @@ class MeshAdapter(HTTPAdapter):
         cluster's outlier detection (see `MirrorCopy`)."""
         result: AttemptResult | None = None
         try:
-            if not copy.wait():  # maxConnections in use: wait, not for good
-                return
             connect, read, mesh_owned = copy.timeouts(*caller)
             try:
                 response = self._send_upstream(request, timeout=(connect, read), **options)

@@ -7,12 +7,16 @@ hears the copies' answers), and is never retried. Real uvicorn upstreams, all th
 from __future__ import annotations
 
 import textwrap
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
+import meshlib.clients.httpx as meshed_httpx
+import meshlib.clients.requests as meshed_requests
 from meshlib.mesh import Mesh
-from tests.e2e.conftest import Caller, MeshFactory, virtual_service
+from tests.e2e.conftest import URL, Caller, MeshFactory, virtual_service
 from tests.rawserver import wait_until_sync
 from tests.upstream import Behaviour, Upstream, service_entry
 
@@ -214,3 +218,51 @@ def test_a_copy_has_the_route_timeout_and_its_timeout_feeds_outlier_detection(
         timeout=2.5,
     )
     assert shadows["good"].behaviour.received == 1
+
+
+@pytest.mark.parametrize("kind", ["httpx", "requests"])
+def test_copies_waiting_on_one_mirror_never_hold_up_another(
+    make_mesh: MeshFactory, shadows: dict[str, Upstream], kind: str
+) -> None:
+    """Eight calls from one sync client mirrored to a slow mirror (1 s per answer) that
+    allows one connection, then one call mirrored to another: that copy arrives at once
+    (within 0.5 s). The sync clients' copies share four threads: a copy that would wait for the slow mirror's
+    connection is dropped, counted as its overflow, instead of holding one of them (Envoy's
+    pending queue holds no thread of another mirror's)."""
+    shadows["bad"].behaviour.delay = 1.0
+    rule = f"""\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: shadow}}
+spec:
+  host: {SHADOW}
+  subsets:
+  - name: bad
+    labels: {{version: bad}}
+    trafficPolicy:
+      connectionPool: {{tcp: {{maxConnections: 1}}, http: {{http1MaxPendingRequests: 10}}}}
+  - name: good
+    labels: {{version: good}}
+"""
+    routes = virtual_service(
+        "- match: [{uri: {prefix: /slow}}]\n"
+        "  route: [{destination: {host: reviews, subset: v1}}]\n"
+        "  mirror: {host: shadow, subset: bad}\n"
+        "- route: [{destination: {host: reviews, subset: v1}}]\n"
+        "  mirror: {host: shadow, subset: good}\n"
+    )
+    mesh = make_mesh(service_entry(SHADOW, 9080, shadows) + "---\n" + rule + "---\n" + routes)
+    client: Any = (
+        meshed_httpx.Client(mesh=mesh, timeout=10)
+        if kind == "httpx"
+        else meshed_requests.Session(mesh=mesh)
+    )
+    with client:  # one client: closing it would wait for its copies in flight
+        statuses = [client.get(f"{URL}/slow").status_code for _ in range(8)]
+        started = time.monotonic()
+        statuses.append(client.get(f"{URL}/fast").status_code)
+        wait_until_sync(lambda: shadows["good"].behaviour.received == 1, "the other copy")
+        assert time.monotonic() - started < 0.5
+    assert statuses == [200] * 9
+    wait_until_sync(lambda: copies_in_flight(mesh, "bad") == 0, "the slow copies", timeout=10)
+    assert shadows["bad"].behaviour.received >= 1
