@@ -523,6 +523,7 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         self._mirroring = MirrorTracker()
         self._mirror_inner: httpx.BaseTransport | None = None  # see _mirroring_transport
         self._mirror_lock = threading.Lock()  # copies are sent from a thread pool
+        self._mirrors_closed = False  # set by close_mirrors: copies still queued are dropped
         self._closes = 0  # close() calls: a call that saw one fail under it is the app's doing
         setattr(self, _MESHED, True)
 
@@ -605,10 +606,13 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
             if started is not None and not self._mirroring.submit(self._send_mirror, *started):
                 started[1].end(None)  # MAX_MIRRORS_PENDING copies pending: dropped
 
-    def _mirroring_transport(self) -> httpx.BaseTransport:
+    def _mirroring_transport(self) -> httpx.BaseTransport | None:
         """Where copies go: a pool of their own when one like the inner transport can be made
-        (see `pool_like`), else the inner transport."""
+        (see `pool_like`), else the inner transport; None once `close_mirrors` ran (a copy
+        still queued then would open a pool nobody closes)."""
         with self._mirror_lock:
+            if self._mirrors_closed:
+                return None
             if self._mirror_inner is None:
                 self._mirror_inner = pool_like(self._inner) or self._inner
             return self._mirror_inner
@@ -616,11 +620,12 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
     def _send_mirror(self, request: httpx.Request, copy: MirrorCopy) -> None:
         result: AttemptResult | None = None
         try:
+            transport = self._mirroring_transport()
+            if transport is None:
+                return  # the transport was closed while the copy waited for a thread
             with passthrough_inside():
                 try:
-                    response = self._mirroring_transport().handle_request(
-                        _bound_copy(request, copy)
-                    )
+                    response = transport.handle_request(_bound_copy(request, copy))
                 except httpx.TransportError as exc:
                     result = _failed(exc, request, copy.attempt)  # as a try's
                     return
@@ -654,6 +659,7 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         """Give copies in flight up to MIRROR_GRACE to finish, then close their own pool."""
         self._mirroring.wait(MIRROR_GRACE)
         with self._mirror_lock:
+            self._mirrors_closed = True
             mirror_inner, self._mirror_inner = self._mirror_inner, None
         if mirror_inner is not None and mirror_inner is not self._inner:
             mirror_inner.close()

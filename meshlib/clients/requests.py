@@ -349,14 +349,17 @@ class MeshAdapter(HTTPAdapter):
         super().__init__(**kwargs)
         self._mesh = mesh
         self._mirroring = MirrorTracker()
+        self._mirrors_closed = False  # set by close(): copies still queued are dropped
         self._inner = inner  # an adapter to send through instead of this one's own pool
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # type: ignore[misc]  # requests has it, untyped
         self._mirroring = MirrorTracker()
+        self._mirrors_closed = False
 
     def close(self) -> None:
         self._mirroring.wait()  # let mirrored copies finish before the pool goes away
+        self._mirrors_closed = True  # a copy still queued would open a pool nobody closes
         super().close()
 
     def _send_upstream(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
@@ -525,6 +528,8 @@ class MeshAdapter(HTTPAdapter):
         cluster's outlier detection (see `MirrorCopy`)."""
         result: AttemptResult | None = None
         try:
+            if self._mirrors_closed:
+                return  # the adapter was closed while the copy waited for a thread
             connect, read, mesh_owned = copy.timeouts(*caller)
             try:
                 response = self._send_upstream(request, timeout=(connect, read), **options)

@@ -266,3 +266,25 @@ spec:
     assert statuses == [200] * 9
     wait_until_sync(lambda: copies_in_flight(mesh, "bad") == 0, "the slow copies", timeout=10)
     assert shadows["bad"].behaviour.received >= 1
+
+
+@pytest.mark.parametrize("kind", ["httpx", "requests"])
+def test_a_copy_still_queued_when_the_client_closes_is_dropped(
+    make_mesh: MeshFactory, shadows: dict[str, Upstream], kind: str
+) -> None:
+    """The sync clients' four mirroring threads are busy with slow copies (1.5 s) when the
+    client closes (it waits 1 s for them): a fifth copy, still queued, is dropped when a
+    thread frees, not sent through a connection pool opened after the close, which nothing
+    would close."""
+    shadows["good"].behaviour.delay = 1.5
+    policy = "loadBalancer: {simple: ROUND_ROBIN}"
+    mesh = make_mesh(mirrored(shadows, policy, "  mirror: {host: shadow, subset: good}\n"))
+    client: Any = (
+        meshed_httpx.Client(mesh=mesh, timeout=10)
+        if kind == "httpx"
+        else meshed_requests.Session(mesh=mesh)
+    )
+    with client:
+        assert [client.get(f"{URL}/").status_code for _ in range(5)] == [200] * 5
+    wait_until_sync(lambda: copies_in_flight(mesh, "good") == 0, "the copies", timeout=10)
+    assert shadows["good"].behaviour.received == 4
