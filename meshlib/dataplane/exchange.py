@@ -158,7 +158,6 @@ class Exchange:
         ticket = cluster.limits.try_acquire_request()
         if ticket is None:
             self._release_retry_slot()
-            cluster.outlier.give_back(endpoint.key)  # admitted, never sent
             if cluster.on_overflow is not None:
                 cluster.on_overflow()
             return outcome.overflow()
@@ -227,7 +226,7 @@ class Exchange:
         return AttemptResult(failure=PER_TRY_TIMEOUT, error=error, client_timeout=True)
 
     def _choose(self, avoid: set[str]) -> Endpoint | None:
-        """A usable endpoint not in `avoid`, taking the half-open trial if it is one."""
+        """A usable endpoint not in `avoid`: not ejected, or any in panic."""
         cluster = self.cluster
         endpoints = cluster.endpoints
         total = len(endpoints)
@@ -237,11 +236,7 @@ class Exchange:
             key = e.key
             return key not in avoid and outlier.available(key, total)
 
-        endpoint = cluster.balancer.pick(endpoints, usable, self.hash_key)
-        while endpoint is not None and not outlier.admit(endpoint.key, total):
-            avoid.add(endpoint.key)  # lost a half-open trial race: choose again
-            endpoint = cluster.balancer.pick(endpoints, usable, self.hash_key)
-        return endpoint
+        return cluster.balancer.pick(endpoints, usable, self.hash_key)
 
     def _avoid(self) -> set[str]:
         """Endpoints a retry should not pick again (retryIgnorePreviousHosts, the default).
@@ -260,12 +255,12 @@ class Exchange:
     def finish_attempt(self, attempt: Attempt, result: AttemptResult) -> AttemptResult:
         """Record how a try ended (outlier detection, counters) and turn failures into answers."""
         key = self._release(attempt)
-        outlier = self.cluster.outlier
         result.endpoint = key
-        total = len(self.cluster.endpoints)
         if result.client_timeout:
-            outlier.give_back(key)  # the caller gave up: nothing said of the endpoint
-        elif result.failure is not None:
+            return result  # the caller gave up: nothing said of the endpoint
+        outlier = self.cluster.outlier
+        total = len(self.cluster.endpoints)
+        if result.failure is not None:
             outlier.record(
                 key,
                 status=None,
@@ -284,8 +279,8 @@ class Exchange:
     def abandon_attempt(self, attempt: Attempt) -> None:
         """A try that will never report: its sender raised (a cancellation, Ctrl-C, a bug
         in an inner transport). What it held is given back — its request and retry slots, its
-        in-flight count, a half-open trial — and outlier detection hears nothing of it."""
-        self.cluster.outlier.give_back(self._release(attempt))
+        in-flight count — and outlier detection hears nothing of it."""
+        self._release(attempt)
 
     def _release(self, attempt: Attempt) -> str:
         """Give back the slots and in-flight count a finished try held; its endpoint key."""

@@ -1,9 +1,10 @@
 """Passive health (outlier detection) for the endpoints of one cluster, as Envoy does it for Istio.
 
-Each endpoint has a `pybreaker.CircuitBreaker` that holds its state (closed = in the pool,
-open = ejected, half-open = one trial request allowed). The breakers are driven only through
-`open()`, `half_open()` and `close()`; `call()` is never used because it holds the breaker's
-lock for the whole request. meshlib keeps its own counters and clock, so no lock is held while a
+Each endpoint has a `pybreaker.CircuitBreaker` that holds its state: closed = in the pool,
+open = ejected. pybreaker's half-open state is never entered: Envoy gives an ejected host no
+trial request, it returns it to the pool whole at an `interval` sweep. The breakers are driven
+only through `open()` and `close()`; `call()` is never used because it holds the breaker's lock
+for the whole request. meshlib keeps its own counters and clock, so no lock is held while a
 request is in flight: `admit()` and `record()` take one small lock for bookkeeping only.
 
 Rules (ISTIO.md §2.5, §3.4; Envoy `outlier_detection_impl.cc`; pilot's translation):
@@ -21,19 +22,21 @@ Rules (ISTIO.md §2.5, §3.4; Envoy `outlier_detection_impl.cc`; pilot's transla
   response resets that counter. `status=None` without the local-origin flag counts as a 503
   (5xx and gateway error, whatever the error codes).
 - Ejection time = base (30 s) x k, capped at max(300 s, base); k grows on each ejection while
-  k x base < cap + base (Envoy's rule, so k stops at cap/base + 1) and drops by one at each
-  `interval` sweep (10 s) that finds the endpoint back in the pool for at least one interval.
-  The sweep runs lazily on calls, from the injected clock.
+  k x base < cap + base (Envoy's rule, so k stops at cap/base + 1).
+- Sweeps run every `interval` (10 s) from the detector's start (or the last change of
+  `interval`), as Envoy's interval timer (`DetectorImpl::onIntervalTimer`). Each sweep first
+  returns every open endpoint whose ejection time has passed since it was ejected: it is closed,
+  its counters reset, and its return time is the sweep's. So an endpoint comes back at the first
+  sweep at or after ejected_at + ejection time, never between sweeps. There is no trial: it
+  takes full traffic and is ejected again only when a rule counts a new run of errors. Then
+  every closed endpoint back since at least one interval before the sweep has k lowered by one
+  (not below 0); k never decays while ejected.
+  The sweeps run lazily on calls, from the injected clock; many due at once are applied
+  arithmetically, not one by one.
 - `maxEjectionPercent` (unset or 0 -> 10): an ejection happens when
   (ejected + 1) / total_endpoints <= max%, or when nothing is ejected yet (at least one).
-  Endpoints in half-open count as ejected.
-- After its ejection time an endpoint stays open until `admit()` asks for it: the first caller
-  moves it to half-open and gets the single trial. The trial's outcome decides: an error that an
-  enabled rule would count re-ejects with k + 1 (no max% check, the endpoint is already
-  ejected); anything else closes it with counters reset. A trial never reported is given up after
-  `baseEjectionTime` and the next caller gets a new one.
-- Results reported for an open endpoint (requests that started before the ejection) are
-  ignored; in half-open the first result reported is taken as the trial's.
+- Results reported for an open endpoint (requests that started before the ejection, or sent
+  to it in panic) are ignored.
 - `minHealthPercent` (Istio default 0 = panic off): when > 0 and the healthy share
   (100 x (total - ejected) / total) is below it, `admit()` says yes to every endpoint.
 """
@@ -52,11 +55,10 @@ import pybreaker
 from meshlib.policy.common import Duration
 from meshlib.policy.destination_rule import OutlierDetection
 
-__all__ = ["CLOSED", "HALF_OPEN", "OPEN", "OutlierDetector"]
+__all__ = ["CLOSED", "OPEN", "OutlierDetector"]
 
-CLOSED: str = pybreaker.STATE_CLOSED  # "closed"
-OPEN: str = pybreaker.STATE_OPEN  # "open"
-HALF_OPEN: str = pybreaker.STATE_HALF_OPEN  # "half-open"
+CLOSED: str = pybreaker.STATE_CLOSED  # "closed": in the pool
+OPEN: str = pybreaker.STATE_OPEN  # "open": ejected
 
 _GATEWAY_CODES = frozenset((502, 503, 504))
 _DEFAULT_5XX = 5
@@ -167,7 +169,6 @@ class _Endpoint:
         "consecutive_local",
         "ejected_at",
         "k",
-        "trial_at",
         "unejected_at",
     )
 
@@ -178,8 +179,7 @@ class _Endpoint:
         self.consecutive_local = 0
         self.k = 0
         self.ejected_at = 0.0
-        self.trial_at = 0.0
-        self.unejected_at: float | None = None
+        self.unejected_at: float | None = None  # the sweep that last returned it
 
     @property
     def state(self) -> str:
@@ -247,11 +247,13 @@ class OutlierDetector:
                 self._sweep_origin = now
                 self._sweeps_done = 0
             self._config = config
+        if self._events:
+            self._deliver()
 
     # -- the request path ---------------------------------------------------------------------
 
     def admit(self, key: str, total_endpoints: int) -> bool:
-        """May a request go to endpoint `key` now? Grants a single trial after an ejection."""
+        """May a request go to endpoint `key` now? Yes unless it is ejected (and no panic)."""
         if self._config is None:
             return True
         endpoint = self._endpoints.get(key)
@@ -261,43 +263,15 @@ class OutlierDetector:
             cfg = self._config
             if cfg is None:
                 return True
-            now = self._clock()
-            self._sweep(now, cfg)
-            allowed = self._admit(key, endpoint, now, cfg, total_endpoints)
+            self._sweep(self._clock(), cfg)  # a sweep due by now may have returned it
+            allowed = endpoint.state == CLOSED or self._panic(cfg, total_endpoints)
         if self._events:
             self._deliver()
         return allowed
 
-    def give_back(self, key: str) -> None:
-        """An admitted request that will never report (not sent, or cancelled): a half-open
-        endpoint's trial is free again, for the next request rather than after a timeout."""
-        endpoint = self._endpoints.get(key)
-        if endpoint is None or endpoint.state != HALF_OPEN:
-            return
-        with self._lock:
-            if endpoint.state == HALF_OPEN:
-                endpoint.trial_at = float("-inf")
-
     def available(self, key: str, total_endpoints: int) -> bool:
-        """Could `admit()` say yes now? Read-only (never takes the trial): a balancer's filter.
-
-        True for closed endpoints, in panic, for open ones whose ejection time is over (the
-        trial is there to take) and for half-open ones whose trial was given up.
-        """
-        cfg = self._config
-        if cfg is None:
-            return True
-        endpoint = self._endpoints.get(key)
-        if endpoint is None or endpoint.state == CLOSED:
-            return True
-        with self._lock:
-            now = self._clock()
-            state = endpoint.state
-            if state == CLOSED or self._panic(cfg, total_endpoints):
-                return True
-            if state == OPEN:
-                return now - endpoint.ejected_at >= cfg.ejection_time(endpoint.k)
-            return now - endpoint.trial_at >= cfg.base_ejection
+        """The balancer's filter: the same answer as `admit()` (there is no trial to take)."""
+        return self.admit(key, total_endpoints)
 
     def record(
         self,
@@ -320,42 +294,54 @@ class OutlierDetector:
             self._sweep(now, cfg)
             outcome = _classify(cfg, status, local_origin_failure, connected)
             endpoint = self._endpoints.get(key)
-            if endpoint is None:
-                if not outcome.is_failure(cfg):
-                    return  # nothing to reset on an endpoint without state
+            if endpoint is None and outcome.is_failure(cfg):
                 endpoint = self._new_endpoint(key)
-            state = endpoint.state
-            if state == HALF_OPEN:
-                if outcome.is_failure(cfg):
-                    self._eject(key, endpoint, now, cfg)
-                else:
-                    self._restore(key, endpoint, now)
-            elif state == CLOSED:
+            # No state and no failure: nothing to reset. OPEN: a request that started before
+            # the ejection (or was sent in panic); ignored.
+            if endpoint is not None and endpoint.state == CLOSED:
                 self._count(key, endpoint, outcome, now, cfg, total_endpoints)
-            # OPEN: a request that started before the ejection; ignored.
         if self._events:
             self._deliver()
 
     # -- inspection ---------------------------------------------------------------------------
 
     def ejected(self) -> frozenset[str]:
-        """Endpoints out of the pool: open (ejected) or half-open (waiting for a trial)."""
+        """Endpoints out of the pool (open), after the sweeps due by now."""
         with self._lock:
-            return frozenset(self._ejected)
+            cfg = self._config
+            if cfg is not None:
+                self._sweep(self._clock(), cfg)
+            ejected = frozenset(self._ejected)
+        if self._events:
+            self._deliver()
+        return ejected
 
     def state(self, key: str) -> str:
-        """The breaker's state: closed, open or half-open; unknown endpoints are closed."""
+        """The breaker's state after the sweeps due by now: closed or open (ejected); unknown
+        endpoints are closed."""
         endpoint = self._endpoints.get(key)
-        return CLOSED if endpoint is None else endpoint.state
+        if endpoint is None or endpoint.state == CLOSED:
+            return CLOSED
+        with self._lock:
+            cfg = self._config
+            if cfg is not None:
+                self._sweep(self._clock(), cfg)
+            state = endpoint.state
+        if self._events:
+            self._deliver()
+        return state
 
     def ejection_count(self, key: str) -> int:
-        """k: the ejection multiplier (times ejected in a row, decayed by healthy sweeps)."""
+        """k: the ejection multiplier (times ejected in a row, decayed by sweeps while back)."""
         with self._lock:
             cfg = self._config
             if cfg is not None:
                 self._sweep(self._clock(), cfg)
             endpoint = self._endpoints.get(key)
-            return 0 if endpoint is None else endpoint.k
+            k = 0 if endpoint is None else endpoint.k
+        if self._events:
+            self._deliver()
+        return k
 
     @property
     def ejections_overflow(self) -> int:
@@ -376,23 +362,6 @@ class OutlierDetector:
                 self._ejected.discard(key)
 
     # -- internals (called with the lock held) ------------------------------------------------
-
-    def _admit(self, key: str, ep: _Endpoint, now: float, cfg: _Config, total: int) -> bool:
-        state = ep.state
-        if state == CLOSED:
-            return True
-        if self._panic(cfg, total):
-            return True
-        if state == OPEN:
-            if now - ep.ejected_at < cfg.ejection_time(ep.k):
-                return False
-            ep.trial_at = now
-            ep.breaker.half_open()
-            return True
-        if now - ep.trial_at < cfg.base_ejection:
-            return False  # the trial is still out
-        ep.trial_at = now  # the trial was never reported: grant a new one
-        return True
 
     def _panic(self, cfg: _Config, total: int) -> bool:
         if cfg.min_health_percent <= 0 or total <= 0:
@@ -444,26 +413,35 @@ class OutlierDetector:
         self._ejected.add(key)
         ep.breaker.open()
 
-    def _restore(self, key: str, ep: _Endpoint, now: float) -> None:
-        ep.reset_counters()
-        ep.unejected_at = now
+    def _restore(self, key: str, ep: _Endpoint, at: float) -> None:
+        ep.reset_counters()  # Envoy's unejectHost: a new run of errors is needed to eject again
+        ep.unejected_at = at
         self._ejected.discard(key)
         ep.breaker.close()
 
     def _sweep(self, now: float, cfg: _Config) -> None:
-        """Run the interval sweeps due by `now`: k - 1 per sweep for endpoints back in the pool."""
+        """Run the interval sweeps due by `now`, all at once. Sweep j runs at
+        origin + j x interval; each, as Envoy's interval timer, first returns the open endpoints
+        whose ejection time has passed, then lowers k by one for closed endpoints back since at
+        least one interval (an endpoint returned by a sweep is not lowered by that sweep)."""
         interval = cfg.interval
-        due = int((now - self._sweep_origin) // interval)
+        origin = self._sweep_origin
+        due = int((now - origin) // interval)
         done = self._sweeps_done
         if due <= done:
             return
         self._sweeps_done = due
-        for ep in self._endpoints.values():
-            if ep.k == 0 or ep.unejected_at is None or ep.state != CLOSED:
+        for key, ep in self._endpoints.items():
+            if ep.state == OPEN:
+                # k does not change while ejected, so the sweep that returns it is known.
+                over = ep.ejected_at + cfg.ejection_time(ep.k)
+                back = max(done + 1, math.ceil((over - origin) / interval - 1e-9))
+                if back > due:
+                    continue
+                self._restore(key, ep, origin + back * interval)
+            if ep.k == 0 or ep.unejected_at is None:
                 continue
-            # Sweep j runs at origin + j * interval; it counts once the endpoint has been back
-            # for at least one interval.
-            first = math.ceil((ep.unejected_at + interval - self._sweep_origin) / interval - 1e-9)
+            first = math.ceil((ep.unejected_at + interval - origin) / interval - 1e-9)
             sweeps = due - max(done + 1, first) + 1
             if sweeps > 0:
                 ep.k = max(ep.k - sweeps, 0)

@@ -1264,7 +1264,10 @@ def metrics_asgi_app(
 
 # -- meshlib's own metrics -------------------------------------------------------------------
 
-_EJECTED_STATES = frozenset(("open", "half-open"))
+# The breaker states that keep an endpoint out of the pool. Outlier detection uses two of
+# pybreaker's states, closed (in the pool) and open (ejected): as in Envoy, an ejected endpoint
+# returns whole at an interval sweep, with no half-open trial.
+_EJECTED_STATES = frozenset(("open",))
 _MAX_CLUSTER = 512
 
 
@@ -1300,7 +1303,7 @@ class OperationalMetrics:
         self._ejections = _per_process(
             Counter,
             "meshlib_outlier_ejections",
-            "Endpoints ejected by outlier detection (re-ejections after a failed trial too).",
+            "Endpoints ejected by outlier detection (each ejection of an endpoint counts).",
             ["cluster"],
             registry=registry,
             shared=shared,
@@ -1308,7 +1311,7 @@ class OperationalMetrics:
         self._ejected = _per_process(
             Gauge,
             "meshlib_endpoints_ejected",
-            "Endpoints currently out of the load-balancing pool (ejected or on trial).",
+            "Endpoints currently ejected from the load-balancing pool by outlier detection.",
             ["cluster"],
             registry=registry,
             shared=shared,
@@ -1317,8 +1320,9 @@ class OperationalMetrics:
         self._breakers = _per_process(
             Gauge,
             "meshlib_outlier_breakers",
-            "Endpoints whose outlier-detection breaker is in `state`: open (ejected) or "
-            "half-open (ejection over, one trial request allowed); the others are closed.",
+            "Endpoints whose outlier-detection breaker is in `state`: open (ejected); the "
+            "others are closed (in the pool). There is no half-open state: an ejected endpoint "
+            "returns whole at an interval sweep.",
             ["cluster", "state"],
             registry=registry,
             shared=shared,

@@ -120,3 +120,46 @@ def test_would_retry_foretells_should_retry(content_length: str, others: int) ->
         assert foretold is decided is False
     finally:
         mesh.close()
+
+
+OUTLIER_POLICY = BUDGET_POLICY.replace(
+    "retryBudget: {percent: {value: 50}, minRetryConcurrency: 1}",
+    "outlierDetection: {consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 10s}",
+).replace("retries: {attempts: 2, retryOn: 5xx}", "retries: {attempts: 0}")
+
+
+def test_an_endpoint_back_from_ejection_takes_every_try() -> None:
+    """Once the interval sweep returns an ejected endpoint, every new try may choose it at
+    once, several in flight together (Envoy gives no single trial request); before that,
+    with it the only endpoint, a try gets 503 UH."""
+    from meshlib.config import MeshConfig
+    from meshlib.dataplane.outcome import LocalReply
+    from meshlib.dataplane.outlier import OutlierDetector
+    from meshlib.dataplane.retry import AttemptResult
+    from meshlib.policy.matching import RequestAttributes
+    from tests.upstream import mesh_for
+
+    now = [1000.0]
+    mesh = mesh_for(MeshConfig(), OUTLIER_POLICY)
+    try:
+        plan = mesh.plan(RequestAttributes("GET", "api.internal"))
+        cluster = mesh.exchange(plan, replayable=True).cluster
+        cluster.outlier = OutlierDetector(cluster.policy.outlier_detection, clock=lambda: now[0])
+        exchange = mesh.exchange(plan, replayable=True)
+        attempt = exchange.start_attempt()
+        assert isinstance(attempt, Attempt)
+        exchange.finish_attempt(attempt, AttemptResult(status=503))  # ejected for 10 s
+        now[0] += 9.5
+        refused = mesh.exchange(plan, replayable=True).start_attempt()
+        assert isinstance(refused, LocalReply) and refused.flag == "UH"
+        now[0] += 0.5  # the sweep at 1010 returns it
+        tries = [mesh.exchange(plan, replayable=True) for _ in range(3)]
+        started = [(e, e.start_attempt()) for e in tries]
+        assert all(isinstance(a, Attempt) for _, a in started)
+        assert {a.endpoint.key for _, a in started if isinstance(a, Attempt)} == {"10.0.0.1:80"}
+        for e, a in started:
+            assert isinstance(a, Attempt)
+            e.finish_attempt(a, AttemptResult(status=200))
+        assert cluster.outlier.ejected() == frozenset()
+    finally:
+        mesh.close()

@@ -574,10 +574,9 @@ def test_operational_metrics(registry: CollectorRegistry) -> None:
     for key, old, new in [
         ("10.0.0.1:9080", "closed", "open"),
         ("10.0.0.2:9080", "closed", "open"),
-        ("10.0.0.1:9080", "open", "half-open"),
-        ("10.0.0.1:9080", "half-open", "open"),  # failed trial: ejected again
-        ("10.0.0.2:9080", "open", "half-open"),
-        ("10.0.0.2:9080", "half-open", "closed"),
+        ("10.0.0.1:9080", "open", "closed"),  # returned by an interval sweep
+        ("10.0.0.1:9080", "closed", "open"),  # a new run of errors: ejected again
+        ("10.0.0.2:9080", "open", "closed"),
     ]:
         ops.ejection(cluster, key, old, new)
     ops.retry_budget_exhausted(cluster)
@@ -593,15 +592,16 @@ def test_operational_metrics(registry: CollectorRegistry) -> None:
         s: value("meshlib_outlier_breakers", {**by_cluster, "state": s})
         for s in ("open", "half_open")
     }
-    assert breakers == {"open": 1.0, "half_open": 0.0}  # .1 ejected again; .2 closed
-    ops.ejection(cluster, "10.0.0.1:9080", "open", "half-open")
-    assert value("meshlib_outlier_breakers", {**by_cluster, "state": "half_open"}) == 1.0
+    assert breakers == {"open": 1.0, "half_open": None}  # .1 ejected again; .2 closed
+    ops.ejection(cluster, "10.0.0.1:9080", "open", "closed")
     assert value("meshlib_outlier_breakers", {**by_cluster, "state": "open"}) == 0.0
+    assert value("meshlib_endpoints_ejected", by_cluster) == 0.0
+    ops.ejection(cluster, "10.0.0.1:9080", "closed", "open")
     assert value("meshlib_retry_budget_exhausted_total", by_cluster) == 1.0
     assert value("meshlib_upstream_overflow_total", by_cluster) == 2.0
     ops.endpoints_retained(cluster, ["10.0.0.2:9080"])  # 10.0.0.1 left the cluster
     assert value("meshlib_endpoints_ejected", by_cluster) == 0.0
-    assert value("meshlib_outlier_breakers", {**by_cluster, "state": "half_open"}) == 0.0
+    assert value("meshlib_outlier_breakers", {**by_cluster, "state": "open"}) == 0.0
 
 
 def test_http_server_answers_both_paths(istio: IstioMetrics, registry: CollectorRegistry) -> None:
