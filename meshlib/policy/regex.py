@@ -108,6 +108,20 @@ def compile_re2(pattern: str) -> re.Pattern[str]:
             ) from None
 
 
+_NONE: frozenset[int] = frozenset()
+
+
+@functools.lru_cache(maxsize=256)
+def unstable_captures(pattern: str) -> frozenset[int]:
+    """The capturing groups (numbers) of a valid pattern that RE2 and Python's `re` may
+    capture differently, though they match alike: all of them when a `*` or `+` repeats
+    something that can match empty (see `_Translator.star_of_empty`), else none. A rewrite
+    must not use them."""
+    translator = _Translator(pattern)
+    translator.run()
+    return frozenset(range(1, translator.captures + 1)) if translator.star_of_empty else _NONE
+
+
 class _Translator:
     """One pass over an RE2 pattern, reading it as RE2's parser does, writing the Python
     `re` pattern with the same meaning.
@@ -136,6 +150,11 @@ class _Translator:
         self.repeated = False  # the last token was a quantifier
         self.weight = 1  # copies of the innermost thing the last atom makes (RE2 allows 1000)
         self.heaviest = 1  # the largest weight of an atom in the current group
+        self.captures = 0  # capturing groups so far
+        # Where a `*` or `+` repeats something that can match empty, Python's engine may take
+        # one more, empty, iteration than RE2 does, and capture other text: `(a*)+` on "aa"
+        # gives RE2's group 1 "aa", Python's "". Matching is the same; captures may not be.
+        self.star_of_empty = False  # a `*` or `+` repeats something that can match empty
 
     def error(self, what: str) -> RegexError:
         return RegexError(f"invalid RE2 regex {self.pattern!r}: {what} are not RE2 syntax")
@@ -231,8 +250,11 @@ class _Translator:
             )
         if self.atom is None:
             raise self.invalid(f"nothing before the quantifier {text!r} to repeat")
+        atom = self.atom
         if self.wrap:
-            self.out[self.atom :] = ["(?:" + "".join(self.out[self.atom :]) + ")"]
+            self.out[atom:] = ["(?:" + "".join(self.out[atom:]) + ")"]
+        if op in ("*", "+"):  # see `star_of_empty` ({n,m} captures as RE2 does)
+            self.note_unstable(atom)
         if self.flags & _U:
             lazy = not lazy
         self.out.append(op + "?" if lazy else op)
@@ -246,6 +268,14 @@ class _Translator:
                 )
             self.heaviest = max(self.heaviest, self.weight)
         return i
+
+    def note_unstable(self, atom: int) -> None:
+        """The atom from out[atom] on is about to be repeated by `*` or `+`: if it can match
+        empty, Python's engine may take one more, empty, iteration than RE2, which can move
+        where any group of the pattern starts or ends."""
+        text = "".join(self.out[atom:])
+        if text.startswith("(") and _nullable(text):  # a literal or class matches a character
+            self.star_of_empty = True
 
     def counted(self, i: int) -> tuple[int, int, int] | None:
         """RE2's `{n}`, `{n,}` (n, -1) or `{n,m}` at i, and where it ends; None if none."""
@@ -438,7 +468,7 @@ class _Translator:
         at = len(out)
         if not p.startswith("(?", i):
             out.append("(")
-            self.open(at, self.flags)
+            self.capture(at)
             return i + 1
         rest = p[i + 2 : i + 4]
         if rest[:1] in ("=", "!") or rest in ("<=", "<!"):
@@ -456,7 +486,7 @@ class _Translator:
             if not name or any(unicodedata.category(c) not in _NAME_CATEGORIES for c in name):
                 raise self.invalid(f"bad group name at position {i}")
             out.append("(")  # names are not needed: rewrites refer to groups by number
-            self.open(at, self.flags)
+            self.capture(at)
             return end + 1
         flags = _FLAGS.match(p, i)
         if flags is None:
@@ -475,9 +505,22 @@ class _Translator:
         self.flags = new
         return flags.end()
 
+    def capture(self, at: int) -> None:
+        self.captures += 1
+        self.open(at, self.flags)
+
     def open(self, at: int, flags: int) -> None:
         self.groups.append((flags, at, self.heaviest))
         self.atom, self.repeated, self.heaviest = None, False, 1
+
+
+def _nullable(translated: str) -> bool | None:
+    """Whether a translated piece can match the empty text; None if it does not compile
+    alone (the whole pattern's compilation reports why)."""
+    try:
+        return re.compile(translated).fullmatch("") is not None
+    except re.error:
+        return None
 
 
 def _integer(text: str, i: int) -> tuple[int, int] | None:
@@ -630,12 +673,13 @@ def re2_replace_all(pattern: re.Pattern[str], template: str, text: str) -> str:
     return "".join(out)
 
 
-def re2_substitution(rewrite: str, groups: int) -> str:
+def re2_substitution(rewrite: str, groups: int, unstable: frozenset[int] = frozenset()) -> str:
     """An RE2 rewrite string as a `re.sub` template; raise RegexError if RE2 would refuse it.
 
     RE2 knows three escapes: `\\0` (the whole match), `\\1`..`\\9` (a group; one digit, so
     `\\10` is group 1 then "0") and `\\\\` (a backslash). Any other backslash, or a group
-    the pattern does not have (it has `groups`), makes the rewrite invalid.
+    the pattern does not have (it has `groups`), makes the rewrite invalid; one of the
+    `unstable` groups (see `unstable_captures`) is refused as unsupported.
     """
     out: list[str] = []
     i, end = 0, len(rewrite)
@@ -653,6 +697,14 @@ def re2_substitution(rewrite: str, groups: int) -> str:
                 raise RegexError(
                     f"invalid rewrite {rewrite!r}: \\{escaped} refers to a group the regex"
                     f" does not have (it has {groups})"
+                )
+            if int(escaped) in unstable:
+                raise RegexError(
+                    f"rewrite {rewrite!r}: \\{escaped} is a group of a regex where a * or +"
+                    " repeats something that can match nothing, so RE2 and Python may capture"
+                    " different text: valid RE2 but not supported by meshlib in a rewrite (make"
+                    " each repeated part match at least one character, e.g. `(\\w+/?)+` for"
+                    " `(\\w*/?)+`)"
                 )
             out.append(f"\\g<{escaped}>")
         else:

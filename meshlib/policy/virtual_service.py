@@ -22,7 +22,7 @@ from meshlib.policy.common import (
     check_regex,
     is_dns_label,
 )
-from meshlib.policy.regex import RegexError, compile_re2, re2_substitution
+from meshlib.policy.regex import RegexError, compile_re2, re2_substitution, unstable_captures
 
 RETRY_ON_HTTP = frozenset(
     {
@@ -300,7 +300,8 @@ class RegexRewrite:
         """The pattern and the `re.sub` template for it: RE2's `\\0`..`\\9` and `\\\\`
         converted once, when policy loads (raises RegexError for what RE2 refuses)."""
         pattern = compile_re2(self.match)
-        return pattern, re2_substitution(self.rewrite, pattern.groups)
+        unstable = unstable_captures(self.match)
+        return pattern, re2_substitution(self.rewrite, pattern.groups, unstable)
 
 
 def _empty_is_unset(message: object, *names: str) -> None:

@@ -11,7 +11,13 @@ from __future__ import annotations
 import pytest
 
 from meshlib.policy.loader import load_text
-from meshlib.policy.regex import RegexError, compile_re2, re2_replace_all, re2_substitution
+from meshlib.policy.regex import (
+    RegexError,
+    compile_re2,
+    re2_replace_all,
+    re2_substitution,
+    unstable_captures,
+)
 
 # (pattern, value, whether RE2 full-matches it)
 RE2_MATCHES = [
@@ -238,3 +244,47 @@ def test_replace_all_as_re2s_global_replace(
     compiled = compile_re2(pattern)
     template = re2_substitution(rewrite, compiled.groups)
     assert re2_replace_all(compiled, template, text) == replaced
+
+
+@pytest.mark.parametrize(
+    ("pattern", "unstable"),
+    [
+        ("(a*)+", {1}),  # RE2 captures "aa" from "aa", Python ""
+        ("(a|)+", {1}),
+        ("^/files/(\\w*/?)+$", {1}),
+        ("(x)(?:[ab]?)*(y)", {1, 2}),  # any group, once a * repeats what can match nothing
+        ("(a+)+", set()),
+        ("^/svc/([^/]+)/(.*)$", set()),
+        ("(a*){2}", set()),  # counted repeats capture as RE2 does
+        ("(a*)?", set()),
+        ("(?:a*)+", set()),  # no group to capture
+    ],
+)
+def test_captures_python_may_take_differently(pattern: str, unstable: set[int]) -> None:
+    assert unstable_captures(pattern) == unstable
+
+
+def test_a_rewrite_using_such_a_capture_is_unsupported_where_it_is() -> None:
+    """RE2 rewrites `/files/a/b` to `/last/b` with group 1 of `(\\w*/?)+`; Python would
+    give `/last/`: refused at load, with file, line, resource and field. The same rewrite
+    over `(\\w+/?)+`, which Python captures as RE2 does, loads."""
+    text = (
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\n"
+        "spec:\n  hosts: [r]\n  http:\n"
+        "  - match: [{uri: {prefix: /files}}]\n"
+        "    rewrite: {uriRegexRewrite: {match: '^/files/(\\w%s/?)+$', rewrite: '/last/\\1'}}\n"
+        "    route: [{destination: {host: r}}]\n"
+    )
+    errors = [str(d) for d in load_text(text % "*", "mesh.yaml").errors]
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(
+        "mesh.yaml:8: error: VirtualService default/r: spec.http[0].rewrite.uriRegexRewrite"
+        ".rewrite: rewrite '/last/\\\\1': \\1 is a group of a regex where a * or + repeats"
+    )
+    assert "valid RE2 but not supported by meshlib in a rewrite" in errors[0]
+    assert load_text(text % "+", "mesh.yaml").errors == ()
+    compiled = compile_re2("^/files/(\\w+/?)+$")
+    template = re2_substitution(
+        "/last/\\1", compiled.groups, unstable_captures("^/files/(\\w+/?)+$")
+    )
+    assert re2_replace_all(compiled, template, "/files/a/b") == "/last/b"
