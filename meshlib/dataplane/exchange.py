@@ -236,7 +236,9 @@ class Exchange:
             key = e.key
             return key not in avoid and outlier.available(key, total)
 
-        return cluster.balancer.pick(endpoints, usable, self.hash_key)
+        chosen = cluster.balancer.pick(endpoints, usable, self.hash_key)
+        outlier.deliver()  # what the filter's sweeps changed, now the balancer's lock is free
+        return chosen
 
     def _avoid(self) -> set[str]:
         """Endpoints a retry should not pick again (retryIgnorePreviousHosts, the default).

@@ -236,7 +236,8 @@ class OutlierDetector:
     # -- policy -------------------------------------------------------------------------------
 
     def update(self, settings: OutlierDetection | None) -> None:
-        """Apply new settings; endpoint state (ejections, k, counters) is kept."""
+        """Apply new settings; endpoint state (ejections, k, counters) is kept. Without
+        settings nothing stays ejected: every ejected endpoint returns now."""
         config = None if settings is None else _Config.of(settings)
         with self._lock:
             now = self._clock()
@@ -246,6 +247,10 @@ class OutlierDetector:
             if config is None or old is None or config.interval != old.interval:
                 self._sweep_origin = now
                 self._sweeps_done = 0
+            if config is None:  # no outlier detection any more: nothing stays ejected
+                for key, endpoint in self._endpoints.items():
+                    if endpoint.state == OPEN:
+                        self._restore(key, endpoint, now)
             self._config = config
         if self._events:
             self._deliver()
@@ -253,7 +258,15 @@ class OutlierDetector:
     # -- the request path ---------------------------------------------------------------------
 
     def admit(self, key: str, total_endpoints: int) -> bool:
-        """May a request go to endpoint `key` now? Yes unless it is ejected (and no panic)."""
+        """May a request go to endpoint `key` now? Yes unless it is ejected (and no panic).
+        State changes a due sweep made (an endpoint returned) go to the listeners."""
+        allowed = self.available(key, total_endpoints)
+        self.deliver()
+        return allowed
+
+    def available(self, key: str, total_endpoints: int) -> bool:
+        """`admit()`'s answer, for a balancer's filter: the state changes a due sweep made are
+        only queued, since the balancer may hold its lock (`deliver()` once it returned)."""
         if self._config is None:
             return True
         endpoint = self._endpoints.get(key)
@@ -264,14 +277,12 @@ class OutlierDetector:
             if cfg is None:
                 return True
             self._sweep(self._clock(), cfg)  # a sweep due by now may have returned it
-            allowed = endpoint.state == CLOSED or self._panic(cfg, total_endpoints)
+            return endpoint.state == CLOSED or self._panic(cfg, total_endpoints)
+
+    def deliver(self) -> None:
+        """Hand queued state changes to the listeners (outside every lock)."""
         if self._events:
             self._deliver()
-        return allowed
-
-    def available(self, key: str, total_endpoints: int) -> bool:
-        """The balancer's filter: the same answer as `admit()` (there is no trial to take)."""
-        return self.admit(key, total_endpoints)
 
     def record(
         self,

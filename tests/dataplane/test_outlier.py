@@ -759,3 +759,54 @@ def test_no_lock_is_held_while_a_request_is_in_flight() -> None:
         thread.join(JOIN)
     assert det.state("busy") == CLOSED
     assert det.ejected() == {"out", *(f"other{n}" for n in range(8))}
+
+
+def test_removing_outlier_detection_returns_every_ejected_endpoint() -> None:
+    """A DestinationRule that no longer has outlierDetection ejects nothing: the endpoint
+    ejected before is back at once, and the listeners (the ejection gauges) hear it."""
+    det, _clock = detector(od(interval="1s", base_ejection_time="30s"))
+    changes: list[tuple[str, str, str]] = []
+    det.listen(lambda *change: changes.append(change))
+    eject(det, "a")
+    det.update(None)
+    assert det.ejected() == frozenset()
+    assert det.state("a") == CLOSED
+    assert changes == [("a", CLOSED, OPEN), ("a", OPEN, CLOSED)]
+
+
+def test_a_balancer_filter_delivers_no_state_change_under_the_balancers_lock() -> None:
+    """ROUND_ROBIN asks `available` with its own lock held: a sweep that returns an endpoint
+    there only queues the change, delivered once the pick is over, so a listener that sends
+    a request to the same cluster (picks again) does not deadlock."""
+    import random
+
+    from meshlib.dataplane.balancer import RoundRobinBalancer
+    from meshlib.policy.snapshot import Endpoint
+
+    det, clock = detector(od(interval="1s", base_ejection_time="1s", max_ejection_percent=100))
+    endpoints = (Endpoint("10.0.0.1", 80), Endpoint("10.0.0.2", 80))
+    balancer = RoundRobinBalancer(random.Random(1))
+
+    def usable(e: Endpoint) -> bool:
+        return det.available(e.key, len(endpoints))
+
+    picked_by_listener: list[str] = []
+
+    def listener(key: str, old: str, new: str) -> None:
+        if new == CLOSED:
+            chosen = balancer.pick(endpoints, usable)
+            picked_by_listener.append("" if chosen is None else chosen.key)
+
+    det.listen(listener)
+    eject(det, endpoints[0].key, total=2)
+    clock.advance(2.5)  # its ejection is over; no call since
+    done = threading.Event()
+
+    def pick() -> None:
+        balancer.pick(endpoints, usable)
+        det.deliver()
+        done.set()
+
+    threading.Thread(target=pick, daemon=True).start()
+    assert done.wait(JOIN), "deadlock: the listener ran under the balancer's lock"
+    assert len(picked_by_listener) == 1
