@@ -114,9 +114,9 @@ _NONE: frozenset[int] = frozenset()
 @functools.lru_cache(maxsize=256)
 def unstable_captures(pattern: str) -> frozenset[int]:
     """The capturing groups (numbers) of a valid pattern that RE2 and Python's `re` may
-    capture differently, though they match alike: all of them when a `*` or `+` repeats
-    something that can match empty (see `_Translator.star_of_empty`), else none. A rewrite
-    must not use them."""
+    capture differently, though they match alike: all of them when `*`, `+`, `{n,}` or
+    `{n,m}` repeats something that can match empty (see `_Translator.star_of_empty`), else
+    none. A rewrite must not use them."""
     translator = _Translator(pattern)
     translator.run()
     return frozenset(range(1, translator.captures + 1)) if translator.star_of_empty else _NONE
@@ -151,10 +151,11 @@ class _Translator:
         self.weight = 1  # copies of the innermost thing the last atom makes (RE2 allows 1000)
         self.heaviest = 1  # the largest weight of an atom in the current group
         self.captures = 0  # capturing groups so far
-        # Where a `*` or `+` repeats something that can match empty, Python's engine may take
-        # one more, empty, iteration than RE2 does, and capture other text: `(a*)+` on "aa"
-        # gives RE2's group 1 "aa", Python's "". Matching is the same; captures may not be.
-        self.star_of_empty = False  # a `*` or `+` repeats something that can match empty
+        # Where `*`, `+`, `{n,}` or `{n,m}` repeats something that can match empty, Python's
+        # engine may take one more, empty, iteration than RE2 does, and capture other text:
+        # `(a*)+` on "aa" gives RE2's group 1 "aa", Python's "". Matching is the same; captures
+        # may not be. (`?` and `{n}` capture as RE2 does.)
+        self.star_of_empty = False  # a varying repeat of something that can match empty
 
     def error(self, what: str) -> RegexError:
         return RegexError(f"invalid RE2 regex {self.pattern!r}: {what} are not RE2 syntax")
@@ -253,7 +254,7 @@ class _Translator:
         atom = self.atom
         if self.wrap:
             self.out[atom:] = ["(?:" + "".join(self.out[atom:]) + ")"]
-        if op in ("*", "+"):  # see `star_of_empty` ({n,m} captures as RE2 does)
+        if op != "?" and (op[0] != "{" or "," in op):  # a count that can vary
             self.note_unstable(atom)
         if self.flags & _U:
             lazy = not lazy
@@ -270,9 +271,9 @@ class _Translator:
         return i
 
     def note_unstable(self, atom: int) -> None:
-        """The atom from out[atom] on is about to be repeated by `*` or `+`: if it can match
-        empty, Python's engine may take one more, empty, iteration than RE2, which can move
-        where any group of the pattern starts or ends."""
+        """The atom from out[atom] on is about to be repeated a varying number of times (`*`,
+        `+`, `{n,}`, `{n,m}`): if it can match empty, Python's engine may take one more, empty,
+        iteration than RE2, which can move where any group of the pattern starts or ends."""
         text = "".join(self.out[atom:])
         if text.startswith("(") and _nullable(text):  # a literal or class matches a character
             self.star_of_empty = True
@@ -700,8 +701,8 @@ def re2_substitution(rewrite: str, groups: int, unstable: frozenset[int] = froze
                 )
             if int(escaped) in unstable:
                 raise RegexError(
-                    f"rewrite {rewrite!r}: \\{escaped} is a group of a regex where a * or +"
-                    " repeats something that can match nothing, so RE2 and Python may capture"
+                    f"rewrite {rewrite!r}: \\{escaped} is a group of a regex where *, +, {{n,}} or"
+                    " {n,m} repeats something that can match nothing, so RE2 and Python may capture"
                     " different text: valid RE2 but not supported by meshlib in a rewrite (make"
                     " each repeated part match at least one character, e.g. `(\\w+/?)+` for"
                     " `(\\w*/?)+`)"

@@ -255,7 +255,9 @@ def test_replace_all_as_re2s_global_replace(
         ("(x)(?:[ab]?)*(y)", {1, 2}),  # any group, once a * repeats what can match nothing
         ("(a+)+", set()),
         ("^/svc/([^/]+)/(.*)$", set()),
-        ("(a*){2}", set()),  # counted repeats capture as RE2 does
+        ("(a*){2}", set()),  # an exact count captures as RE2 does
+        ("^/files/(\\w*/?){1,}$", {1}),  # a varying count does not
+        ("(a*|b){1,3}", {1}),
         ("(a*)?", set()),
         ("(?:a*)+", set()),  # no group to capture
     ],
@@ -279,7 +281,8 @@ def test_a_rewrite_using_such_a_capture_is_unsupported_where_it_is() -> None:
     assert len(errors) == 1, errors
     assert errors[0].startswith(
         "mesh.yaml:8: error: VirtualService default/r: spec.http[0].rewrite.uriRegexRewrite"
-        ".rewrite: rewrite '/last/\\\\1': \\1 is a group of a regex where a * or + repeats"
+        ".rewrite: rewrite '/last/\\\\1': \\1 is a group of a regex where *, +, {n,} or"
+        " {n,m} repeats"
     )
     assert "valid RE2 but not supported by meshlib in a rewrite" in errors[0]
     assert load_text(text % "+", "mesh.yaml").errors == ()
