@@ -159,7 +159,7 @@ class MirrorCopy:
     cluster's connection-pool limits (an overflow drops it, counted as the cluster's
     overflow), counts as in flight for LEAST_REQUEST, has the route's timeout, and its
     outcome feeds the cluster's outlier detection. Made by `start_mirror`; the sender waits
-    for a connection if the copy must (`wait` / `wait_async`), sends it, and calls `end` in
+    for a connection if the copy must (`wait_async`), sends it, and calls `end` in
     every case, exactly once (later calls do nothing)."""
 
     def __init__(self, exchange: Exchange, attempt: Attempt) -> None:

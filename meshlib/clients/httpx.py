@@ -523,7 +523,9 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         self._mirroring = MirrorTracker()
         self._mirror_inner: httpx.BaseTransport | None = None  # see _mirroring_transport
         self._mirror_lock = threading.Lock()  # copies are sent from a thread pool
-        self._mirrors_closed = False  # set by close_mirrors: copies still queued are dropped
+        # Counts close_mirrors() calls: a copy queued before one is dropped, not sent through
+        # a pool opened after the close (the transport itself may be used again).
+        self._mirror_epoch = 0
         self._closes = 0  # close() calls: a call that saw one fail under it is the app's doing
         setattr(self, _MESHED, True)
 
@@ -603,24 +605,26 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
     def _start_mirrors(self, request: httpx.Request, view: dict[str, str], plan: RoutePlan) -> None:
         for mirror in plan.mirrors:
             started = self._start_copy(request, view, plan, mirror, may_wait=False)
-            if started is not None and not self._mirroring.submit(self._send_mirror, *started):
+            if started is not None and not self._mirroring.submit(
+                self._send_mirror, *started, self._mirror_epoch
+            ):
                 started[1].end(None)  # MAX_MIRRORS_PENDING copies pending: dropped
 
-    def _mirroring_transport(self) -> httpx.BaseTransport | None:
+    def _mirroring_transport(self, epoch: int) -> httpx.BaseTransport | None:
         """Where copies go: a pool of their own when one like the inner transport can be made
-        (see `pool_like`), else the inner transport; None once `close_mirrors` ran (a copy
-        still queued then would open a pool nobody closes)."""
+        (see `pool_like`), else the inner transport; None for a copy queued before the last
+        `close_mirrors` (it would open a pool nobody closes)."""
         with self._mirror_lock:
-            if self._mirrors_closed:
+            if epoch != self._mirror_epoch:
                 return None
             if self._mirror_inner is None:
                 self._mirror_inner = pool_like(self._inner) or self._inner
             return self._mirror_inner
 
-    def _send_mirror(self, request: httpx.Request, copy: MirrorCopy) -> None:
+    def _send_mirror(self, request: httpx.Request, copy: MirrorCopy, epoch: int) -> None:
         result: AttemptResult | None = None
         try:
-            transport = self._mirroring_transport()
+            transport = self._mirroring_transport(epoch)
             if transport is None:
                 return  # the transport was closed while the copy waited for a thread
             with passthrough_inside():
@@ -659,7 +663,7 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         """Give copies in flight up to MIRROR_GRACE to finish, then close their own pool."""
         self._mirroring.wait(MIRROR_GRACE)
         with self._mirror_lock:
-            self._mirrors_closed = True
+            self._mirror_epoch += 1
             mirror_inner, self._mirror_inner = self._mirror_inner, None
         if mirror_inner is not None and mirror_inner is not self._inner:
             mirror_inner.close()

@@ -349,17 +349,17 @@ class MeshAdapter(HTTPAdapter):
         super().__init__(**kwargs)
         self._mesh = mesh
         self._mirroring = MirrorTracker()
-        self._mirrors_closed = False  # set by close(): copies still queued are dropped
+        self._mirror_epoch = 0  # counts close() calls: a copy queued before one is dropped
         self._inner = inner  # an adapter to send through instead of this one's own pool
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # type: ignore[misc]  # requests has it, untyped
         self._mirroring = MirrorTracker()
-        self._mirrors_closed = False
+        self._mirror_epoch = 0
 
     def close(self) -> None:
         self._mirroring.wait()  # let mirrored copies finish before the pool goes away
-        self._mirrors_closed = True  # a copy still queued would open a pool nobody closes
+        self._mirror_epoch += 1  # a copy still queued would open a pool nobody closes
         super().close()
 
     def _send_upstream(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
@@ -474,7 +474,10 @@ class MeshAdapter(HTTPAdapter):
                     )
                     if copy.attempt.close_connection:
                         sent.headers["connection"] = "close"  # maxRequestsPerConnection
-                    if not self._mirroring.submit(self._send_mirror, sent, copy, caller, options):
+                    epoch = self._mirror_epoch
+                    if not self._mirroring.submit(
+                        self._send_mirror, sent, copy, caller, options, epoch
+                    ):
                         copy.end(None)  # MAX_MIRRORS_PENDING copies pending: dropped
 
             exchange.shadow = shadow
@@ -520,6 +523,7 @@ class MeshAdapter(HTTPAdapter):
         copy: MirrorCopy,
         caller: tuple[float | None, float | None],
         options: dict[str, Any],
+        epoch: int,
     ) -> None:
         """Send a copy with the caller's (connect, read) timeouts, MIRROR_TIMEOUT for each the
         caller left unset (a copy never holds a mirroring thread for good), the route's timeout
@@ -528,7 +532,7 @@ class MeshAdapter(HTTPAdapter):
         cluster's outlier detection (see `MirrorCopy`)."""
         result: AttemptResult | None = None
         try:
-            if self._mirrors_closed:
+            if epoch != self._mirror_epoch:
                 return  # the adapter was closed while the copy waited for a thread
             connect, read, mesh_owned = copy.timeouts(*caller)
             try:

@@ -288,3 +288,34 @@ def test_a_copy_still_queued_when_the_client_closes_is_dropped(
         assert [client.get(f"{URL}/").status_code for _ in range(5)] == [200] * 5
     wait_until_sync(lambda: copies_in_flight(mesh, "good") == 0, "the copies", timeout=10)
     assert shadows["good"].behaviour.received == 4
+
+
+def test_a_client_used_again_after_close_mirrors_again(
+    make_mesh: MeshFactory, shadows: dict[str, Upstream]
+) -> None:
+    """requests lets a closed Session send again, and a stock httpx transport under
+    `instrument()` serves one `with httpx.Client` block after another: closing drops only
+    the copies queued before it, and later calls are mirrored as before."""
+    import httpx
+
+    import meshlib
+
+    policy = "loadBalancer: {simple: ROUND_ROBIN}"
+    mesh = make_mesh(mirrored(shadows, policy, "  mirror: {host: shadow, subset: good}\n"))
+    received = shadows["good"].behaviour
+
+    session = meshed_requests.Session(mesh=mesh)
+    for expected in (1, 2):
+        assert session.get(f"{URL}/").status_code == 200
+        wait_until_sync(lambda n=expected: received.received == n, f"copy {expected}")
+        session.close()
+
+    meshlib.instrument(mesh)
+    try:
+        transport = httpx.HTTPTransport()
+        for expected in (3, 4):
+            with httpx.Client(transport=transport) as client:
+                assert client.get(f"{URL}/").status_code == 200
+                wait_until_sync(lambda n=expected: received.received == n, f"copy {expected}")
+    finally:
+        meshlib.uninstrument()
