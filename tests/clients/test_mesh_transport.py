@@ -15,14 +15,17 @@ servers on loopback:
   and a bound port that does not listen (`refused_port`) for a refused one.
 
 What the mesh hands the real transport — each try's timeouts and a mirrored copy's — cannot be
-seen from a server: the `tap` fixture records it on its way into httpx's HTTPTransport and
-requests' HTTPAdapter, which then send it as usual.
+seen from a server: the `tap` fixture gives those tests a real HTTPTransport (httpx) or
+HTTPAdapter (requests) that records what it is handed, then sends it as usual.
 
-Four tests keep an httpx.MockTransport, each saying why: the inner transport itself raising an
+Five tests keep an httpx.MockTransport, each saying why: the inner transport itself raising an
 arbitrary exception (test_a_transport_that_raises_gives_back_its_slots), and answers httpx's
 real transport refuses before the mesh sees them, as h11 rejects them
 (test_a_content_length_of_thousands_of_digits_is_no_number,
 test_hostile_upstream_numbers_never_fail_the_call, test_a_non_ascii_propagated_value_is_sent_as_received).
+A fifth needs a call that never yields to the event loop, so that a mirrored copy's task
+is cancelled before it ever ran
+(test_a_mirrored_copy_cancelled_before_it_ran_gives_back_its_slot): a real socket yields.
 The tests of URL parsing, proxies, client certificates and the mirror tracker send nothing.
 """
 
@@ -172,27 +175,48 @@ class Handed:
     timeout: Any  # httpx: the `timeout` extension; requests: the `timeout` argument
 
 
-@pytest.fixture
-def tap(monkeypatch: pytest.MonkeyPatch) -> list[Handed]:
-    """What the mesh hands httpx's HTTPTransport and requests' HTTPAdapter, recorded on its
-    way in: the real transport then sends it, unchanged."""
-    handed: list[Handed] = []
-    handle_request = httpx.HTTPTransport.handle_request
-    adapter_send = requests.adapters.HTTPAdapter.send
+class _TappedTransport(httpx.HTTPTransport):
+    """httpx's own transport, recording each request the mesh hands it before sending it."""
 
-    def tapped_handle(self: httpx.HTTPTransport, request: httpx.Request) -> httpx.Response:
-        handed.append(Handed(str(request.url), request.headers, request.extensions["timeout"]))
-        return handle_request(self, request)
+    def __init__(self, handed: list[Handed], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._handed = handed
 
-    def tapped_send(
-        self: requests.adapters.HTTPAdapter, request: requests.PreparedRequest, **kwargs: Any
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self._handed.append(
+            Handed(str(request.url), request.headers, request.extensions["timeout"])
+        )
+        return super().handle_request(request)
+
+
+class _TappedAdapter(requests.adapters.HTTPAdapter):
+    """requests' own adapter, recording each request the mesh hands it before sending it."""
+
+    def __init__(self, handed: list[Handed]) -> None:
+        super().__init__()
+        self._handed = handed
+
+    def send(  # type: ignore[override]
+        self, request: requests.PreparedRequest, **kwargs: Any
     ) -> requests.Response:
-        handed.append(Handed(str(request.url), request.headers, kwargs.get("timeout")))
-        return adapter_send(self, request, **kwargs)
+        self._handed.append(Handed(str(request.url), request.headers, kwargs.get("timeout")))
+        return super().send(request, **kwargs)
 
-    monkeypatch.setattr(httpx.HTTPTransport, "handle_request", tapped_handle)
-    monkeypatch.setattr(requests.adapters.HTTPAdapter, "send", tapped_send)
-    return handed
+
+class Tap(list[Handed]):
+    """What the mesh handed the real transport, in order: a test gives its client
+    `tap.transport()` (httpx) or its MeshAdapter `inner=tap.adapter()` (requests)."""
+
+    def transport(self, **kwargs: Any) -> httpx.HTTPTransport:
+        return _TappedTransport(self, **kwargs)
+
+    def adapter(self) -> requests.adapters.HTTPAdapter:
+        return _TappedAdapter(self)
+
+
+@pytest.fixture
+def tap() -> Tap:
+    return Tap()
 
 
 def api_entry(*endpoints: tuple[str, int] | tuple[str, int, str]) -> str:
@@ -305,23 +329,26 @@ def in_turn(*answers: Answer) -> Callable[[Seen], Answer]:
 # -- timeouts -------------------------------------------------------------------------------
 
 
-def test_callers_own_timeout_raises_its_exception(servers: Servers, tap: list[Handed]) -> None:
+def test_callers_own_timeout_raises_its_exception(servers: Servers, tap: Tap) -> None:
     """When the caller's timeout (0.2 s) is shorter than the route's (10 s), expiry is its
     exception; the call is counted as Envoy logs a request the caller gave up on: 0, DC."""
     servers.answer = held()
     mesh = mesh_of(servers, vs(ROUTE + "\n  timeout: 10s"))
-    with meshlib.Client(mesh=mesh, timeout=0.2) as c, pytest.raises(httpx.ReadTimeout):
+    with (
+        meshlib.Client(mesh=mesh, timeout=0.2, transport=tap.transport()) as c,
+        pytest.raises(httpx.ReadTimeout),
+    ):
         c.get("http://api.internal/")
     assert [t.timeout["read"] for t in tap] == [0.2]
     wait_until_sync(lambda: len(servers.seen) == 1, "the server to see the request")
     assert _calls(mesh, "0", "DC") == 1.0
 
 
-def test_mesh_per_try_timeout_is_the_mesh_answer(servers: Servers, tap: list[Handed]) -> None:
+def test_mesh_per_try_timeout_is_the_mesh_answer(servers: Servers, tap: Tap) -> None:
     """When the route's per-try timeout is the shorter one, expiry is retried, then 504 UT."""
     servers.answer = held()
     policy = vs(ROUTE + "\n  retries: {attempts: 2, perTryTimeout: 100ms, retryOn: 5xx}")
-    with client(servers, policy, timeout=5.0) as c:
+    with client(servers, policy, timeout=5.0, transport=tap.transport()) as c:
         response = c.get("http://api.internal/")
     assert response.status_code == 504
     assert response.extensions["response_flags"] == ["UT", "URX"]
@@ -332,12 +359,12 @@ def test_mesh_per_try_timeout_is_the_mesh_answer(servers: Servers, tap: list[Han
     assert sum(endpoints.values()) == 3
 
 
-def test_connect_timeout_from_destination_rule(servers: Servers, tap: list[Handed]) -> None:
+def test_connect_timeout_from_destination_rule(servers: Servers, tap: Tap) -> None:
     """tcp.connectTimeout becomes the attempt's connect timeout (Istio's default is 10 s)."""
     policy = vs(ROUTE) + _dr("connectionPool: {tcp: {connectTimeout: 250ms}}")
-    with client(servers, policy, timeout=30.0) as c:
+    with client(servers, policy, timeout=30.0, transport=tap.transport()) as c:
         assert c.get("http://api.internal/").status_code == 200
-    with client(servers, vs(ROUTE), timeout=30.0) as c:
+    with client(servers, vs(ROUTE), timeout=30.0, transport=tap.transport()) as c:
         assert c.get("http://api.internal/").status_code == 200
     assert [t.timeout["connect"] for t in tap] == [0.25, 10.0]
     assert len(servers.seen) == 2
@@ -370,7 +397,7 @@ def test_the_callers_own_timeouts_do_not_eject_endpoints(servers: Servers) -> No
 
 
 def test_connecting_is_bounded_by_the_route_deadline_not_the_tries_time(
-    tap: list[Handed],
+    tap: Tap,
 ) -> None:
     """Connecting comes before the try's time (Envoy starts the per-try timer once
     connected): with a 100 ms per-try timeout and a 300 ms route timeout the transport gets
@@ -384,7 +411,9 @@ def test_connecting_is_bounded_by_the_route_deadline_not_the_tries_time(
     with (
         unanswered_port() as port,
         meshlib.Client(
-            mesh=mesh_with(api_entry(("127.0.0.1", port)) + "---\n" + policy), timeout=5.0
+            mesh=mesh_with(api_entry(("127.0.0.1", port)) + "---\n" + policy),
+            timeout=5.0,
+            transport=tap.transport(),
         ) as c,
     ):
         started = time.monotonic()
@@ -398,7 +427,7 @@ def test_connecting_is_bounded_by_the_route_deadline_not_the_tries_time(
     assert 0.25 < took < 2.0  # the connect really waited for the route's time
 
 
-def test_callers_own_connect_timeout_is_its_own_error_httpx(tap: list[Handed]) -> None:
+def test_callers_own_connect_timeout_is_its_own_error_httpx(tap: Tap) -> None:
     """httpx: the caller's connect timeout, when it is the shortest bound on connecting, is
     the caller's: the transport gets it, and its expiry raises httpx.ConnectTimeout, not
     retried (as without the mesh), though the route retries connect failures."""
@@ -407,7 +436,9 @@ def test_callers_own_connect_timeout_is_its_own_error_httpx(tap: list[Handed]) -
     with (
         unanswered_port() as port,
         meshlib.Client(
-            mesh=mesh_with(api_entry(("127.0.0.1", port)) + "---\n" + policy), timeout=timeout
+            mesh=mesh_with(api_entry(("127.0.0.1", port)) + "---\n" + policy),
+            timeout=timeout,
+            transport=tap.transport(),
         ) as c,
         pytest.raises(httpx.ConnectTimeout),
     ):
@@ -415,7 +446,7 @@ def test_callers_own_connect_timeout_is_its_own_error_httpx(tap: list[Handed]) -
     assert [(t.timeout["connect"], t.timeout["read"]) for t in tap] == [(0.2, 5.0)]
 
 
-def test_callers_own_connect_timeout_is_its_own_error_requests(tap: list[Handed]) -> None:
+def test_callers_own_connect_timeout_is_its_own_error_requests(tap: Tap) -> None:
     """requests: `timeout=(connect, read)` keeps its meaning — connecting gets the caller's
     connect value (not one capped by the read value), and its expiry raises requests'
     ConnectTimeout unretried; the DestinationRule's connect timeout, when shorter, stays the
@@ -431,7 +462,8 @@ def test_callers_own_connect_timeout_is_its_own_error_requests(tap: list[Handed]
         ):
             tap.clear()
             with requests.Session() as session:
-                session.mount("http://", MeshAdapter(mesh=mesh_with(entry + policy)))
+                mesh = mesh_with(entry + policy)
+                session.mount("http://", MeshAdapter(mesh=mesh, inner=tap.adapter()))
                 if expect_raise:
                     with pytest.raises(requests.ConnectTimeout):
                         session.get("http://api.internal/", timeout=timeout)
@@ -442,9 +474,7 @@ def test_callers_own_connect_timeout_is_its_own_error_requests(tap: list[Handed]
             assert [t.timeout for t in tap] == tries
 
 
-def test_waiting_for_the_clients_pool_is_not_the_tries_time(
-    servers: Servers, tap: list[Handed]
-) -> None:
+def test_waiting_for_the_clients_pool_is_not_the_tries_time(servers: Servers, tap: Tap) -> None:
     """Waiting for a connection of the client's own pool comes before the try's time: with
     a 100 ms perTryTimeout and no route timeout, the pool wait gets the caller's 0.3 s, and
     its expiry is the caller's httpx.PoolTimeout, not the mesh's 504."""
@@ -454,7 +484,7 @@ def test_waiting_for_the_clients_pool_is_not_the_tries_time(
             servers,
             policy,
             timeout=httpx.Timeout(5.0, pool=0.3),
-            limits=httpx.Limits(max_connections=1),
+            transport=tap.transport(limits=httpx.Limits(max_connections=1)),
         ) as c,
         c.stream("GET", "http://api.internal/busy"),  # unread: it keeps the only connection
         pytest.raises(httpx.PoolTimeout),
@@ -465,13 +495,14 @@ def test_waiting_for_the_clients_pool_is_not_the_tries_time(
     assert [seen.path for seen in servers.seen] == ["/busy"]
 
 
-def test_a_request_the_transport_refuses_is_the_apps_error(
-    servers: Servers, tap: list[Handed]
-) -> None:
+def test_a_request_the_transport_refuses_is_the_apps_error(servers: Servers, tap: Tap) -> None:
     """An unsupported scheme or a request httpx cannot send is raised as httpx raises it —
     not retried, not answered 503, not held against an endpoint."""
     policy = vs(ROUTE + "\n  retries: {attempts: 3, retryOn: reset}")
-    with client(servers, policy) as c, pytest.raises(httpx.UnsupportedProtocol):
+    with (
+        client(servers, policy, transport=tap.transport()) as c,
+        pytest.raises(httpx.UnsupportedProtocol),
+    ):
         c.get("ftp://api.internal/")
     ((handed,),) = [tap]  # sent once, to an endpoint
     assert handed.url in [f"ftp://{endpoint}/" for endpoint in servers.endpoints]
@@ -479,7 +510,7 @@ def test_a_request_the_transport_refuses_is_the_apps_error(
 
 
 def test_requests_routes_a_url_with_credentials_and_bounds_connecting(
-    servers: Servers, tap: list[Handed]
+    servers: Servers, tap: Tap
 ) -> None:
     """requests keeps `user:password@` in the URL: the mesh still routes the host (it once
     passed it through), and connecting gets no more than what is left of the route's
@@ -488,7 +519,7 @@ def test_requests_routes_a_url_with_credentials_and_bounds_connecting(
         servers, vs(ROUTE + "\n  timeout: 300ms\n  retries: {attempts: 1, perTryTimeout: 100ms}")
     )
     with requests.Session() as session:
-        session.mount("http://", MeshAdapter(mesh=mesh))
+        session.mount("http://", MeshAdapter(mesh=mesh, inner=tap.adapter()))
         response = session.get("http://user:secret@api.internal/x", timeout=5.0)
     assert response.status_code == 200
     ((seen,),) = [servers.seen]
@@ -656,7 +687,7 @@ def test_use_source_ip_sends_each_instance_to_one_endpoint(servers: Servers) -> 
     ],
 )
 def test_a_url_without_a_port_reaches_port_80_of_a_multi_port_service(
-    url: str, port: str, servers: Servers, tap: list[Handed]
+    url: str, port: str, servers: Servers, tap: Tap
 ) -> None:
     """httpx drops the default port from a URL; meshlib still routes it to service port 80
     (it answered 503 NC for a service with several ports)."""
@@ -675,7 +706,7 @@ spec:
   endpoints:
   - {{address: 127.0.0.1, ports: {{http: {ports["http"]}, http-alt: {ports["http-alt"]}}}}}
 """
-    with meshlib.Client(mesh=mesh_with(web)) as c:
+    with meshlib.Client(mesh=mesh_with(web), transport=tap.transport()) as c:
         assert c.get(url).status_code == 200
     upstream = f"127.0.0.1:{ports[port]}"
     assert [t.url for t in tap] == [f"http://{upstream}/x"]
@@ -967,11 +998,11 @@ spec:
 """
 
 
-def test_a_mirror_to_a_one_port_service_uses_that_port(servers: Servers, tap: list[Handed]) -> None:
+def test_a_mirror_to_a_one_port_service_uses_that_port(servers: Servers, tap: Tap) -> None:
     """A mirror without a port goes to the mirror service's only port, as a route destination
     does, even when the request went to another port (it was silently dropped)."""
     policy = shadow_entry(servers) + vs(ROUTE + "\n  mirror: {host: shadow.internal}")
-    with client(servers, policy) as c:
+    with client(servers, policy, transport=tap.transport()) as c:
         assert c.get("http://api.internal/x").status_code == 200
     # closing waited for the copy
     shadow = f"127.0.0.1:{servers.other.port}"
@@ -982,12 +1013,12 @@ def test_a_mirror_to_a_one_port_service_uses_that_port(servers: Servers, tap: li
     )
 
 
-def test_a_mirrored_copy_never_waits_for_good(servers: Servers, tap: list[Handed]) -> None:
+def test_a_mirrored_copy_never_waits_for_good(servers: Servers, tap: Tap) -> None:
     """With `timeout=None`, the caller's request may wait as long as it takes, but its
     mirrored copy gets 10 s in every phase: copies to a mirror that never answers cannot fill
     the slots for mirrored copies."""
     policy = vs(ROUTE + "\n  mirror: {host: api.internal}")
-    with client(servers, policy, timeout=None) as c:
+    with client(servers, policy, timeout=None, transport=tap.transport()) as c:
         assert c.get("http://api.internal/m").status_code == 200
         wait_until_sync(lambda: len(servers.seen) == 2, "the mirrored copy")
     copies = [t.timeout for t in tap if "x-envoy-attempt-count" not in t.headers]
@@ -1005,14 +1036,14 @@ def test_a_mirrored_copy_never_waits_for_good(servers: Servers, tap: list[Handed
     ],
 )
 def test_a_mirrored_copy_never_waits_for_good_requests(
-    timeout: Any, mirrored: tuple[float, float], servers: Servers, tap: list[Handed]
+    timeout: Any, mirrored: tuple[float, float], servers: Servers, tap: Tap
 ) -> None:
     """requests: a mirrored copy takes the caller's connect and read timeouts, and 10 s for
     each the caller left unset — `(2, None)` once sent the copy with no read timeout, holding
     a mirroring thread for good when the mirror never answers."""
     policy = vs(ROUTE + "\n  mirror: {host: api.internal}")
     with requests.Session() as session:
-        session.mount("http://", MeshAdapter(mesh=mesh_of(servers, policy)))
+        session.mount("http://", MeshAdapter(mesh=mesh_of(servers, policy), inner=tap.adapter()))
         assert session.get("http://api.internal/m", timeout=timeout).status_code == 200
         wait_until_sync(lambda: len(servers.seen) == 2, "the mirrored copy")
     copies = [t.timeout for t in tap if "x-envoy-attempt-count" not in t.headers]
