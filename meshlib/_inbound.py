@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from contextlib import AbstractContextManager
 from typing import Any, NamedTuple
 
 from meshlib.dataplane.outcome import Flag
@@ -19,6 +18,7 @@ from meshlib.mesh import Mesh, default_mesh
 from meshlib.telemetry import peer
 from meshlib.telemetry.access_log import AccessLogEntry
 from meshlib.telemetry.propagation import Activation, InboundContext
+from meshlib.telemetry.tracing import ServerScope
 
 logger = logging.getLogger("meshlib")
 
@@ -67,6 +67,11 @@ class InboundSides:
         if side is None or side.mesh is not mesh:
             side = self._side = InboundSide(mesh)
         return side
+
+
+def address_of(host: object, port: object) -> str:
+    """`host:port` as Envoy writes an address: an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
 class _Received(NamedTuple):
@@ -122,9 +127,9 @@ class InboundExchange:
         self.status = 0
         self.request_bytes = 0
         self.response_bytes = 0
-        self.dropped: tuple[int, int] | None = None
-        """(status, response bytes) sent when the caller went away before the response was
-        complete; None while it has not."""
+        self.dropped: tuple[int, int, float] | None = None
+        """(status, response bytes sent, when: `perf_counter`) when the caller went away
+        before the response was complete; None while it has not."""
         self.completed: float | None = None
         """When the caller had the whole response (`perf_counter`), if the adapter knows it
         before the app returns (an ASGI app may run background work after it)."""
@@ -137,7 +142,7 @@ class InboundExchange:
             self.context = mesh.propagator.extract_found(first, more)
         # `claimed`: the caller's peer metadata header, decoded only when its series is new.
         self._token: Activation | None = None
-        self._scope: AbstractContextManager[Any] | None = None
+        self._scope: ServerScope | None = None
         self._span: Any = None
         self._received: _Received | None = None
 
@@ -212,25 +217,31 @@ class InboundExchange:
 
         Once the caller had the whole response (`completed`), what the app does after (a
         background task that raises, or is cancelled) does not change what it got: the
-        request is recorded as answered, and its duration ends there, as Envoy's does."""
+        request is recorded as answered, and its duration and its span end there, as Envoy's
+        do. So do those of a request whose caller went away."""
         mesh = self.side.mesh
-        completed = self.completed
+        ended = self.completed
         dropped = self.dropped
         if dropped is not None:  # what the app sent after that reached no one
-            status, self.response_bytes = dropped
+            status, self.response_bytes, ended = dropped
             flags = Flag.DOWNSTREAM_TERMINATION
-            completed = None
-        elif completed is not None:
+        elif ended is not None:
             status, flags = self.status, "-"
+            error = None  # the app's, after the caller had it all
         elif error is not None and not isinstance(error, Exception):
             status, flags = self.status, Flag.DOWNSTREAM_TERMINATION
         else:
             status, flags = self.status or 500, "-"
         if self.response_bytes and self.method() == "HEAD":
             self.response_bytes = 0
-        duration_ms = ((completed or time.perf_counter()) - self.started) * 1000.0
+        early = ended is not None
+        if ended is None:
+            ended = time.perf_counter()
+        duration_ms = (ended - self.started) * 1000.0
         scope, self._scope = self._scope, None
         if scope is not None:
+            if early:  # the span ends with the response, not with the app's later work
+                scope.end_time = time.time_ns() - int((time.perf_counter() - ended) * 1e9)
             try:
                 try:
                     mesh.tracing.finish_server(self._span, status, None if flags == "-" else flags)

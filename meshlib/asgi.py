@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
-from meshlib._inbound import InboundExchange, InboundSide, InboundSides
+from meshlib._inbound import InboundExchange, InboundSide, InboundSides, address_of
 from meshlib._text import ascii_int
 from meshlib.mesh import Mesh
 from meshlib.telemetry import threads
@@ -111,7 +111,7 @@ class _Exchange(InboundExchange):
         client = scope.get("client")
         query = scope.get("query_string")
         return (
-            f"{client[0]}:{client[1]}" if client else None,
+            address_of(client[0], client[1]) if client else None,
             query.decode("latin-1") if query else "",
         )
 
@@ -137,7 +137,7 @@ class _Exchange(InboundExchange):
         ):
             # The caller went away before the response was complete (servers also answer
             # http.disconnect once it is, which is normal): Envoy's DC, with what was sent.
-            self.dropped = (self.status, self.response_bytes)
+            self.dropped = (self.status, self.response_bytes, time.perf_counter())
         return message
 
     def _delivered(self) -> bool:

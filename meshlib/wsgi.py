@@ -10,15 +10,22 @@ response with a length keeps it (servers set Content-Length from `len()`). A fil
 returns through the server's `wsgi.file_wrapper` is iterated by the server through the
 middleware, not sent with sendfile: what was sent, and a caller leaving midway, can then be
 counted exactly.
+
+The response bytes counted are those the server sends, as Envoy counts them: a chunk once
+the server has written it (it asks for the next one, or its `write()` returned), none for a
+204, a 304 or a 1xx, and no more than a declared Content-Length (gunicorn and waitress drop
+the rest, RFC 9110 §8.6). A `write()` the server fails with an `OSError` (the caller went
+away) is counted as Envoy's DC, with what was sent before it.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from urllib.parse import quote
 
-from meshlib._inbound import InboundExchange, InboundSide, InboundSides
+from meshlib._inbound import InboundExchange, InboundSide, InboundSides, address_of
 from meshlib._text import ascii_int
 from meshlib.mesh import Mesh
 from meshlib.telemetry import threads
@@ -53,6 +60,7 @@ class MeshWSGIMiddleware:
                 exchange.status = int(status.split(" ", 1)[0])
             except ValueError:
                 exchange.status = 0
+            exchange.body_limit = _body_limit(exchange.status, headers)
             exchange._write = write
             return exchange.write
 
@@ -66,6 +74,8 @@ class MeshWSGIMiddleware:
         try:
             iterable = self.app(environ, start)
         except BaseException as exc:  # an app error (500) or the worker stopping (DC)
+            if isinstance(exc, Exception) and not exchange.headers_sent:
+                exchange.status = 500  # what the server answers, whatever start_response said
             exchange.end(exc)
             raise
         if hasattr(iterable, "__len__"):
@@ -76,13 +86,21 @@ class MeshWSGIMiddleware:
 class _Exchange(InboundExchange):
     """One WSGI request, read from its environ."""
 
-    __slots__ = ("_write", "environ", "headers_sent")
+    __slots__ = ("_write", "body_limit", "environ", "headers_sent")
 
     def __init__(self, side: InboundSide, environ: dict[str, Any]) -> None:
         self.environ = environ
         self.headers_sent = False  # by the app's write(): an error after it is no 500
+        self.body_limit: int | None = None  # the most body bytes the server sends
         self._write: Callable[[bytes], Any] = _unstarted
         super().__init__(side)
+
+    def count_sent(self, size: int) -> None:
+        """Count `size` body bytes the server wrote, up to what it sends at all."""
+        limit = self.body_limit
+        if limit is not None:
+            size = max(0, min(size, limit - self.response_bytes))
+        self.response_bytes += size
 
     def get_all(self, name: str) -> list[str] | None:
         key = _CGI_NAMES.get(name) or "HTTP_" + name.upper().replace("-", "_")
@@ -107,7 +125,7 @@ class _Exchange(InboundExchange):
         # rebuilt from the decoded path as wsgiref does.
         raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
         if isinstance(raw, str) and raw:
-            return raw
+            return _origin_form(raw)
         path = _path(environ)
         try:
             path = quote(path, safe="/;=,", encoding="latin-1")  # PEP 3333's bytes-as-latin-1
@@ -118,17 +136,46 @@ class _Exchange(InboundExchange):
 
     def write(self, data: bytes) -> Any:
         """The app's `write()` (PEP 3333's imperative body): counted as the iterable's."""
-        result = self._write(data)  # the server's: it sends the headers first
+        try:
+            result = self._write(data)  # the server's: it sends the headers first
+        except OSError:  # the caller went away: Envoy's DC, with what it had
+            if self.dropped is None:
+                self.dropped = (self.status, self.response_bytes, time.perf_counter())
+            raise
         self.headers_sent = True
-        self.response_bytes += len(data)
+        self.count_sent(len(data))
         return result
 
     def origin(self) -> tuple[str | None, str]:
         environ = self.environ
         address = environ.get("REMOTE_ADDR")
         port = environ.get("REMOTE_PORT")
-        client = (f"{address}:{port}" if port else address) if address else None
+        client = (address_of(address, port) if port else address) if address else None
         return client, environ.get("QUERY_STRING", "")
+
+
+def _body_limit(status: int, headers: list[tuple[str, str]]) -> int | None:
+    """The most body bytes a server sends with this response (RFC 9110 §6.4.1, §8.6): none
+    for a 1xx, 204 or 304, the Content-Length when one is declared; None: no limit."""
+    if status < 200 or status in (204, 304):
+        return 0
+    for name, value in headers:
+        if name.lower() == "content-length":
+            return ascii_int(value.strip(), 19)
+    return None
+
+
+def _origin_form(target: str) -> str:
+    """The request target as Envoy's `:path` holds it: an absolute-form target
+    (`http://host/path?q`, RFC 9112 §3.2.2) reduced to its path and query."""
+    if target.startswith("/"):
+        return target
+    scheme, found, rest = target.partition("://")
+    if not found or not scheme.isalpha():
+        return target  # `*`, or not a URL: as sent
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    path = rest[cut:]
+    return path if path.startswith("/") else "/" + path
 
 
 def _path(environ: dict[str, Any]) -> str:
@@ -184,9 +231,9 @@ class _Closing:
         sent = False  # servers send the status line with the first chunk, even an empty one
         try:
             for chunk in self._iterable:
-                exchange.response_bytes += len(chunk)
                 sent = True
                 yield chunk
+                exchange.count_sent(len(chunk))  # written: the server asks for the next
         except BaseException as exc:
             self._error = exc
             if not (sent or exchange.headers_sent) and isinstance(exc, Exception):

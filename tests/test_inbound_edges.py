@@ -7,6 +7,8 @@ import time
 from typing import Any
 from wsgiref.util import shift_path_info
 
+import pytest
+
 import meshlib
 from meshlib.asgi import MeshMiddleware
 from meshlib.config import MeshConfig
@@ -141,3 +143,48 @@ def test_oversized_peer_headers_are_not_kept() -> None:
             if s.name == "istio_requests_total" and s.labels["source_workload"] == "unknown"
         ]
         assert sum(s.value for s in unknown) == 50
+
+
+def test_an_ipv6_caller_is_logged_in_brackets() -> None:
+    """Envoy writes an IPv6 address as `[addr]:port`; `::1:4567` could be read either way."""
+    mesh, entries = logged_mesh()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def wsgi_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    scope = {"type": "http", "method": "GET", "path": "/", "headers": [], "client": ("::1", 4567)}
+    with mesh:
+        asyncio.run(MeshMiddleware(app, mesh=mesh)(scope, _receive, _send))
+        _wsgi(MeshWSGIMiddleware(wsgi_app, mesh=mesh), "/", REMOTE_ADDR="::1", REMOTE_PORT="4568")
+    assert [entry.downstream_remote_address for entry in entries] == ["[::1]:4567", "[::1]:4568"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "path"),
+    [
+        ("http://ratings:9080/ok?q=1", "/ok?q=1"),
+        ("https://ratings/", "/"),
+        ("http://ratings:9080?q=1", "/?q=1"),
+        ("http://ratings:9080", "/"),
+        ("/plain?q=1", "/plain?q=1"),
+        ("*", "*"),
+    ],
+)
+def test_an_absolute_form_target_is_logged_as_its_path(raw: str, path: str) -> None:
+    """A request sent in absolute form (`GET http://host/path`, RFC 9112 §3.2.2) keeps it in
+    gunicorn's RAW_URI; the log's path is Envoy's `:path`, the path and query only."""
+    mesh, entries = logged_mesh()
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    with mesh:
+        _wsgi(MeshWSGIMiddleware(app, mesh=mesh), "/ok", RAW_URI=raw)
+    (entry,) = entries
+    assert entry.path == path

@@ -415,7 +415,9 @@ def test_what_the_app_does_after_the_whole_response_does_not_change_it(
 
     async def serve() -> None:
         task = asyncio.create_task(
-            meshlib.MeshMiddleware(app, mesh=traced.mesh)(scope([]), receive, StrictSend())
+            meshlib.MeshMiddleware(app, mesh=traced.mesh)(
+                scope([(b"traceparent", SAMPLED)]), receive, StrictSend()
+            )
         )
         if after == "cancelled":
             await asyncio.sleep(background / 2)
@@ -433,6 +435,34 @@ def test_what_the_app_does_after_the_whole_response_does_not_change_it(
     ]
     (total,) = [s.value for s in row.samples if s.name.endswith("_sum")]
     assert total < background * 1000 / 2
+    # The SERVER span too: it ends with the response, and the caller's good answer is no error.
+    (span,) = traced.spans()
+    assert span.end_time is not None and span.start_time is not None
+    assert (span.end_time - span.start_time) / 1e6 < background * 1000 / 2
+    assert span.status.status_code is not StatusCode.ERROR and not span.events
+
+
+def test_a_caller_gone_ends_the_request_when_it_left(traced: Traced) -> None:
+    """A long poll: the app learns from `http.disconnect` that its caller left, then spends
+    a while cleaning up. The request is DC, and its duration and span end when the caller
+    left, as Envoy ends the stream at the reset, not when the app returns."""
+    cleanup = 0.4
+
+    async def gone() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        assert (await receive())["type"] == "http.disconnect"
+        await asyncio.sleep(cleanup)
+
+    served = scope([(b"traceparent", SAMPLED)])
+    asyncio.run(meshlib.MeshMiddleware(app, mesh=traced.mesh)(served, gone, StrictSend()))
+    (entry,) = traced.logged
+    assert (entry.response_code, entry.response_flags) == (0, "DC")
+    assert entry.duration < cleanup * 1000 / 2
+    (span,) = traced.spans()
+    assert span.end_time is not None and span.start_time is not None
+    assert (span.end_time - span.start_time) / 1e6 < cleanup * 1000 / 2
 
 
 class FailingProcessor(SimpleSpanProcessor):

@@ -503,15 +503,16 @@ class Tracing:
         route: str | None = None,
         headers: HeaderLookup | None = None,
         query: Callable[[], str] | None = None,
-    ) -> AbstractContextManager[Span]:
+    ) -> ServerScope:
         """A SERVER span for one served request, current inside the `with` block.
 
         `context` is the inbound context extracted from the request's headers (its span is
         the remote parent); `route` (e.g. `/reviews/{id}`) names the span when known;
         `headers` reads the request's headers for `header` custom tags; `query()` gives the
-        query string (`url.query`), called only when the span records.
+        query string (`url.query`), called only when the span records. Set the scope's
+        `end_time` before the block ends when the response was complete earlier.
         """
-        return _ServerScope(self, method, path, scheme, host, context, route, headers, query)
+        return ServerScope(self, method, path, scheme, host, context, route, headers, query)
 
     def finish_server(
         self, span: Span, status: int, flags: str | Iterable[str] | None = None
@@ -587,13 +588,15 @@ class Tracing:
 class _Scope:
     """Enters a span: makes it current, and on exit ends it if meshlib made it."""
 
-    __slots__ = ("_token", "owned", "span", "tracing")
+    __slots__ = ("_token", "end_time", "owned", "span", "tracing")
 
     def __init__(self, tracing: Tracing) -> None:
         self.tracing = tracing
         self.span: Span = trace.INVALID_SPAN
         self.owned = False
         self._token: Token[Context] | None = None
+        self.end_time: int | None = None
+        """When the span ends (`time.time_ns()`), if before the block does; None: on exit."""
 
     def _start(self) -> None:
         raise NotImplementedError
@@ -618,10 +621,12 @@ class _Scope:
                 span.record_exception(exc)
                 span.set_attribute("error.type", type(exc).__qualname__)
                 span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-            span.end()
+            span.end(self.end_time)
 
 
-class _ServerScope(_Scope):
+class ServerScope(_Scope):
+    """`Tracing.server_span`'s scope."""
+
     __slots__ = ("context", "headers", "host", "method", "path", "query", "route", "scheme")
 
     def __init__(

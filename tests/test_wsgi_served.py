@@ -1,0 +1,185 @@
+"""`MeshWSGIMiddleware` under gunicorn: what the caller got on the wire is what is counted.
+
+The app runs in a real gunicorn worker on loopback; `/counted` (outside the mesh) answers
+what its access log recorded, so each test compares the bytes and status a raw socket saw
+with the request's line."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import meshlib
+
+APP = """
+import time
+
+import meshlib
+from meshlib.config import MeshConfig
+from tests.access_lines import logging_mesh
+
+mesh, lines = logging_mesh(MeshConfig(service="ratings", metrics_port=None))
+
+
+def served(environ, start_response):
+    path = environ["PATH_INFO"]
+    if path == "/raises":
+        start_response("200 OK", [("content-type", "text/plain")])
+        raise RuntimeError("failed after start_response, before any body")
+    if path == "/no-content":
+        start_response("204 No Content", [])
+        return [b"hello world"]
+    if path == "/not-modified":
+        start_response("304 Not Modified", [("content-length", "11")])
+        return [b"hello world"]
+    if path == "/overlong":
+        start_response("200 OK", [("content-length", "5")])
+        return [b"hello world"]
+    if path == "/stream":
+        start_response("200 OK", [("content-type", "text/plain")])
+
+        def chunks():
+            for _ in range(20):
+                yield b"x" * 1000
+                time.sleep(0.2)
+
+        return chunks()
+    if path == "/write":
+        write = start_response("200 OK", [("content-type", "text/plain")])
+        for _ in range(20):
+            write(b"x" * 1000)
+            time.sleep(0.2)
+        return []
+    start_response("404 Not Found", [])
+    return []
+
+
+meshed = meshlib.MeshWSGIMiddleware(served, mesh=mesh)
+
+
+def app(environ, start_response):
+    if environ["PATH_INFO"] == "/counted":
+        start_response("200 OK", [("content-type", "application/json")])
+        logged = [[e.path, e.response_code, e.response_flags, e.bytes_sent] for e in lines]
+        return [__import__("json").dumps(logged).encode()]
+    return meshed(environ, start_response)
+"""
+
+
+class Gunicorn:
+    """The app above in one gunicorn sync worker on a loopback port the OS handed out."""
+
+    def __init__(self, directory: Path) -> None:
+        (directory / "served_app.py").write_text(textwrap.dedent(APP))
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        tested = str(Path(meshlib.__file__).parent.parent)  # the compiled copy, if tested
+        path = os.pathsep.join(filter(None, (tested, os.environ.get("PYTHONPATH"))))
+        binary = str(Path(sys.executable).parent / "gunicorn")
+        self.process = subprocess.Popen(
+            [binary, "--workers", "1", "--bind", f"127.0.0.1:{self.port}", "served_app:app"],
+            cwd=directory,
+            env={**os.environ, "PYTHONPATH": path},
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while True:  # ready once it answers
+            try:
+                self.counted()
+                return
+            except OSError:
+                assert self.process.poll() is None, "gunicorn exited"
+                assert time.monotonic() < deadline, "gunicorn did not start"
+                time.sleep(0.05)
+
+    def counted(self) -> list[list[object]]:
+        """(path, response_code, response_flags, bytes_sent) of each request logged."""
+        url = f"http://127.0.0.1:{self.port}/counted"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return json.loads(response.read())  # type: ignore[no-any-return]
+
+    def raw(self, path: str, *, leave_after: int | None = None) -> bytes:
+        """What a raw HTTP/1.1 GET of `path` receives; with `leave_after`, the caller resets
+        the connection once it has that many bytes."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+            sock.sendall(
+                f"GET {path} HTTP/1.1\r\nHost: ratings\r\nConnection: close\r\n\r\n".encode()
+            )
+            got = b""
+            while leave_after is None or len(got) < leave_after:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+            if leave_after is not None:  # RST, not FIN: the server's next write fails
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        return got
+
+    def logged(self, path: str) -> list[object]:
+        """The line of `path`, once the worker has logged it."""
+        deadline = time.monotonic() + 10
+        while True:
+            lines = [line for line in self.counted() if line[0] == path]
+            if lines:
+                (line,) = lines
+                return line
+            assert time.monotonic() < deadline, f"{path} was not logged"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def gunicorn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunicorn]:
+    server = Gunicorn(tmp_path_factory.mktemp("wsgi_served"))
+    yield server
+    server.stop()
+
+
+def test_an_app_raising_after_start_response_is_the_500_the_server_answers(
+    gunicorn: Gunicorn,
+) -> None:
+    """start_response("200 OK") and then an exception, before any body: the headers never
+    went out, so gunicorn answers 500, and that is what is counted (not the 200 named)."""
+    answer = gunicorn.raw("/raises")
+    assert answer.startswith(b"HTTP/1.1 500")
+    assert gunicorn.logged("/raises")[1:3] == [500, "-"]
+
+
+@pytest.mark.parametrize(
+    ("path", "status"), [("/no-content", b"204"), ("/not-modified", b"304"), ("/overlong", b"200")]
+)
+def test_response_bytes_are_those_the_server_sends(
+    gunicorn: Gunicorn, path: str, status: bytes
+) -> None:
+    """The app returns 11 body bytes each time; the server sends none with a 204 or a 304 and
+    cuts the body at its declared Content-Length (5): the bytes counted are the bytes sent."""
+    answer = gunicorn.raw(path)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b" ")[1] == status
+    assert gunicorn.logged(path)[3] == len(body) == (5 if path == "/overlong" else 0)
+
+
+@pytest.mark.parametrize("path", ["/stream", "/write"])
+def test_a_caller_leaving_midway_is_dc_with_the_bytes_sent(gunicorn: Gunicorn, path: str) -> None:
+    """The caller resets the connection after five of twenty 1,000-byte chunks (one every
+    200 ms), whether the app returns them from a generator or sends them with write(): the
+    request is Envoy's DC, and the chunk whose write failed is not counted as sent."""
+    got = gunicorn.raw(path, leave_after=5000)
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and len(body) < 5000 + 1000
+    assert gunicorn.logged(path)[1:] == [200, "DC", 5000]
