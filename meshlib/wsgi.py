@@ -225,6 +225,7 @@ class _Closing:
         self._iterable = iterable
         self._exchange = exchange
         self._error: BaseException | None = None
+        self._finished = False  # the server iterated to the end
 
     def __iter__(self) -> Iterator[bytes]:
         exchange = self._exchange
@@ -239,14 +240,22 @@ class _Closing:
             if not (sent or exchange.headers_sent) and isinstance(exc, Exception):
                 exchange.status = 500  # nothing sent yet: the server answers 500 instead
             raise
+        self._finished = True
 
     def close(self) -> None:
+        exchange = self._exchange
+        # Closed before the end, the app not at fault: the server gave up on the response (its
+        # write failed: the caller went away). Not left to the generator's GeneratorExit, which
+        # a compiled generator may never see before close().
+        unfinished = not self._finished and not isinstance(self._error, Exception)
+        if unfinished and exchange.dropped is None:
+            exchange.dropped = (exchange.status, exchange.response_bytes, time.perf_counter())
         try:
             close = getattr(self._iterable, "close", None)
             if close is not None:
                 close()
         finally:
-            self._exchange.end(self._error)
+            exchange.end(self._error)
 
 
 class _SizedClosing(_Closing):
