@@ -39,7 +39,9 @@ Rules chosen (what a user of Istio would expect):
   tracing module started before activation.
 - **What is injected** is the *current* OpenTelemetry context at the time of the call: the
   caller's span when no tracer runs (headers pass through unchanged), the client span when
-  the tracing module started one. No trace is invented without a tracer; a request with no
+  the tracing module started one. While the caller's span is current, B3 goes on in the form
+  received (`_ReceivedB3`): OpenTelemetry's B3 propagator drops the parent span id and pads a
+  64-bit trace id to 128 bits. No trace is invented without a tracer; a request with no
   or malformed trace headers starts a new trace at the tracing module's root span. A B3
   sampling decision without ids (`b3: 0`, `x-b3-sampled: 0`) is passed on as such.
 - **B3 sampling states.** A B3 caller that sent ids without a decision (no `x-b3-sampled`, or
@@ -141,13 +143,12 @@ GRPC_TIMEOUT = "grpc-timeout"
 _W3C_FIELDS = ("traceparent", "tracestate")
 _B3_MULTI_FIELDS = ("x-b3-traceid", "x-b3-spanid", "x-b3-sampled", "x-b3-flags")
 _B3_MULTI_ALL = (*_B3_MULTI_FIELDS, "x-b3-parentspanid")
-# The headers the OpenTelemetry propagators read; looked up once per inbound request.
-_TRACE_FIELDS = (*_W3C_FIELDS, "baggage", "b3", *_B3_MULTI_FIELDS)
+# The headers the OpenTelemetry propagators read, and the B3 parent id (sent on as received);
+# looked up once per inbound request.
+_TRACE_FIELDS = (*_W3C_FIELDS, "baggage", "b3", *_B3_MULTI_ALL)
 _TRACE_SET = frozenset(_TRACE_FIELDS)
 _TIMEOUTS = frozenset((EXPECTED_TIMEOUT, GRPC_TIMEOUT))
-_RESERVED = frozenset(
-    (*_TRACE_FIELDS, "x-b3-parentspanid", REQUEST_ID, EXPECTED_TIMEOUT, GRPC_TIMEOUT)
-)
+_RESERVED = frozenset((*_TRACE_FIELDS, REQUEST_ID, EXPECTED_TIMEOUT, GRPC_TIMEOUT))
 
 _SANE_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # not to be sent in a value (a tab may)
@@ -165,6 +166,8 @@ B3_DEFERRED = "deferred"
 B3_DEBUG = "debug"
 _RECEIVED_BAGGAGE = create_key("meshlib-received-baggage")
 """Where an extracted Context keeps the `baggage` it came with (a `_Received`)."""
+_RECEIVED_B3 = create_key("meshlib-received-b3")
+"""Where an extracted Context keeps the B3 ids it came with, as received (a `_ReceivedB3`)."""
 CALLER_DECISION = create_key("meshlib-caller-decision")
 """The caller's sampling decision when it sent one without trace ids (B3's `b3: 0`,
 `x-b3-sampled: 1`, `x-b3-flags: 1`): the trace starts at this hop, as the caller decided
@@ -177,6 +180,18 @@ class _Received(NamedTuple):
 
     value: str
     extracted: Mapping[str, object]
+
+
+class _ReceivedB3(NamedTuple):
+    """The B3 ids a request came with, in the form received: what OpenTelemetry's propagators
+    drop (the parent span id) or change (a 64-bit trace id, sent padded to 128 bits)."""
+
+    trace_id: str
+    """16 or 32 lowercase hex, as received."""
+    span_id: int
+    parent: str | None
+    """`x-b3-parentspanid` or single `b3`'s fourth field: 16 lowercase hex; None if absent
+    or malformed."""
 
 
 _Inject = Callable[[dict[str, str], Context], None]
@@ -411,6 +426,9 @@ class Propagator:
                 if b3_state == B3_DEFERRED:  # held as unsampled (OpenTelemetry has no deferred)
                     otel_context = _with_decision(otel_context, False)
                 otel_context = otel_context_api.set_value(B3_SAMPLING_KEY, b3_state, otel_context)
+            received_b3 = _received_b3(carrier, otel_context)
+            if received_b3 is not None:
+                otel_context = otel_context_api.set_value(_RECEIVED_B3, received_b3, otel_context)
             if received_baggage is not None:
                 raw = received_baggage[0]
                 extracted = baggage_api.get_all(otel_context)
@@ -792,24 +810,94 @@ def _inject_baggage(
         propagator.inject(carrier, ctx, setter=default_setter)
 
 
+_B3_TRACE_ID = re.compile(r"[0-9a-fA-F]{16}|[0-9a-fA-F]{32}")  # as OpenTelemetry's B3 reads
+_B3_SPAN_ID = re.compile(r"[0-9a-fA-F]{16}")
+
+
+def _received_b3(carrier: Mapping[str, list[str]], ctx: Context) -> _ReceivedB3 | None:
+    """The B3 ids received, when the extracted span is theirs and OpenTelemetry's propagator
+    would send them on changed (a 64-bit trace id, a parent span id); else None."""
+    first = carrier.get("b3")
+    single = first[0] if first else ""
+    parent: str | None
+    if single:  # what OpenTelemetry's B3 propagators read first (split as they split it)
+        fields = single.split("-", 4)
+        if len(fields) < 2:
+            return None
+        trace_id, span_id = fields[0], fields[1]
+        parent = fields[3] if len(fields) == 4 else None
+    else:
+        trace_ids, span_ids = carrier.get("x-b3-traceid"), carrier.get("x-b3-spanid")
+        if not trace_ids or not span_ids:
+            return None
+        trace_id, span_id = trace_ids[0], span_ids[0]
+        parents = carrier.get("x-b3-parentspanid")
+        parent = parents[0].strip() if parents else None
+    if _B3_TRACE_ID.fullmatch(trace_id) is None or _B3_SPAN_ID.fullmatch(span_id) is None:
+        return None
+    if parent is not None and (_B3_SPAN_ID.fullmatch(parent) is None or int(parent, 16) == 0):
+        parent = None  # malformed: dropped, as OpenTelemetry drops every parent id
+    if len(trace_id) == 32 and parent is None:
+        return None  # nothing the propagator would change
+    span_context = get_current_span(ctx).get_span_context()
+    trace_id = trace_id.lower()
+    if not span_context.is_valid or f"{span_context.trace_id:032x}" != trace_id.rjust(32, "0"):
+        return None  # a valid traceparent won with other ids
+    if span_context.span_id != int(span_id, 16):
+        return None
+    return _ReceivedB3(trace_id, span_context.span_id, None if parent is None else parent.lower())
+
+
+def _as_received(ctx: Context) -> _ReceivedB3 | None:
+    """The B3 ids received, while the current span is still the caller's (no tracer made a
+    span of its own, whose ids B3 must then carry); else None."""
+    received = ctx.get(_RECEIVED_B3)
+    if not isinstance(received, _ReceivedB3):
+        return None
+    span_context = get_current_span(ctx).get_span_context()
+    # A span made here is local, with ids of its own; a B3 decision made here keeps the ids.
+    if span_context.is_remote and span_context.span_id == received.span_id:
+        return received
+    return None
+
+
 def _inject_b3_multi(propagator: B3MultiFormat, carrier: dict[str, str], ctx: Context) -> None:
-    """B3 multi-header, with the caller's debug flag or deferred decision kept."""
+    """B3 multi-header, with the caller's debug flag or deferred decision kept, and the
+    caller's ids as received while its span is current."""
     propagator.inject(carrier, ctx, setter=default_setter)
+    if "x-b3-traceid" not in carrier:
+        return
     state = ctx.get(B3_SAMPLING_KEY)
-    if state is not None and "x-b3-traceid" in carrier:
+    if state is not None:
         del carrier["x-b3-sampled"]  # debug implies it; deferred has none
         if state == B3_DEBUG:
             carrier["x-b3-flags"] = "1"
+    received = _as_received(ctx)
+    if received is not None:
+        carrier["x-b3-traceid"] = received.trace_id
+        if received.parent is not None:
+            carrier["x-b3-parentspanid"] = received.parent
 
 
 def _inject_b3_single(propagator: B3SingleFormat, carrier: dict[str, str], ctx: Context) -> None:
-    """B3 single header, with the caller's debug flag or deferred decision kept."""
+    """B3 single header, with the caller's debug flag or deferred decision kept, and the
+    caller's ids as received while its span is current."""
     propagator.inject(carrier, ctx, setter=default_setter)
-    state = ctx.get(B3_SAMPLING_KEY)
     value = carrier.get("b3")
-    if state is not None and value is not None:
+    if value is None:
+        return
+    state = ctx.get(B3_SAMPLING_KEY)
+    if state is not None:
         ids = value.rpartition("-")[0]  # {trace}-{span}, without the sampled field
-        carrier["b3"] = f"{ids}-d" if state == B3_DEBUG else ids
+        value = f"{ids}-d" if state == B3_DEBUG else ids
+    received = _as_received(ctx)
+    if received is not None:
+        span_and_rest = value.partition("-")[2]
+        value = f"{received.trace_id}-{span_and_rest}"
+        # The parent follows a sampling state only (a deferred `{trace}-{span}` has none).
+        if received.parent is not None and span_and_rest.count("-") == 1:
+            value = f"{value}-{received.parent}"
+    carrier["b3"] = value
 
 
 def _deadline(get_all: HeaderLookup) -> float | None:

@@ -35,6 +35,7 @@ TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 SPAN_ID = "00f067aa0ba902b7"
 B3_TRACE_ID = "80f198ee56343ba864fe8b2a57d3eff7"
 B3_SPAN_ID = "e457b5a2e4d86bd1"
+B3_PARENT_ID = "05e3ac9a4f6e3b90"
 TRACEPARENT = f"00-{TRACE_ID}-{SPAN_ID}-01"
 
 HeaderValues = str | list[str]
@@ -145,14 +146,15 @@ def test_client_span_becomes_the_parent(tracer: trace.Tracer) -> None:
 
 
 def test_b3_multi_round_trip() -> None:
-    """x-b3-* in, x-b3-* out (same ids and decision), plus W3C which is always sent."""
+    """x-b3-* in, x-b3-* out as received (same ids, parent id and decision), plus W3C which
+    is always sent."""
     p = Propagator()
     inbound = p.extract(
         get_all(
             {
                 "X-B3-TraceId": B3_TRACE_ID,
                 "X-B3-SpanId": B3_SPAN_ID,
-                "X-B3-ParentSpanId": "05e3ac9a4f6e3b90",
+                "X-B3-ParentSpanId": B3_PARENT_ID,
                 "X-B3-Sampled": "1",
             }
         )
@@ -163,23 +165,42 @@ def test_b3_multi_round_trip() -> None:
     out = outbound(p, inbound)
     assert out["x-b3-traceid"] == B3_TRACE_ID
     assert out["x-b3-spanid"] == B3_SPAN_ID
+    assert out["x-b3-parentspanid"] == B3_PARENT_ID
     assert out["x-b3-sampled"] == "1"
     assert out["traceparent"] == f"00-{B3_TRACE_ID}-{B3_SPAN_ID}-01"
     assert "b3" not in out
 
 
-def test_b3_multi_64_bit_trace_id() -> None:
-    """A 16-hex B3 trace id is accepted and sent on zero-padded to 128 bits."""
+@pytest.mark.parametrize(
+    ("headers", "b3_out"),
+    [
+        pytest.param(
+            {"x-b3-traceid": "a3ce929d0e0e4736", "x-b3-spanid": B3_SPAN_ID, "x-b3-sampled": "0"},
+            None,
+            id="multi",
+        ),
+        pytest.param(
+            {"b3": f"a3ce929d0e0e4736-{B3_SPAN_ID}-0"},
+            f"a3ce929d0e0e4736-{B3_SPAN_ID}-0",
+            id="single",
+        ),
+    ],
+)
+def test_b3_64_bit_trace_id_goes_on_as_received(
+    headers: dict[str, str], b3_out: str | None
+) -> None:
+    """A 16-hex B3 trace id is accepted and sent on in B3 as received (a B3 callee keys the
+    trace by it); W3C, which has 128-bit ids only, gets it zero-padded."""
     p = Propagator()
-    inbound = p.extract(
-        get_all(
-            {"x-b3-traceid": "a3ce929d0e0e4736", "x-b3-spanid": B3_SPAN_ID, "x-b3-sampled": "0"}
-        )
-    )
+    inbound = p.extract(get_all(headers))
     assert inbound.sampled is False
     out = outbound(p, inbound)
-    assert out["x-b3-traceid"] == "0000000000000000a3ce929d0e0e4736"
-    assert out["x-b3-sampled"] == "0"
+    if b3_out is None:
+        assert out["x-b3-traceid"] == "a3ce929d0e0e4736"
+        assert out["x-b3-sampled"] == "0"
+    else:
+        assert out["b3"] == b3_out
+    assert out["traceparent"] == f"00-0000000000000000a3ce929d0e0e4736-{B3_SPAN_ID}-00"
 
 
 def test_b3_multi_debug_flag_means_sampled_and_goes_on_as_debug() -> None:
@@ -210,7 +231,7 @@ def test_b3_multi_deferred_decision_is_none() -> None:
             {
                 "x-b3-traceid": B3_TRACE_ID,
                 "x-b3-spanid": B3_SPAN_ID,
-                "x-b3-parentspanid": "05e3ac9a4f6e3b90",
+                "x-b3-parentspanid": B3_PARENT_ID,
             },
             None,
             id="multi",
@@ -230,6 +251,7 @@ def test_b3_deferred_decision_goes_on_deferred_without_a_tracer(
     out = outbound(p, p.extract(get_all(headers)))
     if b3_out is None:
         assert (out["x-b3-traceid"], out["x-b3-spanid"]) == (B3_TRACE_ID, B3_SPAN_ID)
+        assert out["x-b3-parentspanid"] == B3_PARENT_ID
         assert "x-b3-sampled" not in out and "x-b3-flags" not in out
     else:
         assert out["b3"] == b3_out
@@ -237,11 +259,11 @@ def test_b3_deferred_decision_goes_on_deferred_without_a_tracer(
 
 
 def test_b3_single_debug_goes_on_as_debug() -> None:
-    """`b3: {trace}-{span}-d-{parent}`: sampled, sent on with `d`."""
+    """`b3: {trace}-{span}-d-{parent}`: sampled, sent on as received, with `d`."""
     p = Propagator()
-    inbound = p.extract(get_all({"b3": f"{B3_TRACE_ID}-{B3_SPAN_ID}-d-05e3ac9a4f6e3b90"}))
+    inbound = p.extract(get_all({"b3": f"{B3_TRACE_ID}-{B3_SPAN_ID}-d-{B3_PARENT_ID}"}))
     assert inbound.sampled is True
-    assert outbound(p, inbound)["b3"] == f"{B3_TRACE_ID}-{B3_SPAN_ID}-d"
+    assert outbound(p, inbound)["b3"] == f"{B3_TRACE_ID}-{B3_SPAN_ID}-d-{B3_PARENT_ID}"
 
 
 def test_a_valid_traceparent_decides_over_a_deferred_b3() -> None:
@@ -253,16 +275,147 @@ def test_a_valid_traceparent_decides_over_a_deferred_b3() -> None:
 
 
 def test_b3_single_round_trip() -> None:
-    """`b3: {trace}-{span}-{sampled}-{parent}` in, `b3` out (no x-b3-*), plus W3C."""
+    """`b3: {trace}-{span}-{sampled}-{parent}` in, the same `b3` out (no x-b3-*), plus W3C."""
     p = Propagator()
-    inbound = p.extract(get_all({"b3": f"{B3_TRACE_ID}-{B3_SPAN_ID}-1-05e3ac9a4f6e3b90"}))
+    inbound = p.extract(get_all({"b3": f"{B3_TRACE_ID}-{B3_SPAN_ID}-1-{B3_PARENT_ID}"}))
     assert span_ids(inbound.otel_context) == (B3_TRACE_ID, B3_SPAN_ID)
     assert inbound.formats == {B3_SINGLE}
     assert inbound.sampled is True
     out = outbound(p, inbound)
-    assert out["b3"] == f"{B3_TRACE_ID}-{B3_SPAN_ID}-1"
+    assert out["b3"] == f"{B3_TRACE_ID}-{B3_SPAN_ID}-1-{B3_PARENT_ID}"
     assert out["traceparent"] == f"00-{B3_TRACE_ID}-{B3_SPAN_ID}-01"
     assert "x-b3-traceid" not in out
+
+
+B3_WITH_PARENT = [
+    pytest.param(
+        {
+            "x-b3-traceid": "a3ce929d0e0e4736",
+            "x-b3-spanid": B3_SPAN_ID,
+            "x-b3-parentspanid": B3_PARENT_ID,
+            "x-b3-sampled": "1",
+        },
+        id="multi",
+    ),
+    pytest.param({"b3": f"a3ce929d0e0e4736-{B3_SPAN_ID}-1-{B3_PARENT_ID}"}, id="single"),
+]
+
+
+@pytest.mark.parametrize("headers", B3_WITH_PARENT)
+def test_b3_describes_a_span_made_here_not_the_callers(
+    headers: dict[str, str], tracer: trace.Tracer
+) -> None:
+    """With a CLIENT span current, B3 carries that span's ids (as OpenTelemetry writes them:
+    128-bit trace id), never the caller's parent id, which is not this span's parent."""
+    p = Propagator()
+    inbound = p.extract(get_all(headers))
+    with (
+        p.activated(inbound),
+        tracer.start_as_current_span("client", kind=trace.SpanKind.CLIENT) as client,
+    ):
+        out = dict(p.outbound(has_none))
+    client_span = f"{client.get_span_context().span_id:016x}"
+    padded = "0000000000000000a3ce929d0e0e4736"
+    if "b3" in headers:
+        assert out["b3"] == f"{padded}-{client_span}-1"
+    else:
+        assert (out["x-b3-traceid"], out["x-b3-spanid"]) == (padded, client_span)
+        assert "x-b3-parentspanid" not in out
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        pytest.param(
+            {
+                "x-b3-traceid": "a3ce929d0e0e4736",
+                "x-b3-spanid": B3_SPAN_ID,
+                "x-b3-parentspanid": B3_PARENT_ID,
+            },
+            {
+                "x-b3-traceid": "a3ce929d0e0e4736",
+                "x-b3-spanid": B3_SPAN_ID,
+                "x-b3-parentspanid": B3_PARENT_ID,
+                "x-b3-sampled": "1",
+            },
+            id="multi",
+        ),
+        pytest.param(
+            {"b3": f"a3ce929d0e0e4736-{B3_SPAN_ID}"},
+            {"b3": f"a3ce929d0e0e4736-{B3_SPAN_ID}-1"},
+            id="single",
+        ),
+    ],
+)
+def test_b3_goes_on_as_received_after_a_decision_made_here(
+    headers: dict[str, str], expected: dict[str, str]
+) -> None:
+    """A deferred decision made at this hop without a span of its own (`decided`, as the
+    tracing module does when it reports no SERVER span) keeps the caller's ids: B3 goes on
+    as received, with the decision."""
+    p = Propagator()
+    inbound = p.extract(get_all(headers))
+    assert inbound.sampled is None
+    decided = propagation.decided(inbound.otel_context, lambda trace_id: True)
+    out = outbound(p, inbound._replace(otel_context=decided))
+    assert out.items() >= expected.items()
+
+
+def test_b3_goes_on_with_the_ids_of_a_traceparent_that_won() -> None:
+    """A valid traceparent with other ids wins: B3 carries its ids, and not the B3 caller's
+    parent id (no parent of that span)."""
+    p = Propagator()
+    inbound = p.extract(
+        get_all(
+            {
+                "traceparent": TRACEPARENT,
+                "x-b3-traceid": "a3ce929d0e0e4736",
+                "x-b3-spanid": B3_SPAN_ID,
+                "x-b3-parentspanid": B3_PARENT_ID,
+                "b3": f"a3ce929d0e0e4736-{B3_SPAN_ID}-1-{B3_PARENT_ID}",
+            }
+        )
+    )
+    out = outbound(p, inbound)
+    assert (out["x-b3-traceid"], out["x-b3-spanid"]) == (TRACE_ID, SPAN_ID)
+    assert "x-b3-parentspanid" not in out
+    assert out["b3"] == f"{TRACE_ID}-{SPAN_ID}-1"
+
+
+def test_b3_with_the_traceparents_ids_goes_on_as_received() -> None:
+    """A caller sending both formats for one span (the same ids): B3 still goes on as
+    received, its parent id included."""
+    p = Propagator()
+    inbound = p.extract(
+        get_all(
+            {
+                "traceparent": TRACEPARENT,
+                "x-b3-traceid": TRACE_ID,
+                "x-b3-spanid": SPAN_ID,
+                "x-b3-parentspanid": B3_PARENT_ID,
+                "x-b3-sampled": "1",
+            }
+        )
+    )
+    out = outbound(p, inbound)
+    assert (out["x-b3-traceid"], out["x-b3-spanid"]) == (TRACE_ID, SPAN_ID)
+    assert out["x-b3-parentspanid"] == B3_PARENT_ID
+
+
+@pytest.mark.parametrize(
+    "parent", ["zz", "05e3ac9a4f6e3b9", "0000000000000000", "", "05E3AC9A4F6E3B90"]
+)
+def test_a_malformed_b3_parent_id_is_dropped(parent: str) -> None:
+    """A parent span id that is no 16 hex digits (or all zeros) is not sent on; the ids it
+    came with still are. Upper-case hex is valid, and sent on in lower case as B3 spells it."""
+    p = Propagator()
+    headers = {"x-b3-traceid": B3_TRACE_ID, "x-b3-spanid": B3_SPAN_ID, "x-b3-parentspanid": parent}
+    out = outbound(p, p.extract(get_all(headers)))
+    assert (out["x-b3-traceid"], out["x-b3-spanid"]) == (B3_TRACE_ID, B3_SPAN_ID)
+    if parent == "05E3AC9A4F6E3B90":
+        assert out["x-b3-parentspanid"] == B3_PARENT_ID
+    else:
+        assert "x-b3-parentspanid" not in out
 
 
 @pytest.mark.parametrize(
