@@ -62,11 +62,12 @@ Rules chosen (what a user of Istio would expect):
   gRPC's `1*8DIGIT unit`; when both arrive the smaller wins, and 0 means no deadline (Envoy
   reads a zero timeout as infinite). Outbound, the remaining time is sent in whole
   milliseconds, at least 1 (0 would read as "no deadline").
-- **Malformed input is ignored, never raised:** an invalid `traceparent`/`b3` leaves the
-  context empty (a new trace starts), an invalid `x-request-id` (empty, over 128 characters,
-  anything but visible ASCII) is replaced by a new UUIDv4, an invalid timeout means no
-  deadline, and an app header value holding a control character (CR, LF, NUL ...; a tab is
-  fine) is dropped. Repeated values of an app header are joined with ", " ("; " for
+- **Malformed input is ignored, never raised:** invalid `traceparent` or B3 ids leave the
+  context empty (a new trace starts), and a B3 sampling flag sent with invalid ids is ignored
+  with them (only one sent without ids is a decision); an invalid `x-request-id` (empty, over
+  128 characters, anything but visible ASCII) is replaced by a new UUIDv4, an invalid timeout
+  means no deadline, and an app header value holding a control character (CR, LF, NUL ...; a
+  tab is fine) is dropped. Repeated values of an app header are joined with ", " ("; " for
   `cookie`), so each name is sent once.
 - Names in `propagate_headers` that a format already handles (trace, request-id and timeout
   headers) are ignored there.
@@ -749,7 +750,10 @@ def _formats_of(carrier: Mapping[str, list[str]]) -> frozenset[str]:
 
 def _sampled(carrier: Mapping[str, list[str]], ctx: Context) -> tuple[bool | None, str | None]:
     """The caller's decision — a valid traceparent's flag, else B3's explicit one, else None —
-    and its B3 sampling state: `B3_DEBUG`, `B3_DEFERRED` (B3 ids without a decision), or None."""
+    and its B3 sampling state: `B3_DEBUG`, `B3_DEFERRED` (B3 ids without a decision), or None.
+    A B3 flag counts only with valid ids or with none at all (`b3: 1`, a lone
+    `x-b3-sampled`): one sent with malformed ids is malformed input, so a new trace starts
+    at this hop's own percentage."""
     span_context = get_current_span(ctx).get_span_context()
     valid = span_context.is_valid
     if valid:
@@ -760,11 +764,15 @@ def _sampled(carrier: Mapping[str, list[str]], ctx: Context) -> tuple[bool | Non
     single = carrier.get("b3")
     if single is not None:  # what OpenTelemetry's B3 propagators read first
         fields = single[0].strip().split("-")
+        if len(fields) > 1 and not valid:
+            return None, None  # malformed ids: ignored, and the flag sent with them too
         flag = fields[0] if len(fields) == 1 else fields[2] if len(fields) > 2 else ""
         if flag == "d":
             return True, B3_DEBUG
         sampled = True if flag == "1" else False if flag == "0" else None
     else:
+        if not valid and ("x-b3-traceid" in carrier or "x-b3-spanid" in carrier):
+            return None, None  # malformed ids: ignored, and the flag sent with them too
         flags = carrier.get("x-b3-flags")
         if flags is not None and flags[0].strip() == "1":
             return True, B3_DEBUG

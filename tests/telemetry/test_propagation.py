@@ -695,16 +695,28 @@ def test_malformed_tracestate_is_dropped() -> None:
         {"x-b3-traceid": "x" * 32, "x-b3-spanid": B3_SPAN_ID},
         {"x-b3-traceid": B3_TRACE_ID, "x-b3-spanid": B3_SPAN_ID[:-1]},
         {"x-b3-traceid": B3_TRACE_ID * 2, "x-b3-spanid": B3_SPAN_ID},
+        # A sampling flag sent with malformed ids is no decision without ids (`b3: 1`).
+        {"b3": "nothex-zz-1"},
+        {"b3": "nothex-zz-d"},
+        {"b3": f"{B3_TRACE_ID}-zz-0-{B3_SPAN_ID}"},
+        {"x-b3-traceid": "not-hex", "x-b3-spanid": "zz", "x-b3-sampled": "1"},
+        {"x-b3-traceid": "not-hex", "x-b3-spanid": "zz", "x-b3-flags": "1"},
+        {"x-b3-traceid": B3_TRACE_ID, "x-b3-sampled": "0"},  # no span id
+        {"x-b3-spanid": B3_SPAN_ID, "x-b3-sampled": "true"},  # no trace id
     ],
 )
 def test_malformed_b3_starts_a_new_trace(headers: dict[str, str]) -> None:
-    """Invalid B3 ids are ignored, never raised; the context stays empty."""
+    """Invalid B3 ids are ignored, never raised; the context stays empty, and so does the
+    sampling decision: a flag sent with them is ignored too (the new trace is sampled at this
+    hop's percentage), and no B3 header goes on."""
     p = Propagator()
     inbound = p.extract(get_all(headers))
     assert span_ids(inbound.otel_context) is None
+    assert inbound.sampled is None
+    assert inbound.otel_context.get(propagation.CALLER_DECISION) is None
     out = outbound(p, inbound)
     assert "traceparent" not in out
-    assert "x-b3-traceid" not in out
+    assert not {"b3", "x-b3-traceid", "x-b3-spanid", "x-b3-sampled", "x-b3-flags"} & out.keys()
 
 
 @pytest.mark.parametrize(

@@ -833,6 +833,60 @@ def test_a_b3_decision_without_ids_starts_the_trace_as_decided(
         assert b3 in (("1", "d") if sampled else ("0",))
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param([(b"b3", b"nothex-zz-1")], id="b3"),
+        pytest.param([(b"b3", b"nothex-zz-d")], id="b3-debug"),
+        pytest.param(
+            [(b"x-b3-traceid", b"not-hex"), (b"x-b3-spanid", b"zz"), (b"x-b3-sampled", b"1")],
+            id="multi",
+        ),
+        pytest.param(
+            [(b"x-b3-traceid", b"not-hex"), (b"x-b3-spanid", b"zz"), (b"x-b3-flags", b"1")],
+            id="multi-debug",
+        ),
+    ],
+)
+@pytest.mark.parametrize("percentage", [0.0, 100.0])
+def test_a_sampled_flag_with_malformed_b3_ids_decides_nothing(
+    headers: list[tuple[bytes, bytes]], percentage: float
+) -> None:
+    """Malformed B3 ids are ignored, and the flag sent with them too: the request starts a
+    new trace sampled at the Telemetry percentage (a decision counts only without ids)."""
+    import asyncio
+
+    import meshlib
+
+    exporter = InMemorySpanExporter()
+    provider = build_tracer_provider(CONFIG, exporter, sampler=MeshSampler(percentage), batch=False)
+    mesh = tagged_mesh(f"tracing: [{{randomSamplingPercentage: {percentage}}}]", provider)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Any) -> None:
+        pass
+
+    scope = {"type": "http", "method": "GET", "path": "/", "scheme": "http"}
+    scope["headers"] = [(b"host", b"reviews:9080"), *headers]
+    try:
+        asyncio.run(meshlib.MeshMiddleware(app, mesh=mesh)(scope, receive, send))
+    finally:
+        mesh.close()
+        provider.shutdown()
+    servers = by_kind(exporter, SpanKind.SERVER)
+    if percentage:
+        (server,) = servers
+        assert server.parent is None  # a new trace, not one the flag joined
+    else:
+        assert servers == []
+
+
 def test_an_attempt_without_a_response_carries_envoys_flag(
     provider: SdkTracerProvider, exporter: InMemorySpanExporter
 ) -> None:
