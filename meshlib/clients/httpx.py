@@ -51,6 +51,8 @@ from meshlib.clients._common import (
 from meshlib.clients._guard import passthrough_inside
 from meshlib.clients._httpx_body import hold
 from meshlib.clients._httpx_headers import appended, decoded, encoded, extended, lowercase_raw
+from meshlib.dataplane.deadline import remaining as remaining_deadline
+from meshlib.dataplane.deadline import within as within_deadline
 from meshlib.dataplane.exchange import CALLERS_TIMEOUT, Attempt, Exchange, local_answer
 from meshlib.dataplane.outcome import Flag, LocalReply, ordered
 from meshlib.dataplane.retry import (
@@ -129,11 +131,21 @@ def _upstream_url(url: httpx.URL, scheme: str, endpoint: Endpoint, path: str | N
     return new
 
 
-def _propagating(mesh: Mesh, request: httpx.Request, view: dict[str, str]) -> httpx.Request:
-    """A passthrough request with the trace context and propagated headers added."""
+_PHASES = ("connect", "read", "write", "pool")
+
+
+def _passthrough(mesh: Mesh, request: httpx.Request, view: dict[str, str]) -> httpx.Request:
+    """A passthrough request with the trace context and propagated headers added, and each
+    of its timeouts ending within the served request's deadline: meshlib does not answer for
+    a passthrough host, so the caller's deadline shows as httpx's own timeout exception."""
     propagated = mesh.propagator.outbound(view.__contains__)
     if propagated:
         request.headers = extended(request.headers, frozenset(), propagated)
+    left = remaining_deadline()
+    if left is not None:
+        caller = request.extensions.get("timeout") or {}
+        timeout = {phase: within_deadline(caller.get(phase), left) for phase in _PHASES}
+        request.extensions = {**request.extensions, "timeout": timeout}
     return request
 
 
@@ -555,7 +567,7 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         if plan.passthrough:
             with client_span(mesh, request.method, request.url, None, None, view) as span:
                 with passthrough_inside():
-                    response = self._inner.handle_request(_propagating(mesh, request, view))
+                    response = self._inner.handle_request(_passthrough(mesh, request, view))
                 passed = self._result(response)
                 end_client_span(mesh, span, passed)
                 return response, passed.headers
@@ -818,7 +830,7 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
             with client_span(mesh, request.method, request.url, None, None, view) as span:
                 with passthrough_inside():
                     response = await self._inner.handle_async_request(
-                        _propagating(mesh, request, view)
+                        _passthrough(mesh, request, view)
                     )
                 passed = self._result(response)
                 end_client_span(mesh, span, passed)

@@ -53,6 +53,8 @@ from meshlib.clients._common import (
     upstream_netloc,
 )
 from meshlib.clients._guard import passthrough_inside
+from meshlib.dataplane.deadline import remaining as remaining_deadline
+from meshlib.dataplane.deadline import within as within_deadline
 from meshlib.dataplane.exchange import CALLERS_TIMEOUT, Attempt, Exchange, local_answer
 from meshlib.dataplane.outcome import Flag, LocalReply, ordered
 from meshlib.dataplane.retry import (
@@ -448,6 +450,9 @@ class MeshAdapter(HTTPAdapter):
         if plan.passthrough:
             with client_span(mesh, request.method or "GET", request.url, None, None, view) as span:
                 _add_headers(request, mesh.propagator.outbound(view.__contains__))
+                left = remaining_deadline()
+                if left is not None:  # meshlib does not answer here: requests' Timeout shows
+                    timeout = (within_deadline(caller[0], left), within_deadline(caller[1], left))
                 response = self._send_upstream(request, timeout=timeout, **options)
                 end_client_span(mesh, span, AttemptResult(status=response.status_code))
                 return response

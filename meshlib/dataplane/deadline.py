@@ -13,6 +13,10 @@ from contextvars import ContextVar
 # Absolute time.monotonic() by which the request being served must be answered, if any.
 inbound_deadline: ContextVar[float | None] = ContextVar("meshlib_inbound_deadline", default=None)
 
+# Seconds: the shortest timeout handed to a transport. A timeout of 0 is refused (urllib3) or
+# not waited on at all (a non-blocking socket fails at once, as a connection error).
+LEAST_WAIT = 0.001
+
 
 class Deadline:
     """A point in time, or none (no timeout)."""
@@ -48,6 +52,14 @@ class Deadline:
         if left is None:
             return seconds
         return left if seconds is None else min(seconds, left)
+
+
+def within(seconds: float | None, left: float) -> float:
+    """A transport timeout of `seconds` (None: none) that ends within `left`, the seconds left
+    of a deadline; at least LEAST_WAIT."""
+    if seconds is not None and seconds <= left:
+        return seconds
+    return left if left > LEAST_WAIT else LEAST_WAIT
 
 
 def remaining() -> float | None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from meshlib.dataplane import outcome
 from meshlib.dataplane.cluster import ClusterState
-from meshlib.dataplane.deadline import Deadline
+from meshlib.dataplane.deadline import LEAST_WAIT, Deadline
 from meshlib.dataplane.limits import Ticket
 from meshlib.dataplane.outcome import Flag, LocalReply, ordered
 from meshlib.dataplane.retry import (
@@ -80,9 +80,9 @@ class Attempt:
         # then 0): a timeout of 0 is refused (urllib3) or not waited on at all (a non-blocking
         # socket fails at once: a UF or UC against a sound endpoint), so each gets the least
         # wait, and its expiry reads as the deadline's, 504 UT.
-        connect = max(connect, _LEAST_WAIT)
-        if read is not None and read < _LEAST_WAIT:
-            read = _LEAST_WAIT
+        connect = max(connect, LEAST_WAIT)
+        if read is not None and read < LEAST_WAIT:
+            read = LEAST_WAIT
         mesh_owned = mesh is not None and (caller_read is None or mesh <= caller_read)
         return connect, read, mesh_owned
 
@@ -97,9 +97,6 @@ class Attempt:
         if caller_connect is not None and caller_connect < self.connect_timeout:
             return CALLERS_TIMEOUT
         return CONNECT_FAILURE
-
-
-_LEAST_WAIT = 0.001  # seconds: the shortest connect or read timeout handed to a transport
 
 
 def _timeout_error(message: str, request: object = None) -> BaseException:

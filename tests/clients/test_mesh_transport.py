@@ -427,6 +427,90 @@ def test_connecting_is_bounded_by_the_route_deadline_not_the_tries_time(
     assert 0.25 < took < 2.0  # the connect really waited for the route's time
 
 
+def _serving(mesh: Mesh, budget_ms: str) -> contextlib.AbstractContextManager[object]:
+    """The context of a served request whose caller left `budget_ms` milliseconds."""
+    inbound = {"x-envoy-expected-rq-timeout-ms": [budget_ms]}
+    return mesh.propagator.activated(mesh.propagator.extract(inbound.get))
+
+
+def test_a_passthrough_call_ends_at_the_served_requests_deadline(servers: Servers) -> None:
+    """A passthrough call (a host the mesh does not know) made while serving a request with
+    100 ms left waits no longer than that for a held answer, though the caller's own timeout
+    is 5 s: meshlib does not answer for such a host, so it ends as each client's own read
+    timeout. (It used to wait for the upstream's answer, past the deadline.)"""
+    servers.answer = held(3.0)
+    mesh = mesh_of(servers, vs(ROUTE))
+    url = f"http://127.0.0.1:{servers.other.port}/"
+    took: list[float] = []
+
+    async def call_async() -> None:
+        async with meshlib.AsyncClient(mesh=mesh, timeout=5.0) as c:
+            with _serving(mesh, "100"), pytest.raises(httpx.ReadTimeout):
+                started = time.monotonic()
+                try:
+                    await c.get(url)
+                finally:
+                    took.append(time.monotonic() - started)
+
+    with meshlib.Client(mesh=mesh, timeout=5.0) as c, requests.Session() as s:
+        s.mount("http://", MeshAdapter(mesh=mesh))
+        with _serving(mesh, "100"), pytest.raises(httpx.ReadTimeout):
+            started = time.monotonic()
+            try:
+                c.get(url)
+            finally:
+                took.append(time.monotonic() - started)
+        asyncio.run(call_async())
+        with _serving(mesh, "100"), pytest.raises(requests.exceptions.ReadTimeout):
+            started = time.monotonic()
+            try:
+                s.get(url, timeout=5.0)
+            finally:
+                took.append(time.monotonic() - started)
+    assert len(took) == 3 and all(0.05 < t < 1.0 for t in took), took
+    wait_until_sync(lambda: len(servers.seen) == 3, "the server to see the calls")
+    budgets = [int(seen.get("x-envoy-expected-rq-timeout-ms") or 0) for seen in servers.seen]
+    assert all(50 <= ms <= 100 for ms in budgets), budgets
+
+
+def test_a_passthrough_calls_timeouts_end_within_the_deadline(tap: Tap) -> None:
+    """Each timeout a passthrough call hands its transport ends within what is left of the
+    served request's deadline; a shorter one of the caller's stays as it is; with no time
+    left at all each is the least wait (1 ms, not 0, which a transport refuses or does not
+    wait on), so the call fails at once with the client's own timeout exception."""
+    mesh = mesh_with(SERVICE)
+    with unanswered_port() as port:  # a connect that never completes: the timeout must end it
+        url = f"http://127.0.0.1:{port}/"
+        with meshlib.Client(mesh=mesh, transport=tap.transport()) as c:
+            with _serving(mesh, "10000"), pytest.raises(httpx.ConnectTimeout):
+                c.get(url, timeout=httpx.Timeout(30.0, connect=0.2, pool=None))
+            (handed,) = tap
+            assert handed.timeout["connect"] == 0.2
+            assert all(9.0 < handed.timeout[phase] <= 10.0 for phase in ("read", "write", "pool"))
+            tap.clear()
+            with _serving(mesh, "1"):
+                time.sleep(0.01)  # no time left
+                started = time.monotonic()
+                with pytest.raises(httpx.ConnectTimeout):
+                    c.get(url)
+                took = time.monotonic() - started
+            phases = ("connect", "read", "write", "pool")
+            assert [dict(t.timeout) for t in tap] == [dict.fromkeys(phases, 0.001)]
+            assert took < 0.5
+        tap.clear()
+        with requests.Session() as session:
+            session.mount("http://", MeshAdapter(mesh=mesh, inner=tap.adapter()))
+            with _serving(mesh, "10000"), pytest.raises(requests.exceptions.ConnectTimeout):
+                session.get(url, timeout=(0.2, 30.0))
+            ((connect, read),) = [t.timeout for t in tap]
+            assert connect == 0.2 and 9.0 < read <= 10.0
+            tap.clear()
+            with _serving(mesh, "1"), pytest.raises(requests.exceptions.ConnectTimeout):
+                time.sleep(0.01)  # no time left
+                session.get(url)  # no timeout of its own
+            assert [t.timeout for t in tap] == [(0.001, 0.001)]
+
+
 def test_callers_own_connect_timeout_is_its_own_error_httpx(tap: Tap) -> None:
     """httpx: the caller's connect timeout, when it is the shortest bound on connecting, is
     the caller's: the transport gets it, and its expiry raises httpx.ConnectTimeout, not
