@@ -762,7 +762,7 @@ def _sampled(carrier: Mapping[str, list[str]], ctx: Context) -> tuple[bool | Non
             return span_context.trace_flags.sampled, None
     sampled: bool | None = None
     single = carrier.get("b3")
-    if single is not None:  # what OpenTelemetry's B3 propagators read first
+    if single is not None and single[0]:  # what OpenTelemetry's B3 propagators read first
         fields = single[0].strip().split("-")
         if len(fields) > 1 and not valid:
             return None, None  # malformed ids: ignored, and the flag sent with them too

@@ -203,6 +203,20 @@ def test_b3_64_bit_trace_id_goes_on_as_received(
     assert out["traceparent"] == f"00-0000000000000000a3ce929d0e0e4736-{B3_SPAN_ID}-00"
 
 
+def test_an_empty_b3_header_leaves_the_multi_headers_their_decision() -> None:
+    """An empty `b3` beside valid x-b3-* headers: OpenTelemetry's propagator reads the multi
+    headers then (an empty single header is none), and so does the decision they carry."""
+    p = Propagator()
+    inbound = p.extract(
+        get_all(
+            {"b3": "", "x-b3-traceid": B3_TRACE_ID, "x-b3-spanid": B3_SPAN_ID, "x-b3-sampled": "1"}
+        )
+    )
+    assert span_ids(inbound.otel_context) == (B3_TRACE_ID, B3_SPAN_ID)
+    assert inbound.sampled is True
+    assert outbound(p, inbound)["x-b3-sampled"] == "1"
+
+
 def test_b3_multi_debug_flag_means_sampled_and_goes_on_as_debug() -> None:
     """X-B3-Flags: 1 (debug) implies sampled, and is sent on as debug: `x-b3-flags: 1`
     without `x-b3-sampled` (which the B3 spec says not to send with it)."""
