@@ -216,17 +216,27 @@ class Snapshot:
         return RouteDecision(host, port, None, None, passthrough=True)
 
     def destination_policy(self, host: str) -> DestinationPolicy | None:
-        return self._policies.get(host)
+        """The DestinationRule(s) for `host`.
+
+        A host only a wildcard ServiceEntry covers (`api.example.com` under `*.example.com`)
+        gets its service's: pilot looks rules up for the service's hostname, the wildcard.
+        """
+        policy = self._policies.get(host)
+        if policy is None and self._wildcard_services and host not in self._services:
+            service = self.service(host)
+            if service is not None:
+                policy = self._policies.get(service.hostname)
+        return policy
 
     def traffic_policy(self, host: str, subset: str | None, port: int | None) -> TrafficPolicy:
         """The merged traffic policy for a destination (ISTIO.md §2.2)."""
-        policy = self._policies.get(host)
+        policy = self.destination_policy(host)
         if policy is None:
             return _NO_POLICY
         return policy.policy_for(subset, port)
 
     def has_subset(self, host: str, subset: str) -> bool:
-        policy = self._policies.get(host)
+        policy = self.destination_policy(host)
         return policy is not None and subset in policy.subsets
 
     def endpoints(self, host: str, subset: str | None, port: int | None) -> tuple[Endpoint, ...]:
@@ -250,7 +260,7 @@ class Snapshot:
             return ()
         labels: Mapping[str, str] = {}
         if subset is not None:
-            policy = self._policies.get(host)
+            policy = self.destination_policy(host)
             chosen = policy.subsets.get(subset) if policy else None
             if chosen is None:
                 return ()

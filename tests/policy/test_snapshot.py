@@ -939,6 +939,46 @@ def test_dns_service_entry_without_endpoints_targets_the_host() -> None:
     ]
 
 
+def test_a_wildcard_service_entrys_destination_rule_applies_to_the_hosts_it_covers() -> None:
+    """With no VirtualService, a host under a wildcard ServiceEntry takes the rules for the
+    wildcard: pilot looks them up for the service's hostname, `*.example.com`."""
+    snapshot = build(
+        """
+        apiVersion: networking.istio.io/v1
+        kind: ServiceEntry
+        metadata: {name: ext}
+        spec:
+          hosts: ["*.example.com"]
+          ports: [{number: 80, name: http, protocol: HTTP}]
+          resolution: STATIC
+          endpoints: [{address: 10.0.0.7, labels: {version: v1}}]
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: ext}
+        spec:
+          host: "*.example.com"
+          trafficPolicy:
+            loadBalancer: {simple: ROUND_ROBIN}
+            connectionPool: {http: {http1MaxPendingRequests: 1}}
+          subsets: [{name: v1, labels: {version: v1}}]
+        """,
+        services=False,
+    )
+    decision = snapshot.route(request("api.example.com"))
+    assert decision.route is not None and not decision.passthrough
+    host = decision.route.destinations[0].host
+    assert host == "api.example.com"  # the cluster stays the request's host (docs/policy.md)
+    policy = snapshot.traffic_policy(host, None, 80)
+    assert policy.load_balancer is not None and policy.load_balancer.simple == "ROUND_ROBIN"
+    assert policy.connection_pool is not None and policy.connection_pool.http is not None
+    assert policy.connection_pool.http.http1_max_pending_requests == 1
+    assert snapshot.has_subset(host, "v1")
+    assert [str(e) for e in snapshot.endpoints(host, "v1", 80)] == ["10.0.0.7:80"]
+    # A host no entry covers gets nothing from the wildcard rule.
+    assert snapshot.traffic_policy("api.example.org", None, 80).load_balancer is None
+
+
 def test_snapshot_generations_increase() -> None:
     """Each build gets a larger generation number."""
     first, second = build(""), build("")
