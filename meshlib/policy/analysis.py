@@ -16,7 +16,7 @@ from meshlib.policy.destination_rule import DestinationRule
 from meshlib.policy.hosts import to_fqdn, wildcard_matches
 from meshlib.policy.resources import Resource
 from meshlib.policy.service_entry import ServiceEntry
-from meshlib.policy.snapshot import latest_definitions, oldest_first, visible_to
+from meshlib.policy.snapshot import MostSpecific, latest_definitions, oldest_first, visible_to
 from meshlib.policy.telemetry import Telemetry, cel_string_literal, header_name, settable_label
 from meshlib.policy.virtual_service import Destination, VirtualService
 
@@ -42,10 +42,11 @@ class _Analyzer:
         ]
         entries: list[Resource[ServiceEntry]] = [r for r in resources if r.kind == "ServiceEntry"]
         self.service_hosts = {h.lower() for r in entries for h in r.spec.hosts}
-        self.subsets: dict[str, set[str]] = {}
+        subsets: dict[str, set[str]] = {}
         for rule in self.rules:
             host = self.fqdn(rule.spec.host, rule.namespace)
-            self.subsets.setdefault(host, set()).update(s.name for s in rule.spec.subsets)
+            subsets.setdefault(host, set()).update(s.name for s in rule.spec.subsets)
+        self.subsets = MostSpecific(subsets)  # as the Snapshot finds rules, not in file order
 
     def fqdn(self, host: str, namespace: str) -> str:
         return to_fqdn(host, namespace, self.domain)
@@ -194,12 +195,7 @@ class _Analyzer:
     ) -> Iterator[Diagnostic]:
         host = self.fqdn(dest.host, resource.namespace)
         if dest.subset is not None:
-            subsets = self.subsets.get(host)
-            if subsets is None:
-                subsets = next(
-                    (s for pattern, s in self.subsets.items() if wildcard_matches(pattern, host)),
-                    None,
-                )
+            subsets = self.subsets.find(host)
             if not subsets or dest.subset not in subsets:
                 yield _finding(
                     "error",

@@ -15,7 +15,7 @@ import itertools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from meshlib.config import MeshConfig
 from meshlib.policy._gc import collector_paused
@@ -37,6 +37,7 @@ from meshlib.policy.virtual_service import HTTPRoute, VirtualService
 
 _NO_POLICY = TrafficPolicy()
 _generations = itertools.count(1)
+_V = TypeVar("_V")
 
 
 @dataclass(frozen=True, slots=True)
@@ -647,18 +648,31 @@ def _exported_to(resource: Resource[DestinationRule], namespace: str) -> bool:
     return not export_to or "*" in export_to or namespace in export_to
 
 
-class _RulePool:
-    """DestinationRules by FQDN host, found as pilot's `MostSpecificHostMatch` finds them."""
+class MostSpecific(Generic[_V]):
+    """Values by host, found as pilot's `MostSpecificHostMatch` finds them: the exact host,
+    else the most specific (longest) wildcard covering it. `meshlib check` finds subsets so too.
+    """
 
-    def __init__(self, by_host: Mapping[str, list[Resource[DestinationRule]]]) -> None:
+    __slots__ = ("by_host", "wildcards")
+
+    def __init__(self, by_host: Mapping[str, _V]) -> None:
         self.by_host = by_host
-        self.wildcards = [(p, rs) for p, rs in _by_specificity(by_host) if p.startswith("*")]
+        self.wildcards = [(p, v) for p, v in _by_specificity(by_host) if p.startswith("*")]
 
-    def find(self, host: str) -> list[Resource[DestinationRule]]:
+    def find(self, host: str) -> _V | None:
         found = self.by_host.get(host)
         if found is None:
-            found = next((rs for p, rs in self.wildcards if wildcard_matches(p, host)), [])
+            found = next((v for p, v in self.wildcards if wildcard_matches(p, host)), None)
         return found
+
+
+class _RulePool(MostSpecific[list[Resource[DestinationRule]]]):
+    """DestinationRules by FQDN host."""
+
+    __slots__ = ()
+
+    def find(self, host: str) -> list[Resource[DestinationRule]]:
+        return super().find(host) or []
 
 
 def _merge(host: str, rules: list[Resource[DestinationRule]]) -> DestinationPolicy:

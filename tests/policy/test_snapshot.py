@@ -1036,3 +1036,41 @@ def test_analysis_reports_a_delegate_not_exported_to_the_root() -> None:
     ), findings
     exported = load_text(textwrap.dedent(EXPORTED_DELEGATE % ""), "vs.yaml")
     assert not any("delegate" in str(d) for d in analyze(exported.resources))
+
+
+@pytest.mark.parametrize("order", [("all-com", "example"), ("example", "all-com")])
+def test_analysis_finds_a_subset_in_the_most_specific_wildcard_rule(
+    order: tuple[str, str],
+) -> None:
+    """`check` takes the rule the Snapshot takes, the most specific wildcard, whatever the
+    file order."""
+    from meshlib.policy.analysis import analyze
+
+    rules = {
+        "all-com": 'host: "*.com"\n  trafficPolicy: {loadBalancer: {simple: RANDOM}}',
+        "example": 'host: "*.example.com"\n  subsets: [{name: v1, labels: {version: v1}}]',
+    }
+    text = """
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api}
+spec:
+  hosts: [api.example.com]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 10.0.0.1, labels: {version: v1}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api}
+spec:
+  hosts: [api.example.com]
+  http: [{route: [{destination: {host: api.example.com, subset: v1}}]}]
+"""
+    for name in order:
+        text += "---\nkind: DestinationRule\napiVersion: networking.istio.io/v1\n"
+        text += f"metadata: {{name: {name}}}\nspec:\n  {rules[name]}\n"
+    result = load_text(text, "mesh.yaml")
+    assert result.errors == (), [str(e) for e in result.errors]
+    assert Snapshot.build(result.resources, MeshConfig()).has_subset("api.example.com", "v1")
+    assert [str(d) for d in analyze(result.resources)] == []
