@@ -15,7 +15,7 @@ import itertools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from meshlib.config import MeshConfig
 from meshlib.policy._gc import collector_paused
@@ -38,6 +38,14 @@ from meshlib.policy.virtual_service import HTTPRoute, VirtualService
 _NO_POLICY = TrafficPolicy()
 _generations = itertools.count(1)
 _V = TypeVar("_V")
+
+
+class _Exported(Protocol):
+    @property
+    def export_to(self) -> tuple[str, ...]: ...
+
+
+_S = TypeVar("_S", bound=_Exported)
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,10 +351,17 @@ def virtual_service_precedence(
     """
     ordered = [r for r in resources if r.spec.hosts and not _delegates(r.spec)]
     ordered += [r for r in resources if r.spec.hosts and _delegates(r.spec)]
-    private: list[Resource[VirtualService]] = []
-    exported: list[Resource[VirtualService]] = []
-    public: list[Resource[VirtualService]] = []
-    for resource in ordered:
+    return visibility_order(ordered, namespace)
+
+
+def visibility_order(resources: Iterable[Resource[_S]], namespace: str) -> list[Resource[_S]]:
+    """The resources visible in `namespace`, grouped as pilot lists them for it: private to
+    it (`exportTo` `.` or its name), then exported to it by name, then public (no `exportTo`,
+    or `*`). Each group keeps the order of `resources`."""
+    private: list[Resource[_S]] = []
+    exported: list[Resource[_S]] = []
+    public: list[Resource[_S]] = []
+    for resource in resources:
         export_to = resource.spec.export_to
         if not export_to or "*" in export_to:
             public.append(resource)
@@ -407,19 +422,18 @@ class _Builder:
         t.authorization_policies = tuple(self.of_kind("AuthorizationPolicy"))
         t.telemetries = tuple(self.of_kind("Telemetry"))
 
-    def _visible(self, resource: Resource[Any], export_to: tuple[str, ...]) -> bool:
-        return visible_to(resource, self.config.namespace, export_to)
-
     # -- services ------------------------------------------------------------------------
 
     def _services(self) -> dict[str, Service]:
         workload_entries: list[Resource[WorkloadEntry]] = self.of_kind("WorkloadEntry")
         services: dict[str, Service] = {}
-        entries: list[Resource[ServiceEntry]] = oldest_first(self.of_kind("ServiceEntry"))
+        # As pilot's servicesExportedToNamespace: the first entry for a host in this order wins.
+        entries: list[Resource[ServiceEntry]] = visibility_order(
+            (r for r in oldest_first(self.of_kind("ServiceEntry")) if "~" not in r.spec.export_to),
+            self.config.namespace,
+        )
         for resource in entries:
             spec = resource.spec
-            if not self._visible(resource, spec.export_to) or "~" in spec.export_to:
-                continue
             workloads = spec.endpoints
             if spec.workload_selector is not None:
                 selector = spec.workload_selector.labels
@@ -432,7 +446,7 @@ class _Builder:
             for host in spec.hosts:
                 host = host.lower()
                 if host in services:
-                    continue  # the oldest ServiceEntry for a host wins
+                    continue
                 services[host] = Service(
                     hostname=host,
                     namespace=resource.namespace,

@@ -860,6 +860,63 @@ def test_virtual_service_with_a_delegate_comes_after_one_without() -> None:
     assert snapshot.route(request()).virtual_service == "default/plain"
 
 
+def _partner_se(name: str, namespace: str, created: str, export_to: str, address: str) -> str:
+    return f"""
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: {name}, namespace: {namespace}, creationTimestamp: '{created}'}}
+spec:
+  hosts: [api.partner.com]
+  exportTo: {export_to}
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: {address}}}]
+"""
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "winner"),
+    [
+        pytest.param(
+            ("shared", "egress", "2024-01-01T00:00:00Z", "[]", "10.0.0.1"),
+            ("mine", "default", "2024-06-01T00:00:00Z", "['.']", "10.0.0.2"),
+            "ServiceEntry default/mine",
+            id="private-before-public",
+        ),
+        pytest.param(
+            ("shared", "egress", "2024-01-01T00:00:00Z", "['*']", "10.0.0.1"),
+            ("to-me", "shop", "2024-06-01T00:00:00Z", "[default]", "10.0.0.2"),
+            "ServiceEntry shop/to-me",
+            id="exported-by-name-before-public",
+        ),
+        pytest.param(
+            ("to-me", "shop", "2024-01-01T00:00:00Z", "[default]", "10.0.0.1"),
+            ("mine", "default", "2024-06-01T00:00:00Z", "[default]", "10.0.0.2"),
+            "ServiceEntry default/mine",
+            id="private-before-exported",
+        ),
+        pytest.param(
+            ("old", "egress", "2024-01-01T00:00:00Z", "[]", "10.0.0.1"),
+            ("new", "default", "2024-06-01T00:00:00Z", "[]", "10.0.0.2"),
+            "ServiceEntry egress/old",
+            id="public-oldest-first",
+        ),
+    ],
+)
+def test_service_entry_precedence_follows_pilot(
+    first: tuple[str, ...], second: tuple[str, ...], winner: str
+) -> None:
+    """Of several ServiceEntries for a host, the first in pilot's servicesExportedToNamespace
+    wins: those private to the client namespace, then those exported to it by name, then
+    public ones; the oldest first in each group."""
+    snapshot = build(_partner_se(*first) + _partner_se(*second), services=False)
+    service = snapshot.service("api.partner.com")
+    assert service is not None and service.source == winner
+    address = (first if winner.endswith(f"/{first[0]}") else second)[4]
+    assert [str(e) for e in snapshot.endpoints("api.partner.com", None, 80)] == [f"{address}:80"]
+
+
 @pytest.mark.parametrize(
     ("older", "newer"),
     [
