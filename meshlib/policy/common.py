@@ -182,6 +182,58 @@ def check_host(host: str, path: Path, sink: Sink, *, allow_star: bool = True) ->
         sink.error(path, f"invalid host {host!r} (a DNS name, optionally with a '*.' prefix)")
 
 
+# A namespace name, as Kubernetes requires it: a lowercase DNS-1123 label.
+_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def check_export_to(
+    export_to: tuple[str, ...],
+    namespace: str,
+    path: Path,
+    sink: Sink,
+    *,
+    allow_none: bool = False,
+    workload_selector: bool = False,
+) -> None:
+    """Report an `exportTo` Istio's validateExportTo rejects; `path` is the exportTo list.
+
+    Entries are namespace names, `.` (`namespace`, the resource's own) or `*`; `~` (nobody)
+    only where `allow_none` (a ServiceEntry). `*` and `~` stand alone. A DestinationRule with a
+    `workload_selector` stays in its own namespace.
+    """
+    seen: dict[str, str] = {}  # namespace -> the entry that named it
+    for index, entry in enumerate(export_to):
+        key = namespace if entry == "." else entry  # `.` and the namespace's name are one entry
+        where = (*path, index)
+        if key in seen:
+            if seen[key] != entry:
+                sink.error(where, f"duplicate entry: '.' and {key!r} both name this namespace")
+            else:
+                sink.error(where, f"duplicate entry {entry!r}")
+        elif entry == "~" and not allow_none:
+            sink.error(where, "'~' (export to none) is allowed only on a ServiceEntry")
+        elif entry not in (".", "*", "~") and not _NAMESPACE.fullmatch(entry):
+            none = ", '~'" if allow_none else ""
+            sink.error(
+                where,
+                f"invalid entry {entry!r} (a namespace name in lowercase, '.', '*'{none})",
+            )
+        else:
+            if workload_selector and key != namespace and not seen.keys() - {namespace}:
+                sink.error(  # once, at the first entry beyond, as Istio reports it
+                    where,
+                    "a DestinationRule with a workloadSelector cannot be exported"
+                    " beyond its own namespace",
+                )
+            seen[key] = entry
+    for alone, meaning in (("*", "every namespace"), ("~", "no namespace")):
+        if alone in seen and len(export_to) > 1:
+            sink.error(
+                (*path, export_to.index(alone)),
+                f"{alone!r} ({meaning}) cannot be listed with other entries",
+            )
+
+
 def check_port(number: int, path: Path, sink: Sink) -> None:
     if not 1 <= number <= 65535:
         sink.error(path, f"invalid port {number} (allowed: 1-65535)")

@@ -13,6 +13,7 @@ from meshlib.policy.common import (
     Percent,
     PortSelector,
     WorkloadSelector,
+    check_export_to,
     check_host,
 )
 
@@ -311,9 +312,16 @@ class DestinationRule:
             if subset.name in names:
                 sink.error((*path, "subsets", index, "name"), f"duplicate subset {subset.name!r}")
             names.add(subset.name)
-        for index, namespace in enumerate(self.export_to):
-            if namespace == "~":
-                sink.error((*path, "exportTo", index), "'~' (export to none) is not allowed")
+
+    def validate_in_namespace(self, namespace: str, path: Path, sink: Sink) -> None:
+        """Checks that need the resource's namespace (`.` in exportTo names it)."""
+        check_export_to(
+            self.export_to,
+            namespace,
+            (*path, "exportTo"),
+            sink,
+            workload_selector=self.workload_selector is not None,
+        )
 
     def subset(self, name: str) -> Subset | None:
         for subset in self.subsets:

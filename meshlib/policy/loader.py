@@ -254,6 +254,10 @@ def _resource(data: Any, sink: _Collector, default_namespace: str) -> Resource[A
     if raw_spec is None and unknown:
         return None  # a misspelt spec: checking an empty one would only add noise
     spec = convert(spec_type.spec_type, {} if raw_spec is None else raw_spec, ("spec",), sink)
+    # Checks a spec cannot make alone: exportTo's `.` stands for the resource's namespace.
+    in_namespace = getattr(spec_type.spec_type, "validate_in_namespace", None)
+    if in_namespace is not None and spec is not INVALID:
+        in_namespace(spec, namespace, ("spec",), sink)
     if sink.failed or metadata is INVALID or spec is INVALID:
         return None
     created = _timestamp(metadata.creation_timestamp, sink)

@@ -8,7 +8,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 from meshlib.policy._schema import Path, Sink, spec_field
-from meshlib.policy.common import WorkloadSelector, check_host, is_dns_label, is_ip
+from meshlib.policy.common import (
+    WorkloadSelector,
+    check_export_to,
+    check_host,
+    is_dns_label,
+    is_ip,
+)
 
 PROTOCOLS = frozenset(
     [
@@ -153,3 +159,8 @@ class ServiceEntry:
                     )
         if resolution == "DNS_ROUND_ROBIN" and len(self.endpoints) > 1:
             sink.error((*path, "endpoints"), "DNS_ROUND_ROBIN takes at most one endpoint")
+
+    def validate_in_namespace(self, namespace: str, path: Path, sink: Sink) -> None:
+        """Checks that need the resource's namespace (`.` in exportTo names it)."""
+        # `~` (visible to no one) is Istio's on ServiceEntry only
+        check_export_to(self.export_to, namespace, (*path, "exportTo"), sink, allow_none=True)

@@ -18,6 +18,7 @@ from meshlib.policy.common import (
     Percent,
     PortSelector,
     StringMatch,
+    check_export_to,
     check_host,
     check_regex,
     is_dns_label,
@@ -493,9 +494,6 @@ class VirtualService:
             sink.error((*path, "hosts"), "the wildcard host '*' is not allowed for the mesh")
         if len(set(self.hosts)) != len(self.hosts):
             sink.error((*path, "hosts"), "duplicate host")
-        for index, namespace in enumerate(self.export_to):
-            if namespace == "~":
-                sink.error((*path, "exportTo", index), "'~' (export to none) is not allowed")
         if not self.http and not self.tcp and not self.tls:
             sink.error(path, "http, tcp or tls must be provided")
         if self.applies_to_mesh:
@@ -518,6 +516,10 @@ class VirtualService:
                         (*path, "http", index, "delegate"),
                         "a delegate VirtualService cannot delegate again",
                     )
+
+    def validate_in_namespace(self, namespace: str, path: Path, sink: Sink) -> None:
+        """Checks that need the resource's namespace (`.` in exportTo names it)."""
+        check_export_to(self.export_to, namespace, (*path, "exportTo"), sink)
 
     @property
     def applies_to_mesh(self) -> bool:

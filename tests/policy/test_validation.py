@@ -79,6 +79,18 @@ def se(spec: str) -> str:
     return resource("ServiceEntry", spec)
 
 
+# A valid spec of each kind meshlib serves.
+MINIMAL_SPECS = {
+    "VirtualService": "hosts: [r]\nhttp: [{route: [{destination: {host: r}}]}]",
+    "DestinationRule": "host: r",
+    "ServiceEntry": "hosts: [api.example.com]\nports: [{number: 443, name: https}]",
+    "WorkloadEntry": "address: 10.0.0.1",
+    "PeerAuthentication": "mtls: {mode: STRICT}",
+    "AuthorizationPolicy": "rules: [{}]",
+    "Telemetry": "tracing: [{randomSamplingPercentage: 10}]",
+}
+
+
 def load(text: str) -> LoadResult:
     return load_text(text, FILE)
 
@@ -1090,6 +1102,101 @@ def test_workload_entry_needs_an_address_or_network() -> None:
     check_valid(resource("WorkloadEntry", "network: remote\nlabels: {app: a}"))
 
 
+def exported(kind: str, export_to: str, *, selector: bool = False) -> str:
+    """A minimal `kind` in namespace default whose exportTo (a YAML value) starts on line 6."""
+    extra = "\nworkloadSelector: {labels: {app: a}}" if selector else ""
+    return resource(kind, f"exportTo: {export_to}\n{MINIMAL_SPECS[kind]}{extra}")
+
+
+EXPORT_TO_ERRORS = [
+    pytest.param(
+        exported("VirtualService", "[Default]"),
+        "spec.exportTo[0]",
+        6,
+        "invalid entry 'Default' (a namespace name in lowercase, '.', '*')",
+        id="uppercase-namespace",
+    ),
+    pytest.param(
+        exported("ServiceEntry", "[my_ns]"),
+        "spec.exportTo[0]",
+        6,
+        "invalid entry 'my_ns' (a namespace name in lowercase, '.', '*', '~')",
+        id="not-a-dns-label",
+    ),
+    pytest.param(
+        exported("DestinationRule", "['.', '.']"),
+        "spec.exportTo[1]",
+        6,
+        "duplicate entry '.'",
+        id="duplicate",
+    ),
+    pytest.param(
+        exported("VirtualService", "['.', default]"),
+        "spec.exportTo[1]",
+        6,
+        "duplicate entry: '.' and 'default' both name this namespace",
+        id="dot-and-own-namespace",
+    ),
+    pytest.param(
+        exported("ServiceEntry", "\n- foo\n- '*'"),
+        "spec.exportTo[1]",
+        8,
+        "'*' (every namespace) cannot be listed with other entries",
+        id="star-with-others",
+    ),
+    pytest.param(
+        exported("ServiceEntry", "['~', foo]"),
+        "spec.exportTo[0]",
+        6,
+        "'~' (no namespace) cannot be listed with other entries",
+        id="none-with-others",
+    ),
+    pytest.param(
+        exported("DestinationRule", "['~']"),
+        "spec.exportTo[0]",
+        6,
+        "'~' (export to none) is allowed only on a ServiceEntry",
+        id="none-on-a-destination-rule",
+    ),
+    pytest.param(
+        exported("DestinationRule", "[foo]", selector=True),
+        "spec.exportTo[0]",
+        6,
+        "a DestinationRule with a workloadSelector cannot be exported beyond its own namespace",
+        id="selector-rule-exported",
+    ),
+    pytest.param(
+        exported("DestinationRule", "['.', foo, bar]", selector=True),
+        "spec.exportTo[1]",
+        6,
+        "a DestinationRule with a workloadSelector cannot be exported beyond its own namespace",
+        id="selector-rule-also-exported",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "field", "line", "fragment"), EXPORT_TO_ERRORS)
+def test_export_to_errors(text: str, field: str, line: int, fragment: str) -> None:
+    """exportTo is checked as Istio's validateExportTo checks it, the same for the three kinds
+    that have it: a typo such as `Default` would otherwise hide the resource silently."""
+    check_error(text, field, line, fragment)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param(exported("VirtualService", "['.', other, third]"), id="namespaces"),
+        pytest.param(exported("ServiceEntry", "['~']"), id="none-alone-on-a-service-entry"),
+        pytest.param(exported("ServiceEntry", "['*']"), id="star-alone"),
+        pytest.param(exported("DestinationRule", "['.']", selector=True), id="selector-dot"),
+        pytest.param(exported("DestinationRule", "[default]", selector=True), id="selector-own"),
+    ],
+)
+def test_export_to_valid(text: str) -> None:
+    """What Istio's validateExportTo accepts loads without diagnostics."""
+    check_valid(text)
+
+
 # --------------------------------------------------------------------------------------
 # 8. Security and Telemetry
 # --------------------------------------------------------------------------------------
@@ -1290,15 +1397,6 @@ def test_telemetry_valid() -> None:
 # 9. API versions, ignored kinds, warnings
 # --------------------------------------------------------------------------------------
 
-MINIMAL_SPECS = {
-    "VirtualService": "hosts: [r]\nhttp: [{route: [{destination: {host: r}}]}]",
-    "DestinationRule": "host: r",
-    "ServiceEntry": "hosts: [api.example.com]\nports: [{number: 443, name: https}]",
-    "WorkloadEntry": "address: 10.0.0.1",
-    "PeerAuthentication": "mtls: {mode: STRICT}",
-    "AuthorizationPolicy": "rules: [{}]",
-    "Telemetry": "tracing: [{randomSamplingPercentage: 10}]",
-}
 NETWORKING_KINDS = ("VirtualService", "DestinationRule", "ServiceEntry", "WorkloadEntry")
 SECURITY_KINDS = ("PeerAuthentication", "AuthorizationPolicy")
 
