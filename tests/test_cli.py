@@ -103,6 +103,22 @@ def test_check_warns_about_ignored_kinds() -> None:
     assert "warning: Gateway default/bookinfo-gateway: ignored: gateways configure" in result.stdout
 
 
+def test_check_skips_another_mesh_kind_of_an_istio_name(tmp_path: Path) -> None:
+    """A folder mixing meshes' manifests checks clean: Linkerd's AuthorizationPolicy is not
+    Istio's, so it is skipped with a warning rather than failing the run."""
+    (tmp_path / "linkerd.yaml").write_text(
+        "apiVersion: policy.linkerd.io/v1alpha1\nkind: AuthorizationPolicy\n"
+        "metadata: {name: web-authz}\nspec: {targetRef: {kind: Server, name: web-http}}\n"
+    )
+    shutil.copy(NETWORKING / "destination-rule-all.yaml", tmp_path)
+    result = run("check", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (
+        f"{tmp_path / 'linkerd.yaml'}:1: warning: AuthorizationPolicy default/web-authz: ignored:"
+        " not an Istio resource (policy.linkerd.io/v1alpha1 AuthorizationPolicy)"
+    ) in result.stdout
+
+
 def test_check_unreadable_yaml(tmp_path: Path) -> None:
     """A YAML syntax error names the file and line."""
     bad = tmp_path / "broken.yaml"

@@ -221,12 +221,15 @@ def _resource(data: Any, sink: _Collector, default_namespace: str) -> Resource[A
     sink.resource = f"{kind} {namespace}/{name}" if name else kind
     spec_type = KINDS.get(kind)
     if spec_type is not None and group != spec_type.group:
-        sink.error(
-            ("apiVersion",),
-            f"{kind} belongs to {spec_type.group}, not {group or 'the core group'}"
-            f" (use {spec_type.group}/{spec_type.versions[0]})",
-        )
-        return None
+        if "." in group and not group.endswith(".istio.io"):
+            spec_type = None  # another project's CRD kind of that name (Linkerd's, say)
+        else:  # another Istio group, or the core or a built-in group (none has it): a slip
+            sink.error(
+                ("apiVersion",),
+                f"{kind} belongs to {spec_type.group}, not {group or 'the core group'}"
+                f" (use {spec_type.group}/{spec_type.versions[0]})",
+            )
+            return None
     if spec_type is None:
         if kind in IGNORED_KINDS and group.endswith(".istio.io"):
             sink.warning((), f"ignored: {IGNORED_KINDS[kind]}")

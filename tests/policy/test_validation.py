@@ -1491,6 +1491,12 @@ def test_a_misspelt_istio_kind_is_an_error(kind: str, meant: str) -> None:
             "ignored: not an Istio resource (apps/v1 Deployment)",
             id="Deployment",
         ),
+        pytest.param(
+            "policy.linkerd.io/v1alpha1",
+            "AuthorizationPolicy",
+            "ignored: not an Istio resource (policy.linkerd.io/v1alpha1 AuthorizationPolicy)",
+            id="another-mesh-kind-of-an-istio-name",
+        ),
     ],
 )
 def test_other_kinds_load_with_a_warning(api: str, kind: str, fragment: str) -> None:
@@ -1855,13 +1861,23 @@ def test_misspelt_spec_gets_a_hint_and_no_noise() -> None:
     ]
 
 
-def test_known_kind_in_the_wrong_group_is_an_error() -> None:
-    """A VirtualService under security.istio.io is an error naming the right group."""
-    result = load(
-        "apiVersion: security.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\nspec: {hosts: [r]}\n"
+@pytest.mark.parametrize(
+    ("api", "wrong"),
+    [
+        pytest.param("security.istio.io/v1", "security.istio.io", id="another-istio-group"),
+        pytest.param("v1", "the core group", id="core-group"),
+    ],
+)
+def test_known_kind_in_the_wrong_group_is_an_error(api: str, wrong: str) -> None:
+    """A VirtualService under another Istio group, or a group no CRD can have (the core
+    group: no dot), is a slip: an error naming the right group. (Another project's group is
+    another kind: see test_other_kinds_load_with_a_warning.)"""
+    check_error(
+        f"apiVersion: {api}\nkind: VirtualService\nmetadata: {{name: r}}\nspec: {{hosts: [r]}}\n",
+        "apiVersion",
+        1,
+        f"VirtualService belongs to networking.istio.io, not {wrong} (use networking.istio.io/v1)",
     )
-    assert len(result.errors) == 1
-    assert "VirtualService belongs to networking.istio.io" in result.errors[0].message
 
 
 def test_duplicate_key_does_not_hide_later_documents() -> None:
