@@ -26,6 +26,8 @@ from meshlib.policy._yaml import Document, YAMLProblem, read_documents
 from meshlib.policy.resources import IGNORED_KINDS, KINDS, ObjectMeta, Origin, Resource
 
 POLICY_SUFFIXES = (".yaml", ".yml", ".json")
+# kubectl flattens Lists in Lists; deeper than this is garbage, not a manifest.
+MAX_LIST_DEPTH = 10
 _TOP_LEVEL = frozenset({"apiVersion", "kind", "metadata", "spec", "status"})
 
 
@@ -190,19 +192,32 @@ def _with_order(resource: Resource[Any], order: int) -> Resource[Any]:
 def _resources_in(
     document: Document, file: str | None, default_namespace: str
 ) -> Iterator[tuple[_Collector, Resource[Any] | None]]:
-    data = document.data
+    return _flattened(document, document.data, (), file, default_namespace)
+
+
+def _flattened(
+    document: Document, data: Any, prefix: Path, file: str | None, default_namespace: str
+) -> Iterator[tuple[_Collector, Resource[Any] | None]]:
+    """The resources in `data`, the part of `document` at `prefix`: a `kind: List` gives its
+    items, and so does a List among them, as kubectl flattens Lists."""
     if isinstance(data, dict) and data.get("kind") == "List" and "items" in data:
         items = data["items"]
+        problem = None
         if not isinstance(items, list):
+            problem = "must be a list of resources"
+        elif len(prefix) >= 2 * MAX_LIST_DEPTH:  # each level adds ("items", index)
+            problem = f"Lists nested more than {MAX_LIST_DEPTH} deep"
+        if problem is not None:
             collector = _Collector(file, document)
-            collector.error(("items",), "must be a list of resources")
+            collector.error((*prefix, "items"), problem)
             yield collector, None
             return
         for index, item in enumerate(items):
-            collector = _Collector(file, document, prefix=("items", index))
-            yield collector, _resource(item, collector, default_namespace)
+            yield from _flattened(
+                document, item, (*prefix, "items", index), file, default_namespace
+            )
         return
-    collector = _Collector(file, document)
+    collector = _Collector(file, document, prefix=prefix)
     yield collector, _resource(data, collector, default_namespace)
 
 

@@ -1630,6 +1630,50 @@ def test_list_items_errors_point_into_items() -> None:
     assert (str(good), good.origin.line) == ("DestinationRule default/good", 4)  # its item's
 
 
+def test_lists_in_lists_are_flattened() -> None:
+    """A List among a List's items gives its items too, as kubectl flattens Lists; positions
+    are those of the nested items."""
+    text = yaml_text(
+        """
+        apiVersion: v1
+        kind: List
+        items:
+        - apiVersion: v1
+          kind: List
+          items:
+          - apiVersion: networking.istio.io/v1
+            kind: DestinationRule
+            metadata: {name: reviews}
+            spec: {host: reviews}
+          - apiVersion: v1
+            kind: List
+            items: {a: 1}
+        - apiVersion: networking.istio.io/v1
+          kind: DestinationRule
+          metadata: {name: ratings}
+          spec: {host: ratings, subsets: [{name: v1, labels: {version: 1}}]}
+        """
+    )
+    result = load(text)
+    assert [str(d) for d in result.diagnostics] == [
+        "mesh.yaml:13: error: items[0].items[1].items: must be a list of resources",
+        "mesh.yaml:17: error: DestinationRule default/ratings: "
+        "spec.subsets[0].labels.version: must be a string, not a number",
+    ]
+    (reviews,) = result.resources
+    assert (str(reviews), reviews.origin.line) == ("DestinationRule default/reviews", 7)
+
+
+def test_lists_nested_absurdly_deep_are_an_error() -> None:
+    """Lists nested beyond any real manifest are one error where the limit is reached."""
+    text = "x"
+    for _ in range(12):
+        text = f"{{kind: List, items: [{text}]}}"
+    error = single_error(load(text))
+    assert error.message == "Lists nested more than 10 deep"
+    assert error.field == "items" + "[0].items" * 10
+
+
 def test_list_with_non_list_items_is_an_error() -> None:
     """A `kind: List` whose items is not a list is an error on items."""
     check_error(
