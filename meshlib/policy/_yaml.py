@@ -7,6 +7,7 @@ line; nothing is spent on positions while a file is valid.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -122,6 +123,8 @@ def read_documents(text: str) -> Iterator[Document | YAMLProblem]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         problem = exc.problem or exc.context or "invalid YAML"
+        if problem == _FLOW_COLON and exc.context_mark and exc.problem_mark:
+            problem += _quote_hint(text, exc.context_mark, exc.problem_mark)
         yield YAMLProblem(f"invalid YAML: {problem}", mark.line + 1 if mark else None)
     except yaml.YAMLError as exc:
         yield YAMLProblem(f"invalid YAML: {exc}", None)
@@ -129,6 +132,21 @@ def read_documents(text: str) -> Iterator[Document | YAMLProblem]:
         yield YAMLProblem(f"invalid YAML: nested more than {MAX_DEPTH} levels deep", None)
     finally:
         loader.dispose()
+
+
+# libyaml ends an unquoted value at a ':' before ',', ']' or '}' inside [...] or {...} (as
+# YAML 1.2 says), where go-yaml, so kubectl, reads on: `[2001:db8::]`, written so in Istio's
+# own examples, is an error here. Changing that would take a parser of our own; the message
+# says what to write instead.
+_FLOW_COLON = "found unexpected ':'"
+
+
+def _quote_hint(text: str, start: yaml.Mark, colon: yaml.Mark) -> str:
+    """What to write instead of the unquoted value from `start` to the `colon` it ends in."""
+    value = text.removeprefix("\ufeff")[start.index : colon.index + 1]  # marks skip a BOM
+    if not value.endswith(":") or "\n" in value or "\r" in value:
+        return " (inside [...] or {...}, quote a value with ':' before ',', ']' or '}')"
+    return f" at the end of {value} (inside [...] or {{...}}, quote it: {json.dumps(value)})"
 
 
 class _Builder:

@@ -1696,6 +1696,14 @@ def test_list_with_non_list_items_is_an_error() -> None:
             "invalid YAML: found character that cannot start any token",
             id="tab-indent",
         ),
+        pytest.param(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: r}\n"
+            "spec:\n  hosts: [example.com]\n  addresses: [1.2.3.4, 2001:db8::]\n",
+            6,
+            "invalid YAML: found unexpected ':' at the end of 2001:db8::"
+            ' (inside [...] or {...}, quote it: "2001:db8::")',
+            id="flow-value-ending-in-colon-says-to-quote-it",
+        ),
     ],
 )
 def test_invalid_yaml_syntax_has_a_line(text: str, line: int, message: str) -> None:
@@ -1850,6 +1858,7 @@ ISTIO_PARITY = [
     ),
     pytest.param(vs_route("timeout: 500us"), 1, id="timeout-below-1ms"),
     pytest.param(vs_match('{uri: {regex: "/\\\\pL+"}}'), 0, id="re2-unicode-class"),
+    pytest.param(resource("DestinationRule", "host: '*'"), 0, id="dr-host-star"),
 ]
 
 
