@@ -228,14 +228,18 @@ class Snapshot:
         """The DestinationRule(s) for `host`.
 
         A host only a wildcard ServiceEntry covers (`api.example.com` under `*.example.com`)
-        gets its service's: pilot looks rules up for the service's hostname, the wildcard.
+        and no VirtualService names gets its service's: pilot looks rules up for the service's
+        hostname, the wildcard, so a rule naming the host itself does not apply there.
         """
-        policy = self._policies.get(host)
-        if policy is None and self._wildcard_services and host not in self._services:
+        if (
+            self._wildcard_services
+            and host not in self._services
+            and self.virtual_host(host) is None
+        ):
             service = self.service(host)
             if service is not None:
-                policy = self._policies.get(service.hostname)
-        return policy
+                return self._policies.get(service.hostname)
+        return self._policies.get(host)
 
     def traffic_policy(self, host: str, subset: str | None, port: int | None) -> TrafficPolicy:
         """The merged traffic policy for a destination (ISTIO.md §2.2)."""

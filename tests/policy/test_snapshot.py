@@ -998,7 +998,8 @@ def test_dns_service_entry_without_endpoints_targets_the_host() -> None:
 
 def test_a_wildcard_service_entrys_destination_rule_applies_to_the_hosts_it_covers() -> None:
     """With no VirtualService, a host under a wildcard ServiceEntry takes the rules for the
-    wildcard: pilot looks them up for the service's hostname, `*.example.com`."""
+    wildcard: pilot looks them up for the service's hostname, `*.example.com`, so a rule
+    naming `api.example.com` itself, which no service has, does not apply."""
     snapshot = build(
         """
         apiVersion: networking.istio.io/v1
@@ -1009,6 +1010,13 @@ def test_a_wildcard_service_entrys_destination_rule_applies_to_the_hosts_it_cove
           ports: [{number: 80, name: http, protocol: HTTP}]
           resolution: STATIC
           endpoints: [{address: 10.0.0.7, labels: {version: v1}}]
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: exact}
+        spec:
+          host: api.example.com
+          trafficPolicy: {loadBalancer: {simple: RANDOM}}
         ---
         apiVersion: networking.istio.io/v1
         kind: DestinationRule
