@@ -236,9 +236,9 @@ def _resource(data: Any, sink: _Collector, default_namespace: str) -> Resource[A
     sink.resource = f"{kind} {namespace}/{name}" if name else kind
     spec_type = KINDS.get(kind)
     if spec_type is not None and group != spec_type.group:
-        if "." in group and not group.endswith(".istio.io"):
+        if "." in group and not _istio_group_meant(group, spec_type.group):
             spec_type = None  # another project's CRD kind of that name (Linkerd's, say)
-        else:  # another Istio group, or the core or a built-in group (none has it): a slip
+        else:  # another Istio group, a misspelt one, or the core group (none has it): a slip
             sink.error(
                 ("apiVersion",),
                 f"{kind} belongs to {spec_type.group}, not {group or 'the core group'}"
@@ -291,6 +291,15 @@ def _resource(data: Any, sink: _Collector, default_namespace: str) -> Resource[A
         creation_timestamp=created,
         origin=Origin(sink.file, sink.document.line_of(sink.prefix) if sink.document else None),
     )
+
+
+def _istio_group_meant(group: str, istio_group: str) -> bool:
+    """Whether `group` is an Istio API group, or a misspelling of `istio_group` (as
+    `networking.isito.io`): dropping that resource as another project's would lose it. Other
+    projects' groups are far from Istio's (`policy.linkerd.io`, `gateway.networking.k8s.io`)."""
+    if group.endswith(".istio.io") or "istio" in group:
+        return True
+    return difflib.SequenceMatcher(None, group, istio_group).ratio() >= 0.9
 
 
 def _kind_meant(kind: str) -> str | None:

@@ -1919,12 +1919,16 @@ def test_misspelt_spec_gets_a_hint_and_no_noise() -> None:
     [
         pytest.param("security.istio.io/v1", "security.istio.io", id="another-istio-group"),
         pytest.param("v1", "the core group", id="core-group"),
+        pytest.param("networking.isito.io/v1", "networking.isito.io", id="misspelt"),
+        pytest.param("networking.istio.oi/v1", "networking.istio.oi", id="misspelt-suffix"),
+        pytest.param("istio.io/v1", "istio.io", id="istio-without-its-group"),
     ],
 )
 def test_known_kind_in_the_wrong_group_is_an_error(api: str, wrong: str) -> None:
-    """A VirtualService under another Istio group, or a group no CRD can have (the core
-    group: no dot), is a slip: an error naming the right group. (Another project's group is
-    another kind: see test_other_kinds_load_with_a_warning.)"""
+    """A VirtualService under another Istio group, a misspelt Istio group, or a group no CRD
+    can have (the core group: no dot), is a slip: an error naming the right group, not a
+    resource silently dropped. (Another project's group is another kind: see
+    test_other_kinds_load_with_a_warning.)"""
     check_error(
         f"apiVersion: {api}\nkind: VirtualService\nmetadata: {{name: r}}\nspec: {{hosts: [r]}}\n",
         "apiVersion",
