@@ -14,8 +14,9 @@ counted exactly.
 The response bytes counted are those the server sends, as Envoy counts them: a chunk once
 the server has written it (it asks for the next one, or its `write()` returned), none for a
 204, a 304 or a 1xx, and no more than a declared Content-Length (gunicorn and waitress drop
-the rest, RFC 9110 §8.6). A `write()` the server fails with an `OSError` (the caller went
-away) is counted as Envoy's DC, with what was sent before it.
+the rest, RFC 9110 §8.6). A `write()` the server fails because the caller went away (an
+`OSError`, waitress's `ClientDisconnected`) is counted as Envoy's DC, with what was sent
+before it.
 """
 
 from __future__ import annotations
@@ -95,12 +96,15 @@ class _Exchange(InboundExchange):
         self._write: Callable[[bytes], Any] = _unstarted
         super().__init__(side)
 
-    def count_sent(self, size: int) -> None:
-        """Count `size` body bytes the server wrote, up to what it sends at all."""
+    def end(self, error: BaseException | None = None) -> None:
+        # The bytes were counted as the app gave them; the server sent no more than this.
         limit = self.body_limit
         if limit is not None:
-            size = max(0, min(size, limit - self.response_bytes))
-        self.response_bytes += size
+            self.response_bytes = min(self.response_bytes, limit)
+            dropped = self.dropped
+            if dropped is not None and dropped[1] > limit:
+                self.dropped = (dropped[0], limit, dropped[2])
+        super().end(error)
 
     def get_all(self, name: str) -> list[str] | None:
         key = _CGI_NAMES.get(name) or "HTTP_" + name.upper().replace("-", "_")
@@ -138,12 +142,14 @@ class _Exchange(InboundExchange):
         """The app's `write()` (PEP 3333's imperative body): counted as the iterable's."""
         try:
             result = self._write(data)  # the server's: it sends the headers first
-        except OSError:  # the caller went away: Envoy's DC, with what it had
-            if self.dropped is None:
+        except Exception as exc:
+            if not _caller_gone(exc):
+                raise
+            if self.dropped is None:  # Envoy's DC, with what the caller had
                 self.dropped = (self.status, self.response_bytes, time.perf_counter())
             raise
         self.headers_sent = True
-        self.count_sent(len(data))
+        self.response_bytes += len(data)
         return result
 
     def origin(self) -> tuple[str | None, str]:
@@ -154,13 +160,19 @@ class _Exchange(InboundExchange):
         return client, environ.get("QUERY_STRING", "")
 
 
+def _caller_gone(error: Exception) -> bool:
+    """Whether the server's `write()` failed because the caller went away: an `OSError` from
+    the socket (gunicorn, wsgiref), or waitress's `ClientDisconnected` (not an `OSError`)."""
+    return isinstance(error, OSError) or type(error).__name__ == "ClientDisconnected"
+
+
 def _body_limit(status: int, headers: list[tuple[str, str]]) -> int | None:
     """The most body bytes a server sends with this response (RFC 9110 §6.4.1, §8.6): none
     for a 1xx, 204 or 304, the Content-Length when one is declared; None: no limit."""
     if status < 200 or status in (204, 304):
         return 0
     for name, value in headers:
-        if name.lower() == "content-length":
+        if len(name) == 14 and name.lower() == "content-length":  # len: no lower() for most
             return ascii_int(value.strip(), 19)
     return None
 
@@ -234,7 +246,7 @@ class _Closing:
             for chunk in self._iterable:
                 sent = True
                 yield chunk
-                exchange.count_sent(len(chunk))  # written: the server asks for the next
+                exchange.response_bytes += len(chunk)  # written: the server asks for more
         except BaseException as exc:
             self._error = exc
             if not (sent or exchange.headers_sent) and isinstance(exc, Exception):
