@@ -411,6 +411,12 @@ class MeshAdapter(HTTPAdapter):
             )
         except BaseException as exc:
             record_exception(mesh, plan, started, view, _exception_flag(exc), flags=flags)
+            if isinstance(exc, requests.RequestException):
+                # About the caller's request, not a copy sent to an endpoint (resending that
+                # would skip the mesh): as without the mesh, and as httpx sets `exc.request`.
+                exc.request = original
+                if exc.response is not None:
+                    _answering(exc.response, original)
             raise
         record_source(
             mesh,

@@ -4,6 +4,7 @@ caller's PreparedRequest is left as it was."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Iterator
 from typing import Any
@@ -23,7 +24,8 @@ URL = "http://reviews:9080"
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """/redirect?to=X answers 302 to X; /cookie sets one; /digest asks for digest auth;
+    """/redirect?to=X answers 302 to X; /cookie sets one; /slow answers after a second;
+    /digest asks for digest auth;
     /headers echoes the Host headers and x-custom; anything else echoes its path,
     Authorization and x-request-id."""
     assert scope["type"] == "http"
@@ -36,6 +38,8 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         status, extra = 302, [(b"location", query.removeprefix("to=").encode())]
     elif scope["path"] == "/cookie":
         extra = [(b"set-cookie", b"flavour=oat; Path=/")]
+    elif scope["path"] == "/slow":
+        await asyncio.sleep(1)
     elif scope["path"] == "/digest" and b"authorization" not in headers:
         status = 401
         challenge = b'Digest realm="mesh", nonce="abc", qop="auth", algorithm=MD5'
@@ -154,6 +158,18 @@ def test_a_prepared_request_sent_twice_gets_two_request_ids(mesh: meshlib.Mesh) 
         second = echo(session.send(prepared, timeout=5))["rid"]
     assert dict(prepared.headers) == before
     assert first and second and first != second
+
+
+def test_the_callers_timeout_is_about_the_callers_request(mesh: meshlib.Mesh) -> None:
+    """The caller's own read timeout raises as without the mesh, with `exc.request` the
+    request the caller sent, not meshlib's copy addressed to the endpoint (resending that would
+    skip the mesh)."""
+    with meshlib.Session(mesh=mesh) as session:
+        prepared = session.prepare_request(requests.Request("GET", URL + "/slow"))
+        with pytest.raises(requests.ReadTimeout) as raised:
+            session.send(prepared, timeout=0.2)
+    assert raised.value.request is prepared
+    assert "x-request-id" not in prepared.headers
 
 
 def test_local_answers_look_like_requests_own(mesh: meshlib.Mesh) -> None:
