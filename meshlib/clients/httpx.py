@@ -406,7 +406,9 @@ class _MeshTransportBase:
         response = httpx.Response(
             reply.status,
             headers=reply_headers(reply, flags, plan),
-            content=b"" if request.method == "HEAD" else reply.body,  # HEAD: headers only
+            # A stream, not `content=` (which httpx reads at once): a caller streaming the
+            # answer can read it raw, as a server's. HEAD: headers only.
+            stream=httpx.ByteStream(b"" if request.method == "HEAD" else reply.body),
             request=request,
             extensions={RESPONSE_FLAGS: flags},
         )

@@ -808,6 +808,23 @@ def test_a_local_answer_to_head_has_no_body(servers: Servers) -> None:
     assert servers.seen == []  # answered by the mesh
 
 
+def test_a_local_answer_streams_raw_as_a_servers_does(servers: Servers) -> None:
+    """Streamed, a synthesized answer (a fault abort) is read raw as an upstream's answer is:
+    a proxy forwarding `iter_raw()` works whoever answered (sync, async, instrumented)."""
+    policy = vs(ROUTE + "\n  fault: {abort: {httpStatus: 503, percentage: {value: 100}}}")
+    with client(servers, policy) as c, c.stream("GET", "http://api.internal/") as streamed:
+        assert b"".join(streamed.iter_raw()) == b"fault filter abort"
+
+    async def raw_async() -> bytes:
+        async with (
+            meshlib.AsyncClient(mesh=mesh_of(servers, policy)) as a,
+            a.stream("GET", "http://api.internal/") as answer,
+        ):
+            return b"".join([chunk async for chunk in answer.aiter_raw()])
+
+    assert asyncio.run(raw_async()) == b"fault filter abort"
+
+
 # -- cookies --------------------------------------------------------------------------------
 
 
