@@ -27,8 +27,9 @@ if TYPE_CHECKING:
 
 _lock = threading.Lock()
 # "closers": the transports' close methods are wrapped (they stay wrapped, see uninstrument)
-_state: dict[str, Any] = {"mesh": None, "patched": False, "closers": False}
+_state: dict[str, Any] = {"mesh": None, "patched": False, "closers": False, "generation": 0}
 _FACADE = "_meshlib_facade"
+_GENERATION = "_meshlib_facade_generation"  # the instrument() its facade was made under
 
 
 class _Clients:
@@ -68,13 +69,17 @@ def _closers() -> tuple[tuple[Any, str], ...]:
 
 def _facade(instance: Any, make: Any) -> Any:
     """The meshing wrapper of one stock transport or adapter, for the Mesh instrumented now
-    (made anew after `instrument(another_mesh)`)."""
-    facade = instance.__dict__.get(_FACADE)
-    if facade is None or facade._mesh is not _state["mesh"]:
+    (made anew after `instrument(another_mesh)`, and after `uninstrument()` and `instrument()`
+    again: the method it sends through may now be another library's wrapper)."""
+    state = instance.__dict__
+    facade = state.get(_FACADE)
+    generation = _state["generation"]
+    if facade is None or facade._mesh is not _state["mesh"] or state.get(_GENERATION) != generation:
         earlier, facade = facade, make()
         if earlier is not None and hasattr(facade, "adopt_mirrors"):
             facade.adopt_mirrors(earlier)  # the earlier pool for copies is closed with it
-        instance.__dict__[_FACADE] = facade
+        state[_FACADE] = facade
+        state[_GENERATION] = generation
     return facade
 
 
@@ -176,6 +181,7 @@ def instrument(mesh: Mesh | None = None) -> None:
                 wrapt.wrap_function_wrapper(owner, name, wrapper)
             _state["closers"] = True
         _state["patched"] = True
+        _state["generation"] += 1
 
 
 def uninstrument() -> None:

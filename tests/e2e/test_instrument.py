@@ -176,6 +176,40 @@ def test_uninstrument_under_another_librarys_wrapper(
         httpx.HTTPTransport.handle_request = stock_handle  # type: ignore[method-assign]
 
 
+def test_instrumenting_again_goes_through_a_wrapper_added_meanwhile(
+    make_mesh: MeshFactory, upstreams: dict[str, Upstream]
+) -> None:
+    """instrument(); another library wraps the transport; uninstrument(); instrument(): a
+    client made before all of it sends its tries through the other library's wrapper, as a
+    client made after does (its meshing wrapper is made anew, over the method as it is now)."""
+    import wrapt
+
+    seen: list[str] = []
+
+    def other(
+        wrapped: object, instance: object, args: tuple[object, ...], kwargs: dict[str, object]
+    ) -> object:
+        seen.append("other")
+        return wrapped(*args, **kwargs)  # type: ignore[operator]
+
+    stock_handle = httpx.HTTPTransport.__dict__["handle_request"]
+    mesh = make_mesh(TO_V2)
+    early = httpx.Client()
+    try:
+        meshlib.instrument(mesh)
+        assert early.get(URL + "/").status_code == 200  # its meshing wrapper is made here
+        wrapt.wrap_function_wrapper(httpx.HTTPTransport, "handle_request", other)
+        meshlib.uninstrument()
+        meshlib.instrument(mesh)
+        seen.clear()
+        assert early.get(URL + "/").status_code == 200
+        assert seen, "the other library's wrapper was skipped"
+    finally:
+        meshlib.uninstrument()
+        early.close()
+        httpx.HTTPTransport.handle_request = stock_handle  # type: ignore[method-assign]
+
+
 @pytest.mark.parametrize("order", ["close-then-uninstrument", "uninstrument-then-close"])
 def test_closing_a_client_closes_its_copies_pool_after_uninstrument_too(
     make_mesh: MeshFactory, order: str
