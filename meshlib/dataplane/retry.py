@@ -68,8 +68,11 @@ def is_retriable(policy: RetryPolicy, result: AttemptResult) -> bool:
             return bool(
                 on & {"connect-failure", "5xx", "gateway-error", "reset", "reset-before-request"}
             )
+        # Any other reset, a refused stream included: Envoy's wouldRetryFromReset retries it
+        # under reset, 5xx or gateway-error. (reset-before-request never covers these:
+        # meshlib sent the request by then, or cannot tell it did not.)
         if failure == REFUSED_STREAM:
-            return bool(on & {"refused-stream", "5xx", "reset"})
+            return bool(on & {"refused-stream", "5xx", "gateway-error", "reset"})
         return bool(on & {"5xx", "gateway-error", "reset"})  # a reset or per-try timeout
     if result.rate_limited:
         # Envoy's wouldRetryFromHeaders: an upstream's rate limit is retried only when asked

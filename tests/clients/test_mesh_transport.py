@@ -696,13 +696,21 @@ def resetting(code: int, streams: list[int]) -> Callable[[Peer], Awaitable[None]
         pytest.param(8, "reset", 2, "UR,URX", "remote reset", id="cancel"),
         pytest.param(8, "refused-stream", 1, "UR", "remote reset", id="cancel-not-refused"),
         pytest.param(7, "refused-stream", 2, "UR,URX", "remote refused stream reset", id="refused"),
+        pytest.param(
+            7, "gateway-error", 2, "UR,URX", "remote refused stream reset", id="gw-refused"
+        ),
+        pytest.param(7, "5xx", 2, "UR,URX", "remote refused stream reset", id="5xx-refused"),
+        pytest.param(8, "gateway-error", 2, "UR,URX", "remote reset", id="gw-cancel"),
+        pytest.param(7, "connect-failure", 1, "UR", "remote refused stream reset", id="cf-refused"),
     ],
 )
 def test_an_http2_stream_reset_is_ur(
     code: int, retry_on: str, sent: int, flags: str, reason: str
 ) -> None:
     """An HTTP/2 stream the upstream resets (RST_STREAM) is Envoy's 503 UR, not UC (a lost
-    connection); REFUSED_STREAM is what `refused-stream` retries."""
+    connection); REFUSED_STREAM is what `refused-stream` retries, and any reset is what
+    `reset`, `5xx` and `gateway-error` retry (Envoy's wouldRetryFromReset), not
+    `connect-failure`."""
     pytest.importorskip("h2.events")
     streams: list[int] = []
     policy = vs(ROUTE + f"\n  retries: {{attempts: 1, retryOn: {retry_on}}}")
