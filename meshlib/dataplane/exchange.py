@@ -240,15 +240,16 @@ class Exchange:
     def _avoid(self) -> set[str]:
         """Endpoints a retry should not pick again (retryIgnorePreviousHosts, the default).
 
-        Istio leaves this out under consistent hashing, where the hash decides the host.
+        Istio leaves this out under consistent hashing, where the hash decides the host, but
+        only for a route with a single destination and no explicit retryIgnorePreviousHosts.
         """
-        if not self.tried or (
-            self.retries is not None and not self.retries.retry_ignore_previous_hosts
-        ):
+        retries = self.retries
+        if not self.tried or (retries is not None and not retries.retry_ignore_previous_hosts):
             return set()
-        balancer = self.cluster.policy.load_balancer
-        if balancer is not None and balancer.consistent_hash is not None:
-            return set()
+        if retries is None or not retries.ignore_previous_hosts_when_hashing:
+            balancer = self.cluster.policy.load_balancer
+            if balancer is not None and balancer.consistent_hash is not None:
+                return set()
         return set(self.tried)
 
     def finish_attempt(self, attempt: Attempt, result: AttemptResult) -> AttemptResult:

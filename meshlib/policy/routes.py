@@ -45,33 +45,58 @@ class RetryPolicy:
     backoff: float = DEFAULT_BACKOFF
     is_default: bool = False
     text: str = DEFAULT_RETRY_ON
+    # Whether retries still avoid tried hosts when the destination uses consistent hashing.
+    # Pilot (retry.ConvertPolicy) drops the previous-hosts predicate for a route with a single
+    # destination whose DestinationRule hashes, unless retryIgnorePreviousHosts is set.
+    ignore_previous_hosts_when_hashing: bool = True
 
     @classmethod
-    def resolve(cls, retry: HTTPRetry | None) -> RetryPolicy | None:
-        """Istio's rules: none set -> the default; attempts 0 -> no retries (None)."""
+    def resolve(
+        cls, retry: HTTPRetry | None, *, sole_destination: bool = False
+    ) -> RetryPolicy | None:
+        """Istio's rules: none set -> the default; attempts 0 -> no retries (None).
+        `sole_destination`: the VirtualService route lists exactly one destination."""
         if retry is None:
-            return cls._from_text(DEFAULT_ATTEMPTS, DEFAULT_RETRY_ON, is_default=True)
+            return cls._from_text(
+                DEFAULT_ATTEMPTS,
+                DEFAULT_RETRY_ON,
+                is_default=True,
+                when_hashing=not sole_destination,
+            )
         if retry.attempts == 0:
             return None
         policy = cls._from_text(retry.attempts, retry.retry_on or DEFAULT_RETRY_ON)
+        explicit = retry.retry_ignore_previous_hosts
         return RetryPolicy(
             attempts=policy.attempts,
             retry_on=policy.retry_on,
             retriable_status_codes=policy.retriable_status_codes,
             per_try_timeout=retry.per_try_timeout.seconds if retry.per_try_timeout else None,
-            retry_ignore_previous_hosts=retry.retry_ignore_previous_hosts is not False,
+            retry_ignore_previous_hosts=explicit is not False,
             backoff=retry.backoff.seconds if retry.backoff else DEFAULT_BACKOFF,
             text=policy.text,
+            ignore_previous_hosts_when_hashing=(
+                not sole_destination if explicit is None else explicit
+            ),
         )
 
     @classmethod
-    def _from_text(cls, attempts: int, text: str, *, is_default: bool = False) -> RetryPolicy:
+    def _from_text(
+        cls, attempts: int, text: str, *, is_default: bool = False, when_hashing: bool = True
+    ) -> RetryPolicy:
         tokens = [t for t in text.split(",") if t]
         codes = frozenset(n for t in tokens if (n := ascii_int(t, 4)) is not None)
         conditions = {t for t in tokens if not (t.isascii() and t.isdigit())}
         if codes:  # pilot adds the condition that makes the listed codes count
             conditions.add("retriable-status-codes")
-        return cls(attempts, frozenset(conditions), codes, is_default=is_default, text=text)
+        return cls(
+            attempts,
+            frozenset(conditions),
+            codes,
+            is_default=is_default,
+            text=text,
+            ignore_previous_hosts_when_hashing=when_hashing,
+        )
 
     @property
     def grpc_conditions(self) -> frozenset[str]:

@@ -311,7 +311,7 @@ def _default_route(host: str) -> CompiledRoute:
         matchers=(),
         destinations=(RouteDestination(host, None, None, 100),),
         total_weight=100,
-        retries=RetryPolicy.resolve(None),
+        retries=RetryPolicy.resolve(None),  # pilot keeps the previous-hosts rule here
         timeout=None,
         fault=None,
         mirrors=(),
@@ -537,7 +537,8 @@ class _Builder:
             matchers=matchers,
             destinations=destinations,
             total_weight=sum(d.weight for d in destinations),
-            retries=RetryPolicy.resolve(http.retries),
+            # the raw count: a weight-0 entry still makes pilot build weighted clusters
+            retries=RetryPolicy.resolve(http.retries, sole_destination=len(http.route) == 1),
             timeout=http.timeout if http.timeout and http.timeout.seconds > 0 else None,
             fault=http.fault,
             mirrors=self._mirrors(http, ns),

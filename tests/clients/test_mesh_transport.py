@@ -636,15 +636,43 @@ def test_retry_goes_back_to_a_tried_host_when_it_is_the_only_one_left(servers: S
     assert [seen.endpoint for seen in servers.seen] == [first, first]
 
 
-def test_consistent_hash_retries_stay_on_the_hashed_host(servers: Servers) -> None:
-    """Under consistent hashing Istio drops the previous-hosts rule: retries reach the same host."""
-    servers.answer = lambda seen: Answer(503)
-    policy = vs(ROUTE + "\n  retries: {attempts: 2, retryOn: 5xx}") + _dr(
-        "loadBalancer: {consistentHash: {httpHeaderName: x-user}}"
+_WEIGHTED = (
+    "- route: [{destination: {host: api.internal}, weight: 100},"
+    " {destination: {host: api.internal, subset: all}, weight: 0}]"
+)
+
+
+@pytest.mark.parametrize(
+    ("route", "hosts"),
+    [
+        pytest.param(ROUTE + "\n  retries: {attempts: 2, retryOn: 5xx}", 1, id="single"),
+        pytest.param(ROUTE, 1, id="single-default-policy"),
+        pytest.param(
+            ROUTE + "\n  retries: {attempts: 2, retryOn: 5xx, retryIgnorePreviousHosts: true}",
+            3,
+            id="single-explicit",
+        ),
+        pytest.param(_WEIGHTED + "\n  retries: {attempts: 2, retryOn: 5xx}", 3, id="weighted"),
+        pytest.param(None, 3, id="no-virtual-service"),
+    ],
+)
+def test_consistent_hash_retries_and_previous_hosts(
+    route: str | None, hosts: int, servers: Servers
+) -> None:
+    """Under consistent hashing pilot drops the previous-hosts rule only for a route with a
+    single destination that does not set retryIgnorePreviousHosts (retry.ConvertPolicy's
+    hashPolicy): retries then reach the hashed host again. A weighted route (even one whose
+    other entry weighs 0), an explicit `true`, or no VirtualService keep it: retries go on
+    to other hosts."""
+    # grpc-status 14 (unavailable): Istio's default policy retries it, as `5xx` does a 503
+    servers.answer = lambda seen: Answer(503, [(b"grpc-status", b"14")])
+    policy = (vs(route) if route else "") + _dr(
+        "loadBalancer: {consistentHash: {httpHeaderName: x-user}}\n"
+        "  subsets: [{name: all, labels: {}}]"
     )
     with client(servers, policy) as c:
         assert c.get("http://api.internal/", headers={"x-user": "ann"}).status_code == 503
-    assert len(servers.seen) == 3 and len({seen.endpoint for seen in servers.seen}) == 1
+    assert len(servers.seen) == 3 and len({seen.endpoint for seen in servers.seen}) == hosts
 
 
 def test_envoy_ratelimited_is_retriable(servers: Servers) -> None:
