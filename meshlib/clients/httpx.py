@@ -53,7 +53,7 @@ from meshlib.clients._httpx_body import hold
 from meshlib.clients._httpx_headers import appended, decoded, encoded, extended, lowercase_raw
 from meshlib.dataplane.deadline import remaining as remaining_deadline
 from meshlib.dataplane.deadline import within as within_deadline
-from meshlib.dataplane.exchange import CALLERS_TIMEOUT, Attempt, Exchange, local_answer
+from meshlib.dataplane.exchange import CALLERS_TIMEOUT, Attempt, Exchange
 from meshlib.dataplane.outcome import Flag, LocalReply, ordered
 from meshlib.dataplane.retry import (
     CONNECT_FAILURE,
@@ -508,7 +508,7 @@ class _MeshTransportBase:
             raise result.error  # the caller's own timeout, a body broken off: as without the mesh
         if exchange.flags or result.reply is not None or result.failure is not None:
             flags = ordered(flags + exchange.response_flags(result))
-        reply = local_answer(result)
+        reply = exchange.final_reply(result)
         if reply is not None:
             return self._local(reply, request, flags, plan), None
         response = self._finish(result.response, plan, exchange, flags)

@@ -55,7 +55,7 @@ from meshlib.clients._common import (
 from meshlib.clients._guard import passthrough_inside
 from meshlib.dataplane.deadline import remaining as remaining_deadline
 from meshlib.dataplane.deadline import within as within_deadline
-from meshlib.dataplane.exchange import CALLERS_TIMEOUT, Attempt, Exchange, local_answer
+from meshlib.dataplane.exchange import CALLERS_TIMEOUT, Attempt, Exchange
 from meshlib.dataplane.outcome import Flag, LocalReply, ordered
 from meshlib.dataplane.retry import (
     CONNECT_FAILURE,
@@ -513,7 +513,7 @@ class MeshAdapter(HTTPAdapter):
         if (result.client_timeout or result.broke_off) and result.error is not None:
             raise result.error  # the caller's own timeout, a body broken off: as without the mesh
         flags = ordered(flags + exchange.response_flags(result))
-        reply = local_answer(result)
+        reply = exchange.final_reply(result)
         if reply is not None:
             return self._local(reply, request, flags, plan)
         final: requests.Response = result.response

@@ -12,7 +12,10 @@ response flags that telemetry and access logs report.
 
 from __future__ import annotations
 
+import os
 import random
+import socket
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -124,6 +127,7 @@ class Exchange:
         self.flags: list[str] = []
         self.tried: list[str] = []
         self.attempts = 0
+        self.retried = False  # a retry was decided (Envoy's is_retry_): reset bodies say so
         self._retry_slot = False
         self.upstream_host: str | None = None
         self.hash_key: str | None = None  # consistent-hash key, set by the adapter
@@ -338,6 +342,7 @@ class Exchange:
                 self.cluster.on_retry_overflow()
             return False
         self._retry_slot = True
+        self.retried = True
         return True
 
     def _still_active(self, result: AttemptResult) -> int:
@@ -362,6 +367,13 @@ class Exchange:
 
     # -- the final answer ---------------------------------------------------------------
 
+    def final_reply(self, result: AttemptResult) -> LocalReply | None:
+        """`local_answer` for the request's last try, worded as Envoy words it after a retry."""
+        reply = local_answer(result)
+        if reply is not None and self.retried:
+            return outcome.after_retry(reply)
+        return reply
+
     def response_flags(self, result: AttemptResult) -> list[str]:
         flags = list(self.flags)
         reply = local_answer(result)
@@ -379,7 +391,7 @@ def local_answer(result: AttemptResult) -> LocalReply | None:
     if failure is None:
         return None
     if failure == CONNECT_FAILURE:
-        return outcome.connect_failure()
+        return outcome.connect_failure(connect_failure_reason(result.error))
     if failure == PER_TRY_TIMEOUT:
         return outcome.timeout()
     if failure == STREAM_RESET:
@@ -389,6 +401,29 @@ def local_answer(result: AttemptResult) -> LocalReply | None:
     # An HTTP/1 connection closed (FIN or RST) before the response headers: Envoy's codec
     # client resets the stream with "connection termination", the well-known 503 UC.
     return outcome.connection_termination()
+
+
+_REMOTE_FAILURE = "remote connection failure"
+
+
+def connect_failure_reason(error: BaseException | None) -> str:
+    """Envoy's reset reason for a failed connect, with its transport failure reason when the
+    error says what the socket reported: "connection timeout" for a connect timeout; "remote
+    connection failure, transport failure reason: delayed connect error: Connection refused"
+    for a socket error (the errno's text, as Envoy's); else "remote connection failure" (TLS
+    and name resolution failures: Envoy's own wording for those cannot be known here)."""
+    seen = 0
+    while error is not None and seen < 8:  # the cause chain: client error, library, socket
+        if isinstance(error, TimeoutError) or "Timeout" in type(error).__name__:
+            return "connection timeout"
+        if isinstance(error, (ssl.SSLError, ssl.CertificateError, socket.gaierror)):
+            break
+        if isinstance(error, OSError) and error.errno is not None and error.errno > 0:
+            details = os.strerror(error.errno)
+            return f"{_REMOTE_FAILURE}, transport failure reason: delayed connect error: {details}"
+        error = error.__cause__ or error.__context__
+        seen += 1
+    return _REMOTE_FAILURE
 
 
 def body_follows(method: str, status: int, headers: Mapping[str, str] | None) -> bool:

@@ -94,6 +94,7 @@ class LocalReply:
         return "text/plain"
 
 
+_RESET_PREFIX = b"upstream connect error or disconnect/reset before headers. "
 _OVERFLOW_BODY = (
     b"upstream connect error or disconnect/reset before headers. reset reason: overflow"
 )
@@ -124,7 +125,19 @@ def overflow() -> LocalReply:
     )
 
 
-def connect_failure(reason: str = "connection failure") -> LocalReply:
+def after_retry(reply: LocalReply) -> LocalReply:
+    """`reply` as Envoy words it once a retry has happened: a reset's body (UF, UC, UR, UO)
+    reads "... retried and the latest reset reason: ..." (router.cc onUpstreamReset,
+    is_retry_); other answers are unchanged."""
+    body = reply.body
+    if not body.startswith(_RESET_PREFIX):
+        return reply
+    cut = len(_RESET_PREFIX)
+    body = body[:cut] + b"retried and the latest " + body[cut:]
+    return LocalReply(reply.status, body, reply.flag, reply.headers)
+
+
+def connect_failure(reason: str = "remote connection failure") -> LocalReply:
     body = f"upstream connect error or disconnect/reset before headers. reset reason: {reason}"
     return LocalReply(503, body.encode(), Flag.UPSTREAM_CONNECTION_FAILURE)
 

@@ -12,7 +12,7 @@ import requests
 import meshlib
 from tests.e2e.conftest import URL, Caller, MeshFactory, virtual_service
 from tests.rawserver import Peer, ThreadServer
-from tests.upstream import Upstream
+from tests.upstream import Upstream, unanswered_port
 
 
 def closed_port() -> int:
@@ -29,14 +29,53 @@ class Dead:
         self.port = closed_port()
 
 
-def test_refused_endpoints_give_503_uf(make_mesh: MeshFactory, client_kind: str) -> None:
-    """Every endpoint refusing connections: default retries, then 503 "UF,URX" (Envoy's answer)."""
+_RESET = "upstream connect error or disconnect/reset before headers. "
+_REFUSED = (
+    "reset reason: remote connection failure, transport failure reason:"
+    " delayed connect error: Connection refused"
+)
+
+
+@pytest.mark.parametrize("retried", [True, False])
+def test_refused_endpoints_give_503_uf(
+    make_mesh: MeshFactory, client_kind: str, retried: bool
+) -> None:
+    """Every endpoint refusing connections: default retries, then 503 "UF,URX" with Envoy's
+    body, which says the request was retried (router.cc onUpstreamReset's is_retry_); with
+    retries off, 503 "UF" without that part."""
     dead = {"v1": Dead(), "v2": Dead(), "v3": Dead()}
-    mesh = make_mesh(endpoints=dead)  # type: ignore[arg-type]
+    policy = (
+        ""
+        if retried
+        else virtual_service(
+            "- route: [{destination: {host: reviews}}]\n  retries: {attempts: 0}\n"
+        )
+    )
+    mesh = make_mesh(policy, endpoints=dead)  # type: ignore[arg-type]
     result = Caller(client_kind, mesh).one()
     assert result.status == 503
-    assert result.flags == ["UF", "URX"]
-    assert "reset reason: connection failure" in result.body
+    assert result.flags == (["UF", "URX"] if retried else ["UF"])
+    assert result.body == _RESET + ("retried and the latest " if retried else "") + _REFUSED
+
+
+def test_a_connect_timeout_is_503_uf_connection_timeout(
+    make_mesh: MeshFactory, client_kind: str
+) -> None:
+    """The DestinationRule's connect timeout running out is UF with Envoy's reset reason for
+    it, "connection timeout"."""
+    with unanswered_port() as port:
+        silent = Dead()
+        silent.port = port
+        mesh = make_mesh(
+            virtual_service(
+                "- route: [{destination: {host: reviews, subset: v1}}]\n  retries: {attempts: 0}\n"
+            ),
+            traffic_policy="connectionPool: {tcp: {connectTimeout: 100ms}}",
+            endpoints={"v1": silent},  # type: ignore[dict-item]
+        )
+        result = Caller(client_kind, mesh).one()
+    assert (result.status, result.flags) == (503, ["UF"])
+    assert result.body == _RESET + "reset reason: connection timeout"
 
 
 async def _close_unanswered(peer: Peer) -> None:
