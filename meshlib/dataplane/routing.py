@@ -141,6 +141,7 @@ def plan_route(snapshot: Snapshot, request: RequestAttributes, rng: random.Rando
         return plan
     if route.redirect is not None:
         plan.reply = _redirect(route.redirect, request, decision)
+        _response_headers(plan, route.headers, None)  # Envoy edits redirects' headers too
         return plan
     if route.direct_response is not None:
         body = route.direct_response.body

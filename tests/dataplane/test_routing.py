@@ -166,6 +166,18 @@ def test_redirects(
     assert p.reply.headers["location"] == location
 
 
+def test_a_redirect_carries_the_routes_response_header_edits() -> None:
+    """Envoy applies a route's `headers.response` to the redirect it answers, as it does to
+    a direct response."""
+    snapshot = snapshot_for(
+        "- headers: {response: {set: {x-r: route}, remove: [x-gone]}}\n  redirect: {uri: /new}"
+    )
+    p = plan(snapshot, "/old")
+    assert p.reply is not None and p.reply.status == 301
+    assert p.response_headers.set == {"x-r": "route"}
+    assert p.response_headers.remove == ["x-gone"]
+
+
 def test_direct_response() -> None:
     """directResponse answers with its status and body."""
     p = plan(snapshot_for("- directResponse: {status: 418, body: {string: teapot}}"))

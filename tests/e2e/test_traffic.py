@@ -389,16 +389,19 @@ def test_no_mirror_for_a_request_answered_before_an_upstream(
 
 
 def test_redirect(make_mesh: MeshFactory, client_kind: str) -> None:
-    """A redirect route answers locally with the Location Envoy would send."""
+    """A redirect route answers locally with the Location Envoy would send, and with the
+    route's response header edits, as Envoy applies them to redirects too."""
     mesh = make_mesh(
         virtual_service(
             "- match: [{uri: {prefix: /old}}]\n  redirect: {uri: /new, redirectCode: 302}\n"
+            "  headers: {response: {set: {x-route: y}}}\n"
         )
     )
     kwargs = {"allow_redirects": False} if client_kind == "requests" else {}
     result = Caller(client_kind, mesh).one("/old?x=1", **kwargs)
     assert result.status == 302
     assert result.headers["location"] == "http://reviews:9080/new?x=1"
+    assert result.headers["x-route"] == "y"
 
 
 def test_header_edits_and_rewrite(make_mesh: MeshFactory, client_kind: str) -> None:
