@@ -180,9 +180,8 @@ def plan_route(snapshot: Snapshot, request: RequestAttributes, rng: random.Rando
     plan.retries = route.retries
     plan.timeout = route.timeout.seconds if route.timeout is not None else None
     _rewrite(plan, route, decision.matched, request)
-    weighted = len(route.destinations) > 1
-    _request_headers(plan, route.headers, destination.headers, weighted)
-    _response_headers(plan, route.headers, destination.headers, weighted)
+    _request_headers(plan, route.headers, destination.headers, route.weighted)
+    _response_headers(plan, route.headers, destination.headers, route.weighted)
     _decide_faults(plan, route, rng)
     plan.mirrors = tuple(m for m in route.mirrors if m.fraction >= 1.0 or rng.random() < m.fraction)
     return plan

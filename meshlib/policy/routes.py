@@ -155,6 +155,9 @@ class CompiledRoute:
     cors_policy: CorsPolicy | None
     # rewrite.uriRegexRewrite compiled: the pattern and its `re.sub` template
     uri_regex_rewrite: tuple[re.Pattern[str], str] | None = None
+    # Configured with several destinations: Envoy weighted clusters, even when weight-0 ones
+    # were dropped from `destinations` (it decides the order of header edits)
+    weighted: bool = False
 
     def match(self, request: RequestAttributes) -> RouteMatcher | None:
         """The match block `request` satisfies (CATCH_ALL without blocks), or None."""

@@ -552,6 +552,7 @@ class _Builder:
                 if http.rewrite is not None and http.rewrite.uri_regex_rewrite is not None
                 else None
             ),
+            weighted=len(http.route) > 1,  # pilot's test: the configured count, zeros included
         )
 
     def _mirrors(self, http: HTTPRoute, ns: str) -> tuple[Mirror, ...]:

@@ -315,6 +315,25 @@ def test_authority_rewrite_and_header_edits() -> None:
     assert p.response_headers.set == {"x-r": "route"} and p.response_headers.remove == []
 
 
+def test_a_weight_0_destination_still_makes_the_route_weighted() -> None:
+    """Two destinations, one of weight 0: pilot still emits weighted clusters (it counts the
+    configured destinations), so the destination's edits run first and the route's win."""
+    snapshot = snapshot_for(
+        """
+        - headers: {request: {set: {x-h: route}}, response: {set: {x-r: route}}}
+          route:
+          - destination: {host: reviews, subset: v1}
+            weight: 100
+            headers: {request: {set: {x-h: dest}}, response: {set: {x-r: dest}}}
+          - {destination: {host: reviews, subset: v2}, weight: 0}
+        """
+    )
+    p = plan(snapshot)
+    assert p.cluster == ("reviews.default.svc.cluster.local", "v1", 9080)
+    assert p.request_headers.set == {"x-h": "route"}
+    assert p.response_headers.set == {"x-r": "route"}
+
+
 def test_faults_are_decided_independently_at_their_percentages() -> None:
     """Delay 30% and abort 20% are each decided per request, independently (±1.5 points over 10,000)."""
     snapshot = snapshot_for(
