@@ -179,8 +179,8 @@ def plan_route(snapshot: Snapshot, request: RequestAttributes, rng: random.Rando
     plan.cluster = (destination.host, destination.subset, service_port.number)
     plan.retries = route.retries
     plan.timeout = route.timeout.seconds if route.timeout is not None else None
-    _rewrite(plan, route, decision.matched, request)
-    _request_headers(plan, route.headers, destination.headers, route.weighted)
+    original = _rewrite(plan, route, decision.matched, request)
+    _request_headers(plan, route.headers, destination.headers, route.weighted, original)
     _response_headers(plan, route.headers, destination.headers, route.weighted)
     _decide_faults(plan, route, rng)
     plan.mirrors = tuple(m for m in route.mirrors if m.fraction >= 1.0 or rng.random() < m.fraction)
@@ -204,7 +204,8 @@ def _pick(
 
 def _rewrite(
     plan: RoutePlan, route: CompiledRoute, matched: RouteMatcher | None, request: RequestAttributes
-) -> None:
+) -> str | None:
+    """Rewrite the plan's authority and path; the `x-envoy-original-path` to send, if any."""
     rewrite = route.rewrite
     authority = _header_authority(route.headers)
     if rewrite is not None and rewrite.authority:
@@ -214,7 +215,7 @@ def _rewrite(
     if authority is not None:
         plan.authority = authority
     if rewrite is None:
-        return
+        return None
     path = request.path
     if rewrite.uri is not None:
         uri = matched.uri if matched is not None else None
@@ -229,9 +230,14 @@ def _rewrite(
     elif route.uri_regex_rewrite is not None:
         pattern, template = route.uri_regex_rewrite
         path = re2_replace_all(pattern, template, path)
+    else:
+        return None  # only the authority is rewritten
     if path != request.path:
         plan.original_path = request.path
         plan.path = path
+    # Envoy copies the whole :path, query included, whenever a prefix or regex rewrite is
+    # configured, even one that leaves the path as it was.
+    return f"{request.path}?{request.query}" if request.query else request.path
 
 
 def _has_prefix(path: str, prefix: str, matched: RouteMatcher | None) -> bool:
@@ -256,16 +262,20 @@ def _header_authority(headers: Headers | None) -> str | None:
 
 
 def _request_headers(
-    plan: RoutePlan, route: Headers | None, dest: Headers | None, weighted: bool
+    plan: RoutePlan,
+    route: Headers | None,
+    dest: Headers | None,
+    weighted: bool,
+    original_path: str | None,
 ) -> None:
     route_ops = route.request if route is not None else None
     dest_ops = dest.request if dest is not None else None
-    if route_ops is None and dest_ops is None and plan.original_path is None:
+    if route_ops is None and dest_ops is None and original_path is None:
         return  # the plan keeps the shared NO_EDITS
     edits = plan.request_headers = HeaderEdits()
     _fold(edits, route_ops, dest_ops, weighted)
-    if plan.original_path is not None:
-        edits.overwrite("x-envoy-original-path", plan.original_path)
+    if original_path is not None:
+        edits.overwrite("x-envoy-original-path", original_path)
 
 
 def _response_headers(

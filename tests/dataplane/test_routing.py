@@ -242,6 +242,32 @@ def test_uri_rewrites(match: str, rewrite: str, path: str, expected: str) -> Non
     assert p.request_headers.set["x-envoy-original-path"] == path
 
 
+@pytest.mark.parametrize(
+    ("match", "rewrite", "path"),
+    [
+        pytest.param("uri: {prefix: /api/}", "uri: /v2/", "/v2/x", id="rewritten"),
+        pytest.param("uri: {prefix: /api}", "uri: /api", "/api/x", id="unchanged"),
+        pytest.param(
+            "uri: {prefix: /}",
+            "uriRegexRewrite: {match: '^/none$', rewrite: /x}",
+            "/api/x",
+            id="regex-unchanged",
+        ),
+    ],
+)
+def test_the_original_path_is_the_whole_path_whenever_a_rewrite_is_configured(
+    match: str, rewrite: str, path: str
+) -> None:
+    """Envoy copies all of `:path`, query included, into `x-envoy-original-path` when the
+    route has a prefix or regex rewrite, even one that leaves the path as it was."""
+    snapshot = snapshot_for(
+        f"- match: [{{{match}}}]\n  rewrite: {{{rewrite}}}\n  route: [{{destination: {{host: reviews}}}}]"
+    )
+    p = plan(snapshot, "/api/x", query="a=1")
+    assert (p.path, p.query) == (path, "a=1")
+    assert p.request_headers.set["x-envoy-original-path"] == "/api/x?a=1"
+
+
 @pytest.mark.parametrize("match", ["uri: {prefix: /api}", "uri: {exact: /api/x}"])
 def test_an_empty_rewrite_uri_keeps_the_path(match: str) -> None:
     """`rewrite.uri: ""` is unset, as in Istio: only the authority is rewritten."""
@@ -251,6 +277,7 @@ def test_an_empty_rewrite_uri_keeps_the_path(match: str) -> None:
     )
     p = plan(snapshot, "/api/x")
     assert (p.path, p.original_path, p.authority) == ("/api/x", None, "reviews.internal")
+    assert "x-envoy-original-path" not in p.request_headers.set
 
 
 MULTI_PORT = """

@@ -93,7 +93,7 @@ def test_routes_match_the_encoded_path(
 @pytest.mark.parametrize(
     ("path", "upstream", "original"),
     [
-        ("/api/v1/files/a%2Fb?x=1", b"/files/a%2Fb?x=1", b"/api/v1/files/a%2Fb"),
+        ("/api/v1/files/a%2Fb?x=1", b"/files/a%2Fb?x=1", b"/api/v1/files/a%2Fb?x=1"),
         ("/api/v1/q%3Fx", b"/q%3Fx", b"/api/v1/q%3Fx"),
         ("/api/v1/a%20b", b"/a%20b", b"/api/v1/a%20b"),
     ],
@@ -106,7 +106,7 @@ def test_a_rewrite_keeps_the_encoding(
     original: bytes,
 ) -> None:
     """The prefix is replaced on the raw path; the rest goes on as sent, and
-    `x-envoy-original-path` holds the raw original."""
+    `x-envoy-original-path` holds the raw original, query included."""
     primary, _, mesh = recorded
     client = dict(clients(mesh))[which]
     with client:
