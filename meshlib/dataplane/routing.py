@@ -347,7 +347,9 @@ def _redirect(
     port: int | None = redirect.port
     if port is None and redirect.derive_port == "FROM_REQUEST_PORT":
         port = request.port
-    elif port is None and redirect.derive_port is None and not redirect.authority:
+    elif port is None and not redirect.authority:
+        # No port_redirect (pilot emits none for FROM_PROTOCOL_DEFAULT): Envoy keeps the
+        # request's host:port
         _, port = strip_port(request.authority)
         if scheme != request.scheme and (request.scheme, port) in _DEFAULT_PORTS:
             port = None  # Envoy drops the old scheme's default port when the scheme changes

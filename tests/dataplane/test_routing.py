@@ -131,6 +131,20 @@ def test_cluster_port_and_retry_defaults() -> None:
             id="derive",
         ),
         pytest.param(
+            "{uri: /x, derivePort: FROM_PROTOCOL_DEFAULT}",
+            {},
+            "http://reviews:9080/x?a=1",
+            301,
+            id="protocol-default-keeps-the-request-port",
+        ),
+        pytest.param(
+            "{scheme: https, derivePort: FROM_PROTOCOL_DEFAULT}",
+            {"authority": "reviews:80"},
+            "https://reviews/old?a=1",
+            301,
+            id="protocol-default-scheme-change-drops-old-default-port",
+        ),
+        pytest.param(
             "{uri: '/new?b=2'}", {}, "http://reviews:9080/new?b=2", 301, id="uri-query-replaces"
         ),
         pytest.param("{uri: new}", {}, "http://reviews:9080/new?a=1", 301, id="relative-uri"),
