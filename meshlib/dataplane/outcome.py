@@ -88,10 +88,7 @@ class LocalReply:
     body: bytes
     flag: str | None = None
     headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
-
-    @property
-    def content_type(self) -> str:
-        return "text/plain"
+    content_type: str = "text/plain"
 
 
 _RESET_PREFIX = b"upstream connect error or disconnect/reset before headers. "
@@ -159,6 +156,20 @@ def timeout() -> LocalReply:
 
 def fault_abort(status: int) -> LocalReply:
     return LocalReply(status, b"fault filter abort", Flag.FAULT_INJECTED)
+
+
+def grpc_fault_abort(code: int, grpc_request: bool) -> LocalReply:
+    """A `grpcStatus` abort: Envoy's local reply is HTTP 200 either way, gRPC-shaped (empty
+    body, `grpc-status`, `grpc-message`) only when the request is gRPC."""
+    if not grpc_request:
+        return LocalReply(200, b"fault filter abort", Flag.FAULT_INJECTED)
+    return LocalReply(
+        200,
+        b"",
+        Flag.FAULT_INJECTED,
+        MappingProxyType({"grpc-status": str(code), "grpc-message": "fault filter abort"}),
+        "application/grpc",
+    )
 
 
 def redirect(location: str, status: int) -> LocalReply:

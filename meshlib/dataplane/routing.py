@@ -182,7 +182,7 @@ def plan_route(snapshot: Snapshot, request: RequestAttributes, rng: random.Rando
     original = _rewrite(plan, route, decision.matched, request)
     _request_headers(plan, route.headers, destination.headers, route.weighted, original)
     _response_headers(plan, route.headers, destination.headers, route.weighted)
-    _decide_faults(plan, route, rng)
+    _decide_faults(plan, route, request, rng)
     plan.mirrors = tuple(m for m in route.mirrors if m.fraction >= 1.0 or rng.random() < m.fraction)
     return plan
 
@@ -309,7 +309,9 @@ def _fold(
         edits.then(route_ops, dest_ops)
 
 
-def _decide_faults(plan: RoutePlan, route: CompiledRoute, rng: random.Random) -> None:
+def _decide_faults(
+    plan: RoutePlan, route: CompiledRoute, request: RequestAttributes, rng: random.Random
+) -> None:
     fault = route.fault
     if fault is None:
         return
@@ -318,16 +320,20 @@ def _decide_faults(plan: RoutePlan, route: CompiledRoute, rng: random.Random) ->
         plan.fault_delay = delay.fixed_delay.seconds
     if fault.abort is not None and _chance(fault.abort.fraction, rng):
         status = fault.abort.http_status
-        if status is None:  # a gRPC abort: HTTP 200 with grpc-status, as Envoy sends it
-            code = str(_GRPC_CODES.get(fault.abort.grpc_status or "", 2))
-            plan.fault_abort = LocalReply(
-                200,
-                b"",
-                outcome.Flag.FAULT_INJECTED,
-                {"grpc-status": code, "grpc-message": "fault filter abort"},
-            )
+        if status is None:
+            code = _GRPC_CODES.get(fault.abort.grpc_status or "", 2)
+            plan.fault_abort = outcome.grpc_fault_abort(code, _is_grpc(request))
         else:
             plan.fault_abort = outcome.fault_abort(status)
+
+
+def _is_grpc(request: RequestAttributes) -> bool:
+    """Envoy's test for a gRPC request: content-type `application/grpc`, alone or followed
+    by `+` (so not gRPC-Web)."""
+    content_type = request.headers.get("content-type", "")
+    return content_type.startswith("application/grpc") and (
+        len(content_type) == 16 or content_type[16] == "+"
+    )
 
 
 def _chance(fraction: float, rng: random.Random) -> bool:

@@ -401,6 +401,32 @@ def test_faults_are_decided_independently_at_their_percentages() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("content_type", "grpc"),
+    [
+        ("application/grpc", True),
+        ("application/grpc+proto", True),
+        ("application/grpc-web", False),  # Envoy: not gRPC
+        ("text/plain", False),
+    ],
+)
+def test_a_grpc_abort_is_grpc_shaped_only_for_grpc_requests(content_type: str, grpc: bool) -> None:
+    """Envoy's gRPC abort is HTTP 200; its local reply carries grpc-status only when the
+    request's content-type is `application/grpc` or `application/grpc+...`."""
+    snapshot = snapshot_for(
+        "- route: [{destination: {host: reviews}}]\n"
+        "  fault: {abort: {grpcStatus: NOT_FOUND, percentage: {value: 100}}}"
+    )
+    abort = plan(snapshot, headers={"content-type": content_type}).fault_abort
+    assert abort is not None and abort.status == 200
+    if grpc:
+        assert (abort.body, abort.content_type) == (b"", "application/grpc")
+        assert dict(abort.headers) == {"grpc-status": "5", "grpc-message": "fault filter abort"}
+    else:
+        assert (abort.body, abort.content_type) == (b"fault filter abort", "text/plain")
+        assert not abort.headers
+
+
 def test_fault_without_percentage_never_fires() -> None:
     """A fault without percentage faults no request (the proto's and pilot's default)."""
     snapshot = snapshot_for(

@@ -261,6 +261,33 @@ def test_fault_abort_percentage(make_mesh: MeshFactory, client_kind: str) -> Non
     )
 
 
+@pytest.mark.parametrize("grpc", [True, False], ids=["grpc-request", "http-request"])
+def test_grpc_fault_abort(make_mesh: MeshFactory, client_kind: str, grpc: bool) -> None:
+    """A `grpcStatus` abort is Envoy's local reply, HTTP 200 either way: gRPC-shaped for a
+    gRPC request (content-type application/grpc, grpc-status, grpc-message, no body), the
+    plain "fault filter abort" body without grpc-status for any other request."""
+    mesh = make_mesh(
+        virtual_service(
+            "- route: [{destination: {host: reviews}}]\n"
+            "  fault: {abort: {grpcStatus: UNAVAILABLE, percentage: {value: 100}}}\n"
+        )
+    )
+    headers = {"content-type": "application/grpc+proto" if grpc else "application/json"}
+    result = Caller(client_kind, mesh).one(
+        "/pkg.Svc/Call", method="POST", content=b"\0\0\0\0\0", headers=headers
+    )
+    assert (result.status, result.flags, result.upstream) == (200, ["FI"], None)
+    if grpc:
+        assert result.headers["content-type"] == "application/grpc"
+        assert result.headers["grpc-status"] == "14"
+        assert result.headers["grpc-message"] == "fault filter abort"
+        assert result.body == ""
+    else:
+        assert result.headers["content-type"] == "text/plain"
+        assert "grpc-status" not in result.headers
+        assert result.body == "fault filter abort"
+
+
 def test_fault_delay(make_mesh: MeshFactory, client_kind: str) -> None:
     """A 100% 300ms delay delays every request and sets DI."""
     import time
