@@ -37,10 +37,11 @@ _AUTHORITY_KEYS = ("host", ":authority")
 class HeaderEdits:
     """Header changes to apply: drop `set` and `remove` names, then put `set`, then `add`.
 
-    Built from Istio `headers` operations with Envoy's `HeaderParser` order: each parser
-    removes first, then sets (overwrite) and adds (append) in order. `then` folds one more
-    parser in, so that a name is never both removed and set or added: applying `remove`
-    before or after `set`/`add` gives the same headers (`edited_headers` relies on it).
+    Built from Istio `headers` operations with Envoy's `HeaderParser::evaluateHeaders` order:
+    each parser removes first, then overwrites (every `set`), then appends (every `add`).
+    `then` folds one more parser in, so that a name is never both removed and set or added:
+    applying `remove` before or after `set`/`add` gives the same headers (`edited_headers`
+    relies on it).
     """
 
     set: dict[str, str] = field(default_factory=dict)
@@ -49,20 +50,22 @@ class HeaderEdits:
 
     def then(self, *parsers: HeaderOperations | None) -> None:
         """Apply these operations after the ones already here, as one Envoy parser: every
-        remove of them first, then their sets and adds in order."""
+        remove of them, then every set, then every add. An empty value is skipped, as Envoy
+        skips it without `keep_empty_value` (which Istio never sets)."""
         for ops in parsers:
             if ops is not None:
                 for name in ops.remove:
                     self._remove(name.lower())
         for ops in parsers:
-            if ops is None:
-                continue
-            for name, value in ops.set.items():
-                if name.lower() not in _AUTHORITY_KEYS:
-                    self.overwrite(name.lower(), value)
-            for name, value in ops.add.items():
-                if name.lower() not in _AUTHORITY_KEYS:
-                    self._append(name.lower(), value)
+            if ops is not None:
+                for name, value in ops.set.items():
+                    if value and name.lower() not in _AUTHORITY_KEYS:
+                        self.overwrite(name.lower(), value)
+        for ops in parsers:
+            if ops is not None:
+                for name, value in ops.add.items():
+                    if value and name.lower() not in _AUTHORITY_KEYS:
+                        self._append(name.lower(), value)
 
     def overwrite(self, name: str, value: str) -> None:
         if any(n == name for n, _ in self.add):
@@ -256,7 +259,7 @@ def _header_authority(headers: Headers | None) -> str | None:
         return None
     for ops in (headers.request.set, headers.request.add):
         for name, value in ops.items():
-            if name.lower() in _AUTHORITY_KEYS:
+            if value and name.lower() in _AUTHORITY_KEYS:  # pilot ignores an empty one
                 return value
     return None
 
@@ -298,9 +301,10 @@ def _fold(
     """Route and destination operations in the order Istio and Envoy apply them.
 
     One destination: pilot appends its operations to the route's, in one Envoy parser, so
-    all removes go first, then route set, route add, destination set, destination add (a
-    destination `set` replaces a route `add`). Several destinations: each is an Envoy
-    weighted cluster, whose parser runs before the route's, so the route has the last word.
+    all removes go first, then route set, destination set, route add, destination add (a
+    route `add` is appended after a destination `set` of the same header). Several
+    destinations: each is an Envoy weighted cluster, whose parser runs before the route's,
+    so the route has the last word.
     """
     if weighted:
         edits.then(dest_ops)

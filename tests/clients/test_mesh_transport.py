@@ -981,7 +981,10 @@ def test_no_timeout_sends_no_budget_and_the_app_header_stays(servers: Servers) -
 
 
 HEADER_ORDER = [
-    pytest.param("{add: {x: a}}", "{set: {x: b}}", ["b"], id="destination-set-replaces-route-add"),
+    pytest.param(
+        "{add: {x: a}}", "{set: {x: b}}", ["b", "a"], id="route-add-follows-destination-set"
+    ),
+    pytest.param("{set: {x: ''}}", "{add: {x: ''}}", ["in"], id="empty-values-skipped"),
     pytest.param("{add: {x: a}}", "{add: {x: b}}", ["in", "a", "b"], id="adds-in-order"),
     pytest.param("{set: {x: a}}", "{remove: [x]}", ["a"], id="removes-go-first"),
     pytest.param("{set: {x: a}, remove: [x]}", "{}", ["a"], id="same-route-set-and-remove"),
@@ -994,7 +997,8 @@ def test_header_operations_apply_in_envoys_order(
     route_ops: str, dest_ops: str, sent: list[str], servers: Servers
 ) -> None:
     """With one destination, pilot puts route then destination operations in one Envoy
-    parser: every remove first, then route set, route add, destination set, destination add."""
+    parser: every remove first, then route set, destination set, route add, destination add;
+    an empty value is skipped."""
     route = (
         f"- headers: {{request: {route_ops}}}\n"
         f"  route: [{{destination: {{host: api.internal}}, headers: {{request: {dest_ops}}}}}]"

@@ -356,6 +356,40 @@ def test_authority_rewrite_and_header_edits() -> None:
     assert p.response_headers.set == {"x-r": "route"} and p.response_headers.remove == []
 
 
+def test_one_parser_sets_every_header_before_it_adds_any() -> None:
+    """One destination: pilot puts route and destination ops in one Envoy parser, which
+    overwrites (every set) before it appends (every add), so a route `add` follows a
+    destination `set` of the same header instead of being replaced by it."""
+    snapshot = snapshot_for(
+        """
+        - headers: {request: {add: {x-a: route-add}}}
+          route:
+          - destination: {host: reviews}
+            headers: {request: {set: {x-a: dest-set}}}
+        """
+    )
+    p = plan(snapshot)
+    assert p.request_headers.set == {"x-a": "dest-set"}
+    assert p.request_headers.add == [("x-a", "route-add")]
+
+
+def test_an_operation_with_an_empty_value_is_skipped() -> None:
+    """Envoy skips a header whose value is empty (Istio never sets keep_empty_value): an
+    empty `set` leaves the app's header alone, an empty `add` sends nothing, an empty
+    `host` rewrites no authority."""
+    snapshot = snapshot_for(
+        """
+        - headers:
+            request: {set: {x-b: "", host: ""}, add: {x-c: ""}}
+            response: {set: {x-r: ""}}
+          route: [{destination: {host: reviews}}]
+        """
+    )
+    p = plan(snapshot)
+    assert not p.request_headers and not p.response_headers
+    assert p.authority == "reviews:9080"
+
+
 def test_a_weight_0_destination_still_makes_the_route_weighted() -> None:
     """Two destinations, one of weight 0: pilot still emits weighted clusters (it counts the
     configured destinations), so the destination's edits run first and the route's win."""
