@@ -530,6 +530,9 @@ class _Builder:
             )
             for d in weighted
         )
+        # pilot's test, the configured count: a weight-0 entry still makes it build weighted
+        # clusters (header edits' order) and keeps the previous-hosts retry rule
+        weighted_clusters = len(http.route) > 1
         return CompiledRoute(
             virtual_service=f"{ns}/{resource.name}",
             index=index,
@@ -537,8 +540,7 @@ class _Builder:
             matchers=matchers,
             destinations=destinations,
             total_weight=sum(d.weight for d in destinations),
-            # the raw count: a weight-0 entry still makes pilot build weighted clusters
-            retries=RetryPolicy.resolve(http.retries, sole_destination=len(http.route) == 1),
+            retries=RetryPolicy.resolve(http.retries, sole_destination=not weighted_clusters),
             timeout=http.timeout if http.timeout and http.timeout.seconds > 0 else None,
             fault=http.fault,
             mirrors=self._mirrors(http, ns),
@@ -552,7 +554,7 @@ class _Builder:
                 if http.rewrite is not None and http.rewrite.uri_regex_rewrite is not None
                 else None
             ),
-            weighted=len(http.route) > 1,  # pilot's test: the configured count, zeros included
+            weighted=weighted_clusters,
         )
 
     def _mirrors(self, http: HTTPRoute, ns: str) -> tuple[Mirror, ...]:
