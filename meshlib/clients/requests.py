@@ -13,7 +13,7 @@ import contextlib
 import http
 import io
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -518,7 +518,7 @@ class MeshAdapter(HTTPAdapter):
             return self._local(reply, request, flags, plan)
         final: requests.Response = result.response
         if plan.response_headers:
-            final.headers = CaseInsensitiveDict(
+            final.headers = _joined(
                 edited_headers(final.headers.items(), plan.response_headers, {})
             )
             _cookies_as_edited(final, request, plan.response_headers)
@@ -631,7 +631,7 @@ class MeshAdapter(HTTPAdapter):
         # the same Latin-1 bytes, or the int's digits, as http.client would send them).
         headers = [(_text(name), _text(value)) for name, value in request.headers.items()]
         headers += propagated
-        upstream.headers = CaseInsensitiveDict(edited_headers(headers, plan.request_headers, extra))
+        upstream.headers = _joined(edited_headers(headers, plan.request_headers, extra))
         return upstream
 
     def _local(
@@ -650,7 +650,7 @@ class MeshAdapter(HTTPAdapter):
         except ValueError:
             response.reason = ""
         headers = reply_headers(reply, flags, plan)
-        response.headers = CaseInsensitiveDict(headers)
+        response.headers = _joined(headers)
         body = b"" if request.method == "HEAD" else reply.body  # HEAD: headers only, as Envoy
         # What requests' own adapter gives: urllib3's response as `raw`, the encoding its
         # headers say (ISO-8859-1 for text/plain).
@@ -671,6 +671,16 @@ class MeshAdapter(HTTPAdapter):
         response.connection = self
         response.response_flags = flags  # type: ignore[attr-defined]
         return response
+
+
+def _joined(pairs: Iterable[tuple[str, str]]) -> CaseInsensitiveDict[str]:
+    """Headers as requests holds them: one entry per name, the values of a name that comes
+    more than once joined with ", " (as urllib3 joins a response's), not the last kept."""
+    headers: CaseInsensitiveDict[str] = CaseInsensitiveDict()
+    for name, value in pairs:
+        earlier = headers.get(name)
+        headers[name] = value if earlier is None else f"{earlier}, {value}"
+    return headers
 
 
 def _answering(response: requests.Response, request: requests.PreparedRequest) -> requests.Response:
