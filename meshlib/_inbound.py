@@ -69,11 +69,6 @@ class InboundSides:
         return side
 
 
-def address_of(host: object, port: object) -> str:
-    """`host:port` as Envoy writes an address: an IPv6 host in brackets."""
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-
-
 class _Received(NamedTuple):
     """The request as it arrived, for its access log line."""
 

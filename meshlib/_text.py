@@ -1,4 +1,4 @@
-"""Numbers read from text that came from the network or from policy."""
+"""Text that comes from the network or from policy: numbers read from it, addresses written."""
 
 from __future__ import annotations
 
@@ -13,3 +13,8 @@ def ascii_int(text: str, max_digits: int) -> int | None:
     if 0 < len(text) <= max_digits and text.isascii() and text.isdigit():
         return int(text)
     return None
+
+
+def host_port(host: str, port: int | str) -> str:
+    """`host:port` as Envoy writes an address: an IPv6 host in brackets (`[::1]:9080`)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -18,8 +18,8 @@ from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
-from meshlib._inbound import InboundExchange, InboundSide, InboundSides, address_of
-from meshlib._text import ascii_int
+from meshlib._inbound import InboundExchange, InboundSide, InboundSides
+from meshlib._text import ascii_int, host_port
 from meshlib.mesh import Mesh
 from meshlib.telemetry import threads
 
@@ -111,7 +111,7 @@ class _Exchange(InboundExchange):
         client = scope.get("client")
         query = scope.get("query_string")
         return (
-            address_of(client[0], client[1]) if client else None,
+            host_port(client[0], client[1]) if client else None,
             query.decode("latin-1") if query else "",
         )
 

@@ -26,8 +26,8 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from urllib.parse import quote
 
-from meshlib._inbound import InboundExchange, InboundSide, InboundSides, address_of
-from meshlib._text import ascii_int
+from meshlib._inbound import InboundExchange, InboundSide, InboundSides
+from meshlib._text import ascii_int, host_port
 from meshlib.mesh import Mesh
 from meshlib.telemetry import threads
 
@@ -156,7 +156,7 @@ class _Exchange(InboundExchange):
         environ = self.environ
         address = environ.get("REMOTE_ADDR")
         port = environ.get("REMOTE_PORT")
-        client = (address_of(address, port) if port else address) if address else None
+        client = (host_port(address, port) if port else address) if address else None
         return client, environ.get("QUERY_STRING", "")
 
 

@@ -56,11 +56,6 @@ def body_broke_off(error: BaseException, timed_out: bool, callers_timeout: bool)
     return AttemptResult(failure=RESET, error=error, broke_off=True)
 
 
-def upstream_netloc(endpoint: Endpoint) -> str:
-    address = f"[{endpoint.address}]" if ":" in endpoint.address else endpoint.address
-    return f"{address}:{endpoint.port}"
-
-
 def edited_headers(
     headers: Iterable[tuple[str, str]], edits: HeaderEdits, extra: Mapping[str, str]
 ) -> list[tuple[str, str]]:

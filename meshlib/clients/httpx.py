@@ -46,7 +46,6 @@ from meshlib.clients._common import (
     reply_headers,
     request_id,
     start_mirror,
-    upstream_netloc,
 )
 from meshlib.clients._guard import passthrough_inside
 from meshlib.clients._httpx_body import hold
@@ -124,7 +123,7 @@ def _upstream_url(url: httpx.URL, scheme: str, endpoint: Endpoint, path: str | N
         port = None
     reference = getattr(url, "_uri_reference", None)
     if reference is None or path is not None:
-        netloc = upstream_netloc(endpoint).encode()
+        netloc = endpoint.key.encode()
         return url.copy_with(scheme=scheme, netloc=netloc, **({"path": path} if path else {}))
     new = httpx.URL.__new__(httpx.URL)
     new._uri_reference = reference._replace(scheme=scheme, host=endpoint.address, port=port)
@@ -438,7 +437,7 @@ class _MeshTransportBase:
         and propagated headers, as a sidecar mirrors what the app sent (its own headers
         copied); this workload's identity, as on every call."""
         mesh = self.mesh
-        url = request.url.copy_with(netloc=upstream_netloc(copy.endpoint).encode(), path=plan.path)
+        url = request.url.copy_with(netloc=copy.endpoint.key.encode(), path=plan.path)
         extra = {"host": plan.authority, peer.HEADER: mesh.identity}
         if copy.attempt.close_connection:
             extra["connection"] = "close"  # the mirror's maxRequestsPerConnection reached

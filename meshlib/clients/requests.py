@@ -50,7 +50,6 @@ from meshlib.clients._common import (
     reply_headers,
     request_id,
     start_mirror,
-    upstream_netloc,
 )
 from meshlib.clients._guard import passthrough_inside
 from meshlib.dataplane.deadline import remaining as remaining_deadline
@@ -617,9 +616,7 @@ class MeshAdapter(HTTPAdapter):
         upstream = request.copy()
         target = endpoint if attempt is None else attempt.endpoint
         assert target is not None
-        upstream.url = urlunsplit(
-            (plan.scheme, upstream_netloc(target), plan.path, parts.query, parts.fragment)
-        )
+        upstream.url = urlunsplit((plan.scheme, target.key, plan.path, parts.query, parts.fragment))
         extra = {"host": plan.authority}
         if attempt is not None:
             extra["x-envoy-attempt-count"] = str(attempt.number)

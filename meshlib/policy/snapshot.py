@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Generic, Protocol, TypeVar
 
+from meshlib._text import host_port
 from meshlib.config import MeshConfig
 from meshlib.policy._gc import collector_paused
 from meshlib.policy.delegate import merge_delegate_route
@@ -62,8 +63,7 @@ class Endpoint:
     """`address:port` (`[v6]:port`): the name balancers, outlier detection and logs use."""
 
     def __post_init__(self) -> None:
-        address = f"[{self.address}]" if ":" in self.address else self.address
-        object.__setattr__(self, "key", f"{address}:{self.port}")
+        object.__setattr__(self, "key", host_port(self.address, self.port))
 
     def __str__(self) -> str:
         return self.key

@@ -72,7 +72,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString as _float_to_go_string
 
-from meshlib._text import ascii_int
+from meshlib._text import ascii_int, host_port
 from meshlib.config import DEFAULT_METRICS_PORT, MeshConfig
 from meshlib.telemetry.metric_overrides import MetricOverrides
 from meshlib.telemetry.peer import MAX_HEADER_LENGTH, UNKNOWN_PEER, PeerIdentity
@@ -1159,8 +1159,7 @@ class MetricsServer:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"http://{host_port(self.host, self.port)}"
 
     def close(self) -> None:
         self._server.shutdown()
