@@ -125,6 +125,10 @@ def read_documents(text: str) -> Iterator[Document | YAMLProblem]:
         problem = exc.problem or exc.context or "invalid YAML"
         if problem == _FLOW_COLON and exc.context_mark and exc.problem_mark:
             problem += _quote_hint(text, exc.context_mark, exc.problem_mark)
+        elif exc.context and exc.context_mark and mark and exc.context_mark.line < mark.line:
+            # An unclosed quote or bracket fails lines later, at the end of the file, say:
+            # the line to fix is where it opened.
+            problem += f" ({exc.context} that started at line {exc.context_mark.line + 1})"
         yield YAMLProblem(f"invalid YAML: {problem}", mark.line + 1 if mark else None)
     except yaml.YAMLError as exc:
         yield YAMLProblem(f"invalid YAML: {exc}", None)

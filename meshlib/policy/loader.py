@@ -78,18 +78,33 @@ class _Collector:
         return any(d.severity == "error" for d in self.diagnostics)
 
 
-def policy_files(path: str | os.PathLike[str]) -> list[FsPath]:
+@dataclass(frozen=True, slots=True)
+class PolicyTree:
+    """The policy files under a path, and the folders in it that could not be listed."""
+
+    files: tuple[FsPath, ...]
+    unreadable: tuple[tuple[str, str], ...] = ()  # (folder, why): its files are unknown
+
+
+def policy_files(path: str | os.PathLike[str]) -> PolicyTree:
     """The policy files under `path`: itself if a file, else *.yaml/*.yml/*.json in the tree.
 
     Hidden entries are skipped, so a Kubernetes ConfigMap mount (whose `..data` and
-    `..<timestamp>` entries are hidden) yields each file once.
+    `..<timestamp>` entries are hidden) yields each file once. A folder that cannot be listed
+    is reported, not taken for an empty one: its policy would silently disappear.
     """
     root = FsPath(path)
     if not root.is_dir():
-        return [root]
+        return PolicyTree((root,))
     found: list[FsPath] = []
+    unreadable: list[tuple[str, str]] = []
     visited: set[tuple[int, int]] = set()  # folders already walked: a symlink loop ends here
-    for folder, dirs, files in os.walk(root, followlinks=True):
+
+    def cannot_list(exc: OSError) -> None:
+        if not isinstance(exc, FileNotFoundError):  # vanished while walking: seen next time
+            unreadable.append((str(exc.filename or root), exc.strerror or str(exc)))
+
+    for folder, dirs, files in os.walk(root, onerror=cannot_list, followlinks=True):
         try:
             stat = os.stat(folder)
         except OSError:
@@ -104,7 +119,7 @@ def policy_files(path: str | os.PathLike[str]) -> list[FsPath]:
             for name in sorted(files)
             if not name.startswith(".") and name.endswith(POLICY_SUFFIXES)
         )
-    return found
+    return PolicyTree(tuple(found), tuple(unreadable))
 
 
 @without_collector
@@ -115,7 +130,12 @@ def load_paths(
     resources: list[Resource[Any]] = []
     diagnostics: list[Diagnostic] = []
     for path in paths:
-        for file in policy_files(path):
+        tree = policy_files(path)
+        diagnostics.extend(
+            Diagnostic("error", f"cannot read policy folder: {why}", folder)
+            for folder, why in tree.unreadable
+        )
+        for file in tree.files:
             try:
                 text = file.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as exc:

@@ -16,7 +16,11 @@ index, files modified within the last `_RECENT_NS` are also compared by content.
 A file written in place (`cat > mesh.yaml`, most editors' plain save) is first truncated,
 then written: a poll landing in between would see an empty or cut-off file, which may well
 be valid policy. So the watcher loads a change only once the files have held still for one
-poll interval; an edit is live within two polls.
+poll interval; an edit is live within two polls. A slow writer (`kubectl get ... -o yaml >
+mesh.yaml`) can leave the file empty for longer than that, so a policy file that had content
+and is now empty (0 bytes) is taken for a write in progress: nothing is loaded, with a
+warning, until it has content again. (To remove all of a file's policy, leave a comment in
+it; a file that was empty already, or is new, is read as it is.)
 """
 
 from __future__ import annotations
@@ -42,19 +46,32 @@ _RECENT_NS = 2_000_000_000  # files modified this recently are compared by conte
 
 
 class Fingerprint:
-    """What the watcher compares between polls: every file's (path, inode, size, mtime), and
-    a digest of the files modified recently enough that their mtime may not have moved."""
+    """What the watcher compares between polls: every file's (path, inode, size, mtime,
+    ctime) — ctime moves when only permissions change, so a file made readable is read — the
+    folders that could not be listed, and a digest of the files modified recently enough
+    that their mtime may not have moved."""
 
-    __slots__ = ("digests", "meta")
+    __slots__ = ("digests", "meta", "unreadable")
 
-    def __init__(self, meta: tuple[tuple[str, int, int, int], ...], digests: dict[str, bytes]):
+    def __init__(
+        self,
+        meta: tuple[tuple[str, int, int, int, int], ...],
+        digests: dict[str, bytes],
+        unreadable: tuple[tuple[str, str], ...] = (),
+    ):
         self.meta = meta
         self.digests = digests
+        self.unreadable = unreadable
+
+    def emptied(self, before: Fingerprint) -> list[str]:
+        """The files that had content in `before` and are empty now."""
+        sizes = {path: size for path, _, size, _, _ in before.meta}
+        return [path for path, _, size, _, _ in self.meta if size == 0 and sizes.get(path)]
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Fingerprint):
             return NotImplemented
-        if self.meta != other.meta:
+        if self.meta != other.meta or self.unreadable != other.unreadable:
             return False
         both = self.digests.keys() & other.digests.keys()
         return all(self.digests[name] == other.digests[name] for name in both)
@@ -86,6 +103,7 @@ class FileSource(SnapshotPublisher):
         super().__init__(self._first_build())  # invalid policy at start-up raises PolicyError
         self._reloading = threading.Lock()  # reload() is public: the watcher may run it too
         self._changed: Fingerprint | None = None  # the change the watcher saw at its last poll
+        self._held: Fingerprint | None = None  # files left empty, taken for a write in progress
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -93,16 +111,22 @@ class FileSource(SnapshotPublisher):
         entries = []
         digests: dict[str, bytes] = {}
         recent = time.time_ns() - _RECENT_NS
+        unreadable: list[tuple[str, str]] = []
         for root in self.paths:
-            for file in policy_files(root):
+            tree = policy_files(root)
+            unreadable.extend(tree.unreadable)
+            for file in tree.files:
                 try:
                     st = file.stat()
-                    if st.st_mtime_ns >= recent:
-                        digests[str(file)] = hashlib.blake2b(file.read_bytes()).digest()
                 except OSError:
                     continue  # vanished between listing and stat: the next poll sees it
-                entries.append((str(file), st.st_ino, st.st_size, st.st_mtime_ns))
-        return Fingerprint(tuple(entries), digests)
+                if st.st_mtime_ns >= recent:
+                    try:
+                        digests[str(file)] = hashlib.blake2b(file.read_bytes()).digest()
+                    except OSError:  # unreadable: loading reports it; ctime shows a fix
+                        digests[str(file)] = b""
+                entries.append((str(file), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        return Fingerprint(tuple(entries), digests, tuple(unreadable))
 
     def _first_build(self) -> Snapshot:
         """The first Snapshot, read as `reload` reads (a ConfigMap update landing as the
@@ -150,7 +174,7 @@ class FileSource(SnapshotPublisher):
 
     def _reload(self) -> bool:
         fingerprint = self._stat()
-        if fingerprint == self._fingerprint:
+        if fingerprint == self._fingerprint or self._writing(fingerprint):
             return False
         read = self._read(fingerprint)
         if read is None:
@@ -159,8 +183,32 @@ class FileSource(SnapshotPublisher):
         if isinstance(outcome, PolicyError):
             self.reject(outcome, self._origin)
             return False
+        before = len(self.snapshot.resources)
         self.publish(outcome)
-        logger.info("policy generation %d loaded from %s", outcome.generation, self._origin)
+        if before and not outcome.resources:
+            logger.warning(
+                "policy generation %d loaded from %s has no resources: every rule is gone",
+                outcome.generation,
+                self._origin,
+            )
+        else:
+            logger.info("policy generation %d loaded from %s", outcome.generation, self._origin)
+        return True
+
+    def _writing(self, fingerprint: Fingerprint) -> bool:
+        """Whether a file that had content is empty now: a write in progress (see the
+        module's doc), warned about once."""
+        emptied = fingerprint.emptied(self._fingerprint)
+        if not emptied:
+            return False
+        if fingerprint != self._held:
+            self._held = fingerprint
+            logger.warning(
+                "%s is empty, taken for a write in progress: still serving generation %d."
+                " To remove all of its policy, leave a comment in it (# no policy).",
+                ", ".join(emptied),
+                self.snapshot.generation,
+            )
         return True
 
     @property

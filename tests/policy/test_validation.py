@@ -1687,8 +1687,17 @@ def test_list_with_non_list_items_is_an_error() -> None:
         pytest.param(
             "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nspec:\n  host: [r\n  x: 1\n",
             5,
-            "invalid YAML: did not find expected ',' or ']'",
-            id="unclosed-flow-sequence",
+            "invalid YAML: did not find expected ',' or ']'"
+            " (while parsing a flow sequence that started at line 4)",
+            id="unclosed-flow-sequence-names-where-it-opened",
+        ),
+        pytest.param(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: r\n"
+            'spec:\n  hosts:\n  - "r\n  http: []\n',
+            9,
+            "invalid YAML: found unexpected end of stream"
+            " (while scanning a quoted scalar that started at line 7)",
+            id="unclosed-quote-names-where-it-opened",
         ),
         pytest.param(
             "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n\tname: r\n",

@@ -408,3 +408,115 @@ def test_a_swap_while_the_mesh_starts_is_not_missed() -> None:
         assert mesh.tracing.sampling == 50.0
     finally:
         mesh.close()
+
+
+@pytest.fixture
+def make_unreadable(monkeypatch: pytest.MonkeyPatch) -> Callable[[Path], Callable[[], None]]:
+    """Make a folder unlistable (or a file unreadable); returns the undo. Under root, which
+    permissions do not stop, the system calls fail as they would for another user."""
+
+    def make(path: Path) -> Callable[[], None]:
+        if os.geteuid() != 0:
+            mode = path.stat().st_mode
+            path.chmod(0)
+            return lambda: path.chmod(mode)
+        denied = {str(path)}
+
+        def refuse(name: object) -> None:
+            if os.fspath(name) in denied:  # type: ignore[call-overload]
+                raise PermissionError(13, "Permission denied", os.fspath(name))  # type: ignore[call-overload]
+
+        scandir, read_bytes, read_text = os.scandir, Path.read_bytes, Path.read_text
+        monkeypatch.setattr(os, "scandir", lambda p=".": (refuse(p), scandir(p))[1])
+        monkeypatch.setattr(Path, "read_bytes", lambda self: (refuse(self), read_bytes(self))[1])
+        monkeypatch.setattr(
+            Path, "read_text", lambda self, **kw: (refuse(self), read_text(self, **kw))[1]
+        )
+        return denied.clear
+
+    return make
+
+
+def test_an_unlistable_folder_is_an_error_not_an_empty_one(
+    tmp_path: Path, make_unreadable: Callable[[Path], Callable[[], None]]
+) -> None:
+    """A policy folder that cannot be listed is an error, at start-up and on reload, naming
+    the folder: taken for an empty one, its policy would silently disappear. Once it can be
+    listed again, its policy is loaded."""
+    sub = tmp_path / "routes"
+    sub.mkdir()
+    (sub / "reviews.yaml").write_text(vs_text("reviews", "v1"))
+    (tmp_path / "ratings.yaml").write_text(vs_text("ratings", "v1"))
+    undo = make_unreadable(sub)
+    with pytest.raises(PolicyError, match="cannot read policy folder: Permission denied") as info:
+        FileSource(tmp_path, MeshConfig())
+    assert info.value.file == str(sub)
+    undo()
+    source = FileSource(tmp_path, MeshConfig())
+    errors: list[PolicyError] = []
+    source.on_error(errors.append)
+    undo = make_unreadable(sub)
+    assert source.reload() is False
+    assert len(errors) == 1 and errors[0].file == str(sub)
+    assert subset_for(source.snapshot, "reviews") == "v1"  # still served
+    assert source.reload() is False and len(errors) == 1  # one rejection per change
+    undo()
+    assert source.reload() is True
+    assert source.last_error is None and subset_for(source.snapshot, "reviews") == "v1"
+
+
+def test_a_file_made_readable_again_is_read(
+    tmp_path: Path,
+    make_unreadable: Callable[[Path], Callable[[], None]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A file replaced by one that cannot be read is rejected once, also once it is no
+    longer recent enough to be compared by content; when it is made readable (`chmod`, which
+    moves only its ctime) the change is seen and loaded, with no edit."""
+    policy = tmp_path / "mesh.yaml"
+    policy.write_text(vs_text("reviews", "v1"))
+    source = FileSource(policy, MeshConfig())
+    errors: list[PolicyError] = []
+    source.on_error(errors.append)
+    replace_atomically(policy, vs_text("reviews", "v2"))
+    undo = make_unreadable(policy)
+    assert source.reload() is False and len(errors) == 1
+    monkeypatch.setattr("meshlib.sources.file._RECENT_NS", 0)  # time passes: not recent now
+    assert source.reload() is False and len(errors) == 1
+    undo()
+    policy.chmod(0o600)  # what fixing it takes: no change of content or mtime
+    assert source.reload() is True
+    assert subset_for(source.snapshot, "reviews") == "v2"
+
+
+def test_an_emptied_file_is_taken_for_a_write_in_progress(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A slow writer (`kubectl get ... -o yaml > mesh.yaml`) leaves the file empty for longer
+    than the watcher's hold-still check: a policy file that had content and is now 0 bytes is
+    not loaded, with one warning, until it has content again. A file left with only a comment
+    removes its policy, with a warning that every rule is gone."""
+    policy = tmp_path / "mesh.yaml"
+    policy.write_text(vs_text("reviews", "v1"))
+    source = FileSource(policy, MeshConfig())
+    policy.write_text("")
+    assert source.reload() is False and source.reload() is False
+    held = [r.message for r in caplog.records if "write in progress" in r.message]
+    assert len(held) == 1 and "still serving generation" in held[0]
+    assert subset_for(source.snapshot, "reviews") == "v1"
+    policy.write_text(vs_text("reviews", "v2"))
+    assert source.reload() is True and subset_for(source.snapshot, "reviews") == "v2"
+    policy.write_text("# no policy\n")
+    assert source.reload() is True and source.snapshot.resources == ()
+    assert any("has no resources" in r.message for r in caplog.records)
+
+
+def test_an_empty_file_is_read_at_start_up_and_when_new(tmp_path: Path) -> None:
+    """Only a file that had content is held: an empty policy at start-up, or an empty file
+    added to a folder, is read as it is."""
+    (tmp_path / "mesh.yaml").write_text("")
+    source = FileSource(tmp_path, MeshConfig())
+    assert source.snapshot.resources == ()
+    (tmp_path / "reviews.yaml").write_text(vs_text("reviews", "v1"))
+    (tmp_path / "new.yaml").write_text("")
+    assert source.reload() is True and subset_for(source.snapshot, "reviews") == "v1"
