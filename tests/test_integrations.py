@@ -43,6 +43,7 @@ from tests.upstream import WsgiServer, mesh_for, refused_port
 ROOT = Path(__file__).parent.parent
 DEMO_CONFIG = ROOT / "integrations" / "prometheus" / "demo.yml"
 KUBERNETES_CONFIG = ROOT / "integrations" / "prometheus" / "kubernetes.yml"
+ALERTS = ROOT / "integrations" / "prometheus" / "meshlib-alerts.yml"
 DASHBOARD = ROOT / "integrations" / "grafana" / "meshlib-golden-signals.json"
 
 PROMTOOL = shutil.which("promtool")
@@ -390,6 +391,61 @@ def test_promtool_accepts_kubernetes_config_with_file_sd(tmp_path: Path) -> None
     result = promtool("check", "config", str(config))
     output = result.stdout + result.stderr
     assert result.returncode == 0 and "SUCCESS" in output and "WARNING" not in output, output
+
+
+@needs_promtool
+def test_alert_rules_fire_while_policy_is_rejected(tmp_path: Path) -> None:
+    """meshlib-alerts.yml passes promtool, and MeshlibPolicyRejected fires only once a
+    process has rejected its policy for a minute, and stops once a change loads (promtool's
+    rule unit tests, on a series shaped as meshlib exports it)."""
+    result = promtool("check", "rules", str(ALERTS))
+    assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
+    tests = tmp_path / "alerts_test.yml"
+    series = 'meshlib_policy_last_reload_successful{instance="reviews:15020"}'
+    tests.write_text(
+        json.dumps(
+            {
+                "rule_files": [str(ALERTS)],
+                "evaluation_interval": "30s",
+                "tests": [
+                    {
+                        "interval": "30s",
+                        # loaded, rejected from 1m to 3m30s, loaded again
+                        "input_series": [{"series": series, "values": "1 1 0 0 0 0 0 0 1 1"}],
+                        "alert_rule_test": [
+                            {"eval_time": "1m30s", "alertname": "MeshlibPolicyRejected"},
+                            {
+                                "eval_time": "2m",
+                                "alertname": "MeshlibPolicyRejected",
+                                "exp_alerts": [
+                                    {
+                                        "exp_labels": {
+                                            "severity": "warning",
+                                            "instance": "reviews:15020",
+                                        },
+                                        "exp_annotations": {
+                                            "summary": "reviews:15020 rejects its new policy",
+                                            "description": (
+                                                "The policy files of reviews:15020 have errors"
+                                                " since their last change, and it still serves"
+                                                " the last policy that loaded. `meshlib check"
+                                                " <files>` lists the errors; the process logs"
+                                                " them too (logger meshlib.policy, with file,"
+                                                " line and field)."
+                                            ),
+                                        },
+                                    }
+                                ],
+                            },
+                            {"eval_time": "4m", "alertname": "MeshlibPolicyRejected"},
+                        ],
+                    }
+                ],
+            }
+        )
+    )
+    result = promtool("test", "rules", str(tests))
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 # --- the Prometheus configs, running ---------------------------------------------------------

@@ -1299,6 +1299,15 @@ class OperationalMetrics:
             registry=registry,
             shared=shared,
         )
+        self._reload_successful = _per_process(
+            Gauge,
+            "meshlib_policy_last_reload_successful",
+            "1 when the last policy change was loaded, 0 while it is rejected (the last good "
+            "Snapshot keeps serving until a change loads).",
+            registry=registry,
+            shared=shared,
+            multiprocess_mode="livemin",  # one worker serving stale policy shows
+        )
         self._ejections = _per_process(
             Counter,
             "meshlib_outlier_ejections",
@@ -1363,6 +1372,7 @@ class OperationalMetrics:
         return [
             self._generation,
             self._reload_errors,
+            self._reload_successful,
             self._ejections,
             self._ejected,
             self._breakers,
@@ -1373,10 +1383,12 @@ class OperationalMetrics:
     def policy_loaded(self, snapshot_generation: int) -> None:
         """A new Snapshot is being served."""
         self._generation.set(snapshot_generation)
+        self._reload_successful.set(1)
 
     def policy_rejected(self, error: object = None) -> None:
         """New policy was invalid (an `on_error` listener: takes the PolicyError)."""
         self._reload_errors.inc()
+        self._reload_successful.set(0)
 
     def ejection(self, cluster: str, key: str, old: str, new: str) -> None:
         """An outlier-detection state change of endpoint `key` (pybreaker state names)."""

@@ -569,8 +569,10 @@ def test_operational_metrics(registry: CollectorRegistry) -> None:
     assert cluster == "outbound|9080|v1|reviews.bookinfo.svc.cluster.local"
     assert cluster_name("details", None, None) == "outbound|||details"
     ops.policy_loaded(4)
+    assert registry.get_sample_value("meshlib_policy_last_reload_successful") == 1.0
     ops.policy_rejected(ValueError("bad"))
     ops.policy_rejected()
+    assert registry.get_sample_value("meshlib_policy_last_reload_successful") == 0.0
     for key, old, new in [
         ("10.0.0.1:9080", "closed", "open"),
         ("10.0.0.2:9080", "closed", "open"),
