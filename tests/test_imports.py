@@ -51,3 +51,34 @@ def test_instrument_stays_the_function_whatever_is_imported_first() -> None:
         "meshlib.instrument(); assert is_instrumented(); meshlib.uninstrument()\n"
     )
     subprocess.run([sys.executable, "-c", probe], check=True)
+
+
+def test_every_third_party_import_is_a_declared_dependency() -> None:
+    """Each package meshlib imports is one of its own dependencies (or extras), not one that
+    happens to come with another: requests alone would accept urllib3 1.x, which lacks the
+    names meshlib imports from urllib3 2."""
+    import ast
+    from importlib.metadata import packages_distributions, requires
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    def canonical(name: str) -> str:
+        return name.lower().replace("_", "-").replace(".", "-")
+
+    declared = {canonical(Requirement(r).name) for r in requires("meshlib-istio") or ()}
+    imported: set[str] = set()
+    for source in Path(meshlib.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"meshlib"}
+    providers = packages_distributions()
+    undeclared = {
+        name: providers.get(name)
+        for name in third_party
+        if not {canonical(d) for d in providers.get(name, ())} & declared
+    }
+    assert not undeclared, f"imported but not declared in pyproject.toml: {undeclared}"
