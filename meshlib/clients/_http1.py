@@ -61,7 +61,8 @@ What it does, as httpx's own transport does:
 HTTP/1.1 only (HTTP/2 and proxies go through httpx's own transports). Connections belong to
 the event loop that opened them: used from another loop, the transport starts a new pool, and
 connections still pooled in the old one are left to the garbage collector (close the client
-before its event loop ends, as with httpx).
+before its event loop ends, as with httpx). It runs on asyncio (and uvloop): a caller under
+trio is served by httpx's own transport, made with the same settings.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ import httptools
 import httpx
 
 from meshlib._text import ascii_int
-from meshlib.clients._aio import within
+from meshlib.clients._aio import trio_running, within
 from meshlib.clients._httpx_headers import from_raw
 
 __all__ = ["Http1Transport"]
@@ -140,6 +141,21 @@ class Http1Transport(httpx.AsyncBaseTransport):
         self._keepalive_expiry = keepalive_expiry
         self._pool: _Pool | None = None
         self._closed = False
+        self._off_asyncio: httpx.AsyncHTTPTransport | None = None  # see _for_trio
+
+    def _for_trio(self) -> httpx.AsyncHTTPTransport:
+        """httpx's own transport with these settings, for callers under trio: this pool runs
+        on asyncio only."""
+        if self._off_asyncio is None:
+            self._off_asyncio = httpx.AsyncHTTPTransport(
+                verify=self._ssl,
+                limits=httpx.Limits(
+                    max_connections=self._max_connections,
+                    max_keepalive_connections=self._max_idle,
+                    keepalive_expiry=self._keepalive_expiry,
+                ),
+            )
+        return self._off_asyncio
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
@@ -153,7 +169,12 @@ class Http1Transport(httpx.AsyncBaseTransport):
         outgoing = _Outgoing(request)
         timeout = request.extensions.get("timeout") or {}
         pool = self._pool
-        loop = asyncio.get_running_loop()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            if trio_running() is None:
+                raise
+            return await self._for_trio().handle_async_request(request)
         if pool is None or pool.loop is not loop:
             pool = self._pool = _Pool(self, loop)  # the old loop's connections went with it
         host = url.raw_host.decode("ascii")
@@ -188,12 +209,15 @@ class Http1Transport(httpx.AsyncBaseTransport):
         self._closed = True
         if self._pool is not None:
             self._pool.close()
+        if self._off_asyncio is not None:
+            await self._off_asyncio.aclose()
 
     def sibling(self) -> Http1Transport:
         """A transport with the same settings and a pool of its own."""
         twin = Http1Transport.__new__(Http1Transport)
         twin.__dict__.update(self.__dict__)  # closed if this one is
         twin._pool = None
+        twin._off_asyncio = None
         return twin
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import functools
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -25,7 +26,7 @@ from typing import Any
 import httpcore
 import httpx
 
-from meshlib.clients._aio import within
+from meshlib.clients._aio import Background, sleep, within
 from meshlib.clients._common import (
     DRAIN_BYTES,
     DRAIN_SECONDS,
@@ -797,7 +798,7 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
     ) -> None:
         self._inner = transport if transport is not None else _default_async_transport(**kwargs)
         self._mesh = mesh
-        self._mirrors: set[asyncio.Task[None]] = set()
+        self._mirrors = Background()
         self._mirror_inner: httpx.AsyncBaseTransport | None = None  # see _mirroring_transport
         self._closes = 0  # aclose() calls: a call that saw one fail under it is the app's doing
         setattr(self, _MESHED, True)
@@ -841,7 +842,7 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
         if plan.fault_delay is not None:
             flags.append(Flag.DELAY_INJECTED)  # set as the delay starts, as Envoy's is
             read = _read_timeout_first(request, plan.fault_delay)
-            await asyncio.sleep(plan.fault_delay if read is None else read)
+            await sleep(plan.fault_delay if read is None else read)
             if read is not None:
                 raise _delay_timed_out(request)
         if plan.fault_abort is not None:
@@ -887,10 +888,10 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
                 return  # copies pending: new ones are dropped
             started = self._start_copy(request, view, plan, mirror, may_wait=True)
             if started is not None:
-                task = asyncio.get_running_loop().create_task(self._send_mirror(*started))
-                self._mirrors.add(task)
-                task.add_done_callback(self._mirrors.discard)
-                task.add_done_callback(started[1].given_up)  # cancelled before it ran
+                copied, copy = started
+                self._mirrors.start(
+                    functools.partial(self._send_mirror, copied, copy), copy.given_up
+                )
 
     def _mirroring_transport(self) -> httpx.AsyncBaseTransport:
         """Where copies go: a pool of their own when one like the inner transport can be made
@@ -938,10 +939,7 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
     async def aclose_mirrors(self) -> None:
         """Give copies in flight up to MIRROR_GRACE to finish (then drop them), and close
         their own pool."""
-        if self._mirrors:
-            _, pending = await asyncio.wait(list(self._mirrors), timeout=MIRROR_GRACE)
-            for task in pending:
-                task.cancel()
+        await self._mirrors.aclose(MIRROR_GRACE)
         mirror_inner, self._mirror_inner = self._mirror_inner, None
         if mirror_inner is not None and mirror_inner is not self._inner:
             await mirror_inner.aclose()

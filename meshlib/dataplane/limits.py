@@ -35,8 +35,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import math
+import sys
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 from meshlib.policy.destination_rule import ConnectionPoolSettings, RetryBudget
 
@@ -94,7 +97,7 @@ class Ticket:
     the queue, a granted one passes its connection to the next in line.
     """
 
-    __slots__ = ("_event", "_future", "_limits", "granted", "released")
+    __slots__ = ("_event", "_future", "_limits", "_trio", "granted", "released")
 
     def __init__(self, limits: ClusterLimits | None, granted: bool) -> None:
         self.granted = granted
@@ -102,6 +105,7 @@ class Ticket:
         self._limits = limits
         self._event: threading.Event | None = None
         self._future: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
+        self._trio: tuple[Any, Any] | None = None  # (trio token, trio.Event) of a trio waiter
 
     def wait(self, timeout: float | None) -> bool:
         """Block until granted (True), or for `timeout` seconds (False: out of the queue)."""
@@ -115,11 +119,16 @@ class Ticket:
         return event.wait(timeout) or not limits._withdraw(self)
 
     async def wait_async(self, timeout: float | None) -> bool:
-        """`wait` for asyncio; a cancelled waiter still gives its ticket back."""
+        """`wait` for asyncio, or trio; a cancelled waiter still gives its ticket back."""
         limits = self._limits
         if self.granted or limits is None:
             return True
-        loop = asyncio.get_running_loop()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            if "trio" not in sys.modules:
+                raise
+            return await self._wait_trio(limits, sys.modules["trio"], timeout)
         with limits._lock:
             if self.granted:
                 return True
@@ -129,6 +138,16 @@ class Ticket:
         # that lands as the future completes (CPython gh-86296), and the request would go on.
         done, _ = await asyncio.wait((future,), timeout=timeout)
         return bool(done) or not limits._withdraw(self)  # granted meanwhile: go ahead
+
+    async def _wait_trio(self, limits: ClusterLimits, trio: Any, timeout: float | None) -> bool:
+        event = trio.Event()
+        with limits._lock:
+            if self.granted:
+                return True
+            self._trio = (trio.lowlevel.current_trio_token(), event)
+        with trio.move_on_after(math.inf if timeout is None else timeout):
+            await event.wait()
+        return bool(event.is_set()) or not limits._withdraw(self)
 
     def _wake(self) -> None:
         """Tell the waiter it was granted (called outside the limits' lock)."""
@@ -140,6 +159,13 @@ class Ticket:
                 loop.call_soon_threadsafe(_resolve, future)
             except RuntimeError:  # its event loop is closed: the waiter is gone for good,
                 if self._limits is not None:  # so the connection goes to the next in line
+                    self._limits.release_request(self)
+        if self._trio is not None:
+            token, event = self._trio
+            try:
+                token.run_sync_soon(event.set)  # thread-safe, as call_soon_threadsafe
+            except RuntimeError:  # trio.RunFinishedError: as a closed event loop, above
+                if self._limits is not None:
                     self._limits.release_request(self)
 
 

@@ -1438,14 +1438,14 @@ def test_a_mirrored_copy_cancelled_before_it_ran_gives_back_its_slot() -> None:
         transport = meshlib.AsyncMeshTransport(httpx.MockTransport(handler), mesh=mesh)
         async with httpx.AsyncClient(transport=transport) as c:
             await c.get("http://api.internal/")  # the mock never yields: the copy has not run
-            (task,) = transport._mirrors
+            (task,) = transport._mirrors._asyncio  # the copy's asyncio task
             assert shadow.limits.active_requests == 1
             task.cancel()
             await wait_until(lambda: task.done() and not transport._mirrors, "the cancellation")
             assert shadow.limits.active_requests == 0
             assert shadow.in_flight.get("10.0.1.1:80") == 0
             await c.get("http://api.internal/")  # the next copy gets the slot and is sent
-            await asyncio.wait(transport._mirrors)
+            await asyncio.wait(transport._mirrors._asyncio)
         assert [host.startswith("10.0.0.") for host in sent] == [True, True, False]
         assert sent[2] == "10.0.1.1"  # the second call's copy; the first's never went out
 
