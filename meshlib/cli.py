@@ -184,9 +184,10 @@ def explain(snapshot: Snapshot, decision: RouteDecision) -> dict[str, Any]:
         out["route"] = {"index": route.index, "name": route.name}
     total = route.total_weight or 1
     for dest in route.destinations:
-        port = dest.port if dest.port is not None else decision.port
+        named = dest.port is not None
+        port = dest.port if named else decision.port
         service = snapshot.service(dest.host)
-        service_port = service.port(port) if service else None
+        service_port = service.serving_port(port, named=named) if service else None
         if service_port is not None:
             port = service_port.number
         entry: dict[str, Any] = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import subprocess
 import sys
@@ -10,6 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from meshlib.cli import main
+from meshlib.config import MeshConfig
+from meshlib.dataplane.routing import plan_route
+from meshlib.policy.loader import load_paths
+from meshlib.policy.matching import RequestAttributes
+from meshlib.policy.snapshot import Snapshot
 from tests.conftest import BOOKINFO
 
 MESHLIB = shutil.which("meshlib", path=str(Path(sys.executable).parent)) or "meshlib"
@@ -340,3 +347,16 @@ spec:
         and "user" not in result.stdout
     )
     assert "0 error(s), 3 warning(s)" in result.stderr
+
+
+def test_routes_sends_a_one_port_service_to_its_port_as_the_data_plane_does(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`reviews:80` reaches reviews' only port, 9080, in `routes` as in `plan_route`."""
+    services = str(BOOKINFO / "services.yaml")
+    assert main(["routes", services, "--host", "reviews:80", "-o", "json"]) == 0
+    [destination] = json.loads(capsys.readouterr().out)["destinations"]
+    snapshot = Snapshot.build(load_paths([services]).resources, MeshConfig())
+    plan = plan_route(snapshot, RequestAttributes("GET", "reviews:80"), random.Random(1))
+    assert plan.cluster is not None and destination["port"] == plan.cluster[2] == 9080
+    assert destination["endpoints"] == ["127.0.0.1:19083", "127.0.0.1:19084", "127.0.0.1:19085"]

@@ -142,8 +142,9 @@ def mirror_cluster(mesh: Mesh, plan: RoutePlan, mirror: Mirror) -> ClusterState:
     if port is None:
         port = plan.cluster[2] if plan.cluster else None
         service = mesh.snapshot.service(mirror.host)
-        if service is not None and service.port(port) is None and len(service.ports) == 1:
-            port = service.ports[0].number
+        served = service.serving_port(port) if service is not None else None
+        if served is not None:
+            port = served.number
     return mesh.cluster((mirror.host, mirror.subset, port))
 
 

@@ -165,16 +165,7 @@ def plan_route(snapshot: Snapshot, request: RequestAttributes, rng: random.Rando
     ):
         plan.reply = outcome.no_cluster()  # Envoy has no cluster for it: 503 NC
         return plan
-    service_port = service.port(port)
-    if (
-        service_port is None
-        and port is not None
-        and len(service.ports) == 1
-        and destination.port is None
-    ):
-        service_port = service.ports[
-            0
-        ]  # a one-port service answers on its port whatever the client used
+    service_port = service.serving_port(port, named=destination.port is not None)
     if service_port is None:
         plan.reply = outcome.no_cluster()
         return plan

@@ -90,6 +90,15 @@ class Service:
                 return port
         return None
 
+    def serving_port(self, number: int | None, *, named: bool = False) -> ServicePort | None:
+        """The service port a request for port `number` reaches: the port of that number, else
+        this service's only port, which answers whatever port the client used. A port the
+        route `named` itself must exist: Envoy has no cluster for another."""
+        found = self.port(number)
+        if found is None and not named and len(self.ports) == 1:
+            return self.ports[0]
+        return found
+
 
 @dataclass(frozen=True, slots=True)
 class DestinationPolicy:
