@@ -57,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--namespace", default="default", help="namespace of resources that set none"
     )
+    _add_cluster_domain(check)
     check.set_defaults(run=_check)
 
     routes = commands.add_parser(
@@ -75,15 +76,32 @@ def _parser() -> argparse.ArgumentParser:
         "--source-labels", default="", metavar="k=v,...", help="labels of the calling workload"
     )
     routes.add_argument("--namespace", default="default", help="namespace of the calling workload")
+    _add_cluster_domain(routes)
     routes.add_argument("--output", "-o", choices=("text", "json"), default="text")
     routes.set_defaults(run=_routes)
     return parser
 
 
+def _add_cluster_domain(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--cluster-domain",
+        help="DNS suffix of short host names (default $MESHLIB_CLUSTER_DOMAIN, else cluster.local)",
+    )
+
+
+def _cluster_domain(args: argparse.Namespace) -> str:
+    """--cluster-domain, else MESHLIB_CLUSTER_DOMAIN, else cluster.local, as a Mesh reads it."""
+    if args.cluster_domain is not None:
+        return _config("--cluster-domain", cluster_domain=args.cluster_domain).cluster_domain
+    variable = "MESHLIB_CLUSTER_DOMAIN"  # a bad value is reported by its name
+    return MeshConfig.from_env({variable: os.environ.get(variable, "")}).cluster_domain
+
+
 def _check(args: argparse.Namespace) -> int:
     _config("--namespace", namespace=args.namespace)  # checked, as `routes` checks it
+    domain = _cluster_domain(args)
     result = load_paths(args.paths, default_namespace=args.namespace)
-    findings = [*result.diagnostics, *analyze(result.resources)]
+    findings = [*result.diagnostics, *analyze(result.resources, cluster_domain=domain)]
     findings.sort(key=lambda d: (d.file or "", d.line or 0))
     errors = sum(d.severity == "error" for d in findings)
     warnings = len(findings) - errors
@@ -122,7 +140,10 @@ def _routes(args: argparse.Namespace) -> int:
             raise ConfigError(f"--header: expected K=V, got {item!r}")
         headers[key.strip().lower()] = value
     _config("--namespace", namespace=args.namespace)
-    config = _config("--source-labels", namespace=args.namespace, labels=labels)
+    domain = _cluster_domain(args)
+    config = _config(
+        "--source-labels", namespace=args.namespace, cluster_domain=domain, labels=labels
+    )
     if not _is_authority(args.host):
         raise ConfigError(
             f"--host: {args.host!r} is not a host or host:port, e.g. reviews or reviews:9080"

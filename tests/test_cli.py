@@ -360,3 +360,84 @@ def test_routes_sends_a_one_port_service_to_its_port_as_the_data_plane_does(
     plan = plan_route(snapshot, RequestAttributes("GET", "reviews:80"), random.Random(1))
     assert plan.cluster is not None and destination["port"] == plan.cluster[2] == 9080
     assert destination["endpoints"] == ["127.0.0.1:19083", "127.0.0.1:19084", "127.0.0.1:19085"]
+
+
+CORP_POLICY = """\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: reviews}
+spec:
+  hosts: [reviews.default.svc.corp.internal]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{number: 9080, name: http, protocol: HTTP}]
+  endpoints: [{address: 10.0.0.1}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http: [{route: [{destination: {host: reviews}}]}]
+"""
+
+
+@pytest.mark.parametrize("how", ["flag", "variable"])
+def test_check_and_routes_read_short_names_in_the_cluster_domain(
+    how: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--cluster-domain, else MESHLIB_CLUSTER_DOMAIN, expands `reviews` for check and routes."""
+    policy = tmp_path / "mesh.yaml"
+    policy.write_text(CORP_POLICY)
+    domain: list[str] = []
+    if how == "flag":
+        domain = ["--cluster-domain", "corp.internal"]
+        monkeypatch.setenv("MESHLIB_CLUSTER_DOMAIN", "ignored.example")
+    else:
+        monkeypatch.setenv("MESHLIB_CLUSTER_DOMAIN", "corp.internal")
+    assert main(["check", str(policy), *domain]) == 0
+    assert "0 error(s), 0 warning(s)" in capsys.readouterr().err
+    assert main(["routes", str(policy), "--host", "reviews", "-o", "json", *domain]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["host"] == "reviews.default.svc.corp.internal"
+    assert out["destinations"][0]["endpoints"] == ["10.0.0.1:9080"]
+
+
+def test_without_a_cluster_domain_short_names_are_in_cluster_local(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No flag, no variable: `reviews` is reviews.default.svc.cluster.local, not registered."""
+    policy = tmp_path / "mesh.yaml"
+    policy.write_text(CORP_POLICY)
+    assert main(["check", str(policy)]) == 0
+    assert "reviews.default.svc.cluster.local is not in the registry" in capsys.readouterr().out
+    assert main(["routes", str(policy), "--host", "reviews", "-o", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["host"] == "reviews.default.svc.cluster.local"
+    assert out["destinations"][0]["endpoints"] == []
+
+
+@pytest.mark.parametrize(
+    ("args", "variable", "message"),
+    [
+        pytest.param(
+            ["--cluster-domain", "Corp_X"], "", "--cluster-domain 'Corp_X': must be", id="flag"
+        ),
+        pytest.param([], "Corp_X", "MESHLIB_CLUSTER_DOMAIN='Corp_X': must be", id="variable"),
+    ],
+)
+@pytest.mark.parametrize("command", ["check", "routes"])
+def test_a_bad_cluster_domain_is_named_by_its_source(
+    command: str,
+    args: list[str],
+    variable: str,
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A refused cluster domain: one line naming the flag or the variable, exit 2."""
+    monkeypatch.setenv("MESHLIB_CLUSTER_DOMAIN", variable)
+    host = ["--host", "reviews"] if command == "routes" else []
+    assert main([command, str(BOOKINFO / "services.yaml"), *host, *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"meshlib: error: {message}") and err.count("\n") == 1
