@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from meshlib.config import MeshConfig
+from meshlib.config import MeshConfig, is_header_name
 from meshlib.errors import ConfigError
 from meshlib.policy.analysis import analyze
 from meshlib.policy.loader import load_paths
@@ -138,7 +138,13 @@ def _routes(args: argparse.Namespace) -> int:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--header: expected K=V, got {item!r}")
-        headers[key.strip().lower()] = value
+        name = key.strip()
+        if not is_header_name(name):
+            raise ConfigError(
+                f"--header {item!r}: {name!r} is not an HTTP header name"
+                " (letters, digits and !#$%&'*+-.^_`|~)"
+            )
+        headers[name.lower()] = value
     _config("--namespace", namespace=args.namespace)
     domain = _cluster_domain(args)
     config = _config(

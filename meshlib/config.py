@@ -162,6 +162,11 @@ class MeshConfig:
         return f"spiffe://{self.trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
 
 
+def is_header_name(name: str) -> bool:
+    """True for an HTTP header name (an RFC 9110 token), in any case."""
+    return _HEADER_NAME.fullmatch(name.lower()) is not None
+
+
 def _split_list(raw: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw.split(",") if item.strip())
 
@@ -211,7 +216,7 @@ def _check(name: str, value: Any, where: str) -> None:
     elif name == "propagate_headers":
         items: Iterable[Any] = _split_list(value) if isinstance(value, str) else value
         for header in items:
-            if not isinstance(header, str) or not _HEADER_NAME.fullmatch(header.lower()):
+            if not isinstance(header, str) or not is_header_name(header):
                 raise ConfigError(f"{where}: {header!r} is not a valid HTTP header name")
     elif name in ("namespace", "root_namespace"):
         if not isinstance(value, str) or not _DNS_LABEL.fullmatch(value):

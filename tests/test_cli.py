@@ -441,3 +441,16 @@ def test_a_bad_cluster_domain_is_named_by_its_source(
     assert main([command, str(BOOKINFO / "services.yaml"), *host, *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"meshlib: error: {message}") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("header", ["=x", "bad name=x", "end-user:=jason", " =x"])
+def test_routes_refuses_a_header_that_has_no_header_name(
+    header: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--header` whose name is no HTTP header name: one line naming the flag, exit 2 (it
+    used to fall silently to the default route)."""
+    args = ["routes", str(BOOKINFO / "services.yaml"), "--host", "reviews", "--header", header]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"meshlib: error: --header {header!r}: ") and err.count("\n") == 1
+    assert "is not an HTTP header name" in err
