@@ -75,7 +75,11 @@ def _parser() -> argparse.ArgumentParser:
     routes.add_argument(
         "--source-labels", default="", metavar="k=v,...", help="labels of the calling workload"
     )
-    routes.add_argument("--namespace", default="default", help="namespace of the calling workload")
+    routes.add_argument(
+        "--namespace",
+        default="default",
+        help="namespace of the calling workload, and of resources that set none",
+    )
     _add_cluster_domain(routes)
     routes.add_argument("--output", "-o", choices=("text", "json"), default="text")
     routes.set_defaults(run=_routes)

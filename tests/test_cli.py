@@ -454,3 +454,12 @@ def test_routes_refuses_a_header_that_has_no_header_name(
     err = capsys.readouterr().err
     assert err.startswith(f"meshlib: error: --header {header!r}: ") and err.count("\n") == 1
     assert "is not an HTTP header name" in err
+
+
+def test_routes_help_says_both_things_namespace_sets(capsys: pytest.CaptureFixture[str]) -> None:
+    """routes --namespace is the caller's namespace and that of resources that set none."""
+    with pytest.raises(SystemExit) as exited:
+        main(["routes", "--help"])
+    assert exited.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "namespace of the calling workload, and of resources that set none" in help_text
