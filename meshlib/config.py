@@ -31,6 +31,23 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")  # SPIFFE's trust domain characters
 _WORKLOAD = re.compile(r"[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,251}[A-Za-z0-9])?")
+# Framing and hop-by-hop headers (RFC 9110 7.6.1, RFC 9112 6): each describes one message or
+# one connection, so copied from the inbound request onto every outbound one they break it.
+_NOT_PROPAGATED = frozenset(
+    (
+        "connection",
+        "content-length",
+        "host",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    )
+)
 # A Deployment's pod is named <deployment>-<replicaset hash>-<5 char suffix>.
 _POD_OF_DEPLOYMENT = re.compile(r"(?P<workload>.+)-[a-z0-9]{6,10}-[a-z0-9]{5}")
 
@@ -167,6 +184,17 @@ def is_header_name(name: str) -> bool:
     return _HEADER_NAME.fullmatch(name.lower()) is not None
 
 
+def _check_propagated(header: Any, where: str) -> None:
+    if isinstance(header, str) and (header.startswith(":") or header.lower() in _NOT_PROPAGATED):
+        raise ConfigError(
+            f"{where}: {header!r} cannot be propagated: framing and hop-by-hop headers (and"
+            " HTTP/2 pseudo-headers) belong to one message or connection, and copied onto"
+            " every outbound call they would break it"
+        )
+    if not isinstance(header, str) or not is_header_name(header):
+        raise ConfigError(f"{where}: {header!r} is not a valid HTTP header name")
+
+
 def _split_list(raw: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw.split(",") if item.strip())
 
@@ -216,8 +244,7 @@ def _check(name: str, value: Any, where: str) -> None:
     elif name == "propagate_headers":
         items: Iterable[Any] = _split_list(value) if isinstance(value, str) else value
         for header in items:
-            if not isinstance(header, str) or not is_header_name(header):
-                raise ConfigError(f"{where}: {header!r} is not a valid HTTP header name")
+            _check_propagated(header, where)
     elif name in ("namespace", "root_namespace"):
         if not isinstance(value, str) or not _DNS_LABEL.fullmatch(value):
             raise ConfigError(

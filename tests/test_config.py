@@ -251,3 +251,39 @@ def test_a_policy_error_survives_pickling() -> None:
     for again in (pickle.loads(pickle.dumps(error)), copy.copy(error)):
         assert again.diagnostics == error.diagnostics
         assert str(again) == str(error) and again.line == 14
+
+
+UNPROPAGATABLE = [
+    "content-length",
+    "Transfer-Encoding",
+    "connection",
+    "host",
+    "te",
+    "upgrade",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "trailer",
+    ":authority",
+]
+
+
+@pytest.mark.parametrize("header", UNPROPAGATABLE)
+def test_framing_and_hop_by_hop_headers_are_not_propagated(header: str) -> None:
+    """Headers that would break every outbound call are refused, from the variable or the
+    argument, naming it and saying why."""
+    with pytest.raises(ConfigError, match=r"MESHLIB_PROPAGATE_HEADERS=.*cannot be propagated"):
+        MeshConfig.from_env({"MESHLIB_PROPAGATE_HEADERS": f"end-user,{header}"})
+    with pytest.raises(ConfigError, match=r"propagate_headers=.*hop-by-hop"):
+        MeshConfig.create(propagate_headers=("end-user", header))
+
+
+def test_headers_meshlib_propagates_itself_may_be_listed() -> None:
+    """`traceparent` or `x-request-id` listed is harmless: the propagator carries them on once,
+    as its formats do, so they are accepted."""
+    from meshlib.telemetry.propagation import Propagator
+
+    config = MeshConfig.from_env({"MESHLIB_PROPAGATE_HEADERS": "traceparent,x-request-id"})
+    assert config.propagate_headers == ("traceparent", "x-request-id")
+    assert Propagator(config.propagate_headers).propagate_headers == ()  # left to the formats
