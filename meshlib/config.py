@@ -2,8 +2,8 @@
 
 Built from keyword arguments, from `MESHLIB_*` environment variables, and from the names a
 Kubernetes Deployment usually sets through the Downward API (`POD_NAMESPACE`, `POD_NAME`,
-`SERVICE_ACCOUNT`). Keyword arguments win over the environment. A bad value raises
-`ConfigError` naming the argument or variable it came from.
+`SERVICE_ACCOUNT`). Keyword arguments win over the environment (a variable one overrides is not
+read). A bad value raises `ConfigError` naming the argument or variable it came from.
 """
 
 from __future__ import annotations
@@ -129,8 +129,11 @@ class MeshConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> MeshConfig:
         """Read `MESHLIB_*` (and Downward API) variables; keyword arguments take precedence."""
         env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
+        # None means "not given", except for metrics_port, where it means "off".
+        values = {k: v for k, v in overrides.items() if v is not None or k == "metrics_port"}
         for name, var in _ENV.items():
+            if name in values:  # an argument wins: its variable is not even parsed
+                continue
             raw = env.get(var)
             if not raw and name in _DOWNWARD:  # unset or empty: the Kubernetes name's value
                 var, raw = _DOWNWARD[name], env.get(_DOWNWARD[name])
@@ -142,8 +145,6 @@ class MeshConfig:
         if "workload" not in values and env.get("POD_NAME"):
             match = _POD_OF_DEPLOYMENT.fullmatch(env["POD_NAME"])
             values["workload"] = match["workload"] if match else env["POD_NAME"]
-        # None means "not given", except for metrics_port, where it means "off".
-        values.update({k: v for k, v in overrides.items() if v is not None or k == "metrics_port"})
         return cls.create(**values)
 
     @classmethod

@@ -287,3 +287,23 @@ def test_headers_meshlib_propagates_itself_may_be_listed() -> None:
     config = MeshConfig.from_env({"MESHLIB_PROPAGATE_HEADERS": "traceparent,x-request-id"})
     assert config.propagate_headers == ("traceparent", "x-request-id")
     assert Propagator(config.propagate_headers).propagate_headers == ()  # left to the formats
+
+
+@pytest.mark.parametrize(
+    ("env", "override"),
+    [
+        pytest.param({"MESHLIB_METRICS_PORT": "abc"}, {"metrics_port": 9090}, id="port"),
+        pytest.param({"MESHLIB_METRICS_PORT": "abc"}, {"metrics_port": None}, id="port-off"),
+        pytest.param({"MESHLIB_NAMESPACE": "Bad_NS"}, {"namespace": "shop"}, id="namespace"),
+        pytest.param({"POD_NAMESPACE": "Bad_NS"}, {"namespace": "shop"}, id="downward"),
+        pytest.param({"POD_IP": "10.1.2"}, {"instance_ip": "10.0.0.1"}, id="pod-ip"),
+        pytest.param({"POD_NAME": "Weird_Pod!"}, {"workload": "reviews"}, id="pod-name"),
+    ],
+)
+def test_a_variable_an_argument_overrides_is_not_parsed(
+    env: dict[str, str], override: dict[str, object]
+) -> None:
+    """Keyword arguments win over the environment: a bad value they override is no error."""
+    config = MeshConfig.from_env(env, **override)
+    for name, value in override.items():
+        assert getattr(config, name) == value
