@@ -96,13 +96,14 @@ def _add_cluster_domain(command: argparse.ArgumentParser) -> None:
 def _cluster_domain(args: argparse.Namespace) -> str:
     """--cluster-domain, else MESHLIB_CLUSTER_DOMAIN, else cluster.local, as a Mesh reads it."""
     if args.cluster_domain is not None:
-        return _config("--cluster-domain", cluster_domain=args.cluster_domain).cluster_domain
+        domain = args.cluster_domain
+        return _config("--cluster-domain", domain, cluster_domain=domain).cluster_domain
     variable = "MESHLIB_CLUSTER_DOMAIN"  # a bad value is reported by its name
     return MeshConfig.from_env({variable: os.environ.get(variable, "")}).cluster_domain
 
 
 def _check(args: argparse.Namespace) -> int:
-    _config("--namespace", namespace=args.namespace)  # checked, as `routes` checks it
+    _config("--namespace", args.namespace, namespace=args.namespace)  # checked as in `routes`
     domain = _cluster_domain(args)
     result = load_paths(args.paths, default_namespace=args.namespace)
     findings = [*result.diagnostics, *analyze(result.resources, cluster_domain=domain)]
@@ -120,14 +121,14 @@ def _check(args: argparse.Namespace) -> int:
     return int(args.verdict)
 
 
-def _config(flag: str, **values: Any) -> MeshConfig:
-    """A MeshConfig of `values`; a refused value is reported by its flag."""
+def _config(flag: str, given: str, **values: Any) -> MeshConfig:
+    """A MeshConfig of `values`; a refused value is reported by its flag, as `given`."""
     try:
         return MeshConfig.create(**values)
     except ConfigError as exc:
         name, value = list(values.items())[-1]
         message = str(exc).removeprefix(f"{name}={value!r}: ")
-        raise ConfigError(f"{flag} {value!r}: {message}") from None
+        raise ConfigError(f"{flag} {given!r}: {message}") from None
 
 
 def _routes(args: argparse.Namespace) -> int:
@@ -149,10 +150,14 @@ def _routes(args: argparse.Namespace) -> int:
                 " (letters, digits and !#$%&'*+-.^_`|~)"
             )
         headers[name.lower()] = value
-    _config("--namespace", namespace=args.namespace)
+    _config("--namespace", args.namespace, namespace=args.namespace)
     domain = _cluster_domain(args)
     config = _config(
-        "--source-labels", namespace=args.namespace, cluster_domain=domain, labels=labels
+        "--source-labels",
+        args.source_labels,
+        namespace=args.namespace,
+        cluster_domain=domain,
+        labels=labels,
     )
     if not _is_authority(args.host):
         raise ConfigError(

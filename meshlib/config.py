@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from meshlib._text import ascii_int
 from meshlib.errors import ConfigError
 
 DEFAULT_METRICS_PORT = 15020
@@ -143,8 +144,7 @@ class MeshConfig:
         if "instance_ip" not in values and env.get("POD_IP"):
             values["instance_ip"] = _parse_env("instance_ip", "POD_IP", env["POD_IP"])
         if "workload" not in values and env.get("POD_NAME"):
-            match = _POD_OF_DEPLOYMENT.fullmatch(env["POD_NAME"])
-            values["workload"] = match["workload"] if match else env["POD_NAME"]
+            values["workload"] = _workload_of_pod(env["POD_NAME"])
         return cls.create(**values)
 
     @classmethod
@@ -200,6 +200,14 @@ def _split_list(raw: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw.split(",") if item.strip())
 
 
+def _workload_of_pod(pod: str) -> str:
+    """The workload a pod belongs to: a Deployment's name, else the pod's own name."""
+    match = _POD_OF_DEPLOYMENT.fullmatch(pod)
+    workload = match["workload"] if match else pod
+    _check("workload", workload, f"POD_NAME={pod!r}")
+    return workload
+
+
 def _parse_env(name: str, var: str, raw: str) -> Any:
     where = f"{var}={raw!r}"
     value: Any = raw
@@ -218,9 +226,12 @@ def _parse_env(name: str, var: str, raw: str) -> Any:
     elif name == "metrics_port":
         if raw.lower() in ("off", "none", "disabled"):
             return None
-        if not (raw.isascii() and raw.isdigit()):  # int() would take " 80", "1_000", "٣"
-            raise ConfigError(f"{where}: must be a port number 0-65535, or 'off'")
-        value = int(raw)
+        port = ascii_int(raw, 5)  # not int(): it takes " 80", "1_000", "٣"
+        if port is None or port > 65535:
+            raise ConfigError(
+                f"{where}: must be a port number 0-65535 (0 picks a free port), or 'off'"
+            )
+        return port
     _check(name, value, where)
     return value
 
@@ -239,9 +250,16 @@ def _check(name: str, value: Any, where: str) -> None:
             raise ConfigError(f"{where}: must be a mapping of label names to values")
         for key, val in value.items():
             if not isinstance(key, str) or not _LABEL_KEY.fullmatch(key):
-                raise ConfigError(f"{where}: {key!r} is not a valid Kubernetes label name")
+                raise ConfigError(
+                    f"{where}: {key!r} is not a valid Kubernetes label name (up to 63 letters,"
+                    " digits, '-', '_' and '.', after an optional DNS prefix and '/')"
+                )
             if not isinstance(val, str) or not _LABEL_VALUE.fullmatch(val):
-                raise ConfigError(f"{where}: {val!r} is not a valid value for label {key!r}")
+                raise ConfigError(
+                    f"{where}: {val!r} is not a valid value for label {key!r} (up to 63"
+                    " letters, digits, '-', '_' and '.', beginning and ending with a letter or"
+                    " digit)"
+                )
     elif name == "propagate_headers":
         items: Iterable[Any] = _split_list(value) if isinstance(value, str) else value
         for header in items:

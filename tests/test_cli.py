@@ -229,7 +229,7 @@ spec:
         pytest.param(["--source-labels", "x"], "--source-labels: expected k=v", id="labels"),
         pytest.param(["--namespace", "Bad_NS"], "--namespace 'Bad_NS': must be", id="namespace"),
         pytest.param(
-            ["--source-labels", "a=b c"], "--source-labels {'a': 'b c'}: 'b c' is not", id="label"
+            ["--source-labels", "a=b c"], "--source-labels 'a=b c': 'b c' is not", id="label"
         ),
         pytest.param(["--host", "reviews:99999"], "--host: 'reviews:99999' is not", id="port"),
         pytest.param(["--host", "reviews:abc"], "--host: 'reviews:abc' is not", id="port-text"),
@@ -463,3 +463,13 @@ def test_routes_help_says_both_things_namespace_sets(capsys: pytest.CaptureFixtu
     assert exited.value.code == 0
     help_text = " ".join(capsys.readouterr().out.split())
     assert "namespace of the calling workload, and of resources that set none" in help_text
+
+
+def test_a_bad_source_label_is_shown_as_typed(capsys: pytest.CaptureFixture[str]) -> None:
+    """--source-labels 'app=a b': the flag and its text as given, and what a value may be."""
+    args = ["routes", str(BOOKINFO / "services.yaml"), "--host", "reviews"]
+    assert main([*args, "--source-labels", "team=web,app=a b"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "meshlib: error: --source-labels 'team=web,app=a b': 'a b' is not a valid value for"
+        " label 'app' (up to 63 letters"
+    )

@@ -307,3 +307,45 @@ def test_a_variable_an_argument_overrides_is_not_parsed(
     config = MeshConfig.from_env(env, **override)
     for name, value in override.items():
         assert getattr(config, name) == value
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        pytest.param(
+            {"MESHLIB_METRICS_PORT": "70000"},
+            "MESHLIB_METRICS_PORT='70000': must be a port number 0-65535 (0 picks a free port),"
+            " or 'off'",
+            id="port-range",
+        ),
+        pytest.param(
+            {"MESHLIB_METRICS_PORT": "abc"},
+            "MESHLIB_METRICS_PORT='abc': must be a port number 0-65535 (0 picks a free port),"
+            " or 'off'",
+            id="port-text",
+        ),
+        pytest.param(
+            {"POD_NAME": "Weird_Pod!"},
+            "POD_NAME='Weird_Pod!': must be a Kubernetes workload name, e.g. reviews-v2",
+            id="pod-name",
+        ),
+        pytest.param(
+            {"POD_NAME": "web!-7d8f9c6b5d-x2x7q"},
+            "POD_NAME='web!-7d8f9c6b5d-x2x7q': must be a Kubernetes workload name",
+            id="pod-of-deployment",
+        ),
+        pytest.param(
+            {"MESHLIB_LABELS": "app=a b"},
+            "MESHLIB_LABELS='app=a b': 'a b' is not a valid value for label 'app' (up to 63",
+            id="label-value",
+        ),
+    ],
+)
+def test_an_environment_error_names_the_variable_as_given(
+    env: dict[str, str], message: str
+) -> None:
+    """The message names the variable and its raw value and says what is accepted, in the
+    variable's terms (`'off'`, not the keyword argument's `None`)."""
+    with pytest.raises(ConfigError) as info:
+        MeshConfig.from_env(env)
+    assert str(info.value).startswith(message)
