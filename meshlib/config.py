@@ -75,6 +75,9 @@ _DOWNWARD = {
     "service_account": "SERVICE_ACCOUNT",
     "instance_ip": "INSTANCE_IP",  # what Istio's injector sets; POD_IP is read after it
 }
+# The fields that are also labels: both given, they must agree, or metrics and subsets would
+# see one value and `config.version` another.
+_LABEL_OF = {"service": "app", "version": "version"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +117,7 @@ class MeshConfig:
         for name in _ENV:  # the constructor checks what it is given, as create() and from_env
             value = getattr(self, name)
             _check(name, value, f"{name}={value!r}")
+        _check_labels_agree({name: getattr(self, name) for name in ("labels", *_LABEL_OF)}, {})
         labels = dict(self.labels)
         if self.service:
             labels.setdefault("app", self.service)
@@ -132,6 +136,7 @@ class MeshConfig:
         env = os.environ if environ is None else environ
         # None means "not given", except for metrics_port, where it means "off".
         values = {k: v for k, v in overrides.items() if v is not None or k == "metrics_port"}
+        where: dict[str, str] = {}  # the variable each value came from, for errors
         for name, var in _ENV.items():
             if name in values:  # an argument wins: its variable is not even parsed
                 continue
@@ -141,10 +146,12 @@ class MeshConfig:
             if raw is None or raw == "":
                 continue
             values[name] = _parse_env(name, var, raw)
+            where[name] = f"{var}={raw!r}"
         if "instance_ip" not in values and env.get("POD_IP"):
             values["instance_ip"] = _parse_env("instance_ip", "POD_IP", env["POD_IP"])
         if "workload" not in values and env.get("POD_NAME"):
             values["workload"] = _workload_of_pod(env["POD_NAME"])
+        _check_labels_agree(values, where)
         return cls.create(**values)
 
     @classmethod
@@ -198,6 +205,23 @@ def _check_propagated(header: Any, where: str) -> None:
 
 def _split_list(raw: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def _check_labels_agree(values: Mapping[str, Any], where: Mapping[str, str]) -> None:
+    """Refuse `labels` that give `app` or `version` a value other than `service` or `version`
+    does; `where` names the variable a value came from (else it is an argument)."""
+    labels = values.get("labels")
+    if not isinstance(labels, Mapping):
+        return  # none, or not a mapping: _check reports that
+    for name, label in _LABEL_OF.items():
+        value = values.get(name)
+        if value and label in labels and labels[label] != value:
+            labels_from = where.get("labels", f"labels={dict(labels)!r}")
+            value_from = where.get(name, f"{name}={value!r}")
+            raise ConfigError(
+                f"{labels_from} sets label {label}={labels[label]!r} but {value_from} disagrees:"
+                " give one of them, or the same value"
+            )
 
 
 def _workload_of_pod(pod: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -349,3 +350,45 @@ def test_an_environment_error_names_the_variable_as_given(
     with pytest.raises(ConfigError) as info:
         MeshConfig.from_env(env)
     assert str(info.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        pytest.param(
+            lambda: MeshConfig.from_env({"MESHLIB_LABELS": "version=v9", "MESHLIB_VERSION": "v1"}),
+            "MESHLIB_LABELS='version=v9' sets label version='v9' but MESHLIB_VERSION='v1'",
+            id="variables",
+        ),
+        pytest.param(
+            lambda: MeshConfig.create(labels={"version": "v9"}, version="v1"),
+            "labels={'version': 'v9'} sets label version='v9' but version='v1'",
+            id="arguments",
+        ),
+        pytest.param(
+            lambda: MeshConfig.from_env({"MESHLIB_LABELS": "team=web,app=x"}, service="reviews"),
+            "MESHLIB_LABELS='team=web,app=x' sets label app='x' but service='reviews'",
+            id="app-and-service",
+        ),
+        pytest.param(
+            lambda: MeshConfig(labels={"app": "x"}, service="reviews"),
+            "labels={'app': 'x'} sets label app='x' but service='reviews'",
+            id="constructor",
+        ),
+    ],
+)
+def test_labels_that_contradict_service_or_version_are_refused(
+    build: Callable[[], MeshConfig], message: str
+) -> None:
+    """`app` and `version` labels must agree with `service` and `version`: otherwise the
+    config says v1 while metrics and subsets see v9."""
+    with pytest.raises(ConfigError) as info:
+        build()
+    assert str(info.value).startswith(message)
+
+
+def test_labels_that_repeat_service_and_version_are_fine() -> None:
+    """Equal values are no conflict."""
+    env = {"MESHLIB_LABELS": "app=reviews,version=v1", "MESHLIB_VERSION": "v1"}
+    config = MeshConfig.from_env(env, service="reviews")
+    assert config.labels == {"app": "reviews", "version": "v1"}
