@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
+from meshlib._version import __version__
 from meshlib.config import MeshConfig, is_header_name
 from meshlib.errors import ConfigError
 from meshlib.policy.analysis import analyze
@@ -46,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meshlib", description="Istio policy for Python services, inside the process."
     )
+    parser.add_argument("--version", action="version", version=f"meshlib {__version__}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     check = commands.add_parser(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import meshlib
 from meshlib.cli import main
 from meshlib.config import MeshConfig
 from meshlib.dataplane.routing import plan_route
@@ -473,3 +474,28 @@ def test_a_bad_source_label_is_shown_as_typed(capsys: pytest.CaptureFixture[str]
         "meshlib: error: --source-labels 'team=web,app=a b': 'a b' is not a valid value for"
         " label 'app' (up to 63 letters"
     )
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """`meshlib --version` prints `meshlib <version>` and exits 0."""
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"meshlib {meshlib.__version__}\n"
+
+
+def test_python_dash_m_meshlib_is_the_command(tmp_path: Path) -> None:
+    """`python -m meshlib` runs the CLI: its output, its exit code, `meshlib` in its usage."""
+    root = Path(__file__).resolve().parents[1]
+
+    def python_m(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "meshlib", *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=root)
+
+    version = python_m("--version")
+    assert (version.returncode, version.stdout) == (0, f"meshlib {meshlib.__version__}\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("apiVersion: v1\nkind: [unclosed\n")
+    assert python_m("check", str(bad)).returncode == 1
+    usage = python_m()
+    assert usage.returncode == 2 and usage.stderr.startswith("usage: meshlib ")
