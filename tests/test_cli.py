@@ -499,3 +499,23 @@ def test_python_dash_m_meshlib_is_the_command(tmp_path: Path) -> None:
     assert python_m("check", str(bad)).returncode == 1
     usage = python_m()
     assert usage.returncode == 2 and usage.stderr.startswith("usage: meshlib ")
+
+
+def test_routes_json_retries_keys_that_appear_only_sometimes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As docs/policy.md says: `default` only on Istio's default retry policy, `perTryTimeout`
+    only when set."""
+    services = str(BOOKINFO / "services.yaml")
+    assert main(["routes", services, "--host", "reviews", "-o", "json"]) == 0
+    default = json.loads(capsys.readouterr().out)["retries"]
+    assert default["default"] is True and "perTryTimeout" not in default
+    policy = tmp_path / "vs.yaml"
+    policy.write_text(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews}\n"
+        "spec:\n  hosts: [reviews]\n  http:\n  - retries: {attempts: 3, perTryTimeout: 2s}\n"
+        "    route: [{destination: {host: reviews}}]\n"
+    )
+    assert main(["routes", services, str(policy), "--host", "reviews", "-o", "json"]) == 0
+    retries = json.loads(capsys.readouterr().out)["retries"]
+    assert retries["perTryTimeout"] == "2s" and "default" not in retries
