@@ -1,4 +1,5 @@
-"""The Python examples in the README and docs run as written.
+"""The Python examples in the README and docs run as written, and the README's configuration
+table lists every variable meshlib reads.
 
 Blocks fenced ```python are run; ```py marks a sketch that needs a real service around it.
 """
@@ -31,3 +32,11 @@ def test_example_runs(code: str) -> None:
     assert result.returncode == 0, result.stderr
     for expected in re.findall(r"^\s*# -> (.*)$", code, re.M):  # "# -> output" lines
         assert expected in result.stdout
+
+
+def test_the_readme_table_lists_every_meshlib_variable() -> None:
+    """Each `MESHLIB_*` name meshlib's source reads has a row in the README's table."""
+    source = "".join(path.read_text() for path in (ROOT / "meshlib").rglob("*.py"))
+    read = set(re.findall(r'"(MESHLIB_[A-Z_]+)"', source))
+    rows = set(re.findall(r"^\| `(MESHLIB_[A-Z_]+)`", (ROOT / "README.md").read_text(), re.M))
+    assert read and read - rows == set()
