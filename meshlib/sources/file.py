@@ -30,6 +30,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from meshlib.sources.base import SnapshotPublisher
 logger = logging.getLogger("meshlib.policy")
 
 _MAX_REREADS = 5
+_watching: weakref.WeakSet[FileSource] = weakref.WeakSet()  # sources whose watcher runs
 _RECENT_NS = 2_000_000_000  # files modified this recently are compared by content too
 
 
@@ -223,6 +225,18 @@ class FileSource(SnapshotPublisher):
             target=self._watch, name="meshlib-policy-watch", daemon=True
         )
         self._thread.start()
+        _watching.add(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child (gunicorn --preload forks workers from a master that built the
+        Mesh): only the forking thread survives a fork, so the watcher starts again, and the
+        locks a thread of the parent may have held are new."""
+        self._reloading = threading.Lock()
+        self._lock = threading.Lock()
+        self._changed = None
+        if self._thread is not None:
+            self._thread = None
+            self.start()
 
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_interval):
@@ -244,6 +258,7 @@ class FileSource(SnapshotPublisher):
 
     def close(self) -> None:
         self._stop.set()
+        _watching.discard(self)
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
@@ -254,3 +269,11 @@ class FileSource(SnapshotPublisher):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _restart_watchers() -> None:
+    for source in list(_watching):
+        source._after_fork()
+
+
+os.register_at_fork(after_in_child=_restart_watchers)

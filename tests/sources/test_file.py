@@ -520,3 +520,36 @@ def test_an_empty_file_is_read_at_start_up_and_when_new(tmp_path: Path) -> None:
     (tmp_path / "reviews.yaml").write_text(vs_text("reviews", "v1"))
     (tmp_path / "new.yaml").write_text("")
     assert source.reload() is True and subset_for(source.snapshot, "reviews") == "v1"
+
+
+def test_a_forked_child_watches_the_files_too(
+    tmp_path: Path, source_factory: Callable[..., FileSource]
+) -> None:
+    """A source started before a fork (gunicorn --preload builds the Mesh in the master,
+    then forks its workers) watches again in the child, where only the forking thread lives:
+    an edit made after the fork is served by the child."""
+    policy = tmp_path / "mesh.yaml"
+    policy.write_text(vs_text("reviews", "v1"))
+    source = source_factory(policy)
+    ready, go = os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: tell the parent it runs, wait for the edit, report what it serves
+        code = 1
+        try:
+            os.write(ready[1], b"x")
+            os.read(go[0], 1)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                if subset_for(source.snapshot, "reviews") == "v2":
+                    code = 0
+                    break
+                time.sleep(0.01)
+        finally:
+            os._exit(code)
+    os.read(ready[0], 1)
+    source.close()  # the parent's watcher stops: only the child's can see the edit
+    policy.write_text(vs_text("reviews", "v2"))
+    os.write(go[1], b"x")
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child never served the edit"
+    assert subset_for(source.snapshot, "reviews") == "v1"  # the parent stopped watching
