@@ -31,7 +31,10 @@ What it does, as httpx's own transport does:
   one is streamed (reading pauses while more than 256 KiB wait unread) and its connection
   returns when httpx closes the response after reading it all (closed earlier, the connection
   is dropped);
-- informational answers (1xx but 101) are skipped; a 101, a status below 100, a malformed
+- informational answers (1xx but 101) are skipped, and say nothing of the connection (their
+  `Connection: close` or HTTP/1.0 does not end it: the final answer decides); a transfer
+  coding other than `chunked` alone (`gzip, chunked`), which llhttp would leave undone, is
+  refused as httpx refuses it; a 101, a status below 100, a malformed
   message, a header block over 64 KiB, or a connection closed before the message ends raise
   `httpx.RemoteProtocolError` (`httpx.ReadError` when the connection was reset); a body
   without length ends when the server closes cleanly; bytes after the response close the
@@ -75,7 +78,7 @@ import re
 import select
 import ssl
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, NoReturn, cast
 
 import httptools
@@ -254,7 +257,7 @@ class _Outgoing:
         head = b"".join(
             [
                 b"%s %s HTTP/1.1\r\n" % (method.encode("ascii"), request.url.raw_path),
-                *[b"%s: %s\r\n" % pair for pair in raw],
+                *[b"%s: %s\r\n" % pair for pair in _host_first(raw)],
                 b"\r\n",
             ]
         )
@@ -650,7 +653,7 @@ class _Connection(asyncio.Protocol):
         self.complete = False  # the response has been received to its end
         self.error: httpx.TransportError | None = None
         self._transport: asyncio.Transport | None = None
-        self._parser = httptools.HttpResponseParser(self)
+        self._parser = _parser_for(self)
         self._busy = True  # a request is in flight (made for one: an early answer is its)
         self._head_only = False  # the request was HEAD: its response has no body
         self._status = 0
@@ -661,6 +664,7 @@ class _Connection(asyncio.Protocol):
         self._head_bytes = 0  # bytes received before the final response's headers were whole
         self._headers_done = False
         self._framed = False  # Content-Length or Transfer-Encoding: the body's end is known
+        self._persistent = False  # the final answer lets the connection stay open (§9.3)
         self._body: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._reading_paused = False
@@ -791,16 +795,19 @@ class _Connection(asyncio.Protocol):
             return  # informational: the final answer follows
         if status < 100 or status == 101:
             self._refuse(f"Invalid response status {status}")
+        if self._framed and not self._head_only and status not in (204, 304):
+            _check_transfer_coding(self._headers, self._refuse)
         self._status = status
         version = parser.get_http_version()
         self._version = b"HTTP/1.1" if version == "1.1" else b"HTTP/" + version.encode("ascii")
         self._headers_done = True
+        self._persistent = _keeps_alive(version, self._headers)
         if self._head_only:
             # No body follows, whatever Content-Length says; llhttp cannot be told so, so the
             # next response gets a parser of its own and this one's remaining bytes are extra.
             self.complete = True
-            self.reusable = _keeps_alive(version, self._headers) and not self._close_after
-            self._parser = httptools.HttpResponseParser(self)
+            self.reusable = self._persistent and not self._close_after
+            self._parser = _parser_for(self)
         self._wake()
 
     def on_body(self, body: bytes) -> None:
@@ -820,7 +827,8 @@ class _Connection(asyncio.Protocol):
             return
         self.complete = True
         self.reusable = (
-            self._parser.should_keep_alive()
+            self._persistent
+            and (self._framed or self._status in (204, 304))  # not a body read until close
             and not self._close_after
             and (self._version == b"HTTP/1.1" or not _has_transfer_encoding(self._headers))
         )
@@ -1061,6 +1069,41 @@ class _TimedOut(Exception):
 def _time_out(waiter: asyncio.Future[Any]) -> None:
     if not waiter.done():
         waiter.set_exception(_TimedOut())
+
+
+def _parser_for(connection: _Connection) -> httptools.HttpResponseParser:
+    """llhttp, told not to judge keep-alive itself: it would apply a 1xx's `Connection: close`
+    (or its HTTP/1.0) to the connection and fail the final answer that follows, which RFC 9110
+    §15.2 says a client must read. Whether the connection is reused is decided here, from the
+    final answer (`_keeps_alive`)."""
+    parser = httptools.HttpResponseParser(connection)
+    parser.set_dangerous_leniencies(lenient_keep_alive=True)
+    return parser
+
+
+def _host_first(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The headers with Host first, as RFC 9112 §3.2 asks and h11 sends them (httpx puts the
+    Host it adds first; one the caller or the mesh set comes where it was set)."""
+    for i, (name, _) in enumerate(raw):
+        if len(name) == 4 and name.lower() == b"host":
+            return raw if i == 0 else [raw[i], *raw[:i], *raw[i + 1 :]]
+    return raw
+
+
+def _check_transfer_coding(
+    headers: list[tuple[bytes, bytes]], refuse: Callable[[str], NoReturn]
+) -> None:
+    """A body's transfer coding must be chunked alone: llhttp undoes chunked and nothing else,
+    so `gzip, chunked` (or chunked twice) would reach the caller still encoded. Refused as
+    httpx's transport refuses it (RFC 9112 §6.1, §7)."""
+    codings = [
+        token
+        for name, value in headers
+        if len(name) == 17 and name.lower() == b"transfer-encoding"
+        for token in _tokens(value)
+    ]
+    if codings and codings != [b"chunked"]:
+        refuse("Only Transfer-Encoding: chunked is supported")
 
 
 def _tokens(value: bytes) -> list[bytes]:

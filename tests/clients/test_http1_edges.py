@@ -643,3 +643,73 @@ def test_a_refused_reply_is_its_own_error_whatever_is_being_handled(
         assert said in str(connection.error)
 
     asyncio.run(main())
+
+
+# -- a third review: transfer codings, interim answers, Host -------------------------------
+
+
+@pytest.mark.parametrize(
+    "codings",
+    [
+        b"Transfer-Encoding: gzip, chunked\r\n",
+        b"Transfer-Encoding: chunked, chunked\r\n",
+        b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n",
+        b"Transfer-Encoding: identity, chunked\r\n",
+    ],
+    ids=["gzip-chunked", "chunked-twice", "split-over-two-lines", "identity-chunked"],
+)
+def test_a_transfer_coding_other_than_chunked_alone_is_refused(codings: bytes) -> None:
+    """llhttp undoes chunked and nothing else: a body also gzip-coded (or chunked twice) would
+    reach the caller still encoded, as a 200. It is refused, as httpx's transport refuses it,
+    and the connection is not used again."""
+    inner = b"2\r\nok\r\n0\r\n\r\n"
+    body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(inner), inner)
+    reply = b"HTTP/1.1 200 OK\r\n" + codings + b"\r\n" + body
+
+    async def main() -> None:
+        transport = Http1Transport()
+        async with Server(answering(reply)) as server, client(transport) as c:
+            with pytest.raises(httpx.RemoteProtocolError, match="Only Transfer-Encoding: chunked"):
+                await c.get(server.url + "/")
+            assert connections(transport) == []
+
+    run(main)
+
+
+@pytest.mark.parametrize(
+    "interim",
+    [
+        b"HTTP/1.1 100 Continue\r\nConnection: close\r\n\r\n",
+        b"HTTP/1.0 100 Continue\r\n\r\n",
+        b"HTTP/1.0 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n",
+    ],
+    ids=["connection-close", "http-1.0-100", "http-1.0-103"],
+)
+def test_an_interim_answer_says_nothing_of_the_connection(interim: bytes) -> None:
+    """A 1xx ends at its headers (RFC 9110 §15.2): its `Connection: close` or HTTP/1.0 does
+    not end the exchange, the final answer that follows is read, and that answer decides
+    whether the connection is used again (here it is)."""
+
+    async def main() -> None:
+        transport = Http1Transport()
+        async with Server(answering(interim + OK)) as server, client(transport) as c:
+            for _ in range(2):
+                response = await c.get(server.url + "/")
+                assert (response.status_code, response.content) == (200, b"ok")
+            assert server.connections == 1
+
+    run(main)
+
+
+def test_host_goes_first_when_the_caller_sets_it() -> None:
+    """RFC 9112 §3.2: Host is the first field after the request line, as h11 sends it, also
+    when the caller (or the mesh, on every upstream request) set it among other headers."""
+
+    async def main() -> None:
+        async with Server(answering(OK)) as server, client(Http1Transport()) as c:
+            await c.get(server.url + "/", headers={"X-First": "1", "Host": "reviews:9080"})
+            lines = server.heads[0].split(b"\r\n")
+            assert lines[1] == b"Host: reviews:9080"
+            assert b"X-First: 1" in lines[2:]
+
+    run(main)
