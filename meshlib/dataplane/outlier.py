@@ -33,8 +33,10 @@ Rules (ISTIO.md §2.5, §3.4; Envoy `outlier_detection_impl.cc`; pilot's transla
   (not below 0); k never decays while ejected.
   The sweeps run lazily on calls, from the injected clock; many due at once are applied
   arithmetically, not one by one.
-- `maxEjectionPercent` (unset or 0 -> 10): an ejection happens when
-  (ejected + 1) / total_endpoints <= max%, or when nothing is ejected yet (at least one).
+- `maxEjectionPercent` (unset or 0 -> 10): an ejection happens only when
+  100 x (ejected + 1) / total_endpoints <= max%, the first one too (Envoy >= 1.28;
+  `always_eject_one_host` is off and Istio never sets it): with the default 10% and fewer than
+  10 endpoints nothing is ejected.
 - Results reported for an open endpoint (requests that started before the ejection, or sent
   to it in panic) are ignored.
 - `minHealthPercent` (Istio default 0 = panic off): when > 0 and the healthy share
@@ -411,10 +413,8 @@ class OutlierDetector:
             ep.consecutive_local = 0
 
     def _may_eject(self, cfg: _Config, total: int) -> bool:
-        ejected = len(self._ejected)
-        if ejected == 0:
-            return True
-        return 100.0 * (ejected + 1) / max(total, 1) <= cfg.max_ejection_percent
+        # Envoy's ejectHost checks the first ejection too; integers, so 100% is never missed.
+        return 100 * (len(self._ejected) + 1) <= cfg.max_ejection_percent * max(total, 1)
 
     def _eject(self, key: str, ep: _Endpoint, now: float, cfg: _Config) -> None:
         if ep.k * cfg.base_ejection < cfg.max_ejection + cfg.base_ejection:

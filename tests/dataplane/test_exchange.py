@@ -124,7 +124,8 @@ def test_would_retry_foretells_should_retry(content_length: str, others: int) ->
 
 OUTLIER_POLICY = BUDGET_POLICY.replace(
     "retryBudget: {percent: {value: 50}, minRetryConcurrency: 1}",
-    "outlierDetection: {consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 10s}",
+    "outlierDetection: {consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 10s,"
+    " maxEjectionPercent: 100}",
 ).replace("retries: {attempts: 2, retryOn: 5xx}", "retries: {attempts: 0}")
 
 

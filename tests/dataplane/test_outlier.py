@@ -453,12 +453,43 @@ def test_max_ejection_percent_fifty() -> None:
     assert det.ejected() == {f"e{i}" for i in range(5)}
 
 
-def test_at_least_one_endpoint_may_be_ejected() -> None:
-    """Even when one endpoint is more than maxEjectionPercent of the cluster, one may go."""
-    det, _ = detector(od(max_ejection_percent=10))
+def test_first_ejection_is_held_to_max_ejection_percent() -> None:
+    """The first ejection is checked too (Envoy >= 1.28, always_eject_one_host off): one of
+    three endpoints is 33%, over the default 10%, so none is ejected; each refusal counts."""
+    det, _ = detector()
     eject(det, "a", total=3)
     eject(det, "b", total=3)
-    assert det.ejected() == {"a"}
+    assert det.ejected() == frozenset()
+    assert det.ejections_overflow == 2
+    assert det.admit("a", 3) and det.admit("b", 3)
+
+
+@pytest.mark.parametrize(
+    ("percent", "ejected"),
+    [
+        pytest.param(33, set(), id="33%-none"),
+        pytest.param(34, {"a"}, id="34%-one"),
+        pytest.param(66, {"a"}, id="66%-one"),
+        pytest.param(67, {"a", "b"}, id="67%-two"),
+        pytest.param(100, {"a", "b", "c"}, id="100%-all"),
+    ],
+)
+def test_max_ejection_percent_of_three_endpoints(percent: int, ejected: set[str]) -> None:
+    """An ejection happens only while 100 x (ejected + 1) / endpoints <= maxEjectionPercent."""
+    det, _ = detector(od(max_ejection_percent=percent))
+    for key in ("a", "b", "c"):
+        eject(det, key, total=3)
+    assert det.ejected() == ejected
+
+
+def test_a_lone_endpoint_is_ejected_only_at_100_percent() -> None:
+    """A cluster of one endpoint: 99% keeps it in the pool, 100% ejects it."""
+    kept, _ = detector(od(max_ejection_percent=99))
+    eject(kept, "a", total=1)
+    assert kept.ejected() == frozenset()
+    gone, _ = detector(od(max_ejection_percent=100))
+    eject(gone, "a", total=1)
+    assert gone.ejected() == {"a"}
 
 
 def test_refused_ejection_needs_a_new_run_of_errors() -> None:
