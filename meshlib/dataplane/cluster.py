@@ -61,13 +61,16 @@ class ClusterState:
                 return
             host, subset, port = self.key
             policy = snapshot.traffic_policy(host, subset, port)
-            self.endpoints = snapshot.endpoints(host, subset, port)
+            endpoints = snapshot.endpoints(host, subset, port)
+            kept = {e.key for e in endpoints}
             if policy.load_balancer != self._lb_settings:
                 self.balancer = make_balancer(policy.load_balancer, self.in_flight, self.rng)
                 self._lb_settings = policy.load_balancer
             self.outlier.update(policy.outlier_detection)
-            self.outlier.retain(e.key for e in self.endpoints)  # forget endpoints that left
-            kept = {e.key for e in self.endpoints}
+            # Before the new endpoints can be chosen, so results for each of them count; from
+            # here on those for endpoints that left (tries still in flight) are ignored.
+            self.outlier.retain(kept)
+            self.endpoints = endpoints
             self._sent = {key: n for key, n in self._sent.items() if key in kept}
             self.limits.update(policy.connection_pool, policy.retry_budget)
             self.policy = policy

@@ -39,6 +39,10 @@ Rules (ISTIO.md §2.5, §3.4; Envoy `outlier_detection_impl.cc`; pilot's transla
   10 endpoints nothing is ejected.
 - Results reported for an open endpoint (requests that started before the ejection, or sent
   to it in panic) are ignored.
+- Once `retain()` has named the cluster's endpoints, results for any other endpoint (requests
+  still in flight to one a policy swap removed) are ignored, as Envoy's
+  `onConsecutiveErrorWorker` ignores a host no longer in the cluster: a departed endpoint is
+  never ejected, so it never takes a share of `maxEjectionPercent` or of the panic count.
 - `minHealthPercent` (Istio default 0 = panic off): when > 0 and the healthy share
   (100 x (total - ejected) / total) is below it, `admit()` says yes to every endpoint.
 """
@@ -227,6 +231,7 @@ class OutlierDetector:
         self._config = None if settings is None else _Config.of(settings)
         self._endpoints: dict[str, _Endpoint] = {}
         self._ejected: set[str] = set()
+        self._members: frozenset[str] | None = None  # the cluster's endpoints, once retained
         self._listeners: list[StateListener] = []
         self._events: list[tuple[str, str, str]] = []  # state changes not yet delivered
         self._delivering = False  # a thread is delivering them
@@ -301,8 +306,9 @@ class OutlierDetector:
             return
         with self._lock:
             cfg = self._config
-            if cfg is None:
-                return
+            members = self._members
+            if cfg is None or (members is not None and key not in members):
+                return  # an endpoint that left the cluster: Envoy ignores its results too
             now = self._clock()
             self._sweep(now, cfg)
             outcome = _classify(cfg, status, local_origin_failure, connected)
@@ -367,9 +373,11 @@ class OutlierDetector:
             self._listeners.append(callback)
 
     def retain(self, keys: Iterable[str]) -> None:
-        """Forget endpoints that left the cluster (so they stop counting as ejected)."""
-        keep = set(keys)
+        """The cluster's endpoints are now `keys`: forget those that left (so they stop counting
+        as ejected) and ignore results reported for them later (requests still in flight)."""
+        keep = frozenset(keys)
         with self._lock:
+            self._members = keep
             for key in [k for k in self._endpoints if k not in keep]:
                 del self._endpoints[key]
                 self._ejected.discard(key)

@@ -164,3 +164,71 @@ def test_an_endpoint_back_from_ejection_takes_every_try() -> None:
         assert cluster.outlier.ejected() == frozenset()
     finally:
         mesh.close()
+
+
+SWAP_POLICY = """
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api}
+spec:
+  hosts: [api.internal]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  endpoints: [{address: 10.0.0.1}, {address: 10.0.0.2}, {address: 10.0.0.3}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: api}
+spec:
+  host: api.internal
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 1, maxEjectionPercent: 34}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api}
+spec:
+  hosts: [api.internal]
+  http: [{route: [{destination: {host: api.internal}}], retries: {attempts: 0}}]
+"""
+
+
+def test_a_try_to_an_endpoint_a_reload_removed_ejects_nobody() -> None:
+    """A try in flight to an endpoint that a reload then removes fails afterwards: Envoy
+    ignores results for a host no longer in the cluster, so the departed endpoint is not
+    ejected and uses up none of maxEjectionPercent; a live endpoint that fails still goes."""
+    from meshlib.config import MeshConfig
+    from meshlib.dataplane.retry import AttemptResult
+    from meshlib.policy.loader import load_text
+    from meshlib.policy.matching import RequestAttributes
+    from meshlib.policy.snapshot import Snapshot
+    from tests.upstream import mesh_for
+
+    config = MeshConfig()
+    mesh = mesh_for(config, SWAP_POLICY)
+    try:
+        request = RequestAttributes("GET", "api.internal")
+        started = []
+        for _ in range(50):
+            exchange = mesh.exchange(mesh.plan(request), replayable=True)
+            attempt = exchange.start_attempt()
+            assert isinstance(attempt, Attempt)
+            started.append((exchange, attempt))
+            if attempt.endpoint.key == "10.0.0.1:80":
+                break
+        departing, in_flight = started.pop()
+        assert in_flight.endpoint.key == "10.0.0.1:80"
+        for exchange, attempt in started:
+            exchange.finish_attempt(attempt, AttemptResult(status=200))
+        swapped = load_text(SWAP_POLICY.replace("10.0.0.1", "10.0.0.4"))
+        swapped.raise_for_errors()
+        mesh.source.publish(Snapshot.build(swapped.resources, config))
+        cluster = mesh.exchange(mesh.plan(request), replayable=True).cluster  # takes the swap
+        assert [e.key for e in cluster.endpoints] == ["10.0.0.4:80", "10.0.0.2:80", "10.0.0.3:80"]
+        departing.finish_attempt(in_flight, AttemptResult(status=503))
+        assert cluster.outlier.ejected() == frozenset()
+        cluster.outlier.record("10.0.0.2:80", status=503, total_endpoints=3)
+        assert cluster.outlier.ejected() == {"10.0.0.2:80"}
+    finally:
+        mesh.close()

@@ -568,6 +568,20 @@ def test_retain_forgets_departed_endpoints() -> None:
     assert det.ejected() == {"b"}
 
 
+def test_results_for_a_departed_endpoint_are_ignored() -> None:
+    """Once retain() has dropped an endpoint, failures still reported for it (tries that were
+    in flight) neither eject it nor use up maxEjectionPercent: a live endpoint can still go."""
+    det, _ = detector(od(max_ejection_percent=34))  # one of three endpoints
+    det.retain(["a", "b", "c"])
+    det.retain(["b", "c", "d"])  # a replaced by d
+    eject(det, "a", total=3)
+    assert det.ejected() == frozenset()
+    assert det.ejection_count("a") == 0
+    eject(det, "b", total=3)
+    assert det.ejected() == {"b"}
+    assert det.ejections_overflow == 0
+
+
 def test_available_agrees_with_admit() -> None:
     """available() (the balancer's filter) and admit() give the same answer, both after the
     sweeps due by now: no while ejected, yes from the sweep that returns the endpoint."""
