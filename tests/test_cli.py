@@ -111,6 +111,24 @@ def test_check_warns_about_ignored_kinds() -> None:
     assert "warning: Gateway default/bookinfo-gateway: ignored: gateways configure" in result.stdout
 
 
+def test_check_warns_about_deprecated_consecutive_errors(tmp_path: Path) -> None:
+    """consecutiveErrors, which Istio no longer reads, is a warning naming the field and what
+    to use instead; the exit code stays 0."""
+    rule = tmp_path / "mesh.yaml"
+    rule.write_text(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews}\n"
+        "spec:\n  host: reviews\n  trafficPolicy:\n    outlierDetection: {consecutiveErrors: 3}\n"
+    )
+    result = run("check", str(rule))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (
+        f"{rule}:7: warning: DestinationRule default/reviews: "
+        "spec.trafficPolicy.outlierDetection.consecutiveErrors: ignored: consecutiveErrors is"
+        " deprecated"
+    ) in result.stdout
+    assert "use consecutive5xxErrors or consecutiveGatewayErrors" in result.stdout
+
+
 def test_check_skips_another_mesh_kind_of_an_istio_name(tmp_path: Path) -> None:
     """A folder mixing meshes' manifests checks clean: Linkerd's AuthorizationPolicy is not
     Istio's, so it is skipped with a warning rather than failing the run."""

@@ -13,8 +13,8 @@ Rules (ISTIO.md §2.5, §3.4; Envoy `outlier_detection_impl.cc`; pilot's transla
 - `consecutive5xxErrors`: unset -> 5, 0 disables. With `outlierDetectionHttpErrorCodes`, only
   those codes count for it instead of 500-599.
 - `consecutiveGatewayErrors` (502/503/504): unset or 0 -> disabled. The deprecated
-  `consecutiveErrors` > 0 (when `consecutiveGatewayErrors` is unset) sets the gateway threshold
-  and, unless `consecutive5xxErrors` is set, turns the 5xx rule off (pilot does the same).
+  `consecutiveErrors` is ignored (loading it warns): pilot's applyOutlierDetection no longer
+  reads it, so Envoy's defaults apply, as above.
 - A 5xx that is not a gateway error resets the gateway counter, a gateway error outside the
   configured error codes resets the 5xx counter, any other status resets both (Envoy).
 - Local-origin failures (connect failure, reset, timeout): not split -> count as a 5xx and as a
@@ -96,15 +96,8 @@ class _Config:
 
     @classmethod
     def of(cls, s: OutlierDetection) -> _Config:
-        deprecated = s.consecutive_errors or 0
-        if s.consecutive_5xx_errors is not None:
-            c5xx = s.consecutive_5xx_errors
-        else:
-            c5xx = 0 if deprecated > 0 else _DEFAULT_5XX
-        if s.consecutive_gateway_errors is not None:
-            gateway = s.consecutive_gateway_errors
-        else:
-            gateway = deprecated
+        c5xx = _DEFAULT_5XX if s.consecutive_5xx_errors is None else s.consecutive_5xx_errors
+        gateway = s.consecutive_gateway_errors or 0
         split = bool(s.split_external_local_origin_errors)
         local = (s.consecutive_local_origin_failures or _DEFAULT_LOCAL_ORIGIN) if split else 0
         interval = _seconds(s.interval, _DEFAULT_INTERVAL)

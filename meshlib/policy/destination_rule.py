@@ -22,6 +22,12 @@ LBSimple = Literal[
 ]
 
 _LOCALITY = "localities do not exist in library mode"
+# Pilot stopped reading the deprecated field (applyOutlierDetection), so Envoy's defaults apply.
+_CONSECUTIVE_ERRORS = (
+    "consecutiveErrors is deprecated and Istio no longer reads it (without"
+    " consecutive5xxErrors, Envoy's 5 consecutive 5xx eject); use consecutive5xxErrors or"
+    " consecutiveGatewayErrors"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +180,7 @@ class OutlierDetection:
     base_ejection_time: Duration | None = spec_field(ge=MILLISECOND)
     max_ejection_percent: int | None = spec_field(ge=0, le=100)
     min_health_percent: int | None = spec_field(ge=0, le=100)
-    consecutive_errors: int | None = spec_field(ge=0)  # deprecated: gateway errors
+    consecutive_errors: int | None = spec_field(ge=0, ignored=_CONSECUTIVE_ERRORS)
     outlier_detection_http_error_codes: tuple[int, ...] = ()
 
     def validate_policy(self, path: Path, sink: Sink) -> None:

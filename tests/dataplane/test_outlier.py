@@ -123,12 +123,13 @@ def test_gateway_errors_also_count_as_5xx() -> None:
     assert det.state("a") == OPEN
 
 
-def test_deprecated_consecutive_errors_means_gateway_errors() -> None:
-    """consecutiveErrors (deprecated) sets the gateway threshold and turns the 5xx rule off, as pilot does."""
+def test_deprecated_consecutive_errors_is_ignored() -> None:
+    """consecutiveErrors (deprecated) changes nothing, as pilot no longer reads it: no gateway
+    rule, and Envoy's default of five consecutive 5xx still ejects."""
     det, _ = detector(od(consecutive_errors=2))
-    report(det, "a", 20, status=500)
+    report(det, "a", 4, status=503)
     assert det.state("a") == CLOSED
-    report(det, "a", 2, status=503)
+    report(det, "a", 1, status=500)
     assert det.state("a") == OPEN
 
 

@@ -1535,6 +1535,18 @@ def test_tcp_and_tls_routes_give_warnings() -> None:
     assert len(result.resources) == 1
 
 
+def test_deprecated_consecutive_errors_loads_with_a_warning() -> None:
+    """outlierDetection.consecutiveErrors loads, with a warning that Istio ignores it and which
+    fields to use instead; the rest of the rule loads."""
+    result = load(dr("outlierDetection: {consecutiveErrors: 2, maxEjectionPercent: 50}"))
+    assert result.errors == (), dump(result)
+    (warning,) = result.warnings
+    assert warning.field == "spec.trafficPolicy.outlierDetection.consecutiveErrors"
+    assert warning.message.startswith("ignored: consecutiveErrors is deprecated")
+    assert "use consecutive5xxErrors or consecutiveGatewayErrors" in warning.message
+    assert len(result.resources) == 1
+
+
 # --------------------------------------------------------------------------------------
 # 10. YAML documents
 # --------------------------------------------------------------------------------------
