@@ -44,7 +44,10 @@ Rules (ISTIO.md §2.5, §3.4; Envoy `outlier_detection_impl.cc`; pilot's transla
   `onConsecutiveErrorWorker` ignores a host no longer in the cluster: a departed endpoint is
   never ejected, so it never takes a share of `maxEjectionPercent` or of the panic count.
 - `minHealthPercent` (Istio default 0 = panic off): when > 0 and the healthy share
-  (100 x (total - ejected) / total) is below it, `admit()` says yes to every endpoint.
+  (100 x (total - ejected) / total) is below it, `admit()` says yes to every endpoint; but,
+  as Envoy's `recalculatePerPriorityPanic`, never while the availability scaled by the
+  overprovisioning factor 1.4 (min(100, 1.4 x healthy share)) is 100, i.e. while at least
+  5 of 7 endpoints are healthy: any minHealthPercent above 100 / 1.4 = 71.4 acts as 71.4.
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ _DEFAULT_INTERVAL = 10.0
 _DEFAULT_BASE_EJECTION = 30.0
 _DEFAULT_MAX_EJECTION_TIME = 300.0
 _DEFAULT_MAX_EJECTION_PERCENT = 10
+_OVERPROVISIONING_PERCENT = 140  # Envoy's default overprovisioning factor; Istio keeps it
 
 _log = logging.getLogger(__name__)
 
@@ -381,7 +385,9 @@ class OutlierDetector:
         if cfg.min_health_percent <= 0 or total <= 0:
             return False
         healthy = max(total - len(self._ejected), 0)
-        return 100.0 * healthy / total < cfg.min_health_percent
+        if _OVERPROVISIONING_PERCENT * healthy >= 100 * total:
+            return False  # Envoy: enough capacity left (normalized availability 100%)
+        return 100 * healthy < cfg.min_health_percent * total
 
     def _count(
         self, key: str, ep: _Endpoint, outcome: _Outcome, now: float, cfg: _Config, total: int

@@ -530,6 +530,28 @@ def test_panic_admits_everything_below_min_health() -> None:
     assert det.state("a") == OPEN  # panic routes around ejection, it does not undo it
 
 
+@pytest.mark.parametrize(
+    ("total", "ejected", "panic"),
+    [
+        pytest.param(4, 1, False, id="3-of-4-healthy-x1.4-is-100"),
+        pytest.param(7, 2, False, id="5-of-7-healthy-x1.4-is-100"),
+        pytest.param(7, 3, True, id="4-of-7-healthy-x1.4-is-80"),
+        pytest.param(10, 3, True, id="7-of-10-healthy-x1.4-is-98"),
+    ],
+)
+def test_no_panic_while_the_overprovisioned_share_is_whole(
+    total: int, ejected: int, panic: bool
+) -> None:
+    """minHealthPercent 80: as Envoy, panic is only considered when 1.4 x the healthy share
+    (the overprovisioning factor) is below 100%, so 75% or 71% healthy is no panic."""
+    det, _ = detector(od(max_ejection_percent=100, min_health_percent=80))
+    for i in range(ejected):
+        eject(det, f"e{i}", total=total)
+    assert len(det.ejected()) == ejected
+    assert det.admit("e0", total) is panic
+    assert det.available("e0", total) is panic
+
+
 def test_settings_none_never_ejects() -> None:
     """Without an outlierDetection block nothing is ever ejected."""
     det = OutlierDetector(None, clock=FakeClock())
