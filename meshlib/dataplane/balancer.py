@@ -16,8 +16,9 @@ its content (endpoint keys and weights), so pass the Snapshot's tuple to stay on
   this is exactly Envoy's "fewer requests in flight wins".
 - ROUND_ROBIN: smooth weighted round robin (nginx): weights 1:3 give b, a, b, b. Equal weights
   take a plain rotation. Unusable endpoints sit out the round.
-- RANDOM: weighted random among usable endpoints. PASSTHROUGH behaves the same: there is no
-  original destination to pass through to in library mode.
+- RANDOM: uniform random among usable endpoints; endpoint weights are ignored, as Envoy's
+  RandomLoadBalancer ignores them (it takes hosts[random % count]). PASSTHROUGH behaves the
+  same: there is no original destination to pass through to in library mode.
 - CONSISTENT_HASH: a ring hash (Envoy's ketama-style ring, hashed with blake2b so a key maps to
   the same endpoint in every process). `maglev.tableSize` builds the same ring with the table
   size as its minimum size. Without a hash key a random point of the ring is used, as Envoy does.
@@ -32,7 +33,7 @@ import random
 import secrets
 import struct
 import threading
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from hashlib import blake2b
 from typing import Generic, Protocol, TypeVar
@@ -105,18 +106,13 @@ V = TypeVar("V")
 class _Table:
     """What every balancer needs to know about one endpoint list."""
 
-    __slots__ = ("cumulative", "equal", "keys", "total", "weights")
+    __slots__ = ("equal", "keys", "total", "weights")
 
     def __init__(self, keys: tuple[str, ...], weights: tuple[int, ...]) -> None:
         self.keys = keys
         self.weights = weights
         self.total = sum(weights)
         self.equal = len(set(weights)) <= 1
-        running, cumulative = 0, []
-        for weight in weights:
-            running += weight
-            cumulative.append(running)
-        self.cumulative = tuple(cumulative)
 
 
 class _Cache(Generic[T]):
@@ -281,37 +277,19 @@ class RoundRobinBalancer:
 
 
 class RandomBalancer:
-    """Weighted random among the usable endpoints (also PASSTHROUGH)."""
+    """Uniform random among the usable endpoints, whatever their weights (also PASSTHROUGH)."""
 
-    __slots__ = ("_random", "_tables")
+    __slots__ = ("_random",)
 
     def __init__(self, rng: random.Random) -> None:
         self._random = rng.random
-        self._tables: _Cache[_Table] = _Cache(_table)
 
     def pick(
         self, endpoints: Sequence[Endpoint], usable: Usable, hash_key: str | None = None
     ) -> Endpoint | None:
-        n = len(endpoints)
-        if n == 0:
-            return None
-        rnd = self._random
-        table = self._tables.get(endpoints)
-        if table.equal:
-            i = _draw(endpoints, usable, rnd, -1)
-            return endpoints[i] if i >= 0 else None
-        cumulative, total = table.cumulative, table.total
-        for _ in range(_TRIES):
-            i = bisect_right(cumulative, rnd() * total)
-            if usable(endpoints[i]):
-                return endpoints[i]
-        found = [i for i in range(n) if usable(endpoints[i])]
-        point = rnd() * sum(table.weights[i] for i in found)
-        for i in found:
-            point -= table.weights[i]
-            if point < 0:
-                return endpoints[i]
-        return endpoints[found[-1]] if found else None
+        # Envoy's RandomLoadBalancer draws hosts[random % count]: weights play no part.
+        i = _draw(endpoints, usable, self._random, -1)
+        return endpoints[i] if i >= 0 else None
 
 
 class _Ring:

@@ -221,21 +221,22 @@ def test_round_robin_is_exact_across_threads() -> None:
 # RANDOM and PASSTHROUGH
 
 
-def test_random_follows_weights_within_two_points() -> None:
-    """Weights 1:2:7 get 10/20/70 % of 20,000 picks, each within +-2 percentage points."""
+def test_random_ignores_weights() -> None:
+    """Weights 1:2:7 make no difference, as in Envoy's RandomLoadBalancer: each endpoint gets
+    a third of 20,000 picks, within +-2 percentage points."""
     eps = endpoints(1, 2, 7)
     counts = tally(make_balancer(RANDOM, InFlight(), random.Random(SEED)), eps, 20_000)
-    for endpoint, expected in zip(eps, (10, 20, 70), strict=True):
-        assert share(counts, endpoint.address) == pytest.approx(expected, abs=2)
+    for endpoint in eps:
+        assert share(counts, endpoint.address) == pytest.approx(100 / 3, abs=2)
 
 
-def test_random_reweights_among_usable_endpoints() -> None:
-    """With weights 5:1:3 and the heavy one out, 20,000 picks split 25/75 within +-2 points."""
+def test_random_is_uniform_among_usable_endpoints() -> None:
+    """With weights 5:1:3 and the first one out, 20,000 picks split 50/50 within +-2 points."""
     eps = endpoints(5, 1, 3)
     balancer = make_balancer(RANDOM, InFlight(), random.Random(SEED))
     counts = Counter(str(balancer.pick(eps, lambda e: e is not eps[0])) for _ in range(20_000))
-    assert 100 * counts[str(eps[1])] / 20_000 == pytest.approx(25, abs=2)
-    assert 100 * counts[str(eps[2])] / 20_000 == pytest.approx(75, abs=2)
+    assert 100 * counts[str(eps[1])] / 20_000 == pytest.approx(50, abs=2)
+    assert 100 * counts[str(eps[2])] / 20_000 == pytest.approx(50, abs=2)
 
 
 def test_passthrough_picks_like_random() -> None:
