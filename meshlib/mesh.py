@@ -113,15 +113,37 @@ class Mesh:
             raise
 
     def _apply(self, snapshot: Snapshot) -> None:
-        """Telemetry follows the policy: access logging, sampling, metric overrides."""
+        """Telemetry follows the policy: access logging, sampling, metric overrides. Each
+        part is applied on its own: one that fails (a bug: the policy was validated) keeps its
+        earlier setting, the others follow, and the failure is reported as a rejected reload;
+        at start-up it is raised."""
         with self._applying:
             if snapshot.generation < self._applied:
                 return  # an older Snapshot, applied late
+            first = self._applied == 0
             self._applied = snapshot.generation
-            self.access_log.apply(snapshot, self.config)
-            self.tracing.apply(snapshot)
-            self.metrics.apply(snapshot)
+            failures: list[Exception] = []
+            parts: tuple[tuple[str, Callable[[], None]], ...] = (
+                ("access logging", functools.partial(self.access_log.apply, snapshot, self.config)),
+                ("tracing", functools.partial(self.tracing.apply, snapshot)),
+                ("metrics", functools.partial(self.metrics.apply, snapshot)),
+            )
+            for part, apply in parts:
+                try:
+                    apply()
+                except Exception as exc:
+                    if first:
+                        raise
+                    logger.exception(
+                        "policy generation %d: applying its %s failed; it keeps its earlier"
+                        " setting",
+                        snapshot.generation,
+                        part,
+                    )
+                    failures.append(exc)
             self.operations.policy_loaded(snapshot.generation)
+            if failures:
+                self.operations.policy_rejected(failures[0])
 
     def _source(self, policy: PolicyArg) -> PolicySource:
         if policy is None:

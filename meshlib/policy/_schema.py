@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import math
 import sys
 import types
 import typing
@@ -150,7 +151,12 @@ def _scalar(check: Callable[[Any], bool], expected: str) -> Converter:
 
 def _to_float(value: Any, path: Path, sink: Sink) -> Any:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        if math.isfinite(value):
+            return float(value)
+        # YAML's .nan and .inf: JSON, so Kubernetes, cannot carry them, and no bound holds
+        # them back (every comparison with NaN is false).
+        sink.error(path, f"must be a finite number, not {value}")
+        return INVALID
     sink.error(path, f"must be a number, not {describe(value)}")
     return INVALID
 

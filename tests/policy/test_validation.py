@@ -2068,3 +2068,12 @@ def test_digits_that_are_not_ascii_are_errors_not_crashes(text: str, fragment: s
     result = load(text)
     errors = [d for d in result.diagnostics if d.severity == "error"]
     assert any(fragment in d.message for d in errors), dump(result)
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", ".NaN"])
+def test_a_number_that_is_not_finite_is_an_error(value: str) -> None:
+    """YAML's .nan and .inf are numbers no bound holds back (every comparison with NaN is
+    false) and JSON, so Kubernetes, cannot carry: an error, where a NaN sampling percentage
+    passed and then failed the Mesh."""
+    text = resource("Telemetry", f"tracing: [{{randomSamplingPercentage: {value}}}]")
+    check_error(text, "spec.tracing[0].randomSamplingPercentage", 6, "must be a finite number")

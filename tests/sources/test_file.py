@@ -553,3 +553,48 @@ def test_a_forked_child_watches_the_files_too(
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, "the child never served the edit"
     assert subset_for(source.snapshot, "reviews") == "v1"  # the parent stopped watching
+
+
+def test_a_telemetry_part_that_fails_to_apply_is_reported_and_the_others_follow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Applying a new policy's Telemetry is done part by part: one part failing (a bug, the
+    policy being valid) keeps its earlier setting, the other parts follow the new policy,
+    and the reload counts as rejected (meshlib_policy_last_reload_successful 0). At start-up
+    the failure is raised."""
+    from prometheus_client import CollectorRegistry
+
+    import meshlib
+
+    def telemetry(percent: int, logging: bool) -> str:
+        return textwrap.dedent(
+            f"""\
+            apiVersion: telemetry.istio.io/v1
+            kind: Telemetry
+            metadata: {{name: mesh-default, namespace: istio-system}}
+            spec:
+              tracing: [{{randomSamplingPercentage: {percent}}}]
+              accessLogging: [{{disabled: {str(not logging).lower()}}}]
+            """
+        )
+
+    policy = tmp_path / "mesh.yaml"
+    policy.write_text(telemetry(50, logging=False))
+    registry = CollectorRegistry()
+    config = MeshConfig(service="reviews", metrics_port=None)
+    mesh = meshlib.Mesh(config, policy=policy, watch=False, registry=registry)
+    assert mesh.tracing.sampling == 50.0 and not mesh.access_log.enabled("inbound")
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("tracing cannot follow")
+
+    monkeypatch.setattr(mesh.tracing, "apply", broken)
+    policy.write_text(telemetry(10, logging=True))
+    assert mesh.source.reload() is True
+    assert mesh.access_log.enabled("inbound")  # followed
+    assert mesh.tracing.sampling == 50.0  # kept
+    assert registry.get_sample_value("meshlib_policy_last_reload_successful") == 0.0
+    assert any("applying its tracing failed" in r.message for r in caplog.records)
+    with pytest.raises(RuntimeError, match="tracing cannot follow"):
+        monkeypatch.setattr(meshlib.telemetry.tracing.Tracing, "apply", broken)
+        meshlib.Mesh(config, policy=policy, watch=False, registry=CollectorRegistry())
