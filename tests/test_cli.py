@@ -368,6 +368,37 @@ spec:
     assert "0 error(s), 3 warning(s)" in result.stderr
 
 
+def test_check_warns_about_a_filter_meshlib_does_not_evaluate(tmp_path: Path) -> None:
+    """A valid CEL filter outside meshlib's subset: a warning that every request is logged;
+    a filter in the subset: nothing; a malformed one: an error."""
+    path = tmp_path / "telemetry.yaml"
+    path.write_text(
+        """\
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mesh-default, namespace: istio-system}
+spec:
+  accessLogging:
+  - filter: {expression: "response.code >= 500"}
+  - filter: {expression: "response.code >= 400 || request.url_path.startsWith('/api')"}
+"""
+    )
+    result = run("check", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    (line,) = result.stdout.splitlines()
+    assert line.startswith(
+        f"{path}:1: warning: Telemetry istio-system/mesh-default:"
+        " spec.accessLogging[1].filter.expression: meshlib logs every request for this entry:"
+    )
+    assert "startsWith()" in line
+    path.write_text(path.read_text().replace("response.code >= 500", "response.code >= 500 &&"))
+    result = run("check", str(path))
+    assert result.returncode == 1
+    assert "spec.accessLogging[0].filter.expression: must be a valid CEL expression" in (
+        result.stdout
+    )
+
+
 def test_routes_sends_a_one_port_service_to_its_port_as_the_data_plane_does(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

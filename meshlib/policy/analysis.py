@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from meshlib.errors import Diagnostic, Severity
+from meshlib.policy.cel import MalformedExpression, UnsupportedExpression, parse_filter
 from meshlib.policy.destination_rule import DestinationRule
 from meshlib.policy.hosts import to_fqdn, wildcard_matches
 from meshlib.policy.resources import Resource
@@ -102,6 +103,7 @@ class _Analyzer:
                                 f"{change.value!r}: meshlib applies only CEL string literals"
                                 " ('text'); this override is left out",
                             )
+            yield from _filter_findings(resource, spec)
 
     def duplicates(self) -> Iterator[Diagnostic]:
         seen: dict[tuple[str, str, str], Resource[Any]] = {}
@@ -249,6 +251,26 @@ class _Analyzer:
                         f"conflicts with DestinationRule {first.namespace}/{first.name} for {host}:"
                         " rules for one host merge and only the oldest trafficPolicy applies",
                     )
+
+
+def _filter_findings(resource: Resource[Any], spec: Telemetry) -> Iterator[Diagnostic]:
+    """Access-log filters that are CEL but outside the subset meshlib evaluates."""
+    for i, entry in enumerate(spec.access_logging):
+        if entry.filter is None:
+            continue
+        try:
+            parse_filter(entry.filter.expression or "")
+        except MalformedExpression:
+            pass  # an error already, from validation
+        except UnsupportedExpression as error:
+            yield _finding(
+                "warning",
+                resource,
+                f"spec.accessLogging[{i}].filter.expression",
+                f"meshlib logs every request for this entry: it does not evaluate {error}"
+                " (only comparisons of response.code and response.flags, joined by &&, ||, !"
+                " and parentheses)",
+            )
 
 
 def _visibility_groups(resource: Resource[VirtualService]) -> tuple[str, ...]:

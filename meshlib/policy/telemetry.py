@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from meshlib.policy._schema import Path, Sink, spec_field
+from meshlib.policy.cel import MalformedExpression, UnsupportedExpression, parse_filter
 from meshlib.policy.common import Duration, MatchLabelsSelector, PolicyTargetReference
 
 WorkloadMode = Literal["CLIENT_AND_SERVER", "CLIENT", "SERVER"]
@@ -161,6 +162,15 @@ class Metrics:
 @dataclass(frozen=True, slots=True)
 class AccessLogFilter:
     expression: str | None = None
+
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        # Istio's validateTelemetryFilter: cel-go must parse it, and an absent expression is "".
+        try:
+            parse_filter(self.expression or "")
+        except MalformedExpression as error:
+            sink.error((*path, "expression"), f"must be a valid CEL expression ({error})")
+        except UnsupportedExpression:
+            pass  # valid CEL that meshlib does not evaluate: `meshlib check` warns
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,9 +59,11 @@ When it is on (rules; Istio's `mergeLogs` in pilot `model/telemetry.go`, ISTIO.m
   `response.code <op> <int>` (`==`, `!=`, `<`, `<=`, `>`, `>=`, either side),
   `response.flags == / != "<flags>"` (meshlib's flag text: `"-"` or e.g. `"UF,URX"`) and
   `response.flags == / != 0` (Envoy's bit vector: 0 means no flag), combined with `&&`, `||`,
-  `!` and parentheses. Anything else (other attributes, functions) is unsupported: meshlib
+  `!` and parentheses, read by CEL's grammar (`meshlib.policy.cel`; `!` binds tighter than a
+  comparison). An expression that is not CEL at all never gets here: validation rejects it,
+  as Istio's does. Any other valid CEL (other attributes, functions) is unsupported: meshlib
   logs one warning per expression on `meshlib.telemetry` and treats the filter as always true
-  — logging too much rather than hiding failures.
+  — logging too much rather than hiding failures (`meshlib check` warns too).
 - **MESHLIB_ACCESS_LOG** (read when the AccessLog is made): `on` logs every request both
   ways, `json` the same in JSON encoding, `off` never logs; Telemetry is then ignored. Unset
   or empty: Telemetry decides. Any other value raises `ConfigError`.
@@ -83,7 +85,6 @@ import json
 import logging
 import operator
 import os
-import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -91,6 +92,15 @@ from typing import Any, Literal
 
 from meshlib.config import MeshConfig
 from meshlib.errors import ConfigError
+from meshlib.policy.cel import (
+    AllOf,
+    AnyOf,
+    Comparison,
+    Condition,
+    Not,
+    UnsupportedExpression,
+    parse_filter,
+)
 from meshlib.policy.snapshot import Snapshot
 from meshlib.policy.telemetry import AccessLogging, WorkloadModeSelector
 from meshlib.telemetry._resolve import telemetry_levels
@@ -220,20 +230,25 @@ def _matches(selector: WorkloadModeSelector | None, mode: Mode) -> bool:
 # -- filter expressions: a tiny, safe CEL subset --------------------------------------------
 
 
-class UnsupportedExpression(ValueError):
-    """A filter expression outside the CEL subset meshlib evaluates."""
+def compile_filter(expression: str) -> Predicate:
+    """Compile a Telemetry `filter.expression` into a predicate on an AccessLogEntry.
+
+    Raises UnsupportedExpression for anything outside the subset in the module docstring
+    (MalformedExpression, a kind of it, when the text is not CEL at all).
+    """
+    return _predicate(parse_filter(expression))
 
 
-_TOKEN = re.compile(
-    r"""\s*(?:
-        (?P<op>\|\||&&|==|!=|<=|>=|<|>|!|\(|\))
-      | (?P<int>[0-9]{1,18})u?
-      | "(?P<dq>[^"\\]*)"
-      | '(?P<sq>[^'\\]*)'
-      | (?P<name>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)
-    )""",
-    re.VERBOSE,
-)
+def _predicate(condition: Condition) -> Predicate:
+    if isinstance(condition, AnyOf):
+        return _any_of(tuple(_predicate(term) for term in condition.terms))
+    if isinstance(condition, AllOf):
+        return _all_of(tuple(_predicate(term) for term in condition.terms))
+    if isinstance(condition, Not):
+        return _negate(_predicate(condition.term))
+    return _compare(condition)
+
+
 _COMPARE: dict[str, Callable[[Any, Any], bool]] = {
     "==": operator.eq,
     "!=": operator.ne,
@@ -242,131 +257,16 @@ _COMPARE: dict[str, Callable[[Any, Any], bool]] = {
     ">": operator.gt,
     ">=": operator.ge,
 }
-_MIRROR = {"==": "==", "!=": "!=", "<": ">", "<=": ">=", ">": "<", ">=": "<="}
-_ATTRIBUTES = ("response.code", "response.flags")
-
-Token = tuple[str, str]  # (kind, text): kind is op, int, str or name
-_MAX_NESTING = 64  # '(' and '!' around a comparison; deeper is refused
 
 
-def compile_filter(expression: str) -> Predicate:
-    """Compile a Telemetry `filter.expression` into a predicate on an AccessLogEntry.
-
-    Raises UnsupportedExpression for anything outside the subset in the module docstring.
-    """
-    return _Parser(_tokenize(expression), expression).parse()
-
-
-def _tokenize(expression: str) -> list[Token]:
-    tokens: list[Token] = []
-    position, end = 0, len(expression.rstrip())
-    while position < end:
-        match = _TOKEN.match(expression, position)
-        if match is None or match.end() == position:
-            raise UnsupportedExpression(f"{expression!r}: cannot read {expression[position:]!r}")
-        kind = match.lastgroup or ""
-        if kind in ("dq", "sq"):
-            tokens.append(("str", match.group(kind)))
-        else:
-            tokens.append((kind, match.group(kind)))
-        position = match.end()
-    return tokens
-
-
-class _Parser:
-    """expr := and ('||' and)*; and := unary ('&&' unary)*; unary := '!' unary | '(' expr ')'
-    | operand cmp operand, where exactly one operand is an attribute."""
-
-    def __init__(self, tokens: list[Token], expression: str) -> None:
-        self.tokens = tokens
-        self.expression = expression
-        self.index = 0
-        self.depth = 0  # '(' and '!' open around the token being read
-
-    def fail(self, why: str) -> UnsupportedExpression:
-        return UnsupportedExpression(f"{self.expression!r}: {why}")
-
-    def peek(self) -> Token | None:
-        return self.tokens[self.index] if self.index < len(self.tokens) else None
-
-    def take(self) -> Token:
-        token = self.peek()
-        if token is None:
-            raise self.fail("ends too early")
-        self.index += 1
-        return token
-
-    def parse(self) -> Predicate:
-        predicate = self.either()
-        extra = self.peek()
-        if extra is not None:
-            raise self.fail(f"unexpected {extra[1]!r}")
-        return predicate
-
-    def either(self) -> Predicate:
-        terms = [self.both()]
-        while self.peek() == ("op", "||"):
-            self.index += 1
-            terms.append(self.both())
-        return terms[0] if len(terms) == 1 else _any_of(tuple(terms))
-
-    def both(self) -> Predicate:
-        terms = [self.unary()]
-        while self.peek() == ("op", "&&"):
-            self.index += 1
-            terms.append(self.unary())
-        return terms[0] if len(terms) == 1 else _all_of(tuple(terms))
-
-    def unary(self) -> Predicate:
-        token = self.peek()
-        if token == ("op", "!") or token == ("op", "("):
-            # A limit of its own, not Python's recursion limit: the compiled build has none.
-            if self.depth == _MAX_NESTING:
-                raise self.fail(f"nested more than {_MAX_NESTING} deep")
-            self.index += 1
-            self.depth += 1
-            if token[1] == "!":
-                inner = _negate(self.unary())
-            else:
-                inner = self.either()
-                if self.take() != ("op", ")"):
-                    raise self.fail("missing ')'")
-            self.depth -= 1
-            return inner
-        return self.comparison()
-
-    def comparison(self) -> Predicate:
-        left = self.take()
-        op = self.take()
-        right = self.take()
-        if op[0] != "op" or op[1] not in _COMPARE:
-            raise self.fail(f"expected a comparison, got {op[1]!r}")
-        symbol = op[1]
-        if left[0] != "name" and right[0] == "name":
-            left, right, symbol = right, left, _MIRROR[symbol]
-        if left[0] != "name" or left[1] not in _ATTRIBUTES:
-            raise self.fail(f"unsupported attribute {left[1]!r}")
-        if right[0] not in ("int", "str"):
-            raise self.fail(f"expected a literal, got {right[1]!r}")
-        return _compare(left[1], symbol, right, self)
-
-
-def _compare(attribute: str, symbol: str, literal: Token, parser: _Parser) -> Predicate:
-    compare = _COMPARE[symbol]
-    kind, text = literal
-    if attribute == "response.code":
-        if kind != "int":
-            raise parser.fail("response.code compares with an integer")
-        number = int(text)
-        return lambda entry: compare(entry.response_code, number)
-    # response.flags
-    if symbol not in ("==", "!="):
-        raise parser.fail("response.flags supports only == and !=")
-    if kind == "int":
-        if int(text) != 0:
-            raise parser.fail("response.flags compares with 0 (no flag) or a flag string")
+def _compare(comparison: Comparison) -> Predicate:
+    compare = _COMPARE[comparison.symbol]
+    value = comparison.value
+    if comparison.attribute == "response.code":
+        return lambda entry: compare(entry.response_code, value)
+    if isinstance(value, int):  # `response.flags == 0`: Envoy's flag bits, 0 is "no flag"
         return lambda entry: compare(_flag_text(entry.response_flags) != "-", False)
-    wanted = _flag_text(text)
+    wanted = _flag_text(value)
     return lambda entry: compare(_flag_text(entry.response_flags), wanted)
 
 

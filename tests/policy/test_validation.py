@@ -1361,6 +1361,38 @@ def test_port_level_mtls_accepts_json_string_ports() -> None:
             "must be set when operation is UPSERT",
             id="upsert-without-value",
         ),
+        pytest.param(
+            resource(
+                "Telemetry", "accessLogging:\n- filter: {expression: 'response.code >= 400 &&'}"
+            ),
+            "spec.accessLogging[0].filter.expression",
+            7,
+            "must be a valid CEL expression ('response.code >= 400 &&': ends too early)",
+            id="filter-ends-too-early",
+        ),
+        pytest.param(
+            resource(
+                "Telemetry", "accessLogging:\n- filter: {expression: '(response.code == 500'}"
+            ),
+            "spec.accessLogging[0].filter.expression",
+            7,
+            "must be a valid CEL expression ('(response.code == 500': expected ')' at the end)",
+            id="filter-unbalanced-parentheses",
+        ),
+        pytest.param(
+            resource("Telemetry", "accessLogging:\n- filter: {expression: ''}"),
+            "spec.accessLogging[0].filter.expression",
+            7,
+            "must be a valid CEL expression ('': empty)",
+            id="filter-empty",
+        ),
+        pytest.param(
+            resource("Telemetry", "accessLogging:\n- providers: [{name: envoy}]\n  filter: {}"),
+            "spec.accessLogging[0].filter.expression",
+            8,
+            "must be a valid CEL expression ('': empty)",
+            id="filter-without-expression",
+        ),
     ],
 )
 def test_telemetry_errors(text: str, field: str, line: int, fragment: str) -> None:
@@ -1391,6 +1423,19 @@ def test_telemetry_valid() -> None:
     )
     (tel,) = check_valid(text).resources
     assert tel.spec.tracing[0].random_sampling_percentage == 100.0
+
+
+def test_a_filter_meshlib_does_not_evaluate_still_loads() -> None:
+    """Valid CEL outside meshlib's subset is no error (Istio only parses it): it loads, and
+    the access log logs every request for it (`meshlib check` warns)."""
+    text = resource(
+        "Telemetry",
+        """
+        accessLogging:
+        - filter: {expression: "response.code >= 400 || request.url_path.startsWith('/api')"}
+        """,
+    )
+    check_valid(text)
 
 
 # --------------------------------------------------------------------------------------
