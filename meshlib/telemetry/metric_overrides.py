@@ -15,7 +15,10 @@ labels, per metric (`REQUEST_COUNT`, `REQUEST_DURATION`, `REQUEST_SIZE`, `RESPON
         disabled: true
 
 The overrides of the mesh, namespace and workload levels apply in that order; those of a
-`metrics[]` entry naming providers apply only when `prometheus` is among them. An UPSERT value
+`metrics[]` entry naming providers apply only when `prometheus` is among them. As in Istio's
+`mergeMetrics` (pilot/pkg/model/telemetry.go), `ALL_METRICS` disabled switches a whole side
+off and any later override for that side switches it back on; a metric's own `disabled` is
+set only by overrides that name it (or name `ALL_METRICS` with `disabled: false`). An UPSERT value
 must be a CEL string literal (`'text'` or `"text"`): meshlib evaluates no other expression, so
 other values are left out with a warning. Custom metrics, TCP and gRPC message metrics have no
 series in meshlib to change. meshlib applies the result when it renders a scrape, so recording
@@ -30,7 +33,12 @@ from dataclasses import dataclass, field
 
 from meshlib.config import MeshConfig
 from meshlib.policy.snapshot import Snapshot
-from meshlib.policy.telemetry import MetricsOverrides, cel_string_literal, settable_label
+from meshlib.policy.telemetry import (
+    MetricSelector,
+    MetricsOverrides,
+    cel_string_literal,
+    settable_label,
+)
 from meshlib.telemetry._resolve import telemetry_levels
 
 __all__ = ["FAMILIES", "LabelRule", "MetricOverrides"]
@@ -78,6 +86,7 @@ class LabelRule:
 
 
 _KEEP = LabelRule()
+_OFF = LabelRule(disabled=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,22 +106,37 @@ class MetricOverrides:
     def of(cls, snapshot: Snapshot, config: MeshConfig) -> MetricOverrides:
         """The overrides this workload's Telemetry levels give, mesh first, workload last."""
         rules: dict[tuple[int, str], LabelRule] = {}
+        sides_off: set[str] = set()  # reporters switched off whole, by ALL_METRICS disabled
         for level in telemetry_levels(snapshot, config):
             for metrics in level.metrics:
                 providers = {provider.name for provider in metrics.providers}
                 if providers and PROVIDER not in providers:
                     continue  # overrides for other providers (e.g. stackdriver) only
                 for override in metrics.overrides:
-                    _apply(rules, override)
+                    _apply(rules, sides_off, override)
+        for reporter in sides_off:
+            for family in range(len(FAMILIES)):
+                rules[(family, reporter)] = _OFF
         return cls({key: rule for key, rule in rules.items() if rule != _KEEP})
 
 
-def _apply(rules: dict[tuple[int, str], LabelRule], override: MetricsOverrides) -> None:
+def _apply(
+    rules: dict[tuple[int, str], LabelRule], sides_off: set[str], override: MetricsOverrides
+) -> None:
+    """One override on top of those before it, as Istio's mergeMetrics (model/telemetry.go)."""
     match = override.match
+    mode = (match.mode if match is not None else None) or "CLIENT_AND_SERVER"
+    reporters = _REPORTERS_OF.get(mode, ())
+    if _all_metrics(match) and override.disabled:
+        # A switch for the whole side, not a per-metric setting: its tagOverrides are moot.
+        sides_off.update(reporters)
+        return
+    # Any other override for a side switches it back on ("root namespace disables all, but
+    # then enables them by namespace scoped"), custom metrics included.
+    sides_off.difference_update(reporters)
     if match is not None and match.custom_metric is not None:
         return  # no custom metrics in meshlib
     metric = (match.metric if match is not None else None) or "ALL_METRICS"
-    mode = (match.mode if match is not None else None) or "CLIENT_AND_SERVER"
     upserts: dict[str, str] = {}
     removed: set[str] = set()
     for tag, change in override.tag_overrides.items():
@@ -130,7 +154,7 @@ def _apply(rules: dict[tuple[int, str], LabelRule], override: MetricsOverrides) 
             else:
                 upserts[tag] = literal
     for family in _FAMILIES_OF.get(metric, ()):
-        for reporter in _REPORTERS_OF.get(mode, ()):
+        for reporter in reporters:
             key = (family, reporter)
             old = rules.get(key, _KEEP)
             merged_upserts = {k: v for k, v in old.upserts.items() if k not in removed}
@@ -140,6 +164,13 @@ def _apply(rules: dict[tuple[int, str], LabelRule], override: MetricsOverrides) 
                 removed=frozenset((old.removed - set(upserts)) | removed),
                 upserts=merged_upserts,
             )
+
+
+def _all_metrics(match: MetricSelector | None) -> bool:
+    """Istio's isAllMetrics: no metric named (no match, or a mode alone) or ALL_METRICS."""
+    if match is None:
+        return True
+    return match.custom_metric is None and match.metric in (None, "ALL_METRICS")
 
 
 def _warn(message: str) -> None:

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from meshlib.config import MeshConfig
 from meshlib.policy.loader import load_text
 from meshlib.policy.snapshot import Snapshot
-from meshlib.telemetry.metric_overrides import MetricOverrides
+from meshlib.telemetry.metric_overrides import FAMILIES, MetricOverrides
 from meshlib.telemetry.metrics import IstioMetrics, render
 from meshlib.telemetry.peer import UNKNOWN_PEER
 
@@ -121,30 +121,110 @@ def test_a_metric_switched_off_for_one_side_and_a_label_set_for_the_other() -> N
     }
 
 
+def mesh_and_namespace(mesh: str, namespace: str) -> Snapshot:
+    """A root-namespace Telemetry with `mesh` metrics and a `default` one with `namespace`."""
+    telemetries = policy(mesh, namespace="istio-system").telemetries
+    return Snapshot.build([*telemetries, *policy(namespace).telemetries], CONFIG)
+
+
+def switched_off(overrides: MetricOverrides) -> set[tuple[str, str]]:
+    """(metric, reporter) pairs that are off."""
+    return {
+        (name, reporter)
+        for family, name in enumerate(FAMILIES)
+        for reporter in ("source", "destination")
+        if overrides.rule(family, reporter).disabled
+    }
+
+
 def test_levels_apply_mesh_first_and_a_workload_can_undo() -> None:
+    """The mesh switches REQUEST_SIZE off; the namespace switches it back on."""
     mesh_wide = policy(
-        """
-        metrics:
-        - overrides: [{match: {metric: ALL_METRICS}, disabled: true}]
-        """,
+        "metrics: [{overrides: [{match: {metric: REQUEST_SIZE}, disabled: true}]}]",
         namespace="istio-system",
     )
-    assert MetricOverrides.of(mesh_wide, CONFIG).rule(0, "source").disabled
-    both = Snapshot.build(
-        [
-            *mesh_wide.telemetries,
-            *policy(
-                """
-                metrics:
-                - overrides: [{match: {metric: REQUEST_COUNT}, disabled: false}]
-                """
-            ).telemetries,
-        ],
+    assert switched_off(MetricOverrides.of(mesh_wide, CONFIG)) == {
+        ("REQUEST_SIZE", "source"),
+        ("REQUEST_SIZE", "destination"),
+    }
+    both = mesh_and_namespace(
+        "metrics: [{overrides: [{match: {metric: REQUEST_SIZE}, disabled: true}]}]",
+        "metrics: [{overrides: [{match: {metric: REQUEST_SIZE}, disabled: false}]}]",
+    )
+    assert switched_off(MetricOverrides.of(both, CONFIG)) == set()
+
+
+ALL_OFF = "metrics: [{overrides: [{match: {metric: ALL_METRICS}, disabled: true}]}]"
+EVERY_METRIC = {(name, r) for name in FAMILIES for r in ("source", "destination")}
+
+
+@pytest.mark.parametrize(
+    "namespace",
+    [
+        pytest.param(
+            "metrics: [{overrides: [{match: {metric: REQUEST_COUNT}, disabled: false}]}]",
+            id="A-one-metric-switched-on",
+        ),
+        pytest.param(
+            "metrics: [{overrides: [{tagOverrides: {request_protocol: {operation: REMOVE}}}]}]",
+            id="B-a-label-removed",
+        ),
+        pytest.param(
+            "metrics: [{overrides: [{match: {customMetric: my_metric}}]}]",
+            id="a-custom-metric",
+        ),
+    ],
+)
+def test_any_later_override_switches_all_metrics_back_on(namespace: str) -> None:
+    """ALL_METRICS disabled is a switch for a whole side, not a per-metric setting: any later
+    override for that side clears it, and every metric is back (Istio's mergeMetrics)."""
+    assert switched_off(MetricOverrides.of(policy(ALL_OFF, "istio-system"), CONFIG)) == (
+        EVERY_METRIC
+    )
+    metrics = recorded(mesh_and_namespace(ALL_OFF, namespace))
+    assert switched_off(metrics.overrides) == set()
+    series = scraped(metrics)
+    for family in ("requests_total", "request_duration_milliseconds_count"):
+        sides = {labels["reporter"] for labels, _ in series[f"istio_{family}"]}
+        assert sides == {"source", "destination"}, family
+    assert "istio_request_bytes_count" in series and "istio_response_bytes_count" in series
+
+
+def test_all_metrics_off_for_one_side_comes_back_only_by_an_override_for_that_side() -> None:
+    """Disabling ALL_METRICS for SERVER and then changing a CLIENT metric leaves SERVER off."""
+    overrides = MetricOverrides.of(
+        mesh_and_namespace(
+            "metrics: [{overrides: [{match: {mode: SERVER}, disabled: true}]}]",
+            """
+            metrics:
+            - overrides:
+              - match: {metric: REQUEST_COUNT, mode: CLIENT}
+                tagOverrides: {destination_canonical_service: {operation: REMOVE}}
+            """,
+        ),
         CONFIG,
     )
-    overrides = MetricOverrides.of(both, CONFIG)
-    assert not overrides.rule(0, "source").disabled
-    assert overrides.rule(1, "source").disabled
+    assert switched_off(overrides) == {(name, "destination") for name in FAMILIES}
+    assert overrides.rule(0, "source").removed == {"destination_canonical_service"}
+
+
+def test_a_metric_switched_off_by_name_stays_off_when_all_metrics_comes_back() -> None:
+    """Only a per-metric override sets a metric's own `disabled`; clearing the ALL_METRICS
+    switch leaves it as it was."""
+    overrides = MetricOverrides.of(
+        mesh_and_namespace(
+            """
+            metrics:
+            - overrides:
+              - match: {metric: REQUEST_SIZE}
+                disabled: true
+              - disabled: true
+            """,
+            "metrics: [{overrides: [{match: {metric: REQUEST_COUNT}, disabled: false}]}]",
+        ),
+        CONFIG,
+    )
+    assert switched_off(overrides) == {("REQUEST_SIZE", "source"), ("REQUEST_SIZE", "destination")}
 
 
 def test_no_overrides_leave_the_rows_as_they_are() -> None:
