@@ -14,26 +14,32 @@ labels, per metric (`REQUEST_COUNT`, `REQUEST_DURATION`, `REQUEST_SIZE`, `RESPON
       - match: {metric: REQUEST_SIZE, mode: CLIENT}
         disabled: true
 
-The overrides of the mesh, namespace and workload levels apply in that order; those of a
-`metrics[]` entry naming providers apply only when `prometheus` is among them. As in Istio's
-`mergeMetrics` (pilot/pkg/model/telemetry.go), `ALL_METRICS` disabled switches a whole side
-off and any later override for that side switches it back on; a metric's own `disabled` is
-set only by overrides that name it (or name `ALL_METRICS` with `disabled: false`). An UPSERT value
-must be a CEL string literal (`'text'` or `"text"`): meshlib evaluates no other expression, so
-other values are left out with a warning. Custom metrics, TCP and gRPC message metrics have no
-series in meshlib to change. meshlib applies the result when it renders a scrape, so recording
-stays as cheap as ever.
+The overrides of the mesh, namespace and workload levels apply in that order, as Istio's
+`mergeMetrics` (pilot/pkg/model/telemetry.go) applies them:
+
+- Providers: only those named by the last `metrics[]` entry that names any are in scope (by
+  default `prometheus`); an entry without `providers` has its predecessor's. With no
+  `prometheus` (in any case) in scope, a sidecar has no stats filter, and meshlib exports no
+  Istio metric; entries for another provider (`stackdriver`) change nothing here.
+- `ALL_METRICS` disabled switches a whole side off, and any later override for that side
+  switches it back on; a metric's own `disabled` is set only by overrides that match it.
+
+An UPSERT value must be a CEL string literal (`'text'` or `"text"`): meshlib evaluates no
+other expression, so other values are left out with a warning. Custom metrics, TCP and gRPC
+message metrics have no series in meshlib to change. meshlib applies the result when it
+renders a scrape, so recording stays as cheap as ever.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from meshlib.config import MeshConfig
 from meshlib.policy.snapshot import Snapshot
 from meshlib.policy.telemetry import (
+    Metrics,
     MetricSelector,
     MetricsOverrides,
     cel_string_literal,
@@ -55,6 +61,9 @@ _REPORTERS_OF = {
     "CLIENT_AND_SERVER": ("source", "destination"),
 }
 PROVIDER = "prometheus"  # the metrics provider meshlib is (Istio's default one)
+_EVERY_SERIES = [
+    (family, reporter) for family in range(len(FAMILIES)) for reporter in ("source", "destination")
+]
 _warned: set[str] = set()
 
 
@@ -105,19 +114,48 @@ class MetricOverrides:
     @classmethod
     def of(cls, snapshot: Snapshot, config: MeshConfig) -> MetricOverrides:
         """The overrides this workload's Telemetry levels give, mesh first, workload last."""
+        entries = [
+            metrics for level in telemetry_levels(snapshot, config) for metrics in level.metrics
+        ]
+        provider = _prometheus_in_scope(entries)
+        if provider is None:  # a sidecar then has no stats filter at all
+            return cls(dict.fromkeys(_EVERY_SERIES, _OFF))
         rules: dict[tuple[int, str], LabelRule] = {}
         sides_off: set[str] = set()  # reporters switched off whole, by ALL_METRICS disabled
-        for level in telemetry_levels(snapshot, config):
-            for metrics in level.metrics:
-                providers = {provider.name for provider in metrics.providers}
-                if providers and PROVIDER not in providers:
-                    continue  # overrides for other providers (e.g. stackdriver) only
-                for override in metrics.overrides:
-                    _apply(rules, sides_off, override)
-        for reporter in sides_off:
-            for family in range(len(FAMILIES)):
-                rules[(family, reporter)] = _OFF
+        for metrics in _entries_for(provider, entries):
+            for override in metrics.overrides:
+                _apply(rules, sides_off, override)
+        rules.update((key, _OFF) for key in _EVERY_SERIES if key[1] in sides_off)
         return cls({key: rule for key, rule in rules.items() if rule != _KEEP})
+
+
+def _prometheus_in_scope(entries: Sequence[Metrics]) -> str | None:
+    """The name meshlib's metrics go by, None when they are out of scope.
+
+    As Istio's mergeMetrics: the providers in scope are those of the last entry naming any
+    (mesh, namespace, workload, each in list order), else the default; the Prometheus one is
+    the first that spells `prometheus` in any case (fetchProvider compares with EqualFold).
+    """
+    in_scope: tuple[str, ...] = (PROVIDER,)
+    for entry in entries:
+        in_scope = _provider_names(entry) or in_scope
+    return next((name for name in in_scope if name.casefold() == PROVIDER), None)
+
+
+def _entries_for(provider: str, entries: Sequence[Metrics]) -> Iterator[Metrics]:
+    """The entries for `provider`: those naming it, or inheriting it from the entry before
+    (across levels, as Istio's mergeMetrics passes `parentProviders` on). Names match
+    exactly there: an entry for `prometheus` is not one for an in-scope `Prometheus`."""
+    parent: tuple[str, ...] = (PROVIDER,)
+    for entry in entries:
+        names = _provider_names(entry) or parent
+        parent = names
+        if provider in names:
+            yield entry
+
+
+def _provider_names(entry: Metrics) -> tuple[str, ...]:
+    return tuple(provider.name for provider in entry.providers)
 
 
 def _apply(

@@ -364,6 +364,76 @@ def test_overrides_for_other_providers_and_reserved_labels_are_left_out() -> Non
     assert dict(rule.upserts) == {"ok": "z"}
 
 
+@pytest.mark.parametrize(
+    ("mesh", "namespace"),
+    [
+        pytest.param("metrics: []", "metrics: [{providers: [{name: stackdriver}]}]", id="C"),
+        pytest.param(
+            "metrics: [{providers: [{name: stackdriver}]}]",
+            "metrics: [{overrides: [{match: {metric: REQUEST_COUNT}, disabled: true}]}]",
+            id="D",
+        ),
+    ],
+)
+def test_without_prometheus_in_scope_no_istio_metric_is_exported(mesh: str, namespace: str) -> None:
+    """Only the providers the last entry naming any names stay in scope (Istio's mergeMetrics):
+    a namespace's `[stackdriver]` (C), or the mesh's, which the namespace's entry inherits (D),
+    leaves Prometheus out, so a sidecar has no stats filter and meshlib exports nothing."""
+    metrics = recorded(mesh_and_namespace(mesh, namespace))
+    assert switched_off(metrics.overrides) == EVERY_METRIC
+    assert scraped(metrics) == {}
+
+
+def test_an_entry_without_providers_inherits_the_one_before() -> None:
+    """Across levels, an entry without `providers` is for its predecessor's: the mesh's second
+    entry is stackdriver's (left out), the namespace's second is prometheus's (applied)."""
+    overrides = MetricOverrides.of(
+        mesh_and_namespace(
+            """
+            metrics:
+            - providers: [{name: stackdriver}]
+              overrides: [{match: {metric: REQUEST_SIZE}, disabled: true}]
+            - overrides: [{match: {metric: RESPONSE_SIZE}, disabled: true}]
+            """,
+            """
+            metrics:
+            - providers: [{name: prometheus}]
+            - overrides: [{match: {metric: REQUEST_COUNT}, disabled: true}]
+            """,
+        ),
+        CONFIG,
+    )
+    assert switched_off(overrides) == {
+        ("REQUEST_COUNT", "source"),
+        ("REQUEST_COUNT", "destination"),
+    }
+
+
+def test_the_prometheus_provider_is_named_in_any_case() -> None:
+    """`Prometheus` is the prometheus provider (Istio's fetchProvider uses EqualFold); entries
+    are matched to the provider in scope by their exact name, so the mesh's `prometheus`
+    entry is not the namespace's `PROMETHEUS` one and is left out, as in Istio."""
+    overrides = MetricOverrides.of(
+        mesh_and_namespace(
+            """
+            metrics:
+            - providers: [{name: prometheus}]
+              overrides: [{match: {metric: REQUEST_SIZE}, disabled: true}]
+            """,
+            """
+            metrics:
+            - providers: [{name: PROMETHEUS}]
+              overrides: [{match: {metric: REQUEST_COUNT}, disabled: true}]
+            """,
+        ),
+        CONFIG,
+    )
+    assert switched_off(overrides) == {
+        ("REQUEST_COUNT", "source"),
+        ("REQUEST_COUNT", "destination"),
+    }
+
+
 def test_closing_a_mesh_stops_its_overrides_applying_to_the_multiprocess_view() -> None:
     from meshlib.mesh import Mesh
     from meshlib.telemetry import metrics as metrics_module
