@@ -162,13 +162,21 @@ def is_ip(value: str) -> bool:
     return True
 
 
-def check_host(host: str, path: Path, sink: Sink, *, allow_star: bool = True) -> None:
-    """Report a host that is not a DNS name, `*.suffix` wildcard, or (if allowed) `*`."""
+def check_host(
+    host: str, path: Path, sink: Sink, *, allow_star: bool = True, allow_ip: bool = False
+) -> None:
+    """Report a host that is not a DNS name, `*.suffix` wildcard, or (if allowed) `*`.
+
+    An IP address is a host only where Istio takes one (`allow_ip`: VirtualService hosts);
+    elsewhere its validateWildcardDomain refuses it (an all-numeric top-level label).
+    """
     if host == "*":
         if not allow_star:
             sink.error(path, "the wildcard host '*' is not allowed here")
         return
     if is_ip(host):
+        if not allow_ip:
+            sink.error(path, f"invalid host {host!r}: an IP address is not allowed here")
         return
     name = host[:-1] if host.endswith(".") else host
     first, *rest = name.split(".")

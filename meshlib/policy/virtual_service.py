@@ -467,6 +467,27 @@ class HTTPRoute:
             sink.error(path, f"the authority is set more than once ({', '.join(authorities)})")
 
 
+def _hosts_overlap(a: str, b: str) -> bool:
+    """Istio's host.Name.Matches: equal names, or one wildcard's suffix covers the other."""
+    if a.startswith("*") and b.startswith("*"):
+        return a[1:].endswith(b[1:]) or b[1:].endswith(a[1:])
+    if a.startswith("*"):
+        return b.endswith(a[1:])
+    if b.startswith("*"):
+        return a.endswith(b[1:])
+    return a == b
+
+
+def _check_duplicate_hosts(hosts: tuple[str, ...], path: Path, sink: Sink) -> None:
+    """A host equal to, or covered by a wildcard of, another host of the same VirtualService
+    is a duplicate (`*.foo.com` and `a.foo.com`, `*.foo.com` and `*.com`), one error a pair,
+    as Istio reports them."""
+    for i, first in enumerate(hosts):
+        for j in range(i + 1, len(hosts)):
+            if _hosts_overlap(first, hosts[j]):
+                sink.error((*path, j), f"duplicate hosts: {first!r} and {hosts[j]!r} overlap")
+
+
 _KEYS = {
     "direct_response": "directResponse",
     "cors_policy": "corsPolicy",
@@ -489,11 +510,11 @@ class VirtualService:
 
     def validate_policy(self, path: Path, sink: Sink) -> None:
         for index, host in enumerate(self.hosts):
-            check_host(host, (*path, "hosts", index), sink)
+            check_host(host, (*path, "hosts", index), sink, allow_ip=True)
         if "*" in self.hosts and self.applies_to_mesh:
             sink.error((*path, "hosts"), "the wildcard host '*' is not allowed for the mesh")
-        if len(set(self.hosts)) != len(self.hosts):
-            sink.error((*path, "hosts"), "duplicate host")
+        else:
+            _check_duplicate_hosts(self.hosts, (*path, "hosts"), sink)
         if not self.http and not self.tcp and not self.tls:
             sink.error(path, "http, tcp or tls must be provided")
         if self.applies_to_mesh:

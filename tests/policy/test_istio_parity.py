@@ -1,0 +1,68 @@
+"""Validation that agrees with istiod's webhook (pkg/config/validation): cases where meshlib
+once disagreed with it, each with the severity Istio gives (error, warning, or nothing)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.policy.test_validation import (
+    check_error,
+    check_valid,
+    dump,
+    load,
+    resource,
+    se,
+    vs_http,
+)
+
+# --------------------------------------------------------------------------------------
+# Hosts
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "line"),
+    [
+        pytest.param(resource("DestinationRule", "host: 10.0.0.1"), "spec.host", 6, id="dr"),
+        pytest.param(
+            se("hosts: [10.0.0.1]\nports: [{number: 80, name: http}]"), "spec.hosts[0]", 6, id="se"
+        ),
+        pytest.param(
+            vs_http("- route: [{destination: {host: 10.0.0.1}}]"),
+            "spec.http[0].route[0].destination.host",
+            8,
+            id="destination",
+        ),
+        pytest.param(resource("DestinationRule", "host: '::1'"), "spec.host", 6, id="dr-ipv6"),
+    ],
+)
+def test_an_ip_address_is_not_a_host_outside_virtual_service_hosts(
+    text: str, field: str, line: int
+) -> None:
+    """Istio's validateWildcardDomain refuses an IP (an all-numeric top-level label), and only
+    VirtualService hosts fall back to accepting one."""
+    check_error(text, field, line, "an IP address is not allowed here")
+
+
+def test_a_virtual_service_host_may_be_an_ip_address() -> None:
+    """VirtualService hosts accept IP addresses, as Istio's ValidateVirtualService does."""
+    check_valid(vs_http("- route: [{destination: {host: r}}]", hosts="[10.0.0.1, '::1']"))
+
+
+@pytest.mark.parametrize(
+    ("hosts", "errors"),
+    [
+        pytest.param("['*.example.com', a.example.com]", 1, id="wildcard-covers-name"),
+        pytest.param("[a.example.com, '*.example.com']", 1, id="name-then-wildcard"),
+        pytest.param("['*.example.com', '*.com']", 1, id="wildcard-covers-wildcard"),
+        pytest.param("[a, a]", 1, id="literal"),
+        pytest.param("['*.a.com', b.com, '*.b.com']", 0, id="disjoint"),
+        pytest.param("['*.com', a.com, b.com]", 2, id="one-error-a-pair"),
+    ],
+)
+def test_overlapping_virtual_service_hosts_are_duplicates(hosts: str, errors: int) -> None:
+    """Hosts of one VirtualService that one wildcard covers are duplicates, one error a
+    pair, as Istio's host.Name.Matches finds them."""
+    result = load(vs_http("- route: [{destination: {host: r}}]", hosts=hosts))
+    assert len(result.errors) == errors, dump(result)
+    assert all("duplicate hosts" in d.message for d in result.errors)
