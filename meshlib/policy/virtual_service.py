@@ -531,6 +531,9 @@ class VirtualService:
                                     "JWT claim based routing is only supported for gateways",
                                 )
         if not self.hosts:  # a delegate VirtualService
+            for key, given in (("gateways", self.gateways), ("tls", self.tls), ("tcp", self.tcp)):
+                if given:  # a delegate serves only a root's http route, wherever that applies
+                    sink.error((*path, key), "a delegate VirtualService (no hosts) cannot set it")
             for index, route in enumerate(self.http):
                 if route.delegate is not None:
                     sink.error(

@@ -66,3 +66,27 @@ def test_overlapping_virtual_service_hosts_are_duplicates(hosts: str, errors: in
     result = load(vs_http("- route: [{destination: {host: r}}]", hosts=hosts))
     assert len(result.errors) == errors, dump(result)
     assert all("duplicate hosts" in d.message for d in result.errors)
+
+
+# --------------------------------------------------------------------------------------
+# Delegate VirtualServices
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        pytest.param("gateways: [mesh]\n", "spec.gateways", id="gateways"),
+        pytest.param("tcp: [{route: [{destination: {host: r}}]}]\n", "spec.tcp", id="tcp"),
+        pytest.param(
+            "tls: [{match: [{sniHosts: [r]}], route: [{destination: {host: r}}]}]\n",
+            "spec.tls",
+            id="tls",
+        ),
+    ],
+)
+def test_a_delegate_virtual_service_cannot_set_gateways_tcp_or_tls(extra: str, field: str) -> None:
+    """A VirtualService without hosts is a delegate: Istio rejects gateways, tcp and tls
+    routes on it (they would be meaningless under a root's http route)."""
+    text = resource("VirtualService", f"{extra}http: [{{route: [{{destination: {{host: r}}}}]}}]")
+    check_error(text, field, 6, "a delegate VirtualService (no hosts) cannot set it")
