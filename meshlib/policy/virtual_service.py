@@ -236,8 +236,9 @@ class Delay:
     percent: int | None = spec_field(ge=0, le=100)  # deprecated integer form
 
     def validate_policy(self, path: Path, sink: Sink) -> None:
-        if self.fixed_delay is None:
-            sink.error((*path, "fixedDelay"), "is required")
+        if self.fixed_delay is None and self.exponential_delay is None:
+            # Istio accepts it, and pilot drops a delay without a fixedDelay from the route.
+            sink.warning(path, "a delay without fixedDelay does nothing (it is ignored)")
         if self.exponential_delay is not None:
             sink.error((*path, "exponentialDelay"), "is not supported by Istio (use fixedDelay)")
 
@@ -259,7 +260,8 @@ class Abort:
     def validate_policy(self, path: Path, sink: Sink) -> None:
         given = [f for f in ("http_status", "grpc_status", "http2_error") if getattr(self, f)]
         if not given:
-            sink.error((*path, "httpStatus"), "is required (or grpcStatus)")
+            # Istio only warns, and pilot drops an abort without an error type from the route.
+            sink.warning(path, "an abort without httpStatus or grpcStatus does nothing (ignored)")
         if len(given) > 1:
             sink.error(path, "only one of httpStatus, grpcStatus, http2Error may be set")
         if self.http_status is not None and not 200 <= self.http_status <= 600:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.dataplane.test_routing import plan, snapshot_for
 from tests.policy.test_validation import (
     check_error,
     check_valid,
@@ -90,3 +91,36 @@ def test_a_delegate_virtual_service_cannot_set_gateways_tcp_or_tls(extra: str, f
     routes on it (they would be meaningless under a root's http route)."""
     text = resource("VirtualService", f"{extra}http: [{{route: [{{destination: {{host: r}}}}]}}]")
     check_error(text, field, 6, "a delegate VirtualService (no hosts) cannot set it")
+
+
+# --------------------------------------------------------------------------------------
+# Fault injection
+# --------------------------------------------------------------------------------------
+
+FAULTS = """
+- route: [{destination: {host: r}}]
+  fault:
+    delay: {percentage: {value: 100}}
+    abort: {percentage: {value: 100}}
+"""
+
+
+def test_a_fault_without_fixed_delay_or_error_type_loads_with_warnings() -> None:
+    """Istio accepts a delay without fixedDelay and only warns about an abort without
+    httpStatus/grpcStatus; pilot leaves both out of the route, so meshlib warns that they do
+    nothing."""
+    result = load(vs_http(FAULTS))
+    assert result.errors == (), dump(result)
+    assert [(d.field, d.line) for d in result.warnings] == [
+        ("spec.http[0].fault.delay", 10),
+        ("spec.http[0].fault.abort", 11),
+    ]
+    assert "does nothing" in result.warnings[0].message
+    assert "httpStatus or grpcStatus" in result.warnings[1].message
+
+
+def test_a_fault_without_fixed_delay_or_error_type_neither_delays_nor_aborts() -> None:
+    """At runtime such a delay and abort are no fault at all, as Envoy's route has none."""
+    snapshot = snapshot_for(FAULTS.replace("host: r", "host: reviews"))
+    decided = plan(snapshot)
+    assert (decided.fault_delay, decided.fault_abort) == (None, None)
