@@ -459,8 +459,19 @@ class HTTPRoute:
             )
         if self.mirror is not None and self.mirrors:
             sink.error((*path, "mirrors"), "only one of mirror and mirrors may be set")
-        if self.mirror_percentage is not None and self.mirror is None:
-            sink.error((*path, "mirrorPercentage"), "needs mirror")
+        for key, given in (
+            ("mirrorPercentage", self.mirror_percentage),
+            ("mirrorPercent", self.mirror_percent),
+        ):
+            # Istio accepts either without `mirror`; it then mirrors nothing (a delegating
+            # route passes it down to delegate routes that set `mirror`).
+            if given is not None and self.mirror is None and self.delegate is None:
+                sink.warning((*path, key), "does nothing without mirror (mirrors has its own)")
+        if self.mirror_percent is not None:
+            sink.warning(
+                (*path, "mirrorPercent"),
+                'using deprecated setting "mirrorPercent", use "mirrorPercentage" instead',
+            )
         authorities = [self.rewrite.authority] if self.rewrite and self.rewrite.authority else []
         if self.headers is not None and self.headers.request is not None:
             for op in (self.headers.request.set, self.headers.request.add):

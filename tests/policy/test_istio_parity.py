@@ -124,3 +124,46 @@ def test_a_fault_without_fixed_delay_or_error_type_neither_delays_nor_aborts() -
     snapshot = snapshot_for(FAULTS.replace("host: r", "host: reviews"))
     decided = plan(snapshot)
     assert (decided.fault_delay, decided.fault_abort) == (None, None)
+
+
+# --------------------------------------------------------------------------------------
+# Mirroring
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        pytest.param(
+            "mirrorPercentage: {value: 5}", "spec.http[0].mirrorPercentage", id="percentage"
+        ),
+        pytest.param("mirrorPercent: 5", "spec.http[0].mirrorPercent", id="percent"),
+        pytest.param(
+            "mirrors: [{destination: {host: r}}]\n  mirrorPercentage: {value: 5}",
+            "spec.http[0].mirrorPercentage",
+            id="with-mirrors",
+        ),
+    ],
+)
+def test_a_mirror_percentage_without_mirror_loads_with_a_warning(extra: str, field: str) -> None:
+    """Istio accepts mirrorPercentage without `mirror` (it then mirrors nothing): a warning,
+    where meshlib once refused the resource."""
+    result = load(vs_http(f"- route: [{{destination: {{host: r}}}}]\n  {extra}"))
+    assert result.errors == (), dump(result)
+    assert len(result.resources) == 1
+    assert field in [d.field for d in result.warnings if "without mirror" in d.message]
+
+
+def test_mirror_percent_is_deprecated() -> None:
+    """`mirrorPercent` loads with Istio's deprecation warning naming mirrorPercentage."""
+    result = load(
+        vs_http("- route: [{destination: {host: r}}]\n  mirror: {host: r}\n  mirrorPercent: 5")
+    )
+    assert result.errors == (), dump(result)
+    assert [(d.field, d.line, d.message) for d in result.warnings] == [
+        (
+            "spec.http[0].mirrorPercent",
+            10,
+            'using deprecated setting "mirrorPercent", use "mirrorPercentage" instead',
+        )
+    ]
