@@ -9,6 +9,7 @@ from tests.dataplane.test_routing import plan, snapshot_for
 from tests.policy.test_validation import (
     check_error,
     check_valid,
+    dr,
     dump,
     load,
     resource,
@@ -167,3 +168,60 @@ def test_mirror_percent_is_deprecated() -> None:
             'using deprecated setting "mirrorPercent", use "mirrorPercentage" instead',
         )
     ]
+
+
+# --------------------------------------------------------------------------------------
+# DestinationRule
+# --------------------------------------------------------------------------------------
+
+
+def test_a_duplicate_port_level_port_is_a_warning() -> None:
+    """Istio accepts two port-level settings for one port (pilot applies the first): a
+    warning, where meshlib once refused the DestinationRule."""
+    text = dr(
+        """
+        portLevelSettings:
+        - {port: {number: 8080}, tls: {mode: DISABLE}}
+        - {port: {number: 8080}, tls: {mode: SIMPLE}}
+        """
+    )
+    result = load(text)
+    assert result.errors == (), dump(result)
+    assert [(d.field, d.line) for d in result.warnings] == [
+        ("spec.trafficPolicy.portLevelSettings[1].port", 10)
+    ]
+    assert "duplicate port 8080: only the first entry" in result.warnings[0].message
+
+
+def test_a_port_level_setting_without_a_policy_block_is_an_error() -> None:
+    """Istio: "port traffic policy must have at least one field"."""
+    check_error(
+        dr("portLevelSettings: [{port: {number: 8080}}]"),
+        "spec.trafficPolicy.portLevelSettings[0]",
+        8,
+        "a port-level setting needs loadBalancer, connectionPool, outlierDetection or tls",
+    )
+
+
+@pytest.mark.parametrize(
+    ("size", "valid"),
+    [(1, True), (2, True), (3, True), (4, False), (9, False), (65537, True), (5000011, False)],
+)
+def test_maglev_table_size_is_prime_as_envoy_counts_primes(size: int, valid: bool) -> None:
+    """Istio checks tableSize with Envoy's isPrime, which takes 1 (and 2, 3) as prime."""
+    result = load(
+        dr(
+            f"loadBalancer: {{consistentHash: {{useSourceIp: true, maglev: {{tableSize: {size}}}}}}}"
+        )
+    )
+    assert (result.errors == ()) is valid, dump(result)
+
+
+def test_top_level_minimum_ring_size_is_deprecated() -> None:
+    """consistentHash.minimumRingSize loads with Istio's deprecation warning."""
+    result = load(dr("loadBalancer: {consistentHash: {useSourceIp: true, minimumRingSize: 64}}"))
+    assert result.errors == (), dump(result)
+    assert [(d.field, d.line) for d in result.warnings] == [
+        ("spec.trafficPolicy.loadBalancer.consistentHash.minimumRingSize", 8)
+    ]
+    assert "deprecated, use ringHash.minimumRingSize" in result.warnings[0].message

@@ -921,19 +921,6 @@ DR_ERRORS = [
         id="mutual-no-key",
     ),
     pytest.param(
-        dr(
-            """
-            portLevelSettings:
-            - {port: {number: 8080}, tls: {mode: DISABLE}}
-            - {port: {number: 8080}, tls: {mode: SIMPLE}}
-            """
-        ),
-        "spec.trafficPolicy.portLevelSettings[1].port",
-        10,
-        "duplicate port 8080",
-        id="duplicate-port-level-port",
-    ),
-    pytest.param(
         resource(
             "DestinationRule",
             "host: r\nsubsets:\n- {name: v1, labels: {version: v1}}\n- {name: v1, labels: {version: v2}}",
