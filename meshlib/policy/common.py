@@ -150,6 +150,38 @@ _DNS_LABEL = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?")
 _WILDCARD_FIRST_LABEL = re.compile(r"\*|(\*|\*-)?[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?")
 
 
+# Kubernetes label syntax as Istio's labels.Instance.Validate checks it: a key is an optional
+# DNS-name prefix (at most 253 characters) and "/", then a name; a value is empty or a name.
+_LABEL_NAME = r"(?:[A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]"
+_PREFIX_LABEL = r"[A-Za-z0-9](?:[-A-Za-z0-9]*[A-Za-z0-9])?"
+_LABEL_KEY = re.compile(
+    rf"(?P<prefix>{_PREFIX_LABEL}(?:\.{_PREFIX_LABEL})*/)?(?P<name>{_LABEL_NAME})"
+)
+_LABEL_VALUE = re.compile(_LABEL_NAME)
+
+
+def check_labels(labels: Mapping[str, str], path: Path, sink: Sink) -> None:
+    """Report label keys and values that are not Kubernetes label syntax; `path` is the map.
+
+    As Istio checks them, a value's length is not limited (Kubernetes limits it to 63).
+    """
+    for key, value in labels.items():
+        match = _LABEL_KEY.fullmatch(key)
+        if match is None or len(match["name"]) > 63 or len(match["prefix"] or "") - 1 > 253:
+            sink.error(
+                (*path, key),
+                f"invalid label key {key!r} (an optional DNS-name prefix and '/', then a name of"
+                " at most 63 letters, digits, '-', '_' or '.' that starts and ends with a"
+                " letter or digit)",
+            )
+        if value and not _LABEL_VALUE.fullmatch(value):
+            sink.error(
+                (*path, key),
+                f"invalid label value {value!r} (letters, digits, '-', '_' or '.', starting"
+                " and ending with a letter or digit, or empty)",
+            )
+
+
 def is_dns_label(value: str) -> bool:
     return _DNS_LABEL.fullmatch(value) is not None
 

@@ -15,6 +15,8 @@ from meshlib.policy.common import (
     WorkloadSelector,
     check_export_to,
     check_host,
+    check_labels,
+    is_dns_label,
 )
 
 LBSimple = Literal[
@@ -334,6 +336,14 @@ class DestinationRule:
         check_host(self.host, (*path, "host"), sink)
         names: set[str] = set()
         for index, subset in enumerate(self.subsets):
+            where = (*path, "subsets", index)
+            if not is_dns_label(subset.name):
+                sink.error(
+                    (*where, "name"),
+                    f"invalid subset name {subset.name!r} (a DNS label: letters, digits and"
+                    " '-', at most 63)",
+                )
+            check_labels(subset.labels, (*where, "labels"), sink)
             if subset.name in names:
                 sink.error((*path, "subsets", index, "name"), f"duplicate subset {subset.name!r}")
             names.add(subset.name)

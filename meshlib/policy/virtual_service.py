@@ -20,6 +20,7 @@ from meshlib.policy.common import (
     StringMatch,
     check_export_to,
     check_host,
+    check_labels,
     check_regex,
     is_dns_label,
 )
@@ -193,6 +194,7 @@ class HTTPMatchRequest:
                     )
                 if string_match.prefix == "":
                     sink.error((*path, key, name, "prefix"), "a prefix match must not be empty")
+        check_labels(self.source_labels, (*path, "sourceLabels"), sink)
         if self.source_namespace is not None and not is_dns_label(self.source_namespace):
             sink.error((*path, "sourceNamespace"), f"invalid namespace {self.source_namespace!r}")
 

@@ -3,6 +3,8 @@ once disagreed with it, each with the severity Istio gives (error, warning, or n
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from tests.dataplane.test_routing import plan, snapshot_for
@@ -225,3 +227,81 @@ def test_top_level_minimum_ring_size_is_deprecated() -> None:
         ("spec.trafficPolicy.loadBalancer.consistentHash.minimumRingSize", 8)
     ]
     assert "deprecated, use ringHash.minimumRingSize" in result.warnings[0].message
+
+
+# --------------------------------------------------------------------------------------
+# Kubernetes labels and subset names
+# --------------------------------------------------------------------------------------
+
+LABEL_PLACES = [
+    pytest.param(
+        lambda labels: resource(
+            "DestinationRule", f"host: r\nsubsets: [{{name: v1, labels: {labels}}}]"
+        ),
+        "spec.subsets[0].labels",
+        id="subset",
+    ),
+    pytest.param(
+        lambda labels: vs_http(
+            f"- match: [{{sourceLabels: {labels}}}]\n  route: [{{destination: {{host: r}}}}]"
+        ),
+        "spec.http[0].match[0].sourceLabels",
+        id="source-labels",
+    ),
+    pytest.param(
+        lambda labels: resource("WorkloadEntry", f"address: 10.0.0.1\nlabels: {labels}"),
+        "spec.labels",
+        id="workload-entry",
+    ),
+    pytest.param(
+        lambda labels: se(
+            "hosts: [a.example.com]\nports: [{number: 80, name: http}]\nresolution: STATIC\n"
+            f"endpoints: [{{address: 10.0.0.1, labels: {labels}}}]"
+        ),
+        "spec.endpoints[0].labels",
+        id="service-entry-endpoint",
+    ),
+]
+
+
+@pytest.mark.parametrize(("build", "field"), LABEL_PLACES)
+@pytest.mark.parametrize(
+    "labels",
+    [
+        "{'a b': x}",
+        "{'-app': x}",
+        "{'app.': x}",
+        "{'example.com/': x}",
+        "{'a/b/c': x}",
+        "{'-x.com/app': x}",
+        "{'" + "a" * 64 + "': x}",
+        "{app: 'a b'}",
+        "{app: '-v1'}",
+        "{app: 'v1.'}",
+    ],
+)
+def test_labels_that_are_not_kubernetes_labels_are_errors(
+    build: Callable[[str], str], field: str, labels: str
+) -> None:
+    """Label keys and values must be Kubernetes label syntax, as Istio's
+    labels.Instance.Validate requires, wherever policy names labels."""
+    result = load(build(labels))
+    assert len(result.errors) == 1, dump(result)
+    assert result.errors[0].field is not None and result.errors[0].field.startswith(field)
+    assert "invalid label" in result.errors[0].message
+
+
+@pytest.mark.parametrize(("build", "field"), LABEL_PLACES)
+def test_kubernetes_labels_load(build: Callable[[str], str], field: str) -> None:
+    """A DNS prefix, dots and underscores in names, an empty value and a long value (Istio
+    does not limit a value's length) are valid."""
+    labels = "{'app.kubernetes.io/name': x, my_key.v2: A-b_c.1, empty: '', long: " + "v" * 80 + "}"
+    result = load(build(labels))
+    assert result.errors == (), dump(result)
+
+
+@pytest.mark.parametrize("name", ["V_1", "v1.0", "-v1", "v" * 64, "''"])
+def test_a_subset_name_must_be_a_dns_label(name: str) -> None:
+    """Istio's validateSubsetName: a DNS-1123 label."""
+    text = resource("DestinationRule", f"host: r\nsubsets: [{{name: {name}}}]")
+    check_error(text, "spec.subsets[0].name", 7, "invalid subset name")
