@@ -138,12 +138,34 @@ class MatchLabelsSelector:
     match_labels: Mapping[str, str] = spec_field({})
 
 
+# What a policy's targetRef may name, as Istio's validatePolicyTargetReference allows it:
+# (group, kind), the core group written "" or "core".
+TARGET_KINDS = (
+    ("core", "Service"),
+    ("networking.istio.io", "ServiceEntry"),
+    ("gateway.networking.k8s.io", "Gateway"),
+)
+
+
 @dataclass(frozen=True, slots=True)
 class PolicyTargetReference:
     group: str | None = None
     kind: str | None = None
     name: str | None = None
     namespace: str | None = None
+
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        if not self.name:
+            sink.error((*path, "name"), "is required")
+        if self.namespace:
+            sink.error(
+                (*path, "namespace"),
+                "must not be set: a policy cannot target another namespace",
+            )
+        if ((self.group or "core"), self.kind) not in TARGET_KINDS:
+            allowed = ", ".join(f"{g}/{k}" for g, k in TARGET_KINDS)
+            given = f"{self.group or 'core'}/{self.kind or ''}"
+            sink.error(path, f"cannot target {given} (allowed: {allowed})")
 
 
 _DNS_LABEL = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?")
