@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from meshlib.dataplane import outcome
 from meshlib.dataplane.outcome import LocalReply
+from meshlib.policy.header_values import render as render_header_value
 from meshlib.policy.hosts import strip_port
 from meshlib.policy.matching import RequestAttributes, RouteMatcher
 from meshlib.policy.regex import re2_replace_all
@@ -56,14 +57,17 @@ class HeaderEdits:
             if ops is not None:
                 for name in ops.remove:
                     self._remove(name.lower())
+        # Values are Envoy formatter strings: `%%` is sent as `%`, `%VAR%` expanded.
         for ops in parsers:
             if ops is not None:
                 for name, value in ops.set.items():
+                    value = render_header_value(value)
                     if value and name.lower() not in _AUTHORITY_KEYS:
                         self.overwrite(name.lower(), value)
         for ops in parsers:
             if ops is not None:
                 for name, value in ops.add.items():
+                    value = render_header_value(value)
                     if value and name.lower() not in _AUTHORITY_KEYS:
                         self._append(name.lower(), value)
 

@@ -24,6 +24,7 @@ from meshlib.policy.common import (
     check_regex,
     is_dns_label,
 )
+from meshlib.policy.header_values import check_header_value
 from meshlib.policy.regex import RegexError, compile_re2, re2_substitution, unstable_captures
 
 RETRY_ON_HTTP = frozenset(
@@ -114,6 +115,8 @@ class HeaderOperations:
                     sink.error(
                         (*path, op, name), "header value must not contain control characters"
                     )
+                else:
+                    check_header_value(value, (*path, op, name), sink)
 
 
 @dataclass(frozen=True, slots=True)
