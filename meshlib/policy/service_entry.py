@@ -110,6 +110,9 @@ class ServiceEntry:
             sink.error((*path, "hosts"), "a service entry needs at least one host")
         for index, host in enumerate(self.hosts):
             check_host(host, (*path, "hosts", index), sink, allow_star=False)
+            if "*" in host and host != "*" and not host.startswith("*."):
+                # Istio's ValidatePartialWildCard, a warning on ServiceEntry hosts
+                sink.warning((*path, "hosts", index), f"partial wildcard {host!r} not allowed")
         for index, address in enumerate(self.addresses):
             try:
                 ipaddress.ip_network(address, strict=False)
@@ -130,6 +133,8 @@ class ServiceEntry:
         if self.endpoints and self.workload_selector is not None:
             sink.error(path, "only one of workloadSelector and endpoints may be set")
         resolution = self.resolution or "NONE"
+        if self.workload_selector is not None:
+            self._check_workload_selector(resolution, (*path, "workloadSelector"), sink)
         if resolution not in ("NONE", "STATIC"):
             for index, address in enumerate(self.addresses):
                 if "/" in address:
@@ -161,6 +166,29 @@ class ServiceEntry:
                     )
         if resolution == "DNS_ROUND_ROBIN" and len(self.endpoints) > 1:
             sink.error((*path, "endpoints"), "DNS_ROUND_ROBIN takes at most one endpoint")
+
+    def _check_workload_selector(self, resolution: str, path: Path, sink: Sink) -> None:
+        """Istio's checks of a ServiceEntry's workloadSelector (ValidateAlphaWorkloadSelector
+        and the per-resolution warnings)."""
+        assert self.workload_selector is not None
+        labels = self.workload_selector.labels
+        for key, value in labels.items():
+            if not key:
+                sink.error((*path, "labels", key), "an empty key is not supported in a selector")
+            if "*" in key or "*" in value:
+                sink.error((*path, "labels", key), "a wildcard is not supported in a selector")
+        if not labels:
+            sink.warning(path, "a workload selector without labels selects every workload")
+        if resolution == "NONE":
+            sink.warning(
+                path,
+                "workloadSelector should not be set when resolution is NONE: requests go to the"
+                " host they name (Envoy's original destination), not to WorkloadEntries",
+            )
+        elif resolution in ("DNS", "DNS_ROUND_ROBIN"):
+            sink.warning(
+                path, f"workloadSelector should not be set when resolution is {resolution}"
+            )
 
     def validate_in_namespace(self, namespace: str, path: Path, sink: Sink) -> None:
         """Checks that need the resource's namespace (`.` in exportTo names it)."""

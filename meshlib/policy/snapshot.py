@@ -448,7 +448,9 @@ class _Builder:
         for resource in entries:
             spec = resource.spec
             workloads = spec.endpoints
-            if spec.workload_selector is not None:
+            # With resolution NONE, Envoy's cluster sends each request to its original
+            # destination: the WorkloadEntries a selector picks play no part (Istio warns).
+            if spec.workload_selector is not None and (spec.resolution or "NONE") != "NONE":
                 selector = spec.workload_selector.labels
                 workloads = tuple(
                     we.spec

@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 import pytest
 
+from meshlib.config import MeshConfig
+from meshlib.policy.snapshot import Snapshot
 from tests.dataplane.test_routing import plan, snapshot_for
 from tests.policy.test_validation import (
     check_error,
@@ -435,3 +437,65 @@ def test_authorization_policies_istio_accepts(spec: str) -> None:
     if "rules" not in spec:
         spec += "\nrules: [{}]"
     check_valid(authz(spec))
+
+
+# --------------------------------------------------------------------------------------
+# ServiceEntry
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["*foo.example.com", "*-foo.example.com"])
+def test_a_partial_wildcard_service_entry_host_is_a_warning(host: str) -> None:
+    """Istio warns about (and accepts) a ServiceEntry host whose wildcard is not `*.`."""
+    result = load(se(f"hosts: ['{host}']\nports: [{{number: 80, name: http}}]"))
+    assert result.errors == (), dump(result)
+    assert [(d.field, d.line, d.message) for d in result.warnings] == [
+        ("spec.hosts[0]", 6, f"partial wildcard {host!r} not allowed")
+    ]
+
+
+VM_ENTRY = """
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: vm}}
+spec:
+  hosts: [vm.example.internal]
+  location: MESH_INTERNAL
+  {resolution}
+  ports: [{{number: 8080, name: http}}]
+  workloadSelector: {{labels: {{app: vm}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: vm-1}}
+spec: {{address: 10.1.1.1, labels: {{app: vm}}}}
+"""
+
+
+@pytest.mark.parametrize("resolution", ["resolution: NONE", ""])
+def test_resolution_none_ignores_the_workload_selector(resolution: str) -> None:
+    """With resolution NONE (the default) Envoy sends requests to their original
+    destination, so the WorkloadEntries a selector picks are not endpoints; Istio warns."""
+    result = load(VM_ENTRY.format(resolution=resolution))
+    assert result.errors == (), dump(result)
+    assert [d.field for d in result.warnings] == ["spec.workloadSelector"]
+    assert "should not be set when resolution is NONE" in result.warnings[0].message
+    snapshot = Snapshot.build(result.resources, MeshConfig())
+    endpoints = snapshot.endpoints("vm.example.internal", None, 8080)
+    assert [str(e) for e in endpoints] == ["vm.example.internal:8080"]
+
+
+@pytest.mark.parametrize(
+    ("selector", "errors"),
+    [("{labels: {app: '*'}}", 1), ("{labels: {'': vm}}", 1), ("{}", 0)],
+)
+def test_service_entry_workload_selector_labels(selector: str, errors: int) -> None:
+    """A wildcard or an empty key in the selector is an error; no labels, a warning."""
+    text = se(
+        "hosts: [a.example.com]\nports: [{number: 80, name: http}]\nresolution: STATIC\n"
+        f"workloadSelector: {selector}"
+    )
+    result = load(text)
+    assert len(result.errors) == errors, dump(result)
+    if not errors:
+        assert "without labels" in result.warnings[0].message
