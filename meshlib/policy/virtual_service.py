@@ -400,6 +400,26 @@ class CorsPolicy:
     unmatched_preflights: Literal["UNSPECIFIED", "FORWARD", "IGNORE"] | None = None
 
     def validate_policy(self, path: Path, sink: Sink) -> None:
+        for index, origin in enumerate(self.allow_origins):
+            # Istio's validateAllowOrigins: any non-empty exact, prefix or regex, `*` included
+            # (Envoy treats an origin matcher that matches "*" as allowing every origin).
+            if not (origin.exact or origin.prefix or origin.regex):
+                sink.error(
+                    (*path, "allowOrigins", index),
+                    "needs a non-empty exact, prefix or regex (exact: '*' allows any origin)",
+                )
+            elif origin.regex == "*":
+                sink.error(
+                    (*path, "allowOrigins", index, "regex"),
+                    "'*' is not a regex (exact: '*' allows any origin)",
+                )
+        for key in ("allow_headers", "expose_headers"):
+            for index, name in enumerate(getattr(self, key)):
+                if name != "*" and not _HEADER_NAME.fullmatch(name):
+                    sink.error(
+                        (*path, _KEYS[key], index),
+                        f"invalid header name {name!r} (letters, digits, '-' and '_', or '*')",
+                    )
         for index, method in enumerate(self.allow_methods):
             if method not in HTTP_METHODS:
                 allowed = ", ".join(sorted(HTTP_METHODS))
@@ -407,7 +427,9 @@ class CorsPolicy:
                     (*path, "allowMethods", index),
                     f"invalid method {method!r} (allowed: {allowed})",
                 )
-        if self.max_age is not None and self.max_age.seconds % 1:
+        if self.max_age is not None and self.max_age.seconds < MILLISECOND:
+            sink.error((*path, "maxAge"), "must be at least 1ms")
+        elif self.max_age is not None and self.max_age.seconds % 1:
             sink.error((*path, "maxAge"), "must be a whole number of seconds")
 
 
@@ -507,6 +529,8 @@ def _check_duplicate_hosts(hosts: tuple[str, ...], path: Path, sink: Sink) -> No
 
 
 _KEYS = {
+    "allow_headers": "allowHeaders",
+    "expose_headers": "exposeHeaders",
     "direct_response": "directResponse",
     "cors_policy": "corsPolicy",
     "route": "route",

@@ -19,6 +19,7 @@ from tests.policy.test_validation import (
     resource,
     se,
     vs_http,
+    vs_route,
 )
 
 # --------------------------------------------------------------------------------------
@@ -499,3 +500,39 @@ def test_service_entry_workload_selector_labels(selector: str, errors: int) -> N
     assert len(result.errors) == errors, dump(result)
     if not errors:
         assert "without labels" in result.warnings[0].message
+
+
+# --------------------------------------------------------------------------------------
+# CORS
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cors",
+    [
+        "{allowOrigins: [{exact: '*'}]}",
+        "{allowOrigin: ['*']}",
+        "{allowOrigins: [{regex: '.*'}, {prefix: 'https://'}]}",
+        "{allowHeaders: ['*', x-user], exposeHeaders: ['*']}",
+    ],
+)
+def test_cors_policies_istio_accepts(cors: str) -> None:
+    """`exact: '*'` (and the deprecated allowOrigin `*`) allow any origin, as in Istio."""
+    check_valid(vs_route(f"corsPolicy: {cors}"))
+
+
+@pytest.mark.parametrize(
+    ("cors", "field", "fragment"),
+    [
+        ("{allowOrigins: [{}]}", "allowOrigins[0]", "needs a non-empty exact, prefix or regex"),
+        ("{allowOrigins: [{exact: ''}]}", "allowOrigins[0]", "needs a non-empty"),
+        ("{allowOrigins: [{regex: '*'}]}", "allowOrigins[0].regex", "'*' is not a regex"),
+        ("{allowHeaders: ['a b']}", "allowHeaders[0]", "invalid header name 'a b'"),
+        ("{exposeHeaders: ['x:y']}", "exposeHeaders[0]", "invalid header name 'x:y'"),
+        ("{maxAge: 0s}", "maxAge", "must be at least 1ms"),
+    ],
+)
+def test_cors_errors_as_istio(cors: str, field: str, fragment: str) -> None:
+    """Istio's validateCORSPolicy: origins need a non-empty match (a regex must compile),
+    header names are `[-_A-Za-z0-9]+` or `*`, maxAge is a duration of at least 1ms."""
+    check_error(vs_route(f"corsPolicy: {cors}"), f"spec.http[0].corsPolicy.{field}", 9, fragment)
