@@ -135,7 +135,19 @@ class WorkloadSelector:
 
 @dataclass(frozen=True, slots=True)
 class MatchLabelsSelector:
+    """istio.type.v1beta1.WorkloadSelector, checked as Istio's validateWorkloadSelector."""
+
     match_labels: Mapping[str, str] = spec_field({})
+
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        for key, value in self.match_labels.items():
+            where = (*path, "matchLabels", key)
+            if not key:
+                sink.error(where, "an empty key is not supported in a selector")
+            if "*" in key or "*" in value:
+                sink.error(where, "a wildcard is not supported in a selector")
+        if not self.match_labels:
+            sink.warning(path, "a workload selector without labels selects every workload")
 
 
 # What a policy's targetRef may name, as Istio's validatePolicyTargetReference allows it:

@@ -10,9 +10,9 @@ from meshlib.policy._schema import Path, Sink, spec_field
 from meshlib.policy.common import (
     MILLISECOND,
     Duration,
+    MatchLabelsSelector,
     Percent,
     PortSelector,
-    WorkloadSelector,
     check_export_to,
     check_host,
     check_labels,
@@ -330,7 +330,8 @@ class DestinationRule:
     traffic_policy: TrafficPolicy | None = None
     subsets: tuple[Subset, ...] = ()
     export_to: tuple[str, ...] = ()
-    workload_selector: WorkloadSelector | None = None
+    # istio.type.v1beta1.WorkloadSelector: `matchLabels`, unlike a ServiceEntry's `labels`
+    workload_selector: MatchLabelsSelector | None = None
 
     def validate_policy(self, path: Path, sink: Sink) -> None:
         check_host(self.host, (*path, "host"), sink)

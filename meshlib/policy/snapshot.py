@@ -627,7 +627,8 @@ class _Builder:
             export_to: tuple[str, ...] = spec.export_to
             if spec.workload_selector is not None:
                 if ns != client_ns or not all(
-                    self.config.labels.get(k) == v for k, v in spec.workload_selector.labels.items()
+                    self.config.labels.get(k) == v
+                    for k, v in spec.workload_selector.match_labels.items()
                 ):
                     continue
                 export_to = (".",)  # a rule with a selector is never exported

@@ -536,3 +536,65 @@ def test_cors_errors_as_istio(cors: str, field: str, fragment: str) -> None:
     """Istio's validateCORSPolicy: origins need a non-empty match (a regex must compile),
     header names are `[-_A-Za-z0-9]+` or `*`, maxAge is a duration of at least 1ms."""
     check_error(vs_route(f"corsPolicy: {cors}"), f"spec.http[0].corsPolicy.{field}", 9, fragment)
+
+
+# --------------------------------------------------------------------------------------
+# Workload selectors (istio.type.v1beta1.WorkloadSelector)
+# --------------------------------------------------------------------------------------
+
+SELECTED_RULE = """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: r}}
+spec:
+  host: r
+  workloadSelector: {{{selector}}}
+  trafficPolicy: {{loadBalancer: {{simple: RANDOM}}}}
+"""
+
+
+def test_a_destination_rule_selects_workloads_with_match_labels() -> None:
+    """A DestinationRule's workloadSelector is a v1beta1 WorkloadSelector (`matchLabels`),
+    and applies only to the workloads it selects."""
+    result = load(SELECTED_RULE.format(selector="matchLabels: {app: a}"))
+    assert result.diagnostics == (), dump(result)
+    host = "r.default.svc.cluster.local"
+    chosen = Snapshot.build(result.resources, MeshConfig(service="a", labels={"app": "a"}))
+    other = Snapshot.build(result.resources, MeshConfig(service="b", labels={"app": "b"}))
+    assert chosen.destination_policy(host) is not None
+    assert other.destination_policy(host) is None
+
+
+def test_a_destination_rule_selector_with_labels_is_an_unknown_field() -> None:
+    """`labels` is a ServiceEntry selector's spelling; Kubernetes would not keep it here."""
+    check_error(
+        SELECTED_RULE.format(selector="labels: {app: a}"),
+        "spec.workloadSelector.labels",
+        7,
+        "unknown field",
+    )
+
+
+@pytest.mark.parametrize(
+    "kind_and_spec",
+    [
+        ("AuthorizationPolicy", "rules: [{}]"),
+        ("PeerAuthentication", "mtls: {mode: STRICT}"),
+        ("Telemetry", "tracing: [{randomSamplingPercentage: 10}]"),
+        ("DestinationRule", "host: r"),
+    ],
+)
+@pytest.mark.parametrize(
+    ("labels", "errors"), [("{app: '*'}", 1), ("{'': a}", 1), ("{app: 'a*'}", 1), ("{}", 0)]
+)
+def test_match_labels_selectors_as_istio(
+    kind_and_spec: tuple[str, str], labels: str, errors: int
+) -> None:
+    """Istio's validateWorkloadSelector: no wildcard and no empty key (errors); no labels at
+    all selects every workload (a warning)."""
+    kind, spec = kind_and_spec
+    key = "workloadSelector" if kind == "DestinationRule" else "selector"
+    result = load(resource(kind, f"{spec}\n{key}: {{matchLabels: {labels}}}"))
+    assert len(result.errors) == errors, dump(result)
+    if not errors:
+        assert [d.field for d in result.warnings] == [f"spec.{key}"]

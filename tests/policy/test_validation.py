@@ -1091,7 +1091,7 @@ def test_workload_entry_needs_an_address_or_network() -> None:
 
 def exported(kind: str, export_to: str, *, selector: bool = False) -> str:
     """A minimal `kind` in namespace default whose exportTo (a YAML value) starts on line 6."""
-    extra = "\nworkloadSelector: {labels: {app: a}}" if selector else ""
+    extra = "\nworkloadSelector: {matchLabels: {app: a}}" if selector else ""
     return resource(kind, f"exportTo: {export_to}\n{MINIMAL_SPECS[kind]}{extra}")
 
 
