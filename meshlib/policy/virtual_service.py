@@ -198,8 +198,39 @@ class HTTPMatchRequest:
                 if string_match.prefix == "":
                     sink.error((*path, key, name, "prefix"), "a prefix match must not be empty")
         check_labels(self.source_labels, (*path, "sourceLabels"), sink)
+        check_gateway_names(self.gateways, (*path, "gateways"), sink)
         if self.source_namespace is not None and not is_dns_label(self.source_namespace):
             sink.error((*path, "sourceNamespace"), f"invalid namespace {self.source_namespace!r}")
+
+
+def check_gateway_names(names: tuple[str, ...], path: Path, sink: Sink) -> None:
+    """Istio's validateGatewayNames: `namespace/name` (two DNS labels), or the legacy form, a
+    DNS name such as `mesh` or `gw.ns` (a warning when dotted). As Istio does, the check stops
+    at the first name in the legacy form."""
+    for index, name in enumerate(names):
+        where = (*path, index)
+        namespace, slash, gateway = name.partition("/")
+        if not slash:
+            if "." in name:
+                first, second = name.split(".")[:2]
+                sink.warning(
+                    where,
+                    f"legacy gateway name {name!r}; prefer <namespace>/<name>: '{second}/{first}'",
+                )
+            labels = name.split(".")
+            if (
+                len(name) > 255
+                or not all(is_dns_label(label) for label in labels)
+                or labels[-1].isdigit()
+            ):
+                sink.error(where, f"invalid gateway name {name!r} (a DNS name, or namespace/name)")
+            return
+        if not namespace or not gateway:
+            sink.error(where, "namespace and gateway name cannot be empty")
+        if not is_dns_label(namespace):
+            sink.error(where, f"invalid namespace {namespace!r} in {name!r}")
+        if not is_dns_label(gateway):
+            sink.error(where, f"invalid gateway name {gateway!r} in {name!r}")
 
 
 def check_delegating(block: HTTPMatchRequest, path: Path, sink: Sink) -> None:
@@ -409,6 +440,14 @@ class HTTPDirectResponse:
     status: int = spec_field(required=True, ge=200, le=600)
     body: HTTPBody | None = None
 
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        """Istio limits a body kept in its config: over 1 MB an error, over 100 KB a warning."""
+        size = len(self.body.content()) if self.body is not None else 0
+        if size > 1024 * 1024:
+            sink.error((*path, "body"), "a direct response body must be less than 1MB")
+        elif size > 100 * 1024:
+            sink.warning((*path, "body"), "a large direct response body (over 100KB)")
+
 
 @dataclass(frozen=True, slots=True)
 class CorsPolicy:
@@ -573,6 +612,7 @@ class VirtualService:
     export_to: tuple[str, ...] = ()
 
     def validate_policy(self, path: Path, sink: Sink) -> None:
+        check_gateway_names(self.gateways, (*path, "gateways"), sink)
         for index, host in enumerate(self.hosts):
             check_host(host, (*path, "hosts", index), sink, allow_ip=True)
         if "*" in self.hosts and self.applies_to_mesh:

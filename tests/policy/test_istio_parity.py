@@ -633,3 +633,42 @@ def test_without_headers_names_are_not_checked_in_other_routes() -> None:
     check_valid(
         vs_http("- match: [{withoutHeaders: {x.a: {}}}]\n  route: [{destination: {host: r}}]")
     )
+
+
+# --------------------------------------------------------------------------------------
+# Gateway names, direct responses
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("gateways", "errors", "warnings"),
+    [
+        ("[mesh]", 0, 0),
+        ("[istio-system/ingress, mesh]", 0, 0),
+        ("[ingress.istio-system]", 0, 1),
+        ("['ns/GW_1']", 1, 0),
+        ("['/gw']", 2, 0),
+        ("['bad_ns/gw']", 1, 0),
+        ("['a..b']", 1, 1),
+        ("[mesh, 'ns/GW_1']", 0, 0),  # Istio stops at the first legacy-form name
+    ],
+)
+def test_gateway_names_as_istio(gateways: str, errors: int, warnings: int) -> None:
+    """Gateways are `namespace/name` or a DNS name (`mesh`; `gw.ns` is the legacy form, a
+    warning), at the VirtualService and in match blocks."""
+    for text in (
+        vs_http("- route: [{destination: {host: r}}]", extra=f"gateways: {gateways}\n"),
+        vs_http(f"- match: [{{gateways: {gateways}}}]\n  route: [{{destination: {{host: r}}}}]"),
+    ):
+        result = load(text)
+        assert (len(result.errors), len(result.warnings)) == (errors, warnings), dump(result)
+
+
+@pytest.mark.parametrize(
+    ("size", "errors", "warnings"),
+    [(100 * 1024, 0, 0), (100 * 1024 + 1, 0, 1), (1024 * 1024 + 1, 1, 0)],
+)
+def test_direct_response_body_size(size: int, errors: int, warnings: int) -> None:
+    """Istio refuses a direct response body over 1MB and warns over 100KB."""
+    result = load(vs_http(f"- directResponse: {{status: 200, body: {{string: '{'a' * size}'}}}}"))
+    assert (len(result.errors), len(result.warnings)) == (errors, warnings), dump(result)
