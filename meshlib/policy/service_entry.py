@@ -52,6 +52,8 @@ class WorkloadEntry:
         if not self.address:
             if not self.network:
                 sink.error((*path, "address"), "is required")
+            else:
+                sink.warning(path, f"address is unset with network {self.network!r}")
         elif self.address.startswith("unix://"):
             if self.ports:
                 sink.error((*path, "ports"), "a unix endpoint must not include ports")
@@ -59,6 +61,8 @@ class WorkloadEntry:
             check_host(self.address, (*path, "address"), sink, allow_star=False)
         check_labels(self.labels, (*path, "labels"), sink)
         for name, number in self.ports.items():
+            if not is_dns_label(name):
+                sink.error((*path, "ports", name), f"invalid port name {name!r}")
             if not 1 <= number <= 65535:
                 sink.error((*path, "ports", name), f"invalid port {number} (allowed: 1-65535)")
 
@@ -121,6 +125,11 @@ class ServiceEntry:
         names: set[str] = set()
         numbers: set[int] = set()
         for index, port in enumerate(self.ports):
+            if port.target_port and (self.resolution or "NONE") == "NONE":
+                sink.warning(
+                    (*path, "ports", index, "targetPort"),
+                    "targetPort has no effect when resolution is NONE (requests keep their port)",
+                )
             if port.name in names:
                 sink.error(
                     (*path, "ports", index, "name"), f"port name {port.name!r} already defined"

@@ -288,9 +288,13 @@ class Snapshot:
                 return ()
             labels = chosen.labels
         if not service.workloads:
-            if service.resolution in ("DNS", "DNS_ROUND_ROBIN", "NONE") and "*" not in host:
-                # No endpoints: the host itself, as Envoy's DNS / original-destination cluster.
+            if service.resolution in ("DNS", "DNS_ROUND_ROBIN") and "*" not in host:
+                # No endpoints: the host itself, as Envoy's DNS cluster.
                 return (Endpoint(host, service_port.target_port or service_port.number),)
+            if service.resolution == "NONE" and "*" not in host:
+                # Envoy's original-destination cluster: where the request was going, so the
+                # port it named (a targetPort has no effect; Istio warns).
+                return (Endpoint(host, service_port.number),)
             return ()
         return tuple(
             Endpoint(

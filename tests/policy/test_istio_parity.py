@@ -672,3 +672,29 @@ def test_direct_response_body_size(size: int, errors: int, warnings: int) -> Non
     """Istio refuses a direct response body over 1MB and warns over 100KB."""
     result = load(vs_http(f"- directResponse: {{status: 200, body: {{string: '{'a' * size}'}}}}"))
     assert (len(result.errors), len(result.warnings)) == (errors, warnings), dump(result)
+
+
+# --------------------------------------------------------------------------------------
+# WorkloadEntry, ServiceEntry ports
+# --------------------------------------------------------------------------------------
+
+
+def test_a_workload_entry_port_name_must_be_a_dns_label() -> None:
+    """Istio's validateWorkloadEntry checks each port name with ValidatePortName."""
+    check_error(
+        resource("WorkloadEntry", "address: 10.0.0.1\nports: {HTTP_1: 8080}"),
+        "spec.ports.HTTP_1",
+        7,
+        "invalid port name 'HTTP_1'",
+    )
+
+
+def test_target_port_with_resolution_none_is_a_warning_and_unused() -> None:
+    """With resolution NONE the original destination's port is used: Istio warns that
+    targetPort has no effect, and meshlib sends to the port the request named."""
+    text = se("hosts: [a.example.com]\nports: [{number: 80, name: http, targetPort: 8080}]")
+    result = load(text)
+    assert result.errors == (), dump(result)
+    assert [(d.field, d.line) for d in result.warnings] == [("spec.ports[0].targetPort", 7)]
+    snapshot = Snapshot.build(result.resources, MeshConfig())
+    assert [str(e) for e in snapshot.endpoints("a.example.com", None, 80)] == ["a.example.com:80"]
