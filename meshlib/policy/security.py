@@ -261,6 +261,41 @@ class AuthorizationPolicy:
             sink.error((*path, "provider"), "is only allowed with action CUSTOM")
         if action == "DENY" and self.rules is None:
             sink.error(path, "a DENY action without rules is meaningless")
+        if action == "DENY":
+            for index, rule in enumerate(self.rules or ()):
+                if _http_only(rule):
+                    sink.warning(
+                        (*path, "rules", index),
+                        "this DENY rule uses only HTTP attributes, so it denies all traffic to"
+                        " TCP ports under its scope; it is recommended to name the port",
+                    )
+
+
+# Source fields a TCP connection has (identities and addresses), as Istio counts them.
+_TCP_SOURCE_FIELDS = (
+    "principals",
+    "not_principals",
+    "namespaces",
+    "not_namespaces",
+    "service_accounts",
+    "not_service_accounts",
+    "trust_domains",
+    "not_trust_domains",
+    "ip_blocks",
+    "not_ip_blocks",
+    "remote_ip_blocks",
+    "not_remote_ip_blocks",
+)
+
+
+def _http_only(rule: Rule) -> bool:
+    """Istio's warning test: a rule with `from` but no `to` and no TCP source field, or with
+    `to` but no port, can only be read as HTTP, so on a TCP port it matches everything."""
+    sources = [f.source for f in rule.from_ or ()]
+    operations = [t.operation for t in rule.to or ()]
+    tcp_from = any(getattr(src, name) for src in sources for name in _TCP_SOURCE_FIELDS)
+    tcp_to = any(op.ports or op.not_ports for op in operations)
+    return bool((sources and not operations and not tcp_from) or (operations and not tcp_to))
 
 
 _CUSTOM_UNSUPPORTED_SOURCES = (

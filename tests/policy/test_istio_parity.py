@@ -698,3 +698,21 @@ def test_target_port_with_resolution_none_is_a_warning_and_unused() -> None:
     assert [(d.field, d.line) for d in result.warnings] == [("spec.ports[0].targetPort", 7)]
     snapshot = Snapshot.build(result.resources, MeshConfig())
     assert [str(e) for e in snapshot.endpoints("a.example.com", None, 80)] == ["a.example.com:80"]
+
+
+@pytest.mark.parametrize(
+    ("rules", "warned"),
+    [
+        ("[{to: [{operation: {methods: [GET]}}]}]", True),
+        ("[{from: [{source: {requestPrincipals: ['*']}}]}]", True),
+        ("[{to: [{operation: {methods: [GET], ports: ['8080']}}]}]", False),
+        ("[{from: [{source: {namespaces: [a]}}]}]", False),
+        ("[{from: [{source: {ipBlocks: [10.0.0.0/8]}}], to: [{operation: {paths: [/a]}}]}]", True),
+        ("[{when: [{key: 'request.headers[x-a]', values: [a]}]}]", False),
+    ],
+)
+def test_a_deny_rule_with_only_http_attributes_is_a_warning(rules: str, warned: bool) -> None:
+    """Istio warns that such a DENY rule denies all TCP traffic under its scope."""
+    result = load(authz(f"action: DENY\nrules: {rules}"))
+    assert result.errors == (), dump(result)
+    assert [d.field for d in result.warnings] == (["spec.rules[0]"] if warned else [])
