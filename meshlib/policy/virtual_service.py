@@ -171,12 +171,12 @@ class HTTPMatchRequest:
     stat_prefix: str | None = None
 
     def validate_policy(self, path: Path, sink: Sink) -> None:
-        # Istio checks withoutHeaders names only in routes that delegate or are delegated to
-        # (check_delegating).
-        for name in self.headers:
-            claim = name.lower().startswith("@request.auth.claims")
-            if not claim and not _HEADER_NAME.fullmatch(name):
-                sink.error((*path, "headers", name), f"invalid header name {name!r}")
+        for field in ("headers", "without_headers"):
+            key = "headers" if field == "headers" else "withoutHeaders"
+            for name in getattr(self, field):
+                claim = name.lower().startswith("@request.auth.claims")
+                if not claim and not _HEADER_NAME.fullmatch(name):
+                    sink.error((*path, key, name), f"invalid header name {name!r}")
         for field in ("uri", "scheme", "method", "authority"):
             string_match = getattr(self, field)
             if string_match is None:
@@ -231,28 +231,6 @@ def check_gateway_names(names: tuple[str, ...], path: Path, sink: Sink) -> None:
             sink.error(where, f"invalid namespace {namespace!r} in {name!r}")
         if not is_dns_label(gateway):
             sink.error(where, f"invalid gateway name {gateway!r} in {name!r}")
-
-
-def check_delegating(block: HTTPMatchRequest, path: Path, sink: Sink) -> None:
-    """Istio's rules for a match block of a route that delegates, or of a delegate
-    VirtualService: no regex anywhere (pilot merges root and delegate matches by prefix and
-    exact only), and valid withoutHeaders names."""
-    for name in block.without_headers:
-        if not _HEADER_NAME.fullmatch(name):
-            sink.error((*path, "withoutHeaders", name), f"invalid header name {name!r}")
-    message = "regex matches are not supported where routes delegate"
-    for field in ("uri", "scheme", "method", "authority"):
-        string_match = getattr(block, field)
-        if string_match is not None and string_match.regex is not None:
-            sink.error((*path, field, "regex"), message)
-    for key, matches in (
-        ("headers", block.headers),
-        ("queryParams", block.query_params),
-        ("withoutHeaders", block.without_headers),
-    ):
-        for name, string_match in matches.items():
-            if string_match.regex is not None:
-                sink.error((*path, key, name, "regex"), message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -634,10 +612,6 @@ class VirtualService:
                                     (*path, "http", index, "match", m_index, key, name),
                                     "JWT claim based routing is only supported for gateways",
                                 )
-        for index, route in enumerate(self.http):
-            if route.delegate is not None or not self.hosts:
-                for m_index, block in enumerate(route.match):
-                    check_delegating(block, (*path, "http", index, "match", m_index), sink)
         if not self.hosts:  # a delegate VirtualService
             for key, given in (("gateways", self.gateways), ("tls", self.tls), ("tcp", self.tcp)):
                 if given:  # a delegate serves only a root's http route, wherever that applies

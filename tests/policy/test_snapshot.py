@@ -673,6 +673,7 @@ spec:
         pytest.param("{uri: {exact: /api/v2/x}}", "/api/v2/x", 200, id="exact-in-prefix"),
         pytest.param("{headers: {tenant: {exact: a}}}", "/api/v2/x", 200, id="same-header"),
         pytest.param("{uri: {prefix: /api}}", "/api/v2/x", 418, id="shorter-prefix"),
+        pytest.param("{uri: {regex: '/api/v2/.*'}}", "/api/v2/x", 418, id="regex"),
         pytest.param("{headers: {tenant: {prefix: a}}}", "/api/v2/x", 418, id="prefix-in-exact"),
         pytest.param("{uri: {prefix: /api/v2}, ignoreUriCase: true}", "/api/v2/x", 418, id="case"),
     ],
