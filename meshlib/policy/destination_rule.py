@@ -39,6 +39,10 @@ class HTTPCookie:
     ttl: Duration | None = spec_field(ge=0)
     attributes: tuple[Any, ...] = ()
 
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        if not self.name:
+            sink.error((*path, "name"), "a cookie name is required for httpCookie")
+
 
 @dataclass(frozen=True, slots=True)
 class RingHash:
@@ -224,6 +228,22 @@ class ClientTLSSettings:
                         path, "ISTIO_MUTUAL uses Istio certificates; other TLS settings are ignored"
                     )
                     break
+        if self.mode in ("SIMPLE", "MUTUAL") and self.credential_name:
+            given = [
+                key
+                for key, value in (
+                    ("clientCertificate", self.client_certificate),
+                    ("privateKey", self.private_key),
+                    ("caCertificates", self.ca_certificates),
+                    ("caCrl", self.ca_crl),
+                )
+                if value
+            ]
+            if given:  # Istio's ValidateTLS: the credential holds them
+                sink.error(
+                    path,
+                    f"{', '.join(given)} cannot be given with credentialName (it holds them)",
+                )
         if self.mode == "MUTUAL" and self.credential_name is None:
             if not self.client_certificate:
                 sink.error((*path, "clientCertificate"), "is required for MUTUAL")

@@ -55,6 +55,12 @@ class WorkloadEntry:
             else:
                 sink.warning(path, f"address is unset with network {self.network!r}")
         elif self.address.startswith("unix://"):
+            socket_path = self.address[len("unix://") :]
+            # Istio's ValidateUnixAddress: an absolute file path, or an abstract `@name`
+            if not socket_path.startswith("@") and (
+                not socket_path.startswith("/") or socket_path.endswith("/")
+            ):
+                sink.error((*path, "address"), f"{socket_path!r} is not an absolute path to a file")
             if self.ports:
                 sink.error((*path, "ports"), "a unix endpoint must not include ports")
         elif not is_ip(self.address):
@@ -162,6 +168,8 @@ class ServiceEntry:
                 sink.error(
                     (*where, "address"), f"{address!r} is not an IP address (resolution STATIC)"
                 )
+            if resolution == "STATIC" and address.startswith("unix://") and len(self.ports) != 1:
+                sink.error((*where, "address"), "a unix endpoint needs exactly 1 service port")
             for name in endpoint.ports:
                 if name not in names:
                     sink.error((*where, "ports", name), "port is not defined by the service entry")

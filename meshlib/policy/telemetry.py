@@ -103,6 +103,10 @@ class Tracing:
     enable_istio_tags: bool | None = None
     disable_context_propagation: bool | None = None
 
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        if "" in self.custom_tags:
+            sink.error((*path, "customTags", ""), "a tag name may not be empty")
+
 
 MetricName = Literal[
     "ALL_METRICS",

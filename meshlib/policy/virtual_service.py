@@ -217,7 +217,7 @@ def check_gateway_names(names: tuple[str, ...], path: Path, sink: Sink) -> None:
                     where,
                     f"legacy gateway name {name!r}; prefer <namespace>/<name>: '{second}/{first}'",
                 )
-            labels = name.split(".")
+            labels = name.removesuffix(".").split(".")  # a trailing dot is a full name
             if (
                 len(name) > 255
                 or not all(is_dns_label(label) for label in labels)
@@ -546,6 +546,21 @@ class HTTPRoute:
             sink.error(path, f"the authority is set more than once ({', '.join(authorities)})")
 
 
+class _ErrorCount:
+    """A Sink passing everything on to `sink`, counting the errors."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.count = 0
+
+    def error(self, path: Path, message: str) -> None:
+        self.count += 1
+        self.sink.error(path, message)
+
+    def warning(self, path: Path, message: str) -> None:
+        self.sink.warning(path, message)
+
+
 def _hosts_overlap(a: str, b: str) -> bool:
     """Istio's host.Name.Matches: equal names, or one wildcard's suffix covers the other."""
     if a.startswith("*") and b.startswith("*"):
@@ -591,11 +606,12 @@ class VirtualService:
 
     def validate_policy(self, path: Path, sink: Sink) -> None:
         check_gateway_names(self.gateways, (*path, "gateways"), sink)
+        host_errors = _ErrorCount(sink)
         for index, host in enumerate(self.hosts):
-            check_host(host, (*path, "hosts", index), sink, allow_ip=True)
+            check_host(host, (*path, "hosts", index), host_errors, allow_ip=True)
         if "*" in self.hosts and self.applies_to_mesh:
             sink.error((*path, "hosts"), "the wildcard host '*' is not allowed for the mesh")
-        else:
+        elif not host_errors.count:  # as Istio, only when every host is valid
             _check_duplicate_hosts(self.hosts, (*path, "hosts"), sink)
         if not self.http and not self.tcp and not self.tls:
             sink.error(path, "http, tcp or tls must be provided")

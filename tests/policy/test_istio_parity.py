@@ -709,3 +709,65 @@ def test_a_deny_rule_with_only_http_attributes_is_a_warning(rules: str, warned: 
     result = load(authz(f"action: DENY\nrules: {rules}"))
     assert result.errors == (), dump(result)
     assert [d.field for d in result.warnings] == (["spec.rules[0]"] if warned else [])
+
+
+# --------------------------------------------------------------------------------------
+# Smaller checks Istio makes
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "fragment"),
+    [
+        pytest.param(
+            resource("WorkloadEntry", "address: unix://relative/sock"),
+            "spec.address",
+            "not an absolute path to a file",
+            id="unix-relative",
+        ),
+        pytest.param(
+            se(
+                "hosts: [a.example.com]\nports: [{number: 80, name: http}, {number: 81, name: h2}]\n"
+                "resolution: STATIC\nendpoints: [{address: 'unix:///tmp/s'}]"
+            ),
+            "spec.endpoints[0].address",
+            "a unix endpoint needs exactly 1 service port",
+            id="unix-two-ports",
+        ),
+        pytest.param(
+            dr("loadBalancer: {consistentHash: {httpCookie: {name: '', ttl: 0s}}}"),
+            "spec.trafficPolicy.loadBalancer.consistentHash.httpCookie.name",
+            "a cookie name is required",
+            id="cookie-name",
+        ),
+        pytest.param(
+            dr("tls: {mode: SIMPLE, credentialName: c, caCertificates: /ca.pem}"),
+            "spec.trafficPolicy.tls",
+            "caCertificates cannot be given with credentialName",
+            id="credential-and-files",
+        ),
+        pytest.param(
+            resource("Telemetry", "tracing: [{customTags: {'': {literal: {value: a}}}}]"),
+            "spec.tracing[0].customTags['']",
+            "a tag name may not be empty",
+            id="empty-tag-name",
+        ),
+    ],
+)
+def test_smaller_errors_as_istio(text: str, field: str, fragment: str) -> None:
+    """One error each, as Istio's webhook gives."""
+    result = load(text)
+    assert len(result.errors) == 1, dump(result)
+    assert (result.errors[0].field, fragment in result.errors[0].message) == (field, True)
+
+
+def test_duplicate_hosts_are_checked_only_when_every_host_is_valid() -> None:
+    """Istio looks for duplicate hosts only when all hosts are valid: one error here."""
+    result = load(vs_http("- route: [{destination: {host: r}}]", hosts="[a, a, 'bad_host']"))
+    assert [d.field for d in result.errors] == ["spec.hosts[2]"], dump(result)
+
+
+def test_a_legacy_gateway_name_may_end_with_a_dot() -> None:
+    """A fully qualified name (`gw.ns.`) is a valid legacy gateway name: only the warning."""
+    result = load(vs_http("- route: [{destination: {host: r}}]", extra="gateways: [gw.ns.]\n"))
+    assert (len(result.errors), len(result.warnings)) == (0, 1), dump(result)
