@@ -51,13 +51,13 @@ class RingHash:
 
 @dataclass(frozen=True, slots=True)
 class MagLev:
-    table_size: int | None = spec_field(ge=1)
+    table_size: int | None = spec_field(ge=0)
 
     def validate_policy(self, path: Path, sink: Sink) -> None:
         size = self.table_size
-        if size is None:
+        if not size:  # 0 is proto3's unset, and Envoy's isPrime(0) is false: two errors
             sink.error((*path, "tableSize"), "must be set for maglev")
-        elif size >= 5_000_011 or not _is_prime(size):
+        if size is not None and (size >= 5_000_011 or not _is_prime(size)):
             sink.error((*path, "tableSize"), f"must be a prime number below 5000011 (got {size})")
 
 

@@ -771,3 +771,12 @@ def test_a_legacy_gateway_name_may_end_with_a_dot() -> None:
     """A fully qualified name (`gw.ns.`) is a valid legacy gateway name: only the warning."""
     result = load(vs_http("- route: [{destination: {host: r}}]", extra="gateways: [gw.ns.]\n"))
     assert (len(result.errors), len(result.warnings)) == (0, 1), dump(result)
+
+
+def test_maglev_table_size_zero_is_unset_and_not_prime() -> None:
+    """`tableSize: 0` is proto3's unset value, and 0 is not prime: Istio reports both."""
+    result = load(dr("loadBalancer: {consistentHash: {useSourceIp: true, maglev: {tableSize: 0}}}"))
+    assert [d.message.split(" (")[0] for d in result.errors] == [
+        "must be set for maglev",
+        "must be a prime number below 5000011",
+    ], dump(result)
