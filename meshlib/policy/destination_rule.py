@@ -122,7 +122,7 @@ class LoadBalancerSettings:
     consistent_hash: ConsistentHashLB | None = None
     locality_lb_setting: Any = spec_field(ignored=_LOCALITY)
     zone_aware_lb_setting: Any = spec_field(ignored=_LOCALITY)
-    warmup_duration_secs: Duration | None = None
+    warmup_duration_secs: Duration | None = spec_field(ge=MILLISECOND)
     warmup: WarmupConfiguration | None = None
 
     def validate_policy(self, path: Path, sink: Sink) -> None:
@@ -154,7 +154,7 @@ class TCPSettings:
     connect_timeout: Duration | None = spec_field(ge=MILLISECOND)
     tcp_keepalive: TcpKeepalive | None = None
     max_connection_duration: Duration | None = spec_field(ge=MILLISECOND)
-    idle_timeout: Duration | None = spec_field(ge=0)
+    idle_timeout: Duration | None = spec_field(ge=MILLISECOND)
 
 
 @dataclass(frozen=True, slots=True)

@@ -155,6 +155,10 @@ class MetricsOverrides:
     disabled: bool | None = None
     tag_overrides: Mapping[str, TagOverride] = spec_field({})
 
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        if "" in self.tag_overrides:  # Istio only warns
+            sink.warning((*path, "tagOverrides", ""), "a tag override name may not be empty")
+
 
 @dataclass(frozen=True, slots=True)
 class Metrics:
@@ -198,3 +202,12 @@ class Telemetry:
         chosen = [n for n in ("selector", "target_ref", "target_refs") if getattr(self, n)]
         if len(chosen) > 1:
             sink.error(path, "only one of selector, targetRef and targetRefs may be set")
+        # Istio's validateTelemetryTracing warnings (pilot uses the first entry and provider)
+        if len(self.tracing) > 1:
+            sink.warning((*path, "tracing"), "multiple tracing is not currently supported")
+        for index, tracing in enumerate(self.tracing):
+            if len(tracing.providers) > 1:
+                sink.warning(
+                    (*path, "tracing", index, "providers"),
+                    "multiple providers is not currently supported",
+                )

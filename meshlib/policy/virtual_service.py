@@ -137,6 +137,9 @@ class Destination:
     subset: str | None = None
     port: PortSelector | None = None
 
+    def __post_init__(self) -> None:
+        _empty_is_unset(self, "subset")  # Istio checks and uses only a non-empty subset
+
     def validate_policy(self, path: Path, sink: Sink) -> None:
         if self.host == "*":
             sink.error((*path, "host"), "invalid destination host *")
@@ -161,7 +164,7 @@ class HTTPMatchRequest:
     method: StringMatch | None = None
     authority: StringMatch | None = None
     headers: Mapping[str, StringMatch] = spec_field({})
-    port: int | None = spec_field(ge=1, le=65535)
+    port: int | None = spec_field(ge=0, le=65535)  # 0 is proto3's unset
     source_labels: Mapping[str, str] = spec_field({})
     gateways: tuple[str, ...] = ()
     query_params: Mapping[str, StringMatch] = spec_field({})
@@ -169,6 +172,10 @@ class HTTPMatchRequest:
     without_headers: Mapping[str, StringMatch] = spec_field({})
     source_namespace: str | None = None
     stat_prefix: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.port == 0:  # Istio reads port 0 as no port condition
+            object.__setattr__(self, "port", None)
 
     def validate_policy(self, path: Path, sink: Sink) -> None:
         for field in ("headers", "without_headers"):
@@ -329,7 +336,10 @@ class RegexRewrite:
     rewrite: str = spec_field(required=True)
 
     def validate_policy(self, path: Path, sink: Sink) -> None:
-        if check_regex(self.match, (*path, "match"), sink):
+        if not self.match or not self.rewrite:
+            empty = "match" if not self.match else "rewrite"
+            sink.error((*path, empty), "uriRegexRewrite needs both match and rewrite")
+        elif check_regex(self.match, (*path, "match"), sink):
             try:
                 self.compiled()
             except RegexError as exc:

@@ -780,3 +780,72 @@ def test_maglev_table_size_zero_is_unset_and_not_prime() -> None:
         "must be set for maglev",
         "must be a prime number below 5000011",
     ], dump(result)
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        pytest.param(
+            vs_route("rewrite: {uriRegexRewrite: {match: '/a', rewrite: ''}}"),
+            "spec.http[0].rewrite.uriRegexRewrite.rewrite",
+            id="regex-rewrite-empty-rewrite",
+        ),
+        pytest.param(
+            vs_route("rewrite: {uriRegexRewrite: {match: '', rewrite: /b}}"),
+            "spec.http[0].rewrite.uriRegexRewrite.match",
+            id="regex-rewrite-empty-match",
+        ),
+        pytest.param(
+            dr("connectionPool: {tcp: {idleTimeout: 0s}}"),
+            "spec.trafficPolicy.connectionPool.tcp.idleTimeout",
+            id="tcp-idle-timeout-0s",
+        ),
+        pytest.param(
+            dr("loadBalancer: {warmupDurationSecs: 0s}"),
+            "spec.trafficPolicy.loadBalancer.warmupDurationSecs",
+            id="warmup-0s",
+        ),
+    ],
+)
+def test_more_errors_as_istio(text: str, field: str) -> None:
+    """uriRegexRewrite needs both fields non-empty; tcp.idleTimeout and warmupDurationSecs
+    are durations of at least 1ms (Istio's ValidateDuration)."""
+    result = load(text)
+    assert [d.field for d in result.errors] == [field], dump(result)
+
+
+def test_empty_subset_and_port_zero_are_unset() -> None:
+    """Istio reads `subset: ''` and a match `port: 0` as unset (proto3 defaults): valid, and
+    they neither pick a subset nor restrict the port."""
+    result = check_valid(
+        vs_http("- match: [{port: 0}]\n  route: [{destination: {host: r, subset: ''}}]")
+    )
+    route = result.resources[0].spec.http[0]
+    assert (route.match[0].port, route.route[0].destination.subset) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("spec", "field", "fragment"),
+    [
+        (
+            "tracing: [{randomSamplingPercentage: 1}, {randomSamplingPercentage: 2}]",
+            "spec.tracing",
+            "multiple tracing",
+        ),
+        (
+            "tracing: [{providers: [{name: a}, {name: b}]}]",
+            "spec.tracing[0].providers",
+            "multiple providers",
+        ),
+        (
+            "metrics: [{overrides: [{tagOverrides: {'': {operation: REMOVE}}}]}]",
+            "spec.metrics[0].overrides[0].tagOverrides['']",
+            "may not be empty",
+        ),
+    ],
+)
+def test_telemetry_warnings_as_istio(spec: str, field: str, fragment: str) -> None:
+    """Istio's validateTelemetryTracing/Metrics warnings."""
+    result = load(resource("Telemetry", spec))
+    assert result.errors == (), dump(result)
+    assert [(d.field, fragment in d.message) for d in result.warnings] == [(field, True)]
