@@ -1947,6 +1947,14 @@ KNOWN_GAPS = [
         1,
         id="tcp-route-without-route",
     ),
+    # tunnel and proxyProtocol are ignored (they need a proxy), so not checked as Istio does.
+    pytest.param(
+        dr("tunnel: {targetHost: a.example.com, targetPort: 80}\nproxyProtocol: {version: V1}"),
+        1,
+        id="tunnel-with-proxy-protocol",
+    ),
+    # Istio reads `port: 0` as a redirect port it does not check; meshlib wants 1-65535.
+    pytest.param(vs_http("- redirect: {uri: /a, port: 0}"), 0, id="redirect-port-zero"),
 ]
 
 
