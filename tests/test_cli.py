@@ -568,3 +568,38 @@ def test_routes_json_retries_keys_that_appear_only_sometimes(
     assert main(["routes", services, str(policy), "--host", "reviews", "-o", "json"]) == 0
     retries = json.loads(capsys.readouterr().out)["retries"]
     assert retries["perTryTimeout"] == "2s" and "default" not in retries
+
+
+TWO_PORTS = """\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: shop}
+spec:
+  hosts: [shop.example.internal]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{number: %s, name: http, protocol: HTTP}, {number: 9090, name: admin, protocol: HTTP}]
+  endpoints: [{address: 10.0.0.1}]
+"""
+
+
+@pytest.mark.parametrize(("first_port", "shown"), [(80, 80), (9080, None)])
+def test_routes_without_a_port_uses_the_schemes_as_the_data_plane_does(
+    first_port: int, shown: int | None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--host shop` is port 80: a service of two ports serves it only if 80 is one of them."""
+    policy = tmp_path / "mesh.yaml"
+    policy.write_text(TWO_PORTS % first_port)
+    assert main(["routes", str(policy), "--host", "shop.example.internal", "-o", "json"]) == 0
+    [destination] = json.loads(capsys.readouterr().out)["destinations"]
+    snapshot = Snapshot.build(load_paths([str(policy)]).resources, MeshConfig())
+    plan = plan_route(snapshot, RequestAttributes("GET", "shop.example.internal"), random.Random(1))
+    assert destination["port"] == 80
+    if shown is None:
+        assert plan.cluster is None and plan.reply is not None  # 503 NC
+        assert destination["error"] == "port 80 is not a port of this service (503, no cluster)"
+        assert destination["endpoints"] == []
+    else:
+        assert plan.cluster is not None and plan.cluster[2] == shown
+        assert "error" not in destination
+        assert destination["endpoints"] == ["10.0.0.1:80"]
