@@ -313,13 +313,16 @@ def _decide_faults(
     delay = fault.delay
     if delay is not None and delay.fixed_delay is not None and _chance(delay.fraction, rng):
         plan.fault_delay = delay.fixed_delay.seconds
-    if fault.abort is not None and _chance(fault.abort.fraction, rng):
-        status = fault.abort.http_status
-        if status is None:
-            code = _GRPC_CODES.get(fault.abort.grpc_status or "", 2)
+    abort = fault.abort
+    # An abort without an error type is no abort: pilot leaves it out of the Envoy route.
+    if abort is not None and (abort.http_status or abort.grpc_status) is not None:
+        if not _chance(abort.fraction, rng):
+            return
+        if abort.http_status is None:
+            code = _GRPC_CODES.get(abort.grpc_status or "", 2)
             plan.fault_abort = outcome.grpc_fault_abort(code, _is_grpc(request))
         else:
-            plan.fault_abort = outcome.fault_abort(status)
+            plan.fault_abort = outcome.fault_abort(abort.http_status)
 
 
 def _is_grpc(request: RequestAttributes) -> bool:

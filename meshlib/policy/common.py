@@ -138,6 +138,15 @@ class MatchLabelsSelector:
     match_labels: Mapping[str, str] = spec_field({})
 
 
+# What a policy's targetRef may name, as Istio's validatePolicyTargetReference allows it:
+# (group, kind), the core group written "" or "core".
+TARGET_KINDS = (
+    ("core", "Service"),
+    ("networking.istio.io", "ServiceEntry"),
+    ("gateway.networking.k8s.io", "Gateway"),
+)
+
+
 @dataclass(frozen=True, slots=True)
 class PolicyTargetReference:
     group: str | None = None
@@ -145,9 +154,54 @@ class PolicyTargetReference:
     name: str | None = None
     namespace: str | None = None
 
+    def validate_policy(self, path: Path, sink: Sink) -> None:
+        if not self.name:
+            sink.error((*path, "name"), "is required")
+        if self.namespace:
+            sink.error(
+                (*path, "namespace"),
+                "must not be set: a policy cannot target another namespace",
+            )
+        if ((self.group or "core"), self.kind) not in TARGET_KINDS:
+            allowed = ", ".join(f"{g}/{k}" for g, k in TARGET_KINDS)
+            given = f"{self.group or 'core'}/{self.kind or ''}"
+            sink.error(path, f"cannot target {given} (allowed: {allowed})")
+
 
 _DNS_LABEL = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?")
 _WILDCARD_FIRST_LABEL = re.compile(r"\*|(\*|\*-)?[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?")
+
+
+# Kubernetes label syntax as Istio's labels.Instance.Validate checks it: a key is an optional
+# DNS-name prefix (at most 253 characters) and "/", then a name; a value is empty or a name.
+_LABEL_NAME = r"(?:[A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]"
+_PREFIX_LABEL = r"[A-Za-z0-9](?:[-A-Za-z0-9]*[A-Za-z0-9])?"
+_LABEL_KEY = re.compile(
+    rf"(?P<prefix>{_PREFIX_LABEL}(?:\.{_PREFIX_LABEL})*/)?(?P<name>{_LABEL_NAME})"
+)
+_LABEL_VALUE = re.compile(_LABEL_NAME)
+
+
+def check_labels(labels: Mapping[str, str], path: Path, sink: Sink) -> None:
+    """Report label keys and values that are not Kubernetes label syntax; `path` is the map.
+
+    As Istio checks them, a value's length is not limited (Kubernetes limits it to 63).
+    """
+    for key, value in labels.items():
+        match = _LABEL_KEY.fullmatch(key)
+        if match is None or len(match["name"]) > 63 or len(match["prefix"] or "") - 1 > 253:
+            sink.error(
+                (*path, key),
+                f"invalid label key {key!r} (an optional DNS-name prefix and '/', then a name of"
+                " at most 63 letters, digits, '-', '_' or '.' that starts and ends with a"
+                " letter or digit)",
+            )
+        if value and not _LABEL_VALUE.fullmatch(value):
+            sink.error(
+                (*path, key),
+                f"invalid label value {value!r} (letters, digits, '-', '_' or '.', starting"
+                " and ending with a letter or digit, or empty)",
+            )
 
 
 def is_dns_label(value: str) -> bool:
@@ -162,13 +216,21 @@ def is_ip(value: str) -> bool:
     return True
 
 
-def check_host(host: str, path: Path, sink: Sink, *, allow_star: bool = True) -> None:
-    """Report a host that is not a DNS name, `*.suffix` wildcard, or (if allowed) `*`."""
+def check_host(
+    host: str, path: Path, sink: Sink, *, allow_star: bool = True, allow_ip: bool = False
+) -> None:
+    """Report a host that is not a DNS name, `*.suffix` wildcard, or (if allowed) `*`.
+
+    An IP address is a host only where Istio takes one (`allow_ip`: VirtualService hosts);
+    elsewhere its validateWildcardDomain refuses it (an all-numeric top-level label).
+    """
     if host == "*":
         if not allow_star:
             sink.error(path, "the wildcard host '*' is not allowed here")
         return
     if is_ip(host):
+        if not allow_ip:
+            sink.error(path, f"invalid host {host!r}: an IP address is not allowed here")
         return
     name = host[:-1] if host.endswith(".") else host
     first, *rest = name.split(".")

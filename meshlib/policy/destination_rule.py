@@ -15,6 +15,8 @@ from meshlib.policy.common import (
     WorkloadSelector,
     check_export_to,
     check_host,
+    check_labels,
+    is_dns_label,
 )
 
 LBSimple = Literal[
@@ -56,9 +58,12 @@ class MagLev:
 
 
 def _is_prime(n: int) -> bool:
-    if n < 2:
+    """Envoy's (and so Istio's) isPrime, which counts 1 as prime: Envoy accepts a table of 1."""
+    if 0 < n < 4:
+        return True
+    if n % 2 == 0:
         return False
-    return all(n % d for d in range(2, int(n**0.5) + 1))
+    return all(n % d for d in range(3, int(n**0.5) + 1, 2))
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +98,11 @@ class ConsistentHashLB:
             sink.error(path, "only one of ringHash and maglev may be set")
         if self.minimum_ring_size is not None and (self.ring_hash or self.maglev):
             sink.error((*path, "minimumRingSize"), "cannot be combined with ringHash or maglev")
+        if self.minimum_ring_size:  # Istio warns unless it is unset (0)
+            sink.warning(
+                (*path, "minimumRingSize"),
+                "consistent hash minimumRingSize is deprecated, use ringHash.minimumRingSize",
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,11 +267,22 @@ class TrafficPolicy:
             sink.error(path, "a traffic policy needs at least one field")
         seen: set[int] = set()
         for index, port_policy in enumerate(self.port_level_settings):
-            where = (*path, "portLevelSettings", index, "port")
+            where = (*path, "portLevelSettings", index)
+            if all(getattr(port_policy, block) is None for block in POLICY_BLOCKS):
+                sink.error(
+                    where,
+                    "a port-level setting needs loadBalancer, connectionPool,"
+                    " outlierDetection or tls",
+                )
             if port_policy.port is None:
-                sink.error(where, "is required")
+                sink.error((*where, "port"), "is required")
             elif port_policy.port.number in seen:
-                sink.error(where, f"duplicate port {port_policy.port.number}")
+                # Istio accepts it; pilot takes the first entry for a port, as meshlib does.
+                sink.warning(
+                    (*where, "port"),
+                    f"duplicate port {port_policy.port.number}: only the first entry"
+                    " for a port applies",
+                )
             else:
                 seen.add(port_policy.port.number)
 
@@ -315,6 +336,14 @@ class DestinationRule:
         check_host(self.host, (*path, "host"), sink)
         names: set[str] = set()
         for index, subset in enumerate(self.subsets):
+            where = (*path, "subsets", index)
+            if not is_dns_label(subset.name):
+                sink.error(
+                    (*where, "name"),
+                    f"invalid subset name {subset.name!r} (a DNS label: letters, digits and"
+                    " '-', at most 63)",
+                )
+            check_labels(subset.labels, (*where, "labels"), sink)
             if subset.name in names:
                 sink.error((*path, "subsets", index, "name"), f"duplicate subset {subset.name!r}")
             names.add(subset.name)

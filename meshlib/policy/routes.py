@@ -232,13 +232,13 @@ def _fault_dict(fault: HTTPFaultInjection | None) -> dict[str, Any] | None:
     if fault is None:
         return None
     out: dict[str, Any] = {}
-    if fault.delay is not None:
+    if fault.delay is not None and fault.delay.fixed_delay is not None:
         out["delay"] = {
             "fixedDelay": str(fault.delay.fixed_delay),
             "percentage": fault.delay.fraction * 100,
         }
-    if fault.abort is not None:
-        abort = fault.abort
+    abort = fault.abort
+    if abort is not None and (abort.http_status or abort.grpc_status) is not None:
         out["abort"] = _drop_none(
             {
                 "httpStatus": abort.http_status,
@@ -246,7 +246,7 @@ def _fault_dict(fault: HTTPFaultInjection | None) -> dict[str, Any] | None:
                 "percentage": abort.fraction * 100,
             }
         )
-    return out
+    return out or None
 
 
 def _mirror_dict(mirrors: tuple[Mirror, ...]) -> dict[str, Any] | None:

@@ -101,6 +101,35 @@ class Operation:
             for index, port in enumerate(getattr(self, name)):
                 if _bad_port(port):
                     sink.error((*path, _camel(name), index), f"bad port {port!r}")
+        for name in ("paths", "not_paths"):
+            for index, value in enumerate(getattr(self, name)):
+                problem = path_template_problem(value)
+                if problem:
+                    sink.error((*path, _camel(name), index), f"invalid path {value!r}: {problem}")
+
+
+# A path segment beside a `{*}`/`{**}` template: RFC 3986 pchar characters, as Envoy's
+# uri_template matcher takes them (Istio's security.IsValidLiteral).
+_PATH_LITERAL = re.compile(r"[a-zA-Z0-9\-._~%!$&'()+,;:@=]+")
+
+
+def path_template_problem(value: str) -> str | None:
+    """Why Istio's CheckValidPathTemplate refuses a path, or None: `{*}` (one segment) and
+    `{**}` (the rest) are whole segments, nothing follows `{**}`, no other `{` or `}`, and
+    beside a template every segment is made of URI path characters."""
+    templated = "{*}" in value or "{**}" in value
+    seen_any = False
+    for segment in value.strip("/").split("/"):
+        if segment in ("{*}", "{**}"):
+            if seen_any:
+                return "{**} must be the last operator"
+            seen_any = segment == "{**}"
+            continue
+        if "{" in segment or "}" in segment:
+            return "'{' or '}' other than a whole {*} or {**} segment"
+        if templated and not _PATH_LITERAL.fullmatch(segment):
+            return f"segment {segment!r} is not made of URI path characters"
+    return None
 
 
 def _bad_port(text: str) -> bool:
@@ -134,7 +163,8 @@ _CONDITION_KEYS = frozenset(
     }
 )
 _BRACKETED_KEY = re.compile(
-    r"(request\.headers|request\.auth\.claims|experimental\.envoy\.filters\.[\w.]+)\[.+\]"
+    r"(request\.headers|request\.experimental\.inline\.headers|request\.auth\.claims"
+    r"|experimental\.envoy\.filters\.[\w.]+)\[.+\]"
 )
 
 
@@ -145,20 +175,41 @@ class Condition:
     not_values: tuple[str, ...] = ()
 
     def validate_policy(self, path: Path, sink: Sink) -> None:
+        if not self.key:  # Istio checks nothing else of such a condition
+            sink.error((*path, "key"), "must not be empty")
+            return
         if not self.values and not self.not_values:
             sink.error(path, f"at least one of values or notValues is required for {self.key!r}")
         if self.key not in _CONDITION_KEYS and not _BRACKETED_KEY.fullmatch(self.key):
             sink.error((*path, "key"), f"unknown attribute {self.key!r}")
         for field in ("values", "not_values"):
-            for index, value in enumerate(getattr(self, field)):
+            values = getattr(self, field)
+            if self.key == "source.serviceAccount" and len(values) > 16:
+                sink.error((*path, _camel(field)), "may not have more than 16 values")
+            for index, value in enumerate(values):
                 where = (*path, _camel(field), index)
-                if self.key in ("source.ip", "remote.ip", "destination.ip"):
+                if value == "":
+                    sink.error(where, "empty value not allowed")
+                elif self.key == "source.serviceAccount":
+                    _check_service_account(value, where, sink)
+                elif self.key in ("source.ip", "remote.ip", "destination.ip"):
                     try:
                         ipaddress.ip_network(value, strict=False)
                     except ValueError:
                         sink.error(where, f"bad IP address or CIDR {value!r}")
                 elif self.key == "destination.port" and _bad_port(value):
                     sink.error(where, f"bad port {value!r}")
+
+
+def _check_service_account(value: str, path: Path, sink: Sink) -> None:
+    """Istio's CheckServiceAccount: `name` or `namespace/name`, no wildcard, ≤ 320 chars."""
+    namespace, slash, name = value.rpartition("/")
+    if "*" in value:
+        sink.error(path, f"wildcard not allowed in {value!r}")
+    elif value.count("/") > 1 or (slash and not namespace) or not name:
+        sink.error(path, f"expected 'serviceAccount' or 'namespace/serviceAccount', not {value!r}")
+    elif len(value) > 320:
+        sink.error(path, "a service account cannot exceed 320 characters")
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,10 +245,16 @@ class AuthorizationPolicy:
             sink.error(path, "only one of selector, targetRef and targetRefs may be set")
         action = self.action or "ALLOW"
         if action == "CUSTOM":
-            if self.provider is None:
+            if self.rules is None:  # Istio then says nothing of the provider
+                sink.error(
+                    path,
+                    "a CUSTOM action without rules is meaningless (it is never triggered);"
+                    " add an empty rule {} to trigger it for every request",
+                )
+            elif self.provider is None:
                 sink.error((*path, "provider"), "is required for action CUSTOM")
-            if self.rules is None:
-                sink.error(path, "a CUSTOM action without rules is meaningless")
+            elif not self.provider.name:
+                sink.error((*path, "provider", "name"), "must not be empty")
             for r_index, rule in enumerate(self.rules or ()):
                 _check_custom_rule(rule, (*path, "rules", r_index), sink)
         elif self.provider is not None:

@@ -12,6 +12,7 @@ from meshlib.policy.common import (
     WorkloadSelector,
     check_export_to,
     check_host,
+    check_labels,
     is_dns_label,
     is_ip,
 )
@@ -56,6 +57,7 @@ class WorkloadEntry:
                 sink.error((*path, "ports"), "a unix endpoint must not include ports")
         elif not is_ip(self.address):
             check_host(self.address, (*path, "address"), sink, allow_star=False)
+        check_labels(self.labels, (*path, "labels"), sink)
         for name, number in self.ports.items():
             if not 1 <= number <= 65535:
                 sink.error((*path, "ports", name), f"invalid port {number} (allowed: 1-65535)")

@@ -20,6 +20,7 @@ from meshlib.policy.common import (
     StringMatch,
     check_export_to,
     check_host,
+    check_labels,
     check_regex,
     is_dns_label,
 )
@@ -193,6 +194,7 @@ class HTTPMatchRequest:
                     )
                 if string_match.prefix == "":
                     sink.error((*path, key, name, "prefix"), "a prefix match must not be empty")
+        check_labels(self.source_labels, (*path, "sourceLabels"), sink)
         if self.source_namespace is not None and not is_dns_label(self.source_namespace):
             sink.error((*path, "sourceNamespace"), f"invalid namespace {self.source_namespace!r}")
 
@@ -236,8 +238,9 @@ class Delay:
     percent: int | None = spec_field(ge=0, le=100)  # deprecated integer form
 
     def validate_policy(self, path: Path, sink: Sink) -> None:
-        if self.fixed_delay is None:
-            sink.error((*path, "fixedDelay"), "is required")
+        if self.fixed_delay is None and self.exponential_delay is None:
+            # Istio accepts it, and pilot drops a delay without a fixedDelay from the route.
+            sink.warning(path, "a delay without fixedDelay does nothing (it is ignored)")
         if self.exponential_delay is not None:
             sink.error((*path, "exponentialDelay"), "is not supported by Istio (use fixedDelay)")
 
@@ -259,7 +262,8 @@ class Abort:
     def validate_policy(self, path: Path, sink: Sink) -> None:
         given = [f for f in ("http_status", "grpc_status", "http2_error") if getattr(self, f)]
         if not given:
-            sink.error((*path, "httpStatus"), "is required (or grpcStatus)")
+            # Istio only warns, and pilot drops an abort without an error type from the route.
+            sink.warning(path, "an abort without httpStatus or grpcStatus does nothing (ignored)")
         if len(given) > 1:
             sink.error(path, "only one of httpStatus, grpcStatus, http2Error may be set")
         if self.http_status is not None and not 200 <= self.http_status <= 600:
@@ -457,14 +461,46 @@ class HTTPRoute:
             )
         if self.mirror is not None and self.mirrors:
             sink.error((*path, "mirrors"), "only one of mirror and mirrors may be set")
-        if self.mirror_percentage is not None and self.mirror is None:
-            sink.error((*path, "mirrorPercentage"), "needs mirror")
+        for key, given in (
+            ("mirrorPercentage", self.mirror_percentage),
+            ("mirrorPercent", self.mirror_percent),
+        ):
+            # Istio accepts either without `mirror`; it then mirrors nothing (a delegating
+            # route passes it down to delegate routes that set `mirror`).
+            if given is not None and self.mirror is None and self.delegate is None:
+                sink.warning((*path, key), "does nothing without mirror (mirrors has its own)")
+        if self.mirror_percent is not None:
+            sink.warning(
+                (*path, "mirrorPercent"),
+                'using deprecated setting "mirrorPercent", use "mirrorPercentage" instead',
+            )
         authorities = [self.rewrite.authority] if self.rewrite and self.rewrite.authority else []
         if self.headers is not None and self.headers.request is not None:
             for op in (self.headers.request.set, self.headers.request.add):
                 authorities += [v for k, v in op.items() if k.lower() in _PSEUDO_OR_HOST]
         if len(authorities) > 1:
             sink.error(path, f"the authority is set more than once ({', '.join(authorities)})")
+
+
+def _hosts_overlap(a: str, b: str) -> bool:
+    """Istio's host.Name.Matches: equal names, or one wildcard's suffix covers the other."""
+    if a.startswith("*") and b.startswith("*"):
+        return a[1:].endswith(b[1:]) or b[1:].endswith(a[1:])
+    if a.startswith("*"):
+        return b.endswith(a[1:])
+    if b.startswith("*"):
+        return a.endswith(b[1:])
+    return a == b
+
+
+def _check_duplicate_hosts(hosts: tuple[str, ...], path: Path, sink: Sink) -> None:
+    """A host equal to, or covered by a wildcard of, another host of the same VirtualService
+    is a duplicate (`*.foo.com` and `a.foo.com`, `*.foo.com` and `*.com`), one error a pair,
+    as Istio reports them."""
+    for i, first in enumerate(hosts):
+        for j in range(i + 1, len(hosts)):
+            if _hosts_overlap(first, hosts[j]):
+                sink.error((*path, j), f"duplicate hosts: {first!r} and {hosts[j]!r} overlap")
 
 
 _KEYS = {
@@ -489,11 +525,11 @@ class VirtualService:
 
     def validate_policy(self, path: Path, sink: Sink) -> None:
         for index, host in enumerate(self.hosts):
-            check_host(host, (*path, "hosts", index), sink)
+            check_host(host, (*path, "hosts", index), sink, allow_ip=True)
         if "*" in self.hosts and self.applies_to_mesh:
             sink.error((*path, "hosts"), "the wildcard host '*' is not allowed for the mesh")
-        if len(set(self.hosts)) != len(self.hosts):
-            sink.error((*path, "hosts"), "duplicate host")
+        else:
+            _check_duplicate_hosts(self.hosts, (*path, "hosts"), sink)
         if not self.http and not self.tcp and not self.tls:
             sink.error(path, "http, tcp or tls must be provided")
         if self.applies_to_mesh:
@@ -510,6 +546,9 @@ class VirtualService:
                                     "JWT claim based routing is only supported for gateways",
                                 )
         if not self.hosts:  # a delegate VirtualService
+            for key, given in (("gateways", self.gateways), ("tls", self.tls), ("tcp", self.tcp)):
+                if given:  # a delegate serves only a root's http route, wherever that applies
+                    sink.error((*path, key), "a delegate VirtualService (no hosts) cannot set it")
             for index, route in enumerate(self.http):
                 if route.delegate is not None:
                     sink.error(
