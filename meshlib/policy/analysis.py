@@ -8,14 +8,16 @@ answers as Envoy would — but `meshlib check` reports them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import replace
 from typing import Any
 
 from meshlib.errors import Diagnostic, Severity
 from meshlib.policy.cel import MalformedExpression, UnsupportedExpression, parse_filter
 from meshlib.policy.destination_rule import DestinationRule
 from meshlib.policy.hosts import to_fqdn, wildcard_matches
-from meshlib.policy.resources import Resource
+from meshlib.policy.lines import FieldLines
+from meshlib.policy.resources import Origin, Resource
 from meshlib.policy.service_entry import ServiceEntry
 from meshlib.policy.snapshot import MostSpecific, latest_definitions, oldest_first, visible_to
 from meshlib.policy.telemetry import Telemetry, cel_string_literal, header_name, settable_label
@@ -23,10 +25,28 @@ from meshlib.policy.virtual_service import Destination, VirtualService
 
 
 def analyze(
-    resources: Iterable[Resource[Any]], *, cluster_domain: str = "cluster.local"
+    resources: Iterable[Resource[Any]],
+    *,
+    cluster_domain: str = "cluster.local",
+    lines: Mapping[Origin, FieldLines] | None = None,
 ) -> list[Diagnostic]:
-    """Findings about how the resources fit together, errors and warnings."""
-    return list(_Analyzer(tuple(resources), cluster_domain).run())
+    """Findings about how the resources fit together, errors and warnings.
+
+    Each finding is at its resource's line, or, given the `lines` of a load with
+    `keep_lines=True`, at the line of the field it names.
+    """
+    findings = _Analyzer(tuple(resources), cluster_domain).run()
+    if not lines:
+        return list(findings)
+    return [_at_field(finding, lines) for finding in findings]
+
+
+def _at_field(finding: Diagnostic, lines: Mapping[Origin, FieldLines]) -> Diagnostic:
+    """`finding`, moved from its resource's line to its field's."""
+    where = lines.get(Origin(finding.file, finding.line))
+    if where is None or finding.field is None:
+        return finding
+    return replace(finding, line=where.line(finding.field))
 
 
 class _Analyzer:
