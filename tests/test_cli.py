@@ -458,11 +458,15 @@ def test_check_and_routes_read_short_names_in_the_cluster_domain(
 def test_without_a_cluster_domain_short_names_are_in_cluster_local(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """No flag, no variable: `reviews` is reviews.default.svc.cluster.local, not registered."""
+    """No flag, no variable: `reviews` is reviews.default.svc.cluster.local, not registered
+    (an error, as Istio's ReferencedResourceNotFound)."""
     policy = tmp_path / "mesh.yaml"
     policy.write_text(CORP_POLICY)
-    assert main(["check", str(policy)]) == 0
-    assert "reviews.default.svc.cluster.local is not in the registry" in capsys.readouterr().out
+    assert main(["check", str(policy)]) == 1
+    assert (
+        f"{policy}:16: error: VirtualService default/reviews: spec.http[0].route[0].destination.host:"
+        " host reviews.default.svc.cluster.local is not in the registry"
+    ) in capsys.readouterr().out
     assert main(["routes", str(policy), "--host", "reviews", "-o", "json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["host"] == "reviews.default.svc.cluster.local"

@@ -62,7 +62,7 @@ def test_findings_are_reported_at_the_line_of_their_field() -> None:
         )
         if d.field is not None and d.field.endswith("subset")
     ]
-    assert subset.line == 22  # 12 lines of ServiceEntry, `---`, then the VirtualService's line 9
+    assert subset.line == 22  # 11 lines of ServiceEntry, `---`, then the VirtualService's 10th
     assert subset.field == "spec.http[0].route[0].destination.subset"
 
 
@@ -126,3 +126,187 @@ def test_load_paths_keeps_lines_per_file(tmp_path: object) -> None:
     )
     assert set(result.lines) == {r.origin for r in result.resources}
     assert load_paths([BOOKINFO / "services.yaml"]).lines == {}
+
+
+def vs(name: str, spec: str, namespace: str = "default") -> str:
+    """A VirtualService document with `spec` (YAML, indented by two)."""
+    return (
+        f"apiVersion: networking.istio.io/v1\nkind: VirtualService\n"
+        f"metadata: {{name: {name}, namespace: {namespace}}}\nspec:\n"
+        + textwrap.indent(textwrap.dedent(spec).strip(), "  ")
+        + "\n"
+    )
+
+
+def about(field_end: str, found: list[Diagnostic]) -> list[Diagnostic]:
+    return [d for d in found if d.field is not None and d.field.endswith(field_end)]
+
+
+# -- destination hosts (Istio IST0101 ReferencedResourceNotFound) -----------------------------
+
+
+def test_a_destination_host_no_service_entry_names_is_an_error() -> None:
+    """Route and mirror hosts that name no known service are errors at the host's line."""
+    found = findings(
+        REVIEWS_SE,
+        vs(
+            "reviews",
+            """
+            hosts: [reviews]
+            http:
+            - route:
+              - destination: {host: reviewz}
+              mirror: {host: shadow.example.com}
+            """,
+        ),
+    )
+    route, mirror = about("host", found)
+    assert route.severity == mirror.severity == "error"
+    assert route.field == "spec.http[0].route[0].destination.host" and route.line == 20
+    assert "host reviewz.default.svc.cluster.local is not in the registry" in route.message
+    assert mirror.field == "spec.http[0].mirror.host" and mirror.line == 21
+    assert mirror.message.startswith("mirror host shadow.example.com is not in the registry")
+
+
+def test_known_hosts_exact_wildcard_and_short_names_are_not_reported() -> None:
+    """A short name expanded in the VirtualService's namespace, an FQDN, and a host under a
+    wildcard ServiceEntry are all known."""
+    found = findings(
+        REVIEWS_SE,
+        """
+        apiVersion: networking.istio.io/v1
+        kind: ServiceEntry
+        metadata: {name: external}
+        spec:
+          hosts: ["*.example.com"]
+          ports: [{number: 443, name: https, protocol: HTTPS}]
+          resolution: NONE
+        """,
+        vs(
+            "reviews",
+            """
+            hosts: [reviews]
+            http:
+            - route:
+              - destination: {host: reviews}
+                weight: 1
+              - destination: {host: reviews.default.svc.cluster.local}
+                weight: 1
+              - destination: {host: api.example.com}
+                weight: 1
+            """,
+        ),
+    )
+    assert found == []
+
+
+def test_a_service_entry_not_exported_to_the_namespace_is_not_known_there() -> None:
+    """As Istio's analyzer: the ServiceEntry must be visible in the VirtualService's
+    namespace (`exportTo: ['.']` keeps it in its own)."""
+    private = REVIEWS_SE.replace("spec:\n", "spec:\n  exportTo: ['.']\n", 1)
+    route = vs(
+        "r",
+        "hosts: [r.example.com]\nhttp: [{route: [{destination: {host: reviews.default.svc.cluster.local}}]}]",
+        namespace="shop",
+    )
+    assert [d.field for d in findings(private, route)] == ["spec.http[0].route[0].destination.host"]
+    assert findings(REVIEWS_SE, route) == []
+
+
+# -- one host, two VirtualServices (Istio IST0109 ConflictingMeshGatewayVirtualServiceHosts) ---
+
+
+def test_a_host_claimed_by_two_virtual_services_is_an_error_naming_both() -> None:
+    """Each VirtualService gets an error at its `hosts` entry naming the other; the message
+    says which one the sidecar uses."""
+    route = "http: [{route: [{destination: {host: reviews}}]}]"
+    found = findings(
+        REVIEWS_SE,
+        vs("first", f"hosts: [ratings.example.com, reviews]\n{route}"),
+        vs("second", f"hosts: [reviews.default.svc.cluster.local]\n{route}"),
+    )
+    first, second = about("]", found)
+    assert first.severity == second.severity == "error"
+    assert (first.resource, first.field) == ("VirtualService default/first", "spec.hosts[1]")
+    assert (second.resource, second.field) == ("VirtualService default/second", "spec.hosts[0]")
+    assert "also claimed by VirtualService default/second" in first.message
+    assert "also claimed by VirtualService default/first" in second.message
+    assert "(here default/first: it is older)" in second.message
+
+
+def test_virtual_services_no_namespace_sees_together_do_not_conflict() -> None:
+    """Two VirtualServices for one host, each private to its own namespace, or one only for
+    a gateway, never meet in a sidecar."""
+    route = "http: [{route: [{destination: {host: reviews.default.svc.cluster.local}}]}]"
+    host = "hosts: [reviews.default.svc.cluster.local]"
+    apart = findings(
+        REVIEWS_SE,
+        vs("a", f"{host}\nexportTo: ['.']\n{route}", namespace="team-a"),
+        vs("b", f"{host}\nexportTo: ['.']\n{route}", namespace="team-b"),
+        vs("c", f"{host}\ngateways: [ingress]\n{route}"),
+    )
+    assert [d.field for d in apart] == ["spec.gateways"]
+    mixed = findings(
+        REVIEWS_SE,
+        vs("a", f"{host}\nexportTo: ['.']\n{route}", namespace="team-a"),
+        vs("b", f"{host}\n{route}", namespace="team-b"),
+    )
+    assert len(about("hosts[0]", mixed)) == 2  # the public one is seen in team-a too
+
+
+# -- destination ports (IST0101 host:port, IST0112 VirtualServiceDestinationPortSelectorRequired)
+
+MULTI_PORT_SE = """
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api}
+spec:
+  hosts: [api.example.com]
+  ports:
+  - {number: 80, name: http, protocol: HTTP}
+  - {number: 8080, name: http-admin, protocol: HTTP}
+  resolution: DNS
+"""
+
+
+def test_a_destination_port_the_service_does_not_have_is_an_error() -> None:
+    """A port number that is none of the ServiceEntry's ports: an error at port.number."""
+    found = findings(
+        REVIEWS_SE,
+        vs(
+            "reviews",
+            """
+            hosts: [reviews]
+            http:
+            - route:
+              - destination:
+                  host: reviews
+                  port: {number: 9090}
+            """,
+        ),
+    )
+    (port,) = found
+    assert (port.severity, port.field, port.line) == (
+        "error",
+        "spec.http[0].route[0].destination.port.number",
+        22,
+    )
+    assert "has no port 9090 (ports of ServiceEntry default/reviews: 9080)" in port.message
+
+
+def test_a_multi_port_service_needs_a_destination_port() -> None:
+    """No port for a service with several: an error; a port it has, or a one-port service
+    without port: nothing."""
+    routes = """
+    hosts: [api.example.com]
+    http:
+    - match: [{uri: {prefix: /a}}]
+      route: [{destination: {host: api.example.com}}]
+    - match: [{uri: {prefix: /b}}]
+      route: [{destination: {host: api.example.com, port: {number: 8080}}}]
+    - route: [{destination: {host: reviews}}]
+    """
+    (missing,) = findings(REVIEWS_SE, MULTI_PORT_SE, vs("api", routes))
+    assert (missing.severity, missing.field) == ("error", "spec.http[0].route[0].destination.port")
+    assert missing.line == 30  # the destination's line: the port it lacks has none
+    assert "api.example.com has several ports (80, 8080" in missing.message
