@@ -19,7 +19,14 @@ from meshlib.policy.hosts import to_fqdn, wildcard_matches
 from meshlib.policy.lines import FieldLines
 from meshlib.policy.resources import Origin, Resource
 from meshlib.policy.service_entry import ServiceEntry, WorkloadEntry
-from meshlib.policy.snapshot import MostSpecific, latest_definitions, oldest_first, visible_to
+from meshlib.policy.snapshot import (
+    MostSpecific,
+    latest_definitions,
+    oldest_first,
+    selects,
+    service_workloads,
+    visible_to,
+)
 from meshlib.policy.telemetry import Telemetry, cel_string_literal, header_name, settable_label
 from meshlib.policy.virtual_service import Destination, VirtualService
 
@@ -97,6 +104,7 @@ class _Analyzer:
         yield from self.duplicates()
         yield from self.virtual_service_findings()
         yield from self.conflicting_rules()
+        yield from self.destination_rule_findings()
         yield from self.telemetry_findings()
 
     def telemetry_findings(self) -> Iterator[Diagnostic]:
@@ -296,6 +304,49 @@ class _Analyzer:
                 f"{host} has no port {dest.port.number} (ports of {entry}: {numbers});"
                 " a sidecar has no cluster for it and answers 503",
             )
+
+    def destination_rule_findings(self) -> Iterator[Diagnostic]:
+        """A rule for a host no service has applies to nothing; a subset whose labels select
+        none of its service's workloads leaves the requests routed to it no endpoint."""
+        for rule in self.rules:
+            host = self.fqdn(rule.spec.host, rule.namespace)
+            if host.startswith("*"):
+                if not any(
+                    wildcard_matches(host, h.lower()) or h.lower() == host
+                    for entry in self.entries
+                    for h in entry.spec.hosts
+                ):
+                    yield _finding(
+                        "warning",
+                        rule,
+                        "spec.host",
+                        f"no ServiceEntry has a host under {host}: this rule applies to nothing",
+                    )
+                continue
+            entry = self.service(host, None)
+            if entry is None:
+                yield _finding(
+                    "warning",
+                    rule,
+                    "spec.host",
+                    f"host {host} is not in the registry (no ServiceEntry names it): this rule"
+                    " applies to nothing",
+                )
+                continue
+            workloads = service_workloads(entry, self.workload_entries)
+            if not workloads:
+                continue  # endpoints from DNS or the original destination: labels unknown
+            for index, subset in enumerate(rule.spec.subsets):
+                if subset.labels and not any(selects(subset.labels, w.labels) for w in workloads):
+                    labels = ", ".join(f"{k}={v}" for k, v in subset.labels.items())
+                    yield _finding(
+                        "error",
+                        rule,
+                        f"spec.subsets[{index}].labels",
+                        f"subset {subset.name!r} selects no endpoint of {host}: none of the"
+                        f" {len(workloads)} workload(s) of {entry} has the labels {labels};"
+                        " requests routed to it get 503 (no healthy upstream)",
+                    )
 
     def conflicting_rules(self) -> Iterator[Diagnostic]:
         by_scope: dict[tuple[str, str], list[Resource[DestinationRule]]] = {}

@@ -310,3 +310,91 @@ def test_a_multi_port_service_needs_a_destination_port() -> None:
     assert (missing.severity, missing.field) == ("error", "spec.http[0].route[0].destination.port")
     assert missing.line == 30  # the destination's line: the port it lacks has none
     assert "api.example.com has several ports (80, 8080" in missing.message
+
+
+# -- DestinationRules: unknown hosts, subsets without endpoints --------------------------------
+
+
+def dr(spec: str, name: str = "reviews") -> str:
+    return (
+        f"apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {name}}}\n"
+        "spec:\n" + textwrap.indent(textwrap.dedent(spec).strip(), "  ") + "\n"
+    )
+
+
+def test_a_subset_that_selects_no_endpoint_is_an_error() -> None:
+    """A subset whose labels no workload of the service has: an error at its labels; subsets
+    that select some, or select all (no labels), are fine."""
+    found = findings(
+        REVIEWS_SE,
+        dr(
+            """
+            host: reviews
+            subsets:
+            - {name: v1, labels: {version: v1}}
+            - name: v3
+              labels: {version: v3}
+            - {name: all}
+            """
+        ),
+    )
+    (subset,) = found
+    assert (subset.severity, subset.field, subset.line) == ("error", "spec.subsets[1].labels", 21)
+    assert subset.message.startswith(
+        "subset 'v3' selects no endpoint of reviews.default.svc.cluster.local: none of the 2"
+        " workload(s) of ServiceEntry default/reviews has the labels version=v3"
+    )
+
+
+def test_subset_endpoints_come_from_workload_entries_a_selector_picks() -> None:
+    """With a workloadSelector, the service's workloads are the WorkloadEntries of its
+    namespace that it selects, as the Snapshot finds them."""
+    entry = """
+    apiVersion: networking.istio.io/v1
+    kind: ServiceEntry
+    metadata: {name: ratings}
+    spec:
+      hosts: [ratings.default.svc.cluster.local]
+      location: MESH_INTERNAL
+      resolution: STATIC
+      ports: [{number: 9080, name: http, protocol: HTTP}]
+      workloadSelector: {labels: {app: ratings}}
+    """
+    workload = """
+    apiVersion: networking.istio.io/v1
+    kind: WorkloadEntry
+    metadata: {name: ratings-v1, namespace: %s}
+    spec: {address: 10.0.0.9, labels: {app: ratings, version: v1}}
+    """
+    rule = dr("host: ratings\nsubsets: [{name: v1, labels: {version: v1}}]", name="ratings")
+    assert findings(entry, workload % "default", rule) == []
+    (subset,) = findings(
+        entry, workload % "other", workload.replace("version: v1", "version: v2") % "default", rule
+    )
+    assert subset.field == "spec.subsets[0].labels"  # only default's v2 belongs to the service
+    lonely = findings(entry, workload % "other", rule)
+    assert lonely == []  # no workloads at all: endpoints unknown, nothing to judge
+
+
+def test_a_subset_of_a_dns_service_without_endpoints_is_not_judged() -> None:
+    """Endpoints that come from DNS carry no labels: meshlib cannot tell what a subset
+    selects, so it says nothing."""
+    assert (
+        findings(
+            MULTI_PORT_SE, dr("host: api.example.com\nsubsets: [{name: v1, labels: {v: '1'}}]")
+        )
+        == []
+    )
+
+
+def test_a_destination_rule_for_an_unknown_host_is_a_warning() -> None:
+    """A rule whose host no ServiceEntry names applies to nothing: a warning at spec.host; a
+    wildcard rule covering a known host is fine."""
+    (unknown,) = findings(REVIEWS_SE, dr("host: ratings"))
+    assert (unknown.severity, unknown.field, unknown.line) == ("warning", "spec.host", 17)
+    assert "host ratings.default.svc.cluster.local is not in the registry" in unknown.message
+    assert findings(REVIEWS_SE, dr('host: "*.svc.cluster.local"')) == []
+    (wild,) = findings(REVIEWS_SE, dr('host: "*.example.org"'))
+    assert wild.severity == "warning" and "no ServiceEntry has a host under *.example.org" in (
+        wild.message
+    )
