@@ -17,6 +17,7 @@ from meshlib.policy.cel import MalformedExpression, UnsupportedExpression, parse
 from meshlib.policy.destination_rule import DestinationRule
 from meshlib.policy.hosts import to_fqdn, wildcard_matches
 from meshlib.policy.lines import FieldLines
+from meshlib.policy.reachability import unreachable_routes
 from meshlib.policy.resources import Origin, Resource
 from meshlib.policy.service_entry import ServiceEntry, WorkloadEntry
 from meshlib.policy.snapshot import (
@@ -183,18 +184,10 @@ class _Analyzer:
                     "applies only to gateways (not 'mesh'); meshlib, like a sidecar, ignores it",
                 )
                 continue
-            catch_all_seen = False
+            for unreachable in unreachable_routes(spec.http):
+                yield _finding("warning", resource, unreachable.field, unreachable.message)
             for index, http in enumerate(spec.http):
                 where = f"spec.http[{index}]"
-                if catch_all_seen:
-                    yield _finding(
-                        "warning",
-                        resource,
-                        where,
-                        "unreachable: an earlier route matches every request",
-                    )
-                if not http.match:
-                    catch_all_seen = True
                 if http.delegate is not None:
                     key = (http.delegate.namespace or resource.namespace, http.delegate.name)
                     child = delegates.get(key)

@@ -398,3 +398,111 @@ def test_a_destination_rule_for_an_unknown_host_is_a_warning() -> None:
     assert wild.severity == "warning" and "no ServiceEntry has a host under *.example.org" in (
         wild.message
     )
+
+
+# -- unreachable routes and ineffective matches (IST0130, IST0131) -----------------------------
+
+
+def reachability(http: str, *extra: str) -> list[Diagnostic]:
+    """Findings about routes of a VirtualService for reviews with these `http` routes."""
+    found = findings(REVIEWS_SE, vs("reviews", f"hosts: [reviews]\nhttp:\n{http}"), *extra)
+    return [d for d in found if "unreachable" in d.message or "never used" in d.message]
+
+
+ROUTE = "  route: [{destination: {host: reviews}}]\n"
+
+
+def test_a_route_after_one_without_match_is_unreachable() -> None:
+    """A route after a catch-all: a warning at the later route's line, naming the catch-all."""
+    (dead,) = reachability(f"- name: all\n{ROUTE}- match: [{{uri: {{prefix: /a}}}}]\n{ROUTE}")
+    assert (dead.severity, dead.field, dead.line) == ("warning", "spec.http[1]", 21)
+    assert dead.message == "unreachable: the earlier route http[0] 'all' matches every request"
+
+
+def test_a_block_that_matches_everything_makes_a_catch_all() -> None:
+    """`prefix: /` (or a block with nothing in it) matches every request, as no match does;
+    `prefix: /api` does not."""
+    everything = f"- match: [{{uri: {{prefix: /a}}}}, {{uri: {{prefix: /}}}}]\n{ROUTE}"
+    (dead,) = reachability(f"{everything}- match: [{{method: {{exact: GET}}}}]\n{ROUTE}")
+    assert dead.field == "spec.http[1]"
+    assert reachability(f"- match: [{{uri: {{prefix: /api}}}}]\n{ROUTE}- name: rest\n{ROUTE}") == []
+
+
+def test_a_block_covered_by_an_earlier_one_is_never_used() -> None:
+    """A duplicate, or a narrower prefix under an earlier one with the same other conditions:
+    the block is reported; when every block of a route is, the route is unreachable."""
+    http = (
+        f"- match: [{{uri: {{prefix: /api}}, headers: {{end-user: {{exact: jason}}}}}}]\n{ROUTE}"
+        "- match:\n"
+        "  - {uri: {prefix: /api/v1}, headers: {end-user: {exact: jason}}}\n"
+        "  - {uri: {prefix: /other}}\n"
+        f"{ROUTE}"
+        "- match:\n"
+        "  - {uri: {exact: /api/x}, headers: {end-user: {exact: jason}, x: {}}}\n"
+        f"{ROUTE}"
+    )
+    block, route = reachability(http)
+    assert (block.field, block.line) == ("spec.http[1].match[0]", 22)
+    assert block.message == (
+        "never used: every request it matches is taken first by spec.http[0].match[0]"
+        " (route http[0])"
+    )
+    assert route.field == "spec.http[2].match"
+    assert route.message.startswith("unreachable: each of its match blocks is covered")
+
+
+def test_narrower_first_or_different_conditions_are_reachable() -> None:
+    """A longer prefix before a shorter one, a header the earlier block does not ask, another
+    method or port: every route is used."""
+    http = (
+        f"- match: [{{uri: {{prefix: /api/v1}}}}]\n{ROUTE}"
+        f"- match: [{{uri: {{prefix: /api}}, headers: {{end-user: {{exact: jason}}}}}}]\n{ROUTE}"
+        f"- match: [{{uri: {{prefix: /api}}, port: 9080}}]\n{ROUTE}"
+        f"- match: [{{uri: {{prefix: /api}}}}]\n{ROUTE}"
+        f"- match: [{{uri: {{prefix: /API}}, ignoreUriCase: true}}]\n{ROUTE}"
+        f"- match: [{{uri: {{regex: '/api/.*'}}, method: {{exact: POST}}}}]\n{ROUTE}"
+        f"- route: [{{destination: {{host: reviews}}}}]\n"
+    )
+    assert reachability(http) == []
+
+
+DELEGATE = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews-api}
+spec:
+  http:
+  - match: [{uri: {prefix: /api/v1}}]
+    route: [{destination: {host: reviews}}]
+  - match: [{uri: {prefix: /api/v2}}]
+    route: [{destination: {host: reviews}}]
+"""
+
+
+def test_routes_after_a_delegate_route_are_not_unreachable() -> None:
+    """Requests a delegate's routes do not take fall through to the next route, so a route
+    after a delegating one (even one without match) is reachable; nor are the delegate's own
+    routes, with matches, reported."""
+    http = (
+        "- delegate: {name: reviews-api}\n"
+        f"- match: [{{uri: {{prefix: /api}}}}]\n  delegate: {{name: reviews-api}}\n"
+        f"- match: [{{uri: {{prefix: /api}}}}]\n{ROUTE}"
+        f"- route: [{{destination: {{host: reviews}}}}]\n"
+    )
+    assert reachability(http, DELEGATE) == []
+
+
+def test_a_delegate_route_after_a_catch_all_is_reported() -> None:
+    """A delegating route placed after a catch-all is dead like any other; inside a delegate,
+    a route after its own catch-all is too."""
+    (dead,) = reachability(f"- name: all\n{ROUTE}- delegate: {{name: reviews-api}}\n", DELEGATE)
+    assert dead.field == "spec.http[1]"
+    child = DELEGATE.replace(
+        "  - match: [{uri: {prefix: /api/v1}}]\n",
+        "  - route: [{destination: {host: reviews}}]\n  - match: [{uri: {prefix: /api/v1}}]\n",
+    )
+    inner = reachability("- delegate: {name: reviews-api}\n", child)
+    assert [(d.resource, d.field) for d in inner] == [
+        ("VirtualService default/reviews-api", "spec.http[1]"),
+        ("VirtualService default/reviews-api", "spec.http[2]"),
+    ]
