@@ -107,8 +107,9 @@ def _cluster_domain(args: argparse.Namespace) -> str:
 def _check(args: argparse.Namespace) -> int:
     _config("--namespace", args.namespace, namespace=args.namespace)  # checked as in `routes`
     domain = _cluster_domain(args)
-    result = load_paths(args.paths, default_namespace=args.namespace)
-    findings = [*result.diagnostics, *analyze(result.resources, cluster_domain=domain)]
+    result = load_paths(args.paths, default_namespace=args.namespace, keep_lines=True)
+    found = analyze(result.resources, cluster_domain=domain, lines=result.lines)
+    findings = [*result.diagnostics, *found]
     findings.sort(key=lambda d: (d.file or "", d.line or 0))
     errors = sum(d.severity == "error" for d in findings)
     warnings = len(findings) - errors

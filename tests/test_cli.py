@@ -345,19 +345,21 @@ spec:
     result = run("check", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
-    where = f"{path}:1: warning: Telemetry istio-system/mesh-default: "
+    where = "warning: Telemetry istio-system/mesh-default: "
     assert (
-        f"{where}spec.tracing[0].customTags.path.formatter: formatter tags (Envoy command operators) are not applied by meshlib"
+        f"{path}:7: {where}spec.tracing[0].customTags.path.formatter: formatter tags (Envoy command operators) are not applied by meshlib"
         in lines
     )
     assert any(
         line.startswith(
-            f"{where}spec.metrics[0].overrides[0].tagOverrides.host.value: 'request.host'"
+            f"{path}:12: {where}spec.metrics[0].overrides[0].tagOverrides.host.value: 'request.host'"
         )
         for line in lines
     )
     assert any(
-        line.startswith(f"{where}spec.metrics[0].overrides[0].tagOverrides.le: not a label")
+        line.startswith(
+            f"{path}:14: {where}spec.metrics[0].overrides[0].tagOverrides.le: not a label"
+        )
         for line in lines
     )
     assert (
@@ -387,7 +389,7 @@ spec:
     assert result.returncode == 0, result.stdout + result.stderr
     (line,) = result.stdout.splitlines()
     assert line.startswith(
-        f"{path}:1: warning: Telemetry istio-system/mesh-default:"
+        f"{path}:7: warning: Telemetry istio-system/mesh-default:"
         " spec.accessLogging[1].filter.expression: meshlib logs every request for this entry:"
     )
     assert "startsWith()" in line
@@ -456,11 +458,15 @@ def test_check_and_routes_read_short_names_in_the_cluster_domain(
 def test_without_a_cluster_domain_short_names_are_in_cluster_local(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """No flag, no variable: `reviews` is reviews.default.svc.cluster.local, not registered."""
+    """No flag, no variable: `reviews` is reviews.default.svc.cluster.local, not registered
+    (an error, as Istio's ReferencedResourceNotFound)."""
     policy = tmp_path / "mesh.yaml"
     policy.write_text(CORP_POLICY)
-    assert main(["check", str(policy)]) == 0
-    assert "reviews.default.svc.cluster.local is not in the registry" in capsys.readouterr().out
+    assert main(["check", str(policy)]) == 1
+    assert (
+        f"{policy}:16: error: VirtualService default/reviews: spec.http[0].route[0].destination.host:"
+        " host reviews.default.svc.cluster.local is not in the registry"
+    ) in capsys.readouterr().out
     assert main(["routes", str(policy), "--host", "reviews", "-o", "json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["host"] == "reviews.default.svc.cluster.local"
