@@ -107,8 +107,9 @@ def _cluster_domain(args: argparse.Namespace) -> str:
 def _check(args: argparse.Namespace) -> int:
     _config("--namespace", args.namespace, namespace=args.namespace)  # checked as in `routes`
     domain = _cluster_domain(args)
-    result = load_paths(args.paths, default_namespace=args.namespace)
-    findings = [*result.diagnostics, *analyze(result.resources, cluster_domain=domain)]
+    result = load_paths(args.paths, default_namespace=args.namespace, keep_lines=True)
+    found = analyze(result.resources, cluster_domain=domain, lines=result.lines)
+    findings = [*result.diagnostics, *found]
     findings.sort(key=lambda d: (d.file or "", d.line or 0))
     errors = sum(d.severity == "error" for d in findings)
     warnings = len(findings) - errors
@@ -180,7 +181,7 @@ def _routes(args: argparse.Namespace) -> int:
         query=query,
         headers=headers,
     )
-    explained = explain(snapshot, snapshot.route(request))
+    explained = explain(snapshot, snapshot.route(request), request.port)
     if args.output == "json":
         print(json.dumps(explained, indent=2))
     else:
@@ -200,8 +201,13 @@ def _is_authority(text: str) -> bool:
     return bool(parts.hostname) and not text.endswith(":")
 
 
-def explain(snapshot: Snapshot, decision: RouteDecision) -> dict[str, Any]:
-    """A routing decision as the `meshlib routes --output json` contract describes it."""
+def explain(
+    snapshot: Snapshot, decision: RouteDecision, request_port: int | None = None
+) -> dict[str, Any]:
+    """A routing decision as the `meshlib routes --output json` contract describes it.
+
+    `request_port` is the port the client would connect to when the authority names none
+    (the URL's, else 80 or 443), as the data plane falls back to it."""
     route = decision.route
     out: dict[str, Any] = {
         "host": decision.host,
@@ -224,6 +230,8 @@ def explain(snapshot: Snapshot, decision: RouteDecision) -> dict[str, Any]:
     for dest in route.destinations:
         named = dest.port is not None
         port = dest.port if named else decision.port
+        if port is None:
+            port = request_port
         service = snapshot.service(dest.host)
         service_port = service.serving_port(port, named=named) if service else None
         if service_port is not None:
@@ -237,6 +245,8 @@ def explain(snapshot: Snapshot, decision: RouteDecision) -> dict[str, Any]:
         }
         if dest.subset is not None and not snapshot.has_subset(dest.host, dest.subset):
             entry["error"] = "subset not defined by any DestinationRule (503, no cluster)"
+        elif service is not None and service_port is None:
+            entry["error"] = f"port {port} is not a port of this service (503, no cluster)"
         out["destinations"].append(entry)
     out.update(route.to_dict())
     return out

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
+from meshlib._fork import ForkSafeLock
 from meshlib.config import MeshConfig
 from meshlib.dataplane.cluster import Clusters, ClusterState
 from meshlib.dataplane.deadline import Deadline
@@ -99,7 +100,8 @@ class Mesh:
             self.access_log = AccessLog()
             self.tracing = Tracing(self.config, tracer_provider=tracer_provider)
             self._applied = 0  # the generation of the Snapshot the telemetry follows
-            self._applying = threading.Lock()
+            # A fork while a thread of the parent applies a Snapshot applies it again in the child.
+            self._applying = ForkSafeLock(self._apply_current)
             # Subscribed first, then the current Snapshot applied: a source already watching may
             # swap in between, and the newer Snapshot must win whichever call comes last.
             self.source.subscribe(self._apply)
@@ -144,6 +146,9 @@ class Mesh:
             self.operations.policy_loaded(snapshot.generation)
             if failures:
                 self.operations.policy_rejected(failures[0])
+
+    def _apply_current(self) -> None:
+        self._apply(self.source.snapshot)
 
     def _source(self, policy: PolicyArg) -> PolicySource:
         if policy is None:

@@ -345,19 +345,21 @@ spec:
     result = run("check", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
-    where = f"{path}:1: warning: Telemetry istio-system/mesh-default: "
+    where = "warning: Telemetry istio-system/mesh-default: "
     assert (
-        f"{where}spec.tracing[0].customTags.path.formatter: formatter tags (Envoy command operators) are not applied by meshlib"
+        f"{path}:7: {where}spec.tracing[0].customTags.path.formatter: formatter tags (Envoy command operators) are not applied by meshlib"
         in lines
     )
     assert any(
         line.startswith(
-            f"{where}spec.metrics[0].overrides[0].tagOverrides.host.value: 'request.host'"
+            f"{path}:12: {where}spec.metrics[0].overrides[0].tagOverrides.host.value: 'request.host'"
         )
         for line in lines
     )
     assert any(
-        line.startswith(f"{where}spec.metrics[0].overrides[0].tagOverrides.le: not a label")
+        line.startswith(
+            f"{path}:14: {where}spec.metrics[0].overrides[0].tagOverrides.le: not a label"
+        )
         for line in lines
     )
     assert (
@@ -387,7 +389,7 @@ spec:
     assert result.returncode == 0, result.stdout + result.stderr
     (line,) = result.stdout.splitlines()
     assert line.startswith(
-        f"{path}:1: warning: Telemetry istio-system/mesh-default:"
+        f"{path}:7: warning: Telemetry istio-system/mesh-default:"
         " spec.accessLogging[1].filter.expression: meshlib logs every request for this entry:"
     )
     assert "startsWith()" in line
@@ -456,11 +458,15 @@ def test_check_and_routes_read_short_names_in_the_cluster_domain(
 def test_without_a_cluster_domain_short_names_are_in_cluster_local(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """No flag, no variable: `reviews` is reviews.default.svc.cluster.local, not registered."""
+    """No flag, no variable: `reviews` is reviews.default.svc.cluster.local, not registered
+    (an error, as Istio's ReferencedResourceNotFound)."""
     policy = tmp_path / "mesh.yaml"
     policy.write_text(CORP_POLICY)
-    assert main(["check", str(policy)]) == 0
-    assert "reviews.default.svc.cluster.local is not in the registry" in capsys.readouterr().out
+    assert main(["check", str(policy)]) == 1
+    assert (
+        f"{policy}:16: error: VirtualService default/reviews: spec.http[0].route[0].destination.host:"
+        " host reviews.default.svc.cluster.local is not in the registry"
+    ) in capsys.readouterr().out
     assert main(["routes", str(policy), "--host", "reviews", "-o", "json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["host"] == "reviews.default.svc.cluster.local"
@@ -568,3 +574,38 @@ def test_routes_json_retries_keys_that_appear_only_sometimes(
     assert main(["routes", services, str(policy), "--host", "reviews", "-o", "json"]) == 0
     retries = json.loads(capsys.readouterr().out)["retries"]
     assert retries["perTryTimeout"] == "2s" and "default" not in retries
+
+
+TWO_PORTS = """\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: shop}
+spec:
+  hosts: [shop.example.internal]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{number: %s, name: http, protocol: HTTP}, {number: 9090, name: admin, protocol: HTTP}]
+  endpoints: [{address: 10.0.0.1}]
+"""
+
+
+@pytest.mark.parametrize(("first_port", "shown"), [(80, 80), (9080, None)])
+def test_routes_without_a_port_uses_the_schemes_as_the_data_plane_does(
+    first_port: int, shown: int | None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--host shop` is port 80: a service of two ports serves it only if 80 is one of them."""
+    policy = tmp_path / "mesh.yaml"
+    policy.write_text(TWO_PORTS % first_port)
+    assert main(["routes", str(policy), "--host", "shop.example.internal", "-o", "json"]) == 0
+    [destination] = json.loads(capsys.readouterr().out)["destinations"]
+    snapshot = Snapshot.build(load_paths([str(policy)]).resources, MeshConfig())
+    plan = plan_route(snapshot, RequestAttributes("GET", "shop.example.internal"), random.Random(1))
+    assert destination["port"] == 80
+    if shown is None:
+        assert plan.cluster is None and plan.reply is not None  # 503 NC
+        assert destination["error"] == "port 80 is not a port of this service (503, no cluster)"
+        assert destination["endpoints"] == []
+    else:
+        assert plan.cluster is not None and plan.cluster[2] == shown
+        assert "error" not in destination
+        assert destination["endpoints"] == ["10.0.0.1:80"]

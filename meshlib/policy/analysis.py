@@ -8,25 +8,53 @@ answers as Envoy would — but `meshlib check` reports them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import replace
 from typing import Any
 
 from meshlib.errors import Diagnostic, Severity
 from meshlib.policy.cel import MalformedExpression, UnsupportedExpression, parse_filter
 from meshlib.policy.destination_rule import DestinationRule
 from meshlib.policy.hosts import to_fqdn, wildcard_matches
-from meshlib.policy.resources import Resource
-from meshlib.policy.service_entry import ServiceEntry
-from meshlib.policy.snapshot import MostSpecific, latest_definitions, oldest_first, visible_to
+from meshlib.policy.lines import FieldLines
+from meshlib.policy.reachability import unreachable_routes
+from meshlib.policy.resources import Origin, Resource
+from meshlib.policy.service_entry import ServiceEntry, WorkloadEntry
+from meshlib.policy.snapshot import (
+    MostSpecific,
+    latest_definitions,
+    oldest_first,
+    selects,
+    service_workloads,
+    visible_to,
+)
 from meshlib.policy.telemetry import Telemetry, cel_string_literal, header_name, settable_label
 from meshlib.policy.virtual_service import Destination, VirtualService
 
 
 def analyze(
-    resources: Iterable[Resource[Any]], *, cluster_domain: str = "cluster.local"
+    resources: Iterable[Resource[Any]],
+    *,
+    cluster_domain: str = "cluster.local",
+    lines: Mapping[Origin, FieldLines] | None = None,
 ) -> list[Diagnostic]:
-    """Findings about how the resources fit together, errors and warnings."""
-    return list(_Analyzer(tuple(resources), cluster_domain).run())
+    """Findings about how the resources fit together, errors and warnings.
+
+    Each finding is at its resource's line, or, given the `lines` of a load with
+    `keep_lines=True`, at the line of the field it names.
+    """
+    findings = _Analyzer(tuple(resources), cluster_domain).run()
+    if not lines:
+        return list(findings)
+    return [_at_field(finding, lines) for finding in findings]
+
+
+def _at_field(finding: Diagnostic, lines: Mapping[Origin, FieldLines]) -> Diagnostic:
+    """`finding`, moved from its resource's line to its field's."""
+    where = lines.get(Origin(finding.file, finding.line))
+    if where is None or finding.field is None:
+        return finding
+    return replace(finding, line=where.line(finding.field))
 
 
 class _Analyzer:
@@ -41,8 +69,12 @@ class _Analyzer:
         self.rules: list[Resource[DestinationRule]] = [
             r for r in resources if r.kind == "DestinationRule"
         ]
-        entries: list[Resource[ServiceEntry]] = [r for r in resources if r.kind == "ServiceEntry"]
-        self.service_hosts = {h.lower() for r in entries for h in r.spec.hosts}
+        self.entries: list[Resource[ServiceEntry]] = oldest_first(
+            r for r in resources if r.kind == "ServiceEntry"
+        )
+        self.workload_entries: list[Resource[WorkloadEntry]] = [
+            r for r in resources if r.kind == "WorkloadEntry"
+        ]
         subsets: dict[str, set[str]] = {}
         for rule in self.rules:
             host = self.fqdn(rule.spec.host, rule.namespace)
@@ -52,10 +84,28 @@ class _Analyzer:
     def fqdn(self, host: str, namespace: str) -> str:
         return to_fqdn(host, namespace, self.domain)
 
+    def service(self, host: str, namespace: str | None) -> Resource[ServiceEntry] | None:
+        """The ServiceEntry that makes `host` a known service, as pilot finds it: one naming
+        it exactly, else the most specific wildcard covering it, oldest first; only those
+        visible in `namespace` (None: in any)."""
+        best: Resource[ServiceEntry] | None = None
+        best_length = -1
+        for entry in self.entries:
+            if namespace is not None and not visible_to(entry, namespace, entry.spec.export_to):
+                continue
+            for pattern in entry.spec.hosts:
+                pattern = pattern.lower()
+                if pattern == host:
+                    return entry
+                if wildcard_matches(pattern, host) and len(pattern) > best_length:
+                    best, best_length = entry, len(pattern)
+        return best
+
     def run(self) -> Iterator[Diagnostic]:
         yield from self.duplicates()
         yield from self.virtual_service_findings()
         yield from self.conflicting_rules()
+        yield from self.destination_rule_findings()
         yield from self.telemetry_findings()
 
     def telemetry_findings(self) -> Iterator[Diagnostic]:
@@ -121,9 +171,9 @@ class _Analyzer:
 
     def virtual_service_findings(self) -> Iterator[Diagnostic]:
         delegates = {(r.namespace, r.name): r for r in self.virtual_services if not r.spec.hosts}
-        owners: dict[tuple[str, str], Resource[VirtualService]] = {}
         ordered = oldest_first(self.virtual_services)  # then those with a delegate route last
         ordered.sort(key=lambda r: any(http.delegate is not None for http in r.spec.http))
+        yield from self.conflicting_hosts([r for r in ordered if r.spec.applies_to_mesh])
         for resource in ordered:
             spec = resource.spec
             if spec.hosts and not spec.applies_to_mesh:
@@ -134,33 +184,10 @@ class _Analyzer:
                     "applies only to gateways (not 'mesh'); meshlib, like a sidecar, ignores it",
                 )
                 continue
-            for index, host in enumerate(spec.hosts):
-                fqdn = self.fqdn(host, resource.namespace)
-                # VirtualServices compete for a host only within one visibility group: a
-                # namespace's private ones come before those exported to it, then public ones.
-                for group in _visibility_groups(resource):
-                    owner = owners.setdefault((group, fqdn), resource)
-                    if owner is not resource:
-                        yield _finding(
-                            "warning",
-                            resource,
-                            f"spec.hosts[{index}]",
-                            f"host {fqdn} is also claimed by VirtualService {owner.namespace}/"
-                            f"{owner.name}, which wins ({_why_first(owner, resource)})",
-                        )
-                        break
-            catch_all_seen = False
+            for unreachable in unreachable_routes(spec.http):
+                yield _finding("warning", resource, unreachable.field, unreachable.message)
             for index, http in enumerate(spec.http):
                 where = f"spec.http[{index}]"
-                if catch_all_seen:
-                    yield _finding(
-                        "warning",
-                        resource,
-                        where,
-                        "unreachable: an earlier route matches every request",
-                    )
-                if not http.match:
-                    catch_all_seen = True
                 if http.delegate is not None:
                     key = (http.delegate.namespace or resource.namespace, http.delegate.name)
                     child = delegates.get(key)
@@ -186,14 +213,48 @@ class _Analyzer:
                         resource, f"{where}.route[{d_index}].destination", dest.destination
                     )
                 if http.mirror is not None:
-                    yield from self.destination(resource, f"{where}.mirror", http.mirror)
+                    yield from self.destination(
+                        resource, f"{where}.mirror", http.mirror, "mirror host"
+                    )
                 for m_index, mirror in enumerate(http.mirrors):
                     yield from self.destination(
-                        resource, f"{where}.mirrors[{m_index}].destination", mirror.destination
+                        resource,
+                        f"{where}.mirrors[{m_index}].destination",
+                        mirror.destination,
+                        "mirror host",
                     )
 
+    def conflicting_hosts(self, ordered: list[Resource[VirtualService]]) -> Iterator[Diagnostic]:
+        """Istio's ConflictingMeshGatewayVirtualServiceHosts (IST0109): VirtualServices for the
+        mesh gateway that claim one host where a namespace sees both. Unlike gateways, a
+        sidecar does not merge them: it takes the first and drops the rest of the host."""
+        claims: dict[str, list[tuple[Resource[VirtualService], int]]] = {}
+        for resource in ordered:
+            for index, host in enumerate(resource.spec.hosts):
+                claim = claims.setdefault(self.fqdn(host, resource.namespace), [])
+                if all(other is not resource for other, _ in claim):
+                    claim.append((resource, index))
+        for fqdn, claim in claims.items():
+            for resource, index in claim:
+                rivals = [o for o, _ in claim if o is not resource and _seen_together(o, resource)]
+                if not rivals:
+                    continue
+                first = next(o for o, _ in claim if o is resource or o in rivals)
+                names = ", ".join(f"{o.namespace}/{o.name}" for o in rivals)
+                other = rivals[0] if first is resource else resource
+                why = _why_first(first, other)
+                yield _finding(
+                    "error",
+                    resource,
+                    f"spec.hosts[{index}]",
+                    f"host {fqdn} is also claimed by VirtualService {names} for the mesh"
+                    " gateway: a sidecar takes one VirtualService per host and ignores the"
+                    f" others' routes for it (here {first.namespace}/{first.name}: {why});"
+                    " merge them, or keep them apart with exportTo",
+                )
+
     def destination(
-        self, resource: Resource[Any], where: str, dest: Destination
+        self, resource: Resource[Any], where: str, dest: Destination, what: str = "host"
     ) -> Iterator[Diagnostic]:
         host = self.fqdn(dest.host, resource.namespace)
         if dest.subset is not None:
@@ -206,17 +267,79 @@ class _Analyzer:
                     f"subset {dest.subset!r} of host {host} is not defined by any DestinationRule;"
                     " requests routed here get 503 (no cluster)",
                 )
-        known = host in self.service_hosts or any(
-            wildcard_matches(p, host) for p in self.service_hosts if p.startswith("*")
-        )
-        if not known:
+        entry = self.service(host, resource.namespace)
+        if entry is None:
             yield _finding(
-                "warning",
+                "error",
                 resource,
                 f"{where}.host",
-                f"host {host} is not in the registry (no ServiceEntry in this policy): a"
-                " sidecar has no cluster for it and answers 503",
+                f"{what} {host} is not in the registry: no ServiceEntry visible in namespace"
+                f" {resource.namespace} names it; a sidecar has no cluster for it and answers"
+                " 503",
             )
+            return
+        ports = entry.spec.ports
+        numbers = ", ".join(str(p.number) for p in ports)
+        if dest.port is None:
+            if len(ports) > 1:
+                yield _finding(
+                    "error",
+                    resource,
+                    f"{where}.port",
+                    f"required: {host} has several ports ({numbers}, {entry}); without"
+                    " port.number the port traffic goes to is undefined",
+                )
+        elif ports and all(p.number != dest.port.number for p in ports):
+            yield _finding(
+                "error",
+                resource,
+                f"{where}.port.number",
+                f"{host} has no port {dest.port.number} (ports of {entry}: {numbers});"
+                " a sidecar has no cluster for it and answers 503",
+            )
+
+    def destination_rule_findings(self) -> Iterator[Diagnostic]:
+        """A rule for a host no service has applies to nothing; a subset whose labels select
+        none of its service's workloads leaves the requests routed to it no endpoint."""
+        for rule in self.rules:
+            host = self.fqdn(rule.spec.host, rule.namespace)
+            if host.startswith("*"):
+                if not any(
+                    wildcard_matches(host, h.lower()) or h.lower() == host
+                    for entry in self.entries
+                    for h in entry.spec.hosts
+                ):
+                    yield _finding(
+                        "warning",
+                        rule,
+                        "spec.host",
+                        f"no ServiceEntry has a host under {host}: this rule applies to nothing",
+                    )
+                continue
+            entry = self.service(host, None)
+            if entry is None:
+                yield _finding(
+                    "warning",
+                    rule,
+                    "spec.host",
+                    f"host {host} is not in the registry (no ServiceEntry names it): this rule"
+                    " applies to nothing",
+                )
+                continue
+            workloads = service_workloads(entry, self.workload_entries)
+            if not workloads:
+                continue  # endpoints from DNS or the original destination: labels unknown
+            for index, subset in enumerate(rule.spec.subsets):
+                if subset.labels and not any(selects(subset.labels, w.labels) for w in workloads):
+                    labels = ", ".join(f"{k}={v}" for k, v in subset.labels.items())
+                    yield _finding(
+                        "error",
+                        rule,
+                        f"spec.subsets[{index}].labels",
+                        f"subset {subset.name!r} selects no endpoint of {host}: none of the"
+                        f" {len(workloads)} workload(s) of {entry} has the labels {labels};"
+                        " requests routed to it get 503 (no healthy upstream)",
+                    )
 
     def conflicting_rules(self) -> Iterator[Diagnostic]:
         by_scope: dict[tuple[str, str], list[Resource[DestinationRule]]] = {}
@@ -273,15 +396,18 @@ def _filter_findings(resource: Resource[Any], spec: Telemetry) -> Iterator[Diagn
             )
 
 
-def _visibility_groups(resource: Resource[VirtualService]) -> tuple[str, ...]:
-    """Where pilot lists a VirtualService: public, private to its namespace, exported to one."""
+def _seen_together(a: Resource[VirtualService], b: Resource[VirtualService]) -> bool:
+    """Whether some namespace sees both VirtualServices (as Istio's analyzer scopes them: a
+    public one is seen everywhere, another in the namespaces its exportTo names)."""
+    scope_a, scope_b = _scope(a), _scope(b)
+    return scope_a is None or scope_b is None or bool(scope_a & scope_b)
+
+
+def _scope(resource: Resource[VirtualService]) -> frozenset[str] | None:
     export_to = resource.spec.export_to
     if not export_to or "*" in export_to:
-        return ("public",)
-    ns = resource.namespace
-    return tuple(
-        sorted({f"private {ns}" if e in (".", ns) else f"exported to {e}" for e in export_to})
-    )
+        return None
+    return frozenset(resource.namespace if e == "." else e for e in export_to)
 
 
 def _why_first(owner: Resource[VirtualService], other: Resource[VirtualService]) -> str:

@@ -13,16 +13,20 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path as FsPath
+from types import MappingProxyType
 from typing import Any
+
+import yaml
 
 from meshlib.errors import Diagnostic, PolicyError, Severity
 from meshlib.policy._gc import without_collector
 from meshlib.policy._schema import INVALID, Path, convert, format_path
 from meshlib.policy._yaml import Document, YAMLProblem, read_documents
+from meshlib.policy.lines import FieldLines
 from meshlib.policy.resources import IGNORED_KINDS, KINDS, ObjectMeta, Origin, Resource
 
 POLICY_SUFFIXES = (".yaml", ".yml", ".json")
@@ -37,6 +41,7 @@ class LoadResult:
 
     resources: tuple[Resource[Any], ...] = ()
     diagnostics: tuple[Diagnostic, ...] = ()
+    lines: Mapping[Origin, FieldLines] = field(default_factory=dict)  # with keep_lines=True
 
     @property
     def errors(self) -> tuple[Diagnostic, ...]:
@@ -124,11 +129,18 @@ def policy_files(path: str | os.PathLike[str]) -> PolicyTree:
 
 @without_collector
 def load_paths(
-    paths: Iterable[str | os.PathLike[str]], *, default_namespace: str = "default"
+    paths: Iterable[str | os.PathLike[str]],
+    *,
+    default_namespace: str = "default",
+    keep_lines: bool = False,
 ) -> LoadResult:
-    """Load every policy file in `paths` (files or folders)."""
+    """Load every policy file in `paths` (files or folders).
+
+    `keep_lines` keeps where each field is, for findings about them (`result.lines`).
+    """
     resources: list[Resource[Any]] = []
     diagnostics: list[Diagnostic] = []
+    lines: dict[Origin, FieldLines] = {}
     for path in paths:
         tree = policy_files(path)
         diagnostics.extend(
@@ -143,11 +155,16 @@ def load_paths(
                 diagnostics.append(Diagnostic("error", f"cannot read policy: {reason}", str(file)))
                 continue
             result = load_text(
-                text, str(file), default_namespace=default_namespace, start=len(resources)
+                text,
+                str(file),
+                default_namespace=default_namespace,
+                start=len(resources),
+                keep_lines=keep_lines,
             )
             resources.extend(result.resources)
             diagnostics.extend(result.diagnostics)
-    return LoadResult(tuple(resources), tuple(diagnostics))
+            lines.update(result.lines)
+    return LoadResult(tuple(resources), tuple(diagnostics), MappingProxyType(lines))
 
 
 @without_collector
@@ -157,10 +174,12 @@ def load_text(
     *,
     default_namespace: str = "default",
     start: int = 0,
+    keep_lines: bool = False,
 ) -> LoadResult:
     """Load the YAML (or JSON) documents in `text`; `file` is used in messages only."""
     resources: list[Resource[Any]] = []
     diagnostics: list[Diagnostic] = []
+    lines: dict[Origin, FieldLines] = {}
     for document in read_documents(text):
         if isinstance(document, YAMLProblem):
             diagnostics.append(Diagnostic("error", document.message, file, document.line))
@@ -171,7 +190,22 @@ def load_text(
             diagnostics.extend(collector.diagnostics)
             if resource is not None:
                 resources.append(_with_order(resource, start + len(resources)))
-    return LoadResult(tuple(resources), tuple(diagnostics))
+                if keep_lines:
+                    _keep_lines(lines, document, collector.prefix, resource.origin)
+    return LoadResult(tuple(resources), tuple(diagnostics), MappingProxyType(lines))
+
+
+def _keep_lines(
+    lines: dict[Origin, FieldLines], document: Document, at: Path, origin: Origin
+) -> None:
+    node = document.node
+    for part in at:  # ("items", index) pairs down to a List item
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if k.value == part), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            node = node.value[part]
+    if node is not None:
+        lines[origin] = FieldLines(node, origin.line or document.line)
 
 
 def load_objects(

@@ -306,7 +306,7 @@ class Snapshot:
                 locality=w.locality,
             )
             for w in service.workloads
-            if all(w.labels.get(k) == v for k, v in labels.items())
+            if selects(labels, w.labels)
         )
 
     @property
@@ -333,6 +333,33 @@ def _default_route(host: str) -> CompiledRoute:
         redirect=None,
         direct_response=None,
         cors_policy=None,
+    )
+
+
+def selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    """Whether a label selector (`matchLabels`, a subset's `labels`) selects `labels`."""
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def service_workloads(
+    entry: Resource[ServiceEntry], workload_entries: Iterable[Resource[WorkloadEntry]]
+) -> tuple[WorkloadEntry, ...]:
+    """A ServiceEntry's workloads: its `endpoints`, or the WorkloadEntries of its namespace
+    that its `workloadSelector` selects.
+
+    With resolution NONE, Envoy's cluster sends each request to its original destination:
+    the WorkloadEntries a selector picks play no part (Istio warns about the selector).
+    """
+    spec = entry.spec
+    if spec.workload_selector is None:
+        return spec.endpoints
+    if (spec.resolution or "NONE") == "NONE":
+        return ()
+    selector = spec.workload_selector.labels
+    return tuple(
+        we.spec
+        for we in workload_entries
+        if we.namespace == entry.namespace and selects(selector, we.spec.labels)
     )
 
 
@@ -451,17 +478,7 @@ class _Builder:
         )
         for resource in entries:
             spec = resource.spec
-            workloads = spec.endpoints
-            # With resolution NONE, Envoy's cluster sends each request to its original
-            # destination: the WorkloadEntries a selector picks play no part (Istio warns).
-            if spec.workload_selector is not None and (spec.resolution or "NONE") != "NONE":
-                selector = spec.workload_selector.labels
-                workloads = tuple(
-                    we.spec
-                    for we in workload_entries
-                    if we.namespace == resource.namespace
-                    and all(we.spec.labels.get(k) == v for k, v in selector.items())
-                )
+            workloads = service_workloads(resource, workload_entries)
             for host in spec.hosts:
                 host = host.lower()
                 if host in services:

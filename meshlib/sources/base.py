@@ -9,10 +9,10 @@ invalid the source keeps the last good Snapshot and reports the error to its err
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from meshlib._fork import ForkSafeLock
 from meshlib.errors import PolicyError
 from meshlib.policy.snapshot import Snapshot
 
@@ -44,7 +44,7 @@ class SnapshotPublisher:
         self._snapshot = initial
         self._listeners: list[SnapshotListener] = []
         self._error_listeners: list[ErrorListener] = []
-        self._lock = threading.Lock()
+        self._lock = ForkSafeLock()
         self.last_error: PolicyError | None = None
         self.reload_errors = 0
 

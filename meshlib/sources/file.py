@@ -34,6 +34,7 @@ import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
+from meshlib._fork import ForkSafeLock
 from meshlib.config import MeshConfig
 from meshlib.errors import PolicyError, PolicyPathError
 from meshlib.policy.loader import load_paths, policy_files
@@ -103,7 +104,10 @@ class FileSource(SnapshotPublisher):
                     " MESHLIB_POLICY, or given to the Mesh)"
                 )
         super().__init__(self._first_build())  # invalid policy at start-up raises PolicyError
-        self._reloading = threading.Lock()  # reload() is public: the watcher may run it too
+        # reload() is public: the watcher may run it too. A fork that interrupts a reload in
+        # another thread may leave the child with the new files' fingerprint but not their
+        # Snapshot: the child then reads the files again.
+        self._reloading = ForkSafeLock(self._forget_files)
         self._changed: Fingerprint | None = None  # the change the watcher saw at its last poll
         self._held: Fingerprint | None = None  # files left empty, taken for a write in progress
         self._stop = threading.Event()
@@ -174,6 +178,9 @@ class FileSource(SnapshotPublisher):
         with self._reloading:  # else an older read could be published after a newer one
             return self._reload()
 
+    def _forget_files(self) -> None:
+        self._fingerprint = Fingerprint((), {})
+
     def _reload(self) -> bool:
         fingerprint = self._stat()
         if fingerprint == self._fingerprint or self._writing(fingerprint):
@@ -229,10 +236,8 @@ class FileSource(SnapshotPublisher):
 
     def _after_fork(self) -> None:
         """In a forked child (gunicorn --preload forks workers from a master that built the
-        Mesh): only the forking thread survives a fork, so the watcher starts again, and the
-        locks a thread of the parent may have held are new."""
-        self._reloading = threading.Lock()
-        self._lock = threading.Lock()
+        Mesh): only the forking thread survives a fork, so the watcher starts again (the
+        locks a thread of the parent may have held are ForkSafeLocks)."""
         self._changed = None
         if self._thread is not None:
             self._thread = None

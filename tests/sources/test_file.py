@@ -555,6 +555,19 @@ def test_a_forked_child_watches_the_files_too(
     assert subset_for(source.snapshot, "reviews") == "v1"  # the parent stopped watching
 
 
+def telemetry_policy(percent: int, logging: bool) -> str:
+    return textwrap.dedent(
+        f"""\
+        apiVersion: telemetry.istio.io/v1
+        kind: Telemetry
+        metadata: {{name: mesh-default, namespace: istio-system}}
+        spec:
+          tracing: [{{randomSamplingPercentage: {percent}}}]
+          accessLogging: [{{disabled: {str(not logging).lower()}}}]
+        """
+    )
+
+
 def test_a_telemetry_part_that_fails_to_apply_is_reported_and_the_others_follow(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -566,20 +579,8 @@ def test_a_telemetry_part_that_fails_to_apply_is_reported_and_the_others_follow(
 
     import meshlib
 
-    def telemetry(percent: int, logging: bool) -> str:
-        return textwrap.dedent(
-            f"""\
-            apiVersion: telemetry.istio.io/v1
-            kind: Telemetry
-            metadata: {{name: mesh-default, namespace: istio-system}}
-            spec:
-              tracing: [{{randomSamplingPercentage: {percent}}}]
-              accessLogging: [{{disabled: {str(not logging).lower()}}}]
-            """
-        )
-
     policy = tmp_path / "mesh.yaml"
-    policy.write_text(telemetry(50, logging=False))
+    policy.write_text(telemetry_policy(50, logging=False))
     registry = CollectorRegistry()
     config = MeshConfig(service="reviews", metrics_port=None)
     mesh = meshlib.Mesh(config, policy=policy, watch=False, registry=registry)
@@ -589,7 +590,7 @@ def test_a_telemetry_part_that_fails_to_apply_is_reported_and_the_others_follow(
         raise RuntimeError("tracing cannot follow")
 
     monkeypatch.setattr(mesh.tracing, "apply", broken)
-    policy.write_text(telemetry(10, logging=True))
+    policy.write_text(telemetry_policy(10, logging=True))
     assert mesh.source.reload() is True
     assert mesh.access_log.enabled("inbound")  # followed
     assert mesh.tracing.sampling == 50.0  # kept
@@ -598,3 +599,54 @@ def test_a_telemetry_part_that_fails_to_apply_is_reported_and_the_others_follow(
     with pytest.raises(RuntimeError, match="tracing cannot follow"):
         monkeypatch.setattr(meshlib.telemetry.tracing.Tracing, "apply", broken)
         meshlib.Mesh(config, policy=policy, watch=False, registry=CollectorRegistry())
+
+
+def test_a_fork_during_a_reload_leaves_the_child_serving_and_reloading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gunicorn --preload may fork a worker while a thread of the master applies new policy.
+    The child, where that thread does not exist, applies that policy whole and reloads later,
+    instead of waiting forever on the locks the thread held."""
+    from prometheus_client import CollectorRegistry
+
+    import meshlib
+
+    policy = tmp_path / "mesh.yaml"
+    policy.write_text(telemetry_policy(50, logging=False))
+    config = MeshConfig(service="reviews", metrics_port=None)
+    mesh = meshlib.Mesh(config, policy=policy, watch=False, registry=CollectorRegistry())
+    parent = os.getpid()
+    applying, release = threading.Event(), threading.Event()
+    apply_tracing = mesh.tracing.apply
+
+    def slow_in_the_parent(snapshot: Snapshot) -> None:
+        if os.getpid() == parent:
+            applying.set()
+            release.wait(10)
+        apply_tracing(snapshot)
+
+    monkeypatch.setattr(mesh.tracing, "apply", slow_in_the_parent)
+    policy.write_text(telemetry_policy(10, logging=True))
+    reloader = threading.Thread(target=mesh.source.reload)
+    reloader.start()
+    assert applying.wait(5)  # the reload holds the source's and the Mesh's locks now
+    pid = os.fork()
+    if pid == 0:  # the child: the interrupted policy is applied; a later edit is served
+        code = 1
+        try:
+            applied = mesh.tracing.sampling == 10.0 and mesh.access_log.enabled("inbound")
+            policy.write_text(telemetry_policy(5, logging=False))
+            child_reload = threading.Thread(target=mesh.source.reload, daemon=True)
+            child_reload.start()
+            child_reload.join(5)
+            reloaded = not child_reload.is_alive() and mesh.tracing.sampling == 5.0
+            code = 0 if applied and reloaded else 3 if not applied else 2
+        finally:
+            os._exit(code)
+    release.set()
+    reloader.join()
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    assert code != 3, "the child kept the parent's half-applied policy"
+    assert code == 0, "the child could not reload: a lock stayed held"
+    mesh.close()
