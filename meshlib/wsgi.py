@@ -2,14 +2,17 @@
 
     flask_app.wsgi_app = meshlib.MeshWSGIMiddleware(flask_app.wsgi_app)
 
-The caller's context stays current while the app runs and while the server iterates the
-response (a streaming generator still sees it), until the response is closed; `close()`
-always reaches the app's iterable. An exception from the app, or from its iterable before
-any body was sent, is counted as the 500 the server answers and recorded on the span. A
-response with a length keeps it (servers set Content-Length from `len()`). A file the app
-returns through the server's `wsgi.file_wrapper` is iterated by the server through the
-middleware, not sent with sendfile: what was sent, and a caller leaving midway, can then be
-counted exactly.
+The caller's context is current while the app runs and while each chunk of the response is
+produced (a streaming generator still sees it), in a `contextvars.Context` of the request's
+own: nothing of it is left in the server's thread between chunks or after the response. The
+request ends when the server has taken the last chunk, or at `close()` if that comes first
+(servers that never call `close()`, such as uvicorn's WSGI interface and asgiref's
+`WsgiToAsgi`, still count it); `close()` always reaches the app's iterable. An exception
+from the app, or from its iterable before any body was sent, is counted as the 500 the
+server answers and recorded on the span. A response with a length keeps it (servers set
+Content-Length from `len()`). A file the app returns through the server's
+`wsgi.file_wrapper` is iterated by the server through the middleware, not sent with
+sendfile: what was sent, and a caller leaving midway, can then be counted exactly.
 
 The response bytes counted are those the server sends, as Envoy counts them: a chunk once
 the server has written it (it asks for the next one, or its `write()` returned), none for a
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextvars import Context, copy_context
 from typing import Any
 from urllib.parse import quote
 
@@ -46,6 +50,15 @@ class MeshWSGIMiddleware:
         threads.install()  # context follows work into thread pools and threads
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        # The request's context lives in a Context of its own, entered while the app runs and
+        # while each chunk is produced: the server's thread never keeps it, whether or not
+        # the server calls close().
+        context = copy_context()
+        return context.run(self._serve, context, environ, start_response)
+
+    def _serve(
+        self, context: Context, environ: dict[str, Any], start_response: StartResponse
+    ) -> Iterable[bytes]:
         side = self._sides.current()
         exchange = _Exchange(side, environ)
         # Only a meshed caller (it sent its identity) gets ours, as with Istio's sidecars.
@@ -80,8 +93,8 @@ class MeshWSGIMiddleware:
             exchange.end(exc)
             raise
         if hasattr(iterable, "__len__"):
-            return _SizedClosing(iterable, exchange)
-        return _Closing(iterable, exchange)
+            return _SizedClosing(iterable, exchange, context)
+        return _Closing(iterable, exchange, context)
 
 
 class _Exchange(InboundExchange):
@@ -231,43 +244,74 @@ def _unstarted(data: bytes) -> Any:
 
 
 class _Closing:
-    """The app's response iterable; ends the exchange on close(), then closes the app's."""
+    """The app's response iterable, each chunk produced in the request's context. The request
+    ends when the iterable is exhausted or raises, or at close() if that comes first (once);
+    close() then reaches the app's iterable."""
 
-    def __init__(self, iterable: Iterable[bytes], exchange: _Exchange) -> None:
+    def __init__(self, iterable: Iterable[bytes], exchange: _Exchange, context: Context) -> None:
         self._iterable = iterable
+        self._iterator: Iterator[bytes] | None = None
         self._exchange = exchange
+        self._context = context
         self._error: BaseException | None = None
-        self._finished = False  # the server iterated to the end
+        self._sent = False  # servers send the status line with the first chunk, even empty
+        self._pending = 0  # the last chunk's length: sent once the server asks for more
+        self._ended = False
 
     def __iter__(self) -> Iterator[bytes]:
-        exchange = self._exchange
-        sent = False  # servers send the status line with the first chunk, even an empty one
-        try:
-            for chunk in self._iterable:
-                sent = True
-                yield chunk
-                exchange.response_bytes += len(chunk)  # written: the server asks for more
-        except BaseException as exc:
-            self._error = exc
-            if not (sent or exchange.headers_sent) and isinstance(exc, Exception):
-                exchange.status = 500  # nothing sent yet: the server answers 500 instead
-            raise
-        self._finished = True
+        return self
+
+    def __next__(self) -> bytes:
+        if self._ended:
+            raise StopIteration
+        return self._context.run(_next_chunk, self)
 
     def close(self) -> None:
-        exchange = self._exchange
-        # Closed before the end, the app not at fault: the server gave up on the response (its
-        # write failed: the caller went away). Not left to the generator's GeneratorExit, which
-        # a compiled generator may never see before close().
-        unfinished = not self._finished and not isinstance(self._error, Exception)
-        if unfinished and exchange.dropped is None:
-            exchange.dropped = (exchange.status, exchange.response_bytes, time.perf_counter())
-        try:
-            close = getattr(self._iterable, "close", None)
-            if close is not None:
-                close()
-        finally:
-            exchange.end(self._error)
+        self._context.run(_close, self)
+
+    def _end(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self._exchange.end(self._error)
+
+
+def _next_chunk(closing: _Closing) -> bytes:
+    """The next chunk of the app's iterable, in the request's context (module functions, not
+    bound methods: nothing made per chunk)."""
+    exchange = closing._exchange
+    exchange.response_bytes += closing._pending  # written: the server asks for more
+    closing._pending = 0
+    try:
+        iterator = closing._iterator
+        if iterator is None:
+            iterator = closing._iterator = iter(closing._iterable)
+        chunk = next(iterator)
+    except StopIteration:
+        closing._end()  # the server took the whole body: the caller has it
+        raise
+    except BaseException as exc:
+        closing._error = exc
+        if not (closing._sent or exchange.headers_sent) and isinstance(exc, Exception):
+            exchange.status = 500  # nothing sent yet: the server answers 500 instead
+        closing._end()
+        raise
+    closing._sent = True
+    closing._pending = len(chunk)
+    return chunk
+
+
+def _close(closing: _Closing) -> None:
+    exchange = closing._exchange
+    # Closed before the end, the app not at fault: the server gave up on the response (its
+    # write failed: the caller went away).
+    if not closing._ended and exchange.dropped is None:
+        exchange.dropped = (exchange.status, exchange.response_bytes, time.perf_counter())
+    try:
+        close = getattr(closing._iterable, "close", None)
+        if close is not None:
+            close()
+    finally:
+        closing._end()
 
 
 class _SizedClosing(_Closing):
