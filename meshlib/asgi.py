@@ -14,20 +14,21 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
 from meshlib._inbound import InboundExchange, InboundSide, InboundSides
 from meshlib._text import ascii_int, host_port
 from meshlib.mesh import Mesh
-from meshlib.telemetry import threads
+from meshlib.telemetry import peer, threads
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+_PEER = peer.HEADER.encode()
 
 
 class MeshMiddleware:
@@ -68,7 +69,10 @@ class _Exchange(InboundExchange):
         names = side.names
         first: dict[str, str] = {}
         more: dict[str, list[str]] | None = None  # every value of the names seen again
-        for key, value in scope.get("headers", ()):
+        exchanged: list[Any] | None = None  # the caller's metadata-exchange headers
+        headers = scope.get("headers", ())
+        for pair in headers:
+            key, value = pair
             name = names.get(key)
             if name is None:
                 if key.islower():  # ASGI servers send names lowercased; others are rare
@@ -76,6 +80,10 @@ class _Exchange(InboundExchange):
                 name = names.get(key.lower())
                 if name is None:
                     continue
+            if name == peer.HEADER:
+                if exchanged is None:
+                    exchanged = []
+                exchanged.append(pair)
             if name not in first:
                 first[name] = value.decode("latin-1")
             else:
@@ -85,6 +93,13 @@ class _Exchange(InboundExchange):
                 if values is None:
                     values = more[name] = [first[name]]
                 values.append(value.decode("latin-1"))
+        if exchanged is not None:
+            # Read, then removed from the request the app sees, as Istio's metadata exchange
+            # removes it (an app relaying its request's headers must not pass it on).
+            kept = list(headers)
+            for pair in exchanged:
+                kept.remove(pair)  # by identity first: the very pair seen
+            scope["headers"] = kept
         super().__init__(side, first, more)
 
     def get_all(self, name: str) -> list[str] | None:
@@ -164,9 +179,10 @@ class _Exchange(InboundExchange):
             headers = message.get("headers", ())
             if self.claimed is not None:
                 # A meshed caller (it sent its identity) gets ours, as Istio's sidecars answer
-                # only a peer that sent its metadata. A copy: the app may send the same
-                # message (and headers list) again.
-                headers = [*headers, self.side.identity_header]
+                # only a peer that sent its metadata; set, not added: one the app relayed
+                # (an upstream's) is replaced. A copy: the app may send the same message (and
+                # headers list) again.
+                headers = _answered(headers, self.side.identity_header)
                 message = {**message, "headers": headers}
             elif not isinstance(headers, (list, tuple)):  # read again by _delivered()
                 headers = list(headers)
@@ -181,6 +197,17 @@ class _Exchange(InboundExchange):
         await self._send(message)
         if self._complete and self.completed is None:
             self.completed = time.perf_counter()  # sent: the caller has it all
+
+
+def _answered(
+    headers: Iterable[tuple[bytes, bytes]], identity: tuple[bytes, bytes]
+) -> list[tuple[bytes, bytes]]:
+    """The app's response headers with this workload's identity as the only
+    metadata-exchange header, as Istio's filter sets its own (an app relaying an upstream's
+    response headers would otherwise name the upstream to the caller)."""
+    kept = [pair for pair in headers if len(pair[0]) != len(_PEER) or pair[0].lower() != _PEER]
+    kept.append(identity)
+    return kept
 
 
 def _size_of(path: object) -> int:

@@ -33,12 +33,13 @@ from urllib.parse import quote
 from meshlib._inbound import InboundExchange, InboundSide, InboundSides
 from meshlib._text import ascii_int, host_port
 from meshlib.mesh import Mesh
-from meshlib.telemetry import threads
+from meshlib.telemetry import peer, threads
 
 StartResponse = Callable[..., Any]
 # The two request headers WSGI (CGI) names without the HTTP_ prefix.
 _CGI_NAMES = {"content-type": "CONTENT_TYPE", "content-length": "CONTENT_LENGTH"}
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+_PEER_KEY = "HTTP_" + peer.HEADER.upper().replace("-", "_")
 
 
 class MeshWSGIMiddleware:
@@ -66,7 +67,14 @@ class MeshWSGIMiddleware:
 
         def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             if identity is not None:
-                headers = [*headers, identity]  # a copy: the app may reuse its list
+                # Set, not added: one the app relayed (an upstream's) is replaced, as Istio's
+                # metadata exchange sets its own. A copy: the app may reuse its list.
+                headers = [
+                    pair
+                    for pair in headers
+                    if len(pair[0]) != len(peer.HEADER) or pair[0].lower() != peer.HEADER
+                ]
+                headers.append(identity)
             # First: once the headers went out, the server re-raises `exc_info` here (PEP 3333)
             # and the caller keeps the status it got.
             write = start_response(status, headers, exc_info)
@@ -108,6 +116,8 @@ class _Exchange(InboundExchange):
         self.body_limit: int | None = None  # the most body bytes the server sends
         self._write: Callable[[bytes], Any] = _unstarted
         super().__init__(side)
+        if self.claimed is not None:  # read, then removed from what the app sees, as Istio does
+            environ.pop(_PEER_KEY, None)
 
     def end(self, error: BaseException | None = None) -> None:
         # The bytes were counted as the app gave them; the server sent no more than this.
