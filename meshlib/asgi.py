@@ -7,7 +7,8 @@ A pure ASGI middleware — not `BaseHTTPMiddleware`, which runs the app in anoth
 loses contextvars. Lifespan and websocket scopes pass through untouched; responses stream
 as the app sends them; an app exception is re-raised after the request is accounted for
 (as a 500), and a cancelled request (its caller went away) is counted with flag DC, as is
-one whose app was handed `http.disconnect` before its response was complete.
+one whose app was handed `http.disconnect` before its response was complete, or whose
+server raised an `OSError` from `send()` (ASGI 2.4: the caller is gone).
 """
 
 from __future__ import annotations
@@ -188,13 +189,26 @@ class _Exchange(InboundExchange):
                 headers = list(headers)
                 message = {**message, "headers": headers}
             self._started = headers
-        elif kind == "http.response.body":
-            self.response_bytes += len(message.get("body", b""))
+        size = 0
+        if kind == "http.response.body":
+            size = len(message.get("body", b""))
+            self.response_bytes += size
             self._complete = not message.get("more_body")
         elif kind == "http.response.pathsend":  # the server sends a file as the whole body
-            self.response_bytes += _size_of(message.get("path"))
+            size = _size_of(message.get("path"))
+            self.response_bytes += size
             self._complete = True
-        await self._send(message)
+        try:
+            await self._send(message)
+        except OSError:
+            # ASGI 2.4: the server raises an OSError from send() once the caller is gone (the
+            # only sign of it an app that never calls receive() gets): Envoy's DC, with what
+            # was sent before this message, which never went.
+            if self.dropped is None and self.completed is None:
+                self.response_bytes -= size
+                self._complete = False
+                self.dropped = (self.status, self.response_bytes, time.perf_counter())
+            raise
         if self._complete and self.completed is None:
             self.completed = time.perf_counter()  # sent: the caller has it all
 
