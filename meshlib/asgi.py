@@ -8,7 +8,8 @@ loses contextvars. Lifespan and websocket scopes pass through untouched; respons
 as the app sends them; an app exception is re-raised after the request is accounted for
 (as a 500), and a cancelled request (its caller went away) is counted with flag DC, as is
 one whose app was handed `http.disconnect` before its response was complete, or whose
-server raised an `OSError` from `send()` (ASGI 2.4: the caller is gone).
+server raised an `OSError` from `send()` (ASGI 2.4: the caller is gone). A response started
+with `trailers: True` (the HTTP Trailers extension) is complete with its last trailers.
 """
 
 from __future__ import annotations
@@ -57,13 +58,15 @@ class MeshMiddleware:
 class _Exchange(InboundExchange):
     """One ASGI request: its receive and send, wrapped (bound methods: no closures to make)."""
 
-    __slots__ = ("_complete", "_receive", "_send", "_started", "scope")
+    __slots__ = ("_complete", "_receive", "_send", "_started", "_trailers", "scope")
 
     def __init__(self, side: InboundSide, scope: Scope, receive: Receive, send: Send) -> None:
         self.scope = scope
         self._receive = receive
         self._send = send
-        self._complete = False  # the last body message (no more_body) was sent
+        self._complete = False  # the last body message (no more_body) was sent, or the
+        # last trailers message (no more_trailers) for a response started with trailers
+        self._trailers = False  # the response was started with `trailers: True`
         self._started: Sequence[tuple[bytes, bytes]] | None = None  # the response's headers
         # The headers read on every request, decoded; the others untouched. One string per
         # name (a list per name would cost an allocation per header on every request).
@@ -162,7 +165,7 @@ class _Exchange(InboundExchange):
         Content-Length once that many bytes went (the caller may close then, as Envoy's codec
         ends the stream)."""
         status = self.status
-        if not status:
+        if not status or self._trailers:  # trailers to come: the response goes on
             return False
         if status in (204, 304) or self.method() == "HEAD":
             return True
@@ -188,16 +191,21 @@ class _Exchange(InboundExchange):
             elif not isinstance(headers, (list, tuple)):  # read again by _delivered()
                 headers = list(headers)
                 message = {**message, "headers": headers}
+            if self._started is None:
+                # The HTTP Trailers extension: the response ends with its last trailers.
+                self._trailers = bool(message.get("trailers"))
             self._started = headers
         size = 0
         if kind == "http.response.body":
             size = len(message.get("body", b""))
             self.response_bytes += size
-            self._complete = not message.get("more_body")
+            self._complete = not message.get("more_body") and not self._trailers
+        elif kind == "http.response.trailers":
+            self._complete = not message.get("more_trailers")
         elif kind == "http.response.pathsend":  # the server sends a file as the whole body
             size = _size_of(message.get("path"))
             self.response_bytes += size
-            self._complete = True
+            self._complete = not self._trailers
         try:
             await self._send(message)
         except OSError:

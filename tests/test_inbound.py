@@ -558,21 +558,23 @@ def test_wsgi_write_is_counted_and_an_error_after_it_keeps_the_status() -> None:
     mesh.close()
 
 
-def test_the_access_log_has_the_target_as_sent() -> None:
+@pytest.mark.parametrize("asgi_server", ["uvicorn", "hypercorn"])
+def test_the_access_log_has_the_target_as_sent(asgi_server: str) -> None:
     """Envoy logs `%REQ(:PATH)%`, the target as the caller sent it: percent-encoded, with
-    the query. Through real uvicorn (ASGI's raw_path) and wsgiref, which keeps no raw
-    target: it is rebuilt from the decoded path with SCRIPT_NAME (an app mounted under a
-    prefix logs its whole path), so only a decoded `%2F` cannot be told from a `/`; a
+    the query. Through real uvicorn or hypercorn (ASGI's raw_path) and wsgiref, which keeps
+    no raw target: it is rebuilt from the decoded path with SCRIPT_NAME (an app mounted under
+    a prefix logs its whole path), so only a decoded `%2F` cannot be told from a `/`; a
     server's RAW_URI (gunicorn) or REQUEST_URI (uWSGI) is the target as sent."""
     import http.client
     from wsgiref.util import shift_path_info
 
-    from tests.upstream import AsgiServer, WsgiServer
+    from tests.upstream import AsgiServer, HypercornServer, WsgiServer
 
     target = "/api/files/a%2Fb%20c?q=1"
     mesh, entries = logged_mesh()
     seen: list[Any] = []
-    asgi = AsgiServer(meshlib.MeshMiddleware(ok_app(seen), mesh=mesh), "ratings").start()
+    server = AsgiServer if asgi_server == "uvicorn" else HypercornServer
+    asgi = server(meshlib.MeshMiddleware(ok_app(seen), mesh=mesh), "ratings").start()
 
     def mounted(environ: dict[str, Any], start_response: Any) -> Any:  # under /api
         start_response("200 OK", [])

@@ -1,0 +1,83 @@
+"""`MeshMiddleware` under real ASGI servers other than uvicorn: hypercorn, over HTTP/1.1 and
+HTTP/2 (prior knowledge), where responses may end with trailers (the ASGI HTTP Trailers
+extension). What the caller got is what is counted."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+import meshlib
+from tests.test_inbound_failures import SAMPLED, Traced
+from tests.upstream import HypercornServer
+
+LATE = 0.3  # seconds between the last body chunk and the trailers
+
+
+@pytest.fixture
+def traced() -> Iterator[Traced]:
+    setup = Traced()
+    yield setup
+    setup.close()
+
+
+async def with_trailers(scope: Any, receive: Any, send: Any) -> None:
+    """A gRPC-style answer: its status comes in the trailers, LATE after the body; `/fails`
+    raises before sending them."""
+    assert "http.response.trailers" in scope["extensions"]  # hypercorn over HTTP/2
+    headers = [(b"content-type", b"application/grpc")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers, "trailers": True})
+    await send({"type": "http.response.body", "body": b"message"})
+    await asyncio.sleep(LATE)
+    if scope["path"] == "/fails":
+        raise RuntimeError("failed before the trailers")
+    await send({"type": "http.response.trailers", "headers": [(b"grpc-status", b"0")]})
+
+
+def call_h2(port: int, path: str, timeout: float = 5) -> httpx.Response | httpx.HTTPError:
+    with httpx.Client(http1=False, http2=True, timeout=timeout) as client:  # h2c
+        try:
+            headers = {"te": "trailers", "traceparent": SAMPLED.decode()}
+            response = client.get(f"http://127.0.0.1:{port}{path}", headers=headers)
+        except httpx.HTTPError as exc:
+            return exc
+    return response
+
+
+def test_a_response_with_trailers_ends_with_them(traced: Traced) -> None:
+    """A response started with `trailers: True` ends with its last trailers, not its last body
+    chunk: its duration and its span include the wait for them."""
+    server = HypercornServer(meshlib.MeshMiddleware(with_trailers, mesh=traced.mesh)).start()
+    try:
+        response = call_h2(server.port, "/ok")
+    finally:
+        server.stop()
+    assert isinstance(response, httpx.Response) and response.http_version == "HTTP/2"
+    assert response.content == b"message"
+    (line,) = traced.logged
+    assert (line.response_code, line.response_flags) == (200, "-")
+    assert line.duration >= LATE * 1000
+    (span,) = traced.spans()
+    assert span.end_time is not None and span.start_time is not None
+    assert span.end_time - span.start_time >= LATE * 1e9
+
+
+def test_an_app_failing_before_its_trailers_is_no_clean_answer(traced: Traced) -> None:
+    """The body went, the trailers never did (the caller never gets the end of the stream nor
+    its status): the app's error is the request's, recorded on its span, not discarded as
+    after a whole response."""
+    server = HypercornServer(meshlib.MeshMiddleware(with_trailers, mesh=traced.mesh)).start()
+    try:
+        # hypercorn neither ends nor resets the stream: the caller waits for its timeout
+        assert isinstance(call_h2(server.port, "/fails", timeout=1), httpx.ReadTimeout)
+    finally:
+        server.stop()
+    (line,) = traced.logged
+    assert line.response_code == 200
+    assert line.duration >= LATE * 1000
+    (span,) = traced.spans()
+    assert span.status.status_code.name == "ERROR"
