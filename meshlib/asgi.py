@@ -6,10 +6,12 @@
 A pure ASGI middleware — not `BaseHTTPMiddleware`, which runs the app in another task and
 loses contextvars. Lifespan and websocket scopes pass through untouched; responses stream
 as the app sends them; an app exception is re-raised after the request is accounted for
-(as a 500), and a cancelled request (its caller went away) is counted with flag DC, as is
-one whose app was handed `http.disconnect` before its response was complete, or whose
-server raised an `OSError` from `send()` (ASGI 2.4: the caller is gone). A response started
-with `trailers: True` (the HTTP Trailers extension) is complete with its last trailers.
+(as a 500, or, when the response had started, as the status sent with flag UC, as is an
+app that returns with its response incomplete), and a cancelled request (its caller went
+away) is counted with flag DC, as is one whose app was handed `http.disconnect` before its
+response was complete, or whose server raised an `OSError` from `send()` (ASGI 2.4: the
+caller is gone). A response started with `trailers: True` (the HTTP Trailers extension) is
+complete with its last trailers.
 """
 
 from __future__ import annotations
@@ -158,6 +160,9 @@ class _Exchange(InboundExchange):
             # http.disconnect once it is, which is normal): Envoy's DC, with what was sent.
             self.dropped = (self.status, self.response_bytes, time.perf_counter())
         return message
+
+    def broke_off(self, error: BaseException | None) -> bool:
+        return self._started is not None and not self._complete and not self._delivered()
 
     def _delivered(self) -> bool:
         """Whether the caller has the whole response though the app has not ended it: an

@@ -112,7 +112,7 @@ class _Exchange(InboundExchange):
 
     def __init__(self, side: InboundSide, environ: dict[str, Any]) -> None:
         self.environ = environ
-        self.headers_sent = False  # by the app's write(): an error after it is no 500
+        self.headers_sent = False  # by write() or with a chunk: an error after it is no 500
         self.body_limit: int | None = None  # the most body bytes the server sends
         self._write: Callable[[bytes], Any] = _unstarted
         super().__init__(side)
@@ -128,6 +128,14 @@ class _Exchange(InboundExchange):
             if dropped is not None and dropped[1] > limit:
                 self.dropped = (dropped[0], limit, dropped[2])
         super().end(error)
+
+    def broke_off(self, error: BaseException | None) -> bool:
+        # The headers went (with a chunk, or by write()) and then the app failed: the server
+        # drops the connection, and the caller has it all only if the body had its length.
+        if error is None or not self.headers_sent:
+            return False
+        limit = self.body_limit
+        return not (self.method() == "HEAD" or (limit is not None and self.response_bytes >= limit))
 
     def get_all(self, name: str) -> list[str] | None:
         key = _CGI_NAMES.get(name) or "HTTP_" + name.upper().replace("-", "_")
@@ -264,7 +272,6 @@ class _Closing:
         self._exchange = exchange
         self._context = context
         self._error: BaseException | None = None
-        self._sent = False  # servers send the status line with the first chunk, even empty
         self._pending = 0  # the last chunk's length: sent once the server asks for more
         self._ended = False
 
@@ -301,11 +308,11 @@ def _next_chunk(closing: _Closing) -> bytes:
         raise
     except BaseException as exc:
         closing._error = exc
-        if not (closing._sent or exchange.headers_sent) and isinstance(exc, Exception):
+        if not exchange.headers_sent and isinstance(exc, Exception):
             exchange.status = 500  # nothing sent yet: the server answers 500 instead
         closing._end()
         raise
-    closing._sent = True
+    exchange.headers_sent = True  # servers send the status line with the first chunk, even empty
     closing._pending = len(chunk)
     return chunk
 

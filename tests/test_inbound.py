@@ -586,11 +586,14 @@ def test_the_access_log_has_the_target_as_sent(asgi_server: str) -> None:
 
     try:
         with WsgiServer(dispatcher) as wsgi:
-            for port in (asgi.port, wsgi.port):
+            for served, port in enumerate((asgi.port, wsgi.port), 1):
                 connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
                 connection.request("GET", target)
                 assert connection.getresponse().read()
                 connection.close()
+                deadline = time.monotonic() + 5  # logged as the request ends, maybe just after
+                while len(entries) < served and time.monotonic() < deadline:
+                    time.sleep(0.005)
     finally:
         asgi.stop()
     assert [entry.path for entry in entries] == [target, "/api/files/a/b%20c?q=1"]

@@ -5,6 +5,7 @@ extension). What the caller got is what is counted."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 
 import meshlib
 from tests.test_inbound_failures import SAMPLED, Traced
-from tests.upstream import HypercornServer
+from tests.upstream import AsgiServer, HypercornServer
 
 LATE = 0.3  # seconds between the last body chunk and the trailers
 
@@ -77,7 +78,54 @@ def test_an_app_failing_before_its_trailers_is_no_clean_answer(traced: Traced) -
     finally:
         server.stop()
     (line,) = traced.logged
-    assert line.response_code == 200
+    assert (line.response_code, line.response_flags) == (200, "UC")
     assert line.duration >= LATE * 1000
     (span,) = traced.spans()
     assert span.status.status_code.name == "ERROR"
+
+
+async def breaks_off(scope: Any, receive: Any, send: Any) -> None:
+    """Declares 100 body bytes and sends 10; then raises (`/raises`), returns (`/returns`), or
+    raises after the whole of a 10-byte body it declared (`/whole`)."""
+    path = scope["path"]
+    length = b"10" if path == "/whole" else b"100"
+    headers = [(b"content-length", length), (b"content-type", b"text/plain")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": b"0123456789", "more_body": True})
+    if path != "/returns":
+        raise RuntimeError("failed mid-body")
+
+
+def raw_get(port: int, path: str) -> bytes:
+    """What a raw HTTP/1.1 GET of `path` receives, up to the server closing the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: ratings\r\n\r\n".encode())
+        got = b""
+        while chunk := sock.recv(65536):
+            got += chunk
+    return got
+
+
+@pytest.mark.parametrize("server", ["uvicorn", "hypercorn"])
+def test_a_response_broken_off_midway_keeps_its_status_with_flag_uc(
+    traced: Traced, server: str
+) -> None:
+    """An app that raises, or returns, after it started its response and before its end: the
+    server drops the connection and the caller has part of the body. Envoy's inbound sidecar
+    counts that as the status sent with flag UC (its upstream, the app, terminated the
+    response), not as a clean answer; a body that was whole by its Content-Length is."""
+    app = meshlib.MeshMiddleware(breaks_off, mesh=traced.mesh)
+    running = (AsgiServer if server == "uvicorn" else HypercornServer)(app).start()
+    try:
+        answers = {path: raw_get(running.port, path) for path in ("/raises", "/returns", "/whole")}
+    finally:
+        running.stop()
+    for answer in answers.values():
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and body == b"0123456789"
+    logged = {line.path: (line.response_code, line.response_flags) for line in traced.logged}
+    assert logged == {"/raises": (200, "UC"), "/returns": (200, "UC"), "/whole": (200, "-")}
+    assert sorted((c, f, n) for c, f, _, n in traced.counted()) == [
+        ("200", "-", 1.0),
+        ("200", "UC", 2.0),
+    ]

@@ -63,6 +63,15 @@ def served(environ, start_response):
             write(b"x" * 1000)
             time.sleep(0.2)
         return []
+    if path in ("/breaks", "/breaks-sized"):
+        headers = [("content-length", "100")] if path == "/breaks-sized" else []
+        start_response("200 OK", headers)
+
+        def broken():
+            yield b"0123456789"
+            raise RuntimeError("failed mid-body")
+
+        return broken()
     if path == "/outbound":  # what a meshed call made while serving would carry
         start_response("200 OK", [("content-type", "application/json")])
 
@@ -209,6 +218,16 @@ def test_a_caller_leaving_midway_is_dc_with_the_bytes_sent(served: Served, path:
     _, status, flags, sent = served.logged(path)
     assert (status, flags) == (200, "DC")
     assert sent == 5000 if served.server == "gunicorn" else sent in (5000, 6000)
+
+
+@pytest.mark.parametrize("path", ["/breaks", "/breaks-sized"])
+def test_a_body_broken_off_midway_keeps_its_status_with_flag_uc(served: Served, path: str) -> None:
+    """A generator that raises after its first chunk, its body chunked or of a declared
+    length: the server drops the connection, the caller got the status and 10 bytes. Envoy's
+    inbound sidecar counts the status sent with flag UC (the app terminated its response)."""
+    answer = served.raw(path)
+    assert answer.startswith(b"HTTP/1.1 200") and b"0123456789" in answer
+    assert served.logged(path)[1:] == [200, "UC", 10]
 
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
