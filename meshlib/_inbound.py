@@ -30,7 +30,8 @@ class InboundSide:
 
     def __init__(self, mesh: Mesh) -> None:
         self.mesh = mesh
-        wanted = {*mesh.propagator.inbound_headers, peer.HEADER}
+        # content-length: the request bytes of a body the app does not read (asgi.py).
+        wanted = {*mesh.propagator.inbound_headers, peer.HEADER, "content-length"}
         self.names: dict[bytes, str] = {name.encode("latin-1"): name for name in wanted}
         """The request headers read on every request, as ASGI spells them -> their name (the
         ones only a span or the access log reads are looked up when they are)."""

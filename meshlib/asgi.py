@@ -60,7 +60,7 @@ class MeshMiddleware:
 class _Exchange(InboundExchange):
     """One ASGI request: its receive and send, wrapped (bound methods: no closures to make)."""
 
-    __slots__ = ("_complete", "_receive", "_send", "_started", "_trailers", "scope")
+    __slots__ = ("_complete", "_declared", "_receive", "_send", "_started", "_trailers", "scope")
 
     def __init__(self, side: InboundSide, scope: Scope, receive: Receive, send: Send) -> None:
         self.scope = scope
@@ -106,7 +106,15 @@ class _Exchange(InboundExchange):
             for pair in exchanged:
                 kept.remove(pair)  # by identity first: the very pair seen
             scope["headers"] = kept
+        declared = first.pop("content-length", None)
+        # What the caller sends, read or not (Envoy counts what arrived): its Content-Length.
+        self._declared = (ascii_int(declared.strip(), 19) or 0) if declared else 0
         super().__init__(side, first, more)
+
+    def end(self, error: BaseException | None = None) -> None:
+        if self._declared > self.request_bytes:  # the app left (part of) the body unread
+            self.request_bytes = self._declared
+        super().end(error)
 
     def get_all(self, name: str) -> list[str] | None:
         # Only for a span or the access log: the headers are read again, not kept per request.

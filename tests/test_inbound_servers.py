@@ -129,3 +129,26 @@ def test_a_response_broken_off_midway_keeps_its_status_with_flag_uc(
         ("200", "-", 1.0),
         ("200", "UC", 2.0),
     ]
+
+
+async def unauthorized(scope: Any, receive: Any, send: Any) -> None:
+    """Answers 401 without reading the request's body."""
+    await send({"type": "http.response.start", "status": 401, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+@pytest.mark.parametrize("server", ["uvicorn", "hypercorn"])
+def test_request_bytes_are_what_the_caller_sent_read_or_not(traced: Traced, server: str) -> None:
+    """A 5,000-byte upload answered 401 unread: its request bytes are its Content-Length, as
+    Envoy counts what the caller sent (and as the WSGI middleware does), whatever the server
+    hands the app."""
+    app = meshlib.MeshMiddleware(unauthorized, mesh=traced.mesh)
+    running = (AsgiServer if server == "uvicorn" else HypercornServer)(app).start()
+    try:
+        with httpx.Client(timeout=5) as client:
+            answer = client.post(f"http://127.0.0.1:{running.port}/upload", content=b"x" * 5000)
+    finally:
+        running.stop()
+    assert answer.status_code == 401
+    (line,) = traced.logged
+    assert (line.response_code, line.bytes_received) == (401, 5000)
