@@ -30,7 +30,8 @@ class InboundSide:
 
     def __init__(self, mesh: Mesh) -> None:
         self.mesh = mesh
-        wanted = {*mesh.propagator.inbound_headers, peer.HEADER}
+        # content-length: the request bytes of a body the app does not read (asgi.py).
+        wanted = {*mesh.propagator.inbound_headers, peer.HEADER, "content-length"}
         self.names: dict[bytes, str] = {name.encode("latin-1"): name for name in wanted}
         """The request headers read on every request, as ASGI spells them -> their name (the
         ones only a span or the access log reads are looked up when they are)."""
@@ -158,6 +159,11 @@ class InboundExchange:
         """The request's method, as the server sees it."""
         raise NotImplementedError
 
+    def broke_off(self, error: BaseException | None) -> bool:
+        """Whether the response went out in part only: started, and ended (by `error`, an
+        `Exception`, or the app returning) before the caller had all of it."""
+        return False
+
     def query(self) -> str:
         """The request's query string ("" when none)."""
         return self.origin()[1]
@@ -202,7 +208,10 @@ class InboundExchange:
         """Close the span with the response status and restore the previous context.
 
         `error`: what the app raised. An `Exception` is answered 500 by the server (the
-        adapter sets `status`); anything else (a cancelled task: the caller went away, or the
+        adapter sets `status`), unless the response had started: then the caller got part
+        of it (`broke_off`), recorded as Envoy records an upstream that terminates its
+        response midway, the status sent with flag UC (so is an ASGI app that returns with
+        its response incomplete); anything else (a cancelled task: the caller went away, or the
         server stops) is recorded as Envoy records a request its caller abandoned: the status
         sent so far (0 if none) and flag DC. So is a request whose caller went away before
         its response was complete (`dropped`), with what had been sent by then.
@@ -225,6 +234,10 @@ class InboundExchange:
             error = None  # the app's, after the caller had it all
         elif error is not None and not isinstance(error, Exception):
             status, flags = self.status, Flag.DOWNSTREAM_TERMINATION
+        elif self.status and self.broke_off(error):
+            # Started, then cut short (the server drops the connection): Envoy's inbound
+            # sidecar keeps the status sent and flags its upstream's (the app's) termination.
+            status, flags = self.status, Flag.UPSTREAM_CONNECTION_TERMINATION
         else:
             status, flags = self.status or 500, "-"
         if self.response_bytes and self.method() == "HEAD":

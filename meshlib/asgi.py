@@ -6,28 +6,33 @@
 A pure ASGI middleware — not `BaseHTTPMiddleware`, which runs the app in another task and
 loses contextvars. Lifespan and websocket scopes pass through untouched; responses stream
 as the app sends them; an app exception is re-raised after the request is accounted for
-(as a 500), and a cancelled request (its caller went away) is counted with flag DC, as is
-one whose app was handed `http.disconnect` before its response was complete.
+(as a 500, or, when the response had started, as the status sent with flag UC, as is an
+app that returns with its response incomplete), and a cancelled request (its caller went
+away) is counted with flag DC, as is one whose app was handed `http.disconnect` before its
+response was complete, or whose server raised an `OSError` from `send()` (ASGI 2.4: the
+caller is gone). A response started with `trailers: True` (the HTTP Trailers extension) is
+complete with its last trailers.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
 from meshlib._inbound import InboundExchange, InboundSide, InboundSides
 from meshlib._text import ascii_int, host_port
 from meshlib.mesh import Mesh
-from meshlib.telemetry import threads
+from meshlib.telemetry import peer, threads
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+_PEER = peer.HEADER.encode()
 
 
 class MeshMiddleware:
@@ -55,20 +60,25 @@ class MeshMiddleware:
 class _Exchange(InboundExchange):
     """One ASGI request: its receive and send, wrapped (bound methods: no closures to make)."""
 
-    __slots__ = ("_complete", "_receive", "_send", "_started", "scope")
+    __slots__ = ("_complete", "_declared", "_receive", "_send", "_started", "_trailers", "scope")
 
     def __init__(self, side: InboundSide, scope: Scope, receive: Receive, send: Send) -> None:
         self.scope = scope
         self._receive = receive
         self._send = send
-        self._complete = False  # the last body message (no more_body) was sent
+        self._complete = False  # the last body message (no more_body) was sent, or the
+        # last trailers message (no more_trailers) for a response started with trailers
+        self._trailers = False  # the response was started with `trailers: True`
         self._started: Sequence[tuple[bytes, bytes]] | None = None  # the response's headers
         # The headers read on every request, decoded; the others untouched. One string per
         # name (a list per name would cost an allocation per header on every request).
         names = side.names
         first: dict[str, str] = {}
         more: dict[str, list[str]] | None = None  # every value of the names seen again
-        for key, value in scope.get("headers", ()):
+        exchanged: list[Any] | None = None  # the caller's metadata-exchange headers
+        headers = scope.get("headers", ())
+        for pair in headers:
+            key, value = pair
             name = names.get(key)
             if name is None:
                 if key.islower():  # ASGI servers send names lowercased; others are rare
@@ -76,6 +86,10 @@ class _Exchange(InboundExchange):
                 name = names.get(key.lower())
                 if name is None:
                     continue
+            if name == peer.HEADER:
+                if exchanged is None:
+                    exchanged = []
+                exchanged.append(pair)
             if name not in first:
                 first[name] = value.decode("latin-1")
             else:
@@ -85,7 +99,22 @@ class _Exchange(InboundExchange):
                 if values is None:
                     values = more[name] = [first[name]]
                 values.append(value.decode("latin-1"))
+        if exchanged is not None:
+            # Read, then removed from the request the app sees, as Istio's metadata exchange
+            # removes it (an app relaying its request's headers must not pass it on).
+            kept = list(headers)
+            for pair in exchanged:
+                kept.remove(pair)  # by identity first: the very pair seen
+            scope["headers"] = kept
+        declared = first.pop("content-length", None)
+        # What the caller sends, read or not (Envoy counts what arrived): its Content-Length.
+        self._declared = (ascii_int(declared.strip(), 19) or 0) if declared else 0
         super().__init__(side, first, more)
+
+    def end(self, error: BaseException | None = None) -> None:
+        if self._declared > self.request_bytes:  # the app left (part of) the body unread
+            self.request_bytes = self._declared
+        super().end(error)
 
     def get_all(self, name: str) -> list[str] | None:
         # Only for a span or the access log: the headers are read again, not kept per request.
@@ -140,13 +169,16 @@ class _Exchange(InboundExchange):
             self.dropped = (self.status, self.response_bytes, time.perf_counter())
         return message
 
+    def broke_off(self, error: BaseException | None) -> bool:
+        return self._started is not None and not self._complete and not self._delivered()
+
     def _delivered(self) -> bool:
         """Whether the caller has the whole response though the app has not ended it: an
         answer to HEAD, a 204 or a 304 is whole once started; one that declared its
         Content-Length once that many bytes went (the caller may close then, as Envoy's codec
         ends the stream)."""
         status = self.status
-        if not status:
+        if not status or self._trailers:  # trailers to come: the response goes on
             return False
         if status in (204, 304) or self.method() == "HEAD":
             return True
@@ -164,23 +196,53 @@ class _Exchange(InboundExchange):
             headers = message.get("headers", ())
             if self.claimed is not None:
                 # A meshed caller (it sent its identity) gets ours, as Istio's sidecars answer
-                # only a peer that sent its metadata. A copy: the app may send the same
-                # message (and headers list) again.
-                headers = [*headers, self.side.identity_header]
+                # only a peer that sent its metadata; set, not added: one the app relayed
+                # (an upstream's) is replaced. A copy: the app may send the same message (and
+                # headers list) again.
+                headers = _answered(headers, self.side.identity_header)
                 message = {**message, "headers": headers}
             elif not isinstance(headers, (list, tuple)):  # read again by _delivered()
                 headers = list(headers)
                 message = {**message, "headers": headers}
+            if self._started is None:
+                # The HTTP Trailers extension: the response ends with its last trailers.
+                self._trailers = bool(message.get("trailers"))
             self._started = headers
-        elif kind == "http.response.body":
-            self.response_bytes += len(message.get("body", b""))
-            self._complete = not message.get("more_body")
+        size = 0
+        if kind == "http.response.body":
+            size = len(message.get("body", b""))
+            self.response_bytes += size
+            self._complete = not message.get("more_body") and not self._trailers
+        elif kind == "http.response.trailers":
+            self._complete = not message.get("more_trailers")
         elif kind == "http.response.pathsend":  # the server sends a file as the whole body
-            self.response_bytes += _size_of(message.get("path"))
-            self._complete = True
-        await self._send(message)
+            size = _size_of(message.get("path"))
+            self.response_bytes += size
+            self._complete = not self._trailers
+        try:
+            await self._send(message)
+        except OSError:
+            # ASGI 2.4: the server raises an OSError from send() once the caller is gone (the
+            # only sign of it an app that never calls receive() gets): Envoy's DC, with what
+            # was sent before this message, which never went.
+            if self.dropped is None and self.completed is None:
+                self.response_bytes -= size
+                self._complete = False
+                self.dropped = (self.status, self.response_bytes, time.perf_counter())
+            raise
         if self._complete and self.completed is None:
             self.completed = time.perf_counter()  # sent: the caller has it all
+
+
+def _answered(
+    headers: Iterable[tuple[bytes, bytes]], identity: tuple[bytes, bytes]
+) -> list[tuple[bytes, bytes]]:
+    """The app's response headers with this workload's identity as the only
+    metadata-exchange header, as Istio's filter sets its own (an app relaying an upstream's
+    response headers would otherwise name the upstream to the caller)."""
+    kept = [pair for pair in headers if len(pair[0]) != len(_PEER) or pair[0].lower() != _PEER]
+    kept.append(identity)
+    return kept
 
 
 def _size_of(path: object) -> int:

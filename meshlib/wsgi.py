@@ -2,14 +2,17 @@
 
     flask_app.wsgi_app = meshlib.MeshWSGIMiddleware(flask_app.wsgi_app)
 
-The caller's context stays current while the app runs and while the server iterates the
-response (a streaming generator still sees it), until the response is closed; `close()`
-always reaches the app's iterable. An exception from the app, or from its iterable before
-any body was sent, is counted as the 500 the server answers and recorded on the span. A
-response with a length keeps it (servers set Content-Length from `len()`). A file the app
-returns through the server's `wsgi.file_wrapper` is iterated by the server through the
-middleware, not sent with sendfile: what was sent, and a caller leaving midway, can then be
-counted exactly.
+The caller's context is current while the app runs and while each chunk of the response is
+produced (a streaming generator still sees it), in a `contextvars.Context` of the request's
+own: nothing of it is left in the server's thread between chunks or after the response. The
+request ends when the server has taken the last chunk, or at `close()` if that comes first
+(servers that never call `close()`, such as uvicorn's WSGI interface and asgiref's
+`WsgiToAsgi`, still count it); `close()` always reaches the app's iterable. An exception
+from the app, or from its iterable before any body was sent, is counted as the 500 the
+server answers and recorded on the span. A response with a length keeps it (servers set
+Content-Length from `len()`). A file the app returns through the server's
+`wsgi.file_wrapper` is iterated by the server through the middleware, not sent with
+sendfile: what was sent, and a caller leaving midway, can then be counted exactly.
 
 The response bytes counted are those the server sends, as Envoy counts them: a chunk once
 the server has written it (it asks for the next one, or its `write()` returned), none for a
@@ -23,18 +26,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextvars import Context, copy_context
 from typing import Any
 from urllib.parse import quote
 
 from meshlib._inbound import InboundExchange, InboundSide, InboundSides
 from meshlib._text import ascii_int, host_port
 from meshlib.mesh import Mesh
-from meshlib.telemetry import threads
+from meshlib.telemetry import peer, threads
 
 StartResponse = Callable[..., Any]
 # The two request headers WSGI (CGI) names without the HTTP_ prefix.
 _CGI_NAMES = {"content-type": "CONTENT_TYPE", "content-length": "CONTENT_LENGTH"}
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+_PEER_KEY = "HTTP_" + peer.HEADER.upper().replace("-", "_")
 
 
 class MeshWSGIMiddleware:
@@ -46,6 +51,15 @@ class MeshWSGIMiddleware:
         threads.install()  # context follows work into thread pools and threads
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        # The request's context lives in a Context of its own, entered while the app runs and
+        # while each chunk is produced: the server's thread never keeps it, whether or not
+        # the server calls close().
+        context = copy_context()
+        return context.run(self._serve, context, environ, start_response)
+
+    def _serve(
+        self, context: Context, environ: dict[str, Any], start_response: StartResponse
+    ) -> Iterable[bytes]:
         side = self._sides.current()
         exchange = _Exchange(side, environ)
         # Only a meshed caller (it sent its identity) gets ours, as with Istio's sidecars.
@@ -53,7 +67,14 @@ class MeshWSGIMiddleware:
 
         def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             if identity is not None:
-                headers = [*headers, identity]  # a copy: the app may reuse its list
+                # Set, not added: one the app relayed (an upstream's) is replaced, as Istio's
+                # metadata exchange sets its own. A copy: the app may reuse its list.
+                headers = [
+                    pair
+                    for pair in headers
+                    if len(pair[0]) != len(peer.HEADER) or pair[0].lower() != peer.HEADER
+                ]
+                headers.append(identity)
             # First: once the headers went out, the server re-raises `exc_info` here (PEP 3333)
             # and the caller keeps the status it got.
             write = start_response(status, headers, exc_info)
@@ -80,8 +101,8 @@ class MeshWSGIMiddleware:
             exchange.end(exc)
             raise
         if hasattr(iterable, "__len__"):
-            return _SizedClosing(iterable, exchange)
-        return _Closing(iterable, exchange)
+            return _SizedClosing(iterable, exchange, context)
+        return _Closing(iterable, exchange, context)
 
 
 class _Exchange(InboundExchange):
@@ -91,10 +112,12 @@ class _Exchange(InboundExchange):
 
     def __init__(self, side: InboundSide, environ: dict[str, Any]) -> None:
         self.environ = environ
-        self.headers_sent = False  # by the app's write(): an error after it is no 500
+        self.headers_sent = False  # by write() or with a chunk: an error after it is no 500
         self.body_limit: int | None = None  # the most body bytes the server sends
         self._write: Callable[[bytes], Any] = _unstarted
         super().__init__(side)
+        if self.claimed is not None:  # read, then removed from what the app sees, as Istio does
+            environ.pop(_PEER_KEY, None)
 
     def end(self, error: BaseException | None = None) -> None:
         # The bytes were counted as the app gave them; the server sent no more than this.
@@ -105,6 +128,14 @@ class _Exchange(InboundExchange):
             if dropped is not None and dropped[1] > limit:
                 self.dropped = (dropped[0], limit, dropped[2])
         super().end(error)
+
+    def broke_off(self, error: BaseException | None) -> bool:
+        # The headers went (with a chunk, or by write()) and then the app failed: the server
+        # drops the connection, and the caller has it all only if the body had its length.
+        if error is None or not self.headers_sent:
+            return False
+        limit = self.body_limit
+        return not (self.method() == "HEAD" or (limit is not None and self.response_bytes >= limit))
 
     def get_all(self, name: str) -> list[str] | None:
         key = _CGI_NAMES.get(name) or "HTTP_" + name.upper().replace("-", "_")
@@ -231,43 +262,73 @@ def _unstarted(data: bytes) -> Any:
 
 
 class _Closing:
-    """The app's response iterable; ends the exchange on close(), then closes the app's."""
+    """The app's response iterable, each chunk produced in the request's context. The request
+    ends when the iterable is exhausted or raises, or at close() if that comes first (once);
+    close() then reaches the app's iterable."""
 
-    def __init__(self, iterable: Iterable[bytes], exchange: _Exchange) -> None:
+    def __init__(self, iterable: Iterable[bytes], exchange: _Exchange, context: Context) -> None:
         self._iterable = iterable
+        self._iterator: Iterator[bytes] | None = None
         self._exchange = exchange
+        self._context = context
         self._error: BaseException | None = None
-        self._finished = False  # the server iterated to the end
+        self._pending = 0  # the last chunk's length: sent once the server asks for more
+        self._ended = False
 
     def __iter__(self) -> Iterator[bytes]:
-        exchange = self._exchange
-        sent = False  # servers send the status line with the first chunk, even an empty one
-        try:
-            for chunk in self._iterable:
-                sent = True
-                yield chunk
-                exchange.response_bytes += len(chunk)  # written: the server asks for more
-        except BaseException as exc:
-            self._error = exc
-            if not (sent or exchange.headers_sent) and isinstance(exc, Exception):
-                exchange.status = 500  # nothing sent yet: the server answers 500 instead
-            raise
-        self._finished = True
+        return self
+
+    def __next__(self) -> bytes:
+        if self._ended:
+            raise StopIteration
+        return self._context.run(_next_chunk, self)
 
     def close(self) -> None:
-        exchange = self._exchange
-        # Closed before the end, the app not at fault: the server gave up on the response (its
-        # write failed: the caller went away). Not left to the generator's GeneratorExit, which
-        # a compiled generator may never see before close().
-        unfinished = not self._finished and not isinstance(self._error, Exception)
-        if unfinished and exchange.dropped is None:
-            exchange.dropped = (exchange.status, exchange.response_bytes, time.perf_counter())
-        try:
-            close = getattr(self._iterable, "close", None)
-            if close is not None:
-                close()
-        finally:
-            exchange.end(self._error)
+        self._context.run(_close, self)
+
+    def _end(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self._exchange.end(self._error)
+
+
+def _next_chunk(closing: _Closing) -> bytes:
+    """The next chunk of the app's iterable, in the request's context (module functions, not
+    bound methods: nothing made per chunk)."""
+    exchange = closing._exchange
+    exchange.response_bytes += closing._pending  # written: the server asks for more
+    closing._pending = 0
+    try:
+        iterator = closing._iterator
+        if iterator is None:
+            iterator = closing._iterator = iter(closing._iterable)
+        chunk = next(iterator)
+    except StopIteration:
+        closing._end()  # the server took the whole body: the caller has it
+        raise
+    except BaseException as exc:
+        closing._error = exc
+        if not exchange.headers_sent and isinstance(exc, Exception):
+            exchange.status = 500  # nothing sent yet: the server answers 500 instead
+        closing._end()
+        raise
+    exchange.headers_sent = True  # servers send the status line with the first chunk, even empty
+    closing._pending = len(chunk)
+    return chunk
+
+
+def _close(closing: _Closing) -> None:
+    exchange = closing._exchange
+    # Closed before the end, the app not at fault: the server gave up on the response (its
+    # write failed: the caller went away).
+    if not closing._ended and exchange.dropped is None:
+        exchange.dropped = (exchange.status, exchange.response_bytes, time.perf_counter())
+    try:
+        close = getattr(closing._iterable, "close", None)
+        if close is not None:
+            close()
+    finally:
+        closing._end()
 
 
 class _SizedClosing(_Closing):

@@ -558,21 +558,23 @@ def test_wsgi_write_is_counted_and_an_error_after_it_keeps_the_status() -> None:
     mesh.close()
 
 
-def test_the_access_log_has_the_target_as_sent() -> None:
+@pytest.mark.parametrize("asgi_server", ["uvicorn", "hypercorn"])
+def test_the_access_log_has_the_target_as_sent(asgi_server: str) -> None:
     """Envoy logs `%REQ(:PATH)%`, the target as the caller sent it: percent-encoded, with
-    the query. Through real uvicorn (ASGI's raw_path) and wsgiref, which keeps no raw
-    target: it is rebuilt from the decoded path with SCRIPT_NAME (an app mounted under a
-    prefix logs its whole path), so only a decoded `%2F` cannot be told from a `/`; a
+    the query. Through real uvicorn or hypercorn (ASGI's raw_path) and wsgiref, which keeps
+    no raw target: it is rebuilt from the decoded path with SCRIPT_NAME (an app mounted under
+    a prefix logs its whole path), so only a decoded `%2F` cannot be told from a `/`; a
     server's RAW_URI (gunicorn) or REQUEST_URI (uWSGI) is the target as sent."""
     import http.client
     from wsgiref.util import shift_path_info
 
-    from tests.upstream import AsgiServer, WsgiServer
+    from tests.upstream import AsgiServer, HypercornServer, WsgiServer
 
     target = "/api/files/a%2Fb%20c?q=1"
     mesh, entries = logged_mesh()
     seen: list[Any] = []
-    asgi = AsgiServer(meshlib.MeshMiddleware(ok_app(seen), mesh=mesh), "ratings").start()
+    server = AsgiServer if asgi_server == "uvicorn" else HypercornServer
+    asgi = server(meshlib.MeshMiddleware(ok_app(seen), mesh=mesh), "ratings").start()
 
     def mounted(environ: dict[str, Any], start_response: Any) -> Any:  # under /api
         start_response("200 OK", [])
@@ -584,11 +586,14 @@ def test_the_access_log_has_the_target_as_sent() -> None:
 
     try:
         with WsgiServer(dispatcher) as wsgi:
-            for port in (asgi.port, wsgi.port):
+            for served, port in enumerate((asgi.port, wsgi.port), 1):
                 connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
                 connection.request("GET", target)
                 assert connection.getresponse().read()
                 connection.close()
+                deadline = time.monotonic() + 5  # logged as the request ends, maybe just after
+                while len(entries) < served and time.monotonic() < deadline:
+                    time.sleep(0.005)
     finally:
         asgi.stop()
     assert [entry.path for entry in entries] == [target, "/api/files/a/b%20c?q=1"]

@@ -569,3 +569,28 @@ def test_a_file_sent_by_pathsend_is_the_whole_response(traced: Traced, tmp_path:
     assert [(code, flags) for code, flags, _, _ in traced.counted()] == [("200", "-")]
     (entry,) = traced.logged
     assert (entry.response_code, entry.response_flags, entry.bytes_sent) == (200, "-", 400)
+
+
+def test_a_send_failing_with_oserror_is_dc_with_the_bytes_sent(traced: Traced) -> None:
+    """ASGI 2.4: once the caller is gone the server raises an OSError from send() (Starlette's
+    StreamingResponse relies on it and stops listening for http.disconnect). The request is
+    Envoy's DC with the bytes sent before the failed chunk, and the error propagates."""
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        if sum(m["type"] == "http.response.body" for m in sent) == 2:
+            raise ConnectionResetError("the caller is gone")  # an OSError
+        sent.append(message)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for _ in range(5):
+            await send({"type": "http.response.body", "body": b"x" * 9, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    spec = {**scope([]), "asgi": {"version": "3.0", "spec_version": "2.4"}}
+    with pytest.raises(ConnectionResetError):
+        asyncio.run(meshlib.MeshMiddleware(app, mesh=traced.mesh)(spec, receive, send))
+    (line,) = traced.logged
+    assert (line.response_code, line.response_flags, line.bytes_sent) == (200, "DC", 18)
+    assert [(c, f) for c, f, _, _ in traced.counted()] == [("200", "DC")]

@@ -18,6 +18,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -62,6 +63,23 @@ def served(environ, start_response):
             write(b"x" * 1000)
             time.sleep(0.2)
         return []
+    if path in ("/breaks", "/breaks-sized"):
+        headers = [("content-length", "100")] if path == "/breaks-sized" else []
+        start_response("200 OK", headers)
+
+        def broken():
+            yield b"0123456789"
+            raise RuntimeError("failed mid-body")
+
+        return broken()
+    if path == "/outbound":  # what a meshed call made while serving would carry
+        start_response("200 OK", [("content-type", "application/json")])
+
+        def outbound():
+            yield __import__("json").dumps(dict(mesh.propagator.outbound(lambda name: False)))
+            yield ""
+
+        return (chunk.encode() for chunk in outbound())
     start_response("404 Not Found", [])
     return []
 
@@ -200,3 +218,75 @@ def test_a_caller_leaving_midway_is_dc_with_the_bytes_sent(served: Served, path:
     _, status, flags, sent = served.logged(path)
     assert (status, flags) == (200, "DC")
     assert sent == 5000 if served.server == "gunicorn" else sent in (5000, 6000)
+
+
+@pytest.mark.parametrize("path", ["/breaks", "/breaks-sized"])
+def test_a_body_broken_off_midway_keeps_its_status_with_flag_uc(served: Served, path: str) -> None:
+    """A generator that raises after its first chunk, its body chunked or of a declared
+    length: the server drops the connection, the caller got the status and 10 bytes. Envoy's
+    inbound sidecar counts the status sent with flag UC (the app terminated its response)."""
+    answer = served.raw(path)
+    assert answer.startswith(b"HTTP/1.1 200") and b"0123456789" in answer
+    assert served.logged(path)[1:] == [200, "UC", 10]
+
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def _outbound_of(port: int, headers: dict[str, str]) -> dict[str, str]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/outbound", headers=headers)
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.loads(response.read())  # type: ignore[no-any-return]
+
+
+def test_a_request_leaves_nothing_in_the_worker_thread(served: Served) -> None:
+    """A request's trace context is its own: the next request served by the same worker
+    thread, which sent no traceparent, sends none on, and both are counted."""
+    first = _outbound_of(served.port, {"traceparent": TRACEPARENT, "x-request-id": "first"})
+    assert (first["traceparent"], first["x-request-id"]) == (TRACEPARENT, "first")
+    second = _outbound_of(served.port, {"x-request-id": "second"})
+    assert "traceparent" not in second and second["x-request-id"] == "second"
+    deadline = time.monotonic() + 10
+    while len([line for line in served.counted() if line[0] == "/outbound"]) < 2:
+        assert time.monotonic() < deadline, "the requests were not logged"
+        time.sleep(0.05)
+
+
+def test_a_server_that_never_calls_close_still_counts_each_request() -> None:
+    """uvicorn's WSGI interface iterates the response and never calls its close() (nor does
+    asgiref's WsgiToAsgi): each request is still counted when its body is exhausted, and its
+    context, current while each chunk is produced, is not left in the executor's thread for
+    the next request to send on."""
+    import warnings
+
+    from uvicorn.middleware.wsgi import WSGIMiddleware
+
+    from meshlib.config import MeshConfig
+    from tests.access_lines import logging_mesh
+    from tests.upstream import AsgiServer
+
+    mesh, lines = logging_mesh(MeshConfig(service="ratings", metrics_port=None))
+
+    def app(environ: dict[str, object], start_response: Any) -> Iterator[bytes]:
+        start_response("200 OK", [("content-type", "application/json")])
+        yield b""  # the context is current while each chunk is produced
+        yield json.dumps(dict(mesh.propagator.outbound(lambda name: False))).encode()
+
+    with warnings.catch_warnings():  # uvicorn's own WSGI adapter is deprecated (for a2wsgi)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        served = WSGIMiddleware(meshlib.MeshWSGIMiddleware(app, mesh=mesh), workers=1)
+    server = AsgiServer(served, "ratings").start()
+    try:
+        first = _outbound_of(server.port, {"traceparent": TRACEPARENT, "x-request-id": "first"})
+        second = _outbound_of(server.port, {"x-request-id": "second"})
+        deadline = time.monotonic() + 10
+        while len(lines) < 2:
+            assert time.monotonic() < deadline, "the requests were not logged"
+            time.sleep(0.01)
+    finally:
+        server.stop()
+    assert (first["traceparent"], first["x-request-id"]) == (TRACEPARENT, "first")
+    assert "traceparent" not in second and second["x-request-id"] == "second"
+    assert [(line.response_code, line.response_flags) for line in lines] == [(200, "-")] * 2
+    assert [line.request_id for line in lines] == ["first", "second"]
+    mesh.close()

@@ -198,6 +198,52 @@ class AsgiServer:
         self.thread.join(timeout=10)
 
 
+class HypercornServer:
+    """Any ASGI app served by hypercorn in a daemon thread on 127.0.0.1, an OS-assigned port:
+    HTTP/1.1, and HTTP/2 to a client that speaks it from the start (h2c prior knowledge),
+    over which hypercorn sends response trailers. Same interface as `AsgiServer`."""
+
+    def __init__(self, app: Any, name: str = "hypercorn") -> None:
+        from hypercorn.config import Config
+
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(128)  # listening already: ready once serving (connections queue)
+        self.port: int = listener.getsockname()[1]
+        self.config = Config()
+        self.config.bind = [f"fd://{listener.detach()}"]  # hypercorn owns the socket now
+        self.config.errorlog = None  # the app errors the tests make on purpose
+        self.config.graceful_timeout = 0.5  # stop() waits no longer for open connections
+        self.app = app
+        self.name = name
+        self._serving = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self.thread = threading.Thread(target=self._run, name=f"server-{name}", daemon=True)
+
+    def _run(self) -> None:
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        from hypercorn.asyncio import serve
+
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self._serving.set()
+        await serve(self.app, self.config, shutdown_trigger=self._stop.wait, mode="asgi")
+
+    def start(self) -> HypercornServer:
+        self.thread.start()
+        if not self._serving.wait(10):
+            raise RuntimeError(f"server {self.name} did not start")
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self.thread.join(timeout=10)
+
+
 class WsgiServer:
     """Any WSGI app served by wsgiref (threaded) in a daemon thread on 127.0.0.1, an
     OS-assigned port; `with WsgiServer(app) as server: server.port`."""

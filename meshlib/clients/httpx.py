@@ -227,6 +227,8 @@ def _record(
         extensions.get(RESPONSE_FLAGS, ()),
         extensions.get(UPSTREAM_HOST),
     )
+    if peer.HEADER in response_headers:  # read: the app never sees it, as with Istio
+        del response.headers[peer.HEADER]
 
 
 def _view(request: httpx.Request) -> tuple[list[tuple[str, str]], dict[str, str]]:

@@ -427,6 +427,8 @@ class MeshAdapter(HTTPAdapter):
             getattr(response, "response_flags", ()),
             getattr(response, "upstream_host", None),
         )
+        if peer.HEADER in response.headers:  # read: the app never sees it, as with Istio
+            del response.headers[peer.HEADER]
         return _answering(response, original)
 
     def _handle(

@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import meshlib
@@ -230,3 +231,80 @@ def test_source_side_counts_no_body_for_head_and_304() -> None:
         finally:
             mesh.close()
     assert sums == {"200": 2.0, "304": 0.0}
+
+
+RELAYED = b"w=ratings-v1;n=default;a=ratings"  # an upstream's identity, relayed as is
+
+
+@pytest.mark.parametrize("relay", ["asgi+httpx", "wsgi+requests"])
+def test_a_relayed_identity_header_never_names_the_wrong_workload(relay: str) -> None:
+    """productpage -> reviews -> ratings, reviews relaying ratings' response headers (a proxy,
+    a BFF). As with Istio's metadata exchange, each hop's identity header is read and removed
+    (ratings' request, reviews' response from its meshed client) and the middleware sets its
+    own, replacing any the app relayed (here one a client outside the mesh would have passed
+    on): productpage sees reviews' identity only, and labels its series with it."""
+    from tests.upstream import WsgiServer, loopback_service, mesh_for
+
+    seen: dict[str, Any] = {}
+    ratings_mesh = mesh_for(
+        MeshConfig(service="ratings", workload="ratings-v1", metrics_port=None), ""
+    )
+
+    async def ratings(scope: Any, receive: Any, send: Any) -> None:
+        seen["ratings request"] = [name.decode() for name, _ in scope["headers"]]
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b'{"stars": 5}'})
+
+    ratings_server = AsgiServer(meshlib.MeshMiddleware(ratings, mesh=ratings_mesh)).start()
+    reviews_mesh = mesh_for(
+        MeshConfig(service="reviews", workload="reviews-v2", metrics_port=None),
+        loopback_service("ratings.default.svc.cluster.local", ratings_server.port),
+    )
+    upstream = "http://ratings.default.svc.cluster.local:9080/ratings/1"
+    forged = (b"X-Meshlib-Peer-Metadata", RELAYED)
+    hop_by_hop = (b"content-length", b"transfer-encoding", b"date", b"server")
+
+    async def asgi_reviews(scope: Any, receive: Any, send: Any) -> None:
+        async with meshlib.AsyncClient(mesh=reviews_mesh) as client:
+            answer = await client.get(upstream)
+        seen["reviews response"] = list(answer.headers.keys())
+        relayed = [(k, v) for k, v in answer.headers.raw if k.lower() not in hop_by_hop]
+        headers = [*relayed, forged]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": answer.content})
+
+    def wsgi_reviews(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        with meshlib.Session(mesh=reviews_mesh) as session:
+            answer = session.get(upstream)
+        seen["reviews response"] = [name.lower() for name in answer.headers]
+        relayed = [
+            (k, v) for k, v in answer.headers.items() if k.lower().encode() not in hop_by_hop
+        ]
+        start_response("200 OK", [*relayed, (forged[0].decode(), forged[1].decode())])
+        return [answer.content]
+
+    if relay == "asgi+httpx":
+        server: Any = AsgiServer(meshlib.MeshMiddleware(asgi_reviews, mesh=reviews_mesh))
+        port, stop = server.start().port, server.stop
+    else:
+        server = WsgiServer(meshlib.MeshWSGIMiddleware(wsgi_reviews, mesh=reviews_mesh))
+        port, stop = server.__enter__().port, server.__exit__
+    productpage = mesh_for(
+        MeshConfig(service="productpage", workload="productpage-v1", metrics_port=None),
+        loopback_service("reviews.default.svc.cluster.local", port),
+    )
+    try:
+        with meshlib.Client(mesh=productpage) as client:
+            answer = client.get("http://reviews.default.svc.cluster.local:9080/reviews/1")
+    finally:
+        stop()
+        ratings_server.stop()
+    assert answer.status_code == 200
+    assert "x-meshlib-peer-metadata" not in seen["ratings request"]
+    assert "x-meshlib-peer-metadata" not in seen["reviews response"]
+    assert "x-meshlib-peer-metadata" not in answer.headers  # read and removed by the client
+    (labels,) = [labels for labels, _ in samples(productpage, "istio_requests_total")]
+    assert labels["destination_service_name"] == "reviews"
+    assert (labels["destination_workload"], labels["destination_app"]) == ("reviews-v2", "reviews")
+    for mesh in (ratings_mesh, reviews_mesh, productpage):
+        mesh.close()
