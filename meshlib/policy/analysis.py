@@ -107,6 +107,69 @@ class _Analyzer:
         yield from self.conflicting_rules()
         yield from self.destination_rule_findings()
         yield from self.telemetry_findings()
+        yield from self.conflicting_telemetry()
+
+    def conflicting_telemetry(self) -> Iterator[Diagnostic]:
+        """Istio's MultipleTelemetriesWithoutWorkloadSelectors and
+        ConflictingTelemetryWorkloadSelectors: one namespace-wide Telemetry per namespace
+        (the root namespace's is the mesh's), one Telemetry per workload; with more, which one
+        applies is undefined in Istio (meshlib takes the oldest)."""
+        wide: dict[str, list[Resource[Telemetry]]] = {}
+        selecting: dict[str, list[tuple[Resource[Telemetry], Mapping[str, str]]]] = {}
+        for resource in oldest_first(r for r in self.resources if r.kind == "Telemetry"):
+            spec: Telemetry = resource.spec
+            if spec.target_ref is not None or spec.target_refs:
+                continue  # for gateways and waypoints, which meshlib ignores
+            if spec.selector is None or not spec.selector.match_labels:
+                wide.setdefault(resource.namespace, []).append(resource)
+            else:
+                selecting.setdefault(resource.namespace, []).append(
+                    (resource, spec.selector.match_labels)
+                )
+        for namespace, resources in wide.items():
+            if len(resources) < 2:
+                continue
+            for resource in resources:
+                others = ", ".join(
+                    f"{r.namespace}/{r.name}" for r in resources if r is not resource
+                )
+                yield _finding(
+                    "error",
+                    resource,
+                    "spec.selector",
+                    f"namespace {namespace} has other Telemetry without a workload selector"
+                    f" ({others}): only one may apply to the whole namespace (meshlib takes"
+                    " the oldest)",
+                )
+        for namespace, pairs in selecting.items():
+            workloads = self.namespace_workloads(namespace)
+            for resource, mine in pairs:
+                for other, theirs in pairs:
+                    if other is resource:
+                        continue
+                    both = next(
+                        (w for w in workloads if selects(mine, w) and selects(theirs, w)), None
+                    )
+                    if both is None and not (selects(mine, theirs) or selects(theirs, mine)):
+                        continue
+                    shown = ", ".join(f"{k}={v}" for k, v in (both or {**mine, **theirs}).items())
+                    yield _finding(
+                        "error",
+                        resource,
+                        "spec.selector.matchLabels",
+                        f"selects the same workloads as Telemetry {other.namespace}/{other.name}"
+                        f" (a workload labelled {shown}): only one Telemetry may select a"
+                        " workload",
+                    )
+
+    def namespace_workloads(self, namespace: str) -> list[Mapping[str, str]]:
+        """The labels of the workloads meshlib knows in `namespace`: WorkloadEntries and the
+        endpoints of its ServiceEntries."""
+        labels = [w.spec.labels for w in self.workload_entries if w.namespace == namespace]
+        for entry in self.entries:
+            if entry.namespace == namespace:
+                labels.extend(w.labels for w in entry.spec.endpoints)
+        return labels
 
     def telemetry_findings(self) -> Iterator[Diagnostic]:
         """Telemetry that is valid for Istio but that meshlib leaves out, said up front."""
