@@ -108,7 +108,11 @@ def _check(args: argparse.Namespace) -> int:
     _config("--namespace", args.namespace, namespace=args.namespace)  # checked as in `routes`
     domain = _cluster_domain(args)
     result = load_paths(args.paths, default_namespace=args.namespace, keep_lines=True)
-    found = analyze(result.resources, cluster_domain=domain, lines=result.lines)
+    variable = "MESHLIB_ROOT_NAMESPACE"  # whose Telemetry is the mesh's, as a Mesh reads it
+    root = MeshConfig.from_env({variable: os.environ.get(variable, "")}).root_namespace
+    found = analyze(
+        result.resources, cluster_domain=domain, root_namespace=root, lines=result.lines
+    )
     findings = [*result.diagnostics, *found]
     findings.sort(key=lambda d: (d.file or "", d.line or 0))
     errors = sum(d.severity == "error" for d in findings)

@@ -381,7 +381,8 @@ kind: Telemetry
 metadata: {name: mesh-default, namespace: istio-system}
 spec:
   accessLogging:
-  - filter: {expression: "response.code >= 500"}
+  - providers: [{name: envoy}]
+    filter: {expression: "response.code >= 500"}
   - filter: {expression: "response.code >= 400 || request.url_path.startsWith('/api')"}
 """
     )
@@ -389,7 +390,7 @@ spec:
     assert result.returncode == 0, result.stdout + result.stderr
     (line,) = result.stdout.splitlines()
     assert line.startswith(
-        f"{path}:7: warning: Telemetry istio-system/mesh-default:"
+        f"{path}:8: warning: Telemetry istio-system/mesh-default:"
         " spec.accessLogging[1].filter.expression: meshlib logs every request for this entry:"
     )
     assert "startsWith()" in line
@@ -399,6 +400,25 @@ spec:
     assert "spec.accessLogging[0].filter.expression: must be a valid CEL expression" in (
         result.stdout
     )
+
+
+def test_check_warns_about_an_access_log_entry_without_provider(tmp_path: Path) -> None:
+    """An accessLogging entry naming no provider, with none to inherit: a warning at the
+    entry's line (Istio logs nothing for it, meshlib logs it as envoy); exit 0."""
+    path = tmp_path / "telemetry.yaml"
+    path.write_text(
+        "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\n"
+        "metadata: {name: mesh-default, namespace: istio-system}\n"
+        "spec:\n  accessLogging:\n  - match: {mode: SERVER}\n"
+    )
+    result = run("check", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    (line,) = result.stdout.splitlines()
+    assert line.startswith(
+        f"{path}:6: warning: Telemetry istio-system/mesh-default:"
+        " spec.accessLogging[0].providers: names no provider and inherits none:"
+    )
+    assert "(providers: [{name: envoy}])" in line
 
 
 def test_routes_sends_a_one_port_service_to_its_port_as_the_data_plane_does(

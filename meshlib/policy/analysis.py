@@ -28,7 +28,13 @@ from meshlib.policy.snapshot import (
     service_workloads,
     visible_to,
 )
-from meshlib.policy.telemetry import Telemetry, cel_string_literal, header_name, settable_label
+from meshlib.policy.telemetry import (
+    DEFAULT_ACCESS_LOG_PROVIDERS,
+    Telemetry,
+    cel_string_literal,
+    header_name,
+    settable_label,
+)
 from meshlib.policy.virtual_service import Destination, VirtualService
 
 
@@ -36,6 +42,7 @@ def analyze(
     resources: Iterable[Resource[Any]],
     *,
     cluster_domain: str = "cluster.local",
+    root_namespace: str = "istio-system",
     lines: Mapping[Origin, FieldLines] | None = None,
 ) -> list[Diagnostic]:
     """Findings about how the resources fit together, errors and warnings.
@@ -43,7 +50,7 @@ def analyze(
     Each finding is at its resource's line, or, given the `lines` of a load with
     `keep_lines=True`, at the line of the field it names.
     """
-    findings = _Analyzer(tuple(resources), cluster_domain).run()
+    findings = _Analyzer(tuple(resources), cluster_domain, root_namespace).run()
     if not lines:
         return list(findings)
     return [_at_field(finding, lines) for finding in findings]
@@ -58,7 +65,8 @@ def _at_field(finding: Diagnostic, lines: Mapping[Origin, FieldLines]) -> Diagno
 
 
 class _Analyzer:
-    def __init__(self, resources: tuple[Resource[Any], ...], domain: str) -> None:
+    def __init__(self, resources: tuple[Resource[Any], ...], domain: str, root: str) -> None:
+        self.root_namespace = root
         self.all_definitions = resources
         resources = latest_definitions(resources)
         self.resources = resources
@@ -108,6 +116,7 @@ class _Analyzer:
         yield from self.destination_rule_findings()
         yield from self.telemetry_findings()
         yield from self.conflicting_telemetry()
+        yield from self.access_logs_without_provider()
 
     def conflicting_telemetry(self) -> Iterator[Diagnostic]:
         """Istio's MultipleTelemetriesWithoutWorkloadSelectors and
@@ -160,6 +169,44 @@ class _Analyzer:
                         f"selects the same workloads as Telemetry {other.namespace}/{other.name}"
                         f" (a workload labelled {shown}): only one Telemetry may select a"
                         " workload",
+                    )
+
+    def access_logs_without_provider(self) -> Iterator[Diagnostic]:
+        """Istio's InvalidTelemetryProvider: an `accessLogging` entry that names no provider and
+        inherits none (from an earlier entry, or from the namespace's or the mesh's Telemetry
+        above it) falls to MeshConfig's default providers. Istio's default MeshConfig has
+        none, so Istio logs nothing for it, where meshlib logs it as `envoy`."""
+        ordered: list[Resource[Telemetry]] = [
+            r
+            for r in oldest_first(r for r in self.resources if r.kind == "Telemetry")
+            if r.spec.target_ref is None and not r.spec.target_refs
+        ]
+        wide: dict[str, Resource[Telemetry]] = {}
+        for resource in ordered:
+            if resource.spec.selector is None or not resource.spec.selector.match_labels:
+                wide.setdefault(resource.namespace, resource)  # the oldest applies
+        defaults = ", ".join(DEFAULT_ACCESS_LOG_PROVIDERS)
+        for resource in ordered:
+            spec: Telemetry = resource.spec
+            parents = [wide.get(self.root_namespace)]
+            if wide.get(resource.namespace) is not resource:
+                parents.append(wide.get(resource.namespace))
+            inherited = any(
+                parent is not None and parent is not resource and _names_log_provider(parent)
+                for parent in parents
+            )
+            for index, entry in enumerate(spec.access_logging):
+                if entry.providers:
+                    inherited = True
+                elif not inherited and not entry.disabled:
+                    yield _finding(
+                        "warning",
+                        resource,
+                        f"spec.accessLogging[{index}].providers",
+                        "names no provider and inherits none: Istio, whose default MeshConfig"
+                        " has no defaultProviders.accessLogging, logs nothing for this entry,"
+                        f" where meshlib logs it as {defaults!r}; name the provider"
+                        f" (providers: [{{name: {defaults}}}])",
                     )
 
     def namespace_workloads(self, namespace: str) -> list[Mapping[str, str]]:
@@ -437,6 +484,10 @@ class _Analyzer:
                         f"conflicts with DestinationRule {first.namespace}/{first.name} for {host}:"
                         " rules for one host merge and only the oldest trafficPolicy applies",
                     )
+
+
+def _names_log_provider(resource: Resource[Telemetry]) -> bool:
+    return any(entry.providers for entry in resource.spec.access_logging)
 
 
 def _filter_findings(resource: Resource[Any], spec: Telemetry) -> Iterator[Diagnostic]:

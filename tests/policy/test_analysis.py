@@ -572,3 +572,49 @@ def test_two_telemetries_selecting_one_workload_are_errors() -> None:
         telemetry("other-ns", "shop", reviews),
     )
     assert apart == []
+
+
+# -- access logging without a provider (Istio InvalidTelemetryProvider) -----------------------
+
+
+def log_findings(*documents: str, root: str = "istio-system") -> list[Diagnostic]:
+    text = "---\n".join(textwrap.dedent(d).strip() + "\n" for d in documents)
+    result = load_text(text, "mesh.yaml", keep_lines=True)
+    found = analyze(result.resources, root_namespace=root, lines=result.lines)
+    return [d for d in found if d.field is not None and d.field.endswith("providers")]
+
+
+def test_an_access_log_entry_with_no_provider_to_fall_back_on_is_a_warning() -> None:
+    """The mesh's first entry without providers: a warning at the entry (its missing
+    `providers`), naming the provider meshlib uses."""
+    (entry,) = log_findings(telemetry("mesh", spec="accessLogging: [{}]"))
+    assert (entry.severity, entry.field, entry.line) == (
+        "warning",
+        "spec.accessLogging[0].providers",
+        5,
+    )
+    assert "where meshlib logs it as 'envoy'" in entry.message
+
+
+def test_an_access_log_entry_that_inherits_providers_is_fine() -> None:
+    """Providers named by an earlier entry, or by the mesh's or the namespace's Telemetry above,
+    carry over; a `disabled` entry turns nothing on."""
+    named = "accessLogging: [{providers: [{name: otel}]}]"
+    bare = "accessLogging: [{match: {mode: CLIENT}}]"
+    assert log_findings(telemetry("mesh", spec=f"{named[:-1]}, {{}}]")) == []
+    assert log_findings(telemetry("mesh", spec=named), telemetry("shop", "shop", bare)) == []
+    selected = "selector: {matchLabels: {app: reviews}}\n" + bare
+    assert log_findings(telemetry("shop", "shop", named), telemetry("w", "shop", selected)) == []
+    assert log_findings(telemetry("mesh", spec="accessLogging: [{disabled: true}]")) == []
+    # no parent names one: the namespace's and the workload's entries are both reported
+    found = log_findings(telemetry("shop", "shop", bare), telemetry("w", "shop", selected))
+    assert [d.resource for d in found] == ["Telemetry shop/shop", "Telemetry shop/w"]
+
+
+def test_the_mesh_level_is_the_root_namespace_given() -> None:
+    """With another root namespace, a Telemetry in istio-system is an ordinary namespace's and
+    gives nothing to a third namespace."""
+    named = telemetry("mesh", "mesh-root", "accessLogging: [{providers: [{name: envoy}]}]")
+    shop = telemetry("shop", "shop", "accessLogging: [{}]")
+    assert log_findings(named, shop, root="mesh-root") == []
+    assert len(log_findings(named, shop)) == 1
