@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 from meshlib.errors import Diagnostic, Severity
+from meshlib.policy._gc import collector_paused
 from meshlib.policy.cel import MalformedExpression, UnsupportedExpression, parse_filter
 from meshlib.policy.destination_rule import DestinationRule
 from meshlib.policy.hosts import to_fqdn, wildcard_matches
@@ -50,10 +51,12 @@ def analyze(
     Each finding is at its resource's line, or, given the `lines` of a load with
     `keep_lines=True`, at the line of the field it names.
     """
-    findings = _Analyzer(tuple(resources), cluster_domain, root_namespace).run()
-    if not lines:
-        return list(findings)
-    return [_at_field(finding, lines) for finding in findings]
+    resources = tuple(resources)  # a lazy input is consumed before the pause
+    with collector_paused():  # as loading: many live objects, no garbage to find
+        findings = _Analyzer(resources, cluster_domain, root_namespace).run()
+        if not lines:
+            return list(findings)
+        return [_at_field(finding, lines) for finding in findings]
 
 
 def _at_field(finding: Diagnostic, lines: Mapping[Origin, FieldLines]) -> Diagnostic:
@@ -80,6 +83,14 @@ class _Analyzer:
         self.entries: list[Resource[ServiceEntry]] = oldest_first(
             r for r in resources if r.kind == "ServiceEntry"
         )
+        self.by_host: dict[str, list[Resource[ServiceEntry]]] = {}
+        for entry in self.entries:
+            for pattern in entry.spec.hosts:
+                self.by_host.setdefault(pattern.lower(), []).append(entry)
+        self.wildcards = sorted(  # the most specific first; a stable sort keeps the oldest first
+            ((p, e) for p, entries in self.by_host.items() if p.startswith("*") for e in entries),
+            key=lambda item: -len(item[0]),
+        )
         self.workload_entries: list[Resource[WorkloadEntry]] = [
             r for r in resources if r.kind == "WorkloadEntry"
         ]
@@ -96,18 +107,15 @@ class _Analyzer:
         """The ServiceEntry that makes `host` a known service, as pilot finds it: one naming
         it exactly, else the most specific wildcard covering it, oldest first; only those
         visible in `namespace` (None: in any)."""
-        best: Resource[ServiceEntry] | None = None
-        best_length = -1
-        for entry in self.entries:
-            if namespace is not None and not visible_to(entry, namespace, entry.spec.export_to):
-                continue
-            for pattern in entry.spec.hosts:
-                pattern = pattern.lower()
-                if pattern == host:
-                    return entry
-                if wildcard_matches(pattern, host) and len(pattern) > best_length:
-                    best, best_length = entry, len(pattern)
-        return best
+        for entry in self.by_host.get(host, ()):
+            if namespace is None or visible_to(entry, namespace, entry.spec.export_to):
+                return entry
+        for pattern, entry in self.wildcards:
+            if wildcard_matches(pattern, host) and (
+                namespace is None or visible_to(entry, namespace, entry.spec.export_to)
+            ):
+                return entry
+        return None
 
     def run(self) -> Iterator[Diagnostic]:
         yield from self.duplicates()
