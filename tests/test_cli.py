@@ -102,6 +102,62 @@ def test_check_reports_cross_resource_findings(tmp_path: Path) -> None:
     )
 
 
+def test_check_reports_cross_resource_findings_at_their_fields_in_line_order(
+    tmp_path: Path,
+) -> None:
+    """Analysis findings print like validation errors, FILE:LINE: severity: KIND NS/NAME:
+    FIELD: message, at the line of the field they name, sorted by line; a host claimed by two
+    VirtualServices is an error on each, naming the other."""
+    policy = tmp_path / "mesh.yaml"
+    policy.write_text(
+        (BOOKINFO / "services.yaml").read_text()
+        + """---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - route:
+    - destination:
+        host: reviews
+        port: {number: 9090}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews-canary}
+spec:
+  hosts:
+  - reviews.default.svc.cluster.local
+  http:
+  - route: [{destination: {host: ratings}}]
+  - route: [{destination: {host: details}}]
+"""
+    )
+    start = (BOOKINFO / "services.yaml").read_text().count("\n") + 1  # the `---` line
+    result = run("check", str(policy))
+    assert result.returncode == 1
+    assert result.stdout.splitlines() == [
+        f"{policy}:{start + 5}: error: VirtualService default/reviews: spec.hosts[0]: host"
+        " reviews.default.svc.cluster.local is also claimed by VirtualService"
+        " default/reviews-canary for the mesh gateway: a sidecar takes one VirtualService per"
+        " host and ignores the others' routes for it (here default/reviews: it is older);"
+        " merge them, or keep them apart with exportTo",
+        f"{policy}:{start + 10}: error: VirtualService default/reviews:"
+        " spec.http[0].route[0].destination.port.number: reviews.default.svc.cluster.local has"
+        " no port 9090 (ports of ServiceEntry default/reviews: 9080); a sidecar has no cluster"
+        " for it and answers 503",
+        f"{policy}:{start + 17}: error: VirtualService default/reviews-canary: spec.hosts[0]:"
+        " host reviews.default.svc.cluster.local is also claimed by VirtualService"
+        " default/reviews for the mesh gateway: a sidecar takes one VirtualService per host and"
+        " ignores the others' routes for it (here default/reviews: it is older); merge them, or"
+        " keep them apart with exportTo",
+        f"{policy}:{start + 20}: warning: VirtualService default/reviews-canary: spec.http[1]:"
+        " unreachable: the earlier route http[0] matches every request",
+    ]
+    assert "8 resources checked: 3 error(s), 1 warning(s)" in result.stderr
+
+
 def test_check_warns_about_ignored_kinds() -> None:
     """Gateways load with a warning naming what is ignored; the exit code stays 0."""
     result = run(
