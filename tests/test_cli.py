@@ -477,6 +477,29 @@ def test_check_warns_about_an_access_log_entry_without_provider(tmp_path: Path) 
     assert "(providers: [{name: envoy}])" in line
 
 
+def test_check_takes_the_mesh_level_from_meshlib_root_namespace(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mesh-level Telemetry whose providers others inherit is the root namespace's, as a
+    Mesh reads MESHLIB_ROOT_NAMESPACE; a bad value is one line naming it, exit 2."""
+    policy = tmp_path / "telemetry.yaml"
+    policy.write_text(
+        "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\n"
+        "metadata: {name: mesh, namespace: mesh-root}\n"
+        "spec: {accessLogging: [{providers: [{name: envoy}]}]}\n---\n"
+        "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\n"
+        "metadata: {name: shop, namespace: shop}\nspec: {accessLogging: [{}]}\n"
+    )
+    assert main(["check", str(policy)]) == 0
+    assert "accessLogging[0].providers: names no provider" in capsys.readouterr().out
+    monkeypatch.setenv("MESHLIB_ROOT_NAMESPACE", "mesh-root")
+    assert main(["check", str(policy)]) == 0
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("MESHLIB_ROOT_NAMESPACE", "Bad_NS")
+    assert main(["check", str(policy)]) == 2
+    assert "MESHLIB_ROOT_NAMESPACE='Bad_NS'" in capsys.readouterr().err
+
+
 def test_routes_sends_a_one_port_service_to_its_port_as_the_data_plane_does(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
