@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from meshlib._version import __version__
 from meshlib.config import MeshConfig, is_header_name
 from meshlib.errors import ConfigError
+from meshlib.policy._gc import collector_paused
 from meshlib.policy.analysis import analyze
 from meshlib.policy.loader import load_paths
 from meshlib.policy.matching import RequestAttributes
@@ -107,10 +108,15 @@ def _cluster_domain(args: argparse.Namespace) -> str:
 def _check(args: argparse.Namespace) -> int:
     _config("--namespace", args.namespace, namespace=args.namespace)  # checked as in `routes`
     domain = _cluster_domain(args)
-    result = load_paths(args.paths, default_namespace=args.namespace, keep_lines=True)
-    found = analyze(result.resources, cluster_domain=domain, lines=result.lines)
-    findings = [*result.diagnostics, *found]
-    findings.sort(key=lambda d: (d.file or "", d.line or 0))
+    variable = "MESHLIB_ROOT_NAMESPACE"  # whose Telemetry is the mesh's, as a Mesh reads it
+    root = MeshConfig.from_env({variable: os.environ.get(variable, "")}).root_namespace
+    with collector_paused():  # everything made here lives until the end: nothing to collect
+        result = load_paths(args.paths, default_namespace=args.namespace, keep_lines=True)
+        found = analyze(
+            result.resources, cluster_domain=domain, root_namespace=root, lines=result.lines
+        )
+        findings = [*result.diagnostics, *found]
+        findings.sort(key=lambda d: (d.file or "", d.line or 0))
     errors = sum(d.severity == "error" for d in findings)
     warnings = len(findings) - errors
     # What the exit code and the summary say, even if the output is cut short (| head).

@@ -102,6 +102,62 @@ def test_check_reports_cross_resource_findings(tmp_path: Path) -> None:
     )
 
 
+def test_check_reports_cross_resource_findings_at_their_fields_in_line_order(
+    tmp_path: Path,
+) -> None:
+    """Analysis findings print like validation errors, FILE:LINE: severity: KIND NS/NAME:
+    FIELD: message, at the line of the field they name, sorted by line; a host claimed by two
+    VirtualServices is an error on each, naming the other."""
+    policy = tmp_path / "mesh.yaml"
+    policy.write_text(
+        (BOOKINFO / "services.yaml").read_text()
+        + """---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - route:
+    - destination:
+        host: reviews
+        port: {number: 9090}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews-canary}
+spec:
+  hosts:
+  - reviews.default.svc.cluster.local
+  http:
+  - route: [{destination: {host: ratings}}]
+  - route: [{destination: {host: details}}]
+"""
+    )
+    start = (BOOKINFO / "services.yaml").read_text().count("\n") + 1  # the `---` line
+    result = run("check", str(policy))
+    assert result.returncode == 1
+    assert result.stdout.splitlines() == [
+        f"{policy}:{start + 5}: error: VirtualService default/reviews: spec.hosts[0]: host"
+        " reviews.default.svc.cluster.local is also claimed by VirtualService"
+        " default/reviews-canary for the mesh gateway: a sidecar takes one VirtualService per"
+        " host and ignores the others' routes for it (here default/reviews: it is older);"
+        " merge them, or keep them apart with exportTo",
+        f"{policy}:{start + 10}: error: VirtualService default/reviews:"
+        " spec.http[0].route[0].destination.port.number: reviews.default.svc.cluster.local has"
+        " no port 9090 (ports of ServiceEntry default/reviews: 9080); a sidecar has no cluster"
+        " for it and answers 503",
+        f"{policy}:{start + 17}: error: VirtualService default/reviews-canary: spec.hosts[0]:"
+        " host reviews.default.svc.cluster.local is also claimed by VirtualService"
+        " default/reviews for the mesh gateway: a sidecar takes one VirtualService per host and"
+        " ignores the others' routes for it (here default/reviews: it is older); merge them, or"
+        " keep them apart with exportTo",
+        f"{policy}:{start + 20}: warning: VirtualService default/reviews-canary: spec.http[1]:"
+        " unreachable: the earlier route http[0] matches every request",
+    ]
+    assert "8 resources checked: 3 error(s), 1 warning(s)" in result.stderr
+
+
 def test_check_warns_about_ignored_kinds() -> None:
     """Gateways load with a warning naming what is ignored; the exit code stays 0."""
     result = run(
@@ -381,7 +437,8 @@ kind: Telemetry
 metadata: {name: mesh-default, namespace: istio-system}
 spec:
   accessLogging:
-  - filter: {expression: "response.code >= 500"}
+  - providers: [{name: envoy}]
+    filter: {expression: "response.code >= 500"}
   - filter: {expression: "response.code >= 400 || request.url_path.startsWith('/api')"}
 """
     )
@@ -389,7 +446,7 @@ spec:
     assert result.returncode == 0, result.stdout + result.stderr
     (line,) = result.stdout.splitlines()
     assert line.startswith(
-        f"{path}:7: warning: Telemetry istio-system/mesh-default:"
+        f"{path}:8: warning: Telemetry istio-system/mesh-default:"
         " spec.accessLogging[1].filter.expression: meshlib logs every request for this entry:"
     )
     assert "startsWith()" in line
@@ -399,6 +456,48 @@ spec:
     assert "spec.accessLogging[0].filter.expression: must be a valid CEL expression" in (
         result.stdout
     )
+
+
+def test_check_warns_about_an_access_log_entry_without_provider(tmp_path: Path) -> None:
+    """An accessLogging entry naming no provider, with none to inherit: a warning at the
+    entry's line (Istio logs nothing for it, meshlib logs it as envoy); exit 0."""
+    path = tmp_path / "telemetry.yaml"
+    path.write_text(
+        "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\n"
+        "metadata: {name: mesh-default, namespace: istio-system}\n"
+        "spec:\n  accessLogging:\n  - match: {mode: SERVER}\n"
+    )
+    result = run("check", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    (line,) = result.stdout.splitlines()
+    assert line.startswith(
+        f"{path}:6: warning: Telemetry istio-system/mesh-default:"
+        " spec.accessLogging[0].providers: names no provider and inherits none:"
+    )
+    assert "(providers: [{name: envoy}])" in line
+
+
+def test_check_takes_the_mesh_level_from_meshlib_root_namespace(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mesh-level Telemetry whose providers others inherit is the root namespace's, as a
+    Mesh reads MESHLIB_ROOT_NAMESPACE; a bad value is one line naming it, exit 2."""
+    policy = tmp_path / "telemetry.yaml"
+    policy.write_text(
+        "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\n"
+        "metadata: {name: mesh, namespace: mesh-root}\n"
+        "spec: {accessLogging: [{providers: [{name: envoy}]}]}\n---\n"
+        "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\n"
+        "metadata: {name: shop, namespace: shop}\nspec: {accessLogging: [{}]}\n"
+    )
+    assert main(["check", str(policy)]) == 0
+    assert "accessLogging[0].providers: names no provider" in capsys.readouterr().out
+    monkeypatch.setenv("MESHLIB_ROOT_NAMESPACE", "mesh-root")
+    assert main(["check", str(policy)]) == 0
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("MESHLIB_ROOT_NAMESPACE", "Bad_NS")
+    assert main(["check", str(policy)]) == 2
+    assert "MESHLIB_ROOT_NAMESPACE='Bad_NS'" in capsys.readouterr().err
 
 
 def test_routes_sends_a_one_port_service_to_its_port_as_the_data_plane_does(

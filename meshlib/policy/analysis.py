@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 from meshlib.errors import Diagnostic, Severity
+from meshlib.policy._gc import collector_paused
 from meshlib.policy.cel import MalformedExpression, UnsupportedExpression, parse_filter
 from meshlib.policy.destination_rule import DestinationRule
 from meshlib.policy.hosts import to_fqdn, wildcard_matches
@@ -28,7 +29,13 @@ from meshlib.policy.snapshot import (
     service_workloads,
     visible_to,
 )
-from meshlib.policy.telemetry import Telemetry, cel_string_literal, header_name, settable_label
+from meshlib.policy.telemetry import (
+    DEFAULT_ACCESS_LOG_PROVIDERS,
+    Telemetry,
+    cel_string_literal,
+    header_name,
+    settable_label,
+)
 from meshlib.policy.virtual_service import Destination, VirtualService
 
 
@@ -36,6 +43,7 @@ def analyze(
     resources: Iterable[Resource[Any]],
     *,
     cluster_domain: str = "cluster.local",
+    root_namespace: str = "istio-system",
     lines: Mapping[Origin, FieldLines] | None = None,
 ) -> list[Diagnostic]:
     """Findings about how the resources fit together, errors and warnings.
@@ -43,10 +51,12 @@ def analyze(
     Each finding is at its resource's line, or, given the `lines` of a load with
     `keep_lines=True`, at the line of the field it names.
     """
-    findings = _Analyzer(tuple(resources), cluster_domain).run()
-    if not lines:
-        return list(findings)
-    return [_at_field(finding, lines) for finding in findings]
+    resources = tuple(resources)  # a lazy input is consumed before the pause
+    with collector_paused():  # as loading: many live objects, no garbage to find
+        findings = _Analyzer(resources, cluster_domain, root_namespace).run()
+        if not lines:
+            return list(findings)
+        return [_at_field(finding, lines) for finding in findings]
 
 
 def _at_field(finding: Diagnostic, lines: Mapping[Origin, FieldLines]) -> Diagnostic:
@@ -58,7 +68,8 @@ def _at_field(finding: Diagnostic, lines: Mapping[Origin, FieldLines]) -> Diagno
 
 
 class _Analyzer:
-    def __init__(self, resources: tuple[Resource[Any], ...], domain: str) -> None:
+    def __init__(self, resources: tuple[Resource[Any], ...], domain: str, root: str) -> None:
+        self.root_namespace = root
         self.all_definitions = resources
         resources = latest_definitions(resources)
         self.resources = resources
@@ -71,6 +82,14 @@ class _Analyzer:
         ]
         self.entries: list[Resource[ServiceEntry]] = oldest_first(
             r for r in resources if r.kind == "ServiceEntry"
+        )
+        self.by_host: dict[str, list[Resource[ServiceEntry]]] = {}
+        for entry in self.entries:
+            for pattern in entry.spec.hosts:
+                self.by_host.setdefault(pattern.lower(), []).append(entry)
+        self.wildcards = sorted(  # the most specific first; a stable sort keeps the oldest first
+            ((p, e) for p, entries in self.by_host.items() if p.startswith("*") for e in entries),
+            key=lambda item: -len(item[0]),
         )
         self.workload_entries: list[Resource[WorkloadEntry]] = [
             r for r in resources if r.kind == "WorkloadEntry"
@@ -88,18 +107,15 @@ class _Analyzer:
         """The ServiceEntry that makes `host` a known service, as pilot finds it: one naming
         it exactly, else the most specific wildcard covering it, oldest first; only those
         visible in `namespace` (None: in any)."""
-        best: Resource[ServiceEntry] | None = None
-        best_length = -1
-        for entry in self.entries:
-            if namespace is not None and not visible_to(entry, namespace, entry.spec.export_to):
-                continue
-            for pattern in entry.spec.hosts:
-                pattern = pattern.lower()
-                if pattern == host:
-                    return entry
-                if wildcard_matches(pattern, host) and len(pattern) > best_length:
-                    best, best_length = entry, len(pattern)
-        return best
+        for entry in self.by_host.get(host, ()):
+            if namespace is None or visible_to(entry, namespace, entry.spec.export_to):
+                return entry
+        for pattern, entry in self.wildcards:
+            if wildcard_matches(pattern, host) and (
+                namespace is None or visible_to(entry, namespace, entry.spec.export_to)
+            ):
+                return entry
+        return None
 
     def run(self) -> Iterator[Diagnostic]:
         yield from self.duplicates()
@@ -107,6 +123,108 @@ class _Analyzer:
         yield from self.conflicting_rules()
         yield from self.destination_rule_findings()
         yield from self.telemetry_findings()
+        yield from self.conflicting_telemetry()
+        yield from self.access_logs_without_provider()
+
+    def conflicting_telemetry(self) -> Iterator[Diagnostic]:
+        """Istio's MultipleTelemetriesWithoutWorkloadSelectors and
+        ConflictingTelemetryWorkloadSelectors: one namespace-wide Telemetry per namespace
+        (the root namespace's is the mesh's), one Telemetry per workload; with more, which one
+        applies is undefined in Istio (meshlib takes the oldest)."""
+        wide: dict[str, list[Resource[Telemetry]]] = {}
+        selecting: dict[str, list[tuple[Resource[Telemetry], Mapping[str, str]]]] = {}
+        for resource in oldest_first(r for r in self.resources if r.kind == "Telemetry"):
+            spec: Telemetry = resource.spec
+            if spec.target_ref is not None or spec.target_refs:
+                continue  # for gateways and waypoints, which meshlib ignores
+            if spec.selector is None or not spec.selector.match_labels:
+                wide.setdefault(resource.namespace, []).append(resource)
+            else:
+                selecting.setdefault(resource.namespace, []).append(
+                    (resource, spec.selector.match_labels)
+                )
+        for namespace, resources in wide.items():
+            if len(resources) < 2:
+                continue
+            for resource in resources:
+                others = ", ".join(
+                    f"{r.namespace}/{r.name}" for r in resources if r is not resource
+                )
+                yield _finding(
+                    "error",
+                    resource,
+                    "spec.selector",
+                    f"namespace {namespace} has other Telemetry without a workload selector"
+                    f" ({others}): only one may apply to the whole namespace (meshlib takes"
+                    " the oldest)",
+                )
+        for namespace, pairs in selecting.items():
+            workloads = self.namespace_workloads(namespace)
+            for resource, mine in pairs:
+                for other, theirs in pairs:
+                    if other is resource:
+                        continue
+                    both = next(
+                        (w for w in workloads if selects(mine, w) and selects(theirs, w)), None
+                    )
+                    if both is None and not (selects(mine, theirs) or selects(theirs, mine)):
+                        continue
+                    shown = ", ".join(f"{k}={v}" for k, v in (both or {**mine, **theirs}).items())
+                    yield _finding(
+                        "error",
+                        resource,
+                        "spec.selector.matchLabels",
+                        f"selects the same workloads as Telemetry {other.namespace}/{other.name}"
+                        f" (a workload labelled {shown}): only one Telemetry may select a"
+                        " workload",
+                    )
+
+    def access_logs_without_provider(self) -> Iterator[Diagnostic]:
+        """Istio's InvalidTelemetryProvider: an `accessLogging` entry that names no provider and
+        inherits none (from an earlier entry, or from the namespace's or the mesh's Telemetry
+        above it) falls to MeshConfig's default providers. Istio's default MeshConfig has
+        none, so Istio logs nothing for it, where meshlib logs it as `envoy`."""
+        ordered: list[Resource[Telemetry]] = [
+            r
+            for r in oldest_first(r for r in self.resources if r.kind == "Telemetry")
+            if r.spec.target_ref is None and not r.spec.target_refs
+        ]
+        wide: dict[str, Resource[Telemetry]] = {}
+        for resource in ordered:
+            if resource.spec.selector is None or not resource.spec.selector.match_labels:
+                wide.setdefault(resource.namespace, resource)  # the oldest applies
+        defaults = ", ".join(DEFAULT_ACCESS_LOG_PROVIDERS)
+        for resource in ordered:
+            spec: Telemetry = resource.spec
+            parents = [wide.get(self.root_namespace)]
+            if wide.get(resource.namespace) is not resource:
+                parents.append(wide.get(resource.namespace))
+            inherited = any(
+                parent is not None and parent is not resource and _names_log_provider(parent)
+                for parent in parents
+            )
+            for index, entry in enumerate(spec.access_logging):
+                if entry.providers:
+                    inherited = True
+                elif not inherited and not entry.disabled:
+                    yield _finding(
+                        "warning",
+                        resource,
+                        f"spec.accessLogging[{index}].providers",
+                        "names no provider and inherits none: Istio, whose default MeshConfig"
+                        " has no defaultProviders.accessLogging, logs nothing for this entry,"
+                        f" where meshlib logs it as {defaults!r}; name the provider"
+                        f" (providers: [{{name: {defaults}}}])",
+                    )
+
+    def namespace_workloads(self, namespace: str) -> list[Mapping[str, str]]:
+        """The labels of the workloads meshlib knows in `namespace`: WorkloadEntries and the
+        endpoints of its ServiceEntries."""
+        labels = [w.spec.labels for w in self.workload_entries if w.namespace == namespace]
+        for entry in self.entries:
+            if entry.namespace == namespace:
+                labels.extend(w.labels for w in entry.spec.endpoints)
+        return labels
 
     def telemetry_findings(self) -> Iterator[Diagnostic]:
         """Telemetry that is valid for Istio but that meshlib leaves out, said up front."""
@@ -374,6 +492,10 @@ class _Analyzer:
                         f"conflicts with DestinationRule {first.namespace}/{first.name} for {host}:"
                         " rules for one host merge and only the oldest trafficPolicy applies",
                     )
+
+
+def _names_log_provider(resource: Resource[Telemetry]) -> bool:
+    return any(entry.providers for entry in resource.spec.access_logging)
 
 
 def _filter_findings(resource: Resource[Any], spec: Telemetry) -> Iterator[Diagnostic]:

@@ -13,6 +13,11 @@ from meshlib.policy.common import Duration, MatchLabelsSelector, PolicyTargetRef
 
 WorkloadMode = Literal["CLIENT_AND_SERVER", "CLIENT", "SERVER"]
 
+# The access-log providers of an `accessLogging` entry that names none and inherits none: meshlib
+# acts as if MeshConfig `defaultProviders.accessLogging` were `[envoy]`. Istio's default
+# MeshConfig sets none, so there such an entry logs nothing; `meshlib check` warns about it.
+DEFAULT_ACCESS_LOG_PROVIDERS: tuple[str, ...] = ("envoy",)
+
 # What meshlib applies of the Telemetry's free-form strings (the data plane and `meshlib check`
 # share these rules): CEL expressions only as string literals, labels Prometheus lets it set,
 # header names as HTTP spells them.

@@ -45,7 +45,9 @@ When it is on (rules; Istio's `mergeLogs` in pilot `model/telemetry.go`, ISTIO.m
 - **Providers.** meshlib has one sink — the `meshlib.access` logger — which stands in for every
   provider: `envoy`, `otel`, a custom file provider alike; where lines go is the logging
   configuration's business. An entry without `providers` uses its predecessor's (the first
-  one's default is `envoy`, as if MeshConfig `defaultProviders.accessLogging: [envoy]`). As in
+  one's default is `envoy`, as if MeshConfig `defaultProviders.accessLogging: [envoy]`; Istio's
+  default MeshConfig has none, so there that first entry logs nothing, and `meshlib check`
+  warns about it). As in
   Istio, only the providers named by the lowest level that names any stay in scope (a
   namespace switching to `providers: [otel]` replaces the mesh's `envoy`). It logs when at
   least one provider is on, once per request, whatever the number of providers.
@@ -102,7 +104,11 @@ from meshlib.policy.cel import (
     parse_filter,
 )
 from meshlib.policy.snapshot import Snapshot
-from meshlib.policy.telemetry import AccessLogging, WorkloadModeSelector
+from meshlib.policy.telemetry import (
+    DEFAULT_ACCESS_LOG_PROVIDERS,
+    AccessLogging,
+    WorkloadModeSelector,
+)
 from meshlib.telemetry._resolve import telemetry_levels
 
 __all__ = [
@@ -123,7 +129,7 @@ Predicate = Callable[["AccessLogEntry"], bool]
 
 LOGGER_NAME = "meshlib.access"
 ENV_ACCESS_LOG = "MESHLIB_ACCESS_LOG"
-DEFAULT_PROVIDERS: tuple[str, ...] = ("envoy",)
+DEFAULT_PROVIDERS: tuple[str, ...] = DEFAULT_ACCESS_LOG_PROVIDERS
 
 _log = logging.getLogger("meshlib.telemetry")
 _INFO = logging.INFO

@@ -506,3 +506,115 @@ def test_a_delegate_route_after_a_catch_all_is_reported() -> None:
         ("VirtualService default/reviews-api", "spec.http[1]"),
         ("VirtualService default/reviews-api", "spec.http[2]"),
     ]
+
+
+# -- conflicting Telemetry (MultipleTelemetriesWithoutWorkloadSelectors, ConflictingTelemetry...)
+
+
+def telemetry(name: str, namespace: str = "istio-system", spec: str = "") -> str:
+    body = textwrap.indent(textwrap.dedent(spec).strip(), "  ") or "  tracing: [{}]"
+    return (
+        f"apiVersion: telemetry.istio.io/v1\nkind: Telemetry\n"
+        f"metadata: {{name: {name}, namespace: {namespace}}}\nspec:\n{body}\n"
+    )
+
+
+def test_two_namespace_wide_telemetries_in_one_namespace_are_errors() -> None:
+    """Two root-namespace Telemetries without selector: an error on each naming the other;
+    one per namespace, or one with a selector beside it, is fine."""
+    found = findings(telemetry("mesh-a"), telemetry("mesh-b"))
+    assert [(d.severity, d.resource, d.field, d.line) for d in found] == [
+        ("error", "Telemetry istio-system/mesh-a", "spec.selector", 4),
+        ("error", "Telemetry istio-system/mesh-b", "spec.selector", 10),
+    ]
+    assert "(istio-system/mesh-b)" in found[0].message
+    assert "(istio-system/mesh-a)" in found[1].message
+    assert (
+        findings(
+            telemetry("mesh"),
+            telemetry("shop", namespace="shop"),
+            telemetry("reviews", spec="selector: {matchLabels: {app: reviews}}\ntracing: [{}]"),
+        )
+        == []
+    )
+
+
+def test_an_empty_selector_counts_as_none() -> None:
+    """`selector: {}` selects the namespace, as no selector does (meshlib's precedence too)."""
+    found = findings(telemetry("a", spec="selector: {}\ntracing: [{}]"), telemetry("b"))
+    assert len(found) == 2
+
+
+def test_two_telemetries_selecting_one_workload_are_errors() -> None:
+    """Selectors that both select a known workload (a ServiceEntry endpoint here), or where one
+    selector's labels contain the other's: errors; disjoint selectors are fine."""
+    reviews = "selector: {matchLabels: {app: reviews}}\ntracing: [{}]"
+    v1 = "selector: {matchLabels: {version: v1}}\ntracing: [{}]"
+    v3 = "selector: {matchLabels: {app: reviews, version: v3}}\ntracing: [{}]"
+    found = findings(
+        REVIEWS_SE,
+        telemetry("by-app", "default", reviews),
+        telemetry("by-version", "default", v1),
+    )
+    assert [(d.resource, d.field) for d in found] == [
+        ("Telemetry default/by-app", "spec.selector.matchLabels"),
+        ("Telemetry default/by-version", "spec.selector.matchLabels"),
+    ]
+    assert "as Telemetry default/by-version (a workload labelled app=reviews, version=v1)" in (
+        found[0].message
+    )
+    nested = findings(telemetry("by-app", "default", reviews), telemetry("v3", "default", v3))
+    assert len(nested) == 2  # no workload known, but every one v3 selects, by-app selects
+    apart = findings(
+        REVIEWS_SE,
+        telemetry("v1", "default", v1),
+        telemetry("v3", "default", v3),
+        telemetry("other-ns", "shop", reviews),
+    )
+    assert apart == []
+
+
+# -- access logging without a provider (Istio InvalidTelemetryProvider) -----------------------
+
+
+def log_findings(*documents: str, root: str = "istio-system") -> list[Diagnostic]:
+    text = "---\n".join(textwrap.dedent(d).strip() + "\n" for d in documents)
+    result = load_text(text, "mesh.yaml", keep_lines=True)
+    found = analyze(result.resources, root_namespace=root, lines=result.lines)
+    return [d for d in found if d.field is not None and d.field.endswith("providers")]
+
+
+def test_an_access_log_entry_with_no_provider_to_fall_back_on_is_a_warning() -> None:
+    """The mesh's first entry without providers: a warning at the entry (its missing
+    `providers`), naming the provider meshlib uses."""
+    (entry,) = log_findings(telemetry("mesh", spec="accessLogging: [{}]"))
+    assert (entry.severity, entry.field, entry.line) == (
+        "warning",
+        "spec.accessLogging[0].providers",
+        5,
+    )
+    assert "where meshlib logs it as 'envoy'" in entry.message
+
+
+def test_an_access_log_entry_that_inherits_providers_is_fine() -> None:
+    """Providers named by an earlier entry, or by the mesh's or the namespace's Telemetry above,
+    carry over; a `disabled` entry turns nothing on."""
+    named = "accessLogging: [{providers: [{name: otel}]}]"
+    bare = "accessLogging: [{match: {mode: CLIENT}}]"
+    assert log_findings(telemetry("mesh", spec=f"{named[:-1]}, {{}}]")) == []
+    assert log_findings(telemetry("mesh", spec=named), telemetry("shop", "shop", bare)) == []
+    selected = "selector: {matchLabels: {app: reviews}}\n" + bare
+    assert log_findings(telemetry("shop", "shop", named), telemetry("w", "shop", selected)) == []
+    assert log_findings(telemetry("mesh", spec="accessLogging: [{disabled: true}]")) == []
+    # no parent names one: the namespace's and the workload's entries are both reported
+    found = log_findings(telemetry("shop", "shop", bare), telemetry("w", "shop", selected))
+    assert [d.resource for d in found] == ["Telemetry shop/shop", "Telemetry shop/w"]
+
+
+def test_the_mesh_level_is_the_root_namespace_given() -> None:
+    """With another root namespace, a Telemetry in istio-system is an ordinary namespace's and
+    gives nothing to a third namespace."""
+    named = telemetry("mesh", "mesh-root", "accessLogging: [{providers: [{name: envoy}]}]")
+    shop = telemetry("shop", "shop", "accessLogging: [{}]")
+    assert log_findings(named, shop, root="mesh-root") == []
+    assert len(log_findings(named, shop)) == 1
