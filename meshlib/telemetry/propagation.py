@@ -67,8 +67,9 @@ Rules chosen (what a user of Istio would expect):
   with them (only one sent without ids is a decision); an invalid `x-request-id` (empty, over
   128 characters, anything but visible ASCII) is replaced by a new UUIDv4, an invalid timeout
   means no deadline, and an app header value holding a control character (CR, LF, NUL ...; a
-  tab is fine) is dropped. Repeated values of an app header are joined with ", " ("; " for
-  `cookie`), so each name is sent once.
+  tab is fine) is dropped. Repeated values of an app header are joined with "," ("; " for
+  `cookie`), so each name is sent once, as a WSGI server joins them; a repeated
+  `x-request-id` or timeout header is read as the comma-joined list (`_single`).
 - Names in `propagate_headers` that a format already handles (trace, request-id and timeout
   headers) are ignored there.
 """
@@ -440,7 +441,7 @@ class Propagator:
                     )
 
         ids = get_all(REQUEST_ID)
-        request_id = ids[0].strip(" \t") if ids else ""
+        request_id = _single(ids) if ids else ""
         if _SANE_REQUEST_ID.fullmatch(request_id) is None:
             request_id = new_request_id()
 
@@ -913,14 +914,14 @@ def _deadline(get_all: HeaderLookup) -> float | None:
     budget: float | None = None
     values = get_all(EXPECTED_TIMEOUT)
     if values:
-        match = _EXPECTED_MS.fullmatch(values[0])
+        match = _EXPECTED_MS.fullmatch(_single(values))
         if match is not None:
             ms = int(match[1])
             if ms > 0:
                 budget = ms / 1000.0
     values = get_all(GRPC_TIMEOUT)
     if values:
-        match = _GRPC_TIMEOUT.fullmatch(values[0])
+        match = _GRPC_TIMEOUT.fullmatch(_single(values))
         if match is not None:
             seconds = int(match[1]) * _GRPC_UNIT[match[2]]
             if seconds > 0 and (budget is None or seconds < budget):
@@ -932,11 +933,25 @@ def _deadline(get_all: HeaderLookup) -> float | None:
     return time.monotonic() + min(budget, _MAX_BUDGET)
 
 
+def _single(values: list[str]) -> str:
+    """The value of a header that takes one (x-request-id, the timeouts), from the values
+    received: a header sent more than once is the comma-joined list HTTP makes of it (RFC
+    9110 §5.3), as Envoy reads its own headers and as WSGI servers hand them over (gunicorn
+    joins with `,`, waitress with `, `): the same string under every adapter and server. A
+    timeout that came twice no longer matches its syntax: no deadline, as with Envoy."""
+    value = values[0]
+    if len(values) == 1 and "," not in value:
+        return value.strip(" \t")
+    return ",".join(part.strip(" \t") for value in values for part in value.split(","))
+
+
 def _join(name: str, values: list[str]) -> str | None:
-    """One header value from the values received; None when unsafe to send on."""
+    """One header value from the values received; None when unsafe to send on. Joined with
+    `,` as gunicorn (and Envoy) join a repeated header, so an ASGI and a WSGI app send the
+    same (`; ` for `cookie`, RFC 9113 §8.2.3)."""
     kept = [v for v in values if _CONTROL.search(v) is None]
     if not kept:
         return None
     if len(kept) == 1:
         return kept[0]
-    return ("; " if name == "cookie" else ", ").join(kept)
+    return ("; " if name == "cookie" else ",").join(kept)

@@ -901,7 +901,7 @@ def test_repeated_app_header_values_are_joined_and_unsafe_ones_dropped() -> None
         )
     )
     assert dict(inbound.headers) == {
-        "x-user-group": "a, c",
+        "x-user-group": "a,c",
         "cookie": "s=1; t=2",
         "x-tabbed": "a\tb",
     }
