@@ -58,8 +58,10 @@ Rules chosen (what a user of Istio would expect):
   skipped whole when the app set any of its headers (`traceparent`/`tracestate`, any
   `x-b3-*`, `b3`, `baggage`); likewise `x-request-id`, each propagated app header and
   `x-envoy-expected-rq-timeout-ms` (a tighter budget set by the data plane stays).
-- **Deadline.** `x-envoy-expected-rq-timeout-ms` is an integer of milliseconds, `grpc-timeout`
-  gRPC's `1*8DIGIT unit`; when both arrive the smaller wins, and 0 means no deadline (Envoy
+- **Deadline.** `x-envoy-expected-rq-timeout-ms` is an integer of milliseconds, taken only from
+  a caller that sent `x-meshlib-peer-metadata` (a mesh workload: Envoy honours `x-envoy-*` from
+  trusted callers only), `grpc-timeout` gRPC's `1*8DIGIT unit`, from any caller (gRPC's own
+  deadline); when both arrive the smaller wins, and 0 means no deadline (Envoy
   reads a zero timeout as infinite). Outbound, the remaining time is sent in whole
   milliseconds, at least 1 (0 would read as "no deadline").
 - **Malformed input is ignored, never raised:** invalid `traceparent` or B3 ids leave the
@@ -139,6 +141,7 @@ B3_SINGLE = "b3"
 _FORMATS = frozenset((TRACECONTEXT, BAGGAGE, B3_MULTI, B3_SINGLE))
 
 REQUEST_ID = "x-request-id"
+PEER_HEADER = "x-meshlib-peer-metadata"  # meshlib.telemetry.peer.HEADER
 EXPECTED_TIMEOUT = "x-envoy-expected-rq-timeout-ms"
 GRPC_TIMEOUT = "grpc-timeout"
 
@@ -912,7 +915,9 @@ def _inject_b3_single(propagator: B3SingleFormat, carrier: dict[str, str], ctx: 
 def _deadline(get_all: HeaderLookup) -> float | None:
     """The caller's budget as an absolute monotonic time; the smaller of the two headers."""
     budget: float | None = None
-    values = get_all(EXPECTED_TIMEOUT)
+    # Envoy honours x-envoy-* request headers only from callers it trusts: meshlib takes this
+    # one only from a caller that named itself a mesh workload (its metadata-exchange header).
+    values = get_all(EXPECTED_TIMEOUT) if get_all(PEER_HEADER) else None
     if values:
         match = _EXPECTED_MS.fullmatch(_single(values))
         if match is not None:
