@@ -5,6 +5,7 @@ extension). What the caller got is what is counted."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -152,3 +153,35 @@ def test_request_bytes_are_what_the_caller_sent_read_or_not(traced: Traced, serv
     assert answer.status_code == 401
     (line,) = traced.logged
     assert (line.response_code, line.bytes_received) == (401, 5000)
+
+
+@pytest.mark.parametrize("server", ["uvicorn", "hypercorn"])
+def test_repeated_headers_are_read_as_under_wsgi(server: str) -> None:
+    """A header sent twice: x-request-id and the timeouts are read as the comma-joined list a
+    WSGI server hands over (tests/test_wsgi_served.py), so the id is `aaa,bbb` and the two
+    timeouts give no deadline, as Envoy reads them; an app header goes on joined with `,`,
+    as gunicorn joins it."""
+    from meshlib.config import MeshConfig
+    from tests.test_wsgi_served import REPEATED, outbound_with
+
+    mesh = meshlib.Mesh(
+        MeshConfig(service="ratings", metrics_port=None, propagate_headers=["end-user"]),
+        watch=False,
+    )
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        body = json.dumps(dict(mesh.propagator.outbound(lambda name: False))).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+    running = (AsgiServer if server == "uvicorn" else HypercornServer)(
+        meshlib.MeshMiddleware(app, mesh=mesh)
+    ).start()
+    try:
+        out = outbound_with(running.port, REPEATED)
+    finally:
+        running.stop()
+        mesh.close()
+    assert out["x-request-id"] == "aaa,bbb"
+    assert "x-envoy-expected-rq-timeout-ms" not in out
+    assert out["end-user"] == "jason,mallory"

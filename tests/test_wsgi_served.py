@@ -31,7 +31,9 @@ import meshlib
 from meshlib.config import MeshConfig
 from tests.access_lines import logging_mesh
 
-mesh, lines = logging_mesh(MeshConfig(service="ratings", metrics_port=None))
+mesh, lines = logging_mesh(
+    MeshConfig(service="ratings", metrics_port=None, propagate_headers=["end-user"])
+)
 
 
 def served(environ, start_response):
@@ -230,6 +232,45 @@ def test_a_body_broken_off_midway_keeps_its_status_with_flag_uc(served: Served, 
     assert served.logged(path)[1:] == [200, "UC", 10]
 
 
+REPEATED = [
+    ("x-request-id", "aaa"),
+    ("x-request-id", "bbb"),
+    ("x-envoy-expected-rq-timeout-ms", "5000"),
+    ("x-envoy-expected-rq-timeout-ms", "10"),
+    ("end-user", "jason"),
+    ("end-user", "mallory"),
+]
+
+
+def outbound_with(port: int, headers: list[tuple[str, str]]) -> dict[str, str]:
+    """What a meshed call made while serving `/outbound` carries, for a request sending
+    `headers` (repeated names sent as separate header lines)."""
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        connection.putrequest("GET", "/outbound")
+        for name, value in headers:
+            connection.putheader(name, value)
+        connection.endheaders()
+        return json.loads(connection.getresponse().read())  # type: ignore[no-any-return]
+    finally:
+        connection.close()
+
+
+def test_repeated_headers_are_read_as_under_asgi(served: Served) -> None:
+    """A header sent twice reaches a WSGI app joined by the server (gunicorn with `,`,
+    waitress with `, `); x-request-id and the timeouts are read as the comma-joined list
+    whatever the server, as the ASGI middleware reads them (tests/test_inbound_servers.py):
+    the id is `aaa,bbb`, the two timeouts no deadline (as Envoy reads them); an app header
+    goes on as the server joined it."""
+    out = outbound_with(served.port, REPEATED)
+    assert out["x-request-id"] == "aaa,bbb"
+    assert "x-envoy-expected-rq-timeout-ms" not in out
+    joined = "jason,mallory" if served.server == "gunicorn" else "jason, mallory"
+    assert out["end-user"] == joined
+
+
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
@@ -265,7 +306,9 @@ def test_a_server_that_never_calls_close_still_counts_each_request() -> None:
     from tests.access_lines import logging_mesh
     from tests.upstream import AsgiServer
 
-    mesh, lines = logging_mesh(MeshConfig(service="ratings", metrics_port=None))
+    mesh, lines = logging_mesh(
+        MeshConfig(service="ratings", metrics_port=None, propagate_headers=["end-user"])
+    )
 
     def app(environ: dict[str, object], start_response: Any) -> Iterator[bytes]:
         start_response("200 OK", [("content-type", "application/json")])

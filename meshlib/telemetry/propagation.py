@@ -58,8 +58,10 @@ Rules chosen (what a user of Istio would expect):
   skipped whole when the app set any of its headers (`traceparent`/`tracestate`, any
   `x-b3-*`, `b3`, `baggage`); likewise `x-request-id`, each propagated app header and
   `x-envoy-expected-rq-timeout-ms` (a tighter budget set by the data plane stays).
-- **Deadline.** `x-envoy-expected-rq-timeout-ms` is an integer of milliseconds, `grpc-timeout`
-  gRPC's `1*8DIGIT unit`; when both arrive the smaller wins, and 0 means no deadline (Envoy
+- **Deadline.** `x-envoy-expected-rq-timeout-ms` is an integer of milliseconds, taken only from
+  a caller that sent `x-meshlib-peer-metadata` (a mesh workload: Envoy honours `x-envoy-*` from
+  trusted callers only), `grpc-timeout` gRPC's `1*8DIGIT unit`, from any caller (gRPC's own
+  deadline); when both arrive the smaller wins, and 0 means no deadline (Envoy
   reads a zero timeout as infinite). Outbound, the remaining time is sent in whole
   milliseconds, at least 1 (0 would read as "no deadline").
 - **Malformed input is ignored, never raised:** invalid `traceparent` or B3 ids leave the
@@ -67,8 +69,9 @@ Rules chosen (what a user of Istio would expect):
   with them (only one sent without ids is a decision); an invalid `x-request-id` (empty, over
   128 characters, anything but visible ASCII) is replaced by a new UUIDv4, an invalid timeout
   means no deadline, and an app header value holding a control character (CR, LF, NUL ...; a
-  tab is fine) is dropped. Repeated values of an app header are joined with ", " ("; " for
-  `cookie`), so each name is sent once.
+  tab is fine) is dropped. Repeated values of an app header are joined with "," ("; " for
+  `cookie`), so each name is sent once, as a WSGI server joins them; a repeated
+  `x-request-id` or timeout header is read as the comma-joined list (`_single`).
 - Names in `propagate_headers` that a format already handles (trace, request-id and timeout
   headers) are ignored there.
 """
@@ -138,6 +141,7 @@ B3_SINGLE = "b3"
 _FORMATS = frozenset((TRACECONTEXT, BAGGAGE, B3_MULTI, B3_SINGLE))
 
 REQUEST_ID = "x-request-id"
+PEER_HEADER = "x-meshlib-peer-metadata"  # meshlib.telemetry.peer.HEADER
 EXPECTED_TIMEOUT = "x-envoy-expected-rq-timeout-ms"
 GRPC_TIMEOUT = "grpc-timeout"
 
@@ -440,7 +444,7 @@ class Propagator:
                     )
 
         ids = get_all(REQUEST_ID)
-        request_id = ids[0].strip(" \t") if ids else ""
+        request_id = _single(ids) if ids else ""
         if _SANE_REQUEST_ID.fullmatch(request_id) is None:
             request_id = new_request_id()
 
@@ -911,16 +915,18 @@ def _inject_b3_single(propagator: B3SingleFormat, carrier: dict[str, str], ctx: 
 def _deadline(get_all: HeaderLookup) -> float | None:
     """The caller's budget as an absolute monotonic time; the smaller of the two headers."""
     budget: float | None = None
-    values = get_all(EXPECTED_TIMEOUT)
+    # Envoy honours x-envoy-* request headers only from callers it trusts: meshlib takes this
+    # one only from a caller that named itself a mesh workload (its metadata-exchange header).
+    values = get_all(EXPECTED_TIMEOUT) if get_all(PEER_HEADER) else None
     if values:
-        match = _EXPECTED_MS.fullmatch(values[0])
+        match = _EXPECTED_MS.fullmatch(_single(values))
         if match is not None:
             ms = int(match[1])
             if ms > 0:
                 budget = ms / 1000.0
     values = get_all(GRPC_TIMEOUT)
     if values:
-        match = _GRPC_TIMEOUT.fullmatch(values[0])
+        match = _GRPC_TIMEOUT.fullmatch(_single(values))
         if match is not None:
             seconds = int(match[1]) * _GRPC_UNIT[match[2]]
             if seconds > 0 and (budget is None or seconds < budget):
@@ -932,11 +938,25 @@ def _deadline(get_all: HeaderLookup) -> float | None:
     return time.monotonic() + min(budget, _MAX_BUDGET)
 
 
+def _single(values: list[str]) -> str:
+    """The value of a header that takes one (x-request-id, the timeouts), from the values
+    received: a header sent more than once is the comma-joined list HTTP makes of it (RFC
+    9110 §5.3), as Envoy reads its own headers and as WSGI servers hand them over (gunicorn
+    joins with `,`, waitress with `, `): the same string under every adapter and server. A
+    timeout that came twice no longer matches its syntax: no deadline, as with Envoy."""
+    value = values[0]
+    if len(values) == 1 and "," not in value:
+        return value.strip(" \t")
+    return ",".join(part.strip(" \t") for value in values for part in value.split(","))
+
+
 def _join(name: str, values: list[str]) -> str | None:
-    """One header value from the values received; None when unsafe to send on."""
+    """One header value from the values received; None when unsafe to send on. Joined with
+    `,` as gunicorn (and Envoy) join a repeated header, so an ASGI and a WSGI app send the
+    same (`; ` for `cookie`, RFC 9113 §8.2.3)."""
     kept = [v for v in values if _CONTROL.search(v) is None]
     if not kept:
         return None
     if len(kept) == 1:
         return kept[0]
-    return ("; " if name == "cookie" else ", ").join(kept)
+    return ("; " if name == "cookie" else ",").join(kept)

@@ -429,7 +429,7 @@ def test_connecting_is_bounded_by_the_route_deadline_not_the_tries_time(
 
 def _serving(mesh: Mesh, budget_ms: str) -> contextlib.AbstractContextManager[object]:
     """The context of a served request whose caller left `budget_ms` milliseconds."""
-    inbound = {"x-envoy-expected-rq-timeout-ms": [budget_ms]}
+    inbound = {"x-envoy-expected-rq-timeout-ms": [budget_ms], "x-meshlib-peer-metadata": ["w=a"]}
     return mesh.propagator.activated(mesh.propagator.extract(inbound.get))
 
 
@@ -970,7 +970,7 @@ def test_the_attempt_budget_is_sent_upstream(servers: Servers) -> None:
     per_try = route + "\n  retries: {attempts: 2, perTryTimeout: 0.2s}"
     assert all(150 <= ms <= 200 for ms in _ms(_budgets(servers, per_try)))
     # A caller's 300 ms under the route's 500: its time left (less what the calls took).
-    inbound = {"x-envoy-expected-rq-timeout-ms": ["300"]}
+    inbound = {"x-envoy-expected-rq-timeout-ms": ["300"], "x-meshlib-peer-metadata": ["w=a"]}
     assert all(100 <= ms <= 300 for ms in _ms(_budgets(servers, route, inbound=inbound)))
 
 

@@ -901,7 +901,7 @@ def test_repeated_app_header_values_are_joined_and_unsafe_ones_dropped() -> None
         )
     )
     assert dict(inbound.headers) == {
-        "x-user-group": "a, c",
+        "x-user-group": "a,c",
         "cookie": "s=1; t=2",
         "x-tabbed": "a\tb",
     }
@@ -933,22 +933,25 @@ def test_format_headers_in_propagate_headers_are_ignored() -> None:
 def test_deadline_from_headers(headers: dict[str, str], budget: float) -> None:
     """The caller's budget becomes an absolute monotonic deadline; the smaller header wins."""
     before = time.monotonic()
-    deadline = Propagator().extract(get_all(headers)).deadline
+    deadline = Propagator().extract(get_all({**headers, "x-meshlib-peer-metadata": "w=a"})).deadline
     assert deadline is not None
     assert before + budget - 1e-9 <= deadline <= time.monotonic() + budget + 1e-9
+
+
+MESHED = {"x-meshlib-peer-metadata": "w=productpage-v1"}  # a caller in the mesh
 
 
 def test_deadline_round_trip() -> None:
     """Activated, the deadline clamps the data plane's timeouts and goes out as what is left."""
     p = Propagator()
-    inbound = p.extract(get_all({"x-envoy-expected-rq-timeout-ms": "1500"}))
+    inbound = p.extract(get_all({"x-envoy-expected-rq-timeout-ms": "1500", **MESHED}))
     with p.activated(inbound):
         assert inbound_deadline.get() == inbound.deadline
         assert Deadline.after(10.0).at == inbound.deadline  # a longer route timeout is clamped
         time.sleep(0.02)
         sent = int(dict(p.outbound(has_none))["x-envoy-expected-rq-timeout-ms"])
     assert 1000 < sent <= 1480
-    again = p.extract(get_all({"x-envoy-expected-rq-timeout-ms": str(sent)}))
+    again = p.extract(get_all({"x-envoy-expected-rq-timeout-ms": str(sent), **MESHED}))
     assert again.deadline is not None and inbound.deadline is not None
     assert again.deadline <= inbound.deadline + 0.001
 
@@ -1125,3 +1128,13 @@ def test_baggage_headers_too_long_together_keep_the_first() -> None:
     second = ",".join(f"b{i}=v" for i in range(700))
     inbound = p.extract(lambda name: [first, second] if name == "baggage" else None)
     assert outbound(p, inbound)["baggage"] == first
+
+
+def test_an_envoy_budget_is_taken_from_mesh_callers_only() -> None:
+    """x-envoy-expected-rq-timeout-ms from a caller outside the mesh (no metadata-exchange
+    header) is ignored, as Envoy ignores x-envoy-* from untrusted callers: it cannot shrink
+    the app's calls. grpc-timeout is gRPC's own deadline, honoured from any caller."""
+    p = Propagator()
+    assert p.extract(get_all({"x-envoy-expected-rq-timeout-ms": "1"})).deadline is None
+    assert p.extract(get_all({"x-envoy-expected-rq-timeout-ms": "1", **MESHED})).deadline
+    assert p.extract(get_all({"grpc-timeout": "1n"})).deadline is not None

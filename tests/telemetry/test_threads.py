@@ -77,6 +77,7 @@ def make_inbound() -> InboundContext:
         "end-user": "jason",
         "x-request-id": "req-1",
         "x-envoy-expected-rq-timeout-ms": "30000",
+        "x-meshlib-peer-metadata": "w=productpage-v1",  # a mesh caller: its budget is taken
     }
     return PROPAGATOR.extract(lambda name: [headers[name]] if name in headers else [])
 
