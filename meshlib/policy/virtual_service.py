@@ -176,6 +176,8 @@ class HTTPMatchRequest:
     def __post_init__(self) -> None:
         if self.port == 0:  # Istio reads port 0 as no port condition
             object.__setattr__(self, "port", None)
+        if self.source_namespace == "":  # proto3: an empty string is unset
+            object.__setattr__(self, "source_namespace", None)
 
     def validate_policy(self, path: Path, sink: Sink) -> None:
         for field in ("headers", "without_headers"):
@@ -250,6 +252,10 @@ class HTTPRetry:
     )
     retry_ignore_previous_hosts: bool | None = None
     backoff: Duration | None = spec_field(ge=MILLISECOND)
+
+    def __post_init__(self) -> None:
+        if self.retry_on == "":  # proto3: an empty string is unset (Istio's default applies)
+            object.__setattr__(self, "retry_on", None)
 
     def validate_policy(self, path: Path, sink: Sink) -> None:
         if self.attempts == 0 and (

@@ -8,6 +8,8 @@ from collections.abc import Callable
 import pytest
 
 from meshlib.config import MeshConfig
+from meshlib.policy.matching import RequestAttributes
+from meshlib.policy.routes import RetryPolicy
 from meshlib.policy.snapshot import Snapshot
 from tests.dataplane.test_routing import plan, snapshot_for
 from tests.policy.test_validation import (
@@ -822,6 +824,33 @@ def test_empty_subset_and_port_zero_are_unset() -> None:
     )
     route = result.resources[0].spec.http[0]
     assert (route.match[0].port, route.route[0].destination.subset) == (None, None)
+
+
+def test_an_empty_retry_on_is_unset() -> None:
+    """`retryOn: ''` (a Helm value left empty) is proto3's unset string: Istio's
+    validateHTTPRetry skips it and pilot keeps its default retry conditions."""
+    result = check_valid(vs_route("retries: {attempts: 2, retryOn: ''}"))
+    assert result.resources[0].spec.http[0].retries.retry_on is None
+    snapshot = Snapshot.build(result.resources, MeshConfig())
+    route = snapshot.route(RequestAttributes("GET", "r")).route
+    assert route is not None and route.retries is not None
+    default = RetryPolicy.resolve(None)
+    assert default is not None and route.retries.retry_on == default.retry_on
+
+
+def test_an_empty_source_namespace_is_unset() -> None:
+    """`sourceNamespace: ''` is unset (Istio checks the name only when it is not empty): the
+    block applies to callers in every namespace."""
+    result = check_valid(
+        vs_http(
+            "- match: [{sourceNamespace: ''}]\n  route: [{destination: {host: r, subset: a}}]\n"
+            "- route: [{destination: {host: r, subset: b}}]"
+        )
+    )
+    assert result.resources[0].spec.http[0].match[0].source_namespace is None
+    snapshot = Snapshot.build(result.resources, MeshConfig(namespace="shop"))
+    route = snapshot.route(RequestAttributes("GET", "r.default")).route
+    assert route is not None and route.destinations[0].subset == "a"
 
 
 @pytest.mark.parametrize(
