@@ -342,7 +342,7 @@ class MeshAdapter(HTTPAdapter):
 
     # What pickling keeps, as for requests' own adapters (a Session is picklable). An explicit
     # Mesh (threads, locks, a policy source) cannot be pickled; the default one is found again.
-    __attrs__ = [*HTTPAdapter.__attrs__, "_mesh", "_inner"]
+    __attrs__ = [*HTTPAdapter.__attrs__, "_mesh", "_inner", "_owns_inner"]
 
     def __init__(
         self, *, mesh: Mesh | None = None, inner: HTTPAdapter | None = None, **kwargs: Any
@@ -352,6 +352,7 @@ class MeshAdapter(HTTPAdapter):
         self._mirroring = MirrorTracker()
         self._mirror_epoch = 0  # counts close() calls: a copy queued before one is dropped
         self._inner = inner  # an adapter to send through instead of this one's own pool
+        self._owns_inner = False  # closed with this one (an app's, `Session.mount` meshed)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # type: ignore[misc]  # requests has it, untyped
@@ -362,6 +363,8 @@ class MeshAdapter(HTTPAdapter):
         self._mirroring.wait()  # let mirrored copies finish before the pool goes away
         self._mirror_epoch += 1  # a copy still queued would open a pool nobody closes
         super().close()
+        if self._inner is not None and self._owns_inner:
+            self._inner.close()  # an app's adapter that `Session.mount` meshed
 
     def _send_upstream(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
         with passthrough_inside():
@@ -743,6 +746,18 @@ class Session(requests.Session):
 
     def __init__(self, *, mesh: Mesh | None = None) -> None:
         super().__init__()
+        self._mesh = mesh
         adapter = MeshAdapter(mesh=mesh)
         self.mount("http://", adapter)
         self.mount("https://", adapter)
+
+    def mount(self, prefix: str | bytes, adapter: requests.adapters.BaseAdapter) -> None:
+        """Mount `adapter` for URLs starting with `prefix`, meshed: an adapter of the app's
+        (an `HTTPAdapter` with a bigger pool or urllib3 retries, say) sends each try the mesh
+        plans, as `meshlib.Client` wraps httpx's `mounts=`; a `MeshAdapter` is mounted as it is.
+        Closing the session closes the app's adapter too."""
+        if not isinstance(adapter, MeshAdapter):
+            meshed = MeshAdapter(mesh=getattr(self, "_mesh", None), inner=adapter)  # type: ignore[arg-type]
+            meshed._owns_inner = True
+            adapter = meshed
+        super().mount(prefix, adapter)
