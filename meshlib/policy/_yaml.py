@@ -8,6 +8,7 @@ line; nothing is spent on positions while a file is valid.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,8 @@ class _Loader(_Base):  # type: ignore[misc]
             tag = super().resolve(kind, value, implicit)
             if tag in _KUBECTL_STRINGS or (tag in _NUMBERS and ":" in value):
                 tag = _STR
+            elif tag == _STR and implicit[0] and _GO_FLOAT.match(value.replace("_", "")):
+                tag = _FLOAT
             tag = self._tags[key] = tag
         return tag
 
@@ -56,7 +59,14 @@ _STR = "tag:yaml.org,2002:str"
 # key, but which kubectl's reader (go-yaml v2, through sigs.k8s.io/yaml) keeps as strings:
 # read as strings too, so that a label `release: 2024-01-01` means what it means to kubectl.
 _KUBECTL_STRINGS = frozenset({"tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:value"})
-_NUMBERS = frozenset({"tag:yaml.org,2002:int", "tag:yaml.org,2002:float"})
+_FLOAT = "tag:yaml.org,2002:float"
+_NUMBERS = frozenset({"tag:yaml.org,2002:int", _FLOAT})
+# Plain values go-yaml v2 reads as floats and PyYAML's YAML 1.1 rules as strings: an exponent
+# without a '.' or without a sign (`1e+06`, which Helm writes for large numbers, `1e3`,
+# `1.5e3`), and digits with a leading zero that are not octal (`08`). Go's pattern (its
+# yamlStyleFloat), tried as go-yaml does on the value without its underscores; `re.match`
+# with `\Z`, so that a trailing newline does not match.
+_GO_FLOAT = re.compile(r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?\Z")
 
 
 class YAMLProblem(Exception):
