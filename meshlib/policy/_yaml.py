@@ -202,16 +202,29 @@ class _Builder:
 
     def _mapping(self, node: yaml.MappingNode) -> dict[Any, Any]:
         out: dict[Any, Any] = {}
+        written: set[Any] = set()  # keys written out in this mapping, not merged into it
         for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
-                raise _problem(key_node, "YAML merge keys (<<) are not supported")
+                self._merge(key_node, value_node, out)
+                continue
             key = self.build(key_node)
             if isinstance(key, (list, dict)):
                 raise _problem(key_node, "a mapping key must be a scalar")
-            if key in out:
+            if key in written:
                 raise _problem(key_node, f"duplicate key {key!r}")
+            written.add(key)
             out[key] = self.build(value_node)
         return out
+
+    def _merge(self, key_node: yaml.Node, value_node: yaml.Node, out: dict[Any, Any]) -> None:
+        """`<<: *defaults` (or a list of them), as go-yaml v2, so kubectl, reads it: the
+        merged mapping's keys are set where the `<<` stands, over the keys before it, and
+        the keys after it override them; in a list the first mapping wins."""
+        sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+        for source in reversed(sources):
+            if not isinstance(source, yaml.MappingNode):
+                raise _problem(key_node, "a merge key (<<) takes a mapping or a list of them")
+            out.update(self.build(source))
 
 
 def _problem(node: yaml.Node, message: str) -> YAMLProblem:

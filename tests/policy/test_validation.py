@@ -1851,6 +1851,39 @@ def test_a_whole_float_is_an_integer_and_a_fraction_is_not(weight: str) -> None:
     )
 
 
+def test_yaml_merge_keys_merge_as_kubectl_reads_them() -> None:
+    """`<<: *anchor` merges a mapping (or a list of them, the first winning) as go-yaml v2
+    does for kubectl; keys after the `<<` override the merged ones."""
+    text = vs_http(
+        "- match: [{uri: {prefix: /a}}]\n"
+        "  retries: &retries {attempts: 3, perTryTimeout: 2s}\n"
+        "  route: [{destination: {host: r}}]\n"
+        "- retries: {<<: *retries, attempts: 5}\n"
+        "  route: [{destination: {host: r}}]\n"
+        "  headers: &h {request: {set: {x-a: a}}}\n"
+        "- route: [{destination: {host: r}}]\n"
+        "  headers: {<<: [{response: {set: {x-b: b}}}, *h]}"
+    )
+    http = check_valid(text).resources[0].spec.http
+    assert (http[0].retries.attempts, http[0].retries.per_try_timeout.seconds) == (3, 2.0)
+    assert (http[1].retries.attempts, http[1].retries.per_try_timeout.seconds) == (5, 2.0)
+    assert http[2].headers.request.set == {"x-a": "a"}
+    assert http[2].headers.response.set == {"x-b": "b"}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("a: &x [1]\nb: {<<: *x}\n", "a merge key (<<) takes a mapping or a list of them"),
+        ("a: &x {p: 1}\nb: {<<: *x, q: 1, q: 2}\n", "duplicate key 'q'"),
+    ],
+)
+def test_a_merge_key_needs_mappings_and_written_keys_stay_unique(text: str, message: str) -> None:
+    """A merge of something other than mappings is an error, as in go-yaml; keys written out
+    twice are still duplicates."""
+    check_error(text, None, 2, f"invalid YAML: {message}")
+
+
 @pytest.mark.parametrize(
     ("text", "line", "key"),
     [
