@@ -161,9 +161,21 @@ def _to_float(value: Any, path: Path, sink: Sink) -> Any:
     return INVALID
 
 
+def _to_int(value: Any, path: Path, sink: Sink) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e21:
+        # kubectl turns YAML into JSON with Go's encoder, which writes a whole float below
+        # 1e21 as an integer (`50.0`, and `1e+06` as Helm renders a large number, arrive as
+        # 50 and 1000000), so Kubernetes and Istio take it where an integer is due.
+        return int(value)
+    sink.error(path, f"must be an integer, not {describe(value)}")
+    return INVALID
+
+
 _SCALARS: dict[Any, Converter] = {
     str: _scalar(lambda v: isinstance(v, str), "a string"),
-    int: _scalar(lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    int: _to_int,
     bool: _scalar(lambda v: isinstance(v, bool), "true or false"),
     float: _to_float,
 }

@@ -8,6 +8,7 @@ line; nothing is spent on positions while a file is valid.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,8 @@ class _Loader(_Base):  # type: ignore[misc]
             tag = super().resolve(kind, value, implicit)
             if tag in _KUBECTL_STRINGS or (tag in _NUMBERS and ":" in value):
                 tag = _STR
+            elif tag == _STR and implicit[0] and _GO_FLOAT.match(value.replace("_", "")):
+                tag = _FLOAT
             tag = self._tags[key] = tag
         return tag
 
@@ -56,7 +59,14 @@ _STR = "tag:yaml.org,2002:str"
 # key, but which kubectl's reader (go-yaml v2, through sigs.k8s.io/yaml) keeps as strings:
 # read as strings too, so that a label `release: 2024-01-01` means what it means to kubectl.
 _KUBECTL_STRINGS = frozenset({"tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:value"})
-_NUMBERS = frozenset({"tag:yaml.org,2002:int", "tag:yaml.org,2002:float"})
+_FLOAT = "tag:yaml.org,2002:float"
+_NUMBERS = frozenset({"tag:yaml.org,2002:int", _FLOAT})
+# Plain values go-yaml v2 reads as floats and PyYAML's YAML 1.1 rules as strings: an exponent
+# without a '.' or without a sign (`1e+06`, which Helm writes for large numbers, `1e3`,
+# `1.5e3`), and digits with a leading zero that are not octal (`08`). Go's pattern (its
+# yamlStyleFloat), tried as go-yaml does on the value without its underscores; `re.match`
+# with `\Z`, so that a trailing newline does not match.
+_GO_FLOAT = re.compile(r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?\Z")
 
 
 class YAMLProblem(Exception):
@@ -192,16 +202,29 @@ class _Builder:
 
     def _mapping(self, node: yaml.MappingNode) -> dict[Any, Any]:
         out: dict[Any, Any] = {}
+        written: set[Any] = set()  # keys written out in this mapping, not merged into it
         for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
-                raise _problem(key_node, "YAML merge keys (<<) are not supported")
+                self._merge(key_node, value_node, out)
+                continue
             key = self.build(key_node)
             if isinstance(key, (list, dict)):
                 raise _problem(key_node, "a mapping key must be a scalar")
-            if key in out:
+            if key in written:
                 raise _problem(key_node, f"duplicate key {key!r}")
+            written.add(key)
             out[key] = self.build(value_node)
         return out
+
+    def _merge(self, key_node: yaml.Node, value_node: yaml.Node, out: dict[Any, Any]) -> None:
+        """`<<: *defaults` (or a list of them), as go-yaml v2, so kubectl, reads it: the
+        merged mapping's keys are set where the `<<` stands, over the keys before it, and
+        the keys after it override them; in a list the first mapping wins."""
+        sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+        for source in reversed(sources):
+            if not isinstance(source, yaml.MappingNode):
+                raise _problem(key_node, "a merge key (<<) takes a mapping or a list of them")
+            out.update(self.build(source))
 
 
 def _problem(node: yaml.Node, message: str) -> YAMLProblem:

@@ -1813,6 +1813,78 @@ def test_plain_values_kubectl_reads_as_strings_are_strings(value: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("value", "number"),
+    [("1e+06", 1_000_000), ("1e3", 1000), ("1.5e3", 1500), ("08", 8), ("1_0e2", 1000)],
+)
+def test_plain_values_kubectl_reads_as_floats_are_numbers(value: str, number: int) -> None:
+    """go-yaml v2 reads an exponent without '.' or sign (`1e+06`, as Helm renders large
+    numbers) and non-octal leading-zero digits as floats, where YAML 1.1 says string; and
+    kubectl sends a whole float as an integer, so they fill integer fields."""
+    result = check_valid(dr(f"connectionPool: {{tcp: {{maxConnections: {value}}}}}"))
+    pool = result.resources[0].spec.traffic_policy.connection_pool
+    assert pool.tcp.max_connections == number
+
+
+@pytest.mark.parametrize("value", ["'1e+06'", "1e+06.5", "0x1e3", "1e"])
+def test_values_that_are_no_go_yaml_float_stay_strings(value: str) -> None:
+    """Quoted values, and plain ones go-yaml does not read as floats, stay strings."""
+    result = load(dr(f"connectionPool: {{tcp: {{maxConnections: {value}}}}}"))
+    if value == "0x1e3":  # a hex integer to both readers
+        assert result.errors == (), dump(result)
+        return
+    assert [e.message for e in result.errors] == ["must be an integer, not a string"]
+
+
+@pytest.mark.parametrize("weight", ["50.0", "5e1"])
+def test_a_whole_float_is_an_integer_and_a_fraction_is_not(weight: str) -> None:
+    """`weight: 50.0` reaches Kubernetes as 50 (Go's JSON encoder writes whole floats as
+    integers), so it is a valid weight; 50.5 is not an integer."""
+    routes = "- route: [{destination: {host: r, subset: a}, weight: %s}, {destination: {host: r, subset: b}, weight: 50}]"
+    result = check_valid(vs_http(routes % weight))
+    assert result.resources[0].spec.http[0].route[0].weight == 50
+    assert isinstance(result.resources[0].spec.http[0].route[0].weight, int)
+    check_error(
+        vs_http(routes % "50.5"),
+        "spec.http[0].route[0].weight",
+        8,
+        "must be an integer, not a number",
+    )
+
+
+def test_yaml_merge_keys_merge_as_kubectl_reads_them() -> None:
+    """`<<: *anchor` merges a mapping (or a list of them, the first winning) as go-yaml v2
+    does for kubectl; keys after the `<<` override the merged ones."""
+    text = vs_http(
+        "- match: [{uri: {prefix: /a}}]\n"
+        "  retries: &retries {attempts: 3, perTryTimeout: 2s}\n"
+        "  route: [{destination: {host: r}}]\n"
+        "- retries: {<<: *retries, attempts: 5}\n"
+        "  route: [{destination: {host: r}}]\n"
+        "  headers: &h {request: {set: {x-a: a}}}\n"
+        "- route: [{destination: {host: r}}]\n"
+        "  headers: {<<: [{response: {set: {x-b: b}}}, *h]}"
+    )
+    http = check_valid(text).resources[0].spec.http
+    assert (http[0].retries.attempts, http[0].retries.per_try_timeout.seconds) == (3, 2.0)
+    assert (http[1].retries.attempts, http[1].retries.per_try_timeout.seconds) == (5, 2.0)
+    assert http[2].headers.request.set == {"x-a": "a"}
+    assert http[2].headers.response.set == {"x-b": "b"}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("a: &x [1]\nb: {<<: *x}\n", "a merge key (<<) takes a mapping or a list of them"),
+        ("a: &x {p: 1}\nb: {<<: *x, q: 1, q: 2}\n", "duplicate key 'q'"),
+    ],
+)
+def test_a_merge_key_needs_mappings_and_written_keys_stay_unique(text: str, message: str) -> None:
+    """A merge of something other than mappings is an error, as in go-yaml; keys written out
+    twice are still duplicates."""
+    check_error(text, None, 2, f"invalid YAML: {message}")
+
+
+@pytest.mark.parametrize(
     ("text", "line", "key"),
     [
         pytest.param(resource("DestinationRule", "host: r\nhost: s"), 7, "host", id="spec-key"),
