@@ -124,8 +124,9 @@ def _upstream_url(url: httpx.URL, scheme: str, endpoint: Endpoint, path: str | N
         port = None
     reference = getattr(url, "_uri_reference", None)
     if reference is None or path is not None:
-        netloc = endpoint.key.encode()
-        return url.copy_with(scheme=scheme, netloc=netloc, **({"path": path} if path else {}))
+        # host and port apart: httpx splits a `netloc` at its first ':' (an IPv6 address's)
+        rest = {"path": path} if path else {}
+        return url.copy_with(scheme=scheme, host=endpoint.address, port=port, **rest)
     new = httpx.URL.__new__(httpx.URL)
     new._uri_reference = reference._replace(scheme=scheme, host=endpoint.address, port=port)
     return new
@@ -440,7 +441,8 @@ class _MeshTransportBase:
         and propagated headers, as a sidecar mirrors what the app sent (its own headers
         copied); this workload's identity, as on every call."""
         mesh = self.mesh
-        url = request.url.copy_with(netloc=copy.endpoint.key.encode(), path=plan.path)
+        endpoint = copy.endpoint  # host and port apart, as in `_upstream_url`
+        url = request.url.copy_with(host=endpoint.address, port=endpoint.port, path=plan.path)
         extra = {"host": plan.authority, peer.HEADER: mesh.identity}
         if copy.attempt.close_connection:
             extra["connection"] = "close"  # the mirror's maxRequestsPerConnection reached
