@@ -271,8 +271,29 @@ def _delay_timed_out(request: httpx.Request) -> httpx.ReadTimeout:
     return httpx.ReadTimeout("timed out", request=request)
 
 
+try:  # httpx's multipart body (`files=`): replayable when every part is held in memory
+    from httpx._multipart import DataField as _DataField
+    from httpx._multipart import MultipartStream as _MultipartStream
+except ImportError:  # another httpx: a multipart body is then never sent twice
+    _MultipartStream = _DataField = None  # type: ignore[assignment, misc]
+
+
 def _replayable(request: httpx.Request) -> bool:
-    return isinstance(request.stream, httpx.ByteStream)
+    """Whether the body can be sent again (retried, mirrored): bytes, or a multipart body
+    (`files=`) whose every part is bytes or text, which httpx renders anew on each read (a
+    file object's part is read from where the file is: never sent twice)."""
+    stream = request.stream
+    if isinstance(stream, httpx.ByteStream):
+        return True
+    if _MultipartStream is None or type(stream) is not _MultipartStream:
+        return False
+    try:
+        return all(
+            isinstance(field, _DataField) or isinstance(field.file, (bytes, str))
+            for field in stream.fields
+        )
+    except AttributeError:  # another layout: not replayable
+        return False
 
 
 def _body_failed(exc: Exception, request: httpx.Request, attempt: Attempt) -> AttemptResult:

@@ -1,5 +1,5 @@
 """meshlib's outbound clients as an app drives them, at edges a client review found: adapters
-an app mounts on a `meshlib.Session`, endpoints with IPv6 addresses.
+an app mounts on a `meshlib.Session`, endpoints with IPv6 addresses, multipart bodies held in memory.
 
 Upstreams are uvicorn servers on 127.0.0.1 (tests/upstream.py); every client, server and mesh
 is closed before the test ends.
@@ -8,6 +8,7 @@ is closed before the test ends.
 from __future__ import annotations
 
 import asyncio
+import io
 import socket
 import time
 from collections.abc import Iterator
@@ -37,6 +38,24 @@ def mesh(upstream: Upstream) -> Iterator[Mesh]:
     mesh = mesh_for(
         MeshConfig(service="me", namespace="default"), loopback_service(HOST, upstream.port)
     )
+    yield mesh
+    mesh.close()
+
+
+@pytest.fixture
+def mesh_with_retries(upstream: Upstream) -> Iterator[Mesh]:
+    route = f"""---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: api, namespace: default}}
+spec:
+  hosts: [{HOST}]
+  http:
+  - route: [{{destination: {{host: {HOST}}}}}]
+    retries: {{attempts: 2, retryOn: 5xx}}
+"""
+    config = MeshConfig(service="me", namespace="default")
+    mesh = mesh_for(config, loopback_service(HOST, upstream.port) + route)
     yield mesh
     mesh.close()
 
@@ -128,3 +147,39 @@ spec:
             while not shadow.behaviour.requests and time.monotonic() < deadline:
                 time.sleep(0.01)
             assert [r["path"] for r in shadow.behaviour.requests] == ["/new"]
+
+
+@pytest.mark.parametrize("client", ["sync", "async"])
+def test_a_multipart_body_held_in_memory_is_retried(
+    mesh_with_retries: Mesh, upstream: Upstream, client: str
+) -> None:
+    """A `files=` upload whose parts are bytes or text is replayed whole on a retry, as a
+    bytes body is (httpx renders it anew on each read); one with a file object's part is
+    sent once, as the docs say of file-like bodies."""
+    upstream.behaviour.fail_every = 0.5
+    upstream.behaviour.fail_status = 503
+    upstream.behaviour.received = 1  # the first request fails, the second succeeds
+
+    def post(**body: object) -> httpx.Response:
+        if client == "sync":
+            with meshlib.Client(mesh=mesh_with_retries, timeout=5) as sync:
+                return sync.post(f"{URL}/upload", **body)  # type: ignore[arg-type]
+
+        async def call() -> httpx.Response:
+            async with meshlib.AsyncClient(mesh=mesh_with_retries, timeout=5) as aclient:
+                return await aclient.post(f"{URL}/upload", **body)  # type: ignore[arg-type]
+
+        return asyncio.run(call())
+
+    response = post(data={"k": "v"}, files={"f": ("a.txt", b"hello")})
+    assert response.status_code == 200
+    bodies = [r["body"] for r in upstream.behaviour.requests]
+    assert len(bodies) == 2
+    assert bodies[0] == bodies[1]
+    assert "hello" in bodies[1]
+
+    upstream.behaviour.requests.clear()
+    upstream.behaviour.received = 1
+    response = post(files={"f": ("a.txt", io.BytesIO(b"hello"))})
+    assert response.status_code == 503  # not sent again
+    assert len(upstream.behaviour.requests) == 1
