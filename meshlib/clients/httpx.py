@@ -124,8 +124,9 @@ def _upstream_url(url: httpx.URL, scheme: str, endpoint: Endpoint, path: str | N
         port = None
     reference = getattr(url, "_uri_reference", None)
     if reference is None or path is not None:
-        netloc = endpoint.key.encode()
-        return url.copy_with(scheme=scheme, netloc=netloc, **({"path": path} if path else {}))
+        # host and port apart: httpx splits a `netloc` at its first ':' (an IPv6 address's)
+        rest = {"path": path} if path else {}
+        return url.copy_with(scheme=scheme, host=endpoint.address, port=port, **rest)
     new = httpx.URL.__new__(httpx.URL)
     new._uri_reference = reference._replace(scheme=scheme, host=endpoint.address, port=port)
     return new
@@ -270,8 +271,29 @@ def _delay_timed_out(request: httpx.Request) -> httpx.ReadTimeout:
     return httpx.ReadTimeout("timed out", request=request)
 
 
+try:  # httpx's multipart body (`files=`): replayable when every part is held in memory
+    from httpx._multipart import DataField as _DataField
+    from httpx._multipart import MultipartStream as _MultipartStream
+except ImportError:  # another httpx: a multipart body is then never sent twice
+    _MultipartStream = _DataField = None  # type: ignore[assignment, misc]
+
+
 def _replayable(request: httpx.Request) -> bool:
-    return isinstance(request.stream, httpx.ByteStream)
+    """Whether the body can be sent again (retried, mirrored): bytes, or a multipart body
+    (`files=`) whose every part is bytes or text, which httpx renders anew on each read (a
+    file object's part is read from where the file is: never sent twice)."""
+    stream = request.stream
+    if isinstance(stream, httpx.ByteStream):
+        return True
+    if _MultipartStream is None or type(stream) is not _MultipartStream:
+        return False
+    try:
+        return all(
+            isinstance(field, _DataField) or isinstance(field.file, (bytes, str))
+            for field in stream.fields
+        )
+    except AttributeError:  # another layout: not replayable
+        return False
 
 
 def _body_failed(exc: Exception, request: httpx.Request, attempt: Attempt) -> AttemptResult:
@@ -440,7 +462,8 @@ class _MeshTransportBase:
         and propagated headers, as a sidecar mirrors what the app sent (its own headers
         copied); this workload's identity, as on every call."""
         mesh = self.mesh
-        url = request.url.copy_with(netloc=copy.endpoint.key.encode(), path=plan.path)
+        endpoint = copy.endpoint  # host and port apart, as in `_upstream_url`
+        url = request.url.copy_with(host=endpoint.address, port=endpoint.port, path=plan.path)
         extra = {"host": plan.authority, peer.HEADER: mesh.identity}
         if copy.attempt.close_connection:
             extra["connection"] = "close"  # the mirror's maxRequestsPerConnection reached

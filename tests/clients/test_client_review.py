@@ -1,5 +1,5 @@
 """meshlib's outbound clients as an app drives them, at edges a client review found: adapters
-an app mounts on a `meshlib.Session`.
+an app mounts on a `meshlib.Session`, endpoints with IPv6 addresses, multipart bodies held in memory.
 
 Upstreams are uvicorn servers on 127.0.0.1 (tests/upstream.py); every client, server and mesh
 is closed before the test ends.
@@ -7,8 +7,13 @@ is closed before the test ends.
 
 from __future__ import annotations
 
+import asyncio
+import io
+import socket
+import time
 from collections.abc import Iterator
 
+import httpx
 import pytest
 import requests
 from requests.adapters import HTTPAdapter
@@ -33,6 +38,24 @@ def mesh(upstream: Upstream) -> Iterator[Mesh]:
     mesh = mesh_for(
         MeshConfig(service="me", namespace="default"), loopback_service(HOST, upstream.port)
     )
+    yield mesh
+    mesh.close()
+
+
+@pytest.fixture
+def mesh_with_retries(upstream: Upstream) -> Iterator[Mesh]:
+    route = f"""---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: api, namespace: default}}
+spec:
+  hosts: [{HOST}]
+  http:
+  - route: [{{destination: {{host: {HOST}}}}}]
+    retries: {{attempts: 2, retryOn: 5xx}}
+"""
+    config = MeshConfig(service="me", namespace="default")
+    mesh = mesh_for(config, loopback_service(HOST, upstream.port) + route)
     yield mesh
     mesh.close()
 
@@ -64,3 +87,99 @@ def test_an_adapter_mounted_on_a_session_stays_meshed(mesh: Mesh, upstream: Upst
         assert session.get(f"{URL}/only/b", timeout=5).status_code == 200
     assert Counting.sent == 1
     assert closed == [True]
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def _ipv6_upstream(name: str) -> Upstream:
+    upstream = Upstream(name)
+    upstream.server.config.host = "::1"
+    return upstream
+
+
+def _ipv6_entry(host: str, port: int) -> str:
+    return loopback_service(host, port).replace("address: 127.0.0.1", 'address: "::1"')
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback")
+@pytest.mark.parametrize("client", ["sync", "async"])
+def test_a_rewritten_or_mirrored_request_reaches_an_ipv6_endpoint(client: str) -> None:
+    """A route that rewrites the path, and a mirror, to endpoints with IPv6 addresses: the
+    request goes to `[::1]:port` (httpx splits a `netloc` at its first ':', so the endpoint's
+    `[::1]:port` once raised `httpx.InvalidURL` and the copy was lost)."""
+    shadow_host = "shadow.default.svc.cluster.local"
+    route = f"""---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: api, namespace: default}}
+spec:
+  hosts: [{HOST}]
+  http:
+  - match: [{{uri: {{prefix: /old}}}}]
+    rewrite: {{uri: /new}}
+    route: [{{destination: {{host: {HOST}}}}}]
+    mirror: {{host: {shadow_host}}}
+"""
+    with _ipv6_upstream("api") as api, _ipv6_upstream("shadow") as shadow:
+        policy = _ipv6_entry(HOST, api.port) + "---\n" + _ipv6_entry(shadow_host, shadow.port)
+        mesh = mesh_for(MeshConfig(service="me", namespace="default"), policy + route)
+        with mesh:
+            if client == "sync":
+                with meshlib.Client(mesh=mesh, timeout=5) as sync:
+                    response = sync.get(f"{URL}/old")
+            else:
+
+                async def call() -> httpx.Response:
+                    async with meshlib.AsyncClient(mesh=mesh, timeout=5) as aclient:
+                        return await aclient.get(f"{URL}/old")
+
+                response = asyncio.run(call())
+            assert response.status_code == 200
+            assert response.json()["path"] == "/new"
+            deadline = time.monotonic() + 5
+            while not shadow.behaviour.requests and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert [r["path"] for r in shadow.behaviour.requests] == ["/new"]
+
+
+@pytest.mark.parametrize("client", ["sync", "async"])
+def test_a_multipart_body_held_in_memory_is_retried(
+    mesh_with_retries: Mesh, upstream: Upstream, client: str
+) -> None:
+    """A `files=` upload whose parts are bytes or text is replayed whole on a retry, as a
+    bytes body is (httpx renders it anew on each read); one with a file object's part is
+    sent once, as the docs say of file-like bodies."""
+    upstream.behaviour.fail_every = 0.5
+    upstream.behaviour.fail_status = 503
+    upstream.behaviour.received = 1  # the first request fails, the second succeeds
+
+    def post(**body: object) -> httpx.Response:
+        if client == "sync":
+            with meshlib.Client(mesh=mesh_with_retries, timeout=5) as sync:
+                return sync.post(f"{URL}/upload", **body)  # type: ignore[arg-type]
+
+        async def call() -> httpx.Response:
+            async with meshlib.AsyncClient(mesh=mesh_with_retries, timeout=5) as aclient:
+                return await aclient.post(f"{URL}/upload", **body)  # type: ignore[arg-type]
+
+        return asyncio.run(call())
+
+    response = post(data={"k": "v"}, files={"f": ("a.txt", b"hello")})
+    assert response.status_code == 200
+    bodies = [r["body"] for r in upstream.behaviour.requests]
+    assert len(bodies) == 2
+    assert bodies[0] == bodies[1]
+    assert "hello" in bodies[1]
+
+    upstream.behaviour.requests.clear()
+    upstream.behaviour.received = 1
+    response = post(files={"f": ("a.txt", io.BytesIO(b"hello"))})
+    assert response.status_code == 503  # not sent again
+    assert len(upstream.behaviour.requests) == 1
