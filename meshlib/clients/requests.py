@@ -432,6 +432,8 @@ class MeshAdapter(HTTPAdapter):
         )
         if peer.HEADER in response.headers:  # read: the app never sees it, as with Istio
             del response.headers[peer.HEADER]
+        if self._owns_inner:  # requests resends through it (digest auth): through the mesh
+            response.connection = self
         return _answering(response, original)
 
     def _handle(
