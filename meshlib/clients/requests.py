@@ -343,6 +343,7 @@ class MeshAdapter(HTTPAdapter):
     # What pickling keeps, as for requests' own adapters (a Session is picklable). An explicit
     # Mesh (threads, locks, a policy source) cannot be pickled; the default one is found again.
     __attrs__ = [*HTTPAdapter.__attrs__, "_mesh", "_inner", "_owns_inner"]
+    _owns_inner = False  # also for one pickled before this attribute existed
 
     def __init__(
         self, *, mesh: Mesh | None = None, inner: HTTPAdapter | None = None, **kwargs: Any

@@ -217,3 +217,18 @@ def test_digest_auth_resends_through_an_adapter_mounted_on_a_session() -> None:
             assert response.connection is session.get_adapter(URL)
     finally:
         server.stop()
+
+
+def test_an_adapter_pickled_without_owns_inner_still_sends(mesh: Mesh) -> None:
+    """A `MeshAdapter` pickled by a meshlib before `_owns_inner` (its state lacks it) sends and
+    closes after unpickling."""
+    from meshlib.clients.requests import MeshAdapter
+
+    state = MeshAdapter().__getstate__()  # type: ignore[no-untyped-call]
+    del state["_owns_inner"]
+    adapter = MeshAdapter.__new__(MeshAdapter)
+    adapter.__setstate__(state)
+    adapter._mesh = mesh
+    with requests.Session() as session:
+        session.mount("http://", adapter)
+        assert session.get(f"{URL}/", timeout=5).status_code == 200
