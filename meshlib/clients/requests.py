@@ -343,6 +343,7 @@ class MeshAdapter(HTTPAdapter):
     # What pickling keeps, as for requests' own adapters (a Session is picklable). An explicit
     # Mesh (threads, locks, a policy source) cannot be pickled; the default one is found again.
     __attrs__ = [*HTTPAdapter.__attrs__, "_mesh", "_inner", "_owns_inner"]
+    _owns_inner = False  # also for one pickled before this attribute existed
 
     def __init__(
         self, *, mesh: Mesh | None = None, inner: HTTPAdapter | None = None, **kwargs: Any
@@ -432,6 +433,8 @@ class MeshAdapter(HTTPAdapter):
         )
         if peer.HEADER in response.headers:  # read: the app never sees it, as with Istio
             del response.headers[peer.HEADER]
+        if self._owns_inner:  # requests resends through it (digest auth): through the mesh
+            response.connection = self
         return _answering(response, original)
 
     def _handle(

@@ -12,16 +12,18 @@ import io
 import socket
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
 import requests
+import requests.auth
 from requests.adapters import HTTPAdapter
 
 import meshlib
 from meshlib.config import MeshConfig
 from meshlib.mesh import Mesh
-from tests.upstream import Upstream, loopback_service, mesh_for
+from tests.upstream import AsgiServer, Upstream, loopback_service, mesh_for
 
 HOST = "api.default.svc.cluster.local"
 URL = f"http://{HOST}:9080"
@@ -183,3 +185,50 @@ def test_a_multipart_body_held_in_memory_is_retried(
     response = post(files={"f": ("a.txt", io.BytesIO(b"hello"))})
     assert response.status_code == 503  # not sent again
     assert len(upstream.behaviour.requests) == 1
+
+
+async def _digest_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Answers 401 with a digest challenge to a request without `Authorization`, else 200."""
+    while (await receive()).get("more_body"):
+        pass
+    authorized = any(name == b"authorization" for name, _ in scope["headers"])
+    challenge = b'Digest realm="r", nonce="abc", qop="auth", algorithm=MD5'
+    headers = [] if authorized else [(b"www-authenticate", challenge)]
+    headers.append((b"content-length", b"2"))
+    status = 200 if authorized else 401
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def test_digest_auth_resends_through_an_adapter_mounted_on_a_session() -> None:
+    """requests' digest auth sends its second request through `response.connection`: with an
+    app's adapter mounted on a `meshlib.Session`, that is the meshed adapter, so the resend is
+    routed too (through the bare adapter it would go to the Service name unrouted)."""
+    server = AsgiServer(_digest_app).start()
+    try:
+        config = MeshConfig(service="me", namespace="default")
+        mesh = mesh_for(config, loopback_service(HOST, server.port))
+        with mesh, meshlib.Session(mesh=mesh) as session:
+            session.mount("http://", HTTPAdapter())
+            auth = requests.auth.HTTPDigestAuth("user", "pass")
+            response = session.get(f"{URL}/digest", auth=auth, timeout=5)
+            assert response.status_code == 200
+            assert [r.status_code for r in response.history] == [401]
+            assert response.connection is session.get_adapter(URL)
+    finally:
+        server.stop()
+
+
+def test_an_adapter_pickled_without_owns_inner_still_sends(mesh: Mesh) -> None:
+    """A `MeshAdapter` pickled by a meshlib before `_owns_inner` (its state lacks it) sends and
+    closes after unpickling."""
+    from meshlib.clients.requests import MeshAdapter
+
+    state = MeshAdapter().__getstate__()  # type: ignore[no-untyped-call]
+    del state["_owns_inner"]
+    adapter = MeshAdapter.__new__(MeshAdapter)
+    adapter.__setstate__(state)
+    adapter._mesh = mesh
+    with requests.Session() as session:
+        session.mount("http://", adapter)
+        assert session.get(f"{URL}/", timeout=5).status_code == 200
