@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -32,7 +32,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-_PEER = peer.HEADER.encode()
 
 
 class MeshMiddleware:
@@ -199,7 +198,7 @@ class _Exchange(InboundExchange):
                 # only a peer that sent its metadata; set, not added: one the app relayed
                 # (an upstream's) is replaced. A copy: the app may send the same message (and
                 # headers list) again.
-                headers = _answered(headers, self.side.identity_header)
+                headers = peer.with_identity(headers, self.side.identity_header)
                 message = {**message, "headers": headers}
             elif not isinstance(headers, (list, tuple)):  # read again by _delivered()
                 headers = list(headers)
@@ -232,17 +231,6 @@ class _Exchange(InboundExchange):
             raise
         if self._complete and self.completed is None:
             self.completed = time.perf_counter()  # sent: the caller has it all
-
-
-def _answered(
-    headers: Iterable[tuple[bytes, bytes]], identity: tuple[bytes, bytes]
-) -> list[tuple[bytes, bytes]]:
-    """The app's response headers with this workload's identity as the only
-    metadata-exchange header, as Istio's filter sets its own (an app relaying an upstream's
-    response headers would otherwise name the upstream to the caller)."""
-    kept = [pair for pair in headers if len(pair[0]) != len(_PEER) or pair[0].lower() != _PEER]
-    kept.append(identity)
-    return kept
 
 
 def _size_of(path: object) -> int:

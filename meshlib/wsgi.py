@@ -69,12 +69,7 @@ class MeshWSGIMiddleware:
             if identity is not None:
                 # Set, not added: one the app relayed (an upstream's) is replaced, as Istio's
                 # metadata exchange sets its own. A copy: the app may reuse its list.
-                headers = [
-                    pair
-                    for pair in headers
-                    if len(pair[0]) != len(peer.HEADER) or pair[0].lower() != peer.HEADER
-                ]
-                headers.append(identity)
+                headers = peer.with_identity(headers, identity)
             # First: once the headers went out, the server re-raises `exc_info` here (PEP 3333)
             # and the caller keeps the status it got.
             write = start_response(status, headers, exc_info)

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, AnyStr
 
 if TYPE_CHECKING:
     from meshlib.config import MeshConfig
@@ -42,6 +43,7 @@ __all__ = [
     "encode",
     "from_principal",
     "identity_of",
+    "with_identity",
 ]
 
 HEADER = "x-meshlib-peer-metadata"
@@ -49,6 +51,19 @@ MAX_HEADER_LENGTH = 2048  # longer values are not parsed at all
 
 UNKNOWN = "unknown"
 LATEST = "latest"
+
+
+def with_identity(
+    headers: Iterable[tuple[AnyStr, AnyStr]], identity: tuple[AnyStr, AnyStr]
+) -> list[tuple[AnyStr, AnyStr]]:
+    """Response `headers` (ASGI's bytes or WSGI's str) with `identity`, its name lowercase, as
+    the only metadata-exchange header: set, not added, as Istio's filter sets its own (an app
+    relaying an upstream's response headers would otherwise name the upstream to the
+    caller). A new list: the app may reuse its own."""
+    name = identity[0]
+    kept = [pair for pair in headers if len(pair[0]) != len(name) or pair[0].lower() != name]
+    kept.append(identity)
+    return kept
 
 
 @dataclass(frozen=True, slots=True)

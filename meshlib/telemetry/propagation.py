@@ -108,6 +108,7 @@ from opentelemetry.trace import (
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from meshlib.dataplane.deadline import inbound_deadline
+from meshlib.telemetry.peer import HEADER as PEER_HEADER
 
 __all__ = [
     "B3_DEBUG",
@@ -141,7 +142,6 @@ B3_SINGLE = "b3"
 _FORMATS = frozenset((TRACECONTEXT, BAGGAGE, B3_MULTI, B3_SINGLE))
 
 REQUEST_ID = "x-request-id"
-PEER_HEADER = "x-meshlib-peer-metadata"  # meshlib.telemetry.peer.HEADER
 EXPECTED_TIMEOUT = "x-envoy-expected-rq-timeout-ms"
 GRPC_TIMEOUT = "grpc-timeout"
 
