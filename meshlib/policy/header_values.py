@@ -126,6 +126,8 @@ def _expand(variable: str) -> str | None:
 
 def check_header_value(value: str, path: Path, sink: Sink) -> None:
     """Report a value Istio refuses (an error) or one with variables meshlib leaves out."""
+    if "%" not in value:
+        return  # plain text: nothing to parse (most values, on the load path)
     try:
         parts = _parse(value)
     except HeaderValueError as exc:

@@ -25,6 +25,7 @@ from meshlib.policy.common import (
     is_dns_label,
 )
 from meshlib.policy.header_values import check_header_value
+from meshlib.policy.hosts import wildcard_matches
 from meshlib.policy.regex import RegexError, compile_re2, re2_substitution, unstable_captures
 
 RETRY_ON_HTTP = frozenset(
@@ -579,13 +580,7 @@ class _ErrorCount:
 
 def _hosts_overlap(a: str, b: str) -> bool:
     """Istio's host.Name.Matches: equal names, or one wildcard's suffix covers the other."""
-    if a.startswith("*") and b.startswith("*"):
-        return a[1:].endswith(b[1:]) or b[1:].endswith(a[1:])
-    if a.startswith("*"):
-        return b.endswith(a[1:])
-    if b.startswith("*"):
-        return a.endswith(b[1:])
-    return a == b
+    return a == b or wildcard_matches(a, b) or wildcard_matches(b, a)
 
 
 def _check_duplicate_hosts(hosts: tuple[str, ...], path: Path, sink: Sink) -> None:
