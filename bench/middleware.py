@@ -45,8 +45,8 @@ A last section calls each app in-process (ASGI messages, no socket, no server) t
 microseconds each middleware adds per request. Goal: (b) >= 0.85 of (a)'s throughput.
 `python -m bench.middleware --profile` profiles the meshed app in-process (cProfile) and
 prints where the time goes; `--parts` serves (b)'s parts one at a time (PARTS: a pass-through
-layer, + the series, + propagation, meshlib without tracing, meshlib) and prints the server
-CPU each adds.
+layer, + the series, + propagation, meshlib without tracing, meshlib; and a calibration, a
+layer that only spins 5 µs) and prints the server CPU each adds.
 
 wrk and nginx are Debian packages, installed with apt-get when missing (root only); without
 them this benchmark prints what is missing and skips. (d) needs
@@ -110,7 +110,9 @@ PARTS = {
     "e": "(e) = (q) + propagation: the hand-written floor",
     "u": "(u) meshlib.MeshMiddleware, tracing off",
     "b": "(b) meshlib.MeshMiddleware, 1% traces",
+    "s": "(s) a calibration: a layer that only spins 5 µs per request",
 }
+SPIN_US = 5  # (s): a known, cache-light cost, to show what the goal allows in the server
 PARTS_ROUNDS = 6
 FACTORIES = {
     "a": "bare_app",
@@ -121,6 +123,7 @@ FACTORIES = {
     "p": "layer_app",
     "q": "counting_layer_app",
     "u": "untraced_meshed_app",
+    "s": "spinning_layer_app",
 }
 COMPILED_ROOT = ROOT / "build" / "compiled"  # where `make compiled` leaves the compiled package
 SERVED_BY = {"g": "b"}  # configurations measured on another one's server
@@ -251,6 +254,28 @@ def layer_app() -> Any:
 def counting_layer_app() -> Any:
     """(q): (p), and the request counted in its Istio series (meshlib's recorder)."""
     return _layer(count=True, propagate=False)
+
+
+def spinning_layer_app() -> Any:
+    """(s): a pass-through layer that spins SPIN_US µs per request and does nothing else: a
+    cost known in-process (a loop on the clock, little memory touched), to compare with what
+    the server's figures give it."""
+    from time import perf_counter
+
+    from starlette.middleware import Middleware
+
+    class Spin:
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "http":
+                until = perf_counter() + SPIN_US * 1e-6
+                while perf_counter() < until:
+                    pass
+            await self.app(scope, receive, send)
+
+    return _starlette([Middleware(Spin)])
 
 
 def _layer(count: bool, propagate: bool) -> Any:
@@ -801,11 +826,13 @@ def parts() -> None:
     cpu = {key: statistics.median(result.cpu_us) for key, result in results.items()}
     previous = None
     for key, result in results.items():
-        added = f"  {cpu[key] - cpu[previous]:+5.1f} µs" if previous else ""
+        before = "a" if key == "s" else previous  # the calibration adds to bare alone
+        added = f"  {cpu[key] - cpu[before]:+5.1f} µs" if before else ""
         ratio = _ratio(result, results["a"])
         print(f"{PARTS[key]:<{width}}  {cpu[key]:>6.1f} µs  {ratio:>5.2f} of bare{added}")
         previous = key
-    print("((u) over (e): what meshlib does beyond the floor; (b) over (u): 1% traces exported)")
+    print("((u) over (e): what meshlib does beyond the floor; (b) over (u): 1% traces exported;")
+    print(f" (s) over (a): what {SPIN_US} µs of in-process work costs in the server)")
     print(f"\n(total {time.perf_counter() - start:.0f} s)")
 
 
