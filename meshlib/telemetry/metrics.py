@@ -1269,6 +1269,21 @@ def metrics_asgi_app(
 _EJECTED_STATES = frozenset(("open",))
 _MAX_CLUSTER = 512
 
+# Multiprocess mode: the policy gauges' values in this process, set again in a forked child.
+# prometheus-client starts a child's files (its own pid) at its first write, with every value
+# it knows at 0: a gunicorn --preload worker, forked from the master that loaded the policy,
+# would show `meshlib_policy_last_reload_successful` 0 (livemin: a rejected policy) for the
+# policy it inherited and serves.
+_inherited: dict[Gauge, float] = {}
+
+
+def _publish_inherited() -> None:
+    for gauge, value in list(_inherited.items()):
+        gauge.set(value)
+
+
+os.register_at_fork(after_in_child=_publish_inherited)
+
 
 class OperationalMetrics:
     """meshlib's own health: policy reloads, ejections, overflows, retry budgets.
@@ -1382,13 +1397,18 @@ class OperationalMetrics:
 
     def policy_loaded(self, snapshot_generation: int) -> None:
         """A new Snapshot is being served."""
-        self._generation.set(snapshot_generation)
-        self._reload_successful.set(1)
+        self._set_policy_gauge(self._generation, snapshot_generation)
+        self._set_policy_gauge(self._reload_successful, 1)
 
     def policy_rejected(self, error: object = None) -> None:
         """New policy was invalid (an `on_error` listener: takes the PolicyError)."""
         self._reload_errors.inc()
-        self._reload_successful.set(0)
+        self._set_policy_gauge(self._reload_successful, 0)
+
+    def _set_policy_gauge(self, gauge: Gauge, value: float) -> None:
+        gauge.set(value)
+        if self._shared:
+            _inherited[gauge] = value  # what a forked child serves too
 
     def ejection(self, cluster: str, key: str, old: str, new: str) -> None:
         """An outlier-detection state change of endpoint `key` (pybreaker state names)."""

@@ -915,6 +915,102 @@ def test_multi_worker_servers(app_dir: Path, command: list[str]) -> None:
         server.wait(timeout=20)
 
 
+PRELOADED_CONF = """
+import os
+
+from prometheus_client import multiprocess
+
+os.environ["MESHLIB_METRICS_PORT"] = "off"  # the master serves the merged view
+workers = 2
+max_requests = 8  # workers are replaced while the test runs, forked from the master again
+
+
+def when_ready(server):
+    from meshlib.telemetry.metrics import serve_metrics
+
+    port = serve_metrics(0, host="127.0.0.1").port
+    with open("metrics_port.tmp", "w") as f:
+        f.write(str(port))
+    os.rename("metrics_port.tmp", "metrics_port")
+
+
+def child_exit(server, worker):
+    multiprocess.mark_process_dead(worker.pid)
+"""
+
+PRELOADED_APP = """
+import os
+
+import meshlib
+
+meshlib.configure(service="reviews")  # in the master: gunicorn --preload
+
+
+def hello(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [str(os.getpid()).encode()]
+
+
+app = meshlib.MeshWSGIMiddleware(hello)
+"""
+
+
+def test_gunicorn_preload_workers_keep_the_policy_gauges(tmp_path: Path) -> None:
+    """gunicorn --preload builds the Mesh in the master and forks the workers from it. A
+    forked worker's first metric write makes prometheus-client start files of its own pid,
+    with every gauge it knows at 0: `meshlib_policy_last_reload_successful` (livemin) read 0,
+    a rejected policy, while every process served the loaded one. Counts stay exact across
+    worker restarts (max_requests) and the dead workers' gauges leave the view."""
+    (tmp_path / "gunicorn_conf.py").write_text(PRELOADED_CONF)
+    (tmp_path / "preloaded_app.py").write_text(PRELOADED_APP)
+    (tmp_path / "prom").mkdir()  # empty: the start command's job under --preload
+    port = _free_port()
+    tested = str(Path(metrics.__file__).parent.parent.parent)
+    path = os.pathsep.join(filter(None, (tested, os.environ.get("PYTHONPATH"))))
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom"), "PYTHONPATH": path}
+    env.pop("MESHLIB_POLICY", None)
+    argv = [
+        str(Path(sys.executable).parent / "gunicorn"),
+        "--preload",
+        "-c",
+        "gunicorn_conf.py",
+        "--bind",
+        f"127.0.0.1:{port}",
+        "preloaded_app:app",
+    ]
+    server = subprocess.Popen(argv, cwd=tmp_path, env=env, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/hello"
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "metrics_port").exists():
+            assert server.poll() is None, "gunicorn exited"
+            assert time.monotonic() < deadline, "gunicorn did not start"
+            time.sleep(0.05)
+        metrics_url = f"http://127.0.0.1:{(tmp_path / 'metrics_port').read_text()}/metrics"
+        pids: set[str] = set()
+        sent = 0
+        while sent < 40:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    pids.add(response.read().decode())
+            except OSError:  # not listening yet, or a worker being replaced
+                assert server.poll() is None, "gunicorn exited"
+                assert time.monotonic() < deadline, "gunicorn did not answer"
+                time.sleep(0.05)
+                continue
+            sent += 1
+        assert len(pids) > 2, pids  # workers were replaced
+        with urllib.request.urlopen(metrics_url, timeout=5) as response:
+            merged = families(response.read())
+        (requests,) = merged["istio_requests"].samples
+        assert requests.value == sent
+        assert [s.value for s in merged["meshlib_policy_last_reload_successful"].samples] == [1.0]
+        assert [s.value for s in merged["meshlib_policy_generation"].samples] == [1.0]
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+
+
 def test_docstring_examples() -> None:
     """The module's docstring examples run as written."""
     assert doctest.testmod(metrics).failed == 0
