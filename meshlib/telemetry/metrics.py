@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import glob
+import gzip
 import json
 import logging
 import mmap
@@ -1060,6 +1061,35 @@ def exposed_registry(registry: CollectorRegistry | None = None) -> CollectorRegi
 # -- serving ---------------------------------------------------------------------------------
 
 
+def _gzip_accepted(accept_encoding: str | None) -> bool:
+    """Whether the scraper takes gzip (Prometheus sends `Accept-Encoding: gzip`)."""
+    for item in (accept_encoding or "").split(","):
+        coding, _, params = item.partition(";")
+        if coding.strip().lower() == "gzip":
+            name, _, quality = params.partition("=")
+            if name.strip().lower() != "q":
+                return True
+            try:
+                return float(quality) > 0  # q=0: refused
+            except ValueError:
+                return False
+    return False
+
+
+def _scrape(
+    source: CollectorRegistry, accept_encoding: str | None
+) -> tuple[bytes, list[tuple[str, str]]]:
+    """A scrape's body and headers (but Content-Length), gzipped when the scraper takes it:
+    each line repeats 25 labels, so gzip's fastest level makes it some 60 times smaller, in
+    less time than rendering takes."""
+    payload = render(source)
+    headers = [("Content-Type", CONTENT_TYPE)]
+    if _gzip_accepted(accept_encoding):
+        payload = gzip.compress(payload, compresslevel=1, mtime=0)
+        headers.append(("Content-Encoding", "gzip"))
+    return payload, headers
+
+
 class _Handler(BaseHTTPRequestHandler):
     """Answers the metrics paths with what its server's `source` holds; 404 elsewhere."""
 
@@ -1076,11 +1106,14 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer(self, body: bool) -> None:
         self._skip_body()
         if urlsplit(self.path).path not in METRICS_PATHS:  # origin or absolute form
-            payload, status, kind = b"not found\n", 404, "text/plain; charset=utf-8"
+            status, payload = 404, b"not found\n"
+            headers = [("Content-Type", "text/plain; charset=utf-8")]
         else:
-            payload, status, kind = render(self.server.source), 200, CONTENT_TYPE
+            status = 200
+            payload, headers = _scrape(self.server.source, self.headers.get("Accept-Encoding"))
         self.send_response(status)
-        self.send_header("Content-Type", kind)
+        for name, value in headers:
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         if body:
@@ -1216,9 +1249,8 @@ def metrics_wsgi_app(
         if method not in ("GET", "HEAD"):
             start_response("405 Method Not Allowed", [("Allow", "GET, HEAD")])
             return [b""]
-        payload = render(source)
-        headers = [("Content-Type", CONTENT_TYPE), ("Content-Length", str(len(payload)))]
-        start_response("200 OK", headers)
+        payload, headers = _scrape(source, environ.get("HTTP_ACCEPT_ENCODING"))
+        start_response("200 OK", [*headers, ("Content-Length", str(len(payload)))])
         return [b"" if method == "HEAD" else payload]
 
     return app
@@ -1250,11 +1282,11 @@ def metrics_asgi_app(
             status, payload = 405, b""
             headers = [(b"allow", b"GET, HEAD"), (b"content-length", b"0")]
         else:
-            status, payload = 200, render(source)
-            headers = [
-                (b"content-type", CONTENT_TYPE.encode()),
-                (b"content-length", str(len(payload)).encode()),
-            ]
+            accept = b",".join(v for k, v in scope.get("headers", ()) if k == b"accept-encoding")
+            payload, found = _scrape(source, accept.decode("latin-1"))
+            status = 200
+            headers = [(name.lower().encode(), value.encode()) for name, value in found]
+            headers.append((b"content-length", str(len(payload)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": b"" if method == "HEAD" else payload})
 
@@ -1268,6 +1300,21 @@ def metrics_asgi_app(
 # returns whole at an interval sweep, with no half-open trial.
 _EJECTED_STATES = frozenset(("open",))
 _MAX_CLUSTER = 512
+
+# Multiprocess mode: the policy gauges' values in this process, set again in a forked child.
+# prometheus-client starts a child's files (its own pid) at its first write, with every value
+# it knows at 0: a gunicorn --preload worker, forked from the master that loaded the policy,
+# would show `meshlib_policy_last_reload_successful` 0 (livemin: a rejected policy) for the
+# policy it inherited and serves.
+_inherited: dict[Gauge, float] = {}
+
+
+def _publish_inherited() -> None:
+    for gauge, value in list(_inherited.items()):
+        gauge.set(value)
+
+
+os.register_at_fork(after_in_child=_publish_inherited)
 
 
 class OperationalMetrics:
@@ -1382,13 +1429,18 @@ class OperationalMetrics:
 
     def policy_loaded(self, snapshot_generation: int) -> None:
         """A new Snapshot is being served."""
-        self._generation.set(snapshot_generation)
-        self._reload_successful.set(1)
+        self._set_policy_gauge(self._generation, snapshot_generation)
+        self._set_policy_gauge(self._reload_successful, 1)
 
     def policy_rejected(self, error: object = None) -> None:
         """New policy was invalid (an `on_error` listener: takes the PolicyError)."""
         self._reload_errors.inc()
-        self._reload_successful.set(0)
+        self._set_policy_gauge(self._reload_successful, 0)
+
+    def _set_policy_gauge(self, gauge: Gauge, value: float) -> None:
+        gauge.set(value)
+        if self._shared:
+            _inherited[gauge] = value  # what a forked child serves too
 
     def ejection(self, cluster: str, key: str, old: str, new: str) -> None:
         """An outlier-detection state change of endpoint `key` (pybreaker state names)."""
