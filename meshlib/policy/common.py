@@ -140,14 +140,20 @@ class MatchLabelsSelector:
     match_labels: Mapping[str, str] = spec_field({})
 
     def validate_policy(self, path: Path, sink: Sink) -> None:
-        for key, value in self.match_labels.items():
-            where = (*path, "matchLabels", key)
-            if not key:
-                sink.error(where, "an empty key is not supported in a selector")
-            if "*" in key or "*" in value:
-                sink.error(where, "a wildcard is not supported in a selector")
-        if not self.match_labels:
-            sink.warning(path, "a workload selector without labels selects every workload")
+        check_selector_labels(self.match_labels, path, "matchLabels", sink)
+
+
+def check_selector_labels(labels: Mapping[str, str], path: Path, key: str, sink: Sink) -> None:
+    """Istio's validateWorkloadSelector, for both spellings of a selector's map (`key`):
+    no empty key and no wildcard (errors); no labels selects every workload (a warning)."""
+    for name, value in labels.items():
+        where = (*path, key, name)
+        if not name:
+            sink.error(where, "an empty key is not supported in a selector")
+        if "*" in name or "*" in value:
+            sink.error(where, "a wildcard is not supported in a selector")
+    if not labels:
+        sink.warning(path, "a workload selector without labels selects every workload")
 
 
 # What a policy's targetRef may name, as Istio's validatePolicyTargetReference allows it:

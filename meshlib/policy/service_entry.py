@@ -13,6 +13,7 @@ from meshlib.policy.common import (
     check_export_to,
     check_host,
     check_labels,
+    check_selector_labels,
     is_dns_label,
     is_ip,
 )
@@ -188,14 +189,7 @@ class ServiceEntry:
         """Istio's checks of a ServiceEntry's workloadSelector (ValidateAlphaWorkloadSelector
         and the per-resolution warnings)."""
         assert self.workload_selector is not None
-        labels = self.workload_selector.labels
-        for key, value in labels.items():
-            if not key:
-                sink.error((*path, "labels", key), "an empty key is not supported in a selector")
-            if "*" in key or "*" in value:
-                sink.error((*path, "labels", key), "a wildcard is not supported in a selector")
-        if not labels:
-            sink.warning(path, "a workload selector without labels selects every workload")
+        check_selector_labels(self.workload_selector.labels, path, "labels", sink)
         if resolution == "NONE":
             sink.warning(
                 path,
