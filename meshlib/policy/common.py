@@ -254,7 +254,7 @@ def check_host(
     first, *rest = name.split(".")
     if (
         not name
-        or len(name) > 255
+        or len(host) > 255  # as written: Istio counts a trailing dot
         or not _WILDCARD_FIRST_LABEL.fullmatch(first)
         or not all(_DNS_LABEL.fullmatch(label) for label in rest)
         or (rest and rest[-1].isascii() and rest[-1].isdigit())

@@ -53,6 +53,21 @@ def test_an_ip_address_is_not_a_host_outside_virtual_service_hosts(
     check_error(text, field, line, "an IP address is not allowed here")
 
 
+@pytest.mark.parametrize(
+    ("name", "valid"),
+    [("a" * 63 + ".b" * 96, True), ("a" * 63 + ".b" * 96 + ".", False)],
+    ids=["255", "256-with-trailing-dot"],
+)
+def test_the_255_character_limit_on_hosts_counts_a_trailing_dot(name: str, valid: bool) -> None:
+    """Istio's CheckDNS1123Preconditions measures the name as written, trailing dot included,
+    as gateway names are measured."""
+    text = resource("DestinationRule", f"host: {name}")
+    if valid:
+        check_valid(text)
+    else:
+        check_error(text, "spec.host", 6, "invalid host")
+
+
 def test_a_virtual_service_host_may_be_an_ip_address() -> None:
     """VirtualService hosts accept IP addresses, as Istio's ValidateVirtualService does."""
     check_valid(vs_http("- route: [{destination: {host: r}}]", hosts="[10.0.0.1, '::1']"))
