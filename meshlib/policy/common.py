@@ -234,10 +234,26 @@ def is_ip(value: str) -> bool:
     return True
 
 
+def is_dns_name(name: str, *, wildcard: bool = False) -> bool:
+    """Whether `name` is a DNS name as Istio's ValidateFQDN checks it: at most 255 characters,
+    DNS labels, an optional trailing dot, a top-level label not all digits. With `wildcard`, as
+    its ValidateWildcardDomain: the first label may be `*` or start with `*`, and a lone label
+    is not a top-level one."""
+    first, *rest = name.removesuffix(".").split(".")
+    top = rest[-1] if rest else "" if wildcard else first
+    return (
+        len(name) <= 255
+        and (_WILDCARD_FIRST_LABEL if wildcard else _DNS_LABEL).fullmatch(first) is not None
+        and all(_DNS_LABEL.fullmatch(label) for label in rest)
+        and not (top.isascii() and top.isdigit())
+    )
+
+
 def check_host(
     host: str, path: Path, sink: Sink, *, allow_star: bool = True, allow_ip: bool = False
-) -> None:
-    """Report a host that is not a DNS name, `*.suffix` wildcard, or (if allowed) `*`.
+) -> bool:
+    """Report a host that is not a DNS name, `*.suffix` wildcard, or (if allowed) `*`; return
+    whether it is valid.
 
     An IP address is a host only where Istio takes one (`allow_ip`: VirtualService hosts);
     elsewhere its validateWildcardDomain refuses it (an all-numeric top-level label).
@@ -245,21 +261,15 @@ def check_host(
     if host == "*":
         if not allow_star:
             sink.error(path, "the wildcard host '*' is not allowed here")
-        return
+        return allow_star
     if is_ip(host):
         if not allow_ip:
             sink.error(path, f"invalid host {host!r}: an IP address is not allowed here")
-        return
-    name = host[:-1] if host.endswith(".") else host
-    first, *rest = name.split(".")
-    if (
-        not name
-        or len(host) > 255  # as written: Istio counts a trailing dot
-        or not _WILDCARD_FIRST_LABEL.fullmatch(first)
-        or not all(_DNS_LABEL.fullmatch(label) for label in rest)
-        or (rest and rest[-1].isascii() and rest[-1].isdigit())
-    ):
+        return allow_ip
+    if not is_dns_name(host, wildcard=True):
         sink.error(path, f"invalid host {host!r} (a DNS name, optionally with a '*.' prefix)")
+        return False
+    return True
 
 
 # A namespace name, as Kubernetes requires it: a lowercase DNS-1123 label.
