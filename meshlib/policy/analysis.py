@@ -83,14 +83,11 @@ class _Analyzer:
         self.entries: list[Resource[ServiceEntry]] = oldest_first(
             r for r in resources if r.kind == "ServiceEntry"
         )
-        self.by_host: dict[str, list[Resource[ServiceEntry]]] = {}
+        by_host: dict[str, list[Resource[ServiceEntry]]] = {}
         for entry in self.entries:
             for pattern in entry.spec.hosts:
-                self.by_host.setdefault(pattern.lower(), []).append(entry)
-        self.wildcards = sorted(  # the most specific first; a stable sort keeps the oldest first
-            ((p, e) for p, entries in self.by_host.items() if p.startswith("*") for e in entries),
-            key=lambda item: -len(item[0]),
-        )
+                by_host.setdefault(pattern.lower(), []).append(entry)
+        self.entries_by_host = MostSpecific(by_host)
         self.workload_entries: list[Resource[WorkloadEntry]] = [
             r for r in resources if r.kind == "WorkloadEntry"
         ]
@@ -107,14 +104,10 @@ class _Analyzer:
         """The ServiceEntry that makes `host` a known service, as pilot finds it: one naming
         it exactly, else the most specific wildcard covering it, oldest first; only those
         visible in `namespace` (None: in any)."""
-        for entry in self.by_host.get(host, ()):
-            if namespace is None or visible_to(entry, namespace, entry.spec.export_to):
-                return entry
-        for pattern, entry in self.wildcards:
-            if wildcard_matches(pattern, host) and (
-                namespace is None or visible_to(entry, namespace, entry.spec.export_to)
-            ):
-                return entry
+        for entries in self.entries_by_host.candidates(host):
+            for entry in entries:  # oldest first
+                if namespace is None or visible_to(entry, namespace, entry.spec.export_to):
+                    return entry
         return None
 
     def run(self) -> Iterator[Diagnostic]:

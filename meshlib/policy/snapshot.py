@@ -12,7 +12,7 @@ in with one reference assignment; requests in flight keep the Snapshot they star
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Generic, Protocol, TypeVar
@@ -705,7 +705,8 @@ def _exported_to(resource: Resource[DestinationRule], namespace: str) -> bool:
 
 class MostSpecific(Generic[_V]):
     """Values by host, found as pilot's `MostSpecificHostMatch` finds them: the exact host,
-    else the most specific (longest) wildcard covering it. `meshlib check` finds subsets so too.
+    else the most specific (longest) wildcard covering it. `meshlib check` finds subsets and
+    services so too.
     """
 
     __slots__ = ("by_host", "wildcards")
@@ -719,6 +720,16 @@ class MostSpecific(Generic[_V]):
         if found is None:
             found = next((v for p, v in self.wildcards if wildcard_matches(p, host)), None)
         return found
+
+    def candidates(self, host: str) -> Iterator[_V]:
+        """Every value for `host`, the one `find` gives first: the exact host's, then each
+        wildcard's that covers it, the most specific first."""
+        found = self.by_host.get(host)
+        if found is not None:
+            yield found
+        for pattern, value in self.wildcards:
+            if wildcard_matches(pattern, host):
+                yield value
 
 
 class _RulePool(MostSpecific[list[Resource[DestinationRule]]]):
