@@ -15,6 +15,7 @@ from typing import Any
 from meshlib.errors import Diagnostic, Severity
 from meshlib.policy._gc import collector_paused
 from meshlib.policy.cel import MalformedExpression, UnsupportedExpression, parse_filter
+from meshlib.policy.common import selects
 from meshlib.policy.destination_rule import DestinationRule
 from meshlib.policy.hosts import to_fqdn, wildcard_matches
 from meshlib.policy.lines import FieldLines
@@ -25,7 +26,6 @@ from meshlib.policy.snapshot import (
     MostSpecific,
     latest_definitions,
     oldest_first,
-    selects,
     service_workloads,
     visible_to,
 )

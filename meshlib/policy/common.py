@@ -126,6 +126,12 @@ class PortSelector:
     number: int = spec_field(required=True, ge=1, le=65535)
 
 
+def selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    """Whether a label selector (`matchLabels`, a subset's `labels`, `sourceLabels`) selects
+    `labels`."""
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
 @dataclass(frozen=True, slots=True)
 class WorkloadSelector:
     """Selects workloads by labels; `matchLabels` is the security API's spelling."""

@@ -20,6 +20,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from meshlib._text import host_port
 from meshlib.config import MeshConfig
 from meshlib.policy._gc import collector_paused
+from meshlib.policy.common import selects
 from meshlib.policy.delegate import merge_delegate_route
 from meshlib.policy.destination_rule import DestinationRule, Subset, TrafficPolicy
 from meshlib.policy.hosts import short_forms, strip_port, to_fqdn, wildcard_matches
@@ -336,11 +337,6 @@ def _default_route(host: str) -> CompiledRoute:
     )
 
 
-def selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
-    """Whether a label selector (`matchLabels`, a subset's `labels`) selects `labels`."""
-    return all(labels.get(k) == v for k, v in selector.items())
-
-
 def service_workloads(
     entry: Resource[ServiceEntry], workload_entries: Iterable[Resource[WorkloadEntry]]
 ) -> tuple[WorkloadEntry, ...]:
@@ -647,9 +643,8 @@ class _Builder:
             spec, ns = resource.spec, resource.namespace
             export_to: tuple[str, ...] = spec.export_to
             if spec.workload_selector is not None:
-                if ns != client_ns or not all(
-                    self.config.labels.get(k) == v
-                    for k, v in spec.workload_selector.match_labels.items()
+                if ns != client_ns or not selects(
+                    spec.workload_selector.match_labels, self.config.labels
                 ):
                     continue
                 export_to = (".",)  # a rule with a selector is never exported
