@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from meshlib.policy._schema import Path, Sink, spec_field
+from meshlib.policy._schema import Path, Sink, UInt32, spec_field
 from meshlib.policy.common import (
     WorkloadSelector,
     check_export_to,
@@ -46,7 +46,7 @@ class WorkloadEntry:
     labels: Mapping[str, str] = spec_field({})
     network: str | None = None
     locality: str | None = None
-    weight: int | None = spec_field(ge=0)
+    weight: UInt32 | None = spec_field(ge=0)
     service_account: str | None = None
 
     def validate_policy(self, path: Path, sink: Sink) -> None:

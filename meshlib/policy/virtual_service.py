@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from meshlib._text import ascii_int
-from meshlib.policy._schema import Path, Sink, spec_field
+from meshlib.policy._schema import Int32, Path, Sink, spec_field
 from meshlib.policy.common import (
     MILLISECOND,
     Duration,
@@ -154,7 +154,7 @@ class Destination:
 @dataclass(frozen=True, slots=True)
 class HTTPRouteDestination:
     destination: Destination = spec_field(required=True)
-    weight: int = spec_field(0, ge=0)
+    weight: Int32 = spec_field(0, ge=0)
     headers: Headers | None = None
 
 
@@ -241,7 +241,7 @@ def check_gateway_names(names: tuple[str, ...], path: Path, sink: Sink) -> None:
 
 @dataclass(frozen=True, slots=True)
 class HTTPRetry:
-    attempts: int = spec_field(0, ge=0)
+    attempts: Int32 = spec_field(0, ge=0)
     per_try_timeout: Duration | None = spec_field(ge=MILLISECOND)
     retry_on: str | None = None
     retry_remote_localities: bool | None = spec_field(

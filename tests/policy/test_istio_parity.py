@@ -20,6 +20,7 @@ from tests.policy.test_validation import (
     load,
     resource,
     se,
+    single_error,
     vs_http,
     vs_route,
 )
@@ -247,6 +248,94 @@ def test_top_level_minimum_ring_size_is_deprecated() -> None:
         ("spec.trafficPolicy.loadBalancer.consistentHash.minimumRingSize", 8)
     ]
     assert "deprecated, use ringHash.minimumRingSize" in result.warnings[0].message
+
+
+# --------------------------------------------------------------------------------------
+# Integer fields: the range of their protobuf type
+# --------------------------------------------------------------------------------------
+
+INT32_MAX, UINT32_MAX = 2**31 - 1, 2**32 - 1
+
+
+@pytest.mark.parametrize(
+    ("make", "field", "largest", "kind"),
+    [
+        pytest.param(
+            lambda n: dr(f"connectionPool: {{tcp: {{maxConnections: {n}}}}}"),
+            "spec.trafficPolicy.connectionPool.tcp.maxConnections",
+            INT32_MAX,
+            "int32",
+            id="maxConnections",
+        ),
+        pytest.param(
+            lambda n: dr(f"connectionPool: {{http: {{maxRequestsPerConnection: {n}}}}}"),
+            "spec.trafficPolicy.connectionPool.http.maxRequestsPerConnection",
+            INT32_MAX,
+            "int32",
+            id="maxRequestsPerConnection",
+        ),
+        pytest.param(
+            lambda n: dr(f"connectionPool: {{tcp: {{tcpKeepalive: {{probes: {n}}}}}}}"),
+            "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive.probes",
+            UINT32_MAX,
+            "uint32",
+            id="probes",
+        ),
+        pytest.param(
+            lambda n: dr(f"outlierDetection: {{consecutive5xxErrors: {n}}}"),
+            "spec.trafficPolicy.outlierDetection.consecutive5xxErrors",
+            UINT32_MAX,
+            "uint32",
+            id="consecutive5xxErrors",
+        ),
+        pytest.param(
+            lambda n: vs_http(
+                f"- route: [{{destination: {{host: r}}}}]\n  retries: {{attempts: {n}}}"
+            ),
+            "spec.http[0].retries.attempts",
+            INT32_MAX,
+            "int32",
+            id="attempts",
+        ),
+        pytest.param(
+            lambda n: vs_http(f"- route: [{{destination: {{host: r}}, weight: {n}}}]"),
+            "spec.http[0].route[0].weight",
+            INT32_MAX,
+            "int32",
+            id="weight",
+        ),
+        pytest.param(
+            lambda n: resource("WorkloadEntry", f"address: 10.0.0.1\nweight: {n}"),
+            "spec.weight",
+            UINT32_MAX,
+            "uint32",
+            id="endpoint-weight",
+        ),
+    ],
+)
+def test_integers_are_checked_against_their_protobuf_type(
+    make: Callable[[int], str], field: str, largest: int, kind: str
+) -> None:
+    """Istio decodes a resource into protobuf, which refuses an integer beyond its field's
+    type (`maxConnections: 99999999999` in an int32): an error at the field's line."""
+    check_valid(make(largest))
+    error = check_error(make(largest + 1), field, _line_of(make(largest + 1), field), "must be <=")
+    assert error.message == f"must be <= {largest} (the {kind} range)"
+
+
+def test_the_deprecated_minimum_ring_size_is_a_uint64() -> None:
+    """consistentHash.minimumRingSize has no bound but its type's: 2**64 does not fit."""
+    field = "loadBalancer: {consistentHash: {useSourceIp: true, minimumRingSize: %d}}"
+    assert load(dr(field % (2**64 - 1))).errors == ()
+    error = single_error(load(dr(field % 2**64)))
+    assert error.field == "spec.trafficPolicy.loadBalancer.consistentHash.minimumRingSize"
+    assert error.message == f"must be <= {2**64 - 1} (the uint64 range)"
+
+
+def _line_of(text: str, field: str) -> int:
+    """The line of the last key of `field` in `text` (each test text names it once)."""
+    key = field.rsplit(".", 1)[-1].split("[")[0]
+    return next(i for i, line in enumerate(text.splitlines(), 1) if f"{key}:" in line)
 
 
 # --------------------------------------------------------------------------------------
