@@ -85,6 +85,7 @@ class ServicePort:
     number: int = spec_field(required=True, ge=1, le=65535)
     protocol: str | None = None
     name: str | None = None
+    # 0 too: istiod reads it as unset, but Istio's CRD rule (0 < self) refuses it
     target_port: int | None = spec_field(ge=1, le=65535)
 
     def validate_policy(self, path: Path, sink: Sink) -> None:

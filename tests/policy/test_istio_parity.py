@@ -800,6 +800,37 @@ def test_target_port_with_resolution_none_is_a_warning_and_unused() -> None:
 
 
 @pytest.mark.parametrize(
+    ("text", "field", "fragment"),
+    [
+        pytest.param(
+            se(
+                "hosts: [a.example.com]\nresolution: DNS\nports: [{number: 80, name: http, targetPort: 0}]"
+            ),
+            "spec.ports[0].targetPort",
+            "must be >= 1",
+            id="target-port-0",
+        ),
+        pytest.param(
+            resource(
+                "PeerAuthentication",
+                "selector: {matchLabels: {app: a}}\nmtls: {mode: STRICT}\nportLevelMtls: {}",
+                api="security.istio.io/v1",
+            ),
+            "spec.portLevelMtls",
+            "must have at least one port",
+            id="empty-port-level-mtls",
+        ),
+    ],
+)
+def test_zero_values_istio_refuses_though_they_read_as_unset(
+    text: str, field: str, fragment: str
+) -> None:
+    """`targetPort: 0` fails the CRD's rule (0 < self), though istiod's own check skips 0;
+    `portLevelMtls: {}` fails istiod's ("if defined, must have at least one element")."""
+    check_error(text, field, _line_of(text, field), fragment)
+
+
+@pytest.mark.parametrize(
     ("rules", "warned"),
     [
         ("[{to: [{operation: {methods: [GET]}}]}]", True),
