@@ -17,7 +17,7 @@ import types
 import typing
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any, Literal, Protocol, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Protocol, Union, get_args, get_origin
 
 Path = tuple[str | int, ...]
 Converter = Callable[[Any, Path, "Sink"], Any]
@@ -72,6 +72,21 @@ def describe(value: Any) -> str:
     return type(value).__name__
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class IntRange:
+    """The range of a protobuf integer type. Istio decodes policy into protobuf, which refuses
+    a value beyond it; checked where a field's type is `Int32`, `UInt32` (or an Optional one)."""
+
+    name: str
+    low: int
+    high: int
+
+
+Int32 = Annotated[int, IntRange("int32", -(2**31), 2**31 - 1)]
+UInt32 = Annotated[int, IntRange("uint32", 0, 2**32 - 1)]
+UInt64 = Annotated[int, IntRange("uint64", 0, 2**64 - 1)]
+
+
 def spec_field(
     default: Any = None,
     *,
@@ -117,6 +132,8 @@ def converter_for(tp: Any) -> Converter:
 def _build(tp: Any) -> Converter:
     if tp is Any:
         return lambda value, path, sink: value
+    if get_origin(tp) is Annotated:  # Int32 and kin: a field's converter checks the range
+        return converter_for(get_args(tp)[0])
     parse = getattr(tp, "parse_policy", None)
     if parse is not None:  # a scalar type with its own syntax, e.g. Duration
         return typing.cast(Converter, parse)
@@ -265,12 +282,27 @@ class _FieldSpec:
     required: bool
     ge: float | None
     le: float | None
+    integer: IntRange | None
     ignored: str | None
+    bounded: bool = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        bounded = self.ge is not None or self.le is not None or self.integer is not None
+        object.__setattr__(self, "bounded", bounded)
+
+
+def _integer_range(tp: Any) -> IntRange | None:
+    """The IntRange of a field's type: `Int32`, or `Int32 | None`."""
+    members = get_args(tp) if get_origin(tp) in (Union, types.UnionType) else (tp,)
+    for member in members:
+        if get_origin(member) is Annotated:
+            return next((m for m in member.__metadata__ if isinstance(m, IntRange)), None)
+    return None
 
 
 def _message_converter(cls: type) -> Converter:
     module = sys.modules[cls.__module__]
-    hints = typing.get_type_hints(cls, vars(module))
+    hints = typing.get_type_hints(cls, vars(module), include_extras=True)
     specs: dict[str, _FieldSpec] = {}
     for f in dataclasses.fields(cls):
         meta = f.metadata
@@ -282,6 +314,7 @@ def _message_converter(cls: type) -> Converter:
             required=bool(meta.get("required")),
             ge=meta.get("ge"),
             le=meta.get("le"),
+            integer=_integer_range(hints[f.name]),
             ignored=meta.get("ignored"),
         )
     required = [s for s in specs.values() if s.required]
@@ -309,9 +342,7 @@ def _message_converter(cls: type) -> Converter:
             if converted is INVALID:
                 ok = False
                 continue
-            if (spec.ge is not None or spec.le is not None) and not _in_bounds(
-                converted, spec, where, sink
-            ):
+            if spec.bounded and not _in_bounds(converted, spec, where, sink):
                 ok = False
                 continue
             if spec.ignored:
@@ -357,6 +388,11 @@ def _in_bounds(value: Any, spec: _FieldSpec, path: Path, sink: Sink) -> bool:
         return False
     if spec.le is not None and number > spec.le:
         sink.error(path, f"must be <= {_num(spec.le)}{unit}")
+        return False
+    integer = spec.integer
+    if integer is not None and not integer.low <= number <= integer.high:
+        bound = f">= {integer.low}" if number < integer.low else f"<= {integer.high}"
+        sink.error(path, f"must be {bound} (the {integer.name} range)")
         return False
     return True
 

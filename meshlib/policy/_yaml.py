@@ -88,25 +88,30 @@ class Document:
 
     def line_of(self, path: Path) -> int:
         """The line of the value at `path`, or of its deepest ancestor that exists."""
-        node = self.node
-        line = self.line
-        for part in path:
-            if isinstance(node, yaml.MappingNode):
-                for key_node, value_node in node.value:
-                    if isinstance(key_node, yaml.ScalarNode) and key_node.value == str(part):
-                        line = key_node.start_mark.line + 1
-                        node = value_node
-                        break
-                else:
-                    return line
-            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
-                if part >= len(node.value):
-                    return line
-                node = node.value[part]
-                line = node.start_mark.line + 1
-            else:
-                return line
-        return line
+        return line_at(self.node, path, self.line)
+
+
+def line_at(node: yaml.Node | None, path: Path, line: int) -> int:
+    """The line of the value at `path` under `node` (itself at `line`), or of its deepest
+    ancestor that exists."""
+    for part in path:
+        found = child(node, part)
+        if found is None:
+            return line
+        line, node = found
+    return line
+
+
+def child(node: yaml.Node | None, part: str | int) -> tuple[int, yaml.Node] | None:
+    """The line of `part` (a mapping's key, a sequence's index) in `node`, and its value."""
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.value == str(part):
+                return key.start_mark.line + 1, value
+    elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+        item = node.value[part]
+        return item.start_mark.line + 1, item
+    return None
 
 
 def read_documents(text: str) -> Iterator[Document | YAMLProblem]:

@@ -15,6 +15,7 @@ from typing import Any
 from meshlib.errors import Diagnostic, Severity
 from meshlib.policy._gc import collector_paused
 from meshlib.policy.cel import MalformedExpression, UnsupportedExpression, parse_filter
+from meshlib.policy.common import selects
 from meshlib.policy.destination_rule import DestinationRule
 from meshlib.policy.hosts import to_fqdn, wildcard_matches
 from meshlib.policy.lines import FieldLines
@@ -25,7 +26,6 @@ from meshlib.policy.snapshot import (
     MostSpecific,
     latest_definitions,
     oldest_first,
-    selects,
     service_workloads,
     visible_to,
 )
@@ -36,6 +36,7 @@ from meshlib.policy.telemetry import (
     header_name,
     settable_label,
 )
+from meshlib.policy.telemetry_scope import for_sidecars, namespace_wide
 from meshlib.policy.virtual_service import Destination, VirtualService
 
 
@@ -83,17 +84,15 @@ class _Analyzer:
         self.entries: list[Resource[ServiceEntry]] = oldest_first(
             r for r in resources if r.kind == "ServiceEntry"
         )
-        self.by_host: dict[str, list[Resource[ServiceEntry]]] = {}
+        by_host: dict[str, list[Resource[ServiceEntry]]] = {}
         for entry in self.entries:
             for pattern in entry.spec.hosts:
-                self.by_host.setdefault(pattern.lower(), []).append(entry)
-        self.wildcards = sorted(  # the most specific first; a stable sort keeps the oldest first
-            ((p, e) for p, entries in self.by_host.items() if p.startswith("*") for e in entries),
-            key=lambda item: -len(item[0]),
-        )
+                by_host.setdefault(pattern.lower(), []).append(entry)
+        self.entries_by_host = MostSpecific(by_host)
         self.workload_entries: list[Resource[WorkloadEntry]] = [
             r for r in resources if r.kind == "WorkloadEntry"
         ]
+        self.telemetries = for_sidecars(r for r in resources if r.kind == "Telemetry")
         subsets: dict[str, set[str]] = {}
         for rule in self.rules:
             host = self.fqdn(rule.spec.host, rule.namespace)
@@ -107,14 +106,10 @@ class _Analyzer:
         """The ServiceEntry that makes `host` a known service, as pilot finds it: one naming
         it exactly, else the most specific wildcard covering it, oldest first; only those
         visible in `namespace` (None: in any)."""
-        for entry in self.by_host.get(host, ()):
-            if namespace is None or visible_to(entry, namespace, entry.spec.export_to):
-                return entry
-        for pattern, entry in self.wildcards:
-            if wildcard_matches(pattern, host) and (
-                namespace is None or visible_to(entry, namespace, entry.spec.export_to)
-            ):
-                return entry
+        for entries in self.entries_by_host.candidates(host):
+            for entry in entries:  # oldest first
+                if namespace is None or visible_to(entry, namespace, entry.spec.export_to):
+                    return entry
         return None
 
     def run(self) -> Iterator[Diagnostic]:
@@ -133,16 +128,12 @@ class _Analyzer:
         applies is undefined in Istio (meshlib takes the oldest)."""
         wide: dict[str, list[Resource[Telemetry]]] = {}
         selecting: dict[str, list[tuple[Resource[Telemetry], Mapping[str, str]]]] = {}
-        for resource in oldest_first(r for r in self.resources if r.kind == "Telemetry"):
-            spec: Telemetry = resource.spec
-            if spec.target_ref is not None or spec.target_refs:
-                continue  # for gateways and waypoints, which meshlib ignores
-            if spec.selector is None or not spec.selector.match_labels:
+        for resource in self.telemetries:
+            labels = resource.spec.match_labels
+            if not labels:
                 wide.setdefault(resource.namespace, []).append(resource)
             else:
-                selecting.setdefault(resource.namespace, []).append(
-                    (resource, spec.selector.match_labels)
-                )
+                selecting.setdefault(resource.namespace, []).append((resource, labels))
         for namespace, resources in wide.items():
             if len(resources) < 2:
                 continue
@@ -184,21 +175,11 @@ class _Analyzer:
         inherits none (from an earlier entry, or from the namespace's or the mesh's Telemetry
         above it) falls to MeshConfig's default providers. Istio's default MeshConfig has
         none, so Istio logs nothing for it, where meshlib logs it as `envoy`."""
-        ordered: list[Resource[Telemetry]] = [
-            r
-            for r in oldest_first(r for r in self.resources if r.kind == "Telemetry")
-            if r.spec.target_ref is None and not r.spec.target_refs
-        ]
-        wide: dict[str, Resource[Telemetry]] = {}
-        for resource in ordered:
-            if resource.spec.selector is None or not resource.spec.selector.match_labels:
-                wide.setdefault(resource.namespace, resource)  # the oldest applies
+        wide = namespace_wide(self.telemetries)
         defaults = ", ".join(DEFAULT_ACCESS_LOG_PROVIDERS)
-        for resource in ordered:
+        for resource in self.telemetries:
             spec: Telemetry = resource.spec
-            parents = [wide.get(self.root_namespace)]
-            if wide.get(resource.namespace) is not resource:
-                parents.append(wide.get(resource.namespace))
+            parents = (wide.get(self.root_namespace), wide.get(resource.namespace))
             inherited = any(
                 parent is not None and parent is not resource and _names_log_provider(parent)
                 for parent in parents

@@ -126,6 +126,12 @@ class PortSelector:
     number: int = spec_field(required=True, ge=1, le=65535)
 
 
+def selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    """Whether a label selector (`matchLabels`, a subset's `labels`, `sourceLabels`) selects
+    `labels`."""
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
 @dataclass(frozen=True, slots=True)
 class WorkloadSelector:
     """Selects workloads by labels; `matchLabels` is the security API's spelling."""
@@ -140,14 +146,20 @@ class MatchLabelsSelector:
     match_labels: Mapping[str, str] = spec_field({})
 
     def validate_policy(self, path: Path, sink: Sink) -> None:
-        for key, value in self.match_labels.items():
-            where = (*path, "matchLabels", key)
-            if not key:
-                sink.error(where, "an empty key is not supported in a selector")
-            if "*" in key or "*" in value:
-                sink.error(where, "a wildcard is not supported in a selector")
-        if not self.match_labels:
-            sink.warning(path, "a workload selector without labels selects every workload")
+        check_selector_labels(self.match_labels, path, "matchLabels", sink)
+
+
+def check_selector_labels(labels: Mapping[str, str], path: Path, key: str, sink: Sink) -> None:
+    """Istio's validateWorkloadSelector, for both spellings of a selector's map (`key`):
+    no empty key and no wildcard (errors); no labels selects every workload (a warning)."""
+    for name, value in labels.items():
+        where = (*path, key, name)
+        if not name:
+            sink.error(where, "an empty key is not supported in a selector")
+        if "*" in name or "*" in value:
+            sink.error(where, "a wildcard is not supported in a selector")
+    if not labels:
+        sink.warning(path, "a workload selector without labels selects every workload")
 
 
 # What a policy's targetRef may name, as Istio's validatePolicyTargetReference allows it:
@@ -228,10 +240,26 @@ def is_ip(value: str) -> bool:
     return True
 
 
+def is_dns_name(name: str, *, wildcard: bool = False) -> bool:
+    """Whether `name` is a DNS name as Istio's ValidateFQDN checks it: at most 255 characters,
+    DNS labels, an optional trailing dot, a top-level label not all digits. With `wildcard`, as
+    its ValidateWildcardDomain: the first label may be `*` or start with `*`, and a lone label
+    is not a top-level one."""
+    first, *rest = name.removesuffix(".").split(".")
+    top = rest[-1] if rest else "" if wildcard else first
+    return (
+        len(name) <= 255
+        and (_WILDCARD_FIRST_LABEL if wildcard else _DNS_LABEL).fullmatch(first) is not None
+        and all(_DNS_LABEL.fullmatch(label) for label in rest)
+        and not (top.isascii() and top.isdigit())
+    )
+
+
 def check_host(
     host: str, path: Path, sink: Sink, *, allow_star: bool = True, allow_ip: bool = False
-) -> None:
-    """Report a host that is not a DNS name, `*.suffix` wildcard, or (if allowed) `*`.
+) -> bool:
+    """Report a host that is not a DNS name, `*.suffix` wildcard, or (if allowed) `*`; return
+    whether it is valid.
 
     An IP address is a host only where Istio takes one (`allow_ip`: VirtualService hosts);
     elsewhere its validateWildcardDomain refuses it (an all-numeric top-level label).
@@ -239,21 +267,15 @@ def check_host(
     if host == "*":
         if not allow_star:
             sink.error(path, "the wildcard host '*' is not allowed here")
-        return
+        return allow_star
     if is_ip(host):
         if not allow_ip:
             sink.error(path, f"invalid host {host!r}: an IP address is not allowed here")
-        return
-    name = host[:-1] if host.endswith(".") else host
-    first, *rest = name.split(".")
-    if (
-        not name
-        or len(name) > 255
-        or not _WILDCARD_FIRST_LABEL.fullmatch(first)
-        or not all(_DNS_LABEL.fullmatch(label) for label in rest)
-        or (rest and rest[-1].isascii() and rest[-1].isdigit())
-    ):
+        return allow_ip
+    if not is_dns_name(host, wildcard=True):
         sink.error(path, f"invalid host {host!r} (a DNS name, optionally with a '*.' prefix)")
+        return False
+    return True
 
 
 # A namespace name, as Kubernetes requires it: a lowercase DNS-1123 label.

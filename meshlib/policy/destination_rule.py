@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
-from meshlib.policy._schema import Path, Sink, spec_field
+from meshlib.policy._schema import Int32, Path, Sink, UInt32, UInt64, spec_field
 from meshlib.policy.common import (
     MILLISECOND,
     Duration,
@@ -78,7 +78,7 @@ class ConsistentHashLB:
     http_query_parameter_name: str | None = None
     ring_hash: RingHash | None = None
     maglev: MagLev | None = None
-    minimum_ring_size: int | None = spec_field(ge=0)  # deprecated; ringHash.minimumRingSize
+    minimum_ring_size: UInt64 | None = spec_field(ge=0)  # deprecated; ringHash.minimumRingSize
 
     def validate_policy(self, path: Path, sink: Sink) -> None:
         keys = [
@@ -143,14 +143,14 @@ class LoadBalancerSettings:
 
 @dataclass(frozen=True, slots=True)
 class TcpKeepalive:
-    probes: int | None = spec_field(ge=0)
+    probes: UInt32 | None = spec_field(ge=0)
     time: Duration | None = spec_field(ge=MILLISECOND)
     interval: Duration | None = spec_field(ge=MILLISECOND)
 
 
 @dataclass(frozen=True, slots=True)
 class TCPSettings:
-    max_connections: int | None = spec_field(ge=0)
+    max_connections: Int32 | None = spec_field(ge=0)
     connect_timeout: Duration | None = spec_field(ge=MILLISECOND)
     tcp_keepalive: TcpKeepalive | None = None
     max_connection_duration: Duration | None = spec_field(ge=MILLISECOND)
@@ -159,14 +159,14 @@ class TCPSettings:
 
 @dataclass(frozen=True, slots=True)
 class HTTPSettings:
-    http1_max_pending_requests: int | None = spec_field(ge=0)
-    http2_max_requests: int | None = spec_field(ge=0)
-    max_requests_per_connection: int | None = spec_field(ge=0)
-    max_retries: int | None = spec_field(ge=0)
+    http1_max_pending_requests: Int32 | None = spec_field(ge=0)
+    http2_max_requests: Int32 | None = spec_field(ge=0)
+    max_requests_per_connection: Int32 | None = spec_field(ge=0)
+    max_retries: Int32 | None = spec_field(ge=0)
     idle_timeout: Duration | None = spec_field(ge=MILLISECOND)
     h2_upgrade_policy: Literal["DEFAULT", "DO_NOT_UPGRADE", "UPGRADE"] | None = None
     use_client_protocol: bool | None = None
-    max_concurrent_streams: int | None = spec_field(ge=0)
+    max_concurrent_streams: Int32 | None = spec_field(ge=0)
     http2_keep_alive: Any = spec_field(ignored="HTTP/2 keepalive pings are left to the client")
 
     def validate_policy(self, path: Path, sink: Sink) -> None:
@@ -187,14 +187,14 @@ class ConnectionPoolSettings:
 @dataclass(frozen=True, slots=True)
 class OutlierDetection:
     split_external_local_origin_errors: bool | None = None
-    consecutive_local_origin_failures: int | None = spec_field(ge=0)
-    consecutive_gateway_errors: int | None = spec_field(ge=0)
-    consecutive_5xx_errors: int | None = spec_field(ge=0)
+    consecutive_local_origin_failures: UInt32 | None = spec_field(ge=0)
+    consecutive_gateway_errors: UInt32 | None = spec_field(ge=0)
+    consecutive_5xx_errors: UInt32 | None = spec_field(ge=0)
     interval: Duration | None = spec_field(ge=MILLISECOND)
     base_ejection_time: Duration | None = spec_field(ge=MILLISECOND)
     max_ejection_percent: int | None = spec_field(ge=0, le=100)
     min_health_percent: int | None = spec_field(ge=0, le=100)
-    consecutive_errors: int | None = spec_field(ge=0, ignored=_CONSECUTIVE_ERRORS)
+    consecutive_errors: Int32 | None = spec_field(ge=0, ignored=_CONSECUTIVE_ERRORS)
     outlier_detection_http_error_codes: tuple[int, ...] = ()
 
     def validate_policy(self, path: Path, sink: Sink) -> None:
@@ -254,7 +254,7 @@ class ClientTLSSettings:
 @dataclass(frozen=True, slots=True)
 class RetryBudget:
     percent: Percent | None = None
-    min_retry_concurrency: int | None = spec_field(ge=0)
+    min_retry_concurrency: UInt32 | None = spec_field(ge=0)
     budget_interval: Duration | None = spec_field(ge=MILLISECOND)
 
 

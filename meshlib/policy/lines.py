@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import yaml
 
 from meshlib.policy._schema import Path
+from meshlib.policy._yaml import child, line_at
 
 _INDEX = re.compile(r"\[(\d+)\]|\['((?:[^'\\]|\\.)*)'\]")
 
@@ -31,37 +32,17 @@ class FieldLines:
     def line(self, field: str | Path | None) -> int:
         """The line of `field` (`spec.http[0].route` or its path), else of its deepest
         ancestor that is in the file, else of the resource."""
-        if not field:
-            return self.line_of_resource
-        node: yaml.Node | None = self.node
         line = self.line_of_resource
-        rest = field if isinstance(field, str) else None
-        parts = iter(field) if not isinstance(field, str) else None
-        while node is not None:
-            if parts is not None:
-                part = next(parts, None)
-                if part is None:
-                    return line
-                found = _child(node, part)
-            else:
-                if not rest:
-                    return line
-                found, rest = _child_by_text(node, rest)
+        if not isinstance(field, str):
+            return line_at(self.node, field or (), line)
+        node: yaml.Node = self.node
+        rest = field
+        while rest:
+            found, rest = _child_by_text(node, rest)
             if found is None:
                 return line
             line, node = found
         return line
-
-
-def _child(node: yaml.Node, part: str | int) -> tuple[int, yaml.Node] | None:
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            if isinstance(key, yaml.ScalarNode) and key.value == str(part):
-                return key.start_mark.line + 1, value
-    elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-        item = node.value[part]
-        return item.start_mark.line + 1, item
-    return None
 
 
 def _child_by_text(node: yaml.Node, text: str) -> tuple[tuple[int, yaml.Node] | None, str]:
@@ -71,7 +52,7 @@ def _child_by_text(node: yaml.Node, text: str) -> tuple[tuple[int, yaml.Node] | 
     index = _INDEX.match(text)
     if index is not None:
         part: str | int = int(index[1]) if index[1] is not None else index[2]
-        return _child(node, part), text[index.end() :]
+        return child(node, part), text[index.end() :]
     if isinstance(node, yaml.MappingNode):
         best: tuple[int, yaml.Node] | None = None
         best_length = -1

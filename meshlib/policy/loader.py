@@ -253,8 +253,10 @@ def _flattened(
     document: Document, data: Any, prefix: Path, file: str | None, default_namespace: str
 ) -> Iterator[tuple[_Collector, Resource[Any] | None]]:
     """The resources in `data`, the part of `document` at `prefix`: a `kind: List` gives its
-    items, and so does a List among them, as kubectl flattens Lists."""
-    if isinstance(data, dict) and data.get("kind") == "List" and "items" in data:
+    items, and so does a List among them, as kubectl flattens Lists; so does a typed list
+    (`kind: VirtualServiceList`), as the API server returns one."""
+    kind = data.get("kind") if isinstance(data, dict) else None
+    if isinstance(kind, str) and kind.endswith("List") and "items" in data:
         items = data["items"]
         problem = None
         if not isinstance(items, list):
@@ -266,7 +268,17 @@ def _flattened(
             collector.error((*prefix, "items"), problem)
             yield collector, None
             return
+        item_kind = kind.removesuffix("List")
         for index, item in enumerate(items):
+            if (
+                item_kind
+                and isinstance(item, dict)
+                and "kind" not in item
+                and "apiVersion" not in item
+            ):
+                # as kubectl's decoder fills in a typed list's items, which the API server
+                # writes without them
+                item = {**item, "apiVersion": data.get("apiVersion"), "kind": item_kind}
             yield from _flattened(
                 document, item, (*prefix, "items", index), file, default_namespace
             )

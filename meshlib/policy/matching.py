@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from meshlib.policy.common import StringMatch
+from meshlib.policy.common import StringMatch, selects
 from meshlib.policy.regex import compile_re2
 from meshlib.policy.virtual_service import HTTPMatchRequest
 
@@ -187,7 +187,7 @@ def applies_to_workload(block: HTTPMatchRequest, labels: Mapping[str, str], name
         return False
     if block.source_namespace is not None and block.source_namespace != namespace:
         return False
-    return all(labels.get(key) == value for key, value in block.source_labels.items())
+    return selects(block.source_labels, labels)
 
 
 def _on_path(predicate: StringCheck) -> Check:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from meshlib.policy.common import StringMatch
+from meshlib.policy.common import StringMatch, selects
 from meshlib.policy.virtual_service import HTTPMatchRequest, HTTPRoute
 
 __all__ = ["RouteFinding", "covers", "matches_everything", "unreachable_routes"]
@@ -103,7 +103,7 @@ def covers(first: HTTPMatchRequest, later: HTTPMatchRequest) -> bool:
         return False
     if first.source_namespace and first.source_namespace != later.source_namespace:
         return False
-    if any(later.source_labels.get(k) != v for k, v in first.source_labels.items()):
+    if not selects(first.source_labels, later.source_labels):
         return False
     if first.gateways and set(first.gateways) != set(later.gateways):
         return False

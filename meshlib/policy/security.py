@@ -41,7 +41,7 @@ class PeerAuthentication:
     port_level_mtls: Mapping[PortNumber, PeerMtls] = spec_field({})
 
     def validate_policy(self, path: Path, sink: Sink) -> None:
-        if self.port_level_mtls is not EMPTY_MAP and not self.port_level_mtls:
+        if self.port_level_mtls is not EMPTY_MAP and not self.port_level_mtls:  # `{}`, as istiod
             sink.error((*path, "portLevelMtls"), "if given, must have at least one port")
         if self.port_level_mtls and (self.selector is None or not self.selector.match_labels):
             sink.error(

@@ -7,12 +7,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from meshlib.policy._schema import Path, Sink, spec_field
+from meshlib.policy._schema import Path, Sink, UInt32, spec_field
 from meshlib.policy.common import (
     WorkloadSelector,
     check_export_to,
     check_host,
     check_labels,
+    check_selector_labels,
     is_dns_label,
     is_ip,
 )
@@ -45,7 +46,7 @@ class WorkloadEntry:
     labels: Mapping[str, str] = spec_field({})
     network: str | None = None
     locality: str | None = None
-    weight: int | None = spec_field(ge=0)
+    weight: UInt32 | None = spec_field(ge=0)
     service_account: str | None = None
 
     def validate_policy(self, path: Path, sink: Sink) -> None:
@@ -84,6 +85,7 @@ class ServicePort:
     number: int = spec_field(required=True, ge=1, le=65535)
     protocol: str | None = None
     name: str | None = None
+    # 0 too: istiod reads it as unset, but Istio's CRD rule (0 < self) refuses it
     target_port: int | None = spec_field(ge=1, le=65535)
 
     def validate_policy(self, path: Path, sink: Sink) -> None:
@@ -188,14 +190,7 @@ class ServiceEntry:
         """Istio's checks of a ServiceEntry's workloadSelector (ValidateAlphaWorkloadSelector
         and the per-resolution warnings)."""
         assert self.workload_selector is not None
-        labels = self.workload_selector.labels
-        for key, value in labels.items():
-            if not key:
-                sink.error((*path, "labels", key), "an empty key is not supported in a selector")
-            if "*" in key or "*" in value:
-                sink.error((*path, "labels", key), "a wildcard is not supported in a selector")
-        if not labels:
-            sink.warning(path, "a workload selector without labels selects every workload")
+        check_selector_labels(self.workload_selector.labels, path, "labels", sink)
         if resolution == "NONE":
             sink.warning(
                 path,

@@ -12,7 +12,7 @@ in with one reference assignment; requests in flight keep the Snapshot they star
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Generic, Protocol, TypeVar
@@ -20,6 +20,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from meshlib._text import host_port
 from meshlib.config import MeshConfig
 from meshlib.policy._gc import collector_paused
+from meshlib.policy.common import selects
 from meshlib.policy.delegate import merge_delegate_route
 from meshlib.policy.destination_rule import DestinationRule, Subset, TrafficPolicy
 from meshlib.policy.hosts import short_forms, strip_port, to_fqdn, wildcard_matches
@@ -336,11 +337,6 @@ def _default_route(host: str) -> CompiledRoute:
     )
 
 
-def selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
-    """Whether a label selector (`matchLabels`, a subset's `labels`) selects `labels`."""
-    return all(labels.get(k) == v for k, v in selector.items())
-
-
 def service_workloads(
     entry: Resource[ServiceEntry], workload_entries: Iterable[Resource[WorkloadEntry]]
 ) -> tuple[WorkloadEntry, ...]:
@@ -647,9 +643,8 @@ class _Builder:
             spec, ns = resource.spec, resource.namespace
             export_to: tuple[str, ...] = spec.export_to
             if spec.workload_selector is not None:
-                if ns != client_ns or not all(
-                    self.config.labels.get(k) == v
-                    for k, v in spec.workload_selector.match_labels.items()
+                if ns != client_ns or not selects(
+                    spec.workload_selector.match_labels, self.config.labels
                 ):
                     continue
                 export_to = (".",)  # a rule with a selector is never exported
@@ -705,7 +700,8 @@ def _exported_to(resource: Resource[DestinationRule], namespace: str) -> bool:
 
 class MostSpecific(Generic[_V]):
     """Values by host, found as pilot's `MostSpecificHostMatch` finds them: the exact host,
-    else the most specific (longest) wildcard covering it. `meshlib check` finds subsets so too.
+    else the most specific (longest) wildcard covering it. `meshlib check` finds subsets and
+    services so too.
     """
 
     __slots__ = ("by_host", "wildcards")
@@ -719,6 +715,16 @@ class MostSpecific(Generic[_V]):
         if found is None:
             found = next((v for p, v in self.wildcards if wildcard_matches(p, host)), None)
         return found
+
+    def candidates(self, host: str) -> Iterator[_V]:
+        """Every value for `host`, the one `find` gives first: the exact host's, then each
+        wildcard's that covers it, the most specific first."""
+        found = self.by_host.get(host)
+        if found is not None:
+            yield found
+        for pattern, value in self.wildcards:
+            if wildcard_matches(pattern, host):
+                yield value
 
 
 class _RulePool(MostSpecific[list[Resource[DestinationRule]]]):

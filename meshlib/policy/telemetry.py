@@ -203,6 +203,16 @@ class Telemetry:
     metrics: tuple[Metrics, ...] = ()
     access_logging: tuple[AccessLogging, ...] = ()
 
+    @property
+    def targeted(self) -> bool:
+        """Whether it names gateways or waypoints (`targetRef(s)`), which meshlib ignores."""
+        return self.target_ref is not None or bool(self.target_refs)
+
+    @property
+    def match_labels(self) -> Mapping[str, str]:
+        """The labels of the workloads it selects; none: its whole namespace."""
+        return self.selector.match_labels if self.selector is not None else {}
+
     def validate_policy(self, path: Path, sink: Sink) -> None:
         chosen = [n for n in ("selector", "target_ref", "target_refs") if getattr(self, n)]
         if len(chosen) > 1:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from meshlib._text import ascii_int
-from meshlib.policy._schema import Path, Sink, spec_field
+from meshlib.policy._schema import Int32, Path, Sink, spec_field
 from meshlib.policy.common import (
     MILLISECOND,
     Duration,
@@ -23,6 +23,7 @@ from meshlib.policy.common import (
     check_labels,
     check_regex,
     is_dns_label,
+    is_dns_name,
 )
 from meshlib.policy.header_values import check_header_value
 from meshlib.policy.hosts import wildcard_matches
@@ -153,7 +154,7 @@ class Destination:
 @dataclass(frozen=True, slots=True)
 class HTTPRouteDestination:
     destination: Destination = spec_field(required=True)
-    weight: int = spec_field(0, ge=0)
+    weight: Int32 = spec_field(0, ge=0)
     headers: Headers | None = None
 
 
@@ -227,12 +228,7 @@ def check_gateway_names(names: tuple[str, ...], path: Path, sink: Sink) -> None:
                     where,
                     f"legacy gateway name {name!r}; prefer <namespace>/<name>: '{second}/{first}'",
                 )
-            labels = name.removesuffix(".").split(".")  # a trailing dot is a full name
-            if (
-                len(name) > 255
-                or not all(is_dns_label(label) for label in labels)
-                or labels[-1].isdigit()
-            ):
+            if not is_dns_name(name):
                 sink.error(where, f"invalid gateway name {name!r} (a DNS name, or namespace/name)")
             return
         if not namespace or not gateway:
@@ -245,7 +241,7 @@ def check_gateway_names(names: tuple[str, ...], path: Path, sink: Sink) -> None:
 
 @dataclass(frozen=True, slots=True)
 class HTTPRetry:
-    attempts: int = spec_field(0, ge=0)
+    attempts: Int32 = spec_field(0, ge=0)
     per_try_timeout: Duration | None = spec_field(ge=MILLISECOND)
     retry_on: str | None = None
     retry_remote_localities: bool | None = spec_field(
@@ -563,21 +559,6 @@ class HTTPRoute:
             sink.error(path, f"the authority is set more than once ({', '.join(authorities)})")
 
 
-class _ErrorCount:
-    """A Sink passing everything on to `sink`, counting the errors."""
-
-    def __init__(self, sink: Sink) -> None:
-        self.sink = sink
-        self.count = 0
-
-    def error(self, path: Path, message: str) -> None:
-        self.count += 1
-        self.sink.error(path, message)
-
-    def warning(self, path: Path, message: str) -> None:
-        self.sink.warning(path, message)
-
-
 def _hosts_overlap(a: str, b: str) -> bool:
     """Istio's host.Name.Matches: equal names, or one wildcard's suffix covers the other."""
     return a == b or wildcard_matches(a, b) or wildcard_matches(b, a)
@@ -617,12 +598,13 @@ class VirtualService:
 
     def validate_policy(self, path: Path, sink: Sink) -> None:
         check_gateway_names(self.gateways, (*path, "gateways"), sink)
-        host_errors = _ErrorCount(sink)
-        for index, host in enumerate(self.hosts):
-            check_host(host, (*path, "hosts", index), host_errors, allow_ip=True)
+        valid = [
+            check_host(host, (*path, "hosts", index), sink, allow_ip=True)
+            for index, host in enumerate(self.hosts)
+        ]
         if "*" in self.hosts and self.applies_to_mesh:
             sink.error((*path, "hosts"), "the wildcard host '*' is not allowed for the mesh")
-        elif not host_errors.count:  # as Istio, only when every host is valid
+        elif all(valid):  # as Istio, only when every host is valid
             _check_duplicate_hosts(self.hosts, (*path, "hosts"), sink)
         if not self.http and not self.tcp and not self.tls:
             sink.error(path, "http, tcp or tls must be provided")

@@ -6,9 +6,9 @@ Shared by tracing (`effective_tracing`) and access logging (`access_log.effectiv
 from __future__ import annotations
 
 from meshlib.config import MeshConfig
-from meshlib.policy.resources import Resource
-from meshlib.policy.snapshot import Snapshot, oldest_first
+from meshlib.policy.snapshot import Snapshot
 from meshlib.policy.telemetry import Telemetry
+from meshlib.policy.telemetry_scope import telemetry_levels as _levels
 
 __all__ = ["telemetry_levels"]
 
@@ -21,36 +21,7 @@ def telemetry_levels(snapshot: Snapshot, config: MeshConfig) -> list[Telemetry]:
     namespace); workload level: every Telemetry in `config.namespace` whose
     `selector.matchLabels` (non-empty) all match `config.labels`, oldest first. A selector with
     empty `matchLabels` counts as selector-less. Telemetry with `targetRef(s)` (gateways,
-    waypoints) is ignored.
+    waypoints) is ignored. (`meshlib.policy.telemetry_scope` decides; `meshlib check` uses it.)
     """
-    namespace, root = config.namespace, config.root_namespace
-    ordered: list[Resource[Telemetry]] = oldest_first(snapshot.telemetries)
-    levels: list[Telemetry] = []
-    mesh = _namespace_wide(ordered, root)
-    if mesh is not None:
-        levels.append(mesh)
-    if namespace != root:
-        local = _namespace_wide(ordered, namespace)
-        if local is not None:
-            levels.append(local)
-    for resource in ordered:
-        spec = resource.spec
-        if resource.namespace != namespace or _targeted(spec) or spec.selector is None:
-            continue
-        wanted = spec.selector.match_labels
-        if wanted and all(config.labels.get(k) == v for k, v in wanted.items()):
-            levels.append(spec)
-    return levels
-
-
-def _targeted(spec: Telemetry) -> bool:
-    return spec.target_ref is not None or bool(spec.target_refs)
-
-
-def _namespace_wide(ordered: list[Resource[Telemetry]], namespace: str) -> Telemetry | None:
-    for resource in ordered:
-        spec = resource.spec
-        wide = spec.selector is None or not spec.selector.match_labels
-        if resource.namespace == namespace and wide and not _targeted(spec):
-            return spec
-    return None
+    levels = _levels(snapshot.telemetries, config.namespace, config.root_namespace, config.labels)
+    return [resource.spec for resource in levels]

@@ -20,6 +20,7 @@ from tests.policy.test_validation import (
     load,
     resource,
     se,
+    single_error,
     vs_http,
     vs_route,
 )
@@ -51,6 +52,21 @@ def test_an_ip_address_is_not_a_host_outside_virtual_service_hosts(
     """Istio's validateWildcardDomain refuses an IP (an all-numeric top-level label), and only
     VirtualService hosts fall back to accepting one."""
     check_error(text, field, line, "an IP address is not allowed here")
+
+
+@pytest.mark.parametrize(
+    ("name", "valid"),
+    [("a" * 63 + ".b" * 96, True), ("a" * 63 + ".b" * 96 + ".", False)],
+    ids=["255", "256-with-trailing-dot"],
+)
+def test_the_255_character_limit_on_hosts_counts_a_trailing_dot(name: str, valid: bool) -> None:
+    """Istio's CheckDNS1123Preconditions measures the name as written, trailing dot included,
+    as gateway names are measured."""
+    text = resource("DestinationRule", f"host: {name}")
+    if valid:
+        check_valid(text)
+    else:
+        check_error(text, "spec.host", 6, "invalid host")
 
 
 def test_a_virtual_service_host_may_be_an_ip_address() -> None:
@@ -232,6 +248,94 @@ def test_top_level_minimum_ring_size_is_deprecated() -> None:
         ("spec.trafficPolicy.loadBalancer.consistentHash.minimumRingSize", 8)
     ]
     assert "deprecated, use ringHash.minimumRingSize" in result.warnings[0].message
+
+
+# --------------------------------------------------------------------------------------
+# Integer fields: the range of their protobuf type
+# --------------------------------------------------------------------------------------
+
+INT32_MAX, UINT32_MAX = 2**31 - 1, 2**32 - 1
+
+
+@pytest.mark.parametrize(
+    ("make", "field", "largest", "kind"),
+    [
+        pytest.param(
+            lambda n: dr(f"connectionPool: {{tcp: {{maxConnections: {n}}}}}"),
+            "spec.trafficPolicy.connectionPool.tcp.maxConnections",
+            INT32_MAX,
+            "int32",
+            id="maxConnections",
+        ),
+        pytest.param(
+            lambda n: dr(f"connectionPool: {{http: {{maxRequestsPerConnection: {n}}}}}"),
+            "spec.trafficPolicy.connectionPool.http.maxRequestsPerConnection",
+            INT32_MAX,
+            "int32",
+            id="maxRequestsPerConnection",
+        ),
+        pytest.param(
+            lambda n: dr(f"connectionPool: {{tcp: {{tcpKeepalive: {{probes: {n}}}}}}}"),
+            "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive.probes",
+            UINT32_MAX,
+            "uint32",
+            id="probes",
+        ),
+        pytest.param(
+            lambda n: dr(f"outlierDetection: {{consecutive5xxErrors: {n}}}"),
+            "spec.trafficPolicy.outlierDetection.consecutive5xxErrors",
+            UINT32_MAX,
+            "uint32",
+            id="consecutive5xxErrors",
+        ),
+        pytest.param(
+            lambda n: vs_http(
+                f"- route: [{{destination: {{host: r}}}}]\n  retries: {{attempts: {n}}}"
+            ),
+            "spec.http[0].retries.attempts",
+            INT32_MAX,
+            "int32",
+            id="attempts",
+        ),
+        pytest.param(
+            lambda n: vs_http(f"- route: [{{destination: {{host: r}}, weight: {n}}}]"),
+            "spec.http[0].route[0].weight",
+            INT32_MAX,
+            "int32",
+            id="weight",
+        ),
+        pytest.param(
+            lambda n: resource("WorkloadEntry", f"address: 10.0.0.1\nweight: {n}"),
+            "spec.weight",
+            UINT32_MAX,
+            "uint32",
+            id="endpoint-weight",
+        ),
+    ],
+)
+def test_integers_are_checked_against_their_protobuf_type(
+    make: Callable[[int], str], field: str, largest: int, kind: str
+) -> None:
+    """Istio decodes a resource into protobuf, which refuses an integer beyond its field's
+    type (`maxConnections: 99999999999` in an int32): an error at the field's line."""
+    check_valid(make(largest))
+    error = check_error(make(largest + 1), field, _line_of(make(largest + 1), field), "must be <=")
+    assert error.message == f"must be <= {largest} (the {kind} range)"
+
+
+def test_the_deprecated_minimum_ring_size_is_a_uint64() -> None:
+    """consistentHash.minimumRingSize has no bound but its type's: 2**64 does not fit."""
+    field = "loadBalancer: {consistentHash: {useSourceIp: true, minimumRingSize: %d}}"
+    assert load(dr(field % (2**64 - 1))).errors == ()
+    error = single_error(load(dr(field % 2**64)))
+    assert error.field == "spec.trafficPolicy.loadBalancer.consistentHash.minimumRingSize"
+    assert error.message == f"must be <= {2**64 - 1} (the uint64 range)"
+
+
+def _line_of(text: str, field: str) -> int:
+    """The line of the last key of `field` in `text` (each test text names it once)."""
+    key = field.rsplit(".", 1)[-1].split("[")[0]
+    return next(i for i, line in enumerate(text.splitlines(), 1) if f"{key}:" in line)
 
 
 # --------------------------------------------------------------------------------------
@@ -693,6 +797,37 @@ def test_target_port_with_resolution_none_is_a_warning_and_unused() -> None:
     assert [(d.field, d.line) for d in result.warnings] == [("spec.ports[0].targetPort", 7)]
     snapshot = Snapshot.build(result.resources, MeshConfig())
     assert [str(e) for e in snapshot.endpoints("a.example.com", None, 80)] == ["a.example.com:80"]
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "fragment"),
+    [
+        pytest.param(
+            se(
+                "hosts: [a.example.com]\nresolution: DNS\nports: [{number: 80, name: http, targetPort: 0}]"
+            ),
+            "spec.ports[0].targetPort",
+            "must be >= 1",
+            id="target-port-0",
+        ),
+        pytest.param(
+            resource(
+                "PeerAuthentication",
+                "selector: {matchLabels: {app: a}}\nmtls: {mode: STRICT}\nportLevelMtls: {}",
+                api="security.istio.io/v1",
+            ),
+            "spec.portLevelMtls",
+            "must have at least one port",
+            id="empty-port-level-mtls",
+        ),
+    ],
+)
+def test_zero_values_istio_refuses_though_they_read_as_unset(
+    text: str, field: str, fragment: str
+) -> None:
+    """`targetPort: 0` fails the CRD's rule (0 < self), though istiod's own check skips 0;
+    `portLevelMtls: {}` fails istiod's ("if defined, must have at least one element")."""
+    check_error(text, field, _line_of(text, field), fragment)
 
 
 @pytest.mark.parametrize(

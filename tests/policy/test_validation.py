@@ -1711,6 +1711,41 @@ def test_lists_in_lists_are_flattened() -> None:
     assert (str(reviews), reviews.origin.line) == ("DestinationRule default/reviews", 7)
 
 
+def test_typed_lists_give_their_items() -> None:
+    """A typed list, as the API server returns one (`kind: VirtualServiceList`, from `kubectl
+    get --raw` or a client library), gives its items as kubectl reads it: an item without
+    apiVersion and kind takes the list's apiVersion and its kind without `List`."""
+    text = yaml_text(
+        """
+        apiVersion: networking.istio.io/v1
+        kind: VirtualServiceList
+        metadata: {resourceVersion: "42"}
+        items:
+        - metadata: {name: a}
+          spec: {hosts: [a], http: [{route: [{destination: {host: a}}]}]}
+        - apiVersion: networking.istio.io/v1
+          kind: VirtualService
+          metadata: {name: b}
+          spec:
+            hosts: [b]
+            http:
+            - route:
+              - destination: {host: b}
+                weight: -1
+        """
+    )
+    result = load(text)
+    assert [str(d) for d in result.diagnostics] == [
+        "mesh.yaml:15: error: VirtualService default/b: spec.http[0].route[0].weight: must be >= 0"
+    ]
+    (a,) = result.resources
+    assert (str(a), a.api_version, a.origin.line) == (
+        "VirtualService default/a",
+        "networking.istio.io/v1",
+        5,
+    )
+
+
 def test_lists_nested_absurdly_deep_are_an_error() -> None:
     """Lists nested beyond any real manifest are one error where the limit is reached."""
     text = "x"
