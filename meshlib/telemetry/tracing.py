@@ -21,8 +21,9 @@ Rules (what a user of Istio and of OpenTelemetry would expect; see also the READ
   `k8s.namespace.name`), and never installs it globally. The choice is made once, in
   `Tracing.__init__`: configure the app's OpenTelemetry before meshlib.
 - **Exporter** (`exporter=` or `MESHLIB_TRACES_EXPORTER`): `otlp` (OTLP/HTTP, the `otlp` extra;
-  Jaeger and the OpenTelemetry Collector take it; endpoint from the standard
-  `OTEL_EXPORTER_OTLP_*` variables) with a BatchSpanProcessor, `console` with a
+  Jaeger and the OpenTelemetry Collector take it; endpoint and transport from the standard
+  `OTEL_EXPORTER_OTLP_*` variables, `..._PROTOCOL=grpc` with the gRPC exporter installed) with
+  a BatchSpanProcessor, `console` with a
   SimpleSpanProcessor, `none` (default). With `none` and no app provider, tracing is off: no
   spans are made and the inbound trace context passes through unchanged (what a proxy without
   a tracer does), which keeps downstream spans attached to the caller's span.
@@ -123,6 +124,9 @@ TRACER_NAME = "meshlib"
 MAX_NAME_PATH = 128
 
 _OTLP_MODULE = "opentelemetry.exporter.otlp.proto.http.trace_exporter"
+_OTLP_GRPC_MODULE = "opentelemetry.exporter.otlp.proto.grpc.trace_exporter"
+# OpenTelemetry's standard choice of OTLP transport, the traces-only variable first.
+ENV_PROTOCOLS = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
 _KNOWN_METHODS = frozenset(
     {"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE", "QUERY"}
 )
@@ -368,15 +372,37 @@ def _exporter_name(exporter: str | None) -> str:
 def _make_exporter(name: str) -> SpanExporter:
     if name == "console":
         return ConsoleSpanExporter()
+    protocol, where = _otlp_protocol()
+    if protocol == "grpc":
+        module_name, extra = _OTLP_GRPC_MODULE, "otlp-grpc"
+    else:
+        module_name, extra = _OTLP_MODULE, "otlp"
     try:
-        module = importlib.import_module(_OTLP_MODULE)
+        module = importlib.import_module(module_name)
     except ImportError:
         raise ConfigError(
-            "traces exporter 'otlp' needs the OTLP exporter, which is not installed: "
-            "pip install 'meshlib-istio[otlp]' (opentelemetry-exporter-otlp-proto-http)"
+            f"traces exporter 'otlp' over {protocol}{where} needs an OTLP exporter that is not "
+            f"installed: pip install 'meshlib-istio[{extra}]'"
         ) from None
     exporter: SpanExporter = module.OTLPSpanExporter()
     return exporter
+
+
+def _otlp_protocol() -> tuple[str, str]:
+    """OTLP's transport as OpenTelemetry's variables choose it (`http/protobuf` by default, as
+    the specification's), and where the choice came from, for error messages."""
+    for variable in ENV_PROTOCOLS:
+        raw = os.environ.get(variable, "")
+        protocol = raw.strip().lower()
+        if not protocol:
+            continue
+        if protocol not in ("http/protobuf", "grpc"):
+            raise ConfigError(
+                f"{variable}={raw!r}: meshlib's OTLP exporter sends 'http/protobuf' or 'grpc'"
+                " (OpenTelemetry's Python exporters have no 'http/json')"
+            )
+        return protocol, f" ({variable})"
+    return "http/protobuf", ""
 
 
 def _app_provider() -> ApiTracerProvider | None:

@@ -438,6 +438,23 @@ def test_exporter_errors(monkeypatch: pytest.MonkeyPatch) -> None:
         Tracing(CONFIG)
 
 
+@pytest.mark.usefixtures("no_global_provider")
+@pytest.mark.parametrize(
+    "variable", ["OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"]
+)
+def test_otlp_protocol_errors(variable: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """http/json (which OpenTelemetry's Python exporters do not send) is refused at start-up,
+    naming the variable, rather than sent as protobuf to a JSON receiver; grpc without its
+    exporter names the extra to install."""
+    monkeypatch.setenv(variable, "http/json")
+    with pytest.raises(ConfigError, match=f"{variable}='http/json'"):
+        Tracing(CONFIG, exporter="otlp")
+    monkeypatch.setenv(variable, "grpc")
+    monkeypatch.setitem(sys.modules, tracing_module._OTLP_GRPC_MODULE, None)  # not installed
+    with pytest.raises(ConfigError, match=rf"over grpc \({variable}\).*meshlib-istio\[otlp-grpc\]"):
+        Tracing(CONFIG, exporter="otlp")
+
+
 def test_no_double_server_span(
     tracing: Tracing, provider: SdkTracerProvider, exporter: InMemorySpanExporter
 ) -> None:
