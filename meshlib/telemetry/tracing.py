@@ -436,9 +436,11 @@ class Tracing:
             if isinstance(sampler, MeshSampler):
                 self._sampler = sampler
                 self._percentage = sampler.percentage
-            if self.exporter != "none":
-                log.info(
-                    "meshlib traces go to the app's TracerProvider; exporter %r not used",
+            if self.exporter != "none":  # a setting that does nothing is worth a warning
+                log.warning(
+                    "meshlib: traces exporter %r is not used: meshlib's spans go to the app's "
+                    "TracerProvider and its exporters (set the exporter there, or leave "
+                    "meshlib's at 'none')",
                     self.exporter,
                 )
         elif self.exporter != "none":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import sys
 import textwrap
@@ -436,6 +437,21 @@ def test_exporter_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MESHLIB_TRACES_EXPORTER", "jaeger")
     with pytest.raises(ConfigError, match="MESHLIB_TRACES_EXPORTER='jaeger'"):
         Tracing(CONFIG)
+
+
+def test_an_exporter_the_app_provider_overrides_is_warned_of(
+    provider: SdkTracerProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exporter set beside the app's own provider would silently do nothing: a warning
+    says so, and the spans go to the app's provider."""
+    with caplog.at_level(logging.WARNING, logger="meshlib"):
+        tracing = Tracing(CONFIG, exporter="console", tracer_provider=provider)
+    assert tracing.provider is provider and not tracing.owns_provider
+    assert "traces exporter 'console' is not used" in caplog.text
+    with caplog.at_level(logging.WARNING, logger="meshlib"):
+        caplog.clear()
+        Tracing(CONFIG, exporter="none", tracer_provider=provider)
+    assert not caplog.text
 
 
 @pytest.mark.usefixtures("no_global_provider")
