@@ -144,9 +144,12 @@ def _requests_send(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
 
 
 def _httpx_close(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-    """Closing a stock transport closes its facade's pool for mirrored copies too."""
+    """Closing a stock transport closes its facade's pool for mirrored copies too, and makes
+    a call it has in flight fail as the app's doing, as `MeshTransport.close()` does: not
+    sent again through the closed pool (it would open a connection nobody closes)."""
     facade = instance.__dict__.get(_FACADE)
     if facade is not None:
+        facade.closing()
         facade.close_mirrors()
     return wrapped(*args, **kwargs)
 
@@ -154,6 +157,7 @@ def _httpx_close(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
 async def _httpx_aclose(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
     facade = instance.__dict__.get(_FACADE)
     if facade is not None:
+        facade.closing()
         await facade.aclose_mirrors()
     return await wrapped(*args, **kwargs)
 
