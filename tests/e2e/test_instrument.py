@@ -347,3 +347,37 @@ def test_closing_a_stock_client_under_a_call_is_the_apps_doing(
         meshlib.uninstrument()
     assert len(outcome) == 1 and isinstance(outcome[0], httpx.TransportError), outcome
     assert upstreams["v1"].behaviour.received == 1  # sent once
+
+
+def test_instrumenting_again_after_another_library_took_the_wrapper_out(
+    make_mesh: MeshFactory,
+) -> None:
+    """Another library wrapped the transport before instrument(), and its uninstrument takes
+    the outermost wrapper out — meshlib's, as OpenTelemetry's `unwrap` does: clients are
+    no longer meshed, `is_instrumented()` says so, and instrument() puts meshlib's back."""
+    import wrapt
+    from opentelemetry.instrumentation.utils import unwrap
+
+    def other(
+        wrapped: object, instance: object, args: tuple[object, ...], kwargs: dict[str, object]
+    ) -> object:
+        return wrapped(*args, **kwargs)  # type: ignore[operator]
+
+    stock_handle = httpx.HTTPTransport.__dict__["handle_request"]
+    mesh = make_mesh(TO_V2)
+    client = httpx.Client()
+    try:
+        wrapt.wrap_function_wrapper(httpx.HTTPTransport, "handle_request", other)
+        meshlib.instrument(mesh)
+        assert client.get(URL + "/").headers["x-upstream"] == "v2"
+        unwrap(httpx.HTTPTransport, "handle_request")  # the other library's uninstrument()
+        assert not is_instrumented()
+        meshlib.instrument(mesh)
+        assert is_instrumented()
+        assert client.get(URL + "/").headers["x-upstream"] == "v2"
+        meshlib.uninstrument()
+        assert httpx.HTTPTransport.__dict__["handle_request"]._self_wrapper is other
+    finally:
+        meshlib.uninstrument()
+        client.close()
+        httpx.HTTPTransport.handle_request = stock_handle  # type: ignore[method-assign]
