@@ -10,6 +10,9 @@ and each client keeps its own connection pool, TLS and proxy settings. A meshlib
 never meshed twice: meshlib's own transports mark the requests they send. A subclass that
 overrides one of these methods runs once per call, not once per try: the mesh sends each try
 through the stock method.
+
+Another library's uninstrument may take meshlib's wrapper out with its own (OpenTelemetry's
+unwraps the outermost wrapper of a method); `instrument()` again puts back what is missing.
 """
 
 from __future__ import annotations
@@ -144,9 +147,12 @@ def _requests_send(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
 
 
 def _httpx_close(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-    """Closing a stock transport closes its facade's pool for mirrored copies too."""
+    """Closing a stock transport closes its facade's pool for mirrored copies too, and makes
+    a call it has in flight fail as the app's doing, as `MeshTransport.close()` does: not
+    sent again through the closed pool (it would open a connection nobody closes)."""
     facade = instance.__dict__.get(_FACADE)
     if facade is not None:
+        facade.closing()
         facade.close_mirrors()
     return wrapped(*args, **kwargs)
 
@@ -154,6 +160,7 @@ def _httpx_close(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
 async def _httpx_aclose(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
     facade = instance.__dict__.get(_FACADE)
     if facade is not None:
+        facade.closing()
         await facade.aclose_mirrors()
     return await wrapped(*args, **kwargs)
 
@@ -172,10 +179,16 @@ def instrument(mesh: Mesh | None = None) -> None:
     _Clients.MeshAdapter = MeshAdapter
     with _lock:
         _state["mesh"] = mesh
-        if _state["patched"]:
-            return
+        wrapped = False
         for (owner, name), wrapper in zip(_targets(), _WRAPPERS, strict=True):
-            wrapt.wrap_function_wrapper(owner, name, wrapper)
+            # Once patched, only where meshlib's wrapper went missing: another library's
+            # uninstrument may have taken it out (OpenTelemetry's unwraps the outermost
+            # wrapper of a method, whoever's it is).
+            if not (_state["patched"] and _meshed(owner, name)):
+                wrapt.wrap_function_wrapper(owner, name, wrapper)
+                wrapped = True
+        if not wrapped:
+            return
         if not _state["closers"]:
             for (owner, name), wrapper in zip(_closers(), _CLOSE_WRAPPERS, strict=True):
                 wrapt.wrap_function_wrapper(owner, name, wrapper)
@@ -218,5 +231,18 @@ def _unwrap(owner: Any, name: str) -> None:
         outer, layer = layer, inner
 
 
+def _meshed(owner: Any, name: str) -> bool:
+    """Whether meshlib's wrapper is in the chain of wrapt wrappers of `owner.name`."""
+    layer = owner.__dict__.get(name)
+    while getattr(layer, "_self_wrapper", None) is not None:
+        if layer._self_wrapper in _WRAPPERS:
+            return True
+        layer = layer.__wrapped__
+    return False
+
+
 def is_instrumented() -> bool:
-    return bool(_state["patched"])
+    """Whether `instrument()` is in effect: False too where another library took meshlib's
+    wrappers out (calling `instrument()` again puts them back)."""
+    with _lock:
+        return bool(_state["patched"]) and all(_meshed(*target) for target in _targets())

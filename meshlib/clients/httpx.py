@@ -355,10 +355,17 @@ class _MeshTransportBase:
     """Everything MeshTransport and AsyncMeshTransport share: no I/O here."""
 
     _mesh: Mesh | None
+    _closes: int  # closes begun: a call that saw one fail under it is the app's doing
 
     @property
     def mesh(self) -> Mesh:
         return self._mesh if self._mesh is not None else default_mesh()
+
+    def closing(self) -> None:
+        """The transport under this one is being closed, by the app: a call in flight that
+        fails now is never retried nor held against its endpoint. (`close()` says so; for a
+        stock transport under `instrument()`, the wrapper of its own `close`.)"""
+        self._closes += 1
 
     def _upstream(
         self,
@@ -683,7 +690,7 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
             copy.end(result)  # its outcome to outlier detection, its slot given back
 
     def close(self) -> None:
-        self._closes += 1
+        self.closing()
         self.close_mirrors()
         self._inner.close()
 
@@ -949,7 +956,7 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
             copy.end(result)  # its outcome to outlier detection; cancelled: given back
 
     async def aclose(self) -> None:
-        self._closes += 1
+        self.closing()
         await self.aclose_mirrors()
         await self._inner.aclose()
 

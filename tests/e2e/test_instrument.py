@@ -288,3 +288,96 @@ def test_instrumenting_another_mesh_keeps_one_pool_for_copies(
         finally:
             meshlib.uninstrument()
         wait_until_sync(lambda: shadow.active == 0, "the copies' connections to close", 2.0)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_closing_a_stock_client_under_a_call_is_the_apps_doing(
+    make_mesh: MeshFactory, upstreams: dict[str, Upstream], kind: str
+) -> None:
+    """A stock client closed while a meshed call is in flight: the call raises the client's
+    error, as without the mesh and as with `meshlib.Client` — not sent again through the
+    closed pool (retryOn reset), which would open a connection nobody closes."""
+    import threading
+    import time
+
+    upstreams["v1"].behaviour.delay = 0.5
+    mesh = make_mesh(
+        virtual_service(
+            "- route: [{destination: {host: reviews, subset: v1}}]\n"
+            "  retries: {attempts: 3, retryOn: reset}\n"
+        )
+    )
+
+    def reached() -> bool:
+        return upstreams["v1"].behaviour.active > 0
+
+    outcome: list[object] = []
+    meshlib.instrument(mesh)
+    try:
+        if kind == "sync":
+            client = httpx.Client()
+
+            def call() -> None:
+                try:
+                    outcome.append(client.get(URL + "/").status_code)
+                except httpx.TransportError as exc:
+                    outcome.append(exc)
+
+            caller = threading.Thread(target=call)
+            caller.start()
+            while not reached():  # poll: the call reached the upstream
+                time.sleep(0.005)
+            client.close()
+            caller.join(10)
+        else:
+
+            async def main() -> None:
+                client = httpx.AsyncClient()
+                call = asyncio.create_task(client.get(URL + "/"))
+                while not reached():
+                    await asyncio.sleep(0.005)
+                await client.aclose()
+                try:
+                    outcome.append((await call).status_code)
+                except httpx.TransportError as exc:
+                    outcome.append(exc)
+
+            asyncio.run(main())
+    finally:
+        meshlib.uninstrument()
+    assert len(outcome) == 1 and isinstance(outcome[0], httpx.TransportError), outcome
+    assert upstreams["v1"].behaviour.received == 1  # sent once
+
+
+def test_instrumenting_again_after_another_library_took_the_wrapper_out(
+    make_mesh: MeshFactory,
+) -> None:
+    """Another library wrapped the transport before instrument(), and its uninstrument takes
+    the outermost wrapper out — meshlib's, as OpenTelemetry's `unwrap` does: clients are
+    no longer meshed, `is_instrumented()` says so, and instrument() puts meshlib's back."""
+    import wrapt
+    from opentelemetry.instrumentation.utils import unwrap
+
+    def other(
+        wrapped: object, instance: object, args: tuple[object, ...], kwargs: dict[str, object]
+    ) -> object:
+        return wrapped(*args, **kwargs)  # type: ignore[operator]
+
+    stock_handle = httpx.HTTPTransport.__dict__["handle_request"]
+    mesh = make_mesh(TO_V2)
+    client = httpx.Client()
+    try:
+        wrapt.wrap_function_wrapper(httpx.HTTPTransport, "handle_request", other)
+        meshlib.instrument(mesh)
+        assert client.get(URL + "/").headers["x-upstream"] == "v2"
+        unwrap(httpx.HTTPTransport, "handle_request")  # the other library's uninstrument()
+        assert not is_instrumented()
+        meshlib.instrument(mesh)
+        assert is_instrumented()
+        assert client.get(URL + "/").headers["x-upstream"] == "v2"
+        meshlib.uninstrument()
+        assert httpx.HTTPTransport.__dict__["handle_request"]._self_wrapper is other
+    finally:
+        meshlib.uninstrument()
+        client.close()
+        httpx.HTTPTransport.handle_request = stock_handle  # type: ignore[method-assign]
