@@ -50,9 +50,9 @@ _RECENT_NS = 2_000_000_000  # files modified this recently are compared by conte
 
 class Fingerprint:
     """What the watcher compares between polls: every file's (path, inode, size, mtime,
-    ctime) — ctime moves when only permissions change, so a file made readable is read — the
-    folders that could not be listed, and a digest of the files modified recently enough
-    that their mtime may not have moved."""
+    ctime; -1s for a listed file stat cannot reach) — ctime moves when only permissions
+    change, so a file made readable is read — the folders that could not be listed, and a
+    digest of the files modified recently enough that their mtime may not have moved."""
 
     __slots__ = ("digests", "meta", "unreadable")
 
@@ -69,7 +69,7 @@ class Fingerprint:
     def emptied(self, before: Fingerprint) -> list[str]:
         """The files that had content in `before` and are empty now."""
         sizes = {path: size for path, _, size, _, _ in before.meta}
-        return [path for path, _, size, _, _ in self.meta if size == 0 and sizes.get(path)]
+        return [path for path, _, size, _, _ in self.meta if size == 0 and sizes.get(path, 0) > 0]
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Fingerprint):
@@ -125,7 +125,11 @@ class FileSource(SnapshotPublisher):
                 try:
                     st = file.stat()
                 except OSError:
-                    continue  # vanished between listing and stat: the next poll sees it
+                    # Listed but out of reach (a dangling symlink, or gone since listing):
+                    # loading reports it, and it is in the fingerprint so that its going
+                    # away is a change, which loads the files as they are then.
+                    entries.append((str(file), -1, -1, -1, -1))
+                    continue
                 if st.st_mtime_ns >= recent:
                     try:
                         digests[str(file)] = hashlib.blake2b(file.read_bytes()).digest()

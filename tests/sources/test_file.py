@@ -650,3 +650,21 @@ def test_a_fork_during_a_reload_leaves_the_child_serving_and_reloading(
     assert code != 3, "the child kept the parent's half-applied policy"
     assert code == 0, "the child could not reload: a lock stayed held"
     mesh.close()
+
+
+def test_a_file_that_cannot_be_stat_ed_counts_in_the_fingerprint(tmp_path: Path) -> None:
+    """A listed file that `stat` cannot reach (a dangling symlink: a ConfigMap key removed,
+    whose link the kubelet drops just after the `..data` swap, or one left by hand) makes the
+    change it came with rejected. Removing it is a change too: the pending edit is loaded then,
+    not only at the next edit."""
+    (tmp_path / "reviews.yaml").write_text(vs_text("reviews", "v1"))
+    source = FileSource(tmp_path, MeshConfig())
+    errors: list[PolicyError] = []
+    source.on_error(errors.append)
+    (tmp_path / "gone.yaml").symlink_to("nowhere.yaml")
+    replace_atomically(tmp_path / "reviews.yaml", vs_text("reviews", "v2"))
+    assert source.reload() is False and len(errors) == 1
+    assert errors[0].file == str(tmp_path / "gone.yaml")
+    (tmp_path / "gone.yaml").unlink()
+    assert source.reload() is True
+    assert subset_for(source.snapshot, "reviews") == "v2" and source.last_error is None
