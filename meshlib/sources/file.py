@@ -232,8 +232,13 @@ class FileSource(SnapshotPublisher):
         """Watch the files in a daemon thread until `close()`."""
         if self._thread is not None:
             return
+        # The thread holds the source weakly: one dropped without close() (a Mesh never
+        # closed) is collected, and its watcher ends, instead of polling for the process's life.
         self._thread = threading.Thread(
-            target=self._watch, name="meshlib-policy-watch", daemon=True
+            target=_watch,
+            args=(weakref.ref(self), self._stop, self.poll_interval),
+            name="meshlib-policy-watch",
+            daemon=True,
         )
         self._thread.start()
         _watching.add(self)
@@ -246,13 +251,6 @@ class FileSource(SnapshotPublisher):
         if self._thread is not None:
             self._thread = None
             self.start()
-
-    def _watch(self) -> None:
-        while not self._stop.wait(self.poll_interval):
-            try:
-                self._poll()
-            except Exception:  # never let the watcher die: the next poll tries again
-                logger.exception("policy reload from %s failed", self._origin)
 
     def _poll(self) -> None:
         """Reload once a change has held still since the last poll (see the module's doc)."""
@@ -278,6 +276,18 @@ class FileSource(SnapshotPublisher):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _watch(ref: weakref.ref[FileSource], stop: threading.Event, interval: float) -> None:
+    while not stop.wait(interval):
+        source = ref()
+        if source is None:
+            return  # collected without close()
+        try:
+            source._poll()
+        except Exception:  # never let the watcher die: the next poll tries again
+            logger.exception("policy reload from %s failed", source._origin)
+        del source  # not held while waiting
 
 
 def _restart_watchers() -> None:

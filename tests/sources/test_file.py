@@ -668,3 +668,29 @@ def test_a_file_that_cannot_be_stat_ed_counts_in_the_fingerprint(tmp_path: Path)
     (tmp_path / "gone.yaml").unlink()
     assert source.reload() is True
     assert subset_for(source.snapshot, "reviews") == "v2" and source.last_error is None
+
+
+def test_a_source_dropped_without_close_stops_watching(tmp_path: Path) -> None:
+    """The watcher thread does not keep its source alive: a source (or a Mesh) dropped without
+    `close()` is collected and its thread ends, rather than polling for the process's life."""
+    import gc
+
+    import meshlib
+
+    policy = tmp_path / "mesh.yaml"
+    policy.write_text(vs_text("reviews", "v1"))
+    before = set(threading.enumerate())
+    source = FileSource(policy, MeshConfig(), poll_interval=0.01)
+    source.start()
+    mesh = meshlib.Mesh(MeshConfig(metrics_port=None), policy=policy)
+    mesh.source.poll_interval = 0.01  # type: ignore[attr-defined]
+    started = set(threading.enumerate()) - before
+    assert {t.name for t in started} == {"meshlib-policy-watch"} and len(started) == 2
+    del source, mesh
+
+    def ended() -> bool:
+        gc.collect()
+        return not any(t.is_alive() for t in started)
+
+    wait_for(ended)
+
