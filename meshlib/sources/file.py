@@ -248,9 +248,16 @@ class FileSource(SnapshotPublisher):
         Mesh): only the forking thread survives a fork, so the watcher starts again (the
         locks a thread of the parent may have held are ForkSafeLocks)."""
         self._changed = None
+        # The parent's watcher takes the Event's internal lock at each wait: a fork at that
+        # moment leaves it held in the child, where the new watcher and close() would wait on
+        # it forever.
+        stop, self._stop = self._stop, threading.Event()
         if self._thread is not None:
             self._thread = None
-            self.start()
+            if stop.is_set():  # close() was under way in the parent
+                self._stop.set()
+            else:
+                self.start()
 
     def _poll(self) -> None:
         """Reload once a change has held still since the last poll (see the module's doc)."""

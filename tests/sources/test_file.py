@@ -694,3 +694,52 @@ def test_a_source_dropped_without_close_stops_watching(tmp_path: Path) -> None:
 
     wait_for(ended)
 
+
+def test_a_fork_while_the_watcher_waits_leaves_the_child_watching(
+    tmp_path: Path, source_factory: Callable[..., FileSource]
+) -> None:
+    """The watcher sleeps on an Event between polls, taking the Event's internal lock for a
+    moment each time. A fork landing in that moment (gunicorn forking workers, or recycling
+    them with --max-requests, from a master that watches) leaves the lock held in the child:
+    the child's watcher, and its `close()`, must not wait on it forever."""
+    policy = tmp_path / "mesh.yaml"
+    policy.write_text(vs_text("reviews", "v1"))
+    source = source_factory(policy, poll_interval=0.01)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:  # as the watcher does inside Event.wait(), for as long as the fork takes
+        with source._stop._cond:  # type: ignore[attr-defined]
+            held.set()
+            release.wait(5)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(5)
+    ready, go = os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.write(ready[1], b"x")
+            os.read(go[0], 1)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                if subset_for(source.snapshot, "reviews") == "v2":
+                    closer = threading.Thread(target=source.close, daemon=True)
+                    closer.start()
+                    closer.join(5)
+                    code = 2 if closer.is_alive() else 0
+                    break
+                time.sleep(0.01)
+        finally:
+            os._exit(code)
+    release.set()
+    holder.join()
+    os.read(ready[0], 1)
+    source.close()
+    policy.write_text(vs_text("reviews", "v2"))
+    os.write(go[1], b"x")
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    assert code != 1, "the child's watcher never served the edit"
+    assert code == 0, "the child's close() hung"
