@@ -743,3 +743,19 @@ def test_a_fork_while_the_watcher_waits_leaves_the_child_watching(
     code = os.waitstatus_to_exitcode(status)
     assert code != 1, "the child's watcher never served the edit"
     assert code == 0, "the child's close() hung"
+
+
+def test_a_file_that_is_not_utf8_is_rejected_naming_its_line(tmp_path: Path) -> None:
+    """An edit saved in another encoding (a Latin-1 comment) is rejected, naming the file and
+    the line of the first byte that is not UTF-8; the last good policy keeps serving."""
+    policy = tmp_path / "mesh.yaml"
+    policy.write_text(vs_text("reviews", "v1"))
+    source = FileSource(policy, MeshConfig())
+    errors: list[PolicyError] = []
+    source.on_error(errors.append)
+    text = vs_text("reviews", "v2").replace("spec:", "spec:  # caf\xe9", 1)
+    policy.write_bytes(text.encode("latin-1"))
+    assert source.reload() is False and len(errors) == 1
+    assert errors[0].file == str(policy) and errors[0].line == 4
+    assert "not UTF-8 text (byte 0xe9)" in str(errors[0])
+    assert subset_for(source.snapshot, "reviews") == "v1"
