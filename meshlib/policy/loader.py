@@ -149,10 +149,20 @@ def load_paths(
         )
         for file in tree.files:
             try:
-                text = file.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-                diagnostics.append(Diagnostic("error", f"cannot read policy: {reason}", str(file)))
+                data = file.read_bytes()
+            except OSError as exc:
+                diagnostics.append(
+                    Diagnostic("error", f"cannot read policy: {exc.strerror}", str(file))
+                )
+                continue
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as exc:  # e.g. a comment saved as Latin-1: say where
+                line = data.count(b"\n", 0, exc.start) + 1
+                reason = f"not UTF-8 text (byte 0x{data[exc.start]:02x})"
+                diagnostics.append(
+                    Diagnostic("error", f"cannot read policy: {reason}", str(file), line)
+                )
                 continue
             result = load_text(
                 text,

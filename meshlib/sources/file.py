@@ -50,9 +50,9 @@ _RECENT_NS = 2_000_000_000  # files modified this recently are compared by conte
 
 class Fingerprint:
     """What the watcher compares between polls: every file's (path, inode, size, mtime,
-    ctime) — ctime moves when only permissions change, so a file made readable is read — the
-    folders that could not be listed, and a digest of the files modified recently enough
-    that their mtime may not have moved."""
+    ctime; -1s for a listed file stat cannot reach) — ctime moves when only permissions
+    change, so a file made readable is read — the folders that could not be listed, and a
+    digest of the files modified recently enough that their mtime may not have moved."""
 
     __slots__ = ("digests", "meta", "unreadable")
 
@@ -69,7 +69,7 @@ class Fingerprint:
     def emptied(self, before: Fingerprint) -> list[str]:
         """The files that had content in `before` and are empty now."""
         sizes = {path: size for path, _, size, _, _ in before.meta}
-        return [path for path, _, size, _, _ in self.meta if size == 0 and sizes.get(path)]
+        return [path for path, _, size, _, _ in self.meta if size == 0 and sizes.get(path, 0) > 0]
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Fingerprint):
@@ -125,7 +125,11 @@ class FileSource(SnapshotPublisher):
                 try:
                     st = file.stat()
                 except OSError:
-                    continue  # vanished between listing and stat: the next poll sees it
+                    # Listed but out of reach (a dangling symlink, or gone since listing):
+                    # loading reports it, and it is in the fingerprint so that its going
+                    # away is a change, which loads the files as they are then.
+                    entries.append((str(file), -1, -1, -1, -1))
+                    continue
                 if st.st_mtime_ns >= recent:
                     try:
                         digests[str(file)] = hashlib.blake2b(file.read_bytes()).digest()
@@ -228,8 +232,13 @@ class FileSource(SnapshotPublisher):
         """Watch the files in a daemon thread until `close()`."""
         if self._thread is not None:
             return
+        # The thread holds the source weakly: one dropped without close() (a Mesh never
+        # closed) is collected, and its watcher ends, instead of polling for the process's life.
         self._thread = threading.Thread(
-            target=self._watch, name="meshlib-policy-watch", daemon=True
+            target=_watch,
+            args=(weakref.ref(self), self._stop, self.poll_interval),
+            name="meshlib-policy-watch",
+            daemon=True,
         )
         self._thread.start()
         _watching.add(self)
@@ -239,16 +248,16 @@ class FileSource(SnapshotPublisher):
         Mesh): only the forking thread survives a fork, so the watcher starts again (the
         locks a thread of the parent may have held are ForkSafeLocks)."""
         self._changed = None
+        # The parent's watcher takes the Event's internal lock at each wait: a fork at that
+        # moment leaves it held in the child, where the new watcher and close() would wait on
+        # it forever.
+        stop, self._stop = self._stop, threading.Event()
         if self._thread is not None:
             self._thread = None
-            self.start()
-
-    def _watch(self) -> None:
-        while not self._stop.wait(self.poll_interval):
-            try:
-                self._poll()
-            except Exception:  # never let the watcher die: the next poll tries again
-                logger.exception("policy reload from %s failed", self._origin)
+            if stop.is_set():  # close() was under way in the parent
+                self._stop.set()
+            else:
+                self.start()
 
     def _poll(self) -> None:
         """Reload once a change has held still since the last poll (see the module's doc)."""
@@ -274,6 +283,18 @@ class FileSource(SnapshotPublisher):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _watch(ref: weakref.ref[FileSource], stop: threading.Event, interval: float) -> None:
+    while not stop.wait(interval):
+        source = ref()
+        if source is None:
+            return  # collected without close()
+        try:
+            source._poll()
+        except Exception:  # never let the watcher die: the next poll tries again
+            logger.exception("policy reload from %s failed", source._origin)
+        del source  # not held while waiting
 
 
 def _restart_watchers() -> None:

@@ -650,3 +650,112 @@ def test_a_fork_during_a_reload_leaves_the_child_serving_and_reloading(
     assert code != 3, "the child kept the parent's half-applied policy"
     assert code == 0, "the child could not reload: a lock stayed held"
     mesh.close()
+
+
+def test_a_file_that_cannot_be_stat_ed_counts_in_the_fingerprint(tmp_path: Path) -> None:
+    """A listed file that `stat` cannot reach (a dangling symlink: a ConfigMap key removed,
+    whose link the kubelet drops just after the `..data` swap, or one left by hand) makes the
+    change it came with rejected. Removing it is a change too: the pending edit is loaded then,
+    not only at the next edit."""
+    (tmp_path / "reviews.yaml").write_text(vs_text("reviews", "v1"))
+    source = FileSource(tmp_path, MeshConfig())
+    errors: list[PolicyError] = []
+    source.on_error(errors.append)
+    (tmp_path / "gone.yaml").symlink_to("nowhere.yaml")
+    replace_atomically(tmp_path / "reviews.yaml", vs_text("reviews", "v2"))
+    assert source.reload() is False and len(errors) == 1
+    assert errors[0].file == str(tmp_path / "gone.yaml")
+    (tmp_path / "gone.yaml").unlink()
+    assert source.reload() is True
+    assert subset_for(source.snapshot, "reviews") == "v2" and source.last_error is None
+
+
+def test_a_source_dropped_without_close_stops_watching(tmp_path: Path) -> None:
+    """The watcher thread does not keep its source alive: a source (or a Mesh) dropped without
+    `close()` is collected and its thread ends, rather than polling for the process's life."""
+    import gc
+
+    import meshlib
+
+    policy = tmp_path / "mesh.yaml"
+    policy.write_text(vs_text("reviews", "v1"))
+    before = set(threading.enumerate())
+    source = FileSource(policy, MeshConfig(), poll_interval=0.01)
+    source.start()
+    mesh = meshlib.Mesh(MeshConfig(metrics_port=None), policy=policy)
+    mesh.source.poll_interval = 0.01  # type: ignore[attr-defined]
+    started = set(threading.enumerate()) - before
+    assert {t.name for t in started} == {"meshlib-policy-watch"} and len(started) == 2
+    del source, mesh
+
+    def ended() -> bool:
+        gc.collect()
+        return not any(t.is_alive() for t in started)
+
+    wait_for(ended)
+
+
+def test_a_fork_while_the_watcher_waits_leaves_the_child_watching(
+    tmp_path: Path, source_factory: Callable[..., FileSource]
+) -> None:
+    """The watcher sleeps on an Event between polls, taking the Event's internal lock for a
+    moment each time. A fork landing in that moment (gunicorn forking workers, or recycling
+    them with --max-requests, from a master that watches) leaves the lock held in the child:
+    the child's watcher, and its `close()`, must not wait on it forever."""
+    policy = tmp_path / "mesh.yaml"
+    policy.write_text(vs_text("reviews", "v1"))
+    source = source_factory(policy, poll_interval=0.01)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:  # as the watcher does inside Event.wait(), for as long as the fork takes
+        with source._stop._cond:  # type: ignore[attr-defined]
+            held.set()
+            release.wait(5)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(5)
+    ready, go = os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.write(ready[1], b"x")
+            os.read(go[0], 1)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                if subset_for(source.snapshot, "reviews") == "v2":
+                    closer = threading.Thread(target=source.close, daemon=True)
+                    closer.start()
+                    closer.join(5)
+                    code = 2 if closer.is_alive() else 0
+                    break
+                time.sleep(0.01)
+        finally:
+            os._exit(code)
+    release.set()
+    holder.join()
+    os.read(ready[0], 1)
+    source.close()
+    policy.write_text(vs_text("reviews", "v2"))
+    os.write(go[1], b"x")
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    assert code != 1, "the child's watcher never served the edit"
+    assert code == 0, "the child's close() hung"
+
+
+def test_a_file_that_is_not_utf8_is_rejected_naming_its_line(tmp_path: Path) -> None:
+    """An edit saved in another encoding (a Latin-1 comment) is rejected, naming the file and
+    the line of the first byte that is not UTF-8; the last good policy keeps serving."""
+    policy = tmp_path / "mesh.yaml"
+    policy.write_text(vs_text("reviews", "v1"))
+    source = FileSource(policy, MeshConfig())
+    errors: list[PolicyError] = []
+    source.on_error(errors.append)
+    text = vs_text("reviews", "v2").replace("spec:", "spec:  # caf\xe9", 1)
+    policy.write_bytes(text.encode("latin-1"))
+    assert source.reload() is False and len(errors) == 1
+    assert errors[0].file == str(policy) and errors[0].line == 4
+    assert "not UTF-8 text (byte 0xe9)" in str(errors[0])
+    assert subset_for(source.snapshot, "reviews") == "v1"
