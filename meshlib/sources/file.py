@@ -18,9 +18,10 @@ then written: a poll landing in between would see an empty or cut-off file, whic
 be valid policy. So the watcher loads a change only once the files have held still for one
 poll interval; an edit is live within two polls. A slow writer (`kubectl get ... -o yaml >
 mesh.yaml`) can leave the file empty for longer than that, so a policy file that had content
-and is now empty (0 bytes) is taken for a write in progress: nothing is loaded, with a
-warning, until it has content again. (To remove all of a file's policy, leave a comment in
-it; a file that was empty already, or is new, is read as it is.)
+and is now empty (0 bytes), truncated in place, is taken for a write in progress: nothing is
+loaded, with a warning, until it has content again. (To remove all of a file's policy, leave
+a comment in it; a file that was empty already, or is new, or was replaced by an empty one —
+a rename, a ConfigMap update — is read as it is.)
 """
 
 from __future__ import annotations
@@ -67,9 +68,18 @@ class Fingerprint:
         self.unreadable = unreadable
 
     def emptied(self, before: Fingerprint) -> list[str]:
-        """The files that had content in `before` and are empty now."""
-        sizes = {path: size for path, _, size, _, _ in before.meta}
-        return [path for path, _, size, _, _ in self.meta if size == 0 and sizes.get(path, 0) > 0]
+        """The files that had content in `before` and are empty now, truncated in place: the
+        same file (inode) as before. One put in its place empty (a rename, a ConfigMap's
+        `..data` swap) was written whole, and is read as it is."""
+        had = {path: (inode, size) for path, inode, size, _, _ in before.meta}
+        emptied = []
+        for path, inode, size, _, _ in self.meta:
+            if size != 0 or path not in had:
+                continue
+            old_inode, old_size = had[path]
+            if old_size > 0 and old_inode == inode:
+                emptied.append(path)
+        return emptied
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Fingerprint):

@@ -511,6 +511,31 @@ def test_an_emptied_file_is_taken_for_a_write_in_progress(
     assert any("has no resources" in r.message for r in caplog.records)
 
 
+def test_a_file_replaced_by_an_empty_one_is_read_as_it_is(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only a file truncated in place can be a write in progress. One replaced whole by an
+    empty file — a ConfigMap update that empties one key (a Helm value turned off) while it
+    changes another, or a rename — is read as it is: the other key's change is served, not
+    held back behind a write that is not happening."""
+    root = tmp_path / "config"
+    root.mkdir()
+    make_configmap_mount(
+        root, {"a.yaml": vs_text("ratings", "v1"), "b.yaml": vs_text("reviews", "v1")}, 1
+    )
+    source = FileSource(root, MeshConfig())
+    make_configmap_mount(root, {"a.yaml": "", "b.yaml": vs_text("reviews", "v2")}, 2)
+    assert source.reload() is True
+    assert subset_for(source.snapshot, "reviews") == "v2"
+    assert subset_for(source.snapshot, "ratings") is None  # a.yaml's policy is gone
+    policy = tmp_path / "mesh.yaml"  # a single file, renamed over by an empty one
+    policy.write_text(vs_text("ratings", "v1"))
+    single = FileSource(policy, MeshConfig())
+    replace_atomically(policy, "")
+    assert single.reload() is True and single.snapshot.resources == ()
+    assert not [r for r in caplog.records if "write in progress" in r.message]
+
+
 def test_an_empty_file_is_read_at_start_up_and_when_new(tmp_path: Path) -> None:
     """Only a file that had content is held: an empty policy at start-up, or an empty file
     added to a folder, is read as it is."""
