@@ -18,7 +18,7 @@ from meshlib.asgi import MeshMiddleware
 from meshlib.config import MeshConfig
 from meshlib.dataplane.deadline import remaining as remaining_deadline
 from meshlib.errors import ConfigError, Diagnostic, MeshError, PolicyError
-from meshlib.instrument import instrument, uninstrument  # (loads the client stacks on use)
+from meshlib.instrument import instrument, is_instrumented, uninstrument  # stacks load on use
 from meshlib.mesh import Mesh, configure, default_mesh
 from meshlib.wsgi import MeshWSGIMiddleware
 
@@ -70,6 +70,7 @@ __all__ = [
     "configure",
     "default_mesh",
     "instrument",
+    "is_instrumented",
     "remaining_deadline",
     "uninstrument",
 ]
