@@ -26,12 +26,12 @@ logger = logging.getLogger("meshlib")
 class InboundSide:
     """What every request served through one Mesh shares, computed once per Mesh."""
 
-    __slots__ = ("identity_header", "identity_pair", "mesh", "names", "recorder")
+    __slots__ = ("answers", "mesh", "names", "recorder", "wsgi_answers")
 
     def __init__(self, mesh: Mesh) -> None:
         self.mesh = mesh
         # content-length: the request bytes of a body the app does not read (asgi.py).
-        wanted = {*mesh.propagator.inbound_headers, peer.HEADER, "content-length"}
+        wanted = {*mesh.propagator.inbound_headers, *peer.EXCHANGE_HEADERS, "content-length"}
         self.names: dict[bytes, str] = {name.encode("latin-1"): name for name in wanted}
         """The request headers read on every request, as ASGI spells them -> their name (the
         ones only a span or the access log reads are looked up when they are)."""
@@ -48,8 +48,25 @@ class InboundSide:
             destination_service_namespace=config.namespace,
             connection_security_policy="none",
         )
-        self.identity_header = mesh.identity_header  # for ASGI, as bytes
-        self.identity_pair = (peer.HEADER, mesh.identity)  # for WSGI, as str
+        # The identity headers each kind of answer sets (by `InboundExchange.answer`), for
+        # WSGI as str and for ASGI as bytes.
+        meshlib, istio, istio_id = mesh.identity_headers
+        self.wsgi_answers: tuple[tuple[tuple[str, str], ...], ...] = (
+            (),
+            (meshlib,),
+            (istio,),
+            (istio, istio_id),
+        )
+        self.answers = tuple(
+            tuple((name.encode(), value.encode("latin-1")) for name, value in pairs)
+            for pairs in self.wsgi_answers
+        )
+
+
+# What a caller is answered (`InboundExchange.answer`): nothing (it sent no identity), this
+# workload's identity in meshlib's form, or in Istio's, with its id when the caller sent one
+# (as Envoy's peer_metadata filter answers each header only to a request that carried it).
+NO_ANSWER, MESHLIB_ANSWER, ISTIO_ANSWER, ISTIO_ID_ANSWER = range(4)
 
 
 class InboundSides:
@@ -97,6 +114,7 @@ class InboundExchange:
         "_scope",
         "_span",
         "_token",
+        "answer",
         "claimed",
         "completed",
         "context",
@@ -130,17 +148,35 @@ class InboundExchange:
         """When the caller had the whole response (`perf_counter`), if the adapter knows it
         before the app returns (an ASGI app may run background work after it)."""
         if first is None:
-            claimed = self.get_all(peer.HEADER)
-            self.claimed = claimed[0] if claimed else None
             self.context: InboundContext = mesh.propagator.extract(self.get_all)
+            first = self._exchanged()
         else:
-            self.claimed = first.get(peer.HEADER)
             self.context = mesh.propagator.extract_found(first, more)
-        # `claimed`: the caller's peer metadata header, decoded only when its series is new.
+        # `claimed`: the caller's peer metadata header, decoded only when its series is new;
+        # meshlib's form first (a meshlib caller sends both), then Istio's.
+        claimed = first.get(peer.HEADER)
+        if claimed is not None:
+            self.answer = MESHLIB_ANSWER
+        else:
+            claimed = first.get(peer.ISTIO_HEADER)
+            if claimed is None:
+                self.answer = NO_ANSWER
+            else:
+                self.answer = ISTIO_ID_ANSWER if peer.ISTIO_ID_HEADER in first else ISTIO_ANSWER
+        self.claimed = claimed
         self._token: Activation | None = None
         self._scope: ServerScope | None = None
         self._span: Any = None
         self._received: _Received | None = None
+
+    def _exchanged(self) -> dict[str, str]:
+        """The metadata-exchange headers the caller sent (the first value of each)."""
+        found = {}
+        for name in peer.EXCHANGE_HEADERS:
+            values = self.get_all(name)
+            if values:
+                found[name] = values[0]
+        return found
 
     def get_all(self, name: str) -> list[str] | None:
         """The values of request header `name` (lowercase); None or [] when absent. Called

@@ -34,6 +34,9 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
+_EXCHANGE = frozenset(peer.EXCHANGE_HEADERS)
+
+
 class MeshMiddleware:
     """Serve `app` inside the mesh: the caller's context is current while it runs."""
 
@@ -85,7 +88,7 @@ class _Exchange(InboundExchange):
                 name = names.get(key.lower())
                 if name is None:
                     continue
-            if name == peer.HEADER:
+            if name in _EXCHANGE:
                 if exchanged is None:
                     exchanged = []
                 exchanged.append(pair)
@@ -100,7 +103,7 @@ class _Exchange(InboundExchange):
                 values.append(value.decode("latin-1"))
         if exchanged is not None:
             # Read, then removed from the request the app sees, as Istio's metadata exchange
-            # removes it (an app relaying its request's headers must not pass it on).
+            # removes its own (an app relaying its request's headers must not pass them on).
             kept = list(headers)
             for pair in exchanged:
                 kept.remove(pair)  # by identity first: the very pair seen
@@ -193,12 +196,13 @@ class _Exchange(InboundExchange):
             # A second start is the app's error (the server refuses it): the first counts.
             self.status = self.status or message["status"]
             headers = message.get("headers", ())
-            if self.claimed is not None:
-                # A meshed caller (it sent its identity) gets ours, as Istio's sidecars answer
-                # only a peer that sent its metadata; set, not added: one the app relayed
-                # (an upstream's) is replaced. A copy: the app may send the same message (and
-                # headers list) again.
-                headers = peer.with_identity(headers, self.side.identity_header)
+            answer = self.answer
+            if answer:
+                # A meshed caller (it sent its identity) gets ours, in its form, as Istio's
+                # sidecars answer only a peer that sent its metadata; set, not added: one the
+                # app relayed (an upstream's) is replaced. A copy: the app may send the same
+                # message (and headers list) again.
+                headers = peer.with_identity(headers, self.side.answers[answer])
                 message = {**message, "headers": headers}
             elif not isinstance(headers, (list, tuple)):  # read again by _delivered()
                 headers = list(headers)

@@ -90,7 +90,9 @@ class Mesh:
             self.metrics, self.operations, self._leave_registry = _show_in(registry, self.config)
         try:
             self.identity = peer.encode(self.config)  # sent to peers: Istio's metadata exchange
-            self.identity_header = (peer.HEADER.encode(), self.identity.encode("latin-1"))
+            self.identity_headers = ((peer.HEADER, self.identity), *peer.istio_headers(self.config))
+            """Sent on every meshed call: this workload in meshlib's form and in Istio's, for
+            meshlib peers and for Envoy-sidecar ones."""
             self.source_ip = self.config.instance_ip or socket.gethostname()
             """What `consistentHash.useSourceIp` hashes: a sidecar sees its app's connections
             come from the pod's IP, so every call from this instance goes to one endpoint."""

@@ -39,7 +39,7 @@ StartResponse = Callable[..., Any]
 # The two request headers WSGI (CGI) names without the HTTP_ prefix.
 _CGI_NAMES = {"content-type": "CONTENT_TYPE", "content-length": "CONTENT_LENGTH"}
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
-_PEER_KEY = "HTTP_" + peer.HEADER.upper().replace("-", "_")
+_EXCHANGE_KEYS = tuple("HTTP_" + name.upper().replace("-", "_") for name in peer.EXCHANGE_HEADERS)
 
 
 class MeshWSGIMiddleware:
@@ -62,8 +62,9 @@ class MeshWSGIMiddleware:
     ) -> Iterable[bytes]:
         side = self._sides.current()
         exchange = _Exchange(side, environ)
-        # Only a meshed caller (it sent its identity) gets ours, as with Istio's sidecars.
-        identity = side.identity_pair if exchange.claimed is not None else None
+        # Only a meshed caller (it sent its identity) gets ours, in its form, as with Istio's
+        # sidecars.
+        identity = side.wsgi_answers[exchange.answer] or None
 
         def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             if identity is not None:
@@ -111,8 +112,8 @@ class _Exchange(InboundExchange):
         self.body_limit: int | None = None  # the most body bytes the server sends
         self._write: Callable[[bytes], Any] = _unstarted
         super().__init__(side)
-        if self.claimed is not None:  # read, then removed from what the app sees, as Istio does
-            environ.pop(_PEER_KEY, None)
+        for key in _EXCHANGE_KEYS:  # read, then removed from what the app sees, as Istio does
+            environ.pop(key, None)
 
     def end(self, error: BaseException | None = None) -> None:
         # The bytes were counted as the app gave them; the server sent no more than this.

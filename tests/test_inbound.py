@@ -182,7 +182,7 @@ def test_asgi_access_log_and_metrics() -> None:
     headers = [(b"user-agent", b"ua"), (peer.HEADER.encode(), PEER.encode())]
     for _ in range(2):
         sent = asgi_call(app, headers, query=b"x=1")
-        assert sent[0]["headers"] == [(b"a", b"b"), mesh.identity_header]
+        assert sent[0]["headers"] == [(b"a", b"b"), (peer.HEADER.encode(), mesh.identity.encode())]
     (entry, _) = entries
     assert (entry.method, entry.path, entry.authority) == ("POST", "/ratings/1?x=1", "ratings:9080")
     assert entry.downstream_remote_address == "10.1.2.3:4567"
@@ -225,7 +225,7 @@ def test_identity_is_answered_to_meshed_callers_only() -> None:
     # A meshed caller, even one whose metadata does not parse: ours is added.
     for claimed in (PEER, "garbage"):
         sent = asgi_call(asgi_app, [(peer.HEADER.encode(), claimed.encode())])
-        assert sent[0]["headers"] == [(b"a", b"b"), mesh.identity_header]
+        assert sent[0]["headers"] == [(b"a", b"b"), (peer.HEADER.encode(), mesh.identity.encode())]
         assert wsgi_call({"HTTP_X_MESHLIB_PEER_METADATA": claimed}) == [
             ("a", "b"),
             (peer.HEADER, mesh.identity),

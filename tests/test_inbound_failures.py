@@ -314,7 +314,7 @@ def test_a_streamed_response_passes_through_as_sent(traced: Traced) -> None:
     meshed_caller = scope([(peer.HEADER.encode(), b"w=reviews-v2;n=bookinfo")])
     asyncio.run(meshlib.MeshMiddleware(app, mesh=traced.mesh)(meshed_caller, receive, send))
     first, *bodies = send.messages
-    assert first["headers"] == [*headers, traced.mesh.identity_header]
+    assert first["headers"] == [*headers, (peer.HEADER.encode(), traced.mesh.identity.encode())]
     assert start["headers"] == headers  # the app's message is not changed
     assert [m["body"] for m in bodies] == chunks
     assert [m["more_body"] for m in bodies] == [True, True, True, False]

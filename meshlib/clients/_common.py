@@ -6,7 +6,7 @@ import concurrent.futures
 import contextlib
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -54,6 +54,14 @@ def body_broke_off(error: BaseException, timed_out: bool, callers_timeout: bool)
     if timed_out:
         return AttemptResult(failure=RESET, error=error, client_timeout=True)
     return AttemptResult(failure=RESET, error=error, broke_off=True)
+
+
+def forget_identity(headers: MutableMapping[str, Any], found: Mapping[str, Any]) -> None:
+    """Remove from a response's `headers` the metadata-exchange headers `found` (read from
+    them) holds: the app never sees them, as with Istio's sidecars."""
+    for name in peer.EXCHANGE_HEADERS:
+        if name in found:
+            del headers[name]
 
 
 def edited_headers(
@@ -314,7 +322,7 @@ def record_source(
     send its identity to has no business naming itself in the mesh's metrics.
     """
     decision = plan.decision
-    claimed = response_headers.get(peer.HEADER)
+    claimed = response_headers.get(peer.HEADER) or response_headers.get(peer.ISTIO_HEADER)
     if plan.cluster is not None:
         host = plan.cluster[0]
         name, namespace = _service_name(mesh, host)

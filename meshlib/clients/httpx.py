@@ -42,6 +42,7 @@ from meshlib.clients._common import (
     client_span,
     edited_headers,
     end_client_span,
+    forget_identity,
     record_exception,
     record_source,
     reply_headers,
@@ -108,7 +109,9 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 # (None when the response is meshlib's own or was edited since: then they are read again).
 Handled = tuple[httpx.Response, Mapping[str, str] | None]
 # Set per attempt (lowercase, as httpx.Headers keys them).
-_OURS = frozenset((b"host", b"x-envoy-attempt-count", peer.HEADER.encode()))
+_OURS = frozenset(
+    (b"host", b"x-envoy-attempt-count", *(name.encode() for name in peer.EXCHANGE_HEADERS))
+)
 _OURS_CLOSING = _OURS | {b"connection"}  # and `Connection: close` replaces the app's
 
 
@@ -191,7 +194,7 @@ _RESPONSE_HEADERS = {
         "content-encoding",
         "grpc-status",
         "x-envoy-ratelimited",
-        peer.HEADER,
+        *peer.EXCHANGE_HEADERS,
     )
 }
 
@@ -228,8 +231,7 @@ def _record(
         extensions.get(RESPONSE_FLAGS, ()),
         extensions.get(UPSTREAM_HOST),
     )
-    if peer.HEADER in response_headers:  # read: the app never sees it, as with Istio
-        del response.headers[peer.HEADER]
+    forget_identity(response.headers, response_headers)
 
 
 def _view(request: httpx.Request) -> tuple[list[tuple[str, str]], dict[str, str]]:
@@ -386,7 +388,7 @@ class _MeshTransportBase:
         ours = [
             ("host", plan.authority),
             ("x-envoy-attempt-count", str(attempt.number)),
-            (peer.HEADER, mesh.identity),
+            *mesh.identity_headers,
         ]
         if attempt.close_connection:
             ours.append(("connection", "close"))
@@ -471,7 +473,7 @@ class _MeshTransportBase:
         mesh = self.mesh
         endpoint = copy.endpoint  # host and port apart, as in `_upstream_url`
         url = request.url.copy_with(host=endpoint.address, port=endpoint.port, path=plan.path)
-        extra = {"host": plan.authority, peer.HEADER: mesh.identity}
+        extra = {"host": plan.authority, **dict(mesh.identity_headers)}
         if copy.attempt.close_connection:
             extra["connection"] = "close"  # the mirror's maxRequestsPerConnection reached
         original = request.headers

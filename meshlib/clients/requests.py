@@ -13,7 +13,7 @@ import contextlib
 import http
 import io
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -45,6 +45,7 @@ from meshlib.clients._common import (
     client_span,
     edited_headers,
     end_client_span,
+    forget_identity,
     record_exception,
     record_source,
     reply_headers,
@@ -67,7 +68,7 @@ from meshlib.dataplane.routing import HeaderEdits, RoutePlan
 from meshlib.mesh import Mesh, default_mesh
 from meshlib.policy.matching import LazyHeaders, RequestAttributes
 from meshlib.policy.snapshot import Endpoint
-from meshlib.telemetry import peer, propagation
+from meshlib.telemetry import propagation
 
 
 def request_attributes(
@@ -431,8 +432,7 @@ class MeshAdapter(HTTPAdapter):
             getattr(response, "response_flags", ()),
             getattr(response, "upstream_host", None),
         )
-        if peer.HEADER in response.headers:  # read: the app never sees it, as with Istio
-            del response.headers[peer.HEADER]
+        forget_identity(response.headers, response.headers)
         if self._owns_inner:  # requests resends through it (digest auth): through the mesh
             response.connection = self
         return _answering(response, original)
@@ -488,7 +488,7 @@ class MeshAdapter(HTTPAdapter):
                         continue  # no endpoint in the pool, or the mirror's limits full
                     propagated = mesh.propagator.outbound(view.__contains__)
                     sent = self._upstream(
-                        request, plan, None, propagated, mesh.identity, copy.endpoint
+                        request, plan, None, propagated, mesh.identity_headers, copy.endpoint
                     )
                     if copy.attempt.close_connection:
                         sent.headers["connection"] = "close"  # maxRequestsPerConnection
@@ -580,7 +580,7 @@ class MeshAdapter(HTTPAdapter):
         """One try; `caller` is the caller's (connect, read) timeouts."""
         caller_connect, caller_read = caller
         propagated = mesh.propagator.outbound(view.__contains__, attempt.timeout)
-        upstream = self._upstream(request, plan, attempt, propagated, mesh.identity)
+        upstream = self._upstream(request, plan, attempt, propagated, mesh.identity_headers)
         connect, read, mesh_owned = attempt.timeouts(caller_connect, caller_read)
         try:
             response = self._send_upstream(upstream, timeout=(connect, read), **options)
@@ -613,7 +613,7 @@ class MeshAdapter(HTTPAdapter):
         plan: RoutePlan,
         attempt: Attempt | None,
         propagated: list[tuple[str, str]],
-        identity: str | None = None,
+        identity: Sequence[tuple[str, str]] = (),
         endpoint: Endpoint | None = None,
     ) -> requests.PreparedRequest:
         """The request as sent to an endpoint (the attempt's, or a mirror's). The headers
@@ -630,8 +630,7 @@ class MeshAdapter(HTTPAdapter):
             extra["x-envoy-attempt-count"] = str(attempt.number)
             if attempt.close_connection:
                 extra["connection"] = "close"  # maxRequestsPerConnection reached
-        if identity is not None:
-            extra[peer.HEADER] = identity
+        extra.update(identity)
         # As text: after `prepare`, auth handlers and callers may set bytes or ints (sent as
         # the same Latin-1 bytes, or the int's digits, as http.client would send them).
         headers = [(_text(name), _text(value)) for name, value in request.headers.items()]

@@ -19,23 +19,39 @@ length Kubernetes allows for it; a value that fails, a missing key, a header ove
 revision "latest"). `decode` never raises, and no value taken from the network can be longer
 than its cap, so peers cannot create unbounded metric labels with it.
 
+Istio's sidecars exchange the same facts in their own form, `x-envoy-peer-metadata`: a
+`google.protobuf.Struct` (`NAMESPACE`, `WORKLOAD_NAME`, `CLUSTER_ID`, and `LABELS` with `app`,
+`version` and the `service.istio.io/canonical-*` labels), serialized and base64-encoded, with
+`x-envoy-peer-metadata-id` naming the sender. meshlib reads that form too and sends it beside
+its own (`istio_headers`), so a meshlib workload and an Envoy-sidecar workload name each
+other in both sides' metrics, as two sidecars do. It carries no principal: Istio takes that
+from mTLS alone.
+
 Header claims are not proof. When the connection has an mTLS peer certificate, its SPIFFE URI
 is the peer's principal and its namespace, whatever the header says: see `from_principal`.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
+import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, AnyStr
+from typing import TYPE_CHECKING, Any, AnyStr
+
+from meshlib.telemetry import _struct
 
 if TYPE_CHECKING:
     from meshlib.config import MeshConfig
 
 __all__ = [
+    "EXCHANGE_HEADERS",
     "HEADER",
+    "ISTIO_HEADER",
+    "ISTIO_ID_HEADER",
     "MAX_HEADER_LENGTH",
     "UNKNOWN_PEER",
     "PeerIdentity",
@@ -43,26 +59,37 @@ __all__ = [
     "encode",
     "from_principal",
     "identity_of",
+    "istio_headers",
     "with_identity",
 ]
 
 HEADER = "x-meshlib-peer-metadata"
-MAX_HEADER_LENGTH = 2048  # longer values are not parsed at all
+MAX_HEADER_LENGTH = 4096  # longer values are not parsed at all
+# Istio's form (Envoy's peer_metadata filter): the sender's metadata, and its node id, which
+# the receiving proxy caches the decoded metadata under.
+ISTIO_HEADER = "x-envoy-peer-metadata"
+ISTIO_ID_HEADER = "x-envoy-peer-metadata-id"
 
 UNKNOWN = "unknown"
 LATEST = "latest"
 
 
+EXCHANGE_HEADERS = (HEADER, ISTIO_HEADER, ISTIO_ID_HEADER)
+"""Every metadata-exchange header, in either form: read, then removed from what the app sees."""
+_EXCHANGE_STR = frozenset(EXCHANGE_HEADERS)
+_EXCHANGE_BYTES = frozenset(name.encode() for name in EXCHANGE_HEADERS)
+
+
 def with_identity(
-    headers: Iterable[tuple[AnyStr, AnyStr]], identity: tuple[AnyStr, AnyStr]
+    headers: Iterable[tuple[AnyStr, AnyStr]], identity: Sequence[tuple[AnyStr, AnyStr]]
 ) -> list[tuple[AnyStr, AnyStr]]:
-    """Response `headers` (ASGI's bytes or WSGI's str) with `identity`, its name lowercase, as
-    the only metadata-exchange header: set, not added, as Istio's filter sets its own (an app
-    relaying an upstream's response headers would otherwise name the upstream to the
-    caller). A new list: the app may reuse its own."""
-    name = identity[0]
-    kept = [pair for pair in headers if len(pair[0]) != len(name) or pair[0].lower() != name]
-    kept.append(identity)
+    """Response `headers` (ASGI's bytes or WSGI's str) with the `identity` headers (names
+    lowercase) as their only metadata-exchange headers, in either form: set, not added, as
+    Istio's filter sets its own (an app relaying an upstream's response headers would otherwise
+    name the upstream to the caller). A new list: the app may reuse its own."""
+    names: frozenset[Any] = _EXCHANGE_BYTES if isinstance(identity[0][0], bytes) else _EXCHANGE_STR
+    kept = [pair for pair in headers if pair[0].lower() not in names]
+    kept.extend(identity)
     return kept
 
 
@@ -110,6 +137,14 @@ _FIELDS: dict[str, tuple[str, re.Pattern[str] | None]] = {
     "c": ("cluster", re.compile(_LABEL_VALUE)),
 }
 _KEY_OF = {attr: key for key, (attr, _) in _FIELDS.items()}
+# Istio's Struct: its top-level fields and its LABELS, by the key of the field each fills.
+_ISTIO_FIELDS = {"WORKLOAD_NAME": "w", "NAMESPACE": "n", "CLUSTER_ID": "c"}
+_ISTIO_LABELS = {
+    "app": "a",
+    "version": "v",
+    "service.istio.io/canonical-name": "cs",
+    "service.istio.io/canonical-revision": "cr",
+}
 
 # Most requests carry one of a few headers (one per calling workload): remember their result.
 _cache: dict[str, PeerIdentity] = {}
@@ -157,8 +192,37 @@ def encode(config: MeshConfig) -> str:
     return ";".join(parts)
 
 
+def istio_headers(config: MeshConfig) -> tuple[tuple[str, str], tuple[str, str]]:
+    """This workload in Istio's form: the `x-envoy-peer-metadata` and
+    `x-envoy-peer-metadata-id` headers an Envoy sidecar of the same workload would send.
+
+    The id is what the receiving proxy caches the decoded metadata under, so it is derived
+    from the metadata itself: a pod that reuses another's IP never inherits its entry.
+    """
+    identity = identity_of(config)
+    fields: dict[str, _struct.StructValue] = {**_valid_fields(identity, _ISTIO_FIELDS)}
+    labels = _valid_fields(identity, _ISTIO_LABELS)
+    if labels:
+        fields["LABELS"] = labels
+    value = base64.b64encode(_struct.encode(fields)).decode("ascii")
+    digest = hashlib.blake2b(value.encode("ascii"), digest_size=8).hexdigest()
+    return (ISTIO_HEADER, value), (ISTIO_ID_HEADER, f"meshlib~{digest}")
+
+
+def _valid_fields(identity: PeerIdentity, names: dict[str, str]) -> dict[str, str]:
+    fields = {}
+    for name, key in names.items():
+        value: str = getattr(identity, _FIELDS[key][0])
+        if value != UNKNOWN and _valid(key, value):
+            fields[name] = value
+    return fields
+
+
 def decode(value: str | None) -> PeerIdentity:
     """The peer a header value claims to be; `UNKNOWN_PEER`'s values for anything unusable.
+
+    `value` is meshlib's form or Istio's (base64, whose only `=` are its padding, where
+    meshlib's always has one inside).
 
     Never raises: any string (or None) gives a PeerIdentity whose every field is valid and
     bounded in length.
@@ -170,16 +234,42 @@ def decode(value: str | None) -> PeerIdentity:
         return found
     if len(value) > MAX_HEADER_LENGTH:
         return UNKNOWN_PEER
-    fields: dict[str, str] = {}
-    for item in value.split(";"):
-        key, sep, val = item.strip().partition("=")
-        if sep and key in _FIELDS and _valid(key, val):
-            fields[_FIELDS[key][0]] = val
+    fields = _istio_fields(value) if "=" not in value.rstrip("=") else _meshlib_fields(value)
     peer = PeerIdentity(**fields) if fields else UNKNOWN_PEER
     if len(_cache) >= _CACHE_SIZE:
         _cache.clear()  # many distinct headers: not worth remembering, and memory stays bounded
     _cache[value] = peer
     return peer
+
+
+def _meshlib_fields(value: str) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    for item in value.split(";"):
+        key, sep, val = item.strip().partition("=")
+        if sep and key in _FIELDS and _valid(key, val):
+            fields[_FIELDS[key][0]] = val
+    return fields
+
+
+def _istio_fields(value: str) -> dict[str, str]:
+    """The PeerIdentity fields of an `x-envoy-peer-metadata` value (a base64 Struct, its
+    padding optional, as Envoy reads it); none for one that does not decode."""
+    try:
+        data = base64.b64decode(value + "=" * (-len(value) % 4), validate=True)
+    except (binascii.Error, ValueError):  # not base64, or not ASCII
+        return {}
+    struct = _struct.decode(data)
+    if struct is None:
+        return {}
+    fields: dict[str, str] = {}
+    for names, values in ((_ISTIO_FIELDS, struct), (_ISTIO_LABELS, struct.get("LABELS"))):
+        if not isinstance(values, Mapping):
+            continue
+        for name, key in names.items():
+            val = values.get(name)
+            if isinstance(val, str) and _valid(key, val):
+                fields[_FIELDS[key][0]] = val
+    return fields
 
 
 def from_principal(spiffe_uri: str | None, claimed: PeerIdentity = UNKNOWN_PEER) -> PeerIdentity:

@@ -109,6 +109,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from meshlib.dataplane.deadline import inbound_deadline
 from meshlib.telemetry.peer import HEADER as PEER_HEADER
+from meshlib.telemetry.peer import ISTIO_HEADER as ISTIO_PEER_HEADER
 
 __all__ = [
     "B3_DEBUG",
@@ -916,8 +917,10 @@ def _deadline(get_all: HeaderLookup) -> float | None:
     """The caller's budget as an absolute monotonic time; the smaller of the two headers."""
     budget: float | None = None
     # Envoy honours x-envoy-* request headers only from callers it trusts: meshlib takes this
-    # one only from a caller that named itself a mesh workload (its metadata-exchange header).
-    values = get_all(EXPECTED_TIMEOUT) if get_all(PEER_HEADER) else None
+    # one only from a caller that named itself a mesh workload (its metadata-exchange header,
+    # meshlib's or an Envoy sidecar's).
+    trusted = get_all(PEER_HEADER) or get_all(ISTIO_PEER_HEADER)
+    values = get_all(EXPECTED_TIMEOUT) if trusted else None
     if values:
         match = _EXPECTED_MS.fullmatch(_single(values))
         if match is not None:
