@@ -39,7 +39,10 @@ StartResponse = Callable[..., Any]
 # The two request headers WSGI (CGI) names without the HTTP_ prefix.
 _CGI_NAMES = {"content-type": "CONTENT_TYPE", "content-length": "CONTENT_LENGTH"}
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
-_EXCHANGE_KEYS = tuple("HTTP_" + name.upper().replace("-", "_") for name in peer.EXCHANGE_HEADERS)
+# The metadata-exchange headers, by name and as WSGI spells them.
+_EXCHANGE = tuple(
+    (name, "HTTP_" + name.upper().replace("-", "_")) for name in peer.EXCHANGE_HEADERS
+)
 
 
 class MeshWSGIMiddleware:
@@ -112,8 +115,16 @@ class _Exchange(InboundExchange):
         self.body_limit: int | None = None  # the most body bytes the server sends
         self._write: Callable[[bytes], Any] = _unstarted
         super().__init__(side)
-        for key in _EXCHANGE_KEYS:  # read, then removed from what the app sees, as Istio does
+        for _, key in _EXCHANGE:  # read, then removed from what the app sees, as Istio does
             environ.pop(key, None)
+
+    def _exchanged(self) -> dict[str, str]:
+        found = {}
+        for name, key in _EXCHANGE:
+            value = self.environ.get(key)
+            if isinstance(value, str):
+                found[name] = value
+        return found
 
     def end(self, error: BaseException | None = None) -> None:
         # The bytes were counted as the app gave them; the server sent no more than this.
