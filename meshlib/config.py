@@ -65,16 +65,21 @@ _ENV = {
     "root_namespace": "MESHLIB_ROOT_NAMESPACE",
     "policy": "MESHLIB_POLICY",
     "propagate_headers": "MESHLIB_PROPAGATE_HEADERS",
+    "propagators": "MESHLIB_PROPAGATORS",
     "metrics_port": "MESHLIB_METRICS_PORT",
     "metrics_host": "MESHLIB_METRICS_HOST",
     "instance_ip": "MESHLIB_INSTANCE_IP",
 }
-# Downward API names a Deployment commonly sets, read when the MESHLIB_* one is absent.
-_DOWNWARD = {
+# Read when the MESHLIB_* variable is absent: the Downward API names a Deployment commonly
+# sets, and OpenTelemetry's own variable for the formats to send.
+_FALLBACK = {
     "namespace": "POD_NAMESPACE",
     "service_account": "SERVICE_ACCOUNT",
     "instance_ip": "INSTANCE_IP",  # what Istio's injector sets; POD_IP is read after it
+    "propagators": "OTEL_PROPAGATORS",
 }
+# The trace formats meshlib can send, as OTEL_PROPAGATORS names them.
+PROPAGATORS = ("tracecontext", "baggage", "b3", "b3multi")
 # The fields that are also labels: both given, they must agree, or metrics and subsets would
 # see one value and `config.version` another.
 _LABEL_OF = {"service": "app", "version": "version"}
@@ -103,6 +108,9 @@ class MeshConfig:
     root_namespace: str = "istio-system"
     policy: str | None = None
     propagate_headers: tuple[str, ...] = ()
+    propagators: tuple[str, ...] = ("tracecontext", "baggage")
+    """The trace formats sent on every meshed call, as `OTEL_PROPAGATORS` names them (of
+    `PROPAGATORS`); the formats a served request arrived in are answered in kind besides."""
     metrics_port: int | None = DEFAULT_METRICS_PORT
     metrics_host: str = "0.0.0.0"
     """The address the metrics port listens on: every interface, like Istio's 15020, so
@@ -114,6 +122,9 @@ class MeshConfig:
     def __post_init__(self) -> None:
         if isinstance(self.propagate_headers, str):  # "end-user,x-user-group"
             object.__setattr__(self, "propagate_headers", _split_list(self.propagate_headers))
+        if isinstance(self.propagators, str):  # "tracecontext,baggage,b3multi"
+            object.__setattr__(self, "propagators", _split_list(self.propagators))
+        object.__setattr__(self, "propagators", tuple(self.propagators))
         for name in _ENV:  # the constructor checks what it is given, as create() and from_env
             value = getattr(self, name)
             _check(name, value, f"{name}={value!r}")
@@ -141,8 +152,8 @@ class MeshConfig:
             if name in values:  # an argument wins: its variable is not even parsed
                 continue
             raw = env.get(var)
-            if not raw and name in _DOWNWARD:  # unset or empty: the Kubernetes name's value
-                var, raw = _DOWNWARD[name], env.get(_DOWNWARD[name])
+            if not raw and name in _FALLBACK:  # unset or empty: the fallback's value
+                var, raw = _FALLBACK[name], env.get(_FALLBACK[name])
             if raw is None or raw == "":
                 continue
             values[name] = _parse_env(name, var, raw)
@@ -247,6 +258,11 @@ def _parse_env(name: str, var: str, raw: str) -> Any:
         value = pairs
     elif name == "propagate_headers":
         value = _split_list(raw)
+    elif name == "propagators":
+        # OpenTelemetry's "none": no format sent but those a request arrived in.
+        value = () if raw.strip().lower() == "none" else _split_list(raw.lower())
+        if var == "OTEL_PROPAGATORS":
+            where = f"{where} (read because MESHLIB_PROPAGATORS is unset)"
     elif name == "metrics_port":
         if raw.lower() in ("off", "none", "disabled"):
             return None
@@ -288,6 +304,15 @@ def _check(name: str, value: Any, where: str) -> None:
         items: Iterable[Any] = _split_list(value) if isinstance(value, str) else value
         for header in items:
             _check_propagated(header, where)
+    elif name == "propagators":
+        formats: Iterable[Any] = _split_list(value) if isinstance(value, str) else value
+        unknown = [f for f in formats if f not in PROPAGATORS]
+        if unknown:
+            raise ConfigError(
+                f"{where}: meshlib cannot send {', '.join(map(repr, unknown))}: it sends"
+                f" {', '.join(PROPAGATORS)} (or none). Set MESHLIB_PROPAGATORS to the ones"
+                " meshlib should send (your own OpenTelemetry setup keeps OTEL_PROPAGATORS)"
+            )
     elif name in ("namespace", "root_namespace"):
         if not isinstance(value, str) or not _DNS_LABEL.fullmatch(value):
             raise ConfigError(

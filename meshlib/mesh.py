@@ -98,7 +98,9 @@ class Mesh:
             come from the pod's IP, so every call from this instance goes to one endpoint."""
             self.metrics_server: MetricsServer | None = None
             self.clusters = Clusters(self.rng, self._watch_cluster)
-            self.propagator = Propagator(self.config.propagate_headers)
+            self.propagator = Propagator(
+                self.config.propagate_headers, always=self.config.propagators
+            )
             self.access_log = AccessLog()
             self.tracing = Tracing(self.config, tracer_provider=tracer_provider)
             self._applied = 0  # the generation of the Snapshot the telemetry follows

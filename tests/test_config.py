@@ -392,3 +392,34 @@ def test_labels_that_repeat_service_and_version_are_fine() -> None:
     env = {"MESHLIB_LABELS": "app=reviews,version=v1", "MESHLIB_VERSION": "v1"}
     config = MeshConfig.from_env(env, service="reviews")
     assert config.labels == {"app": "reviews", "version": "v1"}
+
+
+def test_propagators_from_opentelemetrys_variable() -> None:
+    """OTEL_PROPAGATORS says which trace formats every call sends, as it does for
+    OpenTelemetry's SDK; MESHLIB_PROPAGATORS, when set, wins; `none` sends only the formats a
+    served request arrived in."""
+    assert MeshConfig.from_env({}).propagators == ("tracecontext", "baggage")
+    otel = {"OTEL_PROPAGATORS": "B3Multi, tracecontext"}
+    assert MeshConfig.from_env(otel).propagators == ("b3multi", "tracecontext")
+    both = {**otel, "MESHLIB_PROPAGATORS": "b3"}
+    assert MeshConfig.from_env(both).propagators == ("b3",)
+    assert MeshConfig.from_env({"OTEL_PROPAGATORS": "none"}).propagators == ()
+    assert MeshConfig(propagators="tracecontext,b3").propagators == ("tracecontext", "b3")
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        pytest.param({"OTEL_PROPAGATORS": "tracecontext,xray"}, "OTEL_PROPAGATORS=", id="otel"),
+        pytest.param({"MESHLIB_PROPAGATORS": "jaeger"}, "MESHLIB_PROPAGATORS=", id="meshlib"),
+    ],
+)
+def test_a_format_meshlib_cannot_send_is_an_error(env: dict[str, str], named: str) -> None:
+    """A format meshlib has no propagator for is refused, naming the variable and the way out
+    (OTEL_PROPAGATORS may list it for the app's own OpenTelemetry setup)."""
+    with pytest.raises(ConfigError, match=named) as raised:
+        MeshConfig.from_env(env)
+    assert "MESHLIB_PROPAGATORS" in str(raised.value)
+    assert "tracecontext, baggage, b3, b3multi" in str(raised.value)
+    with pytest.raises(ConfigError, match="propagators="):
+        MeshConfig(propagators=("zipkin",))

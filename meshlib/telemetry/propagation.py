@@ -26,10 +26,10 @@ Rules chosen (what a user of Istio would expect):
 - **Formats injected.** W3C trace context is always sent (it is OpenTelemetry's and Istio's
   current default), and `baggage` whenever the context holds baggage. B3 multi-header is
   added when the inbound request carried any `x-b3-*` header, single `b3` when it carried
-  `b3`: a service answers its callers' dialect to its callees, as Envoy does. A `Propagator`
-  built directly can change the formats sent always (`Propagator(always=...)`, names as in
-  `OTEL_PROPAGATORS`: `tracecontext`, `baggage`, `b3multi`, `b3`); a `Mesh` builds its own
-  with the default, not reachable from `MeshConfig` yet.
+  `b3`: a service answers its callers' dialect to its callees, as Envoy does. The formats sent
+  always can be changed (`Propagator(always=...)`, names as in `OTEL_PROPAGATORS`:
+  `tracecontext`, `baggage`, `b3multi`, `b3`); a `Mesh` takes them from
+  `MeshConfig.propagators` (`OTEL_PROPAGATORS`, or `MESHLIB_PROPAGATORS`).
 - **Which trace wins.** When an inbound request carries both W3C and B3 ids, a valid
   `traceparent` wins (the W3C propagator runs last in the composite): meshlib never rewrites
   a valid incoming `traceparent` trace id.

@@ -100,3 +100,47 @@ def test_b3_goes_on_as_the_caller_sent_it(
     assert answer.text == "200"
     (received,) = upstream.behaviour.requests
     assert {k: v for k, v in received["headers"].items() if k in B3} == sent
+
+
+# A Zipkin-only mesh: OTEL_PROPAGATORS says which formats every call sends.
+ZIPKIN_ENV = {"OTEL_PROPAGATORS": "b3multi", "MESHLIB_SERVICE": "reviews"}
+
+
+@pytest.mark.parametrize(
+    ("sent", "expected"),
+    [
+        pytest.param(
+            {"b3": f"{TRACE}-{SPAN}-1"},
+            {"b3", "x-b3-traceid", "x-b3-spanid", "x-b3-sampled"},
+            id="b3-single-caller",
+        ),
+        pytest.param(
+            {"traceparent": f"00-{TRACE}-{SPAN}-01"},
+            {"traceparent", "x-b3-traceid", "x-b3-spanid", "x-b3-sampled"},
+            id="w3c-caller",
+        ),
+    ],
+)
+def test_otel_propagators_choose_the_formats_sent(
+    upstreams: dict[str, Upstream], sent: dict[str, str], expected: set[str]
+) -> None:
+    """With OTEL_PROPAGATORS=b3multi, every call from a served request sends B3 multi-header,
+    and W3C (or single `b3`) only to answer a caller that used it: the trace holds across a
+    mesh whose other hops read B3 multi-header alone."""
+    upstream = upstreams["v1"]
+    mesh = meshlib.Mesh(MeshConfig.from_env({**ZIPKIN_ENV, "MESHLIB_METRICS_PORT": "off"}))
+    assert mesh.config.propagators == ("b3multi",)
+    url = f"http://{upstream.address}/ratings"
+    server = AsgiServer(asgi_app(url, mesh)).start()
+    try:
+        answer = httpx.get(f"http://127.0.0.1:{server.port}/", headers=sent)
+    finally:
+        server.stop()
+        mesh.close()
+    assert answer.text == "200"
+    (received,) = upstream.behaviour.requests
+    trace_headers = {
+        k for k in received["headers"] if k in B3 or k in ("traceparent", "tracestate")
+    }
+    assert trace_headers == expected
+    assert received["headers"]["x-b3-traceid"] == TRACE  # the caller's trace, in B3
