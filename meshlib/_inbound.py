@@ -97,6 +97,27 @@ class _Received(NamedTuple):
     x_forwarded_for: str | None
     user_agent: str | None
     authority: str | None
+    protocol: str  # as Envoy's %PROTOCOL% says it: HTTP/1.0, HTTP/1.1, HTTP/2, HTTP/3
+    port: int | None  # the port the request came in on: Envoy's inbound cluster names it
+
+
+# The HTTP versions servers report (ASGI's `http_version`, WSGI's `SERVER_PROTOCOL`), as Envoy's
+# access log spells them; anything else is logged as HTTP/1.1.
+_PROTOCOLS = {
+    "1.0": "HTTP/1.0",
+    "1.1": "HTTP/1.1",
+    "2": "HTTP/2",
+    "2.0": "HTTP/2",
+    "3": "HTTP/3",
+    "3.0": "HTTP/3",
+}
+
+
+def protocol_of(version: object) -> str:
+    """Envoy's name for an HTTP `version` as a server gives it ("1.1", "HTTP/2.0", ...)."""
+    if not isinstance(version, str):
+        return "HTTP/1.1"
+    return _PROTOCOLS.get(version.upper().removeprefix("HTTP/"), "HTTP/1.1")
 
 
 class InboundExchange:
@@ -199,6 +220,11 @@ class InboundExchange:
         """Whether the response went out in part only: started, and ended (by `error`, an
         `Exception`, or the app returning) before the caller had all of it."""
         return False
+
+    def listener(self) -> tuple[object, int | None]:
+        """The HTTP version the server reports (for `protocol_of`) and the local port the
+        request came in on (None when unknown)."""
+        return None, None
 
     def query(self) -> str:
         """The request's query string ("" when none)."""
@@ -313,6 +339,7 @@ class InboundExchange:
             values = self.get_all(name)
             return values[0] if values else None
 
+        version, port = self.listener()
         return _Received(
             time.time(),
             self.method(),
@@ -321,6 +348,8 @@ class InboundExchange:
             first("x-forwarded-for"),
             first("user-agent"),
             first("host"),
+            protocol_of(version),
+            port,
         )
 
     def _entry(
@@ -330,7 +359,7 @@ class InboundExchange:
             start_time=received.wall_time,
             method=received.method,
             path=received.path,
-            protocol="HTTP/1.1",
+            protocol=received.protocol,
             response_code=status,
             response_flags=flags,
             bytes_received=self.request_bytes,
@@ -342,7 +371,7 @@ class InboundExchange:
             request_id=self.context.request_id,
             authority=received.authority,
             upstream_host=None,
-            upstream_cluster="inbound|||",
+            upstream_cluster=f"inbound|{received.port or ''}||",
             route_name="default",
             downstream_remote_address=received.client,
             direction="inbound",

@@ -149,6 +149,12 @@ class _Exchange(InboundExchange):
     def method(self) -> str:
         return self.scope.get("method", "GET")  # type: ignore[no-any-return]
 
+    def listener(self) -> tuple[object, int | None]:
+        scope = self.scope
+        server = scope.get("server")  # (host, port), or (path, None) on a Unix socket
+        port = server[1] if server and isinstance(server[1], int) else None
+        return scope.get("http_version"), port
+
     def target(self) -> str:
         scope = self.scope
         raw = scope.get("raw_path")  # as sent, percent-encoded (optional in ASGI)

@@ -161,6 +161,11 @@ class _Exchange(InboundExchange):
     def method(self) -> str:
         return self.environ.get("REQUEST_METHOD", "GET")  # type: ignore[no-any-return]
 
+    def listener(self) -> tuple[object, int | None]:
+        environ = self.environ
+        port = environ.get("SERVER_PORT")
+        return environ.get("SERVER_PROTOCOL"), ascii_int(port, 5) if isinstance(port, str) else None
+
     def target(self) -> str:
         environ = self.environ
         # As sent, where the server keeps it (gunicorn's RAW_URI, uWSGI's REQUEST_URI); else

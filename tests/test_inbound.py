@@ -642,3 +642,24 @@ def test_wsgi_chunked_request_body_is_counted_as_read() -> None:
     body.close()  # type: ignore[attr-defined]
     assert entries[-1].bytes_received == len(payload)
     mesh.close()
+
+
+@pytest.mark.parametrize(
+    ("version", "protocol"),
+    [
+        ("1.0", "HTTP/1.0"),
+        ("1.1", "HTTP/1.1"),
+        ("2", "HTTP/2"),
+        ("3", "HTTP/3"),
+        ("HTTP/1.0", "HTTP/1.0"),  # WSGI's SERVER_PROTOCOL
+        ("HTTP/2.0", "HTTP/2"),
+        ("http/1.1", "HTTP/1.1"),
+        (None, "HTTP/1.1"),  # not said: what most requests are
+        (b"2", "HTTP/1.1"),
+        ('1.1" 200 - "injected', "HTTP/1.1"),  # never copied into the log line as is
+    ],
+)
+def test_access_log_protocol_is_envoys_spelling(version: object, protocol: str) -> None:
+    from meshlib._inbound import protocol_of
+
+    assert protocol_of(version) == protocol

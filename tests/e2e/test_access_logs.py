@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import httpx
 import pytest
 
 import meshlib
 from meshlib.config import MeshConfig
 from meshlib.policy.loader import load_text
 from meshlib.policy.snapshot import Snapshot
-from tests.upstream import AsgiServer, loopback_service, mesh_for
+from tests.upstream import AsgiServer, HypercornServer, WsgiServer, loopback_service, mesh_for
 
 TELEMETRY = """\
 apiVersion: telemetry.istio.io/v1
@@ -64,6 +65,7 @@ def test_one_line_per_request_each_side(caplog: pytest.LogCaptureFixture) -> Non
     assert '"test-agent"' in outbound and '"ratings:9080"' in outbound
     assert f'"127.0.0.1:{server.port}"' in outbound
     assert '"GET /ratings/1?x=1 HTTP/1.1" 200 -' in inbound
+    assert f" inbound|{server.port}|| " in inbound  # Envoy's inbound cluster names the port
     request_id = outbound.split('"')[9]
     assert request_id != "-" and request_id in inbound  # the same x-request-id on both sides
 
@@ -81,3 +83,52 @@ def test_off_by_default(caplog: pytest.LogCaptureFixture) -> None:
         server.stop()
         mesh.close()
     assert not [r for r in caplog.records if r.name == "meshlib.access"]
+
+
+def wsgi_app(mesh: meshlib.Mesh) -> Any:
+    def ok(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("content-length", "2")])
+        return [b"ok"]
+
+    return meshlib.MeshWSGIMiddleware(ok, mesh=mesh)
+
+
+@pytest.mark.parametrize(
+    ("server_kind", "http2", "protocol"),
+    [
+        pytest.param("uvicorn", False, "HTTP/1.1", id="asgi-http1"),
+        pytest.param("hypercorn", True, "HTTP/2", id="asgi-http2"),
+        pytest.param("wsgiref", False, "HTTP/1.1", id="wsgi"),
+    ],
+)
+def test_inbound_line_names_protocol_and_port(
+    caplog: pytest.LogCaptureFixture, server_kind: str, http2: bool, protocol: str
+) -> None:
+    """The inbound line says the HTTP version the request came in (Envoy's %PROTOCOL%) and
+    names the inbound cluster by the port it came in on, as Envoy's `inbound|<port>||`."""
+    config = MeshConfig(service="ratings")
+    mesh = meshlib.Mesh(config, policy=Snapshot.build(load_text(TELEMETRY).resources, config))
+    caplog.set_level(logging.INFO, logger="meshlib.access")
+    try:
+        if server_kind == "wsgiref":
+            with WsgiServer(wsgi_app(mesh)) as wsgi:
+                port = wsgi.port
+                response = httpx.get(f"http://127.0.0.1:{port}/ratings/1")
+        else:
+            server = (AsgiServer if server_kind == "uvicorn" else HypercornServer)(app(mesh))
+            server.start()
+            port = server.port
+            try:
+                # HTTP/2 from the first byte (h2c prior knowledge), which hypercorn speaks.
+                with httpx.Client(http1=not http2, http2=http2) as client:
+                    response = client.get(f"http://127.0.0.1:{port}/ratings/1")
+            finally:
+                server.stop()
+    finally:
+        mesh.close()
+    assert response.status_code == 200
+    if http2:
+        assert response.http_version == "HTTP/2"  # (wsgiref answers HTTP/1.0 to HTTP/1.1)
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "meshlib.access"]
+    assert f'"GET /ratings/1 {protocol}" 200 -' in line
+    assert f" inbound|{port}|| " in line
