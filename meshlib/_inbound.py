@@ -226,6 +226,14 @@ class InboundExchange:
         request came in on (None when unknown)."""
         return None, None
 
+    def spanned(self) -> None:
+        """Called once the request has a SERVER span, before the app runs."""
+
+    def route(self) -> str | None:
+        """The route template the app's framework matched the request by, once the app ran
+        (`/reviews/{id}`); None when it does not say. Read only for a span that records."""
+        return None
+
     def query(self) -> str:
         """The request's query string ("" when none)."""
         return self.origin()[1]
@@ -262,6 +270,7 @@ class InboundExchange:
                     query=self.query,
                 )
                 self._span = self._scope.__enter__()
+                self.spanned()
             except Exception:  # a tracing failure must never fail the request being served
                 self._scope = self._span = None
                 logger.warning("meshlib: could not start the SERVER span", exc_info=True)
@@ -313,6 +322,10 @@ class InboundExchange:
             if early:  # the span ends with the response, not with the app's later work
                 scope.end_time = time.time_ns() - int((time.perf_counter() - ended) * 1e9)
             try:
+                if scope.owned and self._span.is_recording():
+                    route = self.route()
+                    if route:
+                        scope.routed(route)
                 try:
                     mesh.tracing.finish_server(self._span, status, None if flags == "-" else flags)
                 finally:

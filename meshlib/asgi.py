@@ -62,7 +62,16 @@ class MeshMiddleware:
 class _Exchange(InboundExchange):
     """One ASGI request: its receive and send, wrapped (bound methods: no closures to make)."""
 
-    __slots__ = ("_complete", "_declared", "_receive", "_send", "_started", "_trailers", "scope")
+    __slots__ = (
+        "_complete",
+        "_declared",
+        "_receive",
+        "_root",
+        "_send",
+        "_started",
+        "_trailers",
+        "scope",
+    )
 
     def __init__(self, side: InboundSide, scope: Scope, receive: Receive, send: Send) -> None:
         self.scope = scope
@@ -72,6 +81,7 @@ class _Exchange(InboundExchange):
         # last trailers message (no more_trailers) for a response started with trailers
         self._trailers = False  # the response was started with `trailers: True`
         self._started: Sequence[tuple[bytes, bytes]] | None = None  # the response's headers
+        self._root: object = None  # the scope's root_path as it came, read for a span only
         # The headers read on every request, decoded; the others untouched. One string per
         # name (a list per name would cost an allocation per header on every request).
         names = side.names
@@ -117,6 +127,24 @@ class _Exchange(InboundExchange):
         if self._declared > self.request_bytes:  # the app left (part of) the body unread
             self.request_bytes = self._declared
         super().end(error)
+
+    def spanned(self) -> None:
+        self._root = self.scope.get("root_path", "")  # before a router's Mount extends it
+
+    def route(self) -> str | None:
+        # Starlette and FastAPI leave the route they matched in the scope (a `Mount`'s routes
+        # add its path to root_path): its template, without the parameters' convertors.
+        scope = self.scope
+        matched = scope.get("route")
+        template = getattr(matched, "path_format", None)
+        if not isinstance(template, str) or not template.startswith("/"):
+            return None
+        if not hasattr(matched, "endpoint"):  # a Mount of an app without routes: no template
+            return None
+        root, start = scope.get("root_path", ""), self._root
+        if isinstance(root, str) and isinstance(start, str) and root.startswith(start):
+            return root[len(start) :] + template
+        return template
 
     def get_all(self, name: str) -> list[str] | None:
         # Only for a span or the access log: the headers are read again, not kept per request.

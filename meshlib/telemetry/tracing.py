@@ -710,11 +710,7 @@ class ServerScope(_Scope):
                 return
         path = self.path.partition("?")[0]
         method = _method(self.method)
-        target = self.route or path
-        if len(target) > MAX_NAME_PATH:
-            target = target[:MAX_NAME_PATH]
-        name = f"{'HTTP' if method == '_OTHER' else method} {target}"
-        span = tracer.start_span(name, parent, kind=_SERVER)
+        span = tracer.start_span(self._name(self.route or path), parent, kind=_SERVER)
         if not report:
             # No trace came in: this span is the request's trace root (its ids and sampling
             # decision go on to the calls made), but it is never ended, so never reported.
@@ -744,6 +740,21 @@ class ServerScope(_Scope):
         self.span = span
         self.owned = True
         self._token = otel_context.attach(trace.set_span_in_context(span, parent))
+
+    def _name(self, target: str) -> str:
+        method = _method(self.method)
+        if len(target) > MAX_NAME_PATH:
+            target = target[:MAX_NAME_PATH]
+        return f"{'HTTP' if method == '_OTHER' else method} {target}"
+
+    def routed(self, route: str) -> None:
+        """The framework routed the request by `route` (a template, `/reviews/{id}`): the span
+        is named by it and says it (`http.route`), as OpenTelemetry's HTTP conventions ask,
+        where a name with the path gives every id a name of its own."""
+        span = self.span
+        if self.owned and span.is_recording() and not self.route:
+            span.update_name(self._name(route))
+            span.set_attribute("http.route", route)
 
 
 class _ClientScope(_Scope):
