@@ -18,15 +18,7 @@ from hypothesis import strategies as st
 from meshlib.config import MeshConfig
 from meshlib.telemetry import _struct, peer
 from meshlib.telemetry.peer import UNKNOWN_PEER, PeerIdentity, decode, identity_of, istio_headers
-
-REVIEWS = MeshConfig(
-    service="reviews",
-    version="v2",
-    namespace="bookinfo",
-    workload="reviews-v2",
-    service_account="bookinfo-reviews",
-    cluster="east-1",
-)
+from tests.telemetry.test_peer import REVIEWS  # reviews-v2 of bookinfo, in cluster east-1
 
 # Sent by the sidecars of bookinfo's reviews-v3 (a request to ratings) and ratings-v1 (its
 # answer), Istio 1.14.5: every node metadata field of that release (APP_CONTAINERS,
