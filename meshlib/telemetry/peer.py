@@ -78,6 +78,7 @@ EXCHANGE_HEADERS = (HEADER, ISTIO_HEADER, ISTIO_ID_HEADER)
 """Every metadata-exchange header, in either form: read, then removed from what the app sees."""
 _EXCHANGE_STR = frozenset(EXCHANGE_HEADERS)
 _EXCHANGE_BYTES = frozenset(name.encode() for name in EXCHANGE_HEADERS)
+_EXCHANGE_LENGTHS = frozenset(len(name) for name in EXCHANGE_HEADERS)  # most names: no lower()
 
 
 def with_identity(
@@ -88,7 +89,11 @@ def with_identity(
     Istio's filter sets its own (an app relaying an upstream's response headers would otherwise
     name the upstream to the caller). A new list: the app may reuse its own."""
     names: frozenset[Any] = _EXCHANGE_BYTES if isinstance(identity[0][0], bytes) else _EXCHANGE_STR
-    kept = [pair for pair in headers if pair[0].lower() not in names]
+    kept = [
+        pair
+        for pair in headers
+        if len(pair[0]) not in _EXCHANGE_LENGTHS or pair[0].lower() not in names
+    ]
     kept.extend(identity)
     return kept
 
