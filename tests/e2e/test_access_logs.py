@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import httpx
@@ -129,6 +130,10 @@ def test_inbound_line_names_protocol_and_port(
     assert response.status_code == 200
     if http2:
         assert response.http_version == "HTTP/2"  # (wsgiref answers HTTP/1.0 to HTTP/1.1)
-    (line,) = [r.getMessage() for r in caplog.records if r.name == "meshlib.access"]
+    deadline = time.monotonic() + 10  # logged once the server closed the response (WSGI)
+    while not (lines := [r.getMessage() for r in caplog.records if r.name == "meshlib.access"]):
+        assert time.monotonic() < deadline, "no access log line"
+        time.sleep(0.01)
+    (line,) = lines
     assert f'"GET /ratings/1 {protocol}" 200 -' in line
     assert f" inbound|{port}|| " in line

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -55,6 +56,18 @@ def sidecar_view(config: MeshConfig) -> dict[str, Any]:
             "service.istio.io/canonical-revision": version,
         },
     }
+
+
+def recorded(mesh: meshlib.Mesh, n: int) -> list[tuple[dict[str, str], float]]:
+    """The server's request series once it counted `n` requests: the middleware counts one
+    after its response went (a WSGI response once the server closes it)."""
+    deadline = time.monotonic() + 10
+    while True:
+        series = samples(mesh, "istio_requests_total")
+        if sum(value for _, value in series) >= n:
+            return series
+        assert time.monotonic() < deadline, series
+        time.sleep(0.01)
 
 
 def asgi_ratings(mesh: meshlib.Mesh) -> Any:
@@ -126,10 +139,7 @@ def test_a_sidecar_caller_is_named_and_answered_in_its_form(
     for response in (with_id, without_id, outside):
         assert "x-meshlib-peer-metadata" not in response.headers
     assert not any(name in outside.headers for name in EXCHANGE)
-    counted = {
-        labels["source_workload"]: (labels, value)
-        for labels, value in samples(mesh, "istio_requests_total")
-    }
+    counted = {labels["source_workload"]: (labels, value) for labels, value in recorded(mesh, 3)}
     labels, value = counted["reviews-v3"]
     assert value == 2
     assert {
@@ -176,7 +186,7 @@ def test_a_meshlib_caller_is_answered_in_meshlibs_form(ratings: tuple[meshlib.Me
         "ratings-v1",
         "spiffe://cluster.local/ns/default/sa/default",
     )
-    ((labels, value),) = samples(mesh, "istio_requests_total")
+    ((labels, value),) = recorded(mesh, 1)
     assert labels["source_principal"] == "spiffe://cluster.local/ns/default/sa/default"
     assert value == 1
 
