@@ -25,7 +25,7 @@ import yaml
 from meshlib.errors import Diagnostic, PolicyError, Severity
 from meshlib.policy._gc import without_collector
 from meshlib.policy._schema import INVALID, Path, convert, format_path
-from meshlib.policy._yaml import Document, YAMLProblem, read_documents
+from meshlib.policy._yaml import Document, YAMLProblem, decode, read_documents
 from meshlib.policy.lines import FieldLines
 from meshlib.policy.resources import IGNORED_KINDS, KINDS, ObjectMeta, Origin, Resource
 
@@ -156,13 +156,10 @@ def load_paths(
                 )
                 continue
             try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError as exc:  # e.g. a comment saved as Latin-1: say where
-                line = data.count(b"\n", 0, exc.start) + 1
-                reason = f"not UTF-8 text (byte 0x{data[exc.start]:02x})"
-                diagnostics.append(
-                    Diagnostic("error", f"cannot read policy: {reason}", str(file), line)
-                )
+                text = decode(data)
+            except YAMLProblem as problem:
+                message = f"cannot read policy: {problem.message}"
+                diagnostics.append(Diagnostic("error", message, str(file), problem.line))
                 continue
             result = load_text(
                 text,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import os
 import subprocess
 import sys
@@ -784,3 +785,89 @@ def test_a_file_that_is_not_utf8_is_rejected_naming_its_line(tmp_path: Path) -> 
     assert errors[0].file == str(policy) and errors[0].line == 4
     assert "not UTF-8 text (byte 0xe9)" in str(errors[0])
     assert subset_for(source.snapshot, "reviews") == "v1"
+
+
+BOM_ENCODINGS = [
+    pytest.param(codecs.BOM_UTF16_LE, "utf-16-le", "\r\n", id="utf-16le-crlf"),  # PowerShell's >
+    pytest.param(codecs.BOM_UTF16_BE, "utf-16-be", "\n", id="utf-16be"),
+    pytest.param(codecs.BOM_UTF32_LE, "utf-32-le", "\n", id="utf-32le"),
+    pytest.param(codecs.BOM_UTF32_BE, "utf-32-be", "\n", id="utf-32be"),
+    pytest.param(codecs.BOM_UTF8, "utf-8", "\r\n", id="utf-8-crlf"),
+]
+
+
+@pytest.mark.parametrize(("bom", "codec", "newline"), BOM_ENCODINGS)
+def test_a_file_with_a_byte_order_mark_is_read_in_its_encoding(
+    tmp_path: Path, bom: bytes, codec: str, newline: str
+) -> None:
+    """YAML 1.2 allows UTF-8, UTF-16 and UTF-32 named by a byte-order mark, and kubectl reads
+    UTF-16 with one (what Windows PowerShell's `>` writes, with CRLF line ends): such a file
+    is read at start-up and on reload, and an error in it names the right line."""
+
+    def encoded(text: str) -> bytes:
+        return bom + text.replace("\n", newline).encode(codec)
+
+    policy = tmp_path / "mesh.yaml"
+    policy.write_bytes(encoded("# policy\n" + vs_text("reviews", "v1")))
+    source = FileSource(policy, MeshConfig())
+    assert subset_for(source.snapshot, "reviews") == "v1"
+    assert source.snapshot.resources[0].origin.line == 2
+    policy.write_bytes(encoded(vs_text("reviews", "v2") + "      weight: -1\n"))
+    errors: list[PolicyError] = []
+    source.on_error(errors.append)
+    assert source.reload() is False and len(errors) == 1
+    assert (errors[0].line, errors[0].field) == (9, "spec.http[0].route[0].weight")
+    policy.write_bytes(encoded(vs_text("reviews", "v2")))
+    assert source.reload() is True and subset_for(source.snapshot, "reviews") == "v2"
+
+
+@pytest.mark.parametrize(
+    ("data", "line", "message"),
+    [
+        pytest.param(
+            codecs.BOM_UTF16_LE + "a: 1\nb: 2\n".encode("utf-16-le") + b"\x00\xd8c\x00",
+            3,
+            "not UTF-16LE text, as its byte-order mark says (bytes 0x00 0xd8:"
+            " illegal UTF-16 surrogate)",
+            id="utf-16le-lone-surrogate",
+        ),
+        pytest.param(
+            codecs.BOM_UTF16_BE + "a: 1\n".encode("utf-16-be") + b"\x00",
+            2,
+            "not UTF-16BE text, as its byte-order mark says (byte 0x00: truncated data)",
+            id="utf-16be-odd-length",
+        ),
+        pytest.param(
+            codecs.BOM_UTF32_LE + "a: 1\n".encode("utf-32-le") + b"\x00\x00\x11\x00",
+            2,
+            "not UTF-32LE text, as its byte-order mark says (bytes 0x00 0x00 0x11 0x00:"
+            " code point not in range(0x110000))",
+            id="utf-32le-beyond-unicode",
+        ),
+        pytest.param(
+            codecs.BOM_UTF8 + "a: 1\nb: caf\xe9\n".encode("latin-1"),
+            2,
+            "not UTF-8 text, as its byte-order mark says (byte 0xe9: invalid continuation byte)",
+            id="utf-8-bom-latin-1",
+        ),
+        pytest.param(
+            "a: 1\n".encode("utf-16-le"),
+            1,
+            "NUL bytes: UTF-16 or UTF-32 text without a byte-order mark? Save it as UTF-8"
+            " (or with a byte-order mark)",
+            id="utf-16le-without-its-mark",
+        ),
+    ],
+)
+def test_bytes_that_are_not_text_in_the_marked_encoding_are_an_error_naming_their_line(
+    tmp_path: Path, data: bytes, line: int, message: str
+) -> None:
+    """Bytes that are not valid in the encoding a file's byte-order mark names are an error
+    naming the file, the line and the bytes, as for UTF-8 (a file without a mark); a file of
+    UTF-16 or UTF-32 written without its mark says what it likely is."""
+    policy = tmp_path / "mesh.yaml"
+    policy.write_bytes(data)
+    with pytest.raises(PolicyError) as info:
+        FileSource(policy, MeshConfig())
+    assert (info.value.file, info.value.line) == (str(policy), line)
+    assert str(info.value) == f"{policy}:{line}: error: cannot read policy: {message}"
