@@ -99,7 +99,11 @@ def policy_files(path: str | os.PathLike[str]) -> PolicyTree:
     is reported, not taken for an empty one: its policy would silently disappear.
     """
     root = FsPath(path)
-    if not root.is_dir():
+    try:
+        is_folder = root.is_dir()
+    except PermissionError:  # a folder above it may not be entered: reading it says so
+        is_folder = False
+    if not is_folder:
         return PolicyTree((root,))
     found: list[FsPath] = []
     unreadable: list[tuple[str, str]] = []
@@ -107,7 +111,8 @@ def policy_files(path: str | os.PathLike[str]) -> PolicyTree:
 
     def cannot_list(exc: OSError) -> None:
         if not isinstance(exc, FileNotFoundError):  # vanished while walking: seen next time
-            unreadable.append((str(exc.filename or root), exc.strerror or str(exc)))
+            folder = FsPath(exc.filename or root)
+            unreadable.append((str(folder), _why(folder, exc, "list it", "r and x")))
 
     for folder, dirs, files in os.walk(root, onerror=cannot_list, followlinks=True):
         try:
@@ -125,6 +130,52 @@ def policy_files(path: str | os.PathLike[str]) -> PolicyTree:
             if not name.startswith(".") and name.endswith(POLICY_SUFFIXES)
         )
     return PolicyTree(tuple(found), tuple(unreadable))
+
+
+def _why(path: FsPath, exc: OSError, action: str, bits: str) -> str:
+    """Why `path` cannot be read; for a refusal, what to fix: a folder above it that this
+    process may not enter, or its own permissions (to `action`, it needs `bits`)."""
+    reason = exc.strerror or str(exc)
+    if not isinstance(exc, PermissionError):
+        return reason
+    user = f"{_process_user()}, the user this process runs as,"
+    folder = _closed_folder_above(path)
+    if folder is not None:
+        return (
+            f"{reason}: {user} may not enter {folder} (a folder above it: it needs x"
+            " permission); check that folder's permissions, or the user"
+        )
+    return (
+        f"{reason}: {user} may not {action} (it needs {bits} permission); check its"
+        " permissions, or the user"
+    )
+
+
+def _closed_folder_above(path: FsPath) -> FsPath | None:
+    """The folder above `path` (links resolved: a ConfigMap key's file is in `..data`) that
+    this process may not enter, if there is one."""
+    real = FsPath(os.path.realpath(path))
+    for entry in (*reversed(real.parents), real):
+        try:
+            os.stat(entry)
+        except PermissionError:  # its folder cannot be entered
+            return entry.parent
+        except OSError:
+            return None
+    return None
+
+
+def _process_user() -> str:
+    """Who reads the files, as permissions see it: `uid 65534 (nobody)`."""
+    if not hasattr(os, "geteuid"):  # pragma: no cover - Windows has no uids
+        return "the user"
+    import pwd  # built in where uids exist
+
+    uid = os.geteuid()
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:  # a uid with no name, as OpenShift runs containers
+        return f"uid {uid}"
 
 
 @without_collector
@@ -151,9 +202,8 @@ def load_paths(
             try:
                 data = file.read_bytes()
             except OSError as exc:
-                diagnostics.append(
-                    Diagnostic("error", f"cannot read policy: {exc.strerror}", str(file))
-                )
+                why = _why(file, exc, "read it", "r")
+                diagnostics.append(Diagnostic("error", f"cannot read policy: {why}", str(file)))
                 continue
             try:
                 text = decode(data)

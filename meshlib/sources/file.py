@@ -108,7 +108,7 @@ class FileSource(SnapshotPublisher):
         self.config = config
         self.poll_interval = poll_interval
         for path in self.paths:
-            if not path.exists():
+            if _missing(path):
                 raise PolicyPathError(
                     f"policy path {str(path)!r} does not exist (set by MeshConfig.policy or"
                     " MESHLIB_POLICY, or given to the Mesh)"
@@ -293,6 +293,15 @@ class FileSource(SnapshotPublisher):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _missing(path: Path) -> bool:
+    """Whether `path` does not exist. One out of reach (a folder above it this process may
+    not enter) may well exist: loading it says why it cannot be read, and what to fix."""
+    try:
+        return not path.exists()
+    except PermissionError:
+        return False
 
 
 def _watch(ref: weakref.ref[FileSource], stop: threading.Event, interval: float) -> None:

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import codecs
 import os
+import pwd
+import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -464,6 +469,146 @@ def test_an_unlistable_folder_is_an_error_not_an_empty_one(
     undo()
     assert source.reload() is True
     assert source.last_error is None and subset_for(source.snapshot, "reviews") == "v1"
+
+
+Scenario = Callable[[Path], None]
+
+
+@pytest.fixture
+def as_a_user(tmp_path: Path) -> Iterator[Callable[[Scenario], None]]:
+    """Run a scenario as a user whom file permissions bind, in an empty folder it owns (so it
+    may chmod what it makes unreadable back). That is this process, unless it runs as root,
+    which reads every file whatever its permissions (as these tests run here, and likely in
+    CI): then a forked child that drops to `nobody`, in a folder of /tmp (pytest's tmp_path is
+    in one only root may enter); an exception in the child fails the test with its traceback."""
+    if os.geteuid() != 0:
+        yield lambda scenario: scenario(tmp_path)
+        return
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("runs as root, with no user 'nobody' to drop to: root reads every file")
+    home = Path(tempfile.mkdtemp(prefix="meshlib-permissions-"))
+    try:
+        os.chown(home, nobody.pw_uid, nobody.pw_gid)
+        if not all(p.stat().st_mode & stat.S_IXOTH for p in home.parents):
+            pytest.skip(f"runs as root, and nobody may not enter {home.parent}")
+        yield lambda scenario: _in_a_child_as(nobody, scenario, home)
+    finally:
+        shutil.rmtree(home)  # as root, whatever the scenario left unreadable
+
+
+def _in_a_child_as(user: pwd.struct_passwd, scenario: Scenario, home: Path) -> None:
+    report, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: only what the parent imported is at hand (/root is closed)
+        code = 0
+        try:
+            os.close(report)
+            try:
+                os.setgroups([])
+                os.setgid(user.pw_gid)
+                os.setuid(user.pw_uid)
+            except OSError as exc:
+                os.write(write, str(exc).encode())
+                code = 77
+            else:
+                scenario(home)
+        except BaseException:
+            os.write(write, traceback.format_exc().encode())
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(report, "rb") as pipe:
+        text = pipe.read().decode()
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code == 77:
+        pytest.skip(f"runs as root, and may not drop to nobody here: {text}")
+    assert code == 0, text or f"the child exited with {code}"
+
+
+def policy_tree(home: Path) -> tuple[Path, Path, Path]:
+    """conf/policies/{reviews.yaml, more/ratings.yaml} under `home`: (conf, policies, more)."""
+    conf, policies = home / "conf", home / "conf" / "policies"
+    more = policies / "more"
+    more.mkdir(parents=True)
+    (policies / "reviews.yaml").write_text(vs_text("reviews", "v1"))
+    (more / "ratings.yaml").write_text(vs_text("ratings", "v1"))
+    return conf, policies, more
+
+
+@pytest.mark.parametrize(
+    "case", ["folder-above-the-file", "folder-above-the-folder", "the-file", "folder-inside"]
+)
+def test_a_policy_path_this_process_may_not_read_is_a_policy_error_at_start_up(
+    as_a_user: Callable[[Scenario], None], case: str
+) -> None:
+    """Permissions that keep this process's user from the policy — a folder above the path
+    it may not enter (no x), the file itself, a folder inside a policy folder — are a
+    PolicyError at start-up naming the path and what to fix, never a raw PermissionError."""
+
+    def scenario(home: Path) -> None:
+        conf, policies, more = policy_tree(home)
+        reviews = policies / "reviews.yaml"
+        path, closed, mode, named, fix = {
+            "folder-above-the-file": (reviews, conf, 0o600, reviews, f"may not enter {conf}"),
+            "folder-above-the-folder": (policies, conf, 0o600, policies, f"may not enter {conf}"),
+            "the-file": (reviews, reviews, 0, reviews, "may not read it (it needs r permission)"),
+            "folder-inside": (policies, more, 0, more, "may not list it (it needs r and x"),
+        }[case]
+        closed.chmod(mode)
+        try:
+            with pytest.raises(PolicyError) as info:
+                FileSource(path, MeshConfig())
+        finally:
+            closed.chmod(0o700)
+        assert info.value.file == str(named)
+        message = str(info.value)
+        assert "Permission denied" in message and fix in message, message
+        assert f"uid {os.geteuid()}" in message, message
+        assert "the user this process runs as" in message and "permissions" in message, message
+        assert subset_for(FileSource(path, MeshConfig()).snapshot, "reviews") == "v1"
+
+    as_a_user(scenario)
+
+
+def test_a_policy_path_made_unreadable_is_a_rejected_reload_and_the_watcher_goes_on(
+    as_a_user: Callable[[Scenario], None],
+) -> None:
+    """A folder above the policy path that this process's user may no longer enter is a
+    rejected reload, by `reload()` and by the watcher: the last good policy keeps serving,
+    the watcher keeps watching, and the policy is read again once the folder opens."""
+
+    def scenario(home: Path) -> None:
+        conf, policies, _ = policy_tree(home)
+        source = FileSource(policies, MeshConfig(), poll_interval=0.01)
+        errors: list[PolicyError] = []
+        source.on_error(errors.append)
+        generation = source.snapshot.generation
+        conf.chmod(0o600)
+        try:
+            assert source.reload() is False and len(errors) == 1
+        finally:
+            conf.chmod(0o700)
+        assert errors[0].file == str(policies) and f"may not enter {conf}" in str(errors[0])
+        assert source.snapshot.generation == generation and source.last_error is errors[0]
+        assert source.reload() is True and source.last_error is None
+        source.start()
+        try:
+            conf.chmod(0o600)
+            wait_for(lambda: len(errors) == 2)  # the watcher reports it, and lives on
+            conf.chmod(0o700)
+            wait_for(lambda: source.last_error is None)
+            (policies / "reviews.yaml").write_text(vs_text("reviews", "v2"))
+            wait_for(lambda: subset_for(source.snapshot, "reviews") == "v2")
+            assert subset_for(source.snapshot, "ratings") == "v1" and len(errors) == 2
+        finally:
+            conf.chmod(0o700)
+            source.close()
+
+    as_a_user(scenario)
 
 
 def test_a_file_made_readable_again_is_read(
