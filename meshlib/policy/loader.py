@@ -12,6 +12,7 @@ everything wrong in one run. Serving code never uses a result that has errors
 from __future__ import annotations
 
 import difflib
+import hashlib
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,10 @@ class LoadResult:
     resources: tuple[Resource[Any], ...] = ()
     diagnostics: tuple[Diagnostic, ...] = ()
     lines: Mapping[Origin, FieldLines] = field(default_factory=dict)  # with keep_lines=True
+    # From load_paths: a digest of the files read, each one's path and bytes. Equal digests
+    # (for one namespace) are the same policy, with no doubt resources' equality leaves:
+    # specs compare maps without their order, which `headers.add` keeps, say.
+    digest: bytes = b""
 
     @property
     def errors(self) -> tuple[Diagnostic, ...]:
@@ -192,6 +197,7 @@ def load_paths(
     resources: list[Resource[Any]] = []
     diagnostics: list[Diagnostic] = []
     lines: dict[Origin, FieldLines] = {}
+    digest = hashlib.blake2b()
     for path in paths:
         tree = policy_files(path)
         diagnostics.extend(
@@ -205,6 +211,9 @@ def load_paths(
                 why = _why(file, exc, "read it", "r")
                 diagnostics.append(Diagnostic("error", f"cannot read policy: {why}", str(file)))
                 continue
+            name = os.fsencode(file)
+            digest.update(b"%d:%s%d:" % (len(name), name, len(data)))  # lengths: unambiguous
+            digest.update(data)
             try:
                 text = decode(data)
             except YAMLProblem as problem:
@@ -221,7 +230,9 @@ def load_paths(
             resources.extend(result.resources)
             diagnostics.extend(result.diagnostics)
             lines.update(result.lines)
-    return LoadResult(tuple(resources), tuple(diagnostics), MappingProxyType(lines))
+    return LoadResult(
+        tuple(resources), tuple(diagnostics), MappingProxyType(lines), digest.digest()
+    )
 
 
 @without_collector

@@ -16,11 +16,13 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from meshlib.config import MeshConfig
 from meshlib.errors import PolicyError
+from meshlib.policy.loader import LoadResult, load_paths
 from meshlib.policy.matching import RequestAttributes
 from meshlib.policy.snapshot import Snapshot
 from meshlib.sources.file import FileSource
@@ -252,7 +254,9 @@ def test_running_process_sees_edit_within_two_seconds(tmp_path: Path) -> None:
     assert elapsed < 2.0
 
 
-def test_a_same_size_edit_in_the_same_clock_tick_is_seen(tmp_path: Path) -> None:
+def test_a_same_size_edit_in_the_same_clock_tick_is_seen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """File timestamps tick every 1-10 ms on many kernels: an edit that keeps the size and
     lands in the tick of the previous write leaves (inode, size, mtime) unchanged. Recently
     modified files are compared by content too, so it is still seen — and only once."""
@@ -266,11 +270,19 @@ def test_a_same_size_edit_in_the_same_clock_tick_is_seen(tmp_path: Path) -> None
     assert source.reload()
     assert subset_for(source.snapshot, "reviews") == "v2"
     assert not source.reload()  # unchanged since: nothing to do
-    old = tick - 10_000_000_000
-    os.utime(policy, ns=(old, old))  # metadata changed: one reload
-    assert source.reload()
-    assert not source.reload()  # no longer recent: compared by metadata alone, unchanged
+    reads: list[int] = []
+
+    def counted(*args: Any, **kwargs: Any) -> LoadResult:
+        reads.append(1)
+        return load_paths(*args, **kwargs)
+
+    monkeypatch.setattr("meshlib.sources.file.load_paths", counted)
     generation = source.snapshot.generation
+    old = tick - 10_000_000_000
+    os.utime(policy, ns=(old, old))  # metadata changed: read again (the same bytes: kept)
+    assert not source.reload() and len(reads) == 1
+    assert not source.reload()  # no longer recent: compared by metadata alone, unchanged
+    assert len(reads) == 1
     assert (
         subset_for(source.snapshot, "reviews") == "v2" and generation == source.snapshot.generation
     )
@@ -356,10 +368,10 @@ def test_the_first_read_is_done_again_when_the_files_change_under_it(
     reads: list[int] = []
 
     class UpdatedWhileRead(FileSource):
-        def _build(self) -> Snapshot:
+        def _load(self) -> LoadResult:
             reads.append(1)
             try:
-                return super()._build()
+                return super()._load()
             finally:
                 if len(reads) == 1:  # the update lands while the first read is under way
                     policy.write_text(vs_text("reviews", "v2") + "# the update\n")
@@ -1016,3 +1028,93 @@ def test_bytes_that_are_not_text_in_the_marked_encoding_are_an_error_naming_thei
         FileSource(policy, MeshConfig())
     assert (info.value.file, info.value.line) == (str(policy), line)
     assert str(info.value) == f"{policy}:{line}: error: cannot read policy: {message}"
+
+
+def _touch(path: Path) -> None:
+    """Move `path`'s times well away from now: its metadata changes, not its bytes."""
+    then = time.time_ns() - 10_000_000_000
+    os.utime(path, ns=(then, then))
+
+
+def _same_bytes_in_place(path: Path) -> None:
+    path.write_bytes(path.read_bytes())
+    _touch(path)  # the write may land in its clock tick: make the change certain
+
+
+def _same_bytes_atomically(path: Path) -> None:  # an editor's save: a new file (inode)
+    replace_atomically(path, path.read_text())
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(_touch, id="touch"),
+        pytest.param(_same_bytes_in_place, id="saved-in-place"),
+        pytest.param(_same_bytes_atomically, id="saved-atomically"),
+        pytest.param(None, id="configmap-update-of-another-key"),
+    ],
+)
+def test_files_changed_on_disk_but_holding_the_same_bytes_publish_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, change: Callable[[Path], None] | None
+) -> None:
+    """A change on disk that leaves the policy files' bytes as they were keeps the served
+    Snapshot: nothing published, no new generation, no "loaded" line, a DEBUG line at most."""
+    caplog.set_level("DEBUG", logger="meshlib.policy")
+    if change is None:  # a ConfigMap update of a key that is no policy: every link moves
+        make_configmap_mount(tmp_path, {"mesh.yaml": vs_text("reviews", "v1"), "a.txt": "1"}, 1)
+        source = FileSource(tmp_path, MeshConfig())
+        make_configmap_mount(tmp_path, {"mesh.yaml": vs_text("reviews", "v1"), "a.txt": "2"}, 2)
+    else:
+        policy = tmp_path / "mesh.yaml"
+        policy.write_text(vs_text("reviews", "v1"))
+        source = FileSource(policy, MeshConfig())
+        change(policy)
+    published: list[Snapshot] = []
+    source.subscribe(published.append)
+    served = source.snapshot
+    caplog.clear()
+    assert source.reload() is False
+    assert source.snapshot is served and published == []
+    assert not [r for r in caplog.records if r.levelname != "DEBUG"], caplog.text
+    assert "unchanged: still generation" in caplog.text
+
+
+def test_an_undone_rejected_edit_clears_the_error_without_a_new_generation(
+    tmp_path: Path,
+) -> None:
+    """Through a Mesh and its registry: a touch publishes nothing and moves no gauge; a
+    rejected edit sets meshlib_policy_last_reload_successful to 0; undoing it (the files back
+    to the bytes served) sets it to 1 again, with the served Snapshot and its generation."""
+    from prometheus_client import CollectorRegistry
+
+    import meshlib
+
+    policy = tmp_path / "mesh.yaml"
+    policy.write_text(vs_text("reviews", "v1"))
+    good = policy.read_bytes()
+    registry = CollectorRegistry()
+    config = MeshConfig(service="reviews", metrics_port=None)
+    mesh = meshlib.Mesh(config, policy=policy, watch=False, registry=registry)
+
+    def gauges() -> tuple[float | None, float | None, float | None]:
+        return (
+            registry.get_sample_value("meshlib_policy_generation"),
+            registry.get_sample_value("meshlib_policy_last_reload_successful"),
+            registry.get_sample_value("meshlib_policy_reload_errors_total"),
+        )
+
+    try:
+        served = mesh.source.snapshot
+        assert gauges() == (served.generation, 1.0, 0.0)
+        _touch(policy)
+        assert mesh.source.reload() is False and gauges() == (served.generation, 1.0, 0.0)
+        policy.write_text(vs_text("reviews", "v2").replace("hosts:", "hostz:"))
+        assert mesh.source.reload() is False and gauges() == (served.generation, 0.0, 1.0)
+        policy.write_bytes(good)  # the edit undone
+        assert mesh.source.reload() is True
+        assert gauges() == (served.generation, 1.0, 1.0)
+        assert mesh.source.snapshot is served and mesh.source.last_error is None
+        _touch(policy)
+        assert mesh.source.reload() is False and gauges() == (served.generation, 1.0, 1.0)
+    finally:
+        mesh.close()
