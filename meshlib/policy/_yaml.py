@@ -7,6 +7,7 @@ line; nothing is spent on positions while a file is valid.
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from collections.abc import Iterator
@@ -76,6 +77,47 @@ class YAMLProblem(Exception):
         super().__init__(message)
         self.message = message
         self.line = line
+
+
+# YAML 1.2 streams are UTF-8, UTF-16 or UTF-32, named by a byte-order mark (none: UTF-8).
+# kubectl reads UTF-16 files with one (Windows PowerShell's `>` writes UTF-16LE so), and
+# UTF-8 ones. UTF-32LE's mark begins with UTF-16LE's, so it is tried first.
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32-le", "UTF-32LE"),
+    (codecs.BOM_UTF32_BE, "utf-32-be", "UTF-32BE"),
+    (codecs.BOM_UTF16_LE, "utf-16-le", "UTF-16LE"),
+    (codecs.BOM_UTF16_BE, "utf-16-be", "UTF-16BE"),
+    (codecs.BOM_UTF8, "utf-8", "UTF-8"),
+)
+
+
+def decode(data: bytes) -> str:
+    """The text of a YAML stream: `data` in the encoding its byte-order mark names (the mark
+    is kept, as U+FEFF, which the parser skips), else UTF-8. YAMLProblem, with its line, for
+    bytes that are not text in that encoding."""
+    marked = next(((codec, name) for bom, codec, name in _BOMS if data.startswith(bom)), None)
+    codec, name = marked or ("utf-8", "UTF-8")
+    try:
+        text = data.decode(codec)
+    except UnicodeDecodeError as exc:
+        raise _undecodable(data, exc, name, marked is not None) from None
+    if marked is None and "\x00" in text:  # never in YAML: UTF-16 or 32 written without a mark
+        raise YAMLProblem(
+            "NUL bytes: UTF-16 or UTF-32 text without a byte-order mark? Save it as UTF-8"
+            " (or with a byte-order mark)",
+            text.count("\n", 0, text.index("\x00")) + 1,
+        )
+    return text
+
+
+def _undecodable(data: bytes, exc: UnicodeDecodeError, name: str, marked: bool) -> YAMLProblem:
+    """Where `data` stops being `name` text: the line, and the bytes."""
+    line = data[: exc.start].decode(exc.encoding, "replace").count("\n") + 1
+    bad = " ".join(f"0x{byte:02x}" for byte in data[exc.start : exc.end])
+    what = f"byte {bad}" if exc.end - exc.start == 1 else f"bytes {bad}"
+    if not marked:  # a comment saved as Latin-1, say
+        return YAMLProblem(f"not UTF-8 text ({what})", line)
+    return YAMLProblem(f"not {name} text, as its byte-order mark says ({what}: {exc.reason})", line)
 
 
 @dataclass(frozen=True, slots=True)

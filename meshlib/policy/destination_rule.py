@@ -203,6 +203,15 @@ class OutlierDetection:
                 (*path, "consecutiveLocalOriginFailures"),
                 "needs splitExternalLocalOriginErrors: true",
             )
+        for index, code in enumerate(self.outlier_detection_http_error_codes):
+            # Istio's CRD bounds each code (list-value-validation), and the API server checks
+            # that on apply; istiod's Go validation does not, so this is where files meet it.
+            if not 100 <= code <= 599:
+                bound = ">= 100" if code < 100 else "<= 599"
+                sink.error(
+                    (*path, "outlierDetectionHttpErrorCodes", index),
+                    f"must be {bound} (an HTTP status code)",
+                )
 
 
 TLSMode = Literal["DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL"]

@@ -12,6 +12,7 @@ everything wrong in one run. Serving code never uses a result that has errors
 from __future__ import annotations
 
 import difflib
+import hashlib
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ import yaml
 from meshlib.errors import Diagnostic, PolicyError, Severity
 from meshlib.policy._gc import without_collector
 from meshlib.policy._schema import INVALID, Path, convert, format_path
-from meshlib.policy._yaml import Document, YAMLProblem, read_documents
+from meshlib.policy._yaml import Document, YAMLProblem, decode, read_documents
 from meshlib.policy.lines import FieldLines
 from meshlib.policy.resources import IGNORED_KINDS, KINDS, ObjectMeta, Origin, Resource
 
@@ -42,6 +43,10 @@ class LoadResult:
     resources: tuple[Resource[Any], ...] = ()
     diagnostics: tuple[Diagnostic, ...] = ()
     lines: Mapping[Origin, FieldLines] = field(default_factory=dict)  # with keep_lines=True
+    # From load_paths: a digest of the files read, each one's path and bytes. Equal digests
+    # (for one namespace) are the same policy, with no doubt resources' equality leaves:
+    # specs compare maps without their order, which `headers.add` keeps, say.
+    digest: bytes = b""
 
     @property
     def errors(self) -> tuple[Diagnostic, ...]:
@@ -99,7 +104,11 @@ def policy_files(path: str | os.PathLike[str]) -> PolicyTree:
     is reported, not taken for an empty one: its policy would silently disappear.
     """
     root = FsPath(path)
-    if not root.is_dir():
+    try:
+        is_folder = root.is_dir()
+    except PermissionError:  # a folder above it may not be entered: reading it says so
+        is_folder = False
+    if not is_folder:
         return PolicyTree((root,))
     found: list[FsPath] = []
     unreadable: list[tuple[str, str]] = []
@@ -107,7 +116,8 @@ def policy_files(path: str | os.PathLike[str]) -> PolicyTree:
 
     def cannot_list(exc: OSError) -> None:
         if not isinstance(exc, FileNotFoundError):  # vanished while walking: seen next time
-            unreadable.append((str(exc.filename or root), exc.strerror or str(exc)))
+            folder = FsPath(exc.filename or root)
+            unreadable.append((str(folder), _why(folder, exc, "list it", "r and x")))
 
     for folder, dirs, files in os.walk(root, onerror=cannot_list, followlinks=True):
         try:
@@ -127,6 +137,52 @@ def policy_files(path: str | os.PathLike[str]) -> PolicyTree:
     return PolicyTree(tuple(found), tuple(unreadable))
 
 
+def _why(path: FsPath, exc: OSError, action: str, bits: str) -> str:
+    """Why `path` cannot be read; for a refusal, what to fix: a folder above it that this
+    process may not enter, or its own permissions (to `action`, it needs `bits`)."""
+    reason = exc.strerror or str(exc)
+    if not isinstance(exc, PermissionError):
+        return reason
+    user = f"{_process_user()}, the user this process runs as,"
+    folder = _closed_folder_above(path)
+    if folder is not None:
+        return (
+            f"{reason}: {user} may not enter {folder} (a folder above it: it needs x"
+            " permission); check that folder's permissions, or the user"
+        )
+    return (
+        f"{reason}: {user} may not {action} (it needs {bits} permission); check its"
+        " permissions, or the user"
+    )
+
+
+def _closed_folder_above(path: FsPath) -> FsPath | None:
+    """The folder above `path` (links resolved: a ConfigMap key's file is in `..data`) that
+    this process may not enter, if there is one."""
+    real = FsPath(os.path.realpath(path))
+    for entry in (*reversed(real.parents), real):
+        try:
+            os.stat(entry)
+        except PermissionError:  # its folder cannot be entered
+            return entry.parent
+        except OSError:
+            return None
+    return None
+
+
+def _process_user() -> str:
+    """Who reads the files, as permissions see it: `uid 65534 (nobody)`."""
+    if not hasattr(os, "geteuid"):  # pragma: no cover - Windows has no uids
+        return "the user"
+    import pwd  # built in where uids exist
+
+    uid = os.geteuid()
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:  # a uid with no name, as OpenShift runs containers
+        return f"uid {uid}"
+
+
 @without_collector
 def load_paths(
     paths: Iterable[str | os.PathLike[str]],
@@ -141,6 +197,7 @@ def load_paths(
     resources: list[Resource[Any]] = []
     diagnostics: list[Diagnostic] = []
     lines: dict[Origin, FieldLines] = {}
+    digest = hashlib.blake2b()
     for path in paths:
         tree = policy_files(path)
         diagnostics.extend(
@@ -151,18 +208,17 @@ def load_paths(
             try:
                 data = file.read_bytes()
             except OSError as exc:
-                diagnostics.append(
-                    Diagnostic("error", f"cannot read policy: {exc.strerror}", str(file))
-                )
+                why = _why(file, exc, "read it", "r")
+                diagnostics.append(Diagnostic("error", f"cannot read policy: {why}", str(file)))
                 continue
+            name = os.fsencode(file)
+            digest.update(b"%d:%s%d:" % (len(name), name, len(data)))  # lengths: unambiguous
+            digest.update(data)
             try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError as exc:  # e.g. a comment saved as Latin-1: say where
-                line = data.count(b"\n", 0, exc.start) + 1
-                reason = f"not UTF-8 text (byte 0x{data[exc.start]:02x})"
-                diagnostics.append(
-                    Diagnostic("error", f"cannot read policy: {reason}", str(file), line)
-                )
+                text = decode(data)
+            except YAMLProblem as problem:
+                message = f"cannot read policy: {problem.message}"
+                diagnostics.append(Diagnostic("error", message, str(file), problem.line))
                 continue
             result = load_text(
                 text,
@@ -174,7 +230,9 @@ def load_paths(
             resources.extend(result.resources)
             diagnostics.extend(result.diagnostics)
             lines.update(result.lines)
-    return LoadResult(tuple(resources), tuple(diagnostics), MappingProxyType(lines))
+    return LoadResult(
+        tuple(resources), tuple(diagnostics), MappingProxyType(lines), digest.digest()
+    )
 
 
 @without_collector

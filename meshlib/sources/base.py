@@ -53,7 +53,8 @@ class SnapshotPublisher:
         return self._snapshot
 
     def subscribe(self, listener: SnapshotListener) -> Callable[[], None]:
-        """Call `listener(snapshot)` after each swap; returns a function that unsubscribes."""
+        """Call `listener(snapshot)` after each swap, and with the current Snapshot again when
+        a source's error clears without a new one; returns a function that unsubscribes."""
         with self._lock:
             self._listeners.append(listener)
         return lambda: self._remove(self._listeners, listener)

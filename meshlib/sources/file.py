@@ -22,6 +22,11 @@ and is now empty (0 bytes), truncated in place, is taken for a write in progress
 loaded, with a warning, until it has content again. (To remove all of a file's policy, leave
 a comment in it; a file that was empty already, or is new, or was replaced by an empty one —
 a rename, a ConfigMap update — is read as it is.)
+
+A change that leaves the policy files' bytes as they were (a touch, a save of the same text,
+a ConfigMap update of another key) keeps the served Snapshot and its generation. Files are
+compared by a digest of their bytes, not by the resources read from them, whose maps compare
+without their order.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from pathlib import Path
 from meshlib._fork import ForkSafeLock
 from meshlib.config import MeshConfig
 from meshlib.errors import PolicyError, PolicyPathError
-from meshlib.policy.loader import load_paths, policy_files
+from meshlib.policy.loader import LoadResult, load_paths, policy_files
 from meshlib.policy.snapshot import Snapshot
 from meshlib.sources.base import SnapshotPublisher
 
@@ -108,15 +113,16 @@ class FileSource(SnapshotPublisher):
         self.config = config
         self.poll_interval = poll_interval
         for path in self.paths:
-            if not path.exists():
+            if _missing(path):
                 raise PolicyPathError(
                     f"policy path {str(path)!r} does not exist (set by MeshConfig.policy or"
                     " MESHLIB_POLICY, or given to the Mesh)"
                 )
+        self._digest: bytes | None = None  # the bytes of the files served: see _unchanged
         super().__init__(self._first_build())  # invalid policy at start-up raises PolicyError
         # reload() is public: the watcher may run it too. A fork that interrupts a reload in
-        # another thread may leave the child with the new files' fingerprint but not their
-        # Snapshot: the child then reads the files again.
+        # another thread may leave the child with the new files' fingerprint or digest but
+        # not their Snapshot: the child then reads the files again, and builds anew.
         self._reloading = ForkSafeLock(self._forget_files)
         self._changed: Fingerprint | None = None  # the change the watcher saw at its last poll
         self._held: Fingerprint | None = None  # files left empty, taken for a write in progress
@@ -153,20 +159,23 @@ class FileSource(SnapshotPublisher):
         process starts must not mix two versions, or fail it for a state the files were in
         only for a moment); files that never hold still are read once more, as they are."""
         fingerprint = self._stat()
-        outcome, self._fingerprint = self._read(fingerprint) or (self._build(), fingerprint)
+        outcome, self._fingerprint = self._read(fingerprint) or (self._load(), fingerprint)
         if isinstance(outcome, PolicyError):
             raise outcome
-        return outcome
+        self._digest = outcome.digest
+        return self._compile(outcome)
 
-    def _read(self, fingerprint: Fingerprint) -> tuple[Snapshot | PolicyError, Fingerprint] | None:
-        """Build from the files `fingerprint` describes; if they changed while being read
-        (an update landing between two files of a folder, say), throw the read away and read
-        again. The Snapshot or the error, with the files it was read from; None when they kept
+    def _read(
+        self, fingerprint: Fingerprint
+    ) -> tuple[LoadResult | PolicyError, Fingerprint] | None:
+        """Load the files `fingerprint` describes; if they changed while being read (an
+        update landing between two files of a folder, say), throw the read away and read
+        again. The policy or the error, with the files it was read from; None when they kept
         changing."""
         for _ in range(_MAX_REREADS):
-            outcome: Snapshot | PolicyError
+            outcome: LoadResult | PolicyError
             try:
-                outcome = self._build()
+                outcome = self._load()
             except PolicyError as exc:
                 outcome = exc
             after = self._stat()
@@ -175,25 +184,35 @@ class FileSource(SnapshotPublisher):
             fingerprint = after  # changed under us: read again
         return None
 
-    def _build(self) -> Snapshot:
+    def _load(self) -> LoadResult:
         result = load_paths(self.paths, default_namespace=self.config.namespace)
         result.raise_for_errors()
+        return result
+
+    def _compile(self, result: LoadResult) -> Snapshot:
         for warning in result.warnings:
             logger.warning("%s", warning)
         return Snapshot.build(result.resources, self.config)
 
     def reload(self) -> bool:
-        """Rebuild if the files changed; True if a new Snapshot was published.
+        """Rebuild if the files changed; True if a Snapshot was published.
 
         The files are stat-ed before and after reading. If they changed while being read
         (an update landing between two files of a folder, say), the read is thrown away and
         done again, so a Snapshot never mixes two versions of the files.
+
+        Files that changed on disk but hold the bytes the served Snapshot was read from
+        (touched, saved unchanged, left alone by a ConfigMap update of another key) publish
+        nothing: False, no new generation. After a rejected reload, files back to those bytes
+        clear the error: the served Snapshot is published again (True), still the same
+        generation, so that listeners hear the policy is good again.
         """
         with self._reloading:  # else an older read could be published after a newer one
             return self._reload()
 
     def _forget_files(self) -> None:
         self._fingerprint = Fingerprint((), {})
+        self._digest = None
 
     def _reload(self) -> bool:
         fingerprint = self._stat()
@@ -206,16 +225,36 @@ class FileSource(SnapshotPublisher):
         if isinstance(outcome, PolicyError):
             self.reject(outcome, self._origin)
             return False
+        if outcome.digest == self._digest:
+            return self._unchanged()
+        snapshot = self._compile(outcome)
         before = len(self.snapshot.resources)
-        self.publish(outcome)
-        if before and not outcome.resources:
+        self.publish(snapshot)
+        self._digest = outcome.digest
+        if before and not snapshot.resources:
             logger.warning(
                 "policy generation %d loaded from %s has no resources: every rule is gone",
-                outcome.generation,
+                snapshot.generation,
                 self._origin,
             )
         else:
-            logger.info("policy generation %d loaded from %s", outcome.generation, self._origin)
+            logger.info("policy generation %d loaded from %s", snapshot.generation, self._origin)
+        return True
+
+    def _unchanged(self) -> bool:
+        """The files hold the bytes the served Snapshot was read from: nothing to publish,
+        unless a rejected change is now undone, which the served Snapshot, published again,
+        tells listeners (the Mesh's meshlib_policy_last_reload_successful returns to 1)."""
+        generation = self.snapshot.generation
+        if self.last_error is None:
+            logger.debug("policy from %s unchanged: still generation %d", self._origin, generation)
+            return False
+        self.publish(self.snapshot)
+        logger.info(
+            "policy from %s is again what generation %d was read from: the error is cleared",
+            self._origin,
+            generation,
+        )
         return True
 
     def _writing(self, fingerprint: Fingerprint) -> bool:
@@ -293,6 +332,15 @@ class FileSource(SnapshotPublisher):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _missing(path: Path) -> bool:
+    """Whether `path` does not exist. One out of reach (a folder above it this process may
+    not enter) may well exist: loading it says why it cannot be read, and what to fix."""
+    try:
+        return not path.exists()
+    except PermissionError:
+        return False
 
 
 def _watch(ref: weakref.ref[FileSource], stop: threading.Event, interval: float) -> None:

@@ -332,6 +332,30 @@ def test_the_deprecated_minimum_ring_size_is_a_uint64() -> None:
     assert error.message == f"must be <= {2**64 - 1} (the uint64 range)"
 
 
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        pytest.param(99, "must be >= 100 (an HTTP status code)", id="99"),
+        pytest.param(600, "must be <= 599 (an HTTP status code)", id="600"),
+        pytest.param(-1, "must be >= 100 (an HTTP status code)", id="negative"),
+        pytest.param(2**32, "must be <= 599 (an HTTP status code)", id="beyond-uint32"),
+    ],
+)
+def test_outlier_detection_http_error_codes_are_http_status_codes(code: int, message: str) -> None:
+    """Istio's CRD bounds each outlierDetectionHttpErrorCodes item to 100-599 (the API server
+    refuses any other on apply): an error naming the item, at its line."""
+    check_valid(dr("outlierDetection:\n  outlierDetectionHttpErrorCodes: [100, 429, 599]"))
+    text = dr(f"outlierDetection:\n  outlierDetectionHttpErrorCodes:\n  - 503\n  - {code}")
+    error = check_error(
+        text,
+        "spec.trafficPolicy.outlierDetection.outlierDetectionHttpErrorCodes[1]",
+        11,
+        "must be",
+    )
+    assert error.message == message
+    assert error.resource == "DestinationRule default/r"
+
+
 def _line_of(text: str, field: str) -> int:
     """The line of the last key of `field` in `text` (each test text names it once)."""
     key = field.rsplit(".", 1)[-1].split("[")[0]

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import codecs
 import os
+import pwd
+import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from meshlib.config import MeshConfig
 from meshlib.errors import PolicyError
+from meshlib.policy.loader import LoadResult, load_paths
 from meshlib.policy.matching import RequestAttributes
 from meshlib.policy.snapshot import Snapshot
 from meshlib.sources.file import FileSource
@@ -246,7 +254,9 @@ def test_running_process_sees_edit_within_two_seconds(tmp_path: Path) -> None:
     assert elapsed < 2.0
 
 
-def test_a_same_size_edit_in_the_same_clock_tick_is_seen(tmp_path: Path) -> None:
+def test_a_same_size_edit_in_the_same_clock_tick_is_seen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """File timestamps tick every 1-10 ms on many kernels: an edit that keeps the size and
     lands in the tick of the previous write leaves (inode, size, mtime) unchanged. Recently
     modified files are compared by content too, so it is still seen — and only once."""
@@ -260,11 +270,19 @@ def test_a_same_size_edit_in_the_same_clock_tick_is_seen(tmp_path: Path) -> None
     assert source.reload()
     assert subset_for(source.snapshot, "reviews") == "v2"
     assert not source.reload()  # unchanged since: nothing to do
-    old = tick - 10_000_000_000
-    os.utime(policy, ns=(old, old))  # metadata changed: one reload
-    assert source.reload()
-    assert not source.reload()  # no longer recent: compared by metadata alone, unchanged
+    reads: list[int] = []
+
+    def counted(*args: Any, **kwargs: Any) -> LoadResult:
+        reads.append(1)
+        return load_paths(*args, **kwargs)
+
+    monkeypatch.setattr("meshlib.sources.file.load_paths", counted)
     generation = source.snapshot.generation
+    old = tick - 10_000_000_000
+    os.utime(policy, ns=(old, old))  # metadata changed: read again (the same bytes: kept)
+    assert not source.reload() and len(reads) == 1
+    assert not source.reload()  # no longer recent: compared by metadata alone, unchanged
+    assert len(reads) == 1
     assert (
         subset_for(source.snapshot, "reviews") == "v2" and generation == source.snapshot.generation
     )
@@ -350,10 +368,10 @@ def test_the_first_read_is_done_again_when_the_files_change_under_it(
     reads: list[int] = []
 
     class UpdatedWhileRead(FileSource):
-        def _build(self) -> Snapshot:
+        def _load(self) -> LoadResult:
             reads.append(1)
             try:
-                return super()._build()
+                return super()._load()
             finally:
                 if len(reads) == 1:  # the update lands while the first read is under way
                     policy.write_text(vs_text("reviews", "v2") + "# the update\n")
@@ -463,6 +481,146 @@ def test_an_unlistable_folder_is_an_error_not_an_empty_one(
     undo()
     assert source.reload() is True
     assert source.last_error is None and subset_for(source.snapshot, "reviews") == "v1"
+
+
+Scenario = Callable[[Path], None]
+
+
+@pytest.fixture
+def as_a_user(tmp_path: Path) -> Iterator[Callable[[Scenario], None]]:
+    """Run a scenario as a user whom file permissions bind, in an empty folder it owns (so it
+    may chmod what it makes unreadable back). That is this process, unless it runs as root,
+    which reads every file whatever its permissions (as these tests run here, and likely in
+    CI): then a forked child that drops to `nobody`, in a folder of /tmp (pytest's tmp_path is
+    in one only root may enter); an exception in the child fails the test with its traceback."""
+    if os.geteuid() != 0:
+        yield lambda scenario: scenario(tmp_path)
+        return
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("runs as root, with no user 'nobody' to drop to: root reads every file")
+    home = Path(tempfile.mkdtemp(prefix="meshlib-permissions-"))
+    try:
+        os.chown(home, nobody.pw_uid, nobody.pw_gid)
+        if not all(p.stat().st_mode & stat.S_IXOTH for p in home.parents):
+            pytest.skip(f"runs as root, and nobody may not enter {home.parent}")
+        yield lambda scenario: _in_a_child_as(nobody, scenario, home)
+    finally:
+        shutil.rmtree(home)  # as root, whatever the scenario left unreadable
+
+
+def _in_a_child_as(user: pwd.struct_passwd, scenario: Scenario, home: Path) -> None:
+    report, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: only what the parent imported is at hand (/root is closed)
+        code = 0
+        try:
+            os.close(report)
+            try:
+                os.setgroups([])
+                os.setgid(user.pw_gid)
+                os.setuid(user.pw_uid)
+            except OSError as exc:
+                os.write(write, str(exc).encode())
+                code = 77
+            else:
+                scenario(home)
+        except BaseException:
+            os.write(write, traceback.format_exc().encode())
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(report, "rb") as pipe:
+        text = pipe.read().decode()
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code == 77:
+        pytest.skip(f"runs as root, and may not drop to nobody here: {text}")
+    assert code == 0, text or f"the child exited with {code}"
+
+
+def policy_tree(home: Path) -> tuple[Path, Path, Path]:
+    """conf/policies/{reviews.yaml, more/ratings.yaml} under `home`: (conf, policies, more)."""
+    conf, policies = home / "conf", home / "conf" / "policies"
+    more = policies / "more"
+    more.mkdir(parents=True)
+    (policies / "reviews.yaml").write_text(vs_text("reviews", "v1"))
+    (more / "ratings.yaml").write_text(vs_text("ratings", "v1"))
+    return conf, policies, more
+
+
+@pytest.mark.parametrize(
+    "case", ["folder-above-the-file", "folder-above-the-folder", "the-file", "folder-inside"]
+)
+def test_a_policy_path_this_process_may_not_read_is_a_policy_error_at_start_up(
+    as_a_user: Callable[[Scenario], None], case: str
+) -> None:
+    """Permissions that keep this process's user from the policy — a folder above the path
+    it may not enter (no x), the file itself, a folder inside a policy folder — are a
+    PolicyError at start-up naming the path and what to fix, never a raw PermissionError."""
+
+    def scenario(home: Path) -> None:
+        conf, policies, more = policy_tree(home)
+        reviews = policies / "reviews.yaml"
+        path, closed, mode, named, fix = {
+            "folder-above-the-file": (reviews, conf, 0o600, reviews, f"may not enter {conf}"),
+            "folder-above-the-folder": (policies, conf, 0o600, policies, f"may not enter {conf}"),
+            "the-file": (reviews, reviews, 0, reviews, "may not read it (it needs r permission)"),
+            "folder-inside": (policies, more, 0, more, "may not list it (it needs r and x"),
+        }[case]
+        closed.chmod(mode)
+        try:
+            with pytest.raises(PolicyError) as info:
+                FileSource(path, MeshConfig())
+        finally:
+            closed.chmod(0o700)
+        assert info.value.file == str(named)
+        message = str(info.value)
+        assert "Permission denied" in message and fix in message, message
+        assert f"uid {os.geteuid()}" in message, message
+        assert "the user this process runs as" in message and "permissions" in message, message
+        assert subset_for(FileSource(path, MeshConfig()).snapshot, "reviews") == "v1"
+
+    as_a_user(scenario)
+
+
+def test_a_policy_path_made_unreadable_is_a_rejected_reload_and_the_watcher_goes_on(
+    as_a_user: Callable[[Scenario], None],
+) -> None:
+    """A folder above the policy path that this process's user may no longer enter is a
+    rejected reload, by `reload()` and by the watcher: the last good policy keeps serving,
+    the watcher keeps watching, and the policy is read again once the folder opens."""
+
+    def scenario(home: Path) -> None:
+        conf, policies, _ = policy_tree(home)
+        source = FileSource(policies, MeshConfig(), poll_interval=0.01)
+        errors: list[PolicyError] = []
+        source.on_error(errors.append)
+        generation = source.snapshot.generation
+        conf.chmod(0o600)
+        try:
+            assert source.reload() is False and len(errors) == 1
+        finally:
+            conf.chmod(0o700)
+        assert errors[0].file == str(policies) and f"may not enter {conf}" in str(errors[0])
+        assert source.snapshot.generation == generation and source.last_error is errors[0]
+        assert source.reload() is True and source.last_error is None
+        source.start()
+        try:
+            conf.chmod(0o600)
+            wait_for(lambda: len(errors) == 2)  # the watcher reports it, and lives on
+            conf.chmod(0o700)
+            wait_for(lambda: source.last_error is None)
+            (policies / "reviews.yaml").write_text(vs_text("reviews", "v2"))
+            wait_for(lambda: subset_for(source.snapshot, "reviews") == "v2")
+            assert subset_for(source.snapshot, "ratings") == "v1" and len(errors) == 2
+        finally:
+            conf.chmod(0o700)
+            source.close()
+
+    as_a_user(scenario)
 
 
 def test_a_file_made_readable_again_is_read(
@@ -784,3 +942,179 @@ def test_a_file_that_is_not_utf8_is_rejected_naming_its_line(tmp_path: Path) -> 
     assert errors[0].file == str(policy) and errors[0].line == 4
     assert "not UTF-8 text (byte 0xe9)" in str(errors[0])
     assert subset_for(source.snapshot, "reviews") == "v1"
+
+
+BOM_ENCODINGS = [
+    pytest.param(codecs.BOM_UTF16_LE, "utf-16-le", "\r\n", id="utf-16le-crlf"),  # PowerShell's >
+    pytest.param(codecs.BOM_UTF16_BE, "utf-16-be", "\n", id="utf-16be"),
+    pytest.param(codecs.BOM_UTF32_LE, "utf-32-le", "\n", id="utf-32le"),
+    pytest.param(codecs.BOM_UTF32_BE, "utf-32-be", "\n", id="utf-32be"),
+    pytest.param(codecs.BOM_UTF8, "utf-8", "\r\n", id="utf-8-crlf"),
+]
+
+
+@pytest.mark.parametrize(("bom", "codec", "newline"), BOM_ENCODINGS)
+def test_a_file_with_a_byte_order_mark_is_read_in_its_encoding(
+    tmp_path: Path, bom: bytes, codec: str, newline: str
+) -> None:
+    """YAML 1.2 allows UTF-8, UTF-16 and UTF-32 named by a byte-order mark, and kubectl reads
+    UTF-16 with one (what Windows PowerShell's `>` writes, with CRLF line ends): such a file
+    is read at start-up and on reload, and an error in it names the right line."""
+
+    def encoded(text: str) -> bytes:
+        return bom + text.replace("\n", newline).encode(codec)
+
+    policy = tmp_path / "mesh.yaml"
+    policy.write_bytes(encoded("# policy\n" + vs_text("reviews", "v1")))
+    source = FileSource(policy, MeshConfig())
+    assert subset_for(source.snapshot, "reviews") == "v1"
+    assert source.snapshot.resources[0].origin.line == 2
+    policy.write_bytes(encoded(vs_text("reviews", "v2") + "      weight: -1\n"))
+    errors: list[PolicyError] = []
+    source.on_error(errors.append)
+    assert source.reload() is False and len(errors) == 1
+    assert (errors[0].line, errors[0].field) == (9, "spec.http[0].route[0].weight")
+    policy.write_bytes(encoded(vs_text("reviews", "v2")))
+    assert source.reload() is True and subset_for(source.snapshot, "reviews") == "v2"
+
+
+@pytest.mark.parametrize(
+    ("data", "line", "message"),
+    [
+        pytest.param(
+            codecs.BOM_UTF16_LE + "a: 1\nb: 2\n".encode("utf-16-le") + b"\x00\xd8c\x00",
+            3,
+            "not UTF-16LE text, as its byte-order mark says (bytes 0x00 0xd8:"
+            " illegal UTF-16 surrogate)",
+            id="utf-16le-lone-surrogate",
+        ),
+        pytest.param(
+            codecs.BOM_UTF16_BE + "a: 1\n".encode("utf-16-be") + b"\x00",
+            2,
+            "not UTF-16BE text, as its byte-order mark says (byte 0x00: truncated data)",
+            id="utf-16be-odd-length",
+        ),
+        pytest.param(
+            codecs.BOM_UTF32_LE + "a: 1\n".encode("utf-32-le") + b"\x00\x00\x11\x00",
+            2,
+            "not UTF-32LE text, as its byte-order mark says (bytes 0x00 0x00 0x11 0x00:"
+            " code point not in range(0x110000))",
+            id="utf-32le-beyond-unicode",
+        ),
+        pytest.param(
+            codecs.BOM_UTF8 + "a: 1\nb: caf\xe9\n".encode("latin-1"),
+            2,
+            "not UTF-8 text, as its byte-order mark says (byte 0xe9: invalid continuation byte)",
+            id="utf-8-bom-latin-1",
+        ),
+        pytest.param(
+            "a: 1\n".encode("utf-16-le"),
+            1,
+            "NUL bytes: UTF-16 or UTF-32 text without a byte-order mark? Save it as UTF-8"
+            " (or with a byte-order mark)",
+            id="utf-16le-without-its-mark",
+        ),
+    ],
+)
+def test_bytes_that_are_not_text_in_the_marked_encoding_are_an_error_naming_their_line(
+    tmp_path: Path, data: bytes, line: int, message: str
+) -> None:
+    """Bytes that are not valid in the encoding a file's byte-order mark names are an error
+    naming the file, the line and the bytes, as for UTF-8 (a file without a mark); a file of
+    UTF-16 or UTF-32 written without its mark says what it likely is."""
+    policy = tmp_path / "mesh.yaml"
+    policy.write_bytes(data)
+    with pytest.raises(PolicyError) as info:
+        FileSource(policy, MeshConfig())
+    assert (info.value.file, info.value.line) == (str(policy), line)
+    assert str(info.value) == f"{policy}:{line}: error: cannot read policy: {message}"
+
+
+def _touch(path: Path) -> None:
+    """Move `path`'s times well away from now: its metadata changes, not its bytes."""
+    then = time.time_ns() - 10_000_000_000
+    os.utime(path, ns=(then, then))
+
+
+def _same_bytes_in_place(path: Path) -> None:
+    path.write_bytes(path.read_bytes())
+    _touch(path)  # the write may land in its clock tick: make the change certain
+
+
+def _same_bytes_atomically(path: Path) -> None:  # an editor's save: a new file (inode)
+    replace_atomically(path, path.read_text())
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(_touch, id="touch"),
+        pytest.param(_same_bytes_in_place, id="saved-in-place"),
+        pytest.param(_same_bytes_atomically, id="saved-atomically"),
+        pytest.param(None, id="configmap-update-of-another-key"),
+    ],
+)
+def test_files_changed_on_disk_but_holding_the_same_bytes_publish_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, change: Callable[[Path], None] | None
+) -> None:
+    """A change on disk that leaves the policy files' bytes as they were keeps the served
+    Snapshot: nothing published, no new generation, no "loaded" line, a DEBUG line at most."""
+    caplog.set_level("DEBUG", logger="meshlib.policy")
+    if change is None:  # a ConfigMap update of a key that is no policy: every link moves
+        make_configmap_mount(tmp_path, {"mesh.yaml": vs_text("reviews", "v1"), "a.txt": "1"}, 1)
+        source = FileSource(tmp_path, MeshConfig())
+        make_configmap_mount(tmp_path, {"mesh.yaml": vs_text("reviews", "v1"), "a.txt": "2"}, 2)
+    else:
+        policy = tmp_path / "mesh.yaml"
+        policy.write_text(vs_text("reviews", "v1"))
+        source = FileSource(policy, MeshConfig())
+        change(policy)
+    published: list[Snapshot] = []
+    source.subscribe(published.append)
+    served = source.snapshot
+    caplog.clear()
+    assert source.reload() is False
+    assert source.snapshot is served and published == []
+    assert not [r for r in caplog.records if r.levelname != "DEBUG"], caplog.text
+    assert "unchanged: still generation" in caplog.text
+
+
+def test_an_undone_rejected_edit_clears_the_error_without_a_new_generation(
+    tmp_path: Path,
+) -> None:
+    """Through a Mesh and its registry: a touch publishes nothing and moves no gauge; a
+    rejected edit sets meshlib_policy_last_reload_successful to 0; undoing it (the files back
+    to the bytes served) sets it to 1 again, with the served Snapshot and its generation."""
+    from prometheus_client import CollectorRegistry
+
+    import meshlib
+
+    policy = tmp_path / "mesh.yaml"
+    policy.write_text(vs_text("reviews", "v1"))
+    good = policy.read_bytes()
+    registry = CollectorRegistry()
+    config = MeshConfig(service="reviews", metrics_port=None)
+    mesh = meshlib.Mesh(config, policy=policy, watch=False, registry=registry)
+
+    def gauges() -> tuple[float | None, float | None, float | None]:
+        return (
+            registry.get_sample_value("meshlib_policy_generation"),
+            registry.get_sample_value("meshlib_policy_last_reload_successful"),
+            registry.get_sample_value("meshlib_policy_reload_errors_total"),
+        )
+
+    try:
+        served = mesh.source.snapshot
+        assert gauges() == (served.generation, 1.0, 0.0)
+        _touch(policy)
+        assert mesh.source.reload() is False and gauges() == (served.generation, 1.0, 0.0)
+        policy.write_text(vs_text("reviews", "v2").replace("hosts:", "hostz:"))
+        assert mesh.source.reload() is False and gauges() == (served.generation, 0.0, 1.0)
+        policy.write_bytes(good)  # the edit undone
+        assert mesh.source.reload() is True
+        assert gauges() == (served.generation, 1.0, 1.0)
+        assert mesh.source.snapshot is served and mesh.source.last_error is None
+        _touch(policy)
+        assert mesh.source.reload() is False and gauges() == (served.generation, 1.0, 1.0)
+    finally:
+        mesh.close()
