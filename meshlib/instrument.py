@@ -77,14 +77,17 @@ def _targets() -> tuple[tuple[Any, str], ...]:
 
 def _closers() -> tuple[tuple[Any, str], ...]:
     """Where httpx transports are closed (a facade's pool for mirrored copies goes with them):
-    `close()`, and the end of a `with` block, which closes the pool without calling it."""
+    `close()`, and the end of a `with` block, which closes the pool without calling it; and
+    requests adapters (`Session.close()` closes each), whose facades' copies stop with them."""
     import httpx
+    import requests.adapters
 
     return (
         (httpx.HTTPTransport, "close"),
         (httpx.HTTPTransport, "__exit__"),
         (httpx.AsyncHTTPTransport, "aclose"),
         (httpx.AsyncHTTPTransport, "__aexit__"),
+        (requests.adapters.HTTPAdapter, "close"),
     )
 
 
@@ -202,8 +205,18 @@ async def _httpx_aclose(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> 
     return await wrapped(*args, **kwargs)
 
 
+def _requests_close(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    """Closing a stock adapter lets its facade's copies in flight finish and drops those
+    queued, as `MeshAdapter.close()` does: sent after the close, one would go through a pool
+    opened anew, whose connection nobody closes."""
+    facade = _made(instance)
+    if facade is not None:
+        facade.close_mirrors()
+    return wrapped(*args, **kwargs)
+
+
 _WRAPPERS = (_httpx_sync, _httpx_async, _requests_send)
-_CLOSE_WRAPPERS = (_httpx_close, _httpx_close, _httpx_aclose, _httpx_aclose)
+_CLOSE_WRAPPERS = (_httpx_close, _httpx_close, _httpx_aclose, _httpx_aclose, _requests_close)
 
 
 def instrument(mesh: Mesh | None = None) -> None:
@@ -237,8 +250,9 @@ def uninstrument() -> None:
     """Undo `instrument()`; clients send requests as stock httpx and requests do.
 
     Closing a transport meshed before still closes the pool its facade made for mirrored
-    copies: that wrapper of `close` / `aclose` stays (it does nothing for other transports),
-    as a client is often closed after `uninstrument()`."""
+    copies (closing an adapter, its queued copies): that wrapper of `close` / `aclose` stays
+    (it does nothing for other transports), as a client is often closed after
+    `uninstrument()`."""
     with _lock:
         if _state["active"] is None:
             return

@@ -483,3 +483,46 @@ def test_first_calls_racing_on_a_shared_transport_make_one_wrapper(
             client.close()  # type: ignore[attr-defined]
     assert upstreams == ["v2"] * threads
     assert len(made) == 1
+
+
+@pytest.mark.parametrize("meshes", [1, 2], ids=["one-mesh", "another-mesh-since"])
+def test_closing_a_stock_session_stops_its_copies(make_mesh: MeshFactory, meshes: int) -> None:
+    """A stock `requests.Session` under `instrument()` closed while its mirrored copies are
+    held by the mirror (four, one per mirroring thread) and a fifth waits for a thread:
+    `close()` gives the copies in flight their grace, and the queued one is dropped — not
+    sent after the close through a pool opened anew, whose connection to the mirror nothing
+    would close — as with `meshlib.Session`; once the mirror answers, no connection to it
+    stays open. Also when `instrument(another_mesh)` came between (a sixth call, whose
+    copy queues too): the adapter's new facade stops its predecessor's copies."""
+    from tests.rawserver import ThreadServer, held_until, wait_until_sync
+    from tests.upstream import loopback_service
+
+    release = asyncio.Event()
+    held = ThreadServer(held_until(release))
+    with held as shadow:
+        policy = (
+            loopback_service("shadow.default.svc.cluster.local", shadow.port)
+            + "---\n"
+            + virtual_service(
+                "- route: [{destination: {host: reviews}}]\n  mirror: {host: shadow}\n"
+            )
+        )
+        made = [make_mesh(policy) for _ in range(meshes)]
+        mirrors = [mesh.cluster(("shadow.default.svc.cluster.local", None, 9080)) for mesh in made]
+        session = requests.Session()
+        meshlib.instrument(made[0])
+        try:
+            assert [session.get(URL + "/", timeout=5).status_code for _ in range(5)] == [200] * 5
+            wait_until_sync(lambda: len(shadow.heads) == 4, "four copies held")
+            assert mirrors[0].limits.active_requests == 5  # and the fifth, queued
+            if meshes == 2:
+                meshlib.instrument(made[1])
+                assert session.get(URL + "/", timeout=5).status_code == 200
+            session.close()
+        finally:
+            meshlib.uninstrument()
+            held.loop.call_soon_threadsafe(release.set)
+        for mirror in mirrors:
+            wait_until_sync(lambda m=mirror: m.limits.active_requests == 0, "the copies to end")
+        assert len(shadow.heads) == 4
+        wait_until_sync(lambda: shadow.active == 0, "the copies' connections to close", 2.0)
