@@ -18,7 +18,9 @@ unwraps the outermost wrapper of a method); `instrument()` again puts back what 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import wrapt
@@ -28,11 +30,27 @@ from meshlib.clients._guard import inside_meshlib
 if TYPE_CHECKING:
     from meshlib.mesh import Mesh
 
-_lock = threading.Lock()
-# "closers": the transports' close methods are wrapped (they stay wrapped, see uninstrument)
-_state: dict[str, Any] = {"mesh": None, "patched": False, "closers": False, "generation": 0}
+
+@dataclasses.dataclass(frozen=True, slots=True, eq=False)
+class _Instrumented:
+    """What one `instrument()` put in effect, published with one assignment and read once by
+    each call: a call is meshed whole by the Mesh it read, or sent as stock, never between,
+    however `uninstrument()` or `instrument()` in another thread overtakes it. A new one
+    after `instrument(another_mesh)`, and whenever wrappers were put in place: each
+    transport's facade is made anew under it (the method it sends through may now be
+    another library's wrapper)."""
+
+    mesh: Mesh | None  # None: the default Mesh
+
+
+_lock = threading.Lock()  # instrument() and uninstrument()
+_facade_lock = threading.Lock()  # making a facade
+# "active": the _Instrumented in effect, or None. "closers": the transports' close methods
+# are wrapped (they stay wrapped, see uninstrument).
+_state: dict[str, Any] = {"active": None, "closers": False}
+# On each meshed transport or adapter: (its facade, the _Instrumented it was made under), one
+# value so that a call never reads one half of another call's update.
 _FACADE = "_meshlib_facade"
-_GENERATION = "_meshlib_facade_generation"  # the instrument() its facade was made under
 
 
 class _Clients:
@@ -59,31 +77,42 @@ def _targets() -> tuple[tuple[Any, str], ...]:
 
 def _closers() -> tuple[tuple[Any, str], ...]:
     """Where httpx transports are closed (a facade's pool for mirrored copies goes with them):
-    `close()`, and the end of a `with` block, which closes the pool without calling it."""
+    `close()`, and the end of a `with` block, which closes the pool without calling it; and
+    requests adapters (`Session.close()` closes each), whose facades' copies stop with them."""
     import httpx
+    import requests.adapters
 
     return (
         (httpx.HTTPTransport, "close"),
         (httpx.HTTPTransport, "__exit__"),
         (httpx.AsyncHTTPTransport, "aclose"),
         (httpx.AsyncHTTPTransport, "__aexit__"),
+        (requests.adapters.HTTPAdapter, "close"),
     )
 
 
-def _facade(instance: Any, make: Any) -> Any:
-    """The meshing wrapper of one stock transport or adapter, for the Mesh instrumented now
-    (made anew after `instrument(another_mesh)`, and after `uninstrument()` and `instrument()`
-    again: the method it sends through may now be another library's wrapper)."""
-    state = instance.__dict__
-    facade = state.get(_FACADE)
-    generation = _state["generation"]
-    if facade is None or facade._mesh is not _state["mesh"] or state.get(_GENERATION) != generation:
-        earlier, facade = facade, make()
-        if earlier is not None and hasattr(facade, "adopt_mirrors"):
-            facade.adopt_mirrors(earlier)  # the earlier pool for copies is closed with it
-        state[_FACADE] = facade
-        state[_GENERATION] = generation
-    return facade
+def _facade(instance: Any, active: _Instrumented, make: Callable[[Mesh | None], Any]) -> Any:
+    """The meshing wrapper of one stock transport or adapter under `active`, made by
+    `make(mesh)` on first use: once, though the first calls of several clients sharing the
+    transport race (another would have a pool for mirrored copies nothing closes)."""
+    made = instance.__dict__.get(_FACADE)
+    if made is not None and made[1] is active:
+        return made[0]
+    with _facade_lock:
+        made = instance.__dict__.get(_FACADE)
+        if made is not None and made[1] is active:
+            return made[0]  # another thread's first call made it meanwhile
+        facade = make(active.mesh)
+        if made is not None and hasattr(facade, "adopt_mirrors"):
+            facade.adopt_mirrors(made[0])  # the earlier pool for copies is closed with it
+        instance.__dict__[_FACADE] = (facade, active)
+        return facade
+
+
+def _made(instance: Any) -> Any:
+    """The facade made for `instance`, or None."""
+    made = instance.__dict__.get(_FACADE)
+    return None if made is None else made[0]
 
 
 class _Stock:
@@ -111,37 +140,48 @@ class _Stock:
         await self._instance.aclose()
 
 
-def _bypass() -> bool:
-    """Send as stock: inside meshlib (a facade's own try), or after `uninstrument()` left a
-    wrapper in place under another library's (see there)."""
-    return not _state["patched"] or inside_meshlib()
+def _in_effect() -> _Instrumented | None:
+    """What a call is meshed under, read once and first; None to send it as stock: after
+    `uninstrument()` (which may leave a wrapper in place under another library's, see
+    there), and inside meshlib (a facade's own try)."""
+    active: _Instrumented | None = _state["active"]
+    if active is None or inside_meshlib():
+        return None
+    return active
 
 
 def _httpx_sync(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-    if _bypass():
+    active = _in_effect()
+    if active is None:
         return wrapped(*args, **kwargs)
     facade = _facade(
-        instance, lambda: _Clients.MeshTransport(_Stock(instance, wrapped), mesh=_state["mesh"])
+        instance,
+        active,
+        lambda mesh: _Clients.MeshTransport(_Stock(instance, wrapped), mesh=mesh),
     )
     return facade.handle_request(*args, **kwargs)
 
 
 async def _httpx_async(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-    if _bypass():
+    active = _in_effect()
+    if active is None:
         return await wrapped(*args, **kwargs)
     facade = _facade(
         instance,
-        lambda: _Clients.AsyncMeshTransport(_Stock(instance, wrapped), mesh=_state["mesh"]),
+        active,
+        lambda mesh: _Clients.AsyncMeshTransport(_Stock(instance, wrapped), mesh=mesh),
     )
     return await facade.handle_async_request(*args, **kwargs)
 
 
 def _requests_send(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-    if _bypass() or isinstance(instance, _Clients.MeshAdapter):
+    active = _in_effect()
+    if active is None or isinstance(instance, _Clients.MeshAdapter):
         return wrapped(*args, **kwargs)
     facade = _facade(
         instance,
-        lambda: _Clients.MeshAdapter(mesh=_state["mesh"], inner=_Stock(instance, wrapped)),
+        active,
+        lambda mesh: _Clients.MeshAdapter(mesh=mesh, inner=_Stock(instance, wrapped)),
     )
     return facade.send(*args, **kwargs)
 
@@ -150,7 +190,7 @@ def _httpx_close(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
     """Closing a stock transport closes its facade's pool for mirrored copies too, and makes
     a call it has in flight fail as the app's doing, as `MeshTransport.close()` does: not
     sent again through the closed pool (it would open a connection nobody closes)."""
-    facade = instance.__dict__.get(_FACADE)
+    facade = _made(instance)
     if facade is not None:
         facade.closing()
         facade.close_mirrors()
@@ -158,15 +198,25 @@ def _httpx_close(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
 
 
 async def _httpx_aclose(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-    facade = instance.__dict__.get(_FACADE)
+    facade = _made(instance)
     if facade is not None:
         facade.closing()
         await facade.aclose_mirrors()
     return await wrapped(*args, **kwargs)
 
 
+def _requests_close(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    """Closing a stock adapter lets its facade's copies in flight finish and drops those
+    queued, as `MeshAdapter.close()` does: sent after the close, one would go through a pool
+    opened anew, whose connection nobody closes."""
+    facade = _made(instance)
+    if facade is not None:
+        facade.close_mirrors()
+    return wrapped(*args, **kwargs)
+
+
 _WRAPPERS = (_httpx_sync, _httpx_async, _requests_send)
-_CLOSE_WRAPPERS = (_httpx_close, _httpx_close, _httpx_aclose, _httpx_aclose)
+_CLOSE_WRAPPERS = (_httpx_close, _httpx_close, _httpx_aclose, _httpx_aclose, _requests_close)
 
 
 def instrument(mesh: Mesh | None = None) -> None:
@@ -178,45 +228,46 @@ def instrument(mesh: Mesh | None = None) -> None:
     _Clients.pool_like = pool_like
     _Clients.MeshAdapter = MeshAdapter
     with _lock:
-        _state["mesh"] = mesh
+        active = _state["active"]
         wrapped = False
         for (owner, name), wrapper in zip(_targets(), _WRAPPERS, strict=True):
-            # Once patched, only where meshlib's wrapper went missing: another library's
+            # Once in effect, only where meshlib's wrapper went missing: another library's
             # uninstrument may have taken it out (OpenTelemetry's unwraps the outermost
             # wrapper of a method, whoever's it is).
-            if not (_state["patched"] and _meshed(owner, name)):
+            if active is None or not _meshed(owner, name):
                 wrapt.wrap_function_wrapper(owner, name, wrapper)
                 wrapped = True
-        if not wrapped:
-            return
         if not _state["closers"]:
             for (owner, name), wrapper in zip(_closers(), _CLOSE_WRAPPERS, strict=True):
                 wrapt.wrap_function_wrapper(owner, name, wrapper)
             _state["closers"] = True
-        _state["patched"] = True
-        _state["generation"] += 1
+        if wrapped or active is None or active.mesh is not mesh:
+            # last: the wrappers are in place, each sending as stock until this is read
+            _state["active"] = _Instrumented(mesh)
 
 
 def uninstrument() -> None:
     """Undo `instrument()`; clients send requests as stock httpx and requests do.
 
     Closing a transport meshed before still closes the pool its facade made for mirrored
-    copies: that wrapper of `close` / `aclose` stays (it does nothing for other transports),
-    as a client is often closed after `uninstrument()`."""
+    copies (closing an adapter, its queued copies): that wrapper of `close` / `aclose` stays
+    (it does nothing for other transports), as a client is often closed after
+    `uninstrument()`."""
     with _lock:
-        if not _state["patched"]:
+        if _state["active"] is None:
             return
+        # First: a call from now on is sent as stock (a call that read it before is meshed
+        # whole), whether or not its wrapper can be taken out.
+        _state["active"] = None
         for owner, name in _targets():
             _unwrap(owner, name)
-        _state["patched"] = False
-        _state["mesh"] = None
 
 
 def _unwrap(owner: Any, name: str) -> None:
     """Take meshlib's wrapper out of `owner.name`, wherever it is in a chain of wrapt
     wrappers: another library (OpenTelemetry's instrumentations, say) may have wrapped the
     same method after `instrument()`, and its wrapper stays. If meshlib's cannot be taken out
-    of the chain, it stays in place and sends as stock (`_bypass`)."""
+    of the chain, it stays in place and sends as stock (`_in_effect`)."""
     outer: Any = None
     layer = owner.__dict__[name]
     while getattr(layer, "_self_wrapper", None) is not None:
@@ -245,4 +296,5 @@ def is_instrumented() -> bool:
     """Whether `instrument()` is in effect: False too where another library took meshlib's
     wrappers out (calling `instrument()` again puts them back)."""
     with _lock:
-        return bool(_state["patched"]) and all(_meshed(*target) for target in _targets())
+        in_effect = _state["active"] is not None
+        return in_effect and all(_meshed(*target) for target in _targets())

@@ -201,9 +201,11 @@ class AsgiServer:
 class HypercornServer:
     """Any ASGI app served by hypercorn in a daemon thread on 127.0.0.1, an OS-assigned port:
     HTTP/1.1, and HTTP/2 to a client that speaks it from the start (h2c prior knowledge),
-    over which hypercorn sends response trailers. Same interface as `AsgiServer`."""
+    over which hypercorn sends response trailers. Same interface as `AsgiServer`. With
+    `certfile` (a PEM file holding the key and the certificate chain), TLS instead, HTTP/2
+    chosen by ALPN when the client offers it."""
 
-    def __init__(self, app: Any, name: str = "hypercorn") -> None:
+    def __init__(self, app: Any, name: str = "hypercorn", *, certfile: str | None = None) -> None:
         from hypercorn.config import Config
 
         listener = socket.socket()
@@ -214,6 +216,7 @@ class HypercornServer:
         self.config.bind = [f"fd://{listener.detach()}"]  # hypercorn owns the socket now
         self.config.errorlog = None  # the app errors the tests make on purpose
         self.config.graceful_timeout = 0.5  # stop() waits no longer for open connections
+        self.config.certfile = self.config.keyfile = certfile
         self.app = app
         self.name = name
         self._serving = threading.Event()

@@ -108,6 +108,7 @@ class MirrorTracker:
 
     def __init__(self) -> None:
         self._pending: set[concurrent.futures.Future[Any]] = set()
+        self.closes = 0  # close() calls: a copy queued before one is dropped by its sender
 
     def submit(self, fn: Any, *args: Any) -> bool:
         """Send a copy from the pool; False (dropped) when `MAX_MIRRORS_PENDING` are pending."""
@@ -125,6 +126,12 @@ class MirrorTracker:
     def wait(self, timeout: float = 1.0) -> None:
         if self._pending:
             concurrent.futures.wait(list(self._pending), timeout=timeout)
+
+    def close(self) -> None:
+        """Let copies in flight finish (a second at most) before their pool goes away, and
+        count a close: a copy still queued would open a pool nobody closes."""
+        self.wait()
+        self.closes += 1
 
 
 def choose_hash_key(exchange: Exchange, mesh: Mesh, attributes: RequestAttributes) -> None:

@@ -984,8 +984,8 @@ def pool_like(inner: Any) -> Any:
     copies (Envoy sends them through the mirror cluster's own pool: a slow shadow must not
     take the connections the calls themselves wait for): meshlib's HTTP/1.1 transport makes
     its `sibling()`; httpx's own, without a proxy, is matched by a new one with its TLS
-    context (for asyncio, meshlib's HTTP/1.1 pool unless it speaks only HTTP/2). None for
-    any other transport (an app's own, a mock): copies go through it."""
+    context and HTTP versions (for asyncio, meshlib's HTTP/1.1 pool when it speaks only
+    HTTP/1.1). None for any other transport (an app's own, a mock): copies go through it."""
     sibling = getattr(inner, "sibling", None)
     if callable(sibling):
         return sibling()  # None when it cannot make one
@@ -996,8 +996,12 @@ def pool_like(inner: Any) -> Any:
                 verify=pool._ssl_context or True, http1=pool._http1, http2=pool._http2
             )
         if type(inner) is httpx.AsyncHTTPTransport and type(pool) is httpcore.AsyncConnectionPool:
+            # Not meshlib's HTTP/1.1 pool for an HTTP/2 one: a prior-knowledge mirror would get
+            # HTTP/1.1, and over TLS the context they share offers h2 by ALPN once httpcore
+            # has set it so, which that pool must refuse.
+            only_h2: dict[str, Any] = {} if pool._http1 else {"http1": False}
             return _default_async_transport(
-                verify=pool._ssl_context or True, http2=pool._http2 and not pool._http1
+                verify=pool._ssl_context or True, http2=pool._http2, **only_h2
             )
     except AttributeError:  # another httpcore: the inner transport it is
         pass

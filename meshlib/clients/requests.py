@@ -352,21 +352,29 @@ class MeshAdapter(HTTPAdapter):
         super().__init__(**kwargs)
         self._mesh = mesh
         self._mirroring = MirrorTracker()
-        self._mirror_epoch = 0  # counts close() calls: a copy queued before one is dropped
         self._inner = inner  # an adapter to send through instead of this one's own pool
         self._owns_inner = False  # closed with this one (an app's, `Session.mount` meshed)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # type: ignore[misc]  # requests has it, untyped
         self._mirroring = MirrorTracker()
-        self._mirror_epoch = 0
 
     def close(self) -> None:
-        self._mirroring.wait()  # let mirrored copies finish before the pool goes away
-        self._mirror_epoch += 1  # a copy still queued would open a pool nobody closes
+        self.close_mirrors()
         super().close()
         if self._inner is not None and self._owns_inner:
             self._inner.close()  # an app's adapter that `Session.mount` meshed
+
+    def close_mirrors(self) -> None:
+        """Let mirrored copies in flight finish (a second at most), and drop those queued:
+        sent after the close, through the pool opened anew, one would leave its connection
+        open. `close()` does it; `instrument()` does it when a stock adapter closes."""
+        self._mirroring.close()
+
+    def adopt_mirrors(self, earlier: MeshAdapter) -> None:
+        """Track the copies of the adapter this one replaces over the same inner one
+        (`instrument()` with another Mesh) as this one's: closing stops them too."""
+        self._mirroring = earlier._mirroring
 
     def _send_upstream(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
         with passthrough_inside():
@@ -492,7 +500,7 @@ class MeshAdapter(HTTPAdapter):
                     )
                     if copy.attempt.close_connection:
                         sent.headers["connection"] = "close"  # maxRequestsPerConnection
-                    epoch = self._mirror_epoch
+                    epoch = self._mirroring.closes
                     if not self._mirroring.submit(
                         self._send_mirror, sent, copy, caller, options, epoch
                     ):
@@ -550,7 +558,7 @@ class MeshAdapter(HTTPAdapter):
         cluster's outlier detection (see `MirrorCopy`)."""
         result: AttemptResult | None = None
         try:
-            if epoch != self._mirror_epoch:
+            if epoch != self._mirroring.closes:
                 return  # the adapter was closed while the copy waited for a thread
             connect, read, mesh_owned = copy.timeouts(*caller)
             try:

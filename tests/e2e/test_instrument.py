@@ -381,3 +381,148 @@ def test_instrumenting_again_after_another_library_took_the_wrapper_out(
         meshlib.uninstrument()
         client.close()
         httpx.HTTPTransport.handle_request = stock_handle  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("kind", ["httpx", "httpx-async", "requests"])
+def test_a_call_uninstrument_overtakes_is_meshed_whole(
+    make_mesh: MeshFactory, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """`uninstrument()` from another thread while a call is inside meshlib's wrapper, past
+    reading whether `instrument()` is in effect (here: where the wrapper asks whether meshlib
+    itself sent the call): the call is meshed whole by the Mesh it found — not by the default
+    Mesh, as when the flag and the Mesh were read apart and the Mesh was gone between."""
+    import importlib
+    import threading
+
+    instrumenting = importlib.import_module("meshlib.instrument")  # the attribute: the function
+    stock = instrumenting.inside_meshlib
+
+    def overtaken() -> bool:
+        monkeypatch.setattr(instrumenting, "inside_meshlib", stock)  # once
+        other = threading.Thread(target=meshlib.uninstrument)
+        other.start()
+        other.join(10)
+        return stock()
+
+    meshlib.instrument(make_mesh(TO_V2))
+    monkeypatch.setattr(instrumenting, "inside_meshlib", overtaken)
+    try:
+        if kind == "httpx":
+            with httpx.Client() as client:
+                upstream = client.get(URL + "/").headers["x-upstream"]
+        elif kind == "requests":
+            with requests.Session() as session:
+                upstream = session.get(URL + "/", timeout=5).headers["x-upstream"]
+        else:
+
+            async def call() -> str:
+                async with httpx.AsyncClient() as client:
+                    return (await client.get(URL + "/")).headers["x-upstream"]
+
+            upstream = asyncio.run(call())
+    finally:
+        meshlib.uninstrument()
+    assert upstream == "v2"
+    assert not is_instrumented()  # the other thread's uninstrument() did its work
+    assert instrumenting.inside_meshlib is stock  # the hook ran
+
+
+@pytest.mark.parametrize("kind", ["httpx", "requests"])
+def test_first_calls_racing_on_a_shared_transport_make_one_wrapper(
+    instrumented: meshlib.Mesh, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """Stock clients sharing one transport (httpx) or adapter (requests), their first calls
+    made at once from eight threads: one meshing wrapper is made for it, not one per thread
+    (each would have its own pool for mirrored copies, which closing the client never
+    reaches but for the one kept)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from meshlib.instrument import _Clients
+
+    threads = 8
+    made: list[object] = []
+    lock = threading.Lock()
+    another = threading.Event()
+    name = "MeshTransport" if kind == "httpx" else "MeshAdapter"
+
+    class Counted(getattr(_Clients, name)):  # type: ignore[misc]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            with lock:
+                made.append(self)
+                if len(made) > 1:
+                    another.set()
+            # Hold the first one back: a second thread making its own comes in meanwhile. (Made
+            # once, as it should be, it waits out the whole half second.)
+            another.wait(0.5)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(_Clients, name, Counted)
+    barrier = threading.Barrier(threads)
+    clients: list[object] = []
+    if kind == "httpx":
+        transport = httpx.HTTPTransport()
+        clients = [httpx.Client(transport=transport) for _ in range(threads)]
+    else:
+        adapter = requests.adapters.HTTPAdapter()
+        for _ in range(threads):
+            session = requests.Session()
+            session.mount("http://", adapter)
+            clients.append(session)
+
+    def call(client: object) -> str:
+        barrier.wait(5)
+        response = client.get(URL + "/", timeout=5)  # type: ignore[attr-defined]
+        return str(response.headers["x-upstream"])
+
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            upstreams = list(pool.map(call, clients))
+    finally:
+        for client in clients:
+            client.close()  # type: ignore[attr-defined]
+    assert upstreams == ["v2"] * threads
+    assert len(made) == 1
+
+
+@pytest.mark.parametrize("meshes", [1, 2], ids=["one-mesh", "another-mesh-since"])
+def test_closing_a_stock_session_stops_its_copies(make_mesh: MeshFactory, meshes: int) -> None:
+    """A stock `requests.Session` under `instrument()` closed while its mirrored copies are
+    held by the mirror (four, one per mirroring thread) and a fifth waits for a thread:
+    `close()` gives the copies in flight their grace, and the queued one is dropped — not
+    sent after the close through a pool opened anew, whose connection to the mirror nothing
+    would close — as with `meshlib.Session`; once the mirror answers, no connection to it
+    stays open. Also when `instrument(another_mesh)` came between (a sixth call, whose
+    copy queues too): the adapter's new facade stops its predecessor's copies."""
+    from tests.rawserver import ThreadServer, held_until, wait_until_sync
+    from tests.upstream import loopback_service
+
+    release = asyncio.Event()
+    held = ThreadServer(held_until(release))
+    with held as shadow:
+        policy = (
+            loopback_service("shadow.default.svc.cluster.local", shadow.port)
+            + "---\n"
+            + virtual_service(
+                "- route: [{destination: {host: reviews}}]\n  mirror: {host: shadow}\n"
+            )
+        )
+        made = [make_mesh(policy) for _ in range(meshes)]
+        mirrors = [mesh.cluster(("shadow.default.svc.cluster.local", None, 9080)) for mesh in made]
+        session = requests.Session()
+        meshlib.instrument(made[0])
+        try:
+            assert [session.get(URL + "/", timeout=5).status_code for _ in range(5)] == [200] * 5
+            wait_until_sync(lambda: len(shadow.heads) == 4, "four copies held")
+            assert mirrors[0].limits.active_requests == 5  # and the fifth, queued
+            if meshes == 2:
+                meshlib.instrument(made[1])
+                assert session.get(URL + "/", timeout=5).status_code == 200
+            session.close()
+        finally:
+            meshlib.uninstrument()
+            held.loop.call_soon_threadsafe(release.set)
+        for mirror in mirrors:
+            wait_until_sync(lambda m=mirror: m.limits.active_requests == 0, "the copies to end")
+        assert len(shadow.heads) == 4
+        wait_until_sync(lambda: shadow.active == 0, "the copies' connections to close", 2.0)
