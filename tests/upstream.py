@@ -47,6 +47,16 @@ class Behaviour:
         return self.status
 
 
+async def read_body(receive: Receive) -> bytes:
+    """An ASGI request's whole body."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body
+
+
 class Upstream:
     """A uvicorn server in a daemon thread. Use as a context manager or call start()/stop()."""
 
@@ -91,12 +101,7 @@ class Upstream:
 
     async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
         assert scope["type"] == "http"
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         behaviour = self.behaviour
         status = behaviour.next_status()
         with behaviour.lock:

@@ -22,7 +22,7 @@ import meshlib
 from meshlib.config import MeshConfig
 from meshlib.mesh import Mesh
 from tests.rawserver import run, wait_until_sync
-from tests.upstream import HypercornServer, loopback_service, mesh_for
+from tests.upstream import HypercornServer, loopback_service, mesh_for, read_body
 
 pytest.importorskip("h2")
 
@@ -39,12 +39,7 @@ class Recorder:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         self.received.append(
             {
                 "http_version": scope["http_version"],
