@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 from meshlib.dataplane.outcome import Flag
 from meshlib.mesh import Mesh, default_mesh
 from meshlib.telemetry import peer
-from meshlib.telemetry.access_log import AccessLogEntry
+from meshlib.telemetry.access_log import AccessLogEntry, protocol_of
 from meshlib.telemetry.propagation import Activation, InboundContext
 from meshlib.telemetry.tracing import ServerScope
 
@@ -99,25 +99,6 @@ class _Received(NamedTuple):
     authority: str | None
     protocol: str  # as Envoy's %PROTOCOL% says it: HTTP/1.0, HTTP/1.1, HTTP/2, HTTP/3
     port: int | None  # the port the request came in on: Envoy's inbound cluster names it
-
-
-# The HTTP versions servers report (ASGI's `http_version`, WSGI's `SERVER_PROTOCOL`), as Envoy's
-# access log spells them; anything else is logged as HTTP/1.1.
-_PROTOCOLS = {
-    "1.0": "HTTP/1.0",
-    "1.1": "HTTP/1.1",
-    "2": "HTTP/2",
-    "2.0": "HTTP/2",
-    "3": "HTTP/3",
-    "3.0": "HTTP/3",
-}
-
-
-def protocol_of(version: object) -> str:
-    """Envoy's name for an HTTP `version` as a server gives it ("1.1", "HTTP/2.0", ...)."""
-    if not isinstance(version, str):
-        return "HTTP/1.1"
-    return _PROTOCOLS.get(version.upper().removeprefix("HTTP/"), "HTTP/1.1")
 
 
 class InboundExchange:

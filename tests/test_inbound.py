@@ -655,11 +655,13 @@ def test_wsgi_chunked_request_body_is_counted_as_read() -> None:
         ("HTTP/2.0", "HTTP/2"),
         ("http/1.1", "HTTP/1.1"),
         (None, "HTTP/1.1"),  # not said: what most requests are
-        (b"2", "HTTP/1.1"),
+        (b"HTTP/2", "HTTP/2"),  # httpx's response extension
+        (11, "HTTP/1.1"),  # urllib3's version
+        (True, "HTTP/1.1"),
         ('1.1" 200 - "injected', "HTTP/1.1"),  # never copied into the log line as is
     ],
 )
 def test_access_log_protocol_is_envoys_spelling(version: object, protocol: str) -> None:
-    from meshlib._inbound import protocol_of
+    from meshlib.telemetry.access_log import protocol_of
 
     assert protocol_of(version) == protocol

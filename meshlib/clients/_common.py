@@ -24,7 +24,7 @@ from meshlib.policy.matching import RequestAttributes
 from meshlib.policy.routes import Mirror
 from meshlib.policy.snapshot import Endpoint
 from meshlib.telemetry import peer, propagation
-from meshlib.telemetry.access_log import AccessLogEntry
+from meshlib.telemetry.access_log import AccessLogEntry, protocol_of
 
 RESPONSE_FLAGS = "response_flags"  # httpx: response.extensions key with Envoy's flags
 UPSTREAM_HOST = "upstream_host"  # httpx: response.extensions key, "addr:port" that answered
@@ -320,8 +320,10 @@ def record_source(
     request_headers: Mapping[str, str],
     flags: Sequence[str],
     upstream_host: str | None = None,
+    http_version: object = None,
 ) -> None:
-    """Count a client call as Istio's client-side proxy does (reporter="source").
+    """Count a client call as Istio's client-side proxy does (reporter="source"); log it
+    (`http_version`: the response's, as the client says it, for the access log).
 
     The destination's identity comes from its metadata-exchange header when a meshlib
     workload answered; local answers (UO, NR, a fault's abort, ...) have an unknown peer, and
@@ -363,7 +365,7 @@ def record_source(
                 start_time=time.time() - duration_ms / 1000.0,
                 method=plan.method,
                 path=_target(plan.original_path or plan.path, plan.query),
-                protocol="HTTP/1.1",
+                protocol=protocol_of(http_version),
                 response_code=status,
                 response_flags=join_flags(tuple(flags)),
                 bytes_received=_length(request_headers),

@@ -230,6 +230,7 @@ def _record(
         request_headers,
         extensions.get(RESPONSE_FLAGS, ()),
         extensions.get(UPSTREAM_HOST),
+        extensions.get("http_version"),
     )
     forget_identity(response.headers, response_headers)
 

@@ -439,6 +439,7 @@ class MeshAdapter(HTTPAdapter):
             view,
             getattr(response, "response_flags", ()),
             getattr(response, "upstream_host", None),
+            getattr(response.raw, "version", None),  # urllib3's: 11 for HTTP/1.1
         )
         forget_identity(response.headers, response.headers)
         if self._owns_inner:  # requests resends through it (digest auth): through the mesh

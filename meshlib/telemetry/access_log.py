@@ -120,6 +120,7 @@ __all__ = [
     "UnsupportedExpression",
     "compile_filter",
     "effective_access_logging",
+    "protocol_of",
 ]
 
 Direction = Literal["inbound", "outbound"]
@@ -133,6 +134,32 @@ DEFAULT_PROVIDERS: tuple[str, ...] = DEFAULT_ACCESS_LOG_PROVIDERS
 
 _log = logging.getLogger("meshlib.telemetry")
 _INFO = logging.INFO
+
+# The HTTP versions servers and clients report (ASGI's `http_version`, WSGI's
+# `SERVER_PROTOCOL`, httpx's response's), as Envoy's access log spells them (%PROTOCOL%);
+# anything else is logged as HTTP/1.1.
+_PROTOCOLS = {
+    "1.0": "HTTP/1.0",
+    "1.1": "HTTP/1.1",
+    "2": "HTTP/2",
+    "2.0": "HTTP/2",
+    "3": "HTTP/3",
+    "3.0": "HTTP/3",
+}
+
+
+def protocol_of(version: object) -> str:
+    """Envoy's name for an HTTP `version` as a server or client gives it ("1.1", "HTTP/2.0",
+    b"HTTP/2", urllib3's 11, ...)."""
+    if isinstance(version, bytes):
+        version = version.decode("latin-1")
+    elif isinstance(version, int) and not isinstance(version, bool):
+        version = f"{version // 10}.{version % 10}"
+    if not isinstance(version, str):
+        return "HTTP/1.1"
+    return _PROTOCOLS.get(version.upper().removeprefix("HTTP/"), "HTTP/1.1")
+
+
 _ENV_VALUES = ("on", "off", "json")
 
 

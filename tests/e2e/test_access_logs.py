@@ -137,3 +137,45 @@ def test_inbound_line_names_protocol_and_port(
     (line,) = lines
     assert f'"GET /ratings/1 {protocol}" 200 -' in line
     assert f" inbound|{port}|| " in line
+
+
+@pytest.mark.parametrize(
+    ("client_kind", "protocol"),
+    [
+        pytest.param("httpx-h2", "HTTP/2", id="httpx-http2"),
+        pytest.param("httpx", "HTTP/1.1", id="httpx-http1"),
+        pytest.param("requests", "HTTP/1.1", id="requests"),
+    ],
+)
+def test_outbound_line_names_the_protocol_of_the_call(
+    caplog: pytest.LogCaptureFixture, client_kind: str, protocol: str
+) -> None:
+    """A meshed call's line says the HTTP version it was made in: HTTP/2 for an httpx client
+    speaking it (here with prior knowledge to hypercorn), as Envoy's %PROTOCOL% says the
+    version the app spoke to its sidecar."""
+    server = HypercornServer(app(meshlib.Mesh(MeshConfig(service="ratings"), watch=False)))
+    server.start()
+    policy = (
+        TELEMETRY + "---\n" + loopback_service("ratings.default.svc.cluster.local", server.port)
+    )
+    mesh = mesh_for(MeshConfig(service="reviews"), policy)
+    caplog.set_level(logging.INFO, logger="meshlib.access")
+    url = "http://ratings:9080/ratings/1"
+    try:
+        if client_kind == "requests":
+            with meshlib.Session(mesh=mesh) as session:
+                assert session.get(url, timeout=5).status_code == 200
+        else:
+            http2 = client_kind == "httpx-h2"
+            with meshlib.Client(mesh=mesh, http1=not http2, http2=http2) as client:
+                response = client.get(url)
+            assert response.status_code == 200 and response.http_version == protocol
+    finally:
+        server.stop()
+        mesh.close()
+    (line,) = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "meshlib.access" and "outbound|9080||" in r.getMessage()
+    ]
+    assert f'"GET /ratings/1 {protocol}" 200 -' in line
