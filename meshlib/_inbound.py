@@ -48,14 +48,12 @@ class InboundSide:
             destination_service_namespace=config.namespace,
             connection_security_policy="none",
         )
-        # The identity headers each kind of answer sets (by `InboundExchange.answer`), for
-        # WSGI as str and for ASGI as bytes.
-        meshlib, istio, istio_id = mesh.identity_headers
-        self.wsgi_answers: tuple[tuple[tuple[str, str], ...], ...] = (
-            (),
-            (meshlib,),
-            (istio,),
-            (istio, istio_id),
+        # The identity headers each answer sets, by `InboundExchange.answer` (a sum of
+        # MESHLIB_ANSWER, ISTIO_ANSWER and ISTIO_ID_ANSWER), for WSGI as str and ASGI as bytes.
+        identity = mesh.identity_headers  # meshlib's form, Istio's and its id, in this order
+        self.wsgi_answers: tuple[tuple[tuple[str, str], ...], ...] = tuple(
+            tuple(pair for bit, pair in enumerate(identity) if answer & (1 << bit))
+            for answer in range(8)
         )
         self.answers = tuple(
             tuple((name.encode(), value.encode("latin-1")) for name, value in pairs)
@@ -63,10 +61,11 @@ class InboundSide:
         )
 
 
-# What a caller is answered (`InboundExchange.answer`): nothing (it sent no identity), this
-# workload's identity in meshlib's form, or in Istio's, with its id when the caller sent one
-# (as Envoy's peer_metadata filter answers each header only to a request that carried it).
-NO_ANSWER, MESHLIB_ANSWER, ISTIO_ANSWER, ISTIO_ID_ANSWER = range(4)
+# What a caller is answered (`InboundExchange.answer`, their sum): nothing (it sent no
+# identity); this workload's identity in meshlib's form, to a meshlib caller; in Istio's, to
+# an Envoy sidecar's; Istio's id, to a caller that sent its own (Envoy's peer_metadata filter
+# answers each of its headers only to a request that carried it).
+NO_ANSWER, MESHLIB_ANSWER, ISTIO_ANSWER, ISTIO_ID_ANSWER = 0, 1, 2, 4
 
 
 class InboundSides:
@@ -154,18 +153,17 @@ class InboundExchange:
             first = self._exchanged()
         else:
             self.context = mesh.propagator.extract_found(first, more)
-        # `claimed`: the caller's peer metadata header, decoded only when its series is new;
-        # meshlib's form first (a meshlib caller sends both), then Istio's.
-        claimed = first.get(peer.HEADER)
-        if claimed is not None:
-            self.answer = MESHLIB_ANSWER
+        # `claimed`: the caller's peer metadata header (see `peer.claim`), decoded only when
+        # its series is new; the caller is answered in its form.
+        mine, istio = first.get(peer.HEADER), first.get(peer.ISTIO_HEADER)
+        if istio is None:
+            self.claimed = mine
+            self.answer = NO_ANSWER if mine is None else MESHLIB_ANSWER
         else:
-            claimed = first.get(peer.ISTIO_HEADER)
-            if claimed is None:
-                self.answer = NO_ANSWER
-            else:
-                self.answer = ISTIO_ID_ANSWER if peer.ISTIO_ID_HEADER in first else ISTIO_ANSWER
-        self.claimed = claimed
+            self.claimed = claimed = peer.claim(mine, istio)
+            self.answer = MESHLIB_ANSWER if claimed is mine else ISTIO_ANSWER
+        if peer.ISTIO_ID_HEADER in first:
+            self.answer |= ISTIO_ID_ANSWER
         self._token: Activation | None = None
         self._scope: ServerScope | None = None
         self._span: Any = None

@@ -142,9 +142,17 @@ class _Exchange(InboundExchange):
         if not hasattr(matched, "endpoint"):  # a Mount of an app without routes: no template
             return None
         root, start = scope.get("root_path", ""), self._root
-        if isinstance(root, str) and isinstance(start, str) and root.startswith(start):
-            return root[len(start) :] + template
-        return template
+        if not isinstance(root, str) or not isinstance(start, str) or not root.startswith(start):
+            return template
+        mounted = root[len(start) :]  # the path the Mounts matched, as the request had it
+        params = scope.get("path_params")
+        if (
+            mounted
+            and isinstance(params, dict)
+            and any(f"{{{name}}}" not in template for name in params)
+        ):
+            return None  # a Mount's own parameter: its values are in `mounted`
+        return mounted + template
 
     def get_all(self, name: str) -> list[str] | None:
         # Only for a span or the access log: the headers are read again, not kept per request.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import logging
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -78,8 +79,10 @@ _FALLBACK = {
     "instance_ip": "INSTANCE_IP",  # what Istio's injector sets; POD_IP is read after it
     "propagators": "OTEL_PROPAGATORS",
 }
-# The trace formats meshlib can send, as OTEL_PROPAGATORS names them.
+# The trace formats meshlib can send, as OTEL_PROPAGATORS names them, and those it sends by
+# default (OpenTelemetry's default too).
 PROPAGATORS = ("tracecontext", "baggage", "b3", "b3multi")
+DEFAULT_PROPAGATORS = ("tracecontext", "baggage")
 # The fields that are also labels: both given, they must agree, or metrics and subsets would
 # see one value and `config.version` another.
 _LABEL_OF = {"service": "app", "version": "version"}
@@ -108,7 +111,7 @@ class MeshConfig:
     root_namespace: str = "istio-system"
     policy: str | None = None
     propagate_headers: tuple[str, ...] = ()
-    propagators: tuple[str, ...] = ("tracecontext", "baggage")
+    propagators: tuple[str, ...] = DEFAULT_PROPAGATORS
     """The trace formats sent on every meshed call, as `OTEL_PROPAGATORS` names them (of
     `PROPAGATORS`); the formats a served request arrived in are answered in kind besides."""
     metrics_port: int | None = DEFAULT_METRICS_PORT
@@ -122,9 +125,7 @@ class MeshConfig:
     def __post_init__(self) -> None:
         if isinstance(self.propagate_headers, str):  # "end-user,x-user-group"
             object.__setattr__(self, "propagate_headers", _split_list(self.propagate_headers))
-        if isinstance(self.propagators, str):  # "tracecontext,baggage,b3multi"
-            object.__setattr__(self, "propagators", _split_list(self.propagators))
-        object.__setattr__(self, "propagators", tuple(self.propagators))
+        object.__setattr__(self, "propagators", _formats(self.propagators))
         for name in _ENV:  # the constructor checks what it is given, as create() and from_env
             value = getattr(self, name)
             _check(name, value, f"{name}={value!r}")
@@ -214,6 +215,15 @@ def _check_propagated(header: Any, where: str) -> None:
         raise ConfigError(f"{where}: {header!r} is not a valid HTTP header name")
 
 
+def _formats(value: Any) -> Any:
+    """Trace format names as OTEL_PROPAGATORS spells them, lowercase; "none" for none."""
+    items = _split_list(value) if isinstance(value, str) else value
+    if not isinstance(items, Iterable):
+        return items  # _check reports it
+    names = tuple(item.lower() if isinstance(item, str) else item for item in items)
+    return () if names == ("none",) else names
+
+
 def _split_list(raw: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw.split(",") if item.strip())
 
@@ -259,10 +269,21 @@ def _parse_env(name: str, var: str, raw: str) -> Any:
     elif name == "propagate_headers":
         value = _split_list(raw)
     elif name == "propagators":
-        # OpenTelemetry's "none": no format sent but those a request arrived in.
-        value = () if raw.strip().lower() == "none" else _split_list(raw.lower())
+        value = _formats(raw)
         if var == "OTEL_PROPAGATORS":
-            where = f"{where} (read because MESHLIB_PROPAGATORS is unset)"
+            # The app's OpenTelemetry setup reads it too, and may list formats of its own
+            # (xray, jaeger): meshlib sends those it can, and says so.
+            known = tuple(f for f in value if f in PROPAGATORS)
+            if known != value:
+                known = known or DEFAULT_PROPAGATORS
+                logging.getLogger("meshlib").warning(
+                    "%s: meshlib cannot send %s, and sends %s; set MESHLIB_PROPAGATORS to"
+                    " say which formats meshlib sends",
+                    where,
+                    ", ".join(f for f in value if f not in PROPAGATORS),
+                    ", ".join(known),
+                )
+            return known
     elif name == "metrics_port":
         if raw.lower() in ("off", "none", "disabled"):
             return None
@@ -305,13 +326,13 @@ def _check(name: str, value: Any, where: str) -> None:
         for header in items:
             _check_propagated(header, where)
     elif name == "propagators":
-        formats: Iterable[Any] = _split_list(value) if isinstance(value, str) else value
-        unknown = [f for f in formats if f not in PROPAGATORS]
+        if not isinstance(value, (str, tuple, list)):
+            raise ConfigError(f"{where}: must be format names, comma-separated or a sequence")
+        unknown = [f for f in _formats(value) if f not in PROPAGATORS]
         if unknown:
             raise ConfigError(
                 f"{where}: meshlib cannot send {', '.join(map(repr, unknown))}: it sends"
-                f" {', '.join(PROPAGATORS)} (or none). Set MESHLIB_PROPAGATORS to the ones"
-                " meshlib should send (your own OpenTelemetry setup keeps OTEL_PROPAGATORS)"
+                f" {', '.join(PROPAGATORS)}, comma-separated (or none)"
             )
     elif name in ("namespace", "root_namespace"):
         if not isinstance(value, str) or not _DNS_LABEL.fullmatch(value):

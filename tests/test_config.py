@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -407,19 +408,33 @@ def test_propagators_from_opentelemetrys_variable() -> None:
     assert MeshConfig(propagators="tracecontext,b3").propagators == ("tracecontext", "b3")
 
 
-@pytest.mark.parametrize(
-    ("env", "named"),
-    [
-        pytest.param({"OTEL_PROPAGATORS": "tracecontext,xray"}, "OTEL_PROPAGATORS=", id="otel"),
-        pytest.param({"MESHLIB_PROPAGATORS": "jaeger"}, "MESHLIB_PROPAGATORS=", id="meshlib"),
-    ],
-)
-def test_a_format_meshlib_cannot_send_is_an_error(env: dict[str, str], named: str) -> None:
-    """A format meshlib has no propagator for is refused, naming the variable and the way out
-    (OTEL_PROPAGATORS may list it for the app's own OpenTelemetry setup)."""
-    with pytest.raises(ConfigError, match=named) as raised:
-        MeshConfig.from_env(env)
-    assert "MESHLIB_PROPAGATORS" in str(raised.value)
+def test_a_format_meshlib_cannot_send_is_an_error() -> None:
+    """Asked of meshlib itself (MESHLIB_PROPAGATORS, MeshConfig), a format it has no
+    propagator for is refused, naming where it came from and what it sends."""
+    with pytest.raises(ConfigError, match="MESHLIB_PROPAGATORS='jaeger'") as raised:
+        MeshConfig.from_env({"MESHLIB_PROPAGATORS": "jaeger"})
     assert "tracecontext, baggage, b3, b3multi" in str(raised.value)
     with pytest.raises(ConfigError, match="propagators="):
         MeshConfig(propagators=("zipkin",))
+    with pytest.raises(ConfigError, match="propagators=5"):
+        MeshConfig(propagators=5)  # type: ignore[arg-type]
+    assert MeshConfig(propagators="None").propagators == ()
+    assert MeshConfig(propagators=["B3", "TraceContext"]).propagators == ("b3", "tracecontext")
+
+
+def test_formats_of_the_apps_own_opentelemetry_setup_are_left_to_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """OTEL_PROPAGATORS belongs to the app's OpenTelemetry setup too, which may list formats
+    meshlib cannot send (AWS's `xray`): meshlib sends the others (its default when none is
+    left) and warns, naming the variable, rather than refusing to start."""
+    with caplog.at_level(logging.WARNING, logger="meshlib"):
+        config = MeshConfig.from_env({"OTEL_PROPAGATORS": "xray,tracecontext,b3multi"})
+    assert config.propagators == ("tracecontext", "b3multi")
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "meshlib"]
+    assert "OTEL_PROPAGATORS='xray,tracecontext,b3multi'" in warning and "xray" in warning
+    assert "MESHLIB_PROPAGATORS" in warning
+    assert MeshConfig.from_env({"OTEL_PROPAGATORS": "xray"}).propagators == (
+        "tracecontext",
+        "baggage",
+    )

@@ -331,7 +331,7 @@ def record_source(
     send its identity to has no business naming itself in the mesh's metrics.
     """
     decision = plan.decision
-    claimed = response_headers.get(peer.HEADER) or response_headers.get(peer.ISTIO_HEADER)
+    claimed = peer.claim(response_headers.get(peer.HEADER), response_headers.get(peer.ISTIO_HEADER))
     if plan.cluster is not None:
         host = plan.cluster[0]
         name, namespace = _service_name(mesh, host)

@@ -22,7 +22,6 @@ _ENTRY = 0x0A  # field 1, length-delimited
 _VALUE = 0x12  # field 2, length-delimited
 _STRING = 0x1A  # field 3, length-delimited
 _STRUCT = 0x2A  # field 5, length-delimited
-_MAX_FIELDS = 64  # entries read per Struct; the rest are ignored
 
 
 def encode(fields: Mapping[str, StructValue]) -> bytes:
@@ -51,7 +50,7 @@ def _decode(data: bytes, nested: bool) -> dict[str, StructValue] | None:
     if entries is None:
         return None
     for number, entry in entries:
-        if number != 1 or not isinstance(entry, bytes) or len(fields) >= _MAX_FIELDS:
+        if number != 1 or not isinstance(entry, bytes):
             continue
         parts = _fields(entry)
         if parts is None:
@@ -71,20 +70,23 @@ def _decode(data: bytes, nested: bool) -> dict[str, StructValue] | None:
 
 
 def _value(data: bytes, nested: bool) -> StructValue | None:
+    """A Value's string, or Struct of strings; of a oneof set twice, the last, as protobuf
+    reads it."""
     parts = _fields(data)
     if parts is None:
         return None
+    value: StructValue | None = None
     for number, part in parts:
-        if not isinstance(part, bytes):
-            continue
-        if number == 3:
-            return _text(part)
-        if number == 5 and nested:
+        if number == 3 and isinstance(part, bytes):
+            value = _text(part)
+        elif number == 5 and nested and isinstance(part, bytes):
             inner = _decode(part, nested=False)
-            if inner is None:
-                return None
-            return {k: v for k, v in inner.items() if isinstance(v, str)}
-    return None
+            value = (
+                None if inner is None else {k: v for k, v in inner.items() if isinstance(v, str)}
+            )
+        elif 1 <= number <= 6:  # another kind of value set last: not a string
+            value = None
+    return value
 
 
 def _text(data: bytes) -> str | None:

@@ -64,7 +64,7 @@ __all__ = [
 ]
 
 HEADER = "x-meshlib-peer-metadata"
-MAX_HEADER_LENGTH = 4096  # longer values are not parsed at all
+MAX_HEADER_LENGTH = 2048  # longer values are not parsed at all
 # Istio's form (Envoy's peer_metadata filter): the sender's metadata, and its node id, which
 # the receiving proxy caches the decoded metadata under.
 ISTIO_HEADER = "x-envoy-peer-metadata"
@@ -221,6 +221,23 @@ def _valid_fields(identity: PeerIdentity, names: dict[str, str]) -> dict[str, st
         if value != UNKNOWN and _valid(key, value):
             fields[name] = value
     return fields
+
+
+def claim(meshlib: str | None, istio: str | None) -> str | None:
+    """Which of a message's two metadata headers names the peer that sent it.
+
+    A meshlib workload sends both, naming itself twice; an Envoy sidecar sets Istio's at every
+    hop, but passes meshlib's on as the app sent it, so an app that relays its request's (or
+    its upstream's response's) headers — a proxy, a gateway — hands on a meshlib header naming
+    another workload. So meshlib's form, which also carries the principal, is taken only when
+    it names the workload Istio's does; else Istio's."""
+    if not istio:
+        return meshlib
+    if not meshlib:
+        return istio
+    ours, theirs = decode(meshlib), decode(istio)
+    same = ours.workload == theirs.workload and ours.namespace == theirs.namespace
+    return meshlib if same else istio
 
 
 def decode(value: str | None) -> PeerIdentity:

@@ -21,6 +21,7 @@ from google.protobuf import struct_pb2
 
 import meshlib
 from meshlib.config import MeshConfig
+from meshlib.telemetry import peer
 from tests.e2e.test_metrics_e2e import samples
 from tests.telemetry.test_peer_istio import SIDECAR_RATINGS_V1, SIDECAR_REVIEWS_V3
 from tests.upstream import AsgiServer, WsgiServer, loopback_service, mesh_for
@@ -263,3 +264,58 @@ def test_a_sidecar_callee_is_named_by_every_client() -> None:
         "destination_cluster": "Kubernetes",
         "destination_principal": "unknown",
     }
+
+
+def test_a_meshlib_header_relayed_past_a_sidecar_names_no_one(
+    ratings: tuple[meshlib.Mesh, str],
+) -> None:
+    """reviews-v3 (a sidecar workload, a proxy that copies its request's headers on) calls
+    ratings with the meshlib header of its own caller, productpage, beside the Istio header
+    its sidecar set: ratings counts reviews-v3, its real caller, and answers in Istio's form,
+    which reviews-v3's sidecar reads. A caller that sent only an id gets only ours."""
+    mesh, url = ratings
+    relayed = peer.encode(MeshConfig(service="productpage", workload="productpage-v1"))
+    with httpx.Client(base_url=url) as caller:
+        response = caller.get(
+            "/ratings/1",
+            headers={
+                "x-meshlib-peer-metadata": relayed,
+                "x-envoy-peer-metadata": SIDECAR_REVIEWS_V3,
+                "x-envoy-peer-metadata-id": REVIEWS_V3_ID,
+            },
+        )
+        id_only = caller.get("/ratings/1", headers={"x-envoy-peer-metadata-id": REVIEWS_V3_ID})
+    assert response.text == id_only.text == "|False"  # no header reached the app
+    assert struct_of(response.headers["x-envoy-peer-metadata"]) == sidecar_view(RATINGS)
+    assert "x-envoy-peer-metadata-id" in response.headers
+    assert "x-meshlib-peer-metadata" not in response.headers
+    assert [name for name in EXCHANGE if name in id_only.headers] == ["x-envoy-peer-metadata-id"]
+    counted = {labels["source_workload"]: value for labels, value in recorded(mesh, 2)}
+    assert counted == {"reviews-v3": 1, "unknown": 1}
+
+
+def test_a_client_takes_the_sidecars_answer_over_a_relayed_one() -> None:
+    """A sidecar workload that relays its upstream's response headers (a proxy) hands back
+    that upstream's meshlib header beside the Istio header its own sidecar set: the meshlib
+    client counts the workload it called, not the one behind it."""
+    relayed = peer.encode(MeshConfig(service="details", workload="details-v1"))
+
+    async def proxy(scope: Any, receive: Any, send: Any) -> None:
+        headers = [
+            (b"x-meshlib-peer-metadata", relayed.encode()),  # from the upstream, copied on
+            (b"x-envoy-peer-metadata", SIDECAR_RATINGS_V1.encode()),  # its own sidecar's
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    server = AsgiServer(proxy, "ratings-proxy").start()
+    mesh = mesh_for(REVIEWS, loopback_service("ratings.default.svc.cluster.local", server.port))
+    try:
+        with meshlib.Client(mesh=mesh) as client:
+            response = client.get("http://ratings.default.svc.cluster.local:9080/")
+    finally:
+        server.stop()
+        mesh.close()
+    assert not any(name in response.headers for name in EXCHANGE)
+    ((labels, _),) = samples(mesh, "istio_requests_total")
+    assert labels["destination_workload"] == "ratings-v1"

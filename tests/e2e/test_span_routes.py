@@ -32,6 +32,7 @@ def starlette_app() -> Any:
         routes=[
             Route("/reviews/{id:int}", ok),
             Mount("/api/v1", routes=[Route("/items/{name}", ok)]),
+            Mount("/users/{uid}", routes=[Route("/posts/{pid}", ok)]),
             Mount("/static", app=StaticFiles(directory=".", check_dir=False)),
         ]
     )
@@ -77,12 +78,22 @@ def test_starlette_routes_name_the_spans(traced: Traced) -> None:
     spans = served(
         traced,
         starlette_app(),
-        ["/reviews/1", "/reviews/2", "/api/v1/items/pen", "/static/x.css", "/nowhere"],
+        [
+            "/reviews/1",
+            "/reviews/2",
+            "/api/v1/items/pen",
+            "/users/7/posts/9",
+            "/static/x.css",
+            "/nowhere",
+        ],
     )
     for path in ("/reviews/1", "/reviews/2"):  # one name for every id, convertors left out
         assert spans[path]["name"] == "GET /reviews/{id}"
         assert spans[path]["http.route"] == "/reviews/{id}"
     assert spans["/api/v1/items/pen"]["name"] == "GET /api/v1/items/{name}"  # mounted
+    # A Mount with a parameter of its own: its values are in root_path, not in a template.
+    assert spans["/users/7/posts/9"]["name"] == "GET /users/7/posts/9"
+    assert "http.route" not in spans["/users/7/posts/9"]
     # A Mount of an app without routes, and no route at all: no template, the path stays.
     assert spans["/static/x.css"]["name"] == "GET /static/x.css"
     assert spans["/nowhere"]["name"] == "GET /nowhere"

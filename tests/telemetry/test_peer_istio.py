@@ -200,3 +200,29 @@ def test_exchange_headers_in_both_forms() -> None:
         "x-envoy-peer-metadata",
         "x-envoy-peer-metadata-id",
     )
+
+
+def test_meshlibs_form_is_taken_only_when_it_names_istios_workload() -> None:
+    """A meshlib peer names itself in both forms, and its own (with the principal) is taken;
+    a meshlib header relayed past a sidecar (a proxy copying its request's headers) names
+    another workload than the sidecar's Istio header, which is taken."""
+    (_, istio), _ = istio_headers(REVIEWS)
+    mine = peer.encode(REVIEWS)
+    assert peer.claim(mine, istio) is mine
+    assert peer.claim(mine, SIDECAR_RATINGS_V1) == SIDECAR_RATINGS_V1  # relayed: stale
+    assert peer.claim(mine, None) is mine and peer.claim(None, istio) is istio
+    assert peer.claim("", istio) is istio and peer.claim(None, None) is None
+
+
+def test_a_oneof_set_twice_is_its_last_value() -> None:
+    """As protobuf reads a Value whose kind comes twice: the last one wins."""
+
+    def field(tag: int, payload: bytes) -> bytes:
+        return bytes((tag, len(payload))) + payload
+
+    value = field(0x1A, b"first") + field(0x1A, b"last")  # string_value twice
+    entry = field(0x0A, b"NAMESPACE") + field(0x12, value)
+    assert _struct.decode(field(0x0A, entry)) == {"NAMESPACE": "last"}
+    number_last = field(0x1A, b"text") + bytes((0x11,)) + bytes(8)  # then number_value
+    entry = field(0x0A, b"NAMESPACE") + field(0x12, number_last)
+    assert _struct.decode(field(0x0A, entry)) == {}
