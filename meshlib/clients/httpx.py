@@ -371,11 +371,22 @@ class _AsyncCopies(Background):
     pool: httpx.AsyncBaseTransport | None = None  # see AsyncMeshTransport._mirroring_transport
 
 
+class _Closes:
+    """How many closes of the transport under a MeshTransport have begun (see `closing`):
+    shared with the transport that replaces it over the same inner one (`adopt_mirrors`), so
+    that a call in flight on the earlier one fails as the app's doing too."""
+
+    __slots__ = ("begun",)
+
+    def __init__(self) -> None:
+        self.begun = 0
+
+
 class _MeshTransportBase:
     """Everything MeshTransport and AsyncMeshTransport share: no I/O here."""
 
     _mesh: Mesh | None
-    _closes: int  # closes begun: a call that saw one fail under it is the app's doing
+    _closes: _Closes  # a call that saw one begin fail under it is the app's doing
 
     @property
     def mesh(self) -> Mesh:
@@ -385,7 +396,7 @@ class _MeshTransportBase:
         """The transport under this one is being closed, by the app: a call in flight that
         fails now is never retried nor held against its endpoint. (`close()` says so; for a
         stock transport under `instrument()`, the wrapper of its own `close`.)"""
-        self._closes += 1
+        self._closes.begun += 1
 
     def _upstream(
         self,
@@ -589,7 +600,7 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         # Its `closes` counts close_mirrors() calls: a copy queued before one is dropped, not
         # sent through a pool opened after the close (the transport may be used again).
         self._mirroring = _Copies()
-        self._closes = 0  # close() calls: a call that saw one fail under it is the app's doing
+        self._closes = _Closes()
         setattr(self, _MESHED, True)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
@@ -639,6 +650,7 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
 
         whole = request.extensions.get(READ_WHOLE, False)
         closes = self._closes
+        begun = closes.begun
 
         def send(attempt: Attempt) -> AttemptResult:
             with client_span(mesh, request.method, request.url, plan, attempt, view) as span:
@@ -649,7 +661,7 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
                 except _CALLERS_OWN:
                     raise  # the request itself is wrong: the app's error, as without the mesh
                 except httpx.TransportError as exc:
-                    if self._closes != closes:
+                    if closes.begun != begun:
                         raise  # the app closed the client under it: its error, never retried
                     result = _failed(exc, request, attempt)
                 else:
@@ -716,8 +728,10 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         """Share the mirrored copies and their pool of the transport this one replaces over
         the same inner one (`instrument()` with another Mesh), before sending any: closing
         this one waits for the earlier one's copies in flight, drops those it queued (sent
-        later, one would open a pool nobody closes) and closes the pool they share."""
+        later, one would open a pool nobody closes) and closes the pool they share; and its
+        count of closes, so that its calls in flight are not retried through the closed pool."""
         self._mirroring = earlier._mirroring
+        self._closes = earlier._closes
 
     def close_mirrors(self) -> None:
         """Give copies in flight up to MIRROR_GRACE to finish, then close their own pool."""
@@ -846,7 +860,7 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
         self._inner = transport if transport is not None else _default_async_transport(**kwargs)
         self._mesh = mesh
         self._mirrors = _AsyncCopies()
-        self._closes = 0  # aclose() calls: a call that saw one fail under it is the app's doing
+        self._closes = _Closes()
         setattr(self, _MESHED, True)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -900,6 +914,7 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
 
         whole = request.extensions.get(READ_WHOLE, False)
         closes = self._closes
+        begun = closes.begun
 
         async def send(attempt: Attempt) -> AttemptResult:
             with client_span(mesh, request.method, request.url, plan, attempt, view) as span:
@@ -910,7 +925,7 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
                 except _CALLERS_OWN:
                     raise  # the request itself is wrong: the app's error, as without the mesh
                 except httpx.TransportError as exc:
-                    if self._closes != closes:
+                    if closes.begun != begun:
                         raise  # the app closed the client under it: its error, never retried
                     result = _failed(exc, request, attempt)
                 else:
@@ -979,8 +994,11 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
         """Share the mirrored copies and their pool of the transport this one replaces over
         the same inner one (`instrument()` with another Mesh), before sending any: closing
         this one gives the earlier one's copies their grace and cancels them too (one waiting
-        for a connection would otherwise open a pool nobody closes), and closes the pool."""
+        for a connection would otherwise open a pool nobody closes), and closes the pool; and
+        its count of closes, so that its calls in flight are not retried through the closed
+        pool."""
         self._mirrors = earlier._mirrors
+        self._closes = earlier._closes
 
     async def aclose_mirrors(self) -> None:
         """Give copies in flight up to MIRROR_GRACE to finish (then drop them), and close

@@ -290,13 +290,16 @@ def test_instrumenting_another_mesh_keeps_one_pool_for_copies(
         wait_until_sync(lambda: shadow.active == 0, "the copies' connections to close", 2.0)
 
 
+@pytest.mark.parametrize("meshes", [1, 2], ids=["one-mesh", "another-mesh-since"])
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_closing_a_stock_client_under_a_call_is_the_apps_doing(
-    make_mesh: MeshFactory, upstreams: dict[str, Upstream], kind: str
+    make_mesh: MeshFactory, upstreams: dict[str, Upstream], kind: str, meshes: int
 ) -> None:
     """A stock client closed while a meshed call is in flight: the call raises the client's
     error, as without the mesh and as with `meshlib.Client` — not sent again through the
-    closed pool (retryOn reset), which would open a connection nobody closes."""
+    closed pool (retryOn reset), which would open a connection nobody closes. Also when
+    `instrument(another_mesh)` came between (a call routed to v2 by the other Mesh makes the
+    transport's new facade): the call in flight on its predecessor sees the close too."""
     import threading
     import time
 
@@ -307,6 +310,8 @@ def test_closing_a_stock_client_under_a_call_is_the_apps_doing(
             "  retries: {attempts: 3, retryOn: reset}\n"
         )
     )
+
+    to_v2 = make_mesh(virtual_service("- route: [{destination: {host: reviews, subset: v2}}]\n"))
 
     def reached() -> bool:
         return upstreams["v1"].behaviour.active > 0
@@ -327,6 +332,9 @@ def test_closing_a_stock_client_under_a_call_is_the_apps_doing(
             caller.start()
             while not reached():  # poll: the call reached the upstream
                 time.sleep(0.005)
+            if meshes == 2:
+                meshlib.instrument(to_v2)
+                assert client.get(URL + "/").headers["x-upstream"] == "v2"
             client.close()
             caller.join(10)
         else:
@@ -336,6 +344,9 @@ def test_closing_a_stock_client_under_a_call_is_the_apps_doing(
                 call = asyncio.create_task(client.get(URL + "/"))
                 while not reached():
                     await asyncio.sleep(0.005)
+                if meshes == 2:
+                    meshlib.instrument(to_v2)
+                    assert (await client.get(URL + "/")).headers["x-upstream"] == "v2"
                 await client.aclose()
                 try:
                     outcome.append((await call).status_code)
