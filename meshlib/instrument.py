@@ -104,7 +104,9 @@ def _facade(instance: Any, active: _Instrumented, make: Callable[[Mesh | None], 
             return made[0]  # another thread's first call made it meanwhile
         facade = make(active.mesh)
         if made is not None and hasattr(facade, "adopt_mirrors"):
-            facade.adopt_mirrors(made[0])  # the earlier pool for copies is closed with it
+            # Closing the transport reaches only the latest facade: it takes over the earlier
+            # one's copies and their pool (httpx: and its count of closes, for calls in flight)
+            facade.adopt_mirrors(made[0])
         instance.__dict__[_FACADE] = (facade, active)
         return facade
 

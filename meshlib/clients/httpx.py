@@ -354,11 +354,40 @@ def _try_expired(exc: httpx.TimeoutException) -> bool:
     return deadline is not None and time.monotonic() >= deadline - 0.002
 
 
+class _Copies(MirrorTracker):
+    """A MeshTransport's mirrored copies (see `MirrorTracker`) and the pool they go through:
+    shared with the transport that replaces it over the same inner one (`adopt_mirrors`), so
+    that a copy the earlier one queued goes through the same pool, and one close drops it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()  # copies are sent from a thread pool
+        self.pool: httpx.BaseTransport | None = None  # see MeshTransport._mirroring_transport
+
+
+class _AsyncCopies(Background):
+    """The asyncio twin of `_Copies`: an AsyncMeshTransport's copies and their pool, shared
+    with the transport that replaces it (`adopt_mirrors`), so one close stops them all."""
+
+    pool: httpx.AsyncBaseTransport | None = None  # see AsyncMeshTransport._mirroring_transport
+
+
+class _Closes:
+    """How many closes of the transport under a MeshTransport have begun (see `closing`):
+    shared with the transport that replaces it over the same inner one (`adopt_mirrors`), so
+    that a call in flight on the earlier one fails as the app's doing too."""
+
+    __slots__ = ("begun",)
+
+    def __init__(self) -> None:
+        self.begun = 0
+
+
 class _MeshTransportBase:
     """Everything MeshTransport and AsyncMeshTransport share: no I/O here."""
 
     _mesh: Mesh | None
-    _closes: int  # closes begun: a call that saw one fail under it is the app's doing
+    _closes: _Closes  # a call that saw one begin fail under it is the app's doing
 
     @property
     def mesh(self) -> Mesh:
@@ -368,7 +397,7 @@ class _MeshTransportBase:
         """The transport under this one is being closed, by the app: a call in flight that
         fails now is never retried nor held against its endpoint. (`close()` says so; for a
         stock transport under `instrument()`, the wrapper of its own `close`.)"""
-        self._closes += 1
+        self._closes.begun += 1
 
     def _upstream(
         self,
@@ -569,13 +598,10 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
     ) -> None:
         self._inner = transport if transport is not None else httpx.HTTPTransport(**kwargs)
         self._mesh = mesh
-        self._mirroring = MirrorTracker()
-        self._mirror_inner: httpx.BaseTransport | None = None  # see _mirroring_transport
-        self._mirror_lock = threading.Lock()  # copies are sent from a thread pool
-        # Counts close_mirrors() calls: a copy queued before one is dropped, not sent through
-        # a pool opened after the close (the transport itself may be used again).
-        self._mirror_epoch = 0
-        self._closes = 0  # close() calls: a call that saw one fail under it is the app's doing
+        # Its `closes` counts close_mirrors() calls: a copy queued before one is dropped, not
+        # sent through a pool opened after the close (the transport may be used again).
+        self._mirroring = _Copies()
+        self._closes = _Closes()
         setattr(self, _MESHED, True)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
@@ -625,6 +651,7 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
 
         whole = request.extensions.get(READ_WHOLE, False)
         closes = self._closes
+        begun = closes.begun
 
         def send(attempt: Attempt) -> AttemptResult:
             with client_span(mesh, request.method, request.url, plan, attempt, view) as span:
@@ -635,7 +662,7 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
                 except _CALLERS_OWN:
                     raise  # the request itself is wrong: the app's error, as without the mesh
                 except httpx.TransportError as exc:
-                    if self._closes != closes:
+                    if closes.begun != begun:
                         raise  # the app closed the client under it: its error, never retried
                     result = _failed(exc, request, attempt)
                 else:
@@ -655,7 +682,7 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         for mirror in plan.mirrors:
             started = self._start_copy(request, view, plan, mirror, may_wait=False)
             if started is not None and not self._mirroring.submit(
-                self._send_mirror, *started, self._mirror_epoch
+                self._send_mirror, *started, self._mirroring.closes
             ):
                 started[1].end(None)  # MAX_MIRRORS_PENDING copies pending: dropped
 
@@ -663,12 +690,13 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         """Where copies go: a pool of their own when one like the inner transport can be made
         (see `pool_like`), else the inner transport; None for a copy queued before the last
         `close_mirrors` (it would open a pool nobody closes)."""
-        with self._mirror_lock:
-            if epoch != self._mirror_epoch:
+        copies = self._mirroring
+        with copies.lock:
+            if epoch != copies.closes:
                 return None
-            if self._mirror_inner is None:
-                self._mirror_inner = pool_like(self._inner) or self._inner
-            return self._mirror_inner
+            if copies.pool is None:
+                copies.pool = pool_like(self._inner)
+            return copies.pool or self._inner
 
     def _send_mirror(self, request: httpx.Request, copy: MirrorCopy, epoch: int) -> None:
         result: AttemptResult | None = None
@@ -698,24 +726,23 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         self._inner.close()
 
     def adopt_mirrors(self, earlier: MeshTransport) -> None:
-        """Take over the pool of mirrored copies of the transport this one replaces over the
-        same inner one (`instrument()` with another Mesh): it is closed with this one's."""
-        with earlier._mirror_lock:
-            pool, earlier._mirror_inner = earlier._mirror_inner, None
-        with self._mirror_lock:
-            if self._mirror_inner is None and pool is not earlier._inner:
-                self._mirror_inner, pool = pool, None
-        if pool is not None and pool is not earlier._inner:
-            pool.close()  # this one had a pool already: the earlier one's is not needed
+        """Share the mirrored copies and their pool of the transport this one replaces over
+        the same inner one (`instrument()` with another Mesh), before sending any: closing
+        this one waits for the earlier one's copies in flight, drops those it queued (sent
+        later, one would open a pool nobody closes) and closes the pool they share; and its
+        count of closes, so that its calls in flight are not retried through the closed pool."""
+        self._mirroring = earlier._mirroring
+        self._closes = earlier._closes
 
     def close_mirrors(self) -> None:
         """Give copies in flight up to MIRROR_GRACE to finish, then close their own pool."""
-        self._mirroring.wait(MIRROR_GRACE)
-        with self._mirror_lock:
-            self._mirror_epoch += 1
-            mirror_inner, self._mirror_inner = self._mirror_inner, None
-        if mirror_inner is not None and mirror_inner is not self._inner:
-            mirror_inner.close()
+        copies = self._mirroring
+        copies.wait(MIRROR_GRACE)
+        with copies.lock:
+            copies.closes += 1
+            pool, copies.pool = copies.pool, None
+        if pool is not None:
+            pool.close()
 
 
 def _read_whole(
@@ -833,9 +860,8 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
     ) -> None:
         self._inner = transport if transport is not None else _default_async_transport(**kwargs)
         self._mesh = mesh
-        self._mirrors = Background()
-        self._mirror_inner: httpx.AsyncBaseTransport | None = None  # see _mirroring_transport
-        self._closes = 0  # aclose() calls: a call that saw one fail under it is the app's doing
+        self._mirrors = _AsyncCopies()
+        self._closes = _Closes()
         setattr(self, _MESHED, True)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -889,6 +915,7 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
 
         whole = request.extensions.get(READ_WHOLE, False)
         closes = self._closes
+        begun = closes.begun
 
         async def send(attempt: Attempt) -> AttemptResult:
             with client_span(mesh, request.method, request.url, plan, attempt, view) as span:
@@ -899,7 +926,7 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
                 except _CALLERS_OWN:
                     raise  # the request itself is wrong: the app's error, as without the mesh
                 except httpx.TransportError as exc:
-                    if self._closes != closes:
+                    if closes.begun != begun:
                         raise  # the app closed the client under it: its error, never retried
                     result = _failed(exc, request, attempt)
                 else:
@@ -931,9 +958,10 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
     def _mirroring_transport(self) -> httpx.AsyncBaseTransport:
         """Where copies go: a pool of their own when one like the inner transport can be made
         (see `pool_like`), else the inner transport."""
-        if self._mirror_inner is None:
-            self._mirror_inner = pool_like(self._inner) or self._inner
-        return self._mirror_inner
+        copies = self._mirrors
+        if copies.pool is None:
+            copies.pool = pool_like(self._inner)
+        return copies.pool or self._inner
 
     async def _send_mirror(self, request: httpx.Request, copy: MirrorCopy) -> None:
         result: AttemptResult | None = None
@@ -964,20 +992,23 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
         await self._inner.aclose()
 
     def adopt_mirrors(self, earlier: AsyncMeshTransport) -> None:
-        """Take over the pool of mirrored copies of the transport this one replaces over the
-        same inner one (`instrument()` with another Mesh): it is closed with this one's.
-        Copies the earlier one still has in flight finish on it."""
-        pool, earlier._mirror_inner = earlier._mirror_inner, None
-        if self._mirror_inner is None and pool is not earlier._inner:
-            self._mirror_inner = pool
+        """Share the mirrored copies and their pool of the transport this one replaces over
+        the same inner one (`instrument()` with another Mesh), before sending any: closing
+        this one gives the earlier one's copies their grace and cancels them too (one waiting
+        for a connection would otherwise open a pool nobody closes), and closes the pool; and
+        its count of closes, so that its calls in flight are not retried through the closed
+        pool."""
+        self._mirrors = earlier._mirrors
+        self._closes = earlier._closes
 
     async def aclose_mirrors(self) -> None:
         """Give copies in flight up to MIRROR_GRACE to finish (then drop them), and close
         their own pool."""
-        await self._mirrors.aclose(MIRROR_GRACE)
-        mirror_inner, self._mirror_inner = self._mirror_inner, None
-        if mirror_inner is not None and mirror_inner is not self._inner:
-            await mirror_inner.aclose()
+        copies = self._mirrors
+        await copies.aclose(MIRROR_GRACE)
+        pool, copies.pool = copies.pool, None
+        if pool is not None:
+            await pool.aclose()
 
 
 def pool_like(inner: Any) -> Any:

@@ -290,13 +290,16 @@ def test_instrumenting_another_mesh_keeps_one_pool_for_copies(
         wait_until_sync(lambda: shadow.active == 0, "the copies' connections to close", 2.0)
 
 
+@pytest.mark.parametrize("meshes", [1, 2], ids=["one-mesh", "another-mesh-since"])
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_closing_a_stock_client_under_a_call_is_the_apps_doing(
-    make_mesh: MeshFactory, upstreams: dict[str, Upstream], kind: str
+    make_mesh: MeshFactory, upstreams: dict[str, Upstream], kind: str, meshes: int
 ) -> None:
     """A stock client closed while a meshed call is in flight: the call raises the client's
     error, as without the mesh and as with `meshlib.Client` — not sent again through the
-    closed pool (retryOn reset), which would open a connection nobody closes."""
+    closed pool (retryOn reset), which would open a connection nobody closes. Also when
+    `instrument(another_mesh)` came between (a call routed to v2 by the other Mesh makes the
+    transport's new facade): the call in flight on its predecessor sees the close too."""
     import threading
     import time
 
@@ -307,6 +310,8 @@ def test_closing_a_stock_client_under_a_call_is_the_apps_doing(
             "  retries: {attempts: 3, retryOn: reset}\n"
         )
     )
+
+    to_v2 = make_mesh(virtual_service("- route: [{destination: {host: reviews, subset: v2}}]\n"))
 
     def reached() -> bool:
         return upstreams["v1"].behaviour.active > 0
@@ -327,6 +332,9 @@ def test_closing_a_stock_client_under_a_call_is_the_apps_doing(
             caller.start()
             while not reached():  # poll: the call reached the upstream
                 time.sleep(0.005)
+            if meshes == 2:
+                meshlib.instrument(to_v2)
+                assert client.get(URL + "/").headers["x-upstream"] == "v2"
             client.close()
             caller.join(10)
         else:
@@ -336,6 +344,9 @@ def test_closing_a_stock_client_under_a_call_is_the_apps_doing(
                 call = asyncio.create_task(client.get(URL + "/"))
                 while not reached():
                     await asyncio.sleep(0.005)
+                if meshes == 2:
+                    meshlib.instrument(to_v2)
+                    assert (await client.get(URL + "/")).headers["x-upstream"] == "v2"
                 await client.aclose()
                 try:
                     outcome.append((await call).status_code)
@@ -525,4 +536,97 @@ def test_closing_a_stock_session_stops_its_copies(make_mesh: MeshFactory, meshes
         for mirror in mirrors:
             wait_until_sync(lambda m=mirror: m.limits.active_requests == 0, "the copies to end")
         assert len(shadow.heads) == 4
+        wait_until_sync(lambda: shadow.active == 0, "the copies' connections to close", 2.0)
+
+
+def _held_mirror(port: int, rule: str = "") -> str:
+    """reviews mirrored to `shadow` on 127.0.0.1:`port` (`rule`: a DestinationRule for it)."""
+    from tests.upstream import loopback_service
+
+    return (
+        loopback_service("shadow.default.svc.cluster.local", port)
+        + (f"---\n{rule}" if rule else "")
+        + "---\n"
+        + virtual_service("- route: [{destination: {host: reviews}}]\n  mirror: {host: shadow}\n")
+    )
+
+
+@pytest.mark.parametrize("meshes", [1, 2], ids=["one-mesh", "another-mesh-since"])
+def test_closing_a_stock_httpx_client_stops_its_copies(make_mesh: MeshFactory, meshes: int) -> None:
+    """A stock `httpx.Client` under `instrument()` closed while its mirrored copies are held
+    by the mirror (four, one per mirroring thread) and a fifth waits for a thread: `close()`
+    gives the copies in flight their grace and the queued one is dropped — not sent after
+    the close through a pool opened anew, whose connection to the mirror nothing would
+    close. Also when `instrument(another_mesh)` came between (a sixth call, whose copy
+    queues too, makes the transport's new facade): closing stops the copy its predecessor
+    queued, which went through a pool of its predecessor's own, opened after the close."""
+    from tests.rawserver import ThreadServer, held_until, wait_until_sync
+
+    release = asyncio.Event()
+    held = ThreadServer(held_until(release))
+    with held as shadow:
+        made = [make_mesh(_held_mirror(shadow.port)) for _ in range(meshes)]
+        mirrors = [mesh.cluster(("shadow.default.svc.cluster.local", None, 9080)) for mesh in made]
+        client = httpx.Client()
+        meshlib.instrument(made[0])
+        try:
+            assert [client.get(URL + "/").status_code for _ in range(5)] == [200] * 5
+            wait_until_sync(lambda: len(shadow.heads) == 4, "four copies held")
+            assert mirrors[0].limits.active_requests == 5  # and the fifth, queued
+            if meshes == 2:
+                meshlib.instrument(made[1])
+                assert client.get(URL + "/").status_code == 200
+            client.close()
+        finally:
+            meshlib.uninstrument()
+            held.loop.call_soon_threadsafe(release.set)
+        for mirror in mirrors:
+            wait_until_sync(lambda m=mirror: m.limits.active_requests == 0, "the copies to end")
+        assert len(shadow.heads) == 4
+        wait_until_sync(lambda: shadow.active == 0, "the copies' connections to close", 2.0)
+
+
+@pytest.mark.parametrize("meshes", [1, 2], ids=["one-mesh", "another-mesh-since"])
+def test_closing_a_stock_async_client_stops_its_copies(make_mesh: MeshFactory, meshes: int) -> None:
+    """A stock `httpx.AsyncClient` under `instrument()`, its mirror allowing one connection
+    (maxConnections 1): a first copy is held by the mirror, a second waits for the
+    connection. `aclose()` gives them their grace and cancels them — the waiting one is not
+    sent once the connection frees, through a pool opened anew whose connection to the
+    mirror nothing would close. Also when `instrument(another_mesh)` came between (a third
+    call, whose copy the other Mesh's cluster lets through, makes the transport's new
+    facade): closing stops the copy its predecessor left waiting. The loop runs on until
+    every copy has ended, as an app's does."""
+    from tests.rawserver import ThreadServer, held_until, wait_until, wait_until_sync
+
+    rule = (
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: shadow}\n"
+        "spec:\n  host: shadow.default.svc.cluster.local\n  trafficPolicy:\n"
+        "    connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 10}}\n"
+    )
+    release = asyncio.Event()
+    held = ThreadServer(held_until(release))
+    with held as shadow:
+        made = [make_mesh(_held_mirror(shadow.port, rule)) for _ in range(meshes)]
+        mirrors = [mesh.cluster(("shadow.default.svc.cluster.local", None, 9080)) for mesh in made]
+
+        async def main() -> None:
+            client = httpx.AsyncClient(timeout=5)
+            meshlib.instrument(made[0])
+            try:
+                assert [(await client.get(URL + "/")).status_code for _ in range(2)] == [200] * 2
+                await wait_until(lambda: len(shadow.heads) == 1, "the first copy held")
+                assert mirrors[0].limits.active_requests == 2  # and the second, waiting
+                if meshes == 2:
+                    meshlib.instrument(made[1])
+                    assert (await client.get(URL + "/")).status_code == 200
+                    await wait_until(lambda: len(shadow.heads) == 2, "the third copy held")
+                await client.aclose()
+            finally:
+                meshlib.uninstrument()
+                held.loop.call_soon_threadsafe(release.set)
+            for mirror in mirrors:
+                await wait_until(lambda m=mirror: m.limits.active_requests == 0, "the copies")
+
+        asyncio.run(main())
+        assert len(shadow.heads) == meshes
         wait_until_sync(lambda: shadow.active == 0, "the copies' connections to close", 2.0)
