@@ -13,7 +13,7 @@ import contextlib
 import http
 import io
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -249,15 +249,26 @@ def _drained(raw: HTTPResponse, seconds: float, most: int | None) -> bool:
     return False
 
 
-def _discard(response: requests.Response, seconds: float, most: int | None) -> None:
+def _discard(
+    response: requests.Response,
+    seconds: float,
+    most: int | None,
+    keep: Callable[[], bool] | None = None,
+) -> None:
     """Drop a response nobody reads (a retried one, a mirrored copy's): its body is read
     (see `_drained`) so that its connection goes back to the pool, or the connection is
-    closed when the body is bigger or slower than that, as Envoy resets such a stream."""
+    closed when the body is bigger or slower than that, as Envoy resets such a stream, or
+    when `keep()`, asked once the body is read, says the pool is not to have it."""
     raw = response.raw
-    if isinstance(raw, HTTPResponse) and _drained(raw, seconds, most):
+    # Held from the start: urllib3 puts the connection back in the pool itself once the body
+    # is read whole, before `keep()` can be asked.
+    connection = getattr(raw, "connection", None) if keep is not None else None
+    if isinstance(raw, HTTPResponse) and _drained(raw, seconds, most) and (keep is None or keep()):
         raw.release_conn()
     else:
         response.close()
+        if connection is not None:
+            connection.close()  # idle in the pool already, maybe: no socket stays open
 
 
 def _classify(exc: requests.RequestException) -> str:
@@ -366,10 +377,17 @@ class MeshAdapter(HTTPAdapter):
             self._inner.close()  # an app's adapter that `Session.mount` meshed
 
     def close_mirrors(self) -> None:
-        """Let mirrored copies in flight finish (a second at most), and drop those queued:
-        sent after the close, through the pool opened anew, one would leave its connection
-        open. `close()` does it; `instrument()` does it when a stock adapter closes."""
-        self._mirroring.close()
+        """Count a close, without waiting for the mirrored copies: Envoy never holds a
+        caller for its shadow, and `requests.get()` closes a session on every call. Copies
+        in flight and queued still go, each on a connection that is closed after it (see
+        `_send_mirror`), so none is left open in a pool nobody closes. `close()` does it;
+        `instrument()` does it when a stock adapter closes."""
+        self._mirroring.closes += 1
+
+    def _open_since(self, epoch: int) -> Callable[[], bool]:
+        """Whether this adapter was not closed since `epoch`, asked when a copy's connection
+        would go back to the pool: one closed meanwhile may have opened the pool anew."""
+        return lambda: epoch == self._mirroring.closes
 
     def adopt_mirrors(self, earlier: MeshAdapter) -> None:
         """Track the copies of the adapter this one replaces over the same inner one
@@ -559,8 +577,8 @@ class MeshAdapter(HTTPAdapter):
         cluster's outlier detection (see `MirrorCopy`)."""
         result: AttemptResult | None = None
         try:
-            if epoch != self._mirroring.closes:
-                return  # the adapter was closed while the copy waited for a thread
+            if epoch != self._mirroring.closes:  # closed while the copy waited for a thread:
+                request.headers["connection"] = "close"  # its pool is opened anew for it
             connect, read, mesh_owned = copy.timeouts(*caller)
             try:
                 response = self._send_upstream(request, timeout=(connect, read), **options)
@@ -569,7 +587,7 @@ class MeshAdapter(HTTPAdapter):
                 result = _failure(exc, copy.attempt, base, mesh_owned)
                 return
             result = AttemptResult(status=response.status_code)
-            _discard(response, read or MIRROR_TIMEOUT, None)
+            _discard(response, read or MIRROR_TIMEOUT, None, keep=self._open_since(epoch))
         except Exception:  # a mirror's failure never affects anything
             pass
         finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -497,14 +498,16 @@ def test_first_calls_racing_on_a_shared_transport_make_one_wrapper(
 
 
 @pytest.mark.parametrize("meshes", [1, 2], ids=["one-mesh", "another-mesh-since"])
-def test_closing_a_stock_session_stops_its_copies(make_mesh: MeshFactory, meshes: int) -> None:
+def test_closing_a_stock_session_neither_waits_for_its_copies_nor_leaks_them(
+    make_mesh: MeshFactory, meshes: int
+) -> None:
     """A stock `requests.Session` under `instrument()` closed while its mirrored copies are
     held by the mirror (four, one per mirroring thread) and a fifth waits for a thread:
-    `close()` gives the copies in flight their grace, and the queued one is dropped — not
-    sent after the close through a pool opened anew, whose connection to the mirror nothing
-    would close — as with `meshlib.Session`; once the mirror answers, no connection to it
-    stays open. Also when `instrument(another_mesh)` came between (a sixth call, whose
-    copy queues too): the adapter's new facade stops its predecessor's copies."""
+    `close()` returns at once (Envoy never holds a caller for its shadow, and
+    `requests.get()` closes a session on every call), every copy still goes, and once the
+    mirror answers no connection to it stays open — the queued one's included, sent after the
+    close through a pool opened anew, with `Connection: close`. Also when
+    `instrument(another_mesh)` came between (a sixth call, whose copy queues too)."""
     from tests.rawserver import ThreadServer, held_until, wait_until_sync
     from tests.upstream import loopback_service
 
@@ -529,13 +532,16 @@ def test_closing_a_stock_session_stops_its_copies(make_mesh: MeshFactory, meshes
             if meshes == 2:
                 meshlib.instrument(made[1])
                 assert session.get(URL + "/", timeout=5).status_code == 200
+            started = time.monotonic()
             session.close()
+            assert time.monotonic() - started < 0.5  # not waiting for the held copies
         finally:
             meshlib.uninstrument()
             held.loop.call_soon_threadsafe(release.set)
         for mirror in mirrors:
             wait_until_sync(lambda m=mirror: m.limits.active_requests == 0, "the copies to end")
-        assert len(shadow.heads) == 4
+        assert len(shadow.heads) == 4 + meshes
+        assert all(b"\r\nconnection: close\r\n" in head.lower() for head in shadow.heads[4:])
         wait_until_sync(lambda: shadow.active == 0, "the copies' connections to close", 2.0)
 
 
