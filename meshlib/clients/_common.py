@@ -103,8 +103,9 @@ _mirror_slots = threading.BoundedSemaphore(MAX_MIRRORS_PENDING)
 
 
 class MirrorTracker:
-    """Mirrored copies still in flight, so closing a client lets them finish first: a copy
-    sent through an already-closed connection pool would leave its connection open."""
+    """Mirrored copies still in flight, which closing a client may wait for, and its count of
+    closes, which a copy queued before one checks: one sent through a connection pool opened
+    after the close would leave its connection open."""
 
     def __init__(self) -> None:
         self._pending: set[concurrent.futures.Future[Any]] = set()
@@ -126,12 +127,6 @@ class MirrorTracker:
     def wait(self, timeout: float = 1.0) -> None:
         if self._pending:
             concurrent.futures.wait(list(self._pending), timeout=timeout)
-
-    def close(self) -> None:
-        """Let copies in flight finish (a second at most) before their pool goes away, and
-        count a close: a copy still queued would open a pool nobody closes."""
-        self.wait()
-        self.closes += 1
 
 
 def choose_hash_key(exchange: Exchange, mesh: Mesh, attributes: RequestAttributes) -> None:
