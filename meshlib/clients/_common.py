@@ -109,7 +109,7 @@ class MirrorTracker:
 
     def __init__(self) -> None:
         self._pending: set[concurrent.futures.Future[Any]] = set()
-        self.closes = 0  # close() calls: a copy queued before one is dropped by its sender
+        self.closes = 0  # its client's closes: a copy queued before one checks it when it runs
 
     def submit(self, fn: Any, *args: Any) -> bool:
         """Send a copy from the pool; False (dropped) when `MAX_MIRRORS_PENDING` are pending."""
