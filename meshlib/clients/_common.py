@@ -110,6 +110,11 @@ class MirrorTracker:
     def __init__(self) -> None:
         self._pending: set[concurrent.futures.Future[Any]] = set()
         self.closes = 0  # its client's closes: a copy queued before one checks it when it runs
+        # The pool copies go through when the client keeps one of its own for them (an httpx
+        # transport; copies are sent from a thread pool, hence the lock). One class for every
+        # client: the compiled build does not let an interpreted module subclass it.
+        self.lock = threading.Lock()
+        self.pool: Any = None
 
     def submit(self, fn: Any, *args: Any) -> bool:
         """Send a copy from the pool; False (dropped) when `MAX_MIRRORS_PENDING` are pending."""

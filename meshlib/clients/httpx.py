@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import datetime
 import functools
-import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -354,20 +353,10 @@ def _try_expired(exc: httpx.TimeoutException) -> bool:
     return deadline is not None and time.monotonic() >= deadline - 0.002
 
 
-class _Copies(MirrorTracker):
-    """A MeshTransport's mirrored copies (see `MirrorTracker`) and the pool they go through:
-    shared with the transport that replaces it over the same inner one (`adopt_mirrors`), so
-    that a copy the earlier one queued goes through the same pool, and one close drops it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lock = threading.Lock()  # copies are sent from a thread pool
-        self.pool: httpx.BaseTransport | None = None  # see MeshTransport._mirroring_transport
-
-
 class _AsyncCopies(Background):
-    """The asyncio twin of `_Copies`: an AsyncMeshTransport's copies and their pool, shared
-    with the transport that replaces it (`adopt_mirrors`), so one close stops them all."""
+    """The asyncio twin of a MeshTransport's `MirrorTracker`: an AsyncMeshTransport's copies
+    and their pool, shared with the transport that replaces it (`adopt_mirrors`), so one close
+    stops them all."""
 
     pool: httpx.AsyncBaseTransport | None = None  # see AsyncMeshTransport._mirroring_transport
 
@@ -600,7 +589,7 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         self._mesh = mesh
         # Its `closes` counts close_mirrors() calls: a copy queued before one is dropped, not
         # sent through a pool opened after the close (the transport may be used again).
-        self._mirroring = _Copies()
+        self._mirroring = MirrorTracker()
         self._closes = _Closes()
         setattr(self, _MESHED, True)
 
