@@ -205,6 +205,11 @@ class InboundExchange:
         request came in on (None when unknown)."""
         return None, None
 
+    @property
+    def traced(self) -> bool:
+        """Whether the request has a SERVER span: what only a span reads is read then."""
+        return self._scope is not None
+
     def spanned(self) -> None:
         """Called once the request has a SERVER span, before the app runs."""
 

@@ -83,6 +83,10 @@ class MeshWSGIMiddleware:
                 exchange.status = 0
             exchange.body_limit = _body_limit(exchange.status, headers)
             exchange._write = write
+            if exchange.traced:
+                # While the framework still holds its request: Flask lets go of it before
+                # the response's body is read, and the span ends after that.
+                exchange.rule = _flask_rule(environ)
             return exchange.write
 
         length = environ.get("CONTENT_LENGTH")
@@ -107,13 +111,14 @@ class MeshWSGIMiddleware:
 class _Exchange(InboundExchange):
     """One WSGI request, read from its environ."""
 
-    __slots__ = ("_write", "body_limit", "environ", "headers_sent")
+    __slots__ = ("_write", "body_limit", "environ", "headers_sent", "rule")
 
     def __init__(self, side: InboundSide, environ: dict[str, Any]) -> None:
         self.environ = environ
         self.headers_sent = False  # by write() or with a chunk: an error after it is no 500
         self.body_limit: int | None = None  # the most body bytes the server sends
         self._write: Callable[[bytes], Any] = _unstarted
+        self.rule: str | None = None  # the framework's route, for a request with a span
         super().__init__(side)
         for _, key in _EXCHANGE:  # read, then removed from what the app sees, as Istio does
             environ.pop(key, None)
@@ -143,6 +148,9 @@ class _Exchange(InboundExchange):
             return False
         limit = self.body_limit
         return not (self.method() == "HEAD" or (limit is not None and self.response_bytes >= limit))
+
+    def route(self) -> str | None:
+        return self.rule
 
     def get_all(self, name: str) -> list[str] | None:
         key = _CGI_NAMES.get(name) or "HTTP_" + name.upper().replace("-", "_")
@@ -201,6 +209,14 @@ class _Exchange(InboundExchange):
         port = environ.get("REMOTE_PORT")
         client = (host_port(address, port) if port else address) if address else None
         return client, environ.get("QUERY_STRING", "")
+
+
+def _flask_rule(environ: dict[str, Any]) -> str | None:
+    """The URL rule Flask (werkzeug's routing) matched the request by, `/reviews/<int:id>`,
+    as OpenTelemetry's Flask instrumentation names it; None for another framework."""
+    request = environ.get("werkzeug.request")
+    rule = getattr(getattr(request, "url_rule", None), "rule", None)
+    return rule if isinstance(rule, str) and rule.startswith("/") else None
 
 
 def _caller_gone(error: Exception) -> bool:

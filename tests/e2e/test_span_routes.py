@@ -8,6 +8,7 @@ matched; the middleware names the span by its template once the app ran, and set
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,7 +17,7 @@ import pytest
 
 import meshlib
 from tests.test_inbound_failures import Traced
-from tests.upstream import AsgiServer
+from tests.upstream import AsgiServer, WsgiServer
 
 
 def starlette_app() -> Any:
@@ -105,3 +106,30 @@ def test_fastapi_routes_name_the_spans(traced: Traced) -> None:
     assert spans["/reviews/7"]["name"] == "GET /reviews/{review_id}"
     assert spans["/reviews/7"]["http.route"] == "/reviews/{review_id}"
     assert spans["/reviews/7"]["http.response.status_code"] == 200
+
+
+def test_flask_rules_name_the_spans(traced: Traced) -> None:
+    """Under the WSGI middleware, Flask's URL rule names the span (`/reviews/<int:id>`, as
+    OpenTelemetry's Flask instrumentation has it), read while Flask still holds its request;
+    a path no rule matched (404) keeps its name."""
+    from flask import Flask
+
+    app = Flask("reviews")
+
+    @app.get("/reviews/<int:review_id>")
+    def review(review_id: int) -> dict[str, int]:
+        return {"id": review_id}
+
+    sampled = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
+    with WsgiServer(meshlib.MeshWSGIMiddleware(app.wsgi_app, mesh=traced.mesh)) as server:
+        with httpx.Client(base_url=f"http://127.0.0.1:{server.port}") as client:
+            assert client.get("/reviews/3", headers=sampled).status_code == 200
+            assert client.get("/nowhere", headers=sampled).status_code == 404
+        deadline = time.monotonic() + 10  # a WSGI span ends once the server closes the body
+        while len(traced.spans()) < 2:
+            assert time.monotonic() < deadline, traced.spans()
+            time.sleep(0.01)
+    names = {str((span.attributes or {})["url.path"]): span for span in traced.spans()}
+    assert names["/reviews/3"].name == "GET /reviews/<int:review_id>"
+    assert (names["/reviews/3"].attributes or {})["http.route"] == "/reviews/<int:review_id>"
+    assert names["/nowhere"].name == "GET /nowhere"
