@@ -306,10 +306,7 @@ class InboundExchange:
             if early:  # the span ends with the response, not with the app's later work
                 scope.end_time = time.time_ns() - int((time.perf_counter() - ended) * 1e9)
             try:
-                if scope.owned and self._span.is_recording():
-                    route = self.route()
-                    if route:
-                        scope.routed(route)
+                scope.routed(self.route)
                 try:
                     mesh.tracing.finish_server(self._span, status, None if flags == "-" else flags)
                 finally:

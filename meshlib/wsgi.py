@@ -120,13 +120,12 @@ class _Exchange(InboundExchange):
         self._write: Callable[[bytes], Any] = _unstarted
         self.rule: str | None = None  # the framework's route, for a request with a span
         super().__init__(side)
-        for _, key in _EXCHANGE:  # read, then removed from what the app sees, as Istio does
-            environ.pop(key, None)
 
     def _exchanged(self) -> dict[str, str]:
+        # Read, then removed from what the app sees, as Istio does: one pass does both.
         found = {}
         for name, key in _EXCHANGE:
-            value = self.environ.get(key)
+            value = self.environ.pop(key, None)
             if isinstance(value, str):
                 found[name] = value
         return found

@@ -384,11 +384,6 @@ class MeshAdapter(HTTPAdapter):
         `instrument()` does it when a stock adapter closes."""
         self._mirroring.closes += 1
 
-    def _open_since(self, epoch: int) -> Callable[[], bool]:
-        """Whether this adapter was not closed since `epoch`, asked when a copy's connection
-        would go back to the pool: one closed meanwhile may have opened the pool anew."""
-        return lambda: epoch == self._mirroring.closes
-
     def adopt_mirrors(self, earlier: MeshAdapter) -> None:
         """Track the copies of the adapter this one replaces over the same inner one
         (`instrument()` with another Mesh) as this one's: closing stops them too."""
@@ -577,7 +572,8 @@ class MeshAdapter(HTTPAdapter):
         cluster's outlier detection (see `MirrorCopy`)."""
         result: AttemptResult | None = None
         try:
-            if epoch != self._mirroring.closes:  # closed while the copy waited for a thread:
+            copies = self._mirroring
+            if epoch != copies.closes:  # closed while the copy waited for a thread:
                 request.headers["connection"] = "close"  # its pool is opened anew for it
             connect, read, mesh_owned = copy.timeouts(*caller)
             try:
@@ -587,7 +583,8 @@ class MeshAdapter(HTTPAdapter):
                 result = _failure(exc, copy.attempt, base, mesh_owned)
                 return
             result = AttemptResult(status=response.status_code)
-            _discard(response, read or MIRROR_TIMEOUT, None, keep=self._open_since(epoch))
+            # Closed meanwhile: its pool may be opened anew, and is not to keep the connection.
+            _discard(response, read or MIRROR_TIMEOUT, None, keep=lambda: epoch == copies.closes)
         except Exception:  # a mirror's failure never affects anything
             pass
         finally:

@@ -710,7 +710,7 @@ class ServerScope(_Scope):
                 return
         path = self.path.partition("?")[0]
         method = _method(self.method)
-        span = tracer.start_span(self._name(self.route or path), parent, kind=_SERVER)
+        span = tracer.start_span(self._name(method, self.route or path), parent, kind=_SERVER)
         if not report:
             # No trace came in: this span is the request's trace root (its ids and sampling
             # decision go on to the calls made), but it is never ended, so never reported.
@@ -741,19 +741,24 @@ class ServerScope(_Scope):
         self.owned = True
         self._token = otel_context.attach(trace.set_span_in_context(span, parent))
 
-    def _name(self, target: str) -> str:
-        method = _method(self.method)
+    @staticmethod
+    def _name(method: str, target: str) -> str:
+        """`method`: as `_method` gives it."""
         if len(target) > MAX_NAME_PATH:
             target = target[:MAX_NAME_PATH]
         return f"{'HTTP' if method == '_OTHER' else method} {target}"
 
-    def routed(self, route: str) -> None:
-        """The framework routed the request by `route` (a template, `/reviews/{id}`): the span
-        is named by it and says it (`http.route`), as OpenTelemetry's HTTP conventions ask,
-        where a name with the path gives every id a name of its own."""
+    def routed(self, route_of: Callable[[], str | None]) -> None:
+        """Name the span by the route its framework matched, `route_of()` (a template,
+        `/reviews/{id}`; None: none known), and say it (`http.route`), as OpenTelemetry's HTTP
+        conventions ask, where a name with the path gives every id a name of its own. Asked
+        only of a span of meshlib's that records, and named at its start by no route."""
         span = self.span
-        if self.owned and span.is_recording() and not self.route:
-            span.update_name(self._name(route))
+        if not self.owned or self.route or not span.is_recording():
+            return
+        route = route_of()
+        if route:
+            span.update_name(self._name(_method(self.method), route))
             span.set_attribute("http.route", route)
 
 
