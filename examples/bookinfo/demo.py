@@ -122,11 +122,15 @@ class Demo:
 
     # -- start-up ---------------------------------------------------------------------------
 
-    def write_policy(self, index: int) -> None:
+    def write_policy(self, index: int) -> bool:
+        """Put scenario `index` in mesh.yaml; False when the file already held it."""
         endpoints = [d.endpoint for d in self.deployed]
         text = render(endpoints, self.scenarios[0], self.scenarios[index])
-        write_atomically(self.mesh_path, text)
         self.current = index
+        if self.mesh_path.is_file() and self.mesh_path.read_text() == text:
+            return False
+        write_atomically(self.mesh_path, text)
+        return True
 
     def start_services(self) -> None:
         """Fresh logs, mesh.yaml with the first scenario, then every service process."""
@@ -185,7 +189,11 @@ class Demo:
     async def apply(self, index: int) -> None:
         """Rewrite mesh.yaml for scenario `index`; return when every process has loaded it."""
         before = dict(self.scraper.generations)
-        self.write_policy(index)
+        if not self.write_policy(index):
+            # The services serve it already (the first scenario, at start): a file holding the
+            # same bytes is no new policy, so no process would load it again.
+            self.applied = len(self.deployed)
+            return
         self.applied = 0
         self.phase = "applying mesh.yaml"
         deadline = time.monotonic() + APPLY_TIMEOUT

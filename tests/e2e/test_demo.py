@@ -117,6 +117,8 @@ def test_demo_runs_headless_and_leaves_nothing_behind(demo: DemoRun) -> None:
     assert "\x1b" not in demo.stdout, "not a terminal: plain lines, no ANSI escapes"
     assert "7/7 ready" in demo.stdout
     assert len(demo.summary) == len(SCENARIOS), demo.stdout
+    # Every scenario, the first included (mesh.yaml already holds it), was loaded in time.
+    assert "had loaded scenario" not in demo.stdout, demo.stdout
     deadline = time.monotonic() + 5
     while (left := processes_with(demo.marker)) and time.monotonic() < deadline:
         time.sleep(0.1)  # processes killed a moment ago may still be on their way out
