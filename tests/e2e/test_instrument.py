@@ -636,3 +636,55 @@ def test_closing_a_stock_async_client_stops_its_copies(make_mesh: MeshFactory, m
         asyncio.run(main())
         assert len(shadow.heads) == meshes
         wait_until_sync(lambda: shadow.active == 0, "the copies' connections to close", 2.0)
+
+
+@pytest.mark.parametrize("meshes", [1, 2], ids=["one-mesh", "another-mesh-since"])
+def test_closing_a_stock_session_under_a_call_lets_the_call_finish(
+    make_mesh: MeshFactory, upstreams: dict[str, Upstream], meshes: int
+) -> None:
+    """A stock `requests.Session` closed while a meshed call is in flight: the call finishes
+    with its answer, sent once, as without the mesh (requests' `close()` empties the pools of
+    idle connections and leaves a connection in use to finish; the session stays usable).
+    Also when `instrument(another_mesh)` came between (a call routed to v2 by the other Mesh):
+    the call in flight under the earlier Mesh is not cut off by the close either."""
+    import threading
+
+    upstreams["v1"].behaviour.delay = 0.5
+    mesh = make_mesh(
+        virtual_service(
+            "- route: [{destination: {host: reviews, subset: v1}}]\n"
+            "  retries: {attempts: 3, retryOn: 'reset,connect-failure'}\n"
+        )
+    )
+    to_v2 = make_mesh(virtual_service("- route: [{destination: {host: reviews, subset: v2}}]\n"))
+    outcome: list[object] = []
+    session = requests.Session()
+    meshlib.instrument(mesh)
+    try:
+
+        def call() -> None:
+            try:
+                outcome.append(session.get(URL + "/", timeout=5).status_code)
+            except requests.RequestException as exc:
+                outcome.append(exc)
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        while upstreams["v1"].behaviour.active == 0:  # poll: the call reached the upstream
+            time.sleep(0.005)
+        if meshes == 2:
+            meshlib.instrument(to_v2)
+            assert session.get(URL + "/", timeout=5).headers["x-upstream"] == "v2"
+        started = time.monotonic()
+        session.close()
+        assert time.monotonic() - started < 0.25  # close() does not wait for the call
+        caller.join(10)
+        assert outcome == [200]
+        assert upstreams["v1"].behaviour.received == 1  # sent once: not retried after close
+        # The session is still usable after close(), as a stock one is.
+        expected = "v2" if meshes == 2 else "v1"
+        upstreams["v1"].behaviour.delay = 0.0
+        assert session.get(URL + "/", timeout=5).headers["x-upstream"] == expected
+    finally:
+        meshlib.uninstrument()
+        session.close()
