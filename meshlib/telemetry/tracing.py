@@ -748,16 +748,23 @@ class ServerScope(_Scope):
             target = target[:MAX_NAME_PATH]
         return f"{'HTTP' if method == '_OTHER' else method} {target}"
 
+    @property
+    def unrouted(self) -> bool:
+        """Whether the span wants the route its framework matched: a span of meshlib's that
+        records (a sampled request), named at its start by no route. What only a route reads
+        is read then, never for the requests left unsampled."""
+        return self.owned and not self.route and self.span.is_recording()
+
     def routed(self, route_of: Callable[[], str | None]) -> None:
         """Name the span by the route its framework matched, `route_of()` (a template,
         `/reviews/{id}`; None: none known), and say it (`http.route`), as OpenTelemetry's HTTP
         conventions ask, where a name with the path gives every id a name of its own. Asked
-        only of a span of meshlib's that records, and named at its start by no route."""
-        span = self.span
-        if not self.owned or self.route or not span.is_recording():
+        only when the span is `unrouted`."""
+        if not self.unrouted:
             return
         route = route_of()
         if route:
+            span = self.span
             span.update_name(self._name(_method(self.method), route))
             span.set_attribute("http.route", route)
 
