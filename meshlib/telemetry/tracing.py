@@ -655,7 +655,17 @@ class _Scope:
 class ServerScope(_Scope):
     """`Tracing.server_span`'s scope."""
 
-    __slots__ = ("context", "headers", "host", "method", "path", "query", "route", "scheme")
+    __slots__ = (
+        "context",
+        "headers",
+        "host",
+        "method",
+        "path",
+        "query",
+        "route",
+        "scheme",
+        "unrouted",
+    )
 
     def __init__(
         self,
@@ -678,6 +688,10 @@ class ServerScope(_Scope):
         self.route = route
         self.headers = headers
         self.query = query
+        self.unrouted = False
+        """Whether the span wants the route its framework matched: a span of meshlib's that
+        records (a sampled request), named at its start by no route. What only a route reads
+        is read then, never for the requests left unsampled."""
 
     def _start(self) -> None:
         current = trace.get_current_span()
@@ -737,6 +751,7 @@ class ServerScope(_Scope):
                     attributes["url.query"] = _redacted(query)
             self.tracing.tags.add_to(attributes, self.headers)
             span.set_attributes(attributes)
+            self.unrouted = not self.route
         self.span = span
         self.owned = True
         self._token = otel_context.attach(trace.set_span_in_context(span, parent))
@@ -747,13 +762,6 @@ class ServerScope(_Scope):
         if len(target) > MAX_NAME_PATH:
             target = target[:MAX_NAME_PATH]
         return f"{'HTTP' if method == '_OTHER' else method} {target}"
-
-    @property
-    def unrouted(self) -> bool:
-        """Whether the span wants the route its framework matched: a span of meshlib's that
-        records (a sampled request), named at its start by no route. What only a route reads
-        is read then, never for the requests left unsampled."""
-        return self.owned and not self.route and self.span.is_recording()
 
     def routed(self, route_of: Callable[[], str | None]) -> None:
         """Name the span by the route its framework matched, `route_of()` (a template,
