@@ -9,6 +9,7 @@ previous context. The adapters only translate their framework's request and resp
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -206,16 +207,18 @@ class InboundExchange:
         return None, None
 
     @property
-    def traced(self) -> bool:
-        """Whether the request has a SERVER span: what only a span reads is read then."""
-        return self._scope is not None
+    def routing(self) -> bool:
+        """Whether the request's route is wanted (`ServerScope.unrouted`: a sampled request's
+        span of meshlib's): what only a route reads is read then."""
+        scope = self._scope
+        return scope is not None and scope.unrouted
 
     def spanned(self) -> None:
         """Called once the request has a SERVER span, before the app runs."""
 
     def route(self) -> str | None:
         """The route template the app's framework matched the request by, once the app ran
-        (`/reviews/{id}`); None when it does not say. Read only for a span that records."""
+        (`/reviews/{id}`); None when it does not say. Read only when `routing`."""
         return None
 
     def query(self) -> str:
@@ -370,3 +373,27 @@ class InboundExchange:
             downstream_remote_address=received.client,
             direction="inbound",
         )
+
+
+def django_route(path_info: str) -> str | None:
+    """The route Django's URL resolver matches `path_info` by, as Django's
+    `ResolverMatch.route` and OpenTelemetry's Django instrumentation write it
+    (`reviews/<int:id>/`), when Django is serving the request here: called while its handler
+    holds the request, which set the URLconf it resolves with (`get_urlconf()`: the request's
+    own `urlconf` when a middleware set one; cleared once a request finishes) and the
+    language its `i18n_patterns` match. None when Django is not serving it (not loaded, or
+    another app in the process), for a path no pattern matches (a 404), and for the empty
+    route of the root. Django is never imported here, only asked when already loaded; the
+    request's `resolver_match` is out of reach (no handler puts the request in the environ
+    or scope), so the path is resolved again, for a sampled request only."""
+    urls = sys.modules.get("django.urls")
+    if urls is None:
+        return None
+    try:
+        urlconf = urls.get_urlconf()
+        if urlconf is None:  # no Django request in this context
+            return None
+        route = urls.resolve(path_info, urlconf).route
+    except Exception:  # Resolver404, or a URLconf that fails to load: no route known
+        return None
+    return route if isinstance(route, str) and route else None

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
-from meshlib._inbound import InboundExchange, InboundSide, InboundSides
+from meshlib._inbound import InboundExchange, InboundSide, InboundSides, django_route
 from meshlib._text import ascii_int, host_port
 from meshlib.mesh import Mesh
 from meshlib.telemetry import peer, threads
@@ -66,6 +66,7 @@ class _Exchange(InboundExchange):
         "_complete",
         "_declared",
         "_receive",
+        "_resolved",
         "_root",
         "_send",
         "_started",
@@ -82,6 +83,7 @@ class _Exchange(InboundExchange):
         self._trailers = False  # the response was started with `trailers: True`
         self._started: Sequence[tuple[bytes, bytes]] | None = None  # the response's headers
         self._root: object = None  # the scope's root_path as it came, read for a span only
+        self._resolved: str | None = None  # the route Django matched, for a sampled request
         # The headers read on every request, decoded; the others untouched. One string per
         # name (a list per name would cost an allocation per header on every request).
         names = side.names
@@ -132,6 +134,9 @@ class _Exchange(InboundExchange):
         self._root = self.scope.get("root_path", "")  # before a router's Mount extends it
 
     def route(self) -> str | None:
+        return self._starlette_route() or self._resolved
+
+    def _starlette_route(self) -> str | None:
         # Starlette and FastAPI leave the route they matched in the scope (a `Mount`'s routes
         # add its path to root_path): its template, without the parameters' convertors.
         scope = self.scope
@@ -252,6 +257,8 @@ class _Exchange(InboundExchange):
             if self._started is None:
                 # The HTTP Trailers extension: the response ends with its last trailers.
                 self._trailers = bool(message.get("trailers"))
+                if self.routing:  # while Django's handler holds the request (its task)
+                    self._resolved = django_route(_path_info(self.scope))
             self._started = headers
         size = 0
         if kind == "http.response.body":
@@ -277,6 +284,14 @@ class _Exchange(InboundExchange):
             raise
         if self._complete and self.completed is None:
             self.completed = time.perf_counter()  # sent: the caller has it all
+
+
+def _path_info(scope: Scope) -> str:
+    """The path an app mounted at the scope's root_path sees, as Django's ASGIRequest takes
+    it (its FORCE_SCRIPT_NAME, which Django would strip instead, aside)."""
+    path: str = scope.get("path", "/")
+    root = scope.get("root_path")
+    return path[len(root) :] if root and isinstance(root, str) and path.startswith(root) else path
 
 
 def _size_of(path: object) -> int:

@@ -30,7 +30,7 @@ from contextvars import Context, copy_context
 from typing import Any
 from urllib.parse import quote
 
-from meshlib._inbound import InboundExchange, InboundSide, InboundSides
+from meshlib._inbound import InboundExchange, InboundSide, InboundSides, django_route
 from meshlib._text import ascii_int, host_port
 from meshlib.mesh import Mesh
 from meshlib.telemetry import peer, threads
@@ -83,10 +83,11 @@ class MeshWSGIMiddleware:
                 exchange.status = 0
             exchange.body_limit = _body_limit(exchange.status, headers)
             exchange._write = write
-            if exchange.traced:
-                # While the framework still holds its request: Flask lets go of it before
-                # the response's body is read, and the span ends after that.
-                exchange.rule = _flask_rule(environ)
+            if exchange.routing:
+                # While the framework still holds its request: Flask lets go of it, and
+                # Django of its URLconf, before the response's body is read, and the span
+                # ends after that. Django has set PATH_INFO to the path it resolves.
+                exchange.rule = _flask_rule(environ) or django_route(environ.get("PATH_INFO", "/"))
             return exchange.write
 
         length = environ.get("CONTENT_LENGTH")
@@ -118,7 +119,7 @@ class _Exchange(InboundExchange):
         self.headers_sent = False  # by write() or with a chunk: an error after it is no 500
         self.body_limit: int | None = None  # the most body bytes the server sends
         self._write: Callable[[bytes], Any] = _unstarted
-        self.rule: str | None = None  # the framework's route, for a request with a span
+        self.rule: str | None = None  # the framework's route, for a sampled request
         super().__init__(side)
 
     def _exchanged(self) -> dict[str, str]:

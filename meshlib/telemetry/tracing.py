@@ -655,7 +655,17 @@ class _Scope:
 class ServerScope(_Scope):
     """`Tracing.server_span`'s scope."""
 
-    __slots__ = ("context", "headers", "host", "method", "path", "query", "route", "scheme")
+    __slots__ = (
+        "context",
+        "headers",
+        "host",
+        "method",
+        "path",
+        "query",
+        "route",
+        "scheme",
+        "unrouted",
+    )
 
     def __init__(
         self,
@@ -678,6 +688,10 @@ class ServerScope(_Scope):
         self.route = route
         self.headers = headers
         self.query = query
+        self.unrouted = False
+        """Whether the span wants the route its framework matched: a span of meshlib's that
+        records (a sampled request), named at its start by no route. What only a route reads
+        is read then, never for the requests left unsampled."""
 
     def _start(self) -> None:
         current = trace.get_current_span()
@@ -737,6 +751,7 @@ class ServerScope(_Scope):
                     attributes["url.query"] = _redacted(query)
             self.tracing.tags.add_to(attributes, self.headers)
             span.set_attributes(attributes)
+            self.unrouted = not self.route
         self.span = span
         self.owned = True
         self._token = otel_context.attach(trace.set_span_in_context(span, parent))
@@ -752,12 +767,12 @@ class ServerScope(_Scope):
         """Name the span by the route its framework matched, `route_of()` (a template,
         `/reviews/{id}`; None: none known), and say it (`http.route`), as OpenTelemetry's HTTP
         conventions ask, where a name with the path gives every id a name of its own. Asked
-        only of a span of meshlib's that records, and named at its start by no route."""
-        span = self.span
-        if not self.owned or self.route or not span.is_recording():
+        only when the span is `unrouted`."""
+        if not self.unrouted:
             return
         route = route_of()
         if route:
+            span = self.span
             span.update_name(self._name(_method(self.method), route))
             span.set_attribute("http.route", route)
 
