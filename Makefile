@@ -50,6 +50,7 @@ compiled: $(BIN)/.installed
 COMPILED_TESTS ?= tests/telemetry tests/dataplane tests/clients tests/test_inbound.py \
   tests/test_inbound_edges.py tests/test_inbound_failures.py tests/test_inbound_servers.py \
   tests/test_wsgi_served.py tests/e2e/test_span_routes.py tests/e2e/test_django_routes.py \
+  tests/test_memo.py \
   tests/test_docs.py tests/e2e/test_requests_client.py
 unit-compiled: compiled debian-packages
 	cd $(COMPILED) && MESHLIB_COMPILED=1 \

@@ -136,6 +136,7 @@ def test_oversized_peer_headers_are_not_kept() -> None:
             claimed is None or len(claimed) <= peer.MAX_HEADER_LENGTH
             for claimed, *_ in recorder._cache
         )
+        assert len(recorder._memo) == 0  # an unreadable header names no one: not remembered
         unknown = [
             s
             for metric in mesh.registry.collect()

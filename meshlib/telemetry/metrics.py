@@ -10,7 +10,9 @@ metadata exchange (`meshlib.telemetry.peer`), else Istio's "unknown".
 
 Recording is a dict lookup and four observations under one small lock: the labelled series is
 cached per tuple of raw arguments, and label values are worked out (and bounded) only on the
-first record of a tuple. The values live in meshlib's own storage, which `render()` turns into
+first record of a tuple. The caches are bounded, in two generations (`meshlib._memo`), so that
+a caller sending a new made-up peer on every request cannot push the real callers' entries
+out of them. The values live in meshlib's own storage, which `render()` turns into
 Prometheus text directly — prometheus-client's `generate_latest` formats every sample through
 generic code and takes 0.7-1.1 s for 2,000 series of this shape; `render` about 30 ms
 (`python -m bench metrics`). The series are still a prometheus-client collector
@@ -73,10 +75,11 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString as _float_to_go_string
 
+from meshlib._memo import Memo
 from meshlib._text import ascii_int, host_port
 from meshlib.config import DEFAULT_METRICS_PORT, MeshConfig
 from meshlib.telemetry.metric_overrides import MetricOverrides
-from meshlib.telemetry.peer import MAX_HEADER_LENGTH, UNKNOWN_PEER, PeerIdentity
+from meshlib.telemetry.peer import UNKNOWN_PEER, PeerIdentity
 from meshlib.telemetry.peer import decode as decode_peer
 
 if TYPE_CHECKING:
@@ -390,10 +393,12 @@ class DestinationRecorder:
     Keyed by what varies per request — the caller's raw peer header, the status and the
     response flags — so a request costs one small dict lookup (instead of a 17-field key) and
     the observation. The series it remembers are the very ones `record` uses: they are never
-    removed.
+    removed. Which keys it remembers is bounded as `peer.decode`'s cache is (`meshlib._memo`:
+    two generations of `max_series` / 2 keys, so a flood of distinct headers cannot push out
+    the real callers'), and a header that names no usable peer is not remembered at all.
     """
 
-    __slots__ = ("_cache", "_metrics", "_policy", "_service")
+    __slots__ = ("_cache", "_memo", "_metrics", "_policy", "_service")
 
     def __init__(
         self, metrics: IstioMetrics, service: tuple[str, str, str, str], policy: SecurityPolicy
@@ -401,7 +406,9 @@ class DestinationRecorder:
         self._metrics = metrics
         self._service = service
         self._policy = policy
-        self._cache: dict[tuple[str | None, int, str], _Series | _MultiProcessSeries] = {}
+        self._memo: Memo[tuple[str | None, int, str], _Series | _MultiProcessSeries]
+        self._memo = Memo(metrics.max_series // 2)
+        self._cache = self._memo.recent  # the hit: one lookup in it
 
     def record(
         self,
@@ -424,6 +431,12 @@ class DestinationRecorder:
     def _find(
         self, claimed: str | None, status: int, flags: str
     ) -> _Series | _MultiProcessSeries | None:
+        raw = (claimed, status, flags)
+        chars = len(claimed) if claimed else 0
+        series = self._memo.recall(raw)
+        if series is not None:
+            self._memo.keep(raw, series, chars)
+            return series
         peer = decode_peer(claimed)
         metrics = self._metrics
         service, name, namespace, protocol = self._service
@@ -435,11 +448,8 @@ class DestinationRecorder:
             series = metrics._lookup(key, peer)
             if series is None:
                 return None
-        if len(self._cache) >= metrics.max_series:
-            self._cache.clear()  # many distinct peer headers: memory stays bounded
-        if claimed is not None and len(claimed) > MAX_HEADER_LENGTH:
-            claimed = None  # unread, so an unknown peer: its raw value is not worth keeping
-        self._cache[(claimed, status, flags)] = series
+        if peer is not UNKNOWN_PEER or not claimed:  # junk is not worth a place, as in peer
+            self._memo.keep(raw, series, chars)
         return series
 
 
@@ -484,7 +494,10 @@ class IstioMetrics:
         self.overrides = MetricOverrides()
         """The Telemetry's `metrics[].overrides`, applied when a scrape renders the series."""
         self._lock = threading.Lock()
-        self._cache: dict[tuple[Any, ...], _Series | _MultiProcessSeries] = {}
+        # Series by the raw arguments of `record`: two generations (meshlib._memo) of twice
+        # max_series keys, so a flood of made-up peers cannot push out the real ones'.
+        self._memo: Memo[tuple[Any, ...], _Series | _MultiProcessSeries] = Memo(2 * max_series)
+        self._cache = self._memo.recent
         self._series: dict[tuple[str, ...], _Series | _MultiProcessSeries] = {}
         self._warned = False
         shared = self.multiprocess
@@ -595,6 +608,10 @@ class IstioMetrics:
             series = self._cache.get(key)
             if series is not None:
                 return series
+            series = self._memo.recall(key)
+            if series is not None:
+                self._memo.keep(key, series)
+                return series
             values = self._label_values(key, peer)
             series = self._series.get(values)
             if series is None and len(self._series) >= self.max_series:
@@ -619,9 +636,7 @@ class IstioMetrics:
                 else:
                     series = _Series(values)
                 self._series[values] = series
-            if len(self._cache) >= 4 * self.max_series:
-                self._cache.clear()  # many raw spellings of the same label sets
-            self._cache[key] = series
+            self._memo.keep(key, series)
             return series
 
     def _label_values(self, key: tuple[Any, ...], peer: PeerIdentity) -> tuple[str, ...]:

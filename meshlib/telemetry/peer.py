@@ -14,10 +14,10 @@ The header is compact `key=value` pairs separated by `;`, for example::
 (one line on the wire). Keys: `w` workload, `n` namespace, `a` app, `v` version, `cs`
 canonical service, `cr` canonical revision, `p` principal (SPIFFE URI), `c` cluster. Unknown
 keys are ignored, so the format can grow. Every value is checked against the character set and
-length Kubernetes allows for it; a value that fails, a missing key, a header over
-`MAX_HEADER_LENGTH` or plain garbage yields Istio's "unknown" for that field (canonical
-revision "latest"). `decode` never raises, and no value taken from the network can be longer
-than its cap, so peers cannot create unbounded metric labels with it.
+length Kubernetes allows for it; a value that fails, a missing key, a header over its limit
+(below) or plain garbage yields Istio's "unknown" for that field (canonical revision
+"latest"). `decode` never raises, and no value taken from the network can be longer than its
+cap, so peers cannot create unbounded metric labels with it.
 
 Istio's sidecars exchange the same facts in their own form, `x-envoy-peer-metadata`: a
 `google.protobuf.Struct` (`NAMESPACE`, `WORKLOAD_NAME`, `CLUSTER_ID`, and `LABELS` with `app`,
@@ -26,6 +26,34 @@ Istio's sidecars exchange the same facts in their own form, `x-envoy-peer-metada
 its own (`istio_headers`), so a meshlib workload and an Envoy-sidecar workload name each
 other in both sides' metrics, as two sidecars do. It carries no principal: Istio takes that
 from mTLS alone.
+
+Limits. meshlib's form holds eight short values: over `MAX_HEADER_LENGTH` (2,048 characters)
+it is not read. Istio's may be much longer, and is read up to `MAX_ISTIO_HEADER_LENGTH`
+(16,384). Recent sidecars (the `peer_metadata` filter) send a few hundred characters, but older
+ones (the `metadata_exchange` filter, Istio 1.14's among them) send every node metadata key
+in EXCHANGE_KEYS — NAME, NAMESPACE, INSTANCE_IPS, OWNER, WORKLOAD_NAME, MESH_ID,
+SERVICE_ACCOUNT, CLUSTER_ID, ISTIO_VERSION, APP_CONTAINERS — with the node's PLATFORM_METADATA
+(a cloud's project, cluster, zone, instance) and every label of the pod: 1.6 KiB of base64 on a
+GKE node with Istio's own labels, 3.2 KiB with 20 more of a usual length, 6.6 KiB with 60,
+15.8 KiB with 170 (tests/telemetry/test_peer_istio.py builds them with the protobuf runtime).
+Envoy accepts 60 KiB of request headers in all (`max_request_headers_kb`), so its sidecars
+never trim the header; 16 KiB is also all h11 (uvicorn's pure-Python HTTP/1.1, httpx's) takes
+of a whole request or response head by default, and twice what gunicorn takes of one header
+line (`limit_request_field_size`, 8,190): a longer header would rarely reach meshlib at all.
+Reading is bounded by the length and by `_struct.MAX_FIELDS`: the 15.8 KiB header decodes in
+0.3 ms in pure Python (0.09 ms compiled), no crafted one takes more than 0.4 ms, and each
+distinct value is decoded once (the result is cached). A value over its form's limit is the
+unknown peer, and the first one of each form is logged (a warning in the `meshlib.telemetry`
+log naming the header, its length and the limit, once per process), so an operator can see
+why a peer shows as unknown.
+
+Caching. A request's header is usually one of a few (one per calling workload; one per calling
+pod from Istio's sidecars, whose metadata names the pod), so `decode` remembers what each
+value decoded to: a hit is one dict lookup. The cache is bounded (two generations of
+`_CACHE_SIZE` values and of 2 Mi characters, `meshlib._memo`), and a value that decodes to
+nothing usable is not remembered at all. A flood of distinct values, junk or forged, cannot
+push out a caller that keeps calling: one that calls at least once while `_CACHE_SIZE` new
+values arrive is never decoded again.
 
 Header claims are not proof. When the connection has an mTLS peer certificate, its SPIFFE URI
 is the peer's principal and its namespace, whatever the header says: see `from_principal`.
@@ -37,11 +65,13 @@ import base64
 import binascii
 import dataclasses
 import hashlib
+import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AnyStr
 
+from meshlib._memo import Memo
 from meshlib.telemetry import _struct
 
 if TYPE_CHECKING:
@@ -53,6 +83,7 @@ __all__ = [
     "ISTIO_HEADER",
     "ISTIO_ID_HEADER",
     "MAX_HEADER_LENGTH",
+    "MAX_ISTIO_HEADER_LENGTH",
     "UNKNOWN_PEER",
     "PeerIdentity",
     "decode",
@@ -64,11 +95,13 @@ __all__ = [
 ]
 
 HEADER = "x-meshlib-peer-metadata"
-MAX_HEADER_LENGTH = 2048  # longer values are not parsed at all
+MAX_HEADER_LENGTH = 2048  # meshlib's form: longer values are not parsed at all
 # Istio's form (Envoy's peer_metadata filter): the sender's metadata, and its node id, which
 # the receiving proxy caches the decoded metadata under.
 ISTIO_HEADER = "x-envoy-peer-metadata"
 ISTIO_ID_HEADER = "x-envoy-peer-metadata-id"
+MAX_ISTIO_HEADER_LENGTH = 16384  # Istio's form, whole node metadata included: module docstring
+_FORM_PREFIX = 64  # meshlib's form has a `=` this early, base64 none: named in the log by it
 
 UNKNOWN = "unknown"
 LATEST = "latest"
@@ -151,9 +184,16 @@ _ISTIO_LABELS = {
     "service.istio.io/canonical-revision": "cr",
 }
 
-# Most requests carry one of a few headers (one per calling workload): remember their result.
-_cache: dict[str, PeerIdentity] = {}
-_CACHE_SIZE = 512
+# Most requests carry one of a few headers (one per calling workload; per calling pod from
+# Istio's sidecars): remember what they decode to, in two generations (meshlib._memo), so that
+# a flood of distinct values, junk or forged, cannot push out the real callers'. Values that
+# decode to nothing usable are not remembered at all.
+_CACHE_SIZE = 512  # header values per generation (and at most 2 Mi characters of them)
+_memo: Memo[str, PeerIdentity] = Memo(_CACHE_SIZE)
+_cache: dict[str, PeerIdentity] = _memo.recent  # a hit is one lookup in it
+
+_log = logging.getLogger("meshlib.telemetry")
+_warned: set[str] = set()  # the headers whose values went over their limit, logged once each
 
 
 def _valid_principal(value: str) -> bool:
@@ -247,21 +287,52 @@ def decode(value: str | None) -> PeerIdentity:
     meshlib's always has one inside).
 
     Never raises: any string (or None) gives a PeerIdentity whose every field is valid and
-    bounded in length.
+    bounded in length. A value over its form's limit is the unknown peer, and says so once in
+    the log (see "Limits" in the module docstring).
     """
     if not value or not isinstance(value, str):
         return UNKNOWN_PEER
     found = _cache.get(value)
     if found is not None:
         return found
-    if len(value) > MAX_HEADER_LENGTH:
-        return UNKNOWN_PEER
-    fields = _istio_fields(value) if "=" not in value.rstrip("=") else _meshlib_fields(value)
-    peer = PeerIdentity(**fields) if fields else UNKNOWN_PEER
-    if len(_cache) >= _CACHE_SIZE:
-        _cache.clear()  # many distinct headers: not worth remembering, and memory stays bounded
-    _cache[value] = peer
-    return peer
+    found = _memo.recall(value)
+    if found is None:
+        found = _decoded(value)
+        if found is UNKNOWN_PEER:
+            return found  # nothing usable: not worth a place a real caller's header could have
+    _memo.keep(value, found, len(value))
+    return found
+
+
+def _decoded(value: str) -> PeerIdentity:
+    """What `value` claims, read afresh; UNKNOWN_PEER itself when it names no one."""
+    length = len(value)
+    if length > MAX_ISTIO_HEADER_LENGTH:  # over both limits: which form it is only names it
+        return _too_long(HEADER if "=" in value[:_FORM_PREFIX] else ISTIO_HEADER, length)
+    if "=" in value.rstrip("="):
+        if length > MAX_HEADER_LENGTH:
+            return _too_long(HEADER, length)
+        fields = _meshlib_fields(value)
+    else:
+        fields = _istio_fields(value)
+    return PeerIdentity(**fields) if fields else UNKNOWN_PEER
+
+
+def _too_long(header: str, length: int) -> PeerIdentity:
+    """The unknown peer, for a `header` value of `length` characters, over its limit; the
+    first time for each header, a warning that says why the peer shows as unknown."""
+    if header not in _warned:
+        _warned.add(header)
+        limit = MAX_HEADER_LENGTH if header == HEADER else MAX_ISTIO_HEADER_LENGTH
+        _log.warning(
+            "meshlib: peer metadata header %s is %d characters long, over the %d meshlib reads:"
+            " its sender is counted as an unknown peer (source_workload/destination_workload"
+            ' "unknown"); logged once per process',
+            header,
+            length,
+            limit,
+        )
+    return UNKNOWN_PEER
 
 
 def _meshlib_fields(value: str) -> dict[str, str]:

@@ -4,7 +4,8 @@ Istio's sidecars exchange workload metadata in `x-envoy-peer-metadata` (a base64
 Struct) and `x-envoy-peer-metadata-id`: the caller's sidecar adds them to the request, the
 callee's reads and removes them, and answers with its own only when the request carried
 them. Real servers on loopback play both sides here; the sidecars' headers are ones captured
-from Istio 1.14.5's bookinfo (tests/telemetry/test_peer_istio.py).
+from Istio 1.14.5's bookinfo (tests/telemetry/test_peer_istio.py), and one built as an older
+sidecar of a pod with many labels would send it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import meshlib
 from meshlib.config import MeshConfig
 from meshlib.telemetry import peer
 from tests.e2e.test_metrics_e2e import samples
-from tests.telemetry.test_peer_istio import SIDECAR_RATINGS_V1, SIDECAR_REVIEWS_V3
+from tests.telemetry.test_peer_istio import SIDECAR_RATINGS_V1, SIDECAR_REVIEWS_V3, sidecar_header
 from tests.upstream import AsgiServer, WsgiServer, loopback_service, mesh_for
 
 EXCHANGE = ("x-meshlib-peer-metadata", "x-envoy-peer-metadata", "x-envoy-peer-metadata-id")
@@ -166,6 +167,33 @@ def test_a_sidecar_caller_is_named_and_answered_in_its_form(
         "destination_workload": "ratings-v1",
     }
     assert counted["unknown"][1] == 1
+
+
+def test_a_sidecar_sending_its_whole_node_metadata_is_named(
+    ratings: tuple[meshlib.Mesh, str],
+) -> None:
+    """An older sidecar sends its whole node metadata, every pod label and the node's
+    platform metadata included: with 60 labels of a usual length that is 6.6 KiB, over three
+    times meshlib's own form's limit. ratings counts the caller by it, on every request."""
+    mesh, url = ratings
+    value = sidecar_header(60)
+    assert len(value) > 3 * peer.MAX_HEADER_LENGTH
+    headers = {"x-envoy-peer-metadata": value, "x-envoy-peer-metadata-id": REVIEWS_V3_ID}
+    with httpx.Client(base_url=url) as caller:
+        answers = [caller.get("/ratings/1", headers=headers) for _ in range(3)]
+    assert [answer.text for answer in answers] == ["|False"] * 3  # the app saw none of it
+    assert struct_of(answers[0].headers["x-envoy-peer-metadata"]) == sidecar_view(RATINGS)
+    ((labels, value),) = recorded(mesh, 3)
+    assert value == 3
+    assert {
+        name: labels[name]
+        for name in ("source_workload", "source_workload_namespace", "source_app", "source_version")
+    } == {
+        "source_workload": "reviews-v3",
+        "source_workload_namespace": "default",
+        "source_app": "reviews",
+        "source_version": "v3",
+    }
 
 
 def test_a_meshlib_caller_is_answered_in_meshlibs_form(ratings: tuple[meshlib.Mesh, str]) -> None:

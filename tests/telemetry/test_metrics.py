@@ -420,6 +420,72 @@ def test_made_up_peers_cannot_stop_real_requests_being_counted(
     assert len(istio._series) <= 2 * istio.max_series
 
 
+def remembered(memo: Any, key: Any) -> bool:
+    """Whether a memo (meshlib._memo) still holds `key`, in either generation."""
+    return key in memo.recent or key in memo.older
+
+
+def test_a_flood_of_made_up_peers_keeps_the_real_ones_cached(
+    registry: CollectorRegistry,
+) -> None:
+    """Distinct made-up peers, 5,000 of them (25 times the cache), never push a real
+    caller's entry out of the series cache: between two of its requests come 50 others, and
+    each time its series is still remembered (no label work, no lock). The cache stays
+    within its bound."""
+    istio = IstioMetrics(registry, REVIEWS, max_series=50, multiprocess=False)
+    real = ("destination", PRODUCTPAGE)
+    istio.record(*real, response_code=200, **REVIEWS_CALL, **SIZES)
+    (key,) = istio._cache
+    for n in range(5000):
+        made_up = PeerIdentity(workload=f"made-up-{n}", namespace="bookinfo")
+        istio.record("destination", made_up, response_code=200, **REVIEWS_CALL, **SIZES)
+        if n % 50 == 0:
+            assert remembered(istio._memo, key)
+            istio.record(*real, response_code=200, **REVIEWS_CALL, **SIZES)
+        assert len(istio._memo) <= 4 * istio.max_series
+    counted = {
+        s.labels["source_workload"]: s.value
+        for s in families(render(registry))["istio_requests"].samples
+    }
+    assert counted["productpage-v1"] == 101
+    assert sum(counted.values()) == 5101
+
+
+def test_the_recorder_keeps_real_callers_through_junk_and_forged_headers(
+    registry: CollectorRegistry,
+) -> None:
+    """The middleware's recorder, keyed by the raw header: junk headers (no usable peer)
+    take no place at all, and forged ones — 5,000, cached like any header, since nothing
+    tells them from a real one — cannot push out a caller that keeps calling (between two of
+    its requests come 10 of them, half a generation). Its memory stays within the bound."""
+    istio = IstioMetrics(registry, REVIEWS, max_series=40, multiprocess=False)
+    recorder = istio.destination(
+        destination_service="reviews.bookinfo.svc.cluster.local",
+        destination_service_name="reviews",
+        destination_service_namespace="bookinfo",
+        connection_security_policy="none",
+    )
+    header = "w=productpage-v1;n=bookinfo;a=productpage;v=v1"
+    recorder.record(header, 200, 1.0, 1, 2)
+    key = (header, 200, "-")
+    for n in range(2000):
+        recorder.record(f"junk {n}", 200, 1.0, 1, 2)
+        recorder.record("w=x;" + "y" * (4000 + n % 100), 200, 1.0, 1, 2)  # over its limit
+    assert len(recorder._memo) == 1 and key in recorder._cache
+    for n in range(5000):
+        recorder.record(f"w=forged-{n};n=bookinfo", 200, 1.0, 1, 2)
+        if n % 10 == 0:
+            assert remembered(recorder._memo, key)
+            recorder.record(header, 200, 1.0, 1, 2)
+        assert len(recorder._memo) <= istio.max_series
+    counted = {
+        s.labels["source_workload"]: s.value
+        for s in families(render(registry))["istio_requests"].samples
+    }
+    assert counted["productpage-v1"] == 501
+    assert sum(counted.values()) == 9501  # every request counted, junk and forged included
+
+
 def test_counts_exact_under_threads(istio: IstioMetrics, registry: CollectorRegistry) -> None:
     """64 threads x 1,000 records lose nothing: counters, buckets and sums are exact."""
     start = threading.Barrier(64)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import doctest
 
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 
 from meshlib.config import MeshConfig
 from meshlib.errors import ConfigError
-from meshlib.telemetry import peer
+from meshlib.telemetry import _struct, peer
 from meshlib.telemetry.peer import (
     HEADER,
     MAX_HEADER_LENGTH,
@@ -207,12 +208,62 @@ def test_unusable_certificate_identity(uri: str | None, principal: str, namespac
     assert (proven.principal, proven.namespace) == (principal, namespace)
 
 
+def remembered() -> tuple[int, int]:
+    """Header values decode's cache holds, in both generations, and their characters."""
+    keys = [*peer._memo.recent, *peer._memo.older]
+    return len(keys), sum(map(len, keys))
+
+
 def test_decode_cache_stays_bounded() -> None:
-    """Remembered header values never exceed the cache size."""
+    """However many distinct values arrive, the cache holds at most two generations of
+    _CACHE_SIZE values and twice its budget of characters (plus the value that started the
+    generation), and still decodes each value right."""
     for i in range(3 * peer._CACHE_SIZE):
         decode(f"w=job-{i}")
     assert len(peer._cache) <= peer._CACHE_SIZE
+    assert remembered()[0] <= 2 * peer._CACHE_SIZE
     assert decode("w=job-1").workload == "job-1"
+    for i in range(600):  # forged Istio headers near the limit: the characters bound them
+        labels = {f"l{j}": f"{i}-{j}" + "x" * 50 for j in range(180)}
+        struct = _struct.encode({"WORKLOAD_NAME": "forged", "LABELS": labels})
+        value = base64.b64encode(struct).decode()
+        assert 12_000 < len(value) <= peer.MAX_ISTIO_HEADER_LENGTH
+        assert decode(value).workload == "forged"
+    chars = remembered()[1]
+    assert chars <= 2 * peer._memo.chars + peer.MAX_ISTIO_HEADER_LENGTH
+
+
+def test_a_real_caller_stays_cached_through_a_flood_of_forged_headers() -> None:
+    """Made-up identities are cached like any other (nothing tells them from a real one),
+    but they cannot push a caller that keeps calling out of the cache: between two of its
+    requests come 200 forged headers, 5,000 in all, and its header is decoded once (the
+    same object comes back every time)."""
+    header = encode(REVIEWS)
+    first = decode(header)
+    for i in range(5000):
+        decode(f"w=forged-{i};n=bookinfo")
+        if i % 200 == 0:
+            assert decode("".join(header)) is first  # an equal string, not the same one
+    assert remembered()[0] <= 2 * peer._CACHE_SIZE
+
+
+def test_junk_headers_are_not_cached() -> None:
+    """Values that decode to nothing usable (garbage, Istio's form that is not a Struct,
+    values over their limit) take no place in the cache, so any number of them leaves a real
+    caller's entry where it was."""
+    header = encode(REVIEWS)
+    first = decode(header)
+    before = remembered()
+    for i in range(5000):
+        for junk in (
+            f"junk-{i}",
+            base64.b64encode(i.to_bytes(4, "big") * 3).decode(),
+            f"x={i}",
+            "w=" + "a" * (MAX_HEADER_LENGTH + i % 50),
+        ):
+            assert decode(junk) is UNKNOWN_PEER
+    assert remembered() == before
+    assert decode(header) is first
 
 
 def test_docstring_examples() -> None:

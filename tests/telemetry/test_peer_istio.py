@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import logging
 from typing import Any
 
 import pytest
@@ -71,6 +72,118 @@ def test_a_sidecars_header_names_its_workload(value: str, expected: PeerIdentity
     """A header captured from a real sidecar gives the labels Istio's own stats would."""
     assert decode(value) == expected
     assert decode(value.rstrip("=") + "=" * 0) == expected  # Envoy reads it unpadded too
+
+
+def node_metadata(labels: int) -> dict[str, Any]:
+    """What an older sidecar (Istio's metadata_exchange filter) sends: every key of its node
+    metadata listed in EXCHANGE_KEYS, platform metadata of a GKE node, and all the pod's
+    labels — Istio's and `labels` more of a typical length (a team's or a tool's)."""
+    pod_labels = {
+        "app": "reviews",
+        "version": "v3",
+        "pod-template-hash": "58b6479b",
+        "security.istio.io/tlsMode": "istio",
+        "service.istio.io/canonical-name": "reviews",
+        "service.istio.io/canonical-revision": "v3",
+        **{f"example.com/label-{i:03d}": f"value-{i:03d}-{'x' * 24}" for i in range(labels)},
+    }
+    return {
+        "APP_CONTAINERS": "reviews,log-shipper",
+        "CLUSTER_ID": "Kubernetes",
+        "INSTANCE_IPS": "10.52.0.34,fe80::a075:11ff:fe5e:f1cd",
+        "ISTIO_VERSION": "1.14.5",
+        "LABELS": pod_labels,
+        "MESH_ID": "cluster.local",
+        "NAME": "reviews-v3-58b6479b-62rv5",
+        "NAMESPACE": "default",
+        "OWNER": "kubernetes://apis/apps/v1/namespaces/default/deployments/reviews-v3",
+        "PLATFORM_METADATA": {
+            "gcp_cluster_location": "us-central1-c",
+            "gcp_cluster_name": "prod-cluster-1",
+            "gcp_gce_instance": "gke-prod-cluster-1-default-pool-1a2b3c4d-x9z8",
+            "gcp_gce_instance_id": "1234567890123456789",
+            "gcp_gce_instance_created_by": "projects/1234567890/zones/us-central1-c/"
+            "instanceGroupManagers/gke-prod-cluster-1-default-pool-1a2b3c4d-grp",
+            "gcp_gke_cluster_url": "https://container.googleapis.com/v1/projects/my-project/"
+            "locations/us-central1-c/clusters/prod-cluster-1",
+            "gcp_project": "my-project",
+            "gcp_project_number": "1234567890",
+        },
+        "SERVICE_ACCOUNT": "bookinfo-reviews",
+        "WORKLOAD_NAME": "reviews-v3",
+    }
+
+
+def sidecar_header(labels: int) -> str:
+    """`node_metadata(labels)` as the sidecar sends it: serialized by the protobuf runtime,
+    deterministically, and base64-encoded."""
+    message = struct_pb2.Struct()
+    message.update(node_metadata(labels))
+    return base64.b64encode(message.SerializeToString(deterministic=True)).decode()
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        pytest.param(0, id="istio-labels-only-1.6k"),
+        pytest.param(20, id="20-more-3.2k"),
+        pytest.param(60, id="60-more-6.6k"),
+        pytest.param(170, id="170-more-15.8k"),
+    ],
+)
+def test_a_large_sidecar_header_names_its_workload(labels: int) -> None:
+    """Older sidecars send their whole node metadata: on a GKE node with a few labels that
+    is already close to meshlib's own form's 2,048 characters, and a pod with many labels
+    sends several KiB. Up to MAX_ISTIO_HEADER_LENGTH it names the workload as Istio's stats
+    would."""
+    value = sidecar_header(labels)
+    assert len(value) <= peer.MAX_ISTIO_HEADER_LENGTH
+    assert decode(value) == sidecar("reviews-v3", "reviews", "v3")
+
+
+def test_an_istio_header_over_its_limit_is_unknown_and_said_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A sidecar header longer than MAX_ISTIO_HEADER_LENGTH is the unknown peer, and one
+    warning (not one per request) names the header, its length and the limit."""
+    value = sidecar_header(200)
+    assert len(value) > peer.MAX_ISTIO_HEADER_LENGTH
+    peer._warned.discard(peer.ISTIO_HEADER)  # as in a fresh process
+    with caplog.at_level(logging.WARNING, logger="meshlib.telemetry"):
+        for _ in range(100):
+            assert decode(value) is UNKNOWN_PEER
+        assert decode(sidecar_header(210)) is UNKNOWN_PEER  # another one: still said once
+    (record,) = caplog.records
+    assert record.levelname == "WARNING"
+    message = record.getMessage()
+    assert f"x-envoy-peer-metadata is {len(value)} characters long" in message
+    assert f"over the {peer.MAX_ISTIO_HEADER_LENGTH} meshlib reads" in message
+
+
+def test_meshlibs_own_form_keeps_its_limit(caplog: pytest.LogCaptureFixture) -> None:
+    """meshlib's form holds eight short values: over MAX_HEADER_LENGTH it is not read, and
+    the warning names meshlib's header and its limit, whatever the length."""
+    peer._warned.discard(peer.HEADER)
+    too_long = "w=reviews-v3;" + "x=" + "y" * peer.MAX_HEADER_LENGTH
+    with caplog.at_level(logging.WARNING, logger="meshlib.telemetry"):
+        assert decode(too_long) is UNKNOWN_PEER
+        assert decode("w=a;" + "y" * peer.MAX_ISTIO_HEADER_LENGTH) is UNKNOWN_PEER
+    (record,) = caplog.records
+    assert f"x-meshlib-peer-metadata is {len(too_long)} characters long" in record.getMessage()
+    assert f"over the {peer.MAX_HEADER_LENGTH} meshlib reads" in record.getMessage()
+
+
+def test_a_struct_of_too_many_fields_is_refused() -> None:
+    """The decoder stops after MAX_FIELDS protobuf fields, so a crafted header of thousands of
+    tiny entries costs no more than the largest real one; a real one stays far below it."""
+    tiny = b"".join(_struct._field(0x0A, b"") for _ in range(_struct.MAX_FIELDS + 1))
+    assert _struct.decode(tiny) is None
+    assert _struct.decode(tiny[:-2]) == {}
+    value = base64.b64encode(tiny).decode()
+    assert len(value) <= peer.MAX_ISTIO_HEADER_LENGTH and decode(value) is UNKNOWN_PEER
+    message = struct_pb2.Struct()
+    message.update(node_metadata(170))
+    assert _struct.decode(message.SerializeToString(), max_fields=_struct.MAX_FIELDS // 2)
 
 
 def test_what_we_send_is_what_protobuf_writes() -> None:
@@ -160,6 +273,21 @@ def test_encode_is_protobufs_deterministic_serialization(fields: dict[str, str])
 @given(st.binary(max_size=600))
 def test_arbitrary_bytes_never_raise(data: bytes) -> None:
     """Any bytes, base64-encoded as a peer would send them, decode to valid, bounded fields."""
+    found = decode(base64.b64encode(data).decode())
+    for field in dataclasses.fields(found):
+        text = getattr(found, field.name)
+        assert 0 < len(text) <= 512 and text.isascii() and text.isprintable()
+
+
+LARGE = base64.b64decode(sidecar_header(170))  # a real-looking Struct of ~11.9 KB
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, len(LARGE) - 1), st.integers(0, 255), st.integers(0, len(LARGE)))
+def test_a_damaged_large_header_never_raises(at: int, byte: int, cut: int) -> None:
+    """A large sidecar header with one byte changed and cut anywhere decodes to valid,
+    bounded fields (or the unknown peer), never an exception."""
+    data = (LARGE[:at] + bytes((byte,)) + LARGE[at + 1 :])[:cut]
     found = decode(base64.b64encode(data).decode())
     for field in dataclasses.fields(found):
         text = getattr(found, field.name)
