@@ -107,8 +107,10 @@ class InboundExchange:
     An adapter subclasses it to say what the request is (`request_line`, `origin`, read only
     when a span or an access log needs them; `method`, read only for a response with a body),
     sets `status` and counts the bytes, and sets `dropped` when the caller went away before
-    the response was complete. Constructing it reads the caller's context; `begin()` makes it
-    current and opens the SERVER span; `end()` closes both and records the request.
+    the response was complete. For a request the access log will write (`logged`), it sets
+    `answered` when the response headers go to the server. Constructing it reads the caller's
+    context; `begin()` makes it current and opens the SERVER span; `end()` closes both and
+    records the request.
     """
 
     __slots__ = (
@@ -117,6 +119,7 @@ class InboundExchange:
         "_span",
         "_token",
         "answer",
+        "answered",
         "claimed",
         "completed",
         "context",
@@ -207,6 +210,12 @@ class InboundExchange:
         return None, None
 
     @property
+    def logged(self) -> bool:
+        """Whether the access log will write this request: only then is `answered` set, and
+        read."""
+        return self._received is not None
+
+    @property
     def routing(self) -> bool:
         """Whether the request's route is wanted (`ServerScope.unrouted`: a sampled request's
         span of meshlib's): what only a route reads is read then."""
@@ -239,6 +248,9 @@ class InboundExchange:
         mesh = self.side.mesh
         if mesh.access_log.enabled("inbound"):
             self._received = self._as_received()  # before the app can change its request
+            self.answered: float | None = None
+            """When the app's response headers went to the server (`perf_counter`), for
+            Envoy's upstream service time; None before (set by the adapter when `logged`)."""
         self._token = activation = mesh.propagator.activate(context)
         tracing = mesh.tracing
         # Else an outer span (the app's own instrumentation's) stays current, recording or
@@ -326,7 +338,7 @@ class InboundExchange:
         )
         received = self._received
         if received is not None:
-            mesh.access_log.log(self._entry(received, status, flags, duration_ms))
+            mesh.access_log.log(self._entry(received, status, flags, duration_ms, ended))
 
     def _as_received(self) -> _Received:
         """What the access log says of the request, read before the app runs: dispatchers and
@@ -350,8 +362,16 @@ class InboundExchange:
         )
 
     def _entry(
-        self, received: _Received, status: int, flags: str, duration_ms: float
+        self, received: _Received, status: int, flags: str, duration_ms: float, ended: float
     ) -> AccessLogEntry:
+        # Envoy's inbound router times its upstream, the app: from the request to the
+        # response headers. With a status and no headers from the app, the server answered
+        # for it (its 500 for an app that raised or returned without answering) as it ended;
+        # with no status, nothing was answered (the caller left first): no service time.
+        answered = self.answered
+        if answered is None and status:
+            answered = ended
+        service_time_ms = None if answered is None else (answered - self.started) * 1000.0
         return AccessLogEntry(
             start_time=received.wall_time,
             method=received.method,
@@ -362,7 +382,7 @@ class InboundExchange:
             bytes_received=self.request_bytes,
             bytes_sent=self.response_bytes,
             duration_ms=duration_ms,
-            upstream_service_time_ms=None,
+            upstream_service_time_ms=service_time_ms,
             x_forwarded_for=received.x_forwarded_for,
             user_agent=received.user_agent,
             request_id=self.context.request_id,

@@ -241,6 +241,8 @@ class _Exchange(InboundExchange):
         kind = message["type"]
         if kind == "http.response.start":
             # A second start is the app's error (the server refuses it): the first counts.
+            if not self.status and self.logged:
+                self.answered = time.perf_counter()  # Envoy's upstream service time ends here
             self.status = self.status or message["status"]
             headers = message.get("headers", ())
             answer = self.answer

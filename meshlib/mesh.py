@@ -18,6 +18,7 @@ import os
 import random
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -195,12 +196,17 @@ class Mesh:
     def exchange(
         self, plan: RoutePlan, *, replayable: bool, snapshot: Snapshot | None = None
     ) -> Exchange:
-        """The per-request state for carrying out `plan`."""
+        """The per-request state for carrying out `plan`: made where Envoy's router has the
+        request (after a fault's delay), the start of its upstream service time, which is
+        measured only for the access log."""
         assert plan.cluster is not None
         cluster = self.cluster(plan.cluster, snapshot)
-        return Exchange(
+        exchange = Exchange(
             plan, cluster, self.rng, replayable=replayable, deadline=Deadline.after(plan.timeout)
         )
+        if self.access_log.enabled("outbound"):
+            exchange.began = time.perf_counter()
+        return exchange
 
     def close(self) -> None:
         self.metrics.stop_rendering_multiprocess()

@@ -191,6 +191,8 @@ class _Exchange(InboundExchange):
 
     def write(self, data: bytes) -> Any:
         """The app's `write()` (PEP 3333's imperative body): counted as the iterable's."""
+        if not self.headers_sent and self.logged:
+            self.answered = time.perf_counter()  # the server sends the headers first
         try:
             result = self._write(data)  # the server's: it sends the headers first
         except Exception as exc:
@@ -340,7 +342,10 @@ def _next_chunk(closing: _Closing) -> bytes:
             exchange.status = 500  # nothing sent yet: the server answers 500 instead
         closing._end()
         raise
-    exchange.headers_sent = True  # servers send the status line with the first chunk, even empty
+    if not exchange.headers_sent:  # servers send the status line with the first chunk, even empty
+        exchange.headers_sent = True
+        if exchange.logged:
+            exchange.answered = time.perf_counter()  # Envoy's upstream service time ends here
     closing._pending = len(chunk)
     return chunk
 

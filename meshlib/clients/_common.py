@@ -321,9 +321,11 @@ def record_source(
     flags: Sequence[str],
     upstream_host: str | None = None,
     http_version: object = None,
+    service_time_ms: float | None = None,
 ) -> None:
     """Count a client call as Istio's client-side proxy does (reporter="source"); log it
-    (`http_version`: the response's, as the client says it, for the access log).
+    (`http_version`: the response's, as the client says it, and `service_time_ms`, Envoy's
+    upstream service time as `Exchange.service_time` measures it, for the access log).
 
     The destination's identity comes from its metadata-exchange header when a meshlib
     workload answered; local answers (UO, NR, a fault's abort, ...) have an unknown peer, and
@@ -360,6 +362,10 @@ def record_source(
     )
     log = mesh.access_log
     if log.enabled("outbound"):
+        if decision.passthrough and status:
+            # Envoy's router sends passthrough too: its service time is the call's, whose
+            # duration ends here, as the response headers come (the body is the caller's).
+            service_time_ms = duration_ms
         log.log(
             AccessLogEntry(
                 start_time=time.time() - duration_ms / 1000.0,
@@ -371,7 +377,7 @@ def record_source(
                 bytes_received=_length(request_headers),
                 bytes_sent=response_bytes,
                 duration_ms=duration_ms,
-                upstream_service_time_ms=None,
+                upstream_service_time_ms=service_time_ms,
                 x_forwarded_for=request_headers.get("x-forwarded-for"),
                 user_agent=request_headers.get("user-agent"),
                 request_id=request_headers.get("x-request-id"),

@@ -104,9 +104,10 @@ def _bound_copy(request: httpx.Request, copy: MirrorCopy) -> httpx.Request:
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-# What a transport's `_handle` gives: the response, and its headers as `_result` read them
-# (None when the response is meshlib's own or was edited since: then they are read again).
-Handled = tuple[httpx.Response, Mapping[str, str] | None]
+# What a transport's `_handle` gives: the response, its headers as `_result` read them (None
+# when the response is meshlib's own or was edited since: then they are read again), and
+# Envoy's upstream service time in ms, when measured for the access log (`Exchange.began`).
+Handled = tuple[httpx.Response, Mapping[str, str] | None, float | None]
 # Set per attempt (lowercase, as httpx.Headers keys them).
 _OURS = frozenset(
     (b"host", b"x-envoy-attempt-count", *(name.encode() for name in peer.EXCHANGE_HEADERS))
@@ -215,6 +216,7 @@ def _record(
     response: httpx.Response,
     started: float,
     response_headers: Mapping[str, str] | None,
+    service_time_ms: float | None = None,
 ) -> None:
     """Count the call; `response_headers` are the ones `_result` read, when still current."""
     extensions = response.extensions
@@ -230,6 +232,7 @@ def _record(
         extensions.get(RESPONSE_FLAGS, ()),
         extensions.get(UPSTREAM_HOST),
         extensions.get("http_version"),
+        service_time_ms,
     )
     forget_identity(response.headers, response_headers)
 
@@ -563,9 +566,10 @@ class _MeshTransportBase:
             flags = ordered(flags + exchange.response_flags(result))
         reply = exchange.final_reply(result)
         if reply is not None:
-            return self._local(reply, request, flags, plan), None
+            return self._local(reply, request, flags, plan), None, None
         response = self._finish(result.response, plan, exchange, flags)
-        return response, None if plan.response_headers else result.headers
+        headers = None if plan.response_headers else result.headers
+        return response, headers, exchange.service_time(result)
 
     def _prepare(
         self, request: httpx.Request, items: list[tuple[str, str]]
@@ -599,11 +603,13 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         mesh, plan, attributes = self._prepare(request, items)
         flags: list[str] = []  # the flags set so far, counted with an exception too
         try:
-            response, headers = self._handle(request, view, mesh, plan, attributes, started, flags)
+            response, headers, service = self._handle(
+                request, view, mesh, plan, attributes, started, flags
+            )
         except BaseException as exc:
             record_exception(mesh, plan, started, view, _exception_flag(exc), flags=flags)
             raise
-        _record(mesh, plan, view, response, started, headers)
+        _record(mesh, plan, view, response, started, headers, service)
         return response
 
     def _handle(
@@ -622,9 +628,9 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
                     response = self._inner.handle_request(_passthrough(mesh, request, view))
                 passed = self._result(response)
                 end_client_span(mesh, span, passed)
-                return response, passed.headers
+                return response, passed.headers, None  # its service time: see record_source
         if plan.reply is not None:
-            return self._local(plan.reply, request, flags, plan), None
+            return self._local(plan.reply, request, flags, plan), None, None
         if plan.fault_delay is not None:
             flags.append(Flag.DELAY_INJECTED)  # set as the delay starts, as Envoy's is
             read = _read_timeout_first(request, plan.fault_delay)
@@ -632,7 +638,7 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
             if read is not None:
                 raise _delay_timed_out(request)
         if plan.fault_abort is not None:
-            return self._local(plan.fault_abort, request, flags, plan), None
+            return self._local(plan.fault_abort, request, flags, plan), None, None
         replayable = _replayable(request)
         exchange = self._exchange(mesh, plan, attributes, request, replayable)
         if plan.mirrors and replayable:
@@ -656,6 +662,8 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
                     result = _failed(exc, request, attempt)
                 else:
                     result = self._result(response)
+                    if exchange.began is not None:  # its headers came: before a body is read
+                        result.answered = time.perf_counter()
                     if whole and not exchange.would_retry(result):
                         try:
                             _read_whole(response, exchange.deadline.at, result.headers, started)
@@ -859,13 +867,13 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
         mesh, plan, attributes = self._prepare(request, items)
         flags: list[str] = []  # the flags set so far, counted with an exception too
         try:
-            response, headers = await self._handle(
+            response, headers, service = await self._handle(
                 request, view, mesh, plan, attributes, started, flags
             )
         except BaseException as exc:
             record_exception(mesh, plan, started, view, _exception_flag(exc), flags=flags)
             raise
-        _record(mesh, plan, view, response, started, headers)
+        _record(mesh, plan, view, response, started, headers, service)
         return response
 
     async def _handle(
@@ -886,9 +894,9 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
                     )
                 passed = self._result(response)
                 end_client_span(mesh, span, passed)
-                return response, passed.headers
+                return response, passed.headers, None  # its service time: see record_source
         if plan.reply is not None:
-            return self._local(plan.reply, request, flags, plan), None
+            return self._local(plan.reply, request, flags, plan), None, None
         if plan.fault_delay is not None:
             flags.append(Flag.DELAY_INJECTED)  # set as the delay starts, as Envoy's is
             read = _read_timeout_first(request, plan.fault_delay)
@@ -896,7 +904,7 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
             if read is not None:
                 raise _delay_timed_out(request)
         if plan.fault_abort is not None:
-            return self._local(plan.fault_abort, request, flags, plan), None
+            return self._local(plan.fault_abort, request, flags, plan), None, None
         replayable = _replayable(request)
         exchange = self._exchange(mesh, plan, attributes, request, replayable)
         if plan.mirrors and replayable:
@@ -920,6 +928,8 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
                     result = _failed(exc, request, attempt)
                 else:
                     result = self._result(response)
+                    if exchange.began is not None:  # its headers came: before a body is read
+                        result.answered = time.perf_counter()
                     if whole and not exchange.would_retry(result):
                         try:
                             await _aread_whole(

@@ -420,7 +420,7 @@ class MeshAdapter(HTTPAdapter):
         plan = mesh.plan(attributes)
         flags: list[str] = []  # the flags set so far, counted with an exception too
         try:
-            response = self._handle(
+            response, service = self._handle(
                 mesh,
                 plan,
                 attributes,
@@ -453,6 +453,7 @@ class MeshAdapter(HTTPAdapter):
             getattr(response, "response_flags", ()),
             getattr(response, "upstream_host", None),
             getattr(response.raw, "version", None),  # urllib3's: 11 for HTTP/1.1
+            service,
         )
         forget_identity(response.headers, response.headers)
         if self._owns_inner:  # requests resends through it (digest auth): through the mesh
@@ -473,8 +474,10 @@ class MeshAdapter(HTTPAdapter):
         cert: Any,
         proxies: Mapping[str, str] | None,
         flags: list[str],
-    ) -> requests.Response:
-        """`caller` is the caller's `timeout` as (connect, read) seconds; `flags` gets the
+    ) -> tuple[requests.Response, float | None]:
+        """The response, and Envoy's upstream service time in ms when measured for the access
+        log (`Exchange.began`; a passthrough call's is its duration, see `record_source`).
+        `caller` is the caller's `timeout` as (connect, read) seconds; `flags` gets the
         response flags set along the way."""
         options: dict[str, Any] = {
             "stream": stream,
@@ -490,14 +493,14 @@ class MeshAdapter(HTTPAdapter):
                     timeout = (within_deadline(caller[0], left), within_deadline(caller[1], left))
                 response = self._send_upstream(request, timeout=timeout, **options)
                 end_client_span(mesh, span, AttemptResult(status=response.status_code))
-                return response
+                return response, None
         if plan.reply is not None:
-            return self._local(plan.reply, request, flags, plan)
+            return self._local(plan.reply, request, flags, plan), None
         if plan.fault_delay is not None:
             flags.append(Flag.DELAY_INJECTED)  # set as the delay starts, as Envoy's is
             _fault_delay(plan.fault_delay, caller[1], request)
         if plan.fault_abort is not None:
-            return self._local(plan.fault_abort, request, flags, plan)
+            return self._local(plan.fault_abort, request, flags, plan), None
         replayable = _replayable(request)
         exchange = mesh.exchange(plan, replayable=replayable)
         if plan.mirrors and replayable:
@@ -544,7 +547,7 @@ class MeshAdapter(HTTPAdapter):
         flags = ordered(flags + exchange.response_flags(result))
         reply = exchange.final_reply(result)
         if reply is not None:
-            return self._local(reply, request, flags, plan)
+            return self._local(reply, request, flags, plan), None
         final: requests.Response = result.response
         if plan.response_headers:
             final.headers = _joined(
@@ -555,7 +558,7 @@ class MeshAdapter(HTTPAdapter):
             _add_set_cookie(final, exchange.set_cookie)
         final.response_flags = flags  # type: ignore[attr-defined]
         final.upstream_host = exchange.upstream_host  # type: ignore[attr-defined]
-        return final
+        return final, exchange.service_time(result)
 
     def _send_mirror(
         self,
@@ -617,6 +620,8 @@ class MeshAdapter(HTTPAdapter):
             rate_limited="x-envoy-ratelimited" in response.headers,
             headers=response.headers,
         )
+        if exchange.began is not None:  # its headers came: before a body is read
+            result.answered = time.perf_counter()
         if not options["stream"] and not exchange.would_retry(result):
             try:
                 _read_whole(response, exchange.deadline.at)

@@ -142,6 +142,10 @@ class Exchange:
         # Sends the route's mirrored copies; the adapter sets it, the first try that gets an
         # endpoint and a request slot calls it once (see `retry._attempt`).
         self.shadow: Callable[[], None] | None = None
+        # When Envoy's router would have had the whole request (time.perf_counter()), set by
+        # the Mesh only when the access log will want `upstream_service_time`: the adapter
+        # then stamps each try's response with the time its headers came (`answered`).
+        self.began: float | None = None
 
     # -- one attempt -------------------------------------------------------------------
 
@@ -373,6 +377,17 @@ class Exchange:
         if reply is not None and self.retried:
             return outcome.after_retry(reply)
         return reply
+
+    def service_time(self, result: AttemptResult) -> float | None:
+        """Envoy's `x-envoy-upstream-service-time` for the request, in milliseconds: from the
+        router having the request to the response headers of its final try, `result` (tries
+        and back-offs before it included, as Envoy's router measures from the request's end
+        once, not per try). None without an upstream response — a local answer (UO, UH, UF,
+        UT, ...) has none — or when not measured (`began` unset)."""
+        began, answered = self.began, result.answered
+        if began is None or answered is None:
+            return None
+        return (answered - began) * 1000.0
 
     def response_flags(self, result: AttemptResult) -> list[str]:
         flags = list(self.flags)

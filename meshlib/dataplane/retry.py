@@ -55,6 +55,9 @@ class AttemptResult:
     # not retry a started response); the caller gets the error, as behind a sidecar.
     broke_off: bool = False
     headers: Mapping[str, str] | None = None  # response headers the adapter read, lowercase
+    # When the response headers came (time.perf_counter()); stamped only for an Exchange that
+    # measures Envoy's upstream service time (`Exchange.began`), else None.
+    answered: float | None = None
 
 
 def is_retriable(policy: RetryPolicy, result: AttemptResult) -> bool:

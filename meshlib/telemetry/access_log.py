@@ -22,6 +22,16 @@ failure reasons, local addresses or SNI, so those five are always `-`. Durations
 milliseconds, truncated, as Envoy prints them. Control characters in values are escaped
 (`\\xNN`) so a request is always exactly one line.
 
+`x-envoy-upstream-service-time` is what Envoy's router on the logging side puts in that
+response header: the milliseconds from having the request to the upstream's response headers
+(of its final try: earlier tries and back-offs included). meshlib measures the same interval
+itself, only for a line it will write — outbound from the routed call (after a fault's delay)
+to the final try's headers (`Exchange.service_time`; a passthrough call's is its duration),
+inbound from the request's arrival to the app's headers going to the server (or the server's
+500 for an app that failed) — and logs `-` where there was no upstream response: meshlib's own
+answers (FI, NR, UO, UH, UF, UT, ...) and a caller gone before any. It adds no such header to
+responses (docs/observability.md, "Access logs").
+
 JSON encoding: one compact object with Istio's default JSON keys (`start_time`, `method`,
 `path`, `protocol`, `response_code`, `response_flags`, `response_code_details`,
 `connection_termination_details`, `upstream_transport_failure_reason`, `bytes_received`,

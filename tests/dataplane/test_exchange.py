@@ -122,6 +122,49 @@ def test_would_retry_foretells_should_retry(content_length: str, others: int) ->
         mesh.close()
 
 
+ACCESS_LOG = """
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mesh-default, namespace: istio-system}
+spec:
+  accessLogging: [{providers: [{name: envoy}], match: {mode: CLIENT}}]
+"""
+
+
+@pytest.mark.parametrize("logged", [True, False], ids=["access-log-on", "off"])
+def test_service_time_runs_from_the_exchange_to_the_final_headers(logged: bool) -> None:
+    """`service_time` is Envoy's x-envoy-upstream-service-time: from the Exchange (where the
+    router has the request) to the headers of the try given, earlier tries included; None for
+    a try without a response (a local answer), and never measured (no clock read) unless
+    the access log logs outbound calls."""
+    from meshlib.config import MeshConfig
+    from meshlib.dataplane import outcome
+    from meshlib.dataplane.retry import AttemptResult
+    from meshlib.policy.matching import RequestAttributes
+    from tests.upstream import mesh_for
+
+    mesh = mesh_for(MeshConfig(), BUDGET_POLICY + (ACCESS_LOG if logged else ""))
+    try:
+        before = time.perf_counter()
+        exchange = mesh.exchange(
+            mesh.plan(RequestAttributes("GET", "api.internal")), replayable=True
+        )
+        if not logged:
+            assert exchange.began is None
+            assert exchange.service_time(AttemptResult(status=200, answered=before)) is None
+            return
+        assert exchange.began is not None and before <= exchange.began <= time.perf_counter()
+        answered = exchange.began + 0.25
+        assert exchange.service_time(AttemptResult(status=503, answered=answered)) == pytest.approx(
+            250
+        )
+        assert exchange.service_time(AttemptResult(reply=outcome.overflow())) is None
+        assert exchange.service_time(AttemptResult(failure=PER_TRY_TIMEOUT)) is None
+    finally:
+        mesh.close()
+
+
 OUTLIER_POLICY = BUDGET_POLICY.replace(
     "retryBudget: {percent: {value: 50}, minRetryConcurrency: 1}",
     "outlierDetection: {consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 10s,"

@@ -784,6 +784,47 @@ def test_a_telemetry_part_that_fails_to_apply_is_reported_and_the_others_follow(
         meshlib.Mesh(config, policy=policy, watch=False, registry=CollectorRegistry())
 
 
+def test_a_telemetry_part_that_failed_is_applied_again_by_a_change_not_by_the_same_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Applying Telemetry depends on the policy's bytes: the files saved again unchanged after
+    a part failed publish nothing, and the failure stays reported (the gauge 0, the part on
+    its earlier setting, the same generation), even with the cause gone; any change to the
+    files loads a new generation, whose every part is applied again (the gauge back to 1)."""
+    from prometheus_client import CollectorRegistry
+
+    import meshlib
+
+    policy = tmp_path / "mesh.yaml"
+    policy.write_text(telemetry_policy(50, logging=False))
+    registry = CollectorRegistry()
+    config = MeshConfig(service="reviews", metrics_port=None)
+    mesh = meshlib.Mesh(config, policy=policy, watch=False, registry=registry)
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("tracing cannot follow")
+
+    working = mesh.tracing.apply
+    monkeypatch.setattr(mesh.tracing, "apply", broken)
+    policy.write_text(telemetry_policy(10, logging=True))
+    assert mesh.source.reload() is True
+    generation = mesh.snapshot.generation
+    assert registry.get_sample_value("meshlib_policy_last_reload_successful") == 0.0
+    monkeypatch.setattr(mesh.tracing, "apply", working)  # the cause gone
+
+    policy.write_text(telemetry_policy(10, logging=True))  # saved again, the same bytes
+    assert mesh.source.reload() is False
+    assert mesh.snapshot.generation == generation and mesh.tracing.sampling == 50.0
+    assert registry.get_sample_value("meshlib_policy_last_reload_successful") == 0.0
+    assert registry.get_sample_value("meshlib_policy_reload_errors_total") == 1.0
+
+    policy.write_text(telemetry_policy(10, logging=True) + "# applied again\n")
+    assert mesh.source.reload() is True
+    assert mesh.snapshot.generation > generation and mesh.tracing.sampling == 10.0
+    assert registry.get_sample_value("meshlib_policy_last_reload_successful") == 1.0
+    mesh.close()
+
+
 def test_a_fork_during_a_reload_leaves_the_child_serving_and_reloading(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
