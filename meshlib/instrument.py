@@ -189,9 +189,10 @@ def _requests_send(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
 
 
 def _httpx_close(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-    """Closing a stock transport closes its facade's pool for mirrored copies too, and makes
-    a call it has in flight fail as the app's doing, as `MeshTransport.close()` does: not
-    sent again through the closed pool (it would open a connection nobody closes)."""
+    """Closing a stock transport also closes its facade's pool for mirrored copies (once the
+    copies in flight on it end; a copy still queued goes on a pool of its own), and makes a
+    call it has in flight fail as the app's doing, as `MeshTransport.close()` does: not sent
+    again through the closed pool (it would open a connection nobody closes)."""
     facade = _made(instance)
     if facade is not None:
         facade.closing()
@@ -208,9 +209,9 @@ async def _httpx_aclose(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> 
 
 
 def _requests_close(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-    """Closing a stock adapter lets its facade's copies in flight finish and drops those
-    queued, as `MeshAdapter.close()` does: sent after the close, one would go through a pool
-    opened anew, whose connection nobody closes."""
+    """Closing a stock adapter counts a close for its facade's copies, as
+    `MeshAdapter.close()` does: none is waited for or dropped, and one sent after the close,
+    through a pool opened anew, goes on a connection closed after it."""
     facade = _made(instance)
     if facade is not None:
         facade.close_mirrors()
@@ -252,9 +253,9 @@ def uninstrument() -> None:
     """Undo `instrument()`; clients send requests as stock httpx and requests do.
 
     Closing a transport meshed before still closes the pool its facade made for mirrored
-    copies (closing an adapter, its queued copies): that wrapper of `close` / `aclose` stays
-    (it does nothing for other transports), as a client is often closed after
-    `uninstrument()`."""
+    copies, and closing an adapter still counts the close its queued copies check: those
+    wrappers of `close` / `aclose` stay (they do nothing for other transports), as a client is
+    often closed after `uninstrument()`."""
     with _lock:
         if _state["active"] is None:
             return

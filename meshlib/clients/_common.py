@@ -103,12 +103,12 @@ _mirror_slots = threading.BoundedSemaphore(MAX_MIRRORS_PENDING)
 
 
 class MirrorTracker:
-    """Mirrored copies still in flight, which closing a client may wait for, and its count of
-    closes, which a copy queued before one checks: one sent through a connection pool opened
-    after the close would leave its connection open."""
+    """A sync client's mirrored copies, sent from `MIRROR_POOL` (`MAX_MIRRORS_PENDING` at
+    most waiting or in flight, over every sync client), and its count of closes, which a copy
+    queued before one checks when it runs: sent then through a connection pool opened after
+    the close, it must leave no connection open. Closing a client waits for no copy."""
 
     def __init__(self) -> None:
-        self._pending: set[concurrent.futures.Future[Any]] = set()
         self.closes = 0  # its client's closes: a copy queued before one checks it when it runs
         # The pool copies go through when the client keeps one of its own for them (an httpx
         # transport; copies are sent from a thread pool, hence the lock). One class for every
@@ -117,21 +117,21 @@ class MirrorTracker:
         self.pool: Any = None
 
     def submit(self, fn: Any, *args: Any) -> bool:
-        """Send a copy from the pool; False (dropped) when `MAX_MIRRORS_PENDING` are pending."""
+        """Send a copy from the pool; False (dropped) when `MAX_MIRRORS_PENDING` are pending,
+        or when the pool takes no more work (the interpreter is exiting)."""
         if not _mirror_slots.acquire(blocking=False):
             return False
-        future = MIRROR_POOL.submit(fn, *args)
-        self._pending.add(future)
-        future.add_done_callback(self._done)
+        try:
+            future = MIRROR_POOL.submit(fn, *args)
+        except RuntimeError:
+            _mirror_slots.release()
+            return False
+        future.add_done_callback(_slot_freed)
         return True
 
-    def _done(self, future: concurrent.futures.Future[Any]) -> None:
-        self._pending.discard(future)
-        _mirror_slots.release()
 
-    def wait(self, timeout: float = 1.0) -> None:
-        if self._pending:
-            concurrent.futures.wait(list(self._pending), timeout=timeout)
+def _slot_freed(_future: concurrent.futures.Future[Any]) -> None:
+    _mirror_slots.release()
 
 
 def choose_hash_key(exchange: Exchange, mesh: Mesh, attributes: RequestAttributes) -> None:

@@ -364,6 +364,19 @@ class _AsyncCopies(Background):
     pool: httpx.AsyncBaseTransport | None = None  # see AsyncMeshTransport._mirroring_transport
 
 
+class _CopyPool:
+    """The connection pool a MeshTransport's mirrored copies go through (see `pool_like`),
+    and how many copies use it now. Closing the client retires it: it is closed when no copy
+    uses it any more, at once when none is in flight."""
+
+    __slots__ = ("retired", "transport", "users")
+
+    def __init__(self, transport: httpx.BaseTransport) -> None:
+        self.transport = transport
+        self.users = 0  # copies sending through it now (under the MirrorTracker's lock)
+        self.retired = False  # no copy takes it any more: the last one out closes it
+
+
 class _Closes:
     """How many closes of the transport under a MeshTransport have begun (see `closing`):
     shared with the transport that replaces it over the same inner one (`adopt_mirrors`), so
@@ -591,8 +604,9 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
     ) -> None:
         self._inner = transport if transport is not None else httpx.HTTPTransport(**kwargs)
         self._mesh = mesh
-        # Its `closes` counts close_mirrors() calls: a copy queued before one is dropped, not
-        # sent through a pool opened after the close (the transport may be used again).
+        # Its `closes` counts close_mirrors() calls: a copy queued before one goes through a
+        # pool of its own (see `_take_pool`), not through one opened after the close, which
+        # nobody would close. Its `pool` is a `_CopyPool`.
         self._mirroring = MirrorTracker()
         self._closes = _Closes()
         setattr(self, _MESHED, True)
@@ -683,29 +697,52 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
             ):
                 started[1].end(None)  # MAX_MIRRORS_PENDING copies pending: dropped
 
-    def _mirroring_transport(self, epoch: int) -> httpx.BaseTransport | None:
-        """Where copies go: a pool of their own when one like the inner transport can be made
-        (see `pool_like`), else the inner transport; None for a copy queued before the last
-        `close_mirrors` (it would open a pool nobody closes)."""
+    def _take_pool(self, epoch: int) -> _CopyPool | None:
+        """The pool a copy sent now goes through, counted as in use until `_give_back`: the
+        transport's pool for copies, made when first needed (see `pool_like`); for a copy
+        queued before the last `close_mirrors`, a pool of its own, closed after it (the
+        transport's was closed, or is closed once its copies in flight end). None when no pool
+        like the inner transport can be made: the copy goes through the inner one."""
         copies = self._mirroring
         with copies.lock:
-            if epoch != copies.closes:
-                return None
-            if copies.pool is None:
-                copies.pool = pool_like(self._inner)
-            return copies.pool or self._inner
+            pool: _CopyPool | None = copies.pool if epoch == copies.closes else None
+            if pool is None:
+                made = pool_like(self._inner)
+                if made is None:
+                    return None
+                pool = _CopyPool(made)
+                if epoch == copies.closes:
+                    copies.pool = pool
+                else:
+                    pool.retired = True
+            pool.users += 1
+            return pool
+
+    def _give_back(self, pool: _CopyPool) -> None:
+        """A copy is done with `pool`: the last one out of a retired pool closes it."""
+        with self._mirroring.lock:
+            pool.users -= 1
+            last = pool.retired and pool.users == 0
+        if last:
+            pool.transport.close()
 
     def _send_mirror(self, request: httpx.Request, copy: MirrorCopy, epoch: int) -> None:
         result: AttemptResult | None = None
+        pool: _CopyPool | None = None
         try:
-            transport = self._mirroring_transport(epoch)
-            if transport is None:
-                return  # the transport was closed while the copy waited for a thread
+            pool = self._take_pool(epoch)
+            transport = self._inner if pool is None else pool.transport
+            if pool is None and epoch != self._mirroring.closes:
+                # Queued before a close: sent through the inner transport's pool, opened anew
+                # for it, on a connection closed after it.
+                request.headers["connection"] = "close"
             with passthrough_inside():
                 try:
                     response = transport.handle_request(_bound_copy(request, copy))
                 except httpx.TransportError as exc:
-                    result = _failed(exc, request, copy.attempt)  # as a try's
+                    if pool is not None or epoch == self._mirroring.closes:
+                        result = _failed(exc, request, copy.attempt)  # as a try's
+                    # else the app closed the transport under it: not the mirror's failure
                     return
                 result = AttemptResult(status=response.status_code)
                 try:
@@ -715,7 +752,11 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         except Exception:  # a mirror never affects anything: its failures are dropped
             pass
         finally:
-            copy.end(result)  # its outcome to outlier detection, its slot given back
+            try:
+                copy.end(result)  # its outcome to outlier detection, its slot given back
+            finally:
+                if pool is not None:
+                    self._give_back(pool)
 
     def close(self) -> None:
         self.closing()
@@ -725,21 +766,31 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
     def adopt_mirrors(self, earlier: MeshTransport) -> None:
         """Share the mirrored copies and their pool of the transport this one replaces over
         the same inner one (`instrument()` with another Mesh), before sending any: closing
-        this one waits for the earlier one's copies in flight, drops those it queued (sent
-        later, one would open a pool nobody closes) and closes the pool they share; and its
-        count of closes, so that its calls in flight are not retried through the closed pool."""
+        this one retires the pool the earlier one's copies go through too, and one it queued
+        goes on a pool of its own; and its count of closes, so that its calls in flight are
+        not retried through the closed pool."""
         self._mirroring = earlier._mirroring
         self._closes = earlier._closes
 
     def close_mirrors(self) -> None:
-        """Give copies in flight up to MIRROR_GRACE to finish, then close their own pool."""
+        """Count a close, without waiting for the mirrored copies (Envoy never holds a caller
+        for its shadow, and `httpx.get()` closes a client on every call), and retire their
+        pool: closed now when no copy is in flight on it, else by the last one to end, so a
+        copy in flight is not cut off. A copy still queued goes when a thread frees, on a pool
+        of its own closed after it (see `_take_pool`): no copy is dropped, and no connection
+        stays open in a pool nobody closes. (Copies that go through the inner transport, one
+        meshlib cannot copy, end with it as anything on it does.) `close()` does it;
+        `instrument()` does it when a stock transport closes."""
         copies = self._mirroring
-        copies.wait(MIRROR_GRACE)
         with copies.lock:
             copies.closes += 1
             pool, copies.pool = copies.pool, None
+            if pool is not None:
+                pool.retired = True
+                if pool.users:
+                    return  # closed by the last copy in flight
         if pool is not None:
-            pool.close()
+            pool.transport.close()
 
 
 def _read_whole(
@@ -1002,7 +1053,15 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
 
     async def aclose_mirrors(self) -> None:
         """Give copies in flight up to MIRROR_GRACE to finish (then drop them), and close
-        their own pool."""
+        their own pool.
+
+        Unlike the sync clients' `close()`, this waits. A sync copy runs on a process-wide
+        thread that outlives the client (and that Python lets finish at exit), so not waiting
+        loses nothing. An async copy is a task of the event loop, which ends with it, and an
+        `AsyncClient` is most often closed as the app shuts down, right before its loop ends:
+        httpx has no function that makes and closes one per call, as `httpx.get()` does, and
+        advises one client for the app's life. Not waiting would not let those copies go, only
+        leave them to be cancelled with the loop."""
         copies = self._mirrors
         await copies.aclose(MIRROR_GRACE)
         pool, copies.pool = copies.pool, None

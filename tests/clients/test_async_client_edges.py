@@ -432,6 +432,8 @@ def test_a_sync_mirror_whose_body_read_fails_leaves_no_connection() -> None:
         wait_until_sync(lambda: shadow.active == 0, "the shadow to see both closed")
         response = c.get(URL)
         assert response.status_code == 200 and response.content == b"ok"
+        # Its copy too, before the shadow stops: closing the client waits for no copy.
+        wait_until_sync(lambda: shadow.connections == 3 and shadow.active == 0, "the third copy")
 
 
 # -- 8. request framing ---------------------------------------------------------------------

@@ -284,6 +284,10 @@ def test_sync_copies_have_a_pool_of_their_own() -> None:
                     statuses = [client.get(URL).status_code for _ in range(6)]
                     wait_until_sync(lambda: shadow.connections >= 2, "copies held")
                     held.loop.call_soon_threadsafe(release.set)
+                # Closing the client waits for no copy: all six end before the shadow stops.
+                wait_until_sync(
+                    lambda: len(shadow.heads) == 6 and shadow.active == 0, "every copy to end"
+                )
         finally:
             held.loop.call_soon_threadsafe(release.set)
     assert statuses == [200] * 6

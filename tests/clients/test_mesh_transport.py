@@ -1146,7 +1146,7 @@ def test_a_mirror_to_a_one_port_service_uses_that_port(servers: Servers, tap: Ta
     policy = shadow_entry(servers) + vs(ROUTE + "\n  mirror: {host: shadow.internal}")
     with client(servers, policy, transport=tap.transport()) as c:
         assert c.get("http://api.internal/x").status_code == 200
-    # closing waited for the copy
+    wait_until_sync(lambda: len(servers.seen) == 2, "the mirrored copy")  # closing waits for none
     shadow = f"127.0.0.1:{servers.other.port}"
     (called,) = [seen.endpoint for seen in servers.seen if seen.endpoint != shadow]
     assert sorted(t.url for t in tap) == sorted([f"http://{called}/x", f"http://{shadow}/x"])
@@ -1200,7 +1200,7 @@ def test_mirrored_copies_pending_are_bounded() -> None:
     from meshlib.clients._common import MAX_MIRRORS_PENDING, MirrorTracker
 
     # The bound is the process's: copies an earlier test's closed client still sends hold
-    # places until they end (closing a requests session neither waits for nor drops them).
+    # places until they end (closing a sync client neither waits for nor drops them).
     slots: Any = _common._mirror_slots
     wait_until_sync(lambda: slots._value == MAX_MIRRORS_PENDING, "earlier copies to end", 15)
     hold = threading.Event()
@@ -1210,9 +1210,9 @@ def test_mirrored_copies_pending_are_bounded() -> None:
         assert sent == [True] * MAX_MIRRORS_PENDING + [False] * 20
     finally:
         hold.set()
-    tracker.wait(10)
+    wait_until_sync(lambda: slots._value == MAX_MIRRORS_PENDING, "the held copies to end", 15)
     assert tracker.submit(lambda: None)
-    tracker.wait(10)
+    wait_until_sync(lambda: slots._value == MAX_MIRRORS_PENDING, "the last copy to end")
 
 
 # -- responses ------------------------------------------------------------------------------

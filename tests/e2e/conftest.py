@@ -195,3 +195,15 @@ def virtual_service(http: str) -> str:
         + textwrap.indent(textwrap.dedent(http).strip("\n"), "  ")
         + "\n"
     )
+
+
+def held_mirror(port: int, rule: str = "") -> str:
+    """reviews mirrored to `shadow` on 127.0.0.1:`port` (`rule`: a DestinationRule for it)."""
+    from tests.upstream import loopback_service
+
+    return (
+        loopback_service("shadow.default.svc.cluster.local", port)
+        + (f"---\n{rule}" if rule else "")
+        + "---\n"
+        + virtual_service("- route: [{destination: {host: reviews}}]\n  mirror: {host: shadow}\n")
+    )

@@ -6,17 +6,19 @@ hears the copies' answers), and is never retried. Real uvicorn upstreams, all th
 
 from __future__ import annotations
 
+import asyncio
 import textwrap
 import time
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 
 import meshlib.clients.httpx as meshed_httpx
 import meshlib.clients.requests as meshed_requests
 from meshlib.mesh import Mesh
-from tests.e2e.conftest import URL, Caller, MeshFactory, virtual_service
+from tests.e2e.conftest import URL, Caller, MeshFactory, held_mirror, virtual_service
 from tests.rawserver import wait_until_sync
 from tests.upstream import Behaviour, Upstream, service_entry
 
@@ -140,7 +142,6 @@ def test_no_copy_while_every_mirror_endpoint_is_ejected(
         lambda: operational(mesh, "meshlib_outlier_ejections_total", "bad") == 1,
         "the endpoint's ejection",
     )
-    # each call's client is closed before the next: closing waits for copies in flight
     assert [caller.one().status for _ in range(4)] == [200] * 4
     assert shadows["bad"].behaviour.received == 1
     assert source_requests(mesh) == {"reviews": 5.0}
@@ -257,7 +258,7 @@ spec:
         if kind == "httpx"
         else meshed_requests.Session(mesh=mesh)
     )
-    with client:  # one client: closing it would wait for its copies in flight
+    with client:
         statuses = [client.get(f"{URL}/slow").status_code for _ in range(8)]
         started = time.monotonic()
         statuses.append(client.get(f"{URL}/fast").status_code)
@@ -273,11 +274,9 @@ def test_a_copy_still_queued_when_the_client_closes(
     make_mesh: MeshFactory, shadows: dict[str, Upstream], kind: str
 ) -> None:
     """The sync clients' four mirroring threads are busy with slow copies (1.5 s) when the
-    client closes. `httpx.Client` waits 1 s for them, then closes the copies' own pool: a
-    fifth copy, still queued, is dropped when a thread frees, not sent through a pool opened
-    after the close, which nothing would close. A requests Session's copies go through its
-    own adapter, which can send one after the close on a connection closed after it: closing
-    waits for none, and the fifth goes too."""
+    client closes: closing waits for none, and a fifth copy, still queued, goes too when a
+    thread frees (through a pool of its own closed after it with httpx, on a connection
+    closed after it with requests), not dropped."""
     shadows["good"].behaviour.delay = 1.5
     policy = "loadBalancer: {simple: ROUND_ROBIN}"
     mesh = make_mesh(mirrored(shadows, policy, "  mirror: {host: shadow, subset: good}\n"))
@@ -291,10 +290,84 @@ def test_a_copy_still_queued_when_the_client_closes(
         closing = time.monotonic()
     waited = time.monotonic() - closing
     wait_until_sync(lambda: copies_in_flight(mesh, "good") == 0, "the copies", timeout=10)
-    if kind == "httpx":
-        assert waited >= 0.9 and shadows["good"].behaviour.received == 4
-    else:
-        assert waited < 0.5 and shadows["good"].behaviour.received == 5
+    assert waited < 0.5 and shadows["good"].behaviour.received == 5
+
+
+@pytest.mark.parametrize("kind", ["httpx", "requests"])
+def test_closing_right_after_the_call_waits_for_no_copy_and_leaks_none(
+    make_mesh: MeshFactory, kind: str
+) -> None:
+    """`meshlib.Client` and `meshlib.Session` closed right after their call, while the mirror
+    holds its copy (which carries the call's `x-request-id`): `close()` returns at once, the
+    copy stays in flight past the close, and its connection is closed once the mirror has
+    answered (none stays open in a pool nobody closes)."""
+    from tests.rawserver import ThreadServer, held_until
+
+    release = asyncio.Event()
+    held = ThreadServer(held_until(release))
+    with held as shadow:
+        mesh = make_mesh(held_mirror(shadow.port))
+        mirror = mesh.cluster((SHADOW, None, 9080))
+        client: Any = (
+            meshed_httpx.Client(mesh=mesh)
+            if kind == "httpx"
+            else meshed_requests.Session(mesh=mesh)
+        )
+        try:
+            response = client.get(f"{URL}/", timeout=5)
+            assert response.status_code == 200
+            wait_until_sync(lambda: len(shadow.heads) == 1, "the copy")
+            started = time.monotonic()
+            client.close()
+            assert time.monotonic() - started < 0.5
+            assert mirror.limits.active_requests == 1  # the copy, still in flight
+        finally:
+            held.loop.call_soon_threadsafe(release.set)
+        wait_until_sync(lambda: mirror.limits.active_requests == 0, "the copy to end")
+        rid = response.json()["headers"]["x-request-id"]  # the call's, as reviews saw it
+        assert f"\r\nx-request-id: {rid}\r\n".encode() in shadow.heads[0].lower()
+        wait_until_sync(lambda: shadow.active == 0, "the copy's connection to close", 2.0)
+
+
+def test_a_copy_through_the_apps_own_transport_still_goes_after_the_close(
+    make_mesh: MeshFactory,
+) -> None:
+    """A transport of the app's own, which meshlib cannot copy, carries the copies itself:
+    closing the client closes it (ending the copies it holds, as it ends anything on it,
+    never held against the mirror), and a copy still queued for a thread then goes through
+    it after the close, on a connection closed after it (`Connection: close`)."""
+    from tests.rawserver import ThreadServer, held_until
+
+    class Own(httpx.HTTPTransport):
+        """The app's: not httpx's own class, so meshlib makes no pool like it."""
+
+    rule = (
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: shadow}\n"
+        f"spec:\n  host: {SHADOW}\n  trafficPolicy:\n"
+        + textwrap.indent(OUTLIER.strip(), "    ")
+        + "\n"
+    )
+    release = asyncio.Event()
+    held = ThreadServer(held_until(release))
+    with held as shadow:
+        mesh = make_mesh(held_mirror(shadow.port, rule))
+        mirror = mesh.cluster((SHADOW, None, 9080))
+        client = meshed_httpx.Client(mesh=mesh, transport=Own())
+        try:
+            assert [client.get(f"{URL}/").status_code for _ in range(5)] == [200] * 5
+            wait_until_sync(lambda: len(shadow.heads) == 4, "four copies held")
+            assert mirror.limits.active_requests == 5  # and the fifth, queued
+            started = time.monotonic()
+            client.close()
+            assert time.monotonic() - started < 0.5
+        finally:
+            held.loop.call_soon_threadsafe(release.set)
+        wait_until_sync(lambda: mirror.limits.active_requests == 0, "the copies to end")
+        assert len(shadow.heads) == 5
+        assert b"\r\nconnection: close\r\n" in shadow.heads[4].lower()
+        wait_until_sync(lambda: shadow.active == 0, "the copies' connections to close", 2.0)
+        # the copies the close ended are not the mirror's failures (one would eject it)
+        assert operational(mesh, "meshlib_outlier_ejections_total", "") == 0
 
 
 def test_a_client_used_again_after_close_mirrors_again(
