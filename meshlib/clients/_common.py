@@ -28,6 +28,7 @@ from meshlib.telemetry.access_log import AccessLogEntry, protocol_of
 
 RESPONSE_FLAGS = "response_flags"  # httpx: response.extensions key with Envoy's flags
 UPSTREAM_HOST = "upstream_host"  # httpx: response.extensions key, "addr:port" that answered
+REQUEST_ID = "request_id"  # httpx: response.extensions key, the call's x-request-id
 
 
 # A retried response's body is read and dropped, so its connection can be kept, when it is

@@ -31,6 +31,7 @@ from meshlib.clients._common import (
     DRAIN_SECONDS,
     MAX_MIRRORS_PENDING,
     MIRROR_TIMEOUT,
+    REQUEST_ID,
     RESPONSE_FLAGS,
     UPSTREAM_HOST,
     BodyTooLate,
@@ -108,6 +109,9 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 # when the response is meshlib's own or was edited since: then they are read again), and
 # Envoy's upstream service time in ms, when measured for the access log (`Exchange.began`).
 Handled = tuple[httpx.Response, Mapping[str, str] | None, float | None]
+# The headers meshlib sends as if the app had set them: the call's `x-request-id` when the
+# app set none (Envoy makes one before routing), else nothing.
+Added = tuple[tuple[str, str], ...]
 # Set per attempt (lowercase, as httpx.Headers keys them).
 _OURS = frozenset(
     (b"host", b"x-envoy-attempt-count", *(name.encode() for name in peer.EXCHANGE_HEADERS))
@@ -138,19 +142,30 @@ def _upstream_url(url: httpx.URL, scheme: str, endpoint: Endpoint, path: str | N
 _PHASES = ("connect", "read", "write", "pool")
 
 
-def _passthrough(mesh: Mesh, request: httpx.Request, view: dict[str, str]) -> httpx.Request:
-    """A passthrough request with the trace context and propagated headers added, and each
-    of its timeouts ending within the served request's deadline: meshlib does not answer for
-    a passthrough host, so the caller's deadline shows as httpx's own timeout exception."""
-    propagated = mesh.propagator.outbound(view.__contains__)
-    if propagated:
-        request.headers = extended(request.headers, frozenset(), propagated)
+def _passthrough(
+    mesh: Mesh, request: httpx.Request, view: dict[str, str], added: Added
+) -> httpx.Request:
+    """A passthrough request with the call's `x-request-id` (`added`), the trace context and
+    propagated headers added, and each of its timeouts ending within the served request's
+    deadline: meshlib does not answer for a passthrough host, so the caller's deadline shows as
+    httpx's own timeout exception. A request of its own when anything changes: the caller's
+    is left as it was (it may be sent again, and would carry this call's headers)."""
+    extra = [*added, *mesh.propagator.outbound(view.__contains__)]
+    extensions = request.extensions
     left = remaining_deadline()
     if left is not None:
-        caller = request.extensions.get("timeout") or {}
+        caller = extensions.get("timeout") or {}
         timeout = {phase: within_deadline(caller.get(phase), left) for phase in _PHASES}
-        request.extensions = {**request.extensions, "timeout": timeout}
-    return request
+        extensions = {**extensions, "timeout": timeout}
+    if not extra and left is None:
+        return request
+    return httpx.Request(
+        request.method,
+        request.url,
+        headers=extended(request.headers, frozenset(), extra) if extra else request.headers,
+        stream=request.stream,
+        extensions=extensions,
+    )
 
 
 def request_attributes(
@@ -218,8 +233,16 @@ def _record(
     response_headers: Mapping[str, str] | None,
     service_time_ms: float | None = None,
 ) -> None:
-    """Count the call; `response_headers` are the ones `_result` read, when still current."""
+    """Count the call, and say its `x-request-id` (the app's, or the one meshlib made) in
+    `response.extensions["request_id"]`, for the app and its response hooks to read: meshlib
+    does not write it into the caller's request (see `_view`). `response_headers` are the ones
+    `_result` read, when still current."""
     extensions = response.extensions
+    rid = request_headers["x-request-id"]
+    if plan.passthrough:  # the inner transport's dict, maybe not this response's alone
+        response.extensions = extensions = {**extensions, REQUEST_ID: rid}
+    else:  # a dict of meshlib's (`_finish`, `_local`)
+        extensions[REQUEST_ID] = rid
     if response_headers is None:
         response_headers = _response_headers(response.headers)
     record_source(
@@ -237,17 +260,22 @@ def _record(
     forget_identity(response.headers, response_headers)
 
 
-def _view(request: httpx.Request) -> tuple[list[tuple[str, str]], dict[str, str]]:
+def _view(request: httpx.Request) -> tuple[list[tuple[str, str]], dict[str, str], Added]:
     """The request's headers decoded once — (lowercase name, value) pairs and a dict of
-    them — with the call's `x-request-id` added when the app set none."""
+    them — with the call's `x-request-id` when the app set none, and that header (`Added`).
+
+    The id goes in each try, copy and passthrough request meshlib builds (`_upstream`,
+    `_mirror_request`, `_passthrough`), never in the caller's `httpx.Request`: one the app
+    sends again (its own retry, `client.send` twice) is a new call with an id of its own, as
+    behind a sidecar, and the app's request keeps the headers the app gave it."""
     items = decoded(request.headers)
     view = dict(items)
-    if "x-request-id" not in view:
-        rid = request_id()
-        appended(request.headers, "x-request-id", rid)
-        items.append(("x-request-id", rid))
-        view["x-request-id"] = rid
-    return items, view
+    if "x-request-id" in view:
+        return items, view, ()
+    rid = ("x-request-id", request_id())
+    items.append(rid)
+    view["x-request-id"] = rid[1]
+    return items, view, (rid,)
 
 
 def _exception_flag(exc: BaseException) -> str:
@@ -409,12 +437,13 @@ class _MeshTransportBase:
         mesh: Mesh,
         request: httpx.Request,
         view: dict[str, str],
+        added: Added,
         plan: RoutePlan,
         attempt: Attempt,
     ) -> httpx.Request:
-        """The request as sent to `attempt.endpoint`: route header edits, trace context and
-        the caller's propagated headers, the Host the route says, per-try timeouts.
-        `view` is the request's headers by lowercase name."""
+        """The request as sent to `attempt.endpoint`: route header edits, the call's
+        `x-request-id`, trace context and the caller's propagated headers, the Host the route
+        says, per-try timeouts. `view` is the request's headers by lowercase name."""
         path = None if plan.original_path is None else plan.path
         edits = plan.request_headers
         original = request.headers
@@ -427,12 +456,12 @@ class _MeshTransportBase:
         ]
         if attempt.close_connection:
             ours.append(("connection", "close"))
-        if edits:  # propagated headers count as the app's: the route's edits apply to them
-            pairs = [*original.multi_items(), *propagated]
+        if edits:  # added and propagated headers count as the app's: the route's edits apply
+            pairs = [*original.multi_items(), *added, *propagated]
             headers = encoded(edited_headers(pairs, edits, dict(ours)), original.encoding)
         else:  # the caller's headers as httpx holds them, ours appended: nothing re-encoded
             drop = _OURS_CLOSING if attempt.close_connection else _OURS
-            headers = extended(original, drop, [*propagated, *ours])
+            headers = extended(original, drop, [*added, *propagated, *ours])
         caller = request.extensions.get("timeout") or {}
         connect, read, _ = attempt.timeouts(caller.get("connect"), caller.get("read"))
         timeout = {
@@ -500,11 +529,16 @@ class _MeshTransportBase:
         return response
 
     def _mirror_request(
-        self, request: httpx.Request, view: dict[str, str], plan: RoutePlan, copy: MirrorCopy
+        self,
+        request: httpx.Request,
+        view: dict[str, str],
+        added: Added,
+        plan: RoutePlan,
+        copy: MirrorCopy,
     ) -> httpx.Request:
-        """The copy a mirror gets: the request as the route sends it, with the trace context
-        and propagated headers, as a sidecar mirrors what the app sent (its own headers
-        copied); this workload's identity, as on every call."""
+        """The copy a mirror gets: the request as the route sends it, with the call's
+        `x-request-id`, the trace context and propagated headers, as a sidecar mirrors what
+        the app sent (its own headers copied); this workload's identity, as on every call."""
         mesh = self.mesh
         endpoint = copy.endpoint  # host and port apart, as in `_upstream_url`
         url = request.url.copy_with(host=endpoint.address, port=endpoint.port, path=plan.path)
@@ -512,7 +546,7 @@ class _MeshTransportBase:
         if copy.attempt.close_connection:
             extra["connection"] = "close"  # the mirror's maxRequestsPerConnection reached
         original = request.headers
-        pairs = [*original.multi_items(), *mesh.propagator.outbound(view.__contains__)]
+        pairs = [*original.multi_items(), *added, *mesh.propagator.outbound(view.__contains__)]
         edited = edited_headers(pairs, plan.request_headers, extra)
         headers = encoded(edited, original.encoding)
         # the caller's timeouts (httpx's 5 s by default), 10 s where it set none: a copy never
@@ -533,6 +567,7 @@ class _MeshTransportBase:
         self,
         request: httpx.Request,
         view: dict[str, str],
+        added: Added,
         plan: RoutePlan,
         mirror: Mirror,
         *,
@@ -545,7 +580,7 @@ class _MeshTransportBase:
         copy = start_mirror(self.mesh, plan, mirror, pool)
         if copy is None:
             return None
-        return self._mirror_request(request, view, plan, copy), copy
+        return self._mirror_request(request, view, added, plan, copy), copy
 
     @staticmethod
     def _exchange(
@@ -613,12 +648,12 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         started = time.perf_counter()
-        items, view = _view(request)
+        items, view, added = _view(request)
         mesh, plan, attributes = self._prepare(request, items)
         flags: list[str] = []  # the flags set so far, counted with an exception too
         try:
             response, headers, service = self._handle(
-                request, view, mesh, plan, attributes, started, flags
+                request, view, added, mesh, plan, attributes, started, flags
             )
         except BaseException as exc:
             record_exception(mesh, plan, started, view, _exception_flag(exc), flags=flags)
@@ -630,6 +665,7 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         self,
         request: httpx.Request,
         view: dict[str, str],
+        added: Added,
         mesh: Mesh,
         plan: RoutePlan,
         attributes: RequestAttributes,
@@ -639,7 +675,7 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         if plan.passthrough:
             with client_span(mesh, request.method, request.url, None, None, view) as span:
                 with passthrough_inside():
-                    response = self._inner.handle_request(_passthrough(mesh, request, view))
+                    response = self._inner.handle_request(_passthrough(mesh, request, view, added))
                 passed = self._result(response)
                 end_client_span(mesh, span, passed)
                 return response, passed.headers, None  # its service time: see record_source
@@ -656,7 +692,7 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         replayable = _replayable(request)
         exchange = self._exchange(mesh, plan, attributes, request, replayable)
         if plan.mirrors and replayable:
-            exchange.shadow = lambda: self._start_mirrors(request, view, plan)
+            exchange.shadow = lambda: self._start_mirrors(request, view, added, plan)
 
         whole = request.extensions.get(READ_WHOLE, False)
         closes = self._closes
@@ -666,7 +702,7 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
             with client_span(mesh, request.method, request.url, plan, attempt, view) as span:
                 try:
                     with passthrough_inside():
-                        upstream = self._upstream(mesh, request, view, plan, attempt)
+                        upstream = self._upstream(mesh, request, view, added, plan, attempt)
                         response = self._inner.handle_request(upstream)
                 except _CALLERS_OWN:
                     raise  # the request itself is wrong: the app's error, as without the mesh
@@ -689,9 +725,11 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         result = run_attempts(exchange, send, _close)
         return self._respond(request, plan, exchange, result, flags)
 
-    def _start_mirrors(self, request: httpx.Request, view: dict[str, str], plan: RoutePlan) -> None:
+    def _start_mirrors(
+        self, request: httpx.Request, view: dict[str, str], added: Added, plan: RoutePlan
+    ) -> None:
         for mirror in plan.mirrors:
-            started = self._start_copy(request, view, plan, mirror, may_wait=False)
+            started = self._start_copy(request, view, added, plan, mirror, may_wait=False)
             if started is not None and not self._mirroring.submit(
                 self._send_mirror, *started, self._mirroring.closes
             ):
@@ -914,12 +952,12 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         started = time.perf_counter()
-        items, view = _view(request)
+        items, view, added = _view(request)
         mesh, plan, attributes = self._prepare(request, items)
         flags: list[str] = []  # the flags set so far, counted with an exception too
         try:
             response, headers, service = await self._handle(
-                request, view, mesh, plan, attributes, started, flags
+                request, view, added, mesh, plan, attributes, started, flags
             )
         except BaseException as exc:
             record_exception(mesh, plan, started, view, _exception_flag(exc), flags=flags)
@@ -931,6 +969,7 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
         self,
         request: httpx.Request,
         view: dict[str, str],
+        added: Added,
         mesh: Mesh,
         plan: RoutePlan,
         attributes: RequestAttributes,
@@ -941,7 +980,7 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
             with client_span(mesh, request.method, request.url, None, None, view) as span:
                 with passthrough_inside():
                     response = await self._inner.handle_async_request(
-                        _passthrough(mesh, request, view)
+                        _passthrough(mesh, request, view, added)
                     )
                 passed = self._result(response)
                 end_client_span(mesh, span, passed)
@@ -959,7 +998,7 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
         replayable = _replayable(request)
         exchange = self._exchange(mesh, plan, attributes, request, replayable)
         if plan.mirrors and replayable:
-            exchange.shadow = lambda: self._start_mirrors(request, view, plan)
+            exchange.shadow = lambda: self._start_mirrors(request, view, added, plan)
 
         whole = request.extensions.get(READ_WHOLE, False)
         closes = self._closes
@@ -969,7 +1008,7 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
             with client_span(mesh, request.method, request.url, plan, attempt, view) as span:
                 try:
                     with passthrough_inside():
-                        upstream = self._upstream(mesh, request, view, plan, attempt)
+                        upstream = self._upstream(mesh, request, view, added, plan, attempt)
                         response = await self._inner.handle_async_request(upstream)
                 except _CALLERS_OWN:
                     raise  # the request itself is wrong: the app's error, as without the mesh
@@ -994,11 +1033,13 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
         result = await run_attempts_async(exchange, send, _aclose)
         return self._respond(request, plan, exchange, result, flags)
 
-    def _start_mirrors(self, request: httpx.Request, view: dict[str, str], plan: RoutePlan) -> None:
+    def _start_mirrors(
+        self, request: httpx.Request, view: dict[str, str], added: Added, plan: RoutePlan
+    ) -> None:
         for mirror in plan.mirrors:
             if len(self._mirrors) >= MAX_MIRRORS_PENDING:
                 return  # copies pending: new ones are dropped
-            started = self._start_copy(request, view, plan, mirror, may_wait=True)
+            started = self._start_copy(request, view, added, plan, mirror, may_wait=True)
             if started is not None:
                 copied, copy = started
                 self._mirrors.start(
