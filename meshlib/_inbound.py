@@ -129,6 +129,7 @@ class InboundExchange:
         "side",
         "started",
         "status",
+        "watched",
     )
 
     def __init__(
@@ -172,6 +173,9 @@ class InboundExchange:
         self._scope: ServerScope | None = None
         self._span: Any = None
         self._received: _Received | None = None
+        # Whether anything wants the response's start: an access log line (`logged`) or a
+        # sampled span's route (`routing`). One slot the adapter reads on every response.
+        self.watched = False
 
     def _exchanged(self) -> dict[str, str]:
         """The metadata-exchange headers the caller sent (the first value of each)."""
@@ -248,6 +252,7 @@ class InboundExchange:
         mesh = self.side.mesh
         if mesh.access_log.enabled("inbound"):
             self._received = self._as_received()  # before the app can change its request
+            self.watched = True
             self.answered: float | None = None
             """When the app's response headers went to the server (`perf_counter`), for
             Envoy's upstream service time; None before (set by the adapter when `logged`)."""
@@ -270,6 +275,8 @@ class InboundExchange:
                 )
                 self._span = self._scope.__enter__()
                 self.spanned()
+                if self._scope.unrouted:
+                    self.watched = True
             except Exception:  # a tracing failure must never fail the request being served
                 self._scope = self._span = None
                 logger.warning("meshlib: could not start the SERVER span", exc_info=True)

@@ -241,8 +241,6 @@ class _Exchange(InboundExchange):
         kind = message["type"]
         if kind == "http.response.start":
             # A second start is the app's error (the server refuses it): the first counts.
-            if not self.status and self.logged:
-                self.answered = time.perf_counter()  # Envoy's upstream service time ends here
             self.status = self.status or message["status"]
             headers = message.get("headers", ())
             answer = self.answer
@@ -259,8 +257,8 @@ class _Exchange(InboundExchange):
             if self._started is None:
                 # The HTTP Trailers extension: the response ends with its last trailers.
                 self._trailers = bool(message.get("trailers"))
-                if self.routing:  # while Django's handler holds the request (its task)
-                    self._resolved = django_route(_path_info(self.scope))
+                if self.watched:
+                    self._watched_start()
             self._started = headers
         size = 0
         if kind == "http.response.body":
@@ -286,6 +284,13 @@ class _Exchange(InboundExchange):
             raise
         if self._complete and self.completed is None:
             self.completed = time.perf_counter()  # sent: the caller has it all
+
+    def _watched_start(self) -> None:
+        """The response starts, and an access log line or a sampled span wants to know."""
+        if self.logged:
+            self.answered = time.perf_counter()  # Envoy's upstream service time ends here
+        if self.routing:  # while Django's handler holds the request (its task)
+            self._resolved = django_route(_path_info(self.scope))
 
 
 def _path_info(scope: Scope) -> str:
