@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import datetime
 import functools
 import time
@@ -74,9 +75,13 @@ from meshlib.policy.snapshot import Endpoint
 from meshlib.telemetry import peer, propagation
 
 _MESHED = "meshlib.meshed"  # marks transports meshlib made, so nothing is meshed twice
-# request.extensions key: the caller reads the whole body (`send(stream=False)`), so the mesh
-# reads it within the try (see `_read_whole`). meshlib's clients set it.
-READ_WHOLE = "meshlib.read_whole"
+# The caller reads the whole body (`send(stream=False)`), so the mesh reads it within the try
+# (see `_read_whole`): meshlib's clients set it, while their `send` runs, to the extensions of
+# the request they were handed, which its redirects and auth flows share. A context variable,
+# not a key in those extensions: the caller's Request is left as it was (it may be sent again,
+# streamed, through another client), and a call made meanwhile for another request (an event
+# hook's) is not read whole for it.
+_READ_WHOLE: contextvars.ContextVar[object] = contextvars.ContextVar("meshlib.read_whole")
 # request.extensions keys meshlib's HTTP/1.1 transport reads (`_http1.TRY_DEADLINE`,
 # `_http1.TRY_TIMEOUT`; not imported, so that sync clients do not load it): when a try's
 # response headers are due at the latest (the route deadline, then the try's own once it has
@@ -694,7 +699,7 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         if plan.mirrors and replayable:
             exchange.shadow = lambda: self._start_mirrors(request, view, added, plan)
 
-        whole = request.extensions.get(READ_WHOLE, False)
+        whole = _READ_WHOLE.get(None) is request.extensions
         closes = self._closes
         begun = closes.begun
 
@@ -1000,7 +1005,7 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
         if plan.mirrors and replayable:
             exchange.shadow = lambda: self._start_mirrors(request, view, added, plan)
 
-        whole = request.extensions.get(READ_WHOLE, False)
+        whole = _READ_WHOLE.get(None) is request.extensions
         closes = self._closes
         begun = closes.begun
 
@@ -1295,11 +1300,14 @@ class Client(_ClientMixin, httpx.Client):
         ),
         follow_redirects: bool | httpx._client.UseClientDefault = httpx.USE_CLIENT_DEFAULT,
     ) -> httpx.Response:
-        request.extensions[READ_WHOLE] = not stream
-        response = super().send(
-            request, stream=stream, auth=auth, follow_redirects=follow_redirects
-        )
-        return response if stream else _unbound(response)
+        if stream:
+            return super().send(request, stream=True, auth=auth, follow_redirects=follow_redirects)
+        reading = _READ_WHOLE.set(request.extensions)
+        try:
+            response = super().send(request, auth=auth, follow_redirects=follow_redirects)
+        finally:
+            _READ_WHOLE.reset(reading)
+        return _unbound(response)
 
 
 class AsyncClient(_ClientMixin, httpx.AsyncClient):
@@ -1337,8 +1345,13 @@ class AsyncClient(_ClientMixin, httpx.AsyncClient):
         ),
         follow_redirects: bool | httpx._client.UseClientDefault = httpx.USE_CLIENT_DEFAULT,
     ) -> httpx.Response:
-        request.extensions[READ_WHOLE] = not stream
-        response = await super().send(
-            request, stream=stream, auth=auth, follow_redirects=follow_redirects
-        )
-        return response if stream else _unbound(response)
+        if stream:
+            return await super().send(
+                request, stream=True, auth=auth, follow_redirects=follow_redirects
+            )
+        reading = _READ_WHOLE.set(request.extensions)
+        try:
+            response = await super().send(request, auth=auth, follow_redirects=follow_redirects)
+        finally:
+            _READ_WHOLE.reset(reading)
+        return _unbound(response)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,7 +24,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 import meshlib
-from meshlib.clients.httpx import READ_WHOLE
 from meshlib.config import MeshConfig
 from meshlib.mesh import Mesh
 from meshlib.telemetry.tracing import MeshSampler, build_tracer_provider
@@ -44,12 +44,27 @@ spec:
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
+class Held:
+    """/held answers its headers and a first chunk, then the rest once `release` is set (or
+    after 10 s), and sets `finished` when it has."""
+
+    release = threading.Event()
+    finished = threading.Event()
+
+
 async def echo(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """Answers `{"ids": [...]}`, the request's `x-request-id` values; /redirect: a 302 to
-    /echo."""
+    /echo; /held: see `Held`."""
     assert scope["type"] == "http"
     while (await receive()).get("more_body"):
         pass
+    if scope["path"] == "/held":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"first,", "more_body": True})
+        await asyncio.to_thread(Held.release.wait, 10)
+        await send({"type": "http.response.body", "body": b"rest"})
+        Held.finished.set()
+        return
     ids = [value.decode() for name, value in scope["headers"] if name == b"x-request-id"]
     body = json.dumps({"ids": ids}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
@@ -122,15 +137,14 @@ def test_a_request_sent_twice_is_two_calls_with_an_id_each(
 ) -> None:
     """`client.send(request)` twice (an app's own retry loop does it) is two calls, each with
     an id of its own, as two requests through a sidecar are; the caller's Request keeps the
-    headers and extensions it had (meshlib's clients add one of their own, `READ_WHOLE`), and
-    each response's `request` is that Request, as in httpx, with the id that went out in
+    headers and extensions it had, and each response's `request` is that Request, as in httpx, with the id that went out in
     `response.extensions["request_id"]`."""
     request, headers, extensions, first, second = send_twice(mesh, kind, url(port, target))
     (one,), (two,) = ids(first), ids(second)
     assert one != two and len(one) == len(two) == 36  # UUIDv4s, as Envoy makes
     assert "x-request-id" not in request.headers
     assert request.headers.multi_items() == headers
-    assert {k: v for k, v in request.extensions.items() if k != READ_WHOLE} == extensions
+    assert request.extensions == extensions
     assert first.request is request and second.request is request
     assert [first.extensions["request_id"], second.extensions["request_id"]] == [one, two]
 
@@ -151,6 +165,67 @@ def test_the_callers_request_is_left_as_it_was(mesh: Mesh, port: int, target: st
     assert len(ids(response)) == 1
     assert request.headers.multi_items() == headers
     assert request.extensions["timeout"] == timeout == dict.fromkeys(timeout, 30.0)
+
+
+def read_whole_then_streamed(mesh: Mesh, request_url: str) -> tuple[bool, bytes]:
+    """One Request sent by `meshlib.Client` (read whole), then with `stream=True` by a stock
+    client over a `MeshTransport`: (whether the second was answered before the server sent
+    the rest of its body, that body)."""
+    transport = meshlib.MeshTransport(httpx.HTTPTransport(), mesh=mesh)
+    with meshlib.Client(mesh=mesh) as meshed, httpx.Client(transport=transport) as stock:
+        request = meshed.build_request("GET", request_url)
+        Held.release.set()  # the first call gets its whole body at once
+        assert meshed.send(request).content == b"first,rest"
+        assert Held.finished.wait(10)
+        Held.release.clear()
+        Held.finished.clear()
+        streamed = stock.send(request, stream=True)
+        early = not Held.finished.is_set()
+        Held.release.set()
+        try:
+            return early, streamed.read()
+        finally:
+            streamed.close()
+
+
+async def aread_whole_then_streamed(mesh: Mesh, request_url: str) -> tuple[bool, bytes]:
+    """`read_whole_then_streamed` with the async clients."""
+    transport = meshlib.AsyncMeshTransport(httpx.AsyncHTTPTransport(), mesh=mesh)
+    async with (
+        meshlib.AsyncClient(mesh=mesh) as meshed,
+        httpx.AsyncClient(transport=transport) as stock,
+    ):
+        request = meshed.build_request("GET", request_url)
+        Held.release.set()
+        assert (await meshed.send(request)).content == b"first,rest"
+        assert await asyncio.to_thread(Held.finished.wait, 10)
+        Held.release.clear()
+        Held.finished.clear()
+        streamed = await stock.send(request, stream=True)
+        early = not Held.finished.is_set()
+        Held.release.set()
+        try:
+            return early, await streamed.aread()
+        finally:
+            await streamed.aclose()
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_request_read_whole_by_one_client_can_be_streamed_by_another(
+    mesh: Mesh, port: int, kind: str
+) -> None:
+    """meshlib's clients have their transport read a body within the try without marking the
+    caller's Request: the same Request, read whole by meshlib's client, then sent with
+    `stream=True` through a stock client over a mesh transport, is answered at its headers,
+    before the server sends the rest of the body (it was read whole, 10 s late, when the
+    first client left its mark on the Request)."""
+    Held.finished.clear()
+    request_url = url(port, "mesh", "/held")
+    if kind == "sync":
+        early, body = read_whole_then_streamed(mesh, request_url)
+    else:
+        early, body = asyncio.run(aread_whole_then_streamed(mesh, request_url))
+    assert early and body == b"first,rest"
 
 
 @pytest.mark.parametrize("target", ["mesh", "passthrough"])
