@@ -402,17 +402,19 @@ class InboundExchange:
         )
 
 
-def django_route(path_info: str) -> str | None:
-    """The route Django's URL resolver matches `path_info` by, as Django's
-    `ResolverMatch.route` and OpenTelemetry's Django instrumentation write it
-    (`reviews/<int:id>/`), when Django is serving the request here: called while its handler
-    holds the request, which set the URLconf it resolves with (`get_urlconf()`: the request's
-    own `urlconf` when a middleware set one; cleared once a request finishes) and the
-    language its `i18n_patterns` match. None when Django is not serving it (not loaded, or
-    another app in the process), for a path no pattern matches (a 404), and for the empty
-    route of the root. Django is never imported here, only asked when already loaded; the
-    request's `resolver_match` is out of reach (no handler puts the request in the environ
-    or scope), so the path is resolved again, for a sampled request only."""
+def django_route(path: str, script_name: str | None = None) -> str | None:
+    """The route Django's URL resolver matches `path` by, as Django's `ResolverMatch.route`
+    and OpenTelemetry's Django instrumentation write it (`reviews/<int:id>/`), when Django is
+    serving the request here: called while its handler holds the request, which set the
+    URLconf it resolves with (`get_urlconf()`: the request's own `urlconf` when a middleware
+    set one; cleared once a request finishes) and the language its `i18n_patterns` match.
+    `path` is WSGI's PATH_INFO, or ASGI's path with the `script_name` (the scope's root_path)
+    to strip from it, as Django's ASGI handler strips it, or its `FORCE_SCRIPT_NAME` in its
+    place. None when Django is not serving the request (not loaded, or another app in the
+    process), for a path no pattern matches (a 404), and for the empty route of the root.
+    Django is never imported here, only asked when already loaded; the request's
+    `resolver_match` is out of reach (no handler puts the request in the environ or scope),
+    so the path is resolved again, for a sampled request only."""
     urls = sys.modules.get("django.urls")
     if urls is None:
         return None
@@ -420,7 +422,11 @@ def django_route(path_info: str) -> str | None:
         urlconf = urls.get_urlconf()
         if urlconf is None:  # no Django request in this context
             return None
-        route = urls.resolve(path_info, urlconf).route
+        if script_name is not None:
+            script = sys.modules["django.conf"].settings.FORCE_SCRIPT_NAME or script_name
+            if isinstance(script, str) and script:
+                path = path.removeprefix(script)
+        route = urls.resolve(path, urlconf).route
     except Exception:  # Resolver404, or a URLconf that fails to load: no route known
         return None
     return route if isinstance(route, str) and route else None

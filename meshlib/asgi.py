@@ -290,15 +290,11 @@ class _Exchange(InboundExchange):
         if self.logged:
             self.answered = time.perf_counter()  # Envoy's upstream service time ends here
         if self.routing:  # while Django's handler holds the request (its task)
-            self._resolved = django_route(_path_info(self.scope))
-
-
-def _path_info(scope: Scope) -> str:
-    """The path an app mounted at the scope's root_path sees, as Django's ASGIRequest takes
-    it (its FORCE_SCRIPT_NAME, which Django would strip instead, aside)."""
-    path: str = scope.get("path", "/")
-    root = scope.get("root_path")
-    return path[len(root) :] if root and isinstance(root, str) and path.startswith(root) else path
+            scope = self.scope
+            root = scope.get("root_path")
+            self._resolved = django_route(
+                scope.get("path", "/"), root if isinstance(root, str) else ""
+            )
 
 
 def _size_of(path: object) -> int:

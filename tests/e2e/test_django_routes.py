@@ -192,3 +192,23 @@ def test_django_behind_another_app_and_beside_one(site: Any, traced: Traced, kin
     assert spans["/reviews/1/"]["name"] == "GET reviews/<int:id>/"
     assert spans["/reviews/2/"]["name"] == "GET /reviews/2/"
     assert "http.route" not in spans["/reviews/2/"]
+
+
+@pytest.mark.parametrize("kind", ["wsgi", "asgi"])
+def test_force_script_name_is_stripped_where_django_strips_it(
+    site: Any, traced: Traced, kind: str
+) -> None:
+    """With `FORCE_SCRIPT_NAME`, Django's ASGI handler strips that prefix from the path in
+    place of the scope's root_path, and its WSGI handler resolves PATH_INFO as it came (the
+    setting changes only the URLs Django reverses): meshlib resolves the path Django did."""
+    from django.test import override_settings
+
+    path = "/front/reviews/1/" if kind == "asgi" else "/reviews/1/"
+    with (
+        override_settings(FORCE_SCRIPT_NAME="/front"),
+        serving(kind, django_app(kind), traced) as client,
+    ):
+        assert client.get(path, headers=SAMPLED).status_code == 200
+    (span,) = spans_by_path(traced, 1).values()
+    assert span["name"] == "GET reviews/<int:id>/"
+    assert span["http.route"] == "reviews/<int:id>/"
