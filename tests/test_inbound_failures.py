@@ -594,3 +594,27 @@ def test_a_send_failing_with_oserror_is_dc_with_the_bytes_sent(traced: Traced) -
     (line,) = traced.logged
     assert (line.response_code, line.response_flags, line.bytes_sent) == (200, "DC", 18)
     assert [(c, f) for c, f, _, _ in traced.counted()] == [("200", "DC")]
+
+
+@pytest.mark.parametrize(
+    "middleware", [meshlib.MeshMiddleware, meshlib.MeshWSGIMiddleware], ids=["asgi", "wsgi"]
+)
+@pytest.mark.parametrize(
+    "mesh",
+    [
+        pytest.param("mesh.yaml", id="a-policy-file"),
+        pytest.param(meshlib.default_mesh, id="uncalled"),
+    ],
+)
+def test_a_mesh_that_is_not_a_mesh_is_refused_when_the_middleware_is_made(
+    middleware: Any, mesh: Any
+) -> None:
+    """`mesh=` given a policy file's name, or `default_mesh` uncalled, is a TypeError naming
+    the Mesh it wants when the middleware is made, not an AttributeError on the first request
+    (the compiled build's own argument check says as much)."""
+
+    def app(*args: Any) -> Any:  # never called
+        raise AssertionError("served")
+
+    with pytest.raises(TypeError, match="Mesh"):
+        middleware(app, mesh=mesh)

@@ -397,9 +397,13 @@ def _otlp_protocol() -> tuple[str, str]:
         if not protocol:
             continue
         if protocol not in ("http/protobuf", "grpc"):
-            raise ConfigError(
-                f"{variable}={raw!r}: meshlib's OTLP exporter sends 'http/protobuf' or 'grpc'"
+            why = (
                 " (OpenTelemetry's Python exporters have no 'http/json')"
+                if protocol == "http/json"
+                else ""
+            )
+            raise ConfigError(
+                f"{variable}={raw!r}: meshlib's OTLP exporter sends 'http/protobuf' or 'grpc'{why}"
             )
         return protocol, f" ({variable})"
     return "http/protobuf", ""
