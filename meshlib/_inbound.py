@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from meshlib.dataplane.outcome import Flag
-from meshlib.mesh import Mesh, default_mesh
+from meshlib.mesh import Mesh, default_mesh, made_default_mesh
 from meshlib.telemetry import peer
 from meshlib.telemetry.access_log import AccessLogEntry, protocol_of
 from meshlib.telemetry.propagation import Activation, InboundContext
@@ -86,6 +86,13 @@ class InboundSides:
             )
         self._mesh: Mesh | None = mesh
         self._side: InboundSide | None = None
+
+    def flush(self) -> None:
+        """Export the spans the Mesh still holds in its batch (its own provider's), without
+        making a default Mesh when there is none yet."""
+        mesh = self._mesh if self._mesh is not None else made_default_mesh()
+        if mesh is not None:
+            mesh.tracing.flush()
 
     def current(self) -> InboundSide:
         mesh = self._mesh if self._mesh is not None else default_mesh()

@@ -312,6 +312,12 @@ def default_mesh() -> Mesh:
     return _default
 
 
+def made_default_mesh() -> Mesh | None:
+    """The process-wide Mesh if one was made (by `configure()` or `default_mesh()`), else
+    None: for what must not make one (a server's shutdown)."""
+    return _default
+
+
 def _start_default(mesh: Mesh) -> None:
     """A new default Mesh serves its metrics, and says when it has no name: nothing fails
     without one, so the log is where a forgotten MESHLIB_SERVICE shows before the dashboards
