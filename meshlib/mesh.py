@@ -342,7 +342,11 @@ def _serve_default_metrics(mesh: Mesh) -> None:
     try:
         mesh.serve_metrics()
     except OSError as exc:
-        logger.warning("%s: serving on without a metrics port", exc.strerror)
+        logger.warning(
+            "%s: serving on without a metrics port (several workers: one process serves them"
+            " all, PROMETHEUS_MULTIPROC_DIR; see meshlib's docs/observability.md, section 4)",
+            exc.strerror,
+        )
 
 
 logger = logging.getLogger("meshlib")
