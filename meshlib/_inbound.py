@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from meshlib.dataplane.outcome import Flag
-from meshlib.mesh import Mesh, default_mesh
+from meshlib.mesh import Mesh, default_mesh, made_default_mesh
 from meshlib.telemetry import peer
 from meshlib.telemetry.access_log import AccessLogEntry, protocol_of
 from meshlib.telemetry.propagation import Activation, InboundContext
@@ -75,9 +75,24 @@ class InboundSides:
 
     __slots__ = ("_mesh", "_side")
 
-    def __init__(self, mesh: Mesh | None) -> None:
-        self._mesh = mesh
+    def __init__(self, mesh: object) -> None:
+        # Checked here, once: a policy file name or `default_mesh` uncalled would otherwise
+        # fail on the first request, far from the line that passed it.
+        if mesh is not None and not isinstance(mesh, Mesh):
+            raise TypeError(
+                f"mesh= takes a meshlib.Mesh (or None for the default Mesh), not {mesh!r}:"
+                " to serve with a policy file, meshlib.configure(policy=...) before the"
+                " middleware, or Mesh(MeshConfig(...), policy=...)"
+            )
+        self._mesh: Mesh | None = mesh
         self._side: InboundSide | None = None
+
+    def flush(self) -> None:
+        """Export the spans the Mesh still holds in its batch (its own provider's), without
+        making a default Mesh when there is none yet."""
+        mesh = self._mesh if self._mesh is not None else made_default_mesh()
+        if mesh is not None:
+            mesh.tracing.flush()
 
     def current(self) -> InboundSide:
         mesh = self._mesh if self._mesh is not None else default_mesh()

@@ -4,7 +4,8 @@
     app = meshlib.MeshMiddleware(app, mesh=my_mesh)       # any ASGI app
 
 A pure ASGI middleware — not `BaseHTTPMiddleware`, which runs the app in another task and
-loses contextvars. Lifespan and websocket scopes pass through untouched; responses stream
+loses contextvars. Lifespan and websocket scopes pass through (a lifespan's shutdown first
+exports the spans still batched, where uvicorn's SIGTERM would lose them); responses stream
 as the app sends them; an app exception is re-raised after the request is accounted for
 (as a 500, or, when the response had started, as the status sent with flag UC, as is an
 app that returns with its response incomplete), and a cancelled request (its caller went
@@ -16,6 +17,7 @@ complete with its last trailers.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
@@ -35,6 +37,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 _EXCHANGE = frozenset(peer.EXCHANGE_HEADERS)
+logger = logging.getLogger("meshlib")
 
 
 class MeshMiddleware:
@@ -47,6 +50,8 @@ class MeshMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                send = _Lifespan(self._sides, send).send
             await self.app(scope, receive, send)
             return
         exchange = _Exchange(self._sides.current(), scope, receive, send)
@@ -57,6 +62,31 @@ class MeshMiddleware:
             exchange.end(exc)
             raise
         exchange.end()
+
+
+_SHUT_DOWN = frozenset({"lifespan.shutdown.complete", "lifespan.shutdown.failed"})
+
+
+class _Lifespan:
+    """A lifespan scope's `send`, passing every message on: before the server hears the app
+    has shut down, the spans still in the Mesh's batch are exported. uvicorn ends on SIGTERM
+    (a pod's termination) by raising the signal again once it has shut down, so the process
+    dies without running `atexit`, where OpenTelemetry's provider would have exported them;
+    its `--workers` processes end without it too."""
+
+    __slots__ = ("_send", "_sides")
+
+    def __init__(self, sides: InboundSides, send: Send) -> None:
+        self._sides = sides
+        self._send = send
+
+    async def send(self, message: Message) -> None:
+        if message["type"] in _SHUT_DOWN:
+            try:
+                self._sides.flush()
+            except Exception:  # telemetry never stops the app's shutdown
+                logger.exception("meshlib: spans not flushed at shutdown")
+        await self._send(message)
 
 
 class _Exchange(InboundExchange):

@@ -297,7 +297,7 @@ def configure(policy: PolicyArg = None, *, mesh: Mesh | None = None, **config: A
         old, _default = _default, new
     if old is not None and old is not new:
         old.close()  # first: it holds the metrics port the new one serves on
-    _serve_default_metrics(new)
+    _start_default(new)
     return new
 
 
@@ -308,8 +308,28 @@ def default_mesh() -> Mesh:
         with _default_lock:
             if _default is None:
                 _default = Mesh(MeshConfig.from_env())
-                _serve_default_metrics(_default)
+                _start_default(_default)
     return _default
+
+
+def made_default_mesh() -> Mesh | None:
+    """The process-wide Mesh if one was made (by `configure()` or `default_mesh()`), else
+    None: for what must not make one (a server's shutdown)."""
+    return _default
+
+
+def _start_default(mesh: Mesh) -> None:
+    """A new default Mesh serves its metrics, and says when it has no name: nothing fails
+    without one, so the log is where a forgotten MESHLIB_SERVICE shows before the dashboards
+    fill with "unknown"."""
+    config = mesh.config
+    if config.service is None and config.workload is None:
+        logger.warning(
+            "meshlib: the default Mesh names no workload (set MESHLIB_SERVICE, or"
+            " meshlib.configure(service=...)): its metrics, spans and access logs call this"
+            ' workload "unknown"'
+        )
+    _serve_default_metrics(mesh)
 
 
 def _serve_default_metrics(mesh: Mesh) -> None:
@@ -322,7 +342,11 @@ def _serve_default_metrics(mesh: Mesh) -> None:
     try:
         mesh.serve_metrics()
     except OSError as exc:
-        logger.warning("meshlib: metrics not served on port %s: %s", mesh.config.metrics_port, exc)
+        logger.warning(
+            "%s: serving on without a metrics port (several workers: one process serves them"
+            " all, PROMETHEUS_MULTIPROC_DIR; see meshlib's docs/observability.md, section 4)",
+            exc.strerror,
+        )
 
 
 logger = logging.getLogger("meshlib")

@@ -177,6 +177,34 @@ def test_configuring_the_default_mesh_again_keeps_its_metrics_port(
         mesh_module.reset()
 
 
+@pytest.mark.parametrize(
+    ("settings", "warned"),
+    [
+        pytest.param({}, True, id="nameless"),
+        pytest.param({"service": "reviews"}, False, id="a-service"),
+        pytest.param({"workload": "reviews-v1"}, False, id="a-workload"),
+    ],
+)
+def test_a_default_mesh_without_a_name_says_so(
+    caplog: pytest.LogCaptureFixture, settings: dict[str, str], warned: bool
+) -> None:
+    """`meshlib.configure()` with neither MESHLIB_SERVICE nor a workload serves on, but logs
+    one warning saying its series and spans will name the workload "unknown" (a forgotten
+    variable otherwise shows only as dashboards full of "unknown")."""
+    import meshlib
+    from meshlib import mesh as mesh_module
+
+    try:
+        with caplog.at_level("WARNING", logger="meshlib"):
+            meshlib.configure(metrics_port=None, **settings)
+    finally:
+        mesh_module.reset()
+    named = [r for r in caplog.records if "names no workload" in r.getMessage()]
+    assert len(named) == warned
+    if warned:
+        assert "MESHLIB_SERVICE" in named[0].getMessage()
+
+
 def test_an_empty_meshlib_variable_lets_the_kubernetes_one_through() -> None:
     """`MESHLIB_NAMESPACE=""` (a manifest that sets it from an empty value) is unset: the
     Downward API name is read, as with the variable absent."""

@@ -281,8 +281,7 @@ def test_a_wsgi_app_error_is_counted_as_500_and_reraised(traced: Traced) -> None
 # -- what passes through ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["lifespan", "websocket"])
-def test_lifespan_and_websocket_scopes_pass_through_untouched(traced: Traced, kind: str) -> None:
+def test_websocket_scopes_pass_through_untouched(traced: Traced) -> None:
     """The app gets the server's own receive and send, nothing is counted or traced."""
     got: list[tuple[Any, Any, Any]] = []
 
@@ -290,9 +289,32 @@ def test_lifespan_and_websocket_scopes_pass_through_untouched(traced: Traced, ki
         got.append((scope, receive, send))
 
     send = StrictSend()
-    request = scope([(b"host", b"r"), (b"traceparent", SAMPLED)], kind=kind)
+    request = scope([(b"host", b"r"), (b"traceparent", SAMPLED)], kind="websocket")
     asyncio.run(meshlib.MeshMiddleware(app, mesh=traced.mesh)(request, receive, send))
     assert got == [(request, receive, send)]
+    assert traced.counted() == [] and traced.spans() == [] and traced.logged == []
+
+
+def test_lifespan_scopes_pass_through(traced: Traced) -> None:
+    """A lifespan scope reaches the app with the server's own receive, and every message the
+    app sends reaches the server unchanged and in order (the shutdown's after a flush of the
+    spans batched); nothing is counted or traced."""
+    got: list[tuple[Any, Any]] = []
+    messages = [
+        {"type": "lifespan.startup.complete"},
+        {"type": "lifespan.shutdown.failed", "message": "a pool would not close"},
+    ]
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        got.append((scope, receive))
+        for message in messages:
+            await send(message)
+
+    send = StrictSend()
+    request = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+    asyncio.run(meshlib.MeshMiddleware(app, mesh=traced.mesh)(request, receive, send))
+    assert got == [(request, receive)]
+    assert send.messages == messages
     assert traced.counted() == [] and traced.spans() == [] and traced.logged == []
 
 
@@ -594,3 +616,27 @@ def test_a_send_failing_with_oserror_is_dc_with_the_bytes_sent(traced: Traced) -
     (line,) = traced.logged
     assert (line.response_code, line.response_flags, line.bytes_sent) == (200, "DC", 18)
     assert [(c, f) for c, f, _, _ in traced.counted()] == [("200", "DC")]
+
+
+@pytest.mark.parametrize(
+    "middleware", [meshlib.MeshMiddleware, meshlib.MeshWSGIMiddleware], ids=["asgi", "wsgi"]
+)
+@pytest.mark.parametrize(
+    "mesh",
+    [
+        pytest.param("mesh.yaml", id="a-policy-file"),
+        pytest.param(meshlib.default_mesh, id="uncalled"),
+    ],
+)
+def test_a_mesh_that_is_not_a_mesh_is_refused_when_the_middleware_is_made(
+    middleware: Any, mesh: Any
+) -> None:
+    """`mesh=` given a policy file's name, or `default_mesh` uncalled, is a TypeError naming
+    the Mesh it wants when the middleware is made, not an AttributeError on the first request
+    (the compiled build's own argument check says as much)."""
+
+    def app(*args: Any) -> Any:  # never called
+        raise AssertionError("served")
+
+    with pytest.raises(TypeError, match="Mesh"):
+        middleware(app, mesh=mesh)

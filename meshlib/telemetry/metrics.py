@@ -78,6 +78,7 @@ from prometheus_client.utils import floatToGoString as _float_to_go_string
 from meshlib._memo import Memo
 from meshlib._text import ascii_int, host_port
 from meshlib.config import DEFAULT_METRICS_PORT, MeshConfig
+from meshlib.errors import ConfigError
 from meshlib.telemetry.metric_overrides import MetricOverrides
 from meshlib.telemetry.peer import UNKNOWN_PEER, PeerIdentity
 from meshlib.telemetry.peer import decode as decode_peer
@@ -229,6 +230,19 @@ def multiprocess_dir() -> str | None:
     if not getattr(_prometheus_values.ValueClass, "_multiprocess", False):
         return None
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+
+
+def _check_multiprocess_dir() -> None:
+    """A ConfigError naming the variable when multiprocess mode has no directory to write to,
+    which prometheus-client reports only as a FileNotFoundError from deep inside its first
+    metric (and, set empty, would take as the working directory)."""
+    path = multiprocess_dir()
+    if path is not None and not os.path.isdir(path):
+        raise ConfigError(
+            f"PROMETHEUS_MULTIPROC_DIR={path!r}: not a directory. prometheus-client's"
+            " multiprocess mode writes each process's metrics there: create it, empty, before"
+            " the server starts (docs/observability.md, section 4)"
+        )
 
 
 # -- label values ----------------------------------------------------------------------------
@@ -479,6 +493,8 @@ class IstioMetrics:
         self.registry = registry = REGISTRY if registry is None else registry
         self.max_series = max_series
         self.multiprocess = multiprocess_dir() is not None if multiprocess is None else multiprocess
+        if self.multiprocess:
+            _check_multiprocess_dir()
         labels = config.labels
         # Local side: app/version are empty when the label is missing (ISTIO.md unclear pt. 7).
         self.local = PeerIdentity(
@@ -1209,6 +1225,9 @@ class MetricsServer:
     def url(self) -> str:
         return f"http://{host_port(self.host, self.port)}"
 
+    def __repr__(self) -> str:
+        return f"<MetricsServer {self.url}>"
+
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
@@ -1238,8 +1257,14 @@ def serve_metrics(
     `metrics_asgi_app` in the app, which every worker answers with the merged view.
     """
     source = exposed_registry(registry)
-
-    server = (_Server6 if ":" in host else _Server)((host, port), source)
+    try:
+        server = (_Server6 if ":" in host else _Server)((host, port), source)
+    except OSError as exc:
+        # The socket's own error names no address; this one often ends a process (a gunicorn
+        # master's when_ready hook), so say which. OSError(errno, ...) keeps its subclass.
+        raise OSError(
+            exc.errno, f"meshlib: cannot serve metrics on {host_port(host, port)}: {exc.strerror}"
+        ) from exc
     thread = threading.Thread(
         target=server.serve_forever, name="meshlib-metrics", kwargs={"poll_interval": 0.2}
     )

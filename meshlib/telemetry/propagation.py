@@ -392,14 +392,21 @@ class Propagator:
             if values and values[0].isascii():
                 carrier[name] = values
         received_baggage = carrier.get("baggage")
-        if received_baggage is not None and len(received_baggage) > 1:
-            # Several baggage headers are one list (RFC 9110 §5.3); the propagator reads one,
-            # and drops a value over W3C's limit whole: then the first header goes alone.
-            joined = ",".join(received_baggage)
-            if len(joined) <= _MAX_BAGGAGE:
-                carrier["baggage"] = received_baggage = [joined]
-            else:
-                carrier["baggage"] = received_baggage = received_baggage[:1]
+        if received_baggage is not None:
+            if len(received_baggage) > 1:
+                # Several baggage headers are one list (RFC 9110 §5.3); the propagator reads
+                # one, and drops a value over W3C's limit whole: then the first goes alone.
+                joined = ",".join(received_baggage)
+                if len(joined) <= _MAX_BAGGAGE:
+                    carrier["baggage"] = received_baggage = [joined]
+                else:
+                    carrier["baggage"] = received_baggage = received_baggage[:1]
+            if len(received_baggage[0]) > _MAX_BAGGAGE:
+                # The propagator would drop it too, after logging a warning holding all of it:
+                # a caller's header of any size, written to the log on every request. (ASCII
+                # only here: its length is its bytes, which the propagator counts.)
+                del carrier["baggage"]
+                received_baggage = None
         if len(carrier.get("traceparent", ())) > 1:
             # Sent twice: as a proxy joining them would, an invalid traceparent (W3C's test
             # suite restarts the trace), and no tracestate without it.

@@ -397,9 +397,13 @@ def _otlp_protocol() -> tuple[str, str]:
         if not protocol:
             continue
         if protocol not in ("http/protobuf", "grpc"):
-            raise ConfigError(
-                f"{variable}={raw!r}: meshlib's OTLP exporter sends 'http/protobuf' or 'grpc'"
+            why = (
                 " (OpenTelemetry's Python exporters have no 'http/json')"
+                if protocol == "http/json"
+                else ""
+            )
+            raise ConfigError(
+                f"{variable}={raw!r}: meshlib's OTLP exporter sends 'http/protobuf' or 'grpc'{why}"
             )
         return protocol, f" ({variable})"
     return "http/protobuf", ""
@@ -413,6 +417,11 @@ def _app_provider() -> ApiTracerProvider | None:
 
 
 # -- spans ------------------------------------------------------------------------------------
+
+
+FLUSH_TIMEOUT_MS = 5000
+"""How long a flush at a server's shutdown may wait for the exporter (a collector that is
+down should not hold a pod's termination for the SDK's default 30 s)."""
 
 
 class Tracing:
@@ -604,6 +613,13 @@ class Tracing:
                 attributes["error.type"] = str(status) if status else (flag_text or "_OTHER")
                 span.set_status(Status(StatusCode.ERROR))
         span.set_attributes(attributes)
+
+    def flush(self, timeout_millis: int = FLUSH_TIMEOUT_MS) -> None:
+        """Export the spans meshlib's own provider still holds in its batch, waiting at most
+        `timeout_millis`; an app's provider is left alone."""
+        owned = self._owned
+        if owned is not None:
+            owned.force_flush(timeout_millis)
 
     def shutdown(self) -> None:
         """Flush and stop meshlib's own provider; an app's provider is left alone."""

@@ -10,10 +10,16 @@ id, the SERVER span the caller's span's child, the CLIENT span the SERVER span's
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -205,3 +211,75 @@ def test_spans_reach_an_otlp_grpc_receiver(
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_INSECURE", "true")
     _serve_one_traced_request(monkeypatch)
     _assert_one_trace(received)
+
+
+SERVED = """
+import meshlib
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+meshlib.configure(service="productpage", metrics_port=None)
+
+
+async def page(request):
+    return PlainTextResponse("page")
+
+
+app = Starlette(routes=[Route("/productpage", page)])
+app.add_middleware(meshlib.MeshMiddleware)
+"""
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["uvicorn", "uvicorn-workers"])
+def test_spans_batched_when_uvicorn_is_stopped_are_exported(
+    http_receiver: tuple[str, Received], tmp_path: Path, workers: int
+) -> None:
+    """uvicorn stopped by SIGTERM (a pod's termination) ends its process by raising the signal
+    again, without `atexit`, where OpenTelemetry's provider would export its batch: the
+    middleware exports it at the lifespan's shutdown, so the last requests' spans arrive (the
+    batch's own timer, 5 s, has not fired yet). With --workers, each worker does the same."""
+    endpoint, received = http_receiver
+    (tmp_path / "served.py").write_text(SERVED)
+    tested = str(Path(meshlib.__file__).parent.parent)  # the meshlib under test
+    path = os.pathsep.join(filter(None, (tested, str(tmp_path), os.environ.get("PYTHONPATH"))))
+    env = {
+        **os.environ,
+        "PYTHONPATH": path,
+        "MESHLIB_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+    }
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    port = listener.getsockname()[1]
+    uvicorn = str(Path(sys.executable).parent / "uvicorn")
+    argv = [uvicorn, "--fd", str(listener.fileno()), "--log-level", "warning", "served:app"]
+    if workers > 1:
+        argv[1:1] = ["--workers", str(workers)]
+    server = subprocess.Popen(argv, cwd=tmp_path, env=env, pass_fds=[listener.fileno()])
+    listener.close()  # uvicorn holds it now
+    try:
+        traceparent = f"00-{TRACE_ID}-{CALLER_SPAN}-01"
+        deadline = time.monotonic() + 30
+        while True:  # ready when it answers (the listening socket queues until then)
+            try:
+                answer = httpx.get(
+                    f"http://127.0.0.1:{port}/productpage",
+                    headers={"traceparent": traceparent},
+                    timeout=5,
+                )
+                break
+            except httpx.TransportError:
+                assert server.poll() is None, "uvicorn exited"
+                assert time.monotonic() < deadline, "uvicorn did not start"
+                time.sleep(0.1)
+        assert answer.text == "page"
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=20)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    names = [(span.kind, span.name, span.trace_id.hex()) for _, span in received.spans()]
+    assert names == [(ProtoSpan.SPAN_KIND_SERVER, "GET /productpage", TRACE_ID)]

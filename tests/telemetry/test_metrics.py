@@ -691,6 +691,45 @@ def test_http_server_answers_both_paths(istio: IstioMetrics, registry: Collector
         socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
 
 
+def test_a_metrics_port_taken_is_an_error_naming_the_address(
+    registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A port another process holds: serve_metrics (a gunicorn master's when_ready hook)
+    raises an OSError that names the address, with the socket's errno; the default Mesh
+    logs the same and serves on, without the port."""
+    import errno
+
+    import meshlib
+    from meshlib import mesh as mesh_module
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(OSError) as taken:
+            serve_metrics(port, registry, host="127.0.0.1")
+        assert taken.value.errno == errno.EADDRINUSE
+        assert f"meshlib: cannot serve metrics on 127.0.0.1:{port}: " in str(taken.value)
+        try:
+            with caplog.at_level("WARNING", logger="meshlib"):
+                mesh = meshlib.configure(
+                    service="reviews", metrics_port=port, metrics_host="127.0.0.1"
+                )
+            assert mesh.metrics_server is None
+        finally:
+            mesh_module.reset()
+    (warning,) = [r.getMessage() for r in caplog.records if "metrics" in r.getMessage()]
+    assert warning.startswith(f"meshlib: cannot serve metrics on 127.0.0.1:{port}: ")
+    assert ": serving on without a metrics port (several workers: " in warning
+
+
+def test_a_metrics_server_shows_its_url() -> None:
+    """`repr()` of a MetricsServer (what printing `default_mesh().metrics_server` shows) is
+    where it serves: the port 0 picked, say."""
+    with serve_metrics(0, CollectorRegistry(), host="127.0.0.1") as server:
+        assert repr(server) == f"<MetricsServer http://127.0.0.1:{server.port}>"
+
+
 def test_http_server_connections(istio: IstioMetrics, registry: CollectorRegistry) -> None:
     """A scrape sent with a body (read, not taken for the next request), an absolute-form
     target, and a kept-alive connection after the server closed: it answers no more (a
@@ -861,6 +900,39 @@ def test_multiprocess_workers_are_summed(tmp_path: Path) -> None:
     assert _normalized(generate_latest(registry)) == _normalized(generate_latest(reference))
     assert view._files  # indexed once, read by offset from then on
     assert _normalized(render(registry)) == _normalized(generate_latest(reference))
+
+
+NO_DIRECTORY = """
+import meshlib
+
+try:
+    meshlib.configure(service="reviews", metrics_port=None)
+except meshlib.ConfigError as exc:
+    print(exc)
+"""
+
+
+@pytest.mark.parametrize("missing", ["missing", ""], ids=["no-such-directory", "empty"])
+def test_a_multiprocess_directory_that_is_not_there_is_a_config_error(
+    tmp_path: Path, missing: str
+) -> None:
+    """PROMETHEUS_MULTIPROC_DIR naming no directory (or set empty, which prometheus-client
+    would take as the working directory) stops the Mesh with a ConfigError naming the variable
+    and what to do, not a FileNotFoundError from inside prometheus-client."""
+    path = str(tmp_path / missing) if missing else ""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": path}
+    result = subprocess.run(
+        [sys.executable, "-c", NO_DIRECTORY],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"PROMETHEUS_MULTIPROC_DIR={path!r}: not a directory")
+    assert "create it" in result.stdout
+    assert list(tmp_path.iterdir()) == []  # no metric files in the working directory
 
 
 TWO_MESHES = """

@@ -599,6 +599,28 @@ def test_oversized_baggage_is_left_to_the_propagator() -> None:
     assert "baggage" not in outbound(p, p.extract(get_all({"baggage": long_value})))
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param(["k=" + "v" * 70_000], id="one-header"),
+        pytest.param(["k=" + "v" * 9_000, "a=1"], id="the-first-of-two"),
+    ],
+)
+def test_oversized_baggage_is_dropped_without_logging_it(
+    headers: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A baggage value over W3C's 8192 bytes is dropped, as OpenTelemetry's propagator drops
+    it, but without the propagator's warning, which holds the whole header: a caller could
+    otherwise have every request write 70 KB of its own to the log. The trace still joins."""
+    p = Propagator()
+    with caplog.at_level("DEBUG"):
+        inbound = p.extract(get_all({"baggage": headers, "traceparent": TRACEPARENT}))
+    assert baggage.get_all(inbound.otel_context) == {}
+    assert span_ids(inbound.otel_context) == (TRACE_ID, SPAN_ID)
+    assert "baggage" not in outbound(p, inbound)
+    assert not [r for r in caplog.records if "vvvv" in r.getMessage()]
+
+
 def test_baggage_set_by_the_app_goes_on() -> None:
     """Baggage the app adds to the current context while serving is sent too."""
     p = Propagator()

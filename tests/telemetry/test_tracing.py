@@ -460,11 +460,18 @@ def test_an_exporter_the_app_provider_overrides_is_warned_of(
 )
 def test_otlp_protocol_errors(variable: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """http/json (which OpenTelemetry's Python exporters do not send) is refused at start-up,
-    naming the variable, rather than sent as protobuf to a JSON receiver; grpc without its
-    exporter names the extra to install."""
+    naming the variable, rather than sent as protobuf to a JSON receiver; another unknown value
+    is told the choices (without the http/json note); grpc without its exporter names the extra
+    to install."""
     monkeypatch.setenv(variable, "http/json")
-    with pytest.raises(ConfigError, match=f"{variable}='http/json'"):
+    with pytest.raises(ConfigError, match=f"{variable}='http/json'.*have no 'http/json'"):
         Tracing(CONFIG, exporter="otlp")
+    monkeypatch.setenv(variable, "htp/protobuf")  # a typo is told the choices, nothing more
+    with pytest.raises(ConfigError) as raised:
+        Tracing(CONFIG, exporter="otlp")
+    assert str(raised.value) == (
+        f"{variable}='htp/protobuf': meshlib's OTLP exporter sends 'http/protobuf' or 'grpc'"
+    )
     monkeypatch.setenv(variable, "grpc")
     monkeypatch.setitem(sys.modules, tracing_module._OTLP_GRPC_MODULE, None)  # not installed
     with pytest.raises(ConfigError, match=rf"over grpc \({variable}\).*meshlib-istio\[otlp-grpc\]"):
