@@ -343,9 +343,9 @@ def _serve_default_metrics(mesh: Mesh) -> None:
         mesh.serve_metrics()
     except OSError as exc:
         logger.warning(
-            "%s: serving on without a metrics port (several workers: one process serves them"
-            " all, PROMETHEUS_MULTIPROC_DIR; see meshlib's docs/observability.md, section 4)",
-            exc.strerror,
+            "%s; the app serves on without it (under several workers one process serves the"
+            " metrics of all, with PROMETHEUS_MULTIPROC_DIR: docs/observability.md, section 4)",
+            exc.strerror or exc,
         )
 
 

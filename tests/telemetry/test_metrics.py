@@ -720,7 +720,7 @@ def test_a_metrics_port_taken_is_an_error_naming_the_address(
             mesh_module.reset()
     (warning,) = [r.getMessage() for r in caplog.records if "metrics" in r.getMessage()]
     assert warning.startswith(f"meshlib: cannot serve metrics on 127.0.0.1:{port}: ")
-    assert ": serving on without a metrics port (several workers: " in warning
+    assert "; the app serves on without it (under several workers one process " in warning
 
 
 def test_a_metrics_server_shows_its_url() -> None:
