@@ -108,6 +108,7 @@ from opentelemetry.trace import (
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from meshlib.dataplane.deadline import inbound_deadline
+from meshlib.telemetry.log_limit import limit_caller_warnings
 from meshlib.telemetry.peer import HEADER as PEER_HEADER
 from meshlib.telemetry.peer import ISTIO_HEADER as ISTIO_PEER_HEADER
 
@@ -298,6 +299,7 @@ class Propagator:
             )
         w3c = TraceContextTextMapPropagator()
         baggage = W3CBaggagePropagator()
+        limit_caller_warnings()  # its warnings quote what callers send
         b3_multi = B3MultiFormat()
         b3_single = B3SingleFormat()
         # Later extractors override earlier ones: B3 first, so a valid traceparent wins. Only
