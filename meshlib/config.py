@@ -9,6 +9,7 @@ read). A bad value raises `ConfigError` naming the argument or variable it came 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
 import logging
 import os
@@ -71,6 +72,9 @@ _ENV = {
     "metrics_host": "MESHLIB_METRICS_HOST",
     "instance_ip": "MESHLIB_INSTANCE_IP",
 }
+# Every MESHLIB_* variable meshlib reads: MeshConfig's, and those a Mesh reads itself
+# (telemetry/tracing.py, telemetry/access_log.py). A close misspelling of one is warned about.
+_KNOWN_VARIABLES = (*_ENV.values(), "MESHLIB_TRACES_EXPORTER", "MESHLIB_ACCESS_LOG")
 # Read when the MESHLIB_* variable is absent: the Downward API names a Deployment commonly
 # sets, and OpenTelemetry's own variable for the formats to send.
 _FALLBACK = {
@@ -146,6 +150,7 @@ class MeshConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> MeshConfig:
         """Read `MESHLIB_*` (and Downward API) variables; keyword arguments take precedence."""
         env = os.environ if environ is None else environ
+        _warn_misspelt(env)
         # None means "not given", except for metrics_port, where it means "off".
         values = {k: v for k, v in overrides.items() if v is not None or k == "metrics_port"}
         where: dict[str, str] = {}  # the variable each value came from, for errors
@@ -242,6 +247,23 @@ def _check_labels_agree(values: Mapping[str, Any], where: Mapping[str, str]) -> 
             raise ConfigError(
                 f"{labels_from} sets label {label}={labels[label]!r} but {value_from} disagrees:"
                 " give one of them, or the same value"
+            )
+
+
+def _warn_misspelt(env: Mapping[str, str]) -> None:
+    """Warn of a set variable that is a misspelling of one meshlib reads (`MESHLIB_SERVCE`,
+    `meshlib_policy`): it would be ignored without a word, and the workload run unnamed or
+    without its policy. Other `MESHLIB_*` names (an app's own) are left alone."""
+    for var in env:
+        upper = var.upper()
+        if not upper.startswith("MESHLIB_") or var in _KNOWN_VARIABLES:
+            continue
+        close = difflib.get_close_matches(upper, _KNOWN_VARIABLES, 1, 0.85)
+        if close:
+            logging.getLogger("meshlib").warning(
+                "%s is not a variable meshlib reads, so it is ignored: did you mean %s?",
+                var,
+                close[0],
             )
 
 

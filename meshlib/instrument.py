@@ -224,6 +224,9 @@ _CLOSE_WRAPPERS = (_httpx_close, _httpx_close, _httpx_aclose, _httpx_aclose, _re
 
 def instrument(mesh: Mesh | None = None) -> None:
     """Mesh every httpx and requests client (idempotent). `mesh` defaults to the default Mesh."""
+    from meshlib.mesh import given_mesh
+
+    given_mesh(mesh, "meshlib.instrument")
     from meshlib.clients.httpx import AsyncMeshTransport, MeshTransport, pool_like
     from meshlib.clients.requests import MeshAdapter
 

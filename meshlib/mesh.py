@@ -301,6 +301,20 @@ def configure(policy: PolicyArg = None, *, mesh: Mesh | None = None, **config: A
     return new
 
 
+def given_mesh(mesh: object, where: str) -> Mesh | None:
+    """`mesh=` as a client, an adapter or `instrument()` is given it: None or a Mesh. Anything
+    else (a policy path, `mesh="mesh.yaml"`) is refused here, where the mistake is, rather
+    than on the first call."""
+    if mesh is None or isinstance(mesh, Mesh):
+        return mesh
+    hint = ""
+    if isinstance(mesh, (str, os.PathLike)):
+        hint = "; a policy path goes to meshlib.configure(policy=...) or Mesh(config, policy=...)"
+    raise TypeError(
+        f"{where}: mesh= takes a meshlib.Mesh, not {type(mesh).__name__} {mesh!r}{hint}"
+    )
+
+
 def default_mesh() -> Mesh:
     """The process-wide Mesh, built from the environment on first use."""
     global _default

@@ -269,6 +269,26 @@ def test_a_missing_policy_path_is_a_config_error_naming_its_source(tmp_path: Pat
     assert isinstance(raised.value, ConfigError) and isinstance(raised.value, FileNotFoundError)
 
 
+@pytest.mark.parametrize("separator", [",", ":", " "])
+def test_several_policy_paths_in_one_variable_are_explained(
+    tmp_path: Path, separator: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MESHLIB_POLICY names one file or folder: two existing files run together are not
+    just "does not exist", the error says what to do instead."""
+    from meshlib.errors import PolicyPathError
+    from meshlib.mesh import Mesh
+
+    for name in ("a.yaml", "b.yaml"):
+        (tmp_path / name).write_text("# no policy\n")
+    monkeypatch.chdir(tmp_path)
+    config = MeshConfig.from_env({"MESHLIB_POLICY": f"a.yaml{separator}b.yaml"}, metrics_port=None)
+    with pytest.raises(PolicyPathError, match="does not exist") as raised:
+        Mesh(config)
+    assert "names 2 paths that do exist, but a policy path is one file or folder" in str(
+        raised.value
+    )
+
+
 def test_a_policy_error_survives_pickling() -> None:
     """Across processes (multiprocessing, a ProcessPoolExecutor), a PolicyError keeps its
     diagnostics."""
@@ -466,3 +486,41 @@ def test_formats_of_the_apps_own_opentelemetry_setup_are_left_to_it(
         "tracecontext",
         "baggage",
     )
+
+
+@pytest.mark.parametrize(
+    ("variable", "meant"),
+    [
+        ("MESHLIB_SERVCE", "MESHLIB_SERVICE"),
+        ("MESHLIB_METRIC_PORT", "MESHLIB_METRICS_PORT"),
+        ("meshlib_policy", "MESHLIB_POLICY"),
+        ("MESHLIB_TRACE_EXPORTER", "MESHLIB_TRACES_EXPORTER"),
+    ],
+)
+def test_a_misspelt_variable_is_named_with_the_one_meant(
+    variable: str, meant: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A misspelt variable would be ignored without a word (the workload then runs unnamed,
+    or without its policy): a warning names it and the variable meant."""
+    with caplog.at_level(logging.WARNING, logger="meshlib"):
+        config = MeshConfig.from_env({variable: "reviews"})
+    assert config.service is None and config.policy is None  # still ignored
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "meshlib"]
+    assert variable in warning and f"did you mean {meant}?" in warning
+
+
+def test_an_apps_own_meshlib_variables_are_not_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Names far from any meshlib reads (an app's own, one a Telemetry `environment` tag
+    reads) and the ones it reads draw no warning."""
+    env = {
+        "MESHLIB_SERVICE": "reviews",
+        "MESHLIB_ACCESS_LOG": "on",
+        "MESHLIB_TEST_REGION": "eu",
+        "MESHLIB_DEBUG": "1",
+        "SERVICE": "x",
+    }
+    with caplog.at_level(logging.WARNING, logger="meshlib"):
+        MeshConfig.from_env(env)
+    assert not [r for r in caplog.records if r.name == "meshlib"]

@@ -882,9 +882,15 @@ class _Connection(asyncio.Protocol):
         answered and closed."""
         if self.closing or self.closed:
             return self._stopped(request)
-        assert self._transport is not None
+        transport = self._transport
+        assert transport is not None
+        if transport.is_closing():
+            # A write found the connection reset and closed the transport; connection_lost
+            # comes a loop turn later, and a body generator that never awaits would be
+            # pulled whole into the dead socket meanwhile.
+            return self._stopped(request)
         try:
-            self._transport.write(data)
+            transport.write(data)
         except RuntimeError:  # uvloop: the transport closed under us
             return self._stopped(request)
         return True

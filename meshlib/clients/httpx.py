@@ -68,7 +68,7 @@ from meshlib.dataplane.retry import (
     run_attempts_async,
 )
 from meshlib.dataplane.routing import RoutePlan
-from meshlib.mesh import Mesh, default_mesh
+from meshlib.mesh import Mesh, default_mesh, given_mesh
 from meshlib.policy.matching import LazyHeaders, RequestAttributes
 from meshlib.policy.routes import Mirror
 from meshlib.policy.snapshot import Endpoint
@@ -642,8 +642,8 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         mesh: Mesh | None = None,
         **kwargs: Any,
     ) -> None:
+        self._mesh = given_mesh(mesh, "MeshTransport")
         self._inner = transport if transport is not None else httpx.HTTPTransport(**kwargs)
-        self._mesh = mesh
         # Its `closes` counts close_mirrors() calls: a copy queued before one goes through a
         # pool of its own (see `_take_pool`), not through one opened after the close, which
         # nobody would close. Its `pool` is a `_CopyPool`.
@@ -949,8 +949,8 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
         mesh: Mesh | None = None,
         **kwargs: Any,
     ) -> None:
+        self._mesh = given_mesh(mesh, "AsyncMeshTransport")
         self._inner = transport if transport is not None else _default_async_transport(**kwargs)
-        self._mesh = mesh
         self._mirrors = _AsyncCopies()
         self._closes = _Closes()
         setattr(self, _MESHED, True)
@@ -1286,6 +1286,7 @@ class Client(_ClientMixin, httpx.Client):
     """
 
     def __init__(self, *args: Any, mesh: Mesh | None = None, **kwargs: Any) -> None:
+        given_mesh(mesh, "meshlib.Client")  # before httpx opens anything
         super().__init__(*args, **kwargs)
         _mesh_every_transport(self, lambda inner: MeshTransport(inner, mesh=mesh))
         self._cookies = _Cookies.sharing(self._cookies)
@@ -1319,6 +1320,7 @@ class AsyncClient(_ClientMixin, httpx.AsyncClient):
     """
 
     def __init__(self, *args: Any, mesh: Mesh | None = None, **kwargs: Any) -> None:
+        given_mesh(mesh, "meshlib.AsyncClient")  # before httpx opens anything
         super().__init__(*args, **kwargs)
         if kwargs.get("transport") is None:
             options = {"cert": kwargs["cert"]} if kwargs.get("cert") is not None else {}

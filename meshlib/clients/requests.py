@@ -65,7 +65,7 @@ from meshlib.dataplane.retry import (
     run_attempts,
 )
 from meshlib.dataplane.routing import HeaderEdits, RoutePlan
-from meshlib.mesh import Mesh, default_mesh
+from meshlib.mesh import Mesh, default_mesh, given_mesh
 from meshlib.policy.matching import LazyHeaders, RequestAttributes
 from meshlib.policy.snapshot import Endpoint
 from meshlib.telemetry import propagation
@@ -360,8 +360,8 @@ class MeshAdapter(HTTPAdapter):
     def __init__(
         self, *, mesh: Mesh | None = None, inner: HTTPAdapter | None = None, **kwargs: Any
     ) -> None:
+        self._mesh = given_mesh(mesh, "MeshAdapter")
         super().__init__(**kwargs)
-        self._mesh = mesh
         self._mirroring = MirrorTracker()
         self._inner = inner  # an adapter to send through instead of this one's own pool
         self._owns_inner = False  # closed with this one (an app's, `Session.mount` meshed)
@@ -776,6 +776,7 @@ class Session(requests.Session):
     """A `requests.Session` whose requests go through the mesh."""
 
     def __init__(self, *, mesh: Mesh | None = None) -> None:
+        given_mesh(mesh, "meshlib.Session")
         super().__init__()
         self._mesh = mesh
         adapter = MeshAdapter(mesh=mesh)

@@ -162,7 +162,12 @@ class ServiceEntry:
             if len(self.hosts) > 1 and any(not p.is_http for p in self.ports):
                 sink.error(path, "multiple hosts provided with non-HTTP, non-TLS ports")
         if resolution == "NONE" and self.endpoints:
-            sink.error((*path, "endpoints"), "no endpoints may be given for resolution NONE")
+            unset = " (the default: resolution is not set)" if self.resolution is None else ""
+            sink.error(
+                (*path, "endpoints"),
+                f"no endpoints may be given for resolution NONE{unset}; for these endpoints"
+                " set resolution STATIC (IP addresses) or DNS (host names)",
+            )
         for index, endpoint in enumerate(self.endpoints):
             where = (*path, "endpoints", index)
             address = endpoint.address or ""

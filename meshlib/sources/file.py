@@ -97,6 +97,19 @@ class Fingerprint:
     __hash__ = None  # type: ignore[assignment]
 
 
+def _one_path_only(path: Path) -> str:
+    """A hint for a missing path that is several existing ones run together
+    (`MESHLIB_POLICY=a.yaml,b.yaml`), else ""."""
+    for separator in (",", os.pathsep, " "):
+        parts = [part for part in str(path).split(separator) if part]
+        if len(parts) > 1 and not any(_missing(Path(part)) for part in parts):
+            return (
+                f"; it names {len(parts)} paths that do exist, but a policy path is one file"
+                " or folder: put the files in one folder, or give configure(policy=[...]) a list"
+            )
+    return ""
+
+
 class FileSource(SnapshotPublisher):
     """A Snapshot built from policy files, rebuilt whenever they change."""
 
@@ -116,7 +129,7 @@ class FileSource(SnapshotPublisher):
             if _missing(path):
                 raise PolicyPathError(
                     f"policy path {str(path)!r} does not exist (set by MeshConfig.policy or"
-                    " MESHLIB_POLICY, or given to the Mesh)"
+                    f" MESHLIB_POLICY, or given to the Mesh){_one_path_only(path)}"
                 )
         self._digest: bytes | None = None  # the bytes of the files served: see _unchanged
         super().__init__(self._first_build())  # invalid policy at start-up raises PolicyError

@@ -232,3 +232,30 @@ def test_an_adapter_pickled_without_owns_inner_still_sends(mesh: Mesh) -> None:
     with requests.Session() as session:
         session.mount("http://", adapter)
         assert session.get(f"{URL}/", timeout=5).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("make", "where"),
+    [
+        (lambda mesh: meshlib.Client(mesh=mesh), "meshlib.Client"),
+        (lambda mesh: meshlib.AsyncClient(mesh=mesh), "meshlib.AsyncClient"),
+        (lambda mesh: meshlib.Session(mesh=mesh), "meshlib.Session"),
+        (lambda mesh: meshlib.MeshTransport(mesh=mesh), "MeshTransport"),
+        (lambda mesh: meshlib.AsyncMeshTransport(mesh=mesh), "AsyncMeshTransport"),
+        (lambda mesh: meshlib.MeshAdapter(mesh=mesh), "MeshAdapter"),
+        (lambda mesh: meshlib.instrument(mesh), "meshlib.instrument"),
+    ],
+)
+def test_a_policy_path_given_as_the_mesh_is_refused_where_it_is_given(
+    make: Any, where: str
+) -> None:
+    """`mesh="mesh.yaml"` (a policy path where a Mesh is due) is a TypeError that says where
+    the path goes, at once, not an AttributeError ("'str' object has no attribute 'plan'")
+    from the first call, or from every call of every client under `instrument()`."""
+    with pytest.raises(TypeError) as raised:
+        make("mesh.yaml")
+    assert str(raised.value) == (
+        f"{where}: mesh= takes a meshlib.Mesh, not str 'mesh.yaml'; a policy path goes to"
+        " meshlib.configure(policy=...) or Mesh(config, policy=...)"
+    )
+    assert not meshlib.is_instrumented()

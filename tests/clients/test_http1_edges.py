@@ -10,6 +10,8 @@ client and server is closed before the test ends.
 from __future__ import annotations
 
 import asyncio
+import logging
+import select
 import socket
 import struct
 import warnings
@@ -713,3 +715,49 @@ def test_host_goes_first_when_the_caller_sets_it() -> None:
             assert b"X-First: 1" in lines[2:]
 
     run(main)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_an_upload_stops_pulling_the_body_once_a_write_finds_the_connection_reset(
+    loop: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server that resets the connection while a streamed body is being sent: the write
+    that finds the reset stops the upload. The loop only reports the loss later
+    (connection_lost), and a body generator that never awaits keeps it from running: the
+    transport must not pull the rest of the body into a dead socket (a whole file, read for
+    nothing) nor make asyncio log `socket.send() raised exception.` for every chunk."""
+
+    async def main() -> None:
+        transport = Http1Transport()
+        reset = asyncio.Event()
+        pulled = 0
+
+        async def handle(peer: Peer) -> None:
+            await peer.head()
+            sock = peer.writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            peer.writer.transport.abort()  # linger 0: the close is a RST
+            reset.set()
+
+        async def upload() -> AsyncIterator[bytes]:
+            nonlocal pulled
+            await reset.wait()
+            # Wait (blocking the loop, so that it cannot see the reset first) until the RST
+            # has reached the client's socket: it polls readable (and errors) then.
+            (conn,) = connections(transport)
+            sock = conn._transport.get_extra_info("socket")
+            poller = select.poll()
+            poller.register(sock.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+            assert poller.poll(5000), "the reset never reached the client"
+            for _ in range(50):  # an app's generator that never awaits, a file read whole
+                pulled += 1
+                yield b"x" * 1000
+
+        async with Server(handle) as server, client(transport, timeout=2.0) as c:
+            with pytest.raises(httpx.TransportError):
+                await c.post(server.url + "/", content=upload())
+        assert pulled <= 2, f"{pulled} chunks pulled after the reset"
+
+    with caplog.at_level(logging.WARNING, logger="asyncio"):
+        run(main, loop)
+    assert "socket.send() raised exception." not in caplog.text

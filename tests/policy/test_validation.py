@@ -1000,8 +1000,17 @@ SE_ERRORS = [
         se("hosts: [api.example.com]\nresolution: NONE\nendpoints: [{address: 10.0.0.1}]"),
         "spec.endpoints",
         8,
-        "no endpoints may be given for resolution NONE",
+        "no endpoints may be given for resolution NONE; for these endpoints set resolution"
+        " STATIC (IP addresses) or DNS (host names)",
         id="none-with-endpoints",
+    ),
+    pytest.param(
+        se("hosts: [api.example.com]\nendpoints: [{address: 10.0.0.1}]"),
+        "spec.endpoints",
+        7,
+        "no endpoints may be given for resolution NONE (the default: resolution is not set);"
+        " for these endpoints set resolution STATIC (IP addresses) or DNS (host names)",
+        id="unset-resolution-with-endpoints",
     ),
     pytest.param(
         se("hosts: [db.internal]\nresolution: STATIC\nendpoints:\n- address: db.example.com"),
