@@ -75,16 +75,8 @@ class InboundSides:
 
     __slots__ = ("_mesh", "_side")
 
-    def __init__(self, mesh: object) -> None:
-        # Checked here, once: a policy file name or `default_mesh` uncalled would otherwise
-        # fail on the first request, far from the line that passed it.
-        if mesh is not None and not isinstance(mesh, Mesh):
-            raise TypeError(
-                f"mesh= takes a meshlib.Mesh (or None for the default Mesh), not {mesh!r}:"
-                " to serve with a policy file, meshlib.configure(policy=...) before the"
-                " middleware, or Mesh(MeshConfig(...), policy=...)"
-            )
-        self._mesh: Mesh | None = mesh
+    def __init__(self, mesh: Mesh | None) -> None:
+        self._mesh = mesh
         self._side: InboundSide | None = None
 
     def flush(self) -> None:

@@ -26,7 +26,7 @@ from urllib.parse import quote
 
 from meshlib._inbound import InboundExchange, InboundSide, InboundSides, django_route
 from meshlib._text import ascii_int, host_port
-from meshlib.mesh import Mesh
+from meshlib.mesh import Mesh, given_mesh
 from meshlib.telemetry import peer, threads
 
 Scope = MutableMapping[str, Any]
@@ -45,7 +45,7 @@ class MeshMiddleware:
 
     def __init__(self, app: ASGIApp, mesh: Mesh | None = None) -> None:
         self.app = app
-        self._sides = InboundSides(mesh)
+        self._sides = InboundSides(given_mesh(mesh, "meshlib.MeshMiddleware"))
         threads.install()  # context follows work into thread pools and threads
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

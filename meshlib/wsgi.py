@@ -32,7 +32,7 @@ from urllib.parse import quote
 
 from meshlib._inbound import InboundExchange, InboundSide, InboundSides, django_route
 from meshlib._text import ascii_int, host_port
-from meshlib.mesh import Mesh
+from meshlib.mesh import Mesh, given_mesh
 from meshlib.telemetry import peer, threads
 
 StartResponse = Callable[..., Any]
@@ -50,7 +50,7 @@ class MeshWSGIMiddleware:
 
     def __init__(self, app: WSGIApp, mesh: Mesh | None = None) -> None:
         self.app = app
-        self._sides = InboundSides(mesh)
+        self._sides = InboundSides(given_mesh(mesh, "meshlib.MeshWSGIMiddleware"))
         threads.install()  # context follows work into thread pools and threads
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
