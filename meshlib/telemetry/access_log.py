@@ -82,8 +82,10 @@ When it is on (rules; Istio's `mergeLogs` in pilot `model/telemetry.go`, ISTIO.m
 - **Logging.** One record per request at INFO on `meshlib.access` (`propagate` as configured).
   When access logging comes on and that logger's level is NOTSET, meshlib sets it to INFO so
   the usual root level WARNING does not swallow what the operator switched on; set the level
-  yourself to override. meshlib adds no handler: with no logging configured at all, Python's
-  last-resort handler drops INFO records (`logging.basicConfig()` shows them on stderr).
+  yourself to override. Lines go where the app's logging sends them; while it sends them
+  nowhere (no handler on the logger or the loggers it propagates to, as under uvicorn,
+  gunicorn and hypercorn unless the app configures logging), to stdout, as Envoy writes its
+  access log (`meshlib.telemetry.last_resort`).
 - **Never raises.** Any exception while formatting or emitting (a broken handler, filter or
   formatter) is swallowed and counted in `failures`: a log line must not fail a request.
 - **Cost.** `enabled(direction)` is one comparison and one attribute read; `log()` for a
@@ -119,6 +121,7 @@ from meshlib.policy.telemetry import (
     AccessLogging,
     WorkloadModeSelector,
 )
+from meshlib.telemetry import last_resort
 from meshlib.telemetry._resolve import telemetry_levels
 
 __all__ = [
@@ -483,8 +486,10 @@ class AccessLog:
             self.failures += 1
 
     def _set(self, inbound: Predicate | None, outbound: Predicate | None) -> None:
-        if (inbound is not None or outbound is not None) and self.logger.level == logging.NOTSET:
-            self.logger.setLevel(_INFO)
+        if inbound is not None or outbound is not None:
+            if self.logger.level == logging.NOTSET:
+                self.logger.setLevel(_INFO)
+            last_resort.install(self.logger)  # stdout, while the app's logging has no handler
         self._inbound = inbound
         self._outbound = outbound
 

@@ -1,0 +1,53 @@
+"""Where access log lines go when the app's logging sends them nowhere: stdout.
+
+An Envoy sidecar writes its access log to /dev/stdout, so switching `accessLogging` on in a
+Telemetry resource is all it takes to see lines in `kubectl logs`. meshlib writes them to the
+`meshlib.access` logger, and the servers apps run under (uvicorn, gunicorn, hypercorn, Django's
+and Flask's) configure handlers for their own loggers only: with nothing more, Python would drop
+every line. So, while access logging is on, that logger has one more handler, which writes a
+line to stdout only when no other handler would get it — none on the logger itself nor on
+the loggers it propagates to. Once the app configures logging (`logging.basicConfig()`,
+`dictConfig`, a handler on the root or on `meshlib.access`), its configuration alone decides,
+and this handler writes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+__all__ = ["StdoutLastResort", "install"]
+
+
+class StdoutLastResort(logging.Handler):
+    """Writes the records of `logger` to stdout, one message a line, flushed (a container's
+    log collector sees each as it happens), when no other handler would get them."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__(logging.INFO)
+        self.logger = logger
+
+    def handled_elsewhere(self) -> bool:
+        """Whether a handler other than this one gets the logger's records."""
+        logger: logging.Logger | None = self.logger
+        while logger is not None:
+            if any(handler is not self for handler in logger.handlers):
+                return True
+            logger = logger.parent if logger.propagate else None
+        return False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.handled_elsewhere():
+            return
+        try:
+            stream = sys.stdout  # looked up each time: the app may have replaced it
+            stream.write(f"{record.getMessage()}\n")
+            stream.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def install(logger: logging.Logger) -> None:
+    """Give `logger` a StdoutLastResort, unless it has one."""
+    if not any(isinstance(handler, StdoutLastResort) for handler in logger.handlers):
+        logger.addHandler(StdoutLastResort(logger))

@@ -1,0 +1,137 @@
+"""Access lines reach stdout under a real server when the app configures no logging, as an
+Envoy sidecar's reach /dev/stdout: a Telemetry `accessLogging` entry is all it takes to see
+them in `kubectl logs`. uvicorn, hypercorn and gunicorn configure handlers for their own
+loggers only, so with nothing more Python would drop every line. Once the app configures
+logging, its handlers alone get the lines (none on stdout, none twice)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+import meshlib
+
+POLICY = """\
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mesh-default, namespace: istio-system}
+spec:
+  accessLogging: [{providers: [{name: envoy}]}]
+"""
+
+ASGI_APP = """
+import logging, sys
+import meshlib
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+LOGGING
+meshlib.configure(service="productpage", policy="mesh.yaml", metrics_port=None)
+
+
+async def page(request):
+    return PlainTextResponse("page")
+
+
+app = Starlette(routes=[Route("/productpage", page)])
+app.add_middleware(meshlib.MeshMiddleware)
+"""
+
+WSGI_APP = """
+import logging, sys
+import meshlib
+
+LOGGING
+meshlib.configure(service="productpage", policy="mesh.yaml", metrics_port=None)
+
+
+def page(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"page"]
+
+
+app = meshlib.MeshWSGIMiddleware(page)
+"""
+
+CONFIGURED = 'logging.basicConfig(stream=sys.stderr, format="app-handler %(name)s %(message)s")'
+
+
+def serve(tmp_path: Path, server: str, logging_line: str) -> tuple[str, str]:
+    """Serve the app under `server` with `logging_line` run first, make 3 requests, stop it
+    with SIGTERM: its (stdout, stderr)."""
+    source = WSGI_APP if server == "gunicorn" else ASGI_APP
+    (tmp_path / "served.py").write_text(source.replace("LOGGING", logging_line))
+    (tmp_path / "mesh.yaml").write_text(POLICY)
+    tested = str(Path(meshlib.__file__).parent.parent)  # the meshlib under test
+    path = os.pathsep.join(filter(None, (tested, str(tmp_path), os.environ.get("PYTHONPATH"))))
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    port = listener.getsockname()[1]
+    fd = str(listener.fileno())
+    binary = str(Path(sys.executable).parent / server)
+    argv = {
+        "uvicorn": [binary, "--fd", fd, "--log-level", "warning", "served:app"],
+        "hypercorn": [binary, "--bind", f"fd://{fd}", "--log-level", "warning", "served:app"],
+        "gunicorn": [binary, "--bind", f"fd://{fd}", "--log-level", "warning", "served:app"],
+    }[server]
+    process = subprocess.Popen(
+        argv,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": path},
+        pass_fds=[listener.fileno()],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    listener.close()  # the server holds it now
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # ready when it answers (the listening socket queues until then)
+            try:
+                first = httpx.get(f"http://127.0.0.1:{port}/productpage", timeout=5)
+                break
+            except httpx.TransportError:
+                assert process.poll() is None, f"{server} exited: {process.communicate()}"
+                assert time.monotonic() < deadline, f"{server} did not start"
+                time.sleep(0.1)
+        answers = [first, *(httpx.get(f"http://127.0.0.1:{port}/productpage") for _ in "ab")]
+        assert [a.text for a in answers] == ["page"] * 3
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    return out, err
+
+
+def access_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if '"GET /productpage HTTP/1.1" 200 ' in line]
+
+
+@pytest.mark.parametrize("server", ["uvicorn", "hypercorn", "gunicorn"])
+def test_lines_go_to_stdout_when_the_app_configures_no_logging(tmp_path: Path, server: str) -> None:
+    out, err = serve(tmp_path, server, "")
+    lines = access_lines(out)
+    assert len(lines) == 3, (out, err)
+    assert all(line.startswith("[") and "inbound|" in line for line in lines)
+    assert not access_lines(err)
+
+
+@pytest.mark.parametrize("server", ["uvicorn", "gunicorn"])
+def test_lines_go_only_where_the_apps_logging_sends_them(tmp_path: Path, server: str) -> None:
+    out, err = serve(tmp_path, server, CONFIGURED)
+    assert not access_lines(out)
+    lines = access_lines(err)
+    assert len(lines) == 3, (out, err)
+    assert all(line.startswith("app-handler meshlib.access [") for line in lines)
