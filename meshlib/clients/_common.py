@@ -372,7 +372,7 @@ def record_source(
                 start_time=time.time() - duration_ms / 1000.0,
                 method=plan.method,
                 path=_target(plan.original_path or plan.path, plan.query),
-                protocol=protocol_of(http_version),
+                protocol=_call_protocol(http_version),
                 response_code=status,
                 response_flags=join_flags(tuple(flags)),
                 bytes_received=_length(request_headers),
@@ -406,6 +406,14 @@ def record_exception(
     timeout, a cancellation), UF / UC when the connection failed — besides the `flags` the
     mesh had already set (DI for a fault delay: `DI,DC` when the caller gave up during it)."""
     record_source(mesh, plan, 0, {}, started, request_headers, (*flags, flag), upstream_host)
+
+
+def _call_protocol(http_version: object) -> str:
+    """The HTTP version a call was made in, as Envoy's %PROTOCOL% names the app's to its
+    sidecar: the response's, but HTTP/1.1 for an HTTP/1.0 answer (the clients send HTTP/1.1;
+    an old server answering in 1.0 does not change what the app spoke)."""
+    protocol = protocol_of(http_version)
+    return "HTTP/1.1" if protocol == "HTTP/1.0" else protocol
 
 
 def _target(path: str, query: str) -> str:

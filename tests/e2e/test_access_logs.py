@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -179,3 +182,54 @@ def test_outbound_line_names_the_protocol_of_the_call(
         if r.name == "meshlib.access" and "outbound|9080||" in r.getMessage()
     ]
     assert f'"GET /ratings/1 {protocol}" 200 -' in line
+
+
+class _Http10(BaseHTTPRequestHandler):
+    """Answers in HTTP/1.0 (http.server's default protocol_version), as old servers do."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("client_kind", ["httpx", "httpx-async", "requests"])
+def test_an_http10_answer_to_a_call_made_in_http11_is_logged_http11(
+    caplog: pytest.LogCaptureFixture, client_kind: str
+) -> None:
+    """The clients send HTTP/1.1; an upstream answering in HTTP/1.0 does not change the
+    version the call was made in, which Envoy's %PROTOCOL% names (the app's, to its sidecar)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Http10)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    policy = (
+        TELEMETRY
+        + "---\n"
+        + loopback_service("legacy.default.svc.cluster.local", server.server_port)
+    )
+    mesh = mesh_for(MeshConfig(service="reviews"), policy)
+    caplog.set_level(logging.INFO, logger="meshlib.access")
+    url = "http://legacy:9080/old"
+    try:
+        if client_kind == "requests":
+            with meshlib.Session(mesh=mesh) as session:
+                assert session.get(url, timeout=5).raw.version == 10
+        elif client_kind == "httpx":
+            with meshlib.Client(mesh=mesh) as client:
+                assert client.get(url).http_version == "HTTP/1.0"
+        else:
+
+            async def call() -> str:
+                async with meshlib.AsyncClient(mesh=mesh) as client:
+                    return (await client.get(url)).http_version
+
+            assert asyncio.run(call()) == "HTTP/1.0"
+    finally:
+        server.shutdown()
+        server.server_close()
+        mesh.close()
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "meshlib.access"]
+    assert '"GET /old HTTP/1.1" 200 -' in line
