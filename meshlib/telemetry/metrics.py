@@ -225,11 +225,13 @@ def multiprocess_dir() -> str | None:
     """The directory of prometheus-client's multiprocess mode, or None when it is off.
 
     prometheus-client decides once, when it is first imported; a `PROMETHEUS_MULTIPROC_DIR`
-    set later has no effect, so the decision it made is what counts here.
+    set later has no effect, so the decision it made is what counts here. Its deprecated
+    lowercase `prometheus_multiproc_dir` counts when the uppercase one is not set, as there.
     """
     if not getattr(_prometheus_values.ValueClass, "_multiprocess", False):
         return None
-    return os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    environ = os.environ
+    return environ.get("PROMETHEUS_MULTIPROC_DIR", environ.get("prometheus_multiproc_dir"))
 
 
 def _check_multiprocess_dir() -> None:

@@ -935,6 +935,35 @@ def test_a_multiprocess_directory_that_is_not_there_is_a_config_error(
     assert list(tmp_path.iterdir()) == []  # no metric files in the working directory
 
 
+LOWERCASE = """
+import os, sys
+import meshlib
+from meshlib.telemetry.metrics import multiprocess_dir
+
+mesh = meshlib.Mesh(meshlib.MeshConfig(service="reviews", metrics_port=None), watch=False)
+print(mesh.metrics.multiprocess, multiprocess_dir() == sys.argv[1], sorted(os.listdir(sys.argv[1])) != [])
+"""
+
+
+def test_the_deprecated_lowercase_multiprocess_variable_counts(tmp_path: Path) -> None:
+    """prometheus-client still takes `prometheus_multiproc_dir` (deprecated) when the
+    uppercase variable is not set: meshlib's series then go to that directory too, in
+    multiprocess mode, rather than meshlib counting in a registry of its own that no worker's
+    scrape reads."""
+    env = {k: v for k, v in os.environ.items() if k.upper() != "PROMETHEUS_MULTIPROC_DIR"}
+    env["prometheus_multiproc_dir"] = str(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-W", "ignore::DeprecationWarning", "-c", LOWERCASE, str(tmp_path)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "True", "True"]
+
+
 TWO_MESHES = """
 import sys
 from prometheus_client import CollectorRegistry
