@@ -68,7 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     routes.add_argument("paths", nargs="+", metavar="PATH", help="policy file or folder")
     routes.add_argument("--host", required=True, help="request host, e.g. reviews or reviews:9080")
-    routes.add_argument("--path", default="/", help="request path, may include ?query (default /)")
+    routes.add_argument(
+        "--path", default="/", help="request path, starting with /; may include ?query (default /)"
+    )
     routes.add_argument("--method", default="GET", help="request method (default GET)")
     routes.add_argument("--scheme", default="http", choices=("http", "https"))
     routes.add_argument(
@@ -120,8 +122,11 @@ def _check(args: argparse.Namespace) -> int:
     warnings = len(findings) - errors
     # What the exit code and the summary say, even if the output is cut short (| head).
     args.verdict = 1 if errors else 0
+    # Every resource read, valid or not, as a user counts those in their files.
+    read = result.resources_read
     args.summary = (
-        f"{len(result.resources)} resources checked: {errors} error(s), {warnings} warning(s)"
+        f"{read} {'resource' if read == 1 else 'resources'} checked:"
+        f" {errors} error(s), {warnings} warning(s)"
     )
     for diagnostic in findings:
         print(diagnostic)
@@ -171,17 +176,19 @@ def _routes(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--host: {args.host!r} is not a host or host:port, e.g. reviews or reviews:9080"
         )
+    path, _, query = args.path.partition("?")
+    if not path.startswith("/"):
+        raise ConfigError(f"--path {args.path!r}: {_path_hint(args.path)}")
     result = load_paths(args.paths, default_namespace=args.namespace)
     if result.errors:
         for diagnostic in result.errors:
             print(diagnostic, file=sys.stderr)
         return 1
     snapshot = Snapshot.build(result.resources, config)
-    path, _, query = args.path.partition("?")
     request = RequestAttributes(
         args.method.upper(),
         args.host,
-        path or "/",
+        path,
         scheme=args.scheme,
         query=query,
         headers=headers,
@@ -192,6 +199,17 @@ def _routes(args: argparse.Namespace) -> int:
     else:
         print(_as_text(explained))
     return 0
+
+
+def _path_hint(given: str) -> str:
+    """Why a --path is refused, and what to write: HTTP paths, and so Istio's `uri`
+    matches, start with `/` (`prefix: /reviews` never matches `reviews/1`)."""
+    parts = urlsplit(given)
+    if parts.scheme and parts.netloc:  # a URL: its parts go to their own flags
+        path = parts.path or "/"
+        query = f"?{parts.query}" if parts.query else ""
+        return f"a path, not a URL: write --host {parts.netloc} --path {path}{query}"
+    return f"must start with / (an HTTP path): write --path /{given}"
 
 
 def _is_authority(text: str) -> bool:
@@ -232,11 +250,13 @@ def explain(
     if route.virtual_service:
         out["route"] = {"index": route.index, "name": route.name}
     total = route.total_weight or 1
+    notes: list[str] = []
     for dest in route.destinations:
         named = dest.port is not None
         port = dest.port if named else decision.port
         if port is None:
             port = request_port
+        asked = port  # what the client connects to
         service = snapshot.service(dest.host)
         service_port = service.serving_port(port, named=named) if service else None
         if service_port is not None:
@@ -247,14 +267,34 @@ def explain(
             "port": port,
             "weight": round(dest.weight * 100 / total, 4),
             "endpoints": [str(e) for e in snapshot.endpoints(dest.host, dest.subset, port)],
+            "trafficPolicy": None,
         }
         if dest.subset is not None and not snapshot.has_subset(dest.host, dest.subset):
             entry["error"] = "subset not defined by any DestinationRule (503, no cluster)"
         elif service is not None and service_port is None:
             entry["error"] = f"port {port} is not a port of this service (503, no cluster)"
+        elif service_port is not None:
+            # What the data plane's cluster for (host, subset, port) takes: DestinationRules
+            # merged, subset over host, port-level entries over both.
+            policy = snapshot.traffic_policy(dest.host, dest.subset, port)
+            entry["trafficPolicy"] = policy.to_dict() or None
+            if asked is not None and asked != port:  # a one-port service answers any port
+                implied = " (the scheme's: --host names none)" if decision.port is None else ""
+                note = (
+                    f"port {asked}{implied} is not declared by {dest.host}: its only port,"
+                    f" {port}, is used (a sidecar has no route for port {asked})"
+                )
+                if note not in notes:
+                    notes.append(note)
         out["destinations"].append(entry)
     out.update(route.to_dict())
+    if notes:
+        out["notes"] = notes
     return out
+
+
+# DestinationRule blocks `routes` shows as configured that the data plane does not apply yet.
+_NOT_ENFORCED = frozenset({"tls"})
 
 
 def _as_text(explained: dict[str, Any]) -> str:
@@ -281,6 +321,10 @@ def _as_text(explained: dict[str, Any]) -> str:
         lines.append(f"  {dest['weight']:>6g}%  {dest['host']}{subset}{port} -> {endpoints}")
         if "error" in dest:
             lines.append(f"          ! {dest['error']}")
+        for block, settings in (dest.get("trafficPolicy") or {}).items():
+            unused = "  (not enforced yet)" if block in _NOT_ENFORCED else ""
+            lines.append(f"           {block + ':':<17} {json.dumps(settings)}{unused}")
+    lines.extend(f"note:            {note}" for note in explained.get("notes", ()))
     for key in (
         "timeout",
         "retries",

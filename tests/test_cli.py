@@ -14,6 +14,7 @@ import pytest
 import meshlib
 from meshlib.cli import main
 from meshlib.config import MeshConfig
+from meshlib.dataplane.cluster import ClusterState
 from meshlib.dataplane.routing import plan_route
 from meshlib.policy.loader import load_paths
 from meshlib.policy.matching import RequestAttributes
@@ -246,8 +247,10 @@ def test_routes_json_contract() -> None:
             "port": 9080,
             "weight": 100.0,
             "endpoints": ["127.0.0.1:19084"],
+            "trafficPolicy": None,
         }
     ]
+    assert "notes" not in out  # reviews declares port 9080
 
 
 def test_routes_text_output() -> None:
@@ -708,3 +711,238 @@ def test_routes_without_a_port_uses_the_schemes_as_the_data_plane_does(
         assert plan.cluster is not None and plan.cluster[2] == shown
         assert "error" not in destination
         assert destination["endpoints"] == ["10.0.0.1:80"]
+
+
+INVALID_VS = """\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - route: [{destination: {host: reviews}, weight: -5}]
+    timeout: soon
+"""
+VALID_DR = """\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews}
+spec: {host: reviews}
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "summary"),
+    [
+        pytest.param(VALID_DR, "1 resource checked: 0 error(s), 1 warning(s)", id="all-valid"),
+        pytest.param(INVALID_VS, "1 resource checked: 2 error(s), 0 warning(s)", id="invalid"),
+        pytest.param(
+            f"{INVALID_VS}---\n{VALID_DR}---\n",
+            "2 resources checked: 2 error(s), 1 warning(s)",
+            id="some-invalid",
+        ),
+        pytest.param(
+            "apiVersion: v1\nkind: List\nitems:\n- {kind: DestinationRule}\n- 3\n",
+            "2 resources checked: 2 error(s), 0 warning(s)",
+            id="list-items",
+        ),
+        pytest.param(
+            "apiVersion: v1\nkind: [unclosed\n",
+            "1 resource checked: 1 error(s), 0 warning(s)",
+            id="unparseable-yaml",
+        ),
+        pytest.param(
+            f"{VALID_DR}---\nkind: [unclosed\n",
+            "2 resources checked: 1 error(s), 1 warning(s)",
+            id="valid-then-unparseable",
+        ),
+    ],
+)
+def test_check_counts_every_resource_it_read_valid_or_not(
+    text: str, summary: str, tmp_path: Path
+) -> None:
+    """The summary counts each resource in the files, left out for its errors or not (it
+    counted only the valid ones: "0 resources checked: 2 error(s)"); a document that is not
+    YAML counts as one."""
+    policy = tmp_path / "bad.yaml"
+    policy.write_text(text)
+    result = run("check", str(policy))
+    assert result.stderr.splitlines()[-1] == summary
+
+
+def test_check_counts_a_file_it_cannot_decode_as_one(tmp_path: Path) -> None:
+    """A file that is not text is one resource with one error, like a document that is not
+    YAML."""
+    policy = tmp_path / "binary.yaml"
+    policy.write_bytes(b"\xff\xfe\x00\x00kind: \x80\x81")
+    result = run("check", str(policy))
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == "1 resource checked: 1 error(s), 0 warning(s)"
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        pytest.param(
+            "reviews/1",
+            "--path 'reviews/1': must start with / (an HTTP path): write --path /reviews/1",
+            id="relative",
+        ),
+        pytest.param(
+            "?page=2",
+            "--path '?page=2': must start with / (an HTTP path): write --path /?page=2",
+            id="query-only",
+        ),
+        pytest.param("", "--path '': must start with / (an HTTP path): write --path /", id="empty"),
+        pytest.param(
+            "http://reviews:9080/reviews/1?page=2",
+            "--path 'http://reviews:9080/reviews/1?page=2': a path, not a URL:"
+            " write --host reviews:9080 --path /reviews/1?page=2",
+            id="url",
+        ),
+    ],
+)
+def test_routes_refuses_a_path_without_its_leading_slash(path: str, message: str) -> None:
+    """HTTP paths start with `/`, and Istio's `uri` matches with them: a --path without one
+    is a usage error saying what to write, exit 2 (it was routed silently, where a `prefix:
+    /reviews` route could never match it)."""
+    args = ["routes", str(BOOKINFO / "services.yaml"), "--host", "reviews:9080"]
+    result = run(*args, "--path", path)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == f"meshlib: error: {message}\n"
+
+
+DESTINATION_RULE = """\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews}
+spec:
+  host: reviews
+  trafficPolicy:
+    loadBalancer: {simple: ROUND_ROBIN}
+    connectionPool:
+      tcp: {maxConnections: 100, connectTimeout: 2s}
+      http: {http1MaxPendingRequests: 10}
+    outlierDetection: {consecutive5xxErrors: 5, interval: 10s}
+    tls: {mode: ISTIO_MUTUAL}
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - name: v2
+    labels: {version: v2}
+    trafficPolicy:
+      loadBalancer:
+        consistentHash: {httpHeaderName: end-user}
+        localityLbSetting: {enabled: true}
+      outlierDetection: {consecutive5xxErrors: 1}
+  - name: v3
+    labels: {version: v3}
+    trafficPolicy:
+      portLevelSettings:
+      - port: {number: 9080}
+        connectionPool: {http: {http2MaxRequests: 5}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - route:
+    - {destination: {host: reviews, subset: v1}, weight: 50}
+    - {destination: {host: reviews, subset: v2}, weight: 30}
+    - {destination: {host: reviews, subset: v3}, weight: 20}
+"""
+
+
+def test_routes_shows_the_destination_rule_policy_of_each_destination(tmp_path: Path) -> None:
+    """Each destination shows the traffic policy its cluster takes, as the data plane gets it
+    from the Snapshot: a subset's blocks replace the host's whole blocks, a subset's
+    port-level entry replaces all four; fields library mode ignores are left out."""
+    policy = tmp_path / "reviews.yaml"
+    policy.write_text(DESTINATION_RULE)
+    args = ["routes", str(BOOKINFO / "services.yaml"), str(policy), "--host", "reviews:9080"]
+    result = run(*args, "-o", "json")
+    assert result.returncode == 0, result.stderr
+    v1, v2, v3 = (d["trafficPolicy"] for d in json.loads(result.stdout)["destinations"])
+    pool = {"tcp": {"maxConnections": 100, "connectTimeout": "2s"}}
+    assert v1 == {
+        "loadBalancer": {"simple": "ROUND_ROBIN"},
+        "connectionPool": {**pool, "http": {"http1MaxPendingRequests": 10}},
+        "outlierDetection": {"consecutive5xxErrors": 5, "interval": "10s"},
+        "tls": {"mode": "ISTIO_MUTUAL"},
+    }
+    assert v2 == {
+        "loadBalancer": {"consistentHash": {"httpHeaderName": "end-user"}},
+        "connectionPool": {**pool, "http": {"http1MaxPendingRequests": 10}},
+        "outlierDetection": {"consecutive5xxErrors": 1},
+        "tls": {"mode": "ISTIO_MUTUAL"},
+    }
+    assert v3 == {"connectionPool": {"http": {"http2MaxRequests": 5}}}
+    # The very policy the data plane's cluster for each destination takes.
+    paths = [str(BOOKINFO / "services.yaml"), str(policy)]
+    snapshot = Snapshot.build(load_paths(paths).resources, MeshConfig())
+    for subset, shown in (("v1", v1), ("v2", v2), ("v3", v3)):
+        key = ("reviews.default.svc.cluster.local", subset, 9080)
+        assert ClusterState(key, snapshot, random.Random(1)).policy.to_dict() == shown
+    text = run(*args).stdout.splitlines()
+    at = text.index(
+        "      30%  reviews.default.svc.cluster.local subset v2 port 9080 -> 127.0.0.1:19084"
+    )
+    assert text[at + 1 : at + 5] == [
+        '           loadBalancer:     {"consistentHash": {"httpHeaderName": "end-user"}}',
+        '           connectionPool:   {"tcp": {"maxConnections": 100, "connectTimeout": "2s"},'
+        ' "http": {"http1MaxPendingRequests": 10}}',
+        '           outlierDetection: {"consecutive5xxErrors": 1}',
+        '           tls:              {"mode": "ISTIO_MUTUAL"}  (not enforced yet)',
+    ]
+    assert text[at + 5].startswith("      20%  ")
+
+
+def test_routes_shows_no_policy_where_no_destination_rule_sets_one() -> None:
+    """No trafficPolicy in the DestinationRule: `null` in JSON, no line in the text."""
+    args = [
+        "routes",
+        str(BOOKINFO / "services.yaml"),
+        str(NETWORKING / "destination-rule-all.yaml"),
+        str(NETWORKING / "virtual-service-reviews-90-10.yaml"),
+        "--host",
+        "reviews:9080",
+    ]
+    destinations = json.loads(run(*args, "-o", "json").stdout)["destinations"]
+    assert [d["trafficPolicy"] for d in destinations] == [None, None]
+    text = run(*args).stdout.splitlines()
+    assert text[4].startswith("      90%") and text[5].startswith("      10%")
+    assert text[6].startswith("retries:")
+
+
+def test_routes_notes_a_port_the_service_does_not_declare(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`reviews:9081` goes to reviews' only port, 9080, as in the data plane, and `routes`
+    says once that 9081 is not a port of reviews; a declared port gets no note."""
+    services = str(BOOKINFO / "services.yaml")
+    dr = str(NETWORKING / "destination-rule-reviews.yaml")
+    vs = str(NETWORKING / "virtual-service-reviews-90-10.yaml")
+    note = (
+        "port 9081 is not declared by reviews.default.svc.cluster.local: its only port, 9080,"
+        " is used (a sidecar has no route for port 9081)"
+    )
+    assert main(["routes", services, dr, vs, "--host", "reviews:9081"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if line.startswith("note:")] == [f"note:            {note}"]
+    assert main(["routes", services, dr, vs, "--host", "reviews:9081", "-o", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["notes"] == [note]
+    assert [d["port"] for d in out["destinations"]] == [9080, 9080]
+    snapshot = Snapshot.build(load_paths([services, dr, vs]).resources, MeshConfig())
+    plan = plan_route(snapshot, RequestAttributes("GET", "reviews:9081"), random.Random(1))
+    assert plan.cluster is not None and plan.cluster[2] == 9080
+    assert main(["routes", services, "--host", "reviews", "-o", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["notes"] == [
+        "port 80 (the scheme's: --host names none) is not declared by"
+        " reviews.default.svc.cluster.local: its only port, 9080, is used (a sidecar has no"
+        " route for port 80)"
+    ]
+    assert main(["routes", services, dr, vs, "--host", "reviews:9080"]) == 0
+    assert "note:" not in capsys.readouterr().out

@@ -109,6 +109,30 @@ def camel(name: str) -> str:
     return head + "".join(part[:1].upper() + part[1:] for part in rest)
 
 
+def spelled(value: Any) -> Any:
+    """A converted policy value as Istio spells it again (`consecutive5xxErrors: 5`,
+    `interval: 1.5s`), leaving out unset fields and those library mode ignores."""
+    if value is None or isinstance(value, (str, int, float)):
+        return value
+    if hasattr(type(value), "parse_policy"):  # a value written as one string: a Duration
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            f.metadata.get("key") or camel(f.name): spelled(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+            if not _unset(getattr(value, f.name)) and not f.metadata.get("ignored")
+        }
+    if isinstance(value, Mapping):
+        return {str(key): spelled(item) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [spelled(item) for item in value]
+    return str(value)
+
+
+def _unset(value: Any) -> bool:
+    return value is None or (isinstance(value, (tuple, Mapping)) and not value)
+
+
 def convert(tp: Any, value: Any, path: Path, sink: Sink) -> Any:
     """Convert `value` to type `tp`; returns INVALID after reporting errors."""
     return converter_for(tp)(value, path, sink)

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
-from meshlib.policy._schema import Int32, Path, Sink, UInt32, UInt64, spec_field
+from meshlib.policy._schema import Int32, Path, Sink, UInt32, UInt64, camel, spec_field, spelled
 from meshlib.policy.common import (
     MILLISECOND,
     Duration,
@@ -314,6 +314,15 @@ class TrafficPolicy:
                 )
             else:
                 seen.add(port_policy.port.number)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The blocks set, as a DestinationRule spells them (`meshlib routes`); for a policy
+        from `overlay`, what applies to one destination port (port-level entries resolved)."""
+        return {
+            camel(block): spelled(getattr(self, block))
+            for block in (*POLICY_BLOCKS, "retry_budget")
+            if getattr(self, block) is not None
+        }
 
     def for_port(self, port: int | None) -> TrafficPolicy:
         """The policy for `port`: a port-level entry replaces all four blocks, unset ones too."""

@@ -3,6 +3,7 @@
     result = load_paths(["mesh.yaml", "policies/"])
     result.raise_for_errors()   # PolicyError listing every error, one line each
     result.resources            # the valid resources, in file order
+    result.resources_read       # every resource read, valid or not
 
 A resource with errors is left out; its neighbours still load, so `meshlib check` can list
 everything wrong in one run. Serving code never uses a result that has errors
@@ -47,6 +48,9 @@ class LoadResult:
     # (for one namespace) are the same policy, with no doubt resources' equality leaves:
     # specs compare maps without their order, which `headers.add` keeps, say.
     digest: bytes = b""
+    # Every resource read, valid or not (what `meshlib check` counts); a file or YAML
+    # document that cannot be read counts as one: it holds at least one, with an error.
+    resources_read: int = 0
 
     @property
     def errors(self) -> tuple[Diagnostic, ...]:
@@ -198,6 +202,7 @@ def load_paths(
     diagnostics: list[Diagnostic] = []
     lines: dict[Origin, FieldLines] = {}
     digest = hashlib.blake2b()
+    read = 0
     for path in paths:
         tree = policy_files(path)
         diagnostics.extend(
@@ -210,6 +215,7 @@ def load_paths(
             except OSError as exc:
                 why = _why(file, exc, "read it", "r")
                 diagnostics.append(Diagnostic("error", f"cannot read policy: {why}", str(file)))
+                read += 1
                 continue
             name = os.fsencode(file)
             digest.update(b"%d:%s%d:" % (len(name), name, len(data)))  # lengths: unambiguous
@@ -219,6 +225,7 @@ def load_paths(
             except YAMLProblem as problem:
                 message = f"cannot read policy: {problem.message}"
                 diagnostics.append(Diagnostic("error", message, str(file), problem.line))
+                read += 1
                 continue
             result = load_text(
                 text,
@@ -230,8 +237,9 @@ def load_paths(
             resources.extend(result.resources)
             diagnostics.extend(result.diagnostics)
             lines.update(result.lines)
+            read += result.resources_read
     return LoadResult(
-        tuple(resources), tuple(diagnostics), MappingProxyType(lines), digest.digest()
+        tuple(resources), tuple(diagnostics), MappingProxyType(lines), digest.digest(), read
     )
 
 
@@ -248,19 +256,24 @@ def load_text(
     resources: list[Resource[Any]] = []
     diagnostics: list[Diagnostic] = []
     lines: dict[Origin, FieldLines] = {}
+    read = 0
     for document in read_documents(text):
         if isinstance(document, YAMLProblem):
             diagnostics.append(Diagnostic("error", document.message, file, document.line))
+            read += 1
             continue
         if document.data is None:
             continue  # an empty document, e.g. after a trailing ---
         for collector, resource in _resources_in(document, file, default_namespace):
+            read += 1
             diagnostics.extend(collector.diagnostics)
             if resource is not None:
                 resources.append(_with_order(resource, start + len(resources)))
                 if keep_lines:
                     _keep_lines(lines, document, collector.prefix, resource.origin)
-    return LoadResult(tuple(resources), tuple(diagnostics), MappingProxyType(lines))
+    return LoadResult(
+        tuple(resources), tuple(diagnostics), MappingProxyType(lines), resources_read=read
+    )
 
 
 def _keep_lines(
@@ -288,13 +301,15 @@ def load_objects(
 def _load_objects(objects: list[Any], origin: str, default_namespace: str) -> LoadResult:
     resources: list[Resource[Any]] = []
     diagnostics: list[Diagnostic] = []
+    read = 0
     for obj in objects:
         document = Document(obj, None, 0)
         for collector, resource in _resources_in(document, origin, default_namespace):
+            read += 1
             diagnostics.extend(collector.diagnostics)
             if resource is not None:
                 resources.append(_with_order(resource, len(resources)))
-    return LoadResult(tuple(resources), tuple(diagnostics))
+    return LoadResult(tuple(resources), tuple(diagnostics), resources_read=read)
 
 
 def _with_order(resource: Resource[Any], order: int) -> Resource[Any]:
