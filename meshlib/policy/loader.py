@@ -405,6 +405,16 @@ def _resource(data: Any, sink: _Collector, default_namespace: str) -> Resource[A
                 sink.warning(
                     (), f"ignored: meshlib does not know the Istio kind {api_version} {kind}"
                 )
+        elif api_version == "v1" and kind == "Service":
+            # Routes to it still need it in the registry: say how, before `check` says it is
+            # missing (a file with the Service in it otherwise reads as a contradiction).
+            host = f"{name}.{namespace}.svc.<cluster domain>" if name else "its name"
+            sink.warning(
+                (),
+                "ignored: meshlib does not read Kubernetes Services; for routes to it to have"
+                f" endpoints, describe it with a ServiceEntry (hosts: [{host}], with its"
+                " ports and endpoints)",
+            )
         else:
             sink.warning((), f"ignored: not an Istio resource ({api_version} {kind})")
         return None

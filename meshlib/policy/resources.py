@@ -88,7 +88,11 @@ class ObjectMeta:
                 f"invalid name {self.name!r} (lowercase letters, digits, '-' and '.')",
             )
         if self.namespace is not None and not _DNS_LABEL.fullmatch(self.namespace):
-            sink.error((*path, "namespace"), f"invalid namespace {self.namespace!r}")
+            sink.error(
+                (*path, "namespace"),
+                f"invalid namespace {self.namespace!r} (a DNS label, as Kubernetes requires:"
+                " at most 63 lowercase letters, digits and '-')",
+            )
 
 
 @dataclass(frozen=True, slots=True)
