@@ -29,10 +29,12 @@ task ends, so the worker keeps nothing of it for the next; what a task sets in i
 leak back to the submitter.
 
 Caveat: a thread started while a request is served keeps that request's context for its whole
-life. The pool's own worker threads are exempt (each task brings its context), but a
-long-lived worker that some library starts lazily inside a request would keep sending that
-request's headers and deadline; start such a thread with `contextvars.Context().run(t.start)`
-to give it an empty context. A thread given an explicit `context=` (Python 3.14) keeps it.
+life. The pool's own worker threads are exempt (each task brings its context), and so are
+the threads of multiprocessing's `ThreadPool` (its tasks do not carry the submitter's: wrap
+them in `contextvars.copy_context().run`), but a long-lived worker that the app or a library
+starts lazily inside a request would keep sending that request's headers and deadline; start
+such a thread with `contextvars.Context().run(t.start)` to give it an empty context. A thread
+given an explicit `context=` (Python 3.14) keeps it.
 """
 
 from __future__ import annotations
@@ -52,6 +54,17 @@ _lock = threading.Lock()
 _state = {"active": False}
 # The pool's worker loop: its threads take each task's context from `submit`, not `start`.
 _POOL_WORKER = getattr(concurrent.futures.thread, "_worker", None)
+# multiprocessing's ThreadPool (`multiprocessing.pool`, `multiprocessing.dummy`) starts its
+# workers and its task and result handlers when it is made: one made inside a request would
+# run every later task, and every result callback, in that request's context.
+_POOL_MODULE = "multiprocessing.pool"
+
+
+def _pool_thread(target: object) -> bool:
+    """Whether a thread running `target` is a pool's own, serving work from any request."""
+    if target is None:
+        return False
+    return target is _POOL_WORKER or getattr(target, "__module__", None) == _POOL_MODULE
 
 
 def _submit(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
@@ -67,7 +80,7 @@ def _start(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
     if (
         not _state["active"]
         or getattr(instance, "_context", None) is not None  # 3.14: an explicit context=
-        or (_POOL_WORKER is not None and getattr(instance, "_target", None) is _POOL_WORKER)
+        or _pool_thread(getattr(instance, "_target", None))
         or not hasattr(instance, "__dict__")
     ):
         return wrapped(*args, **kwargs)

@@ -10,6 +10,7 @@ import asyncio
 import concurrent.futures
 import contextvars
 import decimal
+import multiprocessing.pool
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -164,6 +165,29 @@ def test_pool_workers_do_not_keep_an_earlier_request() -> None:
         assert_lost(pool.submit(look).result())
         threads.uninstall()
         assert_lost(pool.submit(look).result())  # nor once uninstalled
+
+
+@pytest.mark.usefixtures("installed")
+def test_multiprocessing_thread_pool_made_in_a_request_keeps_nothing_of_it() -> None:
+    """multiprocessing's ThreadPool starts its workers and handlers when it is made: made
+    while a request is served, none of them keeps that request for later tasks or callbacks
+    (they used to, and ran every later task in it). Its tasks carry no context (documented):
+    `copy_context().run` brings it."""
+    with serving() as inbound:
+        pool = multiprocessing.pool.ThreadPool(1)
+        in_request = pool.apply_async(look).get(10)
+        copied = pool.apply_async(contextvars.copy_context().run, (look,)).get(10)
+    try:
+        assert_lost(in_request)
+        assert_serving(copied, inbound)
+        later = pool.apply_async(look).get(10)
+        called_back: list[Seen] = []
+        pool.apply_async(int, callback=lambda _: called_back.append(look())).wait(10)
+        assert_lost(later)
+        assert len(called_back) == 1
+        assert_lost(called_back[0])
+    finally:
+        pool.terminate()
 
 
 @pytest.mark.usefixtures("installed")
