@@ -18,14 +18,7 @@ import httpx
 import pytest
 
 import meshlib
-
-POLICY = """\
-apiVersion: telemetry.istio.io/v1
-kind: Telemetry
-metadata: {name: mesh-default, namespace: istio-system}
-spec:
-  accessLogging: [{providers: [{name: envoy}]}]
-"""
+from tests.access_lines import TELEMETRY
 
 ASGI_APP = """
 import logging, sys
@@ -70,7 +63,7 @@ def serve(tmp_path: Path, server: str, logging_line: str) -> tuple[str, str]:
     with SIGTERM: its (stdout, stderr)."""
     source = WSGI_APP if server == "gunicorn" else ASGI_APP
     (tmp_path / "served.py").write_text(source.replace("LOGGING", logging_line))
-    (tmp_path / "mesh.yaml").write_text(POLICY)
+    (tmp_path / "mesh.yaml").write_text(TELEMETRY)
     tested = str(Path(meshlib.__file__).parent.parent)  # the meshlib under test
     path = os.pathsep.join(filter(None, (tested, str(tmp_path), os.environ.get("PYTHONPATH"))))
     listener = socket.socket()
