@@ -30,18 +30,21 @@ leak back to the submitter.
 
 Caveat: a thread started while a request is served keeps that request's context for its whole
 life. The pool's own worker threads are exempt (each task brings its context), and so are
-the threads of multiprocessing's `ThreadPool` (its tasks do not carry the submitter's: wrap
-them in `contextvars.copy_context().run`), but a long-lived worker that the app or a library
-starts lazily inside a request would keep sending that request's headers and deadline; start
-such a thread with `contextvars.Context().run(t.start)` to give it an empty context. A thread
-given an explicit `context=` (Python 3.14) keeps it.
+the threads of multiprocessing's `ThreadPool` (`multiprocessing.pool`, `multiprocessing.dummy`),
+whose tasks bring theirs too (`apply_async`, `map`, `imap` and the rest; its result callbacks
+run on its handler thread, in no request's context); but a long-lived worker that the app or a
+library starts lazily inside a request would keep sending that request's headers and deadline;
+start such a thread with `contextvars.Context().run(t.start)` to give it an empty context. A
+thread given an explicit `context=` (Python 3.14) keeps it.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import concurrent.futures.thread
+import functools
 import threading
+from types import ModuleType
 from typing import Any
 
 import wrapt
@@ -74,6 +77,25 @@ def _submit(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
     if captured is None:
         return wrapped(*args, **kwargs)
     return wrapped(run_in, captured, *args, **kwargs)
+
+
+def _pool_task(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    """A ThreadPool task (`func`, the first argument) runs in its submitter's context."""
+    if not _state["active"]:
+        return wrapped(*args, **kwargs)
+    captured = capture()
+    if captured is None:
+        return wrapped(*args, **kwargs)
+    if args:
+        args = (functools.partial(run_in, captured, args[0]), *args[1:])
+    elif "func" in kwargs:
+        kwargs = {**kwargs, "func": functools.partial(run_in, captured, kwargs["func"])}
+    return wrapped(*args, **kwargs)
+
+
+# Where ThreadPool takes tasks: `apply` and `starmap*` go through these too. Wrapped on
+# ThreadPool only: a process Pool pickles its tasks, and runs them where no context follows.
+_POOL_ENTRIES = ("apply_async", "_map_async", "imap", "imap_unordered")
 
 
 def _start(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
@@ -126,13 +148,45 @@ def _ours_in_chain(owner: type, name: str, wrapper: Any) -> bool:
     return False
 
 
+def _targets() -> list[tuple[type, str, Any]]:
+    targets: list[tuple[type, str, Any]] = list(_TARGETS)
+    if _pools:  # multiprocessing.pool was imported (imported here it is not: see install)
+        targets.extend((_pools[0], name, _pool_task) for name in _POOL_ENTRIES)
+    return targets
+
+
+_pools: list[type] = []  # multiprocessing.pool.ThreadPool, once the app imported that module
+
+
+def _pool_imported(module: ModuleType) -> None:
+    """multiprocessing.pool was imported: wrap ThreadPool's entries if installed (the module
+    costs an import and a bigger heap to every process, so it is not imported for this)."""
+    with _lock:
+        if not _pools:
+            _pools.append(module.ThreadPool)
+        if _state["active"]:
+            _wrap(_targets())
+
+
+def _wrap(targets: list[tuple[type, str, Any]]) -> None:
+    for owner, name, wrapper in targets:
+        if not _ours_in_chain(owner, name, wrapper):
+            wrapt.wrap_function_wrapper(owner, name, wrapper)
+
+
+_hooked = False
+
+
 def install() -> None:
     """Make contextvars follow work into threads and thread pools (idempotent)."""
+    global _hooked
     with _lock:
-        for owner, name, wrapper in _TARGETS:
-            if not _ours_in_chain(owner, name, wrapper):
-                wrapt.wrap_function_wrapper(owner, name, wrapper)
+        _wrap(_targets())
         _state["active"] = True
+        hook = not _hooked
+        _hooked = True
+    if hook:  # now, if already imported (the hook takes the lock), else when it is
+        wrapt.register_post_import_hook(_pool_imported, "multiprocessing.pool")
 
 
 def uninstall() -> None:
@@ -140,10 +194,18 @@ def uninstall() -> None:
     and ours then passes calls through untouched."""
     with _lock:
         _state["active"] = False
-        for owner, name, wrapper in _TARGETS:
+        for owner, name, wrapper in _targets():
             method = owner.__dict__.get(name)
             if isinstance(method, wrapt.FunctionWrapper) and method._self_wrapper is wrapper:
-                setattr(owner, name, method.__wrapped__)
+                if method.__wrapped__ is _inherited(owner, name):
+                    delattr(owner, name)  # ThreadPool's were Pool's
+                else:
+                    setattr(owner, name, method.__wrapped__)
+
+
+def _inherited(owner: type, name: str) -> object:
+    """What `owner` would have as `name` from its bases, without one of its own."""
+    return next((base.__dict__[name] for base in owner.__mro__[1:] if name in base.__dict__), None)
 
 
 def is_installed() -> bool:

@@ -61,8 +61,8 @@ FASTAPI_PLACES = {
     "queue_worker_startup": "none",
     "queue_worker_copied": "right",
     "queue_worker_lazy": "none",
-    "threadpool_startup": "none",
-    "threadpool_lazy": "none",  # was "wrong": the first request's, in every later task
+    "threadpool_startup": "right",  # was "none": its tasks carried no context
+    "threadpool_lazy": "right",  # was "wrong": the first request's, in every later task
     "threadpool_copied": "right",
     "done_callback": "none",
     "sync_to_async": "right",

@@ -31,6 +31,7 @@ TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 SPAN_ID = "b7ad6b7169203331"
 PROPAGATOR = Propagator(["end-user"])
 ORIGINAL_SUBMIT = concurrent.futures.ThreadPoolExecutor.__dict__["submit"]
+POOL_ENTRIES = ("apply_async", "_map_async", "imap", "imap_unordered")
 ORIGINAL_START = threading.Thread.__dict__["start"]
 INHERITS = bool(getattr(sys.flags, "thread_inherit_context", 0))  # Python 3.14+
 
@@ -106,6 +107,7 @@ def stock_afterwards() -> Iterator[None]:
     threads.uninstall()
     assert concurrent.futures.ThreadPoolExecutor.__dict__["submit"] is ORIGINAL_SUBMIT
     assert threading.Thread.__dict__["start"] is ORIGINAL_START
+    assert not any(name in multiprocessing.pool.ThreadPool.__dict__ for name in POOL_ENTRIES)
     assert current.get() is None
 
 
@@ -168,26 +170,54 @@ def test_pool_workers_do_not_keep_an_earlier_request() -> None:
 
 
 @pytest.mark.usefixtures("installed")
-def test_multiprocessing_thread_pool_made_in_a_request_keeps_nothing_of_it() -> None:
+def test_multiprocessing_thread_pool_tasks_run_in_their_submitters_context() -> None:
     """multiprocessing's ThreadPool starts its workers and handlers when it is made: made
-    while a request is served, none of them keeps that request for later tasks or callbacks
-    (they used to, and ran every later task in it). Its tasks carry no context (documented):
-    `copy_context().run` brings it."""
+    while a request is served, none of them keeps that request (they used to, and ran every
+    later task in it); each task runs in the context of the code that submitted it, whatever
+    way it was submitted (`apply_async`, `apply`, `map`, `starmap`, `imap`,
+    `imap_unordered`), and a result callback in none."""
     with serving() as inbound:
-        pool = multiprocessing.pool.ThreadPool(1)
-        in_request = pool.apply_async(look).get(10)
-        copied = pool.apply_async(contextvars.copy_context().run, (look,)).get(10)
+        pool = multiprocessing.pool.ThreadPool(2)
+        in_request = [
+            pool.apply_async(look).get(10),
+            pool.apply(look),
+            *pool.map(lambda _: look(), range(3)),
+            *pool.map(lambda _: look(), range(4), chunksize=2),
+            *pool.starmap(look, [()] * 2),
+            *pool.imap(lambda _: look(), range(2)),
+            *pool.imap(lambda _: look(), range(4), chunksize=2),
+            *pool.imap_unordered(lambda _: look(), range(2)),
+            pool.apply_async(func=look).get(10),
+        ]
     try:
-        assert_lost(in_request)
-        assert_serving(copied, inbound)
-        later = pool.apply_async(look).get(10)
+        assert len(in_request) == 20
+        for seen in in_request:
+            assert_serving(seen, inbound)
+        later = [pool.apply_async(look).get(10), *pool.map(lambda _: look(), range(2))]
         called_back: list[Seen] = []
-        pool.apply_async(int, callback=lambda _: called_back.append(look())).wait(10)
-        assert_lost(later)
+        with serving():
+            pool.apply_async(int, callback=lambda _: called_back.append(look())).wait(10)
+        for seen in (*later, *called_back):
+            assert_lost(seen)
         assert len(called_back) == 1
-        assert_lost(called_back[0])
     finally:
         pool.terminate()
+
+
+def test_a_process_pool_is_left_alone() -> None:
+    """Only ThreadPool's entries are wrapped: a process Pool pickles its tasks (a wrapped
+    task would not pickle), and no context follows into another process."""
+    import multiprocessing.pool as pools
+
+    threads.install()
+    try:
+        assert "apply_async" in pools.ThreadPool.__dict__
+        assert "apply_async" not in pools.Pool.__dict__ or not isinstance(
+            pools.Pool.__dict__["apply_async"], wrapt.FunctionWrapper
+        )
+    finally:
+        threads.uninstall()
+    assert "apply_async" not in pools.ThreadPool.__dict__  # stock again: Pool's, inherited
 
 
 @pytest.mark.usefixtures("installed")
