@@ -75,13 +75,27 @@ from meshlib.policy.snapshot import Endpoint
 from meshlib.telemetry import peer, propagation
 
 _MESHED = "meshlib.meshed"  # marks transports meshlib made, so nothing is meshed twice
-# The caller reads the whole body (`send(stream=False)`), so the mesh reads it within the try
-# (see `_read_whole`): meshlib's clients set it, while their `send` runs, to the extensions of
-# the request they were handed, which its redirects and auth flows share. A context variable,
-# not a key in those extensions: the caller's Request is left as it was (it may be sent again,
-# streamed, through another client), and a call made meanwhile for another request (an event
-# hook's) is not read whole for it.
-_READ_WHOLE: contextvars.ContextVar[object] = contextvars.ContextVar("meshlib.read_whole")
+
+
+class _Reading:
+    """The request whose caller reads the whole body (`send(stream=False)`), so that the mesh
+    reads it within the try (see `_read_whole`), named by its extensions: the request an auth
+    flow sends again is the same object, and a redirect's new request takes the mark
+    (`_ClientMixin._build_redirect_request`)."""
+
+    __slots__ = ("extensions",)
+
+    def __init__(self, extensions: dict[str, Any]) -> None:
+        self.extensions = extensions
+
+
+# Set by meshlib's clients while their `send` runs. A context variable, not a key in the
+# request's extensions: the caller's Request is left as it was (it may be sent again, streamed,
+# through another client), and a call made meanwhile for another request (an event hook's) is
+# not read whole for it.
+_READ_WHOLE: contextvars.ContextVar[_Reading | None] = contextvars.ContextVar(
+    "meshlib.read_whole", default=None
+)
 # request.extensions keys meshlib's HTTP/1.1 transport reads (`_http1.TRY_DEADLINE`,
 # `_http1.TRY_TIMEOUT`; not imported, so that sync clients do not load it): when a try's
 # response headers are due at the latest (the route deadline, then the try's own once it has
@@ -699,7 +713,8 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         if plan.mirrors and replayable:
             exchange.shadow = lambda: self._start_mirrors(request, view, added, plan)
 
-        whole = _READ_WHOLE.get(None) is request.extensions
+        reading = _READ_WHOLE.get()
+        whole = reading is not None and reading.extensions is request.extensions
         closes = self._closes
         begun = closes.begun
 
@@ -1005,7 +1020,8 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
         if plan.mirrors and replayable:
             exchange.shadow = lambda: self._start_mirrors(request, view, added, plan)
 
-        whole = _READ_WHOLE.get(None) is request.extensions
+        reading = _READ_WHOLE.get()
+        whole = reading is not None and reading.extensions is request.extensions
         closes = self._closes
         begun = closes.begun
 
@@ -1213,6 +1229,7 @@ class _ClientMixin:
       immutable, so requests can share the parsed form; the cache holds at most
       `_PARSED_URLS` strings and starts anew when `base_url` changes.
     - A response `send` has read is freed when the app drops it (`_unbound`).
+    - A redirect's new request is read whole as the first was (`_Reading`).
     """
 
     _cookies: httpx.Cookies
@@ -1226,6 +1243,13 @@ class _ClientMixin:
     @cookies.setter
     def cookies(self, cookies: httpx._types.CookieTypes) -> None:
         self._cookies = _Cookies(cookies)
+
+    def _build_redirect_request(self, request: httpx.Request, response: httpx.Response) -> Any:
+        redirect = super()._build_redirect_request(request, response)  # type: ignore[misc]
+        reading = _READ_WHOLE.get()
+        if reading is not None and reading.extensions is request.extensions:
+            reading.extensions = redirect.extensions  # httpx copied them: the next hop's
+        return redirect
 
     def _merge_url(self, url: httpx.URL | str) -> httpx.URL:
         if not isinstance(url, str):
@@ -1303,11 +1327,11 @@ class Client(_ClientMixin, httpx.Client):
     ) -> httpx.Response:
         if stream:
             return super().send(request, stream=True, auth=auth, follow_redirects=follow_redirects)
-        reading = _READ_WHOLE.set(request.extensions)
+        marked = _READ_WHOLE.set(_Reading(request.extensions))
         try:
             response = super().send(request, auth=auth, follow_redirects=follow_redirects)
         finally:
-            _READ_WHOLE.reset(reading)
+            _READ_WHOLE.reset(marked)
         return _unbound(response)
 
 
@@ -1351,9 +1375,9 @@ class AsyncClient(_ClientMixin, httpx.AsyncClient):
             return await super().send(
                 request, stream=True, auth=auth, follow_redirects=follow_redirects
             )
-        reading = _READ_WHOLE.set(request.extensions)
+        marked = _READ_WHOLE.set(_Reading(request.extensions))
         try:
             response = await super().send(request, auth=auth, follow_redirects=follow_redirects)
         finally:
-            _READ_WHOLE.reset(reading)
+            _READ_WHOLE.reset(marked)
         return _unbound(response)

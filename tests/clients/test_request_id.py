@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -69,9 +70,9 @@ async def echo(scope: dict[str, Any], receive: Any, send: Any) -> None:
     body = json.dumps({"ids": ids}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     status = 200
-    if scope["path"] == "/redirect":
+    if scope["path"] in ("/redirect", "/redirect-held"):
         status = 302
-        headers.append((b"location", b"/echo"))
+        headers.append((b"location", b"/echo" if scope["path"] == "/redirect" else b"/held"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -226,6 +227,47 @@ def test_a_request_read_whole_by_one_client_can_be_streamed_by_another(
     else:
         early, body = asyncio.run(aread_whole_then_streamed(mesh, request_url))
     assert early and body == b"first,rest"
+
+
+TIMEOUT_ROUTE = f"""\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: api, namespace: default}}
+spec:
+  hosts: [{HOST}]
+  http:
+  - route: [{{destination: {{host: {HOST}}}}}]
+    timeout: 0.5s
+"""
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_every_hop_of_a_redirect_is_read_within_its_try(port: int, kind: str) -> None:
+    """A call read whole is read within the try on every hop a redirect makes, not on the
+    first alone (httpx builds each hop's request anew, with a copy of its extensions): the
+    final hop's body, held back by the server, is cut by the route's 0.5 s timeout, a 504, as
+    Envoy's timeout covers the body (read after the try, it arrived whole 10 s later)."""
+    Held.release.clear()
+    config = MeshConfig(service="me", namespace="default")
+    mesh = mesh_for(config, TIMEOUT_ROUTE + "---\n" + loopback_service(HOST, port))
+    target = url(port, "mesh", "/redirect-held")
+    started = time.monotonic()
+    try:
+        if kind == "sync":
+            with meshlib.Client(mesh=mesh, follow_redirects=True) as client:
+                response = client.get(target)
+        else:
+
+            async def call() -> httpx.Response:
+                async with meshlib.AsyncClient(mesh=mesh, follow_redirects=True) as client:
+                    return await client.get(target)
+
+            response = asyncio.run(call())
+    finally:
+        Held.release.set()
+        mesh.close()
+    assert [r.status_code for r in (*response.history, response)] == [302, 504]
+    assert time.monotonic() - started < 5
 
 
 @pytest.mark.parametrize("target", ["mesh", "passthrough"])
