@@ -146,8 +146,12 @@ DURATION_BUCKETS: tuple[float, ...] = (
 # prometheus-client's number format (Go's): "+Inf", "1.8e+06"; typed for mypy.
 _go_float = cast(Callable[[float], str], _float_to_go_string)
 _BUCKET_COUNT = len(DURATION_BUCKETS) + 1
-_LE = (*(_go_float(b) for b in DURATION_BUCKETS), "+Inf")
-_LE_INDEX = {le: i for i, le in enumerate(_LE)}
+# `le` as Envoy writes it (`{:.32g}`: "0.5", "1", "100", "1800000", "+Inf"; pilot-agent passes
+# Envoy's text through), so `le="100"` selects the same bucket of a sidecar's series and of
+# meshlib's: Prometheus 2 stores the value as scraped, and "100.0" is another label value.
+_LE = (*(format(b, ".32g") for b in DURATION_BUCKETS), "+Inf")
+# Multiprocess files hold prometheus-client's `le` ("1.0", "1.8e+06"): the bucket each names.
+_LE_INDEX = {le: i for i, le in enumerate((*(_go_float(b) for b in DURATION_BUCKETS), "+Inf"))}
 
 _REQUESTS = "istio_requests"  # prometheus-client's family name; samples are `..._total`
 _HISTOGRAMS = ("istio_request_duration_milliseconds", "istio_request_bytes", "istio_response_bytes")

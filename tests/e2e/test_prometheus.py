@@ -7,14 +7,19 @@ port; Prometheus (the Debian package's binary) scrapes both every second.
 
 The test drives 50 req/s for 12 s, then evaluates every query at one instant `at`, 11.5 s
 after the first request, so the 10 s `rate()` window lies wholly inside the steady traffic.
+Besides the queries written here, it runs those of Istio's Grafana dashboards and of Kiali
+(tests/e2e/dashboard_queries.py) with their variables filled in as Grafana fills them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import math
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +31,7 @@ from meshlib.config import MeshConfig
 from meshlib.policy.loader import load_text
 from meshlib.policy.snapshot import Snapshot
 from tests import prometheus
+from tests.e2e import dashboard_queries as dashboards
 from tests.upstream import AsgiServer, Behaviour, Receive, Scope, Send
 
 pytestmark = pytest.mark.skipif(not prometheus.AVAILABLE, reason=prometheus.SKIP_REASON)
@@ -141,6 +147,7 @@ class Scraped:
     prom: prometheus.Prometheus
     at: float  # Unix time at which every query is evaluated
     statuses: list[int]
+    variables: dict[tuple[str, str, str], dict[str, str]] = field(default_factory=dict)
 
     def value(self, expr: str) -> float:
         return self.prom.scalar(expr, self.at)
@@ -294,3 +301,148 @@ def test_kiali_graph_queries(scraped: Scraped) -> None:
         (r["metric"]["source_workload"], r["metric"]["destination_service_name"]) for r in internal
     } == {("frontend", "backend")}
     assert sum(float(r["value"][1]) for r in internal) == pytest.approx(RATE, rel=RATE_TOLERANCE)
+
+
+# -- Istio's Grafana dashboards and Kiali (tests/e2e/dashboard_queries.py) ---------------------
+
+SERVICE = "backend.default.svc.cluster.local"
+IRATE_TOLERANCE = 0.3  # irate() reads the last two scrapes only: one second of traffic
+QUANTILE = re.compile(r"histogram_quantile\(0\.50,")
+
+
+def grafana(expr: str, variables: dict[str, str]) -> str:
+    """`expr` with Grafana's variables filled in; every range is the test's window."""
+    expr = expr.replace("$__rate_interval", WINDOW)
+    return re.sub(r"\$(\w+)", lambda m: variables[m.group(1)], expr)
+
+
+def grafana_regex(values: list[str]) -> str:
+    """A multi-value variable as Grafana writes it for Prometheus: each value regex-escaped
+    (the backslash doubled, inside a PromQL string), several joined as `(a|b)`."""
+    escaped = [re.sub(r"[$^*{}\[\]'+?.()|]", lambda m: "\\\\" + m.group(0), v) for v in values]
+    return escaped[0] if len(escaped) == 1 else "(" + "|".join(escaped) + ")"
+
+
+def options(scraped: Scraped, query: str, regex: str, variables: dict[str, str]) -> list[str]:
+    """A query variable's values: query_result()'s lines, each matched by the regex."""
+    assert query.startswith("query_result(") and query.endswith(")"), query
+    lines = [
+        "{" + ", ".join(f'{k}="{v}"' for k, v in r["metric"].items()) + "} " + r["value"][1]
+        for r in scraped.vector(grafana(query[len("query_result(") : -1], variables))
+    ]
+    return sorted({m.group(1) for line in lines if (m := re.fullmatch(regex, line))})
+
+
+def dashboard_variables(
+    scraped: Scraped, dashboard: str, workload: str, qrep: str
+) -> dict[str, str]:
+    """The variables of a dashboard as Grafana sets them: the picked service, workload and
+    reporter, and "All" (every value the variable's own query finds) for the others."""
+    key = (dashboard, workload, qrep)
+    if key in scraped.variables:
+        return scraped.variables[key]
+    if dashboard == "service":
+        values = options(scraped, *dashboards.SERVICE_OPTIONS, {})
+        assert values == [SERVICE, "frontend.default.svc.cluster.local"], values
+        variables = {"service": SERVICE, "qrep": qrep}
+        chain = dashboards.SERVICE_VARIABLES
+    else:
+        variables = {"qrep": qrep}
+        for name, query, regex in dashboards.WORKLOAD_OPTIONS:
+            variables[name] = name
+            values = options(scraped, query, regex, variables)
+            picked = {"namespace": "default", "workload": workload}[name]
+            assert picked in values, (name, values)
+            assert values == (["default"] if name == "namespace" else ["backend", "frontend"])
+            variables[name] = picked
+        chain = dashboards.WORKLOAD_VARIABLES
+    for name, query, regex in chain:
+        values = options(scraped, query, regex, variables)
+        # Empty only where no traffic is: backend calls nothing, and frontend's callers are
+        # outside the mesh, so no source report names frontend as destination.
+        outbound = name == "dstsvc"
+        empty = workload == "backend" if outbound else (workload, qrep) == ("frontend", "source")
+        assert bool(values) != empty, (name, values, variables)
+        variables[name] = grafana_regex(values) if values else ""
+    scraped.variables[key] = variables
+    return variables
+
+
+def check_answer(
+    query: dashboards.Query, expr: str, result: list[dict[str, Any]]
+) -> dict[tuple[tuple[str, str], ...], float]:
+    """Checks the answer of `expr` (`query` with its variables filled in); returns its values
+    by series."""
+    values = [float(r["value"][1]) for r in result]
+    assert all(math.isfinite(v) for v in values), (expr, result)
+    if query.expect == "empty":
+        assert result == [], (expr, result)
+        return {}
+    assert result, f"no data: {query.panel}\n{expr}"
+    if query.expect == "zero":
+        assert values == [0.0], (expr, result)
+    elif query.expect == "positive":
+        assert all(v > 0 for v in values), (expr, result)
+    elif query.expect == "rps":
+        tolerance = IRATE_TOLERANCE if "irate(" in expr else RATE_TOLERANCE
+        assert all(v > 0 for v in values), (expr, result)
+        assert abs(sum(values) - RATE) <= RATE * tolerance, (expr, result)
+    elif query.expect == "success":
+        tolerance = 0.1 if "irate(" in expr else RATIO_TOLERANCE
+        assert all(abs(v - (1 - FAIL_SHARE)) <= tolerance for v in values), (expr, result)
+    elif query.expect in ("seconds", "ms"):
+        scale = 1.0 if query.expect == "seconds" else 1000.0  # Grafana's unit: seconds
+        assert all(DELAY * scale < v <= 0.25 * scale for v in values), (expr, result)
+    else:
+        assert query.expect == "bytes", query
+        assert all(0 <= v <= 32 for v in values), (expr, result)
+    if query.by:
+        found = {tuple(r["metric"].get(name, "") for name in query.by) for r in result}
+        assert found == query.keys, (expr, found)
+    return {tuple(sorted(r["metric"].items())): float(r["value"][1]) for r in result}
+
+
+def dashboard_cases() -> Iterator[Any]:
+    for query in dashboards.QUERIES:
+        reporters = ("destination", "source") if query.source in ("service", "workload") else ("-",)
+        for qrep in reporters:
+            name = f"{query.source}:{query.panel}" + (f":{qrep}" if qrep != "-" else "")
+            if query.expect == "empty":
+                name += ":empty"
+            yield pytest.param(query, qrep, id=name)
+
+
+@pytest.mark.parametrize(("query", "qrep"), list(dashboard_cases()))
+def test_dashboard_and_kiali_queries(scraped: Scraped, query: dashboards.Query, qrep: str) -> None:
+    """Each HTTP query of Istio's Service, Workload and Mesh dashboards and of Kiali, with the
+    dashboard's variables filled in as Grafana does (both choices of the dashboards' Reporter
+    variable), answers what the traffic was; the mTLS halves answer nothing."""
+    variables: dict[str, str] = {}
+    if query.source in ("service", "workload"):
+        workload = query.vars.get("workload", "backend")
+        variables = dashboard_variables(scraped, query.source, workload, qrep)
+    expr = grafana(query.expr, variables)
+    quantiles = dashboards.QUANTILES if QUANTILE.search(expr) else ("0.50",)
+    answers = []
+    for quantile in quantiles:  # a duration or size panel: P50, P90, P95, P99
+        at_quantile = QUANTILE.sub(f"histogram_quantile({quantile},", expr)
+        answers.append(check_answer(query, at_quantile, scraped.vector(at_quantile)))
+    for lower, higher in itertools.pairwise(answers):  # each series: P50 <= P90 <= P95 <= P99
+        assert lower.keys() == higher.keys(), answers
+        assert all(lower[series] <= higher[series] for series in lower), answers
+
+
+def test_le_is_written_as_envoy_writes_it(scraped: Scraped) -> None:
+    """A sidecar writes `le="100"` (Envoy's {:.32g}); so does meshlib, so one selector picks
+    the same bucket of both, as SLO queries ("share of requests under 100 ms") do."""
+    les = {s["le"] for s in scraped.prom.series("istio_request_duration_milliseconds_bucket")}
+    assert les == {
+        "0.5", "1", "5", "10", "25", "50", "100", "250", "500", "1000", "2500", "5000", "10000",
+        "30000", "60000", "300000", "600000", "1800000", "3600000", "+Inf",
+    }  # fmt: skip
+    under_100ms = scraped.value(
+        'sum(rate(istio_request_duration_milliseconds_bucket{reporter="destination",'
+        f'destination_app="backend",le="100"}}[{WINDOW}])) / sum(rate(istio_request_duration_'
+        f'milliseconds_count{{reporter="destination",destination_app="backend"}}[{WINDOW}]))'
+    )
+    assert 0.9 <= under_100ms <= 1.0, under_100ms
