@@ -79,12 +79,11 @@ class InboundSides:
         self._mesh = mesh
         self._side: InboundSide | None = None
 
-    def flush(self) -> None:
+    def flush(self) -> bool:
         """Export the spans the Mesh still holds in its batch (its own provider's), without
-        making a default Mesh when there is none yet."""
+        making a default Mesh when there is none yet; False when that did not end in time."""
         mesh = self._mesh if self._mesh is not None else made_default_mesh()
-        if mesh is not None:
-            mesh.tracing.flush()
+        return mesh is None or mesh.tracing.flush()
 
     def current(self) -> InboundSide:
         mesh = self._mesh if self._mesh is not None else default_mesh()

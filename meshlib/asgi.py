@@ -28,6 +28,7 @@ from meshlib._inbound import InboundExchange, InboundSide, InboundSides, django_
 from meshlib._text import ascii_int, host_port
 from meshlib.mesh import Mesh, given_mesh
 from meshlib.telemetry import peer, threads
+from meshlib.telemetry.tracing import FLUSH_TIMEOUT_S
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -82,8 +83,15 @@ class _Lifespan:
 
     async def send(self, message: Message) -> None:
         if message["type"] in _SHUT_DOWN:
+            # On the event loop, which has nothing left to serve (the server closed its
+            # connections first), for FLUSH_TIMEOUT_S at most.
             try:
-                self._sides.flush()
+                if not self._sides.flush():
+                    logger.warning(
+                        "meshlib: spans not all exported at shutdown within %g s (is the"
+                        " collector reachable?)",
+                        FLUSH_TIMEOUT_S,
+                    )
             except Exception:  # telemetry never stops the app's shutdown
                 logger.exception("meshlib: spans not flushed at shutdown")
         await self._send(message)

@@ -63,6 +63,7 @@ import logging
 import math
 import os
 import re
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from contextvars import Token
@@ -419,9 +420,9 @@ def _app_provider() -> ApiTracerProvider | None:
 # -- spans ------------------------------------------------------------------------------------
 
 
-FLUSH_TIMEOUT_MS = 5000
+FLUSH_TIMEOUT_S = 5.0
 """How long a flush at a server's shutdown may wait for the exporter (a collector that is
-down should not hold a pod's termination for the SDK's default 30 s)."""
+down should not hold a pod's termination past its grace period)."""
 
 
 class Tracing:
@@ -614,12 +615,21 @@ class Tracing:
                 span.set_status(Status(StatusCode.ERROR))
         span.set_attributes(attributes)
 
-    def flush(self, timeout_millis: int = FLUSH_TIMEOUT_MS) -> None:
+    def flush(self, timeout: float = FLUSH_TIMEOUT_S) -> bool:
         """Export the spans meshlib's own provider still holds in its batch, waiting at most
-        `timeout_millis`; an app's provider is left alone."""
+        `timeout` seconds; an app's provider is left alone. False when the export did not end
+        in time: it goes on in a daemon thread, which the process does not wait for. (The
+        SDK's `force_flush` does not keep to its own timeout: it exports every batch queued,
+        each with the exporter's retries.)"""
         owned = self._owned
-        if owned is not None:
-            owned.force_flush(timeout_millis)
+        if owned is None:
+            return True
+        exporting = threading.Thread(
+            target=owned.force_flush, name="meshlib-span-flush", daemon=True
+        )
+        exporting.start()
+        exporting.join(timeout)
+        return not exporting.is_alive()
 
     def shutdown(self) -> None:
         """Flush and stop meshlib's own provider; an app's provider is left alone."""

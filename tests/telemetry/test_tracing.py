@@ -981,3 +981,59 @@ def test_an_attempt_without_a_response_carries_envoys_flag(
     ]
     assert ("UF", "UF") in flags and ("UT", "UT") in flags
     assert all(s.status.status_code is StatusCode.ERROR for s in spans)
+
+
+def test_a_flush_keeps_to_its_timeout_when_the_collector_hangs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The flush a server's shutdown makes (`Tracing.flush`) returns after its timeout, False,
+    when the collector accepts the connection and does not answer: the SDK's own
+    `force_flush` ignores its timeout and waits out the exporter's (10 s a batch, retries on
+    top), which would hold a pod's termination past its grace period. The export goes on
+    meanwhile, and ends once the collector answers."""
+    import contextlib
+    import socket
+    import threading
+    import time
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.settimeout(0.1)
+    answering = threading.Event()
+    stop = threading.Event()
+
+    def collector() -> None:  # holds every request until `answering`, then answers 200
+        held: list[socket.socket] = []
+        while not stop.is_set():
+            with contextlib.suppress(OSError):  # no one connected within 0.1 s
+                held.append(listener.accept()[0])
+            if answering.is_set():
+                for sock in held:
+                    sock.recv(65536)
+                    sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                    sock.close()
+                held.clear()
+
+    thread = threading.Thread(target=collector, daemon=True)
+    thread.start()
+    port = listener.getsockname()[1]
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+    tracing = Tracing(CONFIG, exporter="otlp")
+    try:
+        assert tracing.provider is not None
+        tracing.set_sampling(100)
+        tracer = tracing.provider.get_tracer("test")
+        for _ in range(3):
+            tracer.start_span("queued", context=otel_context.Context()).end()
+        started = time.monotonic()
+        assert tracing.flush(timeout=0.5) is False
+        assert time.monotonic() - started < 2
+        answering.set()
+        assert tracing.flush(timeout=10) is True  # the first one's export ended too
+    finally:
+        answering.set()
+        tracing.shutdown()
+        stop.set()
+        thread.join(5)
+        listener.close()
