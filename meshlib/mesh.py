@@ -292,7 +292,8 @@ def configure(policy: PolicyArg = None, *, mesh: Mesh | None = None, **config: A
     `meshlib.configure(policy="mesh.yaml", service="reviews", version="v2")`
     """
     global _default
-    new = mesh if mesh is not None else Mesh(MeshConfig.from_env(**config), policy=policy)
+    given = given_mesh(mesh, "meshlib.configure")
+    new = given if given is not None else Mesh(MeshConfig.from_env(**config), policy=policy)
     with _default_lock:
         old, _default = _default, new
     if old is not None and old is not new:

@@ -656,7 +656,7 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         mesh: Mesh | None = None,
         **kwargs: Any,
     ) -> None:
-        self._mesh = given_mesh(mesh, "MeshTransport")
+        self._mesh = given_mesh(mesh, "meshlib.MeshTransport")
         self._inner = transport if transport is not None else httpx.HTTPTransport(**kwargs)
         # Its `closes` counts close_mirrors() calls: a copy queued before one goes through a
         # pool of its own (see `_take_pool`), not through one opened after the close, which
@@ -964,7 +964,7 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
         mesh: Mesh | None = None,
         **kwargs: Any,
     ) -> None:
-        self._mesh = given_mesh(mesh, "AsyncMeshTransport")
+        self._mesh = given_mesh(mesh, "meshlib.AsyncMeshTransport")
         self._inner = transport if transport is not None else _default_async_transport(**kwargs)
         self._mirrors = _AsyncCopies()
         self._closes = _Closes()

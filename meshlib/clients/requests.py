@@ -360,7 +360,7 @@ class MeshAdapter(HTTPAdapter):
     def __init__(
         self, *, mesh: Mesh | None = None, inner: HTTPAdapter | None = None, **kwargs: Any
     ) -> None:
-        self._mesh = given_mesh(mesh, "MeshAdapter")
+        self._mesh = given_mesh(mesh, "meshlib.MeshAdapter")
         super().__init__(**kwargs)
         self._mirroring = MirrorTracker()
         self._inner = inner  # an adapter to send through instead of this one's own pool

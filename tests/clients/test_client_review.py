@@ -240,10 +240,11 @@ def test_an_adapter_pickled_without_owns_inner_still_sends(mesh: Mesh) -> None:
         (lambda mesh: meshlib.Client(mesh=mesh), "meshlib.Client"),
         (lambda mesh: meshlib.AsyncClient(mesh=mesh), "meshlib.AsyncClient"),
         (lambda mesh: meshlib.Session(mesh=mesh), "meshlib.Session"),
-        (lambda mesh: meshlib.MeshTransport(mesh=mesh), "MeshTransport"),
-        (lambda mesh: meshlib.AsyncMeshTransport(mesh=mesh), "AsyncMeshTransport"),
-        (lambda mesh: meshlib.MeshAdapter(mesh=mesh), "MeshAdapter"),
+        (lambda mesh: meshlib.MeshTransport(mesh=mesh), "meshlib.MeshTransport"),
+        (lambda mesh: meshlib.AsyncMeshTransport(mesh=mesh), "meshlib.AsyncMeshTransport"),
+        (lambda mesh: meshlib.MeshAdapter(mesh=mesh), "meshlib.MeshAdapter"),
         (lambda mesh: meshlib.instrument(mesh), "meshlib.instrument"),
+        (lambda mesh: meshlib.configure(mesh=mesh), "meshlib.configure"),
     ],
 )
 def test_a_policy_path_given_as_the_mesh_is_refused_where_it_is_given(
@@ -251,9 +252,14 @@ def test_a_policy_path_given_as_the_mesh_is_refused_where_it_is_given(
 ) -> None:
     """`mesh="mesh.yaml"` (a policy path where a Mesh is due) is a TypeError that says where
     the path goes, at once, not an AttributeError ("'str' object has no attribute 'plan'")
-    from the first call, or from every call of every client under `instrument()`."""
+    from the first call, or from every call of every client under `instrument()` (or of every
+    client using the default Mesh, which `configure(mesh=...)` replaced with the string)."""
+    from meshlib import mesh as mesh_module
+
+    before = mesh_module.made_default_mesh()
     with pytest.raises(TypeError) as raised:
         make("mesh.yaml")
+    assert mesh_module.made_default_mesh() is before
     assert str(raised.value) == (
         f"{where}: mesh= takes a meshlib.Mesh, not str 'mesh.yaml'; a policy path goes to"
         " meshlib.configure(policy=...) or Mesh(config, policy=...)"
