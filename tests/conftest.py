@@ -22,6 +22,19 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
 
 
+@pytest.fixture(autouse=True)
+def fresh_warning_limits() -> None:
+    """Each test starts with the caller-warning limits of meshlib.telemetry.log_limit open: a
+    warning an earlier test logged does not hold back the one a test looks for."""
+    import logging
+
+    from meshlib.telemetry.log_limit import BAGGAGE_LOGGER, OnePerInterval
+
+    for limit in logging.getLogger(BAGGAGE_LOGGER).filters:
+        if isinstance(limit, OnePerInterval):
+            limit.reset()
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """The tests run the build they say: the compiled one under MESHLIB_COMPILED=1 (`make
     unit-compiled`), else the sources (a stray .so beside them, or a wheel installed over the

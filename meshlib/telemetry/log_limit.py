@@ -34,6 +34,12 @@ class OnePerInterval:
         self._next = 0.0  # monotonic time from which a record passes again
         self._held = 0
 
+    def reset(self) -> None:
+        """Let the next record pass, as if none had come yet."""
+        with self._lock:
+            self._next = 0.0
+            self._held = 0
+
     def filter(self, record: logging.LogRecord) -> bool:
         now = self._clock()
         with self._lock:
