@@ -250,18 +250,23 @@ def _check_labels_agree(values: Mapping[str, Any], where: Mapping[str, str]) -> 
             )
 
 
+_warned_misspelt: set[str] = set()  # warned once a process: from_env runs again and again
+
+
 def _warn_misspelt(env: Mapping[str, str]) -> None:
-    """Warn of a set variable that is a misspelling of one meshlib reads (`MESHLIB_SERVCE`,
-    `meshlib_policy`): it would be ignored without a word, and the workload run unnamed or
-    without its policy. Other `MESHLIB_*` names (an app's own) are left alone."""
+    """Warn, once, of a set variable that looks like a misspelling of one meshlib's
+    configuration reads (`MESHLIB_SERVCE`, `meshlib_policy`): it would be ignored without a
+    word, and the workload run unnamed or without its policy. Other `MESHLIB_*` names (an
+    app's own, one a Telemetry `customTags` entry reads) are left alone unless that close."""
     for var in env:
         upper = var.upper()
-        if not upper.startswith("MESHLIB_") or var in _KNOWN_VARIABLES:
+        if not upper.startswith("MESHLIB_") or var in _KNOWN_VARIABLES or var in _warned_misspelt:
             continue
         close = difflib.get_close_matches(upper, _KNOWN_VARIABLES, 1, 0.85)
         if close:
+            _warned_misspelt.add(var)
             logging.getLogger("meshlib").warning(
-                "%s is not a variable meshlib reads, so it is ignored: did you mean %s?",
+                "%s is not one of meshlib's configuration variables: did you mean %s?",
                 var,
                 close[0],
             )

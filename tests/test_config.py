@@ -488,6 +488,15 @@ def test_formats_of_the_apps_own_opentelemetry_setup_are_left_to_it(
     )
 
 
+@pytest.fixture
+def unwarned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No misspelt variable warned about yet in this process (each is, once)."""
+    import meshlib.config
+
+    monkeypatch.setattr(meshlib.config, "_warned_misspelt", set())
+
+
+@pytest.mark.usefixtures("unwarned")
 @pytest.mark.parametrize(
     ("variable", "meant"),
     [
@@ -507,6 +516,16 @@ def test_a_misspelt_variable_is_named_with_the_one_meant(
     assert config.service is None and config.policy is None  # still ignored
     (warning,) = [r.getMessage() for r in caplog.records if r.name == "meshlib"]
     assert variable in warning and f"did you mean {meant}?" in warning
+
+
+@pytest.mark.usefixtures("unwarned")
+def test_a_misspelt_variable_is_warned_about_once(caplog: pytest.LogCaptureFixture) -> None:
+    """Configuration is read again and again (a default Mesh that failed to build is tried
+    on every meshed call): the warning comes once a process, not once a call."""
+    with caplog.at_level(logging.WARNING, logger="meshlib"):
+        for _ in range(3):
+            MeshConfig.from_env({"MESHLIB_SERVCE": "reviews"})
+    assert len([r for r in caplog.records if r.name == "meshlib"]) == 1
 
 
 def test_an_apps_own_meshlib_variables_are_not_warned_about(

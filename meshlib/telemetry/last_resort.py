@@ -15,29 +15,35 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 
 __all__ = ["StdoutLastResort", "install"]
 
 
 class StdoutLastResort(logging.Handler):
-    """Writes the records of `logger` to stdout, one message a line, flushed (a container's
-    log collector sees each as it happens), when no other handler would get them."""
+    """Writes records to stdout, one message a line, flushed (a container's log collector
+    sees each as it happens), when no other handler would get them."""
 
-    def __init__(self, logger: logging.Logger) -> None:
+    def __init__(self) -> None:
         super().__init__(logging.INFO)
-        self.logger = logger
 
-    def handled_elsewhere(self) -> bool:
-        """Whether a handler other than this one gets the logger's records."""
-        logger: logging.Logger | None = self.logger
+    def handled_elsewhere(self, record: logging.LogRecord) -> bool:
+        """Whether another handler gets `record`: one that is not a last resort, on the logger
+        that logged it or on those it propagates to, or a last resort met before this one
+        (one line, whichever loggers have one)."""
+        logger: logging.Logger | None = logging.getLogger(record.name)
+        first: logging.Handler | None = None
         while logger is not None:
-            if any(handler is not self for handler in logger.handlers):
-                return True
+            for handler in logger.handlers:
+                if not isinstance(handler, StdoutLastResort):
+                    return True
+                if first is None:
+                    first = handler
             logger = logger.parent if logger.propagate else None
-        return False
+        return first is not self
 
     def emit(self, record: logging.LogRecord) -> None:
-        if self.handled_elsewhere():
+        if self.handled_elsewhere(record):
             return
         try:
             stream = sys.stdout  # looked up each time: the app may have replaced it
@@ -47,7 +53,11 @@ class StdoutLastResort(logging.Handler):
             self.handleError(record)
 
 
+_lock = threading.Lock()  # two Meshes may apply Telemetry at once, each on its own thread
+
+
 def install(logger: logging.Logger) -> None:
     """Give `logger` a StdoutLastResort, unless it has one."""
-    if not any(isinstance(handler, StdoutLastResort) for handler in logger.handlers):
-        logger.addHandler(StdoutLastResort(logger))
+    with _lock:
+        if not any(isinstance(handler, StdoutLastResort) for handler in logger.handlers):
+            logger.addHandler(StdoutLastResort())

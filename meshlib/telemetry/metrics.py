@@ -244,8 +244,10 @@ def _check_multiprocess_dir() -> None:
     metric (and, set empty, would take as the working directory)."""
     path = multiprocess_dir()
     if path is not None and not os.path.isdir(path):
+        upper = "PROMETHEUS_MULTIPROC_DIR"
+        variable = upper if upper in os.environ else upper.lower()  # the deprecated one
         raise ConfigError(
-            f"PROMETHEUS_MULTIPROC_DIR={path!r}: not a directory. prometheus-client's"
+            f"{variable}={path!r}: not a directory. prometheus-client's"
             " multiprocess mode writes each process's metrics there: create it, empty, before"
             " the server starts (docs/observability.md, section 4)"
         )

@@ -128,3 +128,36 @@ def test_lines_go_only_where_the_apps_logging_sends_them(tmp_path: Path, server:
     lines = access_lines(err)
     assert len(lines) == 3, (out, err)
     assert all(line.startswith("app-handler meshlib.access [") for line in lines)
+
+
+def test_one_line_whichever_loggers_have_a_last_resort(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A record that meets several last-resort handlers (installed twice by hand, or on a
+    logger and on one it propagates to) is written once, by the first it meets; a handler of
+    the app's anywhere on its way takes it instead."""
+    import logging
+
+    from meshlib.telemetry.last_resort import StdoutLastResort, install
+
+    parent = logging.getLogger("tests.last_resort")
+    child = logging.getLogger("tests.last_resort.child")
+    parent.propagate = False  # the root's handlers (pytest's) out of the way
+    parent.setLevel(logging.INFO)
+    for logger in (parent, child):
+        install(logger)
+        install(logger)  # once each
+    child.addHandler(StdoutLastResort())  # and one more, by hand
+    try:
+        assert len(child.handlers) == 2 and len(parent.handlers) == 1
+        child.info("from the child")
+        parent.info("from the parent")
+        assert capsys.readouterr().out == "from the child\nfrom the parent\n"
+        theirs = logging.StreamHandler()  # the app's, to stderr
+        parent.addHandler(theirs)
+        child.info("to the app's handler")
+        assert capsys.readouterr() == ("", "to the app's handler\n")
+    finally:
+        for logger in (parent, child):
+            logger.handlers.clear()
+        parent.propagate = True
