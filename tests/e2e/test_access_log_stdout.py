@@ -114,6 +114,8 @@ def access_lines(text: str) -> list[str]:
 
 @pytest.mark.parametrize("server", ["uvicorn", "hypercorn", "gunicorn"])
 def test_lines_go_to_stdout_when_the_app_configures_no_logging(tmp_path: Path, server: str) -> None:
+    """Under each server, with no logging configured by the app, every request's access line
+    is on stdout, once, in Istio's TEXT format, and none on stderr."""
     out, err = serve(tmp_path, server, "")
     lines = access_lines(out)
     assert len(lines) == 3, (out, err)
@@ -123,6 +125,8 @@ def test_lines_go_to_stdout_when_the_app_configures_no_logging(tmp_path: Path, s
 
 @pytest.mark.parametrize("server", ["uvicorn", "gunicorn"])
 def test_lines_go_only_where_the_apps_logging_sends_them(tmp_path: Path, server: str) -> None:
+    """Once the app configures logging (a root handler on stderr), the lines go there, each
+    once, formatted by the app's formatter, and nothing goes to stdout."""
     out, err = serve(tmp_path, server, CONFIGURED)
     assert not access_lines(out)
     lines = access_lines(err)

@@ -22,6 +22,8 @@ def record(message: str) -> logging.LogRecord:
 
 
 def test_one_record_per_interval_passes_telling_how_many_were_held() -> None:
+    """Within an interval one record passes; the first after it says how many were held back
+    since, and one after a quiet interval says nothing more."""
     now = [100.0]
     limit = OnePerInterval(interval=60.0, clock=lambda: now[0])
     assert limit.filter(record("first"))
