@@ -293,6 +293,11 @@ def configure(policy: PolicyArg = None, *, mesh: Mesh | None = None, **config: A
     """
     global _default
     given = given_mesh(mesh, "meshlib.configure")
+    if given is not None and (policy is not None or config):
+        raise TypeError(
+            "meshlib.configure: mesh= is a Mesh already built; give it its policy and"
+            " settings when you build it, or give configure() those instead of mesh="
+        )
     new = given if given is not None else Mesh(MeshConfig.from_env(**config), policy=policy)
     with _default_lock:
         old, _default = _default, new

@@ -24,14 +24,18 @@ class StdoutLastResort(logging.Handler):
     """Writes records to stdout, one message a line, flushed (a container's log collector
     sees each as it happens), when no other handler would get them."""
 
-    def __init__(self) -> None:
+    def __init__(self, logger: logging.Logger) -> None:
         super().__init__(logging.INFO)
+        self.logger = logger  # the one it was installed on
 
     def handled_elsewhere(self, record: logging.LogRecord) -> bool:
         """Whether another handler gets `record`: one that is not a last resort, on the logger
         that logged it or on those it propagates to, or a last resort met before this one
         (one line, whichever loggers have one)."""
-        logger: logging.Logger | None = logging.getLogger(record.name)
+        # The logger by a plain dict read: not getLogger(), whose module lock, taken under
+        # this handler's, would deadlock with dictConfig(), which takes them the other way.
+        named = logging.root.manager.loggerDict.get(record.name)
+        logger: logging.Logger | None = named if isinstance(named, logging.Logger) else self.logger
         first: logging.Handler | None = None
         while logger is not None:
             for handler in logger.handlers:
@@ -60,4 +64,4 @@ def install(logger: logging.Logger) -> None:
     """Give `logger` a StdoutLastResort, unless it has one."""
     with _lock:
         if not any(isinstance(handler, StdoutLastResort) for handler in logger.handlers):
-            logger.addHandler(StdoutLastResort())
+            logger.addHandler(StdoutLastResort(logger))

@@ -151,7 +151,7 @@ def test_one_line_whichever_loggers_have_a_last_resort(
     for logger in (parent, child):
         install(logger)
         install(logger)  # once each
-    child.addHandler(StdoutLastResort())  # and one more, by hand
+    child.addHandler(StdoutLastResort(child))  # and one more, by hand
     try:
         assert len(child.handlers) == 2 and len(parent.handlers) == 1
         child.info("from the child")
@@ -165,3 +165,40 @@ def test_one_line_whichever_loggers_have_a_last_resort(
         for logger in (parent, child):
             logger.handlers.clear()
         parent.propagate = True
+
+
+def test_a_line_is_written_while_logging_is_being_reconfigured(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`logging.config.dictConfig` (Django's setup, a level changed at run time) holds
+    logging's module lock while it takes each handler's lock; the last-resort handler decides,
+    holding its own, whether another handler gets a line, so it must not take the module lock
+    in turn (it did, through getLogger: the two threads could wait on each other for ever).
+    Here the test holds the module lock, as dictConfig would, while another thread logs."""
+    import logging
+    import threading
+
+    from meshlib.telemetry.last_resort import install
+
+    logger = logging.getLogger("tests.last_resort.reconfigured")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    install(logger)
+    logger.info("first")  # logging's own level cache filled (a miss takes the module lock)
+    written = threading.Event()
+
+    def write() -> None:
+        logger.info("written")
+        written.set()
+
+    module_lock = logging._lock  # type: ignore[attr-defined]
+    module_lock.acquire()
+    writer = threading.Thread(target=write)
+    try:
+        writer.start()
+        assert written.wait(5), "the handler waited for logging's module lock"
+    finally:
+        module_lock.release()
+        writer.join(10)
+        logger.handlers.clear()
+    assert capsys.readouterr().out == "first\nwritten\n"
