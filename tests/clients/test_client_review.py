@@ -270,3 +270,20 @@ def test_a_policy_path_given_as_the_mesh_is_refused_where_it_is_given(
         " meshlib.configure(policy=...) or Mesh(config, policy=...)"
     )
     assert not meshlib.is_instrumented()
+
+
+def test_configure_refuses_a_mesh_with_settings_it_would_ignore() -> None:
+    """`configure(mesh=m, service=..., policy=...)` would serve `m` as it was built, the
+    settings dropped without a word: a TypeError says to give them to one or the other, and
+    the default Mesh stays as it was."""
+    from meshlib import mesh as mesh_module
+
+    built = meshlib.Mesh(meshlib.MeshConfig(service="reviews", metrics_port=None), watch=False)
+    before = mesh_module.made_default_mesh()
+    try:
+        for extra in ({"service": "ratings"}, {"policy": "mesh.yaml"}):
+            with pytest.raises(TypeError, match="mesh= is a Mesh already built"):
+                meshlib.configure(mesh=built, **extra)
+            assert mesh_module.made_default_mesh() is before
+    finally:
+        built.close()
