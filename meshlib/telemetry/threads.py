@@ -43,6 +43,7 @@ from __future__ import annotations
 import concurrent.futures
 import concurrent.futures.thread
 import functools
+import importlib
 import threading
 from types import ModuleType
 from typing import Any
@@ -80,7 +81,11 @@ def _submit(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
 
 
 def _pool_task(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-    """A ThreadPool task (`func`, the first argument) runs in its submitter's context."""
+    """A ThreadPool task (`func`, the first argument) runs in its submitter's context. The
+    method called is Pool's as it is now, not as it was when this wrapper was put on
+    ThreadPool: a wrapper another library puts on Pool later is not bypassed."""
+    if _pools and instance is not None:
+        wrapped = getattr(super(_pools[0], instance), wrapped.__name__, wrapped)
     if not _state["active"]:
         return wrapped(*args, **kwargs)
     captured = capture()
@@ -161,6 +166,9 @@ _pools: list[type] = []  # multiprocessing.pool.ThreadPool, once the app importe
 def _pool_imported(module: ModuleType) -> None:
     """multiprocessing.pool was imported: wrap ThreadPool's entries if installed (the module
     costs an import and a bigger heap to every process, so it is not imported for this)."""
+    # The hook runs at once when the module is in sys.modules, which it is while another
+    # thread still runs it: import_module waits for that import to end.
+    module = importlib.import_module(module.__name__)
     with _lock:
         if not _pools:
             _pools.append(module.ThreadPool)
@@ -168,9 +176,14 @@ def _pool_imported(module: ModuleType) -> None:
             _wrap(_targets())
 
 
+_inherited: set[tuple[type, str]] = set()  # wrapped where the class had no method of its own
+
+
 def _wrap(targets: list[tuple[type, str, Any]]) -> None:
     for owner, name, wrapper in targets:
         if not _ours_in_chain(owner, name, wrapper):
+            if name not in owner.__dict__:
+                _inherited.add((owner, name))  # ThreadPool's, which are Pool's
             wrapt.wrap_function_wrapper(owner, name, wrapper)
 
 
@@ -184,9 +197,10 @@ def install() -> None:
         _wrap(_targets())
         _state["active"] = True
         hook = not _hooked
-        _hooked = True
     if hook:  # now, if already imported (the hook takes the lock), else when it is
         wrapt.register_post_import_hook(_pool_imported, "multiprocessing.pool")
+        with _lock:
+            _hooked = True
 
 
 def uninstall() -> None:
@@ -197,15 +211,11 @@ def uninstall() -> None:
         for owner, name, wrapper in _targets():
             method = owner.__dict__.get(name)
             if isinstance(method, wrapt.FunctionWrapper) and method._self_wrapper is wrapper:
-                if method.__wrapped__ is _inherited(owner, name):
-                    delattr(owner, name)  # ThreadPool's were Pool's
+                if (owner, name) in _inherited:
+                    _inherited.discard((owner, name))
+                    delattr(owner, name)  # inherited again, as the base has it now
                 else:
                     setattr(owner, name, method.__wrapped__)
-
-
-def _inherited(owner: type, name: str) -> object:
-    """What `owner` would have as `name` from its bases, without one of its own."""
-    return next((base.__dict__[name] for base in owner.__mro__[1:] if name in base.__dict__), None)
 
 
 def is_installed() -> bool:

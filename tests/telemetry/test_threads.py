@@ -11,11 +11,13 @@ import concurrent.futures
 import contextvars
 import decimal
 import multiprocessing.pool
+import os
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -467,3 +469,101 @@ def test_uninstall_under_another_wrapper_passes_through() -> None:
     finally:
         threads.uninstall()
         concurrent.futures.ThreadPoolExecutor.submit = ORIGINAL_SUBMIT  # type: ignore[method-assign]
+
+
+def test_a_wrapper_put_on_pool_later_is_not_bypassed_by_threadpools() -> None:
+    """Another library (an APM) wrapping `Pool.apply_async` after `install()` still sees
+    ThreadPool's calls, installed and after `uninstall()`, which leaves ThreadPool inheriting
+    Pool's method again rather than keeping the one it had when wrapped."""
+    pools = multiprocessing.pool
+    original = pools.Pool.__dict__["apply_async"]
+    seen: list[str] = []
+
+    def apm(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        seen.append(type(instance).__name__)
+        return wrapped(*args, **kwargs)
+
+    threads.install()
+    wrapt.wrap_function_wrapper(pools.Pool, "apply_async", apm)
+    pool = pools.ThreadPool(1)
+    try:
+        pool.apply(int)
+        threads.uninstall()
+        pool.apply(int)
+        assert seen == ["ThreadPool", "ThreadPool"]
+        assert "apply_async" not in pools.ThreadPool.__dict__
+    finally:
+        pool.terminate()
+        pools.Pool.apply_async = original  # type: ignore[method-assign]
+
+
+IMPORTING = """
+import importlib.util, sys, threading
+
+spec = importlib.util.find_spec("multiprocessing.pool")
+line = next(
+    number for number, text in enumerate(open(spec.origin).read().splitlines(), 1)
+    if text.startswith("class ThreadPool")
+)
+paused, go = threading.Event(), threading.Event()
+
+
+def trace(frame, event, arg):  # pause the import just before it defines ThreadPool
+    if frame.f_code.co_filename == spec.origin and frame.f_code.co_name == "<module>":
+        def local(frame, event, arg):
+            if event == "line" and frame.f_lineno == line:
+                paused.set()
+                go.wait(30)
+            return local
+        return local
+    return None
+
+
+def importer():
+    sys.settrace(trace)
+    import multiprocessing.pool
+    sys.settrace(None)
+
+
+from meshlib.telemetry import threads
+
+importing = threading.Thread(target=importer)
+importing.start()
+assert paused.wait(30)
+failed = []
+
+
+def install():
+    try:
+        threads.install()
+    except Exception as exc:
+        failed.append(repr(exc))
+
+
+installing = threading.Thread(target=install)
+installing.start()
+installing.join(1)  # it waits for the import (or, before the fix, failed at once)
+go.set()
+installing.join(30)
+importing.join(30)
+import multiprocessing.pool
+print(failed, "apply_async" in multiprocessing.pool.ThreadPool.__dict__)
+"""
+
+
+def test_install_while_another_thread_imports_multiprocessing_pool() -> None:
+    """`install()` while another thread is half-way through importing multiprocessing.pool
+    (it is in sys.modules, without ThreadPool yet) waits for that import and wraps ThreadPool;
+    it raised AttributeError from the middleware's constructor, and ThreadPool stayed
+    unwrapped for the life of the process."""
+    import subprocess
+
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORTING],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(threads.__file__ or "").parents[2])},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["[]", "True"]
