@@ -78,15 +78,20 @@ _MESHED = "meshlib.meshed"  # marks transports meshlib made, so nothing is meshe
 
 
 class _Reading:
-    """The request whose caller reads the whole body (`send(stream=False)`), so that the mesh
-    reads it within the try (see `_read_whole`), named by its extensions: the request an auth
-    flow sends again is the same object, and a redirect's new request takes the mark
-    (`_ClientMixin._build_redirect_request`)."""
+    """The requests of one `send(stream=False)` whose caller reads the whole body, so that the
+    mesh reads it within the try (see `_read_whole`), named by their extensions: the request
+    an auth flow sends again is the same object, and each redirect's new request, whose
+    extensions httpx copies, is added (`_ClientMixin._build_redirect_request`). Emptied when
+    the send ends: a task started meanwhile, which keeps this object in its copy of the
+    context, does not find a later send of its own marked."""
 
-    __slots__ = ("extensions",)
+    __slots__ = ("marked",)
 
     def __init__(self, extensions: dict[str, Any]) -> None:
-        self.extensions = extensions
+        self.marked = [extensions]
+
+    def __contains__(self, extensions: object) -> bool:
+        return any(marked is extensions for marked in self.marked)
 
 
 # Set by meshlib's clients while their `send` runs. A context variable, not a key in the
@@ -714,7 +719,7 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
             exchange.shadow = lambda: self._start_mirrors(request, view, added, plan)
 
         reading = _READ_WHOLE.get()
-        whole = reading is not None and reading.extensions is request.extensions
+        whole = reading is not None and request.extensions in reading
         closes = self._closes
         begun = closes.begun
 
@@ -1021,7 +1026,7 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
             exchange.shadow = lambda: self._start_mirrors(request, view, added, plan)
 
         reading = _READ_WHOLE.get()
-        whole = reading is not None and reading.extensions is request.extensions
+        whole = reading is not None and request.extensions in reading
         closes = self._closes
         begun = closes.begun
 
@@ -1247,8 +1252,8 @@ class _ClientMixin:
     def _build_redirect_request(self, request: httpx.Request, response: httpx.Response) -> Any:
         redirect = super()._build_redirect_request(request, response)  # type: ignore[misc]
         reading = _READ_WHOLE.get()
-        if reading is not None and reading.extensions is request.extensions:
-            reading.extensions = redirect.extensions  # httpx copied them: the next hop's
+        if reading is not None and request.extensions in reading:
+            reading.marked.append(redirect.extensions)  # httpx copied them: the next hop's
         return redirect
 
     def _merge_url(self, url: httpx.URL | str) -> httpx.URL:
@@ -1327,11 +1332,13 @@ class Client(_ClientMixin, httpx.Client):
     ) -> httpx.Response:
         if stream:
             return super().send(request, stream=True, auth=auth, follow_redirects=follow_redirects)
-        marked = _READ_WHOLE.set(_Reading(request.extensions))
+        reading = _Reading(request.extensions)
+        marked = _READ_WHOLE.set(reading)
         try:
             response = super().send(request, auth=auth, follow_redirects=follow_redirects)
         finally:
             _READ_WHOLE.reset(marked)
+            reading.marked.clear()
         return _unbound(response)
 
 
@@ -1375,9 +1382,11 @@ class AsyncClient(_ClientMixin, httpx.AsyncClient):
             return await super().send(
                 request, stream=True, auth=auth, follow_redirects=follow_redirects
             )
-        marked = _READ_WHOLE.set(_Reading(request.extensions))
+        reading = _Reading(request.extensions)
+        marked = _READ_WHOLE.set(reading)
         try:
             response = await super().send(request, auth=auth, follow_redirects=follow_redirects)
         finally:
             _READ_WHOLE.reset(marked)
+            reading.marked.clear()
         return _unbound(response)

@@ -55,11 +55,13 @@ class Held:
 
 async def echo(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """Answers `{"ids": [...]}`, the request's `x-request-id` values; /redirect: a 302 to
-    /echo; /held: see `Held`."""
+    /echo, /redirect-held to /held, /redirect-digest to /digest-held, which answers a Digest
+    challenge, then (authorized) as /held; /held: see `Held`."""
     assert scope["type"] == "http"
     while (await receive()).get("more_body"):
         pass
-    if scope["path"] == "/held":
+    authorized = any(name == b"authorization" for name, _ in scope["headers"])
+    if scope["path"] == "/held" or (scope["path"] == "/digest-held" and authorized):
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"first,", "more_body": True})
         await asyncio.to_thread(Held.release.wait, 10)
@@ -73,6 +75,12 @@ async def echo(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["path"] in ("/redirect", "/redirect-held"):
         status = 302
         headers.append((b"location", b"/echo" if scope["path"] == "/redirect" else b"/held"))
+    elif scope["path"] == "/redirect-digest":
+        status = 302
+        headers.append((b"location", b"/digest-held"))
+    elif scope["path"] == "/digest-held":  # not authorized: a Digest challenge
+        status = 401
+        headers.append((b"www-authenticate", b'Digest realm="api", nonce="abc", qop="auth"'))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -242,32 +250,80 @@ spec:
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
-def test_every_hop_of_a_redirect_is_read_within_its_try(port: int, kind: str) -> None:
+@pytest.mark.parametrize(
+    ("path", "auth_kind", "statuses"),
+    [
+        pytest.param("/redirect-held", None, [302, 504], id="redirect"),
+        pytest.param("/redirect-digest", "digest", [401, 302, 504], id="redirect-digest"),
+    ],
+)
+def test_every_hop_of_a_redirect_is_read_within_its_try(
+    port: int, kind: str, path: str, auth_kind: str | None, statuses: list[int]
+) -> None:
     """A call read whole is read within the try on every hop a redirect makes, not on the
-    first alone (httpx builds each hop's request anew, with a copy of its extensions): the
-    final hop's body, held back by the server, is cut by the route's 0.5 s timeout, a 504, as
-    Envoy's timeout covers the body (read after the try, it arrived whole 10 s later)."""
+    first alone (httpx builds each hop's request anew, with a copy of its extensions), also
+    after an auth flow sent the first request again: the final hop's body, held back by the
+    server, is cut by the route's 0.5 s timeout, a 504, as Envoy's timeout covers the body
+    (read after the try, it arrived whole 10 s later)."""
+    # A DigestAuth of its own: one that met the challenge answers it before the next 401.
+    auth = httpx.DigestAuth("u", "p") if auth_kind == "digest" else None
     Held.release.clear()
     config = MeshConfig(service="me", namespace="default")
     mesh = mesh_for(config, TIMEOUT_ROUTE + "---\n" + loopback_service(HOST, port))
-    target = url(port, "mesh", "/redirect-held")
+    target = url(port, "mesh", path)
     started = time.monotonic()
     try:
         if kind == "sync":
             with meshlib.Client(mesh=mesh, follow_redirects=True) as client:
-                response = client.get(target)
+                response = client.get(target, auth=auth)
         else:
 
             async def call() -> httpx.Response:
                 async with meshlib.AsyncClient(mesh=mesh, follow_redirects=True) as client:
-                    return await client.get(target)
+                    return await client.get(target, auth=auth)
 
             response = asyncio.run(call())
     finally:
         Held.release.set()
         mesh.close()
-    assert [r.status_code for r in (*response.history, response)] == [302, 504]
+    assert [r.status_code for r in (*response.history, response)] == statuses
     assert time.monotonic() - started < 5
+
+
+def test_a_task_started_during_a_send_does_not_keep_its_mark(mesh: Mesh, port: int) -> None:
+    """A task an event hook starts during a send keeps that send's context after it: the
+    same Request sent later from that task with `stream=True`, through another client, is
+    answered at its headers, not read whole within the try as the first send's was."""
+    request_url = url(port, "mesh", "/held")
+
+    async def run() -> bool:
+        sent = asyncio.Event()
+        later: list[asyncio.Task[bool]] = []
+
+        async def send_again(request: httpx.Request) -> bool:
+            await sent.wait()  # after the first send returned
+            async with meshlib.AsyncClient(mesh=mesh) as other:
+                Held.release.clear()
+                Held.finished.clear()
+                streamed = await other.send(request, stream=True)
+                early = not Held.finished.is_set()
+                Held.release.set()
+                await streamed.aread()
+                await streamed.aclose()
+                return early
+
+        async def hook(request: httpx.Request) -> None:
+            if not later:
+                later.append(asyncio.create_task(send_again(request)))
+
+        Held.release.set()
+        async with meshlib.AsyncClient(mesh=mesh, event_hooks={"request": [hook]}) as client:
+            request = client.build_request("GET", request_url)
+            assert (await client.send(request)).content == b"first,rest"
+        sent.set()
+        return await later[0]
+
+    assert asyncio.run(run())
 
 
 @pytest.mark.parametrize("target", ["mesh", "passthrough"])
