@@ -75,14 +75,16 @@ class _Lifespan:
     dies without running `atexit`, where OpenTelemetry's provider would have exported them;
     its `--workers` processes end without it too."""
 
-    __slots__ = ("_send", "_sides")
+    __slots__ = ("_flushed", "_send", "_sides")
 
     def __init__(self, sides: InboundSides, send: Send) -> None:
         self._sides = sides
         self._send = send
+        self._flushed = False  # once: an app that says it shut down twice waits once
 
     async def send(self, message: Message) -> None:
-        if message["type"] in _SHUT_DOWN:
+        if message["type"] in _SHUT_DOWN and not self._flushed:
+            self._flushed = True
             # On the event loop, which has nothing left to serve (the server closed its
             # connections first), for FLUSH_TIMEOUT_S at most.
             try:

@@ -933,9 +933,10 @@ class _FileIndex:
 class MultiProcessMetrics:
     """The merged metrics of every process writing to a multiprocess directory.
 
-    A drop-in for prometheus-client's `MultiProcessCollector` (same families and values) that
-    parses each file's keys once and later only reads the values at their known offsets. Use
-    through `exposed_registry()`, or register it in a registry of its own.
+    In place of prometheus-client's `MultiProcessCollector` (the same families and values, but
+    the Istio histograms' `le` as Envoy writes it, "1" where that one writes "1.0"), it parses
+    each file's keys once and later only reads the values at their known offsets. Use through
+    `exposed_registry()`, or register it in a registry of its own.
     """
 
     def __init__(self, path: str | None = None, registry: CollectorRegistry | None = None) -> None:

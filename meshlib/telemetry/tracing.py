@@ -57,6 +57,7 @@ Rules (what a user of Istio and of OpenTelemetry would expect; see also the READ
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import importlib
 import logging
@@ -618,9 +619,9 @@ class Tracing:
     def flush(self, timeout: float = FLUSH_TIMEOUT_S) -> bool:
         """Export the spans meshlib's own provider still holds in its batch, waiting at most
         `timeout` seconds; an app's provider is left alone. False when the export did not end
-        in time: it goes on in a daemon thread, which the process does not wait for. (The
-        SDK's `force_flush` does not keep to its own timeout: it exports every batch queued,
-        each with the exporter's retries.)"""
+        in time: it goes on in a daemon thread, which the process does not wait for, at exit
+        either. (The SDK's `force_flush` does not keep to its own timeout: it exports every
+        batch queued, each with the exporter's retries.)"""
         owned = self._owned
         if owned is None:
             return True
@@ -629,7 +630,12 @@ class Tracing:
         )
         exporting.start()
         exporting.join(timeout)
-        return not exporting.is_alive()
+        if not exporting.is_alive():
+            return True
+        # Nor does the process wait for it at exit: the SDK's exit handler would shut the
+        # provider down, waiting on this export first, and then up to 30 s more.
+        atexit.unregister(owned.shutdown)
+        return False
 
     def shutdown(self) -> None:
         """Flush and stop meshlib's own provider; an app's provider is left alone."""

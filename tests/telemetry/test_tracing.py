@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import sys
 import textwrap
@@ -1037,3 +1038,47 @@ def test_a_flush_keeps_to_its_timeout_when_the_collector_hangs(
         stop.set()
         thread.join(5)
         listener.close()
+
+
+HUNG_AT_EXIT = """
+import socket, sys, threading
+from meshlib.config import MeshConfig
+from meshlib.telemetry.tracing import Tracing
+from opentelemetry import context
+
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(8)
+held = []
+threading.Thread(target=lambda: [held.append(listener.accept()[0]) for _ in iter(int, 1)],
+                 daemon=True).start()
+import os
+os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{listener.getsockname()[1]}"
+tracing = Tracing(MeshConfig(service="reviews", metrics_port=None), exporter="otlp")
+tracing.set_sampling(100)
+tracer = tracing.provider.get_tracer("test")
+for _ in range(3):
+    tracer.start_span("queued", context=context.Context()).end()
+print(tracing.flush(timeout=0.5))
+"""
+
+
+def test_a_process_exits_soon_after_a_flush_gave_up() -> None:
+    """Once a flush gave up on a collector that hangs, the process's exit does not wait for
+    the export either: OpenTelemetry's exit handler would shut the provider down, waiting for
+    that export and then up to 30 s more."""
+    import subprocess
+    import time
+    from pathlib import Path
+
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", HUNG_AT_EXIT],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(tracing_module.__file__ or "").parents[2])},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False"]
+    assert time.monotonic() - started < 8
