@@ -85,13 +85,18 @@ class _Reading:
     the send ends: a task started meanwhile, which keeps this object in its copy of the
     context, does not find a later send of its own marked."""
 
-    __slots__ = ("marked",)
+    __slots__ = ("first", "more")
 
     def __init__(self, extensions: dict[str, Any]) -> None:
-        self.marked = [extensions]
+        self.first: dict[str, Any] | None = extensions  # the request `send` was handed
+        self.more: list[dict[str, Any]] = []  # redirects' (rare: no list lookup for most)
 
-    def __contains__(self, extensions: object) -> bool:
-        return any(marked is extensions for marked in self.marked)
+    def marks(self, extensions: object) -> bool:
+        return extensions is self.first or any(marked is extensions for marked in self.more)
+
+    def clear(self) -> None:
+        self.first = None
+        self.more.clear()
 
 
 # Set by meshlib's clients while their `send` runs. A context variable, not a key in the
@@ -719,7 +724,7 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
             exchange.shadow = lambda: self._start_mirrors(request, view, added, plan)
 
         reading = _READ_WHOLE.get()
-        whole = reading is not None and request.extensions in reading
+        whole = reading is not None and reading.marks(request.extensions)
         closes = self._closes
         begun = closes.begun
 
@@ -1026,7 +1031,7 @@ class AsyncMeshTransport(_MeshTransportBase, httpx.AsyncBaseTransport):
             exchange.shadow = lambda: self._start_mirrors(request, view, added, plan)
 
         reading = _READ_WHOLE.get()
-        whole = reading is not None and request.extensions in reading
+        whole = reading is not None and reading.marks(request.extensions)
         closes = self._closes
         begun = closes.begun
 
@@ -1252,8 +1257,8 @@ class _ClientMixin:
     def _build_redirect_request(self, request: httpx.Request, response: httpx.Response) -> Any:
         redirect = super()._build_redirect_request(request, response)  # type: ignore[misc]
         reading = _READ_WHOLE.get()
-        if reading is not None and request.extensions in reading:
-            reading.marked.append(redirect.extensions)  # httpx copied them: the next hop's
+        if reading is not None and reading.marks(request.extensions):
+            reading.more.append(redirect.extensions)  # httpx copied them: the next hop's
         return redirect
 
     def _merge_url(self, url: httpx.URL | str) -> httpx.URL:
@@ -1338,7 +1343,7 @@ class Client(_ClientMixin, httpx.Client):
             response = super().send(request, auth=auth, follow_redirects=follow_redirects)
         finally:
             _READ_WHOLE.reset(marked)
-            reading.marked.clear()
+            reading.clear()
         return _unbound(response)
 
 
@@ -1388,5 +1393,5 @@ class AsyncClient(_ClientMixin, httpx.AsyncClient):
             response = await super().send(request, auth=auth, follow_redirects=follow_redirects)
         finally:
             _READ_WHOLE.reset(marked)
-            reading.marked.clear()
+            reading.clear()
         return _unbound(response)
