@@ -332,3 +332,16 @@ def mesh_for(config: Any, policy: str, **kwargs: Any) -> Any:
     result = load_text(policy)
     result.raise_for_errors()
     return meshlib.Mesh(config, policy=Snapshot.build(result.resources, config), **kwargs)
+
+
+def child_env(*paths: str, **variables: str) -> dict[str, str]:
+    """The environment of a child process (a server, a script) that imports the meshlib under
+    test — the compiled copy under `make unit-compiled` — and modules in `paths`."""
+    import os
+    from pathlib import Path
+
+    import meshlib
+
+    tested = str(Path(meshlib.__file__ or "").parent.parent)
+    path = os.pathsep.join(filter(None, (tested, *paths, os.environ.get("PYTHONPATH"))))
+    return {**os.environ, **variables, "PYTHONPATH": path}

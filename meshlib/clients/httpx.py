@@ -78,14 +78,15 @@ _MESHED = "meshlib.meshed"  # marks transports meshlib made, so nothing is meshe
 
 
 class _Reading:
-    """The requests of one `send(stream=False)` whose caller reads the whole body, so that the
-    mesh reads it within the try (see `_read_whole`), named by their extensions: the request
-    an auth flow sends again is the same object, and each redirect's new request, whose
-    extensions httpx copies, is added (`_ClientMixin._build_redirect_request`). Emptied when
-    the send ends: a task started meanwhile, which keeps this object in its copy of the
-    context, does not find a later send of its own marked."""
+    """While a `send(stream=False)` runs (`with _Reading(request.extensions):`), the requests
+    whose caller reads the whole body, so that the mesh reads it within the try (see
+    `_read_whole`), named by their extensions: the request an auth flow sends again is the
+    same object, and each redirect's new request, whose extensions httpx copies, is added
+    (`_ClientMixin._build_redirect_request`). Emptied when the send ends: a task started
+    meanwhile, which keeps this object in its copy of the context, does not find a later send
+    of its own marked."""
 
-    __slots__ = ("first", "more")
+    __slots__ = ("_token", "first", "more")
 
     def __init__(self, extensions: dict[str, Any]) -> None:
         self.first: dict[str, Any] | None = extensions  # the request `send` was handed
@@ -94,7 +95,11 @@ class _Reading:
     def marks(self, extensions: object) -> bool:
         return extensions is self.first or any(marked is extensions for marked in self.more)
 
-    def clear(self) -> None:
+    def __enter__(self) -> None:
+        self._token = _READ_WHOLE.set(self)
+
+    def __exit__(self, *exc_info: object) -> None:
+        _READ_WHOLE.reset(self._token)
         self.first = None
         self.more.clear()
 
@@ -1337,13 +1342,8 @@ class Client(_ClientMixin, httpx.Client):
     ) -> httpx.Response:
         if stream:
             return super().send(request, stream=True, auth=auth, follow_redirects=follow_redirects)
-        reading = _Reading(request.extensions)
-        marked = _READ_WHOLE.set(reading)
-        try:
+        with _Reading(request.extensions):
             response = super().send(request, auth=auth, follow_redirects=follow_redirects)
-        finally:
-            _READ_WHOLE.reset(marked)
-            reading.clear()
         return _unbound(response)
 
 
@@ -1387,11 +1387,6 @@ class AsyncClient(_ClientMixin, httpx.AsyncClient):
             return await super().send(
                 request, stream=True, auth=auth, follow_redirects=follow_redirects
             )
-        reading = _Reading(request.extensions)
-        marked = _READ_WHOLE.set(reading)
-        try:
+        with _Reading(request.extensions):
             response = await super().send(request, auth=auth, follow_redirects=follow_redirects)
-        finally:
-            _READ_WHOLE.reset(marked)
-            reading.clear()
         return _unbound(response)

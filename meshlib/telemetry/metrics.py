@@ -234,8 +234,15 @@ def multiprocess_dir() -> str | None:
     """
     if not getattr(_prometheus_values.ValueClass, "_multiprocess", False):
         return None
-    environ = os.environ
-    return environ.get("PROMETHEUS_MULTIPROC_DIR", environ.get("prometheus_multiproc_dir"))
+    return os.environ.get(_multiprocess_variable())
+
+
+def _multiprocess_variable() -> str:
+    """The variable prometheus-client takes its directory from: the deprecated lowercase one
+    only where the uppercase one is not set."""
+    upper = "PROMETHEUS_MULTIPROC_DIR"
+    lower = upper.lower()
+    return lower if lower in os.environ and upper not in os.environ else upper
 
 
 def _check_multiprocess_dir() -> None:
@@ -244,8 +251,7 @@ def _check_multiprocess_dir() -> None:
     metric (and, set empty, would take as the working directory)."""
     path = multiprocess_dir()
     if path is not None and not os.path.isdir(path):
-        upper = "PROMETHEUS_MULTIPROC_DIR"
-        variable = upper if upper in os.environ else upper.lower()  # the deprecated one
+        variable = _multiprocess_variable()
         raise ConfigError(
             f"{variable}={path!r}: not a directory. prometheus-client's"
             " multiprocess mode writes each process's metrics there: create it, empty, before"

@@ -6,7 +6,6 @@ logging, its handlers alone get the lines (none on stdout, none twice)."""
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -17,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-import meshlib
 from tests.access_lines import TELEMETRY
+from tests.upstream import child_env
 
 ASGI_APP = """
 import logging, sys
@@ -64,8 +63,6 @@ def serve(tmp_path: Path, server: str, logging_line: str) -> tuple[str, str]:
     source = WSGI_APP if server == "gunicorn" else ASGI_APP
     (tmp_path / "served.py").write_text(source.replace("LOGGING", logging_line))
     (tmp_path / "mesh.yaml").write_text(TELEMETRY)
-    tested = str(Path(meshlib.__file__).parent.parent)  # the meshlib under test
-    path = os.pathsep.join(filter(None, (tested, str(tmp_path), os.environ.get("PYTHONPATH"))))
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(64)
@@ -80,7 +77,7 @@ def serve(tmp_path: Path, server: str, logging_line: str) -> tuple[str, str]:
     process = subprocess.Popen(
         argv,
         cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": path},
+        env=child_env(str(tmp_path)),
         pass_fds=[listener.fileno()],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

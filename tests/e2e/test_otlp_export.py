@@ -36,7 +36,7 @@ from starlette.routing import Route
 
 import meshlib
 from meshlib.config import MeshConfig
-from tests.upstream import AsgiServer, Upstream, loopback_service, mesh_for
+from tests.upstream import AsgiServer, Upstream, child_env, loopback_service, mesh_for
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
@@ -241,14 +241,9 @@ def test_spans_batched_when_uvicorn_is_stopped_are_exported(
     batch's own timer, 5 s, has not fired yet). With --workers, each worker does the same."""
     endpoint, received = http_receiver
     (tmp_path / "served.py").write_text(SERVED)
-    tested = str(Path(meshlib.__file__).parent.parent)  # the meshlib under test
-    path = os.pathsep.join(filter(None, (tested, str(tmp_path), os.environ.get("PYTHONPATH"))))
-    env = {
-        **os.environ,
-        "PYTHONPATH": path,
-        "MESHLIB_TRACES_EXPORTER": "otlp",
-        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
-    }
+    env = child_env(
+        str(tmp_path), MESHLIB_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_ENDPOINT=endpoint
+    )
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(64)

@@ -11,13 +11,11 @@ import concurrent.futures
 import contextvars
 import decimal
 import multiprocessing.pool
-import os
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,6 +26,7 @@ from opentelemetry import trace
 from meshlib.dataplane.deadline import inbound_deadline
 from meshlib.telemetry import threads
 from meshlib.telemetry.propagation import InboundContext, Propagator, current
+from tests.upstream import child_env
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 SPAN_ID = "b7ad6b7169203331"
@@ -563,7 +562,7 @@ def test_install_while_another_thread_imports_multiprocessing_pool() -> None:
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "PYTHONPATH": str(Path(threads.__file__ or "").parents[2])},
+        env=child_env(),
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["[]", "True"]

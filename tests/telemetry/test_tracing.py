@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import random
 import sys
 import textwrap
@@ -35,6 +34,7 @@ from meshlib.telemetry.tracing import (
     effective_tracing,
     sampling_percentage,
 )
+from tests.upstream import child_env
 
 CONFIG = MeshConfig(service="productpage", version="v1", namespace="default")
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -1069,7 +1069,6 @@ def test_a_process_exits_soon_after_a_flush_gave_up() -> None:
     that export and then up to 30 s more."""
     import subprocess
     import time
-    from pathlib import Path
 
     started = time.monotonic()
     result = subprocess.run(
@@ -1077,7 +1076,7 @@ def test_a_process_exits_soon_after_a_flush_gave_up() -> None:
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "PYTHONPATH": str(Path(tracing_module.__file__ or "").parents[2])},
+        env=child_env(),
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False"]
