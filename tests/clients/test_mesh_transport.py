@@ -160,6 +160,11 @@ def running() -> Iterator[Servers]:
             server.stop()
 
 
+# How long a test waits for a mirrored copy: copies from every sync client in the process share
+# four threads, where an earlier test's copy to a slow mirror may still be waiting its turn.
+COPY_WAIT = 30.0
+
+
 @pytest.fixture
 def servers(running: Servers) -> Servers:
     running.reset()
@@ -1146,7 +1151,9 @@ def test_a_mirror_to_a_one_port_service_uses_that_port(servers: Servers, tap: Ta
     policy = shadow_entry(servers) + vs(ROUTE + "\n  mirror: {host: shadow.internal}")
     with client(servers, policy, transport=tap.transport()) as c:
         assert c.get("http://api.internal/x").status_code == 200
-    wait_until_sync(lambda: len(servers.seen) == 2, "the mirrored copy")  # closing waits for none
+    wait_until_sync(
+        lambda: len(servers.seen) == 2, "the mirrored copy", COPY_WAIT
+    )  # close: no wait
     shadow = f"127.0.0.1:{servers.other.port}"
     (called,) = [seen.endpoint for seen in servers.seen if seen.endpoint != shadow]
     assert sorted(t.url for t in tap) == sorted([f"http://{called}/x", f"http://{shadow}/x"])
@@ -1162,7 +1169,7 @@ def test_a_mirrored_copy_never_waits_for_good(servers: Servers, tap: Tap) -> Non
     policy = vs(ROUTE + "\n  mirror: {host: api.internal}")
     with client(servers, policy, timeout=None, transport=tap.transport()) as c:
         assert c.get("http://api.internal/m").status_code == 200
-        wait_until_sync(lambda: len(servers.seen) == 2, "the mirrored copy")
+        wait_until_sync(lambda: len(servers.seen) == 2, "the mirrored copy", COPY_WAIT)
     copies = [t.timeout for t in tap if "x-envoy-attempt-count" not in t.headers]
     assert copies == [dict.fromkeys(("connect", "read", "write", "pool"), 10.0)]
     assert len(tap) == 2
@@ -1187,7 +1194,7 @@ def test_a_mirrored_copy_never_waits_for_good_requests(
     with requests.Session() as session:
         session.mount("http://", MeshAdapter(mesh=mesh_of(servers, policy), inner=tap.adapter()))
         assert session.get("http://api.internal/m", timeout=timeout).status_code == 200
-        wait_until_sync(lambda: len(servers.seen) == 2, "the mirrored copy")
+        wait_until_sync(lambda: len(servers.seen) == 2, "the mirrored copy", COPY_WAIT)
     copies = [t.timeout for t in tap if "x-envoy-attempt-count" not in t.headers]
     assert copies == [mirrored]
     assert len(tap) == 2
