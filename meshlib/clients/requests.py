@@ -456,6 +456,9 @@ class MeshAdapter(HTTPAdapter):
             service,
         )
         forget_identity(response.headers, response.headers)
+        # The id the call went out with (the app's, or the one meshlib made): not written
+        # into the caller's PreparedRequest, so said here, as httpx's `extensions["request_id"]`.
+        response.request_id = view["x-request-id"]  # type: ignore[attr-defined]
         if self._owns_inner:  # requests resends through it (digest auth): through the mesh
             response.connection = self
         return _answering(response, original)

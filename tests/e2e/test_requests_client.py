@@ -154,10 +154,12 @@ def test_a_prepared_request_sent_twice_gets_two_request_ids(mesh: meshlib.Mesh) 
     with meshlib.Session(mesh=mesh) as session:
         prepared = session.prepare_request(requests.Request("GET", URL + "/plain"))
         before = dict(prepared.headers)
-        first = echo(session.send(prepared, timeout=5))["rid"]
-        second = echo(session.send(prepared, timeout=5))["rid"]
+        responses = [session.send(prepared, timeout=5) for _ in range(2)]
+    first, second = (echo(response)["rid"] for response in responses)
     assert dict(prepared.headers) == before
     assert first and second and first != second
+    # the id each call went out with, where the app reads it (its request has none)
+    assert [response.request_id for response in responses] == [first, second]  # type: ignore[attr-defined]
 
 
 def test_the_callers_timeout_is_about_the_callers_request(mesh: meshlib.Mesh) -> None:
@@ -194,6 +196,7 @@ def test_local_answers_look_like_requests_own(mesh: meshlib.Mesh) -> None:
     assert streamed.raw.read(decode_content=True).startswith(b"upstream connect error")
     assert streamed.encoding == "ISO-8859-1"
     assert head.status_code == 503 and head.content == b""
+    assert len(streamed.request_id) == 36  # type: ignore[attr-defined]  # one made, as Envoy's
 
 
 def test_bytes_header_values_are_routed(mesh: meshlib.Mesh) -> None:
