@@ -9,6 +9,7 @@ id, the SERVER span the caller's span's child, the CLIENT span the SERVER span's
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -278,3 +279,41 @@ def test_spans_batched_when_uvicorn_is_stopped_are_exported(
             server.wait()
     names = [(span.kind, span.name, span.trace_id.hex()) for _, span in received.spans()]
     assert names == [(ProtoSpan.SPAN_KIND_SERVER, "GET /productpage", TRACE_ID)]
+
+
+def test_the_lifespan_shutdown_exports_the_batch_once_before_the_server_hears_it(
+    http_receiver: tuple[str, Received], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The span ended during shutdown has reached the collector by the time the server gets
+    `lifespan.shutdown.complete`; an app that says so twice is waited for once (the span
+    between its two messages stays in the batch, which the batch's timer, set here to a
+    minute, would send later)."""
+    endpoint, received = http_receiver
+    monkeypatch.setenv("MESHLIB_TRACES_EXPORTER", "otlp")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "60000")
+    every_span = TELEMETRY.replace("randomSamplingPercentage: 0", "randomSamplingPercentage: 100")
+    mesh = mesh_for(MeshConfig(service="productpage", metrics_port=None), every_span, watch=False)
+    assert mesh.tracing.owns_provider and mesh.tracing.provider is not None
+    tracer = mesh.tracing.provider.get_tracer("the-app")
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        assert (await receive())["type"] == "lifespan.shutdown"
+        for name in ("before", "between"):
+            tracer.start_span(name).end()
+            await send({"type": "lifespan.shutdown.complete"})
+
+    exported_when_told: list[list[str]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "lifespan.shutdown"}
+
+    async def server_send(message: dict[str, Any]) -> None:
+        exported_when_told.append([span.name for _, span in received.spans()])
+
+    try:
+        lifespan = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+        asyncio.run(meshlib.MeshMiddleware(app, mesh=mesh)(lifespan, receive, server_send))
+        assert exported_when_told == [["before"], ["before"]]
+    finally:
+        mesh.close()
