@@ -345,3 +345,18 @@ def child_env(*paths: str, **variables: str) -> dict[str, str]:
     tested = str(Path(meshlib.__file__ or "").parent.parent)
     path = os.pathsep.join(filter(None, (tested, *paths, os.environ.get("PYTHONPATH"))))
     return {**os.environ, **variables, "PYTHONPATH": path}
+
+
+def run_script(script: str, *args: str, timeout: float = 120) -> Any:
+    """`python -c script args...` in a child process on the meshlib under test (`child_env`):
+    its CompletedProcess, stdout and stderr as text."""
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=child_env(),
+    )

@@ -196,11 +196,9 @@ def install() -> None:
     with _lock:
         _wrap(_targets())
         _state["active"] = True
-        hook = not _hooked
-    if hook:  # now, if already imported (the hook takes the lock), else when it is
+        hook, _hooked = not _hooked, True
+    if hook:  # runs now if already imported, so outside the lock, which the hook takes
         wrapt.register_post_import_hook(_pool_imported, "multiprocessing.pool")
-        with _lock:
-            _hooked = True
 
 
 def uninstall() -> None:

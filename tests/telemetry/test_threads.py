@@ -26,7 +26,7 @@ from opentelemetry import trace
 from meshlib.dataplane.deadline import inbound_deadline
 from meshlib.telemetry import threads
 from meshlib.telemetry.propagation import InboundContext, Propagator, current
-from tests.upstream import child_env
+from tests.upstream import run_script
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 SPAN_ID = "b7ad6b7169203331"
@@ -555,14 +555,6 @@ def test_install_while_another_thread_imports_multiprocessing_pool() -> None:
     (it is in sys.modules, without ThreadPool yet) waits for that import and wraps ThreadPool;
     it raised AttributeError from the middleware's constructor, and ThreadPool stayed
     unwrapped for the life of the process."""
-    import subprocess
-
-    result = subprocess.run(
-        [sys.executable, "-c", IMPORTING],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=child_env(),
-    )
+    result = run_script(IMPORTING)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["[]", "True"]

@@ -34,7 +34,7 @@ from meshlib.telemetry.tracing import (
     effective_tracing,
     sampling_percentage,
 )
-from tests.upstream import child_env
+from tests.upstream import run_script
 
 CONFIG = MeshConfig(service="productpage", version="v1", namespace="default")
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -1067,17 +1067,10 @@ def test_a_process_exits_soon_after_a_flush_gave_up() -> None:
     """Once a flush gave up on a collector that hangs, the process's exit does not wait for
     the export either: OpenTelemetry's exit handler would shut the provider down, waiting for
     that export and then up to 30 s more."""
-    import subprocess
     import time
 
     started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-c", HUNG_AT_EXIT],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=child_env(),
-    )
+    result = run_script(HUNG_AT_EXIT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False"]
     assert time.monotonic() - started < 8
