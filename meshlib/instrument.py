@@ -131,7 +131,7 @@ class _Stock:
 
     def sibling(self) -> Any:
         """For mirrored copies: a transport like the stock one with a pool of its own, or
-        None (see `meshlib.clients.httpx.pool_like`). Its sends pass as stock: copies are
+        None (see `meshlib.clients._httpx_pools.pool_like`). Its sends pass as stock: copies are
         sent from inside meshlib."""
         return _Clients.pool_like(self._instance)
 
@@ -227,7 +227,8 @@ def instrument(mesh: Mesh | None = None) -> None:
     from meshlib.mesh import given_mesh
 
     given_mesh(mesh, "meshlib.instrument")
-    from meshlib.clients.httpx import AsyncMeshTransport, MeshTransport, pool_like
+    from meshlib.clients._httpx_pools import pool_like
+    from meshlib.clients._httpx_transport import AsyncMeshTransport, MeshTransport
     from meshlib.clients.requests import MeshAdapter
 
     _Clients.MeshTransport, _Clients.AsyncMeshTransport = MeshTransport, AsyncMeshTransport
