@@ -436,7 +436,7 @@ def test_the_prometheus_provider_is_named_in_any_case() -> None:
 
 def test_closing_a_mesh_stops_its_overrides_applying_to_the_multiprocess_view() -> None:
     from meshlib.mesh import Mesh
-    from meshlib.telemetry import metrics as metrics_module
+    from meshlib.telemetry import _metrics_multiprocess as metrics_module
 
     mesh = Mesh(CONFIG, watch=False)
     mesh.metrics.render_multiprocess_with_these()
