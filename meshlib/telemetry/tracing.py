@@ -94,8 +94,7 @@ from meshlib.policy.hosts import strip_port
 from meshlib.policy.snapshot import Snapshot
 from meshlib.policy.telemetry import Tracing as TracingSpec
 from meshlib.policy.telemetry import header_name
-from meshlib.telemetry._resolve import telemetry_levels
-from meshlib.telemetry.propagation import (
+from meshlib.telemetry._caller_trace import (
     B3_DEFERRED,
     B3_SAMPLING_KEY,
     CALLER_DECISION,
@@ -103,6 +102,7 @@ from meshlib.telemetry.propagation import (
     CallerSpan,
     decided,
 )
+from meshlib.telemetry._resolve import telemetry_levels
 
 __all__ = [
     "DEFAULT_SAMPLING_PERCENTAGE",
