@@ -285,12 +285,12 @@ def _layer(count: bool, propagate: bool) -> Any:
     from starlette.middleware import Middleware
 
     from meshlib._inbound import InboundSide
-    from meshlib.telemetry import propagation
+    from meshlib.telemetry import _caller_trace, _request_context, propagation
 
     record = InboundSide(make_mesh(traced=False)).recorder.record if count else None
-    current, otel_var = propagation.current, propagation._OTEL_VAR
+    current, otel_var = _request_context.current, _request_context._OTEL_VAR
     assert otel_var is not None, "OpenTelemetry's context variable was not found"
-    caller_span, span_key = propagation._caller_span, propagation.SPAN_KEY
+    caller_span, span_key = _caller_trace._caller_span, _caller_trace.SPAN_KEY
     formats = frozenset((propagation.TRACECONTEXT,))
 
     class Layer:
@@ -320,7 +320,7 @@ def _layer(count: bool, propagate: bool) -> Any:
                         request_id = value.decode("latin-1")
                 span = caller_span(parent, None) if parent else None
                 context = Context({span_key: span}) if span is not None else Context()
-                inbound = propagation.InboundContext(
+                inbound = _request_context.InboundContext(
                     request_id or "", (), context, None, span.sampled if span else None, formats
                 )
                 token, otel_token = current.set(inbound), otel_var.set(context)

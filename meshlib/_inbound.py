@@ -17,9 +17,9 @@ from typing import Any, NamedTuple
 from meshlib.dataplane.outcome import Flag
 from meshlib.mesh import Mesh, default_mesh, made_default_mesh
 from meshlib.telemetry import peer
+from meshlib.telemetry._request_context import Activation, InboundContext
+from meshlib.telemetry._span_scopes import ServerScope
 from meshlib.telemetry.access_log import AccessLogEntry, protocol_of
-from meshlib.telemetry.propagation import Activation, InboundContext
-from meshlib.telemetry.tracing import ServerScope
 
 logger = logging.getLogger("meshlib")
 

@@ -73,7 +73,8 @@ _ENV = {
     "instance_ip": "MESHLIB_INSTANCE_IP",
 }
 # Every MESHLIB_* variable meshlib reads: MeshConfig's, and those a Mesh reads itself
-# (telemetry/tracing.py, telemetry/access_log.py). A close misspelling of one is warned about.
+# (telemetry/_tracer_provider.py, telemetry/access_log.py). A close misspelling of one is
+# warned about.
 _KNOWN_VARIABLES = (*_ENV.values(), "MESHLIB_TRACES_EXPORTER", "MESHLIB_ACCESS_LOG")
 # Read when the MESHLIB_* variable is absent: the Downward API names a Deployment commonly
 # sets, and OpenTelemetry's own variable for the formats to send.

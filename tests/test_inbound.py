@@ -25,9 +25,9 @@ from prometheus_client import CollectorRegistry
 import meshlib
 from meshlib.config import MeshConfig
 from meshlib.telemetry import peer
+from meshlib.telemetry._span_scopes import _unsampled
 from meshlib.telemetry.metrics import IstioMetrics
 from meshlib.telemetry.propagation import CallerSpan, Propagator, _single
-from meshlib.telemetry.tracing import _unsampled
 from tests.access_lines import logging_mesh, start_time
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"

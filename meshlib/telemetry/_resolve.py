@@ -1,6 +1,7 @@
 """Which Telemetry resources apply to this workload, in Istio's precedence order.
 
-Shared by tracing (`effective_tracing`) and access logging (`access_log.effective_access_logging`).
+Shared by tracing (`_tracing_policy.effective_tracing`) and access logging
+(`access_log.effective_access_logging`).
 """
 
 from __future__ import annotations

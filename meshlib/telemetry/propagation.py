@@ -40,7 +40,7 @@ Rules chosen (what a user of Istio would expect):
 - **What is injected** is the *current* OpenTelemetry context at the time of the call: the
   caller's span when no tracer runs (headers pass through unchanged), the client span when
   the tracing module started one. While the caller's span is current, B3 goes on in the form
-  received (`_ReceivedB3`): OpenTelemetry's B3 propagator drops the parent span id and pads a
+  received (see `_b3`): OpenTelemetry's B3 propagator drops the parent span id and pads a
   64-bit trace id to 128 bits. No trace is invented without a tracer; a request with no
   or malformed trace headers starts a new trace at the tracing module's root span. A B3
   sampling decision without ids (`b3: 0`, `x-b3-sampled: 0`) is passed on as such.
@@ -85,33 +85,55 @@ import re
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from contextvars import ContextVar, Token
 from functools import partial
-from typing import NamedTuple, TypeVar
+from typing import NamedTuple
 
 from opentelemetry import baggage as baggage_api
 from opentelemetry import context as otel_context_api
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context, create_key
-from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.propagators.b3 import B3MultiFormat, B3SingleFormat
 from opentelemetry.propagators.textmap import Getter, TextMapPropagator, default_setter
-from opentelemetry.trace import (
-    INVALID_SPAN,
-    NonRecordingSpan,
-    SpanContext,
-    TraceFlags,
-    TraceState,
-    get_current_span,
-    set_span_in_context,
-)
+from opentelemetry.trace import get_current_span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from meshlib.dataplane.deadline import inbound_deadline
+from meshlib.telemetry._b3 import (
+    _RECEIVED_B3,
+    _inject_b3_multi,
+    _inject_b3_single,
+    _received_b3,
+    _sampled,
+)
+from meshlib.telemetry._caller_trace import (
+    B3_DEBUG,
+    B3_DEFERRED,
+    B3_SAMPLING_KEY,
+    CALLER_DECISION,
+    SPAN_KEY,
+    CallerSpan,
+    _caller_span,
+    _with_decision,
+    decided,
+)
+from meshlib.telemetry._request_context import (
+    _NO_FORMATS,
+    _OTEL_VAR,
+    Activation,
+    InboundContext,
+    _otel_attach,
+    _otel_current,
+    _reset,
+    current,
+)
 from meshlib.telemetry.log_limit import limit_caller_warnings
 from meshlib.telemetry.peer import HEADER as PEER_HEADER
 from meshlib.telemetry.peer import ISTIO_HEADER as ISTIO_PEER_HEADER
 
+# The request context (`InboundContext`, `current`, `Activation`) and the caller's trace
+# (`CallerSpan`, `SPAN_KEY`, the B3 sampling states, `decided`) live in modules of their own
+# (`_request_context`, `_caller_trace`); they are named here too, as what `extract` gives
+# and `activate` sets.
 __all__ = [
     "B3_DEBUG",
     "B3_DEFERRED",
@@ -125,16 +147,12 @@ __all__ = [
     "CallerSpan",
     "InboundContext",
     "Propagator",
-    "RequestContext",
-    "capture",
     "current",
     "decided",
     "new_request_id",
-    "run_in",
 ]
 
 logger = logging.getLogger(__name__)
-_T = TypeVar("_T")
 
 # Format names, as OpenTelemetry's OTEL_PROPAGATORS spells them.
 TRACECONTEXT = "tracecontext"
@@ -163,22 +181,9 @@ _EXPECTED_MS = re.compile(r"[ \t]*([0-9]{1,12})[ \t]*")
 _GRPC_TIMEOUT = re.compile(r"[ \t]*([0-9]{1,8})([HMSmun])[ \t]*")
 _MAX_BUDGET = 30 * 86400.0  # seconds: a caller's deadline further away is taken as 30 days
 _GRPC_UNIT = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
-_B3_YES = frozenset(("1", "true", "True", "d"))
-_B3_NO = frozenset(("0", "false", "False"))
 
-B3_SAMPLING_KEY = create_key("meshlib-b3-sampling")
-"""Where an extracted Context says the B3 caller's sampling state: `B3_DEFERRED` (ids without
-a decision: this hop decides) or `B3_DEBUG`; absent otherwise."""
-B3_DEFERRED = "deferred"
-B3_DEBUG = "debug"
 _RECEIVED_BAGGAGE = create_key("meshlib-received-baggage")
 """Where an extracted Context keeps the `baggage` it came with (a `_Received`)."""
-_RECEIVED_B3 = create_key("meshlib-received-b3")
-"""Where an extracted Context keeps the B3 ids it came with, as received (a `_ReceivedB3`)."""
-CALLER_DECISION = create_key("meshlib-caller-decision")
-"""The caller's sampling decision when it sent one without trace ids (B3's `b3: 0`,
-`x-b3-sampled: 1`, `x-b3-flags: 1`): the trace starts at this hop, as the caller decided
-(MeshSampler honours it, as Envoy's Zipkin tracer does)."""
 _MAX_BAGGAGE = 8192  # W3C Baggage: the most bytes a baggage-string may hold
 
 
@@ -189,65 +194,12 @@ class _Received(NamedTuple):
     extracted: Mapping[str, object]
 
 
-class _ReceivedB3(NamedTuple):
-    """The B3 ids a request came with, in the form received: what OpenTelemetry's propagators
-    drop (the parent span id) or change (a 64-bit trace id, sent padded to 128 bits)."""
-
-    trace_id: str
-    """16 or 32 lowercase hex, as received."""
-    span_id: int
-    parent: str | None
-    """`x-b3-parentspanid` or single `b3`'s fourth field: 16 lowercase hex; None if absent
-    or malformed."""
-
-
 _Inject = Callable[[dict[str, str], Context], None]
 HeaderLookup = Callable[[str], "list[str] | None"]
 """`lookup(name)`: the values received for header `name` (lowercase); [] or None if absent."""
 
 _EMPTY_CONTEXT = Context()
 _new_tuple = tuple.__new__
-_NO_FORMATS: frozenset[str] = frozenset()
-
-
-class InboundContext(NamedTuple):
-    """What the request being served carries on to the outbound calls made for it.
-
-    An immutable tuple (cheaper to build per request than a frozen dataclass).
-    """
-
-    request_id: str
-    """`x-request-id`: the incoming one, or a new UUIDv4 when absent or invalid."""
-    headers: tuple[tuple[str, str], ...]
-    """The `MeshConfig.propagate_headers` present inbound, lowercase names, one entry each."""
-    otel_context: Context
-    """The extracted trace context and baggage (empty when none or malformed)."""
-    deadline: float | None
-    """Absolute `time.monotonic()` by which the caller wants an answer, if it said."""
-    sampled: bool | None
-    """The caller's sampling decision, None when it made none (or deferred it)."""
-    formats: frozenset[str] = _NO_FORMATS
-    """The trace formats the inbound request used (`tracecontext`, `b3multi`, `b3`)."""
-
-
-current: ContextVar[InboundContext | None] = ContextVar("meshlib_inbound_context", default=None)
-"""The InboundContext of the request being served in this context, if any."""
-
-
-class Activation:
-    """What one `activate` changed (the tokens `deactivate` resets), innermost first."""
-
-    __slots__ = ("current", "deadline", "otel")
-
-    def __init__(
-        self,
-        current_token: Token[InboundContext | None],
-        otel_token: Token[Context] | None,
-        deadline_token: Token[float | None] | None,
-    ) -> None:
-        self.current: Token[InboundContext | None] | None = current_token  # None once undone
-        self.otel = otel_token
-        self.deadline = deadline_token
 
 
 class _ListGetter(Getter[Mapping[str, list[str]]]):
@@ -614,77 +566,6 @@ def new_request_id() -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-def _otel_var() -> ContextVar[Context] | None:
-    """OpenTelemetry's own ContextVar, when its runtime context is the standard one (whose
-    attach, detach and get_current are that variable's set, reset and get), else None."""
-    runtime = getattr(otel_context_api, "_RUNTIME_CONTEXT", None)
-    if type(runtime) is ContextVarsRuntimeContext:
-        var = getattr(runtime, "_current_context", None)
-        if isinstance(var, ContextVar):
-            return var
-    return None
-
-
-# Activating a request is on every request's path: with the standard runtime context, its
-# variable is set directly (the API adds two Python calls each way, which show in servers).
-_OTEL_VAR = _otel_var()
-_otel_current: Callable[[], Context]
-_otel_attach: Callable[[Context], Token[Context]]
-if _OTEL_VAR is not None:
-    _otel_current, _otel_attach = _OTEL_VAR.get, _OTEL_VAR.set
-else:
-    _otel_current, _otel_attach = otel_context_api.get_current, otel_context_api.attach
-
-
-class RequestContext(NamedTuple):
-    """The request context as it was when captured, to carry into another thread: the
-    request being served, its deadline and the OpenTelemetry context (the app's own spans
-    included). Only these travel: the thread's other context variables stay its own."""
-
-    inbound: InboundContext | None
-    deadline: float | None
-    otel: Context
-
-
-def capture() -> RequestContext | None:
-    """The request context current here; None when there is none (no request, no span)."""
-    inbound = current.get()
-    deadline = inbound_deadline.get()
-    otel = _otel_current()
-    if inbound is None and deadline is None and not otel:  # an empty OTel Context is falsy
-        return None
-    return RequestContext(inbound, deadline, otel)
-
-
-def run_in(
-    captured: RequestContext, fn: Callable[..., _T], /, *args: object, **kwargs: object
-) -> _T:
-    """Call `fn` with `captured` current, then restore what was current before: a pool's
-    worker thread keeps nothing of it for its next task."""
-    token = current.set(captured.inbound)
-    deadline_token = inbound_deadline.set(captured.deadline)
-    if _OTEL_VAR is None:
-        otel_token = otel_context_api.attach(captured.otel)
-    else:
-        otel_token = _OTEL_VAR.set(captured.otel)
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        if _OTEL_VAR is None:
-            otel_context_api.detach(otel_token)
-        else:
-            _reset(_OTEL_VAR, otel_token)
-        _reset(inbound_deadline, deadline_token)
-        _reset(current, token)
-
-
-def _reset(var: ContextVar[_T], token: Token[_T]) -> None:
-    try:
-        var.reset(token)
-    except (ValueError, RuntimeError):  # made in another context, or already used
-        logger.debug("meshlib: %s token not reset", var.name, exc_info=True)
-
-
 def _any_set(has: Callable[[str], bool], names: tuple[str, ...]) -> bool:
     for name in names:
         if has(name):
@@ -692,61 +573,8 @@ def _any_set(has: Callable[[str], bool], names: tuple[str, ...]) -> bool:
     return False
 
 
-# The canonical traceparent: version 00, no padding, nothing after the flags; all-zero
-# (invalid) ids excluded.
-_CANONICAL_TRACEPARENT = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
-_SHORT_TRACESTATE = 512  # well under any limit OpenTelemetry applies to tracestate
 _W3C_ONLY = frozenset(_W3C_FIELDS)
 _TRACECONTEXT_ONLY = frozenset((TRACECONTEXT,))
-
-
-def _caller_span(traceparent: str, states: list[str] | None) -> CallerSpan | None:
-    """The caller's span for a canonical `traceparent` (and a short `tracestate`), built
-    directly (several times faster than OpenTelemetry's propagator); None for anything else,
-    which then goes through OpenTelemetry's own TraceContextTextMapPropagator, whatever its
-    version's rules."""
-    if _CANONICAL_TRACEPARENT.fullmatch(traceparent) is None:
-        return None
-    if states is not None and sum(len(state) for state in states) > _SHORT_TRACESTATE:
-        return None
-    return CallerSpan(traceparent, states)
-
-
-SPAN_KEY = next(iter(set_span_in_context(INVALID_SPAN, Context())))
-"""The key OpenTelemetry keeps a Context's span under, found through its public API."""
-_SAMPLED_DIGITS = frozenset("13579bdf")  # the last hex digit of flags with the sampled bit
-
-
-class CallerSpan(NonRecordingSpan):
-    """The caller's span from a canonical `traceparent`, as OpenTelemetry's propagator would
-    give it (a NonRecordingSpan with a remote SpanContext), but with the SpanContext built on
-    first use: most served requests never read it (an unsampled trace, no outbound call)."""
-
-    def __init__(self, traceparent: str, states: list[str] | None) -> None:
-        # NonRecordingSpan.__init__ is not called: `_context` is a property here.
-        self._traceparent = traceparent  # canonical: 00-<32 hex>-<16 hex>-<2 hex>
-        self._states = states
-        self._built: SpanContext | None = None
-        self.sampled = traceparent[54] in _SAMPLED_DIGITS
-        """The caller's sampled flag, read without building the SpanContext."""
-
-    @property
-    def _context(self) -> SpanContext:
-        built = self._built
-        if built is None:
-            value, states = self._traceparent, self._states
-            built = self._built = SpanContext(
-                trace_id=int(value[3:35], 16),
-                span_id=int(value[36:52], 16),
-                is_remote=True,
-                trace_flags=TraceFlags(int(value[53:55], 16)),
-                trace_state=None if states is None else TraceState.from_header(states),
-            )
-        return built
-
-    @_context.setter
-    def _context(self, value: SpanContext) -> None:
-        self._built = value
 
 
 def _formats_of(carrier: Mapping[str, list[str]]) -> frozenset[str]:
@@ -762,65 +590,6 @@ def _formats_of(carrier: Mapping[str, list[str]]) -> frozenset[str]:
     return frozenset(found) if found else _NO_FORMATS
 
 
-def _sampled(carrier: Mapping[str, list[str]], ctx: Context) -> tuple[bool | None, str | None]:
-    """The caller's decision — a valid traceparent's flag, else B3's explicit one, else None —
-    and its B3 sampling state: `B3_DEBUG`, `B3_DEFERRED` (B3 ids without a decision), or None.
-    A B3 flag counts only with valid ids or with none at all (`b3: 1`, a lone
-    `x-b3-sampled`): one sent with malformed ids is malformed input, so a new trace starts
-    at this hop's own percentage."""
-    span_context = get_current_span(ctx).get_span_context()
-    valid = span_context.is_valid
-    if valid:
-        parent = carrier.get("traceparent")
-        if parent is not None and f"{span_context.trace_id:032x}" in parent[0]:
-            return span_context.trace_flags.sampled, None
-    sampled: bool | None = None
-    single = carrier.get("b3")
-    if single is not None and single[0]:  # what OpenTelemetry's B3 propagators read first
-        fields = single[0].strip().split("-")
-        if len(fields) > 1 and not valid:
-            return None, None  # malformed ids: ignored, and the flag sent with them too
-        flag = fields[0] if len(fields) == 1 else fields[2] if len(fields) > 2 else ""
-        if flag == "d":
-            return True, B3_DEBUG
-        sampled = True if flag == "1" else False if flag == "0" else None
-    else:
-        if not valid and ("x-b3-traceid" in carrier or "x-b3-spanid" in carrier):
-            return None, None  # malformed ids: ignored, and the flag sent with them too
-        flags = carrier.get("x-b3-flags")
-        if flags is not None and flags[0].strip() == "1":
-            return True, B3_DEBUG
-        value = carrier.get("x-b3-sampled")
-        if value is not None:
-            flag = value[0].strip()
-            sampled = True if flag in _B3_YES else False if flag in _B3_NO else None
-    return sampled, (B3_DEFERRED if sampled is None and valid else None)
-
-
-def _with_decision(context: Context, sampled: bool) -> Context:
-    """`context` with its (remote) span's sampled flag set to `sampled`."""
-    span_context = get_current_span(context).get_span_context()
-    span = NonRecordingSpan(
-        SpanContext(
-            trace_id=span_context.trace_id,
-            span_id=span_context.span_id,
-            is_remote=True,
-            trace_flags=TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT),
-            trace_state=span_context.trace_state,
-        )
-    )
-    return set_span_in_context(span, context)
-
-
-def decided(context: Context, decide: Callable[[int], bool]) -> Context:
-    """An extracted `context` whose B3 caller deferred the sampling decision (marked
-    `B3_DEFERRED`), with this hop's decision `decide(trace_id)` made: the caller's span
-    sampled or not, and no longer marked, so the decision is what goes on."""
-    trace_id = get_current_span(context).get_span_context().trace_id
-    kept = Context({key: value for key, value in context.items() if key != B3_SAMPLING_KEY})
-    return _with_decision(kept, decide(trace_id))
-
-
 def _inject_baggage(
     propagator: W3CBaggagePropagator, carrier: dict[str, str], ctx: Context
 ) -> None:
@@ -830,96 +599,6 @@ def _inject_baggage(
         carrier["baggage"] = received.value
     else:
         propagator.inject(carrier, ctx, setter=default_setter)
-
-
-_B3_TRACE_ID = re.compile(r"[0-9a-fA-F]{16}|[0-9a-fA-F]{32}")  # as OpenTelemetry's B3 reads
-_B3_SPAN_ID = re.compile(r"[0-9a-fA-F]{16}")
-
-
-def _received_b3(carrier: Mapping[str, list[str]], ctx: Context) -> _ReceivedB3 | None:
-    """The B3 ids received, when the extracted span is theirs and OpenTelemetry's propagator
-    would send them on changed (a 64-bit trace id, a parent span id); else None."""
-    first = carrier.get("b3")
-    single = first[0] if first else ""
-    parent: str | None
-    if single:  # what OpenTelemetry's B3 propagators read first (split as they split it)
-        fields = single.split("-", 4)
-        if len(fields) < 2:
-            return None
-        trace_id, span_id = fields[0], fields[1]
-        parent = fields[3] if len(fields) == 4 else None
-    else:
-        trace_ids, span_ids = carrier.get("x-b3-traceid"), carrier.get("x-b3-spanid")
-        if not trace_ids or not span_ids:
-            return None
-        trace_id, span_id = trace_ids[0], span_ids[0]
-        parents = carrier.get("x-b3-parentspanid")
-        parent = parents[0].strip() if parents else None
-    if _B3_TRACE_ID.fullmatch(trace_id) is None or _B3_SPAN_ID.fullmatch(span_id) is None:
-        return None
-    if parent is not None and (_B3_SPAN_ID.fullmatch(parent) is None or int(parent, 16) == 0):
-        parent = None  # malformed: dropped, as OpenTelemetry drops every parent id
-    if len(trace_id) == 32 and parent is None:
-        return None  # nothing the propagator would change
-    span_context = get_current_span(ctx).get_span_context()
-    trace_id = trace_id.lower()
-    if not span_context.is_valid or f"{span_context.trace_id:032x}" != trace_id.rjust(32, "0"):
-        return None  # a valid traceparent won with other ids
-    if span_context.span_id != int(span_id, 16):
-        return None
-    return _ReceivedB3(trace_id, span_context.span_id, None if parent is None else parent.lower())
-
-
-def _as_received(ctx: Context) -> _ReceivedB3 | None:
-    """The B3 ids received, while the current span is still the caller's (no tracer made a
-    span of its own, whose ids B3 must then carry); else None."""
-    received = ctx.get(_RECEIVED_B3)
-    if not isinstance(received, _ReceivedB3):
-        return None
-    span_context = get_current_span(ctx).get_span_context()
-    # A span made here is local, with ids of its own; a B3 decision made here keeps the ids.
-    if span_context.is_remote and span_context.span_id == received.span_id:
-        return received
-    return None
-
-
-def _inject_b3_multi(propagator: B3MultiFormat, carrier: dict[str, str], ctx: Context) -> None:
-    """B3 multi-header, with the caller's debug flag or deferred decision kept, and the
-    caller's ids as received while its span is current."""
-    propagator.inject(carrier, ctx, setter=default_setter)
-    if "x-b3-traceid" not in carrier:
-        return
-    state = ctx.get(B3_SAMPLING_KEY)
-    if state is not None:
-        del carrier["x-b3-sampled"]  # debug implies it; deferred has none
-        if state == B3_DEBUG:
-            carrier["x-b3-flags"] = "1"
-    received = _as_received(ctx)
-    if received is not None:
-        carrier["x-b3-traceid"] = received.trace_id
-        if received.parent is not None:
-            carrier["x-b3-parentspanid"] = received.parent
-
-
-def _inject_b3_single(propagator: B3SingleFormat, carrier: dict[str, str], ctx: Context) -> None:
-    """B3 single header, with the caller's debug flag or deferred decision kept, and the
-    caller's ids as received while its span is current."""
-    propagator.inject(carrier, ctx, setter=default_setter)
-    value = carrier.get("b3")
-    if value is None:
-        return
-    state = ctx.get(B3_SAMPLING_KEY)
-    if state is not None:
-        ids = value.rpartition("-")[0]  # {trace}-{span}, without the sampled field
-        value = f"{ids}-d" if state == B3_DEBUG else ids
-    received = _as_received(ctx)
-    if received is not None:
-        span_and_rest = value.partition("-")[2]
-        value = f"{received.trace_id}-{span_and_rest}"
-        # The parent follows a sampling state only (a deferred `{trace}-{span}` has none).
-        if received.parent is not None and span_and_rest.count("-") == 1:
-            value = f"{value}-{received.parent}"
-    carrier["b3"] = value
 
 
 def _deadline(get_all: HeaderLookup) -> float | None:

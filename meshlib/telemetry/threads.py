@@ -21,7 +21,7 @@ inbound request, so trace, x-request-id, `end-user` and the deadline are not sen
 `install()` fixes both with wrapt: `ThreadPoolExecutor.submit` runs each callable with the
 submitter's request context current, and `threading.Thread.start` captures the starter's
 and makes it current in the new thread before its `run()`. Only the request context travels
-(`propagation.capture()`: the request, its deadline, the OpenTelemetry context): every other
+(`_request_context.capture()`: the request, its deadline, the OpenTelemetry context): every other
 context variable behaves as the stdlib has it — a pool's tasks see what the pool's
 `initializer` set, `decimal`'s context stays per thread — and work submitted outside any
 request runs exactly as without meshlib. A pool task's request context is undone when the
@@ -50,7 +50,7 @@ from typing import Any
 
 import wrapt
 
-from meshlib.telemetry.propagation import capture, run_in
+from meshlib.telemetry._request_context import capture, run_in
 
 __all__ = ["install", "is_installed", "uninstall"]
 

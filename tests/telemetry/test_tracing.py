@@ -26,7 +26,7 @@ from meshlib.errors import ConfigError
 from meshlib.mesh import Mesh
 from meshlib.policy.loader import load_text
 from meshlib.policy.snapshot import Snapshot
-from meshlib.telemetry import tracing as tracing_module
+from meshlib.telemetry import _tracer_provider
 from meshlib.telemetry.tracing import (
     MeshSampler,
     Tracing,
@@ -432,7 +432,7 @@ def test_exporter_none_makes_no_spans(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.usefixtures("no_global_provider")
 def test_exporter_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     """otlp without the extra names the extra to install; an unknown exporter names the variable."""
-    monkeypatch.setitem(sys.modules, tracing_module._OTLP_MODULE, None)  # as if not installed
+    monkeypatch.setitem(sys.modules, _tracer_provider._OTLP_MODULE, None)  # as if not installed
     with pytest.raises(ConfigError, match=r"meshlib-istio\[otlp\]"):
         Tracing(CONFIG, exporter="otlp")
     monkeypatch.setenv("MESHLIB_TRACES_EXPORTER", "jaeger")
@@ -474,7 +474,7 @@ def test_otlp_protocol_errors(variable: str, monkeypatch: pytest.MonkeyPatch) ->
         f"{variable}='htp/protobuf': meshlib's OTLP exporter sends 'http/protobuf' or 'grpc'"
     )
     monkeypatch.setenv(variable, "grpc")
-    monkeypatch.setitem(sys.modules, tracing_module._OTLP_GRPC_MODULE, None)  # not installed
+    monkeypatch.setitem(sys.modules, _tracer_provider._OTLP_GRPC_MODULE, None)  # not installed
     with pytest.raises(ConfigError, match=rf"over grpc \({variable}\).*meshlib-istio\[otlp-grpc\]"):
         Tracing(CONFIG, exporter="otlp")
 
