@@ -2,15 +2,17 @@
 
     make demo                                  # until Ctrl-C
     make demo ARGS="--duration 60 --step 8"    # stop by itself after a minute
+    make demo ARGS="--rounds 1 --step 8"       # once through every scenario, however long it takes
     .venv/bin/python -m examples.bookinfo --help
 
 It starts the seven bookinfo workloads (productpage under gunicorn with two workers; details,
 reviews v1/v2/v3, ratings v1 and a flaky ratings under uvicorn) on ports the OS picks, writes
-mesh.yaml for them, drives traffic at productpage, and every `--step` seconds rewrites mesh.yaml
-with the next scenario of examples/bookinfo/scenarios/ — the services pick it up live. The
-terminal shows golden signals per service and version from meshlib's own metrics. When it
-stops (Ctrl-C, SIGTERM or `--duration`) it checks one trace across the services, stops every
-process it started, and prints a per-scenario summary.
+mesh.yaml for them, drives traffic at productpage, and steps through the scenarios of
+examples/bookinfo/scenarios/ by rewriting mesh.yaml — the services pick it up live, and each
+scenario holds for `--step` seconds once every process has loaded it. The terminal shows golden
+signals per service and version from meshlib's own metrics. When it stops (Ctrl-C, SIGTERM,
+`--duration` or `--rounds`) it checks one trace across the services, stops every process it
+started, and prints a per-scenario summary.
 
 Files, under --workdir (default .demo/ in the repository): mesh.yaml, logs/<workload>.log
 (each service's stdout and stderr, spans included), targets.json (Prometheus file_sd).
@@ -59,7 +61,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     option(
         "--duration", type=float, metavar="SECONDS", help="stop after this long (default: Ctrl-C)"
     )
-    option("--step", type=float, default=10.0, metavar="SECONDS", help="per scenario (10)")
+    option(
+        "--rounds",
+        type=int,
+        metavar="N",
+        help="stop after going through every scenario N times (default: Ctrl-C)",
+    )
+    option(
+        "--step", type=float, default=10.0, metavar="SECONDS", help="per scenario, once loaded (10)"
+    )
     option("--rate", type=float, default=40.0, metavar="N", help="page requests per second (40)")
     option("--jason", type=float, default=20.0, metavar="PERCENT", help="as end-user: jason (20)")
     option("--window", type=float, default=5.0, metavar="SECONDS", help="of metrics shown (5)")
@@ -76,6 +86,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.step <= 1 or args.rate <= 0 or not 0 <= args.jason <= 100:
         parser.error("--step must be > 1, --rate > 0 and --jason within 0-100")
+    if args.rounds is not None and args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     return args
 
 
@@ -214,12 +226,18 @@ class Demo:
         await asyncio.sleep(SECOND_WORKER)
 
     async def step_through(self) -> None:
-        """Each scenario in turn, `--step` seconds each, round and round until stopped."""
+        """Each scenario in turn, round and round until stopped.
+
+        A scenario is counted for `--step` seconds from when every process has loaded it and
+        the previous scenario's delayed calls have ended: how long that takes varies (more on
+        a slow machine), so it is added to the step rather than taken from it, and `--rounds`
+        counts whole scenarios where `--duration` may cut the last one short.
+        """
         run = 0
+        runs = self.args.rounds * len(self.scenarios) if self.args.rounds else None
         while not self.stop.is_set():
             index = run % len(self.scenarios)
             scenario = self.scenarios[index]
-            self.step_end = time.monotonic() + self.args.step
             self.view.message(
                 f"=== {clock(time.monotonic() - self.started)} scenario {index + 1}/"
                 f"{len(self.scenarios)} {scenario.name}: {scenario.title}\n"
@@ -234,6 +252,7 @@ class Demo:
                 self.phase = "letting calls the previous scenario delayed end"
                 await self._sleep(previous.longest_delay)
             begin, since = await self.scraper.scrape(), time.monotonic()
+            self.step_end = since + self.args.step
             self.active = index
             await self._sleep(self.step_end - time.monotonic())
             self.active = None
@@ -243,6 +262,8 @@ class Demo:
             result.seconds += time.monotonic() - since
             result.metrics = result.metrics + end.since(begin)
             run += 1
+            if run == runs:
+                self.stop.set()
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(asyncio.TimeoutError):

@@ -3,9 +3,9 @@
 One line per scenario, in `key=value` form so that a person can read it and a test can parse
 it (tests/e2e/test_demo.py does):
 
-    summary reviews-90-10: seconds=5.9 pages=295 ok=100.0% reviews=v1:266,v2:29 v2-share=9.8%
-      stars=9.8% jason=59 jason-on-v2=6 mesh-reviews=v1:266,v2:29 ratings-calls=29
-      ratings-success=100.0% ratings-p99=4.9ms
+    summary reviews-90-10: seconds=7.2 pages=351 ok=100.0% reviews=v1:316,v2:35 v2-share=10.0%
+      stars=10.0% jason=70 jason-on-v2=8 mesh-reviews=v1:321,v2:37 ratings-calls=37
+      ratings-success=100.0% ratings-p99=9.4ms
 
 (one line, wrapped here). pages, ok, reviews, v2-share, stars, jason and jason-on-v2 come from
 the answers the load generator received (reviews: the version that answered, or "unavailable";
