@@ -21,7 +21,9 @@ from typing import Any
 import httpx
 import pytest
 
-from meshlib.clients._http1 import Http1Transport, _Connection, _Pool
+from meshlib.clients._http1 import Http1Transport
+from meshlib.clients._http1_connection import _Connection
+from meshlib.clients._http1_pool import _Pool
 from tests.rawserver import OK, Peer, Server, answering, held_until, run, wait_until
 
 PAUSE = 262_144  # the transport's _PAUSE_READING: unread bytes at which it pauses reading

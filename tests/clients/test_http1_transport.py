@@ -21,7 +21,9 @@ from typing import Any
 import httpx
 import pytest
 
-from meshlib.clients._http1 import Http1Transport, _Outgoing, _Pool
+from meshlib.clients._http1 import Http1Transport
+from meshlib.clients._http1_pool import _Pool
+from meshlib.clients._http1_request import _Outgoing
 
 uvicorn = pytest.importorskip("uvicorn")
 
