@@ -5,37 +5,30 @@
 
 Envoy response flags are on `response.response_flags`, and on local answers also in the
 `x-meshlib-response-flags` header.
+
+Beside this module: `_requests_reading` (bodies read whole within a try's deadline, drained or
+the connection closed) and `_requests_failures` (exceptions classified for retries and response
+flags, the caller's timeouts).
 """
 
 from __future__ import annotations
 
-import contextlib
 import http
 import io
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
 import requests.cookies
 from requests.adapters import HTTPAdapter
-from requests.exceptions import ChunkedEncodingError, ConnectTimeout, ContentDecodingError
+from requests.exceptions import ChunkedEncodingError
 from requests.structures import CaseInsensitiveDict
 from requests.utils import get_encoding_from_headers
 from urllib3 import HTTPHeaderDict, HTTPResponse
-from urllib3.exceptions import (
-    DecodeError,
-    ProtocolError,
-    ReadTimeoutError,
-    SSLError,
-    TimeoutStateError,
-)
-from urllib3.util import Timeout
 
 from meshlib.clients._common import (
-    DRAIN_BYTES,
-    DRAIN_SECONDS,
     MIRROR_TIMEOUT,
     BodyTooLate,
     MirrorCopy,
@@ -53,17 +46,20 @@ from meshlib.clients._common import (
     start_mirror,
 )
 from meshlib.clients._guard import passthrough_inside
+from meshlib.clients._requests_failures import (
+    ConnectionWaitTimeout,
+    _caller_timeouts,
+    _classify,
+    _exception_flag,
+    _failure,
+    _fault_delay,
+)
+from meshlib.clients._requests_reading import _close, _discard, _read_whole
 from meshlib.dataplane.deadline import remaining as remaining_deadline
 from meshlib.dataplane.deadline import within as within_deadline
-from meshlib.dataplane.exchange import CALLERS_TIMEOUT, Attempt, Exchange
+from meshlib.dataplane.exchange import Attempt, Exchange
 from meshlib.dataplane.outcome import Flag, LocalReply, ordered
-from meshlib.dataplane.retry import (
-    CONNECT_FAILURE,
-    PER_TRY_TIMEOUT,
-    RESET,
-    AttemptResult,
-    run_attempts,
-)
+from meshlib.dataplane.retry import PER_TRY_TIMEOUT, AttemptResult, run_attempts
 from meshlib.dataplane.routing import HeaderEdits, RoutePlan
 from meshlib.mesh import Mesh, default_mesh, given_mesh
 from meshlib.policy.matching import LazyHeaders, RequestAttributes
@@ -128,225 +124,8 @@ def _text(value: object) -> str:
     return value.decode("latin-1") if isinstance(value, bytes) else str(value)
 
 
-class ConnectionWaitTimeout(ConnectTimeout):
-    """The caller's connect timeout ran out while its request waited for a connection the
-    DestinationRule's `tcp.maxConnections` had all in use (requests has no pool timeout)."""
-
-
-def _exception_flag(exc: BaseException) -> str:
-    """Envoy's flag for a call that raised: the caller gave up (DC), or the connection failed."""
-    failure = _classify(exc) if isinstance(exc, requests.RequestException) else None
-    if isinstance(exc, ConnectionWaitTimeout):
-        return Flag.DOWNSTREAM_TERMINATION  # gave up waiting: nothing was sent
-    if failure == PER_TRY_TIMEOUT or not isinstance(exc, Exception):
-        return Flag.DOWNSTREAM_TERMINATION  # the caller's timeout, Ctrl-C
-    if failure == CONNECT_FAILURE:
-        return Flag.UPSTREAM_CONNECTION_FAILURE
-    return Flag.UPSTREAM_CONNECTION_TERMINATION
-
-
-def _fault_delay(
-    seconds: float, read_timeout: float | None, request: requests.PreparedRequest
-) -> None:
-    """Wait out a fault's delay. When the caller's read timeout is shorter, wait that long and
-    raise its `ReadTimeout`: behind a sidecar, the app's read times out while the sidecar holds
-    its request."""
-    if read_timeout is not None and read_timeout < seconds:
-        time.sleep(read_timeout)
-        raise requests.ReadTimeout(
-            f"Read timed out. (read timeout={read_timeout})", request=request
-        )
-    time.sleep(seconds)
-
-
 def _replayable(request: requests.PreparedRequest) -> bool:
     return request.body is None or isinstance(request.body, (bytes, str))
-
-
-def _read_whole(response: requests.Response, until: float | None) -> None:
-    """Read the body of a response the caller reads whole (`stream=False`) within its try, as
-    Envoy's timeouts and in-flight counts cover the whole response: the route deadline
-    (`until`, `time.monotonic()`) bounds it. The bytes are kept where `response.content`
-    finds them, decoded as requests decodes them (and its errors raised as it raises them)."""
-    raw = response.raw
-    if until is None or raw is None:  # (no raw: an adapter gave the body already)
-        response.content  # noqa: B018 - requests reads and keeps the body
-        return
-    chunks = []
-    if isinstance(raw, HTTPResponse):
-        while True:
-            left = until - time.monotonic()
-            if left <= 0:
-                raise BodyTooLate
-            try:
-                chunk = _read_some(raw, left, decode_content=True)
-            except ProtocolError as exc:
-                raise ChunkedEncodingError(exc) from exc
-            except DecodeError as exc:
-                raise ContentDecodingError(exc) from exc
-            except ReadTimeoutError as exc:
-                raise requests.ConnectionError(exc) from exc
-            except SSLError as exc:
-                raise requests.exceptions.SSLError(exc) from exc
-            if not chunk:
-                break
-            chunks.append(chunk)
-    else:  # another adapter's `raw`: the deadline is checked between its reads
-        for chunk in response.iter_content(_CHUNK):
-            if time.monotonic() > until:
-                raise BodyTooLate
-            chunks.append(chunk)
-    response._content = b"".join(chunks)
-    response._content_consumed = True  # type: ignore[attr-defined]
-
-
-_CHUNK = 64 * 1024
-# A read waits for the time left when that is sooner than its own read timeout by more than
-# this (seconds); setting a socket's timeout is a system call, saved when it changes nothing.
-_SLACK = 0.01
-
-
-def _read_some(raw: HTTPResponse, left: float, *, decode_content: bool) -> bytes:
-    """What of `raw`'s body has come (up to `_CHUNK` bytes; b"" at its end), waiting at most
-    `left` seconds for it: `BodyTooLate` if none came by then.
-
-    urllib3's `read(amt)` waits for all `amt` bytes, each wait bounded by the read timeout
-    alone, so a body that trickles in would overshoot any deadline by far; `read1` returns
-    what one receive gives, and the socket's timeout is cut to the time left. (Once the body
-    is in, the connection is back in its pool, maybe another request's: it is not touched;
-    urllib3 sets the timeout of a connection it reuses.)"""
-    connection = raw.connection
-    sock = connection.sock if connection is not None else None
-    shortened = False
-    if sock is not None:
-        own = sock.gettimeout()
-        if own is None or own > left + _SLACK:
-            sock.settimeout(left)
-            shortened = True
-    try:
-        return raw.read1(_CHUNK, decode_content=decode_content) or b""
-    except ReadTimeoutError:
-        if shortened:
-            raise BodyTooLate from None
-        raise
-
-
-def _drained(raw: HTTPResponse, seconds: float, most: int | None) -> bool:
-    """Read and drop the rest of `raw`'s body, if it comes within `seconds` and is at most
-    `most` bytes (None: any size): whether it was read to its end (then the connection can
-    be used again). Never raises."""
-    until = time.monotonic() + seconds
-    read = 0
-    with contextlib.suppress(Exception):  # a discarded answer never fails the call
-        while most is None or read <= most:
-            left = until - time.monotonic()
-            if left <= 0:
-                break
-            chunk = _read_some(raw, left, decode_content=False)
-            if not chunk:
-                return True
-            read += len(chunk)
-    return False
-
-
-def _discard(
-    response: requests.Response,
-    seconds: float,
-    most: int | None,
-    keep: Callable[[], bool] | None = None,
-) -> None:
-    """Drop a response nobody reads (a retried one, a mirrored copy's): its body is read
-    (see `_drained`) so that its connection goes back to the pool, or the connection is
-    closed when the body is bigger or slower than that, as Envoy resets such a stream, or
-    when `keep()`, asked once the body is read, says the pool is not to have it."""
-    raw = response.raw
-    # Held from the start: urllib3 puts the connection back in the pool itself once the body
-    # is read whole, before `keep()` can be asked.
-    connection = getattr(raw, "connection", None) if keep is not None else None
-    if isinstance(raw, HTTPResponse) and _drained(raw, seconds, most) and (keep is None or keep()):
-        raw.release_conn()
-    else:
-        response.close()
-        if connection is not None:
-            connection.close()  # idle in the pool already, maybe: no socket stays open
-
-
-def _classify(exc: requests.RequestException) -> str:
-    # A proxy that fails is a failure to connect, as httpx reports it. (requests' SSLError is
-    # not: it also comes from a TLS failure while sending, after the request went out.)
-    if isinstance(exc, (requests.ConnectTimeout, requests.exceptions.ProxyError)):
-        return CONNECT_FAILURE
-    reason = exc.args[0] if exc.args else None
-    if (
-        isinstance(exc, requests.Timeout)
-        # a read timeout met while reading the body comes as a ConnectionError
-        or isinstance(reason, ReadTimeoutError)
-        # and one met while sending the body as "Connection aborted", with the timeout inside
-        or (isinstance(reason, ProtocolError) and isinstance(reason.args[-1], TimeoutError))
-    ):
-        return PER_TRY_TIMEOUT
-    text = f"{type(reason).__name__} {reason}"
-    if "NewConnectionError" in text or "NameResolutionError" in text or "Failed to resolve" in text:
-        return CONNECT_FAILURE
-    return RESET
-
-
-def _failure(
-    exc: requests.RequestException,
-    attempt: Attempt,
-    caller_connect: float | None,
-    mesh_owned: bool,
-) -> AttemptResult:
-    """How a transport error ends a try, in Envoy's terms: a connect timeout by which bound
-    on connecting was the smallest, and a read timeout the caller's own unless the mesh's
-    (`mesh_owned`) was the binding one."""
-    if isinstance(exc, requests.ConnectTimeout):
-        cause = attempt.connect_timed_out(caller_connect)
-        if cause == CALLERS_TIMEOUT:
-            return AttemptResult(failure=PER_TRY_TIMEOUT, error=exc, client_timeout=True)
-        return AttemptResult(failure=cause, error=exc)
-    failure = _classify(exc)
-    client_timeout = failure == PER_TRY_TIMEOUT and not mesh_owned
-    return AttemptResult(failure=failure, error=exc, client_timeout=client_timeout)
-
-
-def _caller_timeouts(timeout: Any) -> tuple[float | None, float | None]:
-    """(connect, read) seconds of a requests `timeout` — a number, a (connect, read) pair or
-    urllib3's `Timeout` — refused with ValueError where requests' own adapter refuses it.
-    A `Timeout`'s `total` bounds each of the two (the mesh gives the transport a timeout per
-    phase, not one over both)."""
-    if isinstance(timeout, tuple):
-        try:
-            connect, read = timeout
-            return _seconds(connect), _seconds(read)
-        except ValueError:
-            raise ValueError(
-                f"Invalid timeout {timeout}. Pass a (connect, read) timeout tuple, "
-                "or a single float to set both timeouts to the same value."
-            ) from None
-    if isinstance(timeout, Timeout):
-        try:
-            read = timeout.read_timeout
-        except TimeoutStateError:  # `total` alone: the read gets what connecting leaves
-            read = None
-        total = _seconds(timeout.total)
-        read = _seconds(read)
-        if total is not None:
-            read = total if read is None else min(read, total)
-        return _seconds(timeout.connect_timeout), read  # (connect_timeout: at most `total`)
-    seconds = _seconds(timeout)
-    return seconds, seconds
-
-
-def _seconds(value: Any) -> float | None:
-    """A timeout's value as requests' adapter takes it (urllib3 checks it: ValueError if it is
-    no number of seconds); None for none, or for urllib3's "the socket's default"."""
-    if value is None or (type(value) in (int, float) and value > 0):
-        return value  # type: ignore[no-any-return]
-    if value is Timeout.DEFAULT_TIMEOUT:
-        return None
-    Timeout(connect=value)  # raises urllib3's ValueError for what is no timeout
-    return value  # type: ignore[no-any-return]  # a number of another type (Decimal, ...)
 
 
 class MeshAdapter(HTTPAdapter):
@@ -765,14 +544,6 @@ def _add_set_cookie(response: requests.Response, value: str) -> None:
 def _add_headers(request: requests.PreparedRequest, headers: list[tuple[str, str]]) -> None:
     for name, value in headers:
         request.headers[name] = value
-
-
-def _close(response: Any) -> None:
-    """Discard a response that will be retried: a small body that comes at once is read so
-    the connection can be kept, else the connection is closed (see DRAIN_BYTES): however its
-    body crawls or stalls, the retry waits no more than DRAIN_SECONDS for it."""
-    if response is not None:
-        _discard(response, DRAIN_SECONDS, DRAIN_BYTES)
 
 
 class Session(requests.Session):
