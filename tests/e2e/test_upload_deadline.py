@@ -20,7 +20,12 @@ from tests.upstream import mesh_for
 BODY = b"x" * (32 * 1024 * 1024)  # far beyond the loopback socket buffers
 
 
-def policy(port: int) -> str:
+# The route's timeout; where the caller's own (0.2 s) should win, a route timeout far longer,
+# so that the time the test allows (under ROUTE_FAR_S) tells them apart on a loaded machine.
+ROUTE_S, ROUTE_FAR_S = 0.5, 5.0
+
+
+def policy(port: int, route_timeout: float = ROUTE_S) -> str:
     return f"""\
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -38,13 +43,15 @@ metadata: {{name: sink}}
 spec:
   hosts: [sink]
   http:
-  - timeout: 0.5s
+  - timeout: {route_timeout}s
     retries: {{attempts: 0}}
     route: [{{destination: {{host: sink}}}}]
 """
 
 
-async def _upload(timeout: httpx.Timeout) -> tuple[httpx.Response | Exception, float]:
+async def _upload(
+    timeout: httpx.Timeout, route_timeout: float = ROUTE_S
+) -> tuple[httpx.Response | Exception, float]:
     stop = asyncio.Event()
 
     async def never_reads(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -53,7 +60,7 @@ async def _upload(timeout: httpx.Timeout) -> tuple[httpx.Response | Exception, f
 
     server = await asyncio.start_server(never_reads, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    mesh = mesh_for(MeshConfig(service="productpage"), policy(port))
+    mesh = mesh_for(MeshConfig(service="productpage"), policy(port, route_timeout))
     started = time.monotonic()
     async with server, meshlib.AsyncClient(mesh=mesh, timeout=timeout) as client:
         try:
@@ -77,18 +84,22 @@ def test_the_route_timeout_bounds_an_upload_the_upstream_never_reads() -> None:
 
 def test_a_shorter_write_timeout_of_the_caller_is_its_own() -> None:
     """Raised as without the mesh, not answered 504: the caller's timeout, not the route's."""
-    result, elapsed = asyncio.run(_upload(httpx.Timeout(10.0, write=0.2)))
+    result, elapsed = asyncio.run(_upload(httpx.Timeout(10.0, write=0.2), ROUTE_FAR_S))
     assert isinstance(result, httpx.WriteTimeout), result
-    assert elapsed < 0.5
+    assert elapsed < ROUTE_FAR_S / 2
 
 
-def _requests_upload(timeout: float) -> tuple[requests.Response | Exception, float]:
+def _requests_upload(
+    timeout: float, route_timeout: float = ROUTE_S
+) -> tuple[requests.Response | Exception, float]:
     """The same upload from `meshlib.Session`, to a socket server that accepts and never reads."""
     with socket.create_server(("127.0.0.1", 0)) as server:
         accepted: list[socket.socket] = []
         thread = threading.Thread(target=lambda: accepted.append(server.accept()[0]), daemon=True)
         thread.start()
-        mesh = mesh_for(MeshConfig(service="productpage"), policy(server.getsockname()[1]))
+        mesh = mesh_for(
+            MeshConfig(service="productpage"), policy(server.getsockname()[1], route_timeout)
+        )
         started = time.monotonic()
         try:
             with meshlib.Session(mesh=mesh) as session:
@@ -118,7 +129,7 @@ def test_the_route_timeout_bounds_a_requests_upload_too() -> None:
 
 def test_a_shorter_timeout_of_a_requests_caller_is_its_own() -> None:
     """Raised as requests raises it without the mesh, not answered by the mesh."""
-    result, elapsed = _requests_upload(timeout=0.2)
+    result, elapsed = _requests_upload(timeout=0.2, route_timeout=ROUTE_FAR_S)
     assert isinstance(result, requests.ConnectionError), result
     assert "timed out" in str(result)
-    assert elapsed < 0.45
+    assert elapsed < ROUTE_FAR_S / 2
