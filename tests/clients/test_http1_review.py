@@ -72,7 +72,7 @@ def test_a_waiting_request_is_served_before_a_busy_caller_takes_the_connection_a
             await transport.aclose()
             return waited
 
-    assert run(main) < 0.5
+    assert run(main) < 0.8  # well before the pool timeout (1 s) it used to wait for
 
 
 def test_within_keeps_a_timeout_in_a_task_that_once_swallowed_a_cancellation() -> None:

@@ -501,7 +501,7 @@ def test_a_passthrough_calls_timeouts_end_within_the_deadline(tap: Tap) -> None:
                 took = time.monotonic() - started
             phases = ("connect", "read", "write", "pool")
             assert [dict(t.timeout) for t in tap] == [dict.fromkeys(phases, 0.001)]
-            assert took < 0.5
+            assert took < 2.0  # not the client's default 5 s
         tap.clear()
         with requests.Session() as session:
             session.mount("http://", MeshAdapter(mesh=mesh, inner=tap.adapter()))

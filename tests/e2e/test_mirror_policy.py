@@ -263,7 +263,7 @@ spec:
         started = time.monotonic()
         statuses.append(client.get(f"{URL}/fast").status_code)
         wait_until_sync(lambda: shadows["good"].behaviour.received == 1, "the other copy")
-        assert time.monotonic() - started < 0.5
+        assert time.monotonic() - started < 0.8  # the slow mirror takes 1 s
     assert statuses == [200] * 9
     wait_until_sync(lambda: copies_in_flight(mesh, "bad") == 0, "the slow copies", timeout=10)
     assert shadows["bad"].behaviour.received >= 1
@@ -290,7 +290,7 @@ def test_a_copy_still_queued_when_the_client_closes(
         closing = time.monotonic()
     waited = time.monotonic() - closing
     wait_until_sync(lambda: copies_in_flight(mesh, "good") == 0, "the copies", timeout=10)
-    assert waited < 0.5 and shadows["good"].behaviour.received == 5
+    assert waited < 1.0 and shadows["good"].behaviour.received == 5  # the copies take 1.5 s
 
 
 @pytest.mark.parametrize("kind", ["httpx", "requests"])
@@ -319,7 +319,7 @@ def test_closing_right_after_the_call_waits_for_no_copy_and_leaks_none(
             wait_until_sync(lambda: len(shadow.heads) == 1, "the copy")
             started = time.monotonic()
             client.close()
-            assert time.monotonic() - started < 0.5
+            assert time.monotonic() - started < 2.0  # the copies are held until released
             assert mirror.limits.active_requests == 1  # the copy, still in flight
         finally:
             held.loop.call_soon_threadsafe(release.set)
@@ -359,7 +359,7 @@ def test_a_copy_through_the_apps_own_transport_still_goes_after_the_close(
             assert mirror.limits.active_requests == 5  # and the fifth, queued
             started = time.monotonic()
             client.close()
-            assert time.monotonic() - started < 0.5
+            assert time.monotonic() - started < 2.0  # the copies are held until released
         finally:
             held.loop.call_soon_threadsafe(release.set)
         wait_until_sync(lambda: mirror.limits.active_requests == 0, "the copies to end")

@@ -211,10 +211,10 @@ def _threads(fn: Any, n: int) -> list[Any]:
 def test_the_route_timeout_covers_the_body(
     servers: dict[str, tuple[Chunks, AsgiServer]], client_kind: str
 ) -> None:
-    """A 250 ms route timeout and a body that takes 500 ms after its headers: 504 UT, at the
+    """A 100 ms route timeout and a body that takes 500 ms after its headers: 504 UT, at the
     timeout, not a 200 half a second later."""
     mesh = make_mesh(
-        servers, "route: [{destination: {host: chunks, subset: a}}]\n    timeout: 250ms"
+        servers, "route: [{destination: {host: chunks, subset: a}}]\n    timeout: 100ms"
     )
     started = time.monotonic()
     ((status, body, flags),) = call(client_kind, mesh, "/trickle")
@@ -404,7 +404,7 @@ def test_a_retried_answer_whose_body_crawls_or_stalls_never_holds_up_the_retry_r
             response = session.get(URL + "/", timeout=(2, 2))
         mesh.close()
         assert (response.status_code, response.content) == (200, b"ok")
-        assert sent[1] - sent[0] < 0.4
+        assert sent[1] - sent[0] < 0.6  # the crawling body alone takes 0.8 s
         assert server.connections == 2  # the first one was dropped, not kept half-read
 
 
@@ -428,4 +428,4 @@ def test_the_route_timeout_ends_a_trickling_body_at_once_requests() -> None:
             elapsed = time.monotonic() - started
         mesh.close()
     assert (response.status_code, response.response_flags) == (504, ["UT"])  # type: ignore[attr-defined]
-    assert elapsed < 0.6
+    assert elapsed < 1.0  # the body alone takes 1.6 s
