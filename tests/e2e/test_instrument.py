@@ -534,7 +534,7 @@ def test_closing_a_stock_session_neither_waits_for_its_copies_nor_leaks_them(
                 assert session.get(URL + "/", timeout=5).status_code == 200
             started = time.monotonic()
             session.close()
-            assert time.monotonic() - started < 0.5  # not waiting for the held copies
+            assert time.monotonic() - started < 2.0  # not waiting for the held copies
         finally:
             meshlib.uninstrument()
             held.loop.call_soon_threadsafe(release.set)
@@ -575,7 +575,7 @@ def test_closing_a_stock_httpx_client_neither_waits_for_its_copies_nor_leaks_the
                 assert client.get(URL + "/").status_code == 200
             started = time.monotonic()
             client.close()
-            assert time.monotonic() - started < 0.5  # not waiting for the held copies
+            assert time.monotonic() - started < 2.0  # not waiting for the held copies
         finally:
             meshlib.uninstrument()
             held.loop.call_soon_threadsafe(release.set)
@@ -642,7 +642,7 @@ def test_closing_a_stock_session_under_a_call_lets_the_call_finish(
     the call in flight under the earlier Mesh is not cut off by the close either."""
     import threading
 
-    upstreams["v1"].behaviour.delay = 0.5
+    upstreams["v1"].behaviour.delay = 1.0
     mesh = make_mesh(
         virtual_service(
             "- route: [{destination: {host: reviews, subset: v1}}]\n"
@@ -670,7 +670,7 @@ def test_closing_a_stock_session_under_a_call_lets_the_call_finish(
             assert session.get(URL + "/", timeout=5).headers["x-upstream"] == "v2"
         started = time.monotonic()
         session.close()
-        assert time.monotonic() - started < 0.25  # close() does not wait for the call
+        assert time.monotonic() - started < 0.5  # close() does not wait for the call (1 s)
         caller.join(10)
         assert outcome == [200]
         assert upstreams["v1"].behaviour.received == 1  # sent once: not retried after close
