@@ -123,6 +123,7 @@ class Demo:
         )
         self.stop = asyncio.Event()
         self.current = 0  # the scenario in mesh.yaml
+        self.round = 1  # how many times through the scenarios, this one included
         self.active: int | None = None  # the scenario being counted (None while applying)
         self.applied = 0  # processes that loaded the current mesh.yaml
         self.step_end = 0.0
@@ -237,6 +238,7 @@ class Demo:
         runs = self.args.rounds * len(self.scenarios) if self.args.rounds else None
         while not self.stop.is_set():
             index = run % len(self.scenarios)
+            self.round = run // len(self.scenarios) + 1
             scenario = self.scenarios[index]
             self.view.message(
                 f"=== {clock(time.monotonic() - self.started)} scenario {index + 1}/"
@@ -275,6 +277,8 @@ class Demo:
         scenario = self.scenarios[self.current]
         elapsed = time.monotonic() - self.started
         of = f" of {clock(self.args.duration)}" if self.args.duration else ""
+        if self.args.rounds:
+            of += f" · round {self.round} of {self.args.rounds}"
         state = (
             f"next in {max(0.0, self.step_end - time.monotonic()):.0f} s"
             if self.active is not None

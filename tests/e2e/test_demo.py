@@ -121,6 +121,7 @@ def test_demo_runs_headless_and_leaves_nothing_behind(demo: DemoRun) -> None:
     assert demo.returncode == 0, f"{demo.stdout}\n{demo.stderr}"
     assert "\x1b" not in demo.stdout, "not a terminal: plain lines, no ANSI escapes"
     assert "7/7 ready" in demo.stdout
+    assert " · round 1 of 1: " in demo.stdout  # the plain view's headings count the rounds
     assert len(demo.summary) == len(SCENARIOS), demo.stdout
     not_reached = [name for name, fields in demo.summary.items() if not fields]
     assert not not_reached, f"scenarios not reached: {not_reached}\n{demo.stdout}"
