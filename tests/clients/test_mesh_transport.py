@@ -440,9 +440,10 @@ def _serving(mesh: Mesh, budget_ms: str) -> contextlib.AbstractContextManager[ob
 
 def test_a_passthrough_call_ends_at_the_served_requests_deadline(servers: Servers) -> None:
     """A passthrough call (a host the mesh does not know) made while serving a request with
-    100 ms left waits no longer than that for a held answer, though the caller's own timeout
+    500 ms left waits no longer than that for a held answer, though the caller's own timeout
     is 5 s: meshlib does not answer for such a host, so it ends as each client's own read
-    timeout. (It used to wait for the upstream's answer, past the deadline.)"""
+    timeout. (It used to wait for the upstream's answer, past the deadline.) Each call's
+    budget is what is left when it is sent: at least half of it on a loaded machine."""
     servers.answer = held(3.0)
     mesh = mesh_of(servers, vs(ROUTE))
     url = f"http://127.0.0.1:{servers.other.port}/"
@@ -450,7 +451,7 @@ def test_a_passthrough_call_ends_at_the_served_requests_deadline(servers: Server
 
     async def call_async() -> None:
         async with meshlib.AsyncClient(mesh=mesh, timeout=5.0) as c:
-            with _serving(mesh, "100"), pytest.raises(httpx.ReadTimeout):
+            with _serving(mesh, "500"), pytest.raises(httpx.ReadTimeout):
                 started = time.monotonic()
                 try:
                     await c.get(url)
@@ -459,23 +460,23 @@ def test_a_passthrough_call_ends_at_the_served_requests_deadline(servers: Server
 
     with meshlib.Client(mesh=mesh, timeout=5.0) as c, requests.Session() as s:
         s.mount("http://", MeshAdapter(mesh=mesh))
-        with _serving(mesh, "100"), pytest.raises(httpx.ReadTimeout):
+        with _serving(mesh, "500"), pytest.raises(httpx.ReadTimeout):
             started = time.monotonic()
             try:
                 c.get(url)
             finally:
                 took.append(time.monotonic() - started)
         asyncio.run(call_async())
-        with _serving(mesh, "100"), pytest.raises(requests.exceptions.ReadTimeout):
+        with _serving(mesh, "500"), pytest.raises(requests.exceptions.ReadTimeout):
             started = time.monotonic()
             try:
                 s.get(url, timeout=5.0)
             finally:
                 took.append(time.monotonic() - started)
-    assert len(took) == 3 and all(0.05 < t < 1.0 for t in took), took
+    assert len(took) == 3 and all(0.25 < t < 2.0 for t in took), took
     wait_until_sync(lambda: len(servers.seen) == 3, "the server to see the calls")
     budgets = [int(seen.get("x-envoy-expected-rq-timeout-ms") or 0) for seen in servers.seen]
-    assert all(50 <= ms <= 100 for ms in budgets), budgets
+    assert all(250 <= ms <= 500 for ms in budgets), budgets
 
 
 def test_a_passthrough_calls_timeouts_end_within_the_deadline(tap: Tap) -> None:
