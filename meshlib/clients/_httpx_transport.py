@@ -73,6 +73,16 @@ from meshlib.policy.matching import RequestAttributes
 _MESHED = "meshlib.meshed"  # marks transports meshlib made, so nothing is meshed twice
 
 
+def _close_orphan(response: httpx.Response) -> None:
+    """Close the connection a mirrored copy used when the client closed the inner transport
+    while the copy was on it: httpcore's pool, closed while the copy was connecting, no longer
+    lists that connection, so nobody else would ever close it."""
+    stream = response.extensions.get("network_stream")
+    close = getattr(stream, "close", None)
+    if callable(close):
+        close()
+
+
 class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
     """An httpx transport that applies the mesh's policy, over any inner transport."""
 
@@ -217,7 +227,8 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
         try:
             pool = self._take_pool(epoch)
             transport = self._inner if pool is None else pool.transport
-            if pool is None and epoch != self._mirroring.closes:
+            sent_under = self._mirroring.closes
+            if pool is None and epoch != sent_under:
                 # Queued before a close: sent through the inner transport's pool, opened anew
                 # for it, on a connection closed after it.
                 request.headers["connection"] = "close"
@@ -234,6 +245,8 @@ class MeshTransport(_MeshTransportBase, httpx.BaseTransport):
                     response.read()
                 finally:
                     response.close()  # read or not, its connection is given back
+                    if pool is None and self._mirroring.closes != sent_under:
+                        _close_orphan(response)
         except Exception:  # a mirror never affects anything: its failures are dropped
             pass
         finally:
